@@ -1,0 +1,79 @@
+"""Quickstart: train a small CNN on offline synthetic shapes and watch its explanations.
+
+Runs anywhere, with no download: the package generates the data (shapes over
+clutter, with object masks), so Grad-CAM and saliency localization scores are
+logged next to the maps. About two minutes on two CPU cores.
+
+    python examples/quickstart.py
+    tensorboard --logdir lightning_logs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_interp import GradCAMCallback, SaliencyCallback
+from lightning_interp.demo import ImageClassifier, shapes_cnn
+from lightning_interp.synthetic import SyntheticShapesDataModule
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    parser.add_argument("--train-size", type=int, default=4096, help="synthetic training images")
+    parser.add_argument("--val-size", type=int, default=512, help="synthetic validation images")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-samples", type=int, default=8, help="probe samples shown by each callback")
+    parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard log directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Train, log, print where the logs are; return the final logged metrics."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pl.seed_everything(args.seed, verbose=False)
+    data = SyntheticShapesDataModule(args.train_size, args.val_size, batch_size=args.batch_size, seed=args.seed)
+    model = ImageClassifier(shapes_cnn(num_classes=data.num_classes))
+    callbacks = [
+        SaliencyCallback(
+            methods=("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"),
+            num_samples=args.num_samples,
+            class_names=data.class_names,
+        ),
+        GradCAMCallback(layer=["net.4", "net.7"], num_samples=args.num_samples, class_names=data.class_names),
+    ]
+    logger = TensorBoardLogger(args.log_dir, name="quickstart")
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        callbacks=callbacks,
+        logger=logger,
+        accelerator="cpu",
+        deterministic=True,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+    )
+    trainer.fit(model, datamodule=data)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    print()
+    print(f"validation accuracy: {metrics.get('val_acc', float('nan')):.3f}")
+    for layer in ("net.4", "net.7"):
+        key = f"interp/gradcam/{layer}/localization"
+        if key in metrics:
+            print(f"Grad-CAM localization ({layer}): {metrics[key]:.3f} of the map's mass on the object")
+    print(f"logs written to {os.path.abspath(logger.log_dir)}")
+    print(f"view them with:  tensorboard --logdir {args.log_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Lightning callbacks, one per file; each is a thin wrapper around ``lightning_interp.methods``."""
+
+from lightning_interp.callbacks._base import MapCallback
+from lightning_interp.callbacks.gradcam import GradCAMCallback
+from lightning_interp.callbacks.saliency import SALIENCY_METHODS, SaliencyCallback
+
+__all__ = ["GradCAMCallback", "MapCallback", "SALIENCY_METHODS", "SaliencyCallback"]

@@ -1,0 +1,121 @@
+"""GradCAMCallback: Grad-CAM heatmaps of a fixed probe set at every validation epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from lightning_interp.callbacks._base import Explanation, MapCallback
+from lightning_interp.methods._core import attribution_pass, get_module
+from lightning_interp.methods.gradcam import TokenReshape, cam_from_activation, spatial_layers
+from lightning_interp.probe import ProbeSet
+
+
+class GradCAMCallback(MapCallback):
+    """Log Grad-CAM heatmaps (Selvaraju et al. 2017) of a fixed probe set for one or more layers.
+
+    All layers come from one forward and one backward pass. At each due
+    validation epoch the callback logs, under ``interp/<name>/``:
+
+    - ``maps``: an image grid, one row per probe sample, the input and then one
+      Grad-CAM overlay per layer (upsampled bilinearly to the input size);
+    - ``<layer>/concentration``, ``<layer>/stability`` and, with object masks,
+      ``<layer>/localization`` (share of the map's mass inside the mask) and
+      ``<layer>/pointing_game`` (whether the peak lies inside the mask);
+    - at fit end, ``<layer>/evolution``: the maps of a few samples across epochs.
+
+    Args:
+        layer: ``"auto"`` (the last module whose output still has spatial
+            extent, found by a dry forward), a dotted module name such as
+            ``"features.6"``, or a list of names.
+        relu: keep only positive evidence, as in the paper.
+        reshape: turns token outputs (B, N, C) of a vision transformer into
+            (B, C, h, w).
+        name: tag prefix; distinct names let two instances coexist.
+        **kwargs: shared options of :class:`~lightning_interp.callbacks._base.MapCallback`
+            (``num_samples``, ``every_n_epochs``, ``target``, ``probe``, ...).
+
+    Example:
+        >>> GradCAMCallback(layer=["layer3", "layer4"]).layers
+        ['layer3', 'layer4']
+    """
+
+    def __init__(
+        self,
+        layer: str | Sequence[str] = "auto",
+        *,
+        relu: bool = True,
+        reshape: TokenReshape | None = None,
+        name: str = "gradcam",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        names = [layer] if isinstance(layer, str) else list(layer)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"layer must be 'auto', a dotted module name or a list of names, got {layer!r}.")
+        if "auto" in names and len(names) > 1:
+            raise ValueError("layer='auto' cannot be combined with other layer names.")
+        if len(set(names)) != len(names):
+            raise ValueError(f"layer lists a name twice: {names}.")
+        self.auto = names == ["auto"]
+        self.layers: list[str] = [] if self.auto else names
+        self.relu = relu
+        self.reshape = reshape
+
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        for name in self.layers:
+            get_module(pl_module, name)
+
+    def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        example = probe.inputs[:1].to(pl_module.device)
+        parameter = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+        if parameter is not None and example.is_floating_point():
+            example = example.to(parameter.dtype)
+        found = dict(spatial_layers(pl_module, example, reshape=self.reshape))
+        if self.auto:
+            if not found:
+                raise ValueError(
+                    f"GradCAMCallback(layer='auto') found no sub-module of {type(pl_module).__name__} whose output "
+                    f"has spatial extent for inputs of shape {tuple(probe.inputs.shape[1:])}. Grad-CAM needs a "
+                    "(batch, channels, h, w) layer with h or w > 1: name one with layer='...', pass reshape=... for "
+                    "token outputs, or use SaliencyCallback instead."
+                )
+            self.layers = [list(found)[-1]]
+            return
+        for name in self.layers:
+            if name not in found:
+                raise ValueError(
+                    f"GradCAMCallback cannot use layer {name!r}: its output is not a (batch, channels, h, w) map "
+                    "with spatial extent, or the module runs more than once per forward pass. Layers that "
+                    f"qualify (deepest last): {', '.join(list(found)[-6:]) or 'none'}."
+                )
+
+    def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
+        result = attribution_pass(
+            pl_module,
+            inputs,
+            target,
+            layers=self.layers,
+            input_gradient=False,
+            output_transform=self.output_transform,
+        )
+        size = inputs.shape[-2:]
+        maps = {
+            name: cam_from_activation(act, grad, relu=self.relu, output_size=size, reshape=self.reshape).cpu()
+            for name, act, grad in zip(self.layers, result.activations, result.activation_grads)
+        }
+        signed = set() if self.relu else set(maps)
+        return Explanation(maps=maps, scores=result.scores.cpu(), target=result.target.cpu(), signed=signed)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["layers"] = list(self.layers)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.auto and state_dict.get("layers"):
+            self.layers = list(state_dict["layers"])

@@ -1,0 +1,253 @@
+"""Shared machinery for the attribution methods: isolation, targets, one pass.
+
+Everything here is pure torch. The public functions in this package are thin
+wrappers around :func:`attribution_pass`, which runs one forward and one
+backward and returns every quantity the methods need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+Target = Union[int, Tensor, None]
+"""An attribution target: a class index, a LongTensor of shape (B,), or None
+for the predicted class."""
+
+OutputTransform = Callable[[object], Tensor]
+"""Turns whatever the model returns into a (B, num_classes) score tensor."""
+
+
+@contextlib.contextmanager
+def modes_preserved(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None]:
+    """Save every module's ``training`` flag, optionally switch to eval, restore.
+
+    Flags are restored per module (not with ``model.train()``), so a model
+    with frozen sub-modules in eval mode keeps them that way.
+
+    Args:
+        model: the module tree to protect.
+        eval_mode: put every module in eval mode inside the block.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> net[1].train()
+        Dropout(p=0.5, inplace=False)
+        >>> with modes_preserved(net):
+        ...     net[1].training
+        False
+        >>> net[1].training
+        True
+    """
+    saved = [(module, module.training) for module in model.modules()]
+    try:
+        if eval_mode:
+            model.eval()
+        yield
+    finally:
+        for module, flag in saved:
+            module.training = flag
+
+
+@contextlib.contextmanager
+def gradients_enabled() -> Iterator[None]:
+    """Enable autograd even inside ``torch.no_grad()`` or ``inference_mode()``.
+
+    Lightning validates under ``no_grad`` during ``fit`` and under
+    ``inference_mode`` in ``validate``/``test``; tensors that need gradients
+    must be made outside inference mode, which this block guarantees.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def as_leaf(inputs: Tensor) -> Tensor:
+    """A fresh float leaf tensor with ``requires_grad`` (never an inference tensor)."""
+    x = inputs.detach().clone()
+    if not x.is_floating_point():
+        x = x.float()
+    return x.requires_grad_(True)
+
+
+def get_module(model: nn.Module, layer: nn.Module | str) -> nn.Module:
+    """Return ``layer`` itself or the sub-module of ``model`` with that dotted name.
+
+    Raises:
+        ValueError: the name is not a sub-module; the message lists the closest
+            real names.
+        TypeError: ``layer`` is neither a module nor a string.
+    """
+    if isinstance(layer, nn.Module):
+        return layer
+    if not isinstance(layer, str):
+        raise TypeError(f"A layer must be an nn.Module or a dotted name such as 'features.3', got {type(layer).__name__}.")
+    modules = dict(model.named_modules())
+    if layer in modules and layer != "":
+        return modules[layer]
+    names = [name for name in modules if name]
+    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.4)
+    hint = f" Closest names: {', '.join(repr(n) for n in close)}." if close else ""
+    sample = ", ".join(repr(n) for n in names[:12])
+    raise ValueError(
+        f"Layer {layer!r} is not a sub-module of {type(model).__name__}.{hint} "
+        f"Names come from model.named_modules(); the first ones are: {sample}."
+    )
+
+
+def scores_from_output(output: object, output_transform: OutputTransform | None) -> Tensor:
+    """The (B, C) score tensor of a model output, with a clear error otherwise."""
+    scores = output_transform(output) if output_transform is not None else output
+    if not isinstance(scores, Tensor):
+        raise TypeError(
+            f"The model returned {type(scores).__name__}, not a tensor of class scores. "
+            "Pass output_transform=... to pick the (batch, classes) logits out of it, "
+            "e.g. output_transform=lambda out: out['logits']."
+        )
+    if scores.ndim == 1:
+        scores = scores.unsqueeze(1)
+    if scores.ndim != 2:
+        raise ValueError(
+            f"Expected class scores of shape (batch, classes), got {tuple(scores.shape)}. "
+            "Pass output_transform=... to reduce the model's output to that shape."
+        )
+    return scores
+
+
+def resolve_target(target: Target, scores: Tensor) -> Tensor:
+    """Turn a target spec into a LongTensor of class indices, one per sample."""
+    batch, classes = scores.shape
+    if target is None:
+        index = scores.detach().argmax(dim=1)
+    elif isinstance(target, int) and not isinstance(target, bool):
+        index = torch.full((batch,), target, dtype=torch.long, device=scores.device)
+    elif isinstance(target, Tensor):
+        index = target.to(device=scores.device, dtype=torch.long).reshape(-1)
+        if index.numel() == 1 and batch != 1:
+            index = index.expand(batch)
+        if index.numel() != batch:
+            raise ValueError(f"target has {index.numel()} entries but the batch has {batch} samples.")
+    else:
+        raise TypeError(f"target must be an int, a LongTensor of shape (B,) or None, got {type(target).__name__}.")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= classes):
+        raise ValueError(f"target indices must lie in [0, {classes - 1}], got {index.tolist()}.")
+    return index
+
+
+@contextlib.contextmanager
+def captured_outputs(modules: Sequence[nn.Module]) -> Iterator[list[Tensor | None]]:
+    """Record the (last) output of each module during the block; hooks removed in ``finally``."""
+    outputs: list[Tensor | None] = [None] * len(modules)
+    handles = []
+
+    def make_hook(slot: int) -> Callable:
+        def hook(_module: nn.Module, _args: object, output: object) -> None:
+            if isinstance(output, Tensor):
+                outputs[slot] = output
+
+        return hook
+
+    try:
+        for slot, module in enumerate(modules):
+            handles.append(module.register_forward_hook(make_hook(slot)))
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class PassResult:
+    """Everything one forward and one backward on a batch yields.
+
+    Attributes:
+        inputs: the (detached) inputs the pass ran on.
+        scores: (B, C) class scores, detached.
+        target: (B,) class indices the gradients were taken for.
+        input_grad: d score / d input, same shape as ``inputs`` (or None).
+        activations: detached outputs of each requested layer, in order.
+        activation_grads: d score / d activation for each requested layer.
+    """
+
+    inputs: Tensor
+    scores: Tensor
+    target: Tensor
+    input_grad: Tensor | None
+    activations: list[Tensor] = field(default_factory=list)
+    activation_grads: list[Tensor] = field(default_factory=list)
+
+    @property
+    def probabilities(self) -> Tensor:
+        """Softmax of the scores (B, C)."""
+        return self.scores.float().softmax(dim=1)
+
+
+def attribution_pass(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    *,
+    layers: Sequence[nn.Module | str] = (),
+    input_gradient: bool = True,
+    output_transform: OutputTransform | None = None,
+    eval_mode: bool = True,
+) -> PassResult:
+    """One forward and one backward that serve several methods at once.
+
+    The gradient of the target scores with respect to the inputs (for plain
+    gradient and input x gradient) and with respect to the outputs of every
+    layer in ``layers`` (for Grad-CAM) come from a single
+    ``torch.autograd.grad`` call. ``param.grad`` is never touched, hooks live
+    only inside the call, and every module's mode is restored.
+
+    Args:
+        model: the network; called as ``model(inputs)``.
+        inputs: a batch, (B, ...).
+        target: class index, LongTensor (B,), or None for the predicted class.
+        layers: modules or dotted names whose outputs to differentiate.
+        input_gradient: also return d score / d input.
+        output_transform: maps the model output to (B, C) scores.
+        eval_mode: run the model in eval mode (Dropout off, BatchNorm frozen).
+
+    Returns:
+        A :class:`PassResult`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+        >>> out = attribution_pass(net, torch.randn(4, 1, 6, 6), layers=["1"])
+        >>> out.input_grad.shape, out.activation_grads[0].shape
+        (torch.Size([4, 1, 6, 6]), torch.Size([4, 2, 4, 4]))
+    """
+    modules = [get_module(model, layer) for layer in layers]
+    with modes_preserved(model, eval_mode=eval_mode), gradients_enabled():
+        x = as_leaf(inputs) if input_gradient else inputs.detach().clone()
+        with captured_outputs(modules) as outputs:
+            scores = scores_from_output(model(x), output_transform)
+        missing = [str(layers[i]) for i, out in enumerate(outputs) if out is None]
+        if missing:
+            raise RuntimeError(
+                f"Layer(s) {missing} produced no tensor output during the forward pass; "
+                "choose modules that are called in forward() and return a tensor."
+            )
+        index = resolve_target(target, scores)
+        selected = scores.gather(1, index[:, None]).sum()
+        wrt: list[Tensor] = ([x] if input_gradient else []) + [out for out in outputs if out is not None]
+        if not selected.requires_grad:
+            raise RuntimeError("The model's scores do not depend on anything that requires a gradient.")
+        grads = torch.autograd.grad(selected, wrt, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
+    input_grad = grads[0].detach() if input_gradient else None
+    layer_grads = grads[1:] if input_gradient else grads
+    return PassResult(
+        inputs=x.detach(),
+        scores=scores.detach(),
+        target=index,
+        input_grad=input_grad,
+        activations=[out.detach() for out in outputs if out is not None],
+        activation_grads=[g.detach() for g in layer_grads],
+    )

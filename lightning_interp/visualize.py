@@ -1,0 +1,174 @@
+"""Turn inputs and maps into pictures: heatmaps, overlays and annotated grids.
+
+Everything returns numpy arrays (uint8 RGB for finished images) so any logger
+can take them. Figures are drawn on a private Agg canvas (no pyplot state), so
+nothing is left open between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+__all__ = ["colorize", "input_to_rgb", "map_tiles", "normalize_map", "overlay", "render_grid"]
+
+MIN_TILE_PIXELS = 96
+
+
+def input_to_rgb(inputs: Tensor) -> np.ndarray:
+    """Display version of a batch of inputs: (B, H, W, 3) float in [0, 1].
+
+    Each sample is min-max scaled on its own (so normalised inputs display
+    well); one channel becomes grey, more than three keep the first three.
+    1-D inputs (B, D) become a one-row strip.
+
+    Example:
+        >>> input_to_rgb(torch.rand(2, 1, 5, 5)).shape
+        (2, 5, 5, 3)
+    """
+    x = inputs.detach().float().cpu()
+    if x.ndim == 2:
+        x = x[:, None, None, :]
+    elif x.ndim == 3:
+        x = x[:, None]
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 2:
+        x = torch.cat([x, x[:, :1]], dim=1)
+    x = x[:, :3]
+    low = x.amin(dim=(1, 2, 3), keepdim=True)
+    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - low) / (high - low).clamp_min(1e-12)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def normalize_map(maps: Tensor, *, signed: bool = False, percentile: float = 99.5) -> np.ndarray:
+    """Scale each map to [0, 1] (or [-1, 1] when ``signed``) by its own robust maximum.
+
+    The scale is the ``percentile`` of the map's magnitude, so one extreme
+    pixel cannot wash out the rest; values beyond it are clipped. An all-zero
+    map stays zero. NaN and inf become 0.
+
+    Example:
+        >>> normalize_map(torch.tensor([[[0.0, 2.0], [1.0, 4.0]]]), percentile=100)[0].tolist()
+        [[0.0, 0.5], [0.25, 1.0]]
+    """
+    m = torch.nan_to_num(maps.detach().float().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
+    flat = m.reshape(m.shape[0], -1).abs()
+    scale = torch.quantile(flat, percentile / 100.0, dim=1).clamp_min(1e-12)
+    scale = scale.reshape(-1, *([1] * (m.ndim - 1)))
+    low = -1.0 if signed else 0.0
+    return (m / scale).clamp(low, 1.0).numpy()
+
+
+def colorize(values: np.ndarray, cmap: str = "inferno", *, signed: bool = False) -> np.ndarray:
+    """Map normalised values to RGB with a matplotlib colormap: (..., 3) float in [0, 1].
+
+    Example:
+        >>> colorize(np.zeros((2, 2)), "gray")[0, 0].tolist()
+        [0.0, 0.0, 0.0]
+    """
+    colormap = matplotlib.colormaps[cmap]
+    scaled = (values + 1.0) / 2.0 if signed else values
+    return colormap(np.clip(scaled, 0.0, 1.0))[..., :3]
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, values: np.ndarray, *, alpha: float = 0.65) -> np.ndarray:
+    """Blend a coloured heatmap over a dimmed grey copy of the image.
+
+    Stronger map values are more opaque, so the image stays visible where the
+    map is weak. ``values`` are the normalised map values in [-1, 1].
+
+    Example:
+        >>> img = np.ones((2, 2, 3)); heat = np.zeros((2, 2, 3))
+        >>> overlay(img, heat, np.zeros((2, 2)))[0, 0].round(2).tolist()
+        [0.7, 0.7, 0.7]
+    """
+    grey = image.mean(axis=-1, keepdims=True).repeat(3, axis=-1) * 0.7
+    weight = alpha * (0.35 + 0.65 * np.abs(values))[..., None]
+    return np.clip((1 - weight) * grey + weight * heat, 0.0, 1.0)
+
+
+def _upscale(tile: np.ndarray, factor: int) -> np.ndarray:
+    return tile if factor == 1 else tile.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def render_grid(
+    tiles: Sequence[Sequence[np.ndarray]],
+    *,
+    column_titles: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+    title: str = "",
+    gap: int = 4,
+) -> np.ndarray:
+    """Lay out RGB tiles in a grid with column titles and row labels; return uint8 (H, W, 3).
+
+    ``tiles[r][c]`` is an (h, w, 3) float image in [0, 1]; all tiles share one
+    size. Small tiles are enlarged by an integer factor (nearest neighbour) to
+    at least 96 pixels so they stay readable in TensorBoard.
+
+    Example:
+        >>> grid = render_grid([[np.zeros((8, 8, 3))] * 2], column_titles=["input", "map"], row_labels=["y=1"])
+        >>> grid.dtype, grid.ndim
+        (dtype('uint8'), 3)
+    """
+    rows, cols = len(tiles), len(tiles[0])
+    height, width = tiles[0][0].shape[:2]
+    factor = max(1, -(-MIN_TILE_PIXELS // max(height, 1)))
+    if width * factor > 4 * MIN_TILE_PIXELS:  # long 1-D strips: enlarge by height only
+        factor = 1
+    th, tw = height * factor, width * factor
+    mosaic = np.ones((rows * (th + gap) - gap, cols * (tw + gap) - gap, 3))
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            mosaic[r * (th + gap) : r * (th + gap) + th, c * (tw + gap) : c * (tw + gap) + tw] = _upscale(tile, factor)
+
+    dpi = 100
+    left = 120 if row_labels else 6
+    top = (22 if column_titles else 4) + (22 if title else 0)
+    fig_w, fig_h = mosaic.shape[1] + left + 6, mosaic.shape[0] + top + 6
+    figure = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_axes((left / fig_w, 6 / fig_h, mosaic.shape[1] / fig_w, mosaic.shape[0] / fig_h))
+    axes.imshow(mosaic, interpolation="nearest", aspect="auto")
+    axes.set_axis_off()
+    for c, text in enumerate(column_titles):
+        x = (left + c * (tw + gap) + tw / 2) / fig_w
+        figure.text(x, 1 - (top - 4) / fig_h, text, ha="center", va="bottom", fontsize=9)
+    for r, text in enumerate(row_labels):
+        y = 1 - (top + r * (th + gap) + th / 2) / fig_h
+        figure.text(4 / fig_w, y, text, ha="left", va="center", fontsize=8, family="monospace")
+    if title:
+        figure.text(0.5, 1 - 4 / fig_h, title, ha="center", va="top", fontsize=10, weight="bold")
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def map_tiles(inputs: Tensor, maps: Tensor, *, cmap: str = "inferno", signed: bool = False) -> list[np.ndarray]:
+    """One overlay tile per sample: the map coloured and blended over its input.
+
+    Maps of another spatial size than the inputs are resized bilinearly.
+    Inputs that are not images ((B, D) features) give coloured strips.
+
+    Example:
+        >>> tiles = map_tiles(torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8))
+        >>> len(tiles), tiles[0].shape
+        (2, (8, 8, 3))
+    """
+    images = input_to_rgb(inputs)
+    m = maps.detach().float().cpu()
+    if m.ndim == 2:
+        m = m[:, None, :]
+    if tuple(m.shape[-2:]) != images.shape[1:3]:
+        m = torch.nn.functional.interpolate(m[:, None], size=images.shape[1:3], mode="bilinear", align_corners=False)[
+            :, 0
+        ]
+    values = normalize_map(m, signed=signed)
+    heat = colorize(values, cmap, signed=signed)
+    return [overlay(images[i], heat[i], values[i]) for i in range(len(images))]
