@@ -54,9 +54,7 @@ def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int) -> li
     return written
 
 
-def log_scalars(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: Mapping[str, float], step: int
-) -> None:
+def log_scalars(trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: Mapping[str, float], step: int) -> None:
     """Log scalars to every logger at ``step`` and make them monitorable.
 
     The values go to each logger with the same step as the images (so

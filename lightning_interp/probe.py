@@ -86,7 +86,7 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
             return result
         if isinstance(result, Tensor):
             return ParsedBatch(result)
-        items = list(result) + [None, None]
+        items = [*list(result), None, None]
         return ParsedBatch(items[0], items[1], items[2])
     if isinstance(batch, Tensor):
         return ParsedBatch(batch)

@@ -65,8 +65,10 @@ def make_shapes(count: int, *, image_size: int = 32, seed: int = 0, clutter: int
         x0 = torch.randint(size - 3, (count,), generator=g)
         y0 = torch.randint(size - 3, (count,), generator=g)
         inside = (
-            (xx >= x0[:, None, None]) & (xx < (x0 + side)[:, None, None])
-            & (yy >= y0[:, None, None]) & (yy < (y0 + side)[:, None, None])
+            (xx >= x0[:, None, None])
+            & (xx < (x0 + side)[:, None, None])
+            & (yy >= y0[:, None, None])
+            & (yy < (y0 + side)[:, None, None])
         )
         colour = 0.4 + 0.6 * torch.rand(count, 3, 1, 1, generator=g)
         images = torch.where(inside[:, None], colour, images)

@@ -130,7 +130,8 @@ def render_grid(
             mosaic[r * (th + gap) : r * (th + gap) + th, c * (tw + gap) : c * (tw + gap) + tw] = _upscale(tile, factor)
 
     dpi = 100
-    left = 120 if row_labels else 6
+    longest = max((len(line) for text in row_labels for line in text.splitlines()), default=0)
+    left = int(12 + 5.6 * longest) if row_labels else 6
     top = (22 if column_titles else 4) + (22 if title else 0)
     fig_w, fig_h = mosaic.shape[1] + left + 6, mosaic.shape[0] + top + 6
     figure = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")

@@ -4,4 +4,4 @@ from lightning_interp.callbacks._base import MapCallback
 from lightning_interp.callbacks.gradcam import GradCAMCallback
 from lightning_interp.callbacks.saliency import SALIENCY_METHODS, SaliencyCallback
 
-__all__ = ["GradCAMCallback", "MapCallback", "SALIENCY_METHODS", "SaliencyCallback"]
+__all__ = ["SALIENCY_METHODS", "GradCAMCallback", "MapCallback", "SaliencyCallback"]

@@ -40,6 +40,7 @@ class Explanation:
         target: (N,) explained class per sample.
         scalars: extra scalars by tag suffix (e.g. IG completeness error).
         signed: names of maps with meaningful sign (shown with a diverging colormap).
+        titles: optional display titles of the maps (default: their names).
     """
 
     maps: dict[str, Tensor]
@@ -47,6 +48,7 @@ class Explanation:
     target: Tensor
     scalars: dict[str, float] = field(default_factory=dict)
     signed: set[str] = field(default_factory=set)
+    titles: dict[str, str] = field(default_factory=dict)
 
 
 def _validation_source(trainer: pl.Trainer, stage: str | None) -> Any:
@@ -306,7 +308,8 @@ class MapCallback(Callback):
             )
             for i in range(len(probe))
         ]
-        return render_grid(rows, column_titles=["input", *result.maps], row_labels=labels)
+        titles = [result.titles.get(key, key) for key in result.maps]
+        return render_grid(rows, column_titles=["input", *titles], row_labels=labels)
 
     def _cmap_for(self, key: str, result: Explanation) -> str:
         return "RdBu_r" if key in result.signed else self.cmap
@@ -315,7 +318,8 @@ class MapCallback(Callback):
         """Keep a small copy of the first samples' maps for the evolution strip, bounded in length."""
         if self.evolution_samples == 0:
             return
-        kept = {key: _shrink(m[: self.evolution_samples]) for key, m in maps.items()}
+        picks = self._evolution_indices()
+        kept = {key: _shrink(m[picks]) for key, m in maps.items()}
         self._history.append((epoch, kept))
         if len(self._history) > 2 * self.evolution_columns:
             thinned = self._history[::2]
@@ -323,22 +327,29 @@ class MapCallback(Callback):
                 thinned.append(self._history[-1])
             self._history = thinned
 
+    def _evolution_indices(self) -> Tensor:
+        """Probe rows shown in the evolution strip: evenly spread, so each class tends to appear."""
+        assert self.probe is not None
+        count = min(self.evolution_samples, len(self.probe))
+        return torch.from_numpy(np.linspace(0, len(self.probe) - 1, count).round().astype(np.int64))
+
     def _evolution_image(self, key: str) -> np.ndarray | None:
         assert self.probe is not None
         entries = [(epoch, maps[key]) for epoch, maps in self._history if key in maps]
         if not entries:
             return None
-        picks = sorted({round(i) for i in np.linspace(0, len(entries) - 1, min(len(entries), self.evolution_columns))})
-        chosen = [entries[i] for i in picks]
-        count = chosen[-1][1].shape[0]
-        inputs = self.probe.inputs[:count]
+        spaced = np.linspace(0, len(entries) - 1, min(len(entries), self.evolution_columns))
+        chosen = [entries[i] for i in sorted({round(i) for i in spaced})]
+        rows = self._evolution_indices()
+        count = len(rows)
+        inputs = self.probe.inputs[rows]
         size = tuple(chosen[-1][1].shape[-2:])
         small_inputs = _resize_inputs(inputs, size)
         columns = [list(input_to_rgb(small_inputs))]
         columns += [map_tiles(small_inputs, maps.float(), cmap=self.cmap) for _, maps in chosen]
-        rows = [[column[i] for column in columns] for i in range(count)]
+        tiles = [[column[i] for column in columns] for i in range(count)]
         titles = ["input"] + [f"epoch {epoch}" for epoch, _ in chosen]
-        return render_grid(rows, column_titles=titles, title=f"{self.name}: {key}")
+        return render_grid(tiles, column_titles=titles, title=f"{self.name}: {key}")
 
 
 def _resize_inputs(inputs: Tensor, size: tuple[int, ...]) -> Tensor:

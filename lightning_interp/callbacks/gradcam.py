@@ -105,7 +105,7 @@ class GradCAMCallback(MapCallback):
         size = inputs.shape[-2:]
         maps = {
             name: cam_from_activation(act, grad, relu=self.relu, output_size=size, reshape=self.reshape).cpu()
-            for name, act, grad in zip(self.layers, result.activations, result.activation_grads)
+            for name, act, grad in zip(self.layers, result.activations, result.activation_grads, strict=False)
         }
         signed = set() if self.relu else set(maps)
         return Explanation(maps=maps, scores=result.scores.cpu(), target=result.target.cpu(), signed=signed)

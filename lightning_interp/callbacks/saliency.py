@@ -15,6 +15,12 @@ from lightning_interp.methods.attribution import integrated_gradients, smoothgra
 from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, attribution_to_map
 
 SALIENCY_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")
+_TITLES = {
+    "gradient": "gradient",
+    "input_x_gradient": "input × grad",
+    "smoothgrad": "SmoothGrad",
+    "integrated_gradients": "integ. grads",
+}
 
 
 class SaliencyCallback(MapCallback):
@@ -138,4 +144,11 @@ class SaliencyCallback(MapCallback):
                 )
         maps = {key: attribution_to_map(value, self.channel_reduction).cpu() for key, value in attributions.items()}
         signed = set(maps) if self.channel_reduction == "sum" else set()
-        return Explanation(maps=maps, scores=first.scores.cpu(), target=first.target.cpu(), scalars=scalars, signed=signed)
+        return Explanation(
+            maps=maps,
+            scores=first.scores.cpu(),
+            target=first.target.cpu(),
+            scalars=scalars,
+            signed=signed,
+            titles={key: _TITLES[key] for key in maps},
+        )

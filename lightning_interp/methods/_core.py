@@ -16,7 +16,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-Target = Union[int, Tensor, None]
+Target = Union[int, Tensor, None]  # noqa: UP007 (runtime alias, Python 3.10)
 """An attribution target: a class index, a LongTensor of shape (B,), or None
 for the predicted class."""
 
@@ -86,7 +86,9 @@ def get_module(model: nn.Module, layer: nn.Module | str) -> nn.Module:
     if isinstance(layer, nn.Module):
         return layer
     if not isinstance(layer, str):
-        raise TypeError(f"A layer must be an nn.Module or a dotted name such as 'features.3', got {type(layer).__name__}.")
+        raise TypeError(
+            f"A layer must be an nn.Module or a dotted name such as 'features.3', got {type(layer).__name__}."
+        )
     modules = dict(model.named_modules())
     if layer in modules and layer != "":
         return modules[layer]
@@ -127,7 +129,8 @@ def resolve_target(target: Target, scores: Tensor) -> Tensor:
     elif isinstance(target, int) and not isinstance(target, bool):
         index = torch.full((batch,), target, dtype=torch.long, device=scores.device)
     elif isinstance(target, Tensor):
-        index = target.to(device=scores.device, dtype=torch.long).reshape(-1)
+        # clone: the target may come from inference mode, and inference tensors cannot join autograd
+        index = target.to(device=scores.device, dtype=torch.long).reshape(-1).clone()
         if index.numel() == 1 and batch != 1:
             index = index.expand(batch)
         if index.numel() != batch:
@@ -240,7 +243,7 @@ def attribution_pass(
         if not selected.requires_grad:
             raise RuntimeError("The model's scores do not depend on anything that requires a gradient.")
         grads = torch.autograd.grad(selected, wrt, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads, strict=False)]
     input_grad = grads[0].detach() if input_gradient else None
     layer_grads = grads[1:] if input_gradient else grads
     return PassResult(

@@ -21,7 +21,7 @@ from lightning_interp.methods._core import (
     scores_from_output,
 )
 
-__all__ = ["gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "integration_points"]
+__all__ = ["gradient", "input_x_gradient", "integrated_gradients", "integration_points", "smoothgrad"]
 
 
 def gradient(

@@ -1,0 +1,56 @@
+"""The callbacks must not change training: bit-identical weights and optimizer state with and without them."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_interp import GradCAMCallback, SaliencyCallback
+from lightning_interp.demo import ImageClassifier
+from tests.conftest import BatchNormDropoutNet, quiet_trainer, tiny_datamodule
+
+
+def _train(tmp_path, callbacks, **trainer_options):
+    pl.seed_everything(123, verbose=False)
+    model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
+    trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=False, deterministic=True, **trainer_options)
+    trainer.fit(model, datamodule=tiny_datamodule())
+    optimizer_state = trainer.optimizers[0].state_dict()
+    return model.state_dict(), optimizer_state, torch.get_rng_state()
+
+
+def _all_callbacks():
+    return [
+        SaliencyCallback(
+            methods=("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"),
+            num_samples=4,
+            smoothgrad_samples=4,
+            ig_steps=4,
+        ),
+        GradCAMCallback(layer=["net.features.2", "net.features.5"], num_samples=4),
+    ]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"max_epochs": 2}, id="batchnorm-dropout-inplace-relu"),
+        pytest.param(
+            {"max_epochs": 1, "accumulate_grad_batches": 2, "val_check_interval": 0.5},
+            id="validation-inside-gradient-accumulation",
+        ),
+    ],
+)
+def test_weights_optimizer_and_rng_bit_identical(tmp_path, options):
+    plain_weights, plain_optimizer, plain_rng = _train(tmp_path / "plain", [], **options)
+    callbacks = _all_callbacks()
+    weights, optimizer, rng = _train(tmp_path / "with", callbacks, **options)
+    assert callbacks[0]._runs >= 1 and callbacks[1]._runs >= 1, "the callbacks must actually have run"
+    assert plain_weights.keys() == weights.keys()
+    for name, value in plain_weights.items():
+        assert torch.equal(value, weights[name]), f"{name} differs"  # BatchNorm running stats included
+    for key, state in plain_optimizer["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
+    assert torch.equal(plain_rng, rng), "the global RNG advanced differently"

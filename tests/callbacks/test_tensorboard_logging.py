@@ -1,0 +1,113 @@
+"""Callbacks in a real Trainer, read back from the real TensorBoard event files."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_interp import GradCAMCallback, ProbeSet, SaliencyCallback
+from tests.conftest import quiet_trainer, read_events, tiny_classifier, tiny_datamodule
+
+STEPS_PER_EPOCH = 4  # 64 training images / batch 16
+
+
+def test_fit_logs_images_and_scalars_at_each_validation_step(tmp_path):
+    torch.manual_seed(0)
+    saliency = SaliencyCallback(
+        methods=("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"), num_samples=4, ig_steps=8
+    )
+    gradcam = GradCAMCallback(layer=["net.4", "net.7"], num_samples=4)
+    trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[saliency, gradcam],
+                            logger=TensorBoardLogger(str(tmp_path), name="run"))
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    events = read_events(str(tmp_path / "run"))
+    expected = [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(3)]  # the sanity check (step 0) is skipped
+
+    assert events.image_steps("interp/saliency/maps") == expected
+    assert events.image_steps("interp/gradcam/maps") == expected
+    for method in ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"):
+        assert events.scalar_steps(f"interp/saliency/{method}/concentration") == expected
+        assert events.scalar_steps(f"interp/saliency/{method}/localization") == expected  # the data has masks
+        assert events.scalar_steps(f"interp/saliency/{method}/pointing_game") == expected
+        assert events.scalar_steps(f"interp/saliency/{method}/stability") == expected[1:]  # needs a previous map
+        assert events.image_steps(f"interp/saliency/{method}/evolution") == [expected[-1]]
+    for layer in ("net.4", "net.7"):
+        assert events.scalar_steps(f"interp/gradcam/{layer}/localization") == expected
+        assert events.image_steps(f"interp/gradcam/{layer}/evolution") == [expected[-1]]
+    assert events.scalar_steps("interp/saliency/integrated_gradients/completeness_error") == expected
+
+    # Scores lie in their mathematical ranges (NaN only where a map is all zero, e.g. a dead ReLU layer).
+    for tag, values in events.scalars.items():
+        finite = [v for _, v in values if not math.isnan(v)]
+        assert finite, tag
+        if tag.endswith(("/localization", "/pointing_game", "/concentration")):
+            assert all(0.0 <= v <= 1.0 for v in finite), (tag, values)
+        if tag.endswith("/stability"):
+            assert all(-1.0 <= v <= 1.0 for v in finite), (tag, values)
+
+    # The grid has one row per probe sample and one column per map plus the input: it grows with both.
+    (_, (height, width)), *_ = events.images["interp/saliency/maps"]
+    (_, (cam_height, cam_width)), *_ = events.images["interp/gradcam/maps"]
+    assert height == cam_height and width > cam_width
+
+    # The scalars are monitorable by EarlyStopping / ModelCheckpoint.
+    assert "interp/gradcam/net.7/localization" in trainer.callback_metrics
+
+
+def test_validate_runs_under_inference_mode_and_logs(tmp_path):
+    callbacks = [SaliencyCallback(methods=("gradient", "smoothgrad"), num_samples=4), GradCAMCallback(num_samples=4)]
+    trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=TensorBoardLogger(str(tmp_path), name="val"))
+    seen_inference_mode = []
+    model = tiny_classifier()
+    original = model.validation_step
+
+    def spy(batch, batch_idx):
+        seen_inference_mode.append(torch.is_inference_mode_enabled())
+        return original(batch, batch_idx)
+
+    model.validation_step = spy
+    trainer.validate(model, datamodule=tiny_datamodule())
+    assert seen_inference_mode and all(seen_inference_mode)
+    events = read_events(str(tmp_path / "val"))
+    assert events.image_steps("interp/saliency/maps") == [0]
+    assert events.image_steps("interp/gradcam/maps") == [0]
+    assert events.scalar_steps("interp/gradcam/net.7/concentration") == [0]
+
+
+def test_every_n_epochs_and_shared_probe(tmp_path):
+    images = torch.rand(6, 3, 16, 16)
+    probe = ProbeSet(images, labels=torch.tensor([0, 1, 2, 3, 0, 1]))
+    saliency = SaliencyCallback(methods=("gradient",), probe=probe, every_n_epochs=2)
+    gradcam = GradCAMCallback(probe=probe, every_n_epochs=2)
+    trainer = quiet_trainer(tmp_path, max_epochs=4, callbacks=[saliency, gradcam],
+                            logger=TensorBoardLogger(str(tmp_path), name="n"))
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    events = read_events(str(tmp_path / "n"))
+    assert events.image_steps("interp/saliency/maps") == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
+    assert events.image_steps("interp/gradcam/maps") == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
+    assert saliency.probe is probe and gradcam.probe is probe
+    # No masks in this probe: no localization scores.
+    assert not any(tag.endswith("/localization") for tag in events.scalars)
+
+
+def test_without_logger_pngs_are_written_under_the_run_directory(tmp_path):
+    callback = GradCAMCallback(num_samples=4, name="cam")
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    folder = tmp_path / "interp_images"
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    assert f"interp__cam__maps{os.sep}step_0000004.png" in written
+    assert any("evolution" in name for name in written)
+
+
+def test_logger_without_image_api_gets_pngs_and_scalars(tmp_path):
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[SaliencyCallback(num_samples=4)], logger=logger)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    pngs = list((tmp_path / "csv").rglob("*.png"))
+    assert pngs, "expected PNG files next to the CSV logs"
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "interp/saliency/gradient/concentration" in metrics

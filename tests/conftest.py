@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny models and data, and a reader for real TensorBoard event files."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lightning_interp.demo import ImageClassifier, shapes_cnn
+from lightning_interp.synthetic import SyntheticShapesDataModule
+
+
+@dataclass
+class Events:
+    """What a TensorBoard run directory holds: tag -> [(step, value)] and tag -> [(step, (h, w))]."""
+
+    scalars: dict[str, list[tuple[int, float]]]
+    images: dict[str, list[tuple[int, tuple[int, int]]]]
+
+    def scalar_steps(self, tag: str) -> list[int]:
+        return [step for step, _ in self.scalars.get(tag, [])]
+
+    def image_steps(self, tag: str) -> list[int]:
+        return [step for step, _ in self.images.get(tag, [])]
+
+
+def read_events(log_dir: str) -> Events:
+    """Read every event file under ``log_dir`` with tensorboard's own reader."""
+    files = glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True)
+    assert files, f"no TensorBoard event files under {log_dir}"
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    images: dict[str, list[tuple[int, tuple[int, int]]]] = {}
+    for directory in sorted({os.path.dirname(f) for f in files}):
+        acc = EventAccumulator(directory, size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+        for tag in acc.Tags()["images"]:
+            images.setdefault(tag, []).extend((e.step, (e.height, e.width)) for e in acc.Images(tag))
+    return Events(scalars, images)
+
+
+@pytest.fixture
+def events_reader():
+    return read_events
+
+
+def tiny_datamodule(**overrides) -> SyntheticShapesDataModule:
+    options = {"train_size": 64, "val_size": 32, "batch_size": 16, "image_size": 16, "seed": 0}
+    options.update(overrides)
+    return SyntheticShapesDataModule(**options)
+
+
+def tiny_classifier(width: int = 4) -> ImageClassifier:
+    return ImageClassifier(shapes_cnn(num_classes=4, width=width), lr=1e-2)
+
+
+class BatchNormDropoutNet(nn.Module):
+    """Conv net with BatchNorm, Dropout and an in-place ReLU: the layers that make interference visible."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(8, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def quiet_trainer(tmp_path, **overrides) -> pl.Trainer:
+    options = {
+        "default_root_dir": str(tmp_path),
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 2,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "log_every_n_steps": 1,
+    }
+    options.update(overrides)
+    return pl.Trainer(**options)
