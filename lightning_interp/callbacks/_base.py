@@ -166,10 +166,11 @@ class MapCallback(Callback):
                     "define val_dataloader() in your LightningModule or DataModule, or give the callback "
                     "probe=ProbeSet(inputs, labels)."
                 )
-            with contextlib.suppress(Exception):  # the loader may need hooks that have not run yet
+            loader = None
+            with contextlib.suppress(Exception):  # the loader may need hooks that have not run yet: draw later
                 loader = _first_loader(source.dataloader()) if source is not None else None
-                if loader is not None:
-                    self._draw_probe(loader)
+            if loader is not None:
+                self._draw_probe(loader)
         if self.probe is not None:
             self._prepare(pl_module, self.probe)
 

@@ -1,0 +1,137 @@
+"""Argument errors at construction, trainer-dependent errors at setup, each saying how to fix it."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_interp import GradCAMCallback, ProbeSet, SaliencyCallback
+from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: SaliencyCallback(num_samples=0), "num_samples"),
+        (lambda: SaliencyCallback(every_n_epochs=0), "every_n_epochs"),
+        (lambda: SaliencyCallback(every_n_epochs=-2), "every_n_epochs"),
+        (lambda: SaliencyCallback(target="best"), "target"),
+        (lambda: SaliencyCallback(target=-1), "target"),
+        (lambda: SaliencyCallback(methods=("gradient", "lime")), "lime"),
+        (lambda: SaliencyCallback(methods=()), "method"),
+        (lambda: SaliencyCallback(channel_reduction="mean"), "channel_reduction"),
+        (lambda: SaliencyCallback(cmap="no-such-map"), "colormap"),
+        (lambda: GradCAMCallback(layer=[]), "layer"),
+        (lambda: GradCAMCallback(layer=["auto", "net.4"]), "auto"),
+        (lambda: GradCAMCallback(name="a/b"), "name"),
+        (lambda: GradCAMCallback(target="label", probe=ProbeSet(torch.zeros(2, 3, 8, 8))), "labels"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(factory, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        factory()
+
+
+def test_unknown_layer_fails_at_setup_and_suggests_the_closest(tmp_path):
+    trainer = quiet_trainer(tmp_path, callbacks=[GradCAMCallback(layer="net.44")], logger=False)
+    with pytest.raises(ValueError, match=r"'net\.4'"):
+        trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+
+
+def test_layer_without_spatial_output_is_refused_at_setup(tmp_path):
+    trainer = quiet_trainer(tmp_path, callbacks=[GradCAMCallback(layer="net.10")], logger=False)  # the Linear head
+    with pytest.raises(ValueError, match="spatial"):
+        trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+
+
+class TabularClassifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _tabular_loader():
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 5, generator=generator), torch.randint(2, (32,), generator=generator))
+    return DataLoader(data, batch_size=8)
+
+
+def test_gradcam_auto_on_a_model_without_spatial_layers_fails_at_setup(tmp_path):
+    trainer = quiet_trainer(tmp_path, callbacks=[GradCAMCallback()], logger=False)
+    with pytest.raises(ValueError, match="SaliencyCallback"):
+        trainer.fit(TabularClassifier(), _tabular_loader(), _tabular_loader())
+
+
+def test_saliency_on_tabular_inputs_works(tmp_path):
+    callback = SaliencyCallback(methods=("gradient", "integrated_gradients"), num_samples=4)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
+    trainer.fit(TabularClassifier(), _tabular_loader(), _tabular_loader())
+    assert callback._runs == 1
+    assert callback._previous["gradient"].shape == (4, 5)
+    assert list((tmp_path / "interp_images").rglob("*.png"))
+
+
+def test_no_validation_data_is_a_clear_setup_error(tmp_path):
+    trainer = quiet_trainer(tmp_path, callbacks=[SaliencyCallback()], logger=False)
+    with pytest.raises(ValueError, match="validation dataloader"):
+        trainer.fit(TabularClassifier(), _tabular_loader())
+
+
+def test_label_target_without_labels_in_the_data_is_a_clear_error(tmp_path):
+    images = TensorDataset(torch.rand(16, 3, 16, 16))
+    trainer = quiet_trainer(tmp_path, callbacks=[SaliencyCallback(target="label")], logger=False)
+    with pytest.raises(ValueError, match="labels"):
+        trainer.validate(tiny_classifier(), DataLoader(images, batch_size=8))
+
+
+def test_unknown_batch_form_names_what_it_found(tmp_path):
+    class Odd(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return {"picture": torch.rand(3, 16, 16)}
+
+    trainer = quiet_trainer(tmp_path, callbacks=[SaliencyCallback()], logger=False)
+    with pytest.raises(TypeError, match="picture.*batch_parser"):
+        trainer.validate(tiny_classifier(), DataLoader(Odd(), batch_size=4))
+
+
+def test_batch_parser_handles_an_unusual_form(tmp_path):
+    class Odd(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return {"picture": torch.rand(3, 16, 16), "kind": index % 4}
+
+    callback = SaliencyCallback(num_samples=4, batch_parser=lambda b: (b["picture"], b["kind"], None), target="label")
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
+    model = tiny_classifier()
+    model.validation_step = lambda batch, batch_idx: None
+    trainer.validate(model, DataLoader(Odd(), batch_size=4))
+    assert callback.probe is not None and callback.probe.labels.tolist() == [0, 1, 2, 3]
+
+
+def test_num_samples_larger_than_the_validation_set_warns_and_uses_all(tmp_path):
+    callback = GradCAMCallback(num_samples=100)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
+    with pytest.warns(UserWarning, match="holds only 32"):
+        trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    assert len(callback.probe) == 32
