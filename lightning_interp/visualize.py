@@ -131,7 +131,7 @@ def render_grid(
 
     dpi = 100
     longest = max((len(line) for text in row_labels for line in text.splitlines()), default=0)
-    left = int(12 + 5.6 * longest) if row_labels else 6
+    left = int(14 + 6.8 * longest) if row_labels else 6  # 8 pt monospace is about 6.7 px a character
     top = (22 if column_titles else 4) + (22 if title else 0)
     fig_w, fig_h = mosaic.shape[1] + left + 6, mosaic.shape[0] + top + 6
     figure = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")

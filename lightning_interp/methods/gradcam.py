@@ -118,8 +118,9 @@ def spatial_layers(
 
     A dry forward (no gradients, eval mode) records every module's output
     shape; a module counts when its output is (B, C, h, w) with h or w > 1
-    (after ``reshape`` for 3-D token outputs) and it ran exactly once, so its
-    output is unambiguous. Hooks are removed and modes restored in ``finally``.
+    (after ``reshape`` for 3-D token outputs), it ran exactly once, so its
+    output is unambiguous, and it is not a pass-through returning its input
+    (Identity, Dropout in eval mode). Hooks are removed and modes restored in ``finally``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
@@ -131,11 +132,11 @@ def spatial_layers(
     order: list[tuple[str, tuple[int, ...]]] = []
     handles = []
 
-    def hook(module: nn.Module, _args: object, output: object) -> None:
+    def hook(module: nn.Module, args: tuple, output: object) -> None:
         name = names[module]
         calls[name] = calls.get(name, 0) + 1
-        if not isinstance(output, Tensor):
-            return
+        if not isinstance(output, Tensor) or any(output is arg for arg in args):
+            return  # pass-through modules (Identity, Dropout in eval) add nothing a neighbour lacks
         shaped = output
         if output.ndim == 3 and reshape is not None:
             try:
