@@ -66,10 +66,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     print()
     print(f"validation accuracy: {metrics.get('val_acc', float('nan')):.3f}")
+    probe = callbacks[1].probe
+    uniform = float(probe.masks.float().mean()) if probe is not None and probe.masks is not None else float("nan")
     for layer in ("net.4", "net.7"):
         key = f"interp/gradcam/{layer}/localization"
         if key in metrics:
-            print(f"Grad-CAM localization ({layer}): {metrics[key]:.3f} of the map's mass on the object")
+            print(
+                f"Grad-CAM localization ({layer}): {metrics[key]:.3f} of the map's mass on the object "
+                f"(a uniform map: {uniform:.3f})"
+            )
     print(f"logs written to {os.path.abspath(logger.log_dir)}")
     print(f"view them with:  tensorboard --logdir {args.log_dir}")
     return metrics

@@ -109,7 +109,7 @@ def test_unknown_batch_form_names_what_it_found(tmp_path):
             return {"picture": torch.rand(3, 16, 16)}
 
     trainer = quiet_trainer(tmp_path, callbacks=[SaliencyCallback()], logger=False)
-    with pytest.raises(TypeError, match="picture.*batch_parser"):
+    with pytest.raises(TypeError, match=r"picture.*batch_parser"):
         trainer.validate(tiny_classifier(), DataLoader(Odd(), batch_size=4))
 
 

@@ -16,8 +16,9 @@ from tests.conftest import quiet_trainer, read_events, tiny_classifier, tiny_dat
 def test_probe_and_history_survive_a_checkpoint_and_resume(tmp_path):
     first = GradCAMCallback(num_samples=6)
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[first, checkpoint], logger=False,
-                            enable_checkpointing=True)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=2, callbacks=[first, checkpoint], logger=False, enable_checkpointing=True
+    )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     assert first.layers == ["net.7"]  # 'auto' resolved to the last spatial module (the last ReLU)
 
@@ -36,8 +37,9 @@ def test_two_instances_of_one_class_coexist_in_a_checkpoint(tmp_path):
     coarse = GradCAMCallback(layer="net.7", name="cam_coarse", num_samples=4)
     fine = GradCAMCallback(layer="net.4", name="cam_fine", num_samples=4)
     assert coarse.state_key != fine.state_key
-    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[coarse, fine],
-                            logger=TensorBoardLogger(str(tmp_path), name="two"))
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, callbacks=[coarse, fine], logger=TensorBoardLogger(str(tmp_path), name="two")
+    )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     path = tmp_path / "two.ckpt"
     trainer.save_checkpoint(str(path))
@@ -60,8 +62,13 @@ def test_torchvision_models_with_auto_layer(tmp_path, factory, expected_layer):
     torch.manual_seed(0)
     gradcam = GradCAMCallback(layer="auto", num_samples=4)
     saliency = SaliencyCallback(methods=("gradient", "integrated_gradients"), num_samples=4, ig_steps=4)
-    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[gradcam, saliency],
-                            logger=TensorBoardLogger(str(tmp_path), name="tv"))
+    trainer = quiet_trainer(
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=2,
+        callbacks=[gradcam, saliency],
+        logger=TensorBoardLogger(str(tmp_path), name="tv"),
+    )
     trainer.fit(ImageClassifier(factory()), datamodule=tiny_datamodule(image_size=64, val_size=16))
     assert gradcam.layers == [expected_layer]
     cam = gradcam._previous[expected_layer]

@@ -6,7 +6,7 @@ import math
 import os
 
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from lightning_interp import GradCAMCallback, ProbeSet, SaliencyCallback
 from tests.conftest import quiet_trainer, read_events, tiny_classifier, tiny_datamodule
@@ -20,8 +20,9 @@ def test_fit_logs_images_and_scalars_at_each_validation_step(tmp_path):
         methods=("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"), num_samples=4, ig_steps=8
     )
     gradcam = GradCAMCallback(layer=["net.4", "net.7"], num_samples=4)
-    trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[saliency, gradcam],
-                            logger=TensorBoardLogger(str(tmp_path), name="run"))
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=3, callbacks=[saliency, gradcam], logger=TensorBoardLogger(str(tmp_path), name="run")
+    )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     events = read_events(str(tmp_path / "run"))
     expected = [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(3)]  # the sanity check (step 0) is skipped
@@ -82,8 +83,9 @@ def test_every_n_epochs_and_shared_probe(tmp_path):
     probe = ProbeSet(images, labels=torch.tensor([0, 1, 2, 3, 0, 1]))
     saliency = SaliencyCallback(methods=("gradient",), probe=probe, every_n_epochs=2)
     gradcam = GradCAMCallback(probe=probe, every_n_epochs=2)
-    trainer = quiet_trainer(tmp_path, max_epochs=4, callbacks=[saliency, gradcam],
-                            logger=TensorBoardLogger(str(tmp_path), name="n"))
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=4, callbacks=[saliency, gradcam], logger=TensorBoardLogger(str(tmp_path), name="n")
+    )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     events = read_events(str(tmp_path / "n"))
     assert events.image_steps("interp/saliency/maps") == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
@@ -111,3 +113,41 @@ def test_logger_without_image_api_gets_pngs_and_scalars(tmp_path):
     assert pngs, "expected PNG files next to the CSV logs"
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "interp/saliency/gradient/concentration" in metrics
+
+
+class RecordingLogger(Logger):
+    """A logger with its own image API, like Weights & Biases' ``log_image``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[str, int, tuple[int, ...]]] = []
+        self.metrics: list[tuple[int, dict]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_image(self, key, images, step=None) -> None:
+        self.images.extend((key, step, image.shape) for image in images)
+
+
+def test_logger_with_its_own_image_api_receives_the_images(tmp_path):
+    logger = RecordingLogger()
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[GradCAMCallback(num_samples=4)], logger=logger)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    keys = [(key, step) for key, step, _ in logger.images]
+    assert ("interp/gradcam/maps", STEPS_PER_EPOCH) in keys
+    assert ("interp/gradcam/net.7/evolution", STEPS_PER_EPOCH) in keys
+    assert all(len(shape) == 3 and shape[2] == 3 for _, _, shape in logger.images)
+    assert not list(tmp_path.rglob("*.png")), "a logger with an image API gets no PNG files"
+    assert any("interp/gradcam/net.7/concentration" in m for _, m in logger.metrics)
