@@ -1,0 +1,29 @@
+"""Mixed precision: the callbacks run in the trainer's autocast context and hand float32 maps onwards."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_interp import GradCAMCallback, SaliencyCallback
+from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
+
+
+def test_bf16_mixed_on_cpu_gives_finite_float32_maps(tmp_path):
+    saliency = SaliencyCallback(methods=("gradient", "smoothgrad", "integrated_gradients"), num_samples=4)
+    gradcam = GradCAMCallback(num_samples=4)
+    seen_autocast = []
+    original = gradcam._explain
+
+    def spy(*args, **kwargs):
+        seen_autocast.append(torch.is_autocast_enabled("cpu"))
+        return original(*args, **kwargs)
+
+    gradcam._explain = spy
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[saliency, gradcam], logger=False,
+                            precision="bf16-mixed")
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    assert seen_autocast == [True], "the extra forward must run in the trainer's precision context"
+    for callback in (saliency, gradcam):
+        assert callback._previous, "the callback must have run"
+        for name, maps in callback._previous.items():
+            assert maps.dtype == torch.float32 and torch.isfinite(maps).all(), name
