@@ -121,7 +121,8 @@ class ProbeSet:
     Args:
         inputs: (N, ...) samples.
         labels: optional (N,) integer class labels.
-        masks: optional (N, H, W) ground-truth object masks (anything > 0 is inside).
+        masks: optional (N, H, W) ground-truth object masks: boolean, integer (non-zero is
+            inside) or float (above 0.5 is inside).
 
     Example:
         >>> probe = ProbeSet(torch.zeros(4, 1, 8, 8), labels=torch.tensor([0, 1, 0, 1]))

@@ -87,8 +87,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, values: np.ndarray, *, alpha: f
 
     Example:
         >>> img = np.ones((2, 2, 3)); heat = np.zeros((2, 2, 3))
-        >>> overlay(img, heat, np.zeros((2, 2)))[0, 0].round(2).tolist()
-        [0.7, 0.7, 0.7]
+        >>> overlay(img, heat, np.zeros((2, 2)))[0, 0].round(2).tolist()  # 0.7 grey x (1 - 0.65 x 0.35)
+        [0.54, 0.54, 0.54]
     """
     grey = image.mean(axis=-1, keepdims=True).repeat(3, axis=-1) * 0.7
     weight = alpha * (0.35 + 0.65 * np.abs(values))[..., None]

@@ -1,7 +1,8 @@
 """Lightning callbacks, one per file; each is a thin wrapper around ``lightning_interp.methods``."""
 
-from lightning_interp.callbacks._base import MapCallback
+from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks._maps import MapCallback
 from lightning_interp.callbacks.gradcam import GradCAMCallback
 from lightning_interp.callbacks.saliency import SALIENCY_METHODS, SaliencyCallback
 
-__all__ = ["SALIENCY_METHODS", "GradCAMCallback", "MapCallback", "SaliencyCallback"]
+__all__ = ["SALIENCY_METHODS", "GradCAMCallback", "InterpCallback", "MapCallback", "SaliencyCallback"]

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
-from lightning_interp.callbacks._base import Explanation, MapCallback
+from lightning_interp.callbacks._maps import Explanation, MapCallback
 from lightning_interp.methods._core import attribution_pass, get_module
 from lightning_interp.methods.gradcam import TokenReshape, cam_from_activation, spatial_layers
 from lightning_interp.probe import ProbeSet

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_interp.callbacks._base import Explanation, MapCallback
+from lightning_interp.callbacks._maps import Explanation, MapCallback
 from lightning_interp.methods._core import attribution_pass
 from lightning_interp.methods.attribution import integrated_gradients, smoothgrad
 from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, attribution_to_map

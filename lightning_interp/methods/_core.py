@@ -228,7 +228,9 @@ def attribution_pass(
     """
     modules = [get_module(model, layer) for layer in layers]
     with modes_preserved(model, eval_mode=eval_mode), gradients_enabled():
-        x = as_leaf(inputs) if input_gradient else inputs.detach().clone()
+        # The input is a leaf that requires grad even when only layer gradients are wanted, so that
+        # layers after frozen parts of the network (or a fully frozen network) still get gradients.
+        x = as_leaf(inputs) if input_gradient or inputs.is_floating_point() else inputs.detach().clone()
         with captured_outputs(modules) as outputs:
             scores = scores_from_output(model(x), output_transform)
         missing = [str(layers[i]) for i, out in enumerate(outputs) if out is None]
@@ -240,8 +242,11 @@ def attribution_pass(
         index = resolve_target(target, scores)
         selected = scores.gather(1, index[:, None]).sum()
         wrt: list[Tensor] = ([x] if input_gradient else []) + [out for out in outputs if out is not None]
-        if not selected.requires_grad:
-            raise RuntimeError("The model's scores do not depend on anything that requires a gradient.")
+        if not selected.requires_grad or not all(t.requires_grad for t in wrt):
+            raise RuntimeError(
+                "The model's scores (or a requested layer's output) do not depend on anything that requires a "
+                "gradient; with integer inputs, differentiable layers need a float input (e.g. an embedding output)."
+            )
         grads = torch.autograd.grad(selected, wrt, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads, strict=False)]
     input_grad = grads[0].detach() if input_gradient else None

@@ -111,13 +111,15 @@ def smoothgrad(
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}.")
+    if not inputs.is_floating_point():
+        inputs = inputs.float()  # integer pixels: add the noise in float
     batch = inputs.shape[0]
     index = _fixed_target(model, inputs, target, output_transform)
     flat = inputs.detach().reshape(batch, -1).float()
     value_range = (flat.max(dim=1).values - flat.min(dim=1).values).clamp_min(1e-12)
     std = (noise_level * value_range).reshape(batch, *([1] * (inputs.ndim - 1)))
     chunk = _chunk_copies(internal_batch_size, batch, n_samples)
-    total = torch.zeros_like(inputs, dtype=torch.float32)
+    total = torch.zeros_like(inputs, dtype=_accumulation_dtype(inputs))
     done = 0
     while done < n_samples:
         copies = min(chunk, n_samples - done)
@@ -125,7 +127,7 @@ def smoothgrad(
         noisy = (inputs.detach().unsqueeze(0) + noise).reshape(copies * batch, *inputs.shape[1:])
         grads = attribution_pass(model, noisy, index.repeat(copies), output_transform=output_transform).input_grad
         assert grads is not None
-        total += grads.reshape(copies, *inputs.shape).float().sum(dim=0)
+        total += grads.reshape(copies, *inputs.shape).to(total.dtype).sum(dim=0)
         done += copies
     return (total / n_samples).to(inputs.dtype)
 
@@ -208,14 +210,14 @@ def integrated_gradients(
         True
     """
     batch = inputs.shape[0]
-    x = inputs.detach()
+    x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()  # integers: interpolate in float
     base = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     base = base.expand_as(x)
     index = _fixed_target(model, inputs, target, output_transform)
     nodes, weights = integration_points(n_steps, method)
     chunk = _chunk_copies(internal_batch_size, batch, n_steps)
     diff = x - base
-    total = torch.zeros_like(x, dtype=torch.float32)
+    total = torch.zeros_like(x, dtype=_accumulation_dtype(x))
     for start in range(0, n_steps, chunk):
         alphas = nodes[start : start + chunk].to(device=x.device, dtype=x.dtype)
         steps = alphas.numel()
@@ -223,9 +225,9 @@ def integrated_gradients(
         path = (base.unsqueeze(0) + alphas.reshape(shape) * diff.unsqueeze(0)).reshape(steps * batch, *x.shape[1:])
         grads = attribution_pass(model, path, index.repeat(steps), output_transform=output_transform).input_grad
         assert grads is not None
-        w = weights[start : start + chunk].to(device=x.device, dtype=torch.float32).reshape(shape)
-        total += (grads.reshape(steps, *x.shape).float() * w).sum(dim=0)
-    attributions = (diff.float() * total).to(x.dtype)
+        w = weights[start : start + chunk].to(device=x.device, dtype=total.dtype).reshape(shape)
+        total += (grads.reshape(steps, *x.shape).to(total.dtype) * w).sum(dim=0)
+    attributions = (diff.to(total.dtype) * total).to(x.dtype)
     if not return_convergence_delta:
         return attributions
     with torch.no_grad():
@@ -233,6 +235,11 @@ def integrated_gradients(
     chosen = end_scores.gather(1, torch.cat([index, index])[:, None]).squeeze(1).double()
     delta = attributions.reshape(batch, -1).double().sum(dim=1) - (chosen[:batch] - chosen[batch:])
     return attributions, delta
+
+
+def _accumulation_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise (half-precision sums lose too much)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _chunk_copies(internal_batch_size: int | None, batch: int, copies: int) -> int:
@@ -251,7 +258,7 @@ def _scores(model: nn.Module, inputs: Tensor, output_transform: OutputTransform 
 
 def _fixed_target(model: nn.Module, inputs: Tensor, target: Target, output_transform: OutputTransform | None) -> Tensor:
     """Resolve the target once on the clean inputs so every perturbed copy explains the same class."""
-    if target is None or not isinstance(target, (int, Tensor)):
+    if target is None or isinstance(target, bool) or not isinstance(target, (int, Tensor)):
         return resolve_target(target, _scores(model, inputs, output_transform))
     if isinstance(target, int):
         return torch.full((inputs.shape[0],), target, dtype=torch.long, device=inputs.device)

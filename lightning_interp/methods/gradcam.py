@@ -18,6 +18,8 @@ from lightning_interp.methods._core import (
 
 __all__ = ["cam_from_activation", "find_target_layer", "grad_cam", "spatial_layers"]
 
+_PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
+
 TokenReshape = Callable[[Tensor], Tensor]
 """Turns token outputs (B, N, C) of a vision transformer into (B, C, h, w)."""
 
@@ -119,8 +121,8 @@ def spatial_layers(
     A dry forward (no gradients, eval mode) records every module's output
     shape; a module counts when its output is (B, C, h, w) with h or w > 1
     (after ``reshape`` for 3-D token outputs), it ran exactly once, so its
-    output is unambiguous, and it is not a pass-through returning its input
-    (Identity, Dropout in eval mode). Hooks are removed and modes restored in ``finally``.
+    output is unambiguous, and it is not Identity or Dropout (which only repeat
+    their input in eval mode). Hooks are removed and modes restored in ``finally``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
@@ -132,11 +134,11 @@ def spatial_layers(
     order: list[tuple[str, tuple[int, ...]]] = []
     handles = []
 
-    def hook(module: nn.Module, args: tuple, output: object) -> None:
+    def hook(module: nn.Module, _args: object, output: object) -> None:
         name = names[module]
         calls[name] = calls.get(name, 0) + 1
-        if not isinstance(output, Tensor) or any(output is arg for arg in args):
-            return  # pass-through modules (Identity, Dropout in eval) add nothing a neighbour lacks
+        if not isinstance(output, Tensor) or isinstance(module, _PASS_THROUGH):
+            return  # Identity and Dropout (in eval) repeat their input: the module before them is the layer
         shaped = output
         if output.ndim == 3 and reshape is not None:
             try:

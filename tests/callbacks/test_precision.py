@@ -19,8 +19,7 @@ def test_bf16_mixed_on_cpu_gives_finite_float32_maps(tmp_path):
         return original(*args, **kwargs)
 
     gradcam._explain = spy
-    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[saliency, gradcam], logger=False,
-                            precision="bf16-mixed")
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[saliency, gradcam], logger=False, precision="bf16-mixed")
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     assert seen_autocast == [True], "the extra forward must run in the trainer's precision context"
     for callback in (saliency, gradcam):

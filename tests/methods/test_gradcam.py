@@ -1,0 +1,297 @@
+"""Grad-CAM against hand-computed maps, and the automatic choice of its target layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_interp.methods import cam_from_activation, find_target_layer, grad_cam, spatial_layers
+
+torchvision = pytest.importorskip("torchvision")
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=10)
+
+
+def _gap_net(seed: int = 0, relu_after_conv: bool = False) -> nn.Sequential:
+    """conv(2->3, stride 2) [-> ReLU] -> global average pool -> linear(3->4), fixed random weights."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    head = nn.Linear(3, 4)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+        head.weight.normal_()
+    middle = [nn.ReLU()] if relu_after_conv else []
+    return nn.Sequential(conv, *middle, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+
+
+def _conv_activation64(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    conv = net[0]
+    return F.conv2d(x.double(), conv.weight.detach().double(), conv.bias.detach().double(), stride=2, padding=1)
+
+
+def test_grad_cam_of_conv_gap_linear_net_matches_hand_computation():
+    net = _gap_net()
+    torch.manual_seed(1)
+    x = torch.randn(3, 2, 8, 8)
+    target = torch.tensor([0, 3, 1])
+    activation = _conv_activation64(net, x)  # (B, K, 4, 4)
+    h, w = activation.shape[-2:]
+    # score_c = sum_k W[c, k] * mean_ij A_kij + b_c, so d score_c / d A_kij = W[c, k] / (h w) for every (i, j)
+    channel_weights = net[-1].weight.detach().double()[target] / (h * w)  # (B, K)
+    expected = (channel_weights[:, :, None, None] * activation).sum(dim=1)
+
+    signed = grad_cam(net, x, target, "0", relu=False, upsample=False)
+    assert signed.shape == (3, 4, 4) and signed.dtype == torch.float32
+    torch.testing.assert_close(signed.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (signed < 0).any(), "with relu=False negative evidence is kept"
+
+    cam = grad_cam(net, x, target, "0", upsample=False)
+    torch.testing.assert_close(cam.double(), expected.clamp_min(0), rtol=1e-5, atol=1e-6)
+    assert (cam >= 0).all()
+
+
+def test_grad_cam_channel_weights_are_mean_gradients_through_a_relu():
+    # layer = conv, followed by ReLU: d score_c / d A_kij = W[c, k] / (h w) * [A_kij > 0]
+    net = _gap_net(seed=2, relu_after_conv=True)
+    torch.manual_seed(3)
+    x = torch.randn(2, 2, 8, 8)
+    activation = _conv_activation64(net, x)
+    h, w = activation.shape[-2:]
+    positive_share = (activation > 0).double().mean(dim=(2, 3))  # (B, K)
+    channel_weights = net[-1].weight.detach().double()[2] / (h * w) * positive_share
+    expected = (channel_weights[:, :, None, None] * activation).sum(dim=1)
+    assert ((positive_share > 0) & (positive_share < 1)).any(), "precondition: the ReLU gate matters"
+
+    result = grad_cam(net, x, 2, "0", relu=False, upsample=False)
+    torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_cam_upsampling_is_bilinear_without_aligned_corners():
+    net = _gap_net()
+    x = torch.randn(2, 2, 8, 8)
+    small = grad_cam(net, x, 1, "0", upsample=False)
+    big = grad_cam(net, x, 1, "0", upsample=True)
+    assert big.shape == (2, 8, 8)
+    expected = F.interpolate(small[:, None].double(), size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(big.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_cam_upsamples_to_non_square_inputs():
+    net = _gap_net()
+    x = torch.randn(1, 2, 6, 10)
+    assert grad_cam(net, x, 0, "0").shape == (1, 6, 10)
+    assert grad_cam(net, x, 0, "0", upsample=False).shape == (1, 3, 5)
+
+
+def test_grad_cam_none_target_uses_predicted_class():
+    net = _gap_net()
+    torch.manual_seed(4)
+    x = 3 * torch.randn(8, 2, 8, 8)
+    with torch.no_grad():
+        predicted = net(x).argmax(dim=1)
+    torch.testing.assert_close(grad_cam(net, x, None, "0", relu=False), grad_cam(net, x, predicted, "0", relu=False))
+
+
+def test_layer_as_module_or_dotted_name_gives_the_same_map():
+    net = nn.Sequential(_gap_net())  # nested, so the name is dotted
+    x = torch.randn(2, 2, 8, 8)
+    by_name = grad_cam(net, x, 1, "0.0", relu=False)
+    by_module = grad_cam(net, x, 1, net[0][0], relu=False)
+    torch.testing.assert_close(by_name, by_module, rtol=0, atol=0)
+
+
+def test_cam_from_activation_with_constant_gradients():
+    activation = torch.arange(2 * 3 * 3, dtype=torch.float32).reshape(1, 2, 3, 3) - 10
+    grad = torch.stack([torch.full((3, 3), 0.25), torch.full((3, 3), -1.0)])[None]
+    expected = 0.25 * activation[:, 0] - 1.0 * activation[:, 1]
+    torch.testing.assert_close(cam_from_activation(activation, grad, relu=False), expected)
+    torch.testing.assert_close(cam_from_activation(activation, grad), expected.clamp_min(0))
+
+
+def test_cam_from_activation_rejects_non_spatial_activation_with_hint():
+    with pytest.raises(ValueError, match="reshape"):
+        cam_from_activation(torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+
+
+# --------------------------------------------------------------------------- automatic target layer
+
+
+def test_find_target_layer_resnet18_is_layer4(resnet18):
+    assert find_target_layer(resnet18, torch.randn(1, 3, 64, 64)) == "layer4"
+
+
+def test_find_target_layer_mobilenet_v3_small_is_features():
+    model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
+    assert find_target_layer(model, torch.randn(1, 3, 64, 64)) == "features"
+
+
+def test_find_target_layer_restores_modes_hooks_and_batchnorm_stats(resnet18):
+    model = resnet18.train()
+    bn = model.bn1
+    stats = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+    find_target_layer(model, torch.randn(5, 3, 64, 64))
+    assert all(module.training for module in model.modules())
+    assert all(not module._forward_hooks for module in model.modules())
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert torch.equal(bn.num_batches_tracked, stats[2])
+
+
+def test_spatial_layers_reports_shapes_in_completion_order_from_one_sample():
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            seen.append((x.shape[0], torch.is_grad_enabled()))
+            return x * 1.0
+
+    net = nn.Sequential(
+        Recorder(),
+        nn.Conv2d(1, 2, 3),
+        nn.Identity(),
+        nn.ReLU(inplace=True),
+        nn.Dropout(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    found = spatial_layers(net, torch.randn(3, 1, 10, 10))
+    # Identity and Dropout only repeat their input: not candidates; an in-place ReLU is one
+    expected = [("0", (1, 1, 10, 10)), ("1", (1, 2, 8, 8)), ("3", (1, 2, 8, 8)), ("5", (1, 2, 4, 4))]
+    assert found == expected
+    assert seen == [(1, False)], "one dry forward of the first sample, without autograd"
+
+
+def test_find_target_layer_skips_trailing_pass_through_modules():
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Identity(), nn.Dropout(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    assert find_target_layer(net.train(), torch.randn(1, 1, 6, 6)) == "1"
+
+
+def test_spatial_layers_skips_modules_called_twice():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+            self.last = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.last(self.conv(self.conv(x))).mean(dim=(2, 3))
+
+    names = [name for name, _ in spatial_layers(Twice(), torch.randn(1, 2, 6, 6))]
+    assert names == ["last"]
+
+
+def test_find_target_layer_without_spatial_layer_raises_with_fix():
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.raises(ValueError) as info:
+        find_target_layer(mlp, torch.randn(2, 8))
+    message = str(info.value)
+    assert "layer" in message and "reshape=" in message
+    with pytest.raises(ValueError, match="spatial"):
+        grad_cam(mlp, torch.randn(2, 8), 0)
+
+
+class _TinyViT(nn.Module):
+    """Patch embedding -> class token + 16 patch tokens -> MLP block -> LayerNorm -> head on the class token."""
+
+    grid = 4
+
+    def __init__(self, dim: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.block = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # (B, 16, dim)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        tokens = self.norm(tokens + self.block(tokens))
+        mixed = tokens[:, 0] + tokens[:, 1:].mean(dim=1)
+        return self.head(mixed)
+
+
+def _tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
+    batch, count, dim = tokens.shape
+    side = _TinyViT.grid
+    if count != side * side + 1:
+        raise ValueError("not a token grid")
+    return tokens[:, 1:].transpose(1, 2).reshape(batch, dim, side, side)
+
+
+def test_token_model_with_reshape_is_accepted_and_matches_manual_cam():
+    torch.manual_seed(0)
+    vit = _TinyViT()
+    x = torch.randn(2, 3, 16, 16)
+    # without reshape only the patch embedding is spatial; with it the token layers count too
+    assert find_target_layer(vit, x) == "patch"
+    assert find_target_layer(vit, x, reshape=_tokens_to_grid) == "norm"
+
+    cam = grad_cam(vit, x, 1, None, reshape=_tokens_to_grid, relu=False, upsample=False)
+    assert cam.shape == (2, 4, 4)
+
+    # manual reference: capture the norm output, differentiate the class-1 score with respect to it
+    captured = {}
+    handle = vit.norm.register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out))
+    try:
+        score = vit(x)[:, 1].sum()
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(score, captured["out"])
+    activation, grad = _tokens_to_grid(captured["out"].detach()), _tokens_to_grid(grad)
+    expected = (grad.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
+    torch.testing.assert_close(cam, expected, rtol=1e-5, atol=1e-6)
+    assert grad_cam(vit, x, 1, None, reshape=_tokens_to_grid).shape == (2, 16, 16)
+
+
+def test_unknown_layer_name_suggests_close_real_name(resnet18):
+    with pytest.raises(ValueError, match="'layer4'") as info:
+        grad_cam(resnet18, torch.randn(1, 3, 64, 64), 0, "layer5")
+    assert "layer5" in str(info.value)
+
+
+def test_layer_of_wrong_type_raises_type_error():
+    with pytest.raises(TypeError, match="dotted name"):
+        grad_cam(_gap_net(), torch.randn(1, 2, 8, 8), 0, 3)
+
+
+def test_layer_not_called_in_forward_raises():
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _gap_net()
+            self.unused = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = WithUnused()
+    with pytest.raises(RuntimeError, match="no tensor output"):
+        grad_cam(model, torch.randn(1, 2, 8, 8), 0, "unused")
+    assert not model.unused._forward_hooks
+
+
+def test_grad_cam_works_with_frozen_backbone():
+    net = _gap_net()
+    x = torch.randn(2, 2, 8, 8)
+    expected = grad_cam(net, x, 1, "0")
+    for parameter in net[0].parameters():
+        parameter.requires_grad_(False)
+    torch.testing.assert_close(grad_cam(net, x, 1, "0"), expected)
+
+
+def test_grad_cam_works_with_fully_frozen_model():
+    net = _gap_net()
+    x = torch.randn(2, 2, 8, 8)
+    expected = grad_cam(net, x, 1, "0")
+    net.requires_grad_(False)
+    torch.testing.assert_close(grad_cam(net, x, 1, "0"), expected)

@@ -1,0 +1,162 @@
+"""Heatmap normalisation, input display and grid rendering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_interp.visualize import colorize, input_to_rgb, map_tiles, normalize_map, overlay, render_grid
+
+
+def test_normalize_map_unsigned_range_and_peak():
+    torch.manual_seed(0)
+    maps = torch.rand(3, 20, 20) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]
+    out = normalize_map(maps, percentile=100)
+    assert isinstance(out, np.ndarray) and out.shape == (3, 20, 20) and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 1
+    np.testing.assert_allclose(out.reshape(3, -1).max(axis=1), 1.0, rtol=1e-6)
+    # each map is divided by its own maximum: the pattern is kept, the scale is not
+    np.testing.assert_allclose(out, (maps / maps.amax(dim=(1, 2), keepdim=True)).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_normalize_map_unsigned_clips_negative_values_to_zero():
+    maps = torch.tensor([[[-2.0, 1.0], [0.5, -0.1]]])
+    out = normalize_map(maps, percentile=100)
+    np.testing.assert_allclose(out, [[[0.0, 0.5], [0.25, 0.0]]])
+
+
+def test_normalize_map_signed_keeps_sign_in_minus_one_to_one():
+    torch.manual_seed(1)
+    maps = torch.randn(2, 16, 16)
+    out = normalize_map(maps, signed=True, percentile=100)
+    assert out.min() >= -1 and out.max() <= 1
+    assert (np.sign(out) == np.sign(maps.numpy())).all()
+    scale = maps.abs().amax(dim=(1, 2), keepdim=True)
+    np.testing.assert_allclose(out, (maps / scale).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_normalize_map_is_robust_to_one_outlier_pixel():
+    torch.manual_seed(2)
+    clean = torch.rand(1, 32, 32)
+    spiked = clean.clone()
+    spiked[0, 5, 7] = 1e6
+    out = normalize_map(spiked)
+    assert out[0, 5, 7] == 1.0  # the outlier is clipped
+    rest = np.delete(out.reshape(-1), 5 * 32 + 7)
+    # the other pixels keep their contrast instead of collapsing to ~1e-6
+    assert rest.max() > 0.95
+    assert np.corrcoef(rest, np.delete(clean.numpy().reshape(-1), 5 * 32 + 7))[0, 1] > 0.999
+
+
+def test_normalize_map_non_finite_values_become_zero_and_zero_map_stays_zero():
+    maps = torch.tensor([[[float("nan"), 2.0], [float("inf"), -float("inf")]], [[0.0, 0.0], [0.0, 0.0]]])
+    out = normalize_map(maps, percentile=100)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, [[[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+
+
+def test_normalize_map_accepts_other_dtypes_and_leaves_input_alone():
+    maps = torch.tensor([[[1.0, 3.0]]], dtype=torch.float64, requires_grad=True)
+    out = normalize_map(maps, percentile=100)
+    np.testing.assert_allclose(out, [[[1 / 3, 1.0]]], rtol=1e-6)
+    assert maps.tolist() == [[[1.0, 3.0]]]
+
+
+def test_input_to_rgb_single_channel_is_grey_and_min_max_scaled():
+    x = torch.tensor([[[[-1.0, 0.0], [1.0, 3.0]]]])  # (1, 1, 2, 2)
+    out = input_to_rgb(x)
+    assert out.shape == (1, 2, 2, 3)
+    expected = np.array([[0.0, 0.25], [0.5, 1.0]])
+    for channel in range(3):
+        np.testing.assert_allclose(out[0, :, :, channel], expected)
+
+
+def test_input_to_rgb_three_channels_keep_colours_per_sample_scaling():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 4, 5)
+    x[1] *= 100
+    out = input_to_rgb(x)
+    assert out.shape == (2, 4, 5, 3) and out.min() >= 0 and out.max() <= 1
+    for i in range(2):
+        sample = x[i].permute(1, 2, 0).numpy()
+        expected = (sample - sample.min()) / (sample.max() - sample.min())
+        np.testing.assert_allclose(out[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_input_to_rgb_more_than_three_channels_and_two_channels():
+    x = torch.rand(1, 5, 3, 3)
+    assert input_to_rgb(x).shape == (1, 3, 3, 3)
+    assert input_to_rgb(torch.rand(1, 2, 3, 3)).shape == (1, 3, 3, 3)
+
+
+def test_input_to_rgb_feature_vectors_become_one_row_strips():
+    x = torch.tensor([[0.0, 1.0, 2.0, 4.0], [5.0, 5.0, 5.0, 5.0]])
+    out = input_to_rgb(x)
+    assert out.shape == (2, 1, 4, 3)
+    np.testing.assert_allclose(out[0, 0, :, 0], [0.0, 0.25, 0.5, 1.0])
+    assert np.isfinite(out).all() and (out[1] == 0).all()  # a constant sample does not divide by zero
+
+
+def test_input_to_rgb_three_dim_inputs_are_single_channel_images():
+    assert input_to_rgb(torch.rand(2, 4, 6)).shape == (2, 4, 6, 3)
+
+
+def _grid(rows: int, cols: int, size: int = 8, **kwargs) -> np.ndarray:
+    tile = np.full((size, size, 3), 0.5)
+    return render_grid([[tile] * cols for _ in range(rows)], **kwargs)
+
+
+def test_render_grid_returns_uint8_rgb_that_grows_with_rows_and_columns():
+    base = _grid(1, 1)
+    assert base.dtype == np.uint8 and base.ndim == 3 and base.shape[2] == 3
+    wider, taller = _grid(1, 3), _grid(3, 1)
+    assert wider.shape[1] > base.shape[1] and wider.shape[0] == base.shape[0]
+    assert taller.shape[0] > base.shape[0] and taller.shape[1] == base.shape[1]
+    # each extra tile adds the same width (tile + gap)
+    assert _grid(1, 5).shape[1] - _grid(1, 4).shape[1] == _grid(1, 4).shape[1] - _grid(1, 3).shape[1]
+
+
+def test_render_grid_enlarges_small_tiles_and_shows_their_content():
+    tile = np.zeros((8, 8, 3))
+    tile[..., 0] = 1.0  # pure red
+    grid = render_grid([[tile]])
+    assert min(grid.shape[:2]) >= 96
+    red = (grid[..., 0] > 200) & (grid[..., 1] < 50) & (grid[..., 2] < 50)
+    assert red.sum() >= 0.9 * 96 * 96
+
+
+def test_render_grid_titles_and_labels_add_margins():
+    plain = _grid(2, 2)
+    titled = _grid(2, 2, column_titles=["input", "map"], title="epoch 3")
+    labelled = _grid(2, 2, row_labels=["y=1 p=0.9", "y=0 p=0.2"])
+    assert titled.shape[0] > plain.shape[0] and titled.shape[1] == plain.shape[1]
+    assert labelled.shape[1] > plain.shape[1] and labelled.shape[0] == plain.shape[0]
+    assert titled.std() > 0 and labelled.std() > 0
+
+
+def test_render_grid_long_feature_strips_are_not_enlarged_by_width():
+    strip = np.zeros((1, 600, 3))
+    grid = render_grid([[strip]])
+    assert grid.shape[1] < 1000
+
+
+def test_colorize_and_overlay_ranges():
+    values = np.linspace(-1, 1, 11).reshape(1, 11)
+    signed = colorize(values, "coolwarm", signed=True)
+    assert signed.shape == (1, 11, 3) and signed.min() >= 0 and signed.max() <= 1
+    assert not np.allclose(signed[0, 0], signed[0, -1])
+    blended = overlay(np.ones((1, 11, 3)), signed, values)
+    assert blended.shape == (1, 11, 3) and blended.min() >= 0 and blended.max() <= 1
+
+
+@pytest.mark.parametrize("map_size", [(8, 8), (4, 4)])
+def test_map_tiles_one_tile_per_sample_at_input_size(map_size):
+    tiles = map_tiles(torch.rand(3, 3, 8, 8), torch.rand(3, *map_size))
+    assert len(tiles) == 3
+    assert all(tile.shape == (8, 8, 3) and tile.min() >= 0 and tile.max() <= 1 for tile in tiles)
+
+
+def test_map_tiles_for_feature_vectors():
+    tiles = map_tiles(torch.rand(2, 10), torch.rand(2, 10), signed=True)
+    assert [tile.shape for tile in tiles] == [(1, 10, 3), (1, 10, 3)]
