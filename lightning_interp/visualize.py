@@ -16,7 +16,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-__all__ = ["colorize", "input_to_rgb", "map_tiles", "normalize_map", "overlay", "render_grid"]
+__all__ = [
+    "colorize",
+    "input_to_rgb",
+    "line_image",
+    "map_tiles",
+    "matrix_image",
+    "normalize_map",
+    "overlay",
+    "render_grid",
+]
 
 MIN_TILE_PIXELS = 96
 
@@ -173,3 +182,94 @@ def map_tiles(inputs: Tensor, maps: Tensor, *, cmap: str = "inferno", signed: bo
     values = normalize_map(m, signed=signed)
     heat = colorize(values, cmap, signed=signed)
     return [overlay(images[i], heat[i], values[i]) for i in range(len(images))]
+
+
+def _figure_to_array(figure: Figure, canvas: FigureCanvasAgg) -> np.ndarray:
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def matrix_image(
+    matrix: Tensor | np.ndarray,
+    labels: Sequence[str],
+    *,
+    title: str = "",
+    cmap: str = "magma",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    annotate: bool = True,
+) -> np.ndarray:
+    """A square matrix (e.g. layer x layer CKA) as an annotated heatmap; returns uint8 (H, W, 3).
+
+    NaN cells are shown grey and annotated "nan".
+
+    Example:
+        >>> matrix_image(torch.eye(3), ["a", "b", "c"], title="CKA").dtype
+        dtype('uint8')
+    """
+    values = matrix.detach().double().cpu().numpy() if isinstance(matrix, Tensor) else np.asarray(matrix, float)
+    count = values.shape[0]
+    side = 1.6 + 0.55 * count
+    figure = Figure(figsize=(side + 1.4, side), dpi=100, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    colormap = matplotlib.colormaps[cmap].with_extremes(bad="#bbbbbb")
+    image = axes.imshow(np.ma.masked_invalid(values), cmap=colormap, vmin=vmin, vmax=vmax)
+    axes.set_xticks(range(count), labels, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(range(count), labels, fontsize=8)
+    if annotate and count <= 16:
+        for i in range(count):
+            for j in range(count):
+                value = values[i, j]
+                shade = (value - vmin) / (vmax - vmin) if np.isfinite(value) else 1.0
+                axes.text(
+                    j,
+                    i,
+                    "nan" if not np.isfinite(value) else f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if shade > 0.6 else "white",
+                )
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    if title:
+        axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    return _figure_to_array(figure, canvas)
+
+
+def line_image(
+    x_labels: Sequence[str],
+    series: dict[str, Sequence[float]],
+    *,
+    title: str = "",
+    ylabel: str = "",
+    ylim: tuple[float, float] | None = None,
+    reference: float | None = None,
+) -> np.ndarray:
+    """Lines over categorical x positions (e.g. accuracy by depth); returns uint8 (H, W, 3).
+
+    ``reference`` draws a dashed horizontal line (e.g. chance level).
+
+    Example:
+        >>> line_image(["conv1", "fc"], {"held-out": [0.5, 0.9]}, ylim=(0, 1)).ndim
+        3
+    """
+    figure = Figure(figsize=(max(4.0, 0.9 * len(x_labels) + 1.5), 3.2), dpi=100, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    positions = np.arange(len(x_labels))
+    for name, values in series.items():
+        axes.plot(positions, list(values), marker="o", label=name)
+    if reference is not None:
+        axes.axhline(reference, color="grey", linestyle="--", linewidth=1, label="chance")
+    axes.set_xticks(positions, list(x_labels), rotation=30, ha="right", fontsize=8)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    if title:
+        axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    return _figure_to_array(figure, canvas)

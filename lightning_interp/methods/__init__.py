@@ -13,6 +13,7 @@ from lightning_interp.methods.attribution import (
     integration_points,
     smoothgrad,
 )
+from lightning_interp.methods.features import auto_layers, capture_features, pool_features
 from lightning_interp.methods.gradcam import cam_from_activation, find_target_layer, grad_cam, spatial_layers
 from lightning_interp.methods.map_metrics import (
     attribution_to_map,
@@ -20,6 +21,17 @@ from lightning_interp.methods.map_metrics import (
     localization,
     pointing_game,
     rank_correlation,
+)
+from lightning_interp.methods.probes import PROBE_SOLVERS, ProbeResult, linear_probe_accuracy, stratified_split
+from lightning_interp.methods.similarity import (
+    MinibatchCKA,
+    center_gram,
+    cka_matrix,
+    linear_cka,
+    normalized_grams,
+    rbf_cka,
+    rdm,
+    rsa,
 )
 
 ATTRIBUTION_METHODS = {
@@ -32,10 +44,17 @@ ATTRIBUTION_METHODS = {
 
 __all__ = [
     "ATTRIBUTION_METHODS",
+    "PROBE_SOLVERS",
+    "MinibatchCKA",
     "PassResult",
+    "ProbeResult",
     "attribution_pass",
     "attribution_to_map",
+    "auto_layers",
     "cam_from_activation",
+    "capture_features",
+    "center_gram",
+    "cka_matrix",
     "concentration",
     "find_target_layer",
     "get_module",
@@ -44,10 +63,18 @@ __all__ = [
     "input_x_gradient",
     "integrated_gradients",
     "integration_points",
+    "linear_cka",
+    "linear_probe_accuracy",
     "localization",
     "modes_preserved",
+    "normalized_grams",
     "pointing_game",
+    "pool_features",
     "rank_correlation",
+    "rbf_cka",
+    "rdm",
+    "rsa",
     "smoothgrad",
     "spatial_layers",
+    "stratified_split",
 ]

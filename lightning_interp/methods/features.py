@@ -1,0 +1,183 @@
+"""Capture layer outputs (representations) of a model on a set of inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_interp.methods._core import captured_outputs, get_module, modes_preserved
+
+__all__ = ["auto_layers", "capture_features", "pool_features"]
+
+_NORMALISATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
+
+
+def pool_features(activation: Tensor, max_features: int | None = 4096) -> Tensor:
+    """Flatten a batch of activations to (B, D) with D at most ``max_features``.
+
+    Spatial maps (B, C, H, W) are average-pooled to the largest square grid
+    s x s (s = H, then halving down to 1) with ``C * s * s <= max_features``;
+    token sequences (B, N, C) are averaged over tokens when ``N * C`` is too
+    large. Other tensors are flattened, and if still too wide, average-pooled
+    along the feature axis into ``max_features`` bins. Pooling keeps the
+    representation's geometry far better than random sub-sampling and costs
+    nothing to store.
+
+    Args:
+        activation: (B, ...) layer output.
+        max_features: bound on D; None keeps everything.
+
+    Example:
+        >>> pool_features(torch.randn(2, 64, 16, 16), max_features=4096).shape  # 64 x 8 x 8
+        torch.Size([2, 4096])
+    """
+    a = activation.detach()
+    batch = a.shape[0]
+    if max_features is None or a[0].numel() <= max_features:
+        return a.reshape(batch, -1)
+    if a.ndim == 4:
+        size = min(a.shape[-2:])
+        while size > 1 and a.shape[1] * size * size > max_features:
+            size = max(1, size // 2)
+        a = F.adaptive_avg_pool2d(a.float(), size)
+    elif a.ndim == 3:
+        a = a.float().mean(dim=1)
+    flat = a.reshape(batch, -1)
+    if flat.shape[1] > max_features:
+        flat = F.adaptive_avg_pool1d(flat.float()[:, None], max_features)[:, 0]
+    return flat
+
+
+@torch.no_grad()
+def capture_features(
+    model: nn.Module,
+    inputs: Tensor,
+    layers: Sequence[nn.Module | str],
+    *,
+    batch_size: int = 256,
+    max_features: int | None = 4096,
+    eval_mode: bool = True,
+) -> dict[str, Tensor]:
+    """Run ``inputs`` through ``model`` in chunks and return each layer's pooled output on the CPU.
+
+    Forward passes run without gradients, with every module's mode saved and
+    restored and the hooks removed in ``finally``.
+
+    Args:
+        model: the network, called as ``model(chunk)``.
+        inputs: (N, ...) samples, on any device (chunks are moved to the model's device).
+        layers: modules or dotted names.
+        batch_size: samples per forward pass.
+        max_features: per-layer bound on the feature size, see :func:`pool_features`.
+        eval_mode: run the model in eval mode.
+
+    Returns:
+        layer name (or ``str(module)`` for module objects) -> (N, D) float32 tensor.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+        >>> {k: v.shape for k, v in capture_features(net, torch.randn(7, 3), ["0", "2"]).items()}
+        {'0': torch.Size([7, 5]), '2': torch.Size([7, 2])}
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    names = [layer if isinstance(layer, str) else str(layer) for layer in layers]
+    modules = [get_module(model, layer) for layer in layers]
+    device = next((p.device for p in model.parameters()), inputs.device)
+    parts: dict[str, list[Tensor]] = {name: [] for name in names}
+    with modes_preserved(model, eval_mode=eval_mode), torch.inference_mode(False):
+        for start in range(0, inputs.shape[0], batch_size):
+            chunk = inputs[start : start + batch_size].to(device).clone()
+            with captured_outputs(modules) as outputs:
+                model(chunk)
+            for name, out in zip(names, outputs, strict=True):
+                if out is None:
+                    raise RuntimeError(f"Layer {name!r} produced no tensor output during the forward pass.")
+                parts[name].append(pool_features(out, max_features).float().cpu())
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def auto_layers(model: nn.Module, example_input: Tensor, *, max_layers: int = 6) -> list[str]:
+    """A spread of layers over the depth of ``model`` for representation analysis.
+
+    A dry forward (eval mode, no gradients, first sample only) records, in
+    execution order, every module that owns parameters itself (convolutions,
+    linear layers, ...) and ran exactly once, leaving out normalisation
+    layers. When the model's top-level children form a chain of blocks, their
+    outputs are used instead (the usual "one point per stage" view). Up to
+    ``max_layers`` are chosen evenly spaced, always keeping the last.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> auto_layers(net, torch.randn(1, 4))
+        ['0', '2', '4']
+    """
+    if max_layers < 1:
+        raise ValueError(f"max_layers must be positive, got {max_layers}.")
+    names = {module: name for name, module in model.named_modules() if name}
+    calls: dict[str, int] = {}
+    order: list[str] = []
+    handles = []
+
+    def hook(module: nn.Module, _args: object, output: object) -> None:
+        name = names[module]
+        calls[name] = calls.get(name, 0) + 1
+        if isinstance(output, Tensor) and name not in order:
+            order.append(name)
+
+    try:
+        for module in names:
+            handles.append(module.register_forward_hook(hook))
+        with modes_preserved(model), torch.inference_mode(False), torch.no_grad():
+            model(example_input[:1].detach().clone())
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(model.named_modules())
+    once = [name for name in order if calls[name] == 1]
+    weighted = [
+        name
+        for name in once
+        if any(True for _ in modules[name].parameters(recurse=False)) and not isinstance(modules[name], _NORMALISATION)
+    ]
+    blocks = _chained_blocks(model, once)
+    candidates = blocks if len(blocks) >= min(3, len(weighted)) and blocks else weighted
+    if not candidates:
+        raise ValueError(
+            f"Found no layer with parameters in {type(model).__name__} that runs exactly once per forward pass; "
+            "name the layers explicitly (dotted names from model.named_modules())."
+        )
+    if len(candidates) <= max_layers:
+        return candidates
+    picks = torch.linspace(0, len(candidates) - 1, max_layers).round().long().unique().tolist()
+    return [candidates[i] for i in picks]
+
+
+def _chained_blocks(model: nn.Module, ran_once: list[str]) -> list[str]:
+    """Names of the deepest container whose children form the main chain of blocks, if any.
+
+    Descends through wrappers with a single child (e.g. a LightningModule
+    holding ``self.net``) to the first module with several children; returns
+    those children that ran once, hold parameters and are not pass-throughs.
+    """
+    prefix, module = "", model
+    while True:
+        children = [(name, child) for name, child in module.named_children()]
+        with_params = [(n, c) for n, c in children if any(True for _ in c.parameters())]
+        if len(with_params) == 1 and len(list(with_params[0][1].children())) > 0:
+            name, module = with_params[0]
+            prefix = f"{prefix}{name}."
+            continue
+        break
+    ran = set(ran_once)
+    return [
+        f"{prefix}{name}"
+        for name, child in children
+        if f"{prefix}{name}" in ran
+        and any(True for _ in child.parameters())
+        and not isinstance(child, (*_PASS_THROUGH, *_NORMALISATION))
+    ]
