@@ -2,7 +2,8 @@
 
 Runs anywhere, with no download: the package generates the data (shapes over
 clutter, with object masks), so Grad-CAM and saliency localization scores are
-logged next to the maps. About two minutes on two CPU cores.
+logged next to the maps; linear probes and CKA / RSA show what the layers
+learn and when they settle. Under a minute on two CPU cores.
 
     python examples/quickstart.py
     tensorboard --logdir lightning_logs
@@ -18,7 +19,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_interp import GradCAMCallback, SaliencyCallback
+from lightning_interp import (
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
 from lightning_interp.demo import ImageClassifier, shapes_cnn
 from lightning_interp.synthetic import SyntheticShapesDataModule
 
@@ -51,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             class_names=data.class_names,
         ),
         GradCAMCallback(layer=["net.4", "net.7"], num_samples=args.num_samples, class_names=data.class_names),
+        LinearProbeCallback(layers="auto", num_samples=args.val_size),
+        RepresentationSimilarityCallback(layers="auto", num_samples=min(256, args.val_size)),
     ]
     logger = TensorBoardLogger(args.log_dir, name="quickstart")
     trainer = pl.Trainer(
@@ -75,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 f"Grad-CAM localization ({layer}): {metrics[key]:.3f} of the map's mass on the object "
                 f"(a uniform map: {uniform:.3f})"
             )
+    for layer in callbacks[2].layers:
+        key = f"interp/probe/{layer}/accuracy"
+        if key in metrics:
+            print(f"linear probe on {layer}: {metrics[key]:.3f} held-out accuracy")
     print(f"logs written to {os.path.abspath(logger.log_dir)}")
     print(f"view them with:  tensorboard --logdir {args.log_dir}")
     return metrics

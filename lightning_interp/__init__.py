@@ -6,9 +6,21 @@ explanations evolve while the model trains. The maths lives in
 :mod:`lightning_interp.methods` and works without Lightning.
 """
 
-from lightning_interp.callbacks import GradCAMCallback, SaliencyCallback
+from lightning_interp.callbacks import (
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
 from lightning_interp.probe import ProbeSet
 
 __version__ = "0.1.0"
 
-__all__ = ["GradCAMCallback", "ProbeSet", "SaliencyCallback", "__version__"]
+__all__ = [
+    "GradCAMCallback",
+    "LinearProbeCallback",
+    "ProbeSet",
+    "RepresentationSimilarityCallback",
+    "SaliencyCallback",
+    "__version__",
+]

@@ -193,33 +193,35 @@ def matrix_image(
     matrix: Tensor | np.ndarray,
     labels: Sequence[str],
     *,
+    column_labels: Sequence[str] | None = None,
     title: str = "",
     cmap: str = "magma",
     vmin: float = 0.0,
     vmax: float = 1.0,
     annotate: bool = True,
 ) -> np.ndarray:
-    """A square matrix (e.g. layer x layer CKA) as an annotated heatmap; returns uint8 (H, W, 3).
+    """A matrix (e.g. layer x layer CKA) as an annotated heatmap; returns uint8 (H, W, 3).
 
-    NaN cells are shown grey and annotated "nan".
+    ``labels`` name the rows and, unless ``column_labels`` is given, the
+    columns too. NaN cells are shown grey and annotated "nan".
 
     Example:
         >>> matrix_image(torch.eye(3), ["a", "b", "c"], title="CKA").dtype
         dtype('uint8')
     """
     values = matrix.detach().double().cpu().numpy() if isinstance(matrix, Tensor) else np.asarray(matrix, float)
-    count = values.shape[0]
-    side = 1.6 + 0.55 * count
-    figure = Figure(figsize=(side + 1.4, side), dpi=100, facecolor="white")
+    rows, cols = values.shape
+    columns = list(labels if column_labels is None else column_labels)
+    figure = Figure(figsize=(3.0 + 0.55 * cols, 1.6 + 0.55 * rows), dpi=100, facecolor="white")
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     colormap = matplotlib.colormaps[cmap].with_extremes(bad="#bbbbbb")
     image = axes.imshow(np.ma.masked_invalid(values), cmap=colormap, vmin=vmin, vmax=vmax)
-    axes.set_xticks(range(count), labels, rotation=45, ha="right", fontsize=8)
-    axes.set_yticks(range(count), labels, fontsize=8)
-    if annotate and count <= 16:
-        for i in range(count):
-            for j in range(count):
+    axes.set_xticks(range(cols), columns, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(range(rows), list(labels), fontsize=8)
+    if annotate and max(rows, cols) <= 16:
+        for i in range(rows):
+            for j in range(cols):
                 value = values[i, j]
                 shade = (value - vmin) / (vmax - vmin) if np.isfinite(value) else 1.0
                 axes.text(

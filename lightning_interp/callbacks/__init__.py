@@ -3,6 +3,16 @@
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks._maps import MapCallback
 from lightning_interp.callbacks.gradcam import GradCAMCallback
+from lightning_interp.callbacks.linear_probe import LinearProbeCallback
 from lightning_interp.callbacks.saliency import SALIENCY_METHODS, SaliencyCallback
+from lightning_interp.callbacks.similarity import RepresentationSimilarityCallback
 
-__all__ = ["SALIENCY_METHODS", "GradCAMCallback", "InterpCallback", "MapCallback", "SaliencyCallback"]
+__all__ = [
+    "SALIENCY_METHODS",
+    "GradCAMCallback",
+    "InterpCallback",
+    "LinearProbeCallback",
+    "MapCallback",
+    "RepresentationSimilarityCallback",
+    "SaliencyCallback",
+]

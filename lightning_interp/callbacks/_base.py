@@ -115,13 +115,8 @@ class InterpCallback(Callback):
             self._prepare(pl_module, self.probe)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe is None:
-            loader = _first_loader(trainer.val_dataloaders)
-            if loader is None:
-                return
-            self._draw_probe(loader)
-            assert self.probe is not None
-            self._prepare(pl_module, self.probe)
+        if not self._ensure_probe(trainer, pl_module):
+            return
         if trainer.sanity_checking or not self._is_due(trainer) or not trainer.is_global_zero:
             return
         self._run(trainer, pl_module)
@@ -136,6 +131,22 @@ class InterpCallback(Callback):
         self._runs = int(state_dict.get("runs", 0))
 
     # ------------------------------------------------------------------ shared internals
+    def _ensure_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Draw the probe set now if setup could not; False when no validation data is at hand."""
+        if self.probe is not None:
+            return True
+        loader = _first_loader(trainer.val_dataloaders)
+        if loader is None:
+            source = _validation_source(trainer, "fit")
+            with contextlib.suppress(Exception):
+                loader = _first_loader(source.dataloader()) if source is not None else None
+        if loader is None:
+            return False
+        self._draw_probe(loader)
+        assert self.probe is not None
+        self._prepare(pl_module, self.probe)
+        return True
+
     def _is_due(self, trainer: pl.Trainer) -> bool:
         if trainer.state.fn != "fit":
             return True

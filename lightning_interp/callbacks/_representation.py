@@ -1,0 +1,87 @@
+"""RepresentationCallback: the shared part of callbacks that read layer outputs on the probe set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.methods._core import get_module
+from lightning_interp.methods.features import auto_layers, capture_features
+from lightning_interp.probe import BatchParser, ProbeSet
+
+
+class RepresentationCallback(InterpCallback):
+    """Resolves ``layers`` and captures their pooled outputs on the probe set.
+
+    Args:
+        name: tag prefix and checkpoint key.
+        layers: ``"auto"`` (see :func:`~lightning_interp.methods.auto_layers`:
+            the model's chain of top-level blocks, or up to ``max_layers``
+            parameterised layers evenly spaced over depth, always including
+            the last) or a list of dotted module names.
+        max_layers: how many layers ``"auto"`` picks at most.
+        max_features: per-layer feature bound; larger conv maps are average-pooled
+            to a coarser grid (see :func:`~lightning_interp.methods.pool_features`).
+        num_samples, every_n_epochs, probe, batch_parser: see :class:`InterpCallback`.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        layers: str | Sequence[str] = "auto",
+        max_layers: int = 6,
+        max_features: int = 4096,
+        num_samples: int,
+        every_n_epochs: int = 1,
+        probe: ProbeSet | None = None,
+        batch_parser: BatchParser | None = None,
+    ) -> None:
+        names = [layers] if isinstance(layers, str) else list(layers)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"layers must be 'auto' or a list of dotted module names, got {layers!r}.")
+        if "auto" in names and len(names) > 1:
+            raise ValueError("layers='auto' cannot be combined with layer names.")
+        if len(set(names)) != len(names):
+            raise ValueError(f"layers lists a name twice: {names}.")
+        for option, value in (("max_layers", max_layers), ("max_features", max_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{option} must be a positive int, got {value!r}.")
+        super().__init__(
+            name=name, num_samples=num_samples, every_n_epochs=every_n_epochs, probe=probe, batch_parser=batch_parser
+        )
+        self.auto = names == ["auto"]
+        self.layers: list[str] = [] if self.auto else names
+        self.max_layers = max_layers
+        self.max_features = max_features
+
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        for name in self.layers if not self.auto else []:
+            get_module(pl_module, name)
+
+    def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        if self.auto and not self.layers:
+            example = probe.inputs[:1].to(pl_module.device)
+            parameter = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+            if parameter is not None and example.is_floating_point():
+                example = example.to(parameter.dtype)
+            self.layers = auto_layers(pl_module, example, max_layers=self.max_layers)
+
+    def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Pooled (N, D) float32 CPU features of every layer on the probe set, in the trainer's precision."""
+        inputs = self._probe_inputs(trainer, pl_module)
+        with self._model_context(trainer):
+            return capture_features(pl_module, inputs, self.layers, max_features=self.max_features)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["layers"] = list(self.layers)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.auto and state_dict.get("layers"):
+            self.layers = list(state_dict["layers"])

@@ -1,0 +1,119 @@
+"""LinearProbeCallback: how linearly decodable the labels are from each layer, every validation epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_interp._logging import log_image, log_scalars
+from lightning_interp.callbacks._representation import RepresentationCallback
+from lightning_interp.methods.probes import PROBE_SOLVERS, linear_probe_accuracy
+from lightning_interp.visualize import line_image
+
+
+class LinearProbeCallback(RepresentationCallback):
+    """Fit a linear classifier on each layer's outputs and log its held-out accuracy.
+
+    At each due validation epoch the callback captures the layers' outputs on
+    its probe set (one no-grad forward in chunks; conv maps average-pooled to
+    at most ``max_features`` values per sample), splits the probe samples once
+    and for all into a stratified training and held-out half, standardises with
+    the training half's statistics, fits one probe per layer and logs, under
+    ``interp/<name>/``:
+
+    - ``<layer>/accuracy``: held-out accuracy, the meaningful number (also in
+      ``trainer.callback_metrics``, so EarlyStopping / ModelCheckpoint can
+      monitor it);
+    - ``<layer>/train_accuracy``: accuracy on the probe's own training half
+      (how well it fits; far above ``accuracy`` means the layer is wide enough
+      to memorise the probe set);
+    - ``accuracy_by_depth``: a figure of both across the layers, with chance level.
+
+    Args:
+        layers: ``"auto"`` or a list of dotted module names.
+        num_samples: probe samples (half train the probes, half test them);
+            needs labels.
+        solver: ``"logistic"`` (full-batch L-BFGS multinomial logistic
+            regression) or ``"ridge"`` (closed form).
+        l2: penalty strength on standardised features.
+        test_fraction: share of each class held out.
+        seed: seed of the split.
+        max_layers: most layers picked by ``"auto"``.
+        max_features: per-layer feature bound.
+        name: tag prefix; distinct names let two instances coexist.
+        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser`` (see
+            :class:`~lightning_interp.callbacks.InterpCallback`).
+
+    Example:
+        >>> LinearProbeCallback(layers=["net.3", "net.6"], num_samples=512).layers
+        ['net.3', 'net.6']
+    """
+
+    def __init__(
+        self,
+        layers: str | Sequence[str] = "auto",
+        *,
+        num_samples: int = 1024,
+        solver: str = "logistic",
+        l2: float = 1e-3,
+        test_fraction: float = 0.5,
+        seed: int = 0,
+        max_layers: int = 6,
+        max_features: int = 2048,
+        name: str = "probe",
+        **kwargs: Any,
+    ) -> None:
+        if solver not in PROBE_SOLVERS:
+            raise ValueError(f"solver must be one of {PROBE_SOLVERS}, got {solver!r}.")
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
+        if l2 < 0:
+            raise ValueError(f"l2 must be >= 0, got {l2}.")
+        super().__init__(
+            name=name,
+            layers=layers,
+            max_layers=max_layers,
+            max_features=max_features,
+            num_samples=num_samples,
+            **kwargs,
+        )
+        self.solver = solver
+        self.l2 = l2
+        self.test_fraction = test_fraction
+        self.seed = seed
+
+    def _needs_labels(self) -> bool:
+        return True
+
+    def _labels_reason(self) -> str:
+        return "LinearProbeCallback fits classifiers to the probe set's labels, so it needs labels"
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.probe is not None and self.probe.labels is not None
+        features = self._features(trainer, pl_module)
+        labels = self.probe.labels
+        held_out: list[float] = []
+        fitted: list[float] = []
+        scalars: dict[str, float] = {}
+        for layer, values in features.items():
+            result = linear_probe_accuracy(
+                values, labels, test_fraction=self.test_fraction, solver=self.solver, l2=self.l2, seed=self.seed
+            )
+            scalars[f"interp/{self.name}/{layer}/accuracy"] = result.accuracy
+            scalars[f"interp/{self.name}/{layer}/train_accuracy"] = result.train_accuracy
+            held_out.append(result.accuracy)
+            fitted.append(result.train_accuracy)
+        step = trainer.global_step
+        log_scalars(trainer, pl_module, scalars, step)
+        chance = float(labels.bincount().max()) / labels.numel()
+        figure = line_image(
+            list(features),
+            {"held-out": held_out, "train": fitted},
+            title=f"linear probe accuracy by depth (epoch {trainer.current_epoch})",
+            ylabel="accuracy",
+            ylim=(0.0, 1.02),
+            reference=chance,
+        )
+        log_image(trainer, f"interp/{self.name}/accuracy_by_depth", figure, step)

@@ -1,0 +1,242 @@
+"""RepresentationSimilarityCallback: CKA and RSA between layers, across epochs and against a reference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_interp._logging import log_image, log_scalars
+from lightning_interp.callbacks._representation import RepresentationCallback
+from lightning_interp.methods._core import get_module
+from lightning_interp.methods.features import auto_layers, capture_features
+from lightning_interp.methods.similarity import RDM_METRICS, RSA_METHODS, normalized_grams, rdm, rsa
+from lightning_interp.probe import ProbeSet
+from lightning_interp.visualize import colorize, matrix_image, normalize_map, render_grid
+
+SIMILARITY_METRICS = ("cka", "rsa")
+RDM_TILE = 128  # RDM pictures are average-pooled to at most this many pixels a side
+
+
+class RepresentationSimilarityCallback(RepresentationCallback):
+    """Log how similar layers are to each other, to their own past, and to the labels.
+
+    At each due validation epoch the callback captures the layers' outputs on
+    its probe set and logs, under ``interp/<name>/``:
+
+    with ``"cka"`` in ``metrics`` (linear CKA, Kornblith et al. 2019; the
+    unbiased HSIC of Song et al. 2012 when ``debiased``):
+
+    - ``cka``: the layer x layer CKA matrix as an annotated heatmap (all pairs
+      from one matrix product of centred Gram matrices);
+    - ``<layer>/cka_vs_previous``: CKA between the layer now and at the
+      previous logged run: near 1 once the layer has settled;
+    - ``<layer>/cka_vs_start``: CKA to the layer before the first optimisation
+      step (captured at ``on_train_start``): how far training has moved it;
+    - with ``reference_model``: ``cka_vs_reference`` (a layers x reference
+      layers heatmap) and ``<layer>/cka_vs_reference_max``.
+
+    with ``"rsa"`` (representational similarity analysis, Kriegeskorte et al. 2008):
+
+    - ``rdm``: each layer's representational dissimilarity matrix, samples
+      sorted by class, so class blocks show on the diagonal;
+    - ``<layer>/rsa_vs_labels``: rank correlation between the layer's RDM and
+      the label RDM (0 within a class, 1 across);
+    - ``<layer>/rsa_vs_next``: between consecutive layers' RDMs.
+
+    Gram matrices of the previous and the first run are kept in the
+    checkpoint (``4 n^2`` bytes per layer each), so a resumed run continues the
+    "vs previous" / "vs start" series.
+
+    Args:
+        layers: ``"auto"`` or a list of dotted module names.
+        num_samples: probe samples.
+        metrics: any of ``"cka"``, ``"rsa"``.
+        debiased: unbiased HSIC for CKA (recommended when features outnumber samples).
+        rdm_metric: ``"correlation"`` (1 - Pearson r) or ``"euclidean"``.
+        rsa_method: ``"spearman"``, ``"pearson"`` or ``"tau_a"`` (slow beyond ~200 samples).
+        reference_model: a fixed network (e.g. a teacher) whose layers every
+            layer is compared with; it is moved to the model's device and run
+            in eval mode.
+        reference_layers: ``"auto"`` or names in ``reference_model``.
+        max_layers: most layers picked by ``"auto"``.
+        max_features: per-layer feature bound.
+        name: tag prefix; distinct names let two instances coexist.
+        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``.
+
+    Example:
+        >>> RepresentationSimilarityCallback(metrics=("cka",)).metrics
+        ('cka',)
+    """
+
+    def __init__(
+        self,
+        layers: str | Sequence[str] = "auto",
+        *,
+        num_samples: int = 512,
+        metrics: Sequence[str] = SIMILARITY_METRICS,
+        debiased: bool = True,
+        rdm_metric: str = "correlation",
+        rsa_method: str = "spearman",
+        reference_model: nn.Module | None = None,
+        reference_layers: str | Sequence[str] = "auto",
+        max_layers: int = 6,
+        max_features: int = 4096,
+        name: str = "similarity",
+        **kwargs: Any,
+    ) -> None:
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+        unknown = [m for m in metrics if m not in SIMILARITY_METRICS]
+        if unknown or not metrics:
+            raise ValueError(f"metrics must be a non-empty subset of {SIMILARITY_METRICS}, got {list(metrics)}.")
+        if rdm_metric not in RDM_METRICS:
+            raise ValueError(f"rdm_metric must be one of {RDM_METRICS}, got {rdm_metric!r}.")
+        if rsa_method not in RSA_METHODS:
+            raise ValueError(f"rsa_method must be one of {RSA_METHODS}, got {rsa_method!r}.")
+        if reference_model is not None and not isinstance(reference_model, nn.Module):
+            raise TypeError(f"reference_model must be an nn.Module, got {type(reference_model).__name__}.")
+        if reference_model is not None and "cka" not in metrics:
+            raise ValueError("reference_model is compared by CKA; add 'cka' to metrics.")
+        super().__init__(
+            name=name,
+            layers=layers,
+            max_layers=max_layers,
+            max_features=max_features,
+            num_samples=num_samples,
+            **kwargs,
+        )
+        if debiased and num_samples < 4:
+            raise ValueError("debiased CKA needs num_samples >= 4.")
+        self.metrics = metrics
+        self.debiased = debiased
+        self.rdm_metric = rdm_metric
+        self.rsa_method = rsa_method
+        self.reference_model = reference_model
+        self.reference_layers: list[str] = (
+            []
+            if reference_layers == "auto"
+            else [reference_layers]
+            if isinstance(reference_layers, str)
+            else list(reference_layers)
+        )
+        self._previous_grams: Tensor | None = None
+        self._start_grams: Tensor | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        super()._check_model(pl_module)
+        if self.reference_model is not None:
+            for name in self.reference_layers:
+                get_module(self.reference_model, name)
+
+    def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        super()._prepare(pl_module, probe)
+        if self.reference_model is not None:
+            self.reference_model.to(pl_module.device)
+            if not self.reference_layers:
+                example = probe.inputs[:1].to(pl_module.device)
+                self.reference_layers = auto_layers(self.reference_model, example, max_layers=self.max_layers)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the layers' Gram matrices before the first optimisation step, for ``cka_vs_start``."""
+        if "cka" not in self.metrics or self._start_grams is not None or not trainer.is_global_zero:
+            return
+        if self._ensure_probe(trainer, pl_module):
+            self._start_grams = self._grams(self._features(trainer, pl_module)).float()
+
+    # ------------------------------------------------------------------ the work
+    def _grams(self, features: dict[str, Tensor]) -> Tensor:
+        return normalized_grams(list(features.values()), debiased=self.debiased)
+
+    def _order(self) -> Tensor:
+        """Probe samples sorted by class (stable), so RDM class blocks sit on the diagonal."""
+        assert self.probe is not None
+        if self.probe.labels is None:
+            return torch.arange(len(self.probe))
+        return torch.argsort(self.probe.labels, stable=True)
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        features = self._features(trainer, pl_module)
+        step = trainer.global_step
+        scalars: dict[str, float] = {}
+        if "cka" in self.metrics:
+            scalars.update(self._cka(trainer, pl_module, features, step))
+        if "rsa" in self.metrics:
+            scalars.update(self._rsa(trainer, features, step))
+        log_scalars(trainer, pl_module, scalars, step)
+
+    def _cka(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, features: dict[str, Tensor], step: int
+    ) -> dict[str, float]:
+        names = list(features)
+        grams = self._grams(features)
+        epoch = trainer.current_epoch
+        title = f"{'debiased ' if self.debiased else ''}linear CKA between layers (epoch {epoch})"
+        log_image(trainer, f"interp/{self.name}/cka", matrix_image(grams @ grams.T, names, title=title), step)
+        scalars: dict[str, float] = {}
+        for key, reference in (("cka_vs_previous", self._previous_grams), ("cka_vs_start", self._start_grams)):
+            if reference is not None and reference.shape == grams.shape:
+                values = (grams * reference.double()).sum(dim=1)
+                scalars.update({f"interp/{self.name}/{n}/{key}": float(v) for n, v in zip(names, values, strict=True)})
+        self._previous_grams = grams.float()
+        if self.reference_model is not None:
+            assert self.probe is not None
+            with self._model_context(trainer):
+                reference = capture_features(
+                    self.reference_model,
+                    self._probe_inputs(trainer, pl_module),
+                    self.reference_layers,
+                    max_features=self.max_features,
+                )
+            cross = grams @ self._grams(reference).T
+            image = matrix_image(
+                cross, names, column_labels=list(reference), title=f"CKA: model (rows) vs reference (epoch {epoch})"
+            )
+            log_image(trainer, f"interp/{self.name}/cka_vs_reference", image, step)
+            best = torch.nan_to_num(cross, nan=-float("inf")).amax(dim=1)
+            for layer, value in zip(names, best, strict=True):
+                scalars[f"interp/{self.name}/{layer}/cka_vs_reference_max"] = float(value)
+        return scalars
+
+    def _rsa(self, trainer: pl.Trainer, features: dict[str, Tensor], step: int) -> dict[str, float]:
+        assert self.probe is not None
+        order = self._order()
+        names = list(features)
+        rdms = [rdm(features[n][order], metric=self.rdm_metric) for n in names]
+        scalars: dict[str, float] = {}
+        labels = self.probe.labels
+        if labels is not None:
+            sorted_labels = labels[order]
+            label_rdm = (sorted_labels[:, None] != sorted_labels[None, :]).double()
+            for name, matrix in zip(names, rdms, strict=True):
+                scalars[f"interp/{self.name}/{name}/rsa_vs_labels"] = float(
+                    rsa(matrix, label_rdm, method=self.rsa_method)
+                )
+        for (name, matrix), following in zip(zip(names, rdms, strict=True), rdms[1:], strict=False):
+            scalars[f"interp/{self.name}/{name}/rsa_vs_next"] = float(rsa(matrix, following, method=self.rsa_method))
+        tiles = [self._rdm_tile(matrix) for matrix in rdms]
+        title = f"RDMs ({self.rdm_metric}), samples sorted by class, epoch {trainer.current_epoch}"
+        log_image(trainer, f"interp/{self.name}/rdm", render_grid([tiles], column_titles=names, title=title), step)
+        return scalars
+
+    @staticmethod
+    def _rdm_tile(matrix: Tensor) -> Any:
+        small = matrix.float()
+        if small.shape[0] > RDM_TILE:
+            small = F.adaptive_avg_pool2d(small[None, None], RDM_TILE)[0, 0]
+        return colorize(normalize_map(small[None], percentile=99.0)[0], "viridis")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(previous_grams=self._previous_grams, start_grams=self._start_grams)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._previous_grams = state_dict.get("previous_grams")
+        self._start_grams = state_dict.get("start_grams")
