@@ -40,3 +40,14 @@ def test_quickstart_learns_and_gradcam_localizes_the_objects(tmp_path, capsys):
     assert localization[-1] > localization[0], "localization should improve with training"
     stability = [value for _, value in events.scalars["interp/saliency/gradient/stability"]]
     assert stability[-1] > stability[0], "maps should settle as training converges"
+
+    # Linear probes: the deepest layers become linearly decodable as training goes on, and more so than the first.
+    first, last = "interp/probe/net.0/accuracy", "interp/probe/net.10/accuracy"
+    deep_probe = [value for _, value in events.scalars[last]]
+    assert deep_probe[-1] > deep_probe[0] + 0.2 and deep_probe[-1] > 0.9
+    assert events.scalars[last][-1][1] > events.scalars[first][-1][1] + 0.3
+    # CKA to the previous epoch approaches 1 as training settles.
+    settle = [value for _, value in events.scalars["interp/similarity/net.10/cka_vs_previous"]]
+    assert settle[-1] > 0.97 and settle[-1] > settle[0]
+    # The deepest layer's geometry follows the labels more than the first layer's does.
+    assert metrics["interp/similarity/net.10/rsa_vs_labels"] > metrics["interp/similarity/net.0/rsa_vs_labels"] + 0.3

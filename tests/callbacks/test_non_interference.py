@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_interp import GradCAMCallback, SaliencyCallback
+from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
 from lightning_interp.demo import ImageClassifier
 from tests.conftest import BatchNormDropoutNet, quiet_trainer, tiny_datamodule
 
@@ -29,6 +29,8 @@ def _all_callbacks():
             ig_steps=4,
         ),
         GradCAMCallback(layer=["net.features.2", "net.features.5"], num_samples=4),
+        LinearProbeCallback(num_samples=16),
+        RepresentationSimilarityCallback(num_samples=16, reference_model=BatchNormDropoutNet().train()),
     ]
 
 
@@ -46,7 +48,7 @@ def test_weights_optimizer_and_rng_bit_identical(tmp_path, options):
     plain_weights, plain_optimizer, plain_rng = _train(tmp_path / "plain", [], **options)
     callbacks = _all_callbacks()
     weights, optimizer, rng = _train(tmp_path / "with", callbacks, **options)
-    assert callbacks[0]._runs >= 1 and callbacks[1]._runs >= 1, "the callbacks must actually have run"
+    assert all(callback._runs >= 1 for callback in callbacks), "the callbacks must actually have run"
     assert plain_weights.keys() == weights.keys()
     for name, value in plain_weights.items():
         assert torch.equal(value, weights[name]), f"{name} differs"  # BatchNorm running stats included
