@@ -30,7 +30,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from lightning_interp import GradCAMCallback, SaliencyCallback
+from lightning_interp import (
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
 from lightning_interp.demo import ImageClassifier, cifar_resnet
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -70,6 +75,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--width", type=int, default=32, help="channels of the first residual stage (default 32)")
     parser.add_argument("--num-samples", type=int, default=8, help="probe samples shown by each callback")
+    parser.add_argument(
+        "--representation-samples",
+        type=int,
+        default=1024,
+        help="probe samples of the linear probes (CKA / RSA use at most 512 of as many)",
+    )
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard log directory")
     parser.add_argument(
         "--limit-train-batches",
@@ -186,12 +197,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         methods=("gradient", "integrated_gradients"), num_samples=args.num_samples, class_names=class_names
     )
     gradcam = GradCAMCallback(layer="auto", num_samples=args.num_samples, class_names=class_names)
+    probes = LinearProbeCallback(layers="auto", num_samples=args.representation_samples)
+    similarity = RepresentationSimilarityCallback(layers="auto", num_samples=min(512, args.representation_samples))
     logger = TensorBoardLogger(args.log_dir, name="cifar10")
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator=args.accelerator,
         devices=1,
-        callbacks=[saliency, gradcam],
+        callbacks=[saliency, gradcam, probes, similarity],
         logger=logger,
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,

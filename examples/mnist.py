@@ -28,7 +28,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from lightning_interp import GradCAMCallback, SaliencyCallback
+from lightning_interp import (
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
 from lightning_interp.demo import ImageClassifier, mnist_cnn
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -66,6 +71,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--num-samples", type=int, default=8, help="probe samples shown by each callback")
+    parser.add_argument(
+        "--representation-samples",
+        type=int,
+        default=1024,
+        help="probe samples of the linear probes (CKA / RSA use at most 512 of as many)",
+    )
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard log directory")
     parser.add_argument(
         "--limit-train-batches",
@@ -166,12 +177,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         methods=("gradient", "integrated_gradients"), num_samples=args.num_samples, class_names=CLASS_NAMES
     )
     gradcam = GradCAMCallback(layer="auto", num_samples=args.num_samples, class_names=CLASS_NAMES)
+    probes = LinearProbeCallback(layers="auto", num_samples=args.representation_samples)
+    similarity = RepresentationSimilarityCallback(layers="auto", num_samples=min(512, args.representation_samples))
     logger = TensorBoardLogger(args.log_dir, name="mnist")
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator=args.accelerator,
         devices=1,
-        callbacks=[saliency, gradcam],
+        callbacks=[saliency, gradcam, probes, similarity],
         logger=logger,
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,

@@ -103,6 +103,8 @@ def tiny_run_args(data_dir: Path, log_dir: Path) -> list[str]:
         "16",
         "--num-samples",
         "4",
+        "--representation-samples",
+        "32",
         "--limit-train-batches",
         "2",
         "--limit-val-batches",
@@ -135,6 +137,9 @@ def test_mnist_example_logs_maps_and_scores(tmp_path, capsys):
     events = read_events(str(tmp_path / "logs"))
     assert events.image_steps("interp/saliency/maps") == [2]  # one validation epoch after two training steps
     assert events.image_steps("interp/gradcam/maps") == [2]
+    for tag in ("interp/probe/accuracy_by_depth", "interp/similarity/cka", "interp/similarity/rdm"):
+        assert events.image_steps(tag) == [2], tag
+    assert any(tag.startswith("interp/probe/") and tag.endswith("/accuracy") for tag in events.scalars)
     for method in ("gradient", "integrated_gradients"):
         assert f"interp/saliency/{method}/concentration" in events.scalars
     assert "interp/saliency/integrated_gradients/completeness_error" in events.scalars
@@ -149,6 +154,9 @@ def test_cifar10_example_logs_maps_and_scores(tmp_path, fake_cifar10):
     events = read_events(str(tmp_path / "logs"))
     assert events.image_steps("interp/saliency/maps") == [2]
     assert events.image_steps("interp/gradcam/maps") == [2]
+    for tag in ("interp/probe/accuracy_by_depth", "interp/similarity/cka", "interp/similarity/rdm"):
+        assert events.image_steps(tag) == [2], tag
+    assert any(tag.startswith("interp/probe/") and tag.endswith("/accuracy") for tag in events.scalars)
     for method in ("gradient", "integrated_gradients"):
         assert f"interp/saliency/{method}/concentration" in events.scalars
     assert "interp/gradcam/net.layer3/concentration" in events.scalars  # layer="auto" found the last stage
