@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import captured_outputs, get_module, modes_preserved
+from lightning_interp.methods._core import get_module, modes_preserved
 
 __all__ = ["auto_layers", "capture_features", "pool_features"]
 
@@ -19,8 +19,8 @@ _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
 def pool_features(activation: Tensor, max_features: int | None = 4096) -> Tensor:
     """Flatten a batch of activations to (B, D) with D at most ``max_features``.
 
-    Spatial maps (B, C, H, W) are average-pooled to the largest square grid
-    s x s (s = H, then halving down to 1) with ``C * s * s <= max_features``;
+    Spatial maps (B, C, H, W) are average-pooled to a square grid s x s, with
+    s starting at min(H, W) and halving (down to 1) until ``C * s * s <= max_features``;
     token sequences (B, N, C) are averaged over tokens when ``N * C`` is too
     large. Other tensors are flattened, and if still too wide, average-pooled
     along the feature axis into ``max_features`` bins. Pooling keeps the
@@ -76,7 +76,7 @@ def capture_features(
         eval_mode: run the model in eval mode.
 
     Returns:
-        layer name (or ``str(module)`` for module objects) -> (N, D) float32 tensor.
+        layer name (the dotted name for module objects) -> (N, D) float32 tensor.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
@@ -85,20 +85,40 @@ def capture_features(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    names = [layer if isinstance(layer, str) else str(layer) for layer in layers]
+    if inputs.shape[0] == 0:
+        raise ValueError("capture_features needs at least one input sample.")
+    qualified = {module: name for name, module in model.named_modules()}
     modules = [get_module(model, layer) for layer in layers]
+    names = [layer if isinstance(layer, str) else qualified.get(layer, str(layer)) for layer in layers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Each layer must appear once, got {names}.")
     device = next((p.device for p in model.parameters()), inputs.device)
-    parts: dict[str, list[Tensor]] = {name: [] for name in names}
+    parts: list[list[Tensor]] = [[] for _ in modules]
+    latest: list[Tensor | None] = [None] * len(modules)
+    handles = []
+
+    def make_hook(slot: int) -> Callable:
+        def hook(_module: nn.Module, _args: object, output: object) -> None:
+            if isinstance(output, Tensor):  # pool (and copy) now: a later in-place op must not change it
+                latest[slot] = pool_features(output, max_features).float().cpu().clone()
+
+        return hook
+
     with modes_preserved(model, eval_mode=eval_mode), torch.inference_mode(False):
-        for start in range(0, inputs.shape[0], batch_size):
-            chunk = inputs[start : start + batch_size].to(device).clone()
-            with captured_outputs(modules) as outputs:
-                model(chunk)
-            for name, out in zip(names, outputs, strict=True):
-                if out is None:
-                    raise RuntimeError(f"Layer {name!r} produced no tensor output during the forward pass.")
-                parts[name].append(pool_features(out, max_features).float().cpu())
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+        try:
+            for slot, module in enumerate(modules):
+                handles.append(module.register_forward_hook(make_hook(slot)))
+            for start in range(0, inputs.shape[0], batch_size):
+                latest[:] = [None] * len(modules)
+                model(inputs[start : start + batch_size].to(device).clone())
+                for slot, name in enumerate(names):
+                    if latest[slot] is None:
+                        raise RuntimeError(f"Layer {name!r} produced no tensor output during the forward pass.")
+                    parts[slot].append(latest[slot])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {name: torch.cat(chunks) for name, chunks in zip(names, parts, strict=True)}
 
 
 def auto_layers(model: nn.Module, example_input: Tensor, *, max_layers: int = 6) -> list[str]:
@@ -153,6 +173,8 @@ def auto_layers(model: nn.Module, example_input: Tensor, *, max_layers: int = 6)
         )
     if len(candidates) <= max_layers:
         return candidates
+    if max_layers == 1:
+        return candidates[-1:]
     picks = torch.linspace(0, len(candidates) - 1, max_layers).round().long().unique().tolist()
     return [candidates[i] for i in picks]
 
