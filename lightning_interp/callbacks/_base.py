@@ -96,6 +96,12 @@ class InterpCallback(Callback):
         return self._generate_state_key(name=self.name)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _refuse_sharded_strategies(self, trainer)
+        if stage == "fit" and trainer.limit_val_batches == 0:
+            rank_zero_warn(
+                f"{type(self).__name__} runs at validation epochs, but limit_val_batches=0 turns validation off: "
+                "it will log nothing in this run."
+            )
         self._check_model(pl_module)
         if self.probe is None and stage in ("fit", "validate"):
             source = _validation_source(trainer, stage)
@@ -121,6 +127,19 @@ class InterpCallback(Callback):
             return
         self._run(trainer, pl_module)
         self._runs += 1
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rank_zero_warn(
+            f"{type(self).__name__} explains the probe set at validation epochs only; trainer.test() runs nothing "
+            "of it. To analyse a dataset after training, call trainer.validate(model, dataloaders=...)."
+        )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._runs == 0 and trainer.is_global_zero:
+            rank_zero_warn(
+                f"{type(self).__name__} never ran in this fit: no validation epoch was due (check "
+                f"limit_val_batches, check_val_every_n_epoch and every_n_epochs={self.every_n_epochs})."
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"probe": None if self.probe is None else self.probe.state_dict(), "runs": self._runs}
@@ -174,6 +193,14 @@ class InterpCallback(Callback):
         with context:
             yield
 
+    def _example_input(self, pl_module: pl.LightningModule, probe: ProbeSet) -> Tensor:
+        """The first probe sample on the model's device and in its floating dtype, for dry forward passes."""
+        example = probe.inputs[:1].to(pl_module.device)
+        parameter = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+        if parameter is not None and example.is_floating_point():
+            example = example.to(parameter.dtype)
+        return example
+
     def _probe_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         assert self.probe is not None
         inputs = self.probe.inputs.to(pl_module.device)
@@ -189,3 +216,14 @@ def _check_positive_int(name: str, value: object) -> None:
 def _check_callable(name: str, value: Callable | None) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"{name} must be callable or None, got {type(value).__name__}.")
+
+
+def _refuse_sharded_strategies(callback: Callback, trainer: pl.Trainer) -> None:
+    """Strategies that shard parameters need every rank in each forward pass; rank-zero-only work would hang."""
+    strategy = type(getattr(trainer, "strategy", None)).__name__
+    if any(kind in strategy for kind in ("FSDP", "DeepSpeed", "ModelParallel")):
+        raise ValueError(
+            f"{type(callback).__name__} does not support {strategy}: it runs extra forward passes on global rank "
+            "zero only, and with sharded parameters every rank must join each forward pass. Use strategy='ddp' "
+            "(or a single device) while you watch explanations, or remove the callback for sharded runs."
+        )

@@ -15,11 +15,12 @@ import lightning.pytorch as pl
 import matplotlib
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_interp._logging import log_image, log_scalars
 from lightning_interp.callbacks._base import InterpCallback, _check_callable
-from lightning_interp.methods._core import OutputTransform
+from lightning_interp.methods._core import OutputTransform, modes_preserved, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
 from lightning_interp.probe import BatchParser, ProbeSet
 from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
@@ -115,6 +116,13 @@ class MapCallback(InterpCallback):
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         raise NotImplementedError
 
+    def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        """Check now, not at the first validation epoch, that the model's output gives class scores."""
+        with modes_preserved(pl_module), torch.inference_mode(False), torch.no_grad():
+            scores = scores_from_output(pl_module(self._example_input(pl_module, probe)), self.output_transform)
+        if isinstance(self.target, int) and self.target >= scores.shape[1]:
+            raise ValueError(f"target={self.target} is not a class index of this model ({scores.shape[1]} classes).")
+
     def _needs_labels(self) -> bool:
         return self.target == "label"
 
@@ -122,6 +130,7 @@ class MapCallback(InterpCallback):
         return f"{type(self).__name__}(target='label') needs labels (use target='pred' otherwise)"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
         if trainer.is_global_zero and self._history and self.evolution_samples > 0 and self.probe is not None:
             for key in self._history[-1][1]:
                 image = self._evolution_image(key)
@@ -153,6 +162,12 @@ class MapCallback(InterpCallback):
         inputs = self._probe_inputs(trainer, pl_module)
         with self._model_context(trainer):
             result = self._explain(pl_module, inputs, self._target_for(probe, inputs.device))
+        broken = [key for key, maps in result.maps.items() if not torch.isfinite(maps).all()]
+        if broken:
+            rank_zero_warn(
+                f"{type(self).__name__}: the maps of {broken} hold NaN or inf at epoch {trainer.current_epoch} "
+                "(non-finite activations or gradients in the model); their scores are logged as NaN."
+            )
         step = trainer.global_step
         scalars = self._scores(result, probe)
         scalars.update({f"interp/{self.name}/{k}": v for k, v in result.scalars.items()})

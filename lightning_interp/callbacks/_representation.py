@@ -64,11 +64,7 @@ class RepresentationCallback(InterpCallback):
 
     def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         if self.auto and not self.layers:
-            example = probe.inputs[:1].to(pl_module.device)
-            parameter = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-            if parameter is not None and example.is_floating_point():
-                example = example.to(parameter.dtype)
-            self.layers = auto_layers(pl_module, example, max_layers=self.max_layers)
+            self.layers = auto_layers(pl_module, self._example_input(pl_module, probe), max_layers=self.max_layers)
 
     def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """Pooled (N, D) float32 CPU features of every layer on the probe set, in the trainer's precision."""

@@ -70,11 +70,8 @@ class GradCAMCallback(MapCallback):
             get_module(pl_module, name)
 
     def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
-        example = probe.inputs[:1].to(pl_module.device)
-        parameter = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-        if parameter is not None and example.is_floating_point():
-            example = example.to(parameter.dtype)
-        found = dict(spatial_layers(pl_module, example, reshape=self.reshape))
+        super()._prepare(pl_module, probe)
+        found = dict(spatial_layers(pl_module, self._example_input(pl_module, probe), reshape=self.reshape))
         if self.auto:
             if not found:
                 raise ValueError(

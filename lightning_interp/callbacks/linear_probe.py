@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_interp._logging import log_image, log_scalars
 from lightning_interp.callbacks._representation import RepresentationCallback
@@ -98,13 +100,21 @@ class LinearProbeCallback(RepresentationCallback):
         fitted: list[float] = []
         scalars: dict[str, float] = {}
         for layer, values in features.items():
-            result = linear_probe_accuracy(
-                values, labels, test_fraction=self.test_fraction, solver=self.solver, l2=self.l2, seed=self.seed
-            )
-            scalars[f"interp/{self.name}/{layer}/accuracy"] = result.accuracy
-            scalars[f"interp/{self.name}/{layer}/train_accuracy"] = result.train_accuracy
-            held_out.append(result.accuracy)
-            fitted.append(result.train_accuracy)
+            if torch.isfinite(values).all():
+                result = linear_probe_accuracy(
+                    values, labels, test_fraction=self.test_fraction, solver=self.solver, l2=self.l2, seed=self.seed
+                )
+                accuracy, train_accuracy = result.accuracy, result.train_accuracy
+            else:
+                rank_zero_warn(
+                    f"LinearProbeCallback: layer {layer!r} output NaN or inf at epoch {trainer.current_epoch}; "
+                    "its probe accuracy is logged as NaN."
+                )
+                accuracy = train_accuracy = float("nan")
+            scalars[f"interp/{self.name}/{layer}/accuracy"] = accuracy
+            scalars[f"interp/{self.name}/{layer}/train_accuracy"] = train_accuracy
+            held_out.append(accuracy)
+            fitted.append(train_accuracy)
         step = trainer.global_step
         log_scalars(trainer, pl_module, scalars, step)
         chance = float(labels.bincount().max()) / labels.numel()

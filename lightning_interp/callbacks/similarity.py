@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, log_scalars
@@ -150,7 +151,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
 
     # ------------------------------------------------------------------ the work
     def _grams(self, features: dict[str, Tensor]) -> Tensor:
-        return normalized_grams(list(features.values()), debiased=self.debiased)
+        return normalized_grams(features, debiased=self.debiased)
 
     def _order(self) -> Tensor:
         """Probe samples sorted by class (stable), so RDM class blocks sit on the diagonal."""
@@ -207,17 +208,23 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         order = self._order()
         names = list(features)
         rdms = [rdm(features[n][order], metric=self.rdm_metric) for n in names]
+        finite = [bool(torch.isfinite(matrix).all()) for matrix in rdms]
+        if not all(finite):
+            broken = [n for n, ok in zip(names, finite, strict=True) if not ok]
+            rank_zero_warn(f"RepresentationSimilarityCallback: non-finite RDMs for {broken}; their RSA is NaN.")
+
+        def compare(a: int, b: Tensor, b_finite: bool = True) -> float:
+            return float(rsa(rdms[a], b, method=self.rsa_method)) if finite[a] and b_finite else float("nan")
+
         scalars: dict[str, float] = {}
         labels = self.probe.labels
         if labels is not None:
             sorted_labels = labels[order]
             label_rdm = (sorted_labels[:, None] != sorted_labels[None, :]).double()
-            for name, matrix in zip(names, rdms, strict=True):
-                scalars[f"interp/{self.name}/{name}/rsa_vs_labels"] = float(
-                    rsa(matrix, label_rdm, method=self.rsa_method)
-                )
-        for (name, matrix), following in zip(zip(names, rdms, strict=True), rdms[1:], strict=False):
-            scalars[f"interp/{self.name}/{name}/rsa_vs_next"] = float(rsa(matrix, following, method=self.rsa_method))
+            for index, name in enumerate(names):
+                scalars[f"interp/{self.name}/{name}/rsa_vs_labels"] = compare(index, label_rdm)
+        for index, name in enumerate(names[:-1]):
+            scalars[f"interp/{self.name}/{name}/rsa_vs_next"] = compare(index, rdms[index + 1], finite[index + 1])
         tiles = [self._rdm_tile(matrix) for matrix in rdms]
         title = f"RDMs ({self.rdm_metric}), samples sorted by class, epoch {trainer.current_epoch}"
         log_image(trainer, f"interp/{self.name}/rdm", render_grid([tiles], column_titles=names, title=title), step)

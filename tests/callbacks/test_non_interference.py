@@ -11,11 +11,14 @@ from lightning_interp.demo import ImageClassifier
 from tests.conftest import BatchNormDropoutNet, quiet_trainer, tiny_datamodule
 
 
-def _train(tmp_path, callbacks, **trainer_options):
+def _train(tmp_path, callbacks, *, frozen=False, num_workers=0, **trainer_options):
     pl.seed_everything(123, verbose=False)
     model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
+    if frozen:  # fine-tuning: the first block frozen and in eval mode, as users freeze backbones
+        model.net.features[:3].requires_grad_(False)
+        model.on_train_epoch_start = lambda: model.net.features[:3].eval()
     trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=False, deterministic=True, **trainer_options)
-    trainer.fit(model, datamodule=tiny_datamodule())
+    trainer.fit(model, datamodule=tiny_datamodule(num_workers=num_workers))
     optimizer_state = trainer.optimizers[0].state_dict()
     return model.state_dict(), optimizer_state, torch.get_rng_state()
 
@@ -42,6 +45,8 @@ def _all_callbacks():
             {"max_epochs": 1, "accumulate_grad_batches": 2, "val_check_interval": 0.5},
             id="validation-inside-gradient-accumulation",
         ),
+        pytest.param({"max_epochs": 2, "frozen": True}, id="frozen-first-block"),
+        pytest.param({"max_epochs": 2, "num_workers": 2}, id="shuffled-data-with-workers"),
     ],
 )
 def test_weights_optimizer_and_rng_bit_identical(tmp_path, options):
