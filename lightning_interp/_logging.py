@@ -17,7 +17,7 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.image import imsave
 
-__all__ = ["image_directory", "log_image", "log_scalars"]
+__all__ = ["image_directory", "log_image", "log_scalars", "monitor_scalars"]
 
 
 def image_directory(trainer: pl.Trainer, logger: object | None = None) -> str:
@@ -54,18 +54,22 @@ def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int) -> li
     return written
 
 
-def log_scalars(trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: Mapping[str, float], step: int) -> None:
-    """Log scalars to every logger at ``step`` and make them monitorable.
+def log_scalars(trainer: pl.Trainer, scalars: Mapping[str, float], step: int) -> None:
+    """Log scalars to every logger of the trainer at ``step`` (the step of the images, so sliders line up)."""
+    if scalars:
+        values = {name: float(value) for name, value in scalars.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
 
-    The values go to each logger with the same step as the images (so
-    TensorBoard's sliders line up) and into ``trainer.callback_metrics`` via
-    ``pl_module.log(..., logger=False)``, so ``EarlyStopping`` and
-    ``ModelCheckpoint`` can monitor them.
+
+def monitor_scalars(pl_module: pl.LightningModule, scalars: Mapping[str, float]) -> None:
+    """Put scalars into ``trainer.callback_metrics`` so EarlyStopping / ModelCheckpoint can monitor them.
+
+    Every rank calls this with the same values (rank zero broadcasts them), so
+    ``rank_zero_only=True`` makes Lightning skip a pointless reduction while a
+    monitor on any rank still finds the key.
     """
-    if not scalars:
-        return
-    values = {name: float(value) for name, value in scalars.items()}
-    for name, value in values.items():
-        pl_module.log(name, value, logger=False, rank_zero_only=True, on_step=False, on_epoch=True)
-    for logger in trainer.loggers:
-        logger.log_metrics(values, step=step)
+    for name, value in scalars.items():
+        pl_module.log(
+            name, float(value), logger=False, sync_dist=True, rank_zero_only=True, on_step=False, on_epoch=True
+        )

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_interp._logging import log_scalars, monitor_scalars
 from lightning_interp.probe import BatchParser, ProbeSet
 
 
@@ -75,7 +76,8 @@ class InterpCallback(Callback):
             raise ValueError(f"{self._labels_reason()}, but the given ProbeSet has none.")
 
     # ------------------------------------------------------------------ hooks to implement
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Compute on the probe set, log the images; return the scalars (the base logs them)."""
         raise NotImplementedError
 
     def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
@@ -123,10 +125,16 @@ class InterpCallback(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._ensure_probe(trainer, pl_module):
             return
-        if trainer.sanity_checking or not self._is_due(trainer) or not trainer.is_global_zero:
+        if trainer.sanity_checking or not self._is_due(trainer):
             return
-        self._run(trainer, pl_module)
-        self._runs += 1
+        scalars: dict[str, float] = {}
+        if trainer.is_global_zero:  # the work, the images and the loggers: rank zero only
+            scalars = self._run(trainer, pl_module)
+            log_scalars(trainer, scalars, trainer.global_step)
+            self._runs += 1
+        if trainer.world_size > 1:  # every rank gets the values, so a monitor on any rank finds them
+            scalars = trainer.strategy.broadcast(scalars, src=0)
+        monitor_scalars(pl_module, scalars)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank_zero_warn(

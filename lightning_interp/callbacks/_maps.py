@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_interp._logging import log_image, log_scalars
+from lightning_interp._logging import log_image
 from lightning_interp.callbacks._base import InterpCallback, _check_callable
 from lightning_interp.methods._core import OutputTransform, modes_preserved, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
@@ -156,7 +156,7 @@ class MapCallback(InterpCallback):
             return probe.labels.to(device)
         return int(self.target)
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         probe = self.probe
         assert probe is not None
         inputs = self._probe_inputs(trainer, pl_module)
@@ -171,9 +171,9 @@ class MapCallback(InterpCallback):
         step = trainer.global_step
         scalars = self._scores(result, probe)
         scalars.update({f"interp/{self.name}/{k}": v for k, v in result.scalars.items()})
-        log_scalars(trainer, pl_module, scalars, step)
         log_image(trainer, f"interp/{self.name}/maps", self._grid_image(result, probe), step)
         self._remember(trainer.current_epoch, result.maps)
+        return scalars
 
     def _scores(self, result: Explanation, probe: ProbeSet) -> dict[str, float]:
         scalars: dict[str, float] = {}

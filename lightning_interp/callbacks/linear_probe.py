@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_interp._logging import log_image, log_scalars
+from lightning_interp._logging import log_image
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods.probes import PROBE_SOLVERS, linear_probe_accuracy
 from lightning_interp.visualize import line_image
@@ -92,7 +92,7 @@ class LinearProbeCallback(RepresentationCallback):
     def _labels_reason(self) -> str:
         return "LinearProbeCallback fits classifiers to the probe set's labels, so it needs labels"
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         assert self.probe is not None and self.probe.labels is not None
         features = self._features(trainer, pl_module)
         labels = self.probe.labels
@@ -116,7 +116,6 @@ class LinearProbeCallback(RepresentationCallback):
             held_out.append(accuracy)
             fitted.append(train_accuracy)
         step = trainer.global_step
-        log_scalars(trainer, pl_module, scalars, step)
         chance = float(labels.bincount().max()) / labels.numel()
         figure = line_image(
             list(features),
@@ -127,3 +126,4 @@ class LinearProbeCallback(RepresentationCallback):
             reference=chance,
         )
         log_image(trainer, f"interp/{self.name}/accuracy_by_depth", figure, step)
+        return scalars

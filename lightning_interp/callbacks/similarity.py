@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_interp._logging import log_image, log_scalars
+from lightning_interp._logging import log_image
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods._core import get_module
 from lightning_interp.methods.features import auto_layers, capture_features
@@ -160,7 +160,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             return torch.arange(len(self.probe))
         return torch.argsort(self.probe.labels, stable=True)
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         features = self._features(trainer, pl_module)
         step = trainer.global_step
         scalars: dict[str, float] = {}
@@ -168,7 +168,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             scalars.update(self._cka(trainer, pl_module, features, step))
         if "rsa" in self.metrics:
             scalars.update(self._rsa(trainer, features, step))
-        log_scalars(trainer, pl_module, scalars, step)
+        return scalars
 
     def _cka(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, features: dict[str, Tensor], step: int
