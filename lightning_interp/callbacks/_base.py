@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -235,3 +235,15 @@ def _refuse_sharded_strategies(callback: Callback, trainer: pl.Trainer) -> None:
             "zero only, and with sharded parameters every rank must join each forward pass. Use strategy='ddp' "
             "(or a single device) while you watch explanations, or remove the callback for sharded runs."
         )
+
+
+def parse_layer_names(layers: str | Sequence[str], option: str) -> list[str]:
+    """Check a ``layer(s)`` argument: ``"auto"`` (returned as ``[]``) or distinct dotted module names."""
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{option} must be 'auto', a dotted module name or a list of names, got {layers!r}.")
+    if "auto" in names and len(names) > 1:
+        raise ValueError(f"{option}='auto' cannot be combined with layer names.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{option} lists a name twice: {names}.")
+    return [] if names == ["auto"] else names

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 from torch import Tensor
 
-from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
 from lightning_interp.methods._core import get_module
 from lightning_interp.methods.features import auto_layers, capture_features
 from lightning_interp.probe import BatchParser, ProbeSet
@@ -40,21 +40,15 @@ class RepresentationCallback(InterpCallback):
         probe: ProbeSet | None = None,
         batch_parser: BatchParser | None = None,
     ) -> None:
-        names = [layers] if isinstance(layers, str) else list(layers)
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"layers must be 'auto' or a list of dotted module names, got {layers!r}.")
-        if "auto" in names and len(names) > 1:
-            raise ValueError("layers='auto' cannot be combined with layer names.")
-        if len(set(names)) != len(names):
-            raise ValueError(f"layers lists a name twice: {names}.")
+        names = parse_layer_names(layers, "layers")
         for option, value in (("max_layers", max_layers), ("max_features", max_features)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{option} must be a positive int, got {value!r}.")
         super().__init__(
             name=name, num_samples=num_samples, every_n_epochs=every_n_epochs, probe=probe, batch_parser=batch_parser
         )
-        self.auto = names == ["auto"]
-        self.layers: list[str] = [] if self.auto else names
+        self.layers: list[str] = names
+        self.auto = not names
         self.max_layers = max_layers
         self.max_features = max_features
 

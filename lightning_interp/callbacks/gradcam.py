@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_interp.callbacks._base import parse_layer_names
 from lightning_interp.callbacks._maps import Explanation, MapCallback
 from lightning_interp.methods._core import attribution_pass, get_module
 from lightning_interp.methods.gradcam import TokenReshape, cam_from_activation, spatial_layers
@@ -53,15 +54,8 @@ class GradCAMCallback(MapCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        names = [layer] if isinstance(layer, str) else list(layer)
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"layer must be 'auto', a dotted module name or a list of names, got {layer!r}.")
-        if "auto" in names and len(names) > 1:
-            raise ValueError("layer='auto' cannot be combined with other layer names.")
-        if len(set(names)) != len(names):
-            raise ValueError(f"layer lists a name twice: {names}.")
-        self.auto = names == ["auto"]
-        self.layers: list[str] = [] if self.auto else names
+        self.layers: list[str] = parse_layer_names(layer, "layer")
+        self.auto = not self.layers
         self.relu = relu
         self.reshape = reshape
 
