@@ -34,16 +34,26 @@ class MemoryRecorder(Callback):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc")
 def test_hundred_validation_epochs_leave_no_hooks_and_bounded_memory(tmp_path):
-    saliency = SaliencyCallback(methods=("gradient", "smoothgrad", "integrated_gradients"), num_samples=4,
-                                smoothgrad_samples=4, ig_steps=4, evolution_columns=10)
+    saliency = SaliencyCallback(
+        methods=("gradient", "smoothgrad", "integrated_gradients"),
+        num_samples=4,
+        smoothgrad_samples=4,
+        ig_steps=4,
+        evolution_columns=10,
+    )
     gradcam = GradCAMCallback(layer=["net.4", "net.7"], num_samples=4)
     probe = LinearProbeCallback(num_samples=32)
     similarity = RepresentationSimilarityCallback(num_samples=32)
     recorder = MemoryRecorder()
     model = tiny_classifier()
     trainer = quiet_trainer(
-        tmp_path, max_epochs=EPOCHS, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
-        callbacks=[saliency, gradcam, probe, similarity, recorder], logger=TensorBoardLogger(str(tmp_path)),
+        tmp_path,
+        max_epochs=EPOCHS,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[saliency, gradcam, probe, similarity, recorder],
+        logger=TensorBoardLogger(str(tmp_path)),
     )
     trainer.fit(model, datamodule=tiny_datamodule())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_interp import GradCAMCallback, SaliencyCallback
+from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
 from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
 
 
@@ -19,10 +19,18 @@ def test_bf16_mixed_on_cpu_gives_finite_float32_maps(tmp_path):
         return original(*args, **kwargs)
 
     gradcam._explain = spy
-    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[saliency, gradcam], logger=False, precision="bf16-mixed")
+    probe = LinearProbeCallback(num_samples=32)
+    similarity = RepresentationSimilarityCallback(num_samples=32)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, callbacks=[saliency, gradcam, probe, similarity], logger=False, precision="bf16-mixed"
+    )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     assert seen_autocast == [True], "the extra forward must run in the trainer's precision context"
     for callback in (saliency, gradcam):
         assert callback._previous, "the callback must have run"
         for name, maps in callback._previous.items():
             assert maps.dtype == torch.float32 and torch.isfinite(maps).all(), name
+    for name, value in trainer.callback_metrics.items():
+        if name.startswith(("interp/probe/", "interp/similarity/")) and name.endswith(("accuracy", "cka_vs_start")):
+            assert torch.isfinite(value), name
+    assert similarity._start_grams.dtype == torch.float32

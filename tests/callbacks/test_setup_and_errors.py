@@ -135,3 +135,24 @@ def test_num_samples_larger_than_the_validation_set_warns_and_uses_all(tmp_path)
     with pytest.warns(UserWarning, match="holds only 32"):
         trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     assert len(callback.probe) == 32
+
+
+class SequenceClassifier(TabularClassifier):
+    """1-D sequences (batch, channels, length) through a Conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 2)
+        )
+
+
+def test_saliency_on_one_dimensional_sequences_works(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 2, 12, generator=generator), torch.randint(2, (32,), generator=generator))
+    callback = SaliencyCallback(methods=("gradient", "smoothgrad"), num_samples=4)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
+    trainer.fit(SequenceClassifier(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    assert callback._runs == 1
+    assert callback._previous["smoothgrad"].shape == (4, 2, 12)  # a channels x length heatmap per sample
+    assert list((tmp_path / "interp_images").rglob("*.png"))
