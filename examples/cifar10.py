@@ -1,10 +1,11 @@
-"""CIFAR-10: train a small ResNet and watch its saliency and Grad-CAM maps evolve.
+"""CIFAR-10: train a small ResNet and watch its saliency maps, Grad-CAM, probes and CKA evolve.
 
 Training uses random-crop and horizontal-flip augmentation; validation runs on
 the CIFAR-10 test split. At each validation epoch a fixed, class-stratified
 probe set of test images is explained with plain gradients, integrated
 gradients and Grad-CAM (layer="auto" picks the last residual stage,
-``net.layer3``), and the maps and their scores go to TensorBoard.
+``net.layer3``), and the maps and their scores go to TensorBoard, next to linear-probe accuracy and
+CKA / RSA of the layers on 1024 test images.
 
     python examples/cifar10.py                   # downloads CIFAR-10 (163 MB) into ./data on the first run
     python examples/cifar10.py --data-dir /datasets --no-download
