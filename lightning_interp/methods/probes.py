@@ -87,9 +87,15 @@ def stratified_split(labels: Tensor, test_fraction: float = 0.5, *, seed: int = 
 
 
 def _fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int) -> tuple[Tensor, Tensor]:
-    """Multinomial logistic regression, mean cross-entropy + l2 / 2 ||W||^2 (bias unpenalised), by L-BFGS."""
-    weight = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    """Multinomial logistic regression, mean cross-entropy + l2 / 2 ||W||^2 (bias unpenalised), by L-BFGS.
+
+    The gradient is written out (``X^T (softmax - onehot) / n + l2 W``) rather than taken by autograd:
+    half the cost per iteration, and no autograd graph at all.
+    """
+    n = x.shape[0]
+    weight = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, device=x.device)
+    bias = torch.zeros(n_classes, dtype=x.dtype, device=x.device)
+    rows = torch.arange(n, device=x.device)
     optimizer = torch.optim.LBFGS(
         [weight, bias],
         lr=1,
@@ -101,13 +107,18 @@ def _fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int
     )
 
     def closure() -> Tensor:
-        loss = F.cross_entropy(x @ weight + bias, y) + 0.5 * l2 * weight.square().sum()
-        # gradients of our own leaf tensors only, via autograd.grad (no .backward(), no model parameters)
-        weight.grad, bias.grad = torch.autograd.grad(loss, (weight, bias))
-        return loss.detach()
+        log_p = (x @ weight + bias).log_softmax(dim=1)
+        loss = -log_p[rows, y].mean() + 0.5 * l2 * weight.square().sum()
+        residual = log_p.exp()
+        residual[rows, y] -= 1
+        residual /= n
+        weight.grad = x.T @ residual + l2 * weight
+        bias.grad = residual.sum(dim=0)
+        return loss
 
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    with torch.no_grad():
+        optimizer.step(closure)
+    return weight, bias
 
 
 def _fit_ridge(x: Tensor, y: Tensor, n_classes: int, l2: float) -> tuple[Tensor, Tensor]:
@@ -204,7 +215,7 @@ def linear_probe_accuracy(
         raise ValueError("No held-out samples: every class has a single sample.")
 
     dtype = torch.float64 if (solver == "ridge" or features.dtype == torch.float64) else torch.float32
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False):
         x = features.detach().reshape(features.shape[0], -1).clone().to(dtype)
         if not torch.isfinite(x).all():
             raise ValueError("features contain NaN or infinite values.")
