@@ -48,11 +48,14 @@ def modes_preserved(model: nn.Module, *, eval_mode: bool = True) -> Iterator[Non
     saved = [(module, module.training) for module in model.modules()]
     try:
         if eval_mode:
-            model.eval()
+            for module, flag in saved:
+                if flag:  # touch only what changes: nn.Module.__setattr__ is slow, and validation is already in eval
+                    module.training = False
         yield
     finally:
         for module, flag in saved:
-            module.training = flag
+            if module.training != flag:
+                module.training = flag
 
 
 @contextlib.contextmanager
