@@ -28,6 +28,7 @@ from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
 TargetSpec = str | int
 
 HISTORY_SIZE = 64  # longest side of the maps kept for evolution strips
+MAX_GRID_ROWS = 32  # probe samples drawn in the per-epoch grid (scores cover all of them)
 
 
 @dataclass
@@ -204,11 +205,13 @@ class MapCallback(InterpCallback):
     def _grid_image(self, result: Explanation, probe: ProbeSet) -> np.ndarray:
         probabilities = result.scores.float().softmax(dim=1).cpu()
         confidence, predicted = probabilities.max(dim=1)
-        images = input_to_rgb(probe.inputs)
-        columns = [list(images)]
+        shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
+        inputs = probe.inputs[:shown]
+        columns = [list(input_to_rgb(inputs))]
         for key, maps in result.maps.items():
-            columns.append(map_tiles(probe.inputs, maps, cmap=self._cmap_for(key, result), signed=key in result.signed))
-        rows = [[column[i] for column in columns] for i in range(len(probe))]
+            cmap = self._cmap_for(key, result)
+            columns.append(map_tiles(inputs, maps[:shown], cmap=cmap, signed=key in result.signed))
+        rows = [[column[i] for column in columns] for i in range(shown)]
         labels = [
             self._row_label(
                 i,
@@ -217,7 +220,7 @@ class MapCallback(InterpCallback):
                 float(confidence[i]),
                 int(result.target[i]),
             )
-            for i in range(len(probe))
+            for i in range(shown)
         ]
         titles = [result.titles.get(key, key) for key in result.maps]
         return render_grid(rows, column_titles=["input", *titles], row_labels=labels)
