@@ -42,6 +42,7 @@ __all__ = [
 CKA_FORMS = ("auto", "gram", "feature")
 RDM_METRICS = ("correlation", "euclidean")
 RSA_METHODS = ("spearman", "pearson", "tau_a")
+_GRAM_STRIP_ROWS = 256  # rows per strip when cka_matrix forms only the upper triangle of a Gram matrix (n > 512)
 _TAU_CHUNK_ELEMENTS = 1 << 22  # pairwise-sign block size of rsa(method="tau_a"): 4M entries (32 MiB in float64)
 
 
@@ -266,16 +267,95 @@ def _layer_list(features: Sequence[Tensor] | Mapping[str, Tensor]) -> tuple[list
     return names, tensors
 
 
-def _stacked_centred_grams(tensors: list[Tensor], debiased: bool) -> Tensor:
-    """(L, n*n) float64: each layer's linear Gram matrix centred once (U-centred when debiased)."""
+def _centred64(t: Tensor, n: int, device: torch.device, index: int) -> Tensor:
+    """A layer's (n, d) features as a new column-centred float64 tensor (the input is never modified)."""
+    if t.ndim == 0:
+        raise ValueError(f"layer {index} must have a sample dimension, got a 0-dim tensor.")
+    centred = t.detach().reshape(n, -1).to(device=device, dtype=torch.float64, copy=True)
+    centred -= centred[:1].clone()  # large constant offsets cancel exactly before the mean is taken
+    centred -= centred.mean(dim=0, keepdim=True)
+    return centred
+
+
+def _gram_stack(tensors: list[Tensor], debiased: bool) -> tuple[Tensor, Tensor]:
+    """Each layer's linear Gram matrix of its column-centred features, formed once: (L, n, n) float64.
+
+    The Gram matrix of centred features already has zero row and column sums, so it *is* its double-centred
+    version ``H K H``: no further centring pass is needed. Returns the stack and its (L, n) diagonals (a copy).
+    """
     device = tensors[0].device
     n = int(tensors[0].shape[0])
     _check_samples(n, debiased)
-    out = torch.empty(len(tensors), n * n, dtype=torch.float64, device=device)
+    out = torch.empty(len(tensors), n, n, dtype=torch.float64, device=device)
     for i, t in enumerate(tensors):
-        centred = _centre(_flatten64(t.to(device), f"layer {i}"))
-        out[i] = center_gram(centred @ centred.T, unbiased=debiased).reshape(-1)
-    return out
+        centred = _centred64(t, n, device, i)
+        torch.mm(centred, centred.T, out=out[i])
+    return out, out.diagonal(dim1=1, dim2=2).clone()
+
+
+def _strip_rows(n: int) -> int:
+    """Rows per strip of :func:`_packed_hsic_products`: one strip (the plain Gram) up to n = 512."""
+    return n if n <= 2 * _GRAM_STRIP_ROWS else _GRAM_STRIP_ROWS
+
+
+def _packed_hsic_products(tensors: list[Tensor], debiased: bool) -> Tensor:
+    """(L, L) HSIC of every pair of layers up to a common factor, from about half the work of full Gram matrices.
+
+    A Gram matrix is symmetric, so only its upper triangle is formed, in strips of rows: strip ``s`` holds the
+    square block on the diagonal (counted once in a Frobenius product) and the rectangle right of it (counted
+    twice, for itself and its mirror image below the diagonal). Forming the strips costs about ``(n + b) / 2n``
+    of the full Gram (``b`` rows per strip) and the stack holds ``n (n + b) / 2`` numbers per layer, not ``n^2``.
+    The common factor is ``(n - 1)^2`` for the biased HSIC and ``n (n - 3)`` for the unbiased one.
+    """
+    device = tensors[0].device
+    n = int(tensors[0].shape[0])
+    _check_samples(n, debiased)
+    rows = _strip_rows(n)
+    starts = range(0, n, rows)
+    square_sizes = [min(rows, n - i) for i in starts]
+    rectangle_sizes = [b * (n - i - b) for i, b in zip(starts, square_sizes, strict=True)]
+    squares = torch.empty(len(tensors), sum(b * b for b in square_sizes), dtype=torch.float64, device=device)
+    rectangles = torch.empty(len(tensors), sum(rectangle_sizes), dtype=torch.float64, device=device)
+    diagonals = torch.empty(len(tensors), n, dtype=torch.float64, device=device)
+    for layer, t in enumerate(tensors):
+        centred = _centred64(t, n, device, layer)
+        square_at = rectangle_at = 0
+        for i, b, size in zip(starts, square_sizes, rectangle_sizes, strict=True):
+            strip = centred[i : i + b]
+            square = squares[layer, square_at : square_at + b * b].view(b, b)
+            torch.mm(strip, strip.T, out=square)
+            diagonals[layer, i : i + b] = square.diagonal()
+            if size:
+                rectangle = rectangles[layer, rectangle_at : rectangle_at + size].view(b, n - i - b)
+                torch.mm(strip, centred[i + b :].T, out=rectangle)
+            square_at, rectangle_at = square_at + b * b, rectangle_at + size
+    products = squares @ squares.T + 2 * (rectangles @ rectangles.T)
+    return _debias_products(products, diagonals, n) if debiased else products
+
+
+def _debias_products(products: Tensor, diagonals: Tensor, n: int) -> Tensor:
+    """Unbiased HSIC times ``n (n - 3)`` from ``<K_i, K_j>`` of Gram matrices of centred features.
+
+    No U-centred copy is needed (Kornblith et al. 2019, ``_debiased_dot_product_similarity_helper``):
+    ``<K, L> - n / (n - 2) diag(K).diag(L) + tr K tr L / ((n - 1)(n - 2))`` equals the inner product of the
+    U-centred matrices.
+    """
+    traces = diagonals.sum(dim=1)
+    products = products - n / (n - 2) * (diagonals @ diagonals.T)
+    return products + traces[:, None] * traces[None, :] / ((n - 1) * (n - 2))
+
+
+def _u_centre_in_place(grams: Tensor, diagonals: Tensor) -> None:
+    """U-centre (L, n, n) Gram matrices of centred features in place (same result as ``center_gram(unbiased=True)``).
+
+    With zero row sums, the zero-diagonal matrix has row sums ``-K_ii``, so the row means that U-centring subtracts
+    are ``m_i = -K_ii / (n - 2) + tr K / (2 (n - 1)(n - 2))``.
+    """
+    n = grams.shape[-1]
+    means = -diagonals / (n - 2) + diagonals.sum(dim=1, keepdim=True) / (2 * (n - 1) * (n - 2))
+    grams -= means[:, :, None]
+    grams -= means[:, None, :]
+    grams.diagonal(dim1=1, dim2=2).zero_()
 
 
 def _normalise_matrix(hsic: Tensor, names: list[str]) -> Tensor:
@@ -294,11 +374,14 @@ def _normalise_matrix(hsic: Tensor, names: list[str]) -> Tensor:
 def cka_matrix(features: Sequence[Tensor] | Mapping[str, Tensor], *, debiased: bool = False) -> Tensor:
     """Linear CKA between every pair of L layers, as one (L, L) float64 matrix.
 
-    Each layer's Gram matrix is formed and centred once (U-centred for
-    ``debiased=True``), the L matrices are stacked into (L, n*n), and one
-    matrix product gives every pairwise HSIC. Equals :func:`linear_cka` pair by
-    pair. Costs ``n^2 sum(d_l)`` for the Grams plus ``L^2 n^2`` for the product,
-    and ``L n^2`` float64 of memory (48 MiB for 6 layers at n = 1024).
+    Each layer's features are centred once and only the upper triangle of
+    their Gram matrix is formed (in strips of 256 rows once n > 512; the Gram
+    matrix of centred features needs no further centring, and the unbiased
+    HSIC follows from it and its diagonal without a U-centred copy); the L
+    triangles are stacked and one matrix product gives every pairwise HSIC.
+    Equals :func:`linear_cka` pair by pair. Costs about ``n^2 sum(d_l) / 2``
+    for the Grams plus ``L^2 n^2 / 2`` for the product, and about ``L n^2 / 2``
+    float64 of memory (26 MiB for 6 layers at n = 1024).
 
     Args:
         features: per-layer tensors (n, ...) of the same n samples, as a sequence
@@ -316,8 +399,7 @@ def cka_matrix(features: Sequence[Tensor] | Mapping[str, Tensor], *, debiased: b
         (torch.Size([3, 3]), 1.0)
     """
     names, tensors = _layer_list(features)
-    grams = _stacked_centred_grams(tensors, debiased)
-    return _normalise_matrix(grams @ grams.T, names)
+    return _normalise_matrix(_packed_hsic_products(tensors, debiased), names)
 
 
 def normalized_grams(features: Sequence[Tensor] | Mapping[str, Tensor], *, debiased: bool = False) -> Tensor:
@@ -339,12 +421,15 @@ def normalized_grams(features: Sequence[Tensor] | Mapping[str, Tensor], *, debia
         True
     """
     names, tensors = _layer_list(features)
-    grams = _stacked_centred_grams(tensors, debiased)
+    grams, diagonals = _gram_stack(tensors, debiased)
+    if debiased:
+        _u_centre_in_place(grams, diagonals)
+    grams = grams.reshape(len(tensors), -1)
     norms = grams.norm(dim=1)
     bad = ~(norms > 0)
     if bad.any():
         _warn_degenerate("Layer(s) " + ", ".join(names[i] for i in bad.nonzero().flatten().tolist()))
-    grams = grams / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+    grams /= norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
     grams[bad] = math.nan
     return grams
 
@@ -393,8 +478,7 @@ class MinibatchCKA:
         if self.names is not None and names != self.names:
             raise ValueError(f"Expected the layers {self.names} as in earlier batches, got {names}.")
         n = int(tensors[0].shape[0])
-        grams = _stacked_centred_grams(tensors, debiased=True)
-        hsic = (grams @ grams.T) / (n * (n - 3))
+        hsic = _packed_hsic_products(tensors, debiased=True) / (n * (n - 3))
         if self.hsic_sum is None:
             self.hsic_sum, self.names = hsic, names
         else:

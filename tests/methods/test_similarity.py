@@ -238,6 +238,40 @@ def test_cka_matrix_equals_pairwise_linear_cka(debiased):
     torch.testing.assert_close(cka_matrix(values, debiased=debiased), matrix, rtol=0, atol=0)  # list == dict
 
 
+@pytest.mark.parametrize("debiased", [False, True])
+def test_gram_stack_equals_centring_the_raw_gram_and_leaves_inputs_untouched(debiased):
+    # the stack skips centring the Gram of centred features (already centred) and U-centres analytically;
+    # the reference centres the Gram of the *raw* features with center_gram, which must give the same matrix
+    feats = layers()
+    feats["b"] = feats["b"] + 3.0  # float64 input, which the stack must copy, not shift in place
+    before = {name: value.clone() for name, value in feats.items()}
+    grams = similarity.normalized_grams(feats, debiased=debiased)
+    for row, value in zip(grams, feats.values(), strict=True):
+        raw = value.reshape(48, -1).double()
+        reference = center_gram(raw @ raw.T, unbiased=debiased)
+        torch.testing.assert_close(row, (reference / reference.norm()).reshape(-1), rtol=0, atol=1e-12)
+    for name, value in feats.items():
+        assert torch.equal(value, before[name])
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("strip_rows", [1, 7, 16])
+def test_cka_matrix_from_upper_triangle_strips_equals_full_grams(debiased, strip_rows, monkeypatch):
+    # cka_matrix forms only the upper triangle of each Gram in strips of rows once n > 2 * strip rows; with small
+    # strips (7 does not divide 48: a shorter last strip) it must still equal the pairwise full-Gram computation
+    monkeypatch.setattr(similarity, "_GRAM_STRIP_ROWS", strip_rows)
+    feats = layers()
+    values = list(feats.values())
+    matrix = cka_matrix(feats, debiased=debiased)
+    for i in range(4):
+        for j in range(4):
+            expected = linear_cka(values[i], values[j], debiased=debiased, form="gram").item()
+            assert matrix[i, j].item() == pytest.approx(expected, abs=1e-11)
+    batch = MinibatchCKA()
+    batch.update(feats)
+    torch.testing.assert_close(batch.compute(), cka_matrix(feats, debiased=True), rtol=0, atol=1e-11)
+
+
 def test_cka_matrix_marks_a_constant_layer_nan_and_keeps_the_rest():
     feats = layers()
     feats["dead"] = torch.zeros(48, 16)
