@@ -28,13 +28,23 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
-    """Medians of several functions timed in turns (A, B, A, B, ...), so drifts in machine load hit all alike."""
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int = 5, settle_s: float = 0.0
+) -> dict[str, float]:
+    """Medians of several functions timed in turns (A, B, A, B, ...), so drifts in machine load hit all alike.
+
+    ``settle_s`` sleeps that long (untimed) before each timed call. Needed when the functions use different
+    thread pools (torch's OpenMP vs numpy's OpenBLAS): a pool's worker threads keep spinning for a while after
+    a call returns and steal the cores from the next call of the other library (on 2 cores this made a 20 ms
+    torch call take 150 ms right after a scikit-learn fit).
+    """
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle_s:
+                time.sleep(settle_s)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

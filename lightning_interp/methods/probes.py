@@ -86,14 +86,24 @@ def stratified_split(labels: Tensor, test_fraction: float = 0.5, *, seed: int = 
     return torch.cat(train_parts).sort().values, torch.cat(test_parts).sort().values
 
 
+def _finite(x: Tensor) -> bool:
+    """Whether every entry is finite (one pass, no boolean copy: the extremes are NaN or infinite otherwise)."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int) -> tuple[Tensor, Tensor]:
     """Multinomial logistic regression, mean cross-entropy + l2 / 2 ||W||^2 (bias unpenalised), by L-BFGS.
 
-    The gradient is written out (``X^T (softmax - onehot) / n + l2 W``) rather than taken by autograd:
-    half the cost per iteration, and no autograd graph at all.
+    The gradient is written out (``(softmax - onehot)^T X / n + l2 W``) rather than taken by autograd: half the
+    cost per iteration, and no autograd graph at all. The weight is kept as (classes, d) so that both products
+    read ``X`` in its own row-major layout (``X^T R`` through a transposed view is ~2.5x slower on CPU).
+    Returns the weight as (d, classes) and the bias.
     """
     n = x.shape[0]
-    weight = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, device=x.device)
+    weight = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device)
     bias = torch.zeros(n_classes, dtype=x.dtype, device=x.device)
     rows = torch.arange(n, device=x.device)
     optimizer = torch.optim.LBFGS(
@@ -107,18 +117,18 @@ def _fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int
     )
 
     def closure() -> Tensor:
-        log_p = (x @ weight + bias).log_softmax(dim=1)
+        log_p = torch.addmm(bias, x, weight.T).log_softmax(dim=1)
         loss = -log_p[rows, y].mean() + 0.5 * l2 * weight.square().sum()
         residual = log_p.exp()
         residual[rows, y] -= 1
         residual /= n
-        weight.grad = x.T @ residual + l2 * weight
+        weight.grad = torch.addmm(weight, residual.T, x, beta=l2)
         bias.grad = residual.sum(dim=0)
         return loss
 
     with torch.no_grad():
         optimizer.step(closure)
-    return weight, bias
+    return weight.T, bias
 
 
 def _fit_ridge(x: Tensor, y: Tensor, n_classes: int, l2: float) -> tuple[Tensor, Tensor]:
@@ -217,17 +227,22 @@ def linear_probe_accuracy(
 
     dtype = torch.float64 if (solver == "ridge" or features.dtype == torch.float64) else torch.float32
     with torch.inference_mode(False):
-        x = features.detach().reshape(features.shape[0], -1).clone().to(dtype)
-        if not torch.isfinite(x).all():
-            raise ValueError("features contain NaN or infinite values.")
-        device = x.device
+        flat = features.detach().reshape(features.shape[0], -1)
+        device = flat.device
         targets = targets.clone().to(device)
         train_idx, test_idx = train_idx.clone().to(device), test_idx.clone().to(device)
-        x_train, x_test = x[train_idx], x[test_idx]
+        x_train, x_test = flat[train_idx].to(dtype), flat[test_idx].to(dtype)  # new tensors: safe to edit in place
+        if not all(_finite(part) for part in (x_train, x_test)):
+            raise ValueError("features contain NaN or infinite values.")
+        # standardise with the training part's mean and population std; the column reductions are written
+        # out because Tensor.std(dim=0) is ~10x slower on CPU than a centred sum of squares
         mean = x_train.mean(dim=0)
-        std = x_train.std(dim=0, unbiased=False)
+        x_train -= mean
+        x_test -= mean
+        std = x_train.square().mean(dim=0).sqrt_()
         std = torch.where(std > 0, std, torch.ones_like(std))
-        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+        x_train /= std
+        x_test /= std
         y_train, y_test = targets[train_idx], targets[test_idx]
         if solver == "logistic":
             weight, bias = _fit_logistic(x_train, y_train, n_classes, l2, max_iter)

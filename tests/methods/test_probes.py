@@ -159,11 +159,28 @@ def test_bad_input_raises_clear_errors(kwargs, labels, message):
         linear_probe_accuracy(x, labels, **kwargs)
 
 
-def test_non_finite_features_and_singleton_classes_raise():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("part", [0, 1])
+def test_non_finite_features_raise_in_either_part(bad, part):
+    labels = torch.arange(10) % 2
+    row = stratified_split(labels, 0.5)[part][0]  # a training row, then a held-out one
     x = torch.randn(10, 4)
-    x[3, 1] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        linear_probe_accuracy(x, torch.arange(10) % 2)
+    x[row, 1] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        linear_probe_accuracy(x, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_features_are_not_modified(dtype, solver):
+    x, y = separable()
+    x = x.to(dtype) + 5.0
+    kept = x.clone()
+    linear_probe_accuracy(x, y, solver=solver)
+    assert torch.equal(x, kept)
+
+
+def test_singleton_classes_raise():
     with pytest.raises(ValueError, match="held-out"):
         linear_probe_accuracy(torch.randn(4, 3), torch.arange(4))
 
