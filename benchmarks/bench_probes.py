@@ -203,7 +203,8 @@ def run(quick: bool) -> str:
         f"split and training-part standardisation, included in their times, and the same objective (l2 = {L2:g}, "
         "sklearn `C = 1 / (l2 * n_train)`). sklearn: `LogisticRegression(solver='lbfgs', max_iter=1000)` with its "
         "default `tol=1e-4`, float64; `RidgeClassifier(alpha=l2 * n_train)`. Ours: `linear_probe_accuracy` with its "
-        "defaults (L-BFGS stopping at a largest gradient entry of 1e-4 as scikit-learn's `tol`, at most 100 iterations). "
+        "defaults (L-BFGS stopping at a largest gradient entry of 1e-4 as scikit-learn's `tol`, at most 100 "
+        "iterations). "
         f"Times are medians of {1 if quick else REPEATS} interleaved repeats after a warm-up call, each call after a "
         f"{SETTLE_S:g} s pause (without it, the threads of one library still spinning after its call slow the next "
         "call of the other several-fold on 2 cores).",
