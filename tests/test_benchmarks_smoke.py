@@ -1,0 +1,131 @@
+"""Smoke run of ``benchmarks/run.py --quick``: every section runs, and ours agrees with each peer library.
+
+The benchmark compares our functions with Captum, pytorch-grad-cam, ckatorch and scikit-learn on the same inputs;
+at the quick sizes the timings mean nothing, but the agreement columns are real cross-checks against independent
+implementations, and the run proves the benchmark code still works with the package as it is.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SECTION_TITLES = (
+    "## Overhead of leaving the callbacks on",
+    "## Attribution vs peers",
+    "## CKA",
+    "## Linear probes",
+    "## Scaling and memory",
+)
+
+
+def _sections(markdown: str) -> dict[str, str]:
+    parts = re.split(r"^(## .+)$", markdown, flags=re.MULTILINE)
+    return {title: body for title, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def _tables(body: str) -> list[list[dict[str, str]]]:
+    """Every markdown table in ``body`` as a list of {column: cell} rows."""
+    tables, lines = [], body.splitlines()
+    index = 0
+    while index < len(lines):
+        if lines[index].startswith("| ") and index + 1 < len(lines) and lines[index + 1].startswith("| ---"):
+            header = [cell.strip() for cell in lines[index].strip("|").split(" | ")]
+            rows, index = [], index + 2
+            while index < len(lines) and lines[index].startswith("| "):
+                cells = [cell.strip() for cell in lines[index].strip().strip("|").split(" | ")]
+                assert len(cells) == len(header), lines[index]
+                rows.append(dict(zip(header, cells, strict=True)))
+                index += 1
+            tables.append(rows)
+        else:
+            index += 1
+    return tables
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict[str, str]:
+    pytest.importorskip("captum", reason="the bench extra is part of the test extra; reinstall with .[test]")
+    output = tmp_path_factory.mktemp("bench") / "BENCHMARKS.quick.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return _sections(output.read_text())
+
+
+@pytest.mark.slow
+def test_every_section_is_written_with_its_tables_and_verdicts(report):
+    assert tuple(report) == SECTION_TITLES
+    for title, body in report.items():
+        assert _tables(body), f"{title} has no table"
+    for title in SECTION_TITLES[:4]:  # the sections with targets state a verdict
+        assert re.search(r"\b(MET|MISSED)\b", report[title]), title
+
+
+@pytest.mark.slow
+def test_overhead_rows_cover_each_callback_and_all_four(report):
+    (rows,) = _tables(report["## Overhead of leaving the callbacks on"])
+    for configuration in ("MNIST-sized", "CIFAR-sized"):
+        mine = [row for row in rows if row["configuration"].startswith(configuration)]
+        callbacks = {row["callback"] for row in mine}
+        assert {"SaliencyCallback()", "GradCAMCallback()", "LinearProbeCallback()", "all four"} <= callbacks
+        assert "RepresentationSimilarityCallback()" in callbacks
+        assert all(float(row["ms per validation epoch"]) > 0 for row in mine)
+
+
+@pytest.mark.slow
+def test_attribution_agrees_with_captum_and_pytorch_grad_cam(report):
+    (rows,) = _tables(report["## Attribution vs peers"])
+    assert {row["model"] for row in rows} == {"mnist_cnn", "cifar_resnet"}
+    for row in rows:
+        difference = float(row["max rel diff"])
+        if "trapezoid" in row["ours"]:
+            # Captum's trapezoid weights sum to (n - 1) / n, so ours is n / (n - 1) of Captum's (n = 32 steps);
+            # after that factor the two must agree
+            assert difference == pytest.approx(1 / 31, rel=1e-2), row
+            rescaled = float(re.search(r"vs Captum: ([0-9.e+-]+)", row["note"]).group(1))
+            assert rescaled < 1e-5, row
+        elif row["peer"].startswith("pytorch-grad-cam"):
+            assert difference < 1e-4, row  # numpy / cv2 float32 rounding on top of the same maths
+        else:
+            assert difference < 1e-5, row  # same maths in torch: bit-identical or float32 rounding
+        assert float(row["ours ms"]) > 0 and float(row["peer ms"]) > 0
+
+
+@pytest.mark.slow
+def test_cka_agrees_with_pairwise_and_ckatorch(report):
+    (rows,) = _tables(report["## CKA"])
+    assert {row["HSIC"] for row in rows} == {"biased", "debiased"}
+    for row in rows:
+        assert float(row["max abs diff, pairwise"]) < 1e-10, row
+        assert float(row["max abs diff, ckatorch"]) < 1e-10, row
+
+
+@pytest.mark.slow
+def test_probes_match_scikit_learn(report):
+    (rows,) = _tables(report["## Linear probes"])
+    for row in rows:
+        gap = abs(float(row["ours - sklearn (points)"]))
+        if row["probe"].startswith("ridge"):
+            assert gap == 0.0, row  # the same closed-form solution
+        else:
+            assert gap <= 2.0, row  # the same objective, solved to the same tolerance by two L-BFGS codes
+
+
+@pytest.mark.slow
+def test_scaling_measures_every_callback(report):
+    sizes, layers = _tables(report["## Scaling and memory"])
+    names = {row["callback"].split("(")[0] for row in sizes}
+    assert names == {"SaliencyCallback", "GradCAMCallback", "LinearProbeCallback", "RepresentationSimilarityCallback"}
+    assert all(float(row["ms per run"]) > 0 and float(row["peak extra MiB"]) >= 0 for row in sizes)
+    assert {row["callback"] for row in layers} == {"GradCAMCallback", "RepresentationSimilarityCallback"}
