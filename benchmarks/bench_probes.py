@@ -219,8 +219,10 @@ def run(quick: bool) -> str:
         "same number of iterations (last column), so the ratio is the cost of an iteration. Ours does the two "
         "(n x d) by (d x classes) products in float32 with the gradient written out and no conversions between "
         "iterations (sklearn: float64 numpy plus per-iteration bookkeeping in scipy); at d = 512 those products take "
-        "tenths of a millisecond and what is left is the Python bookkeeping of `torch.optim.LBFGS` and its line "
-        "search, which a compiled optimiser would remove. "
+        "tenths of a millisecond and what is left is the fixed cost of the many small tensor operations of "
+        "`torch.optim.LBFGS` and its line search (a leaner L-BFGS written for this objective, with a backtracking "
+        "line search, was tried: 20-30% faster at the same iterations and accuracy, not enough to reach 10x, so "
+        "the tested torch optimiser stays). "
         f"Section time {elapsed:.0f} s, 1-minute load average "
         f"{load_before:.1f} before, {load_after:.1f} after (on a shared machine, a load above the core count "
         "inflates the times, most for many small multi-threaded ops).",
