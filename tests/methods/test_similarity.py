@@ -286,6 +286,8 @@ def test_cka_matrix_rejects_mismatched_layers():
         cka_matrix([torch.randn(10, 3), torch.randn(11, 3)])
     with pytest.raises(TypeError):
         cka_matrix(torch.randn(10, 3))
+    with pytest.raises(ValueError, match="sample dimension"):
+        cka_matrix({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})
 
 
 # ---------------------------------------------------------------- minibatch CKA
