@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_interp.methods._core import get_module, modes_preserved
+from lightning_interp.methods.trace import ModelTrace, trace_model
 
 __all__ = ["auto_layers", "capture_features", "pool_features"]
 
@@ -61,11 +62,17 @@ def capture_features(
     batch_size: int = 256,
     max_features: int | None = 4096,
     eval_mode: bool = True,
+    device: torch.device | str | None = None,
 ) -> dict[str, Tensor]:
-    """Run ``inputs`` through ``model`` in chunks and return each layer's pooled output on the CPU.
+    """Run ``inputs`` through ``model`` in chunks and return each layer's pooled output.
 
     Forward passes run without gradients, with every module's mode saved and
-    restored and the hooks removed in ``finally``.
+    restored and the hooks removed in ``finally``. Each layer's output is
+    pooled and copied inside its hook, so a later in-place operation (an
+    ``nn.ReLU(inplace=True)`` after the layer) cannot change what is kept.
+    Everything stays on the model's device: inputs are moved there chunk by
+    chunk (asynchronously from pinned memory), and the features are returned
+    there unless ``device`` says otherwise.
 
     Args:
         model: the network, called as ``model(chunk)``.
@@ -74,6 +81,7 @@ def capture_features(
         batch_size: samples per forward pass.
         max_features: per-layer bound on the feature size, see :func:`pool_features`.
         eval_mode: run the model in eval mode.
+        device: where to return the features; None (the default) keeps them on the model's device.
 
     Returns:
         layer name (the dotted name for module objects) -> (N, D) float32 tensor.
@@ -92,7 +100,7 @@ def capture_features(
     names = [layer if isinstance(layer, str) else qualified.get(layer, str(layer)) for layer in layers]
     if len(set(names)) != len(names):
         raise ValueError(f"Each layer must appear once, got {names}.")
-    device = next((p.device for p in model.parameters()), inputs.device)
+    model_device = next((p.device for p in model.parameters()), inputs.device)
     parts: list[list[Tensor]] = [[] for _ in modules]
     latest: list[Tensor | None] = [None] * len(modules)
     handles = []
@@ -100,7 +108,8 @@ def capture_features(
     def make_hook(slot: int) -> Callable:
         def hook(_module: nn.Module, _args: object, output: object) -> None:
             if isinstance(output, Tensor):  # pool (and copy) now: a later in-place op must not change it
-                latest[slot] = pool_features(output, max_features).float().cpu().clone()
+                pooled = pool_features(output, max_features).float()
+                latest[slot] = pooled.clone() if _shares_memory(pooled, output) else pooled
 
         return hook
 
@@ -110,7 +119,9 @@ def capture_features(
                 handles.append(module.register_forward_hook(make_hook(slot)))
             for start in range(0, inputs.shape[0], batch_size):
                 latest[:] = [None] * len(modules)
-                model(inputs[start : start + batch_size].to(device).clone())
+                chunk = inputs[start : start + batch_size]
+                moved = chunk.to(model_device, non_blocking=chunk.is_pinned())
+                model(moved.clone() if moved.device == chunk.device else moved)  # never an inference tensor
                 for slot, name in enumerate(names):
                     if latest[slot] is None:
                         raise RuntimeError(f"Layer {name!r} produced no tensor output during the forward pass.")
@@ -118,18 +129,34 @@ def capture_features(
         finally:
             for handle in handles:
                 handle.remove()
-        return {name: torch.cat(chunks) for name, chunks in zip(names, parts, strict=True)}
+        features = {name: torch.cat(chunks) for name, chunks in zip(names, parts, strict=True)}
+    if device is not None:
+        features = {name: value.to(device) for name, value in features.items()}
+    return features
 
 
-def auto_layers(model: nn.Module, example_input: Tensor, *, max_layers: int = 6) -> list[str]:
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def auto_layers(
+    model: nn.Module, example_input: Tensor | None, *, max_layers: int = 6, trace: ModelTrace | None = None
+) -> list[str]:
     """A spread of layers over the depth of ``model`` for representation analysis.
 
-    A dry forward (eval mode, no gradients, first sample only) records, in
-    execution order, every module that owns parameters itself (convolutions,
-    linear layers, ...) and ran exactly once, leaving out normalisation
-    layers. When the model's top-level children form a chain of blocks, their
-    outputs are used instead (the usual "one point per stage" view). Up to
-    ``max_layers`` are chosen evenly spaced, always keeping the last.
+    A dry forward (eval mode, no gradients, first sample only; see
+    :func:`~lightning_interp.methods.trace_model`) records, in execution
+    order, every module that owns parameters itself (convolutions, linear
+    layers, ...) and ran exactly once, leaving out normalisation layers. When
+    the model's top-level children form a chain of blocks, their outputs are
+    used instead (the usual "one point per stage" view). Up to ``max_layers``
+    are chosen evenly spaced, always keeping the last.
+
+    Args:
+        model: the network.
+        example_input: one or more inputs (only the first is run); may be None when ``trace`` is given.
+        max_layers: most layers to return.
+        trace: a :class:`~lightning_interp.methods.ModelTrace` of ``model`` made earlier, to skip the dry forward.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -138,27 +165,12 @@ def auto_layers(model: nn.Module, example_input: Tensor, *, max_layers: int = 6)
     """
     if max_layers < 1:
         raise ValueError(f"max_layers must be positive, got {max_layers}.")
-    names = {module: name for name, module in model.named_modules() if name}
-    calls: dict[str, int] = {}
-    order: list[str] = []
-    handles = []
-
-    def hook(module: nn.Module, _args: object, output: object) -> None:
-        name = names[module]
-        calls[name] = calls.get(name, 0) + 1
-        if isinstance(output, Tensor) and name not in order:
-            order.append(name)
-
-    try:
-        for module in names:
-            handles.append(module.register_forward_hook(hook))
-        with modes_preserved(model), torch.inference_mode(False), torch.no_grad():
-            model(example_input[:1].detach().clone())
-    finally:
-        for handle in handles:
-            handle.remove()
+    if trace is None:
+        if example_input is None:
+            raise ValueError("auto_layers needs an example_input or a trace.")
+        trace = trace_model(model, example_input)
     modules = dict(model.named_modules())
-    once = [name for name in order if calls[name] == 1]
+    once = trace.ran_once()
     weighted = [
         name
         for name in once

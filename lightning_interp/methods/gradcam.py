@@ -8,13 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import (
-    OutputTransform,
-    Target,
-    attribution_pass,
-    gradients_enabled,
-    modes_preserved,
-)
+from lightning_interp.methods._core import OutputTransform, Target, attribution_pass
+from lightning_interp.methods.trace import ModelTrace, trace_model
 
 __all__ = ["cam_from_activation", "find_target_layer", "grad_cam", "spatial_layers"]
 
@@ -114,49 +109,50 @@ def grad_cam(
 
 
 def spatial_layers(
-    model: nn.Module, example_input: Tensor, *, reshape: TokenReshape | None = None
+    model: nn.Module,
+    example_input: Tensor | None,
+    *,
+    reshape: TokenReshape | None = None,
+    trace: ModelTrace | None = None,
 ) -> list[tuple[str, tuple[int, ...]]]:
     """Names and output shapes of the sub-modules with spatial output, in completion order.
 
-    A dry forward (no gradients, eval mode) records every module's output
-    shape; a module counts when its output is (B, C, h, w) with h or w > 1
-    (after ``reshape`` for 3-D token outputs), it ran exactly once, so its
+    A dry forward (no gradients, eval mode, see :func:`trace_model`) records
+    every module's output shape; a module counts when its output is
+    (B, C, h, w) with h or w > 1 (after ``reshape`` for 3-D token outputs,
+    tried on a zero tensor of the recorded shape), it ran exactly once, so its
     output is unambiguous, and it is not Identity or Dropout (which only repeat
-    their input in eval mode). Hooks are removed and modes restored in ``finally``.
+    their input in eval mode).
+
+    Args:
+        model: the network.
+        example_input: one or more inputs (only the first is run); may be None when ``trace`` is given.
+        reshape: turns token outputs (B, N, C) into (B, C, h, w).
+        trace: a :class:`ModelTrace` of ``model`` made earlier, to skip the dry forward.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
         >>> spatial_layers(net, torch.randn(1, 1, 5, 5))
         [('0', (1, 2, 3, 3)), ('1', (1, 2, 3, 3))]
     """
-    names = {module: name for name, module in model.named_modules() if name}
-    calls: dict[str, int] = {}
-    order: list[tuple[str, tuple[int, ...]]] = []
-    handles = []
-
-    def hook(module: nn.Module, _args: object, output: object) -> None:
-        name = names[module]
-        calls[name] = calls.get(name, 0) + 1
-        if not isinstance(output, Tensor) or isinstance(module, _PASS_THROUGH):
-            return  # Identity and Dropout (in eval) repeat their input: the module before them is the layer
-        shaped = output
-        if output.ndim == 3 and reshape is not None:
+    if trace is None:
+        if example_input is None:
+            raise ValueError("spatial_layers needs an example_input or a trace.")
+        trace = trace_model(model, example_input)
+    modules = dict(model.named_modules())
+    found: list[tuple[str, tuple[int, ...]]] = []
+    for name in trace.ran_once():
+        if isinstance(modules.get(name), _PASS_THROUGH):
+            continue  # Identity and Dropout (in eval) repeat their input: the module before them is the layer
+        shape = trace.shapes[name]
+        if len(shape) == 3 and reshape is not None:
             try:
-                shaped = reshape(output)
+                shape = tuple(reshape(torch.zeros(shape)).shape)
             except Exception:  # a module whose tokens do not form the grid
-                return
-        if shaped.ndim == 4 and max(shaped.shape[-2:]) > 1:
-            order.append((name, tuple(shaped.shape)))
-
-    try:
-        for module in names:
-            handles.append(module.register_forward_hook(hook))
-        with modes_preserved(model), gradients_enabled(), torch.no_grad():
-            model(example_input[:1].detach().clone())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [(name, shape) for name, shape in order if calls[name] == 1]
+                continue
+        if len(shape) == 4 and max(shape[-2:]) > 1:
+            found.append((name, shape))
+    return found
 
 
 def find_target_layer(model: nn.Module, example_input: Tensor, *, reshape: TokenReshape | None = None) -> str:

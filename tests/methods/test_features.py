@@ -264,7 +264,7 @@ def test_capture_features_matches_hand_written_hooks_for_dotted_names():
     result = capture_features(model, x, LAYERS, max_features=128)
     _assert_features_equal(result, expected)
     for value in result.values():
-        assert value.dtype == torch.float32 and value.device.type == "cpu"
+        assert value.dtype == torch.float32 and value.device.type == "cpu"  # the model's device
 
 
 def test_capture_features_accepts_module_objects_keyed_by_their_dotted_name():
@@ -385,16 +385,19 @@ def test_capture_features_works_under_inference_mode_with_inference_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("device", DEVICES)
-def test_capture_features_outputs_are_cpu_float32(device, dtype):
+def test_capture_features_are_float32_on_the_models_device_or_where_asked(device, dtype):
     model = _featnet().to(device=device, dtype=dtype)
     x = _images(dtype=dtype)  # on the CPU: chunks must be moved to the model's device
     result = capture_features(model, x, LAYERS, batch_size=4, max_features=128)
+    on_cpu = capture_features(model, x, LAYERS, batch_size=4, max_features=128, device="cpu")
     expected = _expected_featnet(model, x.to(device))
     for name in LAYERS:
         assert result[name].dtype == torch.float32, name
-        assert result[name].device.type == "cpu", name
+        assert result[name].device.type == device, name
+        assert on_cpu[name].device.type == "cpu", name
         assert not result[name].requires_grad
-        torch.testing.assert_close(result[name], expected[name].float().cpu(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result[name], expected[name].float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(on_cpu[name], expected[name].float().cpu(), rtol=1e-4, atol=1e-5)
 
 
 def test_capture_features_unknown_name_suggests_the_closest():
