@@ -27,12 +27,14 @@ from lightning_interp.methods.similarity import (
     MinibatchCKA,
     center_gram,
     cka_matrix,
+    gram_dtype_for,
     linear_cka,
     normalized_grams,
     rbf_cka,
     rdm,
     rsa,
 )
+from lightning_interp.methods.trace import ModelTrace, trace_model
 
 ATTRIBUTION_METHODS = {
     "gradient": gradient,
@@ -46,6 +48,7 @@ __all__ = [
     "ATTRIBUTION_METHODS",
     "PROBE_SOLVERS",
     "MinibatchCKA",
+    "ModelTrace",
     "PassResult",
     "ProbeResult",
     "attribution_pass",
@@ -60,6 +63,7 @@ __all__ = [
     "get_module",
     "grad_cam",
     "gradient",
+    "gram_dtype_for",
     "input_x_gradient",
     "integrated_gradients",
     "integration_points",
@@ -77,4 +81,5 @@ __all__ = [
     "smoothgrad",
     "spatial_layers",
     "stratified_split",
+    "trace_model",
 ]

@@ -272,6 +272,34 @@ def test_cka_matrix_from_upper_triangle_strips_equals_full_grams(debiased, strip
     torch.testing.assert_close(batch.compute(), cka_matrix(feats, debiased=True), rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("debiased", [False, True])
+def test_float32_gram_products_agree_with_float64_within_1e_7(debiased):
+    # GPUs without fast float64 form the Grams in float32; the result must stay close to the float64 one, also for
+    # many features with a large common offset (ReLU outputs) where a naive float32 Gram would lose every digit
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(300, 8, generator=g)
+    feats = {
+        "relu": torch.relu(z @ torch.randn(8, 2048, generator=g) + 0.5) + 40.0,
+        "linear": z @ torch.randn(8, 512, generator=g) + 0.3 * torch.randn(300, 512, generator=g),
+        "noise": torch.randn(300, 64, generator=g),
+    }
+    exact = cka_matrix(feats, debiased=debiased, gram_dtype=torch.float64)
+    fast = cka_matrix(feats, debiased=debiased, gram_dtype=torch.float32)
+    assert fast.dtype == torch.float64 and not torch.equal(fast, exact)  # the float32 path really ran
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-7)
+    grams = similarity.normalized_grams(feats, debiased=debiased, gram_dtype=torch.float32)
+    torch.testing.assert_close(grams @ grams.T, exact, rtol=0, atol=1e-7)
+    batch = MinibatchCKA(gram_dtype=torch.float32)
+    batch.update(feats)
+    torch.testing.assert_close(batch.compute(), cka_matrix(feats, debiased=True), rtol=0, atol=1e-7)
+
+
+def test_gram_dtype_is_float64_on_the_cpu_and_checked():
+    assert similarity.gram_dtype_for("cpu") == torch.float64
+    with pytest.raises(ValueError, match="gram_dtype"):
+        cka_matrix(layers(), gram_dtype=torch.float16)
+
+
 def test_cka_matrix_marks_a_constant_layer_nan_and_keeps_the_rest():
     feats = layers()
     feats["dead"] = torch.zeros(48, 16)
