@@ -1,23 +1,35 @@
-"""Send images and scalars to whatever loggers the trainer has.
+"""Send images and scalars to whatever loggers the trainer has, and draw images off the training thread.
 
 TensorBoard is first-class. Another logger with an image API of its own
 (``log_image``, as Weights & Biases and Neptune have) gets the images through
 it; a logger without one, or a trainer without loggers, gets PNG files under
 the run directory. Nothing here ever fails for lack of a logger.
+
+Scalars are logged synchronously (EarlyStopping and ModelCheckpoint read them
+at the end of the same validation). Images are drawn and logged by a
+:class:`DrawingWorker`: one thread, jobs in submission order, a small bounded
+queue, drained at the end of ``fit``/``validate``, at teardown and when
+training raises.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import re
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.image import imsave
 
-__all__ = ["image_directory", "log_image", "log_scalars", "monitor_scalars"]
+__all__ = ["DrawingWorker", "image_directory", "log_image", "log_scalars", "monitor_scalars", "prepare_loggers"]
+
+WORKER_THREAD_NAME = "lightning-interp-drawing"
+QUEUE_DEPTH = 8  # jobs waiting at most: a few validation epochs of every callback, then submit() waits
 
 
 def image_directory(trainer: pl.Trainer, logger: object | None = None) -> str:
@@ -54,6 +66,13 @@ def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int) -> li
     return written
 
 
+def prepare_loggers(trainer: pl.Trainer) -> None:
+    """Create lazily made logger resources (TensorBoard's writer) on the calling thread, before a worker uses them."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            _ = logger.experiment
+
+
 def log_scalars(trainer: pl.Trainer, scalars: Mapping[str, float], step: int) -> None:
     """Log scalars to every logger of the trainer at ``step`` (the step of the images, so sliders line up)."""
     if scalars:
@@ -73,3 +92,110 @@ def monitor_scalars(pl_module: pl.LightningModule, scalars: Mapping[str, float])
         pl_module.log(
             name, float(value), logger=False, sync_dist=True, rank_zero_only=True, on_step=False, on_epoch=True
         )
+
+
+class DrawingWorker:
+    """Runs drawing-and-logging jobs on one background thread, in the order they were submitted.
+
+    ``submit`` hands a job over and returns at once (it waits only while
+    ``depth`` jobs are already queued, so a slow drawing cannot pile up
+    memory); ``drain`` waits until every job has run; ``close`` drains and
+    ends the thread. When a job raises, the jobs after it are skipped and
+    the error is raised, with its original traceback, on the thread that
+    next calls ``submit``, ``drain`` or ``close``. ``submit(job, inline=True)``
+    runs the job on the calling thread instead (same output, for debugging).
+    The thread starts with the first job, so an unused worker costs nothing.
+
+    Args:
+        depth: most jobs waiting in the queue.
+
+    Attributes:
+        job_seconds: how long each job took, in the order they ran.
+
+    Example:
+        >>> done = []
+        >>> worker = DrawingWorker()
+        >>> for i in range(3):
+        ...     worker.submit(lambda i=i: done.append(i))
+        >>> worker.close()
+        >>> done
+        [0, 1, 2]
+    """
+
+    def __init__(self, depth: int = QUEUE_DEPTH) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}.")
+        self.job_seconds: list[float] = []
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, job: Callable[[], None], *, inline: bool = False) -> None:
+        """Queue ``job`` (a no-argument callable), or run it now with ``inline``; first raise an earlier job's error."""
+        self.raise_pending()
+        if inline:
+            self._timed(job)
+            return
+        with self._lock:
+            if not self.alive:
+                self._thread = threading.Thread(target=self._loop, name=WORKER_THREAD_NAME, daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def drain(self) -> None:
+        """Wait until every submitted job has run, then raise the first error one of them left, if any."""
+        if self.alive:
+            self._jobs.join()
+        self.raise_pending()
+
+    def close(self, *, raise_errors: bool = True) -> BaseException | None:
+        """Drain, end the thread and wait for it; return (or, with ``raise_errors``, raise) a job's error."""
+        if self.alive:
+            self._jobs.join()
+            self._jobs.put(None)
+            assert self._thread is not None
+            self._thread.join()
+        self._thread = None
+        if raise_errors:
+            self.raise_pending()
+            return None
+        error, self._error = self._error, None
+        return error
+
+    def raise_pending(self) -> None:
+        """Raise the error a job left (once), on the calling thread, with the job's own traceback."""
+        error, self._error = self._error, None
+        if error is not None:
+            note = getattr(error, "add_note", None)
+            if note is not None:
+                note(
+                    "(raised by a lightning-interp drawing job on its background thread; "
+                    "pass background_drawing=False to the callback to draw inline while debugging)"
+                )
+            raise error
+
+    def _timed(self, job: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        try:
+            job()
+        finally:
+            self.job_seconds.append(time.perf_counter() - started)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:  # after a failure, skip the rest: the run is about to stop
+                    self._timed(job)
+            except BaseException as error:  # handed to the training thread
+                self._error = error
+            finally:
+                self._jobs.task_done()
