@@ -46,6 +46,19 @@ def read_events(log_dir: str) -> Events:
     return Events(scalars, images)
 
 
+def read_image_bytes(log_dir: str) -> dict[str, list[tuple[int, bytes]]]:
+    """Every image of every event file under ``log_dir``: tag -> [(step, encoded PNG bytes)]."""
+    files = glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True)
+    assert files, f"no TensorBoard event files under {log_dir}"
+    images: dict[str, list[tuple[int, bytes]]] = {}
+    for directory in sorted({os.path.dirname(f) for f in files}):
+        acc = EventAccumulator(directory, size_guidance={"images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["images"]:
+            images.setdefault(tag, []).extend((e.step, e.encoded_image_string) for e in acc.Images(tag))
+    return images
+
+
 @pytest.fixture
 def events_reader():
     return read_events

@@ -1,4 +1,4 @@
-"""Plumbing shared by every callback: schedule, probe set, setup checks, precision, state."""
+"""Plumbing shared by every callback: schedule, probe set, order of work, precision, drawing, state."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_interp._logging import log_scalars, monitor_scalars
+from lightning_interp._logging import log_scalars, monitor_scalars, prepare_loggers
+from lightning_interp.callbacks._context import active_context, end_run, join_run
+from lightning_interp.methods.trace import ModelTrace, trace_model
 from lightning_interp.probe import BatchParser, ProbeSet
 
 
@@ -34,8 +38,19 @@ class InterpCallback(Callback):
 
     Handles the schedule (validation epochs, never the sanity check, only on
     global rank zero), the probe set (drawn once from the first validation
-    dataloader, or given), setup-time checks, the trainer's precision context
-    and the checkpoint state. Subclasses implement :meth:`_run`.
+    dataloader, or given), the order of work, the trainer's precision
+    context, background drawing and the checkpoint state. Subclasses
+    implement :meth:`_run`.
+
+    Order of work (Lightning builds the model in ``configure_model()`` and moves
+    it to its device only after the callbacks' ``setup``): ``setup`` checks
+    arguments against the model where the names already exist and draws the
+    probe set; ``on_fit_start`` (``on_validation_start`` for ``validate()``)
+    runs the one dry forward on the built model on its device and resolves
+    automatic layers, before the first training step; each due validation
+    epoch computes on the model's device and hands pictures to the run's one
+    drawing thread; the end of ``fit``/``validate``, teardown and an
+    exception in training drain that thread.
 
     Args:
         name: tag prefix (``interp/<name>/...``) and part of the checkpoint
@@ -48,6 +63,9 @@ class InterpCallback(Callback):
             validation dataloader.
         batch_parser: turns a batch of an unusual form into
             ``(inputs, labels, masks)``; see :func:`~lightning_interp.probe.parse_batch`.
+        background_drawing: draw and log images on a background thread (the
+            default), so training waits only for the computation and the
+            scalars; False draws them inline (same images, for debugging).
     """
 
     def __init__(
@@ -58,6 +76,7 @@ class InterpCallback(Callback):
         every_n_epochs: int = 1,
         probe: ProbeSet | None = None,
         batch_parser: BatchParser | None = None,
+        background_drawing: bool = True,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"name must be a non-empty string without '/', got {name!r}.")
@@ -66,25 +85,29 @@ class InterpCallback(Callback):
         _check_callable("batch_parser", batch_parser)
         if probe is not None and not isinstance(probe, ProbeSet):
             raise TypeError(f"probe must be a ProbeSet or None, got {type(probe).__name__}.")
+        if not isinstance(background_drawing, bool):
+            raise TypeError(f"background_drawing must be True or False, got {background_drawing!r}.")
         self.name = name
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.batch_parser = batch_parser
+        self.background_drawing = background_drawing
         self.probe: ProbeSet | None = probe
         self._runs = 0
+        self._prepared = False
         if probe is not None and self._needs_labels() and not probe.has_labels:
             raise ValueError(f"{self._labels_reason()}, but the given ProbeSet has none.")
 
     # ------------------------------------------------------------------ hooks to implement
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Compute on the probe set, log the images; return the scalars (the base logs them)."""
+        """Compute on the probe set, submit the images; return the scalars (the base logs them)."""
         raise NotImplementedError
 
-    def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
-        """Resolve anything that needs the model and the probe (e.g. automatic layers)."""
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        """Resolve what needs the built model on its device (output check, automatic layers); once per run."""
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
-        """Argument checks that need the model (e.g. layer names exist)."""
+        """Cheap argument checks against the model's sub-modules (e.g. layer names exist)."""
 
     def _needs_labels(self) -> bool:
         return False
@@ -97,14 +120,18 @@ class InterpCallback(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_sharded_strategies(self, trainer)
+        join_run(trainer, self)
+        self._prepared = False
         if stage == "fit" and trainer.limit_val_batches == 0:
             rank_zero_warn(
                 f"{type(self).__name__} runs at validation epochs, but limit_val_batches=0 turns validation off: "
                 "it will log nothing in this run."
             )
-        self._check_model(pl_module)
+        if not _builds_in_configure_model(pl_module):  # otherwise the layers do not exist yet: checked at fit start
+            self._check_model(pl_module)
         if self.probe is None and stage in ("fit", "validate"):
             source = _validation_source(trainer, stage)
             if source is not None and not source.is_defined():
@@ -118,12 +145,19 @@ class InterpCallback(Callback):
             with contextlib.suppress(Exception):  # the loader may need hooks that have not run yet: draw later
                 loader = _first_loader(source.dataloader()) if source is not None else None
             if loader is not None:
-                self._draw_probe(loader)
-        if self.probe is not None:
-            self._prepare(pl_module, self.probe)
+                self._draw_probe(trainer, loader)
 
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_ready(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_ready(trainer, pl_module)  # trainer.validate() has no on_fit_start
+
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._ensure_probe(trainer, pl_module):
+        if not self._ensure_ready(trainer, pl_module):
             return
         if trainer.sanity_checking or not self._is_due(trainer):
             return
@@ -136,42 +170,67 @@ class InterpCallback(Callback):
             scalars = trainer.strategy.broadcast(scalars, src=0)
         monitor_scalars(pl_module, scalars)
 
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        context = active_context(trainer)
+        if context is not None and trainer.state.fn == "validate":  # in fit, drawing is drained at fit end
+            context.worker.drain()
+
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank_zero_warn(
             f"{type(self).__name__} explains the probe set at validation epochs only; trainer.test() runs nothing "
             "of it. To analyse a dataset after training, call trainer.validate(model, dataloaders=...)."
         )
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._runs == 0 and trainer.is_global_zero:
             rank_zero_warn(
                 f"{type(self).__name__} never ran in this fit: no validation epoch was due (check "
                 f"limit_val_batches, check_val_every_n_epoch and every_n_epochs={self.every_n_epochs})."
             )
+        context = active_context(trainer)
+        if context is not None:
+            context.worker.drain()
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        end_run(trainer, raise_errors=True)  # the first callback's teardown ends the run; no thread outlives it
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        error = end_run(trainer, raise_errors=False)  # the training error is the one to raise
+        if error is not None and error is not exception:
+            rank_zero_warn(f"{type(self).__name__}: a drawing job failed as well: {error!r}")
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"probe": None if self.probe is None else self.probe.state_dict(), "runs": self._runs}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("probe") is not None:
             self.probe = ProbeSet.from_state_dict(state_dict["probe"])
         self._runs = int(state_dict.get("runs", 0))
 
     # ------------------------------------------------------------------ shared internals
-    def _ensure_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Draw the probe set now if setup could not; False when no validation data is at hand."""
-        if self.probe is not None:
-            return True
-        loader = _first_loader(trainer.val_dataloaders)
-        if loader is None:
-            source = _validation_source(trainer, "fit")
-            with contextlib.suppress(Exception):
-                loader = _first_loader(source.dataloader()) if source is not None else None
-        if loader is None:
-            return False
-        self._draw_probe(loader)
+    def _ensure_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Draw the probe set if setup could not, and prepare once per run; False when no validation data is at hand."""
+        if self.probe is None:
+            loader = _first_loader(trainer.val_dataloaders)
+            if loader is None:
+                source = _validation_source(trainer, "validate" if trainer.state.fn == "validate" else "fit")
+                with contextlib.suppress(Exception):
+                    loader = _first_loader(source.dataloader()) if source is not None else None
+            if loader is None:
+                return False
+            self._draw_probe(trainer, loader)
         assert self.probe is not None
-        self._prepare(pl_module, self.probe)
+        if not self._prepared:
+            self._check_model(pl_module)  # again: a model built in configure_model() has its layers only now
+            self._prepare(trainer, pl_module, self.probe)
+            self._prepared = True
         return True
 
     def _is_due(self, trainer: pl.Trainer) -> bool:
@@ -179,8 +238,15 @@ class InterpCallback(Callback):
             return True
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
-    def _draw_probe(self, loader: Any) -> None:
-        probe = ProbeSet.from_dataloader(loader, self.num_samples, batch_parser=self.batch_parser)
+    def _draw_probe(self, trainer: pl.Trainer, loader: Any) -> None:
+        def draw() -> ProbeSet:
+            return ProbeSet.from_dataloader(loader, self.num_samples, batch_parser=self.batch_parser)
+
+        # callbacks drawing the same number of samples from the same data share one draw (and one ProbeSet)
+        dataset = getattr(loader, "dataset", None)
+        source = id(dataset) if dataset is not None and _is_indexable(dataset) else id(loader)
+        context = active_context(trainer)
+        probe = draw() if context is None else context.probe((source, self.num_samples, self.batch_parser), draw)
         if len(probe) < self.num_samples:
             rank_zero_warn(
                 f"{type(self).__name__}: asked for num_samples={self.num_samples} but the validation data "
@@ -192,6 +258,21 @@ class InterpCallback(Callback):
                 "returns the labels, or give probe=ProbeSet(inputs, labels)."
             )
         self.probe = probe
+
+    def _trace(self, trainer: pl.Trainer, model: nn.Module, example: Tensor) -> ModelTrace:
+        """The run's one dry-forward trace of ``model`` for inputs like ``example`` (shared by the callbacks)."""
+        context = active_context(trainer)
+        return trace_model(model, example) if context is None else context.trace(model, example)
+
+    def _submit(self, trainer: pl.Trainer, job: Callable[[], None]) -> None:
+        """Hand a drawing-and-logging job to the run's worker; run it now when background drawing is off or
+        outside a run (a method called by hand: no thread may start that nothing would stop)."""
+        context = active_context(trainer)
+        if context is None:
+            job()
+            return
+        prepare_loggers(trainer)
+        context.worker.submit(job, inline=not self.background_drawing)
 
     @contextlib.contextmanager
     def _model_context(self, trainer: pl.Trainer) -> Iterator[None]:
@@ -210,10 +291,23 @@ class InterpCallback(Callback):
         return example
 
     def _probe_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
+        """The probe inputs on the model's device (copied asynchronously from pinned memory to a GPU)."""
         assert self.probe is not None
-        inputs = self.probe.inputs.to(pl_module.device)
+        device = pl_module.device
+        context = active_context(trainer)
+        host = self.probe.inputs if context is None else context.host_copy(self.probe.inputs, device)
+        inputs = host.to(device, non_blocking=host.is_pinned())
         plugin = getattr(trainer, "precision_plugin", None)
         return plugin.convert_input(inputs) if plugin is not None else inputs
+
+
+def _builds_in_configure_model(pl_module: pl.LightningModule) -> bool:
+    """Whether the module builds layers in ``configure_model()`` (or its legacy name), after the callbacks' setup."""
+    return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model"))
+
+
+def _is_indexable(dataset: object) -> bool:
+    return hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
 
 
 def _check_positive_int(name: str, value: object) -> None:

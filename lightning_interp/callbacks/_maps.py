@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lightning_interp._logging import log_image
 from lightning_interp.callbacks._base import InterpCallback, _check_callable
-from lightning_interp.methods._core import OutputTransform, modes_preserved, scores_from_output
+from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
 from lightning_interp.probe import BatchParser, ProbeSet
 from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
@@ -36,9 +36,9 @@ class Explanation:
     """What one run of a map callback produced on the probe set.
 
     Attributes:
-        maps: name -> (N, H, W) float32 map on the CPU, in display order.
-        scores: (N, C) class scores of the probe samples.
-        target: (N,) explained class per sample.
+        maps: name -> (N, H, W) float32 map on the model's device, in display order.
+        scores: (N, C) class scores of the probe samples (any device).
+        target: (N,) explained class per sample (any device).
         scalars: extra scalars by tag suffix (e.g. IG completeness error).
         signed: names of maps with meaningful sign (shown with a diverging colormap).
         titles: optional display titles of the maps (default: their names).
@@ -74,6 +74,8 @@ class MapCallback(InterpCallback):
         cmap: matplotlib colormap of the heatmaps.
         evolution_samples: rows of the evolution strip logged at fit end (0 to skip).
         evolution_columns: about how many epochs the strip shows (evenly spaced).
+        background_drawing: draw the grids on the run's background thread (see
+            :class:`~lightning_interp.callbacks.InterpCallback`).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class MapCallback(InterpCallback):
         cmap: str = "inferno",
         evolution_samples: int = 4,
         evolution_columns: int = 10,
+        background_drawing: bool = True,
     ) -> None:
         if not (target in ("pred", "label") or (isinstance(target, int) and not isinstance(target, bool))):
             raise ValueError(f"target must be 'pred', 'label' or a class index (int), got {target!r}.")
@@ -97,7 +100,12 @@ class MapCallback(InterpCallback):
             raise ValueError(f"A fixed target class must be >= 0, got {target}.")
         self.target = target
         super().__init__(
-            name=name, num_samples=num_samples, every_n_epochs=every_n_epochs, probe=probe, batch_parser=batch_parser
+            name=name,
+            num_samples=num_samples,
+            every_n_epochs=every_n_epochs,
+            probe=probe,
+            batch_parser=batch_parser,
+            background_drawing=background_drawing,
         )
         if not isinstance(evolution_columns, int) or evolution_columns < 1:
             raise ValueError(f"evolution_columns must be a positive int, got {evolution_columns!r}.")
@@ -117,10 +125,10 @@ class MapCallback(InterpCallback):
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         raise NotImplementedError
 
-    def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Check now, not at the first validation epoch, that the model's output gives class scores."""
-        with modes_preserved(pl_module), torch.inference_mode(False), torch.no_grad():
-            scores = scores_from_output(pl_module(self._example_input(pl_module, probe)), self.output_transform)
+        trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
+        scores = scores_from_output(trace.output, self.output_transform)
         if isinstance(self.target, int) and self.target >= scores.shape[1]:
             raise ValueError(f"target={self.target} is not a class index of this model ({scores.shape[1]} classes).")
 
@@ -131,16 +139,24 @@ class MapCallback(InterpCallback):
         return f"{type(self).__name__}(target='label') needs labels (use target='pred' otherwise)"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_end(trainer, pl_module)
         if trainer.is_global_zero and self._history and self.evolution_samples > 0 and self.probe is not None:
+            history, step = list(self._history), trainer.global_step
+            inputs = self.probe.inputs[self._evolution_indices()]
             for key in self._history[-1][1]:
-                image = self._evolution_image(key)
-                if image is not None:
-                    log_image(trainer, f"interp/{self.name}/{key}/evolution", image, trainer.global_step)
+                tag = f"interp/{self.name}/{key}/evolution"
+
+                def job(key: str = key, tag: str = tag) -> None:
+                    image = self._evolution_image(key, history, inputs)
+                    if image is not None:
+                        log_image(trainer, tag, image, step)
+
+                self._submit(trainer, job)
+        super().on_fit_end(trainer, pl_module)  # drains the worker
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(previous=dict(self._previous), history=list(self._history))
+        previous = {key: maps.cpu() for key, maps in self._previous.items()}  # checkpoints load anywhere
+        state.update(previous=previous, history=list(self._history))
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -163,32 +179,51 @@ class MapCallback(InterpCallback):
         inputs = self._probe_inputs(trainer, pl_module)
         with self._model_context(trainer):
             result = self._explain(pl_module, inputs, self._target_for(probe, inputs.device))
-        broken = [key for key, maps in result.maps.items() if not torch.isfinite(maps).all()]
+        maps = {key: value.float() for key, value in result.maps.items()}  # AMP: float32 before any scoring
+        finite = torch.stack([torch.isfinite(m).all() for m in maps.values()]).tolist() if maps else []
+        broken = [key for key, ok in zip(maps, finite, strict=True) if not ok]
         if broken:
             rank_zero_warn(
                 f"{type(self).__name__}: the maps of {broken} hold NaN or inf at epoch {trainer.current_epoch} "
                 "(non-finite activations or gradients in the model); their scores are logged as NaN."
             )
         step = trainer.global_step
-        scalars = self._scores(result, probe)
+        scalars = self._scores(maps, result.signed, probe)
         scalars.update({f"interp/{self.name}/{k}": v for k, v in result.scalars.items()})
-        log_image(trainer, f"interp/{self.name}/maps", self._grid_image(result, probe), step)
-        self._remember(trainer.current_epoch, result.maps)
+        shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
+        picture = _GridData(
+            inputs=probe.inputs[:shown],
+            labels=None if probe.labels is None else probe.labels[:shown],
+            maps={key: value[:shown].cpu() for key, value in maps.items()},
+            scores=result.scores[:shown].float().cpu(),
+            target=result.target[:shown].cpu(),
+            signed=set(result.signed),
+            titles=dict(result.titles),
+        )
+        self._submit(trainer, lambda: log_image(trainer, f"interp/{self.name}/maps", self._grid_image(picture), step))
+        self._remember(trainer.current_epoch, maps)
         return scalars
 
-    def _scores(self, result: Explanation, probe: ProbeSet) -> dict[str, float]:
-        scalars: dict[str, float] = {}
-        for key, maps in result.maps.items():
+    def _scores(self, maps: dict[str, Tensor], signed: set[str], probe: ProbeSet) -> dict[str, float]:
+        """Per-map scores, computed where the maps are; one transfer of all the values at the end."""
+        values: dict[str, Tensor] = {}
+        masks = None
+        for key, value in maps.items():
             prefix = f"interp/{self.name}/{key}"
-            positive = maps.clamp_min(0) if key in result.signed else maps
-            scalars[f"{prefix}/concentration"] = _nanmean(concentration(positive))
-            if key in self._previous and self._previous[key].shape == maps.shape:
-                scalars[f"{prefix}/stability"] = _nanmean(rank_correlation(maps, self._previous[key]))
-            if probe.masks is not None and tuple(probe.masks.shape[-2:]) == tuple(maps.shape[-2:]):
-                scalars[f"{prefix}/localization"] = _nanmean(localization(positive, probe.masks))
-                scalars[f"{prefix}/pointing_game"] = _nanmean(pointing_game(positive, probe.masks))
-            self._previous[key] = maps.clone()
-        return scalars
+            positive = value.clamp_min(0) if key in signed else value
+            values[f"{prefix}/concentration"] = _nanmean(concentration(positive))
+            previous = self._previous.get(key)
+            if previous is not None and previous.shape == value.shape:
+                values[f"{prefix}/stability"] = _nanmean(rank_correlation(value, previous.to(value.device)))
+            if probe.masks is not None and tuple(probe.masks.shape[-2:]) == tuple(value.shape[-2:]):
+                masks = probe.masks.to(value.device) if masks is None else masks
+                values[f"{prefix}/localization"] = _nanmean(localization(positive, masks))
+                values[f"{prefix}/pointing_game"] = _nanmean(pointing_game(positive, masks))
+            self._previous[key] = value.detach().clone()
+        if not values:
+            return {}
+        numbers = torch.stack([v.double() for v in values.values()]).tolist()
+        return dict(zip(values, numbers, strict=True))
 
     def _row_label(self, index: int, label: int | None, pred: int, confidence: float, target: int) -> str:
         def show(c: int) -> str:
@@ -202,38 +237,36 @@ class MapCallback(InterpCallback):
             lines.append(f"shows {show(target)}")
         return "\n".join(lines)
 
-    def _grid_image(self, result: Explanation, probe: ProbeSet) -> np.ndarray:
-        probabilities = result.scores.float().softmax(dim=1).cpu()
+    def _grid_image(self, picture: _GridData) -> np.ndarray:
+        """The per-run grid (drawn on the worker thread, from CPU tensors only)."""
+        probabilities = picture.scores.softmax(dim=1)
         confidence, predicted = probabilities.max(dim=1)
-        shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
-        inputs = probe.inputs[:shown]
+        shown = picture.scores.shape[0]
+        inputs = picture.inputs
         columns = [list(input_to_rgb(inputs))]
-        for key, maps in result.maps.items():
-            cmap = self._cmap_for(key, result)
-            columns.append(map_tiles(inputs, maps[:shown], cmap=cmap, signed=key in result.signed))
+        for key, maps in picture.maps.items():
+            cmap = "RdBu_r" if key in picture.signed else self.cmap
+            columns.append(map_tiles(inputs, maps, cmap=cmap, signed=key in picture.signed))
         rows = [[column[i] for column in columns] for i in range(shown)]
         labels = [
             self._row_label(
                 i,
-                None if probe.labels is None else int(probe.labels[i]),
+                None if picture.labels is None else int(picture.labels[i]),
                 int(predicted[i]),
                 float(confidence[i]),
-                int(result.target[i]),
+                int(picture.target[i]),
             )
             for i in range(shown)
         ]
-        titles = [result.titles.get(key, key) for key in result.maps]
+        titles = [picture.titles.get(key, key) for key in picture.maps]
         return render_grid(rows, column_titles=["input", *titles], row_labels=labels)
 
-    def _cmap_for(self, key: str, result: Explanation) -> str:
-        return "RdBu_r" if key in result.signed else self.cmap
-
     def _remember(self, epoch: int, maps: dict[str, Tensor]) -> None:
-        """Keep a small copy of the first samples' maps for the evolution strip, bounded in length."""
+        """Keep a small CPU copy of a few samples' maps for the evolution strip, bounded in length."""
         if self.evolution_samples == 0:
             return
         picks = self._evolution_indices()
-        kept = {key: _shrink(m[picks]) for key, m in maps.items()}
+        kept = {key: _shrink(m[picks.to(m.device)]) for key, m in maps.items()}
         self._history.append((epoch, kept))
         if len(self._history) > 2 * self.evolution_columns:
             thinned = self._history[::2]
@@ -247,16 +280,16 @@ class MapCallback(InterpCallback):
         count = min(self.evolution_samples, len(self.probe))
         return torch.from_numpy(np.linspace(0, len(self.probe) - 1, count).round().astype(np.int64))
 
-    def _evolution_image(self, key: str) -> np.ndarray | None:
-        assert self.probe is not None
-        entries = [(epoch, maps[key]) for epoch, maps in self._history if key in maps]
+    def _evolution_image(
+        self, key: str, history: list[tuple[int, dict[str, Tensor]]], inputs: Tensor
+    ) -> np.ndarray | None:
+        """The strip of ``key``'s maps across the epochs in ``history`` for the probe rows in ``inputs``."""
+        entries = [(epoch, maps[key]) for epoch, maps in history if key in maps]
         if not entries:
             return None
         spaced = np.linspace(0, len(entries) - 1, min(len(entries), self.evolution_columns))
         chosen = [entries[i] for i in sorted({round(i) for i in spaced})]
-        rows = self._evolution_indices()
-        count = len(rows)
-        inputs = self.probe.inputs[rows]
+        count = inputs.shape[0]
         size = tuple(chosen[-1][1].shape[-2:])
         small_inputs = _resize_inputs(inputs, size)
         columns = [list(input_to_rgb(small_inputs))]
@@ -273,15 +306,31 @@ def _resize_inputs(inputs: Tensor, size: tuple[int, ...]) -> Tensor:
 
 
 def _shrink(maps: Tensor) -> Tensor:
-    """A float16 copy at most HISTORY_SIZE pixels on its longest side."""
-    maps = maps.detach().float().cpu()
+    """A float16 CPU copy at most HISTORY_SIZE pixels on its longest side (shrunk where the maps are)."""
+    maps = maps.detach().float()
     if maps.ndim == 3 and max(maps.shape[-2:]) > HISTORY_SIZE:
         scale = HISTORY_SIZE / max(maps.shape[-2:])
         size = (max(1, round(maps.shape[-2] * scale)), max(1, round(maps.shape[-1] * scale)))
         maps = torch.nn.functional.interpolate(maps[:, None], size=size, mode="area")[:, 0]
-    return maps.half().clone()
+    return maps.half().cpu().clone()
 
 
-def _nanmean(values: Tensor) -> float:
-    finite = values[torch.isfinite(values)]
-    return float(finite.mean()) if finite.numel() else float("nan")
+def _nanmean(values: Tensor) -> Tensor:
+    """Mean of the finite values as a 0-dim tensor on their device; NaN when there are none (no host sync)."""
+    finite = torch.isfinite(values)
+    count = finite.sum()
+    total = torch.where(finite, values, torch.zeros_like(values)).sum()
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+
+
+@dataclass
+class _GridData:
+    """What the per-run grid needs, on the CPU: handed to the drawing thread."""
+
+    inputs: Tensor
+    labels: Tensor | None
+    maps: dict[str, Tensor]
+    scores: Tensor
+    target: Tensor
+    signed: set[str]
+    titles: dict[str, str]

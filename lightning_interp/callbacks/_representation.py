@@ -25,7 +25,7 @@ class RepresentationCallback(InterpCallback):
         max_layers: how many layers ``"auto"`` picks at most.
         max_features: per-layer feature bound; larger conv maps are average-pooled
             to a coarser grid (see :func:`~lightning_interp.methods.pool_features`).
-        num_samples, every_n_epochs, probe, batch_parser: see :class:`InterpCallback`.
+        num_samples, every_n_epochs, probe, batch_parser, background_drawing: see :class:`InterpCallback`.
     """
 
     def __init__(
@@ -39,13 +39,19 @@ class RepresentationCallback(InterpCallback):
         every_n_epochs: int = 1,
         probe: ProbeSet | None = None,
         batch_parser: BatchParser | None = None,
+        background_drawing: bool = True,
     ) -> None:
         names = parse_layer_names(layers, "layers")
         for option, value in (("max_layers", max_layers), ("max_features", max_features)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{option} must be a positive int, got {value!r}.")
         super().__init__(
-            name=name, num_samples=num_samples, every_n_epochs=every_n_epochs, probe=probe, batch_parser=batch_parser
+            name=name,
+            num_samples=num_samples,
+            every_n_epochs=every_n_epochs,
+            probe=probe,
+            batch_parser=batch_parser,
+            background_drawing=background_drawing,
         )
         self.layers: list[str] = names
         self.auto = not names
@@ -56,12 +62,13 @@ class RepresentationCallback(InterpCallback):
         for name in self.layers if not self.auto else []:
             get_module(pl_module, name)
 
-    def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         if self.auto and not self.layers:
-            self.layers = auto_layers(pl_module, self._example_input(pl_module, probe), max_layers=self.max_layers)
+            trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
+            self.layers = auto_layers(pl_module, None, max_layers=self.max_layers, trace=trace)
 
     def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """Pooled (N, D) float32 CPU features of every layer on the probe set, in the trainer's precision."""
+        """Pooled (N, D) float32 features of every layer on the probe set, on the model's device, in its precision."""
         inputs = self._probe_inputs(trainer, pl_module)
         with self._model_context(trainer):
             return capture_features(pl_module, inputs, self.layers, max_features=self.max_features)

@@ -63,9 +63,10 @@ class GradCAMCallback(MapCallback):
         for name in self.layers:
             get_module(pl_module, name)
 
-    def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
-        super()._prepare(pl_module, probe)
-        found = dict(spatial_layers(pl_module, self._example_input(pl_module, probe), reshape=self.reshape))
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        super()._prepare(trainer, pl_module, probe)
+        trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
+        found = dict(spatial_layers(pl_module, None, reshape=self.reshape, trace=trace))
         if self.auto:
             if not found:
                 raise ValueError(
@@ -95,11 +96,11 @@ class GradCAMCallback(MapCallback):
         )
         size = inputs.shape[-2:]
         maps = {
-            name: cam_from_activation(act, grad, relu=self.relu, output_size=size, reshape=self.reshape).cpu()
+            name: cam_from_activation(act, grad, relu=self.relu, output_size=size, reshape=self.reshape)
             for name, act, grad in zip(self.layers, result.activations, result.activation_grads, strict=False)
         }
         signed = set() if self.relu else set(maps)
-        return Explanation(maps=maps, scores=result.scores.cpu(), target=result.target.cpu(), signed=signed)
+        return Explanation(maps=maps, scores=result.scores, target=result.target, signed=signed)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -20,7 +20,8 @@ class LinearProbeCallback(RepresentationCallback):
 
     At each due validation epoch the callback captures the layers' outputs on
     its probe set (one no-grad forward in chunks; conv maps average-pooled to
-    at most ``max_features`` values per sample), splits the probe samples once
+    at most ``max_features`` values per sample; everything stays on the
+    model's device, the probes are fit there too), splits the probe samples once
     and for all into a stratified training and held-out half, standardises with
     the training half's statistics, fits one probe per layer and logs, under
     ``interp/<name>/``:
@@ -99,8 +100,9 @@ class LinearProbeCallback(RepresentationCallback):
         held_out: list[float] = []
         fitted: list[float] = []
         scalars: dict[str, float] = {}
-        for layer, values in features.items():
-            if torch.isfinite(values).all():
+        finite = torch.stack([torch.isfinite(values).all() for values in features.values()]).tolist()
+        for (layer, values), ok in zip(features.items(), finite, strict=True):
+            if ok:
                 result = linear_probe_accuracy(
                     values, labels, test_fraction=self.test_fraction, solver=self.solver, l2=self.l2, seed=self.seed
                 )
@@ -115,15 +117,19 @@ class LinearProbeCallback(RepresentationCallback):
             scalars[f"interp/{self.name}/{layer}/train_accuracy"] = train_accuracy
             held_out.append(accuracy)
             fitted.append(train_accuracy)
-        step = trainer.global_step
+        step, epoch, names = trainer.global_step, trainer.current_epoch, list(features)
         chance = float(labels.bincount().max()) / labels.numel()
-        figure = line_image(
-            list(features),
-            {"held-out": held_out, "train": fitted},
-            title=f"linear probe accuracy by depth (epoch {trainer.current_epoch})",
-            ylabel="accuracy",
-            ylim=(0.0, 1.02),
-            reference=chance,
-        )
-        log_image(trainer, f"interp/{self.name}/accuracy_by_depth", figure, step)
+
+        def draw() -> None:
+            figure = line_image(
+                names,
+                {"held-out": held_out, "train": fitted},
+                title=f"linear probe accuracy by depth (epoch {epoch})",
+                ylabel="accuracy",
+                ylim=(0.0, 1.02),
+                reference=chance,
+            )
+            log_image(trainer, f"interp/{self.name}/accuracy_by_depth", figure, step)
+
+        self._submit(trainer, draw)
         return scalars

@@ -42,9 +42,9 @@ class SaliencyCallback(MapCallback):
     - at fit end, ``<method>/evolution``: the maps of a few samples across epochs.
 
     ``gradient`` and ``input_x_gradient`` share one forward and one backward.
-    SmoothGrad noise comes from the callback's own generator, re-seeded each
-    run, so the global RNG (and thus training) is untouched and epochs are
-    compared on the same noise.
+    SmoothGrad noise comes from the callback's own generator on the model's
+    device, re-seeded each run, so the global and CUDA RNGs (and thus
+    training) are untouched and epochs are compared on the same noise.
 
     Args:
         methods: any of ``"gradient"``, ``"input_x_gradient"``, ``"smoothgrad"``,
@@ -115,8 +115,8 @@ class SaliencyCallback(MapCallback):
                 attributions[method] = first.input_grad
             elif method == "input_x_gradient":
                 attributions[method] = first.inputs * first.input_grad
-            elif method == "smoothgrad":
-                generator = torch.Generator(device="cpu").manual_seed(self.seed)
+            elif method == "smoothgrad":  # noise drawn where the model is, by the callback's own generator
+                generator = torch.Generator(device=inputs.device).manual_seed(self.seed)
                 attributions[method] = smoothgrad(
                     pl_module,
                     inputs,
@@ -142,12 +142,12 @@ class SaliencyCallback(MapCallback):
                 scalars[f"{method}/completeness_error"] = float(
                     delta.abs().mean() / difference.abs().mean().clamp_min(1e-12)
                 )
-        maps = {key: attribution_to_map(value, self.channel_reduction).cpu() for key, value in attributions.items()}
+        maps = {key: attribution_to_map(value, self.channel_reduction) for key, value in attributions.items()}
         signed = set(maps) if self.channel_reduction == "sum" else set()
         return Explanation(
             maps=maps,
-            scores=first.scores.cpu(),
-            target=first.target.cpu(),
+            scores=first.scores,
+            target=first.target,
             scalars=scalars,
             signed=signed,
             titles={key: _TITLES[key] for key in maps},

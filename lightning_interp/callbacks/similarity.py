@@ -134,19 +134,20 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             for name in self.reference_layers:
                 get_module(self.reference_model, name)
 
-    def _prepare(self, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
-        super()._prepare(pl_module, probe)
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        super()._prepare(trainer, pl_module, probe)
         if self.reference_model is not None:
             self.reference_model.to(pl_module.device)
             if not self.reference_layers:
                 example = probe.inputs[:1].to(pl_module.device)
-                self.reference_layers = auto_layers(self.reference_model, example, max_layers=self.max_layers)
+                trace = self._trace(trainer, self.reference_model, example)
+                self.reference_layers = auto_layers(self.reference_model, None, max_layers=self.max_layers, trace=trace)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the layers' Gram matrices before the first optimisation step, for ``cka_vs_start``."""
         if "cka" not in self.metrics or self._start_grams is not None or not trainer.is_global_zero:
             return
-        if self._ensure_probe(trainer, pl_module):
+        if self._ensure_ready(trainer, pl_module):
             self._start_grams = self._grams(self._features(trainer, pl_module)).float()
 
     # ------------------------------------------------------------------ the work
@@ -174,16 +175,20 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, features: dict[str, Tensor], step: int
     ) -> dict[str, float]:
         names = list(features)
-        grams = self._grams(features)
+        grams = self._grams(features)  # (L, n^2) on the model's device
         epoch = trainer.current_epoch
-        title = f"{'debiased ' if self.debiased else ''}linear CKA between layers (epoch {epoch})"
-        log_image(trainer, f"interp/{self.name}/cka", matrix_image(grams @ grams.T, names, title=title), step)
-        scalars: dict[str, float] = {}
+        values: dict[str, Tensor] = {}
         for key, reference in (("cka_vs_previous", self._previous_grams), ("cka_vs_start", self._start_grams)):
             if reference is not None and reference.shape == grams.shape:
-                values = (grams * reference.double()).sum(dim=1)
-                scalars.update({f"interp/{self.name}/{n}/{key}": float(v) for n, v in zip(names, values, strict=True)})
+                similarity = (grams * reference.to(grams.device, torch.float64)).sum(dim=1)
+                values.update({f"interp/{self.name}/{n}/{key}": v for n, v in zip(names, similarity, strict=True)})
         self._previous_grams = grams.float()
+        matrix = (grams @ grams.T).cpu()
+        title = f"{'debiased ' if self.debiased else ''}linear CKA between layers (epoch {epoch})"
+        self._submit(
+            trainer,
+            lambda: log_image(trainer, f"interp/{self.name}/cka", matrix_image(matrix, names, title=title), step),
+        )
         if self.reference_model is not None:
             assert self.probe is not None
             with self._model_context(trainer):
@@ -193,57 +198,80 @@ class RepresentationSimilarityCallback(RepresentationCallback):
                     self.reference_layers,
                     max_features=self.max_features,
                 )
-            cross = grams @ self._grams(reference).T
-            image = matrix_image(
-                cross, names, column_labels=list(reference), title=f"CKA: model (rows) vs reference (epoch {epoch})"
-            )
-            log_image(trainer, f"interp/{self.name}/cka_vs_reference", image, step)
+            cross = (grams @ self._grams(reference).T).cpu()
+            columns = list(reference)
+
+            def draw_reference() -> None:
+                title = f"CKA: model (rows) vs reference (epoch {epoch})"
+                image = matrix_image(cross, names, column_labels=columns, title=title)
+                log_image(trainer, f"interp/{self.name}/cka_vs_reference", image, step)
+
+            self._submit(trainer, draw_reference)
             best = torch.nan_to_num(cross, nan=-float("inf")).amax(dim=1)
             for layer, value in zip(names, best, strict=True):
-                scalars[f"interp/{self.name}/{layer}/cka_vs_reference_max"] = float(value)
-        return scalars
+                values[f"interp/{self.name}/{layer}/cka_vs_reference_max"] = value
+        if not values:
+            return {}
+        return dict(zip(values, torch.stack([v.double().cpu() for v in values.values()]).tolist(), strict=True))
 
     def _rsa(self, trainer: pl.Trainer, features: dict[str, Tensor], step: int) -> dict[str, float]:
         assert self.probe is not None
-        order = self._order()
         names = list(features)
+        device = next(iter(features.values())).device
+        order = self._order().to(device)
         rdms = [rdm(features[n][order], metric=self.rdm_metric) for n in names]
-        finite = [bool(torch.isfinite(matrix).all()) for matrix in rdms]
+        finite = torch.stack([torch.isfinite(matrix).all() for matrix in rdms]).tolist()
         if not all(finite):
             broken = [n for n, ok in zip(names, finite, strict=True) if not ok]
             rank_zero_warn(f"RepresentationSimilarityCallback: non-finite RDMs for {broken}; their RSA is NaN.")
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
 
-        def compare(a: int, b: Tensor, b_finite: bool = True) -> float:
-            return float(rsa(rdms[a], b, method=self.rsa_method)) if finite[a] and b_finite else float("nan")
+        def compare(a: int, b: Tensor, b_finite: bool = True) -> Tensor:
+            return rsa(rdms[a], b, method=self.rsa_method) if finite[a] and b_finite else nan
 
-        scalars: dict[str, float] = {}
+        values: dict[str, Tensor] = {}
         labels = self.probe.labels
         if labels is not None:
-            sorted_labels = labels[order]
+            sorted_labels = labels.to(device)[order]
             label_rdm = (sorted_labels[:, None] != sorted_labels[None, :]).double()
             for index, name in enumerate(names):
-                scalars[f"interp/{self.name}/{name}/rsa_vs_labels"] = compare(index, label_rdm)
+                values[f"interp/{self.name}/{name}/rsa_vs_labels"] = compare(index, label_rdm)
         for index, name in enumerate(names[:-1]):
-            scalars[f"interp/{self.name}/{name}/rsa_vs_next"] = compare(index, rdms[index + 1], finite[index + 1])
-        tiles = [self._rdm_tile(matrix) for matrix in rdms]
+            values[f"interp/{self.name}/{name}/rsa_vs_next"] = compare(index, rdms[index + 1], finite[index + 1])
+        tiles = [self._rdm_tile(matrix).cpu() for matrix in rdms]  # pooled where they are, small on the host
         title = f"RDMs ({self.rdm_metric}), samples sorted by class, epoch {trainer.current_epoch}"
-        log_image(trainer, f"interp/{self.name}/rdm", render_grid([tiles], column_titles=names, title=title), step)
-        return scalars
+
+        def draw() -> None:
+            pictures = [colorize(normalize_map(tile[None], percentile=99.0)[0], "viridis") for tile in tiles]
+            log_image(
+                trainer, f"interp/{self.name}/rdm", render_grid([pictures], column_titles=names, title=title), step
+            )
+
+        self._submit(trainer, draw)
+        if not values:
+            return {}
+        return dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist(), strict=True))
 
     @staticmethod
-    def _rdm_tile(matrix: Tensor) -> Any:
+    def _rdm_tile(matrix: Tensor) -> Tensor:
+        """The RDM as a float32 picture of at most RDM_TILE pixels a side (average-pooled)."""
         small = matrix.float()
         if small.shape[0] > RDM_TILE:
             small = F.adaptive_avg_pool2d(small[None, None], RDM_TILE)[0, 0]
-        return colorize(normalize_map(small[None], percentile=99.0)[0], "viridis")
+        return small
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(previous_grams=self._previous_grams, start_grams=self._start_grams)
+        state.update(previous_grams=_on_cpu(self._previous_grams), start_grams=_on_cpu(self._start_grams))
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._previous_grams = state_dict.get("previous_grams")
         self._start_grams = state_dict.get("start_grams")
+
+
+def _on_cpu(tensor: Tensor | None) -> Tensor | None:
+    """A checkpoint copy on the CPU, so it loads on any machine."""
+    return None if tensor is None else tensor.cpu()

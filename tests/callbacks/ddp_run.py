@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     # on it. A callback that cannot draw at setup draws later from the loader the trainer actually validates
     # with (this rank's shard): draw that way too, so the test sees that it still gets the whole validation set.
     late = LinearProbeCallback(num_samples=32)
-    late._ensure_probe(trainer, trainer.lightning_module)
+    late._ensure_ready(trainer, trainer.lightning_module)
     train_loader = trainer.train_dataloader
     report = {
         "global_rank": trainer.global_rank,

@@ -1,0 +1,132 @@
+"""What the callbacks of one Trainer share during one run: the drawing worker and one-time work.
+
+Several callbacks on one trainer draw their probe sets from the same
+validation loader, trace the same model to choose layers, and log images.
+A :class:`RunContext` per trainer and run holds the one background
+:class:`~lightning_interp._logging.DrawingWorker`, the probe sets drawn so
+far (so callbacks asking for the same samples get the same object, drawn
+once), the model traces (one dry forward per model and input shape) and
+pinned host copies of probe inputs for fast transfers. It is created by the
+first callback's ``setup`` and ended at teardown or when training raises, so
+nothing carries over to the next ``fit``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_interp._logging import DrawingWorker
+from lightning_interp.methods.trace import ModelTrace, trace_model
+from lightning_interp.probe import ProbeSet
+
+
+@dataclass
+class RunContext:
+    """Shared state of every lightning-interp callback of one trainer for one run.
+
+    Attributes:
+        worker: the one drawing thread of this run.
+        members: ids of the callbacks whose ``setup`` ran in this run (a second
+            ``setup`` of the same callback means a new run).
+        probes: draw key -> the probe set drawn for it.
+        traces: (model id, input shape, dtype, device) -> the model's trace.
+        pinned: probe-input tensor id -> its pinned host copy.
+        timings: one-time cost name -> seconds spent (for the benchmark).
+    """
+
+    worker: DrawingWorker = field(default_factory=DrawingWorker)
+    members: set[int] = field(default_factory=set)
+    probes: dict[tuple, ProbeSet] = field(default_factory=dict)
+    traces: dict[tuple, ModelTrace] = field(default_factory=dict)
+    pinned: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def probe(self, key: tuple, draw: Callable[[], ProbeSet]) -> ProbeSet:
+        """The probe set drawn for ``key``, drawing it with ``draw()`` the first time."""
+        if key not in self.probes:
+            started = time.perf_counter()
+            self.probes[key] = draw()
+            self._spent("probe draw", started)
+        return self.probes[key]
+
+    def trace(self, model: nn.Module, example: Tensor) -> ModelTrace:
+        """One dry-forward trace of ``model`` per input shape, dtype and device in this run."""
+        key = (id(model), tuple(example.shape[1:]), example.dtype, example.device)
+        if key not in self.traces:
+            started = time.perf_counter()
+            self.traces[key] = trace_model(model, example)
+            self._spent("layer choice", started)
+        return self.traces[key]
+
+    def host_copy(self, inputs: Tensor, device: torch.device) -> Tensor:
+        """``inputs`` in pinned host memory when they go to a CUDA device (fast, asynchronous copies), else as is."""
+        if device.type != "cuda" or inputs.device.type != "cpu" or not torch.cuda.is_available():
+            return inputs
+        entry = self.pinned.get(id(inputs))
+        if entry is None or entry[0] is not inputs:  # the id of a freed tensor can be reused
+            entry = (inputs, inputs.pin_memory())
+            self.pinned[id(inputs)] = entry
+        return entry[1]
+
+    def _spent(self, what: str, started: float) -> None:
+        self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - started
+
+
+_CONTEXTS: weakref.WeakKeyDictionary[pl.Trainer, RunContext] = weakref.WeakKeyDictionary()
+
+
+def join_run(trainer: pl.Trainer, callback: object) -> RunContext:
+    """The context of ``trainer``'s current run for ``callback`` (called from ``setup``).
+
+    A callback joining twice means the trainer started a new run without
+    ending the last (e.g. ``setup`` raised before teardown): the old context
+    is ended quietly and a fresh one begins.
+    """
+    context = _CONTEXTS.get(trainer)
+    if context is not None and id(callback) in context.members:
+        end_run(trainer, raise_errors=False)
+        context = None
+    if context is None:
+        context = RunContext()
+        _CONTEXTS[trainer] = context
+    context.members.add(id(callback))
+    return context
+
+
+def active_context(trainer: pl.Trainer) -> RunContext | None:
+    """The context of ``trainer``'s current run, or None outside a run (e.g. a callback method called by hand)."""
+    return _CONTEXTS.get(trainer)
+
+
+def end_run(trainer: pl.Trainer, *, raise_errors: bool) -> BaseException | None:
+    """Drain and stop the run's worker and forget its shared state; later calls for the same run do nothing.
+
+    Returns the error a drawing job left when ``raise_errors`` is False (it is raised otherwise).
+    """
+    context = _CONTEXTS.pop(trainer, None)
+    if context is None:
+        return None
+    return context.worker.close(raise_errors=raise_errors)
+
+
+@atexit.register
+def _close_every_worker() -> None:
+    """At interpreter exit, stop drawing threads a run left behind (a daemon thread killed mid-draw aborts)."""
+    for context in list(_CONTEXTS.values()):
+        context.worker.close(raise_errors=False)
+    _CONTEXTS.clear()
+
+
+def current_timings(trainer: pl.Trainer) -> dict[str, Any]:
+    """One-time costs of the current run so far (seconds by name); empty when no run is active."""
+    context = _CONTEXTS.get(trainer)
+    return dict(context.timings) if context is not None else {}
