@@ -12,18 +12,22 @@ from importlib import metadata
 import torch
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so a timer read next includes it (nothing to do without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -40,13 +44,16 @@ def interleaved_medians(
     """
     for fn in fns.values():
         fn()
+    synchronize()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             if settle_s:
                 time.sleep(settle_s)
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 

@@ -22,7 +22,7 @@ import _timing
 import torch
 from torch import Tensor
 
-from lightning_interp.methods import cka_matrix, linear_cka
+from lightning_interp.methods import cka_matrix, gram_dtype_for, linear_cka
 
 FULL_SIZES = (256, 1024, 4096)
 FULL_WIDTHS = (256, 512, 1024, 2048, 4096, 1024)
@@ -44,17 +44,18 @@ def _layers(n: int, widths: tuple[int, ...], seed: int = 0, latent: int = 64) ->
 
 
 def _grams_only(layers: list[Tensor]) -> None:
-    """The floor: each layer's centred float64 Gram matrix, formed once (what any all-pairs method needs)."""
+    """The floor: each layer's centred Gram matrix, formed once in the device's Gram dtype (what any all-pairs
+    method needs)."""
     for x in layers:
         x64 = x.double()
-        x64 = x64 - x64.mean(dim=0)
+        x64 = (x64 - x64.mean(dim=0)).to(gram_dtype_for(x.device))
         _ = x64 @ x64.T
 
 
 def _pairwise(layers: list[Tensor], pair_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """(L, L) matrix with a unit diagonal, filled one pair at a time."""
     count = len(layers)
-    out = torch.eye(count, dtype=torch.float64)
+    out = torch.eye(count, dtype=torch.float64, device=layers[0].device)
     for i, j in combinations(range(count), 2):
         out[i, j] = out[j, i] = pair_fn(layers[i], layers[j]).item()
     return out
@@ -74,17 +75,24 @@ def _once(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
     """One timed call of each, in turn, without a warm-up (for the largest size, where a repeat costs a minute)."""
     times = {}
     for name, fn in fns.items():
+        _timing.synchronize()
         start = time.perf_counter()
         fn()
+        _timing.synchronize()
         times[name] = time.perf_counter() - start
     return times
 
 
 def _case(
-    n: int, widths: tuple[int, ...], repeats: int, debiased_peers: bool = True, with_ckatorch: bool = True
+    n: int,
+    widths: tuple[int, ...],
+    repeats: int,
+    debiased_peers: bool = True,
+    with_ckatorch: bool = True,
+    device: str = "cpu",
 ) -> list[list[object]]:
     """Rows (biased, debiased) for one n; ``repeats = 0``: one timed call each, no warm-up."""
-    layers = _layers(n, widths)
+    layers = [layer.to(device) for layer in _layers(n, widths)]
     results: dict[str, Tensor] = {}
 
     def keep(name: str, fn: Callable[[], Tensor]) -> Callable[[], None]:
@@ -139,7 +147,7 @@ def _case(
     return rows
 
 
-def run(quick: bool) -> str:
+def run(quick: bool, device: str = "cpu") -> str:
     sizes, widths = (QUICK_SIZES, QUICK_WIDTHS) if quick else (FULL_SIZES, FULL_WIDTHS)
     rows = []
     load_before = os.getloadavg()[0]
@@ -149,7 +157,10 @@ def run(quick: bool) -> str:
         # largest n with one timed call each, no warm-up (the smaller sizes warmed the code paths), and without
         # ckatorch, whose 15 pairs take one to two minutes there
         repeats = 1 if quick else (5 if n <= 256 else 2 if n <= 1024 else 0)
-        rows += _case(n, widths, repeats, debiased_peers=quick or n <= 256, with_ckatorch=quick or n <= 1024)
+        if device == "cuda" and not quick:  # a GPU takes every size with repeats and every peer in seconds
+            rows += _case(n, widths, 5, device=device)
+        else:
+            rows += _case(n, widths, repeats, debiased_peers=quick or n <= 256, with_ckatorch=quick or n <= 1024)
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()[0]
     header = [
@@ -176,7 +187,9 @@ def run(quick: bool) -> str:
         "",
         f"All {len(widths) * (len(widths) - 1) // 2} pairs of {len(widths)} layers of widths {list(widths)} "
         "(float32 features of a random ReLU network with noise at every layer, so the CKA values are spread out), "
-        "linear kernel, float64 sums. *floor*: forming the six full Gram matrices of the centred features alone "
+        f"linear kernel, float64 sums, on the {device.upper()} (Gram products in "
+        f"{str(gram_dtype_for(device)).replace('torch.', '')}, see `gram_dtype_for`). "
+        "*floor*: forming the six full Gram matrices of the centred features alone "
         "(what a method that forms each full Gram matrix once cannot avoid). *ours*: `cka_matrix` (features centred "
         "once, only the upper triangle of each Gram formed, in strips of 256 rows for n > 512, then one product of "
         "the stacked triangles, so it can go below the floor). *pairwise*: `linear_cka` pair by pair "

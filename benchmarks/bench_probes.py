@@ -109,8 +109,9 @@ def _lbfgs_counts(fn: Callable[[], object]) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-def _case(n: int, d: int, repeats: int) -> tuple[list[list[object]], dict[str, float]]:
-    features, labels = _digits_features(n, d)
+def _case(n: int, d: int, repeats: int, device: str = "cpu") -> tuple[list[list[object]], dict[str, float]]:
+    host_features, labels = _digits_features(n, d)
+    features = host_features.to(device)  # ours runs where the features are; scikit-learn on the CPU
     features64 = features.double()
     results: dict[str, Any] = {}
 
@@ -123,9 +124,9 @@ def _case(n: int, d: int, repeats: int) -> tuple[list[list[object]], dict[str, f
     fns: dict[str, Callable[[], object]] = {
         "ours32": keep("ours32", lambda: _ours(features, labels)),
         "ours64": keep("ours64", lambda: _ours(features64, labels)),
-        "sklearn": keep("sklearn", lambda: _sklearn_logistic(features, labels)),
+        "sklearn": keep("sklearn", lambda: _sklearn_logistic(host_features, labels)),
         "ours ridge": keep("ours ridge", lambda: _ours(features, labels, "ridge")),
-        "sklearn ridge": keep("sklearn ridge", lambda: _sklearn_ridge(features, labels)),
+        "sklearn ridge": keep("sklearn ridge", lambda: _sklearn_ridge(host_features, labels)),
     }
     times = _timing.interleaved_medians(fns, repeats=repeats, settle_s=SETTLE_S)
     acc32, acc64, acc_ridge = results["ours32"], results["ours64"], results["ours ridge"]
@@ -163,14 +164,14 @@ def _case(n: int, d: int, repeats: int) -> tuple[list[list[object]], dict[str, f
     return rows, summary
 
 
-def run(quick: bool) -> str:
+def run(quick: bool, device: str = "cpu") -> str:
     cases = QUICK_CASES if quick else FULL_CASES
     rows: list[list[object]] = []
     summaries = []
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     for n, d in cases:
-        case_rows, summary = _case(n, d, repeats=1 if quick else REPEATS)
+        case_rows, summary = _case(n, d, repeats=1 if quick else REPEATS, device=device)
         rows += case_rows
         summaries.append((n, d, summary))
     elapsed = time.perf_counter() - started
@@ -204,7 +205,7 @@ def run(quick: bool) -> str:
         "sklearn `C = 1 / (l2 * n_train)`). sklearn: `LogisticRegression(solver='lbfgs', max_iter=1000)` with its "
         "default `tol=1e-4`, float64; `RidgeClassifier(alpha=l2 * n_train)`. Ours: `linear_probe_accuracy` with its "
         "defaults (L-BFGS stopping at a largest gradient entry of 1e-4 as scikit-learn's `tol`, at most 100 "
-        "iterations). "
+        f"iterations), on the {device.upper()} (scikit-learn always on the CPU). "
         f"Times are medians of {1 if quick else REPEATS} interleaved repeats after a warm-up call, each call after a "
         f"{SETTLE_S:g} s pause (without it, the threads of one library still spinning after its call slow the next "
         "call of the other several-fold on 2 cores).",

@@ -102,7 +102,9 @@ def seconds_per_run(run_once: Callable[[], object], repeats: int) -> float:
     return median_seconds(run_once, repeats=repeats, warmup=0)
 
 
-def run(quick: bool) -> str:
+def run(quick: bool, device: str = "cpu") -> str:
+    if device != "cpu":
+        raise ValueError("the scaling section measures host memory and runs on the CPU only")
     sizes = (16,) if quick else (16, 64, 256, 1024)
     repeats = 1 if quick else 3
     makers: dict[str, Callable[[int], InterpCallback]] = {

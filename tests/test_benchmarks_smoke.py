@@ -16,7 +16,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SECTION_TITLES = (
-    "## Overhead of leaving the callbacks on",
+    "## Overhead of leaving the callbacks on (CPU)",
     "## Attribution vs peers",
     "## CKA",
     "## Linear probes",
@@ -74,13 +74,17 @@ def test_every_section_is_written_with_its_tables_and_verdicts(report):
 
 @pytest.mark.slow
 def test_overhead_rows_cover_each_callback_and_all_four(report):
-    (rows,) = _tables(report["## Overhead of leaving the callbacks on"])
+    rows, once = _tables(report["## Overhead of leaving the callbacks on (CPU)"])
     for configuration in ("MNIST-sized", "CIFAR-sized"):
         mine = [row for row in rows if row["configuration"].startswith(configuration)]
         callbacks = {row["callback"] for row in mine}
         assert {"SaliencyCallback()", "GradCAMCallback()", "LinearProbeCallback()", "all four"} <= callbacks
         assert "RepresentationSimilarityCallback()" in callbacks
-        assert all(float(row["ms per validation epoch"]) > 0 for row in mine)
+        assert all(float(row["ms per validation epoch (training thread)"]) > 0 for row in mine)
+        (all_four,) = [row for row in mine if row["callback"] == "all four"]
+        assert float(all_four["drawing thread ms per validation"]) > 0, "images are drawn on the worker thread"
+        (costs,) = [row for row in once if row["configuration"].startswith(configuration)]
+        assert float(costs["probe draw ms (shared)"]) > 0 and float(costs["layer choice ms (shared)"]) > 0
 
 
 @pytest.mark.slow
@@ -129,3 +133,17 @@ def test_scaling_measures_every_callback(report):
     assert names == {"SaliencyCallback", "GradCAMCallback", "LinearProbeCallback", "RepresentationSimilarityCallback"}
     assert all(float(row["ms per run"]) > 0 and float(row["peak extra MiB"]) >= 0 for row in sizes)
     assert {row["callback"] for row in layers} == {"GradCAMCallback", "RepresentationSimilarityCallback"}
+
+
+def test_a_run_replaces_only_its_own_devices_part_of_the_report():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as driver
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    report = driver.merge_report("", "cpu", "## CPU tables v1")
+    report = driver.merge_report(report, "cuda", "## GPU tables")
+    report = driver.merge_report(report, "cpu", "## CPU tables v2")
+    assert "v1" not in report and "## CPU tables v2" in report and "## GPU tables" in report
+    assert report.index("CPU tables") < report.index("GPU tables")
+    assert report.startswith("# Benchmarks")
