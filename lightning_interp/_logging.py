@@ -61,7 +61,9 @@ def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int) -> li
             continue
         path = _png_path(image_directory(trainer, logger), tag, step)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        imsave(path, image)
+        partial = f"{path}.partial"
+        imsave(partial, image, format="png")
+        os.replace(partial, path)  # atomic: a reader (or a crash) never sees half a PNG under the real name
         written.append(path)
     return written
 
