@@ -15,7 +15,7 @@ from lightning_interp._logging import log_image
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods._core import get_module
 from lightning_interp.methods.features import auto_layers, capture_features
-from lightning_interp.methods.similarity import RDM_METRICS, RSA_METHODS, normalized_grams, rdm, rsa
+from lightning_interp.methods.similarity import RDM_METRICS, RSA_METHODS, normalized_grams, rdm, rsa_matrix
 from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import colorize, matrix_image, normalize_map, render_grid
 
@@ -224,20 +224,25 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         if not all(finite):
             broken = [n for n, ok in zip(names, finite, strict=True) if not ok]
             rank_zero_warn(f"RepresentationSimilarityCallback: non-finite RDMs for {broken}; their RSA is NaN.")
-        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
-
-        def compare(a: int, b: Tensor, b_finite: bool = True) -> Tensor:
-            return rsa(rdms[a], b, method=self.rsa_method) if finite[a] and b_finite else nan
-
-        values: dict[str, Tensor] = {}
+        # every comparison from one RSA matrix: each RDM ranked once (RDMs with NaN were reported above)
         labels = self.probe.labels
+        compared = [matrix for matrix, ok in zip(rdms, finite, strict=True) if ok]
         if labels is not None:
             sorted_labels = labels.to(device)[order]
-            label_rdm = (sorted_labels[:, None] != sorted_labels[None, :]).double()
+            compared.append((sorted_labels[:, None] != sorted_labels[None, :]).double())
+        similarity = rsa_matrix(compared, method=self.rsa_method) if len(compared) >= 2 else None
+        slot = {index: position for position, index in enumerate(i for i, ok in enumerate(finite) if ok)}
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
+
+        def compare(a: int, b: int) -> Tensor:
+            return similarity[slot[a], b] if similarity is not None and a in slot and b >= 0 else nan
+
+        values: dict[str, Tensor] = {}
+        if labels is not None:
             for index, name in enumerate(names):
-                values[f"interp/{self.name}/{name}/rsa_vs_labels"] = compare(index, label_rdm)
+                values[f"interp/{self.name}/{name}/rsa_vs_labels"] = compare(index, len(compared) - 1)
         for index, name in enumerate(names[:-1]):
-            values[f"interp/{self.name}/{name}/rsa_vs_next"] = compare(index, rdms[index + 1], finite[index + 1])
+            values[f"interp/{self.name}/{name}/rsa_vs_next"] = compare(index, slot.get(index + 1, -1))
         tiles = [self._rdm_tile(matrix).cpu() for matrix in rdms]  # pooled where they are, small on the host
         title = f"RDMs ({self.rdm_metric}), samples sorted by class, epoch {trainer.current_epoch}"
 

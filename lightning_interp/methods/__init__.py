@@ -33,6 +33,7 @@ from lightning_interp.methods.similarity import (
     rbf_cka,
     rdm,
     rsa,
+    rsa_matrix,
 )
 from lightning_interp.methods.trace import ModelTrace, trace_model
 
@@ -78,6 +79,7 @@ __all__ = [
     "rbf_cka",
     "rdm",
     "rsa",
+    "rsa_matrix",
     "smoothgrad",
     "spatial_layers",
     "stratified_split",

@@ -39,6 +39,7 @@ __all__ = [
     "rbf_cka",
     "rdm",
     "rsa",
+    "rsa_matrix",
 ]
 
 CKA_FORMS = ("auto", "gram", "feature")
@@ -672,3 +673,68 @@ def rsa(rdm_a: Tensor, rdm_b: Tensor, *, method: str = "spearman") -> Tensor:
     if method == "spearman":
         return _pearson(ranks(a[None])[0], ranks(b[None])[0])
     return _tau_a(a, b)
+
+
+def rsa_matrix(rdms: Sequence[Tensor] | Mapping[str, Tensor], *, method: str = "spearman") -> Tensor:
+    """RSA between every pair of K RDMs of the same n conditions, as one (K, K) float64 matrix.
+
+    Equals :func:`rsa` pair by pair, but each RDM's upper triangle is taken
+    (and, for ``"spearman"``, ranked) once, and the correlations of all pairs
+    come from one matrix product; ``"tau_a"`` still runs pair by pair.
+
+    Args:
+        rdms: K square (n, n) dissimilarity matrices, as a sequence or a dict.
+        method: ``"spearman"``, ``"pearson"`` or ``"tau_a"``.
+
+    Returns:
+        (K, K) float64 tensor on the first RDM's device, 1 on the diagonal; rows and
+        columns of an RDM holding NaN, or with a constant upper triangle, are NaN
+        (with a RuntimeWarning).
+
+    Example:
+        >>> a = rdm(torch.randn(6, 10))
+        >>> rsa_matrix([a, a.square(), rdm(torch.randn(6, 4))]).shape
+        torch.Size([3, 3])
+    """
+    if method not in RSA_METHODS:
+        raise ValueError(f"Unknown RSA method {method!r}; use one of {RSA_METHODS}.")
+    names, matrices = _layer_list(rdms)
+    shape = tuple(matrices[0].shape)
+    if len(shape) != 2 or shape[0] != shape[1] or any(tuple(m.shape) != shape for m in matrices):
+        raise ValueError(f"RDMs must be square and of equal shape, got {[tuple(m.shape) for m in matrices]}.")
+    n = shape[0]
+    if n < 3:
+        raise ValueError(f"RSA needs at least 3 conditions (3 distinct pairs), got {n}.")
+    device = matrices[0].device
+    upper = torch.triu_indices(n, n, offset=1, device=device)
+    values = torch.stack([m.detach().to(device=device, dtype=torch.float64)[upper[0], upper[1]] for m in matrices])
+    broken = values.isnan().any(dim=1)
+    if broken.any():
+        which = ", ".join(names[i] for i in broken.nonzero().flatten().tolist())
+        warnings.warn(f"RDM(s) {which} hold NaN (constant patterns?); their RSA is NaN.", RuntimeWarning, stacklevel=2)
+    if method == "tau_a":
+        out = torch.eye(len(matrices), dtype=torch.float64, device=device)
+        for i in range(len(matrices)):
+            for j in range(i + 1, len(matrices)):
+                if not (broken[i] or broken[j]):
+                    out[i, j] = out[j, i] = _tau_a(values[i], values[j])
+    else:
+        if method == "spearman":
+            values = ranks(torch.nan_to_num(values))
+        centred = values - values.mean(dim=1, keepdim=True)
+        norms = centred.norm(dim=1)
+        constant = ~(norms > 0) & ~broken
+        if constant.any():
+            which = ", ".join(names[i] for i in constant.nonzero().flatten().tolist())
+            warnings.warn(
+                f"The upper triangle of RDM(s) {which} is constant; their correlation is NaN.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        unit = centred / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+        out = unit @ unit.T
+        out.diagonal().fill_(1.0)
+        broken = broken | constant
+    out[broken, :] = math.nan
+    out[:, broken] = math.nan
+    return out

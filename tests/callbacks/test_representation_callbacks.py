@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp import LinearProbeCallback, ProbeSet, RepresentationSimilarityCallback
+from lightning_interp.methods import capture_features, rdm, rsa
 from tests.conftest import quiet_trainer, read_events, tiny_classifier, tiny_datamodule
 
 STEPS_PER_EPOCH = 4
@@ -128,3 +129,22 @@ def test_unknown_layer_fails_at_setup_with_suggestions(tmp_path):
     trainer = quiet_trainer(tmp_path, callbacks=[LinearProbeCallback(layers=["net.33"])], logger=False)
     with pytest.raises(ValueError, match=r"'net\.3'"):
         trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+
+
+def test_rsa_scalars_equal_rsa_of_the_layers_rdms_computed_here(tmp_path):
+    # the callback ranks each RDM once for all comparisons; each scalar must still be rsa() of the right pair
+    callback = RepresentationSimilarityCallback(num_samples=32, metrics=("rsa",))
+    model = tiny_classifier()
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
+    trainer.fit(model, datamodule=tiny_datamodule())
+    features = capture_features(model, callback.probe.inputs, callback.layers, max_features=callback.max_features)
+    order = torch.argsort(callback.probe.labels, stable=True)
+    rdms = [rdm(features[name][order]) for name in callback.layers]
+    labels = callback.probe.labels[order]
+    label_rdm = (labels[:, None] != labels[None, :]).double()
+    for index, name in enumerate(callback.layers):
+        logged = trainer.callback_metrics[f"interp/similarity/{name}/rsa_vs_labels"].item()
+        assert logged == pytest.approx(rsa(rdms[index], label_rdm).item(), abs=1e-6), name
+        if index + 1 < len(rdms):
+            logged = trainer.callback_metrics[f"interp/similarity/{name}/rsa_vs_next"].item()
+            assert logged == pytest.approx(rsa(rdms[index], rdms[index + 1]).item(), abs=1e-6), name

@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from lightning_interp.methods import similarity
-from lightning_interp.methods.similarity import MinibatchCKA, center_gram, cka_matrix, linear_cka, rbf_cka, rdm, rsa
+from lightning_interp.methods.similarity import (
+    MinibatchCKA,
+    center_gram,
+    cka_matrix,
+    linear_cka,
+    rbf_cka,
+    rdm,
+    rsa,
+    rsa_matrix,
+)
 
 scipy_spatial = pytest.importorskip("scipy.spatial.distance")
 stats = pytest.importorskip("scipy.stats")
@@ -544,3 +553,37 @@ def test_no_warning_on_healthy_input():
         cka_matrix([x, y])
         rbf_cka(x, y)
         rsa(rdm(x), rdm(y))
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson", "tau_a"])
+def test_rsa_matrix_equals_rsa_pair_by_pair(method):
+    g = torch.Generator().manual_seed(4)
+    labels = torch.arange(12) % 3
+    rdms = {
+        "a": rdm(torch.randn(12, 7, generator=g)),
+        "b": rdm(torch.randn(12, 30, generator=g), metric="euclidean"),
+        "labels": (labels[:, None] != labels[None, :]).double(),  # two values only: heavy ties
+    }
+    matrix = rsa_matrix(rdms, method=method)
+    values = list(rdms.values())
+    for i in range(3):
+        for j in range(3):
+            expected = 1.0 if i == j else rsa(values[i], values[j], method=method).item()
+            assert matrix[i, j].item() == pytest.approx(expected, abs=1e-12), (i, j)
+
+
+def test_rsa_matrix_marks_broken_rdms_nan_and_checks_shapes():
+    good = rdm(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))
+    with_nan = good.clone()
+    with_nan[0, 1] = with_nan[1, 0] = float("nan")
+    constant = torch.ones(8, 8) - torch.eye(8)
+    with pytest.warns(RuntimeWarning, match=r"NaN|constant"):
+        matrix = rsa_matrix([good, with_nan, constant, good.sqrt()])
+    assert torch.isnan(matrix[1]).all() and torch.isnan(matrix[:, 2]).all()
+    assert matrix[0, 3].item() == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"same samples|equal shape"):
+        rsa_matrix([good, good[:5, :5]])
+    with pytest.raises(ValueError, match="equal shape"):
+        rsa_matrix([good, good[:, :5]])
+    with pytest.raises(ValueError, match="method"):
+        rsa_matrix([good, good], method="kendall")
