@@ -8,9 +8,26 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    Subset,
+    TensorDataset,
+)
 
-__all__ = ["BatchParser", "ParsedBatch", "ProbeSet", "parse_batch"]
+__all__ = [
+    "BatchParser",
+    "ParsedBatch",
+    "ProbeSet",
+    "ValidationScan",
+    "dataset_labels",
+    "parse_batch",
+    "sampled_indices",
+    "scannable",
+]
 
 INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values", "img")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class", "cls")
@@ -80,6 +97,8 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
         >>> parsed.inputs.shape, parsed.labels.tolist(), parsed.masks
         (torch.Size([2, 1, 4, 4]), [0, 1], None)
     """
+    if isinstance(batch, ParsedBatch):
+        return batch
     if parser is not None:
         result = parser(batch)
         if isinstance(result, ParsedBatch):
@@ -116,13 +135,17 @@ class ProbeSet:
     Callbacks explain the same probe samples at every validation epoch, so
     their maps can be compared across epochs; several callbacks can share one
     ``ProbeSet`` so their results line up. A callback stores its probe set in
-    its ``state_dict``, so a resumed run uses the same samples.
+    its ``state_dict``, so a resumed run uses the same samples: when the
+    samples came from an indexable dataset, as their dataset indices and a
+    per-sample fingerprint (a few bytes each, re-read and checked on resume),
+    otherwise as the inputs themselves, in their own dtype.
 
     Args:
         inputs: (N, ...) samples.
         labels: optional (N,) integer class labels.
         masks: optional (N, H, W) ground-truth object masks: boolean, integer (non-zero is
             inside) or float (above 0.5 is inside).
+        indices: optional (N,) dataset indices of the samples (set by the draws from a dataloader).
 
     Example:
         >>> probe = ProbeSet(torch.zeros(4, 1, 8, 8), labels=torch.tensor([0, 1, 0, 1]))
@@ -130,7 +153,14 @@ class ProbeSet:
         (4, True, False)
     """
 
-    def __init__(self, inputs: Tensor, labels: Tensor | None = None, masks: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        inputs: Tensor,
+        labels: Tensor | None = None,
+        masks: Tensor | None = None,
+        *,
+        indices: Tensor | None = None,
+    ) -> None:
         if not isinstance(inputs, Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
             shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
             raise ValueError(f"ProbeSet inputs must be a non-empty (N, ...) tensor, got {shape}.")
@@ -139,6 +169,9 @@ class ProbeSet:
             self.inputs = inputs.detach().cpu().clone()
             self.labels = None if labels is None else torch.as_tensor(labels).detach().cpu().long().clone()
             self.masks = None if masks is None else torch.as_tensor(masks).detach().cpu().clone()
+            self.indices = None if indices is None else torch.as_tensor(indices).detach().cpu().long().clone()
+        if self.indices is not None and self.indices.shape != (count,):
+            raise ValueError(f"indices must have shape ({count},), got {tuple(self.indices.shape)}.")
         if self.labels is not None and self.labels.shape != (count,):
             raise ValueError(f"labels must have shape ({count},), got {tuple(self.labels.shape)}.")
         if self.masks is not None:
@@ -173,18 +206,48 @@ class ProbeSet:
             self.inputs[:count],
             None if self.labels is None else self.labels[:count],
             None if self.masks is None else self.masks[:count],
+            indices=None if self.indices is None else self.indices[:count],
         )
 
-    def state_dict(self) -> dict[str, Tensor | None]:
-        """Tensors to store in a checkpoint."""
-        return {"inputs": self.inputs, "labels": self.labels, "masks": self.masks}
+    def fingerprint(self) -> Tensor:
+        """Per-sample (sum, sum of squares) of the inputs in float64: (N, 2), cheap to store and to compare.
+
+        Example:
+            >>> ProbeSet(torch.ones(2, 3)).fingerprint().tolist()
+            [[3.0, 3.0], [3.0, 3.0]]
+        """
+        values = self.inputs.detach().reshape(len(self), -1).double()
+        return torch.stack([values.sum(dim=1), values.square().sum(dim=1)], dim=1)
+
+    def matches(self, fingerprint: Tensor) -> bool:
+        """Whether these inputs have the given :meth:`fingerprint` (relative tolerance 1e-6)."""
+        mine = self.fingerprint()
+        return mine.shape == fingerprint.shape and bool(
+            torch.allclose(mine, fingerprint.double(), rtol=1e-6, atol=1e-9)
+        )
+
+    def state_dict(self, *, by_index: bool = False) -> dict[str, Any]:
+        """What a checkpoint needs to bring these samples back.
+
+        Args:
+            by_index: store the dataset indices and a fingerprint instead of the
+                tensors (only when the samples have indices): the samples are
+                re-read from the dataset and checked on resume.
+        """
+        if by_index and self.indices is not None:
+            return {"indices": self.indices, "fingerprint": self.fingerprint(), "labels": self.labels}
+        return {"inputs": self.inputs, "labels": self.labels, "masks": self.masks, "indices": self.indices}
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Tensor | None]) -> ProbeSet:
-        """Rebuild a probe set saved with :meth:`state_dict`."""
-        inputs = state["inputs"]
-        assert inputs is not None
-        return cls(inputs, state.get("labels"), state.get("masks"))
+    def from_state_dict(cls, state: Mapping[str, Any]) -> ProbeSet:
+        """Rebuild a probe set saved with :meth:`state_dict` (with its tensors; see :func:`probe_from_state`)."""
+        inputs = state.get("inputs")
+        if inputs is None:
+            raise ValueError(
+                "This probe state holds dataset indices, not samples: re-read them with "
+                "ValidationScan.load(state['indices']) and check them with ProbeSet.matches(state['fingerprint'])."
+            )
+        return cls(inputs, state.get("labels"), state.get("masks"), indices=state.get("indices"))
 
     @classmethod
     def from_batches(
@@ -238,15 +301,27 @@ class ProbeSet:
         *,
         stratify: bool = True,
         batch_parser: BatchParser | None = None,
+        limit_batches: int | float | None = None,
     ) -> ProbeSet:
-        """Draw a probe set from a dataloader without touching the global RNG.
+        """Draw a probe set from the samples a dataloader validates on, deterministically.
 
-        For a map-style dataset the samples are read in index order through a
-        plain single-process loader with the same ``collate_fn``, so shuffling,
-        worker processes and distributed samplers do not change which samples
-        are drawn; other loaders are iterated as they are. Creating a loader
-        iterator draws from torch's global RNG, so the draw runs inside
-        ``torch.random.fork_rng``: training randomness is unaffected.
+        For a map-style dataset (see :class:`ValidationScan`) the candidates
+        are exactly the indices the loader's sampler yields within
+        ``limit_batches`` (a validation split given as
+        ``SubsetRandomSampler(val_indices)`` is honoured; shuffling, workers and
+        distributed samplers do not change the draw), the classes are balanced
+        over all of them, and only the chosen samples are loaded; the probe
+        set records their dataset indices. Other loaders (iterable datasets)
+        are iterated as they are: a one-shot stream is consumed, so the
+        callbacks instead take their probe from the batches the trainer loads.
+        The global RNG is left as it was.
+
+        Args:
+            dataloader: a DataLoader, or any iterable of batches.
+            num_samples: how many samples to draw.
+            stratify: balance the classes (with labels).
+            batch_parser: turns a batch into ``(inputs, labels, masks)``.
+            limit_batches: Lightning's ``limit_val_batches`` for the loader.
 
         Example:
             >>> data = torch.utils.data.TensorDataset(torch.randn(20, 3), torch.arange(20) % 4)
@@ -254,21 +329,268 @@ class ProbeSet:
             >>> ProbeSet.from_dataloader(loader, 8).labels.tolist()
             [0, 0, 1, 1, 2, 2, 3, 3]
         """
-        source: Iterable[Any] = dataloader
-        if isinstance(dataloader, DataLoader) and _is_map_style(dataloader.dataset):
-            source = DataLoader(
-                dataloader.dataset,
-                batch_size=dataloader.batch_size or 64,
-                shuffle=False,
-                num_workers=0,
-                collate_fn=dataloader.collate_fn,
-            )
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+        if scannable(dataloader):
+            with torch.inference_mode(False):
+                scan = ValidationScan(dataloader, limit_batches=limit_batches, batch_parser=batch_parser)
+                if len(scan) == 0:
+                    raise ValueError(
+                        "The dataloader yields no samples, so there is nothing to draw probe samples from."
+                    )
+                return scan.load(scan.select(num_samples, stratify=stratify))
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
-            return cls.from_batches(source, num_samples, stratify=stratify, batch_parser=batch_parser)
+            return cls.from_batches(dataloader, num_samples, stratify=stratify, batch_parser=batch_parser)
 
 
 def _is_map_style(dataset: Dataset | object) -> bool:
-    return hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+    return hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and not isinstance(dataset, IterableDataset)
+
+
+def scannable(loader: object) -> bool:
+    """Whether a :class:`ValidationScan` can read ``loader``: a DataLoader with automatic batching over a
+    map-style dataset. Other loaders (iterable datasets, streams) can only be read by iterating them."""
+    return isinstance(loader, DataLoader) and _is_map_style(loader.dataset) and loader.batch_sampler is not None
+
+
+LABEL_ATTRIBUTES = ("targets", "labels")
+PASS_CACHE_BYTES = 256 * 2**20  # a label pass keeps the samples it reads up to this size, so none is read twice
+
+
+def dataset_labels(dataset: object) -> Tensor | None:
+    """The integer label of every sample as the dataset itself lists it, or None when it lists none.
+
+    Understood: a ``targets`` or ``labels`` attribute with one integer per
+    sample (torchvision's ``ImageFolder``, ``MNIST``, ``CIFAR10``, ...), a
+    ``TensorDataset`` whose second tensor holds integer labels, and
+    ``Subset`` / ``ConcatDataset`` of those. A dataset with a
+    ``target_transform`` gives None: its samples carry transformed labels.
+
+    Example:
+        >>> from torch.utils.data import Subset, TensorDataset
+        >>> data = TensorDataset(torch.zeros(4, 2), torch.tensor([3, 1, 3, 0]))
+        >>> dataset_labels(Subset(data, [2, 3])).tolist()
+        [3, 0]
+    """
+    if isinstance(dataset, Subset):
+        base = dataset_labels(dataset.dataset)
+        return None if base is None else base[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    if isinstance(dataset, ConcatDataset):
+        parts = [dataset_labels(part) for part in dataset.datasets]
+        return None if any(part is None for part in parts) else torch.cat(parts)  # type: ignore[arg-type]
+    if getattr(dataset, "target_transform", None) is not None:
+        return None
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    candidates: list[object] = []
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        candidates.append(dataset.tensors[1])
+    candidates += [getattr(dataset, name, None) for name in LABEL_ATTRIBUTES]
+    for values in candidates:
+        if values is None or isinstance(values, (str, bytes)):
+            continue
+        try:
+            labels = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if (
+            labels.ndim == 1
+            and labels.numel() == size
+            and not labels.is_floating_point()
+            and labels.dtype != torch.bool
+        ):
+            return labels.long()
+    return None
+
+
+def _batch_count(total: int, limit: int | float | None) -> int:
+    """Batches Lightning validates of ``total`` for ``limit_val_batches=limit``."""
+    if limit is None:
+        return total
+    if isinstance(limit, int) and not isinstance(limit, bool):  # a batch count (1 means one batch)
+        return max(0, min(limit, total))
+    fraction = float(limit)  # a fraction (1.0 means all)
+    if fraction >= 1:
+        return total
+    return max(1, int(total * fraction)) if fraction > 0 else 0
+
+
+def _sampler_generators(loader: DataLoader) -> list[torch.Generator]:
+    """The torch generators a loader's samplers draw from (their state is restored after a scan)."""
+    owners = [loader, loader.sampler, loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None)]
+    found: list[torch.Generator] = []
+    for owner in owners:
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def sampled_indices(loader: DataLoader, limit_batches: int | float | None = None) -> Tensor:
+    """The dataset indices a map-style loader yields in one epoch within ``limit_batches``, ascending.
+
+    The loader's batch sampler is iterated once (no sample is loaded) with
+    the global RNG and the samplers' own generators restored afterwards, so
+    neither training nor the loader's next epoch changes. A
+    ``DistributedSampler`` stands for every rank's share: the validation set
+    as a whole.
+
+    Args:
+        loader: a DataLoader over a map-style dataset with automatic batching.
+        limit_batches: Lightning's ``limit_val_batches`` (a batch count, a fraction, or None for all).
+
+    Example:
+        >>> from torch.utils.data import SubsetRandomSampler, TensorDataset
+        >>> data = TensorDataset(torch.arange(10.0))
+        >>> loader = DataLoader(data, batch_size=2, sampler=SubsetRandomSampler([7, 1, 4]))
+        >>> sampled_indices(loader).tolist()
+        [1, 4, 7]
+    """
+    if loader.batch_sampler is None:
+        raise ValueError("sampled_indices needs a DataLoader with automatic batching (batch_size set).")
+    batch_sampler = loader.batch_sampler
+    sampler = getattr(batch_sampler, "sampler", loader.sampler)
+    if isinstance(sampler, DistributedSampler):  # the trainer validates every rank's share: all of the dataset
+        size = len(sampler.dataset)  # type: ignore[arg-type]
+        per_rank = _batch_count(len(batch_sampler), limit_batches) * (loader.batch_size or 1)
+        return torch.arange(min(size, per_rank * sampler.num_replicas))
+    states = [(generator, generator.get_state()) for generator in _sampler_generators(loader)]
+    chosen: list[int] = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            wanted = _batch_count(len(batch_sampler), limit_batches)
+            for count, batch in enumerate(batch_sampler):
+                if count >= wanted:
+                    break
+                chosen.extend(int(index) for index in batch)
+    finally:
+        for generator, state in states:
+            generator.set_state(state)
+    return torch.tensor(sorted(set(chosen)), dtype=torch.long)
+
+
+class ValidationScan:
+    """The samples a loader validates on, with their labels, found while loading as few samples as possible.
+
+    Candidates are the dataset indices the loader's sampler yields within
+    Lightning's batch limit (:func:`sampled_indices`); labels come from the
+    dataset's own list (:func:`dataset_labels`) when it has one and no
+    ``batch_parser`` could change them, otherwise from one pass over the
+    candidates (which keeps the samples it reads, up to 256 MiB, so the
+    chosen ones are not read again). :meth:`select` then picks a
+    class-stratified, deterministic set from all candidates, and :meth:`load`
+    reads only the chosen samples, remembering them, so several callbacks
+    drawing from one scan read each sample once.
+
+    Args:
+        loader: a DataLoader over a map-style dataset with automatic batching.
+        limit_batches: Lightning's ``limit_val_batches``.
+        batch_parser: turns a collated batch into ``(inputs, labels, masks)``.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.randn(30, 3), torch.arange(30) // 10)  # class-sorted
+        >>> scan = ValidationScan(DataLoader(data, batch_size=8))
+        >>> probe = scan.load(scan.select(6))
+        >>> probe.labels.tolist(), probe.indices.tolist()
+        ([0, 0, 1, 1, 2, 2], [0, 1, 10, 11, 20, 21])
+    """
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        *,
+        limit_batches: int | float | None = None,
+        batch_parser: BatchParser | None = None,
+    ) -> None:
+        if not scannable(loader):
+            raise ValueError("ValidationScan needs a DataLoader over a map-style dataset with a batch_size.")
+        self.dataset = loader.dataset
+        self.collate_fn = loader.collate_fn
+        self.batch_size = loader.batch_size or 1
+        self.num_workers = loader.num_workers
+        self.batch_parser = batch_parser
+        self.indices = sampled_indices(loader, limit_batches)
+        self.reads = 0  # samples read from the dataset so far
+        self._samples: dict[int, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+        listed = None if batch_parser is not None else dataset_labels(self.dataset)
+        if listed is not None:
+            self.labels: Tensor | None = listed[self.indices]
+            self.labels_from = "the dataset's label list"
+        else:
+            self.labels = self._label_pass()
+            self.labels_from = "one pass over the validation samples"
+
+    def __len__(self) -> int:
+        return self.indices.numel()
+
+    def select(self, num_samples: int, *, stratify: bool = True) -> Tensor:
+        """``num_samples`` dataset indices: classes take turns, each giving its earliest unused candidate.
+
+        A smaller draw is a subset of a larger one (they share the turn
+        order), so callbacks with different ``num_samples`` explain nested
+        sets. Sorted by class, then index; without labels (or ``stratify``),
+        the first candidates.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+        if self.labels is None or not stratify:
+            return self.indices[:num_samples].clone()
+        return self.indices[_stratified_indices(self.labels, num_samples)]
+
+    def load(self, indices: Tensor) -> ProbeSet:
+        """The samples at these dataset indices, read through the loader's ``collate_fn`` and the batch parser."""
+        wanted = [int(i) for i in torch.as_tensor(indices).reshape(-1)]
+        missing = [i for i in dict.fromkeys(wanted) if i not in self._samples]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            self._remember(chunk, self.collate_fn([self.dataset[i] for i in chunk]))
+            self.reads += len(chunk)
+        parts = [self._samples[i] for i in wanted]
+        labels = None if any(p[1] is None for p in parts) else torch.stack([p[1] for p in parts])  # type: ignore[misc]
+        masks = None if any(p[2] is None for p in parts) else torch.stack([p[2] for p in parts])  # type: ignore[misc]
+        return ProbeSet(torch.stack([p[0] for p in parts]), labels, masks, indices=torch.tensor(wanted))
+
+    def _remember(self, chunk: list[int], batch: Any) -> ParsedBatch:
+        parsed = parse_batch(batch, self.batch_parser)
+        if parsed.inputs.shape[0] != len(chunk):
+            raise ValueError(
+                f"A batch of {len(chunk)} samples parsed into {parsed.inputs.shape[0]} inputs; the batch_parser must "
+                "return one input per sample."
+            )
+        for row, index in enumerate(chunk):
+            self._samples[index] = (
+                parsed.inputs[row].detach().cpu().clone(),
+                None if parsed.labels is None else parsed.labels[row].detach().cpu().long().clone(),
+                None if parsed.masks is None else parsed.masks[row].detach().cpu().clone(),
+            )
+        return parsed
+
+    def _label_pass(self) -> Tensor | None:
+        """Labels of every candidate from one read; keeps the samples while they fit in PASS_CACHE_BYTES."""
+        subset = Subset(self.dataset, self.indices.tolist())
+        reader = DataLoader(
+            subset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=self.collate_fn
+        )
+        labels: list[Tensor] = []
+        kept, position, keep = 0, 0, True
+        with torch.random.fork_rng(devices=[]):  # creating a loader iterator draws a seed from the global RNG
+            for batch in reader:
+                chunk = self.indices[position : position + self.batch_size].tolist()
+                parsed = self._remember(chunk, batch) if keep else parse_batch(batch, self.batch_parser)
+                self.reads += len(chunk)
+                position += len(chunk)
+                if keep:
+                    kept += parsed.inputs.element_size() * parsed.inputs.numel()
+                    if kept > PASS_CACHE_BYTES:
+                        keep = False
+                        self._samples.clear()
+                if parsed.labels is None:
+                    return None
+                labels.append(parsed.labels.detach().cpu().long())
+        return torch.cat(labels) if labels else None
 
 
 def _stratified_indices(labels: Tensor, count: int) -> Tensor:

@@ -6,9 +6,25 @@ import io
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+    TensorDataset,
+)
 
-from lightning_interp.probe import ParsedBatch, ProbeSet, parse_batch
+from lightning_interp.probe import (
+    ParsedBatch,
+    ProbeSet,
+    ValidationScan,
+    dataset_labels,
+    parse_batch,
+    sampled_indices,
+)
 
 
 def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
@@ -284,3 +300,112 @@ def test_draw_without_labels_keeps_order():
     loader = DataLoader(TensorDataset(torch.arange(10.0)[:, None]), batch_size=3, shuffle=True)
     probe = ProbeSet.from_dataloader(loader, 4, batch_parser=lambda b: (b[0], None, None))
     assert probe.inputs[:, 0].tolist() == [0, 1, 2, 3] and not probe.has_labels
+
+
+# --------------------------------------------------------------------------- what a loader validates on
+
+
+class _Counted(Dataset):
+    """Sample i is filled with i; counts every __getitem__; optionally lists its labels."""
+
+    def __init__(self, labels: list[int], listed: bool = True) -> None:
+        self._labels = labels
+        self.reads = 0
+        if listed:
+            self.targets = list(labels)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        return torch.full((1, 2, 2), float(index)), self._labels[index]
+
+
+def test_dataset_labels_from_lists_subsets_concats_and_tensor_datasets():
+    assert dataset_labels(_Counted([2, 0, 1])).tolist() == [2, 0, 1]
+    assert dataset_labels(_Counted([2, 0, 1], listed=False)) is None
+    tensors = TensorDataset(torch.zeros(4, 2), torch.tensor([3, 1, 3, 0]))
+    assert dataset_labels(tensors).tolist() == [3, 1, 3, 0]
+    assert dataset_labels(TensorDataset(torch.zeros(4, 2), torch.rand(4))) is None  # float: not labels
+    assert dataset_labels(Subset(tensors, [3, 0])).tolist() == [0, 3]
+    assert dataset_labels(ConcatDataset([tensors, Subset(tensors, [1])])).tolist() == [3, 1, 3, 0, 1]
+    transformed = _Counted([0, 1])
+    transformed.target_transform = lambda y: y + 1  # the samples carry other labels than the list
+    assert dataset_labels(transformed) is None
+    wrong_length = _Counted([0, 1, 2])
+    wrong_length.labels = ["cat", "dog"]  # class names, not per-sample labels
+    assert dataset_labels(wrong_length).tolist() == [0, 1, 2]
+
+
+def test_sampled_indices_honour_the_sampler_the_batch_limit_and_leave_every_rng_alone():
+    data = TensorDataset(torch.arange(40.0))
+    validation = [31, 3, 17, 8, 25, 12]
+    generator = torch.Generator().manual_seed(5)
+    loader = DataLoader(data, batch_size=2, sampler=SubsetRandomSampler(validation, generator=generator))
+    before_generator, before_global = generator.get_state(), torch.get_rng_state()
+    assert sampled_indices(loader).tolist() == sorted(validation)
+    assert torch.equal(generator.get_state(), before_generator), "the sampler's own generator is restored"
+    assert torch.equal(torch.get_rng_state(), before_global)
+    assert set(sampled_indices(loader, limit_batches=1).tolist()) <= set(validation)
+    assert len(sampled_indices(loader, limit_batches=1)) == 2
+    sequential = DataLoader(data, batch_size=4)
+    assert sampled_indices(sequential, limit_batches=2).tolist() == list(range(8))  # int: a batch count
+    assert sampled_indices(sequential, limit_batches=0.25).tolist() == list(range(8))  # float: a fraction
+    assert sampled_indices(sequential, limit_batches=1.0).tolist() == list(range(40))
+    shard = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    assert sampled_indices(shard).tolist() == list(range(40)), "every rank's share: the whole validation set"
+
+
+def test_scan_uses_the_label_list_reads_only_the_chosen_samples_and_draws_nested_sets():
+    labels = [c for c in range(10) for _ in range(30)]  # class-sorted, like ImageFolder
+    data = _Counted(labels)
+    scan = ValidationScan(DataLoader(data, batch_size=16))
+    assert scan.labels_from == "the dataset's label list" and data.reads == 0
+    small, large = scan.select(10), scan.select(40)
+    assert set(small.tolist()) <= set(large.tolist()), "a smaller draw is part of a larger one"
+    probe = scan.load(large)
+    assert sorted(probe.labels.tolist()) == sorted([c for c in range(10) for _ in range(4)])
+    assert data.reads == 40
+    scan.load(small)
+    assert data.reads == 40, "samples already read are not read again"
+    assert probe.indices.tolist() == large.tolist()
+    assert probe.inputs[:, 0, 0, 0].long().tolist() == large.tolist(), "sample i is the dataset's sample i"
+
+
+def test_scan_without_a_label_list_reads_each_sample_once():
+    data = _Counted([i % 3 for i in range(30)], listed=False)
+    scan = ValidationScan(DataLoader(data, batch_size=8))
+    assert scan.labels_from == "one pass over the validation samples"
+    probe = scan.load(scan.select(6))
+    assert probe.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert data.reads == 30, "one pass, and the chosen samples come from it"
+
+
+def test_a_batch_parser_is_trusted_over_the_label_list():
+    data = _Counted([0, 1, 2, 3])  # lists labels 0..3, but the parser says otherwise
+    scan = ValidationScan(DataLoader(data, batch_size=2), batch_parser=lambda b: (b[0], b[1] % 2, None))
+    assert scan.labels.tolist() == [0, 1, 0, 1]
+
+
+def test_probe_state_by_index_is_small_and_the_fingerprint_detects_other_samples():
+    data = _Counted([0, 1] * 10)
+    scan = ValidationScan(DataLoader(data, batch_size=4))
+    probe = scan.load(scan.select(4))
+    state = probe.state_dict(by_index=True)
+    assert set(state) == {"indices", "fingerprint", "labels"}
+    again = scan.load(state["indices"])
+    assert again.matches(state["fingerprint"])
+    other = ProbeSet(again.inputs + 1)
+    assert not other.matches(state["fingerprint"])
+    with pytest.raises(ValueError, match="indices"):
+        ProbeSet.from_state_dict(state)
+    full = probe.state_dict()
+    assert torch.equal(ProbeSet.from_state_dict(full).indices, probe.indices)
+
+
+def test_an_empty_validation_selection_is_a_clear_error():
+    data = TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="no samples"):
+        ProbeSet.from_dataloader(DataLoader(data, batch_size=2, sampler=SubsetRandomSampler([])), 2)
+    assert len(ProbeSet.from_dataloader(DataLoader(data, sampler=SequentialSampler(data)), 2)) == 2

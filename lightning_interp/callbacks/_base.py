@@ -7,16 +7,20 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_interp._logging import log_scalars, monitor_scalars, prepare_loggers
 from lightning_interp.callbacks._context import active_context, end_run, join_run
 from lightning_interp.methods.trace import ModelTrace, trace_model
-from lightning_interp.probe import BatchParser, ProbeSet
+from lightning_interp.probe import BatchParser, ProbeSet, ValidationScan, parse_batch, scannable
+
+POOL_FACTOR = 8  # a stream's probe is drawn from this many times num_samples of its first samples
 
 
 def _validation_source(trainer: pl.Trainer, stage: str | None) -> Any:
@@ -93,8 +97,11 @@ class InterpCallback(Callback):
         self.batch_parser = batch_parser
         self.background_drawing = background_drawing
         self.probe: ProbeSet | None = probe
+        self._given_probe = probe is not None  # a user's probe is kept across fits; a drawn one is redrawn
         self._runs = 0
         self._prepared = False
+        self._pending_probe: dict[str, Any] | None = None  # a checkpoint's probe, by dataset index, to re-read
+        self._from_stream = False  # the validation data is a stream: take the probe from the batches it yields
         if probe is not None and self._needs_labels() and not probe.has_labels:
             raise ValueError(f"{self._labels_reason()}, but the given ProbeSet has none.")
 
@@ -124,6 +131,8 @@ class InterpCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_sharded_strategies(self, trainer)
         join_run(trainer, self)
+        if stage == "fit":  # a new fit starts clean; a resumed one gets its state back from the checkpoint next
+            self._reset_run_state()
         self._prepared = False
         if stage == "fit" and trainer.limit_val_batches == 0:
             rank_zero_warn(
@@ -147,6 +156,14 @@ class InterpCallback(Callback):
             if loader is not None:
                 self._draw_probe(trainer, loader)
 
+    def _reset_run_state(self) -> None:
+        """Forget everything of an earlier fit (subclasses add their own state)."""
+        self._runs = 0
+        self._pending_probe = None
+        self._from_stream = False
+        if not self._given_probe:
+            self.probe = None
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ensure_ready(trainer, pl_module)
@@ -156,8 +173,26 @@ class InterpCallback(Callback):
         self._ensure_ready(trainer, pl_module)  # trainer.validate() has no on_fit_start
 
     @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """With a stream as validation data, keep the first batches the trainer loads (never iterate it ourselves)."""
+        if self.probe is not None or not self._from_stream or dataloader_idx != 0:
+            return
+        context = active_context(trainer)
+        if context is not None:
+            key = (trainer.sanity_checking, trainer.global_step, batch_idx)
+            context.collect(key, parse_batch(batch, self.batch_parser), POOL_FACTOR * self.num_samples)
+
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._ensure_ready(trainer, pl_module):
+        if not self._ensure_ready(trainer, pl_module, epoch_end=True):
             return
         if trainer.sanity_checking or not self._is_due(trainer):
             return
@@ -206,26 +241,33 @@ class InterpCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"probe": None if self.probe is None else self.probe.state_dict(), "runs": self._runs}
+        # samples drawn from an indexable dataset are saved as indices + fingerprint, re-read on resume
+        probe = None if self.probe is None else self.probe.state_dict(by_index=not self._given_probe)
+        return {"probe": probe, "runs": self._runs}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("probe") is not None:
-            self.probe = ProbeSet.from_state_dict(state_dict["probe"])
+        saved = state_dict.get("probe")
+        if saved is not None and saved.get("inputs") is not None:
+            self.probe = ProbeSet.from_state_dict(saved)
+            self._pending_probe = None
+        elif saved is not None:  # re-read from the dataset at fit start, and checked against the fingerprint
+            self.probe, self._pending_probe = None, dict(saved)
         self._runs = int(state_dict.get("runs", 0))
 
     # ------------------------------------------------------------------ shared internals
-    def _ensure_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Draw the probe set if setup could not, and prepare once per run; False when no validation data is at hand."""
-        if self.probe is None:
-            loader = _first_loader(trainer.val_dataloaders)
-            if loader is None:
-                source = _validation_source(trainer, "validate" if trainer.state.fn == "validate" else "fit")
-                with contextlib.suppress(Exception):
-                    loader = _first_loader(source.dataloader()) if source is not None else None
+    def _ensure_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, epoch_end: bool = False) -> bool:
+        """Have a probe set and be prepared (once per run); False when no validation data is at hand yet."""
+        if self._pending_probe is not None:
+            self._restore_probe(trainer)
+        if self.probe is None and not self._from_stream:
+            loader = self._current_loader(trainer)
             if loader is None:
                 return False
             self._draw_probe(trainer, loader)
+        # a stream: its probe is drawn from the batches the trainer loaded, at the end of a validation
+        if self.probe is None and not (epoch_end and self._probe_from_stream(trainer, pl_module)):
+            return False
         assert self.probe is not None
         if not self._prepared:
             self._check_model(pl_module)  # again: a model built in configure_model() has its layers only now
@@ -233,20 +275,54 @@ class InterpCallback(Callback):
             self._prepared = True
         return True
 
+    def _current_loader(self, trainer: pl.Trainer) -> Any:
+        loader = _first_loader(trainer.val_dataloaders)
+        if loader is None:
+            source = _validation_source(trainer, "validate" if trainer.state.fn == "validate" else "fit")
+            with contextlib.suppress(Exception):
+                loader = _first_loader(source.dataloader()) if source is not None else None
+        return loader
+
     def _is_due(self, trainer: pl.Trainer) -> bool:
         if trainer.state.fn != "fit":
             return True
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
-    def _draw_probe(self, trainer: pl.Trainer, loader: Any) -> None:
-        def draw() -> ProbeSet:
-            return ProbeSet.from_dataloader(loader, self.num_samples, batch_parser=self.batch_parser)
+    def _scan(self, trainer: pl.Trainer, loader: DataLoader) -> ValidationScan:
+        """The run's scan of what ``loader`` validates on (one per dataset, shared by the callbacks)."""
+        limit = trainer.limit_val_batches if trainer.state.fn in ("fit", "validate") else None
 
-        # callbacks drawing the same number of samples from the same data share one draw (and one ProbeSet)
-        dataset = getattr(loader, "dataset", None)
-        source = id(dataset) if dataset is not None and _is_indexable(dataset) else id(loader)
+        def make() -> ValidationScan:
+            with torch.inference_mode(False):
+                return ValidationScan(loader, limit_batches=limit, batch_parser=self.batch_parser)
+
         context = active_context(trainer)
-        probe = draw() if context is None else context.probe((source, self.num_samples, self.batch_parser), draw)
+        key = (id(loader.dataset), limit, self.batch_parser)
+        return make() if context is None else context.scan(key, make)
+
+    def _draw_probe(self, trainer: pl.Trainer, loader: Any) -> None:
+        if trainer.limit_val_batches == 0:  # validation is off (warned at setup): nothing to draw from
+            return
+        if not scannable(loader):
+            self._from_stream = True  # never iterate a stream ourselves: it may be one-shot
+            return
+        scan = self._scan(trainer, loader)
+        if len(scan) == 0:
+            raise ValueError(
+                f"{type(self).__name__}: the validation dataloader yields no samples (check its sampler and "
+                "limit_val_batches), so there is nothing to draw probe samples from."
+            )
+        context = active_context(trainer)
+        key = (id(scan), self.num_samples)
+        with torch.inference_mode(False):
+            probe = (
+                scan.load(scan.select(self.num_samples))
+                if context is None
+                else context.probe(key, lambda: scan.load(scan.select(self.num_samples)))
+            )
+        self._accept_probe(probe)
+
+    def _accept_probe(self, probe: ProbeSet) -> None:
         if len(probe) < self.num_samples:
             rank_zero_warn(
                 f"{type(self).__name__}: asked for num_samples={self.num_samples} but the validation data "
@@ -258,6 +334,58 @@ class InterpCallback(Callback):
                 "returns the labels, or give probe=ProbeSet(inputs, labels)."
             )
         self.probe = probe
+
+    def _probe_from_stream(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Draw from the stream batches kept during this validation; during the sanity check, when they are too
+        few, only check the model on them (errors still come before training) and keep collecting."""
+        context = active_context(trainer)
+        if context is None or not context.stream:
+            return False
+        held = sum(part.inputs.shape[0] for part in context.stream)
+        with torch.inference_mode(False):
+            probe = ProbeSet.from_batches(list(context.stream), self.num_samples, pool_factor=POOL_FACTOR)
+        if trainer.sanity_checking and held < POOL_FACTOR * self.num_samples and len(probe) < self.num_samples:
+            if not self._prepared:
+                self._check_model(pl_module)
+                self._prepare(trainer, pl_module, probe)  # checks only; the probe itself is drawn later
+            return False
+        self._accept_probe(probe)
+        return True
+
+    def _restore_probe(self, trainer: pl.Trainer) -> None:
+        """Re-read a checkpoint's probe samples by dataset index and check them against their fingerprint."""
+        saved, self._pending_probe = self._pending_probe, None
+        assert saved is not None
+        loader = self._current_loader(trainer)
+        if not scannable(loader):
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint names its probe samples by dataset index, but this run's "
+                "validation data is not an indexable dataset; drawing a new probe set."
+            )
+            self._restart_comparisons()
+            return
+        indices = saved["indices"]
+        dataset_size = len(loader.dataset)
+        probe = None
+        if indices.numel() and int(indices.max()) < dataset_size:
+            scan = self._scan(trainer, loader)
+            context = active_context(trainer)
+            key = (id(scan), "indices", tuple(indices.tolist()))
+            with torch.inference_mode(False):
+                probe = scan.load(indices) if context is None else context.probe(key, lambda: scan.load(indices))
+        if probe is None or not probe.matches(saved["fingerprint"]):
+            rank_zero_warn(
+                f"{type(self).__name__}: the validation data changed since the checkpoint was saved (the probe "
+                f"samples at the saved dataset indices differ, or the dataset has only {dataset_size} samples). "
+                "Drawing a new probe set: stability, CKA against earlier epochs and the evolution strips start over."
+            )
+            self._restart_comparisons()
+            return
+        self._accept_probe(probe)
+
+    def _restart_comparisons(self) -> None:
+        """Forget what compares this run with earlier epochs (when the probe samples had to change)."""
+        self.probe = None
 
     def _trace(self, trainer: pl.Trainer, model: nn.Module, example: Tensor) -> ModelTrace:
         """The run's one dry-forward trace of ``model`` for inputs like ``example`` (shared by the callbacks)."""
@@ -304,10 +432,6 @@ class InterpCallback(Callback):
 def _builds_in_configure_model(pl_module: pl.LightningModule) -> bool:
     """Whether the module builds layers in ``configure_model()`` (or its legacy name), after the callbacks' setup."""
     return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model"))
-
-
-def _is_indexable(dataset: object) -> bool:
-    return hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_interp._logging import DrawingWorker
 from lightning_interp.methods.trace import ModelTrace, trace_model
-from lightning_interp.probe import ProbeSet
+from lightning_interp.probe import ParsedBatch, ProbeSet, ValidationScan
 
 
 @dataclass
@@ -37,7 +37,9 @@ class RunContext:
         worker: the one drawing thread of this run.
         members: ids of the callbacks whose ``setup`` ran in this run (a second
             ``setup`` of the same callback means a new run).
+        scans: loader key -> the scan of what that loader validates on (labels read once).
         probes: draw key -> the probe set drawn for it.
+        stream: batches of a one-shot validation stream, taken as the trainer loaded them.
         traces: (model id, input shape, dtype, device) -> the model's trace.
         pinned: probe-input tensor id -> its pinned host copy.
         timings: one-time cost name -> seconds spent (for the benchmark).
@@ -45,10 +47,30 @@ class RunContext:
 
     worker: DrawingWorker = field(default_factory=DrawingWorker)
     members: set[int] = field(default_factory=set)
+    scans: dict[tuple, ValidationScan] = field(default_factory=dict)
     probes: dict[tuple, ProbeSet] = field(default_factory=dict)
+    stream: list[ParsedBatch] = field(default_factory=list)
+    stream_seen: set[tuple] = field(default_factory=set)
     traces: dict[tuple, ModelTrace] = field(default_factory=dict)
     pinned: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+    def scan(self, key: tuple, make: Callable[[], ValidationScan]) -> ValidationScan:
+        """The scan for ``key``, made with ``make()`` the first time (its time counts as the probe draw)."""
+        if key not in self.scans:
+            started = time.perf_counter()
+            self.scans[key] = make()
+            self._spent("probe draw", started)
+        return self.scans[key]
+
+    def collect(self, key: tuple, batch: ParsedBatch, wanted: int) -> None:
+        """Keep a validation batch of a stream (once per batch, whichever callback sees it first)."""
+        if key in self.stream_seen or sum(part.inputs.shape[0] for part in self.stream) >= wanted:
+            return
+        self.stream_seen.add(key)
+        self.stream.append(
+            ParsedBatch(*(None if value is None else value.detach().cpu().clone() for value in vars(batch).values()))
+        )
 
     def probe(self, key: tuple, draw: Callable[[], ProbeSet]) -> ProbeSet:
         """The probe set drawn for ``key``, drawing it with ``draw()`` the first time."""

@@ -132,6 +132,14 @@ class MapCallback(InterpCallback):
         if isinstance(self.target, int) and self.target >= scores.shape[1]:
             raise ValueError(f"target={self.target} is not a class index of this model ({scores.shape[1]} classes).")
 
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        self._previous, self._history = {}, []
+
+    def _restart_comparisons(self) -> None:
+        super()._restart_comparisons()
+        self._previous, self._history = {}, []
+
     def _needs_labels(self) -> bool:
         return self.target == "label"
 

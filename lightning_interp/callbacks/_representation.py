@@ -58,6 +58,11 @@ class RepresentationCallback(InterpCallback):
         self.max_layers = max_layers
         self.max_features = max_features
 
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        if self.auto:  # chosen again on this fit's model
+            self.layers = []
+
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         for name in self.layers if not self.auto else []:
             get_module(pl_module, name)

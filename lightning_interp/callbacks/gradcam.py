@@ -59,6 +59,11 @@ class GradCAMCallback(MapCallback):
         self.relu = relu
         self.reshape = reshape
 
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        if self.auto:  # chosen again on this fit's model
+            self.layers = []
+
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         for name in self.layers:
             get_module(pl_module, name)

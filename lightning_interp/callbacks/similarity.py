@@ -124,10 +124,21 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             if isinstance(reference_layers, str)
             else list(reference_layers)
         )
+        self._reference_auto = not self.reference_layers
         self._previous_grams: Tensor | None = None
         self._start_grams: Tensor | None = None
 
     # ------------------------------------------------------------------ setup
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        self._previous_grams = self._start_grams = None
+        if self._reference_auto:
+            self.reference_layers = []
+
+    def _restart_comparisons(self) -> None:
+        super()._restart_comparisons()
+        self._previous_grams = self._start_grams = None
+
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         super()._check_model(pl_module)
         if self.reference_model is not None:

@@ -42,8 +42,8 @@ def test_hundred_validation_epochs_leave_no_hooks_and_bounded_memory(tmp_path):
         evolution_columns=10,
     )
     gradcam = GradCAMCallback(layer=["net.4", "net.7"], num_samples=4)
-    probe = LinearProbeCallback(num_samples=32)
-    similarity = RepresentationSimilarityCallback(num_samples=32)
+    probe = LinearProbeCallback(num_samples=16)  # limit_val_batches=1: one batch of 16 is all it validates on
+    similarity = RepresentationSimilarityCallback(num_samples=16)
     recorder = MemoryRecorder()
     model = tiny_classifier()
     trainer = quiet_trainer(

@@ -80,6 +80,9 @@ def test_state_survives_a_checkpoint_and_the_series_continue(tmp_path):
     )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     start = first._start_grams.clone()
+    saved = torch.load(str(tmp_path / "ckpt" / "last.ckpt"), weights_only=False)["callbacks"][first.state_key]
+    assert "inputs" not in saved["probe"], "samples of an indexable dataset are saved as indices"
+    assert torch.equal(saved["probe"]["indices"], first.probe.indices)
 
     resumed = RepresentationSimilarityCallback(num_samples=32, metrics=("cka",))
     trainer = quiet_trainer(
@@ -89,12 +92,34 @@ def test_state_survives_a_checkpoint_and_the_series_continue(tmp_path):
         enable_checkpointing=True,
         logger=TensorBoardLogger(str(tmp_path), name="resumed"),
     )
-    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule(seed=5), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.equal(resumed._start_grams, start), "the start reference must come from the first run"
-    assert torch.equal(resumed.probe.inputs, first.probe.inputs)
+    assert torch.equal(resumed.probe.inputs, first.probe.inputs), "the same samples, re-read by index"
     events = read_events(str(tmp_path / "resumed"))
     # The first validation after resuming already has a previous run to compare with.
     assert events.scalar_steps("interp/similarity/net.10/cka_vs_previous") == [2 * STEPS_PER_EPOCH]
+
+
+def test_resuming_on_changed_validation_data_is_reported_and_comparisons_restart(tmp_path):
+    first = RepresentationSimilarityCallback(num_samples=32, metrics=("cka",))
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True, logger=False
+    )
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+
+    resumed = RepresentationSimilarityCallback(num_samples=32, metrics=("cka",))
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=2, callbacks=[resumed], logger=TensorBoardLogger(str(tmp_path), name="changed")
+    )
+    with pytest.warns(UserWarning, match="validation data changed since the checkpoint"):
+        trainer.fit(
+            tiny_classifier(), datamodule=tiny_datamodule(seed=5), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+        )
+    assert not torch.equal(resumed.probe.inputs, first.probe.inputs), "the new data's samples, not stale ones"
+    events = read_events(str(tmp_path / "changed"))
+    assert events.scalar_steps("interp/similarity/net.10/cka_vs_previous") == [], "nothing to compare with yet"
+    assert events.scalar_steps("interp/similarity/net.10/cka_vs_start") == [2 * STEPS_PER_EPOCH]
 
 
 def test_probe_needs_labels(tmp_path):

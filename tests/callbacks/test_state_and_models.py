@@ -22,10 +22,11 @@ def test_probe_and_history_survive_a_checkpoint_and_resume(tmp_path):
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     assert first.layers == ["net.7"]  # 'auto' resolved to the last spatial module (the last ReLU)
 
-    # The resumed run reads its probe from the checkpoint, even though its own data would give other samples.
+    # The resumed run re-reads its probe samples from the data by the checkpoint's dataset indices.
     resumed = GradCAMCallback(num_samples=6)
     trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[resumed], logger=False)
-    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule(seed=7), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert torch.equal(resumed.probe.indices, first.probe.indices)
     assert torch.equal(resumed.probe.inputs, first.probe.inputs)
     assert torch.equal(resumed.probe.labels, first.probe.labels)
     assert torch.equal(resumed.probe.masks, first.probe.masks)

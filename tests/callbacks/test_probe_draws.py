@@ -1,0 +1,199 @@
+"""Probe sets drawn from what the trainer validates on, in real Trainers, and fresh state for every fit.
+
+A user's validation split (a sampler over the full dataset), a class-sorted folder of images, a one-shot stream,
+``limit_val_batches``: the probe samples must come from exactly the samples the trainer validates on, stratified
+over all of them, reading as little as possible; and a callback reused in a new ``fit`` must not compare the new
+model with the old one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.image import imsave
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SubsetRandomSampler
+
+from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
+from lightning_interp.demo import ImageClassifier, shapes_cnn
+from lightning_interp.synthetic import SyntheticShapes
+from tests.conftest import quiet_trainer, read_events, tiny_classifier, tiny_datamodule
+
+
+def _train_loader():
+    module = tiny_datamodule()
+    module.setup("fit")
+    return module.train_dataloader()
+
+
+def _four(**sizes):
+    return [
+        SaliencyCallback(methods=("gradient",), num_samples=sizes.get("maps", 4)),
+        GradCAMCallback(num_samples=sizes.get("maps", 4)),
+        LinearProbeCallback(num_samples=sizes.get("probe", 16)),
+        RepresentationSimilarityCallback(num_samples=sizes.get("similarity", 8)),
+    ]
+
+
+def test_a_sampler_validation_split_is_honoured_by_every_callback(tmp_path):
+    data = SyntheticShapes(96, image_size=16, seed=0)
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(1)).tolist()
+    train_idx, val_idx = order[:64], order[64:]
+    train = DataLoader(data, batch_size=16, sampler=SubsetRandomSampler(train_idx))
+    val = DataLoader(data, batch_size=16, sampler=SubsetRandomSampler(val_idx))
+    callbacks = _four()
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=callbacks, logger=False)
+    trainer.fit(tiny_classifier(), train, val)
+    for callback in callbacks:
+        indices = callback.probe.indices.tolist()
+        assert set(indices) <= set(val_idx), f"{type(callback).__name__} drew training samples"
+        assert torch.equal(callback.probe.inputs, data.images[indices]), "each input is that dataset sample"
+        assert callback._runs == 1
+
+
+def _write_image_folder(root, classes: int = 10, per_class: int = 30) -> None:
+    rng = np.random.default_rng(0)
+    for label in range(classes):
+        folder = root / f"class_{label:02d}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.random((8, 8, 3)) * 0.5
+            pixels[..., label % 3] += 0.4  # a little class signal
+            imsave(folder / f"{index:03d}.png", np.clip(pixels, 0, 1))
+
+
+def test_a_class_sorted_image_folder_gives_every_class(tmp_path):
+    _write_image_folder(tmp_path / "val")
+    folder = torchvision.datasets.ImageFolder(
+        str(tmp_path / "val"), transform=torchvision.transforms.Compose([torchvision.transforms.ToTensor()])
+    )
+    assert folder.targets[:31] == [0] * 30 + [1], "sorted by class, as ImageFolder lists them"
+    loader = DataLoader(folder, batch_size=32)
+    callbacks = [GradCAMCallback(num_samples=10), LinearProbeCallback(num_samples=40)]
+    model = ImageClassifier(shapes_cnn(num_classes=10, width=4), lr=1e-2)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=callbacks, logger=False)
+    trainer.fit(model, loader, loader)
+    assert sorted(callbacks[0].probe.labels.tolist()) == list(range(10))
+    assert torch.bincount(callbacks[1].probe.labels, minlength=10).tolist() == [4] * 10
+    assert set(callbacks[0].probe.indices.tolist()) <= set(callbacks[1].probe.indices.tolist()), "nested draws"
+
+
+class OneShotStream(IterableDataset):
+    """Yields its samples on the first iteration only, as a network stream or a generator would."""
+
+    def __init__(self, count: int = 48) -> None:
+        self.images, self.labels, self.masks = SyntheticShapes(count, image_size=16, seed=3)[:]
+        self.iterations = 0
+
+    def __iter__(self):
+        self.iterations += 1
+        if self.iterations > 1:
+            return iter(())
+        return iter(zip(self.images, self.labels, strict=True))
+
+
+class CountValidation(Callback):
+    def __init__(self) -> None:
+        self.samples = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self.samples += batch[0].shape[0]
+
+
+def test_a_one_shot_stream_is_never_consumed_by_the_callbacks(tmp_path):
+    stream = OneShotStream()
+    counter = CountValidation()
+    callbacks = [GradCAMCallback(num_samples=4), LinearProbeCallback(num_samples=16)]
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, num_sanity_val_steps=0, callbacks=[*callbacks, counter], logger=False
+    )
+    trainer.fit(tiny_classifier(), _train_loader(), DataLoader(stream, batch_size=8))
+    assert stream.iterations == 1, "only the trainer iterated the stream"
+    assert counter.samples == 48, "the trainer's validation saw every sample"
+    assert "val_loss" in trainer.callback_metrics
+    assert all(callback._runs == 1 for callback in callbacks), "the probe came from the batches the trainer loaded"
+    assert callbacks[0].probe.indices is None and len(callbacks[1].probe) == 16
+
+
+class CountedShapes(Dataset):
+    """Synthetic shapes that count every sample read; optionally without a label list."""
+
+    def __init__(self, count: int, listed: bool) -> None:
+        self.images, labels, self.masks = SyntheticShapes(count, image_size=16, seed=4)[:]
+        self._labels = labels
+        if listed:
+            self.targets = labels.tolist()
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        return self.images[index], self._labels[index], self.masks[index]
+
+
+class ReadsBeforeValidation(Callback):
+    """Listed last: how many samples were read by the time the callbacks are ready (before any validation)."""
+
+    def __init__(self, dataset: CountedShapes) -> None:
+        self.dataset = dataset
+        self.reads = -1
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.reads = self.dataset.reads
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["label-list", "no-label-list"])
+def test_the_four_callbacks_at_defaults_read_the_validation_set_at_most_once(tmp_path, listed):
+    dataset = CountedShapes(1200, listed=listed)
+    reads = ReadsBeforeValidation(dataset)
+    callbacks = [SaliencyCallback(), GradCAMCallback(), LinearProbeCallback(), RepresentationSimilarityCallback()]
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0, callbacks=[*callbacks, reads],
+        logger=False,
+    )  # fmt: skip
+    trainer.fit(tiny_classifier(), _train_loader(), DataLoader(dataset, batch_size=100))
+    if listed:
+        assert reads.reads == 1024, "with a label list only the chosen samples are read (the largest draw)"
+    else:
+        assert reads.reads == 1200, "one pass for the labels, and the chosen samples come from it"
+    assert callbacks[0].probe is callbacks[1].probe, "equal draws are one probe set"
+    assert set(callbacks[3].probe.indices.tolist()) <= set(callbacks[2].probe.indices.tolist())
+
+
+def test_limit_val_batches_bounds_the_candidates(tmp_path):
+    callbacks = _four(probe=8, similarity=8)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=1, callbacks=callbacks, logger=False)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())  # validation batches of 16
+    for callback in callbacks:
+        assert callback.probe.indices.max() < 16, type(callback).__name__
+
+
+def test_callbacks_reused_in_a_new_fit_start_clean(tmp_path):
+    saliency = SaliencyCallback(methods=("gradient",), num_samples=4)
+    gradcam = GradCAMCallback(num_samples=4)
+    similarity = RepresentationSimilarityCallback(num_samples=16, metrics=("cka",))
+    callbacks = [saliency, gradcam, similarity]
+    first = quiet_trainer(tmp_path, max_epochs=2, callbacks=callbacks, logger=False)
+    first.fit(tiny_classifier(), datamodule=tiny_datamodule(image_size=16))
+    first_probe, first_runs = saliency.probe, saliency._runs
+    assert first_runs == 2
+
+    second = quiet_trainer(
+        tmp_path, max_epochs=2, callbacks=callbacks, logger=TensorBoardLogger(str(tmp_path), name="second")
+    )
+    second.fit(tiny_classifier(), datamodule=tiny_datamodule(image_size=24, seed=9))
+    assert saliency.probe is not first_probe and saliency.probe.inputs.shape[-1] == 24, "the new fit's data"
+    assert saliency._runs == 2 and gradcam._runs == 2
+    events = read_events(str(tmp_path / "second"))
+    # nothing of the first fit is compared with: stability and cka_vs_previous start at the second validation
+    assert events.scalar_steps("interp/saliency/gradient/stability") == [8]
+    assert events.scalar_steps("interp/gradcam/net.7/stability") == [8]
+    assert events.scalar_steps("interp/similarity/net.10/cka_vs_previous") == [8]
+    assert [epoch for epoch, _ in gradcam._history] == [0, 1], "the evolution strip shows this fit only"
+    assert all(maps.shape[-1] == 24 for maps in gradcam._previous.values())
