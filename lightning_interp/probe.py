@@ -170,6 +170,7 @@ class ProbeSet:
             self.labels = None if labels is None else torch.as_tensor(labels).detach().cpu().long().clone()
             self.masks = None if masks is None else torch.as_tensor(masks).detach().cpu().clone()
             self.indices = None if indices is None else torch.as_tensor(indices).detach().cpu().long().clone()
+        self.source: object | None = None  # the ValidationScan that read the samples, if one did
         if self.indices is not None and self.indices.shape != (count,):
             raise ValueError(f"indices must have shape ({count},), got {tuple(self.indices.shape)}.")
         if self.labels is not None and self.labels.shape != (count,):
@@ -551,7 +552,9 @@ class ValidationScan:
         parts = [self._samples[i] for i in wanted]
         labels = None if any(p[1] is None for p in parts) else torch.stack([p[1] for p in parts])  # type: ignore[misc]
         masks = None if any(p[2] is None for p in parts) else torch.stack([p[2] for p in parts])  # type: ignore[misc]
-        return ProbeSet(torch.stack([p[0] for p in parts]), labels, masks, indices=torch.tensor(wanted))
+        probe = ProbeSet(torch.stack([p[0] for p in parts]), labels, masks, indices=torch.tensor(wanted))
+        probe.source = self  # samples with the same index in probe sets of one scan are the same sample
+        return probe
 
     def _remember(self, chunk: list[int], batch: Any) -> ParsedBatch:
         parsed = parse_batch(batch, self.batch_parser)

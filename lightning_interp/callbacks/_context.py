@@ -40,6 +40,8 @@ class RunContext:
         scans: loader key -> the scan of what that loader validates on (labels read once).
         probes: draw key -> the probe set drawn for it.
         stream: batches of a one-shot validation stream, taken as the trainer loaded them.
+        features: the features of one validation, captured once for every representation callback due then.
+        unions: the probe samples of a group of callbacks, gathered once (with each callback's rows).
         traces: (model id, input shape, dtype, device) -> the model's trace.
         pinned: probe-input tensor id -> its pinned host copy.
         timings: one-time cost name -> seconds spent (for the benchmark).
@@ -51,6 +53,8 @@ class RunContext:
     probes: dict[tuple, ProbeSet] = field(default_factory=dict)
     stream: list[ParsedBatch] = field(default_factory=list)
     stream_seen: set[tuple] = field(default_factory=set)
+    features: dict[tuple, dict[int, dict[str, Tensor]]] = field(default_factory=dict)
+    unions: dict[tuple, tuple[Tensor, dict[int, Tensor]]] = field(default_factory=dict)
     traces: dict[tuple, ModelTrace] = field(default_factory=dict)
     pinned: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)

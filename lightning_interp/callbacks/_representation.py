@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
+from lightning_interp.callbacks._context import active_context
 from lightning_interp.methods._core import get_module
-from lightning_interp.methods.features import auto_layers, capture_features
+from lightning_interp.methods.features import auto_layers, capture_features, capture_pooled_features
 from lightning_interp.probe import BatchParser, ProbeSet
 
 
@@ -72,11 +74,75 @@ class RepresentationCallback(InterpCallback):
             trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
             self.layers = auto_layers(pl_module, None, max_layers=self.max_layers, trace=trace)
 
-    def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """Pooled (N, D) float32 features of every layer on the probe set, on the model's device, in its precision."""
+    def _features(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, shared: bool = True
+    ) -> dict[str, Tensor]:
+        """Pooled (N, D) float32 features of every layer on the probe set, on the model's device, in its precision.
+
+        At a validation epoch, the representation callbacks of the trainer that are due share one forward pass
+        over the union of their probe samples (their draws are nested, so the union is the largest set), each
+        layer pooled to every callback's ``max_features``; the first one to ask computes for all.
+        """
+        context = active_context(trainer)
+        if not shared or context is None:
+            return self._own_features(trainer, pl_module)
+        key = (id(pl_module), trainer.state.fn, trainer.global_step, trainer.current_epoch, trainer.sanity_checking)
+        if key not in context.features:
+            peers = [
+                callback
+                for callback in trainer.callbacks
+                if isinstance(callback, RepresentationCallback)
+                and callback._prepared
+                and callback.probe is not None
+                and callback._is_due(trainer)
+            ]
+            if self not in peers:
+                peers = [self]
+            context.features.clear()  # only the current validation's features are kept
+            context.features[key] = self._capture_for(trainer, pl_module, peers)
+        computed = context.features[key]
+        if id(self) not in computed:  # not in the group that was computed (e.g. prepared late): on its own
+            return self._own_features(trainer, pl_module)
+        return computed.pop(id(self))
+
+    def _own_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         inputs = self._probe_inputs(trainer, pl_module)
         with self._model_context(trainer):
             return capture_features(pl_module, inputs, self.layers, max_features=self.max_features)
+
+    def _capture_for(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, peers: list[RepresentationCallback]
+    ) -> dict[int, dict[str, Tensor]]:
+        """One pass over the union of the peers' probe samples; each peer's layers, bounds and rows."""
+        probes = [peer.probe for peer in peers]
+        assert all(probe is not None for probe in probes)
+        shapes = {(tuple(p.inputs.shape[1:]), p.inputs.dtype) for p in probes}  # type: ignore[union-attr]
+        if len(peers) == 1 or len(shapes) != 1:  # nothing to share (or samples of different forms)
+            return {id(peer): peer._own_features(trainer, pl_module) for peer in peers}
+        context = active_context(trainer)
+        assert context is not None
+        union_key = tuple((id(peer), id(peer.probe)) for peer in peers)
+        if union_key not in context.unions:
+            context.unions[union_key] = _union_of_probes(peers)
+        union, rows = context.unions[union_key]
+        device = pl_module.device
+        moved = context.host_copy(union, device)
+        inputs = moved.to(device, non_blocking=moved.is_pinned())
+        plugin = getattr(trainer, "precision_plugin", None)
+        inputs = plugin.convert_input(inputs) if plugin is not None else inputs
+        requests: dict[str, list[int | None]] = {}
+        for peer in peers:
+            for layer in peer.layers:
+                requests.setdefault(layer, [])
+                if peer.max_features not in requests[layer]:
+                    requests[layer].append(peer.max_features)
+        with self._model_context(trainer):
+            pooled = capture_pooled_features(pl_module, inputs, requests)
+        result: dict[int, dict[str, Tensor]] = {}
+        for peer in peers:
+            index = rows[id(peer)].to(device)
+            result[id(peer)] = {layer: pooled[(layer, peer.max_features)][index] for layer in peer.layers}
+        return result
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -87,3 +153,26 @@ class RepresentationCallback(InterpCallback):
         super().load_state_dict(state_dict)
         if self.auto and state_dict.get("layers"):
             self.layers = list(state_dict["layers"])
+
+
+def _union_of_probes(peers: list[RepresentationCallback]) -> tuple[Tensor, dict[int, Tensor]]:
+    """The distinct samples of the peers' probe sets (a sample drawn by one scan is the same at the same index)
+    stacked once, and each peer's rows in that stack."""
+    position: dict[tuple[int, int], int] = {}
+    samples: list[Tensor] = []
+    rows: dict[int, Tensor] = {}
+    for peer in peers:
+        probe = peer.probe
+        assert probe is not None
+        if probe.source is not None and probe.indices is not None:
+            keys = [(id(probe.source), int(index)) for index in probe.indices]
+        else:
+            keys = [(id(probe), row) for row in range(len(probe))]
+        picked = []
+        for row, key in enumerate(keys):
+            if key not in position:
+                position[key] = len(samples)
+                samples.append(probe.inputs[row])
+            picked.append(position[key])
+        rows[id(peer)] = torch.tensor(picked, dtype=torch.long)
+    return torch.stack(samples), rows

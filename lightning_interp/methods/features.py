@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lightning_interp.methods._core import get_module, modes_preserved
 from lightning_interp.methods.trace import ModelTrace, trace_model
 
-__all__ = ["auto_layers", "capture_features", "pool_features"]
+__all__ = ["auto_layers", "capture_features", "capture_pooled_features", "pool_features"]
 
 _NORMALISATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
@@ -91,48 +91,98 @@ def capture_features(
         >>> {k: v.shape for k, v in capture_features(net, torch.randn(7, 3), ["0", "2"]).items()}
         {'0': torch.Size([7, 5]), '2': torch.Size([7, 2])}
     """
+    qualified = {module: name for name, module in model.named_modules()}
+    names = [layer if isinstance(layer, str) else qualified.get(layer, str(layer)) for layer in layers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Each layer must appear once, got {names}.")
+    for layer in layers:
+        get_module(model, layer)
+    pooled = capture_pooled_features(
+        model,
+        inputs,
+        {name: (max_features,) for name in names},
+        batch_size=batch_size,
+        eval_mode=eval_mode,
+        modules={name: get_module(model, layer) for name, layer in zip(names, layers, strict=True)},
+    )
+    features = {name: pooled[(name, max_features)] for name in names}
+    if device is not None:
+        features = {name: value.to(device) for name, value in features.items()}
+    return features
+
+
+@torch.no_grad()
+def capture_pooled_features(
+    model: nn.Module,
+    inputs: Tensor,
+    requests: Mapping[str, Sequence[int | None]],
+    *,
+    batch_size: int = 256,
+    eval_mode: bool = True,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> dict[tuple[str, int | None], Tensor]:
+    """One chunked forward pass giving each named layer's output pooled to every requested bound.
+
+    Several consumers of one model's features (a linear probe at 2048
+    features per layer, CKA at 4096) share this single pass.
+
+    Args:
+        model: the network, called as ``model(chunk)``.
+        inputs: (N, ...) samples, on any device.
+        requests: dotted layer name -> the ``max_features`` bounds wanted for it.
+        batch_size: samples per forward pass.
+        eval_mode: run the model in eval mode.
+        modules: the modules of the names, when already looked up.
+
+    Returns:
+        (layer name, bound) -> (N, D) float32 tensor on the model's device.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+        >>> out = capture_pooled_features(net, torch.randn(3, 1, 8, 8), {"1": (36, None)})  # 4 x 3 x 3, 4 x 6 x 6
+        >>> out[("1", 36)].shape, out[("1", None)].shape
+        (torch.Size([3, 36]), torch.Size([3, 144]))
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if inputs.shape[0] == 0:
         raise ValueError("capture_features needs at least one input sample.")
-    qualified = {module: name for name, module in model.named_modules()}
-    modules = [get_module(model, layer) for layer in layers]
-    names = [layer if isinstance(layer, str) else qualified.get(layer, str(layer)) for layer in layers]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Each layer must appear once, got {names}.")
+    names = list(requests)
+    found = [modules[name] if modules is not None else get_module(model, name) for name in names]
     model_device = next((p.device for p in model.parameters()), inputs.device)
-    parts: list[list[Tensor]] = [[] for _ in modules]
-    latest: list[Tensor | None] = [None] * len(modules)
+    parts: dict[tuple[str, int | None], list[Tensor]] = {(n, b): [] for n in names for b in dict.fromkeys(requests[n])}
+    latest: dict[str, dict[int | None, Tensor]] = {}
     handles = []
 
-    def make_hook(slot: int) -> Callable:
+    def make_hook(name: str) -> Callable:
         def hook(_module: nn.Module, _args: object, output: object) -> None:
             if isinstance(output, Tensor):  # pool (and copy) now: a later in-place op must not change it
-                pooled = pool_features(output, max_features).float()
-                latest[slot] = pooled.clone() if _shares_memory(pooled, output) else pooled
+                kept = {}
+                for bound in dict.fromkeys(requests[name]):
+                    pooled = pool_features(output, bound).float()
+                    kept[bound] = pooled.clone() if _shares_memory(pooled, output) else pooled
+                latest[name] = kept
 
         return hook
 
     with modes_preserved(model, eval_mode=eval_mode), torch.inference_mode(False):
         try:
-            for slot, module in enumerate(modules):
-                handles.append(module.register_forward_hook(make_hook(slot)))
+            for name, module in zip(names, found, strict=True):
+                handles.append(module.register_forward_hook(make_hook(name)))
             for start in range(0, inputs.shape[0], batch_size):
-                latest[:] = [None] * len(modules)
+                latest.clear()
                 chunk = inputs[start : start + batch_size]
                 moved = chunk.to(model_device, non_blocking=chunk.is_pinned())
                 model(moved.clone() if moved.device == chunk.device else moved)  # never an inference tensor
-                for slot, name in enumerate(names):
-                    if latest[slot] is None:
+                for name in names:
+                    if name not in latest:
                         raise RuntimeError(f"Layer {name!r} produced no tensor output during the forward pass.")
-                    parts[slot].append(latest[slot])
+                    for bound, value in latest[name].items():
+                        parts[(name, bound)].append(value)
         finally:
             for handle in handles:
                 handle.remove()
-        features = {name: torch.cat(chunks) for name, chunks in zip(names, parts, strict=True)}
-    if device is not None:
-        features = {name: value.to(device) for name, value in features.items()}
-    return features
+        return {key: torch.cat(chunks) for key, chunks in parts.items()}
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -173,3 +173,40 @@ def test_rsa_scalars_equal_rsa_of_the_layers_rdms_computed_here(tmp_path):
         if index + 1 < len(rdms):
             logged = trainer.callback_metrics[f"interp/similarity/{name}/rsa_vs_next"].item()
             assert logged == pytest.approx(rsa(rdms[index], rdms[index + 1]).item(), abs=1e-6), name
+
+
+class _CountForwards(Callback):
+    """Two of these bracket the other callbacks: model forwards made by the callbacks between them."""
+
+    def __init__(self, counter: dict, start: bool) -> None:
+        self.counter, self.start = counter, start
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self.counter["on"] = self.start
+
+
+def _validate(tmp_path, callbacks, counter=None):
+    model = tiny_classifier()
+    torch.manual_seed(0)
+    model.load_state_dict(tiny_classifier().state_dict())
+    hooks = []
+    if counter is not None:
+        counter.update(on=False, calls=0)
+        model.register_forward_pre_hook(lambda *_: counter.update(calls=counter["calls"] + counter["on"]))
+        hooks = [_CountForwards(counter, True), *callbacks, _CountForwards(counter, False)]
+    trainer = quiet_trainer(tmp_path, callbacks=hooks or callbacks, logger=False)
+    trainer.validate(model, datamodule=tiny_datamodule())
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("interp/")}
+
+
+def test_the_representation_callbacks_share_one_forward_and_get_the_numbers_they_get_alone(tmp_path):
+    counter: dict = {}
+    shared = _validate(
+        tmp_path, [LinearProbeCallback(num_samples=32), RepresentationSimilarityCallback(num_samples=16)], counter
+    )
+    assert counter["calls"] == 1, "one pass over the union of the two nested probe sets (32 samples, one chunk)"
+    alone = _validate(tmp_path, [LinearProbeCallback(num_samples=32)])
+    alone.update(_validate(tmp_path, [RepresentationSimilarityCallback(num_samples=16)]))
+    assert shared.keys() == alone.keys() and len(shared) > 10
+    for key, value in alone.items():
+        assert shared[key] == pytest.approx(value, abs=1e-5), key
