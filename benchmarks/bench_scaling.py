@@ -74,7 +74,7 @@ def prepared(callback: InterpCallback, samples: int, root: str) -> tuple[Callabl
     data = TensorDataset(
         torch.randn(max(samples, 64), 1, 28, 28, generator=generator), torch.arange(max(samples, 64)) % 10
     )
-    loader = DataLoader(data, batch_size=64)
+    loader = DataLoader(data, batch_size=max(samples, 64))  # limit_val_batches=1: one batch must hold them all
     trainer = pl.Trainer(
         max_epochs=1,
         limit_train_batches=1,
@@ -90,6 +90,7 @@ def prepared(callback: InterpCallback, samples: int, root: str) -> tuple[Callabl
     )
     model = ImageClassifier(mnist_cnn())
     trainer.fit(model, loader, loader)
+    assert callback.probe is not None and len(callback.probe) == samples, "the row must measure the probe it names"
     return (lambda: callback._run(trainer, model)), trainer
 
 

@@ -61,11 +61,7 @@ class RunContext:
 
     def scan(self, key: tuple, make: Callable[[], ValidationScan]) -> ValidationScan:
         """The scan for ``key``, made with ``make()`` the first time (its time counts as the probe draw)."""
-        if key not in self.scans:
-            started = time.perf_counter()
-            self.scans[key] = make()
-            self._spent("probe draw", started)
-        return self.scans[key]
+        return self._once(self.scans, key, make, "probe draw")
 
     def collect(self, key: tuple, batch: ParsedBatch, wanted: int) -> None:
         """Keep a validation batch of a stream (once per batch, whichever callback sees it first)."""
@@ -78,20 +74,12 @@ class RunContext:
 
     def probe(self, key: tuple, draw: Callable[[], ProbeSet]) -> ProbeSet:
         """The probe set drawn for ``key``, drawing it with ``draw()`` the first time."""
-        if key not in self.probes:
-            started = time.perf_counter()
-            self.probes[key] = draw()
-            self._spent("probe draw", started)
-        return self.probes[key]
+        return self._once(self.probes, key, draw, "probe draw")
 
     def trace(self, model: nn.Module, example: Tensor) -> ModelTrace:
         """One dry-forward trace of ``model`` per input shape, dtype and device in this run."""
         key = (id(model), tuple(example.shape[1:]), example.dtype, example.device)
-        if key not in self.traces:
-            started = time.perf_counter()
-            self.traces[key] = trace_model(model, example)
-            self._spent("layer choice", started)
-        return self.traces[key]
+        return self._once(self.traces, key, lambda: trace_model(model, example), "layer choice")
 
     def host_copy(self, inputs: Tensor, device: torch.device) -> Tensor:
         """``inputs`` in pinned host memory when they go to a CUDA device (fast, asynchronous copies), else as is."""
@@ -103,8 +91,13 @@ class RunContext:
             self.pinned[id(inputs)] = entry
         return entry[1]
 
-    def _spent(self, what: str, started: float) -> None:
-        self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - started
+    def _once(self, store: dict[tuple, Any], key: tuple, make: Callable[[], Any], cost: str) -> Any:
+        """``store[key]``, made with ``make()`` the first time; the time it took is added to ``timings[cost]``."""
+        if key not in store:
+            started = time.perf_counter()
+            store[key] = make()
+            self.timings[cost] = self.timings.get(cost, 0.0) + time.perf_counter() - started
+        return store[key]
 
 
 _CONTEXTS: weakref.WeakKeyDictionary[pl.Trainer, RunContext] = weakref.WeakKeyDictionary()

@@ -147,14 +147,22 @@ def resolve_target(target: Target, scores: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def captured_outputs(modules: Sequence[nn.Module]) -> Iterator[list[Tensor | None]]:
-    """Record the (last) output of each module during the block; hooks removed in ``finally``."""
+    """Record the (last) output of each module during the block; hooks removed in ``finally``.
+
+    The rest of the network receives a copy of each recorded output, so an
+    in-place operation after the layer (``nn.ReLU(inplace=True)``) changes the
+    copy and the recorded tensor stays the layer's own output, as do the
+    gradients taken with respect to it.
+    """
     outputs: list[Tensor | None] = [None] * len(modules)
     handles = []
 
     def make_hook(slot: int) -> Callable:
-        def hook(_module: nn.Module, _args: object, output: object) -> None:
-            if isinstance(output, Tensor):
-                outputs[slot] = output
+        def hook(_module: nn.Module, _args: object, output: object) -> Tensor | None:
+            if not isinstance(output, Tensor):
+                return None
+            outputs[slot] = output
+            return output.clone()  # what the next module sees (and may overwrite in place)
 
         return hook
 

@@ -295,3 +295,28 @@ def test_grad_cam_works_with_fully_frozen_model():
     expected = grad_cam(net, x, 1, "0")
     net.requires_grad_(False)
     torch.testing.assert_close(grad_cam(net, x, 1, "0"), expected)
+
+
+def test_an_in_place_relu_after_the_layer_does_not_change_its_map():
+    # the captured activation and its gradient must be the layer's own output, not what a later in-place op made of it
+    torch.manual_seed(0)
+
+    def net(inplace: bool) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.ReLU(inplace=inplace),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
+
+    out_of_place, in_place = net(False), net(True)
+    in_place.load_state_dict(out_of_place.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    expected = grad_cam(out_of_place, x, 1, "1", relu=False)
+    found = grad_cam(in_place, x, 1, "1", relu=False)
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        activation = out_of_place[1](out_of_place[0](x))
+    assert (activation < 0).float().mean() > 0.2, "the ReLU changes the activation a lot, so a wrong capture shows"
