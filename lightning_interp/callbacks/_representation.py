@@ -11,7 +11,12 @@ from torch import Tensor
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
 from lightning_interp.callbacks._context import active_context
 from lightning_interp.methods._core import get_module
-from lightning_interp.methods.features import auto_layers, capture_features, capture_pooled_features
+from lightning_interp.methods.features import (
+    auto_layers,
+    capture_features,
+    capture_pooled_features,
+    forward_chunk_size,
+)
 from lightning_interp.probe import BatchParser, ProbeSet
 
 
@@ -59,6 +64,7 @@ class RepresentationCallback(InterpCallback):
         self.auto = not names
         self.max_layers = max_layers
         self.max_features = max_features
+        self._chunk = 256  # samples per forward pass; chosen for the model and device at fit start
 
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
@@ -70,8 +76,9 @@ class RepresentationCallback(InterpCallback):
             get_module(pl_module, name)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
+        self._chunk = forward_chunk_size(trace, pl_module.device)
         if self.auto and not self.layers:
-            trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
             self.layers = auto_layers(pl_module, None, max_layers=self.max_layers, trace=trace)
 
     def _features(
@@ -108,7 +115,9 @@ class RepresentationCallback(InterpCallback):
     def _own_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         inputs = self._probe_inputs(trainer, pl_module)
         with self._model_context(trainer):
-            return capture_features(pl_module, inputs, self.layers, max_features=self.max_features)
+            return capture_features(
+                pl_module, inputs, self.layers, max_features=self.max_features, batch_size=self._chunk
+            )
 
     def _capture_for(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, peers: list[RepresentationCallback]
@@ -137,7 +146,7 @@ class RepresentationCallback(InterpCallback):
                 if peer.max_features not in requests[layer]:
                     requests[layer].append(peer.max_features)
         with self._model_context(trainer):
-            pooled = capture_pooled_features(pl_module, inputs, requests)
+            pooled = capture_pooled_features(pl_module, inputs, requests, batch_size=min(p._chunk for p in peers))
         result: dict[int, dict[str, Tensor]] = {}
         for peer in peers:
             index = rows[id(peer)].to(device)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_interp._logging import log_image
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods._core import get_module
-from lightning_interp.methods.features import auto_layers, capture_features
+from lightning_interp.methods.features import auto_layers, capture_features, forward_chunk_size
 from lightning_interp.methods.similarity import RDM_METRICS, RSA_METHODS, normalized_grams, rdm, rsa_matrix
 from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import colorize, matrix_image, normalize_map, render_grid
@@ -125,6 +125,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             else list(reference_layers)
         )
         self._reference_auto = not self.reference_layers
+        self._reference_chunk = 256
         self._previous_grams: Tensor | None = None
         self._start_grams: Tensor | None = None
 
@@ -149,9 +150,10 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         super()._prepare(trainer, pl_module, probe)
         if self.reference_model is not None:
             self.reference_model.to(pl_module.device)
+            example = probe.inputs[:1].to(pl_module.device)
+            trace = self._trace(trainer, self.reference_model, example)
+            self._reference_chunk = forward_chunk_size(trace, pl_module.device)
             if not self.reference_layers:
-                example = probe.inputs[:1].to(pl_module.device)
-                trace = self._trace(trainer, self.reference_model, example)
                 self.reference_layers = auto_layers(self.reference_model, None, max_layers=self.max_layers, trace=trace)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -208,6 +210,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
                     self._probe_inputs(trainer, pl_module),
                     self.reference_layers,
                     max_features=self.max_features,
+                    batch_size=self._reference_chunk,
                 )
             cross = (grams @ self._grams(reference).T).cpu()
             columns = list(reference)

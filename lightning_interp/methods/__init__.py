@@ -13,7 +13,13 @@ from lightning_interp.methods.attribution import (
     integration_points,
     smoothgrad,
 )
-from lightning_interp.methods.features import auto_layers, capture_features, pool_features
+from lightning_interp.methods.features import (
+    auto_layers,
+    capture_features,
+    capture_pooled_features,
+    forward_chunk_size,
+    pool_features,
+)
 from lightning_interp.methods.gradcam import cam_from_activation, find_target_layer, grad_cam, spatial_layers
 from lightning_interp.methods.map_metrics import (
     attribution_to_map,
@@ -57,10 +63,12 @@ __all__ = [
     "auto_layers",
     "cam_from_activation",
     "capture_features",
+    "capture_pooled_features",
     "center_gram",
     "cka_matrix",
     "concentration",
     "find_target_layer",
+    "forward_chunk_size",
     "get_module",
     "grad_cam",
     "gradient",

@@ -732,3 +732,16 @@ def test_capture_features_refuses_a_layer_named_twice():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="once"):
         capture_features(net, torch.randn(5, 3), ["1", net[1]])
+
+
+def test_forward_chunk_size_keeps_the_largest_activation_near_the_device_budget():
+    from lightning_interp.methods import trace_model
+    from lightning_interp.methods.features import forward_chunk_size
+
+    small = trace_model(nn.Sequential(nn.Linear(4, 4)), torch.randn(1, 4))
+    assert forward_chunk_size(small, "cpu") == 256 and forward_chunk_size(small, "cuda") == 1024  # the caps
+    big = trace_model(nn.Sequential(nn.Conv2d(3, 64, 3, padding=1)), torch.randn(1, 3, 224, 224))  # 12.8 MB
+    assert forward_chunk_size(big, "cpu") == 8  # the floor: one sample alone is near the 16 MiB budget
+    assert forward_chunk_size(big, "cuda") == 32  # 512 MiB / 12.8 MB = 41 -> 32
+    mnist = trace_model(nn.Sequential(nn.Conv2d(1, 32, 3), nn.Conv2d(32, 64, 3)), torch.randn(1, 1, 28, 28))
+    assert forward_chunk_size(mnist, "cpu") == 64  # 147 KB a sample: the fastest chunk measured on 2 cores
