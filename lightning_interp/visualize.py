@@ -7,6 +7,7 @@ nothing is left open between calls.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -141,8 +142,11 @@ def render_grid(
     dpi = 100
     longest = max((len(line) for text in row_labels for line in text.splitlines()), default=0)
     left = int(14 + 6.8 * longest) if row_labels else 6  # 8 pt monospace is about 6.7 px a character
-    top = (22 if column_titles else 4) + (22 if title else 0)
-    fig_w, fig_h = mosaic.shape[1] + left + 6, mosaic.shape[0] + top + 6
+    fig_w = mosaic.shape[1] + left + 6
+    # a title wider than the picture is wrapped (10 pt bold is up to about 8 px a character), never cut off
+    title_lines = textwrap.wrap(title, width=max(12, int((fig_w - 8) / 8.2))) if title else []
+    top = (22 if column_titles else 4) + 16 * len(title_lines) + (6 if title_lines else 0)
+    fig_h = mosaic.shape[0] + top + 6
     figure = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_axes((left / fig_w, 6 / fig_h, mosaic.shape[1] / fig_w, mosaic.shape[0] / fig_h))
@@ -154,8 +158,8 @@ def render_grid(
     for r, text in enumerate(row_labels):
         y = 1 - (top + r * (th + gap) + th / 2) / fig_h
         figure.text(4 / fig_w, y, text, ha="left", va="center", fontsize=8, family="monospace")
-    if title:
-        figure.text(0.5, 1 - 4 / fig_h, title, ha="center", va="top", fontsize=10, weight="bold")
+    if title_lines:
+        figure.text(0.5, 1 - 4 / fig_h, "\n".join(title_lines), ha="center", va="top", fontsize=10, weight="bold")
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 

@@ -160,3 +160,14 @@ def test_map_tiles_one_tile_per_sample_at_input_size(map_size):
 def test_map_tiles_for_feature_vectors():
     tiles = map_tiles(torch.rand(2, 10), torch.rand(2, 10), signed=True)
     assert [tile.shape for tile in tiles] == [(1, 10, 3), (1, 10, 3)]
+
+
+def test_a_title_wider_than_the_grid_is_wrapped_not_cut_off():
+    tiles = [[np.random.default_rng(0).random((32, 32, 3))] * 2]
+    title = "a long title that is much wider than the two small tiles below it, epoch 12"
+    grid = render_grid(tiles, column_titles=["a", "b"], title=title)
+    one_line = render_grid(tiles, column_titles=["a", "b"], title="short")
+    assert grid.shape[1] == one_line.shape[1] and grid.shape[0] > one_line.shape[0], "taller, not wider"
+    band = grid[:40].astype(int)  # the title lines
+    assert (band[:, :3] > 200).all() and (band[:, -3:] > 200).all(), "no text touches the left or right edge"
+    assert (band < 100).any(), "the title is drawn"
