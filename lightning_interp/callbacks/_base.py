@@ -116,6 +116,9 @@ class InterpCallback(Callback):
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         """Cheap argument checks against the model's sub-modules (e.g. layer names exist)."""
 
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        """The computation of a run on two probe samples, logging nothing, so it fails before training if it fails."""
+
     def _needs_labels(self) -> bool:
         return False
 
@@ -270,10 +273,24 @@ class InterpCallback(Callback):
             return False
         assert self.probe is not None
         if not self._prepared:
-            self._check_model(pl_module)  # again: a model built in configure_model() has its layers only now
-            self._prepare(trainer, pl_module, self.probe)
-            self._prepared = True
+            self._get_ready(trainer, pl_module, self.probe)
         return True
+
+    def _get_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        """Check the model, prepare, and try the computation on two samples: every mistake surfaces now."""
+        self._check_model(pl_module)  # again: a model built in configure_model() has its layers only now
+        self._prepare(trainer, pl_module, probe)
+        try:
+            self._trial(trainer, pl_module, probe)
+        except Exception as error:
+            note = getattr(error, "add_note", None)
+            if note is not None:
+                note(
+                    f"({type(self).__name__} tried its computation on two probe samples before training, to report "
+                    "any failure now rather than at the end of the first epoch, and it failed as above.)"
+                )
+            raise
+        self._prepared = True
 
     def _current_loader(self, trainer: pl.Trainer) -> Any:
         loader = _first_loader(trainer.val_dataloaders)
@@ -346,8 +363,7 @@ class InterpCallback(Callback):
             probe = ProbeSet.from_batches(list(context.stream), self.num_samples, pool_factor=POOL_FACTOR)
         if trainer.sanity_checking and held < POOL_FACTOR * self.num_samples and len(probe) < self.num_samples:
             if not self._prepared:
-                self._check_model(pl_module)
-                self._prepare(trainer, pl_module, probe)  # checks only; the probe itself is drawn later
+                self._get_ready(trainer, pl_module, probe)  # checks only; the probe itself is drawn later
             return False
         self._accept_probe(probe)
         return True
@@ -418,12 +434,15 @@ class InterpCallback(Callback):
             example = example.to(parameter.dtype)
         return example
 
-    def _probe_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
+    def _probe_inputs(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet | None = None
+    ) -> Tensor:
         """The probe inputs on the model's device (copied asynchronously from pinned memory to a GPU)."""
-        assert self.probe is not None
+        probe = self.probe if probe is None else probe
+        assert probe is not None
         device = pl_module.device
         context = active_context(trainer)
-        host = self.probe.inputs if context is None else context.host_copy(self.probe.inputs, device)
+        host = probe.inputs if context is None else context.host_copy(probe.inputs, device)
         inputs = host.to(device, non_blocking=host.is_pinned())
         plugin = getattr(trainer, "precision_plugin", None)
         return plugin.convert_input(inputs) if plugin is not None else inputs

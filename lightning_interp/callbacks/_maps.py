@@ -126,11 +126,35 @@ class MapCallback(InterpCallback):
         raise NotImplementedError
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
-        """Check now, not at the first validation epoch, that the model's output gives class scores."""
+        """Check now, not at the first validation epoch, that the inputs can be shown as maps and that the
+        model's output gives class scores for every target."""
+        if probe.inputs.ndim not in (2, 3, 4):
+            raise ValueError(
+                f"{type(self).__name__} draws a map per sample for images (N, C, H, W), signals (N, C, T) or "
+                f"feature vectors (N, D); the probe inputs have shape {tuple(probe.inputs.shape)}. For video or "
+                "volumes, pass a batch_parser (or probe=ProbeSet(...)) that gives one of these forms, e.g. a frame."
+            )
         trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
         scores = scores_from_output(trace.output, self.output_transform)
-        if isinstance(self.target, int) and self.target >= scores.shape[1]:
-            raise ValueError(f"target={self.target} is not a class index of this model ({scores.shape[1]} classes).")
+        classes = scores.shape[1]
+        if isinstance(self.target, int) and self.target >= classes:
+            raise ValueError(f"target={self.target} is not a class index of this model ({classes} classes).")
+        if self.target == "label" and probe.labels is not None and int(probe.labels.max()) >= classes:
+            raise ValueError(
+                f"{type(self).__name__}(target='label'): the probe labels go up to {int(probe.labels.max())}, but the "
+                f"model gives {classes} class score(s) per sample, so a label is not a class index of its output. "
+                "Use target='pred' (or a class index), or pass output_transform=... that returns one score per class."
+            )
+
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        """Explain two probe samples as a run would (in the trainer's precision), logging nothing."""
+        sample = probe.subset(min(2, len(probe)))
+        inputs = self._probe_inputs(trainer, pl_module, sample)
+        with self._model_context(trainer):
+            result = self._explain(pl_module, inputs, self._target_for(sample, inputs.device))
+        for key, maps in result.maps.items():
+            if maps.shape[0] != len(sample) or maps.ndim not in (2, 3):
+                raise RuntimeError(f"{type(self).__name__}: the maps of {key!r} have shape {tuple(maps.shape)}.")
 
     def _reset_run_state(self) -> None:
         super()._reset_run_state()

@@ -80,6 +80,24 @@ class RepresentationCallback(InterpCallback):
         self._chunk = forward_chunk_size(trace, pl_module.device)
         if self.auto and not self.layers:
             self.layers = auto_layers(pl_module, None, max_layers=self.max_layers, trace=trace)
+        for name in self.layers:
+            if name not in trace.calls:
+                raise ValueError(
+                    f"{type(self).__name__}: layer {name!r} does not run in a forward pass of the model on its probe "
+                    "inputs, so it has no output to read. Name a module that forward() calls."
+                )
+            if name not in trace.shapes:
+                raise ValueError(
+                    f"{type(self).__name__}: layer {name!r} returns no tensor (an nn.MultiheadAttention returns an "
+                    "(output, weights) tuple, for instance), so there is no representation to read. Name a module "
+                    "that returns a tensor: the block that contains it, or the layer after it (e.g. its norm)."
+                )
+
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        """Capture the layers on a few probe samples, as a run would."""
+        inputs = self._probe_inputs(trainer, pl_module, probe.subset(min(4, len(probe))))
+        with self._model_context(trainer):
+            capture_features(pl_module, inputs, self.layers, max_features=self.max_features, batch_size=self._chunk)
 
     def _features(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, shared: bool = True

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_interp._logging import log_image
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods.probes import PROBE_SOLVERS, linear_probe_accuracy
+from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import line_image
 
 
@@ -89,6 +90,22 @@ class LinearProbeCallback(RepresentationCallback):
 
     def _needs_labels(self) -> bool:
         return True
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        super()._prepare(trainer, pl_module, probe)
+        assert probe.labels is not None
+        classes, counts = probe.labels.unique(return_counts=True)
+        if classes.numel() < 2:
+            raise ValueError(
+                f"LinearProbeCallback needs at least two classes among its probe samples to fit a classifier; all "
+                f"{len(probe)} are of class {int(classes[0])}. Check the labels, or draw more samples (num_samples)."
+            )
+        if int(counts.max()) < 2:
+            raise ValueError(
+                "LinearProbeCallback holds out part of each class to test the probe, but each of the "
+                f"{classes.numel()} classes has a single probe sample ({len(probe)} samples), so nothing is left to "
+                "test on. Draw at least two samples per class (a larger num_samples)."
+            )
 
     def _labels_reason(self) -> str:
         return "LinearProbeCallback fits classifiers to the probe set's labels, so it needs labels"

@@ -13,6 +13,7 @@ from lightning_interp.callbacks._maps import Explanation, MapCallback
 from lightning_interp.methods._core import attribution_pass
 from lightning_interp.methods.attribution import integrated_gradients, smoothgrad
 from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, attribution_to_map
+from lightning_interp.probe import ProbeSet
 
 SALIENCY_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")
 _TITLES = {
@@ -103,6 +104,19 @@ class SaliencyCallback(MapCallback):
         self.ig_steps = ig_steps
         self.internal_batch_size = internal_batch_size
         self.seed = seed
+
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        try:
+            super()._trial(trainer, pl_module, probe)
+        except Exception as error:
+            if probe.inputs.is_floating_point():
+                raise
+            # integer pixels work (they are attributed as floats); integer token ids do not
+            raise ValueError(
+                f"SaliencyCallback attributes to the input, and the model failed on its {probe.inputs.dtype} probe "
+                "inputs made float (token ids into an nn.Embedding?). Attribution at an embedding output is not "
+                "supported yet; for such models use GradCAMCallback on a layer, or the representation callbacks."
+            ) from error
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         transform = self.output_transform

@@ -175,6 +175,11 @@ def captured_outputs(modules: Sequence[nn.Module]) -> Iterator[list[Tensor | Non
             handle.remove()
 
 
+def _wrt_names(input_gradient: bool, layers: Sequence[nn.Module | str]) -> list[str]:
+    names = [f"layer {layer!r}" if isinstance(layer, str) else f"layer {type(layer).__name__}" for layer in layers]
+    return (["the input"] if input_gradient else []) + names
+
+
 @dataclass
 class PassResult:
     """Everything one forward and one backward on a batch yields.
@@ -259,7 +264,14 @@ def attribution_pass(
                 "gradient; with integer inputs, differentiable layers need a float input (e.g. an embedding output)."
             )
         grads = torch.autograd.grad(selected, wrt, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads, strict=False)]
+        unconnected = [name for name, g in zip(_wrt_names(input_gradient, layers), grads, strict=True) if g is None]
+        if unconnected:
+            raise RuntimeError(
+                f"The target scores do not depend on {', '.join(unconnected)} through a differentiable path: part of "
+                "the model runs under torch.no_grad() or a reentrant checkpoint, or detaches its input (.detach(), "
+                "a frozen feature extractor). Its gradient, and every map built on it, would be zero everywhere. "
+                "Explain a layer after that part instead (e.g. GradCAMCallback on the first layer that has a gradient)."
+            )
     input_grad = grads[0].detach() if input_gradient else None
     layer_grads = grads[1:] if input_gradient else grads
     return PassResult(

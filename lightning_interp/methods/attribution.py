@@ -65,9 +65,10 @@ def input_x_gradient(
 
 
 def _sample_noise(shape: torch.Size, std: Tensor, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """float32 Gaussian noise with per-sample ``std`` on ``like``'s device (added in float32, then cast)."""
     gen_device = generator.device if generator is not None else like.device
     noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
-    return noise.to(device=like.device, dtype=like.dtype) * std
+    return noise.to(device=like.device) * std.to(device=like.device, dtype=torch.float32)
 
 
 def smoothgrad(
@@ -124,7 +125,9 @@ def smoothgrad(
     while done < n_samples:
         copies = min(chunk, n_samples - done)
         noise = _sample_noise(torch.Size((copies, *inputs.shape)), std.unsqueeze(0), generator, inputs)
-        noisy = (inputs.detach().unsqueeze(0) + noise).reshape(copies * batch, *inputs.shape[1:])
+        work = torch.promote_types(inputs.dtype, torch.float32)  # add in float32 (float64 stays float64) ...
+        noisy = (inputs.detach().unsqueeze(0).to(work) + noise.to(work)).to(inputs.dtype)  # ... the model's dtype
+        noisy = noisy.reshape(copies * batch, *inputs.shape[1:])
         grads = attribution_pass(model, noisy, index.repeat(copies), output_transform=output_transform).input_grad
         assert grads is not None
         total += grads.reshape(copies, *inputs.shape).to(total.dtype).sum(dim=0)

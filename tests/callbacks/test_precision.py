@@ -25,7 +25,7 @@ def test_bf16_mixed_on_cpu_gives_finite_float32_maps(tmp_path):
         tmp_path, max_epochs=1, callbacks=[saliency, gradcam, probe, similarity], logger=False, precision="bf16-mixed"
     )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
-    assert seen_autocast == [True], "the extra forward must run in the trainer's precision context"
+    assert seen_autocast == [True, True], "the trial before training and the run: both in the precision context"
     for callback in (saliency, gradcam):
         assert callback._previous, "the callback must have run"
         for name, maps in callback._previous.items():
@@ -34,3 +34,16 @@ def test_bf16_mixed_on_cpu_gives_finite_float32_maps(tmp_path):
         if name.startswith(("interp/probe/", "interp/similarity/")) and name.endswith(("accuracy", "cka_vs_start")):
             assert torch.isfinite(value), name
     assert similarity._start_grams.dtype == torch.float32
+
+
+def test_a_bf16_true_model_gets_smoothgrad_and_ig_in_its_own_dtype(tmp_path):
+    # the noise and the path steps are added in float32 and handed to the model in bfloat16 (before: a dtype crash)
+    saliency = SaliencyCallback(
+        methods=("gradient", "smoothgrad", "integrated_gradients"), num_samples=4, smoothgrad_samples=4, ig_steps=4
+    )
+    callbacks = [saliency, GradCAMCallback(num_samples=4), LinearProbeCallback(num_samples=16)]
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=callbacks, logger=False, precision="bf16-true")
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    assert all(callback._runs == 1 for callback in callbacks)
+    for name, maps in saliency._previous.items():
+        assert maps.dtype == torch.float32 and torch.isfinite(maps).all() and maps.abs().sum() > 0, name
