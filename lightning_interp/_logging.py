@@ -7,7 +7,7 @@ the run directory. Nothing here ever fails for lack of a logger.
 
 Scalars are logged synchronously (EarlyStopping and ModelCheckpoint read them
 at the end of the same validation). Images are drawn and logged by a
-:class:`DrawingWorker`: one thread, jobs in submission order, a small bounded
+:class:`DrawingWorker`: one thread, queued jobs in submission order, a small bounded
 queue, drained at the end of ``fit``/``validate``, at teardown and when
 training raises.
 """
@@ -105,7 +105,8 @@ class DrawingWorker:
     ends the thread. When a job raises, the jobs after it are skipped and
     the error is raised, with its original traceback, on the thread that
     next calls ``submit``, ``drain`` or ``close``. ``submit(job, inline=True)``
-    runs the job on the calling thread instead (same output, for debugging).
+    runs the job on the calling thread instead, at once, ahead of jobs still
+    queued (same output, for debugging).
     The thread starts with the first job, so an unused worker costs nothing.
 
     Args:

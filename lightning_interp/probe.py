@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -309,8 +310,11 @@ class ProbeSet:
         For a map-style dataset (see :class:`ValidationScan`) the candidates
         are exactly the indices the loader's sampler yields within
         ``limit_batches`` (a validation split given as
-        ``SubsetRandomSampler(val_indices)`` is honoured; shuffling, workers and
-        distributed samplers do not change the draw), the classes are balanced
+        ``SubsetRandomSampler(val_indices)`` is honoured; workers and
+        distributed samplers do not change the draw, nor does shuffling when
+        ``limit_batches`` covers the whole loader: with fewer batches, a
+        shuffled loader's candidates are those of one epoch's first batches,
+        drawn at that moment), the classes are balanced
         over all of them, and only the chosen samples are loaded; the probe
         set records their dataset indices. Other loaders (iterable datasets)
         are iterated as they are: a one-shot stream is consumed, so the
@@ -420,7 +424,9 @@ def _batch_count(total: int, limit: int | float | None) -> int:
 
 def _sampler_generators(loader: DataLoader) -> list[torch.Generator]:
     """The torch generators a loader's samplers draw from (their state is restored after a scan)."""
-    owners = [loader, loader.sampler, loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None)]
+    sampler = getattr(loader.batch_sampler, "sampler", None)
+    wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # inside Lightning's distributed wrapper
+    owners = [loader, loader.sampler, loader.batch_sampler, sampler, wrapped]
     found: list[torch.Generator] = []
     for owner in owners:
         generator = getattr(owner, "generator", None)
@@ -453,23 +459,39 @@ def sampled_indices(loader: DataLoader, limit_batches: int | float | None = None
         raise ValueError("sampled_indices needs a DataLoader with automatic batching (batch_size set).")
     batch_sampler = loader.batch_sampler
     sampler = getattr(batch_sampler, "sampler", loader.sampler)
-    if isinstance(sampler, DistributedSampler):  # the trainer validates every rank's share: all of the dataset
-        size = len(sampler.dataset)  # type: ignore[arg-type]
-        per_rank = _batch_count(len(batch_sampler), limit_batches) * (loader.batch_size or 1)
-        return torch.arange(min(size, per_rank * sampler.num_replicas))
+    wanted = _batch_count(len(batch_sampler), limit_batches)
     states = [(generator, generator.get_state()) for generator in _sampler_generators(loader)]
     chosen: list[int] = []
     try:
         with torch.random.fork_rng(devices=[]):
-            wanted = _batch_count(len(batch_sampler), limit_batches)
-            for count, batch in enumerate(batch_sampler):
-                if count >= wanted:
-                    break
-                chosen.extend(int(index) for index in batch)
+            if isinstance(sampler, DistributedSampler):  # the trainer validates every rank's share
+                chosen = _distributed_indices(sampler, wanted * (loader.batch_size or 1))
+            else:
+                for count, batch in enumerate(batch_sampler):
+                    if count >= wanted:
+                        break
+                    chosen.extend(int(index) for index in batch)
     finally:
         for generator, state in states:
             generator.set_state(state)
     return torch.tensor(sorted(set(chosen)), dtype=torch.long)
+
+
+def _distributed_indices(sampler: DistributedSampler, per_rank: int) -> list[int]:
+    """The dataset indices every rank's copy of ``sampler`` yields first (``per_rank`` each), together.
+
+    Lightning's ``DistributedSamplerWrapper`` shards the positions of a user's sampler (its ``dataset`` lists
+    them); one realisation of that sampler's order maps the positions to dataset indices, as every rank sees it.
+    """
+    wrapped = getattr(sampler.dataset, "_sampler", None)
+    order = [int(index) for index in wrapped] if wrapped is not None else None
+    chosen: list[int] = []
+    for rank in range(sampler.num_replicas):
+        shard = copy.copy(sampler)
+        shard.rank = rank
+        positions = list(DistributedSampler.__iter__(shard))[:per_rank]  # the base class: no re-listing of the order
+        chosen.extend(order[p] if order is not None else int(p) for p in positions)
+    return chosen
 
 
 class ValidationScan:

@@ -409,3 +409,19 @@ def test_an_empty_validation_selection_is_a_clear_error():
     with pytest.raises(ValueError, match="no samples"):
         ProbeSet.from_dataloader(DataLoader(data, batch_size=2, sampler=SubsetRandomSampler([])), 2)
     assert len(ProbeSet.from_dataloader(DataLoader(data, sampler=SequentialSampler(data)), 2)) == 2
+
+
+def test_sampled_indices_under_lightnings_distributed_wrapper_and_a_shuffled_distributed_sampler():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    data = TensorDataset(torch.arange(100.0))
+    # Lightning wraps a user's SubsetRandomSampler(val_idx) for DDP: its dataset lists sampler positions
+    wrapped = DistributedSamplerWrapper(SubsetRandomSampler(list(range(80, 100))), num_replicas=2, rank=0)
+    assert sampled_indices(DataLoader(data, batch_size=4, sampler=wrapped)).tolist() == list(range(80, 100))
+
+    shuffled = DistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=3)
+    found = sampled_indices(DataLoader(data, batch_size=4, sampler=shuffled), limit_batches=2)
+    expected = set()
+    for rank in range(2):  # what each rank validates on within two batches
+        expected |= set(list(DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3))[:8])
+    assert set(found.tolist()) == expected and len(expected) == 16

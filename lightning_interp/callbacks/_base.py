@@ -102,6 +102,7 @@ class InterpCallback(Callback):
         self._prepared = False
         self._pending_probe: dict[str, Any] | None = None  # a checkpoint's probe, by dataset index, to re-read
         self._from_stream = False  # the validation data is a stream: take the probe from the batches it yields
+        self._provisional = False  # checks running on a stream's first few samples, before its probe is drawn
         if probe is not None and self._needs_labels() and not probe.has_labels:
             raise ValueError(f"{self._labels_reason()}, but the given ProbeSet has none.")
 
@@ -134,9 +135,10 @@ class InterpCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_sharded_strategies(self, trainer)
         join_run(trainer, self)
-        if stage == "fit":  # a new fit starts clean; a resumed one gets its state back from the checkpoint next
+        if stage in ("fit", "validate"):  # every run starts clean; a checkpoint's state, if any, is loaded next
             self._reset_run_state()
         self._prepared = False
+        self._provisional = False
         if stage == "fit" and trainer.limit_val_batches == 0:
             rank_zero_warn(
                 f"{type(self).__name__} runs at validation epochs, but limit_val_batches=0 turns validation off: "
@@ -144,12 +146,14 @@ class InterpCallback(Callback):
             )
         if not _builds_in_configure_model(pl_module):  # otherwise the layers do not exist yet: checked at fit start
             self._check_model(pl_module)
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn; its value is "fit", ...
         if self.probe is None and stage in ("fit", "validate"):
             source = _validation_source(trainer, stage)
             if source is not None and not source.is_defined():
+                argument = "val_dataloaders" if stage == "fit" else "dataloaders"
                 raise ValueError(
                     f"{type(self).__name__} draws its probe samples from the validation data, but this "
-                    f"{stage} run has no validation dataloader. Pass val_dataloaders=... to trainer.{stage}(), "
+                    f"{stage} run has no validation dataloader. Pass {argument}=... to trainer.{stage}(), "
                     "define val_dataloader() in your LightningModule or DataModule, or give the callback "
                     "probe=ProbeSet(inputs, labels)."
                 )
@@ -173,6 +177,12 @@ class InterpCallback(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        context = active_context(trainer)
+        if context is not None and self._from_stream and self.probe is None and not trainer.sanity_checking:
+            # a stream's probe comes from one validation loop's batches: a re-iterable stream yields the sanity
+            # check's batches again, and keeping both would put samples into the probe twice
+            context.stream.clear()
+            context.stream_seen.clear()
         self._ensure_ready(trainer, pl_module)  # trainer.validate() has no on_fit_start
 
     @override
@@ -195,7 +205,10 @@ class InterpCallback(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._ensure_ready(trainer, pl_module, epoch_end=True):
+        ready = self._ensure_ready(trainer, pl_module, epoch_end=True)
+        if trainer.world_size > 1 and self._from_stream:  # a stream's shards may differ: all ranks go on, or none
+            ready = bool(trainer.strategy.reduce_boolean_decision(ready, all=True))
+        if not ready:
             return
         if trainer.sanity_checking or not self._is_due(trainer):
             return
@@ -347,8 +360,10 @@ class InterpCallback(Callback):
             )
         if self._needs_labels() and not probe.has_labels:
             raise ValueError(
-                f"{self._labels_reason()}, but the validation batches carry none. Pass batch_parser=... that "
-                "returns the labels, or give probe=ProbeSet(inputs, labels)."
+                f"{self._labels_reason()}, but the validation batches carry no class labels: a 1-D integer tensor "
+                "with one class index per sample (one-hot or float targets are not class indices). Pass "
+                "batch_parser=... that returns them (e.g. y.argmax(dim=1) for one-hot targets), or give "
+                "probe=ProbeSet(inputs, labels)."
             )
         self.probe = probe
 
@@ -361,11 +376,22 @@ class InterpCallback(Callback):
         held = sum(part.inputs.shape[0] for part in context.stream)
         with torch.inference_mode(False):
             probe = ProbeSet.from_batches(list(context.stream), self.num_samples, pool_factor=POOL_FACTOR)
-        if trainer.sanity_checking and held < POOL_FACTOR * self.num_samples and len(probe) < self.num_samples:
-            if not self._prepared:
-                self._get_ready(trainer, pl_module, probe)  # checks only; the probe itself is drawn later
+        if trainer.sanity_checking and held < POOL_FACTOR * self.num_samples:
+            if not self._prepared:  # the model's checks on the few samples seen so far; the probe comes later
+                self._provisional = True
+                try:
+                    self._get_ready(trainer, pl_module, probe)
+                finally:
+                    self._provisional = False
+                self._prepared = False  # checked again, all of it, on the probe set itself
             return False
         self._accept_probe(probe)
+        if not any(
+            isinstance(callback, InterpCallback) and callback._from_stream and callback.probe is None
+            for callback in trainer.callbacks
+        ):  # every callback has its probe: the kept batches can go
+            context.stream.clear()
+            context.stream_seen.clear()
         return True
 
     def _restore_probe(self, trainer: pl.Trainer) -> None:
@@ -382,22 +408,25 @@ class InterpCallback(Callback):
             return
         indices = saved["indices"]
         dataset_size = len(loader.dataset)
-        probe = None
-        if indices.numel() and int(indices.max()) < dataset_size:
-            scan = self._scan(trainer, loader)
+        scan = self._scan(trainer, loader)
+        if not (indices.numel() and int(indices.max()) < dataset_size):
+            change = f"the dataset now holds {dataset_size} samples, fewer than the saved indices need"
+        elif not bool(torch.isin(indices, scan.indices).all()):
+            change = "some saved samples are no longer among those the trainer validates on (a new split?)"
+        else:
             context = active_context(trainer)
             key = (id(scan), "indices", tuple(indices.tolist()))
             with torch.inference_mode(False):
                 probe = scan.load(indices) if context is None else context.probe(key, lambda: scan.load(indices))
-        if probe is None or not probe.matches(saved["fingerprint"]):
-            rank_zero_warn(
-                f"{type(self).__name__}: the validation data changed since the checkpoint was saved (the probe "
-                f"samples at the saved dataset indices differ, or the dataset has only {dataset_size} samples). "
-                "Drawing a new probe set: stability, CKA against earlier epochs and the evolution strips start over."
-            )
-            self._restart_comparisons()
-            return
-        self._accept_probe(probe)
+            if probe.matches(saved["fingerprint"]):
+                self._accept_probe(probe)
+                return
+            change = "the samples at the saved dataset indices differ from the saved ones"
+        rank_zero_warn(
+            f"{type(self).__name__}: the validation data changed since the checkpoint was saved: {change}. "
+            "Drawing a new probe set: stability, CKA against earlier epochs and the evolution strips start over."
+        )
+        self._restart_comparisons()
 
     def _restart_comparisons(self) -> None:
         """Forget what compares this run with earlier epochs (when the probe samples had to change)."""
@@ -476,6 +505,13 @@ def _refuse_sharded_strategies(callback: Callback, trainer: pl.Trainer) -> None:
 
 def parse_layer_names(layers: str | Sequence[str], option: str) -> list[str]:
     """Check a ``layer(s)`` argument: ``"auto"`` (returned as ``[]``) or distinct dotted module names."""
+    if isinstance(layers, nn.Module) or (
+        isinstance(layers, (list, tuple)) and any(isinstance(n, nn.Module) for n in layers)
+    ):
+        raise TypeError(
+            f"{option} takes dotted module names such as 'net.3' (from model.named_modules()), not module objects: "
+            "a name is what checkpoints and LightningCLI configs can hold."
+        )
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"{option} must be 'auto', a dotted module name or a list of names, got {layers!r}.")

@@ -121,6 +121,7 @@ class MapCallback(InterpCallback):
         self.evolution_columns = evolution_columns
         self._previous: dict[str, Tensor] = {}
         self._history: list[tuple[int, dict[str, Tensor]]] = []
+        self._warned_zero: set[str] = set()
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         raise NotImplementedError
@@ -159,6 +160,11 @@ class MapCallback(InterpCallback):
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
         self._previous, self._history = {}, []
+        self._warned_zero = set()
+
+    def _zero_map_reason(self, key: str) -> str:
+        """Why the maps of ``key`` can be zero everywhere (shown in the warning)."""
+        return "the target scores do not change with it (saturated outputs or dead units)."
 
     def _restart_comparisons(self) -> None:
         super()._restart_comparisons()
@@ -212,13 +218,22 @@ class MapCallback(InterpCallback):
         with self._model_context(trainer):
             result = self._explain(pl_module, inputs, self._target_for(probe, inputs.device))
         maps = {key: value.float() for key, value in result.maps.items()}  # AMP: float32 before any scoring
-        finite = torch.stack([torch.isfinite(m).all() for m in maps.values()]).tolist() if maps else []
-        broken = [key for key, ok in zip(maps, finite, strict=True) if not ok]
+        flags = [torch.stack([torch.isfinite(m).all(), (m != 0).any()]) for m in maps.values()]
+        checks = torch.stack(flags).tolist() if flags else []  # one transfer for every map's two checks
+        broken = [key for key, (finite, _) in zip(maps, checks, strict=True) if not finite]
         if broken:
             rank_zero_warn(
                 f"{type(self).__name__}: the maps of {broken} hold NaN or inf at epoch {trainer.current_epoch} "
                 "(non-finite activations or gradients in the model); their scores are logged as NaN."
             )
+        for key, (finite, nonzero) in zip(maps, checks, strict=True):
+            if finite and not nonzero and key not in self._warned_zero:
+                self._warned_zero.add(key)
+                rank_zero_warn(
+                    f"{type(self).__name__}: every map of {key!r} is zero at epoch {trainer.current_epoch}: "
+                    f"{self._zero_map_reason(key)} Its concentration, stability and localization are logged as NaN "
+                    "while this lasts (this warning is given once per run)."
+                )
         step = trainer.global_step
         scalars = self._scores(maps, result.signed, probe)
         scalars.update({f"interp/{self.name}/{k}": v for k, v in result.scalars.items()})

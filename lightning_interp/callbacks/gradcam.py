@@ -64,6 +64,18 @@ class GradCAMCallback(MapCallback):
         if self.auto:  # chosen again on this fit's model
             self.layers = []
 
+    def _zero_map_reason(self, key: str) -> str:
+        cause = (
+            "Grad-CAM keeps positive evidence only (relu=True), and the gradient-weighted activations of this layer "
+            "are zero or negative at every position of every probe sample (relu=False shows the signed map)"
+            if self.relu
+            else "the layer's activations or their gradients are zero"
+        )
+        return (
+            f"{cause}; or the layer's outputs get no gradient at all (in a vision transformer only the class token "
+            "reaches the head after the last block: choose a layer inside a block, e.g. its first norm)."
+        )
+
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         for name in self.layers:
             get_module(pl_module, name)

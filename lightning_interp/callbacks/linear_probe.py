@@ -94,6 +94,8 @@ class LinearProbeCallback(RepresentationCallback):
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         super()._prepare(trainer, pl_module, probe)
         assert probe.labels is not None
+        if self._provisional:  # a stream's first samples: the counts are checked on the probe set itself
+            return
         classes, counts = probe.labels.unique(return_counts=True)
         if classes.numel() < 2:
             raise ValueError(

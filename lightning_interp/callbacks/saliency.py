@@ -105,13 +105,20 @@ class SaliencyCallback(MapCallback):
         self.internal_batch_size = internal_batch_size
         self.seed = seed
 
+    def _zero_map_reason(self, key: str) -> str:
+        return (
+            "the gradient of the target score with respect to every input value is zero (saturated outputs, dead "
+            "ReLUs, or inputs the score does not depend on)."
+        )
+
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         try:
             super()._trial(trainer, pl_module, probe)
         except Exception as error:
-            if probe.inputs.is_floating_point():
+            text = str(error)
+            if probe.inputs.is_floating_point() or not any(word in text for word in ("indices", "Long", "scalar type")):
                 raise
-            # integer pixels work (they are attributed as floats); integer token ids do not
+            # integer pixels work (they are attributed as floats); integer token ids into an embedding do not
             raise ValueError(
                 f"SaliencyCallback attributes to the input, and the model failed on its {probe.inputs.dtype} probe "
                 "inputs made float (token ids into an nn.Embedding?). Attribution at an embedding output is not "

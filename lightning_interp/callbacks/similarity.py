@@ -156,6 +156,31 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             if not self.reference_layers:
                 self.reference_layers = auto_layers(self.reference_model, None, max_layers=self.max_layers, trace=trace)
 
+    def _reference_features(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet
+    ) -> dict[str, Tensor]:
+        """The reference model's features on ``probe``, its inputs in the reference model's own dtype."""
+        assert self.reference_model is not None
+        inputs = self._probe_inputs(trainer, pl_module, probe)
+        parameter = next((p for p in self.reference_model.parameters() if p.is_floating_point()), None)
+        if parameter is not None and inputs.is_floating_point():
+            inputs = inputs.to(
+                parameter.dtype
+            )  # under bf16-true the trainer's inputs are bf16, a reference need not be
+        with self._model_context(trainer):
+            return capture_features(
+                self.reference_model,
+                inputs,
+                self.reference_layers,
+                max_features=self.max_features,
+                batch_size=self._reference_chunk,
+            )
+
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        super()._trial(trainer, pl_module, probe)
+        if self.reference_model is not None:
+            self._reference_features(trainer, pl_module, probe.subset(min(4, len(probe))))
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the layers' Gram matrices before the first optimisation step, for ``cka_vs_start``."""
         if "cka" not in self.metrics or self._start_grams is not None or not trainer.is_global_zero:
@@ -204,14 +229,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         )
         if self.reference_model is not None:
             assert self.probe is not None
-            with self._model_context(trainer):
-                reference = capture_features(
-                    self.reference_model,
-                    self._probe_inputs(trainer, pl_module),
-                    self.reference_layers,
-                    max_features=self.max_features,
-                    batch_size=self._reference_chunk,
-                )
+            reference = self._reference_features(trainer, pl_module, self.probe)
             cross = (grams @ self._grams(reference).T).cpu()
             columns = list(reference)
 

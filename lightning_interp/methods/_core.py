@@ -112,7 +112,7 @@ def scores_from_output(output: object, output_transform: OutputTransform | None)
         raise TypeError(
             f"The model returned {type(scores).__name__}, not a tensor of class scores. "
             "Pass output_transform=... to pick the (batch, classes) logits out of it, "
-            "e.g. output_transform=lambda out: out['logits']."
+            "e.g. output_transform=lambda out: out[0] for a tuple, or lambda out: out['logits'] for a dict."
         )
     if scores.ndim == 1:
         scores = scores.unsqueeze(1)

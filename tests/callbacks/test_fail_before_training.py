@@ -217,3 +217,14 @@ def test_the_representation_callbacks_check_their_layers_against_the_model(tmp_p
     )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())  # a healthy model passes every check
     assert trainer.global_step > 0
+
+
+def test_integer_pixels_with_no_gradient_path_get_the_gradient_path_message(tmp_path):
+    class BytesFrozen(FrozenBackbone):
+        def forward(self, x):
+            return super().forward(x.float() / 255)
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(256, (16, 3, 8, 8), generator=generator, dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(pixels, torch.arange(16) % 4), batch_size=8)
+    _fails_before_training(tmp_path, Classifier(BytesFrozen()), SaliencyCallback(), loader, "differentiable path")

@@ -15,6 +15,7 @@ import torchvision
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.image import imsave
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SubsetRandomSampler
 
 from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
@@ -197,3 +198,75 @@ def test_callbacks_reused_in_a_new_fit_start_clean(tmp_path):
     assert events.scalar_steps("interp/similarity/net.10/cka_vs_previous") == [8]
     assert [epoch for epoch, _ in gradcam._history] == [0, 1], "the evolution strip shows this fit only"
     assert all(maps.shape[-1] == 24 for maps in gradcam._previous.values())
+
+
+def test_validate_after_fit_draws_from_the_data_it_validates_and_rechooses_automatic_layers(tmp_path):
+    gradcam, probe = GradCAMCallback(num_samples=4), LinearProbeCallback(num_samples=16)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[gradcam, probe], logger=False)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    fit_inputs = gradcam.probe.inputs.clone()
+
+    other = tiny_datamodule(seed=9)
+    other.setup("validate")
+    wider = ImageClassifier(shapes_cnn(num_classes=4, width=4)[:6].append(nn.Flatten()).append(nn.LazyLinear(4)))
+    wider(torch.zeros(1, 3, 16, 16))  # a different architecture: its automatic layers differ
+    trainer = quiet_trainer(tmp_path, callbacks=[gradcam, probe], logger=False)
+    trainer.validate(wider, dataloaders=other.val_dataloader())
+    assert not torch.equal(gradcam.probe.inputs, fit_inputs), "explains the data it validates, not the fit's"
+    indices = gradcam.probe.indices.tolist()
+    assert torch.equal(gradcam.probe.inputs, other.val_set.images[indices])
+    assert probe.layers == ["net.0", "net.3", "net.7"] and probe._runs == 1
+
+
+class LabelledStream(IterableDataset):
+    def __init__(self, count: int = 64) -> None:
+        self.images = torch.rand(count, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+        self.labels = torch.arange(count) % 4
+
+    def __iter__(self):
+        return iter(zip(self.images, self.labels, strict=True))
+
+
+class StreamSpy(Callback):
+    def __init__(self) -> None:
+        self.kept: list[int] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        from lightning_interp.callbacks._context import active_context
+
+        self.kept.append(len(active_context(trainer).stream))
+
+
+def test_a_stream_checked_in_the_sanity_check_then_drawn_in_full_and_its_batches_released(tmp_path):
+    # the sanity check sees 2 batches of 2 (4 samples): enough to check the model, not to draw 16 probe samples
+    probe = LinearProbeCallback(num_samples=16)
+    spy = StreamSpy()
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[probe, spy], logger=False)
+    trainer.fit(tiny_classifier(), _train_loader(), DataLoader(LabelledStream(), batch_size=2))
+    assert probe._runs == 2
+    assert torch.bincount(probe.probe.labels).tolist() == [4, 4, 4, 4], "the full probe, not the sanity check's"
+    rows = probe.probe.inputs.reshape(16, -1)
+    assert torch.unique(rows, dim=0).shape[0] == 16, "a re-iterable stream's sanity batches are not counted twice"
+    assert spy.kept[-1] == 0, "the kept stream batches are released once every callback has its probe"
+
+
+def test_resuming_with_a_new_validation_split_of_the_same_files_is_reported(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = SyntheticShapes(96, image_size=16, seed=0)
+    train = DataLoader(data, batch_size=16, sampler=SubsetRandomSampler(list(range(64))))
+
+    def validation(indices):
+        return DataLoader(data, batch_size=16, sampler=SubsetRandomSampler(indices))
+
+    first = GradCAMCallback(num_samples=8)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True)
+    trainer.fit(tiny_classifier(), train, validation(list(range(64, 96))))
+
+    resumed = GradCAMCallback(num_samples=8)
+    new_split = list(range(32))  # the same files; the old validation samples are training samples now
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[resumed], logger=False)
+    with pytest.warns(UserWarning, match="no longer among those the trainer validates on"):
+        trainer.fit(tiny_classifier(), train, validation(new_split), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert set(resumed.probe.indices.tolist()) <= set(new_split)

@@ -113,3 +113,16 @@ def test_sharded_strategies_are_refused_at_setup(factory):
     fake_trainer = types.SimpleNamespace(strategy=FSDPStrategy(), limit_val_batches=1.0)
     with pytest.raises(ValueError, match=r"FSDPStrategy.*ddp"):
         factory().setup(fake_trainer, tiny_classifier(), "fit")
+
+
+def test_maps_that_are_zero_everywhere_are_reported_once_with_the_reason(tmp_path):
+    net = shapes_cnn(width=4)
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.zero_()  # the first conv's output is zero everywhere, so its Grad-CAM map is too
+    callback = GradCAMCallback(layer="net.0", num_samples=4)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
+    with pytest.warns(UserWarning, match=r"every map of 'net\.0' is zero.*positive evidence only") as record:
+        trainer.validate(ImageClassifier(net), datamodule=tiny_datamodule())
+    assert torch.isnan(trainer.callback_metrics["interp/gradcam/net.0/concentration"])
+    assert len([w for w in record if "every map of" in str(w.message)]) == 1
