@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,7 +167,22 @@ def _fit(
     device: str,
     precision: str,
 ) -> None:
+    with tempfile.TemporaryDirectory() as root:  # PNGs of a run without a logger go here, not into the cwd
+        _fit_in(root, net, loaders, callbacks, batches, val_batches, device, precision)
+
+
+def _fit_in(
+    root: str,
+    net: torch.nn.Module,
+    loaders: tuple[DataLoader, DataLoader],
+    callbacks: list[Callback],
+    batches: int,
+    val_batches: int,
+    device: str,
+    precision: str,
+) -> None:
     trainer = pl.Trainer(
+        default_root_dir=root,
         max_epochs=4,
         limit_train_batches=batches,
         limit_val_batches=val_batches,
