@@ -168,35 +168,22 @@ def _fit(
     precision: str,
 ) -> None:
     with tempfile.TemporaryDirectory() as root:  # PNGs of a run without a logger go here, not into the cwd
-        _fit_in(root, net, loaders, callbacks, batches, val_batches, device, precision)
-
-
-def _fit_in(
-    root: str,
-    net: torch.nn.Module,
-    loaders: tuple[DataLoader, DataLoader],
-    callbacks: list[Callback],
-    batches: int,
-    val_batches: int,
-    device: str,
-    precision: str,
-) -> None:
-    trainer = pl.Trainer(
-        default_root_dir=root,
-        max_epochs=4,
-        limit_train_batches=batches,
-        limit_val_batches=val_batches,
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        precision=precision,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(ImageClassifier(net), *loaders)  # the model is created on the CPU, as users do
+        trainer = pl.Trainer(
+            default_root_dir=root,
+            max_epochs=4,
+            limit_train_batches=batches,
+            limit_val_batches=val_batches,
+            accelerator="gpu" if device == "cuda" else "cpu",
+            devices=1,
+            precision=precision,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(ImageClassifier(net), *loaders)  # the model is created on the CPU, as users do
 
 
 def measure(config: Configuration, device: str, quick: bool) -> tuple[list[list[object]], list[list[object]], float]:
