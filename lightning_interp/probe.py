@@ -536,7 +536,6 @@ class ValidationScan:
         self.num_workers = loader.num_workers
         self.batch_parser = batch_parser
         self.indices = sampled_indices(loader, limit_batches)
-        self.reads = 0  # samples read from the dataset so far
         self._samples: dict[int, tuple[Tensor, Tensor | None, Tensor | None]] = {}
         listed = None if batch_parser is not None else dataset_labels(self.dataset)
         if listed is not None:
@@ -570,7 +569,6 @@ class ValidationScan:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             self._remember(chunk, self.collate_fn([self.dataset[i] for i in chunk]))
-            self.reads += len(chunk)
         parts = [self._samples[i] for i in wanted]
         labels = None if any(p[1] is None for p in parts) else torch.stack([p[1] for p in parts])  # type: ignore[misc]
         masks = None if any(p[2] is None for p in parts) else torch.stack([p[2] for p in parts])  # type: ignore[misc]
@@ -605,7 +603,6 @@ class ValidationScan:
             for batch in reader:
                 chunk = self.indices[position : position + self.batch_size].tolist()
                 parsed = self._remember(chunk, batch) if keep else parse_batch(batch, self.batch_parser)
-                self.reads += len(chunk)
                 position += len(chunk)
                 if keep:
                     kept += parsed.inputs.element_size() * parsed.inputs.numel()

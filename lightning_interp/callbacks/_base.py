@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +20,7 @@ from lightning_interp.callbacks._context import active_context, end_run, join_ru
 from lightning_interp.methods.trace import ModelTrace, trace_model
 from lightning_interp.probe import BatchParser, ProbeSet, ValidationScan, parse_batch, scannable
 
+T = TypeVar("T")
 POOL_FACTOR = 8  # a stream's probe is drawn from this many times num_samples of its first samples
 
 
@@ -326,9 +327,7 @@ class InterpCallback(Callback):
             with torch.inference_mode(False):
                 return ValidationScan(loader, limit_batches=limit, batch_parser=self.batch_parser)
 
-        context = active_context(trainer)
-        key = (id(loader.dataset), limit, self.batch_parser)
-        return make() if context is None else context.scan(key, make)
+        return self._shared(trainer, "scans", (id(loader.dataset), limit, self.batch_parser), make)
 
     def _draw_probe(self, trainer: pl.Trainer, loader: Any) -> None:
         if trainer.limit_val_batches == 0:  # validation is off (warned at setup): nothing to draw from
@@ -342,13 +341,9 @@ class InterpCallback(Callback):
                 f"{type(self).__name__}: the validation dataloader yields no samples (check its sampler and "
                 "limit_val_batches), so there is nothing to draw probe samples from."
             )
-        context = active_context(trainer)
-        key = (id(scan), self.num_samples)
         with torch.inference_mode(False):
-            probe = (
-                scan.load(scan.select(self.num_samples))
-                if context is None
-                else context.probe(key, lambda: scan.load(scan.select(self.num_samples)))
+            probe = self._shared(
+                trainer, "probes", (id(scan), self.num_samples), lambda: scan.load(scan.select(self.num_samples))
             )
         self._accept_probe(probe)
 
@@ -414,10 +409,9 @@ class InterpCallback(Callback):
         elif not bool(torch.isin(indices, scan.indices).all()):
             change = "some saved samples are no longer among those the trainer validates on (a new split?)"
         else:
-            context = active_context(trainer)
             key = (id(scan), "indices", tuple(indices.tolist()))
             with torch.inference_mode(False):
-                probe = scan.load(indices) if context is None else context.probe(key, lambda: scan.load(indices))
+                probe = self._shared(trainer, "probes", key, lambda: scan.load(indices))
             if probe.matches(saved["fingerprint"]):
                 self._accept_probe(probe)
                 return
@@ -434,8 +428,14 @@ class InterpCallback(Callback):
 
     def _trace(self, trainer: pl.Trainer, model: nn.Module, example: Tensor) -> ModelTrace:
         """The run's one dry-forward trace of ``model`` for inputs like ``example`` (shared by the callbacks)."""
+        key = (id(model), tuple(example.shape[1:]), example.dtype, example.device)
+        return self._shared(trainer, "traces", key, lambda: trace_model(model, example))
+
+    def _shared(self, trainer: pl.Trainer, cache: str, key: tuple, make: Callable[[], T]) -> T:
+        """``make()`` once per run for every callback asking the same ``key`` of ``cache`` (made afresh outside a
+        run, e.g. a method called by hand)."""
         context = active_context(trainer)
-        return trace_model(model, example) if context is None else context.trace(model, example)
+        return make() if context is None else context.once(cache, key, make)
 
     def _submit(self, trainer: pl.Trainer, job: Callable[[], None]) -> None:
         """Hand a drawing-and-logging job to the run's worker; run it now when background drawing is off or
@@ -466,15 +466,20 @@ class InterpCallback(Callback):
     def _probe_inputs(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet | None = None
     ) -> Tensor:
-        """The probe inputs on the model's device (copied asynchronously from pinned memory to a GPU)."""
+        """The probe inputs on the model's device, in the trainer's input precision."""
         probe = self.probe if probe is None else probe
         assert probe is not None
+        return self._device_inputs(trainer, pl_module, probe.inputs)
+
+    def _device_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
+        """Host ``inputs`` on the model's device (copied asynchronously from pinned memory to a GPU), converted by
+        the trainer's precision plugin."""
         device = pl_module.device
         context = active_context(trainer)
-        host = probe.inputs if context is None else context.host_copy(probe.inputs, device)
-        inputs = host.to(device, non_blocking=host.is_pinned())
+        host = inputs if context is None else context.host_copy(inputs, device)
+        moved = host.to(device, non_blocking=host.is_pinned())
         plugin = getattr(trainer, "precision_plugin", None)
-        return plugin.convert_input(inputs) if plugin is not None else inputs
+        return plugin.convert_input(moved) if plugin is not None else moved
 
 
 def _builds_in_configure_model(pl_module: pl.LightningModule) -> bool:

@@ -22,10 +22,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_interp._logging import DrawingWorker
-from lightning_interp.methods.trace import ModelTrace, trace_model
+from lightning_interp.methods.trace import ModelTrace
 from lightning_interp.probe import ParsedBatch, ProbeSet, ValidationScan
 
 
@@ -59,10 +59,6 @@ class RunContext:
     pinned: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
-    def scan(self, key: tuple, make: Callable[[], ValidationScan]) -> ValidationScan:
-        """The scan for ``key``, made with ``make()`` the first time (its time counts as the probe draw)."""
-        return self._once(self.scans, key, make, "probe draw")
-
     def collect(self, key: tuple, batch: ParsedBatch, wanted: int) -> None:
         """Keep a validation batch of a stream (once per batch, whichever callback sees it first)."""
         if key in self.stream_seen or sum(part.inputs.shape[0] for part in self.stream) >= wanted:
@@ -71,15 +67,6 @@ class RunContext:
         self.stream.append(
             ParsedBatch(*(None if value is None else value.detach().cpu().clone() for value in vars(batch).values()))
         )
-
-    def probe(self, key: tuple, draw: Callable[[], ProbeSet]) -> ProbeSet:
-        """The probe set drawn for ``key``, drawing it with ``draw()`` the first time."""
-        return self._once(self.probes, key, draw, "probe draw")
-
-    def trace(self, model: nn.Module, example: Tensor) -> ModelTrace:
-        """One dry-forward trace of ``model`` per input shape, dtype and device in this run."""
-        key = (id(model), tuple(example.shape[1:]), example.dtype, example.device)
-        return self._once(self.traces, key, lambda: trace_model(model, example), "layer choice")
 
     def host_copy(self, inputs: Tensor, device: torch.device) -> Tensor:
         """``inputs`` in pinned host memory when they go to a CUDA device (fast, asynchronous copies), else as is."""
@@ -91,15 +78,19 @@ class RunContext:
             self.pinned[id(inputs)] = entry
         return entry[1]
 
-    def _once(self, store: dict[tuple, Any], key: tuple, make: Callable[[], Any], cost: str) -> Any:
-        """``store[key]``, made with ``make()`` the first time; the time it took is added to ``timings[cost]``."""
+    def once(self, cache: str, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()`` the first time ``key`` is asked of ``cache`` ("scans", "probes" or "traces") in this run, the
+        same object after that; the time it took counts towards that cache's one-time cost."""
+        store = getattr(self, cache)
         if key not in store:
             started = time.perf_counter()
             store[key] = make()
+            cost = ONE_TIME_COSTS[cache]
             self.timings[cost] = self.timings.get(cost, 0.0) + time.perf_counter() - started
         return store[key]
 
 
+ONE_TIME_COSTS = {"scans": "probe draw", "probes": "probe draw", "traces": "layer choice"}
 _CONTEXTS: weakref.WeakKeyDictionary[pl.Trainer, RunContext] = weakref.WeakKeyDictionary()
 
 

@@ -218,8 +218,10 @@ class MapCallback(InterpCallback):
         with self._model_context(trainer):
             result = self._explain(pl_module, inputs, self._target_for(probe, inputs.device))
         maps = {key: value.float() for key, value in result.maps.items()}  # AMP: float32 before any scoring
-        flags = [torch.stack([torch.isfinite(m).all(), (m != 0).any()]) for m in maps.values()]
-        checks = torch.stack(flags).tolist() if flags else []  # one transfer for every map's two checks
+        scores = self._scores(maps, result.signed, probe)
+        flags = [torch.stack([torch.isfinite(m).all(), (m != 0).any()]).double() for m in maps.values()]
+        numbers = torch.cat([*flags, *(v.double().reshape(1) for v in scores.values())]).tolist() if maps else []
+        checks = [(bool(numbers[2 * i]), bool(numbers[2 * i + 1])) for i in range(len(maps))]  # one transfer in all
         broken = [key for key, (finite, _) in zip(maps, checks, strict=True) if not finite]
         if broken:
             rank_zero_warn(
@@ -235,7 +237,7 @@ class MapCallback(InterpCallback):
                     "while this lasts (this warning is given once per run)."
                 )
         step = trainer.global_step
-        scalars = self._scores(maps, result.signed, probe)
+        scalars = dict(zip(scores, numbers[2 * len(maps) :], strict=True))
         scalars.update({f"interp/{self.name}/{k}": v for k, v in result.scalars.items()})
         shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
         picture = _GridData(
@@ -251,8 +253,8 @@ class MapCallback(InterpCallback):
         self._remember(trainer.current_epoch, maps)
         return scalars
 
-    def _scores(self, maps: dict[str, Tensor], signed: set[str], probe: ProbeSet) -> dict[str, float]:
-        """Per-map scores, computed where the maps are; one transfer of all the values at the end."""
+    def _scores(self, maps: dict[str, Tensor], signed: set[str], probe: ProbeSet) -> dict[str, Tensor]:
+        """Per-map scores as 0-dim tensors where the maps are (the caller brings them to the host at once)."""
         values: dict[str, Tensor] = {}
         masks = None
         for key, value in maps.items():
@@ -267,10 +269,7 @@ class MapCallback(InterpCallback):
                 values[f"{prefix}/localization"] = _nanmean(localization(positive, masks))
                 values[f"{prefix}/pointing_game"] = _nanmean(pointing_game(positive, masks))
             self._previous[key] = value.detach().clone()
-        if not values:
-            return {}
-        numbers = torch.stack([v.double() for v in values.values()]).tolist()
-        return dict(zip(values, numbers, strict=True))
+        return values
 
     def _row_label(self, index: int, label: int | None, pred: int, confidence: float, target: int) -> str:
         def show(c: int) -> str:

@@ -152,11 +152,7 @@ class RepresentationCallback(InterpCallback):
         if union_key not in context.unions:
             context.unions[union_key] = _union_of_probes(peers)
         union, rows = context.unions[union_key]
-        device = pl_module.device
-        moved = context.host_copy(union, device)
-        inputs = moved.to(device, non_blocking=moved.is_pinned())
-        plugin = getattr(trainer, "precision_plugin", None)
-        inputs = plugin.convert_input(inputs) if plugin is not None else inputs
+        inputs = self._device_inputs(trainer, pl_module, union)
         requests: dict[str, list[int | None]] = {}
         for peer in peers:
             for layer in peer.layers:
@@ -167,7 +163,7 @@ class RepresentationCallback(InterpCallback):
             pooled = capture_pooled_features(pl_module, inputs, requests, batch_size=min(p._chunk for p in peers))
         result: dict[int, dict[str, Tensor]] = {}
         for peer in peers:
-            index = rows[id(peer)].to(device)
+            index = rows[id(peer)].to(inputs.device)
             result[id(peer)] = {layer: pooled[(layer, peer.max_features)][index] for layer in peer.layers}
         return result
 

@@ -230,8 +230,8 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         if self.reference_model is not None:
             assert self.probe is not None
             reference = self._reference_features(trainer, pl_module, self.probe)
-            cross = (grams @ self._grams(reference).T).cpu()
-            columns = list(reference)
+            cross_here = grams @ self._grams(reference).T
+            cross, columns = cross_here.cpu(), list(reference)
 
             def draw_reference() -> None:
                 title = f"CKA: model (rows) vs reference (epoch {epoch})"
@@ -239,12 +239,12 @@ class RepresentationSimilarityCallback(RepresentationCallback):
                 log_image(trainer, f"interp/{self.name}/cka_vs_reference", image, step)
 
             self._submit(trainer, draw_reference)
-            best = torch.nan_to_num(cross, nan=-float("inf")).amax(dim=1)
+            best = torch.nan_to_num(cross_here, nan=-float("inf")).amax(dim=1)
             for layer, value in zip(names, best, strict=True):
                 values[f"interp/{self.name}/{layer}/cka_vs_reference_max"] = value
         if not values:
             return {}
-        return dict(zip(values, torch.stack([v.double().cpu() for v in values.values()]).tolist(), strict=True))
+        return dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist(), strict=True))
 
     def _rsa(self, trainer: pl.Trainer, features: dict[str, Tensor], step: int) -> dict[str, float]:
         assert self.probe is not None

@@ -258,13 +258,18 @@ def attribution_pass(
         index = resolve_target(target, scores)
         selected = scores.gather(1, index[:, None]).sum()
         wrt: list[Tensor] = ([x] if input_gradient else []) + [out for out in outputs if out is not None]
-        if not selected.requires_grad or not all(t.requires_grad for t in wrt):
+        names = _wrt_names(input_gradient, layers)
+        detached = [name for name, t in zip(names, wrt, strict=True) if not t.requires_grad]
+        if not selected.requires_grad or detached:
+            what = ", ".join(detached) if selected.requires_grad else "the model's scores"
             raise RuntimeError(
-                "The model's scores (or a requested layer's output) do not depend on anything that requires a "
-                "gradient; with integer inputs, differentiable layers need a float input (e.g. an embedding output)."
+                f"{what} does not require a gradient: it is computed under torch.no_grad() or inside a reentrant "
+                "checkpoint (torch.utils.checkpoint with use_reentrant=True), or from integer inputs only (token "
+                "ids: differentiable layers need a float input, such as an embedding output). Explain a layer "
+                "outside that part."
             )
         grads = torch.autograd.grad(selected, wrt, allow_unused=True)
-        unconnected = [name for name, g in zip(_wrt_names(input_gradient, layers), grads, strict=True) if g is None]
+        unconnected = [name for name, g in zip(names, grads, strict=True) if g is None]
         if unconnected:
             raise RuntimeError(
                 f"The target scores do not depend on {', '.join(unconnected)} through a differentiable path: part of "

@@ -92,19 +92,18 @@ def capture_features(
         >>> {k: v.shape for k, v in capture_features(net, torch.randn(7, 3), ["0", "2"]).items()}
         {'0': torch.Size([7, 5]), '2': torch.Size([7, 2])}
     """
+    found = [get_module(model, layer) for layer in layers]
     qualified = {module: name for name, module in model.named_modules()}
     names = [layer if isinstance(layer, str) else qualified.get(layer, str(layer)) for layer in layers]
     if len(set(names)) != len(names):
         raise ValueError(f"Each layer must appear once, got {names}.")
-    for layer in layers:
-        get_module(model, layer)
     pooled = capture_pooled_features(
         model,
         inputs,
         {name: (max_features,) for name in names},
         batch_size=batch_size,
         eval_mode=eval_mode,
-        modules={name: get_module(model, layer) for name, layer in zip(names, layers, strict=True)},
+        modules=dict(zip(names, found, strict=True)),
     )
     features = {name: pooled[(name, max_features)] for name in names}
     if device is not None:

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
 from lightning_interp._logging import WORKER_THREAD_NAME
-from lightning_interp.callbacks import _context, _maps
+from lightning_interp.callbacks import _base, _context, _maps
 from lightning_interp.demo import ImageClassifier, shapes_cnn
 from tests.conftest import quiet_trainer, read_events, read_image_bytes, tiny_classifier, tiny_datamodule
 
@@ -68,8 +68,8 @@ def test_no_model_forward_at_setup_and_one_shared_dry_forward_at_fit_start(tmp_p
     counter = ForwardCounter()
     handle = model.register_forward_pre_hook(counter.count)
     traces = []
-    original_trace = _context.trace_model
-    monkeypatch.setattr(_context, "trace_model", lambda *args: traces.append(1) or original_trace(*args))
+    original_trace = _base.trace_model
+    monkeypatch.setattr(_base, "trace_model", lambda *args: traces.append(1) or original_trace(*args))
     callbacks = _all_callbacks()
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[*callbacks, counter], logger=False)
     trainer.fit(model, datamodule=tiny_datamodule())

@@ -72,13 +72,19 @@ def test_a_copy_of_the_model_as_reference_matches_every_layer(tmp_path):
         assert trainer.callback_metrics[f"interp/similarity/{layer}/cka_vs_reference_max"] == pytest.approx(1.0)
 
 
-def test_state_survives_a_checkpoint_and_the_series_continue(tmp_path):
+def _fit_with_a_checkpoint(tmp_path) -> RepresentationSimilarityCallback:
+    """One epoch with the CKA callback, saving tmp_path/ckpt/last.ckpt; returns the callback."""
     first = RepresentationSimilarityCallback(num_samples=32, metrics=("cka",))
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     trainer = quiet_trainer(
         tmp_path, max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True, logger=False
     )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    return first
+
+
+def test_state_survives_a_checkpoint_and_the_series_continue(tmp_path):
+    first = _fit_with_a_checkpoint(tmp_path)
     start = first._start_grams.clone()
     saved = torch.load(str(tmp_path / "ckpt" / "last.ckpt"), weights_only=False)["callbacks"][first.state_key]
     assert "inputs" not in saved["probe"], "samples of an indexable dataset are saved as indices"
@@ -101,12 +107,7 @@ def test_state_survives_a_checkpoint_and_the_series_continue(tmp_path):
 
 
 def test_resuming_on_changed_validation_data_is_reported_and_comparisons_restart(tmp_path):
-    first = RepresentationSimilarityCallback(num_samples=32, metrics=("cka",))
-    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    trainer = quiet_trainer(
-        tmp_path, max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True, logger=False
-    )
-    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    first = _fit_with_a_checkpoint(tmp_path)
 
     resumed = RepresentationSimilarityCallback(num_samples=32, metrics=("cka",))
     trainer = quiet_trainer(
