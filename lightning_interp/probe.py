@@ -19,6 +19,8 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from lightning_interp.methods.tasks import label_kind
+
 __all__ = [
     "BatchParser",
     "ParsedBatch",
@@ -37,7 +39,7 @@ MASK_KEYS = ("mask", "masks", "segmentation", "seg", "object_mask")
 
 @dataclass
 class ParsedBatch:
-    """A batch split into inputs, optional integer labels and optional (B, H, W) masks."""
+    """A batch split into inputs, optional labels ((B,) or (B, K)) and optional (B, H, W) masks."""
 
     inputs: Tensor
     labels: Tensor | None = None
@@ -50,14 +52,21 @@ BatchParser = Callable[[Any], ParsedBatch | tuple]
 
 
 def _looks_like_labels(value: object, batch: int) -> bool:
-    return (
-        isinstance(value, Tensor)
-        and not value.is_floating_point()
-        and not value.is_complex()
-        and value.dtype != torch.bool
-        and value.ndim == 1
-        and value.shape[0] == batch
-    )
+    """Class indices (B,), 0/1 or regression targets (B,), or one-hot / multi-hot / multi-output targets (B, K)."""
+    return isinstance(value, Tensor) and not value.is_complex() and value.ndim in (1, 2) and value.shape[0] == batch
+
+
+def as_labels(value: Tensor) -> Tensor:
+    """Labels as kept in a probe set, on the CPU: integers and booleans as int64, other numbers as float32, and a
+    (N, 1) column as (N,).
+
+    Example:
+        >>> as_labels(torch.tensor([[True], [False]])).tolist()
+        [1, 0]
+    """
+    labels = value.detach().cpu()
+    labels = labels.float() if labels.is_floating_point() else labels.long()
+    return labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
 
 
 def _as_mask(value: object, inputs: Tensor) -> Tensor | None:
@@ -168,14 +177,17 @@ class ProbeSet:
         count = inputs.shape[0]
         with torch.inference_mode(False):
             self.inputs = inputs.detach().cpu().clone()
-            self.labels = None if labels is None else torch.as_tensor(labels).detach().cpu().long().clone()
+            self.labels = None if labels is None else as_labels(torch.as_tensor(labels)).clone()
             self.masks = None if masks is None else torch.as_tensor(masks).detach().cpu().clone()
             self.indices = None if indices is None else torch.as_tensor(indices).detach().cpu().long().clone()
         self.source: object | None = None  # the ValidationScan that read the samples, if one did
         if self.indices is not None and self.indices.shape != (count,):
             raise ValueError(f"indices must have shape ({count},), got {tuple(self.indices.shape)}.")
-        if self.labels is not None and self.labels.shape != (count,):
-            raise ValueError(f"labels must have shape ({count},), got {tuple(self.labels.shape)}.")
+        if self.labels is not None and (self.labels.ndim not in (1, 2) or self.labels.shape[0] != count):
+            raise ValueError(
+                f"labels must have shape ({count},) (class indices, 0/1 or values) or ({count}, K) (one-hot, multi-hot "
+                f"or several values per sample), got {tuple(self.labels.shape)}."
+            )
         if self.masks is not None:
             if self.masks.ndim == 4 and self.masks.shape[1] == 1:
                 self.masks = self.masks[:, 0]
@@ -287,7 +299,7 @@ class ProbeSet:
         if not parts:
             raise ValueError("The dataloader yielded no batches, so there is nothing to draw probe samples from.")
         inputs = torch.cat([p.inputs for p in parts])
-        labels = torch.cat([p.labels for p in parts]) if all(p.labels is not None for p in parts) else None
+        labels = torch.cat([as_labels(p.labels) for p in parts]) if all(p.labels is not None for p in parts) else None
         masks = torch.cat([p.masks for p in parts]) if all(p.masks is not None for p in parts) else None
         if labels is not None and stratify:
             chosen = _stratified_indices(labels, num_samples)
@@ -586,7 +598,7 @@ class ValidationScan:
         for row, index in enumerate(chunk):
             self._samples[index] = (
                 parsed.inputs[row].detach().cpu().clone(),
-                None if parsed.labels is None else parsed.labels[row].detach().cpu().long().clone(),
+                None if parsed.labels is None else as_labels(parsed.labels[row : row + 1])[0].clone(),
                 None if parsed.masks is None else parsed.masks[row].detach().cpu().clone(),
             )
         return parsed
@@ -611,20 +623,45 @@ class ValidationScan:
                         self._samples.clear()
                 if parsed.labels is None:
                     return None
-                labels.append(parsed.labels.detach().cpu().long())
+                labels.append(as_labels(parsed.labels))
         return torch.cat(labels) if labels else None
 
 
+def strata(labels: Tensor, count: int) -> Tensor:
+    """The group of each sample for a stratified draw of ``count`` samples: its class (class indices), its first
+    positive label (one-hot or multi-hot rows; rows without any after every label), or for values its share of
+    ``count`` equal-sized bins of the sorted first value, so the draw spreads over their range.
+
+    Example:
+        >>> strata(torch.tensor([[0, 1], [1, 1], [0, 0]]), 2).tolist()
+        [1, 0, 2]
+        >>> strata(torch.tensor([0.9, 0.1, 0.5, 0.3]), 2).tolist()
+        [1, 0, 1, 0]
+    """
+    kind = label_kind(labels)
+    if kind == "class":
+        return labels.round().long()
+    if kind in ("one_hot", "multi_hot"):
+        positive = labels != 0
+        return torch.where(positive.any(dim=1), positive.long().argmax(dim=1), labels.shape[1])
+    values = labels.reshape(labels.shape[0], -1)[:, 0]
+    rank = torch.empty_like(values, dtype=torch.long)
+    rank[torch.argsort(values, stable=True)] = torch.arange(values.numel())
+    return rank * max(1, min(count, values.numel())) // values.numel()
+
+
 def _stratified_indices(labels: Tensor, count: int) -> Tensor:
-    """Classes take turns, each giving its earliest unused sample; result sorted by class then position."""
-    per_class = [torch.nonzero(labels == c).flatten() for c in labels.unique(sorted=True)]
+    """Groups (:func:`strata`) take turns, each giving its earliest unused sample; result sorted by group then
+    position."""
+    groups = strata(labels, count)
+    per_class = [torch.nonzero(groups == c).flatten() for c in groups.unique(sorted=True)]
     chosen: list[int] = []
     depth = 0
-    while len(chosen) < min(count, labels.numel()):
+    while len(chosen) < min(count, groups.numel()):
         for indices in per_class:
             if depth < indices.numel() and len(chosen) < count:
                 chosen.append(int(indices[depth]))
         depth += 1
     picked = torch.tensor(chosen, dtype=torch.long)
-    order = torch.argsort(labels[picked] * labels.numel() + picked, stable=True)
+    order = torch.argsort(groups[picked] * groups.numel() + picked, stable=True)
     return picked[order]

@@ -252,10 +252,11 @@ def line_image(
     ylabel: str = "",
     ylim: tuple[float, float] | None = None,
     reference: float | None = None,
+    reference_label: str = "chance",
 ) -> np.ndarray:
     """Lines over categorical x positions (e.g. accuracy by depth); returns uint8 (H, W, 3).
 
-    ``reference`` draws a dashed horizontal line (e.g. chance level).
+    ``reference`` draws a dashed horizontal line (e.g. chance level), named ``reference_label`` in the legend.
 
     Example:
         >>> line_image(["conv1", "fc"], {"held-out": [0.5, 0.9]}, ylim=(0, 1)).ndim
@@ -268,7 +269,7 @@ def line_image(
     for name, values in series.items():
         axes.plot(positions, list(values), marker="o", label=name)
     if reference is not None:
-        axes.axhline(reference, color="grey", linestyle="--", linewidth=1, label="chance")
+        axes.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
     axes.set_xticks(positions, list(x_labels), rotation=30, ha="right", fontsize=8)
     if ylim is not None:
         axes.set_ylim(*ylim)

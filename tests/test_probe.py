@@ -62,7 +62,7 @@ def test_parse_batch_channel_mask_and_float_mask():
 
 def test_parse_batch_ignores_items_that_are_not_labels_or_masks():
     x = _images()
-    parsed = parse_batch((x, torch.rand(4), torch.zeros(4, 5, 5)))  # float targets, wrong-grid "mask"
+    parsed = parse_batch((x, torch.rand(3), torch.zeros(4, 5, 5)))  # not one value per sample, wrong-grid "mask"
     assert parsed.inputs is x and parsed.labels is None and parsed.masks is None
 
 
@@ -143,7 +143,7 @@ def test_probe_set_built_in_inference_mode_holds_normal_tensors():
         (torch.zeros(0, 3), None, None),  # empty
         ([[1.0, 2.0]], None, None),  # not a tensor
         (torch.zeros(4, 3, 6, 6), torch.tensor([0, 1, 2]), None),  # label count
-        (torch.zeros(4, 3, 6, 6), torch.zeros(4, 1), None),  # label shape
+        (torch.zeros(4, 3, 6, 6), torch.zeros(4, 2, 2), None),  # label rank
         (torch.zeros(4, 3, 6, 6), None, torch.zeros(3, 6, 6)),  # mask count
         (torch.zeros(4, 3, 6, 6), None, torch.zeros(4, 6)),  # mask rank
         (torch.zeros(4, 3, 6, 6), None, torch.zeros(4, 2, 6, 6)),  # multi-channel mask

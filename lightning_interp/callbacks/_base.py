@@ -355,10 +355,9 @@ class InterpCallback(Callback):
             )
         if self._needs_labels() and not probe.has_labels:
             raise ValueError(
-                f"{self._labels_reason()}, but the validation batches carry no class labels: a 1-D integer tensor "
-                "with one class index per sample (one-hot or float targets are not class indices). Pass "
-                "batch_parser=... that returns them (e.g. y.argmax(dim=1) for one-hot targets), or give "
-                "probe=ProbeSet(inputs, labels)."
+                f"{self._labels_reason()}, but the validation batches carry no labels: a (batch,) or (batch, K) "
+                "tensor after the inputs in a tuple, or under a key such as 'label', 'target' or 'y' in a dict. Pass "
+                "batch_parser=... that returns (inputs, labels, masks), or give probe=ProbeSet(inputs, labels)."
             )
         self.probe = probe
 

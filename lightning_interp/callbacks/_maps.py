@@ -22,6 +22,7 @@ from lightning_interp._logging import log_image
 from lightning_interp.callbacks._base import InterpCallback, _check_callable
 from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
+from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
 from lightning_interp.probe import BatchParser, ProbeSet
 from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
 
@@ -61,8 +62,16 @@ class MapCallback(InterpCallback):
         num_samples: probe samples to draw when ``probe`` is None.
         every_n_epochs: run at validation epochs whose number (1-based) is a
             multiple of this.
-        target: ``"pred"`` (predicted class), ``"label"`` (needs labels) or a
-            fixed class index.
+        target: ``"pred"`` (the prediction), ``"label"`` (needs labels) or a
+            fixed class index (output index for a regression). For a binary
+            model (one logit), ``"pred"`` explains the predicted side: for a
+            negative prediction, what makes the logit more negative.
+        task: the output kind: ``"multiclass"`` (softmax over C scores),
+            ``"binary"`` (one logit, sigmoid), ``"multilabel"`` (C independent
+            sigmoids, multi-hot labels; ``"pred"`` explains the top label) or
+            ``"regression"`` (explains the output). ``"auto"`` (the default)
+            infers it from the output's width and the labels, and asks for it
+            where they do not tell (one output and no labels).
         probe: a ready :class:`ProbeSet` (share one between callbacks so
             their rows line up), or None to draw one from the first
             validation dataloader.
@@ -85,6 +94,7 @@ class MapCallback(InterpCallback):
         num_samples: int = 8,
         every_n_epochs: int = 1,
         target: TargetSpec = "pred",
+        task: TaskOption = "auto",
         probe: ProbeSet | None = None,
         batch_parser: BatchParser | None = None,
         output_transform: OutputTransform | None = None,
@@ -98,7 +108,11 @@ class MapCallback(InterpCallback):
             raise ValueError(f"target must be 'pred', 'label' or a class index (int), got {target!r}.")
         if isinstance(target, int) and target < 0:
             raise ValueError(f"A fixed target class must be >= 0, got {target}.")
+        if task != "auto" and task not in TASKS:
+            raise ValueError(f"task must be 'auto' or one of {TASKS}, got {task!r}.")
         self.target = target
+        self.task = task
+        self._task: str | None = None  # the kind in force for this run (``task``, or inferred at fit start)
         super().__init__(
             name=name,
             num_samples=num_samples,
@@ -126,6 +140,11 @@ class MapCallback(InterpCallback):
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         raise NotImplementedError
 
+    @property
+    def output_task(self) -> str:
+        """The output kind in force: the ``task`` option, or what ``"auto"`` inferred at fit start."""
+        return self._task or (self.task if self.task != "auto" else "multiclass")
+
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Check now, not at the first validation epoch, that the inputs can be shown as maps and that the
         model's output gives class scores for every target."""
@@ -136,16 +155,35 @@ class MapCallback(InterpCallback):
                 "volumes, pass a batch_parser (or probe=ProbeSet(...)) that gives one of these forms, e.g. a frame."
             )
         trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
-        scores = scores_from_output(trace.output, self.output_transform)
-        classes = scores.shape[1]
-        if isinstance(self.target, int) and self.target >= classes:
-            raise ValueError(f"target={self.target} is not a class index of this model ({classes} classes).")
-        if self.target == "label" and probe.labels is not None and int(probe.labels.max()) >= classes:
+        outputs = scores_from_output(trace.output, self.output_transform).shape[1]
+        name = type(self).__name__
+        try:
+            task = infer_task(outputs, probe.labels, self.task)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        indices = 2 if task == "binary" else outputs  # a binary model's targets are its two sides, 0 and 1
+        if isinstance(self.target, int) and self.target >= indices:
+            what = ("output", "outputs") if task == "regression" else ("class", "classes")
             raise ValueError(
-                f"{type(self).__name__}(target='label'): the probe labels go up to {int(probe.labels.max())}, but the "
-                f"model gives {classes} class score(s) per sample, so a label is not a class index of its output. "
-                "Use target='pred' (or a class index), or pass output_transform=... that returns one score per class."
+                f"{name}: target={self.target} is not a {what[0]} index of this {task} model ({indices} {what[1]}: 0 "
+                f"to {indices - 1})."
             )
+        if self.target == "label" and task in ("multilabel", "regression"):
+            raise ValueError(
+                f"{name}(target='label') explains the labelled class, but this is a {task} model: "
+                + (
+                    "a sample has several labels. Use target='pred' (each sample's top predicted label) or a class "
+                    "index."
+                    if task == "multilabel"
+                    else "its labels are values, not outputs to pick. Use target='pred' or an output index."
+                )
+            )
+        if self.target == "pred" and task == "regression" and outputs > 1:
+            raise ValueError(
+                f"{name}: a regression with {outputs} outputs; say which one to explain with target=<index> "
+                f"(0 to {outputs - 1})."
+            )
+        self._task = task
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Explain two probe samples as a run would (in the trainer's precision), logging nothing."""
@@ -161,6 +199,7 @@ class MapCallback(InterpCallback):
         super()._reset_run_state()
         self._previous, self._history = {}, []
         self._warned_zero = set()
+        self._task = None
 
     def _zero_map_reason(self, key: str) -> str:
         """Why the maps of ``key`` can be zero everywhere (shown in the warning)."""
@@ -208,7 +247,7 @@ class MapCallback(InterpCallback):
         if self.target == "label":
             if probe.labels is None:
                 raise ValueError(f"{type(self).__name__}(target='label') needs a probe set with labels.")
-            return probe.labels.to(device)
+            return class_labels(probe.labels, self.output_task).to(device)
         return int(self.target)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -248,6 +287,7 @@ class MapCallback(InterpCallback):
             target=result.target[:shown].cpu(),
             signed=set(result.signed),
             titles=dict(result.titles),
+            task=self.output_task,
         )
         self._submit(trainer, lambda: log_image(trainer, f"interp/{self.name}/maps", self._grid_image(picture), step))
         self._remember(trainer.current_epoch, maps)
@@ -271,22 +311,8 @@ class MapCallback(InterpCallback):
             self._previous[key] = value.detach().clone()
         return values
 
-    def _row_label(self, index: int, label: int | None, pred: int, confidence: float, target: int) -> str:
-        def show(c: int) -> str:
-            return self.class_names[c] if self.class_names and 0 <= c < len(self.class_names) else str(c)
-
-        lines = [f"#{index}"]
-        if label is not None:
-            lines.append(f"label {show(label)}")
-        lines.append(f"pred  {show(pred)} {confidence:.0%}")
-        if target != pred:
-            lines.append(f"shows {show(target)}")
-        return "\n".join(lines)
-
     def _grid_image(self, picture: _GridData) -> np.ndarray:
         """The per-run grid (drawn on the worker thread, from CPU tensors only)."""
-        probabilities = picture.scores.softmax(dim=1)
-        confidence, predicted = probabilities.max(dim=1)
         shown = picture.scores.shape[0]
         inputs = picture.inputs
         columns = [list(input_to_rgb(inputs))]
@@ -294,16 +320,7 @@ class MapCallback(InterpCallback):
             cmap = "RdBu_r" if key in picture.signed else self.cmap
             columns.append(map_tiles(inputs, maps, cmap=cmap, signed=key in picture.signed))
         rows = [[column[i] for column in columns] for i in range(shown)]
-        labels = [
-            self._row_label(
-                i,
-                None if picture.labels is None else int(picture.labels[i]),
-                int(predicted[i]),
-                float(confidence[i]),
-                int(picture.target[i]),
-            )
-            for i in range(shown)
-        ]
+        labels = row_texts(picture.task, picture.scores, picture.target, picture.labels, self.class_names)
         titles = [picture.titles.get(key, key) for key in picture.maps]
         return render_grid(rows, column_titles=["input", *titles], row_labels=labels)
 
@@ -380,3 +397,53 @@ class _GridData:
     target: Tensor
     signed: set[str]
     titles: dict[str, str]
+    task: str = "multiclass"
+
+
+def row_texts(
+    task: str, scores: Tensor, target: Tensor, labels: Tensor | None, class_names: Sequence[str] | None = None
+) -> list[str]:
+    """The text beside each row of a map grid: sample number, label, prediction with confidence, explained target.
+
+    Per output kind (see :mod:`lightning_interp.methods.tasks`): ``pred`` with the softmax
+    (multiclass) or the sigmoid of the predicted side (binary); the label set and
+    ``top`` label with its sigmoid (multi-label); the label value and ``out``, the
+    explained output (regression). ``shows`` names the explained class when it is
+    not the prediction.
+
+    Example:
+        >>> texts = row_texts("binary", torch.tensor([[2.0], [-2.0]]), torch.tensor([1, 0]), torch.tensor([1, 1]))
+        >>> [text.splitlines() for text in texts]
+        [['#0', 'label 1', 'pred  1 88%'], ['#1', 'label 1', 'pred  0 88%']]
+    """
+
+    def show(c: int) -> str:
+        return class_names[c] if class_names and 0 <= c < len(class_names) else str(c)
+
+    predicted, confidence = prediction_and_confidence(scores, task)
+    rows = []
+    for i in range(scores.shape[0]):
+        explained = int(target[i])
+        lines = [f"#{i}"]
+        if task == "regression":
+            if labels is not None:
+                value = labels[i].reshape(-1)
+                lines.append(f"label {float(value[explained if value.numel() > 1 else 0]):.4g}")
+            lines.append(f"out   {float(scores[i, explained]):.4g}")
+            if scores.shape[1] > 1:
+                lines.append(f"shows output {show(explained)}")
+            rows.append("\n".join(lines))
+            continue
+        assert confidence is not None
+        if labels is not None and task == "multilabel":
+            positive = [show(int(c)) for c in torch.nonzero(labels[i]).flatten()]
+            shown = ",".join(positive[:3]) + ("…" if len(positive) > 3 else "")
+            lines.append(f"labels {shown or 'none'}")
+        elif labels is not None:
+            lines.append(f"label {show(int(class_labels(labels[i : i + 1], task)[0]))}")
+        word = "top  " if task == "multilabel" else "pred "
+        lines.append(f"{word} {show(int(predicted[i]))} {float(confidence[i]):.0%}")
+        if explained != int(predicted[i]):
+            lines.append(f"shows {show(explained)}")
+        rows.append("\n".join(lines))
+    return rows

@@ -110,6 +110,7 @@ class GradCAMCallback(MapCallback):
             layers=self.layers,
             input_gradient=False,
             output_transform=self.output_transform,
+            task=self.output_task,
         )
         size = inputs.shape[-2:]
         maps = {

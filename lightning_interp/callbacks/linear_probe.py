@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
 from lightning_interp._logging import log_image
 from lightning_interp.callbacks._representation import RepresentationCallback
-from lightning_interp.methods.probes import PROBE_SOLVERS, linear_probe_accuracy
+from lightning_interp.methods.probes import (
+    PROBE_SOLVERS,
+    linear_probe_accuracy,
+    linear_probe_r2,
+    multilabel_probe_accuracy,
+)
+from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, label_kind
 from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import line_image
 
 
 class LinearProbeCallback(RepresentationCallback):
-    """Fit a linear classifier on each layer's outputs and log its held-out accuracy.
+    """Fit a linear classifier (or regression) on each layer's outputs and log its held-out accuracy (or R²).
 
     At each due validation epoch the callback captures the layers' outputs on
     its probe set (one no-grad forward in chunks; conv maps average-pooled to
@@ -35,6 +43,12 @@ class LinearProbeCallback(RepresentationCallback):
       to memorise the probe set);
     - ``accuracy_by_depth``: a figure of both across the layers, with chance level.
 
+    Labels of every kind: class indices and one-hot rows fit one multi-class
+    probe; multi-hot (N, K) labels fit one binary probe per label and log the
+    mean of their accuracies (chance: the mean share of each label's majority
+    value); real-valued targets fit ridge regression and log ``<layer>/r2`` and
+    ``<layer>/train_r2`` (held-out and training R²) and ``r2_by_depth``.
+
     Args:
         layers: ``"auto"`` or a list of dotted module names.
         num_samples: probe samples (half train the probes, half test them);
@@ -43,6 +57,11 @@ class LinearProbeCallback(RepresentationCallback):
             regression) or ``"ridge"`` (closed form).
         l2: penalty strength on standardised features.
         test_fraction: share of each class held out.
+        task: what the labels are: ``"auto"`` (class indices and one-hot rows
+            are classes, other 0/1 rows are multi-label, other numbers are
+            regression targets), or ``"multiclass"``/``"binary"``,
+            ``"multilabel"``, ``"regression"`` to say so (e.g. for whole-number
+            regression targets such as ages).
         seed: seed of the split.
         max_layers: most layers picked by ``"auto"``.
         max_features: per-layer feature bound.
@@ -63,6 +82,7 @@ class LinearProbeCallback(RepresentationCallback):
         solver: str = "logistic",
         l2: float = 1e-3,
         test_fraction: float = 0.5,
+        task: TaskOption = "auto",
         seed: int = 0,
         max_layers: int = 6,
         max_features: int = 2048,
@@ -75,6 +95,8 @@ class LinearProbeCallback(RepresentationCallback):
             raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
         if l2 < 0:
             raise ValueError(f"l2 must be >= 0, got {l2}.")
+        if task != "auto" and task not in TASKS:
+            raise ValueError(f"task must be 'auto' or one of {TASKS}, got {task!r}.")
         super().__init__(
             name=name,
             layers=layers,
@@ -86,17 +108,51 @@ class LinearProbeCallback(RepresentationCallback):
         self.solver = solver
         self.l2 = l2
         self.test_fraction = test_fraction
+        self.task = task
         self.seed = seed
 
     def _needs_labels(self) -> bool:
         return True
 
+    def _label_task(self, labels: Tensor) -> str:
+        """``"multiclass"``, ``"multilabel"`` or ``"regression"``: which probe the labels get."""
+        kind = label_kind(labels)
+        task = self.task if self.task != "auto" else {"multi_hot": "multilabel", "continuous": "regression"}.get(kind)
+        task = "multiclass" if task in (None, "binary") else task
+        wrong = (task == "multiclass" and kind not in ("class", "one_hot")) or (
+            task == "multilabel" and kind not in ("one_hot", "multi_hot")
+        )
+        if wrong:
+            raise ValueError(
+                f"LinearProbeCallback(task={self.task!r}) cannot use labels of shape {tuple(labels.shape)} "
+                f"({kind.replace('_', '-')}): class probes need class indices or one-hot rows, multi-label probes "
+                "(N, K) rows of 0 and 1. Pass task='auto', or batch_parser=... that returns such labels."
+            )
+        return task
+
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         super()._prepare(trainer, pl_module, probe)
         assert probe.labels is not None
+        task = self._label_task(probe.labels)
         if self._provisional:  # a stream's first samples: the counts are checked on the probe set itself
             return
-        classes, counts = probe.labels.unique(return_counts=True)
+        if task == "regression":
+            if len(probe) < 4 or bool((probe.labels == probe.labels[0]).all()):
+                raise ValueError(
+                    f"LinearProbeCallback fits a regression to the probe set's target values and needs at least 4 "
+                    f"samples whose targets are not all equal; it has {len(probe)}. Draw more samples (num_samples)."
+                )
+            return
+        if task == "multilabel":
+            positive = (probe.labels != 0).sum(dim=0)
+            if not bool(((positive >= 2) & (positive <= len(probe) - 2)).any()):
+                raise ValueError(
+                    "LinearProbeCallback fits one binary probe per label of multi-hot labels, and needs a label with "
+                    f"at least two positive and two negative probe samples; none of the {probe.labels.shape[1]} has "
+                    f"among the {len(probe)} samples. Draw more samples (num_samples)."
+                )
+            return
+        classes, counts = class_labels(probe.labels, task).unique(return_counts=True)
         if classes.numel() < 2:
             raise ValueError(
                 f"LinearProbeCallback needs at least two classes among its probe samples to fit a classifier; all "
@@ -115,40 +171,56 @@ class LinearProbeCallback(RepresentationCallback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         assert self.probe is not None and self.probe.labels is not None
         features = self._features(trainer, pl_module)
-        labels = self.probe.labels
+        task = self._label_task(self.probe.labels)
+        labels = self.probe.labels if task != "multiclass" else class_labels(self.probe.labels, task)
+        metric = "r2" if task == "regression" else "accuracy"
         held_out: list[float] = []
         fitted: list[float] = []
         scalars: dict[str, float] = {}
         finite = torch.stack([torch.isfinite(values).all() for values in features.values()]).tolist()
         for (layer, values), ok in zip(features.items(), finite, strict=True):
             if ok:
-                result = linear_probe_accuracy(
-                    values, labels, test_fraction=self.test_fraction, solver=self.solver, l2=self.l2, seed=self.seed
-                )
-                accuracy, train_accuracy = result.accuracy, result.train_accuracy
+                score, train_score = self._fit(values, labels, task)
             else:
                 rank_zero_warn(
                     f"LinearProbeCallback: layer {layer!r} output NaN or inf at epoch {trainer.current_epoch}; "
-                    "its probe accuracy is logged as NaN."
+                    f"its probe {metric} is logged as NaN."
                 )
-                accuracy = train_accuracy = float("nan")
-            scalars[f"interp/{self.name}/{layer}/accuracy"] = accuracy
-            scalars[f"interp/{self.name}/{layer}/train_accuracy"] = train_accuracy
-            held_out.append(accuracy)
-            fitted.append(train_accuracy)
+                score = train_score = float("nan")
+            scalars[f"interp/{self.name}/{layer}/{metric}"] = score
+            scalars[f"interp/{self.name}/{layer}/train_{metric}"] = train_score
+            held_out.append(score)
+            fitted.append(train_score)
         step, epoch, names = trainer.global_step, trainer.current_epoch, list(features)
-        chance = float(labels.bincount().max()) / labels.numel()
+        if task == "regression":
+            reference, reference_label, ylim = 0.0, "R² of the mean", (min(-0.05, *held_out, *fitted), 1.02)
+        elif task == "multilabel":
+            share = (labels != 0).float().mean(dim=0)
+            reference, reference_label, ylim = float(torch.maximum(share, 1 - share).mean()), "chance", (0.0, 1.02)
+        else:
+            reference, reference_label, ylim = float(labels.bincount().max()) / labels.numel(), "chance", (0.0, 1.02)
 
         def draw() -> None:
             figure = line_image(
                 names,
                 {"held-out": held_out, "train": fitted},
-                title=f"linear probe accuracy by depth (epoch {epoch})",
-                ylabel="accuracy",
-                ylim=(0.0, 1.02),
-                reference=chance,
+                title=f"linear probe {'R²' if task == 'regression' else 'accuracy'} by depth (epoch {epoch})",
+                ylabel="R²" if task == "regression" else "accuracy",
+                ylim=ylim if all(map(math.isfinite, ylim)) else None,
+                reference=reference,
+                reference_label=reference_label,
             )
-            log_image(trainer, f"interp/{self.name}/accuracy_by_depth", figure, step)
+            log_image(trainer, f"interp/{self.name}/{metric}_by_depth", figure, step)
 
         self._submit(trainer, draw)
         return scalars
+
+    def _fit(self, values: Tensor, labels: Tensor, task: str) -> tuple[float, float]:
+        """Held-out and training score of one layer's probe."""
+        common = {"test_fraction": self.test_fraction, "l2": self.l2, "seed": self.seed}
+        if task == "regression":
+            fit = linear_probe_r2(values, labels, **common)
+            return fit.r2, fit.train_r2
+        probe = multilabel_probe_accuracy if task == "multilabel" else linear_probe_accuracy
+        result = probe(values, labels, solver=self.solver, **common)
+        return result.accuracy, result.train_accuracy

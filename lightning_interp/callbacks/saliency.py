@@ -127,7 +127,7 @@ class SaliencyCallback(MapCallback):
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         transform = self.output_transform
-        first = attribution_pass(pl_module, inputs, target, output_transform=transform)
+        first = attribution_pass(pl_module, inputs, target, output_transform=transform, task=self.output_task)
         assert first.input_grad is not None
         attributions: dict[str, Tensor] = {}
         scalars: dict[str, float] = {}
@@ -147,6 +147,7 @@ class SaliencyCallback(MapCallback):
                     generator=generator,
                     internal_batch_size=self.internal_batch_size,
                     output_transform=transform,
+                    task=self.output_task,
                 )
             else:
                 attr, delta = integrated_gradients(
@@ -157,6 +158,7 @@ class SaliencyCallback(MapCallback):
                     internal_batch_size=self.internal_batch_size,
                     return_convergence_delta=True,
                     output_transform=transform,
+                    task=self.output_task,
                 )
                 attributions[method] = attr
                 difference = attr.reshape(attr.shape[0], -1).double().sum(dim=1) - delta

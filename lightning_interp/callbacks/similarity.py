@@ -15,8 +15,15 @@ from lightning_interp._logging import log_image
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods._core import get_module
 from lightning_interp.methods.features import auto_layers, capture_features, forward_chunk_size
-from lightning_interp.methods.similarity import RDM_METRICS, RSA_METHODS, normalized_grams, rdm, rsa_matrix
-from lightning_interp.probe import ProbeSet
+from lightning_interp.methods.similarity import (
+    RDM_METRICS,
+    RSA_METHODS,
+    label_rdm,
+    normalized_grams,
+    rdm,
+    rsa_matrix,
+)
+from lightning_interp.probe import ProbeSet, strata
 from lightning_interp.visualize import colorize, matrix_image, normalize_map, render_grid
 
 SIMILARITY_METRICS = ("cka", "rsa")
@@ -46,7 +53,9 @@ class RepresentationSimilarityCallback(RepresentationCallback):
     - ``rdm``: each layer's representational dissimilarity matrix, samples
       sorted by class, so class blocks show on the diagonal;
     - ``<layer>/rsa_vs_labels``: rank correlation between the layer's RDM and
-      the label RDM (0 within a class, 1 across);
+      the label RDM (0 within a class, 1 across; for multi-hot labels the
+      Jaccard distance of the label sets, for real-valued targets their
+      distance; see :func:`~lightning_interp.methods.label_rdm`);
     - ``<layer>/rsa_vs_next``: between consecutive layers' RDMs.
 
     Gram matrices of the previous and the first run are kept in the
@@ -193,11 +202,12 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         return normalized_grams(features, debiased=self.debiased)
 
     def _order(self) -> Tensor:
-        """Probe samples sorted by class (stable), so RDM class blocks sit on the diagonal."""
+        """Probe samples sorted by class (stable; by first label or by value for other labels), so RDM class blocks
+        sit on the diagonal."""
         assert self.probe is not None
         if self.probe.labels is None:
             return torch.arange(len(self.probe))
-        return torch.argsort(self.probe.labels, stable=True)
+        return torch.argsort(strata(self.probe.labels, len(self.probe)), stable=True)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         features = self._features(trainer, pl_module)
@@ -260,8 +270,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         labels = self.probe.labels
         compared = [matrix for matrix, ok in zip(rdms, finite, strict=True) if ok]
         if labels is not None:
-            sorted_labels = labels.to(device)[order]
-            compared.append((sorted_labels[:, None] != sorted_labels[None, :]).double())
+            compared.append(label_rdm(labels.to(device)[order]))
         similarity = rsa_matrix(compared, method=self.rsa_method) if len(compared) >= 2 else None
         slot = {index: position for position, index in enumerate(i for i, ok in enumerate(finite) if ok)}
         nan = torch.full((), float("nan"), dtype=torch.float64, device=device)

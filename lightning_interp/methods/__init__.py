@@ -28,12 +28,21 @@ from lightning_interp.methods.map_metrics import (
     pointing_game,
     rank_correlation,
 )
-from lightning_interp.methods.probes import PROBE_SOLVERS, ProbeResult, linear_probe_accuracy, stratified_split
+from lightning_interp.methods.probes import (
+    PROBE_SOLVERS,
+    ProbeResult,
+    RegressionProbeResult,
+    linear_probe_accuracy,
+    linear_probe_r2,
+    multilabel_probe_accuracy,
+    stratified_split,
+)
 from lightning_interp.methods.similarity import (
     MinibatchCKA,
     center_gram,
     cka_matrix,
     gram_dtype_for,
+    label_rdm,
     linear_cka,
     normalized_grams,
     rbf_cka,
@@ -41,6 +50,7 @@ from lightning_interp.methods.similarity import (
     rsa,
     rsa_matrix,
 )
+from lightning_interp.methods.tasks import TASKS, infer_task, label_kind, prediction_and_confidence, target_scores
 from lightning_interp.methods.trace import ModelTrace, trace_model
 
 ATTRIBUTION_METHODS = {
@@ -54,10 +64,12 @@ ATTRIBUTION_METHODS = {
 __all__ = [
     "ATTRIBUTION_METHODS",
     "PROBE_SOLVERS",
+    "TASKS",
     "MinibatchCKA",
     "ModelTrace",
     "PassResult",
     "ProbeResult",
+    "RegressionProbeResult",
     "attribution_pass",
     "attribution_to_map",
     "auto_layers",
@@ -73,16 +85,22 @@ __all__ = [
     "grad_cam",
     "gradient",
     "gram_dtype_for",
+    "infer_task",
     "input_x_gradient",
     "integrated_gradients",
     "integration_points",
+    "label_kind",
+    "label_rdm",
     "linear_cka",
     "linear_probe_accuracy",
+    "linear_probe_r2",
     "localization",
     "modes_preserved",
+    "multilabel_probe_accuracy",
     "normalized_grams",
     "pointing_game",
     "pool_features",
+    "prediction_and_confidence",
     "rank_correlation",
     "rbf_cka",
     "rdm",
@@ -91,5 +109,6 @@ __all__ = [
     "smoothgrad",
     "spatial_layers",
     "stratified_split",
+    "target_scores",
     "trace_model",
 ]

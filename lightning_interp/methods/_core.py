@@ -16,6 +16,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from lightning_interp.methods.tasks import target_scores
+
 Target = Union[int, Tensor, None]  # noqa: UP007 (runtime alias, Python 3.10)
 """An attribution target: a class index, a LongTensor of shape (B,), or None
 for the predicted class."""
@@ -124,11 +126,29 @@ def scores_from_output(output: object, output_transform: OutputTransform | None)
     return scores
 
 
-def resolve_target(target: Target, scores: Tensor) -> Tensor:
-    """Turn a target spec into a LongTensor of class indices, one per sample."""
+def resolve_target(target: Target, scores: Tensor, task: str = "multiclass") -> Tensor:
+    """Turn a target spec into a LongTensor with one explained index per sample.
+
+    ``None`` means the prediction: the argmax for multiclass and multi-label
+    scores, the predicted side (1 if the logit > 0, else 0) for a binary model,
+    and the only output of a one-output regression (a regression with several
+    outputs needs an explicit index). See :mod:`lightning_interp.methods.tasks`.
+    """
     batch, classes = scores.shape
+    if task == "binary":
+        classes = 2  # target 0 and 1: the two sides of the one logit
     if target is None:
-        index = scores.detach().argmax(dim=1)
+        if task == "binary":
+            index = (scores.detach()[:, 0] > 0).long()
+        elif task == "regression":
+            if classes != 1:
+                raise ValueError(
+                    f"A regression with {classes} outputs: say which output to explain with a fixed target index "
+                    f"(0 to {classes - 1})."
+                )
+            index = torch.zeros(batch, dtype=torch.long, device=scores.device)
+        else:
+            index = scores.detach().argmax(dim=1)
     elif isinstance(target, int) and not isinstance(target, bool):
         index = torch.full((batch,), target, dtype=torch.long, device=scores.device)
     elif isinstance(target, Tensor):
@@ -200,11 +220,6 @@ class PassResult:
     activations: list[Tensor] = field(default_factory=list)
     activation_grads: list[Tensor] = field(default_factory=list)
 
-    @property
-    def probabilities(self) -> Tensor:
-        """Softmax of the scores (B, C)."""
-        return self.scores.float().softmax(dim=1)
-
 
 def attribution_pass(
     model: nn.Module,
@@ -215,6 +230,7 @@ def attribution_pass(
     input_gradient: bool = True,
     output_transform: OutputTransform | None = None,
     eval_mode: bool = True,
+    task: str = "multiclass",
 ) -> PassResult:
     """One forward and one backward that serve several methods at once.
 
@@ -232,6 +248,8 @@ def attribution_pass(
         input_gradient: also return d score / d input.
         output_transform: maps the model output to (B, C) scores.
         eval_mode: run the model in eval mode (Dropout off, BatchNorm frozen).
+        task: the output kind (:data:`~lightning_interp.methods.tasks.TASKS`): which index ``target=None``
+            picks and, for a binary model, the sign of the explained logit.
 
     Returns:
         A :class:`PassResult`.
@@ -255,8 +273,8 @@ def attribution_pass(
                 f"Layer(s) {missing} produced no tensor output during the forward pass; "
                 "choose modules that are called in forward() and return a tensor."
             )
-        index = resolve_target(target, scores)
-        selected = scores.gather(1, index[:, None]).sum()
+        index = resolve_target(target, scores, task)
+        selected = target_scores(scores, index, task).sum()
         wrt: list[Tensor] = ([x] if input_gradient else []) + [out for out in outputs if out is not None]
         names = _wrt_names(input_gradient, layers)
         detached = [name for name, t in zip(names, wrt, strict=True) if not t.requires_grad]

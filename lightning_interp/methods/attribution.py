@@ -20,12 +20,18 @@ from lightning_interp.methods._core import (
     resolve_target,
     scores_from_output,
 )
+from lightning_interp.methods.tasks import target_scores
 
 __all__ = ["gradient", "input_x_gradient", "integrated_gradients", "integration_points", "smoothgrad"]
 
 
 def gradient(
-    model: nn.Module, inputs: Tensor, target: Target = None, *, output_transform: OutputTransform | None = None
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    *,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
 ) -> Tensor:
     """Plain gradient of the target score with respect to the input (Simonyan et al. 2014).
 
@@ -34,6 +40,7 @@ def gradient(
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the predicted class.
         output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
 
     Returns:
         d score / d input, same shape, dtype and device as ``inputs``.
@@ -44,13 +51,18 @@ def gradient(
         >>> torch.allclose(g, linear.weight[1].expand(5, 3))
         True
     """
-    grad = attribution_pass(model, inputs, target, output_transform=output_transform).input_grad
+    grad = attribution_pass(model, inputs, target, output_transform=output_transform, task=task).input_grad
     assert grad is not None
     return grad.to(inputs.dtype) if inputs.is_floating_point() else grad
 
 
 def input_x_gradient(
-    model: nn.Module, inputs: Tensor, target: Target = None, *, output_transform: OutputTransform | None = None
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    *,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
 ) -> Tensor:
     """Input times gradient, elementwise (Shrikumar et al. 2016).
 
@@ -60,7 +72,7 @@ def input_x_gradient(
         >>> torch.allclose(input_x_gradient(linear, x, 0), x * linear.weight[0])
         True
     """
-    grad = gradient(model, inputs, target, output_transform=output_transform)
+    grad = gradient(model, inputs, target, output_transform=output_transform, task=task)
     return inputs * grad
 
 
@@ -81,6 +93,7 @@ def smoothgrad(
     generator: torch.Generator | None = None,
     internal_batch_size: int | None = None,
     output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
 ) -> Tensor:
     """SmoothGrad: the gradient averaged over noisy copies of the input (Smilkov et al. 2017).
 
@@ -98,6 +111,7 @@ def smoothgrad(
             to leave the global RNG untouched (the default draws from it).
         internal_batch_size: at most this many noisy inputs per forward pass.
         output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
 
     Returns:
         Averaged gradients, same shape as ``inputs``.
@@ -115,7 +129,7 @@ def smoothgrad(
     if not inputs.is_floating_point():
         inputs = inputs.float()  # integer pixels: add the noise in float
     batch = inputs.shape[0]
-    index = _fixed_target(model, inputs, target, output_transform)
+    index = _fixed_target(model, inputs, target, output_transform, task)
     flat = inputs.detach().reshape(batch, -1).float()
     value_range = (flat.max(dim=1).values - flat.min(dim=1).values).clamp_min(1e-12)
     std = (noise_level * value_range).reshape(batch, *([1] * (inputs.ndim - 1)))
@@ -128,7 +142,9 @@ def smoothgrad(
         work = torch.promote_types(inputs.dtype, torch.float32)  # add in float32 (float64 stays float64) ...
         noisy = (inputs.detach().unsqueeze(0).to(work) + noise.to(work)).to(inputs.dtype)  # ... the model's dtype
         noisy = noisy.reshape(copies * batch, *inputs.shape[1:])
-        grads = attribution_pass(model, noisy, index.repeat(copies), output_transform=output_transform).input_grad
+        grads = attribution_pass(
+            model, noisy, index.repeat(copies), output_transform=output_transform, task=task
+        ).input_grad
         assert grads is not None
         total += grads.reshape(copies, *inputs.shape).to(total.dtype).sum(dim=0)
         done += copies
@@ -183,6 +199,7 @@ def integrated_gradients(
     internal_batch_size: int | None = None,
     return_convergence_delta: bool = False,
     output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Integrated gradients along the straight path from a baseline (Sundararajan et al. 2017).
 
@@ -201,6 +218,7 @@ def integrated_gradients(
         return_convergence_delta: also return, per sample,
             ``sum(attributions) - (f(x) - f(baseline))``.
         output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
 
     Returns:
         Attributions shaped like ``inputs``; with ``return_convergence_delta``
@@ -216,7 +234,7 @@ def integrated_gradients(
     x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()  # integers: interpolate in float
     base = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     base = base.expand_as(x)
-    index = _fixed_target(model, inputs, target, output_transform)
+    index = _fixed_target(model, inputs, target, output_transform, task)
     nodes, weights = integration_points(n_steps, method)
     chunk = _chunk_copies(internal_batch_size, batch, n_steps)
     diff = x - base
@@ -226,7 +244,9 @@ def integrated_gradients(
         steps = alphas.numel()
         shape = (steps, *([1] * x.ndim))
         path = (base.unsqueeze(0) + alphas.reshape(shape) * diff.unsqueeze(0)).reshape(steps * batch, *x.shape[1:])
-        grads = attribution_pass(model, path, index.repeat(steps), output_transform=output_transform).input_grad
+        grads = attribution_pass(
+            model, path, index.repeat(steps), output_transform=output_transform, task=task
+        ).input_grad
         assert grads is not None
         w = weights[start : start + chunk].to(device=x.device, dtype=total.dtype).reshape(shape)
         total += (grads.reshape(steps, *x.shape).to(total.dtype) * w).sum(dim=0)
@@ -235,7 +255,7 @@ def integrated_gradients(
         return attributions
     with torch.no_grad():
         end_scores = _scores(model, torch.cat([x, base]), output_transform)
-    chosen = end_scores.gather(1, torch.cat([index, index])[:, None]).squeeze(1).double()
+    chosen = target_scores(end_scores, torch.cat([index, index]), task).double()
     delta = attributions.reshape(batch, -1).double().sum(dim=1) - (chosen[:batch] - chosen[batch:])
     return attributions, delta
 
@@ -259,10 +279,12 @@ def _scores(model: nn.Module, inputs: Tensor, output_transform: OutputTransform 
         return scores_from_output(model(inputs.detach().clone()), output_transform)
 
 
-def _fixed_target(model: nn.Module, inputs: Tensor, target: Target, output_transform: OutputTransform | None) -> Tensor:
+def _fixed_target(
+    model: nn.Module, inputs: Tensor, target: Target, output_transform: OutputTransform | None, task: str
+) -> Tensor:
     """Resolve the target once on the clean inputs so every perturbed copy explains the same class."""
     if target is None or isinstance(target, bool) or not isinstance(target, (int, Tensor)):
-        return resolve_target(target, _scores(model, inputs, output_transform))
+        return resolve_target(target, _scores(model, inputs, output_transform), task)
     if isinstance(target, int):
         return torch.full((inputs.shape[0],), target, dtype=torch.long, device=inputs.device)
     index = target.to(device=inputs.device, dtype=torch.long).reshape(-1)

@@ -75,6 +75,7 @@ def grad_cam(
     upsample: bool = True,
     reshape: TokenReshape | None = None,
     output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
 ) -> Tensor:
     """Grad-CAM heatmap of ``layer`` for the target class.
 
@@ -87,6 +88,7 @@ def grad_cam(
         upsample: resize to the input's (H, W) bilinearly (align_corners=False).
         reshape: turns token outputs (B, N, C) into (B, C, h, w).
         output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
 
     Returns:
         (B, H, W) float32 map (or (B, h, w) without ``upsample``), not normalised.
@@ -100,7 +102,7 @@ def grad_cam(
     if layer is None:
         layer = find_target_layer(model, inputs, reshape=reshape)
     result = attribution_pass(
-        model, inputs, target, layers=[layer], input_gradient=False, output_transform=output_transform
+        model, inputs, target, layers=[layer], input_gradient=False, output_transform=output_transform, task=task
     )
     size = inputs.shape[-2:] if upsample else None
     return cam_from_activation(

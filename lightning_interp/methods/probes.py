@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PROBE_SOLVERS", "ProbeResult", "linear_probe_accuracy", "stratified_split"]
+__all__ = [
+    "PROBE_SOLVERS",
+    "ProbeResult",
+    "RegressionProbeResult",
+    "linear_probe_accuracy",
+    "linear_probe_r2",
+    "multilabel_probe_accuracy",
+    "stratified_split",
+]
 
 PROBE_SOLVERS = ("logistic", "ridge")
 
@@ -131,9 +139,9 @@ def _fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int
     return weight.T, bias
 
 
-def _fit_ridge(x: Tensor, y: Tensor, n_classes: int, l2: float) -> tuple[Tensor, Tensor]:
-    """Ridge regression on centred one-hot targets, mean squared error / 2 + l2 / 2 ||W||^2, in closed form."""
-    targets = F.one_hot(y, n_classes).to(x.dtype)
+def _fit_ridge(x: Tensor, targets: Tensor, l2: float) -> tuple[Tensor, Tensor]:
+    """Ridge regression on centred (n, k) targets, mean squared error / 2 + l2 / 2 ||W||^2, in closed form."""
+    targets = targets.to(x.dtype)
     bias = targets.mean(dim=0)
     targets = targets - bias
     n, d = x.shape
@@ -227,27 +235,15 @@ def linear_probe_accuracy(
 
     dtype = torch.float64 if (solver == "ridge" or features.dtype == torch.float64) else torch.float32
     with torch.inference_mode(False):
-        flat = features.detach().reshape(features.shape[0], -1)
-        device = flat.device
+        device = features.device
         targets = targets.clone().to(device)
         train_idx, test_idx = train_idx.clone().to(device), test_idx.clone().to(device)
-        x_train, x_test = flat[train_idx].to(dtype), flat[test_idx].to(dtype)  # new tensors: safe to edit in place
-        if not all(_finite(part) for part in (x_train, x_test)):
-            raise ValueError("features contain NaN or infinite values.")
-        # standardise with the training part's mean and population std; the column reductions are written
-        # out because Tensor.std(dim=0) is ~10x slower on CPU than a centred sum of squares
-        mean = x_train.mean(dim=0)
-        x_train -= mean
-        x_test -= mean
-        std = x_train.square().mean(dim=0).sqrt_()
-        std = torch.where(std > 0, std, torch.ones_like(std))
-        x_train /= std
-        x_test /= std
+        x_train, x_test = _standardised(features, train_idx, test_idx, dtype)
         y_train, y_test = targets[train_idx], targets[test_idx]
         if solver == "logistic":
             weight, bias = _fit_logistic(x_train, y_train, n_classes, l2, max_iter)
         else:
-            weight, bias = _fit_ridge(x_train, y_train, n_classes, l2)
+            weight, bias = _fit_ridge(x_train, F.one_hot(y_train, n_classes), l2)
         train_correct = ((x_train @ weight + bias).argmax(dim=1) == y_train).sum().item()
         test_correct = ((x_test @ weight + bias).argmax(dim=1) == y_test).sum().item()
     n_train, n_test = train_idx.numel(), test_idx.numel()
@@ -257,4 +253,156 @@ def linear_probe_accuracy(
         n_train=n_train,
         n_test=n_test,
         n_classes=n_classes,
+    )
+
+
+@dataclass(frozen=True)
+class RegressionProbeResult:
+    """Outcome of one linear regression probe.
+
+    Attributes:
+        r2: coefficient of determination on the held-out part (1 is perfect, 0 is as good as predicting the
+            held-out mean; scikit-learn's ``r2_score``).
+        train_r2: the same on the training part.
+        n_train: number of training samples.
+        n_test: number of held-out samples.
+    """
+
+    r2: float
+    train_r2: float
+    n_train: int
+    n_test: int
+
+
+def _standardised(features: Tensor, train_idx: Tensor, test_idx: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The training and held-out rows, standardised with the training part's mean and population std (the column
+    reductions are written out: ``Tensor.std(dim=0)`` is ~10x slower on CPU than a centred sum of squares)."""
+    flat = features.detach().reshape(features.shape[0], -1)
+    x_train, x_test = flat[train_idx].to(dtype), flat[test_idx].to(dtype)  # new tensors: safe to edit in place
+    if not all(_finite(part) for part in (x_train, x_test)):
+        raise ValueError("features contain NaN or infinite values.")
+    mean = x_train.mean(dim=0)
+    x_train -= mean
+    x_test -= mean
+    std = x_train.square().mean(dim=0).sqrt_()
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return x_train / std, x_test / std
+
+
+def linear_probe_r2(
+    features: Tensor, values: Tensor, *, test_fraction: float = 0.5, l2: float = 1e-3, seed: int = 0
+) -> RegressionProbeResult:
+    """Held-out R² of ridge regression reading regression targets from the features.
+
+    The samples, sorted by their (first) target value, are cut into groups of
+    ``round(1 / test_fraction)`` neighbours, and each group gives one held-out
+    sample (chosen by a private generator seeded with ``seed``), so both parts
+    cover the targets' range.
+    Features are standardised with the training part's statistics; the ridge
+    fit is the closed form of :func:`linear_probe_accuracy`'s ``"ridge"``
+    solver (float64). R² is averaged over the target columns.
+
+    Args:
+        features: (n, ...) features, flattened to (n, d); any device.
+        values: (n,) or (n, k) real targets.
+        test_fraction: share of the samples held out, in (0, 1).
+        l2: penalty strength, >= 0.
+        seed: seed of the split's private generator.
+
+    Example:
+        >>> x = torch.linspace(-1, 1, 20)[:, None]
+        >>> round(linear_probe_r2(x, 3 * x[:, 0] + 1).r2, 4)
+        1.0
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
+    if not l2 >= 0 or math.isinf(l2):
+        raise ValueError(f"l2 must be a finite number >= 0, got {l2}.")
+    n = features.shape[0] if features.ndim else 0
+    if n < 4 or values.shape[0] != n or values.ndim not in (1, 2):
+        raise ValueError(
+            f"Need (n, ...) features with n >= 4 and (n,) or (n, k) targets, got {tuple(features.shape)} and "
+            f"{tuple(values.shape)}."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.argsort(values.detach().cpu().reshape(n, -1)[:, 0].double(), stable=True)
+    group = max(2, round(1 / test_fraction))
+    held = torch.zeros(n, dtype=torch.bool)
+    for start in range(0, n - 1, group):
+        members = order[start : start + group]
+        if members.numel() >= 2:
+            held[members[int(torch.randint(members.numel(), (1,), generator=generator))]] = True
+    train_idx, test_idx = torch.nonzero(~held).flatten(), torch.nonzero(held).flatten()
+    with torch.inference_mode(False):
+        device = features.device
+        train_idx, test_idx = train_idx.to(device), test_idx.to(device)
+        x_train, x_test = _standardised(features, train_idx, test_idx, torch.float64)
+        targets = values.detach().to(device, torch.float64).reshape(n, -1)
+        y_train, y_test = targets[train_idx], targets[test_idx]
+        weight, bias = _fit_ridge(x_train, y_train, l2)
+        scores = [_r2(x @ weight + bias, y) for x, y in ((x_train, y_train), (x_test, y_test))]
+    train_r2, r2 = torch.stack(scores).tolist()
+    return RegressionProbeResult(r2=r2, train_r2=train_r2, n_train=train_idx.numel(), n_test=test_idx.numel())
+
+
+def _r2(predicted: Tensor, actual: Tensor) -> Tensor:
+    """Mean over columns of 1 - SS_res / SS_tot (scikit-learn's ``r2_score``; constant columns skipped)."""
+    residual = (actual - predicted).square().sum(dim=0)
+    total = (actual - actual.mean(dim=0)).square().sum(dim=0)
+    valid = total > 0
+    per_column = torch.where(valid, 1 - residual / total.clamp_min(1e-300), torch.zeros_like(total))
+    return per_column.sum() / valid.sum().clamp_min(1)
+
+
+def multilabel_probe_accuracy(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    test_fraction: float = 0.5,
+    solver: str = "logistic",
+    l2: float = 1e-3,
+    seed: int = 0,
+    max_iter: int = 100,
+) -> ProbeResult:
+    """Mean held-out accuracy of one binary probe per label of multi-hot (n, k) labels.
+
+    Each label column with at least two samples of each value gets its own
+    :func:`linear_probe_accuracy` probe (its own stratified split); the
+    accuracies are averaged over those labels (``n_classes`` counts them).
+    Labels present in every sample or in fewer than two are skipped.
+
+    Example:
+        >>> x = torch.linspace(-1, 1, 20)[:, None]
+        >>> labels = torch.stack([(x[:, 0] > 0), (x[:, 0] > 0.5)], dim=1).long()
+        >>> result = multilabel_probe_accuracy(x, labels)
+        >>> result.n_classes, result.accuracy >= 0.9
+        (2, True)
+    """
+    if labels.ndim != 2 or labels.shape[0] != features.shape[0]:
+        raise ValueError(f"labels must have shape ({features.shape[0]}, k), got {tuple(labels.shape)}.")
+    counts = (labels != 0).sum(dim=0)
+    usable = [k for k in range(labels.shape[1]) if 2 <= int(counts[k]) <= labels.shape[0] - 2]
+    if not usable:
+        raise ValueError(
+            "No label has at least two positive and two negative samples among the probe samples, so no binary "
+            "probe can be fit and tested; draw more samples."
+        )
+    results = [
+        linear_probe_accuracy(
+            features,
+            (labels[:, k] != 0).long(),
+            test_fraction=test_fraction,
+            solver=solver,
+            l2=l2,
+            seed=seed,
+            max_iter=max_iter,
+        )
+        for k in usable
+    ]
+    return ProbeResult(
+        accuracy=sum(r.accuracy for r in results) / len(results),
+        train_accuracy=sum(r.train_accuracy for r in results) / len(results),
+        n_train=results[0].n_train,
+        n_test=results[0].n_test,
+        n_classes=len(results),
     )

@@ -28,12 +28,14 @@ import torch
 from torch import Tensor
 
 from lightning_interp.methods.map_metrics import ranks
+from lightning_interp.methods.tasks import label_kind
 
 __all__ = [
     "MinibatchCKA",
     "center_gram",
     "cka_matrix",
     "gram_dtype_for",
+    "label_rdm",
     "linear_cka",
     "normalized_grams",
     "rbf_cka",
@@ -562,6 +564,30 @@ class MinibatchCKA:
         if self.hsic_sum is None or self.names is None:
             raise RuntimeError("MinibatchCKA.compute() called before any update().")
         return _normalise_matrix(self.hsic_sum / self.num_batches, self.names)
+
+
+def label_rdm(labels: Tensor) -> Tensor:
+    """The dissimilarity of the samples' labels, (n, n) float64 with a zero diagonal: the model RDM's ideal.
+
+    Class indices (and one-hot rows): 0 within a class, 1 across. Multi-hot
+    rows: the Jaccard distance of the label sets (1 - shared / either; 0 for
+    two samples without any label). Real-valued targets: the Euclidean distance.
+
+    Example:
+        >>> label_rdm(torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 0]])).tolist()
+        [[0.0, 0.5, 1.0], [0.5, 0.0, 1.0], [1.0, 1.0, 0.0]]
+    """
+    kind = label_kind(labels)
+    if kind in ("class", "one_hot"):
+        index = labels.argmax(dim=1) if kind == "one_hot" else labels.round().long()
+        return (index[:, None] != index[None, :]).double()
+    values = labels.double().reshape(labels.shape[0], -1)
+    if kind == "multi_hot":
+        positive = (values != 0).double()
+        shared = positive @ positive.T
+        either = positive.sum(dim=1)[:, None] + positive.sum(dim=1)[None, :] - shared
+        return torch.where(either > 0, 1 - shared / either.clamp_min(1), torch.zeros_like(shared))
+    return torch.cdist(values, values)
 
 
 def rdm(x: Tensor, *, metric: str = "correlation") -> Tensor:

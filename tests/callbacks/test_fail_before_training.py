@@ -69,13 +69,13 @@ def _conv_net(outputs: int = 4) -> nn.Sequential:
 def test_label_target_on_a_single_logit_model(tmp_path):
     model = Classifier(_conv_net(outputs=1))
     _fails_before_training(
-        tmp_path, model, SaliencyCallback(target="label"), _images(classes=2), message=r"1 class score"
+        tmp_path, model, SaliencyCallback(target="label"), _images(classes=3), message=r"one score per class"
     )
 
 
 def test_probe_labels_beyond_the_models_classes(tmp_path):
     model = Classifier(_conv_net(outputs=4))
-    _fails_before_training(tmp_path, model, GradCAMCallback(target="label"), _images(classes=6), message="go up to 5")
+    _fails_before_training(tmp_path, model, GradCAMCallback(target="label"), _images(classes=6), message="from 0 to 5")
 
 
 @pytest.mark.parametrize(

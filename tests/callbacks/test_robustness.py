@@ -80,7 +80,7 @@ def test_several_outputs_need_output_transform_and_say_so_at_setup(tmp_path):
 
 def test_fixed_target_beyond_the_classes_fails_at_setup(tmp_path):
     trainer = quiet_trainer(tmp_path, callbacks=[GradCAMCallback(target=9)], logger=False)
-    with pytest.raises(ValueError, match="4 classes"):
+    with pytest.raises(ValueError, match="4 classes: 0 to 3"):
         trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
 
 
