@@ -7,6 +7,7 @@ live here, the schedule and probe handling in :class:`InterpCallback`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,6 +278,16 @@ class MapCallback(InterpCallback):
                 )
         step = trainer.global_step
         scalars = dict(zip(scores, numbers[2 * len(maps) :], strict=True))
+        for key, (finite, nonzero) in zip(maps, checks, strict=True):
+            warned = f"{key} (no positive part)"
+            value = scalars.get(f"interp/{self.name}/{key}/concentration", 0.0)
+            if finite and nonzero and key in result.signed and math.isnan(value) and warned not in self._warned_zero:
+                self._warned_zero.add(warned)
+                rank_zero_warn(
+                    f"{type(self).__name__}: the signed maps of {key!r} are negative or zero everywhere in every probe "
+                    f"sample at epoch {trainer.current_epoch}; concentration and localization read the positive part "
+                    "(the evidence for the target), so they are logged as NaN while this lasts (warned once per run)."
+                )
         scalars.update({f"interp/{self.name}/{k}": v for k, v in result.scalars.items()})
         shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
         picture = _GridData(

@@ -11,7 +11,13 @@ from torch import Tensor
 from lightning_interp.callbacks._base import parse_layer_names
 from lightning_interp.callbacks._maps import Explanation, MapCallback
 from lightning_interp.methods._core import attribution_pass, get_module
-from lightning_interp.methods.gradcam import TokenReshape, cam_from_activation, spatial_layers
+from lightning_interp.methods.gradcam import (
+    TokenReshape,
+    cam_from_activation,
+    find_target_layer,
+    spatial_layers,
+    token_grids,
+)
 from lightning_interp.probe import ProbeSet
 
 
@@ -30,11 +36,15 @@ class GradCAMCallback(MapCallback):
 
     Args:
         layer: ``"auto"`` (the last module whose output still has spatial
-            extent, found by a dry forward), a dotted module name such as
-            ``"features.6"``, or a list of names.
+            extent, found by a dry forward; for a vision transformer the last
+            one whose patch tokens get a gradient, e.g. the last block's first
+            norm), a dotted module name such as ``"features.6"``, or a list of
+            names.
         relu: keep only positive evidence, as in the paper.
         reshape: turns token outputs (B, N, C) of a vision transformer into
-            (B, C, h, w).
+            (B, C, h, w). Not needed for torchvision's and timm's layouts
+            (class, distillation and register tokens before a patch grid),
+            which are read from the model.
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: shared options of :class:`~lightning_interp.callbacks._base.MapCallback`
             (``num_samples``, ``every_n_epochs``, ``target``, ``probe``, ...).
@@ -58,6 +68,8 @@ class GradCAMCallback(MapCallback):
         self.auto = not self.layers
         self.relu = relu
         self.reshape = reshape
+        self._reshapes: dict[str, TokenReshape | None] = {}  # per layer: ``reshape``, or its known token layout
+        self._tokens: dict[str, bool] = {}  # per layer: whether its output is tokens (B, N, C)
 
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
@@ -71,9 +83,13 @@ class GradCAMCallback(MapCallback):
             if self.relu
             else "the layer's activations or their gradients are zero"
         )
+        if not self._tokens.get(key, False):
+            return f"{cause}."
         return (
-            f"{cause}; or the layer's outputs get no gradient at all (in a vision transformer only the class token "
-            "reaches the head after the last block: choose a layer inside a block, e.g. its first norm)."
+            f"{cause}; or the layer's patch tokens get no gradient at all (in a vision transformer whose head reads "
+            "the class token, no patch token after the last block's attention reaches the score: choose the last "
+            "block's first norm, which layer='auto' picks). A head initialised to zero (torchvision's ViT) gives "
+            "zero maps until training moves it."
         )
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
@@ -82,8 +98,10 @@ class GradCAMCallback(MapCallback):
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         super()._prepare(trainer, pl_module, probe)
-        trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
+        example = self._example_input(pl_module, probe)
+        trace = self._trace(trainer, pl_module, example)
         found = dict(spatial_layers(pl_module, None, reshape=self.reshape, trace=trace))
+        grids = token_grids(trace)
         if self.auto:
             if not found:
                 raise ValueError(
@@ -92,15 +110,27 @@ class GradCAMCallback(MapCallback):
                     "(batch, channels, h, w) layer with h or w > 1: name one with layer='...', pass reshape=... for "
                     "token outputs, or use SaliencyCallback instead."
                 )
-            self.layers = [list(found)[-1]]
-            return
+            two = self._device_inputs(trainer, pl_module, probe.inputs[:2]).to(example.dtype)
+            self.layers = [
+                find_target_layer(
+                    pl_module,
+                    two,
+                    reshape=self.reshape,
+                    trace=trace,
+                    output_transform=self.output_transform,
+                    task=self.output_task,
+                )
+            ]
         for name in self.layers:
             if name not in found:
                 raise ValueError(
                     f"GradCAMCallback cannot use layer {name!r}: its output is not a (batch, channels, h, w) map "
-                    "with spatial extent, or the module runs more than once per forward pass. Layers that "
-                    f"qualify (deepest last): {', '.join(list(found)[-6:]) or 'none'}."
+                    "with spatial extent (nor vision-transformer tokens of a known layout; pass reshape=... for "
+                    "others), or the module runs more than once per forward pass. Layers that qualify (deepest "
+                    f"last): {', '.join(list(found)[-6:]) or 'none'}."
                 )
+        self._tokens = {name: len(trace.shapes[name]) == 3 for name in self.layers}
+        self._reshapes = {name: self.reshape or grids.get(name) for name in self.layers}
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         result = attribution_pass(
@@ -114,7 +144,9 @@ class GradCAMCallback(MapCallback):
         )
         size = inputs.shape[-2:]
         maps = {
-            name: cam_from_activation(act, grad, relu=self.relu, output_size=size, reshape=self.reshape)
+            name: cam_from_activation(
+                act, grad, relu=self.relu, output_size=size, reshape=self._reshapes.get(name, self.reshape)
+            )
             for name, act, grad in zip(self.layers, result.activations, result.activation_grads, strict=False)
         }
         signed = set() if self.relu else set(maps)

@@ -232,9 +232,10 @@ def test_token_model_with_reshape_is_accepted_and_matches_manual_cam():
     torch.manual_seed(0)
     vit = _TinyViT()
     x = torch.randn(2, 3, 16, 16)
-    # without reshape only the patch embedding is spatial; with it the token layers count too
-    assert find_target_layer(vit, x) == "patch"
+    # the token layout (one class token before a 4 x 4 patch grid) is read from the model; a reshape gives the same
+    assert find_target_layer(vit, x) == "norm"
     assert find_target_layer(vit, x, reshape=_tokens_to_grid) == "norm"
+    torch.testing.assert_close(grad_cam(vit, x, 1, "norm"), grad_cam(vit, x, 1, "norm", reshape=_tokens_to_grid))
 
     cam = grad_cam(vit, x, 1, None, reshape=_tokens_to_grid, relu=False, upsample=False)
     assert cam.shape == (2, 4, 4)
@@ -320,3 +321,105 @@ def test_an_in_place_relu_after_the_layer_does_not_change_its_map():
     with torch.no_grad():
         activation = out_of_place[1](out_of_place[0](x))
     assert (activation < 0).float().mean() > 0.2, "the ReLU changes the activation a lot, so a wrong capture shows"
+
+
+def _vit(**options):
+    from torchvision.models import VisionTransformer
+
+    settings = {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
+    settings.update(options)
+    return VisionTransformer(num_classes=4, **settings).eval()
+
+
+def _normalise_like_pytorch_grad_cam(cam: torch.Tensor, size) -> torch.Tensor:
+    """pytorch-grad-cam's (c - min) / (1e-7 + max) per map, before and after its bilinear resize."""
+
+    def minmax(c):
+        flat = c.reshape(c.shape[0], -1)
+        flat = flat - flat.min(dim=1, keepdim=True).values
+        return (flat / (1e-7 + flat.max(dim=1, keepdim=True).values)).reshape(c.shape)
+
+    resized = torch.nn.functional.interpolate(minmax(cam)[:, None], size=size, mode="bilinear", align_corners=False)
+    return minmax(resized[:, 0])
+
+
+def test_torchvision_vit_auto_layer_is_the_last_blocks_first_norm_even_with_its_zero_head():
+    torch.manual_seed(0)
+    vit = _vit(num_layers=3)
+    assert float(vit.heads.head.weight.abs().sum()) == 0  # torchvision initialises the head to zero
+    x = torch.randn(2, 3, 32, 32)
+    assert find_target_layer(vit, x) == "encoder.layers.encoder_layer_2.ln_1"
+    with torch.no_grad():
+        vit.heads.head.weight.normal_()
+    assert find_target_layer(vit, x) == "encoder.layers.encoder_layer_2.ln_1"
+    # after the last block's attention, patch tokens reach nothing: exactly zero maps, the reason 'auto' avoids them
+    for late in ("encoder.layers.encoder_layer_2", "encoder.ln"):
+        assert float(grad_cam(vit, x, 0, late, relu=False).abs().max()) == 0.0
+    assert float(grad_cam(vit, x, 0).abs().max()) > 0
+
+
+def test_torchvision_vit_grad_cam_matches_pytorch_grad_cam_with_its_reshape_transform():
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    targets_module = pytest.importorskip("pytorch_grad_cam.utils.model_targets")
+    torch.manual_seed(1)
+    vit = _vit(image_size=48, patch_size=8)
+    with torch.no_grad():
+        vit.heads.head.weight.normal_()
+    x = torch.randn(3, 3, 48, 48)
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    target = torch.tensor([0, 2, 3])
+
+    def reshape_transform(tokens):  # pytorch-grad-cam's documented ViT recipe: drop the class token, 6 x 6 grid
+        return tokens[:, 1:, :].reshape(tokens.shape[0], 6, 6, tokens.shape[2]).permute(0, 3, 1, 2)
+
+    ours = _normalise_like_pytorch_grad_cam(grad_cam(vit, x, target, layer, upsample=False), (48, 48))
+    module = dict(vit.named_modules())[layer]
+    with pgc.GradCAM(model=vit, target_layers=[module], reshape_transform=reshape_transform) as cam:
+        theirs = cam(input_tensor=x, targets=[targets_module.ClassifierOutputTarget(int(t)) for t in target])
+    torch.testing.assert_close(ours, torch.from_numpy(theirs).float(), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "prefix", "layer"),
+    [
+        ({}, 1, "blocks.1.norm1"),
+        ({"reg_tokens": 4}, 5, "blocks.1.norm1"),
+        ({"class_token": False, "global_pool": "avg"}, 0, "blocks"),
+        ({"global_pool": "avg"}, 1, "blocks"),
+        ({"img_size": (32, 48)}, 1, "blocks.1.norm1"),
+    ],
+    ids=["class-token", "registers", "no-class-token", "avg-pool", "non-square"],
+)
+def test_timm_vit_token_layouts_and_auto_layer(options, prefix, layer):
+    timm = pytest.importorskip("timm")
+    from lightning_interp.methods.gradcam import TokenGrid, token_grids
+    from lightning_interp.methods.trace import trace_model
+
+    settings = {"pretrained": False, "img_size": 32, "patch_size": 8, "num_classes": 4, "depth": 2}
+    settings.update(options)
+    torch.manual_seed(2)
+    model = timm.create_model("vit_tiny_patch16_224", **settings).eval()
+    height, width = (settings["img_size"],) * 2 if isinstance(settings["img_size"], int) else settings["img_size"]
+    x = torch.randn(2, 3, height, width)
+    grids = token_grids(trace_model(model, x))
+    assert grids["blocks.0"] == TokenGrid(prefix, height // 8, width // 8)
+    assert find_target_layer(model, x) == layer
+    cam = grad_cam(model, x, None, layer, relu=False, upsample=False)
+    # reference: the patch tokens of the captured output and its gradient, reshaped by hand
+    captured = {}
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out))
+    try:
+        scores = model(x)
+    finally:
+        handle.remove()
+    target = scores.argmax(dim=1)
+    (grad,) = torch.autograd.grad(scores.gather(1, target[:, None]).sum(), captured["out"])
+
+    def by_hand(tokens):
+        return tokens[:, prefix:].reshape(2, height // 8, width // 8, -1).permute(0, 3, 1, 2)
+
+    activation, grad = by_hand(captured["out"].detach()), by_hand(grad)
+    expected = (grad.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
+    torch.testing.assert_close(cam, expected, rtol=1e-4, atol=1e-6)
+    assert float(cam.abs().max()) > 0
