@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -293,6 +293,11 @@ class InterpCallback(Callback):
     def _get_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Check the model, prepare, and try the computation on two samples: every mistake surfaces now."""
         self._check_model(pl_module)  # again: a model built in configure_model() has its layers only now
+        context = active_context(trainer)
+        if _is_compiled(pl_module) and (context is None or "compiled" not in context.notes):
+            if context is not None:
+                context.notes.add("compiled")
+            rank_zero_info(_COMPILED_NOTE)
         self._prepare(trainer, pl_module, probe)
         try:
             self._trial(trainer, pl_module, probe)
@@ -479,6 +484,20 @@ class InterpCallback(Callback):
         moved = host.to(device, non_blocking=host.is_pinned())
         plugin = getattr(trainer, "precision_plugin", None)
         return plugin.convert_input(moved) if plugin is not None else moved
+
+
+_COMPILED_NOTE = (
+    "lightning-interp: the model is compiled with torch.compile; its explanations and features are computed by "
+    "running the same modules and weights eagerly (torch.compiler.set_stance('force_eager')), because hooks added "
+    "after compilation never fire in a compiled graph. Training itself stays compiled."
+)
+
+
+def _is_compiled(pl_module: nn.Module) -> bool:
+    """Whether the module, or one of its sub-modules, runs through torch.compile."""
+    if getattr(pl_module, "_compiler_ctx", None):  # Lightning's unwrapped torch.compile(lightning_module)
+        return True
+    return any(type(module).__name__ == "OptimizedModule" for module in pl_module.modules())
 
 
 def _builds_in_configure_model(pl_module: pl.LightningModule) -> bool:

@@ -45,6 +45,7 @@ class RunContext:
         traces: (model id, input shape, dtype, device) -> the model's trace.
         pinned: probe-input tensor id -> its pinned host copy.
         timings: one-time cost name -> seconds spent (for the benchmark).
+        notes: the one-time messages already given in this run.
     """
 
     worker: DrawingWorker = field(default_factory=DrawingWorker)
@@ -58,6 +59,7 @@ class RunContext:
     traces: dict[tuple, ModelTrace] = field(default_factory=dict)
     pinned: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    notes: set[str] = field(default_factory=set)
 
     def collect(self, key: tuple, batch: ParsedBatch, wanted: int) -> None:
         """Keep a validation batch of a stream (once per batch, whichever callback sees it first)."""

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
 from lightning_interp.callbacks._context import active_context
-from lightning_interp.methods._core import get_module
+from lightning_interp.methods._core import get_module, module_name
 from lightning_interp.methods.features import (
     auto_layers,
     capture_features,
@@ -80,15 +80,16 @@ class RepresentationCallback(InterpCallback):
         self._chunk = forward_chunk_size(trace, pl_module.device)
         if self.auto and not self.layers:
             self.layers = auto_layers(pl_module, None, max_layers=self.max_layers, trace=trace)
-        for name in self.layers:
+        for layer in self.layers:
+            name = module_name(pl_module, layer) or layer  # a compiled sub-module's layers run under '_orig_mod'
             if name not in trace.calls:
                 raise ValueError(
-                    f"{type(self).__name__}: layer {name!r} does not run in a forward pass of the model on its probe "
+                    f"{type(self).__name__}: layer {layer!r} does not run in a forward pass of the model on its probe "
                     "inputs, so it has no output to read. Name a module that forward() calls."
                 )
             if name not in trace.shapes:
                 raise ValueError(
-                    f"{type(self).__name__}: layer {name!r} returns no tensor (an nn.MultiheadAttention returns an "
+                    f"{type(self).__name__}: layer {layer!r} returns no tensor (an nn.MultiheadAttention returns an "
                     "(output, weights) tuple, for instance), so there is no representation to read. Name a module "
                     "that returns a tensor: the block that contains it, or the layer after it (e.g. its norm)."
                 )

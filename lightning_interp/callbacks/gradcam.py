@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_interp.callbacks._base import parse_layer_names
 from lightning_interp.callbacks._maps import Explanation, MapCallback
-from lightning_interp.methods._core import attribution_pass, get_module
+from lightning_interp.methods._core import attribution_pass, get_module, module_name
 from lightning_interp.methods.gradcam import (
     TokenReshape,
     cam_from_activation,
@@ -121,16 +121,17 @@ class GradCAMCallback(MapCallback):
                     task=self.output_task,
                 )
             ]
+        real = {name: module_name(pl_module, name) or name for name in self.layers}  # compiled: under '_orig_mod'
         for name in self.layers:
-            if name not in found:
+            if real[name] not in found:
                 raise ValueError(
                     f"GradCAMCallback cannot use layer {name!r}: its output is not a (batch, channels, h, w) map "
                     "with spatial extent (nor vision-transformer tokens of a known layout; pass reshape=... for "
                     "others), or the module runs more than once per forward pass. Layers that qualify (deepest "
                     f"last): {', '.join(list(found)[-6:]) or 'none'}."
                 )
-        self._tokens = {name: len(trace.shapes[name]) == 3 for name in self.layers}
-        self._reshapes = {name: self.reshape or grids.get(name) for name in self.layers}
+        self._tokens = {name: len(trace.shapes[real[name]]) == 3 for name in self.layers}
+        self._reshapes = {name: self.reshape or grids.get(real[name]) for name in self.layers}
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         result = attribution_pass(

@@ -61,6 +61,24 @@ def modes_preserved(model: nn.Module, *, eval_mode: bool = True) -> Iterator[Non
 
 
 @contextlib.contextmanager
+def eager_forward() -> Iterator[None]:
+    """Run ``torch.compile``d modules eagerly inside the block: the same weights through the original code.
+
+    Forward hooks registered after a module's first compiled call never fire in
+    its compiled graph, so layer captures (Grad-CAM, features) would see
+    nothing; ``torch.compiler.set_stance("force_eager")`` runs the original
+    Python code instead (no recompilation, no change to the compiled cache). A
+    no-op on torch versions without it (before 2.6) and inside a compiled region.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or torch.compiler.is_compiling():
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+@contextlib.contextmanager
 def gradients_enabled() -> Iterator[None]:
     """Enable autograd even inside ``torch.no_grad()`` or ``inference_mode()``.
 
@@ -80,6 +98,24 @@ def as_leaf(inputs: Tensor) -> Tensor:
     return x.requires_grad_(True)
 
 
+def module_name(model: nn.Module, layer: str) -> str | None:
+    """The dotted name in ``model.named_modules()`` of the sub-module ``layer`` names, or None.
+
+    The names of a ``torch.compile``d sub-module's layers run through its
+    ``_orig_mod``; the name without it (the one the user wrote) is accepted too.
+
+    Example:
+        >>> net = nn.Sequential(torch.compile(nn.Sequential(nn.Linear(2, 2))))
+        >>> module_name(net, "0.0")
+        '0._orig_mod.0'
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    if layer in names:
+        return layer
+    plain = {name.replace("._orig_mod", "").replace("_orig_mod.", ""): name for name in names}
+    return plain.get(layer)
+
+
 def get_module(model: nn.Module, layer: nn.Module | str) -> nn.Module:
     """Return ``layer`` itself or the sub-module of ``model`` with that dotted name.
 
@@ -95,8 +131,9 @@ def get_module(model: nn.Module, layer: nn.Module | str) -> nn.Module:
             f"A layer must be an nn.Module or a dotted name such as 'features.3', got {type(layer).__name__}."
         )
     modules = dict(model.named_modules())
-    if layer in modules and layer != "":
-        return modules[layer]
+    real = module_name(model, layer)
+    if real is not None:
+        return modules[real]
     names = [name for name in modules if name]
     close = difflib.get_close_matches(layer, names, n=5, cutoff=0.4)
     hint = f" Closest names: {', '.join(repr(n) for n in close)}." if close else ""
@@ -261,7 +298,7 @@ def attribution_pass(
         (torch.Size([4, 1, 6, 6]), torch.Size([4, 2, 4, 4]))
     """
     modules = [get_module(model, layer) for layer in layers]
-    with modes_preserved(model, eval_mode=eval_mode), gradients_enabled():
+    with modes_preserved(model, eval_mode=eval_mode), eager_forward(), gradients_enabled():
         # The input is a leaf that requires grad even when only layer gradients are wanted, so that
         # layers after frozen parts of the network (or a fully frozen network) still get gradients.
         x = as_leaf(inputs) if input_gradient or inputs.is_floating_point() else inputs.detach().clone()

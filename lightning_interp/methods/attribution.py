@@ -16,6 +16,7 @@ from lightning_interp.methods._core import (
     OutputTransform,
     Target,
     attribution_pass,
+    eager_forward,
     modes_preserved,
     resolve_target,
     scores_from_output,
@@ -275,7 +276,7 @@ def _chunk_copies(internal_batch_size: int | None, batch: int, copies: int) -> i
 
 
 def _scores(model: nn.Module, inputs: Tensor, output_transform: OutputTransform | None) -> Tensor:
-    with modes_preserved(model), torch.inference_mode(False), torch.no_grad():
+    with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
         return scores_from_output(model(inputs.detach().clone()), output_transform)
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import get_module, modes_preserved
+from lightning_interp.methods._core import eager_forward, get_module, modes_preserved
 from lightning_interp.methods.trace import ModelTrace, trace_model
 
 __all__ = ["auto_layers", "capture_features", "capture_pooled_features", "forward_chunk_size", "pool_features"]
@@ -165,7 +165,7 @@ def capture_pooled_features(
 
         return hook
 
-    with modes_preserved(model, eval_mode=eval_mode), torch.inference_mode(False):
+    with modes_preserved(model, eval_mode=eval_mode), eager_forward(), torch.inference_mode(False):
         try:
             for name, module in zip(names, found, strict=True):
                 handles.append(module.register_forward_hook(make_hook(name)))

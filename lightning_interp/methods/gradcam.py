@@ -16,6 +16,7 @@ from lightning_interp.methods._core import (
     as_leaf,
     attribution_pass,
     captured_outputs,
+    eager_forward,
     get_module,
     gradients_enabled,
     modes_preserved,
@@ -304,7 +305,7 @@ def layers_with_patch_gradient(
     """
     names = list(layers)
     modules = [get_module(model, name) for name in names]
-    with modes_preserved(model), gradients_enabled(), _head_inputs(model) as heads:
+    with modes_preserved(model), eager_forward(), gradients_enabled(), _head_inputs(model) as heads:
         x = as_leaf(inputs) if inputs.is_floating_point() else inputs.detach().clone()
         with captured_outputs(modules) as outputs:
             output = model(x)

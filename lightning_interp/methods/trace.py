@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import modes_preserved
+from lightning_interp.methods._core import eager_forward, modes_preserved
 
 __all__ = ["ModelTrace", "trace_model"]
 
@@ -78,7 +78,7 @@ def trace_model(model: nn.Module, example_input: Tensor) -> ModelTrace:
     try:
         for module in names:
             handles.append(module.register_forward_hook(hook))
-        with modes_preserved(model), torch.inference_mode(False), torch.no_grad():
+        with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
             trace.output = model(example_input[:1].detach().clone())  # no_grad: nothing to detach
     finally:
         for handle in handles:
