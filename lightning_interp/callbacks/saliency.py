@@ -69,7 +69,7 @@ class SaliencyCallback(MapCallback):
 
     def __init__(
         self,
-        methods: Sequence[str] = ("gradient", "integrated_gradients"),
+        methods: str | Sequence[str] = ("gradient", "integrated_gradients"),
         *,
         channel_reduction: str = "abs_sum",
         smoothgrad_samples: int = 16,

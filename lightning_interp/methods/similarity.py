@@ -208,27 +208,27 @@ def _median(values: Tensor) -> Tensor:
 
 def _rbf_gram(features: Tensor, sigma: float, name: str) -> Tensor | None:
     squared = _squared_distances(_centre(_flatten64(features, name)))
-    n = squared.shape[0]
-    upper = torch.triu_indices(n, n, offset=1, device=squared.device)
-    median = _median(squared[upper[0], upper[1]].sqrt())
+    median = _median(squared.reshape(-1))  # over all n^2 squared distances, diagonal zeros included (as the paper's)
     if not median > 0:
         return None
-    return torch.exp(-squared / (2 * (sigma * median) ** 2))
+    return torch.exp(-squared / (2 * sigma**2 * median))
 
 
 def rbf_cka(x: Tensor, y: Tensor, *, sigma: float = 0.8) -> Tensor:
     """CKA with Gaussian (RBF) kernels, biased HSIC (Kornblith et al. 2019).
 
-    The kernel is ``exp(-||a - b||^2 / (2 s^2))`` with bandwidth
-    ``s = sigma * median pairwise distance`` of each representation's samples,
-    the median taken over the ``n (n - 1) / 2`` distinct pairs (Kornblith's colab
-    takes it over the full matrix, diagonal zeros included; the difference is
-    O(1/n)). Costs ``O(n^2 d)`` time and a few ``n x n`` float64 matrices.
+    The kernel is ``exp(-||a - b||^2 / (2 sigma^2 m))`` where ``m`` is the
+    median of the full ``n x n`` matrix of squared distances between each
+    representation's samples, its zero diagonal included: exactly the
+    ``gram_rbf(x, threshold=sigma)`` of Kornblith et al.'s reference code (so
+    values agree with the published code on the same data). Costs
+    ``O(n^2 d)`` time and a few ``n x n`` float64 matrices.
 
     Args:
         x: (n, d1) features (more dims are flattened).
         y: (n, d2) features of the same n samples.
-        sigma: bandwidth as a fraction of the median distance (0.8 as in the paper's tables).
+        sigma: bandwidth as a fraction of the median distance (the reference code's ``threshold``; 0.8 as in
+            the paper's tables).
 
     Returns:
         0-dim float64 tensor; NaN with a RuntimeWarning when a layer's median distance is 0.

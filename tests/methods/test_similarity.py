@@ -62,10 +62,13 @@ def np_linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> f
 
 
 def np_rbf_gram(x: torch.Tensor, sigma: float) -> np.ndarray:
-    a = x.reshape(x.shape[0], -1).double().numpy()
-    distances = scipy_spatial.pdist(a)
-    bandwidth = sigma * np.median(distances)
-    return np.exp(-(scipy_spatial.squareform(distances) ** 2) / (2 * bandwidth**2))
+    """A transcription of ``gram_rbf`` from Kornblith et al.'s reference code (google-research/CKA_similarity)."""
+    x = x.reshape(x.shape[0], -1).double().numpy()
+    dot_products = x.dot(x.T)
+    sq_norms = np.diag(dot_products)
+    sq_distances = -2 * dot_products + sq_norms[:, None] + sq_norms[None, :]
+    sq_median_distance = np.median(sq_distances)
+    return np.exp(-sq_distances / (2 * sigma**2 * sq_median_distance))
 
 
 def random_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:

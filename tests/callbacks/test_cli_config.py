@@ -1,0 +1,83 @@
+"""LightningCLI configs: the type hints of every callback argument accept what the code accepts.
+
+``methods="gradient"`` worked in Python but was refused by LightningCLI, whose parser reads the type hints.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
+from lightning_interp.demo import ImageClassifier, shapes_cnn
+from lightning_interp.synthetic import SyntheticShapesDataModule
+
+pytest.importorskip("jsonargparse")
+from lightning.pytorch.cli import LightningCLI
+
+CONFIG = """
+trainer:
+  max_epochs: 1
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning_interp.SaliencyCallback
+      init_args:
+        methods: gradient
+        num_samples: 4
+        task: multiclass
+    - class_path: lightning_interp.SaliencyCallback
+      init_args:
+        methods: [gradient, smoothgrad]
+        smoothgrad_samples: 2
+        name: saliency_pair
+        target: label
+    - class_path: lightning_interp.GradCAMCallback
+      init_args:
+        layer: auto
+        num_samples: 4
+        target: 1
+    - class_path: lightning_interp.LinearProbeCallback
+      init_args:
+        layers: [net.1, net.4]
+        num_samples: 32
+        task: auto
+    - class_path: lightning_interp.RepresentationSimilarityCallback
+      init_args:
+        layers: auto
+        num_samples: 16
+"""
+
+
+class SmallClassifier(ImageClassifier):
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__(shapes_cnn(num_classes=4, width=4), lr=lr)
+
+
+def test_a_yaml_config_builds_and_runs_every_callback(tmp_path):
+    config = tmp_path / "interp.yaml"
+    config.write_text(CONFIG)
+    data = ["--data.train_size", "32", "--data.val_size", "32", "--data.image_size", "16", "--data.batch_size", "16"]
+    cli = LightningCLI(
+        SmallClassifier,
+        SyntheticShapesDataModule,
+        run=False,
+        args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path), *data],
+    )
+    callbacks = [c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_interp")]
+    kinds = [type(c) for c in callbacks]
+    assert kinds == [
+        SaliencyCallback,
+        SaliencyCallback,
+        GradCAMCallback,
+        LinearProbeCallback,
+        RepresentationSimilarityCallback,
+    ]
+    single, pair, gradcam, probe, similarity = callbacks
+    assert single.methods == ("gradient",) and single.num_samples == 4 and single.task == "multiclass"
+    assert pair.methods == ("gradient", "smoothgrad") and pair.target == "label"
+    assert gradcam.target == 1 and gradcam.num_samples == 4 and gradcam.layers == []
+    assert probe.layers == ["net.1", "net.4"] and similarity.num_samples == 16
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert all(callback._runs == 1 for callback in callbacks)
