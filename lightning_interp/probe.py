@@ -130,6 +130,14 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
         if inputs is not None:
             labels = next((batch[k] for k in LABEL_KEYS if _looks_like_labels(batch.get(k), inputs.shape[0])), None)
             masks = next((m for m in (_as_mask(batch.get(k), inputs) for k in MASK_KEYS) if m is not None), None)
+            given = next((k for k in MASK_KEYS if isinstance(batch.get(k), Tensor)), None)
+            if masks is None and given is not None and inputs.ndim == 4:
+                raise ValueError(
+                    f"batch[{given!r}] has shape {tuple(batch[given].shape)}, but masks must be (batch, H, W) or "
+                    f"(batch, 1, H, W) on the inputs' grid {tuple(inputs.shape[-2:])} to score where a map points "
+                    "(localization, pointing game). Resize them to the inputs (nearest neighbour) in the dataset, "
+                    "or pass batch_parser=... that returns (inputs, labels, None) to go without them."
+                )
             return ParsedBatch(inputs, labels, masks)
     raise TypeError(
         f"Cannot find the inputs in a batch of the form: {_describe(batch)}. Understood forms are a tensor, "

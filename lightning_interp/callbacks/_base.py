@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_interp._logging import log_scalars, monitor_scalars, prepare_loggers
 from lightning_interp.callbacks._context import active_context, end_run, join_run
+from lightning_interp.methods._core import ForwardWith
 from lightning_interp.methods.trace import ModelTrace, trace_model
 from lightning_interp.probe import BatchParser, ProbeSet, ValidationScan, parse_batch, scannable
 
@@ -71,6 +72,12 @@ class InterpCallback(Callback):
         background_drawing: draw and log images on a background thread (the
             default), so training waits only for the computation and the
             scalars; False draws them inline (same images, for debugging).
+        forward_fn: how to call the model on a batch of probe inputs, as
+            ``forward_fn(model, inputs)``, when its ``forward`` does not take the
+            inputs tensor alone (e.g. ``lambda model, x: model.net(x)`` for a
+            LightningModule whose ``forward`` takes the whole batch, or
+            ``lambda model, ids: model(input_ids=ids).logits``). Layer names stay
+            the model's own. Default: ``model(inputs)``.
     """
 
     def __init__(
@@ -82,12 +89,14 @@ class InterpCallback(Callback):
         probe: ProbeSet | None = None,
         batch_parser: BatchParser | None = None,
         background_drawing: bool = True,
+        forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"name must be a non-empty string without '/', got {name!r}.")
         _check_positive_int("num_samples", num_samples)
         _check_positive_int("every_n_epochs", every_n_epochs)
         _check_callable("batch_parser", batch_parser)
+        _check_callable("forward_fn", forward_fn)
         if probe is not None and not isinstance(probe, ProbeSet):
             raise TypeError(f"probe must be a ProbeSet or None, got {type(probe).__name__}.")
         if not isinstance(background_drawing, bool):
@@ -97,6 +106,8 @@ class InterpCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.batch_parser = batch_parser
         self.background_drawing = background_drawing
+        self.forward_fn = forward_fn
+        self._wrapper: ForwardWith | None = None
         self.probe: ProbeSet | None = probe
         self._given_probe = probe is not None  # a user's probe is kept across fits; a drawn one is redrawn
         self._runs = 0
@@ -215,7 +226,7 @@ class InterpCallback(Callback):
             return
         scalars: dict[str, float] = {}
         if trainer.is_global_zero:  # the work, the images and the loggers: rank zero only
-            scalars = self._run(trainer, pl_module)
+            scalars = self._run(trainer, self._explained(pl_module))
             log_scalars(trainer, scalars, trainer.global_step)
             self._runs += 1
         if trainer.world_size > 1:  # every rank gets the values, so a monitor on any rank finds them
@@ -290,8 +301,18 @@ class InterpCallback(Callback):
             self._get_ready(trainer, pl_module, self.probe)
         return True
 
+    def _explained(self, pl_module: pl.LightningModule) -> pl.LightningModule:
+        """The module the methods call: ``pl_module``, or with ``forward_fn`` a view that calls it that way."""
+        if self.forward_fn is None:
+            return pl_module
+        if self._wrapper is None or self._wrapper.model is not pl_module:
+            self._wrapper = ForwardWith(pl_module, self.forward_fn)
+        return self._wrapper  # type: ignore[return-value]
+
     def _get_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Check the model, prepare, and try the computation on two samples: every mistake surfaces now."""
+        pl_module = self._explained(pl_module)
+        _check_finite_inputs(self, probe)
         self._check_model(pl_module)  # again: a model built in configure_model() has its layers only now
         context = active_context(trainer)
         if _is_compiled(pl_module) and (context is None or "compiled" not in context.notes):
@@ -432,8 +453,30 @@ class InterpCallback(Callback):
 
     def _trace(self, trainer: pl.Trainer, model: nn.Module, example: Tensor) -> ModelTrace:
         """The run's one dry-forward trace of ``model`` for inputs like ``example`` (shared by the callbacks)."""
-        key = (id(model), tuple(example.shape[1:]), example.dtype, example.device)
-        return self._shared(trainer, "traces", key, lambda: trace_model(model, example))
+        key = (id(unwrapped(model)), id(self.forward_fn), tuple(example.shape[1:]), example.dtype, example.device)
+        return self._shared(trainer, "traces", key, lambda: self._traced(model, example))
+
+    def _traced(self, model: nn.Module, example: Tensor) -> ModelTrace:
+        try:
+            return trace_model(model, example)
+        except Exception as error:
+            how = "forward_fn(model, inputs)" if self.forward_fn is not None else "model(inputs)"
+            note = getattr(error, "add_note", None)
+            if note is not None:
+                note(
+                    f"({type(self).__name__} called the model as {how} with probe inputs of shape "
+                    f"{tuple(example.shape)} and dtype {example.dtype}, and the call failed as above. If the model's "
+                    "forward takes something else (the whole batch, keyword arguments), pass forward_fn=lambda "
+                    "model, inputs: ... that calls it on an inputs tensor; if the inputs are not what the model "
+                    "expects, pass batch_parser=... or probe=ProbeSet(...).)"
+                    + (
+                        " This callback's inputs come from the ProbeSet given to it as probe=...: check that they "
+                        "have the form of a validation batch's inputs."
+                        if self._given_probe
+                        else ""
+                    )
+                )
+            raise
 
     def _shared(self, trainer: pl.Trainer, cache: str, key: tuple, make: Callable[[], T]) -> T:
         """``make()`` once per run for every callback asking the same ``key`` of ``cache`` (made afresh outside a
@@ -498,6 +541,27 @@ def _is_compiled(pl_module: nn.Module) -> bool:
     if getattr(pl_module, "_compiler_ctx", None):  # Lightning's unwrapped torch.compile(lightning_module)
         return True
     return any(type(module).__name__ == "OptimizedModule" for module in pl_module.modules())
+
+
+def _check_finite_inputs(callback: Callback, probe: ProbeSet) -> None:
+    """Refuse probe samples holding NaN or inf: every map, feature and score of them would be NaN."""
+    inputs = probe.inputs
+    if not inputs.is_floating_point():
+        return
+    bad = (~torch.isfinite(inputs.reshape(len(probe), -1))).any(dim=1).nonzero().flatten()
+    if bad.numel():
+        where = f" (dataset indices {probe.indices[bad].tolist()[:8]})" if probe.indices is not None else ""
+        raise ValueError(
+            f"{type(callback).__name__}: {bad.numel()} of the {len(probe)} probe samples hold NaN or inf values: rows "
+            f"{bad.tolist()[:8]}{where}. Their maps, features and scores would all be NaN (and a linear probe's "
+            "accuracy over every sample). Clean or drop those samples in the validation data, or pass "
+            "probe=ProbeSet(...) without them."
+        )
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model itself, also when seen through ``forward_fn`` (:class:`ForwardWith`)."""
+    return model.model if isinstance(model, ForwardWith) else model
 
 
 def _builds_in_configure_model(pl_module: pl.LightningModule) -> bool:

@@ -8,7 +8,7 @@ live here, the schedule and probe handling in :class:`InterpCallback`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ import matplotlib
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_interp._logging import log_image
 from lightning_interp.callbacks._base import InterpCallback, _check_callable
@@ -86,6 +86,8 @@ class MapCallback(InterpCallback):
         evolution_columns: about how many epochs the strip shows (evenly spaced).
         background_drawing: draw the grids on the run's background thread (see
             :class:`~lightning_interp.callbacks.InterpCallback`).
+        forward_fn: how to call the model on a batch of probe inputs,
+            ``forward_fn(model, inputs)`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class MapCallback(InterpCallback):
         evolution_samples: int = 4,
         evolution_columns: int = 10,
         background_drawing: bool = True,
+        forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
         if not (target in ("pred", "label") or (isinstance(target, int) and not isinstance(target, bool))):
             raise ValueError(f"target must be 'pred', 'label' or a class index (int), got {target!r}.")
@@ -121,6 +124,7 @@ class MapCallback(InterpCallback):
             probe=probe,
             batch_parser=batch_parser,
             background_drawing=background_drawing,
+            forward_fn=forward_fn,
         )
         if not isinstance(evolution_columns, int) or evolution_columns < 1:
             raise ValueError(f"evolution_columns must be a positive int, got {evolution_columns!r}.")
@@ -155,9 +159,16 @@ class MapCallback(InterpCallback):
                 f"feature vectors (N, D); the probe inputs have shape {tuple(probe.inputs.shape)}. For video or "
                 "volumes, pass a batch_parser (or probe=ProbeSet(...)) that gives one of these forms, e.g. a frame."
             )
+        name = type(self).__name__
+        if probe.masks is not None and probe.inputs.ndim == 4 and probe.masks.shape[-2:] != probe.inputs.shape[-2:]:
+            raise ValueError(
+                f"{name}: the probe masks are {tuple(probe.masks.shape[-2:])} but the inputs "
+                f"{tuple(probe.inputs.shape[-2:])}; localization and the pointing game compare maps and masks pixel "
+                "by pixel on the inputs' grid. Resize the masks to the inputs (nearest neighbour), or build the "
+                "ProbeSet without masks."
+            )
         trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
         outputs = scores_from_output(trace.output, self.output_transform).shape[1]
-        name = type(self).__name__
         try:
             task = infer_task(outputs, probe.labels, self.task)
         except ValueError as error:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
+from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, unwrapped
 from lightning_interp.callbacks._context import active_context
 from lightning_interp.methods._core import get_module, module_name
 from lightning_interp.methods.features import (
@@ -32,7 +33,8 @@ class RepresentationCallback(InterpCallback):
         max_layers: how many layers ``"auto"`` picks at most.
         max_features: per-layer feature bound; larger conv maps are average-pooled
             to a coarser grid (see :func:`~lightning_interp.methods.pool_features`).
-        num_samples, every_n_epochs, probe, batch_parser, background_drawing: see :class:`InterpCallback`.
+        num_samples, every_n_epochs, probe, batch_parser, background_drawing, forward_fn: see
+            :class:`InterpCallback`.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class RepresentationCallback(InterpCallback):
         probe: ProbeSet | None = None,
         batch_parser: BatchParser | None = None,
         background_drawing: bool = True,
+        forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
         names = parse_layer_names(layers, "layers")
         for option, value in (("max_layers", max_layers), ("max_features", max_features)):
@@ -59,6 +62,7 @@ class RepresentationCallback(InterpCallback):
             probe=probe,
             batch_parser=batch_parser,
             background_drawing=background_drawing,
+            forward_fn=forward_fn,
         )
         self.layers: list[str] = names
         self.auto = not names
@@ -112,12 +116,14 @@ class RepresentationCallback(InterpCallback):
         context = active_context(trainer)
         if not shared or context is None:
             return self._own_features(trainer, pl_module)
-        key = (id(pl_module), trainer.state.fn, trainer.global_step, trainer.current_epoch, trainer.sanity_checking)
+        key = (id(unwrapped(pl_module)), id(self.forward_fn), trainer.state.fn, trainer.global_step)
+        key += (trainer.current_epoch, trainer.sanity_checking)
         if key not in context.features:
             peers = [
                 callback
                 for callback in trainer.callbacks
                 if isinstance(callback, RepresentationCallback)
+                and callback.forward_fn is self.forward_fn  # called the same way: one forward serves them all
                 and callback._prepared
                 and callback.probe is not None
                 and callback._is_due(trainer)

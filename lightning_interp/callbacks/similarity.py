@@ -195,7 +195,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         if "cka" not in self.metrics or self._start_grams is not None or not trainer.is_global_zero:
             return
         if self._ensure_ready(trainer, pl_module):
-            self._start_grams = self._grams(self._features(trainer, pl_module, shared=False)).float()
+            self._start_grams = self._grams(self._features(trainer, self._explained(pl_module), shared=False)).float()
 
     # ------------------------------------------------------------------ the work
     def _grams(self, features: dict[str, Tensor]) -> Tensor:

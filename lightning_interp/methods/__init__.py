@@ -5,7 +5,14 @@ where ``target`` is a class index, a LongTensor of shape (B,) or None for the
 predicted class.
 """
 
-from lightning_interp.methods._core import PassResult, attribution_pass, get_module, modes_preserved
+from lightning_interp.methods._core import (
+    ForwardWith,
+    PassResult,
+    attribution_pass,
+    get_module,
+    modes_preserved,
+    module_name,
+)
 from lightning_interp.methods.attribution import (
     gradient,
     input_x_gradient,
@@ -65,6 +72,7 @@ __all__ = [
     "ATTRIBUTION_METHODS",
     "PROBE_SOLVERS",
     "TASKS",
+    "ForwardWith",
     "MinibatchCKA",
     "ModelTrace",
     "PassResult",
@@ -96,6 +104,7 @@ __all__ = [
     "linear_probe_r2",
     "localization",
     "modes_preserved",
+    "module_name",
     "multilabel_probe_accuracy",
     "normalized_grams",
     "pointing_game",

@@ -163,6 +163,40 @@ def scores_from_output(output: object, output_transform: OutputTransform | None)
     return scores
 
 
+class ForwardWith(nn.Module):
+    """``model`` called as ``forward_fn(model, inputs)``, with the same sub-modules under the same names.
+
+    For models whose ``forward`` does not take the inputs tensor alone (a
+    LightningModule whose ``forward`` takes the whole batch, a text model
+    called with keyword arguments): every method runs ``ForwardWith(model,
+    fn)(inputs)``, while layer names, parameters and modes stay the model's own
+    (nothing is registered as a child, so ``"net.3"`` still names ``model.net[3]``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 2))
+        >>> wrapped = ForwardWith(net, lambda model, x: model(x[:, :3]))
+        >>> wrapped(torch.zeros(4, 5)).shape, [name for name, _ in wrapped.named_modules()]
+        (torch.Size([4, 2]), ['', '0'])
+    """
+
+    def __init__(self, model: nn.Module, forward_fn: Callable[[nn.Module, Tensor], object]) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a child: names stay the model's own
+        object.__setattr__(self, "forward_fn", forward_fn)
+
+    def forward(self, inputs: Tensor) -> object:
+        return self.forward_fn(self.model, inputs)
+
+    def named_modules(self, *args: object, **kwargs: object) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
+        return self.model.named_modules(*args, **kwargs)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)  # device, dtype, hparams, ... of the model itself
+
+
 def resolve_target(target: Target, scores: Tensor, task: str = "multiclass") -> Tensor:
     """Turn a target spec into a LongTensor with one explained index per sample.
 
