@@ -27,7 +27,15 @@ from lightning_interp.methods.features import (
     forward_chunk_size,
     pool_features,
 )
-from lightning_interp.methods.gradcam import cam_from_activation, find_target_layer, grad_cam, spatial_layers
+from lightning_interp.methods.gradcam import (
+    TokenGrid,
+    cam_from_activation,
+    find_target_layer,
+    grad_cam,
+    layers_with_patch_gradient,
+    spatial_layers,
+    token_grids,
+)
 from lightning_interp.methods.map_metrics import (
     attribution_to_map,
     concentration,
@@ -78,6 +86,7 @@ __all__ = [
     "PassResult",
     "ProbeResult",
     "RegressionProbeResult",
+    "TokenGrid",
     "attribution_pass",
     "attribution_to_map",
     "auto_layers",
@@ -99,6 +108,7 @@ __all__ = [
     "integration_points",
     "label_kind",
     "label_rdm",
+    "layers_with_patch_gradient",
     "linear_cka",
     "linear_probe_accuracy",
     "linear_probe_r2",
@@ -119,5 +129,6 @@ __all__ = [
     "spatial_layers",
     "stratified_split",
     "target_scores",
+    "token_grids",
     "trace_model",
 ]
