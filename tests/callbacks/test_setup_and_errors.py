@@ -165,3 +165,13 @@ def test_messages_name_what_was_found(tmp_path):
     with pytest.raises(ValueError) as caught:
         trainer.fit(TabularClassifier(), _tabular_loader())
     assert "TrainerFn" not in str(caught.value) and "trainer.fit()" in str(caught.value)
+
+
+def test_two_callbacks_with_one_name_are_told_to_pass_name(tmp_path):
+    with pytest.raises(ValueError, match=r"Two GradCAMCallbacks named 'gradcam'.*name='gradcam_2'"):
+        quiet_trainer(tmp_path, callbacks=[GradCAMCallback(layer="net.0"), GradCAMCallback(layer="net.3")])
+    trainer = quiet_trainer(
+        tmp_path, callbacks=[GradCAMCallback(layer="net.0"), GradCAMCallback(layer="net.3", name="gradcam_late")]
+    )
+    keys = [callback.state_key for callback in trainer.callbacks if isinstance(callback, GradCAMCallback)]
+    assert len(set(keys)) == 2
