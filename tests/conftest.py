@@ -93,6 +93,34 @@ class BatchNormDropoutNet(nn.Module):
         return self.head(self.features(x))
 
 
+class NetClassifier(pl.LightningModule):
+    """Any network on (x, y) batches: cross-entropy, or BCE for a single logit; SGD; logs ``val_loss``."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.01) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def _loss(self, batch):
+        x, y = batch[0], batch[1]
+        out = self(x)
+        if out.shape[-1] == 1:
+            return torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], y.float())
+        return torch.nn.functional.cross_entropy(out, y)
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
 def quiet_trainer(tmp_path, **overrides) -> pl.Trainer:
     options = {
         "default_root_dir": str(tmp_path),

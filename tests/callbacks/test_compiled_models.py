@@ -6,44 +6,27 @@ Forward hooks added after a module's first compiled call never fire in its compi
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_interp.callbacks._base as base_module
 from lightning_interp import GradCAMCallback, RepresentationSimilarityCallback, SaliencyCallback
 from lightning_interp.methods import grad_cam
-from tests.conftest import quiet_trainer
+from tests.conftest import NetClassifier, quiet_trainer
 
 pytestmark = pytest.mark.slow  # compiling takes about 20 s on a CPU
 
 
-class CompiledInside(pl.LightningModule):
-    """A LightningModule that compiles its network, a common way to use torch.compile with Lightning."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        plain = nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
-        )  # fmt: skip
-        self.net = torch.compile(plain)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+def _compiled_classifier() -> NetClassifier:
+    """A LightningModule holding a compiled network, a common way to use torch.compile with Lightning."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
+    )  # fmt: skip
+    return NetClassifier(torch.compile(plain), lr=0.05)
 
 
 def test_compiled_network_is_explained_eagerly_with_the_same_weights(tmp_path, monkeypatch):
@@ -54,7 +37,7 @@ def test_compiled_network_is_explained_eagerly_with_the_same_weights(tmp_path, m
     named = GradCAMCallback(layer="net.2", num_samples=4, name="named")  # the name without '_orig_mod'
     automatic = GradCAMCallback(num_samples=4)
     callbacks = [named, automatic, SaliencyCallback(num_samples=4), RepresentationSimilarityCallback(num_samples=16)]
-    model = CompiledInside()
+    model = _compiled_classifier()
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=callbacks, logger=False)
     trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
     assert sum("compiled with torch.compile" in note for note in notes) == 1  # said once, not once per callback

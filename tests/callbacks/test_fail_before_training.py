@@ -6,44 +6,17 @@ on two of them; a mistake is reported with what was found and how to fix it, and
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
 from lightning_interp.demo import ImageClassifier, shapes_cnn
-from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
+from tests.conftest import NetClassifier, quiet_trainer, tiny_classifier, tiny_datamodule
 
-
-class Classifier(pl.LightningModule):
-    """Any network on (x, y) batches; the loss is cross-entropy, or BCE for a single logit."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-    def _loss(self, batch):
-        x, y = batch[0], batch[1]
-        out = self(x)
-        if out.shape[-1] == 1:
-            return F.binary_cross_entropy_with_logits(out[:, 0], y.float())
-        return F.cross_entropy(out, y)
-
-    def training_step(self, batch, batch_idx):
-        return self._loss(batch)
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self._loss(batch))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+Classifier = NetClassifier  # any network on (x, y) batches: cross-entropy, or BCE for a single logit
 
 
 def _images(count: int = 32, classes: int = 4, size: int = 8, seed: int = 0) -> DataLoader:

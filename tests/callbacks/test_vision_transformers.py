@@ -9,35 +9,15 @@ from __future__ import annotations
 import math
 import warnings
 
-import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
-from tests.conftest import quiet_trainer, read_events
+from tests.conftest import NetClassifier, quiet_trainer, read_events
 
 torchvision = pytest.importorskip("torchvision")
-
-
-class Wrapped(pl.LightningModule):
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
 def _loader(count: int = 32) -> DataLoader:
@@ -51,7 +31,7 @@ def _fit(tmp_path, net, callbacks):
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=callbacks, logger=logger)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(Wrapped(net), _loader(), _loader())
+        trainer.fit(NetClassifier(net, lr=0.05), _loader(), _loader())
     return read_events(logger.log_dir).scalars, [str(w.message) for w in caught]
 
 
