@@ -190,3 +190,45 @@ def test_training_is_bit_identical_with_and_without_the_callbacks(tmp_path):
             assert torch.equal(torch.as_tensor(value).cpu(), torch.as_tensor(observed[1]["state"][key][field]).cpu())
     assert torch.equal(plain[2], observed[2]), "the CPU RNG advanced differently"
     assert torch.equal(plain[3], observed[3]), "the CUDA RNG advanced differently"
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_vision_transformer_and_a_binary_model_on_the_gpu(tmp_path, precision):
+    """The token-layout path (automatic layer by a gradient probe) and the binary output kind, on the device."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from torchvision.models import VisionTransformer
+
+    from tests.conftest import NetClassifier
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(32, 3, 32, 32, generator=generator)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+    vit.heads.head = torch.nn.Linear(32, 4)
+    loader = DataLoader(TensorDataset(images, torch.arange(32) % 4), batch_size=8)
+    cam = GradCAMCallback(num_samples=8)
+    trainer = quiet_trainer(tmp_path, accelerator=ACCELERATOR, devices=1, precision=precision, max_epochs=1,
+                            callbacks=[cam], logger=False)  # fmt: skip
+    trainer.fit(NetClassifier(vit, lr=0.05), loader, loader)
+    assert cam.layers == ["net.encoder.layers.encoder_layer_1.ln_1"]
+    maps = cam._previous[cam.layers[0]]
+    assert maps.device.type == DEVICE and bool(torch.isfinite(maps).all()) and float(maps.abs().max()) > 0
+
+    one_logit = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(1)
+    )
+    one_logit(images[:1])
+    binary = DataLoader(TensorDataset(images, torch.arange(32) % 2), batch_size=8)
+    saliency = SaliencyCallback(methods=("gradient", "integrated_gradients"), num_samples=8, ig_steps=8)
+    trainer = quiet_trainer(tmp_path, accelerator=ACCELERATOR, devices=1, precision=precision, max_epochs=1,
+                            callbacks=[saliency], logger=False)  # fmt: skip
+    model = NetClassifier(one_logit, lr=0.05)
+    trainer.fit(model, binary, binary)
+    assert saliency.output_task == "binary"
+    inputs = saliency.probe.inputs.to(DEVICE)
+    expected = gradient(model.to(DEVICE), inputs, task="binary").abs().sum(dim=1)  # in float32, here
+    ours = saliency._previous["gradient"].float()
+    if precision == "32-true":
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
+    else:  # computed under bf16 autocast: the same map up to bf16 rounding
+        assert float(rank_correlation(ours, expected).min()) > 0.9
