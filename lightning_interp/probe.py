@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,9 +52,16 @@ BatchParser = Callable[[Any], ParsedBatch | tuple]
 (labels and masks may be None)."""
 
 
-def _looks_like_labels(value: object, batch: int) -> bool:
-    """Class indices (B,), 0/1 or regression targets (B,), or one-hot / multi-hot / multi-output targets (B, K)."""
-    return isinstance(value, Tensor) and not value.is_complex() and value.ndim in (1, 2) and value.shape[0] == batch
+def _looks_like_labels(value: object, inputs: Tensor) -> bool:
+    """Class indices (B,), 0/1 or regression targets (B,), or one-hot / multi-hot / multi-output targets (B, K);
+    not a (B, T) tensor shaped like (B, T) inputs (an attention mask or a second input of a sequence model)."""
+    return (
+        isinstance(value, Tensor)
+        and not value.is_complex()
+        and value.ndim in (1, 2)
+        and value.shape[0] == inputs.shape[0]
+        and not (value.ndim == 2 and inputs.ndim == 2 and value.shape == inputs.shape)
+    )
 
 
 def as_labels(value: Tensor) -> Tensor:
@@ -95,9 +103,11 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
     """Split a dataloader batch into inputs, labels and masks.
 
     Understood without help: a bare tensor; ``(x, y)`` and ``(x, y, ...)``
-    tuples or lists (a third item shaped like the inputs' grid is taken as the
-    mask); dicts with keys such as ``image``/``input``/``x``,
-    ``label``/``target``/``y`` and ``mask``. For anything else pass ``parser``.
+    tuples or lists (the labels are the first later item of shape (B,) or
+    (B, K), not shaped like (B, T) inputs, so ``(ids, attention_mask, y)``
+    works; an item shaped like the inputs' grid is taken as the mask); dicts
+    with keys such as ``image``/``input``/``x``, ``label``/``target``/``y``
+    and ``mask``. For anything else pass ``parser``.
 
     Raises:
         TypeError: the batch has another form; the message shows what was found.
@@ -121,22 +131,23 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
         return ParsedBatch(batch)
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
         inputs = batch[0]
-        batch_size = inputs.shape[0]
-        labels = batch[1] if len(batch) > 1 and _looks_like_labels(batch[1], batch_size) else None
+        # the first item after the inputs that can be labels: (x, y, ...), or (ids, attention_mask, y)
+        labels = next((item for item in batch[1:] if _looks_like_labels(item, inputs)), None)
         masks = next((m for m in (_as_mask(item, inputs) for item in batch[2:]) if m is not None), None)
         return ParsedBatch(inputs, labels, masks)
     if isinstance(batch, Mapping):
         inputs = next((batch[k] for k in INPUT_KEYS if isinstance(batch.get(k), Tensor)), None)
         if inputs is not None:
-            labels = next((batch[k] for k in LABEL_KEYS if _looks_like_labels(batch.get(k), inputs.shape[0])), None)
+            labels = next((batch[k] for k in LABEL_KEYS if _looks_like_labels(batch.get(k), inputs)), None)
             masks = next((m for m in (_as_mask(batch.get(k), inputs) for k in MASK_KEYS) if m is not None), None)
             given = next((k for k in MASK_KEYS if isinstance(batch.get(k), Tensor)), None)
             if masks is None and given is not None and inputs.ndim == 4:
-                raise ValueError(
+                warnings.warn(
                     f"batch[{given!r}] has shape {tuple(batch[given].shape)}, but masks must be (batch, H, W) or "
                     f"(batch, 1, H, W) on the inputs' grid {tuple(inputs.shape[-2:])} to score where a map points "
-                    "(localization, pointing game). Resize them to the inputs (nearest neighbour) in the dataset, "
-                    "or pass batch_parser=... that returns (inputs, labels, None) to go without them."
+                    "(localization, pointing game), so they are left out. Resize them to the inputs (nearest "
+                    "neighbour) in the dataset to have those scores.",
+                    stacklevel=2,
                 )
             return ParsedBatch(inputs, labels, masks)
     raise TypeError(
@@ -160,7 +171,9 @@ class ProbeSet:
 
     Args:
         inputs: (N, ...) samples.
-        labels: optional (N,) integer class labels.
+        labels: optional labels: (N,) class indices, 0/1 or real values, or
+            (N, K) one-hot, soft, multi-hot or real-valued rows (integers and
+            booleans kept as int64, other numbers as float32; (N, 1) becomes (N,)).
         masks: optional (N, H, W) ground-truth object masks: boolean, integer (non-zero is
             inside) or float (above 0.5 is inside).
         indices: optional (N,) dataset indices of the samples (set by the draws from a dataloader).
@@ -214,7 +227,7 @@ class ProbeSet:
 
     @property
     def has_labels(self) -> bool:
-        """Whether the probe samples carry class labels."""
+        """Whether the probe samples carry labels (of any kind, see the class docstring)."""
         return self.labels is not None
 
     @property
@@ -635,34 +648,47 @@ class ValidationScan:
         return torch.cat(labels) if labels else None
 
 
-def strata(labels: Tensor, count: int) -> Tensor:
-    """The group of each sample for a stratified draw of ``count`` samples: its class (class indices), its first
-    positive label (one-hot or multi-hot rows; rows without any after every label), or for values its share of
-    ``count`` equal-sized bins of the sorted first value, so the draw spreads over their range.
+def strata(labels: Tensor) -> Tensor:
+    """The group of each sample: its class (class indices; the most likely class of one-hot or soft rows), its
+    first positive label (multi-hot rows; rows without any after every label), or for real values the rank of
+    its (first) value. Sorting by it puts class blocks together and values in order.
 
     Example:
-        >>> strata(torch.tensor([[0, 1], [1, 1], [0, 0]]), 2).tolist()
+        >>> strata(torch.tensor([[0, 1], [1, 1], [0, 0]])).tolist()
         [1, 0, 2]
-        >>> strata(torch.tensor([0.9, 0.1, 0.5, 0.3]), 2).tolist()
-        [1, 0, 1, 0]
+        >>> strata(torch.tensor([0.9, 0.1, 0.5, 0.3])).tolist()
+        [3, 0, 2, 1]
     """
     kind = label_kind(labels)
     if kind == "class":
         return labels.round().long()
-    if kind in ("one_hot", "multi_hot"):
+    if kind in ("one_hot", "soft"):
+        return labels.argmax(dim=1)
+    if kind == "multi_hot":
         positive = labels != 0
         return torch.where(positive.any(dim=1), positive.long().argmax(dim=1), labels.shape[1])
     values = labels.reshape(labels.shape[0], -1)[:, 0]
     rank = torch.empty_like(values, dtype=torch.long)
     rank[torch.argsort(values, stable=True)] = torch.arange(values.numel())
-    return rank * max(1, min(count, values.numel())) // values.numel()
+    return rank
+
+
+def _spread_order(rank: Tensor) -> Tensor:
+    """Bit-reversed ranks (van der Corput order): the lowest ``k`` of them spread over the whole range of ranks for
+    every ``k``, so draws of different sizes from real-valued labels are nested and cover the values' range."""
+    bits = max(1, int(rank.max()).bit_length()) if rank.numel() else 1
+    reversed_rank = torch.zeros_like(rank)
+    for bit in range(bits):
+        reversed_rank |= ((rank >> bit) & 1) << (bits - 1 - bit)
+    return reversed_rank
 
 
 def _stratified_indices(labels: Tensor, count: int) -> Tensor:
-    """Groups (:func:`strata`) take turns, each giving its earliest unused sample; result sorted by group then
-    position."""
-    groups = strata(labels, count)
-    per_class = [torch.nonzero(groups == c).flatten() for c in groups.unique(sorted=True)]
+    """Groups (:func:`strata`) take turns, each giving its earliest unused sample (real values: in an order that
+    spreads over their range); result sorted by group then position."""
+    groups = strata(labels)
+    turns = _spread_order(groups) if label_kind(labels) == "continuous" else groups
+    per_class = [torch.nonzero(turns == c).flatten() for c in turns.unique(sorted=True)]
     chosen: list[int] = []
     depth = 0
     while len(chosen) < min(count, groups.numel()):

@@ -117,6 +117,7 @@ class MapCallback(InterpCallback):
         self.target = target
         self.task = task
         self._task: str | None = None  # the kind in force for this run (``task``, or inferred at fit start)
+        self._labels_fit = True  # whether the probe labels fit the output kind (shown on the grid)
         super().__init__(
             name=name,
             num_samples=num_samples,
@@ -169,10 +170,23 @@ class MapCallback(InterpCallback):
             )
         trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
         outputs = scores_from_output(trace.output, self.output_transform).shape[1]
+        self._labels_fit = True
         try:
             task = infer_task(outputs, probe.labels, self.task)
         except ValueError as error:
-            raise ValueError(f"{name}: {error}") from None
+            if self.target == "label" or probe.labels is None:
+                raise ValueError(f"{name}: {error}") from None
+            try:  # the prediction needs no labels: read the kind from the output alone, and say so
+                task = infer_task(outputs, None, self.task)
+            except ValueError:
+                raise ValueError(f"{name}: {error}") from None
+            self._labels_fit = False
+            if not self._provisional:
+                rank_zero_warn(
+                    f"{name}: {error} The maps explain the prediction (target={self.target!r}), which needs no labels, "
+                    f"so the output is read as {task} from its width alone and the grid leaves the labels out; pass "
+                    "task=... to say what the output is, or batch_parser=... to give the labels."
+                )
         indices = 2 if task == "binary" else outputs  # a binary model's targets are its two sides, 0 and 1
         if isinstance(self.target, int) and self.target >= indices:
             what = ("output", "outputs") if task == "regression" else ("class", "classes")
@@ -303,7 +317,7 @@ class MapCallback(InterpCallback):
         shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
         picture = _GridData(
             inputs=probe.inputs[:shown],
-            labels=None if probe.labels is None else probe.labels[:shown],
+            labels=None if probe.labels is None or not self._labels_fit else probe.labels[:shown],
             maps={key: value[:shown].cpu() for key, value in maps.items()},
             scores=result.scores[:shown].float().cpu(),
             target=result.target[:shown].cpu(),

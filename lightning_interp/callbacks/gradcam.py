@@ -117,6 +117,7 @@ class GradCAMCallback(MapCallback):
                     two,
                     reshape=self.reshape,
                     trace=trace,
+                    target=self._target_for(probe.subset(min(2, len(probe))), two.device),
                     output_transform=self.output_transform,
                     task=self.output_task,
                 )

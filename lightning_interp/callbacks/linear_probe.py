@@ -119,7 +119,7 @@ class LinearProbeCallback(RepresentationCallback):
         kind = label_kind(labels)
         task = self.task if self.task != "auto" else {"multi_hot": "multilabel", "continuous": "regression"}.get(kind)
         task = "multiclass" if task in (None, "binary") else task
-        wrong = (task == "multiclass" and kind not in ("class", "one_hot")) or (
+        wrong = (task == "multiclass" and kind not in ("class", "one_hot", "soft")) or (
             task == "multilabel" and kind not in ("one_hot", "multi_hot")
         )
         if wrong:
@@ -195,7 +195,9 @@ class LinearProbeCallback(RepresentationCallback):
         if task == "regression":
             reference, reference_label, ylim = 0.0, "R² of the mean", (min(-0.05, *held_out, *fitted), 1.02)
         elif task == "multilabel":
-            share = (labels != 0).float().mean(dim=0)
+            positive = (labels != 0).sum(dim=0)
+            usable = (positive >= 2) & (positive <= labels.shape[0] - 2)  # the labels that got a probe
+            share = positive[usable].float() / labels.shape[0]
             reference, reference_label, ylim = float(torch.maximum(share, 1 - share).mean()), "chance", (0.0, 1.02)
         else:
             reference, reference_label, ylim = float(labels.bincount().max()) / labels.numel(), "chance", (0.0, 1.02)

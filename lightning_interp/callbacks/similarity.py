@@ -207,7 +207,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         assert self.probe is not None
         if self.probe.labels is None:
             return torch.arange(len(self.probe))
-        return torch.argsort(strata(self.probe.labels, len(self.probe)), stable=True)
+        return torch.argsort(strata(self.probe.labels), stable=True)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         features = self._features(trainer, pl_module)

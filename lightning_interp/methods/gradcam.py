@@ -41,7 +41,7 @@ _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
 TokenReshape = Callable[[Tensor], Tensor]
 """Turns token outputs (B, N, C) of a vision transformer into (B, C, h, w)."""
 
-MAX_PREFIX_TOKENS = 8  # class, distillation and register tokens in front of the patch tokens (DINOv2: 1 + 4)
+MAX_PREFIX_TOKENS = 32  # class, distillation and register tokens in front of the patch tokens (DINOv2: 1 + 4)
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,8 @@ def token_grids(trace: ModelTrace) -> dict[str, TokenGrid]:
     """The token layout of every (1, N, C) output of a traced vision transformer, by module name.
 
     A module's output counts as tokens when an earlier module (the patch
-    embedding: the last 4-D output before the first tokens; 4-D outputs after
-    them, such as attention heads, are not grids) gave a (1, C, h, w) grid and
-    the token count N is ``h * w``
+    embedding: the last 4-D output before the first tokens) gave a
+    (1, C, h, w) grid and the token count N is ``h * w``
     plus at most :data:`MAX_PREFIX_TOKENS` leading tokens. Without such a grid
     (a patch embedding that is not a convolution), the grid is read from the
     input's height and width: the fewest leading tokens that leave a patch grid
@@ -93,7 +92,7 @@ def token_grids(trace: ModelTrace) -> dict[str, TokenGrid]:
     patch_grid: tuple[int, int] | None = None
     for name in trace.order:
         shape = trace.shapes[name]
-        if len(shape) == 4 and shape[-2] * shape[-1] > 1 and not grids:  # later 4-D outputs are attention heads
+        if len(shape) == 4 and shape[-2] * shape[-1] > 1 and not grids:  # the grid of the first tokens stays
             patch_grid = (shape[-2], shape[-1])
         elif len(shape) == 3:
             grid = _grid_for(shape[1], patch_grid, trace.input_shape)
@@ -205,7 +204,7 @@ def grad_cam(
         trace = trace_model(model, inputs)
         if layer is None:
             layer = find_target_layer(
-                model, inputs, reshape=reshape, trace=trace, output_transform=output_transform, task=task
+                model, inputs, reshape=reshape, trace=trace, target=target, output_transform=output_transform, task=task
             )
         if reshape is None and isinstance(layer, str) and len(trace.shapes.get(layer, ())) == 3:
             reshape = token_grids(trace).get(layer)  # a known vision-transformer token layout
@@ -252,14 +251,14 @@ def spatial_layers(
         trace = trace_model(model, example_input)
     modules = dict(model.named_modules())
     grids = token_grids(trace)
-    first_tokens = next((trace.order.index(name) for name in trace.order if name in grids), len(trace.order))
+    token_counts = {trace.shapes[name][1] for name in grids}
     found: list[tuple[str, tuple[int, ...]]] = []
     for name in trace.ran_once():
         if isinstance(modules.get(name), _PASS_THROUGH):
             continue  # Identity and Dropout (in eval) repeat their input: the module before them is the layer
         shape = trace.shapes[name]
-        if len(shape) == 4 and reshape is None and trace.order.index(name) > first_tokens:
-            continue  # in a transformer, a 4-D output after the tokens begin is attention heads, not an image grid
+        if len(shape) == 4 and shape[2] in token_counts:
+            continue  # attention internals (batch, heads, tokens, ...) of a transformer, not an image grid
         to_grid = reshape if reshape is not None else grids.get(name)
         if len(shape) == 3 and to_grid is not None:
             try:
@@ -366,6 +365,7 @@ def find_target_layer(
     *,
     reshape: TokenReshape | None = None,
     trace: ModelTrace | None = None,
+    target: Target = None,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
 ) -> str:
@@ -385,6 +385,7 @@ def find_target_layer(
         example_input: one or more inputs; the first two are run.
         reshape: turns token outputs (B, N, C) into (B, C, h, w) (default: the known layouts).
         trace: a :class:`ModelTrace` of ``model`` made earlier, to skip the dry forward.
+        target: the explained class for the gradient check of token layers, as in :func:`grad_cam`.
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.tasks`).
 
@@ -418,7 +419,11 @@ def find_target_layer(
     width = max(set(widths), key=widths.count)  # the residual stream's: not q/k/v or MLP hidden outputs
     found = [name for name in found if len(trace.shapes[name]) == 4 or trace.shapes[name][-1] == width]
     layers = {name: (reshape or grids.get(name)) if len(trace.shapes[name]) == 3 else None for name in found}
-    alive = layers_with_patch_gradient(model, example_input[:2], layers, output_transform=output_transform, task=task)
+    if isinstance(target, Tensor) and target.numel() > 1:
+        target = target.reshape(-1)[:2]
+    alive = layers_with_patch_gradient(
+        model, example_input[:2], layers, target=target, output_transform=output_transform, task=task
+    )
     if not alive:
         raise ValueError(
             f"No layer of {type(model).__name__} with a patch grid gets a gradient from the explained score, so every "

@@ -295,9 +295,10 @@ def linear_probe_r2(
     """Held-out R² of ridge regression reading regression targets from the features.
 
     The samples, sorted by their (first) target value, are cut into groups of
-    ``round(1 / test_fraction)`` neighbours, and each group gives one held-out
-    sample (chosen by a private generator seeded with ``seed``), so both parts
-    cover the targets' range.
+    ``max(2, round(1 / test_fraction))`` neighbours, and each group gives one
+    held-out sample (chosen by a private generator seeded with ``seed``), so
+    both parts cover the targets' range; the held-out share is therefore about
+    ``test_fraction`` for values up to 1/2 (and 1/2 above that).
     Features are standardised with the training part's statistics; the ridge
     fit is the closed form of :func:`linear_probe_accuracy`'s ``"ridge"``
     solver (float64). R² is averaged over the target columns.
@@ -305,7 +306,7 @@ def linear_probe_r2(
     Args:
         features: (n, ...) features, flattened to (n, d); any device.
         values: (n,) or (n, k) real targets.
-        test_fraction: share of the samples held out, in (0, 1).
+        test_fraction: about the share of the samples held out, in (0, 1) (at most 1/2, see above).
         l2: penalty strength, >= 0.
         seed: seed of the split's private generator.
 

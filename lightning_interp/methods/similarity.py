@@ -569,7 +569,7 @@ class MinibatchCKA:
 def label_rdm(labels: Tensor) -> Tensor:
     """The dissimilarity of the samples' labels, (n, n) float64 with a zero diagonal: the model RDM's ideal.
 
-    Class indices (and one-hot rows): 0 within a class, 1 across. Multi-hot
+    Class indices (and one-hot or soft rows, by their most likely class): 0 within a class, 1 across. Multi-hot
     rows: the Jaccard distance of the label sets (1 - shared / either; 0 for
     two samples without any label). Real-valued targets: the Euclidean distance.
 
@@ -578,8 +578,8 @@ def label_rdm(labels: Tensor) -> Tensor:
         [[0.0, 0.5, 1.0], [0.5, 0.0, 1.0], [1.0, 1.0, 0.0]]
     """
     kind = label_kind(labels)
-    if kind in ("class", "one_hot"):
-        index = labels.argmax(dim=1) if kind == "one_hot" else labels.round().long()
+    if kind in ("class", "one_hot", "soft"):
+        index = labels.argmax(dim=1) if labels.ndim == 2 else labels.round().long()
         return (index[:, None] != index[None, :]).double()
     values = labels.double().reshape(labels.shape[0], -1)
     if kind == "multi_hot":

@@ -48,10 +48,11 @@ def _is_binary(values: Tensor) -> bool:
 
 
 def label_kind(labels: Tensor) -> str:
-    """What a label tensor holds: ``"class"``, ``"one_hot"``, ``"multi_hot"`` or ``"continuous"``.
+    """What a label tensor holds: ``"class"``, ``"one_hot"``, ``"soft"``, ``"multi_hot"`` or ``"continuous"``.
 
     ``"class"``: (N,) integer values (integer dtype, or floats that are all
     whole numbers). ``"one_hot"``: (N, K) 0/1 rows with exactly one 1 each.
+    ``"soft"``: (N, K) non-negative rows summing to 1 (label smoothing, mixup).
     ``"multi_hot"``: other (N, K) 0/1 rows. ``"continuous"``: anything else.
 
     Example:
@@ -65,6 +66,8 @@ def label_kind(labels: Tensor) -> str:
         return "class" if whole else "continuous"
     if labels.ndim == 2 and _is_binary(labels):
         return "one_hot" if bool((labels.sum(dim=1) == 1).all()) else "multi_hot"
+    if labels.ndim == 2 and bool((labels >= 0).all()) and bool(((labels.sum(dim=1) - 1).abs() < 1e-4).all()):
+        return "soft"
     return "continuous"
 
 
@@ -74,9 +77,10 @@ def infer_task(num_outputs: int, labels: Tensor | None = None, task: str = "auto
     With ``task="auto"``: one output is ``"binary"`` when the labels are 0/1
     and ``"regression"`` when they are fractional numbers (whole numbers other
     than 0/1 are ambiguous and need ``task``); several outputs are
-    ``"multiclass"`` with class-index or one-hot labels (or no labels),
-    ``"multilabel"`` with multi-hot (N, C) labels and ``"regression"`` with
-    other numbers. A given ``task`` is checked against the output and labels.
+    ``"multiclass"`` with class-index, one-hot or soft (probability) labels
+    (or no labels), ``"multilabel"`` with multi-hot (N, C) labels and
+    ``"regression"`` with (N, C) real-valued targets. A given ``task`` is
+    checked against the output and labels.
 
     Args:
         num_outputs: scores per sample (the model output's second dimension).
@@ -116,7 +120,12 @@ def _guess(num_outputs: int, labels: Tensor | None, kind: str | None, found: str
         return "multiclass"
     assert kind is not None
     if num_outputs == 1:
-        if labels.ndim == 1 and _is_binary(labels):
+        if labels.ndim == 2:
+            raise ValueError(
+                f"{found.capitalize()}: {labels.shape[1]} label columns for one output. Pass task=... to say what "
+                "the output is, or batch_parser=... that returns matching labels."
+            )
+        if _is_binary(labels):
             return "binary"
         if kind == "class":
             raise ValueError(
@@ -134,14 +143,23 @@ def _guess(num_outputs: int, labels: Tensor | None, kind: str | None, found: str
             f"class indices of this output. If the output is not class scores (an embedding, a regression), pass "
             "task='regression' and a fixed target index, or output_transform=... that returns one score per class."
         )
-    if kind in ("one_hot", "multi_hot"):
-        if labels.shape[1] != num_outputs:
-            raise ValueError(
-                f"{found.capitalize()}: {labels.shape[1]} label columns for {num_outputs} scores. Pass "
-                "output_transform=... that returns one score per label, or batch_parser=... giving matching labels."
-            )
-        return "multiclass" if kind == "one_hot" else "multilabel"
-    return "regression"
+    if labels.ndim == 1:  # fractional values, one per sample, for several outputs: per-sample weights?
+        raise ValueError(
+            f"{found.capitalize()}: one fractional value per sample for {num_outputs} scores fits no output kind "
+            "(per-sample weights, or a regression target?). Pass task=... to say what the output is, or "
+            "batch_parser=... that returns the labels."
+        )
+    if labels.shape[1] != num_outputs:
+        raise ValueError(
+            f"{found.capitalize()}: {labels.shape[1]} label columns for {num_outputs} scores. Pass "
+            "output_transform=... that returns one score per label, or batch_parser=... giving matching labels."
+        )
+    if kind == "multi_hot" and float(labels.sum(dim=1).max()) <= 1:
+        raise ValueError(
+            f"{found.capitalize()}: rows of 0 and 1 with at most one 1, some with none: one-hot class labels with "
+            "an empty row, or multi-label labels? Pass task='multiclass' or task='multilabel'."
+        )
+    return {"one_hot": "multiclass", "soft": "multiclass", "multi_hot": "multilabel"}.get(kind, "regression")
 
 
 def _check(task: str, num_outputs: int, labels: Tensor | None, kind: str | None, found: str) -> None:
@@ -152,8 +170,8 @@ def _check(task: str, num_outputs: int, labels: Tensor | None, kind: str | None,
         problem = "task='binary' needs 0/1 labels"
     elif task == "multiclass" and num_outputs < 2:
         problem = "task='multiclass' needs at least two class scores per sample (one logit is task='binary')"
-    elif task == "multiclass" and kind not in (None, "class", "one_hot"):
-        problem = "task='multiclass' needs class-index or one-hot labels"
+    elif task == "multiclass" and kind not in (None, "class", "one_hot", "soft"):
+        problem = "task='multiclass' needs class-index, one-hot or soft labels"
     elif task == "multiclass" and labels is not None and int(class_labels(labels, task).max()) >= num_outputs:
         problem = "task='multiclass' needs labels below the number of class scores"
     elif task == "multilabel" and kind not in (None, "one_hot", "multi_hot"):
@@ -167,8 +185,9 @@ def _check(task: str, num_outputs: int, labels: Tensor | None, kind: str | None,
 def class_labels(labels: Tensor, task: str) -> Tensor:
     """The labels as the index of the class they name: (N,) long for multiclass and binary.
 
-    One-hot rows become their class index; whole-number floats become
-    integers. Multi-label and regression labels are returned unchanged.
+    One-hot and soft rows become their (most likely) class index; whole-number
+    floats become integers. Multi-label and regression labels are returned
+    unchanged.
 
     Example:
         >>> class_labels(torch.tensor([[0, 1], [1, 0]]), "multiclass").tolist()

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
 from lightning_interp.demo import ImageClassifier, shapes_cnn
+from lightning_interp.probe import ProbeSet, parse_batch
 from tests.conftest import NetClassifier, quiet_trainer, tiny_classifier, tiny_datamodule
 
 Classifier = NetClassifier  # any network on (x, y) batches: cross-entropy, or BCE for a single logit
@@ -202,3 +203,39 @@ def test_integer_pixels_with_no_gradient_path_get_the_gradient_path_message(tmp_
     pixels = torch.randint(256, (16, 3, 8, 8), generator=generator, dtype=torch.uint8)
     loader = DataLoader(TensorDataset(pixels, torch.arange(16) % 4), batch_size=8)
     _fails_before_training(tmp_path, Classifier(BytesFrozen()), SaliencyCallback(), loader, "differentiable path")
+
+
+def test_masks_of_the_wrong_size_are_refused_or_left_out_with_a_warning(tmp_path):
+    inputs = torch.rand(8, 3, 8, 8)
+    probe = ProbeSet(inputs, torch.arange(8) % 4, torch.ones(8, 4, 4, dtype=torch.bool))
+    model = Classifier(_conv_net(outputs=4))
+    _fails_before_training(tmp_path, model, GradCAMCallback(probe=probe), message=r"masks are \(4, 4\)")
+    # a dict batch whose mask key holds masks of another grid: left out, with a warning where the batch is read
+    with pytest.warns(UserWarning, match=r"batch\['mask'\] has shape \(2, 4, 4\)"):
+        parsed = parse_batch(
+            {"image": torch.rand(2, 3, 8, 8), "label": torch.tensor([0, 1]), "mask": torch.ones(2, 4, 4)}
+        )
+    assert parsed.masks is None and parsed.labels.tolist() == [0, 1]
+
+
+def test_probe_samples_with_nan_are_refused_with_their_indices(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(32, 3, 8, 8, generator=generator)
+    images[5, 0, 2, 2] = float("nan")
+    images[9, 1, 0, 0] = float("inf")
+    loader = DataLoader(TensorDataset(images, torch.arange(32) % 4), batch_size=8)
+    model = Classifier(_conv_net(outputs=4))
+    _fails_before_training(
+        tmp_path, model, LinearProbeCallback(num_samples=32), loader, message=r"2 of the 32 probe samples"
+    )
+
+
+def test_a_given_probe_set_of_the_wrong_form_says_so(tmp_path):
+    probe = ProbeSet(torch.rand(4, 1, 8, 8), torch.arange(4))  # one channel; the model takes three
+    model = Classifier(_conv_net(outputs=4))
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[SaliencyCallback(probe=probe)], logger=False)
+    with pytest.raises(RuntimeError) as caught:
+        trainer.fit(model, _images(), _images())
+    assert trainer.global_step == 0
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert "probe inputs of shape (1, 1, 8, 8)" in notes and "ProbeSet given to it as probe=" in notes

@@ -8,6 +8,7 @@ every scalar read back from the TensorBoard event files must be finite.
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -185,7 +186,7 @@ def test_one_hot_labels_are_class_labels(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("kind", "options", "message"),
     [
-        ("multilabel", {"target": "label"}, "several labels"),
+        ("multilabel", {"target": "label", "task": "multilabel"}, "several labels"),
         ("regression", {"target": "label"}, "labels are values"),
         ("binary", {"target": 2}, "2 classes: 0 to 1"),
         ("binary", {"task": "multiclass"}, "one logit is task='binary'"),
@@ -216,3 +217,41 @@ def test_one_output_without_labels_asks_for_the_task(tmp_path):
     )
     trainer.fit(Unlabelled(1, "mse"), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
     assert trainer.callbacks[0]._runs == 1
+
+
+class SoftTargets(Net):
+    """A 4-class softmax model trained on soft (label-smoothed) targets or with -100 'ignore' labels."""
+
+    def _loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y, ignore_index=-100) if y.ndim == 1 else F.cross_entropy(self(x), y)
+
+
+@pytest.mark.parametrize("kind", ["soft", "ignore_index"])
+def test_multiclass_models_with_soft_or_ignored_labels_explain_the_prediction(tmp_path, kind):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 3, 8, 8, generator=generator)
+    classes = torch.arange(32) % 4
+    if kind == "soft":  # label smoothing: rows of 0.025 and 0.925
+        y = F.one_hot(classes, 4).float() * 0.9 + 0.025
+    else:
+        y = torch.where(torch.arange(32) % 5 == 0, -100, classes)
+    data = TensorDataset(x, y)
+    callback = SaliencyCallback(methods=("gradient",), num_samples=4)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(SoftTargets(4, "ce"), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    assert callback.output_task == "multiclass" and callback._runs == 1
+    noted = [str(w.message) for w in caught if "needs no labels" in str(w.message)]
+    assert bool(noted) == (kind == "ignore_index")  # soft rows are understood; -100 is said to be left out
+
+
+def test_text_batches_with_an_attention_mask_before_the_labels():
+    from lightning_interp.probe import parse_batch
+
+    ids = torch.randint(0, 100, (4, 12))
+    attention = torch.ones(4, 12, dtype=torch.long)
+    labels = torch.tensor([0, 2, 1, 2])
+    parsed = parse_batch((ids, attention, labels))
+    assert parsed.labels is labels  # not the (B, T) mask, which is shaped like the inputs

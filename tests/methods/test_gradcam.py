@@ -423,3 +423,39 @@ def test_timm_vit_token_layouts_and_auto_layer(options, prefix, layer):
     expected = (grad.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
     torch.testing.assert_close(cam, expected, rtol=1e-4, atol=1e-6)
     assert float(cam.abs().max()) > 0
+
+
+def test_a_cnn_with_an_attention_block_in_the_middle_keeps_its_later_conv_layers():
+    class Attention(nn.Module):
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(channels)
+            self.mix = nn.MultiheadAttention(channels, 2, batch_first=True)
+
+        def forward(self, x):
+            b, c, h, w = x.shape
+            tokens = self.norm(x.flatten(2).transpose(1, 2))
+            return x + self.mix(tokens, tokens, tokens)[0].transpose(1, 2).reshape(b, c, h, w)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), Attention(8), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    names = [name for name, _ in spatial_layers(net, x)]
+    assert names[-2:] == ["3", "4"] and find_target_layer(net, x) == "4"
+
+
+def test_timm_vit_with_nine_leading_tokens_and_a_two_output_regression():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(3)
+    many = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=4, depth=2, reg_tokens=8
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert find_target_layer(many, x) == "blocks.1.norm1"  # 1 class + 8 register tokens before the 4 x 4 grid
+    two_outputs = _vit(num_layers=1)
+    two_outputs.heads.head = nn.Linear(32, 2)
+    cam = grad_cam(two_outputs, x, 1, None, task="regression")  # the given output, also for the automatic layer
+    assert cam.shape == (2, 32, 32)

@@ -35,6 +35,7 @@ from lightning_interp.probe import ProbeSet, strata
         (3, torch.tensor([[0, 1, 0], [1, 0, 0]]), "multiclass"),  # one-hot rows
         (3, torch.tensor([[1, 1, 0], [0, 0, 0], [0, 1, 0]]), "multilabel"),
         (2, torch.tensor([[0.5, 1.5], [2.0, -1.0]]), "regression"),
+        (3, torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.1, 0.8]]), "multiclass"),  # soft targets (label smoothing)
     ],
 )
 def test_infer_task(outputs, labels, task):
@@ -52,6 +53,9 @@ def test_infer_task(outputs, labels, task):
         (1, torch.tensor([0, 1]), "multiclass", "one logit is task='binary'"),
         (3, torch.tensor([0, 1]), "multilabel", "multi-hot"),
         (3, None, "ordinal", "task must be"),
+        (3, torch.tensor([[1, 0, 0], [0, 0, 0]]), "auto", "one-hot class labels with an empty row"),
+        (1, torch.tensor([[1, 0], [0, 1]]), "auto", "2 label columns for one output"),
+        (4, torch.tensor([0.3, 0.7]), "auto", "per-sample weights"),
     ],
 )
 def test_infer_task_refuses_what_it_cannot_tell(outputs, labels, task, message):
@@ -137,7 +141,7 @@ def test_strata_spread_a_draw_over_values_and_label_sets():
     chosen = values[_stratified_indices(probe.labels, 4)]
     assert sorted(int(v * 4.0001) for v in chosen) == [0, 1, 2, 3]  # one value from each quarter of the range
     multi_hot = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 0]])
-    assert strata(multi_hot, 4).tolist() == [1, 1, 0, 2]
+    assert strata(multi_hot).tolist() == [1, 1, 0, 2]
 
 
 def test_linear_probe_r2_matches_scikit_learn_ridge():
