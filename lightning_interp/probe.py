@@ -28,6 +28,7 @@ __all__ = [
     "ProbeSet",
     "ValidationScan",
     "dataset_labels",
+    "labels_of_the_data",
     "parse_batch",
     "sampled_indices",
     "scannable",
@@ -89,6 +90,22 @@ def _as_mask(value: object, inputs: Tensor) -> Tensor | None:
     return None
 
 
+def _warn_about_mask_grid(items: Iterable[object], inputs: Tensor, what: str = "a batch item") -> None:
+    """Warn about the first item shaped like per-pixel masks (batch, h, w) / (batch, 1, h, w) on another grid."""
+    for item in items:
+        if not isinstance(item, Tensor) or item.shape[:1] != inputs.shape[:1]:
+            continue
+        if item.ndim == 3 or (item.ndim == 4 and item.shape[1] == 1):
+            warnings.warn(
+                f"{what} of shape {tuple(item.shape)} looks like masks, but masks must be (batch, H, W) or "
+                f"(batch, 1, H, W) on the inputs' grid {tuple(inputs.shape[-2:])} to score where a map points "
+                "(localization, pointing game), so it is left out. Resize masks to the inputs (nearest "
+                "neighbour) in the dataset to have those scores.",
+                stacklevel=3,
+            )
+            return
+
+
 def _describe(batch: object) -> str:
     if isinstance(batch, Tensor):
         return f"Tensor{tuple(batch.shape)}"
@@ -134,6 +151,8 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
         # the first item after the inputs that can be labels: (x, y, ...), or (ids, attention_mask, y)
         labels = next((item for item in batch[1:] if _looks_like_labels(item, inputs)), None)
         masks = next((m for m in (_as_mask(item, inputs) for item in batch[2:]) if m is not None), None)
+        if masks is None and inputs.ndim == 4:
+            _warn_about_mask_grid(batch[2:], inputs)
         return ParsedBatch(inputs, labels, masks)
     if isinstance(batch, Mapping):
         inputs = next((batch[k] for k in INPUT_KEYS if isinstance(batch.get(k), Tensor)), None)
@@ -142,13 +161,7 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
             masks = next((m for m in (_as_mask(batch.get(k), inputs) for k in MASK_KEYS) if m is not None), None)
             given = next((k for k in MASK_KEYS if isinstance(batch.get(k), Tensor)), None)
             if masks is None and given is not None and inputs.ndim == 4:
-                warnings.warn(
-                    f"batch[{given!r}] has shape {tuple(batch[given].shape)}, but masks must be (batch, H, W) or "
-                    f"(batch, 1, H, W) on the inputs' grid {tuple(inputs.shape[-2:])} to score where a map points "
-                    "(localization, pointing game), so they are left out. Resize them to the inputs (nearest "
-                    "neighbour) in the dataset to have those scores.",
-                    stacklevel=2,
-                )
+                _warn_about_mask_grid([batch[given]], inputs, f"batch[{given!r}]")
             return ParsedBatch(inputs, labels, masks)
     raise TypeError(
         f"Cannot find the inputs in a batch of the form: {_describe(batch)}. Understood forms are a tensor, "
@@ -646,6 +659,19 @@ class ValidationScan:
                     return None
                 labels.append(as_labels(parsed.labels))
         return torch.cat(labels) if labels else None
+
+
+def labels_of_the_data(probe: ProbeSet) -> Tensor | None:
+    """The labels to read the kind of labels from: those of every sample the probe was drawn from, when the
+    probe came from a :class:`ValidationScan` that read them, else the probe's own. A few probe samples can look
+    one-hot where the data is multi-label (samples with two labels are rarer), or hold only some of the values.
+
+    Example:
+        >>> labels_of_the_data(ProbeSet(torch.zeros(2, 3), torch.tensor([0, 1]))).tolist()
+        [0, 1]
+    """
+    scanned = getattr(probe.source, "labels", None)
+    return scanned if isinstance(scanned, Tensor) and probe.labels is not None else probe.labels
 
 
 def strata(labels: Tensor) -> Tensor:

@@ -152,9 +152,11 @@ def render_grid(
     axes = figure.add_axes((left / fig_w, 6 / fig_h, mosaic.shape[1] / fig_w, mosaic.shape[0] / fig_h))
     axes.imshow(mosaic, interpolation="nearest", aspect="auto")
     axes.set_axis_off()
+    fits = max(4, int((tw + gap) / 5.6))  # 9 pt is up to about 5.6 px a character
     for c, text in enumerate(column_titles):
         x = (left + c * (tw + gap) + tw / 2) / fig_w
-        figure.text(x, 1 - (top - 4) / fig_h, text, ha="center", va="bottom", fontsize=9)
+        shown = text if len(text) <= fits else "…" + text[-(fits - 1) :]  # a layer name's end tells it apart
+        figure.text(x, 1 - (top - 4) / fig_h, shown, ha="center", va="bottom", fontsize=9)
     for r, text in enumerate(row_labels):
         y = 1 - (top + r * (th + gap) + th / 2) / fig_h
         figure.text(4 / fig_w, y, text, ha="left", va="center", fontsize=8, family="monospace")

@@ -24,7 +24,7 @@ from lightning_interp.callbacks._base import InterpCallback, _check_callable
 from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
 from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
-from lightning_interp.probe import BatchParser, ProbeSet
+from lightning_interp.probe import BatchParser, ProbeSet, labels_of_the_data
 from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
 
 TargetSpec = str | int
@@ -172,7 +172,7 @@ class MapCallback(InterpCallback):
         outputs = scores_from_output(trace.output, self.output_transform).shape[1]
         self._labels_fit = True
         try:
-            task = infer_task(outputs, probe.labels, self.task)
+            task = infer_task(outputs, labels_of_the_data(probe), self.task)
         except ValueError as error:
             if self.target == "label" or probe.labels is None:
                 raise ValueError(f"{name}: {error}") from None

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, unwrapped
 from lightning_interp.callbacks._context import active_context
-from lightning_interp.methods._core import get_module, module_name
+from lightning_interp.methods._core import get_module, module_name, plain_name
 from lightning_interp.methods.features import (
     auto_layers,
     capture_features,
@@ -83,7 +83,9 @@ class RepresentationCallback(InterpCallback):
         trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
         self._chunk = forward_chunk_size(trace, pl_module.device)
         if self.auto and not self.layers:
-            self.layers = auto_layers(pl_module, None, max_layers=self.max_layers, trace=trace)
+            chosen = auto_layers(pl_module, None, max_layers=self.max_layers, trace=trace)
+            self.layers = [plain_name(name) for name in chosen]  # a compiled network's without '_orig_mod'
+
         for layer in self.layers:
             name = module_name(pl_module, layer) or layer  # a compiled sub-module's layers run under '_orig_mod'
             if name not in trace.calls:

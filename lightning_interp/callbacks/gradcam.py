@@ -10,11 +10,12 @@ from torch import Tensor
 
 from lightning_interp.callbacks._base import parse_layer_names
 from lightning_interp.callbacks._maps import Explanation, MapCallback
-from lightning_interp.methods._core import attribution_pass, get_module, module_name
+from lightning_interp.methods._core import attribution_pass, get_module, module_name, plain_name
 from lightning_interp.methods.gradcam import (
     TokenReshape,
     cam_from_activation,
     find_target_layer,
+    layers_with_patch_gradient,
     spatial_layers,
     token_grids,
 )
@@ -111,15 +112,17 @@ class GradCAMCallback(MapCallback):
                     "token outputs, or use SaliencyCallback instead."
                 )
             two = self._device_inputs(trainer, pl_module, probe.inputs[:2]).to(example.dtype)
-            self.layers = [
-                find_target_layer(
-                    pl_module,
-                    two,
-                    reshape=self.reshape,
-                    trace=trace,
-                    target=self._target_for(probe.subset(min(2, len(probe))), two.device),
-                    output_transform=self.output_transform,
-                    task=self.output_task,
+            self.layers = [  # named as the user would, also for a compiled network ('_orig_mod' left out)
+                plain_name(
+                    find_target_layer(
+                        pl_module,
+                        two,
+                        reshape=self.reshape,
+                        trace=trace,
+                        target=self._target_for(probe.subset(min(2, len(probe))), two.device),
+                        output_transform=self.output_transform,
+                        task=self.output_task,
+                    )
                 )
             ]
         real = {name: module_name(pl_module, name) or name for name in self.layers}  # compiled: under '_orig_mod'
@@ -133,6 +136,30 @@ class GradCAMCallback(MapCallback):
                 )
         self._tokens = {name: len(trace.shapes[real[name]]) == 3 for name in self.layers}
         self._reshapes = {name: self.reshape or grids.get(real[name]) for name in self.layers}
+        tokens = {real[name]: self._reshapes[name] for name in self.layers if self._tokens[name]}
+        if tokens and not self.auto:  # a named token layer whose patch tokens never reach the score: refuse now
+            two = self._device_inputs(trainer, pl_module, probe.inputs[:2]).to(example.dtype)
+            target = self._target_for(probe.subset(min(2, len(probe))), two.device)
+            alive = layers_with_patch_gradient(
+                pl_module, two, tokens, target=target, output_transform=self.output_transform, task=self.output_task
+            )
+            dead = [name for name in self.layers if self._tokens[name] and real[name] not in alive]
+            if dead:
+                suggestion = find_target_layer(
+                    pl_module,
+                    two,
+                    reshape=self.reshape,
+                    trace=trace,
+                    target=target,
+                    output_transform=self.output_transform,
+                    task=self.output_task,
+                )
+                raise ValueError(
+                    f"GradCAMCallback: the patch tokens of {dead} do not reach the model's score (in a vision "
+                    "transformer whose head reads the class token, nothing after the last block's attention does), "
+                    f"so every map of them would be zero. Use a layer before that point, e.g. "
+                    f"{plain_name(suggestion)!r} (what layer='auto' picks)."
+                )
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         result = attribution_pass(

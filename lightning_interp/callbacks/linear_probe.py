@@ -20,7 +20,7 @@ from lightning_interp.methods.probes import (
     multilabel_probe_accuracy,
 )
 from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, label_kind
-from lightning_interp.probe import ProbeSet
+from lightning_interp.probe import ProbeSet, labels_of_the_data
 from lightning_interp.visualize import line_image
 
 
@@ -133,7 +133,7 @@ class LinearProbeCallback(RepresentationCallback):
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         super()._prepare(trainer, pl_module, probe)
         assert probe.labels is not None
-        task = self._label_task(probe.labels)
+        task = self._label_task(labels_of_the_data(probe))
         if self._provisional:  # a stream's first samples: the counts are checked on the probe set itself
             return
         if task == "regression":
@@ -171,7 +171,7 @@ class LinearProbeCallback(RepresentationCallback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         assert self.probe is not None and self.probe.labels is not None
         features = self._features(trainer, pl_module)
-        task = self._label_task(self.probe.labels)
+        task = self._label_task(labels_of_the_data(self.probe))
         labels = self.probe.labels if task != "multiclass" else class_labels(self.probe.labels, task)
         metric = "r2" if task == "regression" else "accuracy"
         held_out: list[float] = []

@@ -23,6 +23,7 @@ from lightning_interp.methods.similarity import (
     rdm,
     rsa_matrix,
 )
+from lightning_interp.methods.tasks import TASKS, TaskOption
 from lightning_interp.probe import ProbeSet, strata
 from lightning_interp.visualize import colorize, matrix_image, normalize_map, render_grid
 
@@ -69,6 +70,11 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         debiased: unbiased HSIC for CKA (recommended when features outnumber samples).
         rdm_metric: ``"correlation"`` (1 - Pearson r) or ``"euclidean"``.
         rsa_method: ``"spearman"``, ``"pearson"`` or ``"tau_a"`` (slow beyond ~200 samples).
+        task: how ``rsa_vs_labels`` reads the labels: ``"auto"`` (class
+            indices and one-hot rows as classes, multi-hot rows as label sets,
+            fractional values as values), or ``"regression"`` to compare
+            whole-number targets (counts, ages) by their distance rather than
+            as classes (see :func:`~lightning_interp.methods.label_rdm`).
         reference_model: a fixed network (e.g. a teacher) whose layers every
             layer is compared with; it is moved to the model's device and run
             in eval mode.
@@ -92,6 +98,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         debiased: bool = True,
         rdm_metric: str = "correlation",
         rsa_method: str = "spearman",
+        task: TaskOption = "auto",
         reference_model: nn.Module | None = None,
         reference_layers: str | Sequence[str] = "auto",
         max_layers: int = 6,
@@ -107,6 +114,8 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             raise ValueError(f"rdm_metric must be one of {RDM_METRICS}, got {rdm_metric!r}.")
         if rsa_method not in RSA_METHODS:
             raise ValueError(f"rsa_method must be one of {RSA_METHODS}, got {rsa_method!r}.")
+        if task != "auto" and task not in TASKS:
+            raise ValueError(f"task must be 'auto' or one of {TASKS}, got {task!r}.")
         if reference_model is not None and not isinstance(reference_model, nn.Module):
             raise TypeError(f"reference_model must be an nn.Module, got {type(reference_model).__name__}.")
         if reference_model is not None and "cka" not in metrics:
@@ -125,6 +134,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         self.debiased = debiased
         self.rdm_metric = rdm_metric
         self.rsa_method = rsa_method
+        self.task = task
         self.reference_model = reference_model
         self.reference_layers: list[str] = (
             []
@@ -137,11 +147,13 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         self._reference_chunk = 256
         self._previous_grams: Tensor | None = None
         self._start_grams: Tensor | None = None
+        self._noted_single = False  # warned this run that one-value layers use the Euclidean RDM
 
     # ------------------------------------------------------------------ setup
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
         self._previous_grams = self._start_grams = None
+        self._noted_single = False
         if self._reference_auto:
             self.reference_layers = []
 
@@ -261,7 +273,15 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         names = list(features)
         device = next(iter(features.values())).device
         order = self._order().to(device)
-        rdms = [rdm(features[n][order], metric=self.rdm_metric) for n in names]
+        single = [n for n in names if features[n].shape[1] < 2] if self.rdm_metric == "correlation" else []
+        if single and not self._noted_single:
+            self._noted_single = True
+            rank_zero_warn(
+                f"RepresentationSimilarityCallback: {single} give one value per sample, where the correlation "
+                "distance between two samples is undefined; their RDMs use the Euclidean distance (|a - b|) "
+                "instead (said once per run)."
+            )
+        rdms = [rdm(features[n][order], metric="euclidean" if n in single else self.rdm_metric) for n in names]
         finite = torch.stack([torch.isfinite(matrix).all() for matrix in rdms]).tolist()
         if not all(finite):
             broken = [n for n, ok in zip(names, finite, strict=True) if not ok]
@@ -270,7 +290,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         labels = self.probe.labels
         compared = [matrix for matrix, ok in zip(rdms, finite, strict=True) if ok]
         if labels is not None:
-            compared.append(label_rdm(labels.to(device)[order]))
+            compared.append(label_rdm(labels.to(device)[order], as_values=self.task == "regression"))
         similarity = rsa_matrix(compared, method=self.rsa_method) if len(compared) >= 2 else None
         slot = {index: position for position, index in enumerate(i for i, ok in enumerate(finite) if ok)}
         nan = torch.full((), float("nan"), dtype=torch.float64, device=device)

@@ -112,8 +112,17 @@ def module_name(model: nn.Module, layer: str) -> str | None:
     names = [name for name, _ in model.named_modules() if name]
     if layer in names:
         return layer
-    plain = {name.replace("._orig_mod", "").replace("_orig_mod.", ""): name for name in names}
-    return plain.get(layer)
+    return {plain_name(name): name for name in names}.get(layer)
+
+
+def plain_name(name: str) -> str:
+    """A module name without the ``_orig_mod`` segments ``torch.compile`` inserts (the name a user writes).
+
+    Example:
+        >>> plain_name("net._orig_mod.layer4")
+        'net.layer4'
+    """
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def get_module(model: nn.Module, layer: nn.Module | str) -> nn.Module:

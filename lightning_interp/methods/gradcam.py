@@ -92,6 +92,8 @@ def token_grids(trace: ModelTrace) -> dict[str, TokenGrid]:
     patch_grid: tuple[int, int] | None = None
     for name in trace.order:
         shape = trace.shapes[name]
+        if len(shape) == 4 and patch_grid is not None and tuple(shape[1:3]) == patch_grid:
+            continue  # the same grid channels-last (B, h, w, C), as timm's dynamic_img_size patch embedding gives
         if len(shape) == 4 and shape[-2] * shape[-1] > 1 and not grids:  # the grid of the first tokens stays
             patch_grid = (shape[-2], shape[-1])
         elif len(shape) == 3:
@@ -99,6 +101,21 @@ def token_grids(trace: ModelTrace) -> dict[str, TokenGrid]:
             if grid is not None:
                 grids[name] = grid
     return grids
+
+
+def _channels_last_outputs(trace: ModelTrace) -> set[str]:
+    """Names of 4-D outputs that are an earlier (1, C, h, w) output's grid channels-last: (1, h, w, C)."""
+    seen: set[tuple[int, int, int]] = set()  # (C, h, w) of the channels-first outputs so far
+    found = set()
+    for name in trace.order:
+        shape = trace.shapes[name]
+        if len(shape) != 4:
+            continue
+        if (shape[3], shape[1], shape[2]) in seen and shape[1] != shape[3]:
+            found.add(name)
+        else:
+            seen.add((shape[1], shape[2], shape[3]))
+    return found
 
 
 def _grid_for(tokens: int, patch_grid: tuple[int, int] | None, input_shape: tuple[int, ...]) -> TokenGrid | None:
@@ -252,8 +269,11 @@ def spatial_layers(
     modules = dict(model.named_modules())
     grids = token_grids(trace)
     token_counts = {trace.shapes[name][1] for name in grids}
+    channels_last = _channels_last_outputs(trace)
     found: list[tuple[str, tuple[int, ...]]] = []
     for name in trace.ran_once():
+        if name in channels_last and reshape is None:
+            continue  # (B, h, w, C): read as (B, C, h, w) its channels would become the map's width
         if isinstance(modules.get(name), _PASS_THROUGH):
             continue  # Identity and Dropout (in eval) repeat their input: the module before them is the layer
         shape = trace.shapes[name]

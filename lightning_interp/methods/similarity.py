@@ -566,10 +566,12 @@ class MinibatchCKA:
         return _normalise_matrix(self.hsic_sum / self.num_batches, self.names)
 
 
-def label_rdm(labels: Tensor) -> Tensor:
+def label_rdm(labels: Tensor, *, as_values: bool = False) -> Tensor:
     """The dissimilarity of the samples' labels, (n, n) float64 with a zero diagonal: the model RDM's ideal.
 
-    Class indices (and one-hot or soft rows, by their most likely class): 0 within a class, 1 across. Multi-hot
+    Class indices (and one-hot or soft rows, by their most likely class): 0 within a class, 1 across.
+    ``as_values=True`` reads any labels as values (whole-number regression
+    targets such as counts), compared by their Euclidean distance. Multi-hot
     rows: the Jaccard distance of the label sets (1 - shared / either; 0 for
     two samples without any label). Real-valued targets: the Euclidean distance.
 
@@ -577,7 +579,7 @@ def label_rdm(labels: Tensor) -> Tensor:
         >>> label_rdm(torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 0]])).tolist()
         [[0.0, 0.5, 1.0], [0.5, 0.0, 1.0], [1.0, 1.0, 0.0]]
     """
-    kind = label_kind(labels)
+    kind = "continuous" if as_values else label_kind(labels)
     if kind in ("class", "one_hot", "soft"):
         index = labels.argmax(dim=1) if labels.ndim == 2 else labels.round().long()
         return (index[:, None] != index[None, :]).double()

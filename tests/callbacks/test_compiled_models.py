@@ -41,7 +41,7 @@ def test_compiled_network_is_explained_eagerly_with_the_same_weights(tmp_path, m
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=callbacks, logger=False)
     trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
     assert sum("compiled with torch.compile" in note for note in notes) == 1  # said once, not once per callback
-    assert automatic.layers == ["net._orig_mod.3"]
+    assert automatic.layers == ["net.3"]  # named as for the eager network
     # the same weights through the original modules: the map equals Grad-CAM of the uncompiled network
     original = model.net._orig_mod
     expected = grad_cam(original, named.probe.inputs, None, "2")

@@ -211,11 +211,14 @@ def test_masks_of_the_wrong_size_are_refused_or_left_out_with_a_warning(tmp_path
     model = Classifier(_conv_net(outputs=4))
     _fails_before_training(tmp_path, model, GradCAMCallback(probe=probe), message=r"masks are \(4, 4\)")
     # a dict batch whose mask key holds masks of another grid: left out, with a warning where the batch is read
-    with pytest.warns(UserWarning, match=r"batch\['mask'\] has shape \(2, 4, 4\)"):
+    with pytest.warns(UserWarning, match=r"batch\['mask'\] of shape \(2, 4, 4\) looks like masks"):
         parsed = parse_batch(
             {"image": torch.rand(2, 3, 8, 8), "label": torch.tensor([0, 1]), "mask": torch.ones(2, 4, 4)}
         )
     assert parsed.masks is None and parsed.labels.tolist() == [0, 1]
+    with pytest.warns(UserWarning, match=r"shape \(2, 4, 4\) looks like masks"):  # the same in a tuple batch
+        parsed = parse_batch((torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), torch.ones(2, 4, 4)))
+    assert parsed.masks is None
 
 
 def test_probe_samples_with_nan_are_refused_with_their_indices(tmp_path):

@@ -102,7 +102,7 @@ def _callbacks(**map_options):
         SaliencyCallback(methods=("gradient", "integrated_gradients"), num_samples=6, ig_steps=4, **map_options),
         GradCAMCallback(layer="net.2", num_samples=6, **map_options),
         LinearProbeCallback(layers=["net.1", "net.3"], num_samples=24),
-        RepresentationSimilarityCallback(layers=["net.1", "net.3"], num_samples=24),
+        RepresentationSimilarityCallback(layers=["net.1", "net.3", "net.6"], num_samples=24),  # net.6: the output
     ]
 
 
@@ -255,3 +255,16 @@ def test_text_batches_with_an_attention_mask_before_the_labels():
     labels = torch.tensor([0, 2, 1, 2])
     parsed = parse_batch((ids, attention, labels))
     assert parsed.labels is labels  # not the (B, T) mask, which is shaped like the inputs
+
+
+def test_sparse_multilabel_data_is_read_from_all_its_labels_not_the_few_probe_rows(tmp_path, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(48, 3, 8, 8, generator=generator)
+    y = F.one_hot(torch.arange(48) % 3, 3).float()
+    y[[7, 23, 40], 0] = 1.0  # three samples with two labels; the four probe rows drawn have one each
+    callback = SaliencyCallback(methods=("gradient",), num_samples=3)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
+    data = TensorDataset(x, y)
+    trainer.fit(Net(3, "bce"), DataLoader(data, batch_size=16), DataLoader(data, batch_size=16))
+    assert float(callback.probe.labels.sum(dim=1).max()) == 1.0  # the probe alone would look one-hot
+    assert callback.output_task == "multilabel"

@@ -72,3 +72,15 @@ def test_timm_vit_with_register_tokens_through_every_callback(tmp_path):
         finite = all(math.isfinite(v) for _, v in values)
         assert finite or (tag.endswith("concentration") and any("negative or zero everywhere" in m for m in messages))
     assert not [m for m in messages if "is zero at epoch" in m]
+
+
+def test_a_named_vit_layer_whose_patch_tokens_reach_nothing_is_refused_with_the_right_one(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=4
+    )
+    callback = GradCAMCallback(layer="net.encoder.layers.encoder_layer_1", num_samples=4)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
+    with pytest.raises(ValueError, match=r"do not reach the model's score.*'net.encoder.layers.encoder_layer_1.ln_1'"):
+        trainer.fit(NetClassifier(net), _loader(), _loader())
+    assert trainer.global_step == 0

@@ -459,3 +459,19 @@ def test_timm_vit_with_nine_leading_tokens_and_a_two_output_regression():
     two_outputs.heads.head = nn.Linear(32, 2)
     cam = grad_cam(two_outputs, x, 1, None, task="regression")  # the given output, also for the automatic layer
     assert cam.shape == (2, 32, 32)
+
+
+def test_timm_vit_with_a_channels_last_patch_embedding():
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(4)
+    net = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=2, dynamic_img_size=True
+    ).eval()
+    x = torch.randn(2, 3, 16, 16)
+    names = [name for name, _ in spatial_layers(net, x)]
+    assert "patch_embed" not in names  # (B, h, w, C): its channels must not become the map's width
+    assert find_target_layer(net, x) == "blocks.1.norm1"
+    assert grad_cam(net, x, None, None, upsample=False).shape == (2, 4, 4)
+    del timm
