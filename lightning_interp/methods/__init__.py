@@ -2,7 +2,9 @@
 
 Attribution methods share one signature, ``fn(model, inputs, target, **options)``,
 where ``target`` is a class index, a LongTensor of shape (B,) or None for the
-predicted class.
+predicted class (CAM methods add ``layer``). Every one is declared once in
+:mod:`lightning_interp.methods.registry`: ``attribute(name, model, inputs,
+target, **options)`` calls any of them and ``available_methods()`` lists them.
 """
 
 from lightning_interp.methods._core import (
@@ -28,13 +30,21 @@ from lightning_interp.methods.features import (
     pool_features,
 )
 from lightning_interp.methods.gradcam import (
+    GRADIENT_CAMS,
     TokenGrid,
+    cam,
     cam_from_activation,
+    eigen_cam,
     find_target_layer,
     grad_cam,
+    grad_cam_plus_plus,
+    hires_cam,
+    layer_cam,
     layers_with_patch_gradient,
+    score_cam,
     spatial_layers,
     token_grids,
+    xgrad_cam,
 )
 from lightning_interp.methods.map_metrics import (
     attribution_to_map,
@@ -52,6 +62,14 @@ from lightning_interp.methods.probes import (
     multilabel_probe_accuracy,
     stratified_split,
 )
+from lightning_interp.methods.registry import (
+    FAMILIES,
+    METHODS,
+    MethodSpec,
+    attribute,
+    available_methods,
+    method_spec,
+)
 from lightning_interp.methods.similarity import (
     MinibatchCKA,
     center_gram,
@@ -68,51 +86,58 @@ from lightning_interp.methods.similarity import (
 from lightning_interp.methods.tasks import TASKS, infer_task, label_kind, prediction_and_confidence, target_scores
 from lightning_interp.methods.trace import ModelTrace, trace_model
 
-ATTRIBUTION_METHODS = {
-    "gradient": gradient,
-    "input_x_gradient": input_x_gradient,
-    "smoothgrad": smoothgrad,
-    "integrated_gradients": integrated_gradients,
-}
-"""The input-attribution methods by name; all share ``fn(model, inputs, target, **options)``."""
+ATTRIBUTION_METHODS = {name: METHODS[name].function for name in available_methods() if not METHODS[name].needs_layer}
+"""The input-attribution methods by name (from the registry); all share ``fn(model, inputs, target, **options)``."""
 
 __all__ = [
     "ATTRIBUTION_METHODS",
+    "FAMILIES",
+    "GRADIENT_CAMS",
+    "METHODS",
     "PROBE_SOLVERS",
     "TASKS",
     "ForwardWith",
+    "MethodSpec",
     "MinibatchCKA",
     "ModelTrace",
     "PassResult",
     "ProbeResult",
     "RegressionProbeResult",
     "TokenGrid",
+    "attribute",
     "attribution_pass",
     "attribution_to_map",
     "auto_layers",
+    "available_methods",
+    "cam",
     "cam_from_activation",
     "capture_features",
     "capture_pooled_features",
     "center_gram",
     "cka_matrix",
     "concentration",
+    "eigen_cam",
     "find_target_layer",
     "forward_chunk_size",
     "get_module",
     "grad_cam",
+    "grad_cam_plus_plus",
     "gradient",
     "gram_dtype_for",
+    "hires_cam",
     "infer_task",
     "input_x_gradient",
     "integrated_gradients",
     "integration_points",
     "label_kind",
     "label_rdm",
+    "layer_cam",
     "layers_with_patch_gradient",
     "linear_cka",
     "linear_probe_accuracy",
     "linear_probe_r2",
     "localization",
+    "method_spec",
     "modes_preserved",
     "module_name",
     "multilabel_probe_accuracy",
@@ -125,10 +150,12 @@ __all__ = [
     "rdm",
     "rsa",
     "rsa_matrix",
+    "score_cam",
     "smoothgrad",
     "spatial_layers",
     "stratified_split",
     "target_scores",
     "token_grids",
     "trace_model",
+    "xgrad_cam",
 ]

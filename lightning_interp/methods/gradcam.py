@@ -27,13 +27,21 @@ from lightning_interp.methods.tasks import target_scores
 from lightning_interp.methods.trace import ModelTrace, trace_model
 
 __all__ = [
+    "GRADIENT_CAMS",
     "TokenGrid",
+    "cam",
     "cam_from_activation",
+    "eigen_cam",
     "find_target_layer",
     "grad_cam",
+    "grad_cam_plus_plus",
+    "hires_cam",
+    "layer_cam",
     "layers_with_patch_gradient",
+    "score_cam",
     "spatial_layers",
     "token_grids",
+    "xgrad_cam",
 ]
 
 _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
@@ -135,6 +143,10 @@ def _grid_for(tokens: int, patch_grid: tuple[int, int] | None, input_shape: tupl
     return None
 
 
+GRADIENT_CAMS = ("grad_cam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "hires_cam", "eigen_cam")
+"""CAM methods computed from one layer's activation and its gradient (all served by one forward and backward)."""
+
+
 def cam_from_activation(
     activation: Tensor,
     activation_grad: Tensor,
@@ -142,12 +154,23 @@ def cam_from_activation(
     relu: bool = True,
     output_size: Sequence[int] | None = None,
     reshape: TokenReshape | None = None,
+    method: str = "grad_cam",
 ) -> Tensor:
     """Grad-CAM map from a layer's activation and the gradient of the score with respect to it.
 
-    Channel weights are the spatial mean of the gradient; the map is
-    ``ReLU(sum_k w_k A_k)``, optionally resized bilinearly
-    (``align_corners=False``) to ``output_size``.
+    The map is ``ReLU(sum_k w_k A_k)`` (``relu``), optionally resized
+    bilinearly (``align_corners=False``) to ``output_size``, where ``method``
+    sets the weighting of the activation ``A`` by its gradient ``G``:
+
+    - ``grad_cam``: ``w_k`` = spatial mean of ``G_k`` (Selvaraju et al. 2017);
+    - ``grad_cam_plus_plus``: ``w_k = sum_ij relu(G_kij) a_kij`` with
+      ``a = G^2 / (2 G^2 + sum_ij(A_k) G^3)`` (Chattopadhay et al. 2018, eq. 19);
+    - ``xgrad_cam``: ``w_k = sum_ij G_kij A_kij / sum_ij A_kij`` (Fu et al. 2020);
+    - ``layer_cam``: element-wise ``sum_k relu(G_k) A_k`` (Jiang et al. 2021);
+    - ``hires_cam``: element-wise ``sum_k G_k A_k`` (Draelos and Carin 2020);
+    - ``eigen_cam``: the projection of the centred activations on their first
+      principal component (Muhammad and Yeasin 2020; no gradient), its sign
+      fixed so that it agrees with the mean activation (an SVD's sign is arbitrary).
 
     Args:
         activation: (B, C, h, w) layer output (or tokens, with ``reshape``).
@@ -155,6 +178,7 @@ def cam_from_activation(
         relu: apply the ReLU of the original definition.
         output_size: (H, W) to upsample to, or None to keep (h, w).
         reshape: turns (B, N, C) token tensors into (B, C, h, w).
+        method: one of :data:`GRADIENT_CAMS`.
 
     Returns:
         (B, H, W) float32 map, not normalised.
@@ -172,13 +196,50 @@ def cam_from_activation(
             f"Grad-CAM needs a (batch, channels, height, width) activation, got shape {tuple(activation.shape)}. "
             "For token outputs (batch, tokens, channels) pass reshape=... that returns (batch, channels, h, w)."
         )
-    weights = activation_grad.float().mean(dim=(2, 3), keepdim=True)
-    cam = (weights * activation.float()).sum(dim=1)
+    cam = _combine(method, activation.float(), activation_grad.float())
     if relu:
         cam = cam.clamp_min(0)
     if output_size is not None and tuple(cam.shape[-2:]) != tuple(output_size):
         cam = F.interpolate(cam[:, None], size=tuple(output_size), mode="bilinear", align_corners=False)[:, 0]
     return cam
+
+
+def _combine(method: str, activation: Tensor, grad: Tensor) -> Tensor:
+    """The (B, h, w) map of one gradient-based CAM method, before the ReLU and resizing."""
+    if method == "grad_cam":
+        return (grad.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
+    if method == "grad_cam_plus_plus":
+        squared = grad.square()
+        total = activation.sum(dim=(2, 3), keepdim=True)
+        alpha = squared / (2 * squared + total * squared * grad + 1e-6)
+        alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+        weights = (grad.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True)
+        return (weights * activation).sum(dim=1)
+    if method == "xgrad_cam":
+        total = activation.sum(dim=(2, 3), keepdim=True)
+        weights = (grad * activation / (total + 1e-7)).sum(dim=(2, 3), keepdim=True)
+        return (weights * activation).sum(dim=1)
+    if method == "layer_cam":
+        return (grad.clamp_min(0) * activation).sum(dim=1)
+    if method == "hires_cam":
+        return (grad * activation).sum(dim=1)
+    if method == "eigen_cam":
+        return _first_component(activation)
+    raise ValueError(f"Unknown CAM method {method!r}; use one of {GRADIENT_CAMS}.")
+
+
+def _first_component(activation: Tensor) -> Tensor:
+    """Per sample: the (h, w) pixels' activations, centred over pixels, projected on their first principal axis;
+    signed so that the projection correlates positively with the mean activation over channels."""
+    batch, channels, height, width = activation.shape
+    pixels = activation.double().reshape(batch, channels, -1).transpose(1, 2)  # (B, hw, C)
+    centred = pixels - pixels.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    projection = centred @ vh[:, 0, :, None]  # (B, hw, 1)
+    mean_activation = pixels.mean(dim=2, keepdim=True)
+    agreement = ((projection - projection.mean(dim=1, keepdim=True)) * mean_activation).sum(dim=1, keepdim=True)
+    projection = torch.where(agreement < 0, -projection, projection)
+    return projection.reshape(batch, height, width).to(activation.dtype)
 
 
 def grad_cam(
@@ -217,6 +278,19 @@ def grad_cam(
         >>> grad_cam(net, torch.randn(2, 3, 8, 8), None, "1").shape
         torch.Size([2, 8, 8])
     """
+    return _gradient_cam("grad_cam", model, inputs, target, layer, relu, upsample, reshape, output_transform, task)
+
+
+def _layer_and_reshape(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target,
+    layer: nn.Module | str | None,
+    reshape: TokenReshape | None,
+    output_transform: OutputTransform | None,
+    task: str,
+) -> tuple[nn.Module | str, TokenReshape | None]:
+    """``layer`` (None: :func:`find_target_layer`) and how its output becomes a grid (a known token layout)."""
     if layer is None or (reshape is None and isinstance(layer, str)):
         trace = trace_model(model, inputs)
         if layer is None:
@@ -225,13 +299,228 @@ def grad_cam(
             )
         if reshape is None and isinstance(layer, str) and len(trace.shapes.get(layer, ())) == 3:
             reshape = token_grids(trace).get(layer)  # a known vision-transformer token layout
+    return layer, reshape
+
+
+def _gradient_cam(
+    method: str,
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target,
+    layer: nn.Module | str | None,
+    relu: bool,
+    upsample: bool,
+    reshape: TokenReshape | None,
+    output_transform: OutputTransform | None,
+    task: str,
+) -> Tensor:
+    layer, reshape = _layer_and_reshape(model, inputs, target, layer, reshape, output_transform, task)
     result = attribution_pass(
         model, inputs, target, layers=[layer], input_gradient=False, output_transform=output_transform, task=task
     )
     size = inputs.shape[-2:] if upsample else None
     return cam_from_activation(
-        result.activations[0], result.activation_grads[0], relu=relu, output_size=size, reshape=reshape
+        result.activations[0], result.activation_grads[0], relu=relu, output_size=size, reshape=reshape, method=method
     )
+
+
+def _cam_variant(method: str, summary: str) -> Callable[..., Tensor]:
+    def variant(
+        model: nn.Module,
+        inputs: Tensor,
+        target: Target = None,
+        layer: nn.Module | str | None = None,
+        *,
+        relu: bool = True,
+        upsample: bool = True,
+        reshape: TokenReshape | None = None,
+        output_transform: OutputTransform | None = None,
+        task: str = "multiclass",
+    ) -> Tensor:
+        return _gradient_cam(method, model, inputs, target, layer, relu, upsample, reshape, output_transform, task)
+
+    variant.__name__ = variant.__qualname__ = method
+    variant.__doc__ = f"""{summary}
+
+    The same arguments and result as :func:`grad_cam`; the weighting is described in
+    :func:`cam_from_activation`. One forward and one backward.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> {method}(net, torch.randn(2, 3, 8, 8), None, "1").shape
+        torch.Size([2, 8, 8])
+    """
+    return variant
+
+
+grad_cam_plus_plus = _cam_variant("grad_cam_plus_plus", "Grad-CAM++ heatmap of ``layer`` (Chattopadhay et al. 2018).")
+xgrad_cam = _cam_variant("xgrad_cam", "XGrad-CAM heatmap of ``layer`` (Fu et al. 2020).")
+layer_cam = _cam_variant(
+    "layer_cam", "Layer-CAM heatmap of ``layer`` (Jiang et al. 2021): element-wise positive weights."
+)
+hires_cam = _cam_variant("hires_cam", "HiRes-CAM heatmap of ``layer`` (Draelos and Carin 2020): element-wise weights.")
+eigen_cam = _cam_variant(
+    "eigen_cam", "Eigen-CAM heatmap of ``layer`` (Muhammad and Yeasin 2020): the activations' first component."
+)
+
+
+def score_cam(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    layer: nn.Module | str | None = None,
+    *,
+    relu: bool = True,
+    upsample: bool = True,
+    reshape: TokenReshape | None = None,
+    internal_batch_size: int = 64,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+) -> Tensor:
+    """Score-CAM heatmap of ``layer`` (Wang et al. 2020): channels weighted by how much they alone keep the score.
+
+    Each of the layer's C channels, upsampled to the input size (bilinearly,
+    ``align_corners=True`` as the reference implementation) and min-max
+    normalised to [0, 1], masks the input; the target score of every masked
+    input (no gradients, ``internal_batch_size`` inputs per forward) goes
+    through a softmax over the channels to give the channel weights, and the
+    map is ``ReLU(sum_k w_k A_k)``. Cost: one forward per channel per sample
+    (512 for a ResNet's ``layer4``), against one forward and one backward for
+    Grad-CAM.
+
+    Args:
+        model: the network.
+        inputs: (B, C, H, W) batch.
+        target: class index, LongTensor (B,), or None for the prediction.
+        layer: module or dotted name; None picks :func:`find_target_layer`.
+        relu: keep only the positive part of the map.
+        upsample: resize to the input's (H, W) bilinearly (align_corners=False).
+        reshape: turns token outputs (B, N, C) into (B, C, h, w) (default: the known layouts).
+        internal_batch_size: most masked inputs per forward pass.
+        output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> score_cam(net, torch.randn(2, 3, 8, 8), None, "1").shape
+        torch.Size([2, 8, 8])
+    """
+    if internal_batch_size < 1:
+        raise ValueError(f"internal_batch_size must be positive, got {internal_batch_size}.")
+    layer, reshape = _layer_and_reshape(model, inputs, target, layer, reshape, output_transform, task)
+    module = get_module(model, layer)
+    with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
+        x = inputs.detach().clone()
+        with captured_outputs([module]) as outputs:
+            scores = scores_from_output(model(x), output_transform)
+        index = resolve_target(target, scores, task)
+        activation = outputs[0]
+        if activation is None:
+            raise RuntimeError(f"Layer {layer!r} produced no tensor output during the forward pass.")
+        activation = (reshape(activation) if reshape is not None else activation).float()
+        masks = F.interpolate(activation, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
+        low = masks.amin(dim=(2, 3), keepdim=True)
+        high = masks.amax(dim=(2, 3), keepdim=True)
+        masks = (masks - low) / (high - low + 1e-8)  # (B, C, H, W)
+        batch, channels = masks.shape[:2]
+        weights = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
+        for sample in range(batch):
+            for start in range(0, channels, internal_batch_size):
+                chunk = masks[sample, start : start + internal_batch_size, None].to(x.dtype)
+                masked = x[sample : sample + 1] * chunk  # (k, C_in, H, W)
+                out = scores_from_output(model(masked), output_transform)
+                explained = index[sample].expand(masked.shape[0])
+                weights[sample, start : start + masked.shape[0]] = target_scores(out, explained, task).float()
+        weights = weights.softmax(dim=1)
+        cam = (weights[:, :, None, None] * activation).sum(dim=1)
+    if relu:
+        cam = cam.clamp_min(0)
+    if upsample and tuple(cam.shape[-2:]) != tuple(x.shape[-2:]):
+        cam = F.interpolate(cam[:, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    return cam
+
+
+def cam(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    layer: nn.Module | str | None = None,
+    *,
+    classifier: nn.Module | str | None = None,
+    relu: bool = True,
+    upsample: bool = True,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+) -> Tensor:
+    """Class activation map (Zhou et al. 2016): ``layer``'s channels weighted by the classifier's weights.
+
+    Defined for a head that global-average-pools ``layer`` and applies one
+    linear ``classifier`` (ResNets, most CNNs): the map is
+    ``sum_k W[c, k] A_k`` for the explained class ``c``. ``classifier``
+    defaults to the last ``nn.Linear``; a head of another form is refused.
+
+    Args:
+        model: the network.
+        inputs: (B, C, H, W) batch.
+        target: class index, LongTensor (B,), or None for the prediction.
+        layer: module or dotted name; None picks :func:`find_target_layer`.
+        relu: keep only the positive part of the map.
+        upsample: resize to the input's (H, W) bilinearly (align_corners=False).
+        classifier: the linear layer that reads the pooled channels (module or dotted name).
+        output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+
+    Raises:
+        ValueError: the classifier does not read one value per channel of ``layer``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> cam(net, torch.randn(2, 3, 8, 8), None, "1").shape
+        torch.Size([2, 8, 8])
+    """
+    layer, _ = _layer_and_reshape(model, inputs, target, layer, None, output_transform, task)
+    if classifier is None:
+        linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+        if not linears:
+            raise ValueError(
+                f"CAM needs a linear classifier after global average pooling; {type(model).__name__} has none."
+            )
+        head = linears[-1]
+    else:
+        head = get_module(model, classifier)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"CAM's classifier must be an nn.Linear, got {type(head).__name__}.")
+    module = get_module(model, layer)
+    with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
+        with captured_outputs([module, head]) as outputs:
+            scores = scores_from_output(model(inputs.detach().clone()), output_transform)
+        activation = outputs[0]
+        if activation is None or activation.ndim != 4:
+            raise ValueError(f"CAM needs a (batch, channels, h, w) output of layer {layer!r}.")
+        if head.in_features != activation.shape[1]:
+            raise ValueError(
+                f"CAM weights the {activation.shape[1]} channels of layer {layer!r} by the classifier's weights, but "
+                f"the classifier reads {head.in_features} values: the head is not global average pooling of this "
+                "layer followed by one linear layer. Use grad_cam (the same map for such heads), or name the layer "
+                "the classifier pools."
+            )
+        index = resolve_target(target, scores, task)
+        weights = head.weight.detach().float()
+        if task == "binary":  # one logit: class 1 is its weight row, class 0 the negative
+            chosen = weights[0].expand(index.numel(), -1) * torch.where(index == 1, 1.0, -1.0)[:, None]
+        else:
+            chosen = weights[index]
+        result = (chosen[:, :, None, None] * activation.float()).sum(dim=1)
+    if relu:
+        result = result.clamp_min(0)
+    if upsample and tuple(result.shape[-2:]) != tuple(inputs.shape[-2:]):
+        result = F.interpolate(result[:, None], size=tuple(inputs.shape[-2:]), mode="bilinear", align_corners=False)[
+            :, 0
+        ]
+    return result
 
 
 def spatial_layers(
