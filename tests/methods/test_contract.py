@@ -14,14 +14,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-from lightning_interp.methods import (
-    ATTRIBUTION_METHODS,
-    grad_cam,
-    gradient,
-    input_x_gradient,
-    integrated_gradients,
-    smoothgrad,
-)
+from lightning_interp.methods import ATTRIBUTION_METHODS, attribute, available_methods, grad_cam
+from lightning_interp.methods import METHODS as METHOD_SPECS
 
 
 class ContractNet(nn.Module):
@@ -49,20 +43,33 @@ class ContractNet(nn.Module):
 
 Method = Callable[[nn.Module, torch.Tensor, object], torch.Tensor]
 
-METHODS: dict[str, Method] = {
-    "gradient": lambda model, x, target: gradient(model, x, target),
-    "input_x_gradient": lambda model, x, target: input_x_gradient(model, x, target),
-    "smoothgrad": lambda model, x, target: smoothgrad(
-        model, x, target, n_samples=3, generator=torch.Generator().manual_seed(0)
-    ),
-    "integrated_gradients": lambda model, x, target: integrated_gradients(
-        model, x, target, n_steps=4, internal_batch_size=2 * x.shape[0]
-    ),
-    "grad_cam": lambda model, x, target: grad_cam(model, x, target, "features.4"),
-    "grad_cam_module": lambda model, x, target: grad_cam(model, x, target, model.features[5]),
-    "grad_cam_auto_layer": lambda model, x, target: grad_cam(model, x, target, None),
+LAYER = "features.4"  # the last conv: what every CAM method explains here (CAM: the head pools it, then one Linear)
+FAST_OPTIONS: dict[str, dict[str, object]] = {  # the registry's methods at options that keep the suite quick
+    "smoothgrad": {"n_samples": 3},
+    "integrated_gradients": {"n_steps": 4, "internal_batch_size": 6},
+    "score_cam": {"internal_batch_size": 3},
 }
-MAP_METHODS = {"grad_cam", "grad_cam_module", "grad_cam_auto_layer"}
+
+
+def _registered(name: str) -> Method:
+    spec = METHOD_SPECS[name]
+
+    def run(model: nn.Module, x: torch.Tensor, target: object) -> torch.Tensor:
+        options = dict(FAST_OPTIONS.get(name, {}))
+        if spec.stochastic:
+            options["generator"] = torch.Generator(device=x.device).manual_seed(0)
+        return attribute(name, model, x, target, layer=LAYER if spec.needs_layer else None, **options)
+
+    return run
+
+
+METHODS: dict[str, Method] = {name: _registered(name) for name in available_methods()}
+METHODS["grad_cam_module"] = lambda model, x, target: grad_cam(model, x, target, model.features[5])
+METHODS["grad_cam_auto_layer"] = lambda model, x, target: grad_cam(model, x, target, None)
+MAP_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.needs_layer} | {
+    "grad_cam_module",
+    "grad_cam_auto_layer",
+}
 DETERMINISTIC = sorted(set(METHODS) - {"smoothgrad"})  # smoothgrad's noise depends on the batch it sees
 
 all_methods = pytest.mark.parametrize("name", sorted(METHODS))
@@ -110,8 +117,11 @@ def _expected_shape(name: str, x: torch.Tensor) -> tuple[int, ...]:
     return (x.shape[0], *x.shape[-2:]) if name in MAP_METHODS else tuple(x.shape)
 
 
-def test_every_registered_attribution_method_is_covered():
-    assert set(ATTRIBUTION_METHODS) <= set(METHODS)
+def test_every_registered_method_is_covered_and_the_lists_agree():
+    assert set(METHOD_SPECS) <= set(METHODS)  # the suite is generated from the registry
+    assert set(ATTRIBUTION_METHODS) == {name for name, spec in METHOD_SPECS.items() if not spec.needs_layer}
+    for name, spec in METHOD_SPECS.items():
+        assert spec.name == name == spec.function.__name__  # canonical names equal the function names
 
 
 @all_methods
