@@ -62,7 +62,8 @@ def test_parse_batch_channel_mask_and_float_mask():
 
 def test_parse_batch_ignores_items_that_are_not_labels_or_masks():
     x = _images()
-    parsed = parse_batch((x, torch.rand(3), torch.zeros(4, 5, 5)))  # not one value per sample, wrong-grid "mask"
+    with pytest.warns(UserWarning, match="looks like masks"):  # said, not silently dropped
+        parsed = parse_batch((x, torch.rand(3), torch.zeros(4, 5, 5)))  # not one value per sample, wrong-grid "mask"
     assert parsed.inputs is x and parsed.labels is None and parsed.masks is None
 
 

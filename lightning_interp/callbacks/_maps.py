@@ -23,6 +23,7 @@ from lightning_interp._logging import log_image
 from lightning_interp.callbacks._base import InterpCallback, _check_callable
 from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
+from lightning_interp.methods.registry import METHODS
 from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
 from lightning_interp.probe import BatchParser, ProbeSet, labels_of_the_data
 from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
@@ -396,6 +397,48 @@ class MapCallback(InterpCallback):
         tiles = [[column[i] for column in columns] for i in range(count)]
         titles = ["input"] + [f"epoch {epoch}" for epoch, _ in chosen]
         return render_grid(tiles, column_titles=titles, title=f"{self.name}: {key}")
+
+
+MANAGED_OPTIONS = ("generator", "output_transform", "task", "return_convergence_delta", "relu", "upsample", "reshape")
+"""Method options a map callback sets itself (from its own arguments), never per method."""
+
+
+def parse_methods(
+    methods: str | Sequence[str | tuple[str, dict[str, Any]]], allowed: Sequence[str], owner: str, elsewhere: str
+) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+    """Check a ``methods`` argument: names or ``(name, {option: value})`` pairs of registered methods in ``allowed``.
+
+    Returns the names in order and each method's options. Unknown names, methods that belong to the other map
+    callback, repeated names and options a method does not take are refused with what to write instead.
+    """
+
+    entries = [methods] if isinstance(methods, str) else list(methods)
+    names: list[str] = []
+    options: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if isinstance(entry, str):
+            name, chosen = entry, {}
+        elif isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str):
+            name, chosen = entry[0], dict(entry[1] or {})
+        else:
+            raise TypeError(
+                f"{owner}(methods=...) takes method names or (name, {{option: value}}) pairs, got {entry!r}."
+            )
+        if name not in allowed:
+            hint = f" {name!r} is for {elsewhere}." if name in METHODS else ""
+            raise ValueError(f"{owner} cannot use method {name!r}.{hint} Choose from: {', '.join(allowed)}.")
+        if name in names:
+            raise ValueError(f"{owner}(methods=...) lists {name!r} twice.")
+        takes = [option for option in METHODS[name].options if option not in MANAGED_OPTIONS]
+        unknown = sorted(set(chosen) - set(takes))
+        if unknown:
+            raise TypeError(f"{name} takes no option(s) {unknown} here; its options are: {', '.join(takes)}.")
+        names.append(name)
+        if chosen:
+            options[name] = chosen
+    if not names:
+        raise ValueError(f"{owner}(methods=...) needs at least one method; choose from: {', '.join(allowed)}.")
+    return tuple(names), options
 
 
 def _resize_inputs(inputs: Tensor, size: tuple[int, ...]) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,18 +10,19 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_interp.callbacks._maps import Explanation, MapCallback
+from lightning_interp.callbacks._maps import Explanation, MapCallback, parse_methods
 from lightning_interp.methods._core import attribution_pass
-from lightning_interp.methods.attribution import integrated_gradients, smoothgrad
 from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, attribution_to_map
+from lightning_interp.methods.registry import METHODS, attribute
 from lightning_interp.probe import ProbeSet
 
-SALIENCY_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")
-_TITLES = {
-    "gradient": "gradient",
-    "input_x_gradient": "input × grad",
-    "smoothgrad": "SmoothGrad",
-    "integrated_gradients": "integ. grads",
+SALIENCY_METHODS = tuple(name for name, spec in METHODS.items() if not spec.needs_layer)
+"""The input-attribution methods of the registry (CAM methods belong to GradCAMCallback)."""
+
+_DEFAULT_OPTIONS = {"smoothgrad": {"n_samples": 16}}  # cheaper than the function's 25 for every epoch
+_FROM_SHARED_PASS = {  # served from the one forward and backward every run makes anyway
+    "gradient": lambda result: result.input_grad,
+    "input_x_gradient": lambda result: result.inputs * result.input_grad,
 }
 
 
@@ -48,15 +50,18 @@ class SaliencyCallback(MapCallback):
     training) are untouched and epochs are compared on the same noise.
 
     Args:
-        methods: any of ``"gradient"``, ``"input_x_gradient"``, ``"smoothgrad"``,
-            ``"integrated_gradients"``.
+        methods: input-attribution methods of the registry
+            (:func:`~lightning_interp.methods.available_methods`): names, or
+            ``(name, {option: value})`` pairs for a method's own options, e.g.
+            ``["gradient", ("smoothgrad", {"n_samples": 8})]`` (in YAML:
+            ``- [smoothgrad, {n_samples: 8}]``).
         channel_reduction: how (B, C, H, W) attributions become one map:
             ``"abs_sum"``, ``"abs_max"`` or ``"sum"`` (signed, diverging colormap).
-        smoothgrad_samples: noisy copies per sample for SmoothGrad.
-        noise_level: SmoothGrad noise std as a fraction of each input's range.
-        ig_steps: integration points for integrated gradients.
-        internal_batch_size: most inputs per forward pass for SmoothGrad and IG.
-        seed: seed of the callback's SmoothGrad generator.
+        smoothgrad_samples: deprecated; ``("smoothgrad", {"n_samples": ...})``.
+        noise_level: deprecated; ``("smoothgrad", {"noise_level": ...})``.
+        ig_steps: deprecated; ``("integrated_gradients", {"n_steps": ...})``.
+        internal_batch_size: most inputs per forward pass, for every method that batches copies of the inputs.
+        seed: seed of the callback's generator for stochastic methods (SmoothGrad).
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: shared options of :class:`~lightning_interp.callbacks._base.MapCallback`
             (``num_samples``, ``every_n_epochs``, ``target``, ``probe``, ...).
@@ -69,39 +74,47 @@ class SaliencyCallback(MapCallback):
 
     def __init__(
         self,
-        methods: str | Sequence[str] = ("gradient", "integrated_gradients"),
+        methods: str | Sequence[str | tuple[str, dict[str, Any]]] = ("gradient", "integrated_gradients"),
         *,
         channel_reduction: str = "abs_sum",
-        smoothgrad_samples: int = 16,
-        noise_level: float = 0.15,
-        ig_steps: int = 32,
+        smoothgrad_samples: int | None = None,
+        noise_level: float | None = None,
+        ig_steps: int | None = None,
         internal_batch_size: int = 512,
         seed: int = 0,
         name: str = "saliency",
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        if isinstance(methods, str):
-            methods = (methods,)
-        unknown = [m for m in methods if m not in SALIENCY_METHODS]
-        if unknown or not methods:
-            raise ValueError(f"Unknown saliency method(s) {unknown or list(methods)}; choose from {SALIENCY_METHODS}.")
-        if len(set(methods)) != len(methods):
-            raise ValueError(f"methods lists a method twice: {list(methods)}.")
+        names, options = parse_methods(methods, SALIENCY_METHODS, "SaliencyCallback", "GradCAMCallback(methods=...)")
         if channel_reduction not in CHANNEL_REDUCTIONS:
             raise ValueError(f"channel_reduction must be one of {CHANNEL_REDUCTIONS}, got {channel_reduction!r}.")
-        for option, value in (("smoothgrad_samples", smoothgrad_samples), ("ig_steps", ig_steps)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{option} must be a positive int, got {value!r}.")
         if not isinstance(internal_batch_size, int) or internal_batch_size < 1:
             raise ValueError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}.")
-        if noise_level < 0:
-            raise ValueError(f"noise_level must be >= 0, got {noise_level}.")
-        self.methods = tuple(methods)
+        legacy = {
+            ("smoothgrad", "n_samples", "smoothgrad_samples"): smoothgrad_samples,
+            ("smoothgrad", "noise_level", "noise_level"): noise_level,
+            ("integrated_gradients", "n_steps", "ig_steps"): ig_steps,
+        }
+        for (method, option, argument), value in legacy.items():
+            if value is None:
+                continue
+            warnings.warn(
+                f"SaliencyCallback({argument}=...) is deprecated: pass methods=[..., ({method!r}, {{{option!r}: "
+                f"{value!r}}})] instead.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            options.setdefault(method, {}).setdefault(option, value)
+        for method, chosen in options.items():
+            for option, value in chosen.items():
+                if option in ("n_samples", "n_steps") and (not isinstance(value, int) or value < 1):
+                    raise ValueError(f"{method}'s {option} must be a positive int, got {value!r}.")
+                if option == "noise_level" and not (isinstance(value, (int, float)) and value >= 0):
+                    raise ValueError(f"{method}'s noise_level must be >= 0, got {value!r}.")
+        self.methods = names
+        self.method_options = options
         self.channel_reduction = channel_reduction
-        self.smoothgrad_samples = smoothgrad_samples
-        self.noise_level = noise_level
-        self.ig_steps = ig_steps
         self.internal_batch_size = internal_batch_size
         self.seed = seed
 
@@ -128,43 +141,29 @@ class SaliencyCallback(MapCallback):
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         transform = self.output_transform
         first = attribution_pass(pl_module, inputs, target, output_transform=transform, task=self.output_task)
-        assert first.input_grad is not None
         attributions: dict[str, Tensor] = {}
         scalars: dict[str, float] = {}
         for method in self.methods:
-            if method == "gradient":
-                attributions[method] = first.input_grad
-            elif method == "input_x_gradient":
-                attributions[method] = first.inputs * first.input_grad
-            elif method == "smoothgrad":  # noise drawn where the model is, by the callback's own generator
-                generator = torch.Generator(device=inputs.device).manual_seed(self.seed)
-                attributions[method] = smoothgrad(
-                    pl_module,
-                    inputs,
-                    first.target,
-                    noise_level=self.noise_level,
-                    n_samples=self.smoothgrad_samples,
-                    generator=generator,
-                    internal_batch_size=self.internal_batch_size,
-                    output_transform=transform,
-                    task=self.output_task,
-                )
-            else:
-                attr, delta = integrated_gradients(
-                    pl_module,
-                    inputs,
-                    first.target,
-                    n_steps=self.ig_steps,
-                    internal_batch_size=self.internal_batch_size,
-                    return_convergence_delta=True,
-                    output_transform=transform,
-                    task=self.output_task,
-                )
-                attributions[method] = attr
-                difference = attr.reshape(attr.shape[0], -1).double().sum(dim=1) - delta
+            if method in _FROM_SHARED_PASS:
+                attributions[method] = _FROM_SHARED_PASS[method](first)
+                continue
+            spec = METHODS[method]
+            options = {**_DEFAULT_OPTIONS.get(method, {}), **self.method_options.get(method, {})}
+            managed = {"output_transform": transform, "task": self.output_task}
+            if "internal_batch_size" in spec.options:
+                managed["internal_batch_size"] = options.pop("internal_batch_size", self.internal_batch_size)
+            if spec.stochastic:  # drawn where the model is, by the callback's own generator, re-seeded each run
+                managed["generator"] = torch.Generator(device=inputs.device).manual_seed(self.seed)
+            if "completeness_error" in spec.scalars:
+                managed["return_convergence_delta"] = True
+            result = attribute(method, pl_module, inputs, first.target, **options, **managed)
+            if isinstance(result, tuple):  # (attributions, per-sample completeness residual)
+                result, delta = result
+                difference = result.reshape(result.shape[0], -1).double().sum(dim=1) - delta
                 scalars[f"{method}/completeness_error"] = float(
                     delta.abs().mean() / difference.abs().mean().clamp_min(1e-12)
                 )
+            attributions[method] = result
         maps = {key: attribution_to_map(value, self.channel_reduction) for key, value in attributions.items()}
         signed = set(maps) if self.channel_reduction == "sum" else set()
         return Explanation(
@@ -173,5 +172,5 @@ class SaliencyCallback(MapCallback):
             target=first.target,
             scalars=scalars,
             signed=signed,
-            titles={key: _TITLES[key] for key in maps},
+            titles={key: METHODS[key].title for key in maps},
         )

@@ -29,8 +29,7 @@ trainer:
         task: multiclass
     - class_path: lightning_interp.SaliencyCallback
       init_args:
-        methods: [gradient, smoothgrad]
-        smoothgrad_samples: 2
+        methods: [gradient, [smoothgrad, {n_samples: 2, noise_level: 0.1}]]
         name: saliency_pair
         target: label
     - class_path: lightning_interp.GradCAMCallback
@@ -77,6 +76,7 @@ def test_a_yaml_config_builds_and_runs_every_callback(tmp_path):
     single, pair, gradcam, probe, similarity = callbacks
     assert single.methods == ("gradient",) and single.num_samples == 4 and single.task == "multiclass"
     assert pair.methods == ("gradient", "smoothgrad") and pair.target == "label"
+    assert pair.method_options == {"smoothgrad": {"n_samples": 2, "noise_level": 0.1}}
     assert gradcam.target == 1 and gradcam.num_samples == 4 and gradcam.layers == []
     assert probe.layers == ["net.1", "net.4"] and similarity.num_samples == 16
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -172,7 +172,7 @@ def test_integer_pixels_still_work(tmp_path):
         torch.randint(256, (16, 3, 16, 16), generator=generator, dtype=torch.uint8), torch.arange(16) % 4
     )
     loader = DataLoader(data, batch_size=8)
-    callback = SaliencyCallback(methods=("gradient", "integrated_gradients"), num_samples=4, ig_steps=4)
+    callback = SaliencyCallback(methods=("gradient", ("integrated_gradients", {"n_steps": 4})), num_samples=4)
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
     trainer.fit(ImageClassifier(FromBytes()), loader, loader)
     assert callback._runs == 1

@@ -35,10 +35,8 @@ class MemoryRecorder(Callback):
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc")
 def test_hundred_validation_epochs_leave_no_hooks_and_bounded_memory(tmp_path):
     saliency = SaliencyCallback(
-        methods=("gradient", "smoothgrad", "integrated_gradients"),
+        methods=("gradient", ("smoothgrad", {"n_samples": 4}), ("integrated_gradients", {"n_steps": 4})),
         num_samples=4,
-        smoothgrad_samples=4,
-        ig_steps=4,
         evolution_columns=10,
     )
     gradcam = GradCAMCallback(layer=["net.4", "net.7"], num_samples=4)

@@ -26,10 +26,13 @@ def _train(tmp_path, callbacks, *, frozen=False, num_workers=0, **trainer_option
 def _all_callbacks():
     return [
         SaliencyCallback(
-            methods=("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"),
+            methods=(
+                "gradient",
+                "input_x_gradient",
+                ("smoothgrad", {"n_samples": 4}),
+                ("integrated_gradients", {"n_steps": 4}),
+            ),
             num_samples=4,
-            smoothgrad_samples=4,
-            ig_steps=4,
         ),
         GradCAMCallback(layer=["net.features.2", "net.features.5"], num_samples=4),
         LinearProbeCallback(num_samples=16),

@@ -28,10 +28,8 @@ from tests.conftest import quiet_trainer, read_events, read_image_bytes, tiny_cl
 def _all_callbacks(**options):
     return [
         SaliencyCallback(
-            methods=("gradient", "smoothgrad", "integrated_gradients"),
+            methods=("gradient", ("smoothgrad", {"n_samples": 4}), ("integrated_gradients", {"n_steps": 4})),
             num_samples=4,
-            smoothgrad_samples=4,
-            ig_steps=4,
             **options,
         ),
         GradCAMCallback(num_samples=4, **options),

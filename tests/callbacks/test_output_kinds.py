@@ -99,7 +99,7 @@ def _fit(tmp_path, kind: str, callbacks, monkeypatch):
 
 def _callbacks(**map_options):
     return [
-        SaliencyCallback(methods=("gradient", "integrated_gradients"), num_samples=6, ig_steps=4, **map_options),
+        SaliencyCallback(methods=("gradient", ("integrated_gradients", {"n_steps": 4})), num_samples=6, **map_options),
         GradCAMCallback(layer="net.2", num_samples=6, **map_options),
         LinearProbeCallback(layers=["net.1", "net.3"], num_samples=24),
         RepresentationSimilarityCallback(layers=["net.1", "net.3", "net.6"], num_samples=24),  # net.6: the output

@@ -39,7 +39,7 @@ def test_bf16_mixed_on_cpu_gives_finite_float32_maps(tmp_path):
 def test_a_bf16_true_model_gets_smoothgrad_and_ig_in_its_own_dtype(tmp_path):
     # the noise and the path steps are added in float32 and handed to the model in bfloat16 (before: a dtype crash)
     saliency = SaliencyCallback(
-        methods=("gradient", "smoothgrad", "integrated_gradients"), num_samples=4, smoothgrad_samples=4, ig_steps=4
+        methods=("gradient", ("smoothgrad", {"n_samples": 4}), ("integrated_gradients", {"n_steps": 4})), num_samples=4
     )
     callbacks = [saliency, GradCAMCallback(num_samples=4), LinearProbeCallback(num_samples=16)]
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=callbacks, logger=False, precision="bf16-true")

@@ -18,7 +18,7 @@ from tests.conftest import quiet_trainer, read_events, tiny_classifier, tiny_dat
 
 def _all_callbacks():
     return [
-        SaliencyCallback(methods=("gradient", "smoothgrad", "integrated_gradients"), num_samples=4, ig_steps=4),
+        SaliencyCallback(methods=("gradient", "smoothgrad", ("integrated_gradients", {"n_steps": 4})), num_samples=4),
         GradCAMCallback(num_samples=4),
         LinearProbeCallback(num_samples=32),
         RepresentationSimilarityCallback(num_samples=32),

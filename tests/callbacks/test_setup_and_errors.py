@@ -175,3 +175,31 @@ def test_two_callbacks_with_one_name_are_told_to_pass_name(tmp_path):
     )
     keys = [callback.state_key for callback in trainer.callbacks if isinstance(callback, GradCAMCallback)]
     assert len(set(keys)) == 2
+
+
+def test_saliency_methods_from_the_registry_with_their_own_options():
+    callback = SaliencyCallback(methods=["gradient", ("smoothgrad", {"n_samples": 3, "noise_level": 0.1})])
+    assert callback.methods == ("gradient", "smoothgrad")
+    assert callback.method_options == {"smoothgrad": {"n_samples": 3, "noise_level": 0.1}}
+    with pytest.raises(ValueError, match="'grad_cam' is for GradCAMCallback"):
+        SaliencyCallback(methods=["grad_cam"])
+    with pytest.raises(TypeError, match=r"smoothgrad takes no option\(s\) \['steps'\]"):
+        SaliencyCallback(methods=[("smoothgrad", {"steps": 3})])
+    with pytest.raises(ValueError, match="lists 'gradient' twice"):
+        SaliencyCallback(methods=["gradient", ("gradient", {})])
+    with pytest.warns(FutureWarning, match=r"ig_steps=\.\.\.\) is deprecated"):
+        old = SaliencyCallback(methods=("integrated_gradients",), ig_steps=5)
+    assert old.method_options == {"integrated_gradients": {"n_steps": 5}}
+
+
+def test_saliency_passes_each_methods_own_options_to_it():
+    from lightning_interp.methods import attribution_to_map, smoothgrad
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x = torch.rand(2, 3, 6, 6)
+    callback = SaliencyCallback(methods=[("smoothgrad", {"n_samples": 3, "noise_level": 0.3})], seed=5)
+    maps = callback._explain(model, x, None).maps["smoothgrad"]
+    target = model(x).argmax(dim=1)
+    expected = smoothgrad(model, x, target, n_samples=3, noise_level=0.3, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(maps, attribution_to_map(expected, "abs_sum"))

@@ -62,7 +62,7 @@ def test_two_instances_of_one_class_coexist_in_a_checkpoint(tmp_path):
 def test_torchvision_models_with_auto_layer(tmp_path, factory, expected_layer):
     torch.manual_seed(0)
     gradcam = GradCAMCallback(layer="auto", num_samples=4)
-    saliency = SaliencyCallback(methods=("gradient", "integrated_gradients"), num_samples=4, ig_steps=4)
+    saliency = SaliencyCallback(methods=("gradient", ("integrated_gradients", {"n_steps": 4})), num_samples=4)
     trainer = quiet_trainer(
         tmp_path,
         max_epochs=1,

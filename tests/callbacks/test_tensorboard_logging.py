@@ -17,7 +17,7 @@ STEPS_PER_EPOCH = 4  # 64 training images / batch 16
 def test_fit_logs_images_and_scalars_at_each_validation_step(tmp_path):
     torch.manual_seed(0)
     saliency = SaliencyCallback(
-        methods=("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"), num_samples=4, ig_steps=8
+        methods=("gradient", "input_x_gradient", "smoothgrad", ("integrated_gradients", {"n_steps": 8})), num_samples=4
     )
     gradcam = GradCAMCallback(layer=["net.4", "net.7"], num_samples=4)
     trainer = quiet_trainer(

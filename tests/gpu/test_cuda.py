@@ -40,9 +40,11 @@ def _reference_model() -> BatchNormDropoutNet:
 
 
 def _all_callbacks(smoothgrad: bool = True, cam_layers: tuple[str, ...] = ("net.4", "net.7")):
-    methods = ("gradient", "smoothgrad", "integrated_gradients") if smoothgrad else ("gradient", "integrated_gradients")
+    methods = ["gradient", ("integrated_gradients", {"n_steps": 8})]
+    if smoothgrad:
+        methods.insert(1, ("smoothgrad", {"n_samples": 4}))
     return [
-        SaliencyCallback(methods=methods, num_samples=4, smoothgrad_samples=4, ig_steps=8),
+        SaliencyCallback(methods=methods, num_samples=4),
         GradCAMCallback(layer=list(cam_layers), num_samples=4),
         LinearProbeCallback(num_samples=32),
         RepresentationSimilarityCallback(num_samples=32, reference_model=_reference_model()),
@@ -219,7 +221,7 @@ def test_a_vision_transformer_and_a_binary_model_on_the_gpu(tmp_path, precision)
     )
     one_logit(images[:1])
     binary = DataLoader(TensorDataset(images, torch.arange(32) % 2), batch_size=8)
-    saliency = SaliencyCallback(methods=("gradient", "integrated_gradients"), num_samples=8, ig_steps=8)
+    saliency = SaliencyCallback(methods=("gradient", ("integrated_gradients", {"n_steps": 8})), num_samples=8)
     trainer = quiet_trainer(tmp_path, accelerator=ACCELERATOR, devices=1, precision=precision, max_epochs=1,
                             callbacks=[saliency], logger=False)  # fmt: skip
     model = NetClassifier(one_logit, lr=0.05)
