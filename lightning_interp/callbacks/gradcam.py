@@ -9,9 +9,10 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_interp.callbacks._base import parse_layer_names
-from lightning_interp.callbacks._maps import Explanation, MapCallback
+from lightning_interp.callbacks._maps import Explanation, MapCallback, parse_methods
 from lightning_interp.methods._core import attribution_pass, get_module, module_name, plain_name
 from lightning_interp.methods.gradcam import (
+    GRADIENT_CAMS,
     TokenReshape,
     cam_from_activation,
     find_target_layer,
@@ -19,21 +20,29 @@ from lightning_interp.methods.gradcam import (
     spatial_layers,
     token_grids,
 )
+from lightning_interp.methods.registry import METHODS, attribute
 from lightning_interp.probe import ProbeSet
+
+CAM_METHODS = tuple(name for name, spec in METHODS.items() if spec.needs_layer)
+"""The CAM methods of the registry (input-attribution methods belong to SaliencyCallback)."""
 
 
 class GradCAMCallback(MapCallback):
-    """Log Grad-CAM heatmaps (Selvaraju et al. 2017) of a fixed probe set for one or more layers.
+    """Log Grad-CAM heatmaps (Selvaraju et al. 2017), and any CAM method, of a fixed probe set for one or more layers.
 
-    All layers come from one forward and one backward pass. At each due
+    Every gradient-based CAM method (Grad-CAM, Grad-CAM++, XGrad-CAM,
+    Layer-CAM, HiRes-CAM, Eigen-CAM) on every layer comes from one forward and
+    one backward pass; Score-CAM and CAM run on their own. At each due
     validation epoch the callback logs, under ``interp/<name>/``:
 
     - ``maps``: an image grid, one row per probe sample, the input and then one
-      Grad-CAM overlay per layer (upsampled bilinearly to the input size);
+      overlay per method and layer (upsampled bilinearly to the input size);
     - ``<layer>/concentration``, ``<layer>/stability`` and, with object masks,
       ``<layer>/localization`` (share of the map's mass inside the mask) and
-      ``<layer>/pointing_game`` (whether the peak lies inside the mask);
-    - at fit end, ``<layer>/evolution``: the maps of a few samples across epochs.
+      ``<layer>/pointing_game`` (whether the peak lies inside the mask), for
+      Grad-CAM; ``<layer>/<method>/...`` for the other methods;
+    - at fit end, ``<layer>/evolution`` (``<layer>/<method>/evolution``): the
+      maps of a few samples across epochs.
 
     Args:
         layer: ``"auto"`` (the last module whose output still has spatial
@@ -41,6 +50,10 @@ class GradCAMCallback(MapCallback):
             one whose patch tokens get a gradient, e.g. the last block's first
             norm), a dotted module name such as ``"features.6"``, or a list of
             names.
+        methods: CAM methods of the registry
+            (:func:`~lightning_interp.methods.available_methods` ``("cam")``):
+            names, or ``(name, {option: value})`` pairs, e.g.
+            ``["grad_cam", ("score_cam", {"internal_batch_size": 128})]``.
         relu: keep only positive evidence, as in the paper.
         reshape: turns token outputs (B, N, C) of a vision transformer into
             (B, C, h, w). Not needed for torchvision's and timm's layouts
@@ -59,6 +72,7 @@ class GradCAMCallback(MapCallback):
         self,
         layer: str | Sequence[str] = "auto",
         *,
+        methods: str | Sequence[str | tuple[str, dict[str, Any]]] = ("grad_cam",),
         relu: bool = True,
         reshape: TokenReshape | None = None,
         name: str = "gradcam",
@@ -67,6 +81,9 @@ class GradCAMCallback(MapCallback):
         super().__init__(name=name, **kwargs)
         self.layers: list[str] = parse_layer_names(layer, "layer")
         self.auto = not self.layers
+        self.methods, self.method_options = parse_methods(
+            methods, CAM_METHODS, "GradCAMCallback", "SaliencyCallback(methods=...)"
+        )
         self.relu = relu
         self.reshape = reshape
         self._reshapes: dict[str, TokenReshape | None] = {}  # per layer: ``reshape``, or its known token layout
@@ -84,7 +101,7 @@ class GradCAMCallback(MapCallback):
             if self.relu
             else "the layer's activations or their gradients are zero"
         )
-        if not self._tokens.get(key, False):
+        if not self._tokens.get(key.split("/")[0], False):
             return f"{cause}."
         return (
             f"{cause}; or the layer's patch tokens get no gradient at all (in a vision transformer whose head reads "
@@ -172,14 +189,36 @@ class GradCAMCallback(MapCallback):
             task=self.output_task,
         )
         size = inputs.shape[-2:]
-        maps = {
-            name: cam_from_activation(
-                act, grad, relu=self.relu, output_size=size, reshape=self._reshapes.get(name, self.reshape)
-            )
-            for name, act, grad in zip(self.layers, result.activations, result.activation_grads, strict=False)
-        }
+        maps: dict[str, Tensor] = {}
+        titles: dict[str, str] = {}
+        several = len(self.methods) > 1
+        for method in self.methods:
+            for index, layer in enumerate(self.layers):
+                key = layer if method == "grad_cam" else f"{layer}/{method}"
+                titles[key] = f"{METHODS[method].title} {layer}" if several else layer
+                reshape = self._reshapes.get(layer, self.reshape)
+                if method in GRADIENT_CAMS:  # from the one pass above
+                    activation, grad = result.activations[index], result.activation_grads[index]
+                    maps[key] = cam_from_activation(
+                        activation, grad, relu=self.relu, output_size=size, reshape=reshape, method=method
+                    )
+                    continue
+                options = dict(self.method_options.get(method, {}))
+                if "reshape" in METHODS[method].options:
+                    options["reshape"] = reshape
+                maps[key] = attribute(
+                    method,
+                    pl_module,
+                    inputs,
+                    result.target,
+                    layer=layer,
+                    relu=self.relu,
+                    output_transform=self.output_transform,
+                    task=self.output_task,
+                    **options,
+                )
         signed = set() if self.relu else set(maps)
-        return Explanation(maps=maps, scores=result.scores, target=result.target, signed=signed)
+        return Explanation(maps=maps, scores=result.scores, target=result.target, signed=signed, titles=titles)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
