@@ -53,6 +53,7 @@ from lightning_interp.methods.map_metrics import (
     pointing_game,
     rank_correlation,
 )
+from lightning_interp.methods.modified import RELU_RULES, deconvnet, guided_backprop, relu_rule
 from lightning_interp.methods.probes import (
     PROBE_SOLVERS,
     ProbeResult,
@@ -95,6 +96,7 @@ __all__ = [
     "GRADIENT_CAMS",
     "METHODS",
     "PROBE_SOLVERS",
+    "RELU_RULES",
     "TASKS",
     "ForwardWith",
     "MethodSpec",
@@ -116,6 +118,7 @@ __all__ = [
     "center_gram",
     "cka_matrix",
     "concentration",
+    "deconvnet",
     "eigen_cam",
     "find_target_layer",
     "forward_chunk_size",
@@ -124,6 +127,7 @@ __all__ = [
     "grad_cam_plus_plus",
     "gradient",
     "gram_dtype_for",
+    "guided_backprop",
     "hires_cam",
     "infer_task",
     "input_x_gradient",
@@ -148,6 +152,7 @@ __all__ = [
     "rank_correlation",
     "rbf_cka",
     "rdm",
+    "relu_rule",
     "rsa",
     "rsa_matrix",
     "score_cam",

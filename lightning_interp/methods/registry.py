@@ -25,6 +25,7 @@ from lightning_interp.methods.gradcam import (
     score_cam,
     xgrad_cam,
 )
+from lightning_interp.methods.modified import deconvnet, guided_backprop
 
 __all__ = ["FAMILIES", "METHODS", "MethodSpec", "attribute", "available_methods", "method_spec"]
 
@@ -86,6 +87,14 @@ METHODS: dict[str, MethodSpec] = {
             "integrated_gradients", "gradient", integrated_gradients, "integ. grads",
             scalars=("completeness_error",), cost="n_steps (32) forwards + backwards",
             reference="Captum IntegratedGradients",
+        ),
+        MethodSpec(
+            "guided_backprop", "modified backward", guided_backprop, "guided backprop",
+            cost="1 forward + 1 backward", reference="Captum GuidedBackprop",
+        ),
+        MethodSpec(
+            "deconvnet", "modified backward", deconvnet, "deconvnet",
+            cost="1 forward + 1 backward", reference="Captum Deconvolution",
         ),
         MethodSpec(
             "grad_cam", "cam", grad_cam, "Grad-CAM", needs_layer=True, shared_pass=True,

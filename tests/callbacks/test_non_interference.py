@@ -8,6 +8,7 @@ import torch
 
 from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
 from lightning_interp.demo import ImageClassifier
+from lightning_interp.methods import METHODS
 from tests.conftest import BatchNormDropoutNet, quiet_trainer, tiny_datamodule
 
 
@@ -64,3 +65,25 @@ def test_weights_optimizer_and_rng_bit_identical(tmp_path, options):
         for field, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
     assert torch.equal(plain_rng, rng), "the global RNG advanced differently"
+
+
+def test_every_registered_method_in_a_callback_leaves_training_bit_identical(tmp_path):
+    """Each method of the registry, run by the callback that takes it, on the BatchNorm/Dropout/in-place-ReLU net."""
+    fast = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"n_steps": 2}, "score_cam": {}}
+    saliency = [(name, fast.get(name, {})) for name, spec in METHODS.items() if not spec.needs_layer]
+    cams = [(name, fast.get(name, {})) for name, spec in METHODS.items() if spec.needs_layer and name != "cam"]
+    callbacks = [
+        SaliencyCallback(methods=saliency, num_samples=2, evolution_samples=0),
+        GradCAMCallback(layer="net.features.5", methods=cams, num_samples=2, evolution_samples=0),
+        GradCAMCallback(layer="net.features.5", methods=["cam"], num_samples=2, name="cam", evolution_samples=0),
+    ]
+    plain_weights, plain_optimizer, plain_rng = _train(tmp_path / "plain", [], max_epochs=1)
+    weights, optimizer, rng = _train(tmp_path / "with", callbacks, max_epochs=1)
+    assert all(callback._runs == 1 for callback in callbacks)
+    assert {key.split("/")[-1] for key in callbacks[1]._previous} >= {"score_cam", "eigen_cam"}
+    for name, value in plain_weights.items():
+        assert torch.equal(value, weights[name]), f"{name} differs"
+    for key, state in plain_optimizer["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
+    assert torch.equal(plain_rng, rng)

@@ -1,0 +1,203 @@
+"""Modified backward passes: guided backpropagation and deconvnet, as rules on the ReLUs for one call.
+
+A rule replaces the gradient a ReLU passes back. It is applied to every ReLU
+the forward pass calls, module (``nn.ReLU``, in place or not) or functional
+(``F.relu``, ``torch.relu``, ``Tensor.relu``), through a
+:class:`torch.overrides.TorchFunctionMode` active only during the call: no
+module is replaced, no attribute is set, no parameter is touched, and nothing
+is left behind when the call ends or raises. An in-place ReLU gets an
+out-of-place result under the rule (every standard model uses the returned
+tensor). Other piecewise or smooth activations (GELU, SiLU, ELU, LeakyReLU,
+...) have no rule: a network that calls one is refused, naming the function
+and the module that called it. Sigmoid and tanh pass their plain gradient,
+as in Captum.
+
+- ``guided_backprop`` (Springenberg et al. 2015): a ReLU passes back
+  ``relu(grad_out) * (x > 0)``: only positive gradients, only where it was active.
+- ``deconvnet`` (Zeiler and Fergus 2014): a ReLU passes back ``relu(grad_out)``,
+  whatever its input was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_interp.methods._core import OutputTransform, Target, attribution_pass
+
+__all__ = ["RELU_RULES", "deconvnet", "guided_backprop", "relu_rule"]
+
+RELU_RULES = ("guided_backprop", "deconvnet")
+
+_RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu_}
+_UNSUPPORTED = {
+    F.gelu: "GELU",
+    F.silu: "SiLU",
+    F.elu: "ELU",
+    F.selu: "SELU",
+    F.celu: "CELU",
+    F.leaky_relu: "LeakyReLU",
+    F.prelu: "PReLU",
+    F.softplus: "Softplus",
+    F.mish: "Mish",
+    F.hardswish: "Hardswish",
+    F.relu6: "ReLU6",
+    F.hardtanh: "Hardtanh",
+}
+
+
+class _GuidedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad.clamp_min(0) * (x > 0).to(grad.dtype)
+
+
+class _DeconvReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.clamp_min(0)
+
+
+class _ReluRuleMode(TorchFunctionMode):
+    def __init__(self, function: type[torch.autograd.Function], names: dict[nn.Module, str], stack: list) -> None:
+        super().__init__()
+        self.function = function
+        self.names = names
+        self.stack = stack
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol
+        kwargs = kwargs or {}
+        if func in _RELUS:
+            return self.function.apply(args[0])
+        if func in _UNSUPPORTED:
+            where = f" in module {self.names.get(self.stack[-1], '?')!r}" if self.stack else ""
+            raise ValueError(
+                f"This rule set (guided backprop / deconvnet) has a rule for ReLU only, and the model calls "
+                f"{_UNSUPPORTED[func]}{where}: its backward pass would be neither guided nor plain. Use a gradient "
+                "method (gradient, integrated_gradients) or a CAM method for this model."
+            )
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def relu_rule(model: nn.Module, rule: str) -> Iterator[None]:
+    """Apply ``rule`` (:data:`RELU_RULES`) to every ReLU ``model`` calls inside the block; nothing outlives it.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True), nn.Linear(2, 1))
+        >>> x = torch.randn(3, 2, requires_grad=True)
+        >>> with relu_rule(net, "deconvnet"):
+        ...     net(x).sum().backward()
+        >>> x.grad.shape
+        torch.Size([3, 2])
+    """
+    if rule not in RELU_RULES:
+        raise ValueError(f"rule must be one of {RELU_RULES}, got {rule!r}.")
+    function = _GuidedReLU if rule == "guided_backprop" else _DeconvReLU
+    names = {module: name or type(model).__name__ for name, module in model.named_modules()}
+    stack: list[nn.Module] = []
+    handles = []
+
+    def enter(module: nn.Module, _args: object) -> None:
+        stack.append(module)
+
+    def leave(_module: nn.Module, _args: object, _output: object) -> None:
+        if stack:
+            stack.pop()
+
+    try:
+        for module in names:  # which module is running, only to name it in a refusal
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
+        with _ReluRuleMode(function, names, stack):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _modified_gradient(
+    rule: str,
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target,
+    output_transform: OutputTransform | None,
+    task: str,
+) -> Tensor:
+    with relu_rule(model, rule):
+        grad = attribution_pass(model, inputs, target, output_transform=output_transform, task=task).input_grad
+    assert grad is not None
+    return grad.to(inputs.dtype) if inputs.is_floating_point() else grad
+
+
+def guided_backprop(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    *,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+) -> Tensor:
+    """Guided backpropagation (Springenberg et al. 2015): the gradient with every ReLU passing back only positive
+    gradients, only where it was active. One forward and one backward.
+
+    Args:
+        model: the network (ReLU activations; see the module docstring for the others).
+        inputs: (B, ...) batch.
+        target: class index, LongTensor (B,), or None for the prediction.
+        output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+
+    Returns:
+        Attributions shaped like ``inputs``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> guided_backprop(net, torch.randn(5, 3), 1).shape
+        torch.Size([5, 3])
+    """
+    return _modified_gradient("guided_backprop", model, inputs, target, output_transform, task)
+
+
+def deconvnet(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    *,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+) -> Tensor:
+    """Deconvnet (Zeiler and Fergus 2014): the gradient with every ReLU passing back ``relu(grad_out)`` whatever
+    its input was. One forward and one backward.
+
+    Args:
+        model: the network (ReLU activations; see the module docstring for the others).
+        inputs: (B, ...) batch.
+        target: class index, LongTensor (B,), or None for the prediction.
+        output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+
+    Returns:
+        Attributions shaped like ``inputs``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> deconvnet(net, torch.randn(5, 3), 1).shape
+        torch.Size([5, 3])
+    """
+    return _modified_gradient("deconvnet", model, inputs, target, output_transform, task)
