@@ -145,17 +145,19 @@ def render_grid(
     fig_w = mosaic.shape[1] + left + 6
     # a title wider than the picture is wrapped (10 pt bold is up to about 8 px a character), never cut off
     title_lines = textwrap.wrap(title, width=max(12, int((fig_w - 8) / 8.2))) if title else []
-    top = (22 if column_titles else 4) + 16 * len(title_lines) + (6 if title_lines else 0)
+    title_rows = max((len(text.splitlines()) for text in column_titles), default=0)
+    top = (10 + 12 * title_rows if column_titles else 4) + 16 * len(title_lines) + (6 if title_lines else 0)
     fig_h = mosaic.shape[0] + top + 6
     figure = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_axes((left / fig_w, 6 / fig_h, mosaic.shape[1] / fig_w, mosaic.shape[0] / fig_h))
     axes.imshow(mosaic, interpolation="nearest", aspect="auto")
     axes.set_axis_off()
-    fits = max(4, int((tw + gap) / 5.6))  # 9 pt is up to about 5.6 px a character
+    fits = max(4, int((tw + gap) / 7.4))  # 9 pt is up to about 7 px a character, and titles need a gap
     for c, text in enumerate(column_titles):
         x = (left + c * (tw + gap) + tw / 2) / fig_w
-        shown = text if len(text) <= fits else "…" + text[-(fits - 1) :]  # a layer name's end tells it apart
+        lines = [line if len(line) <= fits else "…" + line[-(fits - 1) :] for line in text.splitlines() or [""]]
+        shown = "\n".join(lines)  # a layer name's end tells it apart
         figure.text(x, 1 - (top - 4) / fig_h, shown, ha="center", va="bottom", fontsize=9)
     for r, text in enumerate(row_labels):
         y = 1 - (top + r * (th + gap) + th / 2) / fig_h

@@ -195,7 +195,7 @@ class GradCAMCallback(MapCallback):
         for method in self.methods:
             for index, layer in enumerate(self.layers):
                 key = layer if method == "grad_cam" else f"{layer}/{method}"
-                titles[key] = f"{METHODS[method].title} {layer}" if several else layer
+                titles[key] = f"{METHODS[method].title}\n{layer}" if several else layer
                 reshape = self._reshapes.get(layer, self.reshape)
                 if method in GRADIENT_CAMS:  # from the one pass above
                     activation, grad = result.activations[index], result.activation_grads[index]
