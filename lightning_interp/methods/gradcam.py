@@ -20,6 +20,7 @@ from lightning_interp.methods._core import (
     get_module,
     gradients_enabled,
     modes_preserved,
+    module_name,
     resolve_target,
     scores_from_output,
 )
@@ -290,16 +291,26 @@ def _layer_and_reshape(
     output_transform: OutputTransform | None,
     task: str,
 ) -> tuple[nn.Module | str, TokenReshape | None]:
-    """``layer`` (None: :func:`find_target_layer`) and how its output becomes a grid (a known token layout)."""
-    if layer is None or (reshape is None and isinstance(layer, str)):
+    """``layer`` (None: :func:`find_target_layer`, from one dry forward whose trace also gives a token layout)."""
+    if layer is None:
         trace = trace_model(model, inputs)
-        if layer is None:
-            layer = find_target_layer(
-                model, inputs, reshape=reshape, trace=trace, target=target, output_transform=output_transform, task=task
-            )
-        if reshape is None and isinstance(layer, str) and len(trace.shapes.get(layer, ())) == 3:
-            reshape = token_grids(trace).get(layer)  # a known vision-transformer token layout
+        layer = find_target_layer(
+            model, inputs, reshape=reshape, trace=trace, target=target, output_transform=output_transform, task=task
+        )
+        if reshape is None and len(trace.shapes.get(layer, ())) == 3:
+            reshape = token_grids(trace).get(layer)
     return layer, reshape
+
+
+def _grid_of(
+    model: nn.Module, inputs: Tensor, layer: nn.Module | str, activation: Tensor, reshape: TokenReshape | None
+) -> TokenReshape | None:
+    """How a token output (B, N, C) of ``layer`` becomes a grid: ``reshape``, or its known vision-transformer
+    layout, read from a dry forward only when the captured output is tokens (a CNN layer costs nothing here)."""
+    if reshape is not None or activation.ndim != 3 or not isinstance(layer, str):
+        return reshape
+    trace = trace_model(model, inputs)
+    return token_grids(trace).get(module_name(model, layer) or layer)
 
 
 def _gradient_cam(
@@ -319,6 +330,7 @@ def _gradient_cam(
         model, inputs, target, layers=[layer], input_gradient=False, output_transform=output_transform, task=task
     )
     size = inputs.shape[-2:] if upsample else None
+    reshape = _grid_of(model, inputs, layer, result.activations[0], reshape)
     return cam_from_activation(
         result.activations[0], result.activation_grads[0], relu=relu, output_size=size, reshape=reshape, method=method
     )
@@ -419,6 +431,7 @@ def score_cam(
         activation = outputs[0]
         if activation is None:
             raise RuntimeError(f"Layer {layer!r} produced no tensor output during the forward pass.")
+        reshape = _grid_of(model, x, layer, activation, reshape)
         activation = (reshape(activation) if reshape is not None else activation).float()
         masks = F.interpolate(activation, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
         low = masks.amin(dim=(2, 3), keepdim=True)

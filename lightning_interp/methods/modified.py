@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_interp.methods._core import OutputTransform, Target, attribution_pass
+from lightning_interp.methods._core import OutputTransform, Target
+from lightning_interp.methods.attribution import gradient
 
 __all__ = ["RELU_RULES", "deconvnet", "guided_backprop", "relu_rule"]
 
@@ -139,10 +140,8 @@ def _modified_gradient(
     output_transform: OutputTransform | None,
     task: str,
 ) -> Tensor:
-    with relu_rule(model, rule):
-        grad = attribution_pass(model, inputs, target, output_transform=output_transform, task=task).input_grad
-    assert grad is not None
-    return grad.to(inputs.dtype) if inputs.is_floating_point() else grad
+    with relu_rule(model, rule):  # the plain gradient, with the rule on every ReLU
+        return gradient(model, inputs, target, output_transform=output_transform, task=task)
 
 
 def guided_backprop(
