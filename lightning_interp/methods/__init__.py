@@ -22,6 +22,7 @@ from lightning_interp.methods.attribution import (
     integration_points,
     smoothgrad,
 )
+from lightning_interp.methods.deeplift import deeplift
 from lightning_interp.methods.features import (
     auto_layers,
     capture_features,
@@ -46,6 +47,7 @@ from lightning_interp.methods.gradcam import (
     token_grids,
     xgrad_cam,
 )
+from lightning_interp.methods.lrp import LRP_COMPOSITES, LRP_RULES, lrp, lrp_rules
 from lightning_interp.methods.map_metrics import (
     attribution_to_map,
     concentration,
@@ -94,6 +96,8 @@ __all__ = [
     "ATTRIBUTION_METHODS",
     "FAMILIES",
     "GRADIENT_CAMS",
+    "LRP_COMPOSITES",
+    "LRP_RULES",
     "METHODS",
     "PROBE_SOLVERS",
     "RELU_RULES",
@@ -119,6 +123,7 @@ __all__ = [
     "cka_matrix",
     "concentration",
     "deconvnet",
+    "deeplift",
     "eigen_cam",
     "find_target_layer",
     "forward_chunk_size",
@@ -141,6 +146,8 @@ __all__ = [
     "linear_probe_accuracy",
     "linear_probe_r2",
     "localization",
+    "lrp",
+    "lrp_rules",
     "method_spec",
     "modes_preserved",
     "module_name",

@@ -24,32 +24,16 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_interp.methods._core import OutputTransform, Target
+from lightning_interp.methods._rules import OTHER_ACTIVATIONS, RELUS, running_modules, where_running
 from lightning_interp.methods.attribution import gradient
 
 __all__ = ["RELU_RULES", "deconvnet", "guided_backprop", "relu_rule"]
 
 RELU_RULES = ("guided_backprop", "deconvnet")
-
-_RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu_}
-_UNSUPPORTED = {
-    F.gelu: "GELU",
-    F.silu: "SiLU",
-    F.elu: "ELU",
-    F.selu: "SELU",
-    F.celu: "CELU",
-    F.leaky_relu: "LeakyReLU",
-    F.prelu: "PReLU",
-    F.softplus: "Softplus",
-    F.mish: "Mish",
-    F.hardswish: "Hardswish",
-    F.relu6: "ReLU6",
-    F.hardtanh: "Hardtanh",
-}
 
 
 class _GuidedReLU(torch.autograd.Function):
@@ -83,14 +67,14 @@ class _ReluRuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol
         kwargs = kwargs or {}
-        if func in _RELUS:
+        if func in RELUS:
             return self.function.apply(args[0])
-        if func in _UNSUPPORTED:
-            where = f" in module {self.names.get(self.stack[-1], '?')!r}" if self.stack else ""
+        if func in OTHER_ACTIVATIONS:
+            where = where_running(self.names, self.stack)
             raise ValueError(
                 f"This rule set (guided backprop / deconvnet) has a rule for ReLU only, and the model calls "
-                f"{_UNSUPPORTED[func]}{where}: its backward pass would be neither guided nor plain. Use a gradient "
-                "method (gradient, integrated_gradients) or a CAM method for this model."
+                f"{OTHER_ACTIVATIONS[func]}{where}: its backward pass would be neither guided nor plain. Use a "
+                "gradient method (gradient, integrated_gradients) or a CAM method for this model."
             )
         return func(*args, **kwargs)
 
@@ -110,26 +94,8 @@ def relu_rule(model: nn.Module, rule: str) -> Iterator[None]:
     if rule not in RELU_RULES:
         raise ValueError(f"rule must be one of {RELU_RULES}, got {rule!r}.")
     function = _GuidedReLU if rule == "guided_backprop" else _DeconvReLU
-    names = {module: name or type(model).__name__ for name, module in model.named_modules()}
-    stack: list[nn.Module] = []
-    handles = []
-
-    def enter(module: nn.Module, _args: object) -> None:
-        stack.append(module)
-
-    def leave(_module: nn.Module, _args: object, _output: object) -> None:
-        if stack:
-            stack.pop()
-
-    try:
-        for module in names:  # which module is running, only to name it in a refusal
-            handles.append(module.register_forward_pre_hook(enter))
-            handles.append(module.register_forward_hook(leave))
-        with _ReluRuleMode(function, names, stack):
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with running_modules(model) as (names, stack), _ReluRuleMode(function, names, stack):
+        yield
 
 
 def _modified_gradient(

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_interp.methods._core import Target
 from lightning_interp.methods.attribution import gradient, input_x_gradient, integrated_gradients, smoothgrad
+from lightning_interp.methods.deeplift import deeplift
 from lightning_interp.methods.gradcam import (
     cam,
     eigen_cam,
@@ -25,6 +26,7 @@ from lightning_interp.methods.gradcam import (
     score_cam,
     xgrad_cam,
 )
+from lightning_interp.methods.lrp import lrp
 from lightning_interp.methods.modified import deconvnet, guided_backprop
 
 __all__ = ["FAMILIES", "METHODS", "MethodSpec", "attribute", "available_methods", "method_spec"]
@@ -95,6 +97,15 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "deconvnet", "modified backward", deconvnet, "deconvnet",
             cost="1 forward + 1 backward", reference="Captum Deconvolution",
+        ),
+        MethodSpec(
+            "lrp", "modified backward", lrp, "LRP",
+            cost="1 forward + 1 backward (+ 1 to 5 layer recomputations per layer, by rule)",
+            reference="zennit rules and composites",
+        ),
+        MethodSpec(
+            "deeplift", "modified backward", deeplift, "DeepLIFT", scalars=("completeness_error",),
+            cost="1 forward + 1 backward of 2 samples (input and baseline)", reference="Captum DeepLift",
         ),
         MethodSpec(
             "grad_cam", "cam", grad_cam, "Grad-CAM", needs_layer=True, shared_pass=True,

@@ -1,0 +1,196 @@
+"""DeepLIFT with the Rescale rule (Shrikumar et al. 2017), as rules on the nonlinearities for one call.
+
+The inputs and the baseline run through the model in one batch ``[x; x0]``;
+every elementwise nonlinearity ``y = g(x)`` passes back the multiplier
+``(g(x) - g(x0)) / (x - x0)`` instead of its derivative (the derivative
+where ``|x - x0| < 1e-10``), and max pooling distributes its change of output
+to the maxima of the input and of the baseline (Captum's rule, accumulated
+where windows overlap). Linear layers (convolutions, linear, BatchNorm in eval
+mode, average pooling, additions) keep their gradient. The attributions
+``(x - x0) * multiplier`` of a sample then sum to ``f(x) - f(x0)``
+(summation-to-delta); ``return_convergence_delta`` reports the residual.
+
+Rules reach every way an activation is called (``nn.ReLU``, ``F.relu``,
+``torch.sigmoid``, ``nn.GELU``, ...) through a
+:class:`torch.overrides.TorchFunctionMode` active only during the call; no
+module is touched. Nonlinearities that are not elementwise (softmax, layer
+or group normalisation, attention) have no Rescale rule: a model that calls
+one is refused, naming the module. The model must keep the batch on the
+first dimension (the two halves of the batch are matched by position).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_interp.methods._core import (
+    OutputTransform,
+    Target,
+    as_leaf,
+    eager_forward,
+    gradients_enabled,
+    modes_preserved,
+    scores_from_output,
+)
+from lightning_interp.methods._rules import OTHER_ACTIVATIONS, RELUS, SQUASHES, running_modules, where_running
+from lightning_interp.methods.attribution import _fixed_target
+from lightning_interp.methods.tasks import target_scores
+
+__all__ = ["deeplift"]
+
+_EPS = 1e-10  # Captum's threshold below which a difference counts as none
+_ELEMENTWISE = RELUS | frozenset(OTHER_ACTIVATIONS) | frozenset(SQUASHES)
+_MAX_POOLS = frozenset({F.max_pool1d, F.max_pool2d, F.max_pool3d})
+_NOT_ELEMENTWISE = {
+    F.softmax: "softmax",
+    torch.softmax: "softmax",
+    torch.Tensor.softmax: "softmax",
+    F.log_softmax: "log-softmax",
+    torch.log_softmax: "log-softmax",
+    torch.Tensor.log_softmax: "log-softmax",
+    F.layer_norm: "layer normalisation",
+    F.group_norm: "group normalisation",
+    F.instance_norm: "instance normalisation",
+    F.local_response_norm: "local response normalisation",
+    F.scaled_dot_product_attention: "attention",
+    F.multi_head_attention_forward: "attention",
+}
+
+
+def _halves(t: Tensor) -> Tensor:
+    """``t[:B] - t[B:]`` for both halves of a ``[x; x0]`` batch."""
+    first, second = t.chunk(2)
+    return torch.cat([first - second, first - second])
+
+
+class _Rescale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, function: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        y = function(x.detach().clone())  # in place on a copy, if the call was in place
+        ctx.function = function
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        x, y = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (derivative,) = torch.autograd.grad(ctx.function(leaf.clone()), leaf, grad)
+        delta_in, delta_out = _halves(x), _halves(y)
+        return torch.where(delta_in.abs() < _EPS, derivative, grad * delta_out / delta_in), None
+
+
+def _spread(values: Tensor, indices: Tensor, like: Tensor) -> Tensor:
+    """Add each pooled value to the input position it came from (a max-unpool that accumulates overlaps)."""
+    flat = torch.zeros(like.shape[0], like.shape[1], like[0, 0].numel(), dtype=values.dtype, device=values.device)
+    flat.scatter_add_(2, indices.flatten(2), values.flatten(2))
+    return flat.reshape(like.shape)
+
+
+class _MaxPoolRescale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, pool: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Tensor:  # type: ignore[override]
+        y, indices = pool(x.detach())
+        ctx.save_for_backward(x, y, indices)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        x, y, indices = ctx.saved_tensors
+        output, reference = y.chunk(2)
+        larger = torch.maximum(output, reference)
+        delta_out = torch.cat([larger - reference, output - larger])  # each half's maxima carry a part
+        first, second = _spread(grad * delta_out, indices, x).chunk(2)
+        moved = torch.cat([first + second, first + second])
+        delta_in = _halves(x)
+        derivative = _spread(grad, indices, x)
+        return torch.where(delta_in.abs() < _EPS, derivative, moved / delta_in), None
+
+
+class _RescaleMode(TorchFunctionMode):
+    def __init__(self, names: dict[nn.Module, str], stack: list[nn.Module]) -> None:
+        super().__init__()
+        self.names, self.stack = names, stack
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol
+        kwargs = kwargs or {}
+        if func in _ELEMENTWISE and isinstance(args[0], Tensor) and args[0].requires_grad:
+            rest = args[1:]
+            return _Rescale.apply(args[0], lambda t: func(t, *rest, **kwargs))
+        if func in _MAX_POOLS and isinstance(args[0], Tensor) and args[0].requires_grad:
+            options = {**kwargs, "return_indices": True}
+            rest = args[1:]
+            if len(rest) >= 6:  # return_indices given by position
+                rest = rest[:5]
+            values = _MaxPoolRescale.apply(args[0], lambda t: func(t, *rest, **options))
+            if kwargs.get("return_indices") or (len(args) >= 7 and args[6]):
+                return values, func(args[0].detach(), *rest, **options)[1]
+            return values
+        if func in _NOT_ELEMENTWISE:
+            raise ValueError(
+                f"DeepLIFT's Rescale rule is for elementwise nonlinearities and max pooling; the model calls "
+                f"{_NOT_ELEMENTWISE[func]}{where_running(self.names, self.stack)}, which has no rule. Use "
+                "integrated_gradients or gradient_shap for this model."
+            )
+        return func(*args, **kwargs)
+
+
+def deeplift(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    *,
+    baseline: Tensor | float | None = None,
+    return_convergence_delta: bool = False,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """DeepLIFT (Rescale rule) attributions against a baseline: one forward and one backward of 2B samples.
+
+    Args:
+        model: the network (elementwise activations, max pooling and linear layers; see the module docstring).
+        inputs: (B, ...) batch.
+        target: class index, LongTensor (B,), or None for the prediction.
+        baseline: the reference input: a tensor broadcastable to ``inputs`` or a scalar; None = zeros.
+        return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(baseline))``.
+        output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+
+    Returns:
+        Attributions shaped like ``inputs``; with ``return_convergence_delta`` a tuple ``(attributions, delta)``
+        where ``delta`` has shape (B,).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+        >>> x = torch.randn(4, 3)
+        >>> attributions, delta = deeplift(net, x, target=1, return_convergence_delta=True)
+        >>> bool(delta.abs().max() < 1e-5)
+        True
+    """
+    batch = inputs.shape[0]
+    x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()
+    base = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    base = base.expand_as(x)
+    index = _fixed_target(model, inputs, target, output_transform, task)
+    with modes_preserved(model), eager_forward(), gradients_enabled():
+        both = as_leaf(torch.cat([x, base]))
+        with running_modules(model) as (names, stack), _RescaleMode(names, stack):
+            scores = scores_from_output(model(both), output_transform)
+        if scores.shape[0] != 2 * batch:
+            raise ValueError(
+                f"The model returned {scores.shape[0]} score rows for the {2 * batch} inputs and baselines; DeepLIFT "
+                "needs one row per input, batch first."
+            )
+        chosen = target_scores(scores, index.repeat(2), task)
+        (grad,) = torch.autograd.grad(chosen.sum(), both)
+    attributions = ((x - base) * grad[:batch].to(x.dtype)).detach()
+    if not return_convergence_delta:
+        return attributions
+    change = (chosen[:batch] - chosen[batch:]).detach().double()
+    return attributions, attributions.reshape(batch, -1).double().sum(dim=1) - change

@@ -1,0 +1,272 @@
+"""LRP against zennit's rules and composites, DeepLIFT (Rescale) against Captum, and both methods' own laws.
+
+LRP: conservation (the input relevance sums to the explained score when no bias absorbs any), the same relevance
+whether activations, pooling and residual sums are modules or functions, BatchNorm merged without touching the module.
+DeepLIFT: summation-to-delta on models nobody wrote for us, including ones Captum cannot take (a reused ReLU module).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_interp.methods import LRP_COMPOSITES, LRP_RULES, attribute, deeplift, lrp
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _random_batchnorm_statistics(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and eps=0.
+
+    zennit merges a BatchNorm into the layer before it by rewriting parameters and leaves the BatchNorm as
+    ``x / sqrt(1 + eps)``: with eps=0 its canonised model computes exactly the original function, so the two
+    implementations can be compared to rounding.
+    """
+    generator = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = 0.0
+            size = module.num_features
+            module.running_mean.copy_(torch.rand(size, generator=generator) * 0.4 - 0.2)
+            module.running_var.copy_(torch.rand(size, generator=generator) * 1.5 + 0.5)
+            module.weight.data.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(size, generator=generator) * 0.2 - 0.1)
+    return model
+
+
+def _zennit_relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor, rule: str, resnet: bool) -> torch.Tensor:
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlus, EpsilonPlusFlat, LayerMapComposite
+    from zennit.layer import Sum
+    from zennit.rules import AlphaBeta, Epsilon, Gamma, Norm, Pass, ZPlus
+    from zennit.torchvision import ResNetCanonizer
+    from zennit.types import Activation, AvgPool, BatchNorm, Linear
+
+    canonizers = [ResNetCanonizer()] if resnet else [SequentialMergeBatchNorm()]
+    single = {"epsilon": Epsilon(1e-6), "zplus": ZPlus(), "alpha_beta": AlphaBeta(2.0, 1.0), "gamma": Gamma(0.25)}
+    if rule in single:  # zennit's base layer map, with one rule on every convolution and linear layer
+        layer_map = [
+            (Activation, Pass()),
+            (Sum, Norm()),
+            (AvgPool, Norm()),
+            (BatchNorm, Pass()),
+            (Linear, single[rule]),
+        ]
+        composite = LayerMapComposite([*layer_map, (Linear, single[rule])], canonizers=canonizers)
+    else:
+        composite = {"epsilon_plus": EpsilonPlus, "epsilon_plus_flat": EpsilonPlusFlat}[rule](canonizers=canonizers)
+    with torch.no_grad():
+        one_hot = F.one_hot(target, model(x).shape[1]).to(x.dtype)
+    with Gradient(model=model, composite=composite) as attributor:
+        _, relevance = attributor(x.clone().requires_grad_(True), lambda output: one_hot * output)
+    return relevance
+
+
+@pytest.mark.parametrize(
+    ("network", "dtype"),
+    [
+        ("vgg11_bn", torch.float32),
+        ("resnet18", torch.float32),
+        ("resnet18", torch.float64),
+        pytest.param("vgg11_bn", torch.float64, marks=pytest.mark.slow),  # 40 s of float64 convolutions
+    ],
+)
+def test_lrp_matches_zennit_rules_and_composites(network, dtype):
+    pytest.importorskip("zennit")
+    torch.manual_seed(0)
+    model = _random_batchnorm_statistics(getattr(torchvision.models, network)(num_classes=5)).eval().to(dtype)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    target = torch.tensor([1, 3])
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    for rule in LRP_RULES + LRP_COMPOSITES:
+        expected = _zennit_relevance(model, x, target, rule, resnet=network == "resnet18")
+        for key, value in state.items():  # zennit's canonizers restore the model after each call
+            model.state_dict()[key].copy_(value)
+        ours = lrp(model, x, target, rule=rule)
+        scale = expected.abs().max()
+        tolerance = 5e-4 if dtype == torch.float32 else 1e-10  # epsilon=1e-6 amplifies rounding
+        assert (ours - expected).abs().max() <= tolerance * scale, (rule, float((ours - expected).abs().max() / scale))
+    for key, value in model.state_dict().items():  # ours merged BatchNorm without touching a parameter or buffer
+        assert torch.equal(value, state[key]), key
+
+
+class BiasFreeResidualNet(nn.Module):
+    """Convolutions without bias, a residual sum, max and average pooling; ``functional`` calls the same maps
+    as functions (F.relu, F.max_pool2d, Tensor.mean, a + b) instead of modules."""
+
+    def __init__(self, functional: bool = False) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.average = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(6, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.functional:
+            h = F.max_pool2d(F.relu(self.conv1(x)), 2)
+            h = (h + self.conv2(h)).relu()
+            return self.head(h.mean(dim=(2, 3)))
+        h = self.pool(self.relu(self.conv1(x)))
+        out = self.conv2(h)
+        out += h
+        return self.head(torch.flatten(self.average(self.relu(out)), 1))
+
+
+@pytest.mark.parametrize("rule", LRP_RULES)
+def test_lrp_conserves_the_explained_score_without_biases(rule):
+    torch.manual_seed(2)
+    net = BiasFreeResidualNet().double().eval()
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)  # positive pixels
+    target = torch.tensor([0, 2, 3])
+    relevance = lrp(net, x, target, rule=rule, epsilon=1e-12)
+    explained = net(x).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(relevance.sum(dim=(1, 2, 3)), explained.detach(), rtol=1e-8, atol=1e-10)
+
+
+def test_lrp_sees_functional_activations_pooling_and_sums_as_their_modules():
+    torch.manual_seed(4)
+    modules, functional = BiasFreeResidualNet(), BiasFreeResidualNet(functional=True)
+    functional.load_state_dict(modules.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    for rule in ("epsilon", "zplus", "epsilon_plus_flat"):
+        torch.testing.assert_close(lrp(functional, x, 1, rule=rule), lrp(modules, x, 1, rule=rule))
+
+
+def test_lrp_epsilon_on_a_linear_layer_by_hand():
+    layer = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    z = layer(x)[:, 1].detach()
+    expected = x * layer.weight[1].detach() * (z / (z + 0.5 * torch.where(z >= 0, 1.0, -1.0)))[:, None]
+    torch.testing.assert_close(lrp(layer, x, 1, epsilon=0.5), expected)
+
+
+def test_lrp_binary_model_explains_the_predicted_side():
+    net = nn.Sequential(nn.Linear(3, 5, bias=False), nn.ReLU(), nn.Linear(5, 1, bias=False)).double()
+    with torch.no_grad():
+        net[2].weight.copy_(-net[2].weight.abs())  # every logit <= 0: the negative side is predicted
+    x = torch.rand(4, 3, dtype=torch.float64)
+    logit = net(x)[:, 0].detach()
+    relevance = lrp(net, x, None, task="binary", epsilon=0.0)
+    torch.testing.assert_close(relevance.sum(dim=1), -logit)  # evidence for the negative side, positive
+
+
+def test_lrp_refuses_what_it_has_no_rule_for():
+    with pytest.raises(ValueError, match=r"module '1' \(LayerNorm\) has parameters and no rule"):
+        lrp(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), torch.randn(2, 3))
+    before_norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    before_norm(torch.randn(1, 3, 6, 6))
+    with pytest.raises(ValueError, match=r"'2' follows something else"):
+        lrp(before_norm.eval(), torch.randn(2, 3, 6, 6))
+    net = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="rule must be one of"):
+        lrp(net, torch.randn(2, 3), rule="z_beta")
+    with pytest.raises(ValueError, match="alpha - beta = 1"):
+        lrp(net, torch.randn(2, 3), rule="alpha_beta", alpha=1.0, beta=1.0)
+    assert F.relu(torch.tensor([-1.0, 1.0])).tolist() == [0.0, 1.0]  # no rule outlives a refusal
+
+
+# ---------------------------------------------------------------- DeepLIFT
+
+
+class SmallCNN(nn.Module):
+    """A hand-built CNN with every layer Captum's DeepLift has a rule for, each module used once.
+
+    Captum's rules agree with the Rescale rule only where a linear layer separates a max pool from an activation
+    (with the two adjacent, its own summation-to-delta residual is about 1e-1 here); ``pool_after_activation``
+    makes them adjacent, as in VGG.
+    """
+
+    def __init__(self, pool_after_activation: bool = False) -> None:
+        super().__init__()
+        self.pool_after_activation = pool_after_activation
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = nn.Conv2d(6, 6, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 8, 3)
+        self.norm = nn.BatchNorm2d(8)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.average = nn.AdaptiveAvgPool2d(2)
+        self.hidden = nn.Linear(32, 10)
+        self.tanh = nn.Tanh()
+        self.head = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        h = self.pool(self.relu1(h)) if self.pool_after_activation else self.pool(self.mix(self.relu1(h)))
+        h = self.average(self.relu2(self.norm(self.conv2(h))))
+        return self.head(self.tanh(self.hidden(torch.flatten(h, 1))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "network",
+    [
+        "cnn",
+        "mlp_sigmoid",
+    ],
+)
+def test_deeplift_matches_captum(network, dtype):
+    captum = pytest.importorskip("captum.attr")
+    torch.manual_seed(0)
+    if network == "cnn":
+        model = _random_batchnorm_statistics(SmallCNN())
+        shape = (3, 3, 16, 16)
+    else:
+        model = nn.Sequential(nn.Linear(6, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+        shape = (3, 6)
+    model = model.eval().to(dtype)
+    x, baseline = torch.randn(shape, dtype=dtype), 0.1 * torch.randn(shape, dtype=dtype)
+    target = torch.tensor([1, 0, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = captum.DeepLift(model).attribute(x, baselines=baseline, target=target)
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-12}
+    torch.testing.assert_close(deeplift(model, x, target, baseline=baseline), expected, **tolerance)
+
+
+@pytest.mark.parametrize("network", ["vgg11", "resnet18", "pool_after_activation"])
+def test_deeplift_sums_to_the_change_of_the_score(network):
+    """Summation-to-delta, also where Captum cannot follow: resnet18 calls one ReLU module twice per block (Captum
+    refuses it), and a max pool right after an activation (VGG) leaves Captum a residual."""
+    torch.manual_seed(1)
+    if network == "pool_after_activation":
+        model = SmallCNN(pool_after_activation=True)
+    else:
+        model = getattr(torchvision.models, network)(num_classes=5)
+    model = model.eval().double()
+    x, baseline = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    attributions, delta = deeplift(model, x, 1, baseline=baseline, return_convergence_delta=True)
+    with torch.no_grad():
+        change = model(x)[:, 1] - model(baseline)[:, 1]
+    torch.testing.assert_close(attributions.sum(dim=(1, 2, 3)), change, rtol=1e-9, atol=1e-10)
+    assert delta.abs().max() < 1e-9
+    assert not torch.allclose(attributions, attribute("input_x_gradient", model, x - baseline, 1))
+
+
+def test_deeplift_max_pool_by_hand():
+    """x = (3, 1), baseline (0, 2): the pool's output moves 2 -> 3; its maximum's share goes to x's maximum."""
+    pool = nn.Sequential(nn.Unflatten(1, (1, 2)), nn.MaxPool1d(2), nn.Flatten())
+    x, baseline = torch.tensor([[3.0, 1.0]]), torch.tensor([[0.0, 2.0]])
+    torch.testing.assert_close(deeplift(pool, x, 0, baseline=baseline), torch.tensor([[1.0, 0.0]]))
+
+
+def test_deeplift_rescales_any_elementwise_activation_and_refuses_softmax_inside():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 6), nn.SiLU(), nn.Linear(6, 2)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    _, delta = deeplift(net, x, 0, baseline=-0.5, return_convergence_delta=True)
+    assert delta.abs().max() < 1e-10
+    assert deeplift(net, x, 0, baseline=x).abs().max() == 0  # no change, nothing to attribute
+    inside = nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.Softmax(dim=1)), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match=r"calls softmax in module '1.0'"):
+        deeplift(inside, torch.randn(2, 4))
+    assert torch.softmax(torch.zeros(2), 0).tolist() == [0.5, 0.5]  # no rule outlives a refusal
