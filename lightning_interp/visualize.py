@@ -146,7 +146,8 @@ def render_grid(
     # a title wider than the picture is wrapped (10 pt bold is up to about 8 px a character), never cut off
     title_lines = textwrap.wrap(title, width=max(12, int((fig_w - 8) / 8.2))) if title else []
     title_rows = max((len(text.splitlines()) for text in column_titles), default=0)
-    top = (10 + 12 * title_rows if column_titles else 4) + 16 * len(title_lines) + (6 if title_lines else 0)
+    # 9 pt title lines are about 15 px apart
+    top = (8 + 15 * title_rows if column_titles else 4) + 16 * len(title_lines) + (6 if title_lines else 0)
     fig_h = mosaic.shape[0] + top + 6
     figure = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
     canvas = FigureCanvasAgg(figure)

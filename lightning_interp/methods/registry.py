@@ -42,7 +42,7 @@ class MethodSpec:
         name: the canonical snake_case name (equal to the function's name).
         family: ``"gradient"``, ``"modified backward"``, ``"perturbation"`` or ``"cam"``.
         function: ``fn(model, inputs, target, **options)`` (CAM methods: ``fn(model, inputs, target, layer, ...)``).
-        title: a short column title for pictures.
+        title: a short column title for pictures (a line break where one line would be too wide).
         needs_layer: takes ``layer=`` and returns (B, H, W) maps (else maps shaped like the inputs).
         stochastic: draws random numbers, from a ``generator=`` it accepts (never the global RNG).
         shared_pass: can be served from the one forward and backward of ``attribution_pass`` that several
@@ -91,7 +91,7 @@ METHODS: dict[str, MethodSpec] = {
             reference="Captum IntegratedGradients",
         ),
         MethodSpec(
-            "guided_backprop", "modified backward", guided_backprop, "guided backprop",
+            "guided_backprop", "modified backward", guided_backprop, "guided\nbackprop",
             cost="1 forward + 1 backward", reference="Captum GuidedBackprop",
         ),
         MethodSpec(
