@@ -18,6 +18,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
 from lightning_interp.demo import ImageClassifier
 from lightning_interp.methods import (
+    METHODS,
+    attribute,
     cka_matrix,
     concentration,
     grad_cam,
@@ -139,6 +141,15 @@ def test_methods_on_the_gpu_equal_the_cpu_ones():
         (grad_cam(model, x, target, "net.4"), grad_cam(on, xg, tg, "net.4")),
     ):
         torch.testing.assert_close(theirs.cpu(), ours, rtol=1e-4, atol=1e-5)
+    fast = {"integrated_gradients": {"n_steps": 4}, "occlusion": {"window": (4, 4), "stride": (4, 4)}}
+    for name, spec in METHODS.items():  # every deterministic method of the registry, the same on both devices
+        if spec.stochastic:
+            continue
+        layer = {"layer": "net.7" if name == "cam" else "net.4"} if spec.needs_layer else {}  # CAM: the pooled layer
+        ours = attribute(name, model, x, target, **layer, **fast.get(name, {}))
+        theirs = attribute(name, on, xg, tg, **layer, **fast.get(name, {}))
+        scale = ours.abs().max().clamp_min(1e-12)
+        assert (theirs.cpu() - ours).abs().max() / scale < 1e-3, name
     maps = torch.rand(6, 16, 16)
     torch.testing.assert_close(concentration(maps.to(DEVICE)).cpu(), concentration(maps), rtol=0, atol=1e-12)
     torch.testing.assert_close(
