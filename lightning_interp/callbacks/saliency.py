@@ -45,9 +45,10 @@ class SaliencyCallback(MapCallback):
     - at fit end, ``<method>/evolution``: the maps of a few samples across epochs.
 
     ``gradient`` and ``input_x_gradient`` share one forward and one backward.
-    SmoothGrad noise comes from the callback's own generator on the model's
-    device, re-seeded each run, so the global and CUDA RNGs (and thus
-    training) are untouched and epochs are compared on the same noise.
+    The stochastic methods (SmoothGrad, GradientSHAP, LIME, KernelSHAP) draw
+    from the callback's own generator on the model's device, re-seeded each
+    run, so the global and CUDA RNGs (and thus training) are untouched and
+    epochs are compared on the same draws.
 
     Args:
         methods: input-attribution methods of the registry
@@ -61,7 +62,7 @@ class SaliencyCallback(MapCallback):
         noise_level: deprecated; ``("smoothgrad", {"noise_level": ...})``.
         ig_steps: deprecated; ``("integrated_gradients", {"n_steps": ...})``.
         internal_batch_size: most inputs per forward pass, for every method that batches copies of the inputs.
-        seed: seed of the callback's generator for stochastic methods (SmoothGrad).
+        seed: seed of the callback's generator for the stochastic methods.
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: shared options of :class:`~lightning_interp.callbacks._base.MapCallback`
             (``num_samples``, ``every_n_epochs``, ``target``, ``probe``, ...).

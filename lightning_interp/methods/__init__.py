@@ -56,6 +56,7 @@ from lightning_interp.methods.map_metrics import (
     rank_correlation,
 )
 from lightning_interp.methods.modified import RELU_RULES, deconvnet, guided_backprop, relu_rule
+from lightning_interp.methods.perturbation import gradient_shap, kernel_shap, lime, occlusion, patch_feature_mask
 from lightning_interp.methods.probes import (
     PROBE_SOLVERS,
     ProbeResult,
@@ -131,6 +132,7 @@ __all__ = [
     "grad_cam",
     "grad_cam_plus_plus",
     "gradient",
+    "gradient_shap",
     "gram_dtype_for",
     "guided_backprop",
     "hires_cam",
@@ -138,10 +140,12 @@ __all__ = [
     "input_x_gradient",
     "integrated_gradients",
     "integration_points",
+    "kernel_shap",
     "label_kind",
     "label_rdm",
     "layer_cam",
     "layers_with_patch_gradient",
+    "lime",
     "linear_cka",
     "linear_probe_accuracy",
     "linear_probe_r2",
@@ -153,6 +157,8 @@ __all__ = [
     "module_name",
     "multilabel_probe_accuracy",
     "normalized_grams",
+    "occlusion",
+    "patch_feature_mask",
     "pointing_game",
     "pool_features",
     "prediction_and_confidence",

@@ -28,6 +28,7 @@ from lightning_interp.methods.gradcam import (
 )
 from lightning_interp.methods.lrp import lrp
 from lightning_interp.methods.modified import deconvnet, guided_backprop
+from lightning_interp.methods.perturbation import gradient_shap, kernel_shap, lime, occlusion
 
 __all__ = ["FAMILIES", "METHODS", "MethodSpec", "attribute", "available_methods", "method_spec"]
 
@@ -91,6 +92,10 @@ METHODS: dict[str, MethodSpec] = {
             reference="Captum IntegratedGradients",
         ),
         MethodSpec(
+            "gradient_shap", "gradient", gradient_shap, "GradientSHAP", stochastic=True,
+            cost="n_samples (16) forwards + backwards", reference="Captum GradientShap, same draws",
+        ),
+        MethodSpec(
             "guided_backprop", "modified backward", guided_backprop, "guided\nbackprop",
             cost="1 forward + 1 backward", reference="Captum GuidedBackprop",
         ),
@@ -106,6 +111,19 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "deeplift", "modified backward", deeplift, "DeepLIFT", scalars=("completeness_error",),
             cost="1 forward + 1 backward of 2 samples (input and baseline)", reference="Captum DeepLift",
+        ),
+        MethodSpec(
+            "occlusion", "perturbation", occlusion, "occlusion",
+            cost="1 + one forward per window (65 for the default 8 x 8 grid), no backward",
+            reference="Captum Occlusion",
+        ),
+        MethodSpec(
+            "lime", "perturbation", lime, "LIME", stochastic=True,
+            cost="n_samples + 1 (129) forwards, no backward", reference="Captum Lime, same coalitions",
+        ),
+        MethodSpec(
+            "kernel_shap", "perturbation", kernel_shap, "KernelSHAP", stochastic=True,
+            cost="n_samples + 2 (130) forwards, no backward", reference="Captum KernelShap, same coalitions",
         ),
         MethodSpec(
             "grad_cam", "cam", grad_cam, "Grad-CAM", needs_layer=True, shared_pass=True,
@@ -162,7 +180,7 @@ def available_methods(family: str | None = None) -> dict[str, str]:
 
     Example:
         >>> list(available_methods("gradient"))
-        ['gradient', 'input_x_gradient', 'smoothgrad', 'integrated_gradients']
+        ['gradient', 'input_x_gradient', 'smoothgrad', 'integrated_gradients', 'gradient_shap']
     """
     if family is not None and family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}.")

@@ -69,7 +69,13 @@ def test_weights_optimizer_and_rng_bit_identical(tmp_path, options):
 
 def test_every_registered_method_in_a_callback_leaves_training_bit_identical(tmp_path):
     """Each method of the registry, run by the callback that takes it, on the BatchNorm/Dropout/in-place-ReLU net."""
-    fast = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"n_steps": 2}, "score_cam": {}}
+    fast = {
+        "smoothgrad": {"n_samples": 2},
+        "integrated_gradients": {"n_steps": 2},
+        "gradient_shap": {"n_samples": 2},
+        "lime": {"n_samples": 4},
+        "kernel_shap": {"n_samples": 4},
+    }
     saliency = [(name, fast.get(name, {})) for name, spec in METHODS.items() if not spec.needs_layer]
     cams = [(name, fast.get(name, {})) for name, spec in METHODS.items() if spec.needs_layer and name != "cam"]
     callbacks = [
@@ -81,6 +87,7 @@ def test_every_registered_method_in_a_callback_leaves_training_bit_identical(tmp
     weights, optimizer, rng = _train(tmp_path / "with", callbacks, max_epochs=1)
     assert all(callback._runs == 1 for callback in callbacks)
     assert {key.split("/")[-1] for key in callbacks[1]._previous} >= {"score_cam", "eigen_cam"}
+    assert set(callbacks[0]._previous) == {name for name, _ in saliency}  # every input-attribution method made a map
     for name, value in plain_weights.items():
         assert torch.equal(value, weights[name]), f"{name} differs"
     for key, state in plain_optimizer["state"].items():

@@ -48,6 +48,10 @@ FAST_OPTIONS: dict[str, dict[str, object]] = {  # the registry's methods at opti
     "smoothgrad": {"n_samples": 3},
     "integrated_gradients": {"n_steps": 4, "internal_batch_size": 6},
     "score_cam": {"internal_batch_size": 3},
+    "gradient_shap": {"n_samples": 3},
+    "occlusion": {"window": (4, 4), "stride": (4, 4), "internal_batch_size": 8},
+    "lime": {"n_samples": 6},
+    "kernel_shap": {"n_samples": 6},
 }
 
 
@@ -70,7 +74,9 @@ MAP_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.needs_layer} 
     "grad_cam_module",
     "grad_cam_auto_layer",
 }
-DETERMINISTIC = sorted(set(METHODS) - {"smoothgrad"})  # smoothgrad's noise depends on the batch it sees
+# SmoothGrad's and GradientSHAP's draws depend on the batch they see; LIME's and KernelSHAP's coalitions are shared
+# by the whole batch, so a sample gets the same explanation alone or in a batch
+DETERMINISTIC = sorted(set(METHODS) - {"smoothgrad", "gradient_shap"})
 
 all_methods = pytest.mark.parametrize("name", sorted(METHODS))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
