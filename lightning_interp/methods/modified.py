@@ -45,7 +45,7 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad.clamp_min(0) * (x > 0).to(grad.dtype)
+        return torch.ops.aten.threshold_backward(grad.clamp_min(0), x, 0)  # fused: ReLU's own backward
 
 
 class _DeconvReLU(torch.autograd.Function):

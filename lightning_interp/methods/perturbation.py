@@ -10,7 +10,7 @@ score of each copy is :func:`~lightning_interp.methods.tasks.target_scores`
 
 Occlusion, LIME and KernelSHAP only run forward passes (under
 ``torch.no_grad()``); all perturbed copies of the batch go through the model
-together, at most ``internal_batch_size`` inputs per forward. LIME and
+together, at most ``internal_batch_size`` (default 64) inputs per forward. LIME and
 KernelSHAP share one set of random coalitions across the batch, so a sample's
 explanation does not depend on the other samples in the batch, and draw them
 from the caller's ``torch.Generator`` only. Their regressions are closed-form
@@ -55,9 +55,14 @@ def _check_count(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
-def _row_limit(internal_batch_size: int | None, total: int) -> int:
+PERTURBED_PER_FORWARD = 64
+"""Default most perturbed inputs per forward of occlusion, LIME and KernelSHAP: larger batches are no faster, and on
+the CPU their activations (tens of MB a layer) cost fresh, zero-filled memory on every call."""
+
+
+def _row_limit(internal_batch_size: int | None, total: int, default: int | None = None) -> int:
     if internal_batch_size is None:
-        return max(total, 1)
+        return max(default or total, 1)
     if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1:
         raise ValueError(f"internal_batch_size must be positive, got {internal_batch_size!r}.")
     return internal_batch_size
@@ -170,7 +175,7 @@ def occlusion(
         baseline: the value occluded pixels take: a scalar or a tensor
             broadcastable to ``inputs``.
         internal_batch_size: at most this many occluded inputs per forward pass
-            (default: every window of the batch at once).
+            (default :data:`PERTURBED_PER_FORWARD`, 64).
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.tasks`).
 
@@ -217,7 +222,7 @@ def occlusion(
     total = rows_cover.shape[0] * n_w * batch  # flat rows: window-major, then sample
     drops = torch.empty(total, dtype=torch.float64, device=x.device)
     with torch.no_grad():
-        for start, end in _row_chunks(total, _row_limit(internal_batch_size, total)):
+        for start, end in _row_chunks(total, _row_limit(internal_batch_size, total, PERTURBED_PER_FORWARD)):
             flat = torch.arange(start, end, device=x.device)
             window_id, sample = flat // batch, flat % batch
             covered = rows_cover[window_id // n_w][:, None, :, None] & cols_cover[window_id % n_w][:, None, None, :]
@@ -356,7 +361,7 @@ def _perturbed_scores(
     scores = torch.empty(total, dtype=torch.float64, device=x.device)
     weights = torch.empty(total, dtype=torch.float64, device=x.device) if similarity_width is not None else None
     with torch.no_grad():
-        for start, end in _row_chunks(total, _row_limit(internal_batch_size, total)):
+        for start, end in _row_chunks(total, _row_limit(internal_batch_size, total, PERTURBED_PER_FORWARD)):
             flat = torch.arange(start, end, device=x.device)
             coalition, sample = flat // batch, flat % batch
             rows = _coalition_inputs(x, base, mask, coalitions, sample, coalition)
@@ -425,7 +430,7 @@ def lime(
         generator: source of the coalitions; pass your own for reproducibility
             and to leave the global RNG untouched (the default draws from it).
         internal_batch_size: at most this many perturbed inputs per forward pass
-            (default: all at once).
+            (default :data:`PERTURBED_PER_FORWARD`, 64).
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.tasks`).
 
@@ -524,7 +529,7 @@ def kernel_shap(
         generator: source of the coalitions; pass your own for reproducibility
             and to leave the global RNG untouched (the default draws from it).
         internal_batch_size: at most this many perturbed inputs per forward pass
-            (default: all at once).
+            (default :data:`PERTURBED_PER_FORWARD`, 64).
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.tasks`).
 
