@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 RELUS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
 """Every way a ReLU is called (``nn.ReLU`` calls ``F.relu``)."""
@@ -79,3 +79,26 @@ def running_modules(model: nn.Module) -> Iterator[tuple[dict[nn.Module, str], li
 def where_running(names: dict[nn.Module, str], stack: list[nn.Module]) -> str:
     """`` in module 'a.b'`` for the innermost running module, or an empty string."""
     return f" in module {names.get(stack[-1], '?')!r}" if stack else ""
+
+
+IN_PLACE = frozenset(
+    {
+        F.relu_,
+        torch.relu_,
+        torch.Tensor.relu_,
+        torch.Tensor.sigmoid_,
+        torch.Tensor.tanh_,
+        torch.Tensor.add_,
+        torch.Tensor.__iadd__,
+    }
+)
+"""In-place calls a model may make as statements (``h.relu_()``, ``x.add_(shortcut)``), result unused."""
+
+
+def write_back(function: object, modified: Tensor, result: Tensor) -> Tensor:
+    """After a rule computed ``result`` out of place: for an in-place ``function``, write it into the tensor the call
+    modifies (so a model that ignores the returned value still sees it) and return that tensor; else ``result``."""
+    if function not in IN_PLACE:
+        return result
+    with torch._C.DisableTorchFunction():
+        return modified.copy_(result)

@@ -11,11 +11,13 @@ mode, average pooling, additions) keep their gradient. The attributions
 (summation-to-delta); ``return_convergence_delta`` reports the residual.
 
 Rules reach every way an activation is called (``nn.ReLU``, ``F.relu``,
-``torch.sigmoid``, ``nn.GELU``, ...) through a
+``torch.sigmoid``, ``nn.GELU``, ``clamp`` as a ReLU, ...) through a
 :class:`torch.overrides.TorchFunctionMode` active only during the call; no
 module is touched. Nonlinearities that are not elementwise (softmax, layer
 or group normalisation, attention) have no Rescale rule: a model that calls
-one is refused, naming the module. The model must keep the batch on the
+one is refused, naming the module; so is adaptive max pooling. Other
+elementwise operations between two activations (products, ``exp``) keep
+their gradient: the residual ``return_convergence_delta`` reports shows it. The model must keep the batch on the
 first dimension (the two halves of the batch are matched by position).
 """
 
@@ -37,14 +39,22 @@ from lightning_interp.methods._core import (
     modes_preserved,
     scores_from_output,
 )
-from lightning_interp.methods._rules import OTHER_ACTIVATIONS, RELUS, SQUASHES, running_modules, where_running
+from lightning_interp.methods._rules import (
+    OTHER_ACTIVATIONS,
+    RELUS,
+    SQUASHES,
+    running_modules,
+    where_running,
+    write_back,
+)
 from lightning_interp.methods.attribution import _fixed_target
 from lightning_interp.methods.tasks import target_scores
 
 __all__ = ["deeplift"]
 
 _EPS = 1e-10  # Captum's threshold below which a difference counts as none
-_ELEMENTWISE = RELUS | frozenset(OTHER_ACTIVATIONS) | frozenset(SQUASHES)
+_CLAMPS = frozenset({torch.clamp, torch.Tensor.clamp, torch.clamp_min, torch.Tensor.clamp_min, torch.clip})
+_ELEMENTWISE = RELUS | frozenset(OTHER_ACTIVATIONS) | frozenset(SQUASHES) | _CLAMPS
 _MAX_POOLS = frozenset({F.max_pool1d, F.max_pool2d, F.max_pool3d})
 _NOT_ELEMENTWISE = {
     F.softmax: "softmax",
@@ -57,6 +67,9 @@ _NOT_ELEMENTWISE = {
     F.group_norm: "group normalisation",
     F.instance_norm: "instance normalisation",
     F.local_response_norm: "local response normalisation",
+    F.adaptive_max_pool1d: "adaptive max pooling",
+    F.adaptive_max_pool2d: "adaptive max pooling",
+    F.adaptive_max_pool3d: "adaptive max pooling",
     F.scaled_dot_product_attention: "attention",
     F.multi_head_attention_forward: "attention",
 }
@@ -71,9 +84,10 @@ def _halves(t: Tensor) -> Tensor:
 class _Rescale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, function: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
-        y = function(x.detach().clone())  # in place on a copy, if the call was in place
+        copy = x.detach().clone()  # in place on the copy, if the call was in place; saved, as the call may write x
+        y = function(copy.clone())
         ctx.function = function
-        ctx.save_for_backward(x, y)
+        ctx.save_for_backward(copy, y)
         return y
 
     @staticmethod
@@ -83,7 +97,8 @@ class _Rescale(torch.autograd.Function):
             leaf = x.detach().requires_grad_(True)
             (derivative,) = torch.autograd.grad(ctx.function(leaf.clone()), leaf, grad)
         delta_in, delta_out = _halves(x), _halves(y)
-        return torch.where(delta_in.abs() < _EPS, derivative, grad * delta_out / delta_in), None
+        # <=: in float16 the threshold rounds to 0, and exact zeros must still take the derivative
+        return torch.where(delta_in.abs() <= _EPS, derivative, grad * delta_out / delta_in), None
 
 
 def _spread(values: Tensor, indices: Tensor, like: Tensor) -> Tensor:
@@ -110,7 +125,7 @@ class _MaxPoolRescale(torch.autograd.Function):
         moved = torch.cat([first + second, first + second])
         delta_in = _halves(x)
         derivative = _spread(grad, indices, x)
-        return torch.where(delta_in.abs() < _EPS, derivative, moved / delta_in), None
+        return torch.where(delta_in.abs() <= _EPS, derivative, moved / delta_in), None
 
 
 class _RescaleMode(TorchFunctionMode):
@@ -122,7 +137,7 @@ class _RescaleMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _ELEMENTWISE and isinstance(args[0], Tensor) and args[0].requires_grad:
             rest = args[1:]
-            return _Rescale.apply(args[0], lambda t: func(t, *rest, **kwargs))
+            return write_back(func, args[0], _Rescale.apply(args[0], lambda t: func(t, *rest, **kwargs)))
         if func in _MAX_POOLS and isinstance(args[0], Tensor) and args[0].requires_grad:
             options = {**kwargs, "return_indices": True}
             rest = args[1:]
@@ -177,11 +192,18 @@ def deeplift(
     x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()
     base = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     base = base.expand_as(x)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            raise ValueError(
+                f"DeepLIFT runs the inputs and baselines as one batch, and BatchNorm {name!r} keeps no running "
+                "statistics (track_running_stats=False): it would mix them. Use integrated_gradients for this model."
+            )
     index = _fixed_target(model, inputs, target, output_transform, task)
     with modes_preserved(model), eager_forward(), gradients_enabled():
         both = as_leaf(torch.cat([x, base]))
         with running_modules(model) as (names, stack), _RescaleMode(names, stack):
-            scores = scores_from_output(model(both), output_transform)
+            output = model(both)
+        scores = scores_from_output(output, output_transform)  # outside the rules: a softmax there is the user's
         if scores.shape[0] != 2 * batch:
             raise ValueError(
                 f"The model returned {scores.shape[0]} score rows for the {2 * batch} inputs and baselines; DeepLIFT "

@@ -21,7 +21,10 @@ relevance unchanged; average pooling (``AvgPool``, ``AdaptiveAvgPool``,
 activations) split it in proportion to their inputs; max pooling sends it to
 the maximum (its gradient); a BatchNorm that directly follows a convolution
 or linear layer is merged into that layer for the computation (the module is
-not touched). Simple Taylor decomposition is :func:`input_x_gradient`.
+not touched). Simple Taylor decomposition is :func:`input_x_gradient`. Other
+operations keep their gradient, as in zennit: a product or quotient by a
+constant (input normalisation inside ``forward``), a difference of two
+activations or a gating product breaks conservation there.
 
 Supported parameterised layers: ``Linear``, ``Conv1d/2d/3d`` and BatchNorm
 after one of them. A model with another layer that has parameters
@@ -50,7 +53,14 @@ from lightning_interp.methods._core import (
     resolve_target,
     scores_from_output,
 )
-from lightning_interp.methods._rules import ADDITIONS, OTHER_ACTIVATIONS, RELUS, SQUASHES, running_modules
+from lightning_interp.methods._rules import (
+    ADDITIONS,
+    OTHER_ACTIVATIONS,
+    RELUS,
+    SQUASHES,
+    running_modules,
+    write_back,
+)
 from lightning_interp.methods.tasks import target_scores
 
 __all__ = ["LRP_COMPOSITES", "LRP_RULES", "lrp", "lrp_rules"]
@@ -83,10 +93,17 @@ def _stabilize(z: Tensor, epsilon: float) -> Tensor:
     return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
 
 
+def _share(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
+    """``relevance / stabilised z``, and 0 where that is 0 / 0 (``epsilon=0`` at an output of exactly 0)."""
+    denominator = _stabilize(z, epsilon)
+    return torch.where(denominator == 0, torch.zeros_like(relevance), relevance / denominator)
+
+
 @dataclass
 class _Settings:
     rule: str
     epsilon: float
+    stabilizer: float
     gamma: float
     alpha: float
     beta: float
@@ -125,7 +142,7 @@ class _LayerCall:
 def _relevance_through(call: _LayerCall, x: Tensor, relevance: Tensor, settings: _Settings) -> Tensor:
     """The rule of ``call`` applied to one layer: relevance at its output -> relevance at its input."""
     weight, bias = call.parameters()
-    eps = settings.epsilon
+    eps = settings.stabilizer  # the epsilon rule's own epsilon is settings.epsilon
 
     def pulled(parts: list[tuple[Tensor, Tensor, Tensor]], scale: list[Tensor]) -> list[Tensor]:
         """Each part's input times the gradient of its output pulled back with ``scale``."""
@@ -137,22 +154,22 @@ def _relevance_through(call: _LayerCall, x: Tensor, relevance: Tensor, settings:
     if call.rule == "flat":
         ones = torch.ones_like(x).requires_grad_(True)
         z = call.apply(ones, torch.ones_like(weight), torch.zeros_like(bias))
-        return torch.autograd.grad(z, ones, relevance / _stabilize(z.detach(), eps))[0]
+        return torch.autograd.grad(z, ones, _share(relevance, z.detach(), eps))[0]
     if call.rule == "epsilon":
         z = call.apply(x, weight, bias)
-        return pulled([(x, weight, bias)], [relevance / _stabilize(z, eps)])[0]
+        return pulled([(x, weight, bias)], [_share(relevance, z, settings.epsilon)])[0]
     positive, negative = x.clamp(min=0), x.clamp(max=0)
     w_plus, w_minus = weight.clamp(min=0), weight.clamp(max=0)
     no_bias = torch.zeros_like(bias)
     if call.rule == "zplus" or call.rule == "alpha_beta":
         up = [(positive, w_plus, bias.clamp(min=0)), (negative, w_minus, no_bias)]
         z_up = sum(call.apply(*part) for part in up)
-        r_up = sum(pulled(up, [relevance / _stabilize(z_up, eps)] * 2))
+        r_up = sum(pulled(up, [_share(relevance, z_up, eps)] * 2))
         if call.rule == "zplus":
             return r_up
         down = [(positive, w_minus, bias.clamp(max=0)), (negative, w_plus, no_bias)]
         z_down = sum(call.apply(*part) for part in down)
-        r_down = sum(pulled(down, [relevance / _stabilize(z_down, eps)] * 2))
+        r_down = sum(pulled(down, [_share(relevance, z_down, eps)] * 2))
         return settings.alpha * r_up - settings.beta * r_down
     # gamma (generalised to inputs of both signs): raise the contributions that agree with the output's sign
     gamma = settings.gamma
@@ -163,8 +180,8 @@ def _relevance_through(call: _LayerCall, x: Tensor, relevance: Tensor, settings:
     down = [(positive, *raised_minus), (negative, raised_plus[0], no_bias)]
     z_up = sum(call.apply(*part) for part in up)
     z_down = sum(call.apply(*part) for part in down)
-    scale_up = (z > 0).to(z.dtype) * relevance / _stabilize(z_up, eps)
-    scale_down = (z < 0).to(z.dtype) * relevance / _stabilize(z_down, eps)
+    scale_up = (z > 0).to(z.dtype) * _share(relevance, z_up, eps)
+    scale_down = (z < 0).to(z.dtype) * _share(relevance, z_down, eps)
     return sum(pulled(up, [scale_up] * 2)) + sum(pulled(down, [scale_down] * 2))
 
 
@@ -174,7 +191,7 @@ class _Rule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, output: Tensor, backward_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:  # type: ignore[override]
         ctx.backward_fn = backward_fn
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x.detach().clone())  # a copy: an in-place call may write x afterwards
         return output.detach().clone()
 
     @staticmethod
@@ -202,33 +219,34 @@ class _Proportional(torch.autograd.Function):
     @staticmethod
     def forward(ctx, function: Callable[..., Tensor], epsilon: float, *inputs: Tensor) -> Tensor:  # type: ignore[override]
         ctx.function, ctx.epsilon = function, epsilon
-        ctx.save_for_backward(*inputs)
-        return function(*[t.detach() for t in inputs])
+        copies = [t.detach().clone() for t in inputs]  # an in-place call may write into an input afterwards
+        ctx.save_for_backward(*copies)
+        return function(*copies)
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
         with torch.enable_grad():
             z = ctx.function(*leaves)
-            grads = torch.autograd.grad(z, leaves, relevance / _stabilize(z.detach(), ctx.epsilon))
+            grads = torch.autograd.grad(z, leaves, _share(relevance, z.detach(), ctx.epsilon))
         return (None, None, *[leaf.detach() * grad for leaf, grad in zip(leaves, grads, strict=True)])
 
 
 class _FunctionalRules(TorchFunctionMode):
-    def __init__(self, epsilon: float) -> None:
+    def __init__(self, stabilizer: float) -> None:
         super().__init__()
-        self.epsilon = epsilon
+        self.epsilon = stabilizer
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol
         kwargs = kwargs or {}
         if func in _PASS and isinstance(args[0], Tensor) and args[0].requires_grad:
-            copy = args[0].detach().clone()  # an in-place call acts on the copy
-            return _Pass.apply(args[0], func(copy, *args[1:], **kwargs))
+            copy = args[0].detach().clone()  # an in-place call acts on the copy ...
+            return write_back(func, args[0], _Pass.apply(args[0], func(copy, *args[1:], **kwargs)))
         if func in _AVERAGES and isinstance(args[0], Tensor) and args[0].requires_grad:
             rest = args[1:]
             return _Proportional.apply(lambda t: func(t, *rest, **kwargs), self.epsilon, args[0])
         if func in ADDITIONS and len(args) == 2 and not kwargs and _two_activations(*args):
-            return _Proportional.apply(torch.add, self.epsilon, args[0], args[1])
+            return write_back(func, args[0], _Proportional.apply(torch.add, self.epsilon, args[0], args[1]))
         return func(*args, **kwargs)
 
 
@@ -248,13 +266,20 @@ def _two_activations(a: object, b: object) -> bool:
 def _check_layers(model: nn.Module) -> None:
     """Refuse, before any forward, a model with a parameterised layer no rule covers."""
     for name, module in model.named_modules():
+        if isinstance(module, _BATCHNORMS) and module.running_mean is None:
+            raise ValueError(
+                f"LRP merges a BatchNorm into the layer before it with its running statistics, and {name!r} keeps "
+                "none (track_running_stats=False). Use a gradient method (integrated_gradients) for this model."
+            )
         if isinstance(module, (*_WEIGHTED, *_BATCHNORMS)):
             continue
-        if next(module.parameters(recurse=False), None) is not None:
+        own = [key for key, _ in module.named_parameters(recurse=False)]
+        if own:
+            where = f"module {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
             raise ValueError(
-                f"LRP has rules for Linear, Conv1d/2d/3d and BatchNorm after one of them; module {name!r} "
-                f"({type(module).__name__}) has parameters and no rule. Use a gradient method "
-                "(integrated_gradients, input_x_gradient) or a CAM method for this model."
+                f"LRP has rules for Linear, Conv1d/2d/3d and BatchNorm after one of them; {where} has parameters "
+                f"({', '.join(own)}) and no rule. Use a gradient method (integrated_gradients, input_x_gradient) "
+                "or a CAM method for this model."
             )
 
 
@@ -275,6 +300,7 @@ def lrp_rules(
     gamma: float = 0.25,
     alpha: float = 2.0,
     beta: float = 1.0,
+    stabilizer: float = 1e-6,
 ) -> Iterator[None]:
     """Inside the block, the backward pass of ``model`` propagates relevance by the LRP ``rule``.
 
@@ -287,10 +313,11 @@ def lrp_rules(
     Args:
         model: the network (see the module docstring for the layers it may have).
         rule: one of :data:`LRP_RULES` or :data:`LRP_COMPOSITES`.
-        epsilon: the epsilon rule's stabiliser, also the stabiliser of the other rules.
+        epsilon: the epsilon rule's epsilon.
         gamma: the gamma rule's factor on positive contributions.
         alpha: the alpha-beta rule's weight on positive contributions.
         beta: the alpha-beta rule's weight on negative contributions (``alpha - beta = 1``).
+        stabilizer: added to the denominators of the other rules and of pooling and sums (zennit's ``stabilizer``).
 
     Raises:
         ValueError: an unknown rule, bad parameters, a layer without a rule, or a BatchNorm that does not follow
@@ -307,12 +334,12 @@ def lrp_rules(
     """
     if rule not in LRP_RULES + LRP_COMPOSITES:
         raise ValueError(f"rule must be one of {LRP_RULES + LRP_COMPOSITES}, got {rule!r}.")
-    if epsilon < 0 or gamma < 0:
-        raise ValueError(f"epsilon and gamma must be >= 0, got epsilon={epsilon}, gamma={gamma}.")
+    if epsilon < 0 or gamma < 0 or stabilizer < 0:
+        raise ValueError(f"epsilon, gamma and stabilizer must be >= 0, got {epsilon}, {gamma}, {stabilizer}.")
     if rule == "alpha_beta" and (alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-9):
         raise ValueError(f"The alpha-beta rule needs alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}.")
     _check_layers(model)
-    settings = _Settings(rule, epsilon, gamma, alpha, beta)
+    settings = _Settings(rule, epsilon, stabilizer, gamma, alpha, beta)
     produced: dict[int, tuple[Tensor, _LayerCall]] = {}
     handles = []
 
@@ -340,7 +367,7 @@ def lrp_rules(
                     handles.append(module.register_forward_hook(weighted_hook))
                 elif isinstance(module, _BATCHNORMS):
                     handles.append(module.register_forward_hook(batchnorm_hook))
-            with _FunctionalRules(epsilon):
+            with _FunctionalRules(stabilizer):
                 yield
     finally:
         for handle in handles:
@@ -357,6 +384,7 @@ def lrp(
     gamma: float = 0.25,
     alpha: float = 2.0,
     beta: float = 1.0,
+    stabilizer: float = 1e-6,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
 ) -> Tensor:
@@ -373,11 +401,13 @@ def lrp(
         target: class index, LongTensor (B,), or None for the prediction.
         rule: ``"epsilon"``, ``"gamma"``, ``"alpha_beta"``, ``"zplus"`` on every layer, or the CNN composites
             ``"epsilon_plus"`` / ``"epsilon_plus_flat"``.
-        epsilon: stabiliser of every rule (the epsilon rule's epsilon).
+        epsilon: the epsilon rule's epsilon (LRP-0 at 0).
         gamma: the gamma rule's factor.
         alpha: the alpha-beta rule's positive weight.
         beta: the alpha-beta rule's negative weight.
-        output_transform: maps the model's output to (B, C) scores.
+        stabilizer: the other rules' (and pooling's and sums') denominator stabiliser, as zennit's.
+        output_transform: selects or reshapes the model's output to (B, C) scores; it runs outside the rules with
+            its plain gradient, so it should not rescale (a softmax would start from the probability's gradient).
         task: the output kind (see :mod:`lightning_interp.methods.tasks`).
 
     Returns:
@@ -392,8 +422,9 @@ def lrp(
     """
     with modes_preserved(model), eager_forward(), gradients_enabled():
         x = as_leaf(inputs)
-        with lrp_rules(model, rule, epsilon=epsilon, gamma=gamma, alpha=alpha, beta=beta):
-            scores = scores_from_output(model(x), output_transform)
+        with lrp_rules(model, rule, epsilon=epsilon, gamma=gamma, alpha=alpha, beta=beta, stabilizer=stabilizer):
+            output = model(x)
+        scores = scores_from_output(output, output_transform)
         index = resolve_target(target, scores, task)
         picked = scores.detach().requires_grad_(True)
         (selection,) = torch.autograd.grad(target_scores(picked, index, task).sum(), picked)

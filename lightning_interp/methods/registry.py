@@ -45,7 +45,8 @@ class MethodSpec:
         function: ``fn(model, inputs, target, **options)`` (CAM methods: ``fn(model, inputs, target, layer, ...)``).
         title: a short column title for pictures (a line break where one line would be too wide).
         needs_layer: takes ``layer=`` and returns (B, H, W) maps (else maps shaped like the inputs).
-        stochastic: draws random numbers, from a ``generator=`` it accepts (never the global RNG).
+        stochastic: draws random numbers from a ``generator=`` it accepts (the callbacks always pass their own;
+            a direct call without one draws from the global RNG).
         shared_pass: can be served from the one forward and backward of ``attribution_pass`` that several
             methods share (the input gradient, or a layer's activation and gradient).
         scalars: extra scalars a callback logs for it (tag suffixes).

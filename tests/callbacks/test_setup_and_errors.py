@@ -21,7 +21,7 @@ from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
         (lambda: SaliencyCallback(every_n_epochs=-2), "every_n_epochs"),
         (lambda: SaliencyCallback(target="best"), "target"),
         (lambda: SaliencyCallback(target=-1), "target"),
-        (lambda: SaliencyCallback(methods=("gradient", "lime")), "lime"),
+        (lambda: SaliencyCallback(methods=("gradient", "anchors")), "anchors"),
         (lambda: SaliencyCallback(methods=()), "method"),
         (lambda: SaliencyCallback(channel_reduction="mean"), "channel_reduction"),
         (lambda: SaliencyCallback(cmap="no-such-map"), "colormap"),

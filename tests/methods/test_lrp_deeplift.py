@@ -126,7 +126,7 @@ def test_lrp_conserves_the_explained_score_without_biases(rule):
     net = BiasFreeResidualNet().double().eval()
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64)  # positive pixels
     target = torch.tensor([0, 2, 3])
-    relevance = lrp(net, x, target, rule=rule, epsilon=1e-12)
+    relevance = lrp(net, x, target, rule=rule, epsilon=1e-12, stabilizer=1e-12)
     explained = net(x).gather(1, target[:, None])[:, 0]
     torch.testing.assert_close(relevance.sum(dim=(1, 2, 3)), explained.detach(), rtol=1e-8, atol=1e-10)
 
@@ -159,7 +159,7 @@ def test_lrp_binary_model_explains_the_predicted_side():
 
 
 def test_lrp_refuses_what_it_has_no_rule_for():
-    with pytest.raises(ValueError, match=r"module '1' \(LayerNorm\) has parameters and no rule"):
+    with pytest.raises(ValueError, match=r"module '1' \(LayerNorm\) has parameters \(weight, bias\) and no rule"):
         lrp(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), torch.randn(2, 3))
     before_norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     before_norm(torch.randn(1, 3, 6, 6))
@@ -270,3 +270,80 @@ def test_deeplift_rescales_any_elementwise_activation_and_refuses_softmax_inside
     with pytest.raises(ValueError, match=r"calls softmax in module '1.0'"):
         deeplift(inside, torch.randn(2, 4))
     assert torch.softmax(torch.zeros(2), 0).tolist() == [0.5, 0.5]  # no rule outlives a refusal
+
+
+def test_lrp_epsilon_is_the_epsilon_rule_only_as_in_zennit():
+    """A large epsilon changes the epsilon rule, not z+ on the convolutions nor the pooling (their stabiliser)."""
+    pytest.importorskip("zennit")
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlus
+
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    one_hot = F.one_hot(torch.tensor([0, 2]), 3).double()
+    with Gradient(model=net, composite=EpsilonPlus(epsilon=0.25)) as attributor:
+        _, expected = attributor(x.clone().requires_grad_(True), lambda output: one_hot * output)
+    torch.testing.assert_close(lrp(net, x, torch.tensor([0, 2]), rule="epsilon_plus", epsilon=0.25), expected)
+
+
+class InPlaceStatements(nn.Module):
+    """In-place calls whose results the model ignores: ``h.relu_()`` and ``h.add_(shortcut)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.skip = nn.Conv2d(3, 4, 1, bias=False)
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h.relu_()
+        h.add_(self.skip(x))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_in_place_statements_keep_the_forward_pass():
+    torch.manual_seed(7)
+    net = InPlaceStatements().double()
+    x, baseline = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    explained = net(x)[:, 1].detach()
+    relevance = lrp(net, x, 1, epsilon=0.0, stabilizer=0.0)
+    torch.testing.assert_close(relevance.sum(dim=(1, 2, 3)), explained)
+    attributions = deeplift(net, x, 1, baseline=baseline)
+    torch.testing.assert_close(attributions.sum(dim=(1, 2, 3)), explained - net(baseline)[:, 1].detach())
+
+
+def test_deeplift_in_half_precision_and_with_clamp_as_relu():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight.zero_()  # no pre-activation changes between input and baseline: 0 / 0 everywhere
+    half = deeplift(net.half(), torch.randn(2, 3).half(), 0)
+    assert half.isfinite().all()
+
+    class Clamped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x).clamp(min=0))
+
+    torch.manual_seed(8)
+    _, delta = deeplift(Clamped().double(), torch.randn(4, 3, dtype=torch.float64), 1, return_convergence_delta=True)
+    assert delta.abs().max() < 1e-12
+
+
+def test_batchnorm_without_running_statistics_and_adaptive_max_pool_are_refused():
+    no_stats = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten())
+    with pytest.raises(ValueError, match=r"'1' keeps none \(track_running_stats=False\)"):
+        lrp(no_stats, torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="would mix them"):
+        deeplift(no_stats, torch.randn(2, 3, 5, 5))
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"adaptive max pooling in module '1'"):
+        deeplift(pooled, torch.randn(2, 3, 5, 5))
+    root = nn.Sequential(nn.Linear(3, 2))
+    root.register_parameter("offset", nn.Parameter(torch.zeros(2)))
+    with pytest.raises(ValueError, match=r"the model \(Sequential\) has parameters \(offset\)"):
+        lrp(root, torch.randn(2, 3))
