@@ -429,6 +429,15 @@ def _map_score_rows(device: str, quick: bool) -> list[list[object]]:
     return rows
 
 
+COLUMNS = ("model", "method", "peer", "runs", "ours_ms", "peer_ms", "ratio", "spread", "rel", "note")
+HEADER = ["model", "ours", "peer", "runs", "ours ms", "peer ms", "peer / ours", "per round", "max rel diff", "note"]
+
+
+def comparison_table(rows: list[dict[str, object]]) -> str:
+    """The markdown table of ours-vs-peer rows (the attribution and catalogue sections share it)."""
+    return _timing.markdown_table(HEADER, [[r[key] for key in COLUMNS] for r in rows])
+
+
 def run(quick: bool, device: str = "cpu") -> str:
     batch, multi_batch = (4, 2) if quick else (64, 8)
     load_before = os.getloadavg()[0]
@@ -445,25 +454,7 @@ def run(quick: bool, device: str = "cpu") -> str:
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()[0]
 
-    header = ["model", "ours", "peer", "runs", "ours ms", "peer ms", "peer / ours", "per round", "max rel diff", "note"]
-    table = _timing.markdown_table(
-        header,
-        [
-            [
-                r["model"],
-                r["method"],
-                r["peer"],
-                r["runs"],
-                r["ours_ms"],
-                r["peer_ms"],
-                r["ratio"],
-                r["spread"],
-                r["rel"],
-                r["note"],
-            ]
-            for r in rows
-        ],
-    )
+    table = comparison_table(rows)
     same = [r for r in rows if r["same_method_vs_captum"]]
     worst_same = min(same, key=lambda r: float(r["ratio"]))  # type: ignore[arg-type]
     single = [r for r in rows if str(r["method"]).startswith("attribution_pass")]

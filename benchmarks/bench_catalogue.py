@@ -78,7 +78,7 @@ from unittest import mock
 import _timing
 import torch
 import torch.nn.functional as F
-from bench_attribution import _images, _keeping, _minmax, _rel, _spread, _time
+from bench_attribution import _images, _keeping, _minmax, _rel, _spread, _time, comparison_table
 from torch import Tensor, nn
 
 from lightning_interp.demo import _BasicBlock, cifar_resnet, mnist_cnn
@@ -681,25 +681,7 @@ def run(quick: bool, device: str = "cpu") -> str:
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()[0]
 
-    header = ["model", "ours", "peer", "runs", "ours ms", "peer ms", "peer / ours", "per round", "max rel diff", "note"]
-    table = _timing.markdown_table(
-        header,
-        [
-            [
-                r["model"],
-                r["method"],
-                r["peer"],
-                r["runs"],
-                r["ours_ms"],
-                r["peer_ms"],
-                r["ratio"],
-                r["spread"],
-                r["rel"],
-                r["note"],
-            ]
-            for r in rows
-        ],
-    )
+    table = comparison_table(rows)
 
     def describe(r: Row) -> str:
         return f"{r['model']}, {r['method']} vs {r['peer']}: {float(r['ratio']):.2f}x"  # type: ignore[arg-type]

@@ -226,9 +226,14 @@ def test_deeplift_matches_captum(network, dtype):
     model = model.eval().to(dtype)
     x, baseline = torch.randn(shape, dtype=dtype), 0.1 * torch.randn(shape, dtype=dtype)
     target = torch.tensor([1, 0, 2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        expected = captum.DeepLift(model).attribute(x, baselines=baseline, target=target)
+    deterministic = torch.are_deterministic_algorithms_enabled()  # a Trainer(deterministic=True) may leave it on
+    torch.use_deterministic_algorithms(False)  # Captum's max-pool rule calls max_unpool2d, which has no such mode
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = captum.DeepLift(model).attribute(x, baselines=baseline, target=target)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-12}
     torch.testing.assert_close(deeplift(model, x, target, baseline=baseline), expected, **tolerance)
 
