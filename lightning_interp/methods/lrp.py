@@ -55,6 +55,7 @@ from lightning_interp.methods._core import (
 )
 from lightning_interp.methods._rules import (
     ADDITIONS,
+    IN_PLACE,
     OTHER_ACTIVATIONS,
     RELUS,
     SQUASHES,
@@ -191,7 +192,7 @@ class _Rule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, output: Tensor, backward_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:  # type: ignore[override]
         ctx.backward_fn = backward_fn
-        ctx.save_for_backward(x.detach().clone())  # a copy: an in-place call may write x afterwards
+        ctx.save_for_backward(x)  # as a convolution saves its input: writing it in place later is an error
         return output.detach().clone()
 
     @staticmethod
@@ -217,11 +218,11 @@ class _Proportional(torch.autograd.Function):
     """A linear parameter-free map (average, sum) that splits relevance in proportion to each input's share."""
 
     @staticmethod
-    def forward(ctx, function: Callable[..., Tensor], epsilon: float, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, function: Callable[..., Tensor], epsilon: float, copy: bool, *inputs: Tensor) -> Tensor:  # type: ignore[override]
         ctx.function, ctx.epsilon = function, epsilon
-        copies = [t.detach().clone() for t in inputs]  # an in-place call may write into an input afterwards
-        ctx.save_for_backward(*copies)
-        return function(*copies)
+        saved = [t.detach().clone() if copy else t.detach() for t in inputs]  # an in-place sum writes its input
+        ctx.save_for_backward(*saved)
+        return function(*saved)
 
     @staticmethod
     def backward(ctx, relevance: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -229,7 +230,7 @@ class _Proportional(torch.autograd.Function):
         with torch.enable_grad():
             z = ctx.function(*leaves)
             grads = torch.autograd.grad(z, leaves, _share(relevance, z.detach(), ctx.epsilon))
-        return (None, None, *[leaf.detach() * grad for leaf, grad in zip(leaves, grads, strict=True)])
+        return (None, None, None, *[leaf.detach() * grad for leaf, grad in zip(leaves, grads, strict=True)])
 
 
 class _FunctionalRules(TorchFunctionMode):
@@ -244,9 +245,11 @@ class _FunctionalRules(TorchFunctionMode):
             return write_back(func, args[0], _Pass.apply(args[0], func(copy, *args[1:], **kwargs)))
         if func in _AVERAGES and isinstance(args[0], Tensor) and args[0].requires_grad:
             rest = args[1:]
-            return _Proportional.apply(lambda t: func(t, *rest, **kwargs), self.epsilon, args[0])
+            return _Proportional.apply(lambda t: func(t, *rest, **kwargs), self.epsilon, False, args[0])
         if func in ADDITIONS and len(args) == 2 and not kwargs and _two_activations(*args):
-            return write_back(func, args[0], _Proportional.apply(torch.add, self.epsilon, args[0], args[1]))
+            return write_back(
+                func, args[0], _Proportional.apply(torch.add, self.epsilon, func in IN_PLACE, args[0], args[1])
+            )
         return func(*args, **kwargs)
 
 
