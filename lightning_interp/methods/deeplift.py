@@ -37,6 +37,7 @@ from lightning_interp.methods._core import (
     eager_forward,
     gradients_enabled,
     modes_preserved,
+    resolve_target,
     scores_from_output,
 )
 from lightning_interp.methods._rules import (
@@ -47,7 +48,6 @@ from lightning_interp.methods._rules import (
     where_running,
     write_back,
 )
-from lightning_interp.methods.attribution import _fixed_target
 from lightning_interp.methods.tasks import target_scores
 
 __all__ = ["deeplift"]
@@ -198,7 +198,6 @@ def deeplift(
                 f"DeepLIFT runs the inputs and baselines as one batch, and BatchNorm {name!r} keeps no running "
                 "statistics (track_running_stats=False): it would mix them. Use integrated_gradients for this model."
             )
-    index = _fixed_target(model, inputs, target, output_transform, task)
     with modes_preserved(model), eager_forward(), gradients_enabled():
         both = as_leaf(torch.cat([x, base]))
         with running_modules(model) as (names, stack), _RescaleMode(names, stack):
@@ -209,6 +208,7 @@ def deeplift(
                 f"The model returned {scores.shape[0]} score rows for the {2 * batch} inputs and baselines; DeepLIFT "
                 "needs one row per input, batch first."
             )
+        index = resolve_target(target, scores[:batch].detach(), task)  # the inputs' half of the one forward
         chosen = target_scores(scores, index.repeat(2), task)
         (grad,) = torch.autograd.grad(chosen.sum(), both)
     attributions = ((x - base) * grad[:batch].to(x.dtype)).detach()
