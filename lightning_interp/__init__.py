@@ -7,6 +7,7 @@ explanations evolve while the model trains. The maths lives in
 """
 
 from lightning_interp.callbacks import (
+    ActivationMapsCallback,
     GradCAMCallback,
     LinearProbeCallback,
     RepresentationSimilarityCallback,
@@ -17,6 +18,7 @@ from lightning_interp.probe import ProbeSet
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationMapsCallback",
     "GradCAMCallback",
     "LinearProbeCallback",
     "ProbeSet",

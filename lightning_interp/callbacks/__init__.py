@@ -2,6 +2,7 @@
 
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks._maps import MapCallback
+from lightning_interp.callbacks.activation_maps import ActivationMapsCallback
 from lightning_interp.callbacks.gradcam import GradCAMCallback
 from lightning_interp.callbacks.linear_probe import LinearProbeCallback
 from lightning_interp.callbacks.saliency import SALIENCY_METHODS, SaliencyCallback
@@ -9,6 +10,7 @@ from lightning_interp.callbacks.similarity import RepresentationSimilarityCallba
 
 __all__ = [
     "SALIENCY_METHODS",
+    "ActivationMapsCallback",
     "GradCAMCallback",
     "InterpCallback",
     "LinearProbeCallback",

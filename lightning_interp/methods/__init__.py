@@ -15,6 +15,12 @@ from lightning_interp.methods._core import (
     modes_preserved,
     module_name,
 )
+from lightning_interp.methods.activations import (
+    ActivationStatistics,
+    activation_maps,
+    activation_statistics,
+    most_active_channels,
+)
 from lightning_interp.methods.attribution import (
     gradient,
     input_x_gradient,
@@ -103,6 +109,7 @@ __all__ = [
     "PROBE_SOLVERS",
     "RELU_RULES",
     "TASKS",
+    "ActivationStatistics",
     "ForwardWith",
     "MethodSpec",
     "MinibatchCKA",
@@ -111,6 +118,8 @@ __all__ = [
     "ProbeResult",
     "RegressionProbeResult",
     "TokenGrid",
+    "activation_maps",
+    "activation_statistics",
     "attribute",
     "attribution_pass",
     "attribution_to_map",
@@ -155,6 +164,7 @@ __all__ = [
     "method_spec",
     "modes_preserved",
     "module_name",
+    "most_active_channels",
     "multilabel_probe_accuracy",
     "normalized_grams",
     "occlusion",
