@@ -3,7 +3,7 @@
     pip install -e ".[bench]"
     python benchmarks/run.py                 # full sizes, several minutes on 2 CPU cores
     python benchmarks/run.py --quick         # tiny sizes, a smoke run (what CI may do)
-    python benchmarks/run.py --only cka      # one section: overhead, attribution, catalogue, cka, probes, scaling
+    python benchmarks/run.py --only cka      # one section (see SECTIONS below)
     python benchmarks/run.py --device cuda   # on the GPU (the default when CUDA is available)
 
 Each section times our functions and the peers' side by side in this one
@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing
 import torch
 
-SECTIONS = ("overhead", "attribution", "catalogue", "cka", "probes", "scaling")
-GPU_SECTIONS = ("overhead", "attribution", "catalogue", "cka", "probes")  # scaling measures host memory: CPU only
+SECTIONS = ("overhead", "attribution", "catalogue", "inside", "cka", "probes", "scaling")
+# scaling measures host memory: CPU only
+GPU_SECTIONS = ("overhead", "attribution", "catalogue", "inside", "cka", "probes")
 DEVICES = ("cpu", "cuda")
 HEADER = (
     "# Benchmarks\n\n"

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_interp import (
+    ActivationMapsCallback,
     GradCAMCallback,
     LinearProbeCallback,
     RepresentationSimilarityCallback,
@@ -38,6 +39,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=8, help="probe samples shown by each callback")
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard log directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--inside",
+        action="store_true",
+        help="also look inside the network: feature maps of the ReLU layers, their most active channels, dead units",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
 
@@ -60,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         LinearProbeCallback(layers="auto", num_samples=args.val_size),
         RepresentationSimilarityCallback(layers="auto", num_samples=min(256, args.val_size)),
     ]
+    inside = [ActivationMapsCallback(num_samples=args.num_samples, class_names=data.class_names)] if args.inside else []
+    callbacks += inside
     logger = TensorBoardLogger(args.log_dir, name="quickstart")
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -87,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         key = f"interp/probe/{layer}/accuracy"
         if key in metrics:
             print(f"linear probe on {layer}: {metrics[key]:.3f} held-out accuracy")
+    for callback in inside:
+        for layer in callback.layers:
+            key = f"interp/activations/{layer}/dead_fraction"
+            if key in metrics:
+                print(f"dead units at {layer}: {metrics[key]:.0%} of its channels never fire on the probe set")
     print(f"logs written to {os.path.abspath(logger.log_dir)}")
     print(f"view them with:  tensorboard --logdir {args.log_dir}")
     return metrics

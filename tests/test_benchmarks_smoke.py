@@ -19,6 +19,7 @@ SECTION_TITLES = (
     "## Overhead of leaving the callbacks on (CPU)",
     "## Attribution vs peers",
     "## Method catalogue vs reference peers",
+    "## Inside the network: ms per run (CPU)",
     "## CKA",
     "## Linear probes",
     "## Scaling and memory",
@@ -69,7 +70,7 @@ def test_every_section_is_written_with_its_tables_and_verdicts(report):
     assert tuple(report) == SECTION_TITLES
     for title, body in report.items():
         assert _tables(body), f"{title} has no table"
-    for title in SECTION_TITLES[:5]:  # the sections with targets state a verdict
+    for title in (*SECTION_TITLES[:3], *SECTION_TITLES[4:6]):  # the sections with targets state a verdict
         assert re.search(r"\b(MET|MISSED)\b", report[title]), title
 
 
@@ -126,6 +127,16 @@ def test_catalogue_covers_every_method_and_agrees_with_each_reference(report):
         if row["ours"].startswith("deeplift") and row["model"] == "mnist_cnn":
             continue  # Captum's rule for a max pool right after a ReLU (the note; tests/methods/test_lrp_deeplift.py)
         assert float(row["max rel diff"]) < 1e-4, row
+
+
+@pytest.mark.slow
+def test_inside_times_each_callback_on_both_models(report):
+    (rows,) = _tables(report["## Inside the network: ms per run (CPU)"])
+    assert {row["model"] for row in rows} == {"shapes_cnn (quickstart)", "cifar_resnet"}
+    for model in ("shapes_cnn (quickstart)", "cifar_resnet"):
+        names = {row["callback"].split("(")[0] for row in rows if row["model"] == model}
+        assert names == {"ActivationMapsCallback"}
+    assert all(float(row["ms per run (median)"]) > 0 and int(row["runs"]) >= 2 for row in rows)
 
 
 @pytest.mark.slow

@@ -103,12 +103,11 @@ def test_a_callback_reused_in_a_new_fit_chooses_its_channels_again(tmp_path):
     )
     pl.seed_everything(5, verbose=False)
     other = tiny_classifier(width=8)  # 16 channels at net.4: the first fit's choice does not apply
-    quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1).fit(
-        other, datamodule=tiny_datamodule()
-    )
+    quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1).fit(other, datamodule=tiny_datamodule())
     assert callback.probe is not None
     output = _hooked_output(other, other.net[4], callback.probe.inputs)
-    assert callback._shown["net.4"] == output.mean(dim=(0, 2, 3)).sort(descending=True, stable=True).indices[:2].tolist()
+    expected = output.mean(dim=(0, 2, 3)).sort(descending=True, stable=True).indices[:2].tolist()
+    assert callback._shown["net.4"] == expected
 
 
 def test_runs_under_validate_in_inference_mode(tmp_path):

@@ -6,7 +6,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
+from lightning_interp import (
+    ActivationMapsCallback,
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
 from lightning_interp.demo import ImageClassifier
 from lightning_interp.methods import METHODS
 from tests.conftest import BatchNormDropoutNet, quiet_trainer, tiny_datamodule
@@ -38,6 +44,7 @@ def _all_callbacks():
         GradCAMCallback(layer=["net.features.2", "net.features.5"], num_samples=4),
         LinearProbeCallback(num_samples=16),
         RepresentationSimilarityCallback(num_samples=16, reference_model=BatchNormDropoutNet().train()),
+        ActivationMapsCallback(layers=["net.features.1", "net.features.5", "net.head.3"], num_samples=4),
     ]
 
 
