@@ -8,7 +8,9 @@ and backward passes, the maths, the hand-over of the pictures) is timed, on a
 GPU with ``torch.cuda.synchronize()`` before and after. Reported: the median
 over the second and later runs and the first run (which also pays one-time
 costs such as choosing the channels to show). The drawing happens on the
-background thread and is not counted. Models: the quickstart's ``shapes_cnn``
+background thread and is not counted: before each timed run the previous
+run's drawing is let finish, as it would between the validations of real
+epochs (these epochs are two batches long). Models: the quickstart's ``shapes_cnn``
 (3 x 32 x 32, four classes) and ``cifar_resnet`` (3 x 32 x 32, ten classes).
 There is no peer to compare with: no other tool runs these during training.
 """
@@ -26,6 +28,7 @@ from _timing import markdown_table, synchronize
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp import ActivationMapsCallback
+from lightning_interp.callbacks._context import active_context
 from lightning_interp.demo import ImageClassifier, cifar_resnet, shapes_cnn
 
 MODELS = {
@@ -49,6 +52,9 @@ def _timed_fit(make_net: Callable[[], torch.nn.Module], callback: pl.Callback, e
     original = callback._run  # type: ignore[attr-defined]
 
     def timed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        context = active_context(trainer)
+        if context is not None:  # these epochs are a few batches long: let the last run's drawing finish first
+            context.worker.drain()
         synchronize()
         started = time.perf_counter()
         result = original(trainer, pl_module)
