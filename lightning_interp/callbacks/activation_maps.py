@@ -18,7 +18,7 @@ from lightning_interp._logging import log_image
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
 from lightning_interp.methods._core import get_module, module_name, plain_name
 from lightning_interp.methods.activations import activation_maps, most_active_channels
-from lightning_interp.methods.features import auto_layers, forward_chunk_size
+from lightning_interp.methods.features import auto_layers, evenly_spaced, forward_chunk_size
 from lightning_interp.methods.gradcam import TokenReshape, spatial_layers, token_grids
 from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import colorize, input_to_rgb, render_grid
@@ -340,13 +340,7 @@ def _automatic_layers(model: nn.Module, trace: Any, found: dict[str, tuple[int, 
         ):
             name = following
         moved.append(name)
-    moved = list(dict.fromkeys(moved))
-    if len(moved) <= max_layers:
-        return moved
-    if max_layers == 1:
-        return moved[-1:]
-    picks = torch.linspace(0, len(moved) - 1, max_layers).round().long().unique().tolist()
-    return [moved[i] for i in picks]
+    return evenly_spaced(list(dict.fromkeys(moved)), max_layers)
 
 
 def _row_labels(probe: ProbeSet, rows: int, class_names: Sequence[str] | None) -> list[str]:

@@ -259,12 +259,22 @@ def auto_layers(
             f"Found no layer with parameters in {type(model).__name__} that runs exactly once per forward pass; "
             "name the layers explicitly (dotted names from model.named_modules())."
         )
-    if len(candidates) <= max_layers:
-        return candidates
-    if max_layers == 1:
-        return candidates[-1:]
-    picks = torch.linspace(0, len(candidates) - 1, max_layers).round().long().unique().tolist()
-    return [candidates[i] for i in picks]
+    return evenly_spaced(candidates, max_layers)
+
+
+def evenly_spaced(names: list[str], count: int) -> list[str]:
+    """Up to ``count`` of ``names`` evenly spaced over the list, always keeping the last.
+
+    Example:
+        >>> evenly_spaced(["a", "b", "c", "d", "e"], 3)
+        ['a', 'c', 'e']
+    """
+    if len(names) <= count:
+        return names
+    if count == 1:
+        return names[-1:]
+    picks = torch.linspace(0, len(names) - 1, count).round().long().unique().tolist()
+    return [names[i] for i in picks]
 
 
 def _chained_blocks(model: nn.Module, ran_once: list[str]) -> list[str]:
