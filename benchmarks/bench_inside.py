@@ -27,24 +27,29 @@ import torch
 from _timing import markdown_table, synchronize
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp import ActivationMapsCallback
+from lightning_interp import ActivationMapsCallback, ConceptCallback, FeatureVisualizationCallback
 from lightning_interp.callbacks._context import active_context
 from lightning_interp.demo import ImageClassifier, cifar_resnet, shapes_cnn
 
-MODELS = {
-    "shapes_cnn (quickstart)": (lambda: shapes_cnn(num_classes=4), 4),
-    "cifar_resnet": (lambda: cifar_resnet(num_classes=10), 10),
+MODELS = {  # name: (constructor, classes, a middle layer for the concepts)
+    "shapes_cnn (quickstart)": (lambda: shapes_cnn(num_classes=4), 4, "net.4"),
+    "cifar_resnet": (lambda: cifar_resnet(num_classes=10), 10, "net.layer2"),
 }
+CONCEPT_EXAMPLES = 40  # per concept; two concepts
 
 
-def _callbacks(num_classes: int, shape: tuple[int, ...], quick: bool) -> dict[str, Callable[[], pl.Callback]]:
-    made: dict[str, Callable[[], pl.Callback]] = {"ActivationMapsCallback()": lambda: ActivationMapsCallback()}
-    made.update(_other_callbacks(num_classes, shape, quick))
-    return made
-
-
-def _other_callbacks(num_classes: int, shape: tuple[int, ...], quick: bool) -> dict[str, Callable[[], pl.Callback]]:
-    return {}
+def _callbacks(layer: str, shape: tuple[int, ...]) -> dict[str, Callable[[], pl.Callback]]:
+    generator = torch.Generator().manual_seed(1)
+    concepts = {name: torch.rand(CONCEPT_EXAMPLES, *shape, generator=generator) for name in ("first", "second")}
+    return {
+        "ActivationMapsCallback()": lambda: ActivationMapsCallback(),
+        "FeatureVisualizationCallback(every_n_epochs=1), default every 5": lambda: FeatureVisualizationCallback(
+            every_n_epochs=1
+        ),
+        f"ConceptCallback(2 concepts x {CONCEPT_EXAMPLES}, layers=['{layer}'])": lambda: ConceptCallback(
+            concepts, layers=[layer]
+        ),
+    }
 
 
 def _timed_fit(make_net: Callable[[], torch.nn.Module], callback: pl.Callback, epochs: int, device: str) -> list[float]:
@@ -91,8 +96,8 @@ def _timed_fit(make_net: Callable[[], torch.nn.Module], callback: pl.Callback, e
 def run(quick: bool, device: str = "cpu") -> str:
     epochs = 2 if quick else 5
     rows: list[list[object]] = []
-    for label, (make_net, classes) in MODELS.items():
-        for name, make in _callbacks(classes, (3, 32, 32), quick).items():
+    for label, (make_net, _classes, layer) in MODELS.items():
+        for name, make in _callbacks(layer, (3, 32, 32)).items():
             times = _timed_fit(make_net, make(), epochs, device)
             later = times[1:] or times
             rows.append([label, name, 1000 * statistics.median(later), 1000 * times[0], len(times)])

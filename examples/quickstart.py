@@ -21,13 +21,29 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_interp import (
     ActivationMapsCallback,
+    ConceptCallback,
+    FeatureVisualizationCallback,
     GradCAMCallback,
     LinearProbeCallback,
     RepresentationSimilarityCallback,
     SaliencyCallback,
 )
 from lightning_interp.demo import ImageClassifier, shapes_cnn
-from lightning_interp.synthetic import SyntheticShapesDataModule
+from lightning_interp.synthetic import SyntheticShapesDataModule, make_shapes
+
+
+def concept_examples(count: int = 40, image_size: int = 32, seed: int = 1000) -> dict[str, torch.Tensor]:
+    """Two concepts for TCAV: discs (images of the disc class, a positive control) and stripes (a texture no
+    class is made of, a negative control), both drawn from seeds the training data does not use."""
+    images, labels, _ = make_shapes(8 * count, image_size=image_size, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.arange(image_size, dtype=torch.float32)[:, None]
+    period = 3 + torch.randint(4, (count, 1, 1), generator=generator)
+    phase = torch.randint(6, (count, 1, 1), generator=generator)
+    stripes = ((rows[None] + phase) % period < period / 2).float().expand(count, image_size, image_size)
+    colour = 0.3 + 0.7 * torch.rand(count, 3, 1, 1, generator=generator)
+    striped = 0.15 + (colour - 0.15) * stripes[:, None]
+    return {"disc": images[labels == 0][:count], "stripes": striped}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -42,7 +58,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--inside",
         action="store_true",
-        help="also look inside the network: feature maps of the ReLU layers, their most active channels, dead units",
+        help="also look inside the network: feature maps and dead units of the ReLU layers, images optimised for "
+        "each class (feature visualisation) and TCAV scores of two concepts",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
@@ -66,7 +83,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         LinearProbeCallback(layers="auto", num_samples=args.val_size),
         RepresentationSimilarityCallback(layers="auto", num_samples=min(256, args.val_size)),
     ]
-    inside = [ActivationMapsCallback(num_samples=args.num_samples, class_names=data.class_names)] if args.inside else []
+    inside = []
+    if args.inside:
+        inside = [
+            ActivationMapsCallback(num_samples=args.num_samples, class_names=data.class_names),
+            FeatureVisualizationCallback(targets="classes", every_n_epochs=2),
+            ConceptCallback(concept_examples(), layers=["net.4", "net.7"]),
+        ]
     callbacks += inside
     logger = TensorBoardLogger(args.log_dir, name="quickstart")
     trainer = pl.Trainer(
@@ -95,11 +118,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         key = f"interp/probe/{layer}/accuracy"
         if key in metrics:
             print(f"linear probe on {layer}: {metrics[key]:.3f} held-out accuracy")
-    for callback in inside:
-        for layer in callback.layers:
+    if inside:
+        for layer in inside[0].layers:
             key = f"interp/activations/{layer}/dead_fraction"
             if key in metrics:
                 print(f"dead units at {layer}: {metrics[key]:.0%} of its channels never fire on the probe set")
+        for concept in ("disc", "stripes"):
+            key = f"interp/tcav/{concept}/net.4/0/tcav"
+            if key in metrics:
+                p_value = metrics.get(f"interp/tcav/{concept}/net.4/0/p_value", float("nan"))
+                print(f"TCAV of '{concept}' for class disc at net.4: {metrics[key]:.2f} (p = {p_value:.3g})")
     print(f"logs written to {os.path.abspath(logger.log_dir)}")
     print(f"view them with:  tensorboard --logdir {args.log_dir}")
     return metrics

@@ -8,6 +8,8 @@ explanations evolve while the model trains. The maths lives in
 
 from lightning_interp.callbacks import (
     ActivationMapsCallback,
+    ConceptCallback,
+    FeatureVisualizationCallback,
     GradCAMCallback,
     LinearProbeCallback,
     RepresentationSimilarityCallback,
@@ -19,6 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationMapsCallback",
+    "ConceptCallback",
+    "FeatureVisualizationCallback",
     "GradCAMCallback",
     "LinearProbeCallback",
     "ProbeSet",

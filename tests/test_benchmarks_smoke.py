@@ -135,7 +135,7 @@ def test_inside_times_each_callback_on_both_models(report):
     assert {row["model"] for row in rows} == {"shapes_cnn (quickstart)", "cifar_resnet"}
     for model in ("shapes_cnn (quickstart)", "cifar_resnet"):
         names = {row["callback"].split("(")[0] for row in rows if row["model"] == model}
-        assert names == {"ActivationMapsCallback"}
+        assert names == {"ActivationMapsCallback", "FeatureVisualizationCallback", "ConceptCallback"}
     assert all(float(row["ms per run (median)"]) > 0 and int(row["runs"]) >= 2 for row in rows)
 
 

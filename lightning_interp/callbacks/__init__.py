@@ -3,6 +3,8 @@
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks._maps import MapCallback
 from lightning_interp.callbacks.activation_maps import ActivationMapsCallback
+from lightning_interp.callbacks.concept import ConceptCallback
+from lightning_interp.callbacks.feature_visualization import FeatureVisualizationCallback
 from lightning_interp.callbacks.gradcam import GradCAMCallback
 from lightning_interp.callbacks.linear_probe import LinearProbeCallback
 from lightning_interp.callbacks.saliency import SALIENCY_METHODS, SaliencyCallback
@@ -11,6 +13,8 @@ from lightning_interp.callbacks.similarity import RepresentationSimilarityCallba
 __all__ = [
     "SALIENCY_METHODS",
     "ActivationMapsCallback",
+    "ConceptCallback",
+    "FeatureVisualizationCallback",
     "GradCAMCallback",
     "InterpCallback",
     "LinearProbeCallback",

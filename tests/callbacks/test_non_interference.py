@@ -8,6 +8,8 @@ import torch
 
 from lightning_interp import (
     ActivationMapsCallback,
+    ConceptCallback,
+    FeatureVisualizationCallback,
     GradCAMCallback,
     LinearProbeCallback,
     RepresentationSimilarityCallback,
@@ -45,6 +47,15 @@ def _all_callbacks():
         LinearProbeCallback(num_samples=16),
         RepresentationSimilarityCallback(num_samples=16, reference_model=BatchNormDropoutNet().train()),
         ActivationMapsCallback(layers=["net.features.1", "net.features.5", "net.head.3"], num_samples=4),
+        FeatureVisualizationCallback(targets=["net.features.1:2", "class:1"], steps=4, every_n_epochs=1),
+        FeatureVisualizationCallback(mode="dream", targets=["net.features.4"], steps=4, every_n_epochs=1, name="dream"),
+        ConceptCallback(
+            {"noise": torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))},
+            layers=["net.features.2", "net.features.4"],
+            n_random=2,
+            num_samples=16,
+            min_cav_accuracy=0.0,
+        ),
     ]
 
 

@@ -1,0 +1,558 @@
+"""ConceptCallback: TCAV scores (Kim et al. 2018) of user concepts at every validation epoch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate
+from typing_extensions import override
+
+from lightning_interp._logging import log_image
+from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
+from lightning_interp.methods._core import get_module, module_name, scores_from_output
+from lightning_interp.methods.concepts import (
+    TCAVResult,
+    compute_cav,
+    concept_activations,
+    layer_gradients,
+    tcav_from_activations,
+)
+from lightning_interp.methods.tasks import class_labels, label_kind
+from lightning_interp.probe import ProbeSet, parse_batch
+from lightning_interp.visualize import _figure_to_array
+
+Examples = Union[Tensor, Dataset, DataLoader]  # noqa: UP007 (runtime alias, Python 3.10)
+"""Concept or random examples: an (N, ...) tensor of inputs, a Dataset (items ``x`` or ``(x, ...)``) or a DataLoader."""
+
+__all__ = ["ConceptCallback"]
+
+
+def read_examples(value: Examples, what: str, max_examples: int) -> Tensor:
+    """The first ``max_examples`` inputs of a tensor, Dataset or DataLoader, as a CPU tensor (global RNG untouched)."""
+    if isinstance(value, Tensor):
+        examples = value[:max_examples]
+    elif isinstance(value, DataLoader):
+        parts: list[Tensor] = []
+        held = 0
+        with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws its base seed from the global RNG
+            for batch in value:
+                inputs = parse_batch(batch).inputs.detach().cpu()
+                parts.append(inputs)
+                held += inputs.shape[0]
+                if held >= max_examples:
+                    break
+        if not parts:
+            raise ValueError(f"ConceptCallback: {what} is a DataLoader that yields no batches.")
+        examples = torch.cat(parts)[:max_examples]
+    elif isinstance(value, Dataset) and hasattr(value, "__len__"):
+        count = min(len(value), max_examples)  # type: ignore[arg-type]
+        if count == 0:
+            raise ValueError(f"ConceptCallback: {what} is an empty Dataset.")
+        examples = parse_batch(default_collate([value[i] for i in range(count)])).inputs
+    else:
+        raise TypeError(
+            f"ConceptCallback: {what} must be an (N, ...) tensor of inputs, a map-style Dataset or a DataLoader, got "
+            f"{type(value).__name__}."
+        )
+    if examples.ndim < 2 or examples.shape[0] < 2:
+        raise ValueError(
+            f"ConceptCallback: {what} must hold at least 2 examples as an (N, ...) batch of inputs (a CAV is trained "
+            f"on part of them and tested on the rest; 20 or more give stable CAVs), got shape {tuple(examples.shape)}."
+        )
+    with torch.inference_mode(False):
+        return examples.detach().cpu().clone()
+
+
+class ConceptCallback(InterpCallback):
+    """Log TCAV scores (Testing with Concept Activation Vectors, Kim et al. 2018) of concepts the user gives.
+
+    A concept is a set of example inputs (say, images of stripes). At each due
+    validation epoch, for every concept and layer, the callback trains
+    ``n_random`` concept activation vectors (CAVs; see
+    :func:`~lightning_interp.methods.concepts.compute_cav`: logistic regression on
+    standardised, flattened layer activations of the concept examples against
+    one random set each, the CAV being the boundary's normal in the raw
+    activation space) and, for each target class, counts the share of the probe
+    set's samples of that class whose class logit grows along the CAV (positive
+    directional derivative). The same is done for ``n_random`` random-vs-random
+    CAVs, and a two-sided t-test (Student's, as in the paper; ``equal_var=False``
+    for Welch's) says whether the concept's scores differ from the random ones.
+    Under ``interp/<name>/`` it logs:
+
+    - ``<concept>/<layer>/<class>/tcav``: the TCAV score, mean over the
+      ``n_random`` runs (0.5 = no preference; near 1 the concept pushes the
+      class up, near 0 down);
+    - ``<concept>/<layer>/<class>/p_value``: the t-test's p-value (below
+      ``alpha`` = significant);
+    - ``<concept>/<layer>/cav_accuracy``: the CAVs' mean held-out accuracy
+      (how well the layer separates the concept from random examples);
+    - ``scores``: a bar chart per layer, classes x concepts, with the random
+      CAVs' scores for reference, error bars (std over the runs) and ``*`` on
+      the significant ones.
+
+    A concept whose CAVs are no better than chance at a layer (mean held-out
+    accuracy below ``min_cav_accuracy``, default 0.6) gets no TCAV score or
+    p-value there at that epoch: only its ``cav_accuracy`` is logged, the figure
+    shows "n/a", and a warning says so once per run (its direction would be
+    noise, and a TCAV score of noise looks like a result). A p-value that is
+    undefined (all scores of both groups equal) is not logged either, with a
+    warning once.
+
+    Random counter-examples: ``random_examples=`` (a tensor, Dataset or
+    DataLoader, read once) or, by default, the callback's probe set, drawn from
+    the first validation dataloader (stratified over classes; ``num_samples``).
+    ``2 * n_random`` random sets of ``random_set_size`` examples each (default:
+    as many as the largest concept has, at most the pool) are drawn once per fit
+    from that pool with the callback's own ``torch.Generator`` (seed ``seed``):
+    the concept CAVs are trained against the first half, the random-vs-random
+    CAVs pair the second half with the first (independent null CAVs; see
+    :func:`~lightning_interp.methods.concepts.tcav_from_activations` for why not
+    one fixed random set). Concept examples are read
+    once, at construction (at most ``max_examples`` of each), kept on the CPU and
+    stored with the random examples and sets in the callback's ``state_dict``, so a
+    resumed run scores the same examples.
+
+    Cost per run: one forward + one ``torch.autograd.grad`` over the probe set
+    (all layers at once), one no-grad forward over the concept (and given random)
+    examples, and ``(len(concepts) + 1) * n_random`` small L-BFGS fits per layer on
+    the model's device. The probe set needs labels (class indices or one-hot rows);
+    multi-class (C logits) and binary (one logit) models are supported. Choose
+    layers with a non-linearity between them and the logits: after the last one
+    (e.g. the ReLU before global pooling and a linear head) the logit's gradient is
+    the same for every sample, so each CAV scores a class 0 or 1.
+
+    Args:
+        concepts: concept name (no '/') -> its examples, each like the probe inputs.
+        layers: dotted module name(s) whose outputs the CAVs live in (flattened, unpooled).
+        targets: class index or indices to score; None for every class among the probe labels.
+        random_examples: a pool of random counter-examples; None draws them from the probe set.
+        n_random: CAVs per concept and layer (and random-vs-random CAVs), >= 2 for the t-test.
+        random_set_size: examples per random set; None as explained above.
+        min_cav_accuracy: mean held-out CAV accuracy below which a concept gets no TCAV score.
+        alpha: significance level of the t-test (marks in the figure).
+        num_samples: probe samples drawn from the validation data (scored, and the default random pool).
+        max_examples: examples read at most from each concept (and from ``random_examples``).
+        test_fraction: share of each side of a CAV's examples held out to measure its accuracy.
+        l2: penalty of the CAV classifier on standardised activations.
+        equal_var: Student's t-test (True) or Welch's (False).
+        seed: seed of the random sets and the CAV splits.
+        batch_size: samples per forward pass.
+        name: tag prefix; distinct names let two instances coexist.
+        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``, ``background_drawing``,
+            ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
+
+    Example:
+        >>> stripes = torch.rand(20, 3, 16, 16)
+        >>> callback = ConceptCallback({"stripes": stripes}, layers=["net.4"], targets=[0, 1])
+        >>> sorted(callback.concepts), callback.layers, callback.n_random
+        (['stripes'], ['net.4'], 10)
+    """
+
+    def __init__(
+        self,
+        concepts: Mapping[str, Examples],
+        layers: str | Sequence[str],
+        *,
+        targets: int | Sequence[int] | None = None,
+        random_examples: Examples | None = None,
+        n_random: int = 10,
+        random_set_size: int | None = None,
+        min_cav_accuracy: float = 0.6,
+        alpha: float = 0.05,
+        num_samples: int = 128,
+        max_examples: int = 100,
+        test_fraction: float = 1 / 3,
+        l2: float = 1e-2,
+        equal_var: bool = True,
+        seed: int = 0,
+        batch_size: int = 64,
+        name: str = "tcav",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name=name, num_samples=num_samples, **kwargs)
+        if not isinstance(concepts, Mapping) or not concepts:
+            raise ValueError(
+                "ConceptCallback needs at least one concept: pass concepts={'name': examples}, the examples an "
+                f"(N, ...) tensor of inputs, a Dataset or a DataLoader; got {concepts!r}."
+            )
+        for concept in concepts:
+            if not isinstance(concept, str) or not concept or "/" in concept:
+                raise ValueError(f"Concept names must be non-empty strings without '/', got {concept!r}.")
+        names = parse_layer_names(layers, "layers")
+        if not names:
+            raise ValueError(
+                "ConceptCallback needs explicit layer names (e.g. layers=['net.4']): a CAV lives in one layer's "
+                "activation space, and which layers to test is the question TCAV asks, so there is no 'auto'."
+            )
+        if targets is not None:
+            listed = [targets] if isinstance(targets, int) else list(targets)
+            if not listed or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in listed):
+                raise ValueError(f"targets must be a class index >= 0, a list of them, or None; got {targets!r}.")
+            if len(set(listed)) != len(listed):
+                raise ValueError(f"targets lists a class twice: {listed}.")
+            targets = listed
+        for option, value, low in (
+            ("n_random", n_random, 2),
+            ("max_examples", max_examples, 2),
+            ("batch_size", batch_size, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{option} must be an int >= {low}, got {value!r}.")
+        if random_set_size is not None and (not isinstance(random_set_size, int) or random_set_size < 2):
+            raise ValueError(f"random_set_size must be an int >= 2 or None, got {random_set_size!r}.")
+        if not 0 <= min_cav_accuracy <= 1:
+            raise ValueError(f"min_cav_accuracy must lie in [0, 1], got {min_cav_accuracy}.")
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must lie in (0, 1), got {alpha}.")
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
+        if not l2 >= 0 or math.isinf(l2):
+            raise ValueError(f"l2 must be a finite number >= 0, got {l2}.")
+        self.concepts: dict[str, Tensor] = {
+            concept: read_examples(value, f"concept {concept!r}", max_examples) for concept, value in concepts.items()
+        }
+        self.random_examples: Tensor | None = (
+            None if random_examples is None else read_examples(random_examples, "random_examples", max_examples)
+        )
+        self.layers: list[str] = names
+        self.targets: list[int] | None = targets  # type: ignore[assignment]
+        self.n_random = n_random
+        self.random_set_size = random_set_size
+        self.min_cav_accuracy = min_cav_accuracy
+        self.alpha = alpha
+        self.max_examples = max_examples
+        self.test_fraction = test_fraction
+        self.l2 = l2
+        self.equal_var = equal_var
+        self.seed = seed
+        self.batch_size = batch_size
+        self._random_sets: Tensor | None = None  # (2 * n_random, set size) indices into the random pool
+        self._classes: list[int] = []
+        self._task = "multiclass"
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ state
+    def _needs_labels(self) -> bool:
+        return True
+
+    def _labels_reason(self) -> str:
+        return "ConceptCallback scores each class on the probe samples of that class, so it needs labels"
+
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        self._random_sets = None
+        self._warned = set()
+
+    def _restart_comparisons(self) -> None:
+        super()._restart_comparisons()
+        self._random_sets = None  # indices into a probe set that is drawn anew
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["concepts"] = dict(self.concepts)
+        state["random_examples"] = self.random_examples
+        state["random_sets"] = self._random_sets
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        saved = state_dict.get("concepts") or {}
+        for concept in self.concepts:  # the checkpoint's examples of the concepts this callback scores
+            if concept in saved:
+                self.concepts[concept] = saved[concept].detach().cpu().clone()
+        missing = sorted(set(self.concepts) - set(saved))
+        if saved and missing:
+            rank_zero_warn(
+                f"ConceptCallback: the checkpoint holds no examples of the concept(s) {missing}; using those given now."
+            )
+        if self.random_examples is not None and state_dict.get("random_examples") is not None:
+            self.random_examples = state_dict["random_examples"].detach().cpu().clone()
+        sets = state_dict.get("random_sets")
+        self._random_sets = None if sets is None else sets.detach().cpu().long().clone()
+
+    # ------------------------------------------------------------------ checks, before training
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        for layer in self.layers:
+            get_module(pl_module, layer)
+
+    def _pool(self, probe: ProbeSet) -> Tensor:
+        return probe.inputs if self.random_examples is None else self.random_examples
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
+        for layer in self.layers:
+            name = module_name(pl_module, layer) or layer
+            if name not in trace.calls or name not in trace.shapes:
+                raise ValueError(
+                    f"ConceptCallback: layer {layer!r} does not return a tensor in a forward pass of the model on its "
+                    "probe inputs (it does not run, or returns a tuple), so it has no activations to train a CAV on. "
+                    "Name a module that forward() calls and that returns a tensor."
+                )
+        outputs = scores_from_output(trace.output, None).shape[1]
+        self._task = "binary" if outputs == 1 else "multiclass"
+        n_classes = 2 if outputs == 1 else outputs
+        assert probe.labels is not None
+        kind = label_kind(probe.labels)
+        if kind not in ("class", "one_hot"):
+            raise ValueError(
+                f"ConceptCallback scores the probe samples of each class, so it needs class labels: (N,) class indices "
+                f"or (N, K) one-hot rows; the probe labels have shape {tuple(probe.labels.shape)} ({kind}). Pass "
+                "batch_parser=... that returns class labels, or probe=ProbeSet(inputs, labels)."
+            )
+        labels = class_labels(probe.labels, "multiclass")
+        if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+            raise ValueError(
+                f"ConceptCallback: the probe labels range over {int(labels.min())}..{int(labels.max())}, but the model "
+                f"gives {outputs} score(s) per sample (classes 0..{n_classes - 1}). Check the labels or the model head."
+            )
+        present = sorted(int(k) for k in labels.unique().tolist())
+        if self.targets is None:
+            self._classes = present
+        else:
+            wrong = [k for k in self.targets if k >= n_classes]
+            if wrong:
+                raise ValueError(
+                    f"ConceptCallback: class target(s) {wrong} out of range: the model gives {outputs} score(s) per "
+                    f"sample, so targets must lie in 0..{n_classes - 1}. Fix targets=..."
+                )
+            absent = [k for k in self.targets if k not in present]
+            if absent and not self._provisional:
+                rank_zero_warn(
+                    f"ConceptCallback: target class(es) {absent} have no probe samples, so they get no TCAV score. "
+                    "Draw more probe samples (num_samples) or give probe=ProbeSet(...) with samples of those classes."
+                )
+            self._classes = [k for k in self.targets if k in present]
+            if not self._classes and not self._provisional:
+                raise ValueError(
+                    f"ConceptCallback: none of the target classes {self.targets} has probe samples (the probe's "
+                    f"classes are {present}): nothing to score. Change targets or the probe set."
+                )
+        shape = tuple(probe.inputs.shape[1:])
+        given = [(f"concept {c!r}", x) for c, x in self.concepts.items()]
+        if self.random_examples is not None:
+            given.append(("random_examples", self.random_examples))
+        for what, examples in given:
+            if tuple(examples.shape[1:]) != shape:
+                raise ValueError(
+                    f"ConceptCallback: the examples of {what} have shape {tuple(examples.shape[1:])} per sample, but "
+                    f"the probe inputs (what the model is fed) have {shape}. Give the examples in the form of a "
+                    "validation batch's inputs (same size, channels and preprocessing)."
+                )
+        pool = self._pool(probe).shape[0]
+        if pool < 2:
+            raise ValueError(
+                f"ConceptCallback draws random counter-examples from a pool of {pool} sample(s); it needs at least 2 "
+                "(draw more probe samples with num_samples, or give random_examples=...)."
+            )
+        if self.random_set_size is not None and self.random_set_size > pool:
+            raise ValueError(
+                f"ConceptCallback: random_set_size={self.random_set_size} but the random pool holds {pool} samples "
+                f"({'the probe set' if self.random_examples is None else 'random_examples'}). Lower random_set_size "
+                "or give more random examples."
+            )
+        if self._provisional:
+            return
+        size = self.random_set_size or min(pool, max(x.shape[0] for x in self.concepts.values()))
+        sets = self._random_sets
+        if sets is None or sets.shape != (2 * self.n_random, size) or int(sets.max()) >= pool:
+            generator = torch.Generator().manual_seed(self.seed)
+            self._random_sets = torch.stack(
+                [torch.randperm(pool, generator=generator)[:size] for _ in range(2 * self.n_random)]
+            )
+
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        """The gradient pass on two probe samples, the activations of a few examples and one CAV per layer."""
+        small = probe.subset(min(2, len(probe)))
+        assert small.labels is not None
+        inputs = self._probe_inputs(trainer, pl_module, small)
+        labels = class_labels(small.labels, "multiclass").to(inputs.device)
+        first = next(iter(self.concepts.values()))[:2]
+        bank = self._as_probe_dtype(torch.cat([first, self._pool(probe)[:2]]), probe)
+        with self._model_context(trainer):
+            layer_gradients(pl_module, inputs, self.layers, labels, batch_size=self.batch_size, task=self._task)
+            acts = concept_activations(
+                pl_module, self._device_inputs(trainer, pl_module, bank), self.layers, batch_size=self.batch_size
+            )
+        for values in acts:
+            compute_cav(values[:2], values[2:], test_fraction=self.test_fraction, l2=self.l2, max_iter=5)
+
+    @staticmethod
+    def _as_probe_dtype(examples: Tensor, probe: ProbeSet) -> Tensor:
+        if examples.is_floating_point() and probe.inputs.is_floating_point():
+            return examples.to(probe.inputs.dtype)
+        return examples
+
+    # ------------------------------------------------------------------ the run
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"{message} (this warning is given once per run)")
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        probe = self.probe
+        assert probe is not None and probe.labels is not None and self._random_sets is not None
+        inputs = self._probe_inputs(trainer, pl_module)
+        labels = class_labels(probe.labels, "multiclass").to(inputs.device)
+        names = list(self.concepts)
+        parts = [self.concepts[c] for c in names] + ([] if self.random_examples is None else [self.random_examples])
+        sizes = [part.shape[0] for part in parts]
+        bank = self._device_inputs(trainer, pl_module, self._as_probe_dtype(torch.cat(parts), probe))
+        with self._model_context(trainer):
+            probe_acts, grads = layer_gradients(
+                pl_module, inputs, self.layers, labels, batch_size=self.batch_size, task=self._task
+            )
+            bank_acts = concept_activations(pl_module, bank, self.layers, batch_size=self.batch_size)
+        sets = self._random_sets.to(inputs.device)
+        results: dict[str, dict[str, TCAVResult]] = {}
+        for layer, acts, gradient, examples in zip(self.layers, probe_acts, grads, bank_acts, strict=True):
+            split = examples.split(sizes)
+            pool = acts if self.random_examples is None else split[-1]
+            results[layer] = tcav_from_activations(
+                dict(zip(names, split[: len(names)], strict=True)),
+                [pool[index] for index in sets],
+                gradient,
+                labels,
+                self._classes,
+                test_fraction=self.test_fraction,
+                l2=self.l2,
+                seed=self.seed,
+                equal_var=self.equal_var,
+            )
+        # every number to the CPU at once
+        numbers = {
+            (layer, concept): (r.scores.double().cpu(), r.p_values.cpu(), r.random_scores.double().cpu(), r.accuracy)
+            for layer, per_layer in results.items()
+            for concept, r in per_layer.items()
+        }
+        scalars: dict[str, float] = {}
+        panels: list[_Panel] = []
+        epoch = trainer.current_epoch
+        for layer in self.layers:
+            bars: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None] = {}
+            random_scores = None
+            for concept in names:
+                scores, p_values, random_scores, accuracy = numbers[(layer, concept)]
+                base = f"interp/{self.name}/{concept}/{layer}"
+                scalars[f"{base}/cav_accuracy"] = accuracy
+                if accuracy < self.min_cav_accuracy:
+                    self._warn_once(
+                        f"chance {concept} {layer}",
+                        f"ConceptCallback: the CAVs of concept {concept!r} at layer {layer!r} separate its examples "
+                        f"from random ones no better than chance (mean held-out accuracy {accuracy:.2f} < "
+                        f"min_cav_accuracy={self.min_cav_accuracy}) at epoch {epoch}: the layer does not encode the "
+                        "concept linearly (or the examples are too few), so its TCAV scores would be noise: "
+                        "only its cav_accuracy is logged while this lasts",
+                    )
+                    bars[concept] = None
+                    continue
+                means, spread = scores.mean(dim=0).numpy(), scores.std(dim=0).numpy()
+                bars[concept] = (means, spread, p_values.numpy())
+                for column, k in enumerate(self._classes):
+                    scalars[f"{base}/{k}/tcav"] = float(means[column])
+                    p = float(p_values[column])
+                    if math.isnan(p):
+                        self._warn_once(
+                            f"nan {concept} {layer} {k}",
+                            f"ConceptCallback: the p-value of concept {concept!r} at layer {layer!r} for class {k} is "
+                            f"undefined at epoch {epoch}: every TCAV score of the concept's and of the random CAVs is "
+                            "the same value, so the t-test has nothing to compare; it is not logged while this lasts",
+                        )
+                    else:
+                        scalars[f"{base}/{k}/p_value"] = p
+            assert random_scores is not None
+            panels.append((layer, bars, (random_scores.mean(dim=0).numpy(), random_scores.std(dim=0).numpy())))
+        step, classes, alpha = trainer.global_step, list(self._classes), self.alpha
+
+        def draw() -> None:
+            image = tcav_bar_image(panels, names, classes, alpha=alpha, title=f"TCAV scores (epoch {epoch})")
+            log_image(trainer, f"interp/{self.name}/scores", image, step)
+
+        self._submit(trainer, draw)
+        return scalars
+
+
+_Panel = tuple[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None], tuple[np.ndarray, np.ndarray]]
+"""One layer of the figure: its name, per concept (TCAV means, stds, p-values) or None (no usable CAV), and the
+random CAVs' (means, stds)."""
+
+
+def tcav_bar_image(
+    panels: Sequence[_Panel], concepts: Sequence[str], classes: Sequence[int], *, alpha: float = 0.05, title: str = ""
+) -> np.ndarray:
+    """Grouped bars of TCAV scores, one panel per layer: classes on the x axis, one bar per concept and one grey
+    bar for the random CAVs; error bars are the std over the runs, ``*`` marks p < alpha, faded bars are not
+    significant, "n/a" a concept without a usable CAV. Returns uint8 (H, W, 3).
+
+    Example:
+        >>> random = (np.full(2, 0.5), np.full(2, 0.2))
+        >>> panel = ("net.4", {"stripes": (np.array([0.9, 0.2]), np.full(2, 0.05), np.array([0.001, 0.3]))}, random)
+        >>> tcav_bar_image([panel], ["stripes"], [0, 1]).dtype
+        dtype('uint8')
+    """
+    groups = len(classes)
+    bars = len(concepts) + 1
+    panel_width = max(3.2, 0.28 * groups * bars + 1.2)
+    figure = Figure(figsize=(panel_width * len(panels) + 0.4, 3.6), dpi=100, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    colours = [f"C{i % 10}" for i in range(len(concepts))]
+    width = 0.8 / bars
+    positions = np.arange(groups)
+
+    def clipped(means: np.ndarray, spread: np.ndarray) -> np.ndarray:  # error bars inside [0, 1]
+        return np.stack([np.minimum(spread, means), np.minimum(spread, 1 - means)])
+
+    for index, (layer, per_concept, (random_mean, random_std)) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        for slot, concept in enumerate(concepts):
+            where = positions - 0.4 + width * (slot + 0.5)
+            entry = per_concept.get(concept)
+            if entry is None:  # no CAV better than chance at this layer
+                for x in where:
+                    axes.text(x, 0.03, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color=colours[slot])
+                continue
+            means, spread, p_values = entry
+            significant = p_values < alpha
+            errors = clipped(means, spread)
+            for column, (x, mean, star) in enumerate(zip(where, means, significant, strict=True)):
+                axes.bar(
+                    x,
+                    mean,
+                    width,
+                    yerr=errors[:, column : column + 1],
+                    color=colours[slot],
+                    alpha=1.0 if star else 0.35,
+                    capsize=2,
+                    error_kw={"lw": 0.8},
+                )
+                if star:
+                    axes.text(x, mean + errors[1, column] + 0.01, "*", ha="center", va="bottom", fontsize=11)
+        where = positions - 0.4 + width * (bars - 0.5)
+        axes.bar(where, random_mean, width, yerr=clipped(random_mean, random_std), color="#aaaaaa", capsize=2)
+        axes.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+        axes.set_xticks(positions, [str(k) for k in classes], fontsize=8)
+        axes.set_xlim(-0.5, groups - 0.5)
+        axes.set_xlabel("class", fontsize=8)
+        axes.set_ylim(0, 1.12)
+        axes.set_title(layer, fontsize=9)
+        axes.tick_params(axis="y", labelsize=7)
+        if index == 0:
+            axes.set_ylabel("TCAV score", fontsize=8)
+    handles = [Patch(color=colour, label=concept) for colour, concept in zip(colours, concepts, strict=True)]
+    handles.append(Patch(color="#aaaaaa", label="random vs random"))
+    figure.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), fontsize=7, frameon=False)
+    if title:
+        figure.suptitle(f"{title}   * p < {alpha:g}; faded: not significant; n/a: CAV at chance", fontsize=9)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    return _figure_to_array(figure, canvas)

@@ -1,0 +1,205 @@
+"""ConceptCallback in a real Trainer: TensorBoard scalars and figure, concept forms, checkpoint state, errors,
+non-interference."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_interp.callbacks.concept import ConceptCallback
+from lightning_interp.demo import ImageClassifier
+from lightning_interp.synthetic import make_shapes
+from tests.conftest import BatchNormDropoutNet, quiet_trainer, read_events, tiny_classifier, tiny_datamodule
+
+LAYER = "net.7"  # the last ReLU of shapes_cnn (before global pooling)
+
+
+def _concept_images(label: int, count: int = 12, seed: int = 5) -> torch.Tensor:
+    images, labels, _ = make_shapes(8 * count, image_size=16, seed=seed)
+    return images[labels == label][:count]
+
+
+class _ImagesOnly(Dataset):
+    """Items are bare tensors (no label)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def _callback(**overrides) -> ConceptCallback:
+    options = {
+        "concepts": {
+            "disc": _concept_images(0),  # a tensor
+            "square": _ImagesOnly(_concept_images(1)),  # a Dataset of bare tensors
+            "cross": DataLoader(TensorDataset(_concept_images(3), torch.zeros(12)), batch_size=5),  # (x, y) batches
+        },
+        "layers": [LAYER],
+        "num_samples": 16,
+        "n_random": 3,
+        "min_cav_accuracy": 0.0,  # a barely trained network: score every concept, so every tag appears
+        "background_drawing": False,
+    }
+    options.update(overrides)
+    return ConceptCallback(**options)
+
+
+def test_scalars_and_figure_logged_at_each_validation_with_tensor_dataset_and_loader_concepts(tmp_path):
+    callback = _callback()
+    assert {name: tuple(x.shape) for name, x in callback.concepts.items()} == {
+        "disc": (12, 3, 16, 16),
+        "square": (12, 3, 16, 16),
+        "cross": (12, 3, 16, 16),
+    }
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    trainer = quiet_trainer(tmp_path, logger=logger, callbacks=[callback])
+    pl.seed_everything(0, verbose=False)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    events = read_events(logger.log_dir)
+    expected_steps = [4, 8]  # 64 training samples in batches of 16: 4 steps per epoch
+    classes = sorted({int(k) for k in callback.probe.labels.tolist()})
+    assert classes == [0, 1, 2, 3]
+    for concept in ("disc", "square", "cross"):
+        base = f"interp/tcav/{concept}/{LAYER}"
+        assert events.scalar_steps(f"{base}/cav_accuracy") == expected_steps
+        for k in classes:
+            assert events.scalar_steps(f"{base}/{k}/tcav") == expected_steps
+            assert events.scalar_steps(f"{base}/{k}/p_value") == expected_steps
+            assert all(0.0 <= value <= 1.0 for _, value in events.scalars[f"{base}/{k}/tcav"])
+            assert all(0.0 <= value <= 1.0 for _, value in events.scalars[f"{base}/{k}/p_value"])
+    assert events.image_steps("interp/tcav/scores") == expected_steps
+    (height, width) = {size for _, size in events.images["interp/tcav/scores"]}.pop()
+    assert height >= 200 and width >= 300
+    assert not any(math.isnan(value) for values in events.scalars.values() for _, value in values)
+
+    # trainer.validate() runs under inference_mode: the gradients are still there
+    trainer.validate(trainer.lightning_module, datamodule=tiny_datamodule(), verbose=False)
+    assert f"interp/tcav/disc/{LAYER}/0/tcav" in trainer.callback_metrics
+
+
+def test_a_concept_no_better_than_chance_logs_only_its_accuracy_and_warns(tmp_path):
+    mixed = make_shapes(12, image_size=16, seed=21)[0]  # like the random examples: the CAV cannot be perfect
+    callback = _callback(min_cav_accuracy=1.0, concepts={"disc": mixed})
+    trainer = quiet_trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path), name="run"), callbacks=[callback])
+    with pytest.warns(UserWarning, match="no better than chance"):
+        trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    events = read_events(trainer.logger.log_dir)
+    assert events.scalar_steps(f"interp/tcav/disc/{LAYER}/cav_accuracy") == [4, 8]
+    assert not [tag for tag in events.scalars if tag.endswith(("/tcav", "/p_value"))]
+    assert events.image_steps("interp/tcav/scores") == [4, 8]
+
+
+def test_concept_examples_and_random_sets_survive_a_checkpoint_resume(tmp_path):
+    first = _callback(concepts={"disc": _concept_images(0)})
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = quiet_trainer(
+        tmp_path, logger=False, max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True
+    )
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    saved_sets = first._random_sets.clone()
+    assert saved_sets.shape == (6, 12)  # 2 * n_random sets of as many examples as the concept has
+
+    # a new callback given other examples under the same name: the checkpoint's examples win
+    second = _callback(concepts={"disc": _concept_images(0, seed=11)})
+    assert not torch.equal(second.concepts["disc"], first.concepts["disc"])
+    trainer = quiet_trainer(tmp_path, logger=False, max_epochs=2, callbacks=[second], enable_checkpointing=False)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule(), ckpt_path=checkpoint.last_model_path)
+    assert torch.equal(second.concepts["disc"], first.concepts["disc"])
+    assert torch.equal(second._random_sets, saved_sets)
+    assert second._runs == 2
+
+    # the state dict alone, through torch.save / torch.load, with keys missing
+    state = torch.load(checkpoint.last_model_path, weights_only=False)["callbacks"]
+    (key,) = [k for k in state if k.startswith("ConceptCallback")]
+    third = _callback(concepts={"disc": _concept_images(0, seed=12)})
+    third.load_state_dict({"concepts": state[key]["concepts"]})  # no probe, runs or random sets: tolerated
+    assert torch.equal(third.concepts["disc"], first.concepts["disc"])
+    assert third._random_sets is None and third._runs == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"layers": ["net.77"]}, "not a sub-module", id="unknown-layer"),
+        pytest.param({"concepts": {"disc": torch.rand(12, 3, 8, 8)}}, r"shape \(3, 8, 8\)", id="concept-shape"),
+        pytest.param({"random_examples": torch.rand(12, 1, 16, 16)}, "random_examples", id="random-shape"),
+        pytest.param({"targets": [1, 9]}, r"target\(s\) \[9\] out of range", id="target-out-of-range"),
+    ],
+)
+def test_bad_inputs_are_refused_before_training(tmp_path, options, message):
+    callback = _callback(**options)
+    model = tiny_classifier()
+    steps = []
+    model.on_train_batch_start = lambda *args: steps.append(1)
+    trainer = quiet_trainer(tmp_path, logger=False, callbacks=[callback])
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, datamodule=tiny_datamodule())
+    assert not steps
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"concepts": {}}, "at least one concept", id="empty"),
+        pytest.param({"concepts": {"a": torch.rand(1, 3, 16, 16)}}, "at least 2 examples", id="one-example"),
+        pytest.param({"concepts": {"a/b": torch.rand(4, 3, 16, 16)}}, "without '/'", id="bad-name"),
+        pytest.param({"concepts": {"a": [1, 2]}}, "must be an", id="not-examples"),
+        pytest.param({"layers": "auto"}, "explicit layer names", id="auto"),
+        pytest.param({"n_random": 1}, "n_random", id="n-random"),
+        pytest.param({"targets": [-1]}, "targets", id="negative-target"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(options, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        _callback(**options)
+
+
+def test_bf16_autocast_run_logs_finite_scores(tmp_path):
+    callback = _callback(concepts={"disc": _concept_images(0)})
+    trainer = quiet_trainer(
+        tmp_path, logger=TensorBoardLogger(str(tmp_path), name="run"), precision="bf16-mixed", max_epochs=1
+    )
+    trainer.callbacks.append(callback)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    values = read_events(trainer.logger.log_dir).scalars
+    tcav = [value for tag, series in values.items() if tag.endswith("/tcav") for _, value in series]
+    assert len(tcav) == 4 and all(0 <= value <= 1 for value in tcav)
+
+
+# ---------------------------------------------------------------------------------------------------- non-interference
+def _train(tmp_path, callbacks, **trainer_options):
+    pl.seed_everything(123, verbose=False)
+    model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
+    trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=False, deterministic=True, **trainer_options)
+    trainer.fit(model, datamodule=tiny_datamodule())
+    return model.state_dict(), trainer.optimizers[0].state_dict(), torch.get_rng_state()
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+    plain_weights, plain_optimizer, plain_rng = _train(tmp_path / "plain", [])
+    callback = ConceptCallback(
+        {"disc": _concept_images(0), "cross": DataLoader(_ImagesOnly(_concept_images(3)), batch_size=4, shuffle=True)},
+        layers=["net.features.2", "net.features.5"],  # an in-place ReLU after BatchNorm, and the last conv block
+        num_samples=16,
+        n_random=2,
+        min_cav_accuracy=0.0,
+    )
+    weights, optimizer, rng = _train(tmp_path / "with", [callback])
+    assert callback._runs == 2
+    for name, value in plain_weights.items():
+        assert torch.equal(value, weights[name]), f"{name} differs"  # BatchNorm running stats included
+    for key, state in plain_optimizer["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
+    assert torch.equal(plain_rng, rng), "the global RNG advanced differently"

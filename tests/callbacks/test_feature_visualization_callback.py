@@ -1,0 +1,138 @@
+"""FeatureVisualizationCallback in a real Trainer: what it logs, when, errors before training, non-interference."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_interp.callbacks.feature_visualization import FeatureVisualizationCallback
+from lightning_interp.demo import ImageClassifier
+from tests.conftest import BatchNormDropoutNet, quiet_trainer, read_events, tiny_classifier, tiny_datamodule
+
+TAG = "interp/featvis/features"
+
+
+def _callback(**options) -> FeatureVisualizationCallback:
+    options = {"steps": 4, "every_n_epochs": 1, "num_samples": 8, **options}
+    return FeatureVisualizationCallback(**options)
+
+
+def test_logs_the_grid_and_objectives_at_each_validation_epoch(tmp_path):
+    callback = _callback(targets=[("class", 0), "net.3:1", "net.3:1:2:2", "net.4"], num_images=2)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=TensorBoardLogger(str(tmp_path), name="tb"))
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())  # 64 samples / 16 per batch: 4 steps an epoch
+    events = read_events(str(tmp_path))
+    assert events.image_steps(TAG) == [4, 8]
+    sizes = {size for _, size in events.images[TAG]}
+    assert len(sizes) == 1, "the grid keeps one size from epoch to epoch"
+    for label in ("class:0", "net.3:1", "net.3:1:2:2", "net.4"):
+        assert events.scalar_steps(f"interp/featvis/{label}/objective") == [4, 8]
+    assert "interp/featvis/class:0/objective" in trainer.callback_metrics
+
+
+def test_classes_by_default_and_dream_mode_under_validate(tmp_path):
+    model = tiny_classifier()
+    trainer = quiet_trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path), name="tb"))
+    optimize = _callback()  # targets="classes": every output logit
+    dream = _callback(targets=["net.4", "net.3:0"], mode="dream", num_images=2, name="dream")
+    trainer.callbacks.extend([optimize, dream])
+    trainer.validate(model, datamodule=tiny_datamodule(), verbose=False)  # runs under torch.inference_mode()
+    assert [target.label for target in optimize.targets] == [f"class:{k}" for k in range(4)]
+    events = read_events(str(tmp_path))
+    assert events.image_steps(TAG) == [0] and events.image_steps("interp/dream/dream") == [0]
+    for k in range(4):
+        assert events.scalar_steps(f"interp/featvis/class:{k}/objective") == [0]
+    assert events.scalar_steps("interp/dream/net.4/objective") == [0]
+
+
+def test_the_same_images_every_run_of_an_unchanged_model(tmp_path):
+    model = tiny_classifier()
+    callback = _callback(targets=[("class", 1)], background_drawing=False)
+    trainer = quiet_trainer(tmp_path, logger=False, callbacks=[callback])
+    datamodule = tiny_datamodule()
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    first = float(trainer.callback_metrics["interp/featvis/class:1/objective"])
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    assert float(trainer.callback_metrics["interp/featvis/class:1/objective"]) == first
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("net.99:0", "net.99"),
+        ("net.0:4", "channel 4 is out of range"),  # tiny_classifier's first conv has 4 channels
+        ("net.0:1:16:0", "y < H"),
+        (("class", 4), "class index 4 is out of range, the model has 4 outputs"),
+    ],
+)
+def test_bad_targets_raise_before_training(tmp_path, target, message):
+    model = tiny_classifier()
+    trainer = quiet_trainer(tmp_path, logger=False, callbacks=[_callback(targets=[target])])
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, datamodule=tiny_datamodule())
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"targets": ["net.3:-1"]}, "must be >= 0"),
+        ({"targets": ["net.3:x"]}, "must be an integer"),
+        ({"targets": [("klass", 2)]}, "tuple target must be"),
+        ({"targets": []}, "targets is empty"),
+        ({"targets": ["net.3:1", "net.3:1"]}, "twice"),
+        ({"mode": "dreams"}, "mode must be one of"),
+        ({"value_range": "minmax"}, "value_range must be one of"),
+        ({"steps": 0}, "steps must be a positive int"),
+        ({"parameterization": "fft"}, "parameterization must be one of"),
+    ],
+)
+def test_arguments_checked_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        FeatureVisualizationCallback(**options)
+
+
+def test_defaults_and_state():
+    callback = FeatureVisualizationCallback(targets="net.3:1")
+    assert callback.every_n_epochs == 5 and callback.steps == 128 and callback.num_images == 1
+    state = callback.state_dict()
+    other = FeatureVisualizationCallback(targets="net.3:1", seed=7)
+    other.load_state_dict({})  # keys added later or missing: tolerated
+    assert other.seed == 7
+    other.load_state_dict(state)
+    assert other.seed == 0
+
+
+def _train(tmp_path, callbacks, **trainer_options):
+    pl.seed_everything(123, verbose=False)
+    model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
+    trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=False, deterministic=True, **trainer_options)
+    trainer.fit(model, datamodule=tiny_datamodule())
+    return model.state_dict(), trainer.optimizers[0].state_dict(), torch.get_rng_state()
+
+
+def test_training_is_bit_identical_with_the_callback(tmp_path):
+    plain_weights, plain_optimizer, plain_rng = _train(tmp_path / "plain", [])
+    callbacks = [
+        _callback(targets=["net.features.4:2", "net.features.1", ("class", 1)], num_images=2),
+        _callback(targets=["net.features.4"], mode="dream", name="dream"),
+    ]
+    weights, optimizer, rng = _train(tmp_path / "with", callbacks)
+    assert all(callback._runs == 2 for callback in callbacks), "the callbacks must actually have run"
+    assert plain_weights.keys() == weights.keys()
+    for name, value in plain_weights.items():
+        assert torch.equal(value, weights[name]), f"{name} differs"  # BatchNorm running stats included
+    for key, state in plain_optimizer["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
+    assert torch.equal(plain_rng, rng), "the global RNG advanced differently"
+
+
+def test_bf16_mixed_precision(tmp_path):
+    callback = _callback(targets=[("class", 0), "net.3:1"])
+    trainer = quiet_trainer(tmp_path, logger=False, callbacks=[callback], precision="bf16-mixed", max_epochs=1)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    value = trainer.callback_metrics["interp/featvis/net.3:1/objective"]
+    assert torch.isfinite(value)
