@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         inside = [
             ActivationMapsCallback(num_samples=args.num_samples, class_names=data.class_names),
             FeatureVisualizationCallback(targets="classes", every_n_epochs=2),
-            ConceptCallback(concept_examples(), layers=["net.4", "net.7"]),
+            ConceptCallback(concept_examples(), layers=["net.4"], class_names=data.class_names),
         ]
     callbacks += inside
     logger = TensorBoardLogger(args.log_dir, name="quickstart")

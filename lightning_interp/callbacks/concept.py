@@ -417,6 +417,15 @@ class ConceptCallback(InterpCallback):
         sets = self._random_sets.to(inputs.device)
         results: dict[str, dict[str, TCAVResult]] = {}
         for layer, acts, gradient, examples in zip(self.layers, probe_acts, grads, bank_acts, strict=True):
+            if _same_gradient_within_classes(gradient, labels):
+                self._warn_once(
+                    f"linear {layer}",
+                    f"ConceptCallback: at layer {layer!r} the gradient of each class's logit is the same for every "
+                    "probe sample of that class, so every CAV scores a class exactly 0 or 1 and the TCAV scores say "
+                    "only which way the CAV points: the layer is followed by linear operations alone (e.g. the ReLU "
+                    "before global pooling and a linear head). Choose a layer with a non-linearity between it and "
+                    "the logits",
+                )
             split = examples.split(sizes)
             pool = acts if self.random_examples is None else split[-1]
             results[layer] = tcav_from_activations(
@@ -481,6 +490,17 @@ class ConceptCallback(InterpCallback):
 
         self._submit(trainer, draw)
         return scalars
+
+
+def _same_gradient_within_classes(gradient: Tensor, labels: Tensor) -> bool:
+    """Whether every class with two or more samples has one gradient row repeated (to float32 rounding)."""
+    repeated = []
+    for k in labels.unique():
+        rows = gradient[labels == k]
+        if rows.shape[0] >= 2:
+            scale = rows.abs().amax().clamp_min(torch.finfo(rows.dtype).tiny)
+            repeated.append((rows - rows[:1]).abs().amax() <= 1e-5 * scale)
+    return bool(torch.stack(repeated).all()) if repeated else False
 
 
 _Panel = tuple[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None], tuple[np.ndarray, np.ndarray]]

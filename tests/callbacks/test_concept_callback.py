@@ -4,6 +4,7 @@ non-interference."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -98,6 +99,23 @@ def test_a_concept_no_better_than_chance_logs_only_its_accuracy_and_warns(tmp_pa
     assert events.scalar_steps(f"interp/tcav/disc/{LAYER}/cav_accuracy") == [4, 8]
     assert not [tag for tag in events.scalars if tag.endswith(("/tcav", "/p_value"))]
     assert events.image_steps("interp/tcav/scores") == [4, 8]
+
+
+@pytest.mark.parametrize(("layer", "warns"), [("net.7", True), ("net.4", False)])
+def test_a_layer_followed_only_by_linear_operations_is_warned_about(tmp_path, layer, warns):
+    """After net.7 (the last ReLU) come average pooling and a linear head: the class gradient is one vector for all
+    samples, so TCAV can only score 0 or 1; net.4 has a convolution and a ReLU after it."""
+    callback = _callback(layers=[layer])
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    messages = [str(w.message) for w in caught if "linear operations alone" in str(w.message)]
+    assert len(messages) == (1 if warns else 0), messages
+    if warns:
+        assert repr(layer) in messages[0]
+        scores = [v for k, v in trainer.callback_metrics.items() if k.endswith("/tcav")]
+        assert scores and all(abs(3 * float(v) - round(3 * float(v))) < 1e-4 for v in scores)  # means of n_random=3 zeros/ones
 
 
 def test_concept_examples_and_random_sets_survive_a_checkpoint_resume(tmp_path):
