@@ -147,6 +147,7 @@ class ConceptCallback(InterpCallback):
         equal_var: Student's t-test (True) or Welch's (False).
         seed: seed of the random sets and the CAV splits.
         batch_size: samples per forward pass.
+        class_names: names on the figure's class axis instead of indices (tags keep the index).
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``, ``background_drawing``,
             ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
@@ -176,6 +177,7 @@ class ConceptCallback(InterpCallback):
         equal_var: bool = True,
         seed: int = 0,
         batch_size: int = 64,
+        class_names: Sequence[str] | None = None,
         name: str = "tcav",
         **kwargs: Any,
     ) -> None:
@@ -236,6 +238,7 @@ class ConceptCallback(InterpCallback):
         self.equal_var = equal_var
         self.seed = seed
         self.batch_size = batch_size
+        self.class_names = list(class_names) if class_names is not None else None
         self._random_sets: Tensor | None = None  # (2 * n_random, set size) indices into the random pool
         self._classes: list[int] = []
         self._task = "multiclass"
@@ -482,10 +485,12 @@ class ConceptCallback(InterpCallback):
                         scalars[f"{base}/{k}/p_value"] = p
             assert random_scores is not None
             panels.append((layer, bars, (random_scores.mean(dim=0).numpy(), random_scores.std(dim=0).numpy())))
-        step, classes, alpha = trainer.global_step, list(self._classes), self.alpha
+        step, classes, alpha, class_names = trainer.global_step, list(self._classes), self.alpha, self.class_names
 
         def draw() -> None:
-            image = tcav_bar_image(panels, names, classes, alpha=alpha, title=f"TCAV scores (epoch {epoch})")
+            image = tcav_bar_image(
+                panels, names, classes, alpha=alpha, title=f"TCAV scores (epoch {epoch})", class_names=class_names
+            )
             log_image(trainer, f"interp/{self.name}/scores", image, step)
 
         self._submit(trainer, draw)
@@ -509,11 +514,18 @@ random CAVs' (means, stds)."""
 
 
 def tcav_bar_image(
-    panels: Sequence[_Panel], concepts: Sequence[str], classes: Sequence[int], *, alpha: float = 0.05, title: str = ""
+    panels: Sequence[_Panel],
+    concepts: Sequence[str],
+    classes: Sequence[int],
+    *,
+    alpha: float = 0.05,
+    title: str = "",
+    class_names: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Grouped bars of TCAV scores, one panel per layer: classes on the x axis, one bar per concept and one grey
     bar for the random CAVs; error bars are the std over the runs, ``*`` marks p < alpha, faded bars are not
-    significant, "n/a" a concept without a usable CAV. Returns uint8 (H, W, 3).
+    significant, "n/a" a concept without a usable CAV; classes are named from ``class_names`` where it has an entry.
+    Returns uint8 (H, W, 3).
 
     Example:
         >>> random = (np.full(2, 0.5), np.full(2, 0.2))
@@ -561,7 +573,8 @@ def tcav_bar_image(
         where = positions - 0.4 + width * (bars - 0.5)
         axes.bar(where, random_mean, width, yerr=clipped(random_mean, random_std), color="#aaaaaa", capsize=2)
         axes.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
-        axes.set_xticks(positions, [str(k) for k in classes], fontsize=8)
+        ticks = [class_names[k] if class_names and k < len(class_names) else str(k) for k in classes]
+        axes.set_xticks(positions, ticks, fontsize=8)
         axes.set_xlim(-0.5, groups - 0.5)
         axes.set_xlabel("class", fontsize=8)
         axes.set_ylim(0, 1.12)

@@ -103,6 +103,9 @@ class FeatureVisualizationCallback(InterpCallback):
         name: tag prefix; distinct names let two instances coexist.
         num_samples: probe samples (for the value range; DeepDream uses the first ``num_images``).
         every_n_epochs: run at every n-th validation epoch (default 5).
+        class_names: names shown for class targets instead of ``class:k`` (tags keep the index).
+        evolution_columns: at fit end, ``interp/<name>/evolution`` shows the first image of every target at up to
+            this many runs spread over training (0: no strip).
         **kwargs: ``probe``, ``batch_parser``, ``background_drawing``,
             ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
@@ -132,6 +135,8 @@ class FeatureVisualizationCallback(InterpCallback):
         name: str = "featvis",
         num_samples: int = 32,
         every_n_epochs: int = 5,
+        class_names: Sequence[str] | None = None,
+        evolution_columns: int = 10,
         **kwargs: Any,
     ) -> None:
         if mode not in MODES:
@@ -141,6 +146,10 @@ class FeatureVisualizationCallback(InterpCallback):
         for option, value in (("steps", steps), ("num_images", num_images), ("octaves", octaves)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{option} must be a positive int, got {value!r}.")
+        if not isinstance(evolution_columns, int) or isinstance(evolution_columns, bool) or evolution_columns < 0:
+            raise ValueError(
+                f"evolution_columns must be an int >= 0 (0: no evolution strip), got {evolution_columns!r}."
+            )
         if not isinstance(max_classes, int) or isinstance(max_classes, bool) or max_classes < 1:
             raise ValueError(f"max_classes must be a positive int, got {max_classes!r}.")
         if lr is not None and not lr > 0:
@@ -186,11 +195,15 @@ class FeatureVisualizationCallback(InterpCallback):
         self.seed = seed
         self.max_classes = max_classes
         self.output_transform = output_transform
+        self.class_names = list(class_names) if class_names is not None else None
+        self.evolution_columns = evolution_columns
         self._range: tuple[Tensor, Tensor] | None = None
+        self._history: list[tuple[int, Tensor]] = []  # (epoch, (T, C, H, W) first image per target), bounded
 
     # ------------------------------------------------------------------ checks
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
+        self._history = []
         if self.auto:  # chosen again on this fit's model
             self.targets = []
 
@@ -345,7 +358,8 @@ class FeatureVisualizationCallback(InterpCallback):
         )
         values = objectives.mean(dim=1).tolist()
         scalars = {f"interp/{self.name}/{t.label}/objective": v for t, v in zip(self.targets, values, strict=True)}
-        labels = [f"{t.label}\nobj={v:.3g}" for t, v in zip(self.targets, values, strict=True)]
+        labels = [f"{self._row_name(t)}\nobj={v:.3g}" for t, v in zip(self.targets, values, strict=True)]
+        self._remember(trainer.current_epoch, shown[:, 0])
         step, epoch = trainer.global_step, trainer.current_epoch
         tag = f"interp/{self.name}/{'features' if self.mode == 'optimize' else 'dream'}"
         kind = "feature visualisation" if self.mode == "optimize" else "DeepDream"
@@ -361,17 +375,56 @@ class FeatureVisualizationCallback(InterpCallback):
         self._submit(trainer, draw)
         return scalars
 
+    def _row_name(self, target: VisualizationTarget) -> str:
+        """A class target by its name where ``class_names`` gives one, else the target's label."""
+        names = self.class_names
+        if target.kind == "class" and names and target.index is not None and target.index < len(names):
+            return names[target.index]
+        return target.label
+
+    # ------------------------------------------------------------------ evolution strip
+    def _remember(self, epoch: int, images: Tensor) -> None:
+        """Keep the first image of every target (CPU, a few KB) for the strip, at most ``2 * evolution_columns``."""
+        if self.evolution_columns == 0:
+            return
+        self._history.append((epoch, images.detach().float().cpu().clone()))
+        if len(self._history) > 2 * self.evolution_columns:
+            thinned = self._history[::2]
+            if thinned[-1] is not self._history[-1]:
+                thinned.append(self._history[-1])
+            self._history = thinned
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log ``interp/<name>/evolution``: rows = targets, columns = up to ``evolution_columns`` runs."""
+        if trainer.is_global_zero and self._history and self.evolution_columns > 0:
+            history, step = list(self._history), trainer.global_step
+            spaced = np.linspace(0, len(history) - 1, min(len(history), self.evolution_columns))
+            chosen = [history[i] for i in sorted({round(i) for i in spaced})]
+            rows = [[_tiles(images[t : t + 1])[0] for _, images in chosen] for t in range(chosen[-1][1].shape[0])]
+            labels = [self._row_name(t) for t in self.targets][: len(rows)]
+            titles = [f"epoch {epoch}" for epoch, _ in chosen]
+            kind = "feature visualisation" if self.mode == "optimize" else "DeepDream"
+
+            def job() -> None:
+                grid = render_grid(rows, column_titles=titles, row_labels=labels, title=f"{kind} across training")
+                log_image(trainer, f"interp/{self.name}/evolution", grid, step)
+
+            self._submit(trainer, job)
+        super().on_fit_end(trainer, pl_module)  # drains the worker
+
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["seed"] = self.seed
+        state["history"] = list(self._history)
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.seed = int(state_dict.get("seed", self.seed))
+        self._history = [(int(epoch), images.detach().cpu()) for epoch, images in state_dict.get("history", [])]
 
 
 def _tiles(images: Tensor) -> list[np.ndarray]:

@@ -115,7 +115,9 @@ def test_a_layer_followed_only_by_linear_operations_is_warned_about(tmp_path, la
     if warns:
         assert repr(layer) in messages[0]
         scores = [v for k, v in trainer.callback_metrics.items() if k.endswith("/tcav")]
-        assert scores and all(abs(3 * float(v) - round(3 * float(v))) < 1e-4 for v in scores)  # means of n_random=3 zeros/ones
+        assert scores and all(
+            abs(3 * float(v) - round(3 * float(v))) < 1e-4 for v in scores
+        )  # means of n_random=3 zeros/ones
 
 
 def test_concept_examples_and_random_sets_survive_a_checkpoint_resume(tmp_path):

@@ -136,3 +136,30 @@ def test_bf16_mixed_precision(tmp_path):
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     value = trainer.callback_metrics["interp/featvis/net.3:1/objective"]
     assert torch.isfinite(value)
+
+
+def test_evolution_strip_at_fit_end_shows_each_target_over_the_runs_and_is_bounded(tmp_path):
+    def fit(columns: int, epochs: int, directory: str) -> tuple[FeatureVisualizationCallback, object]:
+        callback = _callback(targets=["class:0", "class:2"], evolution_columns=columns, class_names=list("abcd"))
+        logger = TensorBoardLogger(str(tmp_path), name=directory)
+        trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger, max_epochs=epochs)
+        trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+        return callback, read_events(logger.log_dir)
+
+    _, wide_events = fit(columns=10, epochs=3, directory="wide")
+    narrow, narrow_events = fit(columns=2, epochs=5, directory="narrow")
+    # one strip, logged once, at the last step; 3 runs shown in the first, 2 (of 5) in the second
+    assert wide_events.image_steps("interp/featvis/evolution") == [12]
+    assert narrow_events.image_steps("interp/featvis/evolution") == [20]
+    ((_, (_, wide_w)),) = wide_events.images["interp/featvis/evolution"]
+    ((_, (_, narrow_w)),) = narrow_events.images["interp/featvis/evolution"]
+    assert wide_w > narrow_w  # fewer columns
+    assert len(narrow._history) <= 4 and narrow._history[-1][0] == 4  # bounded, the last run kept
+    assert [narrow._row_name(t) for t in narrow.targets] == ["a", "c"]  # class names in the rows, not class:k
+    assert narrow_events.scalar_steps("interp/featvis/class:2/objective")  # tags keep the index
+
+    state = narrow.state_dict()
+    resumed = _callback(targets=["class:0", "class:2"])
+    resumed.load_state_dict(state)
+    assert [epoch for epoch, _ in resumed._history] == [epoch for epoch, _ in narrow._history]
+    assert torch.equal(resumed._history[-1][1], narrow._history[-1][1])
