@@ -18,6 +18,7 @@ from lightning_interp.methods.feature_visualization import (
     PARAMETERIZATIONS,
     TargetSpec,
     VisualizationTarget,
+    _range_tensors,
     deep_dream,
     feature_visualization,
     parse_visualization_target,
@@ -74,9 +75,19 @@ class FeatureVisualizationCallback(InterpCallback):
 
     Cost per run: ``steps`` forward + backward passes of a batch of
     ``len(targets) * num_images`` images at the probe's size (DeepDream:
-    ``steps`` passes of ``num_images`` images per target, over the octaves),
-    plus a final forward. On the quickstart model (4 classes, 32 x 32) at the
-    defaults this is about 0.3-0.5 s on two CPU cores, every 5th epoch.
+    ``steps`` passes of ``num_images`` images per target, over the octaves,
+    and two more forwards per target), plus a final forward. On the quickstart
+    model (4 classes, 32 x 32) at the defaults this is about 0.3 s on two CPU
+    cores, every 5th epoch (BENCHMARKS.md, "Inside the network").
+
+    The images of a batch are independent only if the model treats samples
+    independently in eval mode: a ``BatchNorm`` with
+    ``track_running_stats=False`` (batch statistics at eval too) mixes them, so
+    a target's images then also depend on the other targets'; visualise one
+    target per callback there.
+
+    A target that gets no gradient at any step (a dead unit: 0 after a ReLU on
+    every image tried) is warned about: its images would be the starting noise.
 
     Args:
         targets: ``"classes"`` (every output logit, at most ``max_classes``;
@@ -164,8 +175,17 @@ class FeatureVisualizationCallback(InterpCallback):
                     f"value_range must be one of {VALUE_RANGES} or (low, high), got {value_range!r}: 'probe' maps "
                     "images to the probe inputs' per-channel min..max, 'probe_std' to mean -/+ sqrt(3) std."
                 )
-        elif not (isinstance(value_range, (tuple, list)) and len(value_range) == 2):
-            raise ValueError(f"value_range must be 'probe', 'probe_std' or a (low, high) pair, got {value_range!r}.")
+        elif not (isinstance(value_range, (tuple, list)) and len(value_range) == 2) or not all(
+            _numbers(bound) for bound in value_range
+        ):
+            raise ValueError(
+                "value_range must be 'probe', 'probe_std' or a (low, high) pair, each a number or one number per "
+                f"channel, got {value_range!r}."
+            )
+        if class_names is not None and (
+            isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names)
+        ):
+            raise ValueError(f"class_names must be a list of strings (one per class), got {class_names!r}.")
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
         self.auto = isinstance(targets, str) and targets == "classes"
@@ -278,15 +298,27 @@ class FeatureVisualizationCallback(InterpCallback):
                 )
 
     def _value_range(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        channels = inputs.shape[1]
+        channels, shape = inputs.shape[1], tuple(inputs.shape)
         if not isinstance(self.value_range, str):
-            low, high = (torch.as_tensor(v, dtype=torch.float32).reshape(-1).expand(channels) for v in self.value_range)
-            return low.clone(), high.clone()
+            try:
+                low, high = _range_tensors(self.value_range, channels, torch.device("cpu"))  # type: ignore[arg-type]
+            except ValueError as error:
+                raise ValueError(f"FeatureVisualizationCallback: {error} (the probe inputs' shape: {shape}).") from None
+            return low.reshape(-1), high.reshape(-1)
         x = inputs.detach().float()
         if self.value_range == "probe":
-            return x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))
-        mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
-        return mean - 3**0.5 * std, mean + 3**0.5 * std
+            low, high = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))
+        else:
+            mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+            low, high = mean - 3**0.5 * std, mean + 3**0.5 * std
+        flat = (high == low).nonzero().flatten().tolist()
+        if flat:
+            raise ValueError(
+                f"FeatureVisualizationCallback: the probe inputs are constant in channel(s) {flat}, so "
+                f"value_range={self.value_range!r} is empty there and those channels could not change. Pass "
+                "value_range=(low, high) with the range your model's inputs take."
+            )
+        return low, high
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """A two-step computation (one step per octave for DeepDream) on every target, logging nothing."""
@@ -394,6 +426,7 @@ class FeatureVisualizationCallback(InterpCallback):
                 thinned.append(self._history[-1])
             self._history = thinned
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log ``interp/<name>/evolution``: rows = targets, columns = up to ``evolution_columns`` runs."""
         if trainer.is_global_zero and self._history and self.evolution_columns > 0:
@@ -416,15 +449,27 @@ class FeatureVisualizationCallback(InterpCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["seed"] = self.seed
-        state["history"] = list(self._history)
+        state["history"] = list(self._history)  # the seed is configuration: a resumed run takes the one given now
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.seed = int(state_dict.get("seed", self.seed))
         self._history = [(int(epoch), images.detach().cpu()) for epoch, images in state_dict.get("history", [])]
+
+
+def _numbers(bound: object) -> bool:
+    """A number, or a non-empty sequence of numbers (one per channel)."""
+    if isinstance(bound, (int, float)) and not isinstance(bound, bool):
+        return True
+    if isinstance(bound, Tensor):
+        return bound.numel() > 0 and not bound.dtype.is_complex
+    return (
+        isinstance(bound, Sequence)
+        and not isinstance(bound, str)
+        and len(bound) > 0
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bound)
+    )
 
 
 def _tiles(images: Tensor) -> list[np.ndarray]:

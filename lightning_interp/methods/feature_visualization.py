@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -169,6 +171,8 @@ def parse_visualization_target(spec: TargetSpec) -> VisualizationTarget:
         )
     parts = spec.split(":")
     layer, numbers = parts[0].strip(), parts[1:]
+    if any(not number.strip() for number in numbers):
+        raise ValueError(f"Visualisation target {spec!r} has an empty field between ':'s. Use {_FORMS}.")
     if not layer:
         raise ValueError(f"Visualisation target {spec!r} names no layer before ':'. Use {_FORMS}.")
     if layer == "class":
@@ -191,6 +195,9 @@ def parse_visualization_target(spec: TargetSpec) -> VisualizationTarget:
 def _index(value: object, what: str, spec: object) -> int:
     if isinstance(value, str) and _INT.match(value):
         value = int(value)
+    elif not isinstance(value, (bool, str)):
+        with contextlib.suppress(TypeError):  # numpy and torch integers
+            value = operator.index(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"Visualisation target {spec!r}: the {what} must be an integer, got {value!r}. Use {_FORMS}.")
     if value < 0:
@@ -351,34 +358,44 @@ def _image_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
     return dims  # type: ignore[return-value]
 
 
-def _transform_sizes(height: int, width: int) -> tuple[int, int, int]:
-    side = max(height, width)
-    return tuple(max(1, math.ceil(side * n / _REFERENCE_SIDE)) for n in (_PAD, _JITTER1, _JITTER2))  # type: ignore[return-value]
+def _transform_sizes(side: int) -> tuple[int, int, int]:
+    """Pad and the two jitters along an axis of ``side`` pixels, scaled from lucent's 12 / 8 / 4 at 128 pixels.
+
+    The jitters are even, so that the final centre crop is exact and the shifts average to zero (an odd jitter
+    would bias every image by half a pixel)."""
+    pad, first, second = (max(1, math.ceil(side * n / _REFERENCE_SIDE)) for n in (_PAD, _JITTER1, _JITTER2))
+    return pad, first + first % 2, second + second % 2
 
 
 def _transform_draws(steps: int, height: int, width: int, generator: torch.Generator) -> Tensor:
-    """(steps, 6) draws, on the CPU: two shifts of the first jitter, scale index, angle index, two of the second."""
-    _, j1, j2 = _transform_sizes(height, width)
+    """(steps, 6) draws, on the CPU: x and y shifts of the first jitter, scale index, angle index, x and y shifts of
+    the second; each axis's shifts sized from that axis."""
+    _, j1_h, j2_h = _transform_sizes(height)
+    _, j1_w, j2_w = _transform_sizes(width)
     return torch.stack(
         [
-            torch.randint(j1 + 1, (steps,), generator=generator),
-            torch.randint(j1 + 1, (steps,), generator=generator),
+            torch.randint(j1_w + 1, (steps,), generator=generator),
+            torch.randint(j1_h + 1, (steps,), generator=generator),
             torch.randint(len(_SCALES), (steps,), generator=generator),
             torch.randint(len(_ANGLES), (steps,), generator=generator),
-            torch.randint(j2 + 1, (steps,), generator=generator),
-            torch.randint(j2 + 1, (steps,), generator=generator),
+            torch.randint(j2_w + 1, (steps,), generator=generator),
+            torch.randint(j2_h + 1, (steps,), generator=generator),
         ],
         dim=1,
     )
 
 
 def random_transforms(image: Tensor, draw: Sequence[int]) -> Tensor:
-    """Lucent's ``standard_transforms`` with torch ops; the output has the input's size.
+    """Random pad, jitter, zoom and rotation in the spirit of lucent's ``standard_transforms``, at the input's size.
 
-    Pad with 0.5 (by 12/128 of the side), crop at a random shift (jitter of
-    8/128 of the side), zoom by one of 0.9 ... 1.1 and rotate by one of -10 ...
-    10 degrees (one ``affine_grid``), crop at a second random shift (4/128 of
-    the side), then take the centre at the input's size.
+    Pad with 0.5 (by 12/128 of each axis), crop at a random shift (jitter of
+    8/128 of the axis, rounded up to even), zoom by one of 0.9 ... 1.1 and
+    rotate by one of -10 ... 10 degrees about the centre (one ``affine_grid``,
+    a true rotation in pixels also on non-square images), crop at a second
+    random shift (4/128, even), then take the centre at the input's size.
+    Unlike lucent, which resizes and lets the image grow, the output keeps the
+    input's frame (the model may need it), so the effective translation is the
+    jitter, up to about +-5% of each axis, and the shifts average to zero.
 
     Args:
         image: (B, C, H, W) in [0, 1].
@@ -389,18 +406,21 @@ def random_transforms(image: Tensor, draw: Sequence[int]) -> Tensor:
         torch.Size([2, 3, 16, 16])
     """
     b, _, h, w = image.shape
-    pad, j1, j2 = _transform_sizes(h, w)
+    pad_h, j1_h, j2_h = _transform_sizes(h)
+    pad_w, j1_w, j2_w = _transform_sizes(w)
     x1, y1, scale_index, angle_index, x2, y2 = (int(v) for v in draw)
-    out = F.pad(image, (pad, pad, pad, pad), mode="constant", value=0.5)
-    size_h, size_w = out.shape[2] - j1, out.shape[3] - j1
+    out = F.pad(image, (pad_w, pad_w, pad_h, pad_h), mode="constant", value=0.5)
+    size_h, size_w = out.shape[2] - j1_h, out.shape[3] - j1_w
     out = out[:, :, y1 : y1 + size_h, x1 : x1 + size_w]
     scale, angle = _SCALES[scale_index], math.radians(_ANGLES[angle_index])
     if scale != 1.0 or angle != 0.0:
+        # affine_grid works in [-1, 1] coordinates per axis: a rotation in pixels needs the aspect ratio
+        ratio = out.shape[2] / out.shape[3]  # height / width
         cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
-        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=out.dtype, device=out.device)
+        theta = torch.tensor([[cos, -sin * ratio, 0.0], [sin / ratio, cos, 0.0]], dtype=out.dtype, device=out.device)
         grid = F.affine_grid(theta.expand(b, 2, 3), list(out.shape), align_corners=False)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    size_h, size_w = out.shape[2] - j2, out.shape[3] - j2
+    size_h, size_w = out.shape[2] - j2_h, out.shape[3] - j2_w
     out = out[:, :, y2 : y2 + size_h, x2 : x2 + size_w]
     top, left = (out.shape[2] - h) // 2, (out.shape[3] - w) // 2
     return out[:, :, top : top + h, left : left + w]
@@ -416,6 +436,13 @@ def _range_tensors(value_range: ValueRange, channels: int, device: torch.device)
     if bool((high < low).any()):
         raise ValueError(
             f"value_range needs low <= high in every channel, got low={low.tolist()}, high={high.tolist()}."
+        )
+    flat = ((high - low).expand(channels) == 0).nonzero().flatten().tolist()
+    if flat:
+        warnings.warn(
+            f"value_range is empty (low == high) in channel(s) {flat}: the image cannot change there, so those "
+            "channels are not optimised. Give a wider range (a channel constant over the probe set gives this).",
+            stacklevel=3,
         )
     shape = (1, -1, 1, 1)
     return low.expand(channels).reshape(shape).clone(), high.expand(channels).reshape(shape).clone()
@@ -602,6 +629,7 @@ def feature_visualization(
         m = torch.zeros_like(param.params)
         v = torch.zeros_like(param.params)
         beta1, beta2, eps = 0.9, 0.999, 1e-8
+        reached = torch.zeros(batch, dtype=torch.bool, device=device)  # images whose gradient was ever non-zero
         for step in range(steps):
             with _float32_region(device):
                 image = param.image()
@@ -611,6 +639,7 @@ def feature_visualization(
             values = _objectives(model, inputs, parsed, rows, output_transform)
             total = torch.stack([value.sum() for value in values]).sum()
             (grad,) = torch.autograd.grad(total, [param.params])
+            reached |= _per_image_nonzero(grad, batch)
             with torch.no_grad():  # Adam ascent on our own parameters (no optimizer: nothing global is touched)
                 m.mul_(beta1).add_(grad, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -623,6 +652,7 @@ def feature_visualization(
                 rgb = param.image()
                 images = low + (high - low) * rgb
             final = torch.stack(_objectives(model, images.to(dtype), parsed, rows, output_transform))
+    _warn_unreached(parsed, reached.reshape(len(parsed), num_images).any(dim=1))
     shape = (len(parsed), num_images, c, h, w)
     return FeatureVisualizationResult(
         images=images.detach().reshape(shape).cpu(),
@@ -730,6 +760,7 @@ def deep_dream(
         with torch.no_grad():
             initial = objective(base)
         detail = torch.zeros((b, c, *sizes[0]), device=device)
+        reached = torch.zeros(b, dtype=torch.bool, device=device)
         x = base
         done = 0
         for size, count in zip(sizes, per_octave, strict=True):
@@ -743,7 +774,16 @@ def deep_dream(
                 dy, dx = (0, 0) if shifts is None else (int(s * (2 * reach + 1)) - reach for s in shifts[done])
                 done += 1
                 rolled = torch.roll(x, shifts=(dy, dx), dims=(2, 3)).requires_grad_(True)
-                (grad,) = torch.autograd.grad(objective(rolled).sum(), [rolled])
+                try:
+                    (grad,) = torch.autograd.grad(objective(rolled).sum(), [rolled])
+                except RuntimeError as error:
+                    if size == (h, w):
+                        raise
+                    raise ValueError(
+                        f"deep_dream: the model fails on the octave's smaller {size[0]}x{size[1]} images ({error}); "
+                        "it probably needs its input size (a fixed-size head). Pass octaves=1."
+                    ) from error
+                reached |= _per_image_nonzero(grad, b)
                 with torch.no_grad():
                     grad = torch.roll(grad.float(), shifts=(-dy, -dx), dims=(2, 3))
                     grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
@@ -753,12 +793,31 @@ def deep_dream(
             detail = (x - octave_base).detach()
         with torch.no_grad():
             final = objective(x)
+    _warn_unreached([target], reached.any().reshape(1))
     return DeepDreamResult(
         images=x.detach().float().cpu(),
         initial_objective=initial.float().cpu(),
         objective=final.float().cpu(),
         target=target,
     )
+
+
+def _per_image_nonzero(grad: Tensor, batch: int) -> Tensor:
+    """(batch,) whether each image's slice of a gradient has a non-zero entry (parameters are batch-first)."""
+    return grad.reshape(batch, -1).abs().amax(dim=1) > 0
+
+
+def _warn_unreached(targets: Sequence[VisualizationTarget], reached: Tensor) -> None:
+    """Warn about targets whose images never received a gradient: they show the starting image, not the target."""
+    dead = [target.label for target, ok in zip(targets, reached.tolist(), strict=True) if not ok]
+    if dead:
+        warnings.warn(
+            f"Visualisation target(s) {dead} got no gradient at any step: the unit is inactive (e.g. 0 after a ReLU) "
+            "on every image tried, so its images are the starting image, not a picture of the target. Pick a live "
+            "channel (ActivationMapsCallback's dead_fraction and '(dead)' titles show dead ones) or the layer "
+            "before the activation.",
+            stacklevel=3,
+        )
 
 
 def _as_list(targets: Sequence[TargetSpec] | TargetSpec) -> list[TargetSpec]:

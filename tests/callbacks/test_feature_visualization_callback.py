@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -9,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_interp.callbacks.feature_visualization import FeatureVisualizationCallback
 from lightning_interp.demo import ImageClassifier
+from lightning_interp.methods.feature_visualization import feature_visualization
 from tests.conftest import BatchNormDropoutNet, quiet_trainer, read_events, tiny_classifier, tiny_datamodule
 
 TAG = "interp/featvis/features"
@@ -102,7 +105,7 @@ def test_defaults_and_state():
     other.load_state_dict({})  # keys added later or missing: tolerated
     assert other.seed == 7
     other.load_state_dict(state)
-    assert other.seed == 0
+    assert other.seed == 7  # the seed is configuration: a resume with a new seed uses it
 
 
 def _train(tmp_path, callbacks, **trainer_options):
@@ -163,3 +166,36 @@ def test_evolution_strip_at_fit_end_shows_each_target_over_the_runs_and_is_bound
     resumed.load_state_dict(state)
     assert [epoch for epoch, _ in resumed._history] == [epoch for epoch, _ in narrow._history]
     assert torch.equal(resumed._history[-1][1], narrow._history[-1][1])
+
+
+@pytest.mark.parametrize(
+    ("value_range", "message"),
+    [
+        (([0, 0], [1, 1]), "2 values; give one float or one value per channel"),
+        (("a", "b"), "each a number or one number per channel"),
+        ((0.5,), "a \\(low, high\\) pair"),
+    ],
+)
+def test_explicit_value_ranges_are_checked_with_a_clear_message(tmp_path, value_range, message):
+    def fit() -> None:
+        callback = _callback(targets=["class:0"], value_range=value_range)
+        trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
+        trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+
+    with pytest.raises(ValueError, match=message):
+        fit()
+
+
+def test_a_dead_channel_is_warned_about_not_drawn_as_if_it_were_its_picture():
+    """Channel 1 of a ReLU after a convolution with weight 0 and bias -1 is 0 on every image: no gradient."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.ReLU())
+    with torch.no_grad():
+        net[0].weight[1].zero_()
+        net[0].bias[1] = -1.0
+    with pytest.warns(UserWarning, match=r"\['1:1'\] got no gradient at any step"):
+        dead = feature_visualization(net, ["1:1"], image_shape=(3, 16, 16), steps=8)
+    assert dead.history.abs().max() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a live channel: no warning
+        live = feature_visualization(net, ["1:0"], image_shape=(3, 16, 16), steps=8)
+    assert live.history[-1].mean() > live.history[0].mean()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -223,3 +225,56 @@ def test_parameterisation_and_transforms_shapes():
     image = param.image()
     assert image.shape == (2, 1, 15, 17) and image.min() >= 0 and image.max() <= 1
     assert random_transforms(image, [2, 1, 0, 3, 1, 0]).shape == image.shape
+
+
+def _centroid(image: torch.Tensor) -> torch.Tensor:
+    """(y, x) centroid of a (H, W) non-negative image."""
+    ys, xs = torch.meshgrid(torch.arange(image.shape[0]), torch.arange(image.shape[1]), indexing="ij")
+    total = image.sum()
+    return torch.stack([(ys * image).sum() / total, (xs * image).sum() / total])
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (32, 128), (96, 24)])
+def test_random_transforms_rotate_in_pixels_and_keep_the_centre_on_any_aspect_ratio(shape):
+    """Two dots on a horizontal line; after a centred draw with a 10 degree rotation and no zoom, the line between
+    them is turned by 10 degrees (not sheared), its length kept, and its midpoint stays at the image centre."""
+    from lightning_interp.methods.feature_visualization import _ANGLES, _SCALES, _transform_sizes
+
+    h, w = shape
+    half = min(h, w) // 4
+    cy, cx = h / 2 - 0.5, w / 2 - 0.5
+    image = torch.zeros(1, 1, h, w)
+    for sign in (-1, 1):  # 2 x 2 dots, symmetric about the centre
+        x = int(cx + sign * half - 0.5)
+        image[0, 0, int(cy - 0.5) : int(cy - 0.5) + 2, x : x + 2] = 1.0
+    _, j1_h, j2_h = _transform_sizes(h)
+    _, j1_w, j2_w = _transform_sizes(w)
+    assert j1_h % 2 == j2_h % 2 == j1_w % 2 == j2_w % 2 == 0  # even jitters: the centred draw exists
+    draw = [j1_w // 2, j1_h // 2, _SCALES.index(1.0), _ANGLES.index(10.0), j2_w // 2, j2_h // 2]
+    out = 2 * (random_transforms(0.5 + 0.5 * image, draw)[0, 0] - 0.5)  # the pad value 0.5 becomes 0
+    left, right = out.clone(), out.clone()
+    left[:, int(cx) + 1 :] = 0
+    right[:, : int(cx) + 1] = 0
+    a, b = _centroid(left.clamp_min(0)), _centroid(right.clamp_min(0))
+    dy, dx = (b - a).tolist()
+    angle = math.degrees(math.atan2(dy, dx))
+    assert abs(abs(angle) - 10.0) < 1.0, angle
+    assert abs(math.hypot(dy, dx) - 2 * half) < 1.0
+    middle = ((a + b) / 2).tolist()
+    assert abs(middle[0] - cy) < 0.6 and abs(middle[1] - cx) < 0.6, (middle, (cy, cx))
+
+
+def test_deep_dream_on_a_fixed_size_model_says_to_use_one_octave():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4))
+    with pytest.raises(ValueError, match="Pass octaves=1"):
+        deep_dream(net, torch.rand(2, 3, 16, 16), "1", octaves=3, steps=6)
+    dream = deep_dream(net, torch.rand(2, 3, 16, 16), "1", octaves=1, steps=6)
+    assert dream.objective.mean() > dream.initial_objective.mean()
+
+
+def test_targets_accept_numpy_integers_and_refuse_empty_fields():
+    import numpy as np
+
+    assert parse_visualization_target(("class", np.int64(2))).index == 2
+    with pytest.raises(ValueError, match="empty field"):
+        parse_visualization_target("net.3:1:")
