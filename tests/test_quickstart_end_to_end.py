@@ -22,7 +22,9 @@ def _load_quickstart():
 
 @pytest.mark.slow
 def test_quickstart_learns_and_gradcam_localizes_the_objects(tmp_path, capsys):
-    metrics = _load_quickstart().main(["--log-dir", str(tmp_path)])
+    # --inside adds three callbacks; by the non-interference contract the training, and so every figure below, is
+    # the same as without it
+    metrics = _load_quickstart().main(["--log-dir", str(tmp_path), "--inside"])
     printed = capsys.readouterr().out
     assert f"tensorboard --logdir {tmp_path}" in printed
 
@@ -51,3 +53,16 @@ def test_quickstart_learns_and_gradcam_localizes_the_objects(tmp_path, capsys):
     assert settle[-1] > 0.97 and settle[-1] > settle[0]
     # The deepest layer's geometry follows the labels more than the first layer's does.
     assert metrics["interp/similarity/net.10/rsa_vs_labels"] > metrics["interp/similarity/net.0/rsa_vs_labels"] + 0.3
+
+    # Inside the network (--inside): the feature visualisation of every class reaches a higher logit on the trained
+    # model than on the first epoch's, the strip shows them all at fit end; stripes are a texture a layer separates
+    # from the data almost perfectly, discs at random positions are not, and the callback says so by not scoring them
+    for k in range(4):
+        objective = [value for _, value in events.scalars[f"interp/featvis/class:{k}/objective"]]
+        assert len(objective) == 4 and objective[-1] > objective[0], (k, objective)
+    assert events.image_steps("interp/featvis/evolution") == [events.image_steps("interp/featvis/features")[-1]]
+    assert metrics["interp/tcav/stripes/net.4/cav_accuracy"] > 0.9
+    assert metrics["interp/tcav/disc/net.4/cav_accuracy"] < metrics["interp/tcav/stripes/net.4/cav_accuracy"]
+    assert all(0.0 <= metrics[f"interp/tcav/stripes/net.4/{k}/tcav"] <= 1.0 for k in range(4))
+    assert 0.0 < metrics["interp/activations/net.4/dead_fraction"] < 0.5
+    assert "TCAV of 'stripes' at net.4" in printed
