@@ -24,6 +24,7 @@ from lightning_interp.methods.concepts import (
     TCAVResult,
     compute_cav,
     concept_activations,
+    disjoint_random_sets,
     layer_gradients,
     tcav_from_activations,
 )
@@ -35,6 +36,9 @@ Examples = Union[Tensor, Dataset, DataLoader]  # noqa: UP007 (runtime alias, Pyt
 """Concept or random examples: an (N, ...) tensor of inputs, a Dataset (items ``x`` or ``(x, ...)``) or a DataLoader."""
 
 __all__ = ["ConceptCallback"]
+
+MIN_RANDOM_SET = 5
+"""Fewest examples per random set: a CAV holds out ``test_fraction`` of each side to measure its accuracy."""
 
 
 def read_examples(value: Examples, what: str, max_examples: int) -> Tensor:
@@ -58,7 +62,8 @@ def read_examples(value: Examples, what: str, max_examples: int) -> Tensor:
         count = min(len(value), max_examples)  # type: ignore[arg-type]
         if count == 0:
             raise ValueError(f"ConceptCallback: {what} is an empty Dataset.")
-        examples = parse_batch(default_collate([value[i] for i in range(count)])).inputs
+        with torch.random.fork_rng(devices=[]):  # a Dataset's __getitem__ may draw random augmentations
+            examples = parse_batch(default_collate([value[i] for i in range(count)])).inputs
     else:
         raise TypeError(
             f"ConceptCallback: {what} must be an (N, ...) tensor of inputs, a map-style Dataset or a DataLoader, got "
@@ -104,23 +109,29 @@ class ConceptCallback(InterpCallback):
     accuracy below ``min_cav_accuracy``, default 0.6) gets no TCAV score or
     p-value there at that epoch: only its ``cav_accuracy`` is logged, the figure
     shows "n/a", and a warning says so once per run (its direction would be
-    noise, and a TCAV score of noise looks like a result). A p-value that is
-    undefined (all scores of both groups equal) is not logged either, with a
-    warning once.
+    noise, and a TCAV score of noise looks like a result). Where both groups'
+    scores are all equal the p-value is 1 (no difference to test). A layer whose
+    class gradient is zero, or one vector per class (only linear operations
+    between it and the logits), is warned about: its scores would be 0 or 1 by
+    construction.
 
     Random counter-examples: ``random_examples=`` (a tensor, Dataset or
-    DataLoader, read once) or, by default, the callback's probe set, drawn from
-    the first validation dataloader (stratified over classes; ``num_samples``).
-    ``2 * n_random`` random sets of ``random_set_size`` examples each (default:
-    as many as the largest concept has, at most the pool) are drawn once per fit
-    from that pool with the callback's own ``torch.Generator`` (seed ``seed``):
-    the concept CAVs are trained against the first half, the random-vs-random
-    CAVs pair the second half with the first (independent null CAVs; see
-    :func:`~lightning_interp.methods.concepts.tcav_from_activations` for why not
-    one fixed random set). Concept examples are read
-    once, at construction (at most ``max_examples`` of each), kept on the CPU and
-    stored with the random examples and sets in the callback's ``state_dict``, so a
-    resumed run scores the same examples.
+    DataLoader, read once, at most ``max_random_examples``) or, by default, the
+    callback's probe set itself (the samples that are scored; drawn from the
+    first validation dataloader, stratified over classes, ``num_samples``).
+    ``2 * n_random`` disjoint random sets of ``random_set_size`` examples each
+    (default: as many as the largest concept has, at most ``pool // (2 *
+    n_random)``; at least 5, else the fit stops before training saying what to
+    change) are drawn once per fit from that pool with the callback's own
+    ``torch.Generator`` (seed ``seed``): the concept CAVs are trained against
+    the first half, the random-vs-random CAVs pair the second half with the
+    first. On random "concepts" this flags about 5% of class tests at p < 0.05
+    at the defaults; larger sets or overlapping ones flag more (see
+    :func:`~lightning_interp.methods.concepts.tcav_from_activations`). Concept
+    examples are read once, at construction (at most ``max_examples`` of each),
+    kept on the CPU and stored with the random examples and sets in the
+    callback's ``state_dict``, so a resumed run scores the same examples (mind
+    the checkpoint size with large inputs).
 
     Cost per run: one forward + one ``torch.autograd.grad`` over the probe set
     (all layers at once), one no-grad forward over the concept (and given random)
@@ -141,7 +152,8 @@ class ConceptCallback(InterpCallback):
         min_cav_accuracy: mean held-out CAV accuracy below which a concept gets no TCAV score.
         alpha: significance level of the t-test (marks in the figure).
         num_samples: probe samples drawn from the validation data (scored, and the default random pool).
-        max_examples: examples read at most from each concept (and from ``random_examples``).
+        max_examples: examples read at most from each concept.
+        max_random_examples: examples read at most from ``random_examples``.
         test_fraction: share of each side of a CAV's examples held out to measure its accuracy.
         l2: penalty of the CAV classifier on standardised activations.
         equal_var: Student's t-test (True) or Welch's (False).
@@ -170,8 +182,9 @@ class ConceptCallback(InterpCallback):
         random_set_size: int | None = None,
         min_cav_accuracy: float = 0.6,
         alpha: float = 0.05,
-        num_samples: int = 128,
+        num_samples: int = 256,
         max_examples: int = 100,
+        max_random_examples: int = 1000,
         test_fraction: float = 1 / 3,
         l2: float = 1e-2,
         equal_var: bool = True,
@@ -206,6 +219,7 @@ class ConceptCallback(InterpCallback):
         for option, value, low in (
             ("n_random", n_random, 2),
             ("max_examples", max_examples, 2),
+            ("max_random_examples", max_random_examples, 2),
             ("batch_size", batch_size, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -224,7 +238,7 @@ class ConceptCallback(InterpCallback):
             concept: read_examples(value, f"concept {concept!r}", max_examples) for concept, value in concepts.items()
         }
         self.random_examples: Tensor | None = (
-            None if random_examples is None else read_examples(random_examples, "random_examples", max_examples)
+            None if random_examples is None else read_examples(random_examples, "random_examples", max_random_examples)
         )
         self.layers: list[str] = names
         self.targets: list[int] | None = targets  # type: ignore[assignment]
@@ -233,6 +247,7 @@ class ConceptCallback(InterpCallback):
         self.min_cav_accuracy = min_cav_accuracy
         self.alpha = alpha
         self.max_examples = max_examples
+        self.max_random_examples = max_random_examples
         self.test_fraction = test_fraction
         self.l2 = l2
         self.equal_var = equal_var
@@ -354,26 +369,30 @@ class ConceptCallback(InterpCallback):
                     "validation batch's inputs (same size, channels and preprocessing)."
                 )
         pool = self._pool(probe).shape[0]
-        if pool < 2:
+        for what, examples in given:
+            if examples.dtype != probe.inputs.dtype and not (
+                examples.is_floating_point() and probe.inputs.is_floating_point()
+            ):
+                raise ValueError(
+                    f"ConceptCallback: the examples of {what} are {examples.dtype}, the probe inputs "
+                    f"{probe.inputs.dtype}: give the examples as the model is fed (e.g. float images after the "
+                    "validation transforms)."
+                )
+        source = "the probe set (num_samples)" if self.random_examples is None else "random_examples"
+        count = 2 * self.n_random
+        size = self.random_set_size or min(max(x.shape[0] for x in self.concepts.values()), pool // count)
+        if size < MIN_RANDOM_SET or size * count > pool:
             raise ValueError(
-                f"ConceptCallback draws random counter-examples from a pool of {pool} sample(s); it needs at least 2 "
-                "(draw more probe samples with num_samples, or give random_examples=...)."
-            )
-        if self.random_set_size is not None and self.random_set_size > pool:
-            raise ValueError(
-                f"ConceptCallback: random_set_size={self.random_set_size} but the random pool holds {pool} samples "
-                f"({'the probe set' if self.random_examples is None else 'random_examples'}). Lower random_set_size "
-                "or give more random examples."
+                f"ConceptCallback draws {count} disjoint random sets (2 x n_random={self.n_random}) of "
+                f"{size if self.random_set_size else f'at least {MIN_RANDOM_SET}'} examples from {source}, which "
+                f"holds {pool}: it needs {count * max(size, MIN_RANDOM_SET)}. Draw more probe samples "
+                "(num_samples=...), give more random_examples=..., lower n_random or random_set_size."
             )
         if self._provisional:
             return
-        size = self.random_set_size or min(pool, max(x.shape[0] for x in self.concepts.values()))
         sets = self._random_sets
-        if sets is None or sets.shape != (2 * self.n_random, size) or int(sets.max()) >= pool:
-            generator = torch.Generator().manual_seed(self.seed)
-            self._random_sets = torch.stack(
-                [torch.randperm(pool, generator=generator)[:size] for _ in range(2 * self.n_random)]
-            )
+        if sets is None or sets.shape != (count, size) or int(sets.max()) >= pool:
+            self._random_sets = disjoint_random_sets(pool, count, size, seed=self.seed)
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """The gradient pass on two probe samples, the activations of a few examples and one CAV per layer."""
@@ -420,7 +439,14 @@ class ConceptCallback(InterpCallback):
         sets = self._random_sets.to(inputs.device)
         results: dict[str, dict[str, TCAVResult]] = {}
         for layer, acts, gradient, examples in zip(self.layers, probe_acts, grads, bank_acts, strict=True):
-            if _same_gradient_within_classes(gradient, labels):
+            if not bool(gradient.any()):
+                self._warn_once(
+                    f"zero {layer}",
+                    f"ConceptCallback: the gradient of the class logits at layer {layer!r} is zero for every probe "
+                    "sample (the units are dead, or the output does not depend on this layer), so no CAV can raise "
+                    "a class: its TCAV scores are 0 by construction and mean nothing. Choose another layer",
+                )
+            elif _same_gradient_within_classes(gradient, labels):
                 self._warn_once(
                     f"linear {layer}",
                     f"ConceptCallback: at layer {layer!r} the gradient of each class's logit is the same for every "
@@ -473,16 +499,7 @@ class ConceptCallback(InterpCallback):
                 bars[concept] = (means, spread, p_values.numpy())
                 for column, k in enumerate(self._classes):
                     scalars[f"{base}/{k}/tcav"] = float(means[column])
-                    p = float(p_values[column])
-                    if math.isnan(p):
-                        self._warn_once(
-                            f"nan {concept} {layer} {k}",
-                            f"ConceptCallback: the p-value of concept {concept!r} at layer {layer!r} for class {k} is "
-                            f"undefined at epoch {epoch}: every TCAV score of the concept's and of the random CAVs is "
-                            "the same value, so the t-test has nothing to compare; it is not logged while this lasts",
-                        )
-                    else:
-                        scalars[f"{base}/{k}/p_value"] = p
+                    scalars[f"{base}/{k}/p_value"] = float(p_values[column])
             assert random_scores is not None
             panels.append((layer, bars, (random_scores.mean(dim=0).numpy(), random_scores.std(dim=0).numpy())))
         step, classes, alpha, class_names = trainer.global_step, list(self._classes), self.alpha, self.class_names

@@ -47,7 +47,7 @@ def _callback(**overrides) -> ConceptCallback:
             "cross": DataLoader(TensorDataset(_concept_images(3), torch.zeros(12)), batch_size=5),  # (x, y) batches
         },
         "layers": [LAYER],
-        "num_samples": 16,
+        "num_samples": 32,
         "n_random": 3,
         "min_cav_accuracy": 0.0,  # a barely trained network: score every concept, so every tag appears
         "background_drawing": False,
@@ -128,7 +128,9 @@ def test_concept_examples_and_random_sets_survive_a_checkpoint_resume(tmp_path):
     )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     saved_sets = first._random_sets.clone()
-    assert saved_sets.shape == (6, 12)  # 2 * n_random sets of as many examples as the concept has
+    # 2 * n_random sets; 12 concept examples, but a 32-sample pool holds only 6 disjoint sets of 5
+    assert saved_sets.shape == (6, 5)
+    assert saved_sets.unique().numel() == 30, "the random sets must not overlap"
 
     # a new callback given other examples under the same name: the checkpoint's examples win
     second = _callback(concepts={"disc": _concept_images(0, seed=11)})
@@ -155,6 +157,11 @@ def test_concept_examples_and_random_sets_survive_a_checkpoint_resume(tmp_path):
         pytest.param({"concepts": {"disc": torch.rand(12, 3, 8, 8)}}, r"shape \(3, 8, 8\)", id="concept-shape"),
         pytest.param({"random_examples": torch.rand(12, 1, 16, 16)}, "random_examples", id="random-shape"),
         pytest.param({"targets": [1, 9]}, r"target\(s\) \[9\] out of range", id="target-out-of-range"),
+        pytest.param({"n_random": 4}, r"8 disjoint random sets .* holds 32: it needs 40", id="pool-too-small"),
+        pytest.param({"random_set_size": 6}, r"of 6 examples .* holds 32: it needs 36", id="sets-too-large"),
+        pytest.param(
+            {"concepts": {"disc": (255 * _concept_images(0)).to(torch.uint8)}}, "are torch.uint8", id="uint8-concept"
+        ),
     ],
 )
 def test_bad_inputs_are_refused_before_training(tmp_path, options, message):
@@ -211,7 +218,7 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     callback = ConceptCallback(
         {"disc": _concept_images(0), "cross": DataLoader(_ImagesOnly(_concept_images(3)), batch_size=4, shuffle=True)},
         layers=["net.features.2", "net.features.5"],  # an in-place ReLU after BatchNorm, and the last conv block
-        num_samples=16,
+        num_samples=32,
         n_random=2,
         min_cav_accuracy=0.0,
     )
@@ -223,3 +230,32 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
         for field, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
     assert torch.equal(plain_rng, rng), "the global RNG advanced differently"
+
+
+class _AugmentedImages(Dataset):
+    """Items drawn with the global RNG, as random augmentations are."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(3, 16, 16)
+
+
+def test_reading_a_dataset_concept_leaves_the_global_rng_alone():
+    before = torch.get_rng_state()
+    callback = _callback(concepts={"augmented": _AugmentedImages()})
+    assert callback.concepts["augmented"].shape == (12, 3, 16, 16)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_layer_with_zero_gradient_is_warned_about(tmp_path):
+    """A head that ignores its input (weights 0): every class gradient at net.4 is zero."""
+    model = tiny_classifier()
+    with torch.no_grad():
+        model.net[-1].weight.zero_()
+    model.net[-1].weight.requires_grad_(False)
+    callback = _callback(layers=["net.4"])
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
+    with pytest.warns(UserWarning, match="is zero for every probe sample"):
+        trainer.fit(model, datamodule=tiny_datamodule())

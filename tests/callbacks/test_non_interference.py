@@ -53,7 +53,7 @@ def _all_callbacks():
             {"noise": torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))},
             layers=["net.features.2", "net.features.4"],
             n_random=2,
-            num_samples=16,
+            num_samples=32,
             min_cav_accuracy=0.0,
         ),
     ]

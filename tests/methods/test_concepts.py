@@ -11,8 +11,11 @@ from torch import nn
 from lightning_interp.methods.concepts import (
     CAV,
     compute_cav,
+    concept_activations,
     directional_derivatives,
+    disjoint_random_sets,
     layer_gradients,
+    tcav_from_activations,
     tcav_scores,
     ttest_pvalue,
 )
@@ -244,3 +247,27 @@ def test_tcav_sign_count_agrees_with_captum_given_our_cav(tmp_path):
         captum_score = tcav.interpret(inputs, [[concept, random]], target=target)["0-1"]["1"]["sign_count"][0]
         ours = (directional_derivatives(net, inputs, "1", cav, target=target) > 0).float().mean()
         assert float(ours) == float(captum_score)
+
+
+def test_random_concepts_are_flagged_at_about_the_nominal_rate_with_disjoint_sets_from_one_pool():
+    """The null hypothesis true: every concept is random inputs. At a ReLU layer with a non-linearity after it (so
+    the scores vary from sample to sample), the share of class tests with p < 0.05 must stay near 0.05 when the
+    2 x 10 random sets are disjoint pieces of one 256-sample pool (what ConceptCallback does at its defaults)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    g = _gen(1)
+    pool = torch.randn(256, 10, generator=g)
+    labels = torch.arange(256) % 3
+    (pool_acts,), (gradients,) = layer_gradients(net, pool, ["1"], labels)
+    n_random, size = 10, 256 // 20
+    sets = disjoint_random_sets(256, 2 * n_random, size, seed=0)
+    assert sets.unique().numel() == sets.numel()
+    random_acts = [pool_acts[index] for index in sets]
+    tests = flagged = 0
+    for trial in range(40):
+        concept = concept_activations(net, torch.randn(40, 10, generator=_gen(1000 + trial)), ["1"])[0]
+        result = tcav_from_activations({"c": concept}, random_acts, gradients, labels, [0, 1, 2], seed=trial)["c"]
+        assert not bool((result.scores == result.scores[:1]).all()), "scores must vary: a non-linear case"
+        tests += 3
+        flagged += int((result.p_values < 0.05).sum())
+    assert flagged / tests <= 0.10, flagged / tests  # measured 0.05; overlapping sets flag about half
