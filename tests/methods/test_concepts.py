@@ -271,3 +271,30 @@ def test_random_concepts_are_flagged_at_about_the_nominal_rate_with_disjoint_set
         tests += 3
         flagged += int((result.p_values < 0.05).sum())
     assert flagged / tests <= 0.10, flagged / tests  # measured 0.05; overlapping sets flag about half
+
+
+def test_cav_direction_equals_scikit_learn_logistic_regression_on_the_same_split():
+    """The CAV is the boundary normal of an L2 logistic regression on standardised activations, mapped back to the
+    raw space. scikit-learn's LogisticRegression with the equivalent penalty (ours: mean loss + l2/2 ||W||^2 over both
+    classes' weight columns = l2/4 ||normal||^2, so C = 2 / (l2 n)) must give the same direction."""
+    from sklearn.linear_model import LogisticRegression
+
+    from lightning_interp.methods.probes import stratified_split
+
+    g = _gen(4)
+    scales = torch.linspace(0.5, 3.0, 12)  # unequal feature scales: the mapping back through sigma matters
+    concept = (torch.randn(30, 12, generator=g) + 0.8) * scales
+    random = torch.randn(40, 12, generator=g) * scales
+    l2, seed = 1e-1, 3
+    ours = compute_cav(concept, random, l2=l2, seed=seed, max_iter=500, test_fraction=0.25)
+
+    x = torch.cat([concept, random]).double()
+    y = torch.cat([torch.ones(30), torch.zeros(40)]).long()
+    train, _ = stratified_split(y, 0.25, seed=seed)
+    mean, std = x[train].mean(0), x[train].std(0, unbiased=False)
+    fitted = LogisticRegression(C=2 / (l2 * len(train)), tol=1e-10, max_iter=10_000)
+    fitted.fit(((x[train] - mean) / std).numpy(), y[train].numpy())
+    reference = torch.from_numpy(fitted.coef_[0]) / std
+    reference = reference / reference.norm()
+    cosine = float(ours.vector.double() @ reference)
+    assert cosine > 0.9999, cosine
