@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
+from lightning_interp import (
+    ActivationMapsCallback,
+    FeatureVisualizationCallback,
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
 from lightning_interp.demo import ImageClassifier, shapes_cnn
 from lightning_interp.synthetic import SyntheticShapesDataModule
 
@@ -46,6 +53,18 @@ trainer:
       init_args:
         layers: auto
         num_samples: 16
+    - class_path: lightning_interp.ActivationMapsCallback
+      init_args:
+        layers: [net.1, net.4]
+        channels: {net.1: [0, 2], net.4: [1]}
+        num_samples: 4
+    - class_path: lightning_interp.FeatureVisualizationCallback
+      init_args:
+        targets: ["net.4:1", [class, 2]]
+        steps: 4
+        value_range: [0.0, [1.0, 1.0, 1.0]]
+        every_n_epochs: 1
+        class_names: [disc, square, triangle, cross]
 """
 
 
@@ -72,12 +91,16 @@ def test_a_yaml_config_builds_and_runs_every_callback(tmp_path):
         GradCAMCallback,
         LinearProbeCallback,
         RepresentationSimilarityCallback,
+        ActivationMapsCallback,
+        FeatureVisualizationCallback,
     ]
-    single, pair, gradcam, probe, similarity = callbacks
+    single, pair, gradcam, probe, similarity, activations, featvis = callbacks
     assert single.methods == ("gradient",) and single.num_samples == 4 and single.task == "multiclass"
     assert pair.methods == ("gradient", "smoothgrad") and pair.target == "label"
     assert pair.method_options == {"smoothgrad": {"n_samples": 2, "noise_level": 0.1}}
     assert gradcam.target == 1 and gradcam.num_samples == 4 and gradcam.layers == []
     assert probe.layers == ["net.1", "net.4"] and similarity.num_samples == 16
+    assert activations.layers == ["net.1", "net.4"] and dict(activations.channels) == {"net.1": [0, 2], "net.4": [1]}
+    assert [t.label for t in featvis.targets] == ["net.4:1", "class:2"] and featvis.class_names[2] == "triangle"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert all(callback._runs == 1 for callback in callbacks)
