@@ -378,6 +378,8 @@ class ConceptCallback(InterpCallback):
                     f"{probe.inputs.dtype}: give the examples as the model is fed (e.g. float images after the "
                     "validation transforms)."
                 )
+        if self._provisional and self.random_examples is None:
+            return  # the pool is the probe set, drawn later from more samples than the few seen so far
         source = "the probe set (num_samples)" if self.random_examples is None else "random_examples"
         count = 2 * self.n_random
         size = self.random_set_size or min(max(x.shape[0] for x in self.concepts.values()), pool // count)

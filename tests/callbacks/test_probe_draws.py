@@ -270,3 +270,16 @@ def test_resuming_with_a_new_validation_split_of_the_same_files_is_reported(tmp_
     with pytest.warns(UserWarning, match="no longer among those the trainer validates on"):
         trainer.fit(tiny_classifier(), train, validation(new_split), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert set(resumed.probe.indices.tolist()) <= set(new_split)
+
+
+def test_concept_callback_on_a_stream_waits_for_the_full_probe_before_sizing_its_random_sets(tmp_path):
+    """The sanity check sees 4 stream samples, too few for 2 x 2 disjoint random sets of 5; the probe drawn later
+    holds 32, which is enough: the fit must not stop at the sanity check."""
+    from lightning_interp import ConceptCallback
+
+    concept = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    callback = ConceptCallback({"noise": concept}, layers=["net.4"], n_random=2, num_samples=32, min_cav_accuracy=0)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
+    trainer.fit(tiny_classifier(), _train_loader(), DataLoader(LabelledStream(), batch_size=2))
+    assert callback._runs == 1 and len(callback.probe) == 32
+    assert callback._random_sets.shape == (4, 8) and callback._random_sets.unique().numel() == 32
