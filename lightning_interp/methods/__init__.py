@@ -120,6 +120,17 @@ from lightning_interp.methods.similarity import (
 )
 from lightning_interp.methods.tasks import TASKS, infer_task, label_kind, prediction_and_confidence, target_scores
 from lightning_interp.methods.trace import ModelTrace, trace_model
+from lightning_interp.methods.uncertainty import (
+    DROPOUT_TYPES,
+    dirichlet_uncertainty,
+    expected_calibration_error,
+    expected_entropy,
+    fit_temperature,
+    mc_dropout_predictions,
+    mutual_information,
+    predictive_entropy,
+    reliability_curve,
+)
 
 ATTRIBUTION_METHODS = {name: METHODS[name].function for name in available_methods() if not METHODS[name].needs_layer}
 """The input-attribution methods by name (from the registry); all share ``fn(model, inputs, target, **options)``."""
@@ -127,6 +138,7 @@ ATTRIBUTION_METHODS = {name: METHODS[name].function for name in available_method
 __all__ = [
     "ATTRIBUTION_METHODS",
     "CAV",
+    "DROPOUT_TYPES",
     "FAMILIES",
     "GRADIENT_CAMS",
     "LRP_COMPOSITES",
@@ -168,10 +180,14 @@ __all__ = [
     "deep_dream",
     "deeplift",
     "directional_derivatives",
+    "dirichlet_uncertainty",
     "disjoint_random_sets",
     "eigen_cam",
+    "expected_calibration_error",
+    "expected_entropy",
     "feature_visualization",
     "find_target_layer",
+    "fit_temperature",
     "forward_chunk_size",
     "fourier_image",
     "get_module",
@@ -199,11 +215,13 @@ __all__ = [
     "localization",
     "lrp",
     "lrp_rules",
+    "mc_dropout_predictions",
     "method_spec",
     "modes_preserved",
     "module_name",
     "most_active_channels",
     "multilabel_probe_accuracy",
+    "mutual_information",
     "normalized_grams",
     "occlusion",
     "parse_visualization_target",
@@ -212,10 +230,12 @@ __all__ = [
     "pointing_game",
     "pool_features",
     "prediction_and_confidence",
+    "predictive_entropy",
     "random_transforms",
     "rank_correlation",
     "rbf_cka",
     "rdm",
+    "reliability_curve",
     "relu_rule",
     "rsa",
     "rsa_matrix",
