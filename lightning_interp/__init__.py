@@ -14,6 +14,7 @@ from lightning_interp.callbacks import (
     LinearProbeCallback,
     RepresentationSimilarityCallback,
     SaliencyCallback,
+    UncertaintyCallback,
 )
 from lightning_interp.probe import ProbeSet
 
@@ -28,5 +29,6 @@ __all__ = [
     "ProbeSet",
     "RepresentationSimilarityCallback",
     "SaliencyCallback",
+    "UncertaintyCallback",
     "__version__",
 ]

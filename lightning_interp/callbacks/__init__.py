@@ -9,6 +9,7 @@ from lightning_interp.callbacks.gradcam import GradCAMCallback
 from lightning_interp.callbacks.linear_probe import LinearProbeCallback
 from lightning_interp.callbacks.saliency import SALIENCY_METHODS, SaliencyCallback
 from lightning_interp.callbacks.similarity import RepresentationSimilarityCallback
+from lightning_interp.callbacks.uncertainty import UncertaintyCallback
 
 __all__ = [
     "SALIENCY_METHODS",
@@ -21,4 +22,5 @@ __all__ = [
     "MapCallback",
     "RepresentationSimilarityCallback",
     "SaliencyCallback",
+    "UncertaintyCallback",
 ]

@@ -14,6 +14,7 @@ from lightning_interp import (
     LinearProbeCallback,
     RepresentationSimilarityCallback,
     SaliencyCallback,
+    UncertaintyCallback,
 )
 from lightning_interp.demo import ImageClassifier
 from lightning_interp.methods import METHODS
@@ -56,6 +57,7 @@ def _all_callbacks():
             num_samples=32,
             min_cav_accuracy=0.0,
         ),
+        UncertaintyCallback(n_samples=4, num_samples=16),  # MC dropout: the Dropout layer of the head in train mode
     ]
 
 

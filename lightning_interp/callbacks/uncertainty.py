@@ -1,0 +1,211 @@
+"""UncertaintyCallback: Monte Carlo dropout uncertainty of a fixed probe set, every validation epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_interp._logging import log_image
+from lightning_interp.callbacks._base import InterpCallback, unwrapped
+from lightning_interp.methods._core import OutputTransform
+from lightning_interp.methods.uncertainty import (
+    DROPOUT_TYPES,
+    expected_entropy,
+    mc_dropout_predictions,
+    mutual_information,
+    predictive_entropy,
+)
+from lightning_interp.probe import ProbeSet
+from lightning_interp.visualize import input_to_rgb, render_grid
+
+__all__ = ["UncertaintyCallback"]
+
+SHOWN = 8  # probe samples in the figure: the most uncertain ones
+
+
+class UncertaintyCallback(InterpCallback):
+    """Log how uncertain the model is on a fixed probe set, by Monte Carlo dropout (Gal & Ghahramani 2016).
+
+    At each due validation epoch the probe set goes through ``n_samples``
+    stochastic forward passes with only the model's dropout layers active (every
+    other module in eval mode, every flag restored; see
+    :func:`~lightning_interp.methods.uncertainty.mc_dropout_predictions`). The
+    dropout masks come from the callback's own generator, seeded with ``seed``
+    afresh at every run, so epochs are compared on the same masks and the
+    global CPU and CUDA random state is untouched (training stays
+    bit-identical). From the samples' softmax outputs ``p_s`` and their mean
+    ``p̄``, per probe sample:
+
+    - predictive entropy ``H(p̄)``: the total uncertainty;
+    - expected entropy ``mean_s H(p_s)``: the aleatoric part (what every dropout
+      sub-network finds ambiguous);
+    - mutual information ``H(p̄) - mean_s H(p_s)`` >= 0: the epistemic part
+      (how much the sub-networks disagree), which shrinks as the model learns
+      what its data can teach.
+
+    Logged under ``interp/<name>/`` (default ``uncertainty``):
+
+    - ``predictive_entropy``, ``expected_entropy``, ``mutual_information``: means
+      over the probe set (nats; the most a K-class prediction can have is log K);
+    - with class labels, ``<class>/predictive_entropy`` and
+      ``<class>/mutual_information`` per label class, and
+      ``predictive_entropy_wrong`` / ``predictive_entropy_right``: the mean over
+      the samples the MC-averaged prediction gets wrong and right (an
+      over-confident model has the two close together);
+    - ``most_uncertain`` (image inputs): the ``8`` probe samples of highest
+      predictive entropy, each titled with its label, the MC-averaged prediction
+      and the two uncertainties.
+
+    A model without a dropout module is refused before training (MC dropout
+    needs one). A warning says when every stochastic pass gave the same output
+    (the dropout layers have ``p=0``, or forward() does not call them): the
+    epistemic part is then 0 by construction, not because the model is certain.
+
+    Cost per run: ``n_samples`` no-grad forward passes of the probe set.
+
+    Args:
+        n_samples: stochastic forward passes per run (>= 2).
+        num_samples: probe samples drawn from the validation data.
+        seed: seed of the callback's generator, used afresh at every run.
+        output_transform: picks the (B, K) logits out of the model's output.
+        class_names: names shown in the figure and the per-class tags instead of class indices.
+        name: tag prefix; distinct names let two instances coexist.
+        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``, ``background_drawing``,
+            ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
+
+    Example:
+        >>> callback = UncertaintyCallback(n_samples=16, num_samples=128)
+        >>> callback.n_samples, callback.name
+        (16, 'uncertainty')
+    """
+
+    def __init__(
+        self,
+        n_samples: int = 16,
+        *,
+        num_samples: int = 256,
+        seed: int = 0,
+        output_transform: OutputTransform | None = None,
+        class_names: Sequence[str] | None = None,
+        name: str = "uncertainty",
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 2:
+            raise ValueError(
+                f"n_samples must be an int >= 2 (the epistemic part compares stochastic passes), got {n_samples!r}."
+            )
+        if output_transform is not None and not callable(output_transform):
+            raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
+        if class_names is not None and (
+            isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names)
+        ):
+            raise ValueError(f"class_names must be a list of strings (one per class), got {class_names!r}.")
+        super().__init__(name=name, num_samples=num_samples, **kwargs)
+        self.n_samples = n_samples
+        self.seed = seed
+        self.output_transform = output_transform
+        self.class_names = list(class_names) if class_names is not None else None
+
+    # ------------------------------------------------------------------ checks, before training
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        model = unwrapped(pl_module)
+        if not any(isinstance(module, DROPOUT_TYPES) for module in model.modules()):
+            raise ValueError(
+                f"UncertaintyCallback estimates uncertainty by Monte Carlo dropout, but {type(model).__name__} has no "
+                f"dropout module ({', '.join(t.__name__ for t in DROPOUT_TYPES)}). Add one (e.g. nn.Dropout(0.1) "
+                "before the classifier) or leave this callback out."
+            )
+
+    def _predictions(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed)  # afresh each run: the same masks every epoch
+        with self._model_context(trainer):
+            return mc_dropout_predictions(
+                self._explained(pl_module),
+                inputs,
+                self.n_samples,
+                generator=generator,
+                output_transform=self.output_transform,
+            )
+
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        inputs = self._probe_inputs(trainer, pl_module, probe.subset(min(2, len(probe))))
+        generator = torch.Generator().manual_seed(self.seed)
+        with self._model_context(trainer):
+            mc_dropout_predictions(
+                self._explained(pl_module), inputs, 2, generator=generator, output_transform=self.output_transform
+            )
+
+    # ------------------------------------------------------------------ the run
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        probe = self.probe
+        assert probe is not None
+        inputs = self._probe_inputs(trainer, pl_module)
+        probs = self._predictions(trainer, pl_module, inputs)  # (S, N, K)
+        total = predictive_entropy(probs)
+        aleatoric = expected_entropy(probs)
+        epistemic = mutual_information(probs)
+        predicted = probs.mean(dim=0).argmax(dim=1)
+        labels = _class_labels(probe.labels)
+        rows = torch.stack([total, aleatoric, epistemic]).double().cpu()
+        predicted_cpu = predicted.cpu()
+        scalars = {
+            f"interp/{self.name}/predictive_entropy": float(rows[0].mean()),
+            f"interp/{self.name}/expected_entropy": float(rows[1].mean()),
+            f"interp/{self.name}/mutual_information": float(rows[2].mean()),
+        }
+        if not bool(torch.isfinite(rows).all()):
+            rank_zero_warn(
+                f"UncertaintyCallback: the model's outputs on the probe set are not finite at epoch "
+                f"{trainer.current_epoch}, so the uncertainties are NaN."
+            )
+        if labels is not None:
+            right = predicted_cpu == labels
+            for k in sorted(set(labels.tolist())):
+                members = labels == k
+                tag = f"interp/{self.name}/{self._class_name(k)}"
+                scalars[f"{tag}/predictive_entropy"] = float(rows[0][members].mean())
+                scalars[f"{tag}/mutual_information"] = float(rows[2][members].mean())
+            if bool(right.any()):
+                scalars[f"interp/{self.name}/predictive_entropy_right"] = float(rows[0][right].mean())
+            if bool((~right).any()):
+                scalars[f"interp/{self.name}/predictive_entropy_wrong"] = float(rows[0][~right].mean())
+        if probe.inputs.ndim == 4:
+            order = torch.argsort(rows[0], descending=True, stable=True)[: min(SHOWN, len(probe))]
+            shown = probe.inputs[order]
+            titles = [self._title(int(i), labels, predicted_cpu, float(rows[0][i]), float(rows[2][i])) for i in order]
+            step, epoch = trainer.global_step, trainer.current_epoch
+
+            def draw() -> None:
+                tiles = [list(input_to_rgb(shown))]
+                grid = render_grid(
+                    tiles, column_titles=titles, title=f"most uncertain probe samples (epoch {epoch}; H, MI in nats)"
+                )
+                log_image(trainer, f"interp/{self.name}/most_uncertain", grid, step)
+
+            self._submit(trainer, draw)
+        return scalars
+
+    def _class_name(self, k: int) -> str:
+        names = self.class_names
+        return names[k] if names and 0 <= k < len(names) and "/" not in names[k] else str(k)
+
+    def _title(self, index: int, labels: Tensor | None, predicted: Tensor, entropy: float, information: float) -> str:
+        guess = self._class_name(int(predicted[index]))
+        head = f"{self._class_name(int(labels[index]))}->{guess}" if labels is not None else f"pred {guess}"
+        return f"{head}\nH {entropy:.2f}\nMI {information:.3f}"
+
+
+def _class_labels(labels: Tensor | None) -> Tensor | None:
+    """(N,) class indices from class-index or one-hot labels; None for other labels (regression, multi-label)."""
+    if labels is None:
+        return None
+    if labels.ndim == 1 and not labels.is_floating_point() and labels.dtype != torch.bool:
+        return labels.long().cpu()
+    if labels.ndim == 2 and bool(((labels == 0) | (labels == 1)).all()) and bool((labels.sum(dim=1) == 1).all()):
+        return labels.argmax(dim=1).long().cpu()
+    return None

@@ -1,0 +1,116 @@
+"""UncertaintyCallback in a real Trainer: MC-dropout scalars and figure read back from TensorBoard, analytic cases,
+errors before training, non-interference."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+from lightning_interp import UncertaintyCallback
+from lightning_interp.demo import ImageClassifier
+from lightning_interp.probe import ProbeSet
+from tests.conftest import BatchNormDropoutNet, quiet_trainer, read_events, tiny_classifier, tiny_datamodule
+
+
+class WideDropoutNet(nn.Module):
+    """A conv net whose head has strong dropout (p=0.5) on many features: the MC passes clearly disagree."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(p), nn.Linear(64, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(20 * self.features(x))  # logits large enough for dropped features to matter
+
+
+def test_scalars_per_class_and_the_figure_are_logged_at_each_validation(tmp_path):
+    callback = UncertaintyCallback(num_samples=32, class_names=["disc", "square", "triangle", "cross"])
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger)
+    pl.seed_everything(0, verbose=False)
+    trainer.fit(ImageClassifier(WideDropoutNet(), lr=1e-2), datamodule=tiny_datamodule())
+    events = read_events(logger.log_dir)
+    steps = [4, 8]  # 64 training samples in batches of 16
+    for what in ("predictive_entropy", "expected_entropy", "mutual_information"):
+        assert events.scalar_steps(f"interp/uncertainty/{what}") == steps
+    for name in ("disc", "square", "triangle", "cross"):
+        assert events.scalar_steps(f"interp/uncertainty/{name}/mutual_information") == steps
+    assert events.image_steps("interp/uncertainty/most_uncertain") == steps
+    total = [v for _, v in events.scalars["interp/uncertainty/predictive_entropy"]]
+    aleatoric = [v for _, v in events.scalars["interp/uncertainty/expected_entropy"]]
+    epistemic = [v for _, v in events.scalars["interp/uncertainty/mutual_information"]]
+    for t, a, e in zip(total, aleatoric, epistemic, strict=True):
+        assert 0 < t <= math.log(4) + 1e-6  # at most log K nats for four classes
+        assert e > 1e-4, "dropout p=0.5 over 64 features: the passes must disagree"
+        assert abs(t - (a + e)) < 1e-5  # the decomposition, on the means as on every sample
+
+
+def test_the_numbers_equal_a_hand_computation_from_the_same_dropout_masks(tmp_path):
+    """Two validate() calls on an unchanged model agree (the callback's generator is seeded afresh each run) and the
+    logged mean MI equals the one computed by hand from passes with the same seed."""
+    from lightning_interp.methods.uncertainty import mc_dropout_predictions
+
+    model = ImageClassifier(WideDropoutNet(), lr=1e-2)
+    inputs = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    probe = ProbeSet(inputs, torch.arange(12) % 4)
+    callback = UncertaintyCallback(n_samples=8, probe=probe, seed=5, background_drawing=False)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
+    datamodule = tiny_datamodule()
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    first = float(trainer.callback_metrics["interp/uncertainty/mutual_information"])
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    assert float(trainer.callback_metrics["interp/uncertainty/mutual_information"]) == pytest.approx(first, abs=0)
+
+    probs = mc_dropout_predictions(model, inputs, 8, generator=torch.Generator().manual_seed(5))
+    mean = probs.mean(dim=0)
+    by_hand = (-(mean * mean.log()).sum(-1) + (probs * probs.log()).sum(-1).mean(0)).clamp_min(0).mean()
+    assert first == pytest.approx(float(by_hand), rel=1e-4)
+
+
+def test_dropout_with_p_zero_gives_zero_epistemic_uncertainty_and_says_why(tmp_path):
+    callback = UncertaintyCallback(num_samples=16, background_drawing=False)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
+    with pytest.warns(UserWarning, match="every dropout layer has p=0"):
+        trainer.fit(ImageClassifier(WideDropoutNet(p=0.0)), datamodule=tiny_datamodule())
+    assert abs(float(trainer.callback_metrics["interp/uncertainty/mutual_information"])) < 1e-6  # float rounding
+
+
+def test_a_model_without_dropout_is_refused_before_training(tmp_path):
+    model = tiny_classifier()
+    steps = []
+    model.on_train_batch_start = lambda *args: steps.append(1)
+    trainer = quiet_trainer(tmp_path, callbacks=[UncertaintyCallback(num_samples=8)], logger=False)
+    with pytest.raises(ValueError, match="has no dropout module"):
+        trainer.fit(model, datamodule=tiny_datamodule())
+    assert not steps
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"n_samples": 1}, "n_samples must be an int >= 2"), ({"class_names": "abcd"}, "list of strings")],
+)
+def test_bad_arguments_are_refused_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        UncertaintyCallback(**options)
+
+
+def test_training_is_bit_identical_with_the_callback(tmp_path):
+    def train(callbacks):
+        pl.seed_everything(123, verbose=False)
+        model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
+        trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=False, deterministic=True, max_epochs=2)
+        trainer.fit(model, datamodule=tiny_datamodule())
+        return model.state_dict(), torch.get_rng_state()
+
+    plain, plain_rng = train([])
+    callback = UncertaintyCallback(num_samples=16)
+    weights, rng = train([callback])
+    assert callback._runs == 2
+    assert all(torch.equal(value, weights[name]) for name, value in plain.items())  # BatchNorm statistics too
+    assert torch.equal(plain_rng, rng)
