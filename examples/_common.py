@@ -206,6 +206,7 @@ def fit_and_report(
     *,
     class_names: Sequence[str],
     name: str,
+    extra_callbacks: Sequence[pl.Callback] = (),
 ) -> dict[str, float]:
     """Train with the interpretability callbacks, validating on ``test_set``; print a summary, return the metrics."""
     loader_options: dict[str, Any] = {
@@ -227,7 +228,7 @@ def fit_and_report(
         max_epochs=args.epochs,
         accelerator=args.accelerator,
         devices=1,
-        callbacks=[saliency, gradcam, probes, similarity],
+        callbacks=[saliency, gradcam, probes, similarity, *extra_callbacks],
         logger=logger,
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,
@@ -242,6 +243,11 @@ def fit_and_report(
         key = f"interp/gradcam/{layer}/concentration"
         if key in metrics:
             print(f"Grad-CAM layer {layer}: {metrics[key]:.3f} of the map's mass in its top 10% of pixels")
+    if "interp/uncertainty/mutual_information" in metrics:
+        print(
+            f"MC-dropout uncertainty of the probe set: {metrics['interp/uncertainty/predictive_entropy']:.3f} nats "
+            f"in all, {metrics['interp/uncertainty/mutual_information']:.3f} of it epistemic"
+        )
     print(f"logs written to {os.path.abspath(logger.log_dir)}")
     print(f"view them with:  tensorboard --logdir {args.log_dir}")
     return metrics

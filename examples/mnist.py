@@ -8,6 +8,7 @@ the layers on 1024 test images. The network usually reaches about 99% test accur
 
     python examples/mnist.py                     # downloads MNIST into ./data on the first run
     python examples/mnist.py --data-dir /datasets --no-download
+    python examples/mnist.py --uncertainty       # adds MC-dropout uncertainty (UncertaintyCallback)
     tensorboard --logdir lightning_logs
 
 Offline, the script reads torchvision's layout: <data-dir>/MNIST/raw/ holding
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from lightning_interp import UncertaintyCallback
 from lightning_interp.demo import ImageClassifier, mnist_cnn
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +40,13 @@ CLASS_NAMES = [str(digit) for digit in range(10)]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return example_parser(__doc__, dataset="MNIST", layout="MNIST/raw/...", epochs=3).parse_args(argv)
+    parser = example_parser(__doc__, dataset="MNIST", layout="MNIST/raw/...", epochs=3)
+    parser.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also log MC-dropout uncertainty of the probe set (the network's two dropout layers)",
+    )
+    return parser.parse_args(argv)
 
 
 def missing_data_message(data_dir: str, download_error: BaseException | None) -> str:
@@ -67,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     set_up(args)
     train_set, test_set = load_mnist(args.data_dir, args.download)
     model = ImageClassifier(mnist_cnn(num_classes=len(CLASS_NAMES)), lr=args.lr)
-    return fit_and_report(args, model, train_set, test_set, class_names=CLASS_NAMES, name="mnist")
+    extra = [UncertaintyCallback(num_samples=256, class_names=CLASS_NAMES)] if args.uncertainty else []
+    return fit_and_report(
+        args, model, train_set, test_set, class_names=CLASS_NAMES, name="mnist", extra_callbacks=extra
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import pickle
 import struct
 from pathlib import Path
@@ -146,6 +147,17 @@ def test_mnist_example_logs_maps_and_scores(tmp_path, capsys):
     assert any(tag.startswith("interp/gradcam/") and tag.endswith("/concentration") for tag in events.scalars)
     assert 0.0 <= metrics["val_acc"] <= 1.0
     assert "logs written to" in capsys.readouterr().out
+
+
+def test_mnist_example_with_uncertainty_logs_mc_dropout_numbers(tmp_path, capsys):
+    write_fake_mnist(tmp_path / "data")
+    metrics = load_example("mnist").main([*tiny_run_args(tmp_path / "data", tmp_path / "logs"), "--uncertainty"])
+    events = read_events(str(tmp_path / "logs"))
+    assert events.image_steps("interp/uncertainty/most_uncertain") == [2]
+    total = metrics["interp/uncertainty/predictive_entropy"]
+    epistemic = metrics["interp/uncertainty/mutual_information"]
+    assert 0.0 < total <= math.log(10) + 1e-6 and 0.0 < epistemic < total  # two dropout layers: the passes disagree
+    assert "MC-dropout uncertainty of the probe set" in capsys.readouterr().out
 
 
 def test_cifar10_example_logs_maps_and_scores(tmp_path, fake_cifar10):
