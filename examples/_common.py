@@ -248,6 +248,12 @@ def fit_and_report(
             f"MC-dropout uncertainty of the probe set: {metrics['interp/uncertainty/predictive_entropy']:.3f} nats "
             f"in all, {metrics['interp/uncertainty/mutual_information']:.3f} of it epistemic"
         )
+    if "interp/calibration/ece" in metrics:
+        print(
+            f"calibration: ECE {metrics['interp/calibration/ece']:.3f}, "
+            f"{metrics['interp/calibration/ece_after_temperature']:.3f} after temperature scaling "
+            f"(T = {metrics['interp/calibration/temperature']:.2f})"
+        )
     print(f"logs written to {os.path.abspath(logger.log_dir)}")
     print(f"view them with:  tensorboard --logdir {args.log_dir}")
     return metrics

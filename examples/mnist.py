@@ -8,7 +8,7 @@ the layers on 1024 test images. The network usually reaches about 99% test accur
 
     python examples/mnist.py                     # downloads MNIST into ./data on the first run
     python examples/mnist.py --data-dir /datasets --no-download
-    python examples/mnist.py --uncertainty       # adds MC-dropout uncertainty (UncertaintyCallback)
+    python examples/mnist.py --uncertainty       # adds MC-dropout uncertainty and calibration
     tensorboard --logdir lightning_logs
 
 Offline, the script reads torchvision's layout: <data-dir>/MNIST/raw/ holding
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from lightning_interp import UncertaintyCallback
+from lightning_interp import CalibrationCallback, UncertaintyCallback
 from lightning_interp.demo import ImageClassifier, mnist_cnn
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--uncertainty",
         action="store_true",
-        help="also log MC-dropout uncertainty of the probe set (the network's two dropout layers)",
+        help="also log MC-dropout uncertainty of the probe set (the network's two dropout layers) and the "
+        "calibration of the test set (ECE, reliability diagram, temperature)",
     )
     return parser.parse_args(argv)
 
@@ -75,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     set_up(args)
     train_set, test_set = load_mnist(args.data_dir, args.download)
     model = ImageClassifier(mnist_cnn(num_classes=len(CLASS_NAMES)), lr=args.lr)
-    extra = [UncertaintyCallback(num_samples=256, class_names=CLASS_NAMES)] if args.uncertainty else []
+    extra = (
+        [UncertaintyCallback(num_samples=256, class_names=CLASS_NAMES), CalibrationCallback()]
+        if args.uncertainty
+        else []
+    )
     return fit_and_report(
         args, model, train_set, test_set, class_names=CLASS_NAMES, name="mnist", extra_callbacks=extra
     )

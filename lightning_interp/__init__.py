@@ -8,6 +8,7 @@ explanations evolve while the model trains. The maths lives in
 
 from lightning_interp.callbacks import (
     ActivationMapsCallback,
+    CalibrationCallback,
     ConceptCallback,
     FeatureVisualizationCallback,
     GradCAMCallback,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationMapsCallback",
+    "CalibrationCallback",
     "ConceptCallback",
     "FeatureVisualizationCallback",
     "GradCAMCallback",

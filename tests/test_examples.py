@@ -157,7 +157,10 @@ def test_mnist_example_with_uncertainty_logs_mc_dropout_numbers(tmp_path, capsys
     total = metrics["interp/uncertainty/predictive_entropy"]
     epistemic = metrics["interp/uncertainty/mutual_information"]
     assert 0.0 < total <= math.log(10) + 1e-6 and 0.0 < epistemic < total  # two dropout layers: the passes disagree
-    assert "MC-dropout uncertainty of the probe set" in capsys.readouterr().out
+    assert events.image_steps("interp/calibration/reliability") == [2]
+    assert 0.0 <= metrics["interp/calibration/ece"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "MC-dropout uncertainty of the probe set" in printed and "calibration: ECE" in printed
 
 
 def test_cifar10_example_logs_maps_and_scores(tmp_path, fake_cifar10):

@@ -3,6 +3,7 @@
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks._maps import MapCallback
 from lightning_interp.callbacks.activation_maps import ActivationMapsCallback
+from lightning_interp.callbacks.calibration import CalibrationCallback
 from lightning_interp.callbacks.concept import ConceptCallback
 from lightning_interp.callbacks.feature_visualization import FeatureVisualizationCallback
 from lightning_interp.callbacks.gradcam import GradCAMCallback
@@ -14,6 +15,7 @@ from lightning_interp.callbacks.uncertainty import UncertaintyCallback
 __all__ = [
     "SALIENCY_METHODS",
     "ActivationMapsCallback",
+    "CalibrationCallback",
     "ConceptCallback",
     "FeatureVisualizationCallback",
     "GradCAMCallback",

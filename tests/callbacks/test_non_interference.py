@@ -8,6 +8,7 @@ import torch
 
 from lightning_interp import (
     ActivationMapsCallback,
+    CalibrationCallback,
     ConceptCallback,
     FeatureVisualizationCallback,
     GradCAMCallback,
@@ -58,6 +59,7 @@ def _all_callbacks():
             min_cav_accuracy=0.0,
         ),
         UncertaintyCallback(n_samples=4, num_samples=16),  # MC dropout: the Dropout layer of the head in train mode
+        CalibrationCallback(),  # a forward hook during validation, a temperature fit at its end
     ]
 
 
