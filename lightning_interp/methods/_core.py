@@ -8,6 +8,7 @@ backward and returns every quantity the methods need.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,37 @@ for the predicted class."""
 
 OutputTransform = Callable[[object], Tensor]
 """Turns whatever the model returns into a (B, num_classes) score tensor."""
+
+DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+"""Dropout module types (subclasses included): what MC dropout and :func:`dropout_active` switch to train mode."""
+
+_DROPOUT_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("dropout_active", default=False)
+
+
+@contextlib.contextmanager
+def dropout_active() -> Iterator[None]:
+    """Inside the block, :func:`modes_preserved` leaves the dropout modules in train mode (every other module in
+    eval mode): any method then explains one stochastic sub-network, as MC dropout samples them. Use it inside a
+    private RNG fork, or the dropout masks consume the global RNG.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> with dropout_active(), modes_preserved(net):
+        ...     net[0].training, net[1].training
+        (False, True)
+    """
+    token = _DROPOUT_ACTIVE.set(True)
+    try:
+        yield
+    finally:
+        _DROPOUT_ACTIVE.reset(token)
 
 
 @contextlib.contextmanager
@@ -53,6 +85,10 @@ def modes_preserved(model: nn.Module, *, eval_mode: bool = True) -> Iterator[Non
             for module, flag in saved:
                 if flag:  # touch only what changes: nn.Module.__setattr__ is slow, and validation is already in eval
                     module.training = False
+            if _DROPOUT_ACTIVE.get():  # MC dropout of an explanation (see dropout_active)
+                for module, _ in saved:
+                    if isinstance(module, DROPOUT_TYPES):
+                        module.training = True
         yield
     finally:
         for module, flag in saved:

@@ -28,7 +28,16 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
-from lightning_interp.methods._core import OutputTransform, eager_forward, modes_preserved, scores_from_output
+from lightning_interp.methods._core import (
+    DROPOUT_TYPES,
+    OutputTransform,
+    Target,
+    dropout_active,
+    eager_forward,
+    modes_preserved,
+    scores_from_output,
+)
+from lightning_interp.methods.map_metrics import attribution_to_map, rank_correlation
 
 __all__ = [
     "DROPOUT_TYPES",
@@ -36,21 +45,13 @@ __all__ = [
     "expected_calibration_error",
     "expected_entropy",
     "fit_temperature",
+    "map_agreement",
+    "mc_dropout_maps",
     "mc_dropout_predictions",
     "mutual_information",
     "predictive_entropy",
     "reliability_curve",
 ]
-
-DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-"""The module types :func:`mc_dropout_predictions` switches to train mode (subclasses included)."""
 
 _PROB_ATOL = 1e-3  # how far a row of probabilities may be from summing to 1 (float16 / bfloat16 softmax included)
 
@@ -567,3 +568,101 @@ def dirichlet_uncertainty(evidence: Tensor) -> tuple[Tensor, Tensor]:
     alpha = evidence + 1
     strength = alpha.sum(dim=1)
     return alpha / strength.unsqueeze(1), evidence.shape[1] / strength
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Explanations under MC dropout
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def mc_dropout_maps(
+    model: nn.Module,
+    inputs: Tensor,
+    method: str = "gradient",
+    n_samples: int = 8,
+    *,
+    target: Target = None,
+    generator: torch.Generator | None = None,
+    reduction: str = "abs_sum",
+    output_transform: OutputTransform | None = None,
+    **options: object,
+) -> Tensor:
+    """A registered method's maps under MC dropout: one map per stochastic sub-network, (n_samples, N, H, W).
+
+    Each pass runs :func:`~lightning_interp.methods.registry.attribute` with the
+    dropout modules in train mode (every other module in eval mode, see
+    :func:`~lightning_interp.methods._core.dropout_active`) inside a fork of the
+    CPU and model-CUDA RNG seeded from ``generator``, so the global random state
+    is untouched and the same generator state gives the same maps. A method
+    with several forward passes (integrated gradients, SmoothGrad) draws new
+    masks in each of them. The explained class is fixed for all passes:
+    ``target``, or the deterministic (eval-mode) prediction when None, so the
+    maps differ only by the dropped units. Input attributions are reduced over
+    channels with ``reduction`` (see
+    :func:`~lightning_interp.methods.map_metrics.attribution_to_map`); CAM
+    methods (``layer=`` in ``options``) give their maps as they are.
+
+    Args:
+        model: the network, with at least one dropout module.
+        inputs: (N, ...) samples on the model's device.
+        method: a name from :func:`~lightning_interp.methods.registry.available_methods`.
+        n_samples: stochastic passes, >= 2.
+        target: class index, (N,) LongTensor, or None for the eval-mode prediction.
+        generator: source of the passes' seeds (a fixed-seed private one if None).
+        reduction: channel reduction of input attributions.
+        output_transform: maps the model output to (N, K) logits.
+        **options: the method's own options (e.g. ``n_steps=16``; ``layer=`` for CAM methods).
+
+    Returns:
+        (n_samples, N, H, W) float32 maps on the model's device.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.5),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+        >>> maps = mc_dropout_maps(net, torch.rand(2, 3, 8, 8), "gradient", 4)
+        >>> maps.shape, bool(map_agreement(maps).lt(1).all())  # sub-networks disagree
+        (torch.Size([4, 2, 8, 8]), True)
+    """
+    from lightning_interp.methods.registry import attribute  # the registry imports this package's methods
+
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 2:
+        raise ValueError(f"n_samples must be an int >= 2 (the maps are compared), got {n_samples!r}.")
+    if not any(isinstance(m, DROPOUT_TYPES) for m in model.modules()):
+        raise ValueError(
+            f"MC dropout needs dropout layers, but {type(model).__name__} has none: its maps would all be the same."
+        )
+    if output_transform is not None:
+        options["output_transform"] = output_transform
+    if target is None:
+        with torch.no_grad(), modes_preserved(model), eager_forward():
+            target = scores_from_output(model(inputs), output_transform).argmax(dim=1)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    seeds = torch.randint(0, 2**62, (n_samples,), generator=generator).tolist()
+    device = _model_device(model, inputs)
+    maps = []
+    for seed in seeds:
+        with _private_rng(model, device, int(seed)), dropout_active():
+            maps.append(attribution_to_map(attribute(method, model, inputs, target, **options), reduction))
+    return torch.stack(maps)
+
+
+def map_agreement(maps: Tensor) -> Tensor:
+    """Mean Spearman rank correlation between the maps of every pair of passes, per sample: (S, N, ...) -> (N,).
+
+    1 when every stochastic sub-network ranks the pixels alike; near 0 when the
+    explanation depends on which units dropped out. Constant maps give NaN.
+
+    Example:
+        >>> base = torch.rand(1, 3, 5, 5)
+        >>> map_agreement(torch.cat([base, base ** 2])).tolist()  # monotone transforms rank alike
+        [1.0, 1.0, 1.0]
+    """
+    if maps.ndim < 3 or maps.shape[0] < 2:
+        raise ValueError(f"map_agreement needs (S, N, ...) maps with S >= 2 passes, got {tuple(maps.shape)}.")
+    total = torch.zeros(maps.shape[1], dtype=torch.float64, device=maps.device)
+    pairs = 0
+    for i in range(maps.shape[0]):
+        for j in range(i + 1, maps.shape[0]):
+            total += rank_correlation(maps[i], maps[j])
+            pairs += 1
+    return total / pairs

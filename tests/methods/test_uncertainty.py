@@ -288,3 +288,42 @@ def test_dirichlet_uncertainty_limits_and_a_hand_case():
 def test_dirichlet_uncertainty_rejects_negative_evidence():
     with pytest.raises(ValueError, match=">= 0"):
         dirichlet_uncertainty(torch.tensor([[1.0, -0.5]]))
+
+
+# ---------------------------------------------------------------------------------- explanations under MC dropout
+def test_mc_dropout_gradient_maps_are_the_masked_weights_of_a_linear_model():
+    """y = W dropout(x): the input gradient of class k is mask * W_k / (1 - p), so each map is 2 |W_k| where the
+    mask kept the pixel and 0 where it dropped it; the passes draw different masks; the global RNG is untouched."""
+    from lightning_interp.methods.uncertainty import map_agreement, mc_dropout_maps
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Dropout(0.5), nn.Flatten(), nn.Linear(16, 2)).train()
+    inputs = torch.rand(3, 1, 4, 4)
+    weights = net[2].weight.detach().abs().reshape(2, 4, 4)
+    before = torch.get_rng_state()
+    maps = mc_dropout_maps(net, inputs, "gradient", 6, target=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(module.training for module in net.modules()), "modes restored"
+    assert maps.shape == (6, 3, 4, 4)
+    ratio = maps / (2 * weights[1])
+    kept = ratio > 0.5
+    assert torch.allclose(ratio, kept.float(), atol=1e-5), "each pixel: kept (2|W|) or dropped (0)"
+    assert 0.2 < kept.float().mean() < 0.8
+    assert not torch.equal(kept[0], kept[1]), "new masks in every pass"
+    again = mc_dropout_maps(net, inputs, "gradient", 6, target=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(maps, again)
+    assert bool((map_agreement(maps) < 0.99).all())
+
+
+def test_map_agreement_is_one_without_dropout_randomness_and_the_mean_of_pairwise_correlations():
+    from lightning_interp.methods.map_metrics import rank_correlation
+    from lightning_interp.methods.uncertainty import map_agreement, mc_dropout_maps
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.0), nn.Flatten(), nn.Linear(64, 3))
+    maps = mc_dropout_maps(net, torch.rand(2, 3, 4, 4), "input_x_gradient", 3)
+    assert torch.allclose(map_agreement(maps), torch.ones(2, dtype=torch.float64))
+    random_maps = torch.rand(3, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    pairs = [rank_correlation(random_maps[i], random_maps[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert torch.allclose(map_agreement(random_maps), torch.stack(pairs).mean(dim=0))
+    with pytest.raises(ValueError, match="S >= 2"):
+        map_agreement(random_maps[:1])
