@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     train_set, test_set = load_mnist(args.data_dir, args.download)
     model = ImageClassifier(mnist_cnn(num_classes=len(CLASS_NAMES)), lr=args.lr)
     extra = (
-        [UncertaintyCallback(num_samples=256, class_names=CLASS_NAMES), CalibrationCallback()]
+        [UncertaintyCallback(num_samples=256, class_names=CLASS_NAMES, explain="gradient"), CalibrationCallback()]
         if args.uncertainty
         else []
     )

@@ -158,6 +158,8 @@ def test_mnist_example_with_uncertainty_logs_mc_dropout_numbers(tmp_path, capsys
     epistemic = metrics["interp/uncertainty/mutual_information"]
     assert 0.0 < total <= math.log(10) + 1e-6 and 0.0 < epistemic < total  # two dropout layers: the passes disagree
     assert events.image_steps("interp/calibration/reliability") == [2]
+    assert events.image_steps("interp/uncertainty/gradient/maps") == [2]
+    assert metrics["interp/uncertainty/gradient/map_agreement"] < 1.0  # the two dropout layers change the maps
     assert 0.0 <= metrics["interp/calibration/ece"] <= 1.0
     printed = capsys.readouterr().out
     assert "MC-dropout uncertainty of the probe set" in printed and "calibration: ECE" in printed

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -13,15 +14,18 @@ from torch import Tensor
 from lightning_interp._logging import log_image
 from lightning_interp.callbacks._base import InterpCallback, unwrapped
 from lightning_interp.methods._core import OutputTransform
+from lightning_interp.methods.registry import method_spec
 from lightning_interp.methods.uncertainty import (
     DROPOUT_TYPES,
     expected_entropy,
+    map_agreement,
+    mc_dropout_maps,
     mc_dropout_predictions,
     mutual_information,
     predictive_entropy,
 )
 from lightning_interp.probe import ProbeSet
-from lightning_interp.visualize import input_to_rgb, render_grid
+from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
 
 __all__ = ["UncertaintyCallback"]
 
@@ -61,6 +65,21 @@ class UncertaintyCallback(InterpCallback):
       predictive entropy, each titled with its label, the MC-averaged prediction
       and the two uncertainties.
 
+    The explained samples are ``explain_samples`` probe samples spread evenly
+    over the probe set (so several classes appear).
+
+    Uncertainty of an explanation (``explain="gradient"`` or any registered
+    method; the study of "uncertain DeepLIFT / LRP" under MC dropout, for any
+    method): for the first ``explain_samples`` probe samples, the method's map
+    of the eval-mode predicted class under each of the ``n_samples`` dropout
+    sub-networks (:func:`~lightning_interp.methods.uncertainty.mc_dropout_maps`),
+    logged as ``<method>/maps`` (input, mean map, per-pixel standard deviation
+    over the passes), ``<method>/map_agreement`` (mean Spearman correlation
+    between the passes' maps: 1 = the explanation does not depend on which
+    units dropped out) and ``<method>/map_relative_std`` (mean per-pixel std
+    over the mean map's mean). Cost: ``n_samples`` runs of the method on
+    ``explain_samples`` samples.
+
     A model without a dropout module is refused before training (MC dropout
     needs one). A warning says when every stochastic pass gave the same output
     (the dropout layers have ``p=0``, or forward() does not call them): the
@@ -74,6 +93,9 @@ class UncertaintyCallback(InterpCallback):
         seed: seed of the callback's generator, used afresh at every run.
         output_transform: picks the (B, K) logits out of the model's output.
         class_names: names shown in the figure and the per-class tags instead of class indices.
+        explain: a registered attribution method to run under MC dropout, or None (default) for none.
+        explain_options: the method's options (e.g. ``{"n_steps": 16}``; ``{"layer": "net.4"}`` for CAM methods).
+        explain_samples: probe samples explained (rows of ``<method>/maps``).
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``, ``background_drawing``,
             ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
@@ -92,6 +114,9 @@ class UncertaintyCallback(InterpCallback):
         seed: int = 0,
         output_transform: OutputTransform | None = None,
         class_names: Sequence[str] | None = None,
+        explain: str | None = None,
+        explain_options: Mapping[str, Any] | None = None,
+        explain_samples: int = 4,
         name: str = "uncertainty",
         **kwargs: Any,
     ) -> None:
@@ -105,7 +130,18 @@ class UncertaintyCallback(InterpCallback):
             isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names)
         ):
             raise ValueError(f"class_names must be a list of strings (one per class), got {class_names!r}.")
+        if explain is not None:
+            spec = method_spec(explain)
+            if spec.needs_layer and "layer" not in (explain_options or {}):
+                raise ValueError(
+                    f"explain={explain!r} is a CAM method: give its layer, explain_options={{'layer': 'net.4'}}."
+                )
+        if not isinstance(explain_samples, int) or isinstance(explain_samples, bool) or explain_samples < 1:
+            raise ValueError(f"explain_samples must be a positive int, got {explain_samples!r}.")
         super().__init__(name=name, num_samples=num_samples, **kwargs)
+        self.explain = explain
+        self.explain_options = dict(explain_options or {})
+        self.explain_samples = explain_samples
         self.n_samples = n_samples
         self.seed = seed
         self.output_transform = output_transform
@@ -138,6 +174,22 @@ class UncertaintyCallback(InterpCallback):
         with self._model_context(trainer):
             mc_dropout_predictions(
                 self._explained(pl_module), inputs, 2, generator=generator, output_transform=self.output_transform
+            )
+        if self.explain is not None:
+            self._maps(trainer, pl_module, inputs, passes=2)
+
+    def _maps(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor, passes: int) -> Tensor:
+        assert self.explain is not None
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        with self._model_context(trainer):
+            return mc_dropout_maps(
+                self._explained(pl_module),
+                inputs,
+                self.explain,
+                passes,
+                generator=generator,
+                output_transform=self.output_transform,
+                **self.explain_options,
             )
 
     # ------------------------------------------------------------------ the run
@@ -174,6 +226,8 @@ class UncertaintyCallback(InterpCallback):
                 scalars[f"interp/{self.name}/predictive_entropy_right"] = float(rows[0][right].mean())
             if bool((~right).any()):
                 scalars[f"interp/{self.name}/predictive_entropy_wrong"] = float(rows[0][~right].mean())
+        if self.explain is not None:
+            scalars.update(self._explanation_uncertainty(trainer, pl_module, probe))
         if probe.inputs.ndim == 4:
             order = torch.argsort(rows[0], descending=True, stable=True)[: min(SHOWN, len(probe))]
             shown = probe.inputs[order]
@@ -190,14 +244,44 @@ class UncertaintyCallback(InterpCallback):
             self._submit(trainer, draw)
         return scalars
 
+    def _explanation_uncertainty(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet
+    ) -> dict[str, float]:
+        count = min(self.explain_samples, len(probe))
+        picks = np.linspace(0, len(probe) - 1, count).round().astype(np.int64).tolist()  # spread: several classes
+        rows = ProbeSet(probe.inputs[picks], None if probe.labels is None else probe.labels[picks])
+        maps = self._maps(trainer, pl_module, self._probe_inputs(trainer, pl_module, rows), passes=self.n_samples)
+        mean, spread = maps.mean(dim=0), maps.std(dim=0)
+        agreement = map_agreement(maps)
+        relative = spread.flatten(1).mean(dim=1) / mean.flatten(1).mean(dim=1).clamp_min(1e-12)
+        numbers = torch.stack([agreement.double().nanmean(), relative.double().mean()]).cpu().tolist()
+        base = f"interp/{self.name}/{self.explain}"
+        scalars = {f"{base}/map_agreement": numbers[0], f"{base}/map_relative_std": numbers[1]}
+        mean_cpu, spread_cpu, shown = mean.float().cpu(), spread.float().cpu(), rows.inputs
+        step, epoch, method = trainer.global_step, trainer.current_epoch, self.explain
+
+        def draw() -> None:
+            columns = [list(input_to_rgb(shown)), map_tiles(shown, mean_cpu), map_tiles(shown, spread_cpu)]
+            tiles = [[column[i] for column in columns] for i in range(len(shown))]
+            grid = render_grid(
+                tiles,
+                column_titles=["input", "mean", "std"],
+                title=f"{method} under MC dropout (epoch {epoch})",
+            )
+            log_image(trainer, f"{base}/maps", grid, step)
+
+        if shown.ndim == 4:
+            self._submit(trainer, draw)
+        return scalars
+
     def _class_name(self, k: int) -> str:
         names = self.class_names
         return names[k] if names and 0 <= k < len(names) and "/" not in names[k] else str(k)
 
     def _title(self, index: int, labels: Tensor | None, predicted: Tensor, entropy: float, information: float) -> str:
         guess = self._class_name(int(predicted[index]))
-        head = f"{self._class_name(int(labels[index]))}->{guess}" if labels is not None else f"pred {guess}"
-        return f"{head}\nH {entropy:.2f}\nMI {information:.3f}"
+        head = f"y {self._class_name(int(labels[index]))}\n" if labels is not None else ""
+        return f"{head}pred {guess}\nH {entropy:.2f}\nMI {information:.3f}"
 
 
 def _class_labels(labels: Tensor | None) -> Tensor | None:

@@ -58,7 +58,9 @@ def _all_callbacks():
             num_samples=32,
             min_cav_accuracy=0.0,
         ),
-        UncertaintyCallback(n_samples=4, num_samples=16),  # MC dropout: the Dropout layer of the head in train mode
+        UncertaintyCallback(  # MC dropout: the Dropout layer of the head in train mode, also inside IG's passes
+            n_samples=4, num_samples=16, explain="integrated_gradients", explain_options={"n_steps": 4}
+        ),
         CalibrationCallback(),  # a forward hook during validation, a temperature fit at its end
     ]
 

@@ -114,3 +114,28 @@ def test_training_is_bit_identical_with_the_callback(tmp_path):
     assert callback._runs == 2
     assert all(torch.equal(value, weights[name]) for name, value in plain.items())  # BatchNorm statistics too
     assert torch.equal(plain_rng, rng)
+
+
+@pytest.mark.parametrize("run", ["fit", "validate"])
+def test_explanation_uncertainty_of_a_method_under_mc_dropout(tmp_path, run):
+    """Gradient maps under dropout p=0.5 disagree between passes; under validate() (inference mode) it works too."""
+    callback = UncertaintyCallback(n_samples=4, num_samples=16, explain="gradient", explain_samples=3)
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger, max_epochs=1)
+    model = ImageClassifier(WideDropoutNet(), lr=1e-2)
+    if run == "fit":
+        trainer.fit(model, datamodule=tiny_datamodule())
+    else:
+        trainer.validate(model, datamodule=tiny_datamodule(), verbose=False)
+    agreement = float(trainer.callback_metrics["interp/uncertainty/gradient/map_agreement"])
+    spread = float(trainer.callback_metrics["interp/uncertainty/gradient/map_relative_std"])
+    assert -1.0 <= agreement < 0.99 and spread > 0.01
+    events = read_events(logger.log_dir)
+    assert len(events.image_steps("interp/uncertainty/gradient/maps")) == 1
+
+
+def test_explanation_arguments_are_checked_at_construction():
+    with pytest.raises(ValueError, match="Unknown attribution method 'gradinet'"):
+        UncertaintyCallback(explain="gradinet")
+    with pytest.raises(ValueError, match="is a CAM method: give its layer"):
+        UncertaintyCallback(explain="grad_cam")
