@@ -167,3 +167,14 @@ def test_a_binary_model_matches_torchmetrics_binary_ece(tmp_path):
 def test_bad_arguments_are_refused(options, message):
     with pytest.raises((ValueError, TypeError), match=message):
         CalibrationCallback(**options)
+
+
+def test_validate_under_inference_mode_logs_the_same_ece_as_torchmetrics(tmp_path):
+    callback = CalibrationCallback(n_bins=10)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
+    model, datamodule = tiny_classifier(), tiny_datamodule()
+    trainer.validate(model, datamodule=datamodule, verbose=False)  # validation under torch.inference_mode()
+    logits, labels = _validation_logits(model, datamodule)
+    expected = multiclass_calibration_error(logits.softmax(dim=1), labels, num_classes=4, n_bins=10)
+    assert float(trainer.callback_metrics["interp/calibration/ece"]) == pytest.approx(float(expected), abs=1e-5)
+    assert not model._forward_hooks
