@@ -1,4 +1,5 @@
-"""Inside the network: what one run of each of the activation-maps, feature-visualisation and concept callbacks costs.
+"""Inside the network, and uncertainty: what one run of each of the activation-maps, feature-visualisation, concept,
+MC-dropout and calibration callbacks costs.
 
 Each callback runs at its defaults (feature visualisation and concepts with
 ``every_n_epochs=1`` here, so every validation is a run) in a real
@@ -11,7 +12,10 @@ costs such as choosing the channels to show). The drawing happens on the
 background thread and is not counted: before each timed run the previous
 run's drawing is let finish, as it would between the validations of real
 epochs (these epochs are two batches long). Models: the quickstart's ``shapes_cnn``
-(3 x 32 x 32, four classes) and ``cifar_resnet`` (3 x 32 x 32, ten classes).
+(3 x 32 x 32, four classes) and ``cifar_resnet`` (3 x 32 x 32, ten classes); the MC-dropout and
+calibration callbacks on ``mnist_cnn`` (1 x 28 x 28, ten classes, two dropout layers), the others having none.
+The calibration callback's per-batch work (keeping the logits of the validation pass) is not in ``_run``; it is a
+detach per batch.
 There is no peer to compare with: no other tool runs these during training.
 """
 
@@ -27,18 +31,31 @@ import torch
 from _timing import markdown_table, synchronize
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp import ActivationMapsCallback, ConceptCallback, FeatureVisualizationCallback
+from lightning_interp import (
+    ActivationMapsCallback,
+    CalibrationCallback,
+    ConceptCallback,
+    FeatureVisualizationCallback,
+    UncertaintyCallback,
+)
 from lightning_interp.callbacks._context import active_context
-from lightning_interp.demo import ImageClassifier, cifar_resnet, shapes_cnn
+from lightning_interp.demo import ImageClassifier, cifar_resnet, mnist_cnn, shapes_cnn
 
-MODELS = {  # name: (constructor, classes, a middle layer for the concepts)
-    "shapes_cnn (quickstart)": (lambda: shapes_cnn(num_classes=4), 4, "net.4"),
-    "cifar_resnet": (lambda: cifar_resnet(num_classes=10), 10, "net.layer2"),
+MODELS = {  # name: (constructor, input shape, a middle layer for the concepts, or None: the dropout callbacks)
+    "shapes_cnn (quickstart)": (lambda: shapes_cnn(num_classes=4), (3, 32, 32), "net.4"),
+    "cifar_resnet": (lambda: cifar_resnet(num_classes=10), (3, 32, 32), "net.layer2"),
+    "mnist_cnn (two dropout layers)": (lambda: mnist_cnn(num_classes=10), (1, 28, 28), None),
 }
 CONCEPT_EXAMPLES = 40  # per concept; two concepts
 
 
-def _callbacks(layer: str, shape: tuple[int, ...]) -> dict[str, Callable[[], pl.Callback]]:
+def _callbacks(layer: str | None, shape: tuple[int, ...]) -> dict[str, Callable[[], pl.Callback]]:
+    if layer is None:  # a model with dropout: MC dropout and calibration
+        return {
+            "UncertaintyCallback()": lambda: UncertaintyCallback(),
+            "UncertaintyCallback(explain='gradient')": lambda: UncertaintyCallback(explain="gradient"),
+            "CalibrationCallback() (no forward; the rest of its work)": lambda: CalibrationCallback(),
+        }
     generator = torch.Generator().manual_seed(1)
     concepts = {name: torch.rand(CONCEPT_EXAMPLES, *shape, generator=generator) for name in ("first", "second")}
     return {
@@ -52,7 +69,9 @@ def _callbacks(layer: str, shape: tuple[int, ...]) -> dict[str, Callable[[], pl.
     }
 
 
-def _timed_fit(make_net: Callable[[], torch.nn.Module], callback: pl.Callback, epochs: int, device: str) -> list[float]:
+def _timed_fit(
+    make_net: Callable[[], torch.nn.Module], shape: tuple[int, ...], callback: pl.Callback, epochs: int, device: str
+) -> list[float]:
     times: list[float] = []
     original = callback._run  # type: ignore[attr-defined]
 
@@ -69,7 +88,7 @@ def _timed_fit(make_net: Callable[[], torch.nn.Module], callback: pl.Callback, e
 
     callback._run = timed  # type: ignore[attr-defined]
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(256, 3, 32, 32, generator=generator)
+    images = torch.rand(256, *shape, generator=generator)
     model = ImageClassifier(make_net())
     classes = model.net(images[:1]).shape[1]
     labels = torch.randint(classes, (256,), generator=generator)
@@ -96,9 +115,9 @@ def _timed_fit(make_net: Callable[[], torch.nn.Module], callback: pl.Callback, e
 def run(quick: bool, device: str = "cpu") -> str:
     epochs = 2 if quick else 5
     rows: list[list[object]] = []
-    for label, (make_net, _classes, layer) in MODELS.items():
-        for name, make in _callbacks(layer, (3, 32, 32)).items():
-            times = _timed_fit(make_net, make(), epochs, device)
+    for label, (make_net, shape, layer) in MODELS.items():
+        for name, make in _callbacks(layer, shape).items():
+            times = _timed_fit(make_net, shape, make(), epochs, device)
             later = times[1:] or times
             rows.append([label, name, 1000 * statistics.median(later), 1000 * times[0], len(times)])
     table = markdown_table(["model", "callback", "ms per run (median)", "first run ms", "runs"], rows)

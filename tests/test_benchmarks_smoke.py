@@ -132,10 +132,13 @@ def test_catalogue_covers_every_method_and_agrees_with_each_reference(report):
 @pytest.mark.slow
 def test_inside_times_each_callback_on_both_models(report):
     (rows,) = _tables(report["## Inside the network: ms per run (CPU)"])
-    assert {row["model"] for row in rows} == {"shapes_cnn (quickstart)", "cifar_resnet"}
+    models = {"shapes_cnn (quickstart)", "cifar_resnet", "mnist_cnn (two dropout layers)"}
+    assert {row["model"] for row in rows} == models
     for model in ("shapes_cnn (quickstart)", "cifar_resnet"):
         names = {row["callback"].split("(")[0] for row in rows if row["model"] == model}
         assert names == {"ActivationMapsCallback", "FeatureVisualizationCallback", "ConceptCallback"}
+    names = [row["callback"].split("(")[0] for row in rows if row["model"] == "mnist_cnn (two dropout layers)"]
+    assert names == ["UncertaintyCallback", "UncertaintyCallback", "CalibrationCallback"]
     assert all(float(row["ms per run (median)"]) > 0 and int(row["runs"]) >= 2 for row in rows)
 
 
