@@ -13,10 +13,11 @@ from torch import Tensor
 
 from lightning_interp._logging import log_image
 from lightning_interp.callbacks._base import InterpCallback, unwrapped
-from lightning_interp.methods._core import OutputTransform
+from lightning_interp.methods._core import OutputTransform, eager_forward, modes_preserved, scores_from_output
 from lightning_interp.methods.registry import method_spec
 from lightning_interp.methods.uncertainty import (
     DROPOUT_TYPES,
+    dirichlet_uncertainty,
     expected_entropy,
     map_agreement,
     mc_dropout_maps,
@@ -30,6 +31,7 @@ from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
 __all__ = ["UncertaintyCallback"]
 
 SHOWN = 8  # probe samples in the figure: the most uncertain ones
+OUTPUT_KINDS = ("logits", "evidential")
 
 
 class UncertaintyCallback(InterpCallback):
@@ -56,7 +58,7 @@ class UncertaintyCallback(InterpCallback):
 
     - ``predictive_entropy``, ``expected_entropy``, ``mutual_information``: means
       over the probe set (nats; the most a K-class prediction can have is log K);
-    - with class labels, ``<class>/predictive_entropy`` and
+    - with class labels, ``<class>/predictive_entropy``,
       ``<class>/mutual_information`` per label class, and
       ``predictive_entropy_wrong`` / ``predictive_entropy_right``: the mean over
       the samples the MC-averaged prediction gets wrong and right (an
@@ -67,6 +69,15 @@ class UncertaintyCallback(InterpCallback):
 
     The explained samples are ``explain_samples`` probe samples spread evenly
     over the probe set (so several classes appear).
+
+    Evidential models (``output_kind="evidential"``, Sensoy et al. 2018): the
+    head outputs Dirichlet evidence (>= 0, e.g. after a softplus; alpha =
+    evidence + 1). One eval-mode forward of the probe set gives, per sample,
+    the vacuity ``K / sum(alpha)`` (1 = no evidence at all) and the predictive
+    entropy of the expected probability ``alpha / sum(alpha)``; logged as
+    ``vacuity``, ``predictive_entropy``, per class, ``vacuity_right`` /
+    ``vacuity_wrong``, and the figure ranked by vacuity. No dropout needed; a
+    head with negative outputs is refused before training.
 
     Uncertainty of an explanation (``explain="gradient"`` or any registered
     method; the study of "uncertain DeepLIFT / LRP" under MC dropout, for any
@@ -96,6 +107,7 @@ class UncertaintyCallback(InterpCallback):
         explain: a registered attribution method to run under MC dropout, or None (default) for none.
         explain_options: the method's options (e.g. ``{"n_steps": 16}``; ``{"layer": "net.4"}`` for CAM methods).
         explain_samples: probe samples explained (rows of ``<method>/maps``).
+        output_kind: ``"logits"`` (MC dropout, the default) or ``"evidential"`` (the output is Dirichlet evidence).
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``, ``background_drawing``,
             ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
@@ -117,6 +129,7 @@ class UncertaintyCallback(InterpCallback):
         explain: str | None = None,
         explain_options: Mapping[str, Any] | None = None,
         explain_samples: int = 4,
+        output_kind: str = "logits",
         name: str = "uncertainty",
         **kwargs: Any,
     ) -> None:
@@ -136,10 +149,16 @@ class UncertaintyCallback(InterpCallback):
                 raise ValueError(
                     f"explain={explain!r} is a CAM method: give its layer, explain_options={{'layer': 'net.4'}}."
                 )
+        if output_kind not in OUTPUT_KINDS:
+            raise ValueError(
+                f"output_kind must be one of {OUTPUT_KINDS} ('logits': MC dropout; 'evidential': the output is "
+                f"Dirichlet evidence), got {output_kind!r}."
+            )
         if not isinstance(explain_samples, int) or isinstance(explain_samples, bool) or explain_samples < 1:
             raise ValueError(f"explain_samples must be a positive int, got {explain_samples!r}.")
         super().__init__(name=name, num_samples=num_samples, **kwargs)
         self.explain = explain
+        self.output_kind = output_kind
         self.explain_options = dict(explain_options or {})
         self.explain_samples = explain_samples
         self.n_samples = n_samples
@@ -150,11 +169,13 @@ class UncertaintyCallback(InterpCallback):
     # ------------------------------------------------------------------ checks, before training
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         model = unwrapped(pl_module)
-        if not any(isinstance(module, DROPOUT_TYPES) for module in model.modules()):
+        needs_dropout = self.output_kind == "logits" or self.explain is not None
+        if needs_dropout and not any(isinstance(module, DROPOUT_TYPES) for module in model.modules()):
+            why = "estimates uncertainty" if self.output_kind == "logits" else "explains"
             raise ValueError(
-                f"UncertaintyCallback estimates uncertainty by Monte Carlo dropout, but {type(model).__name__} has no "
-                f"dropout module ({', '.join(t.__name__ for t in DROPOUT_TYPES)}). Add one (e.g. nn.Dropout(0.1) "
-                "before the classifier) or leave this callback out."
+                f"UncertaintyCallback {why} by Monte Carlo dropout, but {type(model).__name__} has no dropout module "
+                f"({', '.join(t.__name__ for t in DROPOUT_TYPES)}). Add one (e.g. nn.Dropout(0.1) before the "
+                "classifier), use output_kind='evidential' for an evidential head, or leave this callback out."
             )
 
     def _predictions(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
@@ -170,11 +191,14 @@ class UncertaintyCallback(InterpCallback):
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         inputs = self._probe_inputs(trainer, pl_module, probe.subset(min(2, len(probe))))
-        generator = torch.Generator().manual_seed(self.seed)
-        with self._model_context(trainer):
-            mc_dropout_predictions(
-                self._explained(pl_module), inputs, 2, generator=generator, output_transform=self.output_transform
-            )
+        if self.output_kind == "evidential":
+            self._evidence(trainer, pl_module, inputs)  # refuses negative "evidence" before training
+        else:
+            generator = torch.Generator().manual_seed(self.seed)
+            with self._model_context(trainer):
+                mc_dropout_predictions(
+                    self._explained(pl_module), inputs, 2, generator=generator, output_transform=self.output_transform
+                )
         if self.explain is not None:
             self._maps(trainer, pl_module, inputs, passes=2)
 
@@ -193,52 +217,81 @@ class UncertaintyCallback(InterpCallback):
             )
 
     # ------------------------------------------------------------------ the run
+    def _quantities(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, Tensor], Tensor]:
+        """Per probe sample: the uncertainties by name (the first ranks the figure) and the predicted class."""
+        inputs = self._probe_inputs(trainer, pl_module)
+        if self.output_kind == "evidential":
+            evidence = self._evidence(trainer, pl_module, inputs)
+            expected, vacuity = dirichlet_uncertainty(evidence)
+            return {"vacuity": vacuity, "predictive_entropy": predictive_entropy(expected)}, expected.argmax(dim=1)
+        probs = self._predictions(trainer, pl_module, inputs)  # (S, N, K)
+        quantities = {
+            "predictive_entropy": predictive_entropy(probs),
+            "expected_entropy": expected_entropy(probs),
+            "mutual_information": mutual_information(probs),
+        }
+        return quantities, probs.mean(dim=0).argmax(dim=1)
+
+    def _evidence(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
+        """The model's (N, K) output read as Dirichlet evidence, from one eval-mode no-grad forward."""
+        model = self._explained(pl_module)
+        with torch.no_grad(), modes_preserved(model), eager_forward(), self._model_context(trainer):
+            parts = [
+                scores_from_output(model(inputs[start : start + 256]), self.output_transform).float()
+                for start in range(0, inputs.shape[0], 256)
+            ]
+        evidence = torch.cat(parts)
+        if bool((evidence < 0).any()):
+            raise ValueError(
+                "UncertaintyCallback(output_kind='evidential') reads the model's output as Dirichlet evidence, which "
+                f"must be >= 0, but it has values down to {float(evidence.min()):.4g}: end the head in softplus, relu "
+                "or exp (or use output_transform=...), or use output_kind='logits' for MC dropout."
+            )
+        return evidence
+
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         probe = self.probe
         assert probe is not None
-        inputs = self._probe_inputs(trainer, pl_module)
-        probs = self._predictions(trainer, pl_module, inputs)  # (S, N, K)
-        total = predictive_entropy(probs)
-        aleatoric = expected_entropy(probs)
-        epistemic = mutual_information(probs)
-        predicted = probs.mean(dim=0).argmax(dim=1)
-        labels = _class_labels(probe.labels)
-        rows = torch.stack([total, aleatoric, epistemic]).double().cpu()
+        quantities, predicted = self._quantities(trainer, pl_module)
+        names = list(quantities)
+        rows = torch.stack(list(quantities.values())).double().cpu()
         predicted_cpu = predicted.cpu()
-        scalars = {
-            f"interp/{self.name}/predictive_entropy": float(rows[0].mean()),
-            f"interp/{self.name}/expected_entropy": float(rows[1].mean()),
-            f"interp/{self.name}/mutual_information": float(rows[2].mean()),
-        }
+        labels = _class_labels(probe.labels)
+        scalars = {f"interp/{self.name}/{name}": float(row.mean()) for name, row in zip(names, rows, strict=True)}
         if not bool(torch.isfinite(rows).all()):
             rank_zero_warn(
                 f"UncertaintyCallback: the model's outputs on the probe set are not finite at epoch "
                 f"{trainer.current_epoch}, so the uncertainties are NaN."
             )
+        main, second = names[0], names[-1]  # the figure's ranking, and the other number in its titles
         if labels is not None:
             right = predicted_cpu == labels
             for k in sorted(set(labels.tolist())):
                 members = labels == k
                 tag = f"interp/{self.name}/{self._class_name(k)}"
-                scalars[f"{tag}/predictive_entropy"] = float(rows[0][members].mean())
-                scalars[f"{tag}/mutual_information"] = float(rows[2][members].mean())
-            if bool(right.any()):
-                scalars[f"interp/{self.name}/predictive_entropy_right"] = float(rows[0][right].mean())
-            if bool((~right).any()):
-                scalars[f"interp/{self.name}/predictive_entropy_wrong"] = float(rows[0][~right].mean())
+                for name in dict.fromkeys((main, "predictive_entropy", second)):
+                    scalars[f"{tag}/{name}"] = float(rows[names.index(name)][members].mean())
+            for group, which in (("right", right), ("wrong", ~right)):
+                if bool(which.any()):
+                    scalars[f"interp/{self.name}/{main}_{group}"] = float(rows[0][which].mean())
         if self.explain is not None:
             scalars.update(self._explanation_uncertainty(trainer, pl_module, probe))
         if probe.inputs.ndim == 4:
             order = torch.argsort(rows[0], descending=True, stable=True)[: min(SHOWN, len(probe))]
             shown = probe.inputs[order]
-            titles = [self._title(int(i), labels, predicted_cpu, float(rows[0][i]), float(rows[2][i])) for i in order]
+            other = rows[names.index(second)]
+            short = {"predictive_entropy": "H", "mutual_information": "MI", "vacuity": "vac"}
+            titles = [
+                self._title(
+                    int(i), labels, predicted_cpu, (short[main], float(rows[0][i])), (short[second], float(other[i]))
+                )
+                for i in order
+            ]
             step, epoch = trainer.global_step, trainer.current_epoch
 
             def draw() -> None:
                 tiles = [list(input_to_rgb(shown))]
-                grid = render_grid(
-                    tiles, column_titles=titles, title=f"most uncertain probe samples (epoch {epoch}; H, MI in nats)"
-                )
+                grid = render_grid(tiles, column_titles=titles, title=f"most uncertain probe samples (epoch {epoch})")
                 log_image(trainer, f"interp/{self.name}/most_uncertain", grid, step)
 
             self._submit(trainer, draw)
@@ -278,10 +331,12 @@ class UncertaintyCallback(InterpCallback):
         names = self.class_names
         return names[k] if names and 0 <= k < len(names) and "/" not in names[k] else str(k)
 
-    def _title(self, index: int, labels: Tensor | None, predicted: Tensor, entropy: float, information: float) -> str:
+    def _title(
+        self, index: int, labels: Tensor | None, predicted: Tensor, first: tuple[str, float], second: tuple[str, float]
+    ) -> str:
         guess = self._class_name(int(predicted[index]))
         head = f"y {self._class_name(int(labels[index]))}\n" if labels is not None else ""
-        return f"{head}pred {guess}\nH {entropy:.2f}\nMI {information:.3f}"
+        return f"{head}pred {guess}\n{first[0]} {first[1]:.2f}\n{second[0]} {second[1]:.3f}"
 
 
 def _class_labels(labels: Tensor | None) -> Tensor | None:

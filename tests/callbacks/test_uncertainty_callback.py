@@ -139,3 +139,52 @@ def test_explanation_arguments_are_checked_at_construction():
         UncertaintyCallback(explain="gradinet")
     with pytest.raises(ValueError, match="is a CAM method: give its layer"):
         UncertaintyCallback(explain="grad_cam")
+
+
+class EvidentialNet(nn.Module):
+    """A head that outputs Dirichlet evidence (softplus >= 0); no dropout anywhere."""
+
+    def __init__(self, negative: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, 4)
+        self.negative = negative
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.head(self.body(x))
+        return scores if self.negative else nn.functional.softplus(scores)
+
+
+def test_evidential_outputs_give_the_vacuity_of_a_hand_computation_without_dropout(tmp_path):
+    inputs = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    labels = torch.arange(12) % 4
+    callback = UncertaintyCallback(output_kind="evidential", probe=ProbeSet(inputs, labels), background_drawing=False)
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger, max_epochs=1)
+    model = ImageClassifier(EvidentialNet(), lr=1e-2)
+    trainer.fit(model, datamodule=tiny_datamodule())
+    model.eval()
+    with torch.no_grad():
+        alpha = model(inputs) + 1
+    vacuity = 4 / alpha.sum(dim=1)
+    expected = alpha / alpha.sum(dim=1, keepdim=True)
+    entropy = -(expected * expected.log()).sum(dim=1)
+    metrics = trainer.callback_metrics
+    assert float(metrics["interp/uncertainty/vacuity"]) == pytest.approx(float(vacuity.mean()), rel=1e-5)
+    assert float(metrics["interp/uncertainty/predictive_entropy"]) == pytest.approx(float(entropy.mean()), rel=1e-5)
+    assert float(metrics["interp/uncertainty/1/vacuity"]) == pytest.approx(float(vacuity[labels == 1].mean()), rel=1e-5)
+    assert "interp/uncertainty/mutual_information" not in metrics  # no MC dropout in this mode
+    assert read_events(logger.log_dir).image_steps("interp/uncertainty/most_uncertain") == [4]
+
+
+def test_an_evidential_head_with_negative_outputs_is_refused_before_training(tmp_path):
+    model = ImageClassifier(EvidentialNet(negative=True))
+    steps = []
+    model.on_train_batch_start = lambda *args: steps.append(1)
+    callback = UncertaintyCallback(output_kind="evidential", num_samples=8)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
+    with pytest.raises(ValueError, match="must be >= 0, but it has values down to"):
+        trainer.fit(model, datamodule=tiny_datamodule())
+    assert not steps
+    with pytest.raises(ValueError, match="output_kind must be one of"):
+        UncertaintyCallback(output_kind="dirichlet")
