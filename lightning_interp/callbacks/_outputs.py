@@ -1,0 +1,186 @@
+"""Callbacks that read the validation pass the trainer already runs: the logits and labels of every batch, kept
+without an extra forward."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.methods._core import OutputTransform, scores_from_output
+from lightning_interp.methods.tasks import class_labels, label_kind
+from lightning_interp.probe import ProbeSet, parse_batch
+
+LOGIT_KEYS = ("logits", "scores", "preds", "y_hat")
+"""Keys of a ``validation_step`` output dict read as the batch's logits, before the forward hook's capture."""
+
+
+class ValidationOutputsCallback(InterpCallback):
+    """Keeps the logits and class labels of the first validation dataloader's batches during due validation epochs.
+
+    A forward hook on the LightningModule, active only during a due
+    validation epoch on global rank zero and removed at its end before any
+    other work, keeps (detached, on its device) what each ``validation_step``
+    gets from ``self(x)``; a ``validation_step`` that returns a dict with
+    ``"logits"`` (or ``"scores"``, ``"preds"``, ``"y_hat"``) is read from that
+    instead. Labels come from the batch (``batch_parser``). A subclass's
+    ``_run`` calls :meth:`_collected`. The base's probe set (two samples) only
+    marks the run as ready.
+    """
+
+    def __init__(self, *, name: str, output_transform: OutputTransform | None = None, **kwargs: Any) -> None:
+        if output_transform is not None and not callable(output_transform):
+            raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
+        for unused in ("num_samples", "probe", "forward_fn"):
+            if unused in kwargs:
+                raise TypeError(
+                    f"{type(self).__name__} reads the whole validation pass, not a probe set: it takes no {unused}."
+                )
+        super().__init__(name=name, num_samples=2, **kwargs)
+        self.output_transform = output_transform
+        self._handle: RemovableHandle | None = None
+        self._captured: list[Any] = []
+        self._logits: list[Tensor] = []
+        self._labels: list[Tensor] = []
+        self._warned: set[str] = set()
+
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        self._warned = set()
+        self._release()
+
+    def _collecting(self, trainer: pl.Trainer) -> bool:
+        return not trainer.sanity_checking and trainer.is_global_zero and self._is_due(trainer)
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+        if self._collecting(trainer):
+
+            def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+                self._captured.append(output)
+
+            self._handle = pl_module.register_forward_hook(keep)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._captured = []
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        captured, self._captured = self._captured, []
+        if self._handle is None or dataloader_idx != 0:
+            return
+        output = _logits_in(outputs)
+        if output is None:
+            if not captured:
+                self._warn_once(
+                    "no output",
+                    f"{type(self).__name__}: validation_step neither called the LightningModule (self(x)) nor "
+                    f"returned logits (a dict with one of {LOGIT_KEYS}), so there are no logits to read; nothing is "
+                    "logged.",
+                )
+                return
+            output = captured[-1]
+        labels = parse_batch(batch, self.batch_parser).labels
+        if labels is None:
+            self._warn_once("no labels", f"{type(self).__name__} needs labels in the validation batches; none found.")
+            return
+        with torch.no_grad():
+            logits = scores_from_output(output, self.output_transform).detach().float()
+        if logits.shape[0] != labels.shape[0]:
+            self._warn_once(
+                "size",
+                f"{type(self).__name__}: the model output read for a validation batch has {logits.shape[0]} rows "
+                f"but the batch has {labels.shape[0]} labels (validation_step called the model on something else, "
+                "or several times); pass output_transform=..., or return {'logits': ...} from validation_step.",
+            )
+            return
+        self._logits.append(logits)
+        self._labels.append(labels.detach())
+
+    def _release(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._captured, self._logits, self._labels = [], [], []
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._handle is not None:  # before any other work: our own computations must not be captured
+            self._handle.remove()
+            self._handle = None
+        try:
+            super().on_validation_epoch_end(trainer, pl_module)
+        finally:
+            self._release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+        super().teardown(trainer, pl_module, stage)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        """Nothing to check on the model: the logits are read at the first validation batch."""
+
+    def _collected(self) -> tuple[Tensor, Tensor] | None:
+        """The epoch's (N, C) float32 logits and (N,) class labels on one device, or None (warned) if unusable."""
+        if not self._logits:
+            return None
+        logits = torch.cat([part.to(self._logits[0].device) for part in self._logits])
+        raw = torch.cat([part.to(logits.device) for part in self._labels])
+        kind = label_kind(raw)
+        if kind not in ("class", "one_hot"):
+            self._warn_once(
+                "kind",
+                f"{type(self).__name__} needs class labels ((N,) indices or (N, C) one-hot rows); the validation "
+                f"labels look like {kind} targets, so nothing is logged.",
+            )
+            return None
+        labels = class_labels(raw, "multiclass").to(logits.device)
+        classes = 2 if logits.shape[1] == 1 else logits.shape[1]
+        if int(labels.min()) < 0 or int(labels.max()) >= classes:
+            self._warn_once(
+                "range",
+                f"{type(self).__name__}: the labels range over {int(labels.min())}..{int(labels.max())} but the model "
+                f"gives {logits.shape[1]} score(s) per sample; nothing is logged.",
+            )
+            return None
+        return logits, labels
+
+
+def _logits_in(outputs: Any) -> Any:
+    """The logits a ``validation_step`` returned in a dict, if it did."""
+    if isinstance(outputs, Mapping):
+        for key in LOGIT_KEYS:
+            if isinstance(outputs.get(key), Tensor):
+                return outputs[key]
+    return None
