@@ -8,7 +8,7 @@ the layers on 1024 test images. The network usually reaches about 99% test accur
 
     python examples/mnist.py                     # downloads MNIST into ./data on the first run
     python examples/mnist.py --data-dir /datasets --no-download
-    python examples/mnist.py --uncertainty       # adds MC-dropout uncertainty and calibration
+    python examples/mnist.py --uncertainty       # adds MC-dropout uncertainty, calibration and dataset bias
     tensorboard --logdir lightning_logs
 
 Offline, the script reads torchvision's layout: <data-dir>/MNIST/raw/ holding
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from lightning_interp import CalibrationCallback, UncertaintyCallback
+from lightning_interp import CalibrationCallback, DatasetBiasCallback, UncertaintyCallback
 from lightning_interp.demo import ImageClassifier, mnist_cnn
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--uncertainty",
         action="store_true",
         help="also log MC-dropout uncertainty of the probe set (the network's two dropout layers) and the "
-        "calibration of the test set (ECE, reliability diagram, temperature)",
+        "calibration of the test set (ECE, reliability diagram, temperature) and its per-class recall and balance",
     )
     return parser.parse_args(argv)
 
@@ -77,7 +77,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     train_set, test_set = load_mnist(args.data_dir, args.download)
     model = ImageClassifier(mnist_cnn(num_classes=len(CLASS_NAMES)), lr=args.lr)
     extra = (
-        [UncertaintyCallback(num_samples=256, class_names=CLASS_NAMES, explain="gradient"), CalibrationCallback()]
+        [
+            UncertaintyCallback(num_samples=256, class_names=CLASS_NAMES, explain="gradient"),
+            CalibrationCallback(),
+            DatasetBiasCallback(class_names=CLASS_NAMES),
+        ]
         if args.uncertainty
         else []
     )

@@ -159,6 +159,7 @@ def test_mnist_example_with_uncertainty_logs_mc_dropout_numbers(tmp_path, capsys
     assert 0.0 < total <= math.log(10) + 1e-6 and 0.0 < epistemic < total  # two dropout layers: the passes disagree
     assert events.image_steps("interp/calibration/reliability") == [2]
     assert events.image_steps("interp/uncertainty/gradient/maps") == [2]
+    assert events.image_steps("interp/bias/confusion") == [2] and events.image_steps("interp/bias/class_counts") == [0]
     assert metrics["interp/uncertainty/gradient/map_agreement"] < 1.0  # the two dropout layers change the maps
     assert 0.0 <= metrics["interp/calibration/ece"] <= 1.0
     printed = capsys.readouterr().out

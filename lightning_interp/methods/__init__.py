@@ -29,6 +29,7 @@ from lightning_interp.methods.attribution import (
     integration_points,
     smoothgrad,
 )
+from lightning_interp.methods.bias import ClassBalance, PerClassMetrics, class_balance, per_class_metrics
 from lightning_interp.methods.concepts import (
     CAV,
     TCAVResult,
@@ -151,6 +152,7 @@ __all__ = [
     "RELU_RULES",
     "TASKS",
     "ActivationStatistics",
+    "ClassBalance",
     "DeepDreamResult",
     "FeatureVisualizationResult",
     "ForwardWith",
@@ -158,6 +160,7 @@ __all__ = [
     "MinibatchCKA",
     "ModelTrace",
     "PassResult",
+    "PerClassMetrics",
     "ProbeResult",
     "RegressionProbeResult",
     "TCAVResult",
@@ -176,6 +179,7 @@ __all__ = [
     "capture_pooled_features",
     "center_gram",
     "cka_matrix",
+    "class_balance",
     "compute_cav",
     "concentration",
     "concept_activations",
@@ -232,6 +236,7 @@ __all__ = [
     "occlusion",
     "parse_visualization_target",
     "patch_feature_mask",
+    "per_class_metrics",
     "pixel_image",
     "pointing_game",
     "pool_features",

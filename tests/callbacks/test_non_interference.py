@@ -10,6 +10,7 @@ from lightning_interp import (
     ActivationMapsCallback,
     CalibrationCallback,
     ConceptCallback,
+    DatasetBiasCallback,
     FeatureVisualizationCallback,
     GradCAMCallback,
     LinearProbeCallback,
@@ -62,6 +63,7 @@ def _all_callbacks():
             n_samples=4, num_samples=16, explain="integrated_gradients", explain_options={"n_steps": 4}
         ),
         CalibrationCallback(),  # a forward hook during validation, a temperature fit at its end
+        DatasetBiasCallback(),  # the samplers' indices read at train start (their generators restored)
     ]
 
 
