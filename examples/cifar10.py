@@ -9,6 +9,7 @@ CKA / RSA of the layers on 1024 test images.
 
     python examples/cifar10.py                   # downloads CIFAR-10 (163 MB) into ./data on the first run
     python examples/cifar10.py --data-dir /datasets --no-download
+    python examples/cifar10.py --calibration     # adds calibration and dataset bias
     tensorboard --logdir lightning_logs
 
 Offline, the script reads torchvision's layout: <data-dir>/cifar-10-batches-py/
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 
 from torchvision import datasets, transforms
 
+from lightning_interp import CalibrationCallback, DatasetBiasCallback
 from lightning_interp.demo import ImageClassifier, cifar_resnet
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,6 +49,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = example_parser(
         __doc__, dataset="CIFAR-10", layout="cifar-10-batches-py/", epochs=10, model_arguments=add_model_arguments
+    )
+    parser.add_argument(
+        "--calibration",
+        action="store_true",
+        help="also log the test set's calibration (ECE, reliability diagram, temperature) and its per-class recall "
+        "and class balance (the ResNet has no dropout, so no MC-dropout uncertainty)",
     )
     return parser.parse_args(argv)
 
@@ -92,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     train_set, test_set = load_cifar10(args.data_dir, args.download)
     class_names = list(train_set.classes)
     model = ImageClassifier(cifar_resnet(num_classes=len(class_names), width=args.width), lr=args.lr)
-    return fit_and_report(args, model, train_set, test_set, class_names=class_names, name="cifar10")
+    extra = [CalibrationCallback(), DatasetBiasCallback(class_names=class_names)] if args.calibration else []
+    return fit_and_report(
+        args, model, train_set, test_set, class_names=class_names, name="cifar10", extra_callbacks=extra
+    )
 
 
 if __name__ == "__main__":

@@ -181,6 +181,15 @@ def test_cifar10_example_logs_maps_and_scores(tmp_path, fake_cifar10):
     assert 0.0 <= metrics["val_acc"] <= 1.0
 
 
+def test_cifar10_example_with_calibration_logs_ece_and_class_balance(tmp_path, fake_cifar10):
+    metrics = load_example("cifar10").main([*tiny_run_args(fake_cifar10, tmp_path / "logs"), "--calibration"])
+    events = read_events(str(tmp_path / "logs"))
+    assert events.image_steps("interp/calibration/reliability") == [2]
+    assert events.image_steps("interp/bias/class_counts") == [0]
+    assert 0.0 <= metrics["interp/calibration/ece"] <= 1.0
+    assert "interp/bias/recall_gap" in metrics
+
+
 # ---------------------------------------------------------------------- no data, no network: one clear message
 @pytest.mark.parametrize(("name", "layout"), [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py")])
 def test_missing_data_without_download_exits_with_a_clear_message(tmp_path, name, layout):
