@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.tasks import class_labels, label_kind
-from lightning_interp.probe import ProbeSet, parse_batch
+from lightning_interp.probe import BatchParser, ProbeSet, parse_batch
 
 LOGIT_KEYS = ("logits", "scores", "preds", "y_hat")
 """Keys of a ``validation_step`` output dict read as the batch's logits, before the forward hook's capture."""
@@ -35,15 +35,25 @@ class ValidationOutputsCallback(InterpCallback):
     marks the run as ready.
     """
 
-    def __init__(self, *, name: str, output_transform: OutputTransform | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        output_transform: OutputTransform | None = None,
+        every_n_epochs: int = 1,
+        batch_parser: BatchParser | None = None,
+        background_drawing: bool = True,
+    ) -> None:
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
-        for unused in ("num_samples", "probe", "forward_fn"):
-            if unused in kwargs:
-                raise TypeError(
-                    f"{type(self).__name__} reads the whole validation pass, not a probe set: it takes no {unused}."
-                )
-        super().__init__(name=name, num_samples=2, **kwargs)
+        # no probe set, num_samples or forward_fn: the base's two-sample probe only marks the run as ready
+        super().__init__(
+            name=name,
+            num_samples=2,
+            every_n_epochs=every_n_epochs,
+            batch_parser=batch_parser,
+            background_drawing=background_drawing,
+        )
         self.output_transform = output_transform
         self._handle: RemovableHandle | None = None
         self._captured: list[Any] = []

@@ -104,3 +104,43 @@ def test_a_yaml_config_builds_and_runs_every_callback(tmp_path):
     assert [t.label for t in featvis.targets] == ["net.4:1", "class:2"] and featvis.class_names[2] == "triangle"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert all(callback._runs == 1 for callback in callbacks)
+
+
+UNCERTAINTY_CONFIG = """
+trainer:
+  logger: false
+  callbacks:
+    - class_path: lightning_interp.UncertaintyCallback
+      init_args:
+        n_samples: 8
+        explain: integrated_gradients
+        explain_options: {n_steps: 8}
+        output_kind: logits
+        class_names: [disc, square, triangle, cross]
+    - class_path: lightning_interp.CalibrationCallback
+      init_args:
+        n_bins: 10
+    - class_path: lightning_interp.DatasetBiasCallback
+      init_args:
+        imbalance_warning: 4.0
+"""
+
+
+def test_a_yaml_config_builds_the_uncertainty_calibration_and_bias_callbacks(tmp_path):
+    from lightning_interp import CalibrationCallback, DatasetBiasCallback, UncertaintyCallback
+
+    config = tmp_path / "uncertainty.yaml"
+    config.write_text(UNCERTAINTY_CONFIG)
+    cli = LightningCLI(
+        SmallClassifier,
+        SyntheticShapesDataModule,
+        run=False,
+        args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path)],
+    )
+    uncertainty, calibration, bias = [c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_")][
+        :3
+    ]
+    assert isinstance(uncertainty, UncertaintyCallback) and uncertainty.n_samples == 8
+    assert uncertainty.explain == "integrated_gradients" and uncertainty.explain_options == {"n_steps": 8}
+    assert isinstance(calibration, CalibrationCallback) and calibration.n_bins == 10
+    assert isinstance(bias, DatasetBiasCallback) and bias.imbalance_warning == 4.0
