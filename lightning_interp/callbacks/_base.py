@@ -629,3 +629,19 @@ def parse_layer_names(layers: str | Sequence[str], option: str) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"{option} lists a name twice: {names}.")
     return [] if names == ["auto"] else names
+
+
+def parse_class_names(class_names: Sequence[str] | None) -> list[str] | None:
+    """Check a ``class_names`` argument: None or a list of strings (a bare string would be read letter by letter)."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
+        raise ValueError(f"class_names must be a list of strings (one per class), got {class_names!r}.")
+    return list(class_names)
+
+
+def class_name(class_names: Sequence[str] | None, k: int) -> str:
+    """Class ``k``'s name where ``class_names`` has a usable one (no '/', which would split a tag), else ``str(k)``."""
+    if class_names and 0 <= k < len(class_names) and "/" not in class_names[k]:
+        return class_names[k]
+    return str(k)

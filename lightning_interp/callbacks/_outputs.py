@@ -162,11 +162,19 @@ class ValidationOutputsCallback(InterpCallback):
         """Nothing to check on the model: the logits are read at the first validation batch."""
 
     def _collected(self) -> tuple[Tensor, Tensor] | None:
-        """The epoch's (N, C) float32 logits and (N,) class labels on one device, or None (warned) if unusable."""
+        """The epoch's (N, C) float32 logits and (N,) class labels on one device, or None (warned once) if unusable:
+        nothing captured, non-finite logits, labels that are not classes, or labels outside the model's classes."""
         if not self._logits:
             return None
         logits = torch.cat([part.to(self._logits[0].device) for part in self._logits])
         raw = torch.cat([part.to(logits.device) for part in self._labels])
+        if not bool(torch.isfinite(logits).all()):
+            self._warn_once(
+                "finite",
+                f"{type(self).__name__}: the model's validation outputs contain NaN or inf, so no number computed "
+                "from them would mean anything; nothing is logged while this lasts.",
+            )
+            return None
         kind = label_kind(raw)
         if kind not in ("class", "one_hot"):
             self._warn_once(

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
 from lightning_interp._logging import log_image
-from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
+from lightning_interp.callbacks._base import InterpCallback, parse_class_names, parse_layer_names
 from lightning_interp.methods._core import get_module, module_name, scores_from_output
 from lightning_interp.methods.concepts import (
     TCAVResult,
@@ -253,7 +253,7 @@ class ConceptCallback(InterpCallback):
         self.equal_var = equal_var
         self.seed = seed
         self.batch_size = batch_size
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names = parse_class_names(class_names)
         self._random_sets: Tensor | None = None  # (2 * n_random, set size) indices into the random pool
         self._classes: list[int] = []
         self._task = "multiclass"

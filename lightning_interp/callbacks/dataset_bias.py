@@ -15,7 +15,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_interp._logging import log_image, log_scalars
-from lightning_interp.callbacks._base import _first_loader
+from lightning_interp.callbacks._base import _first_loader, class_name, parse_class_names
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
 from lightning_interp.methods._core import OutputTransform
 from lightning_interp.methods.bias import ClassBalance, class_balance, per_class_metrics
@@ -79,13 +79,9 @@ class DatasetBiasCallback(ValidationOutputsCallback):
     ) -> None:
         if not imbalance_warning >= 1:
             raise ValueError(f"imbalance_warning must be a ratio >= 1, got {imbalance_warning!r}.")
-        if class_names is not None and (
-            isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names)
-        ):
-            raise ValueError(f"class_names must be a list of strings (one per class), got {class_names!r}.")
         super().__init__(name=name, output_transform=output_transform, **kwargs)
         self.imbalance_warning = float(imbalance_warning)
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names = parse_class_names(class_names)
         self.balances: dict[str, ClassBalance] = {}
 
     def _reset_run_state(self) -> None:
@@ -93,8 +89,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         self.balances = {}
 
     def _class_name(self, k: int) -> str:
-        names = self.class_names
-        return names[k] if names and 0 <= k < len(names) and "/" not in names[k] else str(k)
+        return class_name(self.class_names, k)
 
     # ------------------------------------------------------------------ class counts, at the start of training
     @override
@@ -110,9 +105,9 @@ class DatasetBiasCallback(ValidationOutputsCallback):
             labels = _loader_labels(loader, limit)
             if labels is None:
                 rank_zero_warn(
-                    f"DatasetBiasCallback: the {split} dataset does not list its labels (a `targets` or `labels` "
-                    "attribute, or a TensorDataset), so its class counts are skipped: counting them would load every "
-                    "sample."
+                    f"DatasetBiasCallback: the {split} data is not a map-style dataset that lists its labels (a "
+                    "`targets` or `labels` attribute, or a TensorDataset), so its class counts are skipped: counting "
+                    "them would load every sample (or consume a stream)."
                 )
                 continue
             self.balances[split] = class_balance(labels)

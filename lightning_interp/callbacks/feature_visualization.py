@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_interp._logging import log_image
-from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks._base import InterpCallback, class_name, parse_class_names
 from lightning_interp.methods._core import OutputTransform, get_module, module_name, scores_from_output
 from lightning_interp.methods.feature_visualization import (
     PARAMETERIZATIONS,
@@ -182,10 +182,6 @@ class FeatureVisualizationCallback(InterpCallback):
                 "value_range must be 'probe', 'probe_std' or a (low, high) pair, each a number or one number per "
                 f"channel, got {value_range!r}."
             )
-        if class_names is not None and (
-            isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names)
-        ):
-            raise ValueError(f"class_names must be a list of strings (one per class), got {class_names!r}.")
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
         self.auto = isinstance(targets, str) and targets == "classes"
@@ -215,7 +211,7 @@ class FeatureVisualizationCallback(InterpCallback):
         self.seed = seed
         self.max_classes = max_classes
         self.output_transform = output_transform
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names = parse_class_names(class_names)
         self.evolution_columns = evolution_columns
         self._range: tuple[Tensor, Tensor] | None = None
         self._history: list[tuple[int, Tensor]] = []  # (epoch, (T, C, H, W) first image per target), bounded
@@ -411,7 +407,7 @@ class FeatureVisualizationCallback(InterpCallback):
         """A class target by its name where ``class_names`` gives one, else the target's label."""
         names = self.class_names
         if target.kind == "class" and names and target.index is not None and target.index < len(names):
-            return names[target.index]
+            return class_name(names, target.index)
         return target.label
 
     # ------------------------------------------------------------------ evolution strip

@@ -12,9 +12,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_interp._logging import log_image
-from lightning_interp.callbacks._base import InterpCallback, unwrapped
+from lightning_interp.callbacks._base import InterpCallback, class_name, parse_class_names, unwrapped
 from lightning_interp.methods._core import OutputTransform, eager_forward, modes_preserved, scores_from_output
 from lightning_interp.methods.registry import method_spec
+from lightning_interp.methods.tasks import class_labels, label_kind
 from lightning_interp.methods.uncertainty import (
     DROPOUT_TYPES,
     dirichlet_uncertainty,
@@ -139,10 +140,6 @@ class UncertaintyCallback(InterpCallback):
             )
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
-        if class_names is not None and (
-            isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names)
-        ):
-            raise ValueError(f"class_names must be a list of strings (one per class), got {class_names!r}.")
         if explain is not None:
             spec = method_spec(explain)
             if spec.needs_layer and "layer" not in (explain_options or {}):
@@ -164,7 +161,7 @@ class UncertaintyCallback(InterpCallback):
         self.n_samples = n_samples
         self.seed = seed
         self.output_transform = output_transform
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names = parse_class_names(class_names)
 
     # ------------------------------------------------------------------ checks, before training
     def _check_model(self, pl_module: pl.LightningModule) -> None:
@@ -306,6 +303,11 @@ class UncertaintyCallback(InterpCallback):
         maps = self._maps(trainer, pl_module, self._probe_inputs(trainer, pl_module, rows), passes=self.n_samples)
         mean, spread = maps.mean(dim=0), maps.std(dim=0)
         agreement = map_agreement(maps)
+        if bool(agreement.isnan().all()):
+            rank_zero_warn(
+                f"UncertaintyCallback: the {self.explain} maps under MC dropout are constant (a zero gradient, e.g. "
+                f"dead units) at epoch {trainer.current_epoch}, so their agreement is undefined and logged as NaN."
+            )
         relative = spread.flatten(1).mean(dim=1) / mean.flatten(1).mean(dim=1).clamp_min(1e-12)
         numbers = torch.stack([agreement.double().nanmean(), relative.double().mean()]).cpu().tolist()
         base = f"interp/{self.name}/{self.explain}"
@@ -328,8 +330,7 @@ class UncertaintyCallback(InterpCallback):
         return scalars
 
     def _class_name(self, k: int) -> str:
-        names = self.class_names
-        return names[k] if names and 0 <= k < len(names) and "/" not in names[k] else str(k)
+        return class_name(self.class_names, k)
 
     def _title(
         self, index: int, labels: Tensor | None, predicted: Tensor, first: tuple[str, float], second: tuple[str, float]
@@ -341,10 +342,6 @@ class UncertaintyCallback(InterpCallback):
 
 def _class_labels(labels: Tensor | None) -> Tensor | None:
     """(N,) class indices from class-index or one-hot labels; None for other labels (regression, multi-label)."""
-    if labels is None:
+    if labels is None or label_kind(labels) not in ("class", "one_hot"):
         return None
-    if labels.ndim == 1 and not labels.is_floating_point() and labels.dtype != torch.bool:
-        return labels.long().cpu()
-    if labels.ndim == 2 and bool(((labels == 0) | (labels == 1)).all()) and bool((labels.sum(dim=1) == 1).all()):
-        return labels.argmax(dim=1).long().cpu()
-    return None
+    return class_labels(labels, "multiclass").long().cpu()

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
-from lightning_interp import CalibrationCallback
+from lightning_interp import CalibrationCallback, DatasetBiasCallback
 from lightning_interp.demo import ImageClassifier
 from tests.conftest import (
     BatchNormDropoutNet,
@@ -178,3 +178,21 @@ def test_validate_under_inference_mode_logs_the_same_ece_as_torchmetrics(tmp_pat
     expected = multiclass_calibration_error(logits.softmax(dim=1), labels, num_classes=4, n_bins=10)
     assert float(trainer.callback_metrics["interp/calibration/ece"]) == pytest.approx(float(expected), abs=1e-5)
     assert not model._forward_hooks
+
+
+class NaNOutputs(ImageClassifier):
+    """Validation outputs that are NaN (a diverged model): the loss is computed on the real logits."""
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        self.log("val_loss", F.cross_entropy(logits, batch[1]))
+        return {"logits": torch.full_like(logits, float("nan"))}
+
+
+@pytest.mark.parametrize("make", [CalibrationCallback, DatasetBiasCallback])
+def test_nan_validation_outputs_are_warned_about_and_nothing_is_logged(tmp_path, make):
+    callback = make()
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
+    with pytest.warns(UserWarning, match="validation outputs contain NaN or inf"):
+        trainer.fit(NaNOutputs(BatchNormDropoutNet()), datamodule=tiny_datamodule())
+    assert not [key for key in trainer.callback_metrics if key.startswith(f"interp/{callback.name}/")]

@@ -86,7 +86,7 @@ def test_a_dataset_without_a_label_list_is_skipped_with_a_warning_and_the_metric
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
     loader = DataLoader(NoLabelList(), batch_size=16)
     shapes = SyntheticShapes(32, image_size=16)
-    with pytest.warns(UserWarning, match="the train dataset does not list its labels"):
+    with pytest.warns(UserWarning, match="the train data is not a map-style dataset that lists its labels"):
         trainer.fit(tiny_classifier(), loader, DataLoader(TensorDataset(shapes.images, shapes.labels), batch_size=16))
     assert "train" not in callback.balances and "val" in callback.balances
     assert not math.isnan(float(trainer.callback_metrics["interp/bias/worst_recall"]))
