@@ -134,3 +134,31 @@ def quiet_trainer(tmp_path, **overrides) -> pl.Trainer:
     }
     options.update(overrides)
     return pl.Trainer(**options)
+
+
+def train_with(tmp_path, callbacks, *, frozen: bool = False, num_workers: int = 0, **trainer_options):
+    """Fit the BatchNorm / Dropout / in-place-ReLU net from one seed; return (weights, optimizer state, global RNG).
+
+    ``frozen``: the first block frozen and kept in eval mode, as users freeze backbones."""
+    pl.seed_everything(123, verbose=False)
+    model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
+    if frozen:
+        model.net.features[:3].requires_grad_(False)
+        model.on_train_epoch_start = lambda: model.net.features[:3].eval()
+    trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=False, deterministic=True, **trainer_options)
+    trainer.fit(model, datamodule=tiny_datamodule(num_workers=num_workers))
+    return model.state_dict(), trainer.optimizers[0].state_dict(), torch.get_rng_state()
+
+
+def assert_training_identical(plain, other) -> None:
+    """Two results of :func:`train_with`: bit-identical weights (BatchNorm statistics included), optimizer state and
+    global RNG."""
+    plain_weights, plain_optimizer, plain_rng = plain
+    weights, optimizer, rng = other
+    assert plain_weights.keys() == weights.keys()
+    for name, value in plain_weights.items():
+        assert torch.equal(value, weights[name]), f"{name} differs"
+    for key, state in plain_optimizer["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
+    assert torch.equal(plain_rng, rng), "the global RNG advanced differently"

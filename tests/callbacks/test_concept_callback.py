@@ -14,9 +14,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_interp.callbacks.concept import ConceptCallback
-from lightning_interp.demo import ImageClassifier
 from lightning_interp.synthetic import make_shapes
-from tests.conftest import BatchNormDropoutNet, quiet_trainer, read_events, tiny_classifier, tiny_datamodule
+from tests.conftest import (
+    assert_training_identical,
+    quiet_trainer,
+    read_events,
+    tiny_classifier,
+    tiny_datamodule,
+    train_with,
+)
 
 LAYER = "net.7"  # the last ReLU of shapes_cnn (before global pooling)
 
@@ -205,16 +211,8 @@ def test_bf16_autocast_run_logs_finite_scores(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- non-interference
-def _train(tmp_path, callbacks, **trainer_options):
-    pl.seed_everything(123, verbose=False)
-    model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
-    trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=False, deterministic=True, **trainer_options)
-    trainer.fit(model, datamodule=tiny_datamodule())
-    return model.state_dict(), trainer.optimizers[0].state_dict(), torch.get_rng_state()
-
-
 def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
-    plain_weights, plain_optimizer, plain_rng = _train(tmp_path / "plain", [])
+    plain = train_with(tmp_path / "plain", [])
     callback = ConceptCallback(
         {"disc": _concept_images(0), "cross": DataLoader(_ImagesOnly(_concept_images(3)), batch_size=4, shuffle=True)},
         layers=["net.features.2", "net.features.5"],  # an in-place ReLU after BatchNorm, and the last conv block
@@ -222,14 +220,9 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
         n_random=2,
         min_cav_accuracy=0.0,
     )
-    weights, optimizer, rng = _train(tmp_path / "with", [callback])
+    other = train_with(tmp_path / "with", [callback])
     assert callback._runs == 2
-    for name, value in plain_weights.items():
-        assert torch.equal(value, weights[name]), f"{name} differs"  # BatchNorm running stats included
-    for key, state in plain_optimizer["state"].items():
-        for field, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
-    assert torch.equal(plain_rng, rng), "the global RNG advanced differently"
+    assert_training_identical(plain, other)
 
 
 class _AugmentedImages(Dataset):

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import warnings
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_interp.callbacks.feature_visualization import FeatureVisualizationCallback
-from lightning_interp.demo import ImageClassifier
 from lightning_interp.methods.feature_visualization import feature_visualization
-from tests.conftest import BatchNormDropoutNet, quiet_trainer, read_events, tiny_classifier, tiny_datamodule
+from tests.conftest import (
+    assert_training_identical,
+    quiet_trainer,
+    read_events,
+    tiny_classifier,
+    tiny_datamodule,
+    train_with,
+)
 
 TAG = "interp/featvis/features"
 
@@ -108,29 +113,15 @@ def test_defaults_and_state():
     assert other.seed == 7  # the seed is configuration: a resume with a new seed uses it
 
 
-def _train(tmp_path, callbacks, **trainer_options):
-    pl.seed_everything(123, verbose=False)
-    model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
-    trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=False, deterministic=True, **trainer_options)
-    trainer.fit(model, datamodule=tiny_datamodule())
-    return model.state_dict(), trainer.optimizers[0].state_dict(), torch.get_rng_state()
-
-
 def test_training_is_bit_identical_with_the_callback(tmp_path):
-    plain_weights, plain_optimizer, plain_rng = _train(tmp_path / "plain", [])
+    plain = train_with(tmp_path / "plain", [])
     callbacks = [
         _callback(targets=["net.features.4:2", "net.features.1", ("class", 1)], num_images=2),
         _callback(targets=["net.features.4"], mode="dream", name="dream"),
     ]
-    weights, optimizer, rng = _train(tmp_path / "with", callbacks)
+    other = train_with(tmp_path / "with", callbacks)
     assert all(callback._runs == 2 for callback in callbacks), "the callbacks must actually have run"
-    assert plain_weights.keys() == weights.keys()
-    for name, value in plain_weights.items():
-        assert torch.equal(value, weights[name]), f"{name} differs"  # BatchNorm running stats included
-    for key, state in plain_optimizer["state"].items():
-        for field, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
-    assert torch.equal(plain_rng, rng), "the global RNG advanced differently"
+    assert_training_identical(plain, other)
 
 
 def test_bf16_mixed_precision(tmp_path):

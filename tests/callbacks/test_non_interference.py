@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -18,21 +17,8 @@ from lightning_interp import (
     SaliencyCallback,
     UncertaintyCallback,
 )
-from lightning_interp.demo import ImageClassifier
 from lightning_interp.methods import METHODS
-from tests.conftest import BatchNormDropoutNet, quiet_trainer, tiny_datamodule
-
-
-def _train(tmp_path, callbacks, *, frozen=False, num_workers=0, **trainer_options):
-    pl.seed_everything(123, verbose=False)
-    model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
-    if frozen:  # fine-tuning: the first block frozen and in eval mode, as users freeze backbones
-        model.net.features[:3].requires_grad_(False)
-        model.on_train_epoch_start = lambda: model.net.features[:3].eval()
-    trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=False, deterministic=True, **trainer_options)
-    trainer.fit(model, datamodule=tiny_datamodule(num_workers=num_workers))
-    optimizer_state = trainer.optimizers[0].state_dict()
-    return model.state_dict(), optimizer_state, torch.get_rng_state()
+from tests.conftest import BatchNormDropoutNet, assert_training_identical, train_with
 
 
 def _all_callbacks():
@@ -80,17 +66,11 @@ def _all_callbacks():
     ],
 )
 def test_weights_optimizer_and_rng_bit_identical(tmp_path, options):
-    plain_weights, plain_optimizer, plain_rng = _train(tmp_path / "plain", [], **options)
+    plain = train_with(tmp_path / "plain", [], **options)
     callbacks = _all_callbacks()
-    weights, optimizer, rng = _train(tmp_path / "with", callbacks, **options)
+    other = train_with(tmp_path / "with", callbacks, **options)
     assert all(callback._runs >= 1 for callback in callbacks), "the callbacks must actually have run"
-    assert plain_weights.keys() == weights.keys()
-    for name, value in plain_weights.items():
-        assert torch.equal(value, weights[name]), f"{name} differs"  # BatchNorm running stats included
-    for key, state in plain_optimizer["state"].items():
-        for field, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
-    assert torch.equal(plain_rng, rng), "the global RNG advanced differently"
+    assert_training_identical(plain, other)
 
 
 def test_every_registered_method_in_a_callback_leaves_training_bit_identical(tmp_path):
@@ -109,14 +89,9 @@ def test_every_registered_method_in_a_callback_leaves_training_bit_identical(tmp
         GradCAMCallback(layer="net.features.5", methods=cams, num_samples=2, evolution_samples=0),
         GradCAMCallback(layer="net.features.5", methods=["cam"], num_samples=2, name="cam", evolution_samples=0),
     ]
-    plain_weights, plain_optimizer, plain_rng = _train(tmp_path / "plain", [], max_epochs=1)
-    weights, optimizer, rng = _train(tmp_path / "with", callbacks, max_epochs=1)
+    plain = train_with(tmp_path / "plain", [], max_epochs=1)
+    other = train_with(tmp_path / "with", callbacks, max_epochs=1)
     assert all(callback._runs == 1 for callback in callbacks)
     assert {key.split("/")[-1] for key in callbacks[1]._previous} >= {"score_cam", "eigen_cam"}
     assert set(callbacks[0]._previous) == {name for name, _ in saliency}  # every input-attribution method made a map
-    for name, value in plain_weights.items():
-        assert torch.equal(value, weights[name]), f"{name} differs"
-    for key, state in plain_optimizer["state"].items():
-        for field, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer["state"][key][field])), (key, field)
-    assert torch.equal(plain_rng, rng)
+    assert_training_identical(plain, other)

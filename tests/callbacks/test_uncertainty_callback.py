@@ -14,7 +14,14 @@ from torch import nn
 from lightning_interp import UncertaintyCallback
 from lightning_interp.demo import ImageClassifier
 from lightning_interp.probe import ProbeSet
-from tests.conftest import BatchNormDropoutNet, quiet_trainer, read_events, tiny_classifier, tiny_datamodule
+from tests.conftest import (
+    assert_training_identical,
+    quiet_trainer,
+    read_events,
+    tiny_classifier,
+    tiny_datamodule,
+    train_with,
+)
 
 
 class WideDropoutNet(nn.Module):
@@ -101,19 +108,11 @@ def test_bad_arguments_are_refused_at_construction(options, message):
 
 
 def test_training_is_bit_identical_with_the_callback(tmp_path):
-    def train(callbacks):
-        pl.seed_everything(123, verbose=False)
-        model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
-        trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=False, deterministic=True, max_epochs=2)
-        trainer.fit(model, datamodule=tiny_datamodule())
-        return model.state_dict(), torch.get_rng_state()
-
-    plain, plain_rng = train([])
+    plain = train_with(tmp_path / "plain", [], max_epochs=2)
     callback = UncertaintyCallback(num_samples=16)
-    weights, rng = train([callback])
+    other = train_with(tmp_path / "with", [callback], max_epochs=2)
     assert callback._runs == 2
-    assert all(torch.equal(value, weights[name]) for name, value in plain.items())  # BatchNorm statistics too
-    assert torch.equal(plain_rng, rng)
+    assert_training_identical(plain, other)  # BatchNorm statistics too
 
 
 @pytest.mark.parametrize("run", ["fit", "validate"])
