@@ -83,8 +83,9 @@ class UncertaintyCallback(InterpCallback):
     Uncertainty of an explanation (``explain="gradient"`` or any registered
     method; the study of "uncertain DeepLIFT / LRP" under MC dropout, for any
     method): for the first ``explain_samples`` probe samples, the method's map
-    of the eval-mode predicted class under each of the ``n_samples`` dropout
-    sub-networks (:func:`~lightning_interp.methods.uncertainty.mc_dropout_maps`),
+    of the predicted class under each of the ``n_samples`` dropout
+    sub-networks (:func:`~lightning_interp.methods.uncertainty.mc_dropout_maps`;
+    the explained class is the MC-averaged prediction, the one the figures show),
     logged as ``<method>/maps`` (input, mean map, per-pixel standard deviation
     over the passes), ``<method>/map_agreement`` (mean Spearman correlation
     between the passes' maps: 1 = the explanation does not depend on which
@@ -199,7 +200,14 @@ class UncertaintyCallback(InterpCallback):
         if self.explain is not None:
             self._maps(trainer, pl_module, inputs, passes=2)
 
-    def _maps(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor, passes: int) -> Tensor:
+    def _maps(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        inputs: Tensor,
+        passes: int,
+        target: Tensor | None = None,
+    ) -> Tensor:
         assert self.explain is not None
         generator = torch.Generator().manual_seed(self.seed + 1)
         with self._model_context(trainer):
@@ -208,6 +216,7 @@ class UncertaintyCallback(InterpCallback):
                 inputs,
                 self.explain,
                 passes,
+                target=target,
                 generator=generator,
                 output_transform=self.output_transform,
                 **self.explain_options,
@@ -272,7 +281,7 @@ class UncertaintyCallback(InterpCallback):
                 if bool(which.any()):
                     scalars[f"interp/{self.name}/{main}_{group}"] = float(rows[0][which].mean())
         if self.explain is not None:
-            scalars.update(self._explanation_uncertainty(trainer, pl_module, probe))
+            scalars.update(self._explanation_uncertainty(trainer, pl_module, probe, predicted))
         if probe.inputs.ndim == 4:
             order = torch.argsort(rows[0], descending=True, stable=True)[: min(SHOWN, len(probe))]
             shown = probe.inputs[order]
@@ -295,12 +304,14 @@ class UncertaintyCallback(InterpCallback):
         return scalars
 
     def _explanation_uncertainty(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet, predicted: Tensor
     ) -> dict[str, float]:
         count = min(self.explain_samples, len(probe))
         picks = np.linspace(0, len(probe) - 1, count).round().astype(np.int64).tolist()  # spread: several classes
         rows = ProbeSet(probe.inputs[picks], None if probe.labels is None else probe.labels[picks])
-        maps = self._maps(trainer, pl_module, self._probe_inputs(trainer, pl_module, rows), passes=self.n_samples)
+        target = predicted[torch.as_tensor(picks, device=predicted.device)]  # the class the figure shows as pred
+        inputs = self._probe_inputs(trainer, pl_module, rows)
+        maps = self._maps(trainer, pl_module, inputs, passes=self.n_samples, target=target)
         mean, spread = maps.mean(dim=0), maps.std(dim=0)
         agreement = map_agreement(maps)
         if bool(agreement.isnan().all()):

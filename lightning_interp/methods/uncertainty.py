@@ -158,9 +158,7 @@ def mc_dropout_predictions(
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     device = _model_device(model, inputs)
     samples: list[Tensor] = []
-    with modes_preserved(model, eval_mode=True), eager_forward(), _private_rng(model, device, seed):
-        for module in dropouts:
-            module.training = True
+    with dropout_active(), modes_preserved(model), eager_forward(), _private_rng(model, device, seed):
         for _ in range(n_samples):
             parts = []
             for start in range(0, inputs.shape[0], batch_size):
