@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_interp import (
     ActivationMapsCallback,
     ConceptCallback,
+    DatasetBiasCallback,
     FeatureVisualizationCallback,
     GradCAMCallback,
     LinearProbeCallback,
@@ -29,7 +30,10 @@ from lightning_interp import (
     SaliencyCallback,
 )
 from lightning_interp.demo import ImageClassifier, shapes_cnn
-from lightning_interp.synthetic import SyntheticShapesDataModule, make_shapes
+from lightning_interp.synthetic import SHAPE_CLASSES, SyntheticShapesDataModule, make_shapes
+
+RARE_CLASS, TINTED_CLASS = SHAPE_CLASSES.index("triangle"), SHAPE_CLASSES.index("cross")
+"""The biases --biased plants: triangles are rare, crosses always come on a red background."""
 
 
 def concept_examples(count: int = 40, image_size: int = 32, seed: int = 1000) -> dict[str, torch.Tensor]:
@@ -63,6 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also look inside the network: feature maps and dead units of the ReLU layers, images optimised for "
         "each class (feature visualisation) and TCAV scores of two concepts",
     )
+    parser.add_argument(
+        "--biased",
+        action="store_true",
+        help="plant two biases in the data (triangles 12 times rarer than the other shapes; crosses always on a red "
+        "background, the other shapes never) and add DatasetBiasCallback to find them",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
 
@@ -73,7 +83,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
-    data = SyntheticShapesDataModule(args.train_size, args.val_size, batch_size=args.batch_size, seed=args.seed)
+    bias = {}
+    if args.biased:
+        weights = [1.0] * len(SHAPE_CLASSES)
+        weights[RARE_CLASS] = 1 / 12
+        bias = {"class_weights": weights, "tinted_class": TINTED_CLASS, "tint_share": 1.0}
+    data = SyntheticShapesDataModule(args.train_size, args.val_size, batch_size=args.batch_size, seed=args.seed, **bias)
     model = ImageClassifier(shapes_cnn(num_classes=data.num_classes))
     callbacks = [
         SaliencyCallback(
@@ -93,6 +108,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             ConceptCallback(concept_examples(), layers=["net.4"], class_names=data.class_names),
         ]
     callbacks += inside
+    bias_callback = None
+    if args.biased:
+        bias_callback = DatasetBiasCallback(
+            attribution="grad_cam", attribution_options={"layer": "net.7"}, class_names=data.class_names
+        )
+        callbacks.append(bias_callback)
     logger = TensorBoardLogger(args.log_dir, name="quickstart")
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -135,6 +156,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             accuracy = metrics.get(f"{base}/cav_accuracy", float("nan"))
             found = ", ".join(scores) if scores else "no score (CAVs at chance)"
             print(f"TCAV of '{concept}' at net.4 (CAV accuracy {accuracy:.2f}): {found}")
+    if bias_callback is not None:
+        for split, balance in bias_callback.balances.items():
+            print(
+                f"{split} set: rarest class {data.class_names[balance.rarest]!r} "
+                f"({int(balance.counts[balance.rarest])} of {int(balance.counts.sum())}), imbalance ratio "
+                f"{balance.imbalance_ratio:.1f}"
+            )
+        recalls = ", ".join(
+            f"{name} {metrics[f'interp/bias/{name}/recall']:.2f}"
+            for name in data.class_names
+            if f"interp/bias/{name}/recall" in metrics
+        )
+        print(f"validation recall per class: {recalls}")
+        lifts = ", ".join(
+            f"{name} {metrics[f'interp/bias/{name}/localization_lift']:.2f}"
+            for name in data.class_names
+            if f"interp/bias/{name}/localization_lift" in metrics
+        )
+        print(f"Grad-CAM mass on the object over a uniform map's, per true class: {lifts}")
     print(f"logs written to {os.path.abspath(logger.log_dir)}")
     print(f"view them with:  tensorboard --logdir {args.log_dir}")
     return metrics

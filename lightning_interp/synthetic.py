@@ -9,6 +9,8 @@ generated deterministically from a seed, in memory, in well under a second.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -20,14 +22,38 @@ __all__ = ["SHAPE_CLASSES", "SyntheticShapes", "SyntheticShapesDataModule", "mak
 SHAPE_CLASSES = ("disc", "square", "triangle", "cross")
 
 
-def make_shapes(count: int, *, image_size: int = 32, seed: int = 0, clutter: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+TINT = (0.4, 0.0, 0.0)
+"""What a tinted background adds to the (halved) red, green and blue of the background: a red cast."""
+
+
+def make_shapes(
+    count: int,
+    *,
+    image_size: int = 32,
+    seed: int = 0,
+    clutter: int = 4,
+    class_weights: Sequence[float] | None = None,
+    tinted_class: int | None = None,
+    tint_share: float = 0.9,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Generate ``count`` images with labels and object masks.
+
+    Two options plant biases that a dataset-bias check should find:
+    ``class_weights`` makes classes rare or common, and ``tinted_class`` gives
+    that class's images a red background with probability ``tint_share`` and
+    every other image one with probability ``1 - tint_share`` (a background
+    colour correlated with a class: a spurious cue the model can learn
+    instead of the shape). Without them the classes are uniform and no
+    background is tinted.
 
     Args:
         count: number of images.
         image_size: side length in pixels (at least 16).
         seed: all randomness comes from a generator seeded with this.
         clutter: distractor squares per image.
+        class_weights: relative frequency of each class (``len(SHAPE_CLASSES)`` values), or None for uniform.
+        tinted_class: the class that mostly comes with a red background, or None for none.
+        tint_share: the share of ``tinted_class``'s images with a red background (in [0.5, 1]).
 
     Returns:
         images (count, 3, S, S) float32 in [0, 1], labels (count,) int64 in
@@ -40,9 +66,21 @@ def make_shapes(count: int, *, image_size: int = 32, seed: int = 0, clutter: int
     """
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}.")
+    classes = len(SHAPE_CLASSES)
+    if class_weights is not None:
+        weights = torch.as_tensor(class_weights, dtype=torch.float64)
+        if weights.shape != (classes,) or not bool((weights > 0).all()):
+            raise ValueError(f"class_weights must be {classes} positive numbers, got {list(class_weights)}.")
+    if tinted_class is not None and not 0 <= tinted_class < classes:
+        raise ValueError(f"tinted_class must be a class index in 0..{classes - 1} or None, got {tinted_class!r}.")
+    if not 0.5 <= tint_share <= 1:
+        raise ValueError(f"tint_share must lie in [0.5, 1], got {tint_share!r}.")
     g = torch.Generator().manual_seed(seed)
     size = image_size
-    labels = torch.randint(len(SHAPE_CLASSES), (count,), generator=g)
+    if class_weights is None:
+        labels = torch.randint(classes, (count,), generator=g)
+    else:
+        labels = torch.multinomial(weights, count, replacement=True, generator=g)
     radius = size * (0.16 + 0.10 * torch.rand(count, generator=g))
     margin = radius + 1
     cx = margin + torch.rand(count, generator=g) * (size - 2 * margin)
@@ -60,6 +98,11 @@ def make_shapes(count: int, *, image_size: int = 32, seed: int = 0, clutter: int
 
     background = F.interpolate(torch.rand(count, 3, 4, 4, generator=g), size=(size, size), mode="bilinear")
     images = 0.15 + 0.3 * background + 0.05 * torch.randn(count, 3, size, size, generator=g)
+    if tinted_class is not None:
+        chance = torch.where(labels == tinted_class, tint_share, 1 - tint_share)
+        tinted = torch.rand(count, generator=g) < chance
+        cast = 0.5 * images + torch.tensor(TINT)[:, None, None]
+        images = torch.where(tinted[:, None, None, None], cast, images)
     for _ in range(clutter):
         side = 2 + torch.randint(2, (count,), generator=g)
         x0 = torch.randint(size - 3, (count,), generator=g)
@@ -89,8 +132,26 @@ class SyntheticShapes(Dataset):
 
     classes = SHAPE_CLASSES
 
-    def __init__(self, count: int, *, image_size: int = 32, seed: int = 0, clutter: int = 4) -> None:
-        self.images, self.labels, self.masks = make_shapes(count, image_size=image_size, seed=seed, clutter=clutter)
+    def __init__(
+        self,
+        count: int,
+        *,
+        image_size: int = 32,
+        seed: int = 0,
+        clutter: int = 4,
+        class_weights: Sequence[float] | None = None,
+        tinted_class: int | None = None,
+        tint_share: float = 0.9,
+    ) -> None:
+        self.images, self.labels, self.masks = make_shapes(
+            count,
+            image_size=image_size,
+            seed=seed,
+            clutter=clutter,
+            class_weights=class_weights,
+            tinted_class=tinted_class,
+            tint_share=tint_share,
+        )
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -112,6 +173,9 @@ class SyntheticShapesDataModule(pl.LightningDataModule):
         batch_size: batch size of both loaders.
         num_workers: dataloader worker processes.
         seed: base seed; validation uses ``seed + 1``.
+        class_weights: relative class frequencies of both sets (see :func:`make_shapes`), or None for uniform.
+        tinted_class: the class that mostly comes with a red background in both sets, or None.
+        tint_share: the share of ``tinted_class``'s images with a red background.
 
     Example:
         >>> dm = SyntheticShapesDataModule(train_size=64, val_size=32)
@@ -129,17 +193,22 @@ class SyntheticShapesDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        class_weights: Sequence[float] | None = None,
+        tinted_class: int | None = None,
+        tint_share: float = 0.9,
     ) -> None:
         super().__init__()
         self.train_size, self.val_size, self.image_size = train_size, val_size, image_size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.bias = {"class_weights": class_weights, "tinted_class": tinted_class, "tint_share": tint_share}
         self.num_classes = len(SHAPE_CLASSES)
         self.class_names = list(SHAPE_CLASSES)
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
-            self.train_set = SyntheticShapes(self.train_size, image_size=self.image_size, seed=self.seed)
-            self.val_set = SyntheticShapes(self.val_size, image_size=self.image_size, seed=self.seed + 1)
+            size = self.image_size
+            self.train_set = SyntheticShapes(self.train_size, image_size=size, seed=self.seed, **self.bias)
+            self.val_set = SyntheticShapes(self.val_size, image_size=size, seed=self.seed + 1, **self.bias)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)

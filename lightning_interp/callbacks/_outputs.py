@@ -31,8 +31,9 @@ class ValidationOutputsCallback(InterpCallback):
     gets from ``self(x)``; a ``validation_step`` that returns a dict with
     ``"logits"`` (or ``"scores"``, ``"preds"``, ``"y_hat"``) is read from that
     instead. Labels come from the batch (``batch_parser``). A subclass's
-    ``_run`` calls :meth:`_collected`. The base's probe set (two samples) only
-    marks the run as ready.
+    ``_run`` calls :meth:`_collected`. The base's probe set (two samples, or
+    ``num_samples`` for a subclass that also explains probe samples) marks the
+    run as ready.
     """
 
     def __init__(
@@ -43,13 +44,15 @@ class ValidationOutputsCallback(InterpCallback):
         every_n_epochs: int = 1,
         batch_parser: BatchParser | None = None,
         background_drawing: bool = True,
+        num_samples: int = 2,
     ) -> None:
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
-        # no probe set, num_samples or forward_fn: the base's two-sample probe only marks the run as ready
+        # no probe set or forward_fn: the base's probe (two samples unless a subclass explains some) marks the run
+        # as ready
         super().__init__(
             name=name,
-            num_samples=2,
+            num_samples=num_samples,
             every_n_epochs=every_n_epochs,
             batch_parser=batch_parser,
             background_drawing=background_drawing,

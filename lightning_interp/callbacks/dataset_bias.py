@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,9 +17,17 @@ from typing_extensions import override
 from lightning_interp._logging import log_image, log_scalars
 from lightning_interp.callbacks._base import _first_loader, class_name, parse_class_names
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
-from lightning_interp.methods._core import OutputTransform
-from lightning_interp.methods.bias import ClassBalance, class_balance, per_class_metrics
-from lightning_interp.probe import dataset_labels, sampled_indices, scannable
+from lightning_interp.methods._core import OutputTransform, scores_from_output
+from lightning_interp.methods.bias import (
+    ClassAttribution,
+    ClassBalance,
+    class_attribution,
+    class_balance,
+    per_class_metrics,
+)
+from lightning_interp.methods.map_metrics import attribution_to_map
+from lightning_interp.methods.registry import attribute, method_spec
+from lightning_interp.probe import ProbeSet, dataset_labels, sampled_indices, scannable
 from lightning_interp.visualize import _figure_to_array
 
 __all__ = ["DatasetBiasCallback"]
@@ -55,10 +63,39 @@ class DatasetBiasCallback(ValidationOutputsCallback):
     one-hot labels are supported. Under DDP the per-epoch numbers are those of
     rank zero's share of the validation set.
 
+    **Spurious correlations** (``attribution="grad_cam"`` or any registered
+    method; off by default): at each due epoch the callback explains
+    ``attribution_samples`` validation images, each for its true class, and
+    asks per class where the explanations' mass lies
+    (:func:`~lightning_interp.methods.class_attribution`):
+
+    - with object masks in the batches: ``<class>/localization``, the share of
+      the map's mass on the object, and ``<class>/localization_lift``, that
+      share over a uniform map's (1: the object is not favoured at all);
+      ``min_localization_lift``; and a warning, once per fit, when one class
+      sits near 1 while the others are well above: the model recognises that
+      class by something outside the object, such as a background colour
+      that comes with it in the data;
+    - without masks, a cheap proxy: ``<class>/border_share``, the share of the
+      map's magnitude in the outer ``border_fraction`` band of the image, and
+      ``<class>/border_lift`` over a uniform map's; ``max_border_lift``. It
+      means something only where objects sit near the centre (object-centred
+      photos): it cannot tell an object that fills the frame from background,
+      nor a cue in the centre from the object;
+    - ``attribution_by_class``: a bar chart of the lifts.
+
+    Cost: one attribution pass over the explained samples per due epoch (one
+    forward and backward for Grad-CAM and gradients).
+
     Args:
         imbalance_warning: the class-count ratio above which a set is warned about.
         class_names: names for the tags and figures instead of class indices.
         output_transform: picks the (B, C) logits out of the model's output.
+        attribution: a registered method (``available_methods()``) for the spurious-correlation check, or None.
+        attribution_options: the method's options, e.g. ``{"layer": "net.7"}`` for a CAM method (without it, the
+            method's automatic layer).
+        attribution_samples: validation images explained per due epoch (images (N, C, H, W) only).
+        border_fraction: width of the border band, as a fraction of each side, for the measure without masks.
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: ``every_n_epochs``, ``batch_parser``, ``background_drawing``
             (see :class:`~lightning_interp.callbacks.InterpCallback`).
@@ -66,6 +103,8 @@ class DatasetBiasCallback(ValidationOutputsCallback):
     Example:
         >>> DatasetBiasCallback(imbalance_warning=5.0).imbalance_warning
         5.0
+        >>> DatasetBiasCallback(attribution="grad_cam", attribution_options={"layer": "net.7"}).num_samples
+        256
     """
 
     def __init__(
@@ -74,19 +113,53 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         *,
         class_names: Sequence[str] | None = None,
         output_transform: OutputTransform | None = None,
+        attribution: str | None = None,
+        attribution_options: Mapping[str, Any] | None = None,
+        attribution_samples: int = 256,
+        border_fraction: float = 0.15,
         name: str = "bias",
         **kwargs: Any,
     ) -> None:
         if not imbalance_warning >= 1:
             raise ValueError(f"imbalance_warning must be a ratio >= 1, got {imbalance_warning!r}.")
-        super().__init__(name=name, output_transform=output_transform, **kwargs)
+        if attribution is not None:
+            spec = method_spec(attribution)  # an unknown name fails here, with the list of known ones
+            accepted = {*spec.options, "layer"} if spec.needs_layer else set(spec.options)
+            unknown = sorted(set(attribution_options or {}) - accepted)
+            if unknown:
+                raise TypeError(
+                    f"attribution={attribution!r} takes no option(s) {unknown}; its options are: "
+                    f"{', '.join(('layer', *spec.options) if spec.needs_layer else spec.options)}."
+                )
+        elif attribution_options:
+            raise ValueError("attribution_options were given without attribution=...; name the method too.")
+        if not isinstance(attribution_samples, int) or isinstance(attribution_samples, bool) or attribution_samples < 2:
+            raise ValueError(f"attribution_samples must be an int >= 2, got {attribution_samples!r}.")
+        if not 0 < border_fraction < 0.5:
+            raise ValueError(f"border_fraction must lie in (0, 0.5), got {border_fraction!r}.")
+        self.attribution = attribution
+        self.attribution_options = dict(attribution_options or {})
+        self.attribution_samples = attribution_samples
+        self.border_fraction = float(border_fraction)
+        samples = attribution_samples if attribution is not None else 2
+        super().__init__(name=name, output_transform=output_transform, num_samples=samples, **kwargs)
         self.imbalance_warning = float(imbalance_warning)
         self.class_names = parse_class_names(class_names)
         self.balances: dict[str, ClassBalance] = {}
+        self.class_attribution: ClassAttribution | None = None
+        self._warned_background = False
 
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
         self.balances = {}
+        self.class_attribution = None
+        self._warned_background = False
+
+    def _needs_labels(self) -> bool:
+        return self.attribution is not None
+
+    def _labels_reason(self) -> str:
+        return "DatasetBiasCallback(attribution=...) explains each sample for its true class, so it needs labels"
 
     def _class_name(self, k: int) -> str:
         return class_name(self.class_names, k)
@@ -137,11 +210,118 @@ class DatasetBiasCallback(ValidationOutputsCallback):
 
         self._submit(trainer, draw)
 
+    # ------------------------------------------------------------------ where each class's explanations lie
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        if self.attribution is not None and probe.inputs.ndim != 4:
+            raise ValueError(
+                f"DatasetBiasCallback(attribution={self.attribution!r}) compares where each class's explanations "
+                f"lie in images (N, C, H, W); the validation inputs are {tuple(probe.inputs.shape)}. Leave "
+                "attribution=None for this data."
+            )
+
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        if self.attribution is not None:
+            self._attribution_maps(trainer, pl_module, probe.subset(min(2, len(probe))))
+
+    def _attribution_maps(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> Tensor:
+        """(N, H, W) non-negative maps of ``probe``'s images, each explained for its true class."""
+        assert self.attribution is not None and probe.labels is not None
+        model = self._explained(pl_module)
+        options = dict(self.attribution_options)
+        if self.output_transform is not None:
+            options["output_transform"] = self.output_transform
+        maps = []
+        for start in range(0, len(probe), 64):
+            inputs = self._device_inputs(trainer, pl_module, probe.inputs[start : start + 64])
+            if start == 0:
+                with torch.no_grad(), self._model_context(trainer):
+                    width = scores_from_output(model(inputs[:1]), self.output_transform).shape[1]
+                if width < 2:
+                    raise ValueError(
+                        "DatasetBiasCallback(attribution=...) explains each sample for its own class and needs one "
+                        f"score per class; the model gives {width}. Leave attribution=None for a binary (one-logit) "
+                        "model."
+                    )
+            target = _class_indices(probe.labels[start : start + 64]).to(inputs.device)
+            with self._model_context(trainer):
+                explained = attribute(self.attribution, model, inputs, target, **options)
+            maps.append(attribution_to_map(explained) if explained.ndim == 4 else explained.detach().float())
+        return torch.cat(maps)
+
+    def _spurious(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recall: Tensor | None) -> dict[str, float]:
+        probe = self.probe
+        assert probe is not None and probe.labels is not None
+        maps = self._attribution_maps(trainer, pl_module, probe)
+        labels = _class_indices(probe.labels)
+        classes = int(labels.max()) + 1
+        if self.balances:
+            classes = max(classes, max(balance.counts.numel() for balance in self.balances.values()))
+        masks = probe.masks if probe.masks is not None and probe.masks.shape[-2:] == maps.shape[-2:] else None
+        found = class_attribution(maps, labels, classes, masks=masks, border_fraction=self.border_fraction)
+        self.class_attribution = found
+        measure = found.measure
+        lift_name = "localization_lift" if measure == "localization" else "border_lift"
+        lifts = found.lift
+        scalars: dict[str, float] = {}
+        for k in range(classes):
+            if found.counts[k] > 0:
+                scalars[f"interp/{self.name}/{self._class_name(k)}/{measure}"] = float(found.scores[k])
+                scalars[f"interp/{self.name}/{self._class_name(k)}/{lift_name}"] = float(lifts[k])
+        present = lifts[~lifts.isnan()]
+        if present.numel():
+            if measure == "localization":
+                scalars[f"interp/{self.name}/min_{lift_name}"] = float(present.min())
+            else:
+                scalars[f"interp/{self.name}/max_{lift_name}"] = float(present.max())
+        if measure == "localization":
+            self._warn_background(trainer, lifts, recall)
+        names = [self._class_name(k) for k in range(classes)]
+        step, epoch, method = trainer.global_step, trainer.current_epoch, self.attribution
+
+        def draw() -> None:
+            image = class_lift_image(lifts, names, measure, title=f"{method}, true classes (epoch {epoch})")
+            log_image(trainer, f"interp/{self.name}/attribution_by_class", image, step)
+
+        self._submit(trainer, draw)
+        return scalars
+
+    def _warn_background(self, trainer: pl.Trainer, lifts: Tensor, recall: Tensor | None) -> None:
+        """Once per fit: a class the model gets right (recall >= 0.5) whose maps favour its objects no more than a
+        uniform map does, while the other classes' maps clearly favour theirs."""
+        if self._warned_background:
+            return
+        learnt = ~lifts.isnan()
+        if recall is not None and recall.numel() == lifts.numel():
+            learnt &= torch.nan_to_num(recall, nan=0.0) >= 0.5  # a class not learnt at all: its low recall says so
+        if int(learnt.sum()) < 3:
+            return
+        candidates = torch.where(learnt, lifts, torch.full_like(lifts, float("inf")))
+        k = int(candidates.argmin())
+        others = lifts[learnt & (torch.arange(lifts.numel()) != k)]
+        if float(lifts[k]) < 1.25 and float(others.median()) > 1.5:
+            self._warned_background = True
+            got = "" if recall is None else f" although it recognises {float(recall[k]):.0%} of them"
+            rank_zero_warn(
+                f"DatasetBiasCallback: at epoch {trainer.current_epoch} the {self.attribution} maps of class "
+                f"{self._class_name(k)!r} put no more of their mass on the object than a uniform map would"
+                f"{got} (localization lift {float(lifts[k]):.2f}; the other classes' median "
+                f"{float(others.median()):.2f}). The model may recognise this class by its background or context "
+                "rather than the object: a spurious correlation in the data (look at its maps, and at images of it "
+                "with other backgrounds)."
+            )
+
     # ------------------------------------------------------------------ per-class quality, every validation
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        scalars, recall = self._per_class_quality(trainer)
+        if self.attribution is not None:
+            scalars.update(self._spurious(trainer, pl_module, recall))
+        return scalars
+
+    def _per_class_quality(self, trainer: pl.Trainer) -> tuple[dict[str, float], Tensor | None]:
+        """The per-class scalars of the validation pass, and the (K,) recalls (None without usable outputs)."""
         collected = self._collected()
         if collected is None:
-            return {}
+            return {}, None
         logits, labels = collected
         binary = logits.shape[1] == 1
         predictions = (logits[:, 0] > 0).long() if binary else logits.argmax(dim=1)
@@ -165,7 +345,12 @@ class DatasetBiasCallback(ValidationOutputsCallback):
             log_image(trainer, f"interp/{self.name}/confusion", image, step)
 
         self._submit(trainer, draw)
-        return scalars
+        return scalars, metrics.recall
+
+
+def _class_indices(labels: Tensor) -> Tensor:
+    """(N,) class indices of class-index or one-hot labels."""
+    return (labels.argmax(dim=1) if labels.ndim == 2 else labels).long()
 
 
 def _loader_labels(loader: Any, limit: int | float | None) -> Tensor | None:
@@ -235,5 +420,32 @@ def confusion_image(confusion: Tensor, names: Sequence[str], *, title: str = "")
     if title:
         axes.set_title(title, fontsize=9)
     figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+    figure.tight_layout()
+    return _figure_to_array(figure, canvas)
+
+
+def class_lift_image(lifts: Tensor, names: Sequence[str], measure: str, *, title: str = "") -> np.ndarray:
+    """Horizontal bars of each class's lift (its maps' share on the object, or on the border, over a uniform
+    map's), with the uniform map's 1 marked. Returns uint8 (H, W, 3).
+
+    Example:
+        >>> class_lift_image(torch.tensor([2.0, 1.0]), ["a", "b"], "localization").dtype
+        dtype('uint8')
+    """
+    classes = len(names)
+    figure = Figure(figsize=(5.0, max(2.4, 0.32 * classes + 1.4)), dpi=100, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    values = torch.nan_to_num(lifts.double(), nan=0.0).numpy()
+    positions = np.arange(classes)[::-1]
+    axes.barh(positions, values, color="tab:blue")
+    axes.axvline(1.0, color="black", linewidth=1, linestyle="--", label="uniform map")
+    axes.set_yticks(positions, list(names), fontsize=7)
+    what = "mass on the object" if measure == "localization" else "mass on the image border"
+    axes.set_xlabel(f"{what} / a uniform map's", fontsize=8)
+    axes.tick_params(axis="x", labelsize=7)
+    axes.legend(fontsize=7, frameon=False, loc="lower right")
+    if title:
+        axes.set_title(title, fontsize=9)
     figure.tight_layout()
     return _figure_to_array(figure, canvas)

@@ -29,7 +29,16 @@ from lightning_interp.methods.attribution import (
     integration_points,
     smoothgrad,
 )
-from lightning_interp.methods.bias import ClassBalance, PerClassMetrics, class_balance, per_class_metrics
+from lightning_interp.methods.bias import (
+    ClassAttribution,
+    ClassBalance,
+    PerClassMetrics,
+    border_band,
+    border_share,
+    class_attribution,
+    class_balance,
+    per_class_metrics,
+)
 from lightning_interp.methods.concepts import (
     CAV,
     TCAVResult,
@@ -152,6 +161,7 @@ __all__ = [
     "RELU_RULES",
     "TASKS",
     "ActivationStatistics",
+    "ClassAttribution",
     "ClassBalance",
     "DeepDreamResult",
     "FeatureVisualizationResult",
@@ -173,12 +183,15 @@ __all__ = [
     "attribution_to_map",
     "auto_layers",
     "available_methods",
+    "border_band",
+    "border_share",
     "cam",
     "cam_from_activation",
     "capture_features",
     "capture_pooled_features",
     "center_gram",
     "cka_matrix",
+    "class_attribution",
     "class_balance",
     "compute_cav",
     "concentration",

@@ -1,4 +1,5 @@
-"""Dataset bias: class balance of a label set, and per-class recall, precision and confusion (through torchmetrics)."""
+"""Dataset bias: class balance of a label set, per-class recall, precision and confusion (through torchmetrics), and
+where each class's explanations put their mass (a spurious-correlation signal)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,18 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-__all__ = ["ClassBalance", "PerClassMetrics", "class_balance", "per_class_metrics"]
+from lightning_interp.methods.map_metrics import localization
+
+__all__ = [
+    "ClassAttribution",
+    "ClassBalance",
+    "PerClassMetrics",
+    "border_band",
+    "border_share",
+    "class_attribution",
+    "class_balance",
+    "per_class_metrics",
+]
 
 
 @dataclass(frozen=True)
@@ -115,4 +127,127 @@ def per_class_metrics(predictions: Tensor, labels: Tensor, num_classes: int) -> 
         recall=torch.where(present, recall, nan),  # torchmetrics gives 0 where a class is absent: undefined, not 0
         precision=torch.where(predicted, precision, nan),
         confusion=confusion,
+    )
+
+
+def border_band(height: int, width: int, fraction: float = 0.15, *, device: torch.device | str | None = None) -> Tensor:
+    """The (H, W) bool mask of an image's outer band: ``fraction`` of each side's length (at least one pixel) from
+    every edge.
+
+    Example:
+        >>> border_band(4, 4, 0.25).int().tolist()
+        [[1, 1, 1, 1], [1, 0, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1]]
+    """
+    if not 0 < fraction < 0.5:
+        raise ValueError(f"The border fraction must lie in (0, 0.5), got {fraction!r}.")
+    rows, columns = max(1, round(fraction * height)), max(1, round(fraction * width))
+    band = torch.ones(height, width, dtype=torch.bool, device=device)
+    band[rows : height - rows, columns : width - columns] = False
+    return band
+
+
+def border_share(maps: Tensor, fraction: float = 0.15) -> Tensor:
+    """Share of each (B, H, W) map's magnitude that lies in the image's outer band (see :func:`border_band`).
+
+    A uniform map scores the band's area share; a map on the centre scores near 0. NaN for an all-zero map.
+
+    Example:
+        >>> heat = torch.zeros(1, 10, 10); heat[0, 4:6, 4:6] = 1.0
+        >>> border_share(heat).item(), border_share(torch.ones(1, 10, 10), fraction=0.1).item()
+        (0.0, 0.36)
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"border_share needs (B, H, W) maps, got {tuple(maps.shape)}.")
+    magnitude = maps.detach().double().abs()
+    band = border_band(maps.shape[1], maps.shape[2], fraction, device=maps.device)
+    return (magnitude * band).sum(dim=(1, 2)) / magnitude.sum(dim=(1, 2))
+
+
+@dataclass(frozen=True)
+class ClassAttribution:
+    """Where the explanations of each class put their mass.
+
+    Attributes:
+        measure: ``"localization"`` (share of the positive mass inside the object masks) or ``"border_share"``
+            (share of the magnitude in the image's outer band), averaged over the class's samples.
+        scores: (K,) float64 per class (NaN for a class without a sample whose map has mass).
+        uniform: (K,) float64 what a uniform map scores for the same samples (their mean mask area share, or the
+            band's area share).
+        counts: (K,) int64 samples per class that entered the mean.
+    """
+
+    measure: str
+    scores: Tensor
+    uniform: Tensor
+    counts: Tensor
+
+    @property
+    def lift(self) -> Tensor:
+        """(K,) ``scores / uniform``: 1 for no preference; for localization, > 1 means the object is favoured."""
+        return self.scores / self.uniform
+
+
+def class_attribution(
+    maps: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    masks: Tensor | None = None,
+    border_fraction: float = 0.15,
+) -> ClassAttribution:
+    """Per class, how much of its explanations falls on its objects (with masks) or on the image border (without).
+
+    A class whose maps spread over the background as much as a uniform map does
+    (localization lift near 1, while the other classes' lifts are well above)
+    is recognised by something other than the object: often a spurious
+    correlation such as a background colour. Without masks, a high border share
+    is a cheap proxy for the same, valid only where objects sit near the centre
+    (object-centred photos); it cannot tell background from an object that
+    fills the frame, nor a centred background cue from the object.
+
+    Args:
+        maps: (N, H, W) non-negative maps (e.g. Grad-CAM, or ``attribution_to_map`` of input attributions).
+        labels: (N,) class indices, the classes the maps explain.
+        num_classes: number of classes K.
+        masks: (N, H, W) object masks, or None for the border measure.
+        border_fraction: width of the border band as a fraction of each side.
+
+    Returns:
+        :class:`ClassAttribution` on the CPU.
+
+    Example:
+        >>> maps = torch.zeros(2, 8, 8); maps[0, 3:5, 3:5] = 1.0; maps[1] = 1.0
+        >>> masks = torch.zeros(2, 8, 8, dtype=torch.bool); masks[:, 2:6, 2:6] = True
+        >>> found = class_attribution(maps, torch.tensor([0, 1]), 2, masks=masks)
+        >>> found.scores.tolist(), found.lift.tolist()
+        ([1.0, 0.25], [4.0, 1.0])
+    """
+    if maps.ndim != 3 or labels.shape != maps.shape[:1]:
+        raise ValueError(
+            "class_attribution needs (N, H, W) maps and (N,) labels, got "
+            f"{tuple(maps.shape)} and {tuple(labels.shape)}."
+        )
+    labels = labels.to(maps.device).long()
+    if masks is not None:
+        masks = masks.to(maps.device).reshape(maps.shape).bool()
+        measure, values = "localization", localization(maps, masks)
+        uniform = masks.flatten(1).double().mean(dim=1)
+    else:
+        measure, values = "border_share", border_share(maps, border_fraction)
+        band = border_band(maps.shape[1], maps.shape[2], border_fraction, device=maps.device)
+        uniform = band.double().mean().expand(maps.shape[0])
+    valid = values.isfinite()
+    index = labels[valid]
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=maps.device).index_add_(
+        0, index, torch.ones_like(values[valid])
+    )
+    sums = torch.zeros_like(counts).index_add_(0, index, values[valid])
+    uniform_sums = torch.zeros_like(counts).index_add_(0, index, uniform[valid])
+    nan = torch.full_like(counts, float("nan"))
+    present = counts > 0
+    return ClassAttribution(
+        measure=measure,
+        scores=torch.where(present, sums / counts.clamp_min(1), nan).cpu(),
+        uniform=torch.where(present, uniform_sums / counts.clamp_min(1), nan).cpu(),
+        counts=counts.long().cpu(),
     )
