@@ -66,3 +66,27 @@ def test_quickstart_learns_and_gradcam_localizes_the_objects(tmp_path, capsys):
     assert all(0.0 <= metrics[f"interp/tcav/stripes/net.4/{k}/tcav"] <= 1.0 for k in range(4))
     assert 0.0 < metrics["interp/activations/net.4/dead_fraction"] < 0.5
     assert "TCAV of 'stripes' at net.4" in printed
+
+
+@pytest.mark.slow
+def test_quickstart_biased_the_bias_callback_finds_the_rare_class_and_the_background_cue(tmp_path, capsys):
+    # --biased: triangles are 12 times rarer, crosses always come on a red background; the callback knows neither
+    with pytest.warns(UserWarning) as caught:
+        metrics = _load_quickstart().main(["--log-dir", str(tmp_path), "--biased"])
+    messages = [str(warning.message) for warning in caught]
+    assert any("the train set is imbalanced: class 'triangle'" in message for message in messages)
+    background = [message for message in messages if "put no more of their mass on the object" in message]
+    assert len(background) == 1 and "class 'cross'" in background[0], background
+    printed = capsys.readouterr().out
+    assert "rarest class 'triangle'" in printed
+
+    recalls = {name: metrics[f"interp/bias/{name}/recall"] for name in ("disc", "square", "triangle", "cross")}
+    assert min(recalls, key=recalls.get) == "triangle" and metrics["interp/bias/worst_recall"] < 0.5
+    # the red background gives crosses away: the model recognises them all, and its Grad-CAM maps of crosses lie
+    # off the crosses (below a uniform map's share), while every other class's maps favour its object
+    assert recalls["cross"] > 0.95
+    lifts = {name: metrics[f"interp/bias/{name}/localization_lift"] for name in recalls}
+    assert lifts["cross"] < 1.0, lifts
+    assert all(lifts[name] > 1.4 for name in ("disc", "square", "triangle")), lifts
+    events = read_events(str(tmp_path))
+    assert len(events.image_steps("interp/bias/attribution_by_class")) == 8

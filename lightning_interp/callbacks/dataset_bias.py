@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_interp._logging import log_image, log_scalars
 from lightning_interp.callbacks._base import _first_loader, class_name, parse_class_names
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
-from lightning_interp.methods._core import OutputTransform, scores_from_output
+from lightning_interp.methods._core import OutputTransform, eager_forward, modes_preserved, scores_from_output
 from lightning_interp.methods.bias import (
     ClassAttribution,
     ClassBalance,
@@ -234,7 +234,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         for start in range(0, len(probe), 64):
             inputs = self._device_inputs(trainer, pl_module, probe.inputs[start : start + 64])
             if start == 0:
-                with torch.no_grad(), self._model_context(trainer):
+                with torch.no_grad(), modes_preserved(model), eager_forward(), self._model_context(trainer):
                     width = scores_from_output(model(inputs[:1]), self.output_transform).shape[1]
                 if width < 2:
                     raise ValueError(

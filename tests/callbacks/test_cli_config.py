@@ -123,6 +123,9 @@ trainer:
     - class_path: lightning_interp.DatasetBiasCallback
       init_args:
         imbalance_warning: 4.0
+        attribution: grad_cam
+        attribution_options: {layer: net.4}
+        attribution_samples: 64
 """
 
 
@@ -144,3 +147,4 @@ def test_a_yaml_config_builds_the_uncertainty_calibration_and_bias_callbacks(tmp
     assert uncertainty.explain == "integrated_gradients" and uncertainty.explain_options == {"n_steps": 8}
     assert isinstance(calibration, CalibrationCallback) and calibration.n_bins == 10
     assert isinstance(bias, DatasetBiasCallback) and bias.imbalance_warning == 4.0
+    assert bias.attribution == "grad_cam" and bias.attribution_options == {"layer": "net.4"} and bias.num_samples == 64

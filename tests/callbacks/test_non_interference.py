@@ -50,6 +50,9 @@ def _all_callbacks():
         ),
         CalibrationCallback(),  # a forward hook during validation, a temperature fit at its end
         DatasetBiasCallback(),  # the samplers' indices read at train start (their generators restored)
+        DatasetBiasCallback(  # and Grad-CAM per true class, through the Dropout / BatchNorm net in eval mode
+            attribution="grad_cam", attribution_options={"layer": "net.features.5"}, name="bias_cues"
+        ),
     ]
 
 
