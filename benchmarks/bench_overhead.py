@@ -46,9 +46,18 @@ from _timing import markdown_table, synchronize
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
+from lightning_interp import (
+    CalibrationCallback,
+    DatasetBiasCallback,
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+    UncertaintyCallback,
+)
 from lightning_interp.callbacks._context import active_context, current_timings
 from lightning_interp.demo import ImageClassifier, cifar_resnet, mnist_cnn
+from lightning_interp.methods import DROPOUT_TYPES
 
 CPU_TARGET = 0.03  # MNIST-sized, CPU
 GPU_TARGETS = {"resnet18-32": 0.05, "resnet18-128": 0.02}
@@ -186,8 +195,55 @@ def _fit(
         trainer.fit(ImageClassifier(net), *loaders)  # the model is created on the CPU, as users do
 
 
-def measure(config: Configuration, device: str, quick: bool) -> tuple[list[list[object]], list[list[object]], float]:
-    """Rows of the per-callback table, rows of the one-time table, and the all-four share of an epoch."""
+VALIDATION_HOOKS = ("on_validation_epoch_start", "on_validation_batch_start", "on_validation_batch_end")
+
+
+def _opt_in_callbacks(net: torch.nn.Module, quick: bool) -> dict[str, Callable[[], Callback]]:
+    """The callbacks that are not on in the default four, each measured in a fit of its own."""
+    made: dict[str, Callable[[], Callback]] = {}
+    if any(isinstance(module, DROPOUT_TYPES) for module in net.modules()):  # MC dropout needs dropout layers
+        made["UncertaintyCallback()"] = lambda: UncertaintyCallback(num_samples=32 if quick else 256)
+    made["CalibrationCallback()"] = CalibrationCallback
+    made["DatasetBiasCallback()"] = DatasetBiasCallback
+    made["DatasetBiasCallback(attribution='grad_cam')"] = lambda: DatasetBiasCallback(
+        attribution="grad_cam", attribution_samples=32 if quick else 256
+    )
+    return made
+
+
+def _median_after(values: list[float], skip: int) -> float:
+    """The median of the values after the first ``skip`` (the first validation's), or of all when that is all."""
+    later = values[skip:] or values
+    return statistics.median(later) if later else 0.0
+
+
+def measure_opt_in(
+    config: Configuration, device: str, quick: bool, loaders: tuple[DataLoader, DataLoader], epoch: float
+) -> list[list[object]]:
+    """Per opt-in callback: its training-thread time per validation epoch, per-batch hooks scaled to a full
+    validation set, and the share of the estimated epoch."""
+    batch = 16 if quick else config.batch
+    batches, val_batches = (2, 1) if quick else (30, 8)
+    full_val_batches = math.ceil(config.full_val / (2 * batch))
+    rows: list[list[object]] = []
+    for label, make in _opt_in_callbacks(config.make_net(), quick).items():
+        callback = make()
+        hooks = ("on_validation_epoch_end", *VALIDATION_HOOKS)
+        times = clock_hooks(callback, hooks, device == "cuda")
+        _fit(config.make_net(), loaders, [callback], batches, val_batches, device, config.precision)
+        runs = len(times["on_validation_epoch_end"])
+        per_batch = sum(_median_after(times[hook], val_batches) for hook in VALIDATION_HOOKS[1:])
+        per_start = _median_after(times["on_validation_epoch_start"], 1)
+        per_run = _median_after(times["on_validation_epoch_end"], 1) + per_start + per_batch * full_val_batches
+        rows.append([config.label, label, per_run * 1000, f"{per_run / epoch:.2%}", per_batch * 1e6, runs])
+    return rows
+
+
+def measure(
+    config: Configuration, device: str, quick: bool
+) -> tuple[list[list[object]], list[list[object]], float, list[list[object]]]:
+    """Rows of the per-callback table, rows of the one-time table, the all-four share of an epoch, and rows of the
+    opt-in table."""
     cuda = device == "cuda"
     batch = 16 if quick else config.batch
     shape = (3, 32, 32) if quick and config.shape[-1] > 32 else config.shape
@@ -247,17 +303,19 @@ def measure(config: Configuration, device: str, quick: bool) -> tuple[list[list[
             at_fit_end * 1000,
         ]
     ]
-    return rows, once, total / epoch
+    return rows, once, total / epoch, measure_opt_in(config, device, quick, loaders, epoch)
 
 
 def run(quick: bool, device: str = "cpu") -> str:
     configurations = GPU_CONFIGURATIONS if device == "cuda" else CPU_CONFIGURATIONS
     rows: list[list[object]] = []
     once: list[list[object]] = []
+    opt_in: list[list[object]] = []
     for config in configurations:
-        config_rows, config_once, _ = measure(config, device, quick)
+        config_rows, config_once, _, config_opt_in = measure(config, device, quick)
         rows += config_rows
         once += config_once
+        opt_in += config_opt_in
     table = markdown_table(
         [
             "configuration",
@@ -299,5 +357,21 @@ def run(quick: bool, device: str = "cpu") -> str:
             "One-time costs per fit (not in the shares above):",
             "",
             once_table,
+            "",
+            "Opt-in callbacks, each in a fit of its own at its defaults (not in \"all four\"): the epoch-end run plus "
+            "the per-batch hooks (the calibration and bias callbacks keep the logits the validation pass already "
+            "computed: no extra forward) times the batches of a full validation set.",
+            "",
+            markdown_table(
+                [
+                    "configuration",
+                    "callback",
+                    "ms per validation epoch (training thread)",
+                    "share of a training epoch",
+                    "per-batch hooks µs",
+                    "runs",
+                ],
+                opt_in,
+            ),
         ]
     )

@@ -17,7 +17,13 @@ from typing_extensions import override
 from lightning_interp._logging import log_image, log_scalars
 from lightning_interp.callbacks._base import _first_loader, class_name, parse_class_names
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
-from lightning_interp.methods._core import OutputTransform, eager_forward, modes_preserved, scores_from_output
+from lightning_interp.methods._core import (
+    OutputTransform,
+    eager_forward,
+    get_module,
+    modes_preserved,
+    scores_from_output,
+)
 from lightning_interp.methods.bias import (
     ClassAttribution,
     ClassBalance,
@@ -25,6 +31,7 @@ from lightning_interp.methods.bias import (
     class_balance,
     per_class_metrics,
 )
+from lightning_interp.methods.gradcam import find_target_layer
 from lightning_interp.methods.map_metrics import attribution_to_map
 from lightning_interp.methods.registry import attribute, method_spec
 from lightning_interp.probe import ProbeSet, dataset_labels, sampled_indices, scannable
@@ -93,7 +100,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         output_transform: picks the (B, C) logits out of the model's output.
         attribution: a registered method (``available_methods()``) for the spurious-correlation check, or None.
         attribution_options: the method's options, e.g. ``{"layer": "net.7"}`` for a CAM method (without it, the
-            method's automatic layer).
+            automatic Grad-CAM layer, chosen once per fit as ``GradCAMCallback(layer="auto")`` does).
         attribution_samples: validation images explained per due epoch (images (N, C, H, W) only).
         border_fraction: width of the border band, as a fraction of each side, for the measure without masks.
         name: tag prefix; distinct names let two instances coexist.
@@ -148,12 +155,14 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         self.balances: dict[str, ClassBalance] = {}
         self.class_attribution: ClassAttribution | None = None
         self._warned_background = False
+        self._layer: str | None = None  # the automatic CAM layer of this fit
 
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
         self.balances = {}
         self.class_attribution = None
         self._warned_background = False
+        self._layer = None
 
     def _needs_labels(self) -> bool:
         return self.attribution is not None
@@ -211,13 +220,33 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         self._submit(trainer, draw)
 
     # ------------------------------------------------------------------ where each class's explanations lie
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        layer = self.attribution_options.get("layer")
+        if isinstance(layer, str):
+            get_module(pl_module, layer)  # a wrong name fails now, with the closest names
+
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
-        if self.attribution is not None and probe.inputs.ndim != 4:
+        if self.attribution is None:
+            return
+        if probe.inputs.ndim != 4:
             raise ValueError(
                 f"DatasetBiasCallback(attribution={self.attribution!r}) compares where each class's explanations "
                 f"lie in images (N, C, H, W); the validation inputs are {tuple(probe.inputs.shape)}. Leave "
                 "attribution=None for this data."
             )
+        self._layer = None
+        if method_spec(self.attribution).needs_layer and self.attribution_options.get("layer") is None:
+            # the automatic CAM layer, chosen once per fit (on the run's shared dry forward), not at every call
+            example = self._example_input(pl_module, probe)
+            two = self._device_inputs(trainer, pl_module, probe.inputs[:2]).to(example.dtype)
+            with self._model_context(trainer):
+                self._layer = find_target_layer(
+                    pl_module,
+                    two,
+                    trace=self._trace(trainer, pl_module, example),
+                    target=_class_indices(probe.labels[:2]).to(two.device) if probe.labels is not None else None,
+                    output_transform=self.output_transform,
+                )
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         if self.attribution is not None:
@@ -228,6 +257,8 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         assert self.attribution is not None and probe.labels is not None
         model = self._explained(pl_module)
         options = dict(self.attribution_options)
+        if self._layer is not None:
+            options["layer"] = self._layer
         if self.output_transform is not None:
             options["output_transform"] = self.output_transform
         maps = []

@@ -236,3 +236,19 @@ def test_synthetic_shapes_plant_a_rare_class_and_a_class_coloured_background():
         make_shapes(8, class_weights=[1, 1])
     with pytest.raises(ValueError, match="tinted_class"):
         make_shapes(8, tinted_class=4)
+
+
+def test_the_automatic_cam_layer_is_grad_cam_callbacks_and_is_chosen_once(tmp_path, monkeypatch):
+    from lightning_interp import GradCAMCallback
+    from lightning_interp.callbacks import dataset_bias
+
+    choices = []
+    original = dataset_bias.find_target_layer
+    monkeypatch.setattr(dataset_bias, "find_target_layer", lambda *a, **k: choices.append(1) or original(*a, **k))
+    bias, gradcam = DatasetBiasCallback(attribution="grad_cam", attribution_samples=16), GradCAMCallback()
+    trainer = quiet_trainer(tmp_path, callbacks=[bias, gradcam], logger=False, max_epochs=3)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    assert bias._layer == gradcam.layers[0] and len(choices) == 1
+    assert bias._runs == 3 and bias.class_attribution is not None
+    metrics = trainer.callback_metrics
+    assert {f"interp/bias/{k}/localization_lift" for k in range(4) if bias.class_attribution.counts[k]} <= set(metrics)
