@@ -76,7 +76,7 @@ def test_every_section_is_written_with_its_tables_and_verdicts(report):
 
 @pytest.mark.slow
 def test_overhead_rows_cover_each_callback_and_all_four(report):
-    rows, once = _tables(report["## Overhead of leaving the callbacks on (CPU)"])
+    rows, once, opt_in = _tables(report["## Overhead of leaving the callbacks on (CPU)"])
     for configuration in ("MNIST-sized", "CIFAR-sized"):
         mine = [row for row in rows if row["configuration"].startswith(configuration)]
         callbacks = {row["callback"] for row in mine}
@@ -87,6 +87,12 @@ def test_overhead_rows_cover_each_callback_and_all_four(report):
         assert float(all_four["drawing thread ms per validation"]) > 0, "images are drawn on the worker thread"
         (costs,) = [row for row in once if row["configuration"].startswith(configuration)]
         assert float(costs["probe draw ms (shared)"]) > 0 and float(costs["layer choice ms (shared)"]) > 0
+        # the opt-in callbacks, each in its own fit: MC dropout only where the model has dropout (mnist_cnn)
+        extra = {row["callback"]: row for row in opt_in if row["configuration"].startswith(configuration)}
+        expected = {"CalibrationCallback()", "DatasetBiasCallback()", "DatasetBiasCallback(attribution='grad_cam')"}
+        assert set(extra) == expected | ({"UncertaintyCallback()"} if configuration == "MNIST-sized" else set())
+        assert all(float(row["ms per validation epoch (training thread)"]) > 0 for row in extra.values())
+        assert all(row["runs"] == "4" for row in extra.values())
 
 
 @pytest.mark.slow

@@ -188,6 +188,10 @@ def test_cifar10_example_with_calibration_logs_ece_and_class_balance(tmp_path, f
     assert events.image_steps("interp/bias/class_counts") == [0]
     assert 0.0 <= metrics["interp/calibration/ece"] <= 1.0
     assert "interp/bias/recall_gap" in metrics
+    # CIFAR has no masks: the border-share proxy, a share of each class's map mass in [0, 1]
+    shares = [value for key, value in metrics.items() if key.endswith("/border_share")]
+    assert shares and all(0.0 <= value <= 1.0 for value in shares)
+    assert events.image_steps("interp/bias/attribution_by_class") == [2]
 
 
 # ---------------------------------------------------------------------- no data, no network: one clear message

@@ -310,7 +310,9 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         step, epoch, method = trainer.global_step, trainer.current_epoch, self.attribution
 
         def draw() -> None:
-            image = class_lift_image(lifts, names, measure, title=f"{method}, true classes (epoch {epoch})")
+            image = class_lift_image(
+                lifts, names, measure, title=f"where the {method} maps of each true class lie (epoch {epoch})"
+            )
             log_image(trainer, f"interp/{self.name}/attribution_by_class", image, step)
 
         self._submit(trainer, draw)
@@ -400,24 +402,31 @@ def _labels_of(balance: ClassBalance) -> Tensor:
 
 
 def class_counts_image(counts: dict[str, Tensor], names: Sequence[str]) -> np.ndarray:
-    """Grouped bars of class counts, one colour per split. Returns uint8 (H, W, 3).
+    """Grouped bars of each split's class shares (so a small validation set reads as well as the training set),
+    the counts written on the bars. Returns uint8 (H, W, 3).
 
     Example:
         >>> class_counts_image({"train": torch.tensor([5, 1]), "val": torch.tensor([2, 2])}, ["a", "b"]).dtype
         dtype('uint8')
     """
     classes = len(names)
-    figure = Figure(figsize=(max(4.0, 0.5 * classes + 2), 3.2), dpi=100, facecolor="white")
+    figure = Figure(figsize=(max(4.0, 0.6 * classes + 2), 3.2), dpi=100, facecolor="white")
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     width = 0.8 / max(len(counts), 1)
+    highest = 0.0
     for slot, (split, values) in enumerate(counts.items()):
+        shares = values.double() / max(int(values.sum()), 1)
+        highest = max(highest, float(shares.max()))
         positions = np.arange(classes) - 0.4 + width * (slot + 0.5)
-        axes.bar(positions, values.numpy(), width, label=f"{split} ({int(values.sum())})")
+        bars = axes.bar(positions, shares.numpy(), width, label=f"{split} ({int(values.sum())} samples)")
+        if classes <= 20:
+            axes.bar_label(bars, [str(int(v)) for v in values], fontsize=6, padding=1)
+    axes.set_ylim(0, highest * 1.25 + 1e-9)
     axes.set_xticks(np.arange(classes), list(names), fontsize=7, rotation=45 if classes > 8 else 0)
-    axes.set_ylabel("samples", fontsize=8)
+    axes.set_ylabel("share of the set", fontsize=8)
     axes.set_title("class counts", fontsize=9)
-    axes.legend(fontsize=7, frameon=False)
+    axes.legend(fontsize=7, frameon=False, loc="upper left", ncols=len(counts))
     axes.tick_params(axis="y", labelsize=7)
     figure.tight_layout()
     return _figure_to_array(figure, canvas)
