@@ -19,6 +19,7 @@ from typing_extensions import override
 from lightning_interp._logging import log_scalars, monitor_scalars, prepare_loggers
 from lightning_interp.callbacks._context import active_context, end_run, join_run
 from lightning_interp.methods._core import ForwardWith
+from lightning_interp.methods.gradcam import find_target_layer
 from lightning_interp.methods.trace import ModelTrace, trace_model
 from lightning_interp.probe import BatchParser, ProbeSet, ValidationScan, parse_batch, scannable
 
@@ -496,6 +497,27 @@ class InterpCallback(Callback):
             return
         prepare_loggers(trainer)
         context.worker.submit(job, inline=not self.background_drawing)
+
+    def _automatic_cam_layer(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        probe: ProbeSet,
+        target: Tensor | None,
+        output_transform: Callable[[Any], Tensor] | None,
+    ) -> str:
+        """The layer ``GradCAMCallback(layer="auto")`` would choose, found on the run's shared dry forward (for a
+        callback that runs a CAM method without a layer: chosen once per fit, not at every call)."""
+        example = self._example_input(pl_module, probe)
+        two = self._device_inputs(trainer, pl_module, probe.inputs[:2]).to(example.dtype)
+        with self._model_context(trainer):
+            return find_target_layer(
+                pl_module,
+                two,
+                trace=self._trace(trainer, pl_module, example),
+                target=None if target is None else target[:2].to(two.device),
+                output_transform=output_transform,
+            )
 
     @contextlib.contextmanager
     def _model_context(self, trainer: pl.Trainer) -> Iterator[None]:

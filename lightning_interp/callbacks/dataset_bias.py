@@ -31,9 +31,8 @@ from lightning_interp.methods.bias import (
     class_balance,
     per_class_metrics,
 )
-from lightning_interp.methods.gradcam import find_target_layer
 from lightning_interp.methods.map_metrics import attribution_to_map
-from lightning_interp.methods.registry import attribute, method_spec
+from lightning_interp.methods.registry import attribute, check_method_options, method_spec
 from lightning_interp.probe import ProbeSet, dataset_labels, sampled_indices, scannable
 from lightning_interp.visualize import _figure_to_array
 
@@ -130,14 +129,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         if not imbalance_warning >= 1:
             raise ValueError(f"imbalance_warning must be a ratio >= 1, got {imbalance_warning!r}.")
         if attribution is not None:
-            spec = method_spec(attribution)  # an unknown name fails here, with the list of known ones
-            accepted = {*spec.options, "layer"} if spec.needs_layer else set(spec.options)
-            unknown = sorted(set(attribution_options or {}) - accepted)
-            if unknown:
-                raise TypeError(
-                    f"attribution={attribution!r} takes no option(s) {unknown}; its options are: "
-                    f"{', '.join(('layer', *spec.options) if spec.needs_layer else spec.options)}."
-                )
+            check_method_options(attribution, attribution_options, managed=("output_transform",))
         elif attribution_options:
             raise ValueError("attribution_options were given without attribution=...; name the method too.")
         if not isinstance(attribution_samples, int) or isinstance(attribution_samples, bool) or attribution_samples < 2:
@@ -237,16 +229,8 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         self._layer = None
         if method_spec(self.attribution).needs_layer and self.attribution_options.get("layer") is None:
             # the automatic CAM layer, chosen once per fit (on the run's shared dry forward), not at every call
-            example = self._example_input(pl_module, probe)
-            two = self._device_inputs(trainer, pl_module, probe.inputs[:2]).to(example.dtype)
-            with self._model_context(trainer):
-                self._layer = find_target_layer(
-                    pl_module,
-                    two,
-                    trace=self._trace(trainer, pl_module, example),
-                    target=_class_indices(probe.labels[:2]).to(two.device) if probe.labels is not None else None,
-                    output_transform=self.output_transform,
-                )
+            labels = None if probe.labels is None else _class_indices(probe.labels)
+            self._layer = self._automatic_cam_layer(trainer, pl_module, probe, labels, self.output_transform)
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         if self.attribution is not None:

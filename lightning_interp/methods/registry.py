@@ -8,7 +8,7 @@ nothing else keeps a list of methods. ``attribute(name, model, inputs, target,
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -174,6 +174,24 @@ def method_spec(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ValueError(f"Unknown attribution method {name!r}; the registered ones are: {', '.join(METHODS)}.")
     return METHODS[name]
+
+
+def check_method_options(name: str, options: Mapping[str, object] | None, *, managed: Sequence[str] = ()) -> MethodSpec:
+    """The :class:`MethodSpec` of ``name`` after checking that it takes every option in ``options`` (``layer`` for a
+    CAM method); ``managed`` options, set by the caller itself, are refused too. Raises with the accepted ones.
+
+    Example:
+        >>> check_method_options("grad_cam", {"layer": "net.4"}).needs_layer
+        True
+    """
+    spec = method_spec(name)
+    accepted = [option for option in spec.options if option not in managed]
+    if spec.needs_layer:
+        accepted = ["layer", *accepted]
+    unknown = sorted(set(options or {}) - set(accepted))
+    if unknown:
+        raise TypeError(f"{name} takes no option(s) {unknown} here; its options are: {', '.join(accepted)}.")
+    return spec
 
 
 def available_methods(family: str | None = None) -> dict[str, str]:

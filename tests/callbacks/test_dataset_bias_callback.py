@@ -240,11 +240,11 @@ def test_synthetic_shapes_plant_a_rare_class_and_a_class_coloured_background():
 
 def test_the_automatic_cam_layer_is_grad_cam_callbacks_and_is_chosen_once(tmp_path, monkeypatch):
     from lightning_interp import GradCAMCallback
-    from lightning_interp.callbacks import dataset_bias
+    from lightning_interp.callbacks import _base
 
     choices = []
-    original = dataset_bias.find_target_layer
-    monkeypatch.setattr(dataset_bias, "find_target_layer", lambda *a, **k: choices.append(1) or original(*a, **k))
+    original = _base.find_target_layer
+    monkeypatch.setattr(_base, "find_target_layer", lambda *a, **k: choices.append(1) or original(*a, **k))
     bias, gradcam = DatasetBiasCallback(attribution="grad_cam", attribution_samples=16), GradCAMCallback()
     trainer = quiet_trainer(tmp_path, callbacks=[bias, gradcam], logger=False, max_epochs=3)
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
