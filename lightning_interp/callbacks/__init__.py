@@ -6,6 +6,7 @@ from lightning_interp.callbacks.activation_maps import ActivationMapsCallback
 from lightning_interp.callbacks.calibration import CalibrationCallback
 from lightning_interp.callbacks.concept import ConceptCallback
 from lightning_interp.callbacks.dataset_bias import DatasetBiasCallback
+from lightning_interp.callbacks.explanation_quality import ExplanationQualityCallback
 from lightning_interp.callbacks.feature_visualization import FeatureVisualizationCallback
 from lightning_interp.callbacks.gradcam import GradCAMCallback
 from lightning_interp.callbacks.linear_probe import LinearProbeCallback
@@ -19,6 +20,7 @@ __all__ = [
     "CalibrationCallback",
     "ConceptCallback",
     "DatasetBiasCallback",
+    "ExplanationQualityCallback",
     "FeatureVisualizationCallback",
     "GradCAMCallback",
     "InterpCallback",

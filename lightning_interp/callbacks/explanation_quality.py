@@ -1,0 +1,531 @@
+"""ExplanationQualityCallback: is each explanation faithful, specific to what was learnt, and readable? Tracked every
+validation epoch, with a comparison of the methods."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_interp._logging import log_image
+from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks._maps import MANAGED_OPTIONS
+from lightning_interp.methods._core import (
+    OutputTransform,
+    eager_forward,
+    get_module,
+    modes_preserved,
+    scores_from_output,
+)
+from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, attribution_to_map, localization
+from lightning_interp.methods.quality import (
+    REMOVAL_BASELINES,
+    curve_auc,
+    max_sensitivity,
+    perturbation_curve,
+    sanity_similarity,
+    sparseness,
+    top_fraction_drop,
+)
+from lightning_interp.methods.registry import attribute, check_method_options
+from lightning_interp.methods.tasks import class_labels
+from lightning_interp.probe import BatchParser, ProbeSet
+from lightning_interp.visualize import _figure_to_array
+
+__all__ = ["QUALITY_METRICS", "ExplanationQualityCallback", "comparison_image", "rank_methods"]
+
+QUALITY_METRICS = ("deletion", "insertion", "top_drop", "sanity", "sparseness", "localization", "robustness")
+"""What the callback can compute per method; ``robustness`` is off by default (it explains every sample again per
+noise draw)."""
+
+RANDOM_KEY = "random"
+"""The tag segment of the random reference maps."""
+
+DEFAULT_METHODS = ("gradient", "integrated_gradients", "guided_backprop", "grad_cam")
+"""Two gradient methods, one modified-backward method (which Adebayo et al. found insensitive to the weights) and
+Grad-CAM at the automatic layer."""
+
+# metric tag -> (column title, whether higher is better, or None: shown, not ranked)
+_COLUMNS: dict[str, tuple[str, bool | None]] = {
+    "deletion_auc": ("deletion AUC ↓", False),
+    "insertion_auc": ("insertion AUC ↑", True),
+    "top_drop_gain": ("top vs random\ndrop ↑", True),
+    "localization": ("localization ↑", True),
+    "sanity_rank_correlation": ("similarity to the\nuntrained net's ↓", False),
+    "sparseness": ("sparseness", None),
+    "max_sensitivity": ("max-sensitivity ↓", False),
+}
+
+
+class ExplanationQualityCallback(InterpCallback):
+    """Score the explanations of several methods on a fixed probe set at every validation epoch, and rank them.
+
+    For each method (any registered one; CAM methods at a layer), on
+    ``num_samples`` validation images, each explained for ``target``, the
+    callback logs under ``interp/<name>/<method>/``:
+
+    - **faithfulness**: ``deletion_auc`` and ``insertion_auc``, the area under
+      the target's probability as the pixels are removed (replaced by the
+      ``baseline``) or added back, most relevant first, in ``steps`` equal
+      parts (:func:`~lightning_interp.methods.perturbation_curve`; every step
+      of every sample is one batched forward). A faithful map gives a low
+      deletion and a high insertion area. ``top_drop`` and ``random_drop``:
+      the probability's fall when the top ``fraction`` of pixels is removed,
+      and when as many random pixels are; ``top_drop_gain`` is the difference
+      (0 for a map no better than chance);
+    - **sanity** (the end point of the model-randomisation test of Adebayo
+      et al. 2018): ``sanity_rank_correlation``, the rank correlation of the
+      maps with the same method's maps of the same samples on the network as
+      it was before the first optimisation step (computed at train start and
+      kept in the checkpoint). A method that stays near 1 shows the input or
+      the architecture, not what the network learnt;
+    - **complexity**: ``sparseness``, the Gini index of the map (0 uniform, near 1 one pixel);
+    - ``localization`` (share of the map on the object) when the batches carry masks;
+    - **robustness** (off by default): ``max_sensitivity``, the largest relative
+      change of the map under uniform input noise of ``robustness_radius`` of
+      the value range, over ``robustness_samples`` draws of the callback's own
+      generator.
+
+    ``random_reference=True`` (default) scores uniform random maps (the
+    callback's generator, the same every run) the same way, under
+    ``interp/<name>/random/``: the chance level of every metric (its sanity
+    score is not computed: random maps have nothing to learn). With two or
+    more rows it also logs ``comparison``: a table of the methods (and the
+    random reference), ranked by their mean rank over the metrics marked with
+    an arrow.
+
+    The maps are scored as they are shown: input attributions reduced over
+    channels by ``channel_reduction`` (``"abs_sum"``, as ``SaliencyCallback``
+    shows them; ``"sum"`` orders pixels by signed evidence), CAM maps as they
+    are. Cost per run and method: the method's own passes, plus
+    ``2 * (steps + 1) + 3`` no-grad forward passes per sample for the
+    faithfulness scores (at the defaults 37 x 32 images; see BENCHMARKS.md).
+
+    Args:
+        methods: registered method names, or ``(name, {option: value})`` pairs
+            (``{"layer": "net.7"}`` for a CAM method; without a layer, the
+            automatic Grad-CAM layer, chosen once per fit).
+        num_samples: probe samples scored (drawn from the validation data, balanced over classes).
+        metrics: which of :data:`QUALITY_METRICS` to compute.
+        steps: parts of the deletion and insertion curves.
+        baseline: what removed pixels become: ``"blur"`` (default), ``"mean"`` or ``"zero"``
+            (:func:`~lightning_interp.methods.removal_baseline`).
+        fraction: the share of pixels removed for ``top_drop`` / ``random_drop``.
+        target: ``"pred"`` (the prediction; default) or ``"label"``.
+        channel_reduction: how input attributions become one value per pixel.
+        robustness_radius: noise amplitude for ``max_sensitivity``, as a share of each image's value range.
+        robustness_samples: noise draws for ``max_sensitivity``.
+        random_reference: also score random maps, the chance level of each metric.
+        seed: seed of the callback's generator (stochastic methods, random pixels, noise), used afresh each run.
+        output_transform: picks the (B, C) logits out of the model's output.
+        name: tag prefix; distinct names let two instances coexist.
+        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``, ``background_drawing``, ``forward_fn``
+            (see :class:`~lightning_interp.callbacks.InterpCallback`).
+
+    Example:
+        >>> callback = ExplanationQualityCallback(["gradient", ("grad_cam", {"layer": "net.7"})])
+        >>> callback.keys
+        ['gradient', 'grad_cam@net.7']
+    """
+
+    def __init__(
+        self,
+        methods: Sequence[str | tuple[str, dict[str, Any]]] = DEFAULT_METHODS,
+        *,
+        num_samples: int = 32,
+        metrics: Sequence[str] = ("deletion", "insertion", "top_drop", "sanity", "sparseness", "localization"),
+        steps: int = 16,
+        baseline: str = "blur",
+        fraction: float = 0.2,
+        target: str = "pred",
+        channel_reduction: str = "abs_sum",
+        robustness_radius: float = 0.02,
+        robustness_samples: int = 4,
+        random_reference: bool = True,
+        seed: int = 0,
+        output_transform: OutputTransform | None = None,
+        name: str = "quality",
+        every_n_epochs: int = 1,
+        probe: ProbeSet | None = None,
+        batch_parser: BatchParser | None = None,
+        background_drawing: bool = True,
+        forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
+    ) -> None:
+        self.methods, self.method_options = _parse_methods(methods)
+        unknown = sorted(set(metrics) - set(QUALITY_METRICS))
+        if unknown or not metrics:
+            raise ValueError(f"metrics must be a non-empty selection of {QUALITY_METRICS}, got {list(metrics)}.")
+        if baseline not in REMOVAL_BASELINES:
+            raise ValueError(f"baseline must be one of {REMOVAL_BASELINES}, got {baseline!r}.")
+        if target not in ("pred", "label"):
+            raise ValueError(f"target must be 'pred' or 'label', got {target!r}.")
+        if channel_reduction not in CHANNEL_REDUCTIONS:
+            raise ValueError(f"channel_reduction must be one of {CHANNEL_REDUCTIONS}, got {channel_reduction!r}.")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+            raise ValueError(f"steps must be an int >= 2, got {steps!r}.")
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must lie in (0, 1), got {fraction!r}.")
+        if not isinstance(robustness_samples, int) or robustness_samples < 1:
+            raise ValueError(f"robustness_samples must be a positive int, got {robustness_samples!r}.")
+        if output_transform is not None and not callable(output_transform):
+            raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
+        self.metrics = tuple(metrics)
+        self.steps, self.baseline, self.fraction, self.target = steps, baseline, float(fraction), target
+        self.channel_reduction = channel_reduction
+        self.robustness_radius, self.robustness_samples = float(robustness_radius), robustness_samples
+        self.random_reference = bool(random_reference)
+        self.seed = seed
+        self.output_transform = output_transform
+        super().__init__(
+            name=name,
+            num_samples=num_samples,
+            every_n_epochs=every_n_epochs,
+            probe=probe,
+            batch_parser=batch_parser,
+            background_drawing=background_drawing,
+            forward_fn=forward_fn,
+        )
+        self._layers: dict[str, str] = {}  # per CAM method: its layer this fit (given, or the automatic one)
+        self._start_maps: dict[str, Tensor] = {}  # per key: the maps of the network before training, on the CPU
+        self._warned: set[str] = set()
+
+    @property
+    def keys(self) -> list[str]:
+        """The tag segment of each method: its name, ``name@layer`` for a CAM method with a given layer."""
+        return [_key(method, self.method_options.get(method, {})) for method in self.methods]
+
+    def _needs_labels(self) -> bool:
+        return self.target == "label"
+
+    def _labels_reason(self) -> str:
+        return "ExplanationQualityCallback(target='label') explains each sample for its label"
+
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        self._layers = {}
+        self._start_maps = {}
+        self._warned = set()
+
+    # ------------------------------------------------------------------ checks and the untrained network's maps
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        for method in self.methods:
+            layer = self.method_options.get(method, {}).get("layer")
+            if isinstance(layer, str):
+                get_module(pl_module, layer)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        if probe.inputs.ndim != 4:
+            raise ValueError(
+                "ExplanationQualityCallback removes and adds pixels of images (N, C, H, W); the validation inputs "
+                f"are {tuple(probe.inputs.shape)}."
+            )
+        self._layers = {}
+        for method in self.methods:
+            options = self.method_options.get(method, {})
+            if check_method_options(method, options).needs_layer:
+                layer = options.get("layer")
+                if layer is None:
+                    labels = self._labels(probe)
+                    layer = self._automatic_cam_layer(trainer, pl_module, probe, labels, self.output_transform)
+                self._layers[method] = str(layer)
+
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        two = probe.subset(min(2, len(probe)))
+        inputs = self._probe_inputs(trainer, pl_module, two)
+        target = self._targets(trainer, pl_module, inputs, two)
+        for method in self.methods:
+            self._maps(trainer, pl_module, method, inputs, target)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if "sanity" not in self.metrics or not trainer.is_global_zero or self._start_maps:
+            return  # resumed: the maps of the untrained network came with the checkpoint
+        if trainer.global_step > 0 or self.probe is None or not self._prepared:
+            self._warn_once(
+                "no start",
+                "ExplanationQualityCallback: the maps of the untrained network could not be taken at train start ("
+                + ("training resumed from a checkpoint without them" if trainer.global_step > 0 else "no probe yet")
+                + "), so sanity_rank_correlation is not logged in this fit.",
+            )
+            return
+        explained = self._explained(pl_module)
+        inputs = self._probe_inputs(trainer, pl_module)
+        target = self._targets(trainer, explained, inputs, self.probe)
+        for method, key in zip(self.methods, self.keys, strict=True):
+            self._start_maps[key] = self._maps(trainer, explained, method, inputs, target).float().cpu()
+
+    # ------------------------------------------------------------------ the run
+    def _labels(self, probe: ProbeSet) -> Tensor | None:
+        return None if probe.labels is None else class_labels(probe.labels, "multiclass")
+
+    def _task(self, scores: Tensor) -> str:
+        return "binary" if scores.shape[1] == 1 else "multiclass"
+
+    def _targets(self, trainer: pl.Trainer, model: nn.Module, inputs: Tensor, probe: ProbeSet) -> Tensor:
+        """(N,) the explained class per sample: the prediction, or the label."""
+        if self.target == "label":
+            labels = self._labels(probe)
+            assert labels is not None
+            return labels.to(inputs.device)
+        with torch.no_grad(), modes_preserved(model), eager_forward(), self._model_context(trainer):
+            scores = scores_from_output(model(inputs), self.output_transform)
+        return (scores[:, 0] > 0).long() if scores.shape[1] == 1 else scores.argmax(dim=1)
+
+    def _maps(self, trainer: pl.Trainer, model: nn.Module, method: str, inputs: Tensor, target: Tensor) -> Tensor:
+        """(N, H, W) float32 maps of ``method``, one value per pixel, as the map callbacks show them."""
+        options = dict(self.method_options.get(method, {}))
+        spec = check_method_options(method, options)
+        if spec.needs_layer:
+            options["layer"] = self._layers[method]
+        if spec.stochastic:
+            options["generator"] = torch.Generator(device=inputs.device).manual_seed(self.seed)
+        if self.output_transform is not None:
+            options["output_transform"] = self.output_transform
+        with self._model_context(trainer):
+            result = attribute(method, model, inputs, target, **options)
+        if result.ndim == 4:
+            result = attribution_to_map(result, self.channel_reduction)
+        return result.detach().float()
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        probe = self.probe
+        assert probe is not None
+        model = self._explained(pl_module)
+        inputs = self._probe_inputs(trainer, pl_module)
+        target = self._targets(trainer, model, inputs, probe)
+        with torch.no_grad(), modes_preserved(model), eager_forward(), self._model_context(trainer):
+            task = self._task(scores_from_output(model(inputs[:1]), self.output_transform))
+        masks = probe.masks if probe.masks is not None and probe.masks.shape[-2:] == inputs.shape[-2:] else None
+        values: dict[str, dict[str, Tensor]] = {}
+        for method, key in zip(self.methods, self.keys, strict=True):
+            maps = self._maps(trainer, model, method, inputs, target)
+            values[key] = self._scores(trainer, model, method, key, inputs, maps, target, task, masks)
+        if self.random_reference:
+            generator = torch.Generator(device=inputs.device).manual_seed(self.seed + 3)
+            noise = torch.rand(inputs.shape[0], *inputs.shape[2:], generator=generator, device=inputs.device)
+            values[RANDOM_KEY] = self._scores(trainer, model, None, RANDOM_KEY, inputs, noise, target, task, masks)
+        # one transfer for every number of the run
+        flat = [(key, metric, value) for key, scores in values.items() for metric, value in scores.items()]
+        numbers = torch.stack([value.double().reshape(()) for _, _, value in flat]).cpu().tolist() if flat else []
+        table: dict[str, dict[str, float]] = {key: {} for key in values}
+        scalars: dict[str, float] = {}
+        for (key, metric, _), number in zip(flat, numbers, strict=True):
+            table[key][metric] = number
+            scalars[f"interp/{self.name}/{key}/{metric}"] = number
+        for key, row in table.items():
+            if any(math.isnan(v) for v in row.values()):
+                self._warn_once(
+                    f"nan {key}",
+                    f"ExplanationQualityCallback: some scores of {key!r} are NaN at epoch {trainer.current_epoch} "
+                    "(all-zero or constant maps, e.g. no gradient reaching the input or the layer); they are "
+                    "logged as NaN and left out of the ranking while this lasts (warned once per fit).",
+                )
+        if len(table) >= 2:
+            step, epoch = trainer.global_step, trainer.current_epoch
+            snapshot = {key: dict(row) for key, row in table.items()}
+
+            def draw() -> None:
+                image = comparison_image(
+                    snapshot, title=f"explanation quality, {len(snapshot)} methods (epoch {epoch})"
+                )
+                log_image(trainer, f"interp/{self.name}/comparison", image, step)
+
+            self._submit(trainer, draw)
+        return scalars
+
+    def _scores(
+        self,
+        trainer: pl.Trainer,
+        model: nn.Module,
+        method: str | None,
+        key: str,
+        inputs: Tensor,
+        maps: Tensor,
+        target: Tensor,
+        task: str,
+        masks: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """The metrics of one method's maps (``method`` None: the random reference), as 0-dim tensors where the model
+        is."""
+        common = {"baseline": self.baseline, "output_transform": self.output_transform, "task": task}
+        scores: dict[str, Tensor] = {}
+        with self._model_context(trainer):
+            if "deletion" in self.metrics:
+                curve = perturbation_curve(model, inputs, maps, target, steps=self.steps, **common)
+                scores["deletion_auc"] = _nanmean(curve_auc(curve))
+            if "insertion" in self.metrics:
+                curve = perturbation_curve(model, inputs, maps, target, mode="insertion", steps=self.steps, **common)
+                scores["insertion_auc"] = _nanmean(curve_auc(curve))
+            if "top_drop" in self.metrics:
+                generator = torch.Generator(device=inputs.device).manual_seed(self.seed + 1)
+                top, random = top_fraction_drop(
+                    model, inputs, maps, target, fraction=self.fraction, generator=generator, **common
+                )
+                scores["top_drop"], scores["random_drop"] = _nanmean(top), _nanmean(random)
+                scores["top_drop_gain"] = _nanmean(top - random)
+        if "sanity" in self.metrics and key in self._start_maps:
+            start = self._start_maps[key]
+            if start.shape == maps.shape:
+                scores["sanity_rank_correlation"] = _nanmean(sanity_similarity(maps, start))
+        if "sparseness" in self.metrics:
+            scores["sparseness"] = _nanmean(sparseness(maps))
+        if "localization" in self.metrics and masks is not None:
+            scores["localization"] = _nanmean(localization(maps.clamp_min(0), masks.to(maps.device)))
+        if "robustness" in self.metrics and method is not None:
+            generator = torch.Generator(device=inputs.device).manual_seed(self.seed + 2)
+            sensitivity = max_sensitivity(
+                lambda batch: self._maps(trainer, model, method, batch, target),
+                inputs,
+                radius=self.robustness_radius,
+                n_samples=self.robustness_samples,
+                generator=generator,
+            )
+            scores["max_sensitivity"] = _nanmean(sensitivity)
+        return scores
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    # ------------------------------------------------------------------ checkpoint: the untrained network's maps
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["start_maps"] = {key: maps.half() for key, maps in self._start_maps.items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._start_maps = {key: maps.float() for key, maps in state_dict.get("start_maps", {}).items()}
+
+
+def _key(method: str, options: dict[str, Any]) -> str:
+    layer = options.get("layer")
+    return f"{method}@{layer}" if isinstance(layer, str) else method
+
+
+def _parse_methods(
+    methods: str | Sequence[str | tuple[str, dict[str, Any]]],
+) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+    entries = [methods] if isinstance(methods, str) else list(methods)
+    names: list[str] = []
+    options: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if isinstance(entry, str):
+            name, chosen = entry, {}
+        elif isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str):
+            name, chosen = entry[0], dict(entry[1] or {})
+        else:
+            raise TypeError(
+                f"ExplanationQualityCallback(methods=...) takes method names or (name, {{option: value}}) pairs, got "
+                f"{entry!r}."
+            )
+        check_method_options(name, chosen, managed=MANAGED_OPTIONS)
+        if name in names:
+            raise ValueError(f"ExplanationQualityCallback(methods=...) lists {name!r} twice.")
+        names.append(name)
+        options[name] = chosen
+    if not names:
+        raise ValueError("ExplanationQualityCallback(methods=...) needs at least one method.")
+    return tuple(names), options
+
+
+def _nanmean(values: Tensor) -> Tensor:
+    finite = torch.isfinite(values)
+    total = torch.where(finite, values.double(), torch.zeros_like(values, dtype=torch.float64)).sum()
+    return torch.where(finite.any(), total / finite.sum().clamp_min(1), torch.full_like(total, float("nan")))
+
+
+def rank_methods(table: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each method's mean rank (1 = best) over the ranked metrics it has a number for; NaN without any.
+
+    Example:
+        >>> rank_methods({"a": {"deletion_auc": 0.1, "insertion_auc": 0.9}, "b": {"deletion_auc": 0.3,
+        ...               "insertion_auc": 0.8}})
+        {'a': 1.0, 'b': 2.0}
+    """
+    ranks: dict[str, list[float]] = {key: [] for key in table}
+    for metric, (_, higher) in _COLUMNS.items():
+        if higher is None:
+            continue
+        present = {key: row[metric] for key, row in table.items() if metric in row and not math.isnan(row[metric])}
+        if len(present) < 2:
+            continue
+        ordered = sorted(present, key=lambda key: -present[key] if higher else present[key])
+        for position, key in enumerate(ordered, start=1):
+            ranks[key].append(float(position))
+    return {key: float(np.mean(values)) if values else float("nan") for key, values in ranks.items()}
+
+
+def comparison_image(table: dict[str, dict[str, float]], *, title: str = "") -> np.ndarray:
+    """A table of the methods (rows, best mean rank first) by metric (columns), each cell shaded by the method's rank
+    in that column (green best). Returns uint8 (H, W, 3).
+
+    Example:
+        >>> comparison_image({"a": {"deletion_auc": 0.1}, "b": {"deletion_auc": 0.3}}).dtype
+        dtype('uint8')
+    """
+    overall = rank_methods(table)
+    keys = sorted(table, key=lambda key: (math.isnan(overall[key]), overall[key]))
+    columns = [metric for metric in _COLUMNS if any(metric in row for row in table.values())]
+    cells = [[_format(table[key].get(metric)) for metric in columns] + [_format(overall[key])] for key in keys]
+    colours = []
+    for key in keys:
+        row_colours = []
+        for metric in columns:
+            higher = _COLUMNS[metric][1]
+            row_colours.append(_shade(table, key, metric, higher))
+        row_colours.append("#f2f2f2")
+        colours.append(row_colours)
+    figure = Figure(figsize=(1.3 * (len(columns) + 1) + 1.8, 0.42 * len(keys) + 1.3), dpi=100, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.axis("off")
+    shown = axes.table(
+        cellText=cells,
+        cellColours=colours,
+        rowLabels=keys,
+        colLabels=[_COLUMNS[metric][0] for metric in columns] + ["mean rank"],
+        loc="center",
+        cellLoc="center",
+    )
+    shown.auto_set_font_size(False)
+    shown.set_fontsize(8)
+    shown.scale(1.0, 1.6)
+    for (row, _), cell in shown.get_celld().items():
+        if row == 0:
+            cell.set_height(cell.get_height() * 1.6)
+    if title:
+        axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return _figure_to_array(figure, canvas)
+
+
+def _format(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return "nan" if math.isnan(value) else f"{value:.3f}"
+
+
+def _shade(table: dict[str, dict[str, float]], key: str, metric: str, higher: bool | None) -> str:
+    value = table[key].get(metric)
+    present = [row[metric] for row in table.values() if metric in row and not math.isnan(row[metric])]
+    if higher is None or value is None or math.isnan(value) or len(present) < 2:
+        return "white"
+    low, high = min(present), max(present)
+    goodness = 0.5 if high == low else (value - low) / (high - low)
+    goodness = goodness if higher else 1 - goodness
+    red, green = 1 - 0.45 * goodness, 0.55 + 0.45 * goodness
+    return f"#{round(255 * red):02x}{round(255 * green):02x}{round(255 * min(red, green)):02x}"
