@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_interp import (
     CalibrationCallback,
     DatasetBiasCallback,
+    ExplanationQualityCallback,
     GradCAMCallback,
     LinearProbeCallback,
     RepresentationSimilarityCallback,
@@ -207,6 +208,9 @@ def _opt_in_callbacks(net: torch.nn.Module, quick: bool) -> dict[str, Callable[[
     made["DatasetBiasCallback()"] = DatasetBiasCallback
     made["DatasetBiasCallback(attribution='grad_cam')"] = lambda: DatasetBiasCallback(
         attribution="grad_cam", attribution_samples=32 if quick else 256
+    )
+    made["ExplanationQualityCallback() (4 methods + random maps)"] = lambda: ExplanationQualityCallback(
+        num_samples=8 if quick else 32, steps=4 if quick else 16
     )
     return made
 

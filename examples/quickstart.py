@@ -23,6 +23,7 @@ from lightning_interp import (
     ActivationMapsCallback,
     ConceptCallback,
     DatasetBiasCallback,
+    ExplanationQualityCallback,
     FeatureVisualizationCallback,
     GradCAMCallback,
     LinearProbeCallback,
@@ -68,6 +69,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "each class (feature visualisation) and TCAV scores of two concepts",
     )
     parser.add_argument(
+        "--quality",
+        action="store_true",
+        help="also score the explanations every epoch (deletion / insertion, top-20%% removal, the randomisation "
+        "sanity check, sparseness) for four methods and random maps, with a ranked comparison table",
+    )
+    parser.add_argument(
         "--biased",
         action="store_true",
         help="plant two biases in the data (triangles 12 times rarer than the other shapes; crosses always on a red "
@@ -108,6 +115,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             ConceptCallback(concept_examples(), layers=["net.4"], class_names=data.class_names),
         ]
     callbacks += inside
+    quality = None
+    if args.quality:
+        quality = ExplanationQualityCallback(
+            ["gradient", "integrated_gradients", "guided_backprop", ("grad_cam", {"layer": "net.7"})]
+        )
+        callbacks.append(quality)
     bias_callback = None
     if args.biased:
         bias_callback = DatasetBiasCallback(
@@ -156,6 +169,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             accuracy = metrics.get(f"{base}/cav_accuracy", float("nan"))
             found = ", ".join(scores) if scores else "no score (CAVs at chance)"
             print(f"TCAV of '{concept}' at net.4 (CAV accuracy {accuracy:.2f}): {found}")
+    if quality is not None:
+        print("explanation quality (deletion AUC: lower is better; similarity to the untrained network's maps: lower")
+        print("means the maps depend more on what was learnt):")
+        for key in [*quality.keys, "random"]:
+            deletion = metrics.get(f"interp/quality/{key}/deletion_auc", float("nan"))
+            sanity = metrics.get(f"interp/quality/{key}/sanity_rank_correlation")
+            told = "" if sanity is None else f", similarity to the untrained network's maps {sanity:.2f}"
+            print(f"  {key}: deletion AUC {deletion:.3f}{told}")
     if bias_callback is not None:
         for split, balance in bias_callback.balances.items():
             print(

@@ -89,7 +89,12 @@ def test_overhead_rows_cover_each_callback_and_all_four(report):
         assert float(costs["probe draw ms (shared)"]) > 0 and float(costs["layer choice ms (shared)"]) > 0
         # the opt-in callbacks, each in its own fit: MC dropout only where the model has dropout (mnist_cnn)
         extra = {row["callback"]: row for row in opt_in if row["configuration"].startswith(configuration)}
-        expected = {"CalibrationCallback()", "DatasetBiasCallback()", "DatasetBiasCallback(attribution='grad_cam')"}
+        expected = {
+            "CalibrationCallback()",
+            "DatasetBiasCallback()",
+            "DatasetBiasCallback(attribution='grad_cam')",
+            "ExplanationQualityCallback() (4 methods + random maps)",
+        }
         assert set(extra) == expected | ({"UncertaintyCallback()"} if configuration == "MNIST-sized" else set())
         assert all(float(row["ms per validation epoch (training thread)"]) > 0 for row in extra.values())
         assert all(row["runs"] == "4" for row in extra.values())

@@ -335,9 +335,7 @@ class ExplanationQualityCallback(InterpCallback):
             snapshot = {key: dict(row) for key, row in table.items()}
 
             def draw() -> None:
-                image = comparison_image(
-                    snapshot, title=f"explanation quality, {len(snapshot)} methods (epoch {epoch})"
-                )
+                image = comparison_image(snapshot, title=f"explanation quality (epoch {epoch}): {_described(snapshot)}")
                 log_image(trainer, f"interp/{self.name}/comparison", image, step)
 
             self._submit(trainer, draw)
@@ -489,28 +487,28 @@ def comparison_image(table: dict[str, dict[str, float]], *, title: str = "") -> 
             row_colours.append(_shade(table, key, metric, higher))
         row_colours.append("#f2f2f2")
         colours.append(row_colours)
-    figure = Figure(figsize=(1.3 * (len(columns) + 1) + 1.8, 0.42 * len(keys) + 1.3), dpi=100, facecolor="white")
+    figure = Figure(figsize=(1.25 * (len(columns) + 1) + 1.6, 0.3 * (len(keys) + 2) + 0.5), dpi=100, facecolor="white")
     canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
+    axes = figure.add_axes((0.13, 0.02, 0.86, 0.98 - 0.45 / figure.get_figheight()))
     axes.axis("off")
     shown = axes.table(
         cellText=cells,
         cellColours=colours,
         rowLabels=keys,
         colLabels=[_COLUMNS[metric][0] for metric in columns] + ["mean rank"],
-        loc="center",
         cellLoc="center",
+        bbox=(0.0, 0.0, 1.0, 1.0),
     )
     shown.auto_set_font_size(False)
     shown.set_fontsize(8)
-    shown.scale(1.0, 1.6)
-    for (row, _), cell in shown.get_celld().items():
-        if row == 0:
-            cell.set_height(cell.get_height() * 1.6)
     if title:
-        axes.set_title(title, fontsize=9)
-    figure.tight_layout()
+        figure.suptitle(title, fontsize=9, y=1 - 0.12 / figure.get_figheight())
     return _figure_to_array(figure, canvas)
+
+
+def _described(table: dict[str, dict[str, float]]) -> str:
+    methods = len([key for key in table if key != RANDOM_KEY])
+    return f"{methods} method{'s' if methods != 1 else ''}" + (" and random maps" if RANDOM_KEY in table else "")
 
 
 def _format(value: float | None) -> str:

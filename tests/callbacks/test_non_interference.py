@@ -10,6 +10,7 @@ from lightning_interp import (
     CalibrationCallback,
     ConceptCallback,
     DatasetBiasCallback,
+    ExplanationQualityCallback,
     FeatureVisualizationCallback,
     GradCAMCallback,
     LinearProbeCallback,
@@ -50,6 +51,12 @@ def _all_callbacks():
         ),
         CalibrationCallback(),  # a forward hook during validation, a temperature fit at its end
         DatasetBiasCallback(),  # the samplers' indices read at train start (their generators restored)
+        ExplanationQualityCallback(  # maps of the untrained net at train start; batched deletion / insertion passes
+            ["gradient", "smoothgrad", ("grad_cam", {"layer": "net.features.5"})],
+            num_samples=8,
+            steps=4,
+            metrics=("deletion", "insertion", "top_drop", "sanity", "sparseness", "robustness"),
+        ),
         DatasetBiasCallback(  # and Grad-CAM per true class, through the Dropout / BatchNorm net in eval mode
             attribution="grad_cam", attribution_options={"layer": "net.features.5"}, name="bias_cues"
         ),
