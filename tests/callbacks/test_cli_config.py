@@ -126,6 +126,12 @@ trainer:
         attribution: grad_cam
         attribution_options: {layer: net.4}
         attribution_samples: 64
+    - class_path: lightning_interp.ExplanationQualityCallback
+      init_args:
+        methods: [gradient, [grad_cam, {layer: net.4}]]
+        num_samples: 8
+        steps: 4
+        baseline: mean
 """
 
 
@@ -140,11 +146,11 @@ def test_a_yaml_config_builds_the_uncertainty_calibration_and_bias_callbacks(tmp
         run=False,
         args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path)],
     )
-    uncertainty, calibration, bias = [c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_")][
-        :3
-    ]
+    ours = [c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_interp")]
+    uncertainty, calibration, bias, quality = ours[:4]
     assert isinstance(uncertainty, UncertaintyCallback) and uncertainty.n_samples == 8
     assert uncertainty.explain == "integrated_gradients" and uncertainty.explain_options == {"n_steps": 8}
     assert isinstance(calibration, CalibrationCallback) and calibration.n_bins == 10
     assert isinstance(bias, DatasetBiasCallback) and bias.imbalance_warning == 4.0
     assert bias.attribution == "grad_cam" and bias.attribution_options == {"layer": "net.4"} and bias.num_samples == 64
+    assert quality.keys == ["gradient", "grad_cam@net.4"] and quality.baseline == "mean" and quality.steps == 4
