@@ -240,19 +240,19 @@ def fit_and_report(
     print()
     print(f"test accuracy: {metrics.get('val_acc', float('nan')):.4f}")
     for layer in gradcam.layers:
-        key = f"interp/gradcam/{layer}/concentration"
+        key = f"interp_gradcam/{layer}/concentration"
         if key in metrics:
             print(f"Grad-CAM layer {layer}: {metrics[key]:.3f} of the map's mass in its top 10% of pixels")
-    if "interp/uncertainty/mutual_information" in metrics:
+    if "interp_uncertainty/mutual_information" in metrics:
         print(
-            f"MC-dropout uncertainty of the probe set: {metrics['interp/uncertainty/predictive_entropy']:.3f} nats "
-            f"in all, {metrics['interp/uncertainty/mutual_information']:.3f} of it epistemic"
+            f"MC-dropout uncertainty of the probe set: {metrics['interp_uncertainty/predictive_entropy']:.3f} nats "
+            f"in all, {metrics['interp_uncertainty/mutual_information']:.3f} of it epistemic"
         )
-    if "interp/calibration/ece" in metrics:
+    if "interp_calibration/ece" in metrics:
         print(
-            f"calibration: ECE {metrics['interp/calibration/ece']:.3f}, "
-            f"{metrics['interp/calibration/ece_after_temperature']:.3f} after temperature scaling "
-            f"(T = {metrics['interp/calibration/temperature']:.2f})"
+            f"calibration: ECE {metrics['interp_calibration/ece']:.3f}, "
+            f"{metrics['interp_calibration/ece_after_temperature']:.3f} after temperature scaling "
+            f"(T = {metrics['interp_calibration/temperature']:.2f})"
         )
     print(f"logs written to {os.path.abspath(logger.log_dir)}")
     print(f"view them with:  tensorboard --logdir {args.log_dir}")

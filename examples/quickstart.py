@@ -144,23 +144,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     probe = callbacks[1].probe
     uniform = float(probe.masks.float().mean()) if probe is not None and probe.masks is not None else float("nan")
     for layer in ("net.4", "net.7"):
-        key = f"interp/gradcam/{layer}/localization"
+        key = f"interp_gradcam/{layer}/localization"
         if key in metrics:
             print(
                 f"Grad-CAM localization ({layer}): {metrics[key]:.3f} of the map's mass on the object "
                 f"(a uniform map: {uniform:.3f})"
             )
     for layer in callbacks[2].layers:
-        key = f"interp/probe/{layer}/accuracy"
+        key = f"interp_probe/{layer}/accuracy"
         if key in metrics:
             print(f"linear probe on {layer}: {metrics[key]:.3f} held-out accuracy")
     if inside:
         for layer in inside[0].layers:
-            key = f"interp/activations/{layer}/dead_fraction"
+            key = f"interp_activations/{layer}/dead_fraction"
             if key in metrics:
                 print(f"dead units at {layer}: {metrics[key]:.0%} of its channels never fire on the probe set")
         for concept in ("stripes", "disc"):
-            base = f"interp/tcav/{concept}/net.4"
+            base = f"interp_tcav/{concept}/net.4"
             scores = [
                 f"{name} {metrics[f'{base}/{k}/tcav']:.2f} (p={metrics.get(f'{base}/{k}/p_value', float('nan')):.2g})"
                 for k, name in enumerate(data.class_names)
@@ -173,8 +173,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print("explanation quality (deletion AUC: lower is better; similarity to the untrained network's maps: lower")
         print("means the maps depend more on what was learnt):")
         for key in [*quality.keys, "random"]:
-            deletion = metrics.get(f"interp/quality/{key}/deletion_auc", float("nan"))
-            sanity = metrics.get(f"interp/quality/{key}/sanity_rank_correlation")
+            deletion = metrics.get(f"interp_quality/{key}/deletion_auc", float("nan"))
+            sanity = metrics.get(f"interp_quality/{key}/sanity_rank_correlation")
             told = "" if sanity is None else f", similarity to the untrained network's maps {sanity:.2f}"
             print(f"  {key}: deletion AUC {deletion:.3f}{told}")
     if bias_callback is not None:
@@ -185,15 +185,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 f"{balance.imbalance_ratio:.1f}"
             )
         recalls = ", ".join(
-            f"{name} {metrics[f'interp/bias/{name}/recall']:.2f}"
+            f"{name} {metrics[f'interp_bias/{name}/recall']:.2f}"
             for name in data.class_names
-            if f"interp/bias/{name}/recall" in metrics
+            if f"interp_bias/{name}/recall" in metrics
         )
         print(f"validation recall per class: {recalls}")
         lifts = ", ".join(
-            f"{name} {metrics[f'interp/bias/{name}/localization_lift']:.2f}"
+            f"{name} {metrics[f'interp_bias/{name}/localization_lift']:.2f}"
             for name in data.class_names
-            if f"interp/bias/{name}/localization_lift" in metrics
+            if f"interp_bias/{name}/localization_lift" in metrics
         )
         print(f"Grad-CAM mass on the object over a uniform map's, per true class: {lifts}")
     print(f"logs written to {os.path.abspath(logger.log_dir)}")

@@ -26,7 +26,17 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.image import imsave
 
-__all__ = ["DrawingWorker", "image_directory", "log_image", "log_scalars", "monitor_scalars", "prepare_loggers"]
+__all__ = [
+    "DrawingWorker",
+    "image_directory",
+    "log_image",
+    "log_scalars",
+    "logging_step",
+    "monitor_scalars",
+    "prepare_loggers",
+    "scalar_layout",
+    "write_scalar_layout",
+]
 
 WORKER_THREAD_NAME = "lightning-interp-drawing"
 QUEUE_DEPTH = 8  # jobs waiting at most: a few validation epochs of every callback, then submit() waits
@@ -43,6 +53,20 @@ def image_directory(trainer: pl.Trainer, logger: object | None = None) -> str:
 def _png_path(directory: str, tag: str, step: int) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", tag.replace("/", os.sep).replace(os.sep, "__"))
     return os.path.join(directory, safe, f"step_{step:07d}.png")
+
+
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's own logger calls use now, so our scalars and images sit at the step of ``val_loss`` of the
+    same validation (Lightning counts the batches that stepped the optimizer, one behind ``global_step`` during an
+    end-of-epoch validation; the two differ also with several optimizers).
+
+    Example:
+        >>> logging_step(pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False))
+        0
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(loop, "_batches_that_stepped", None)
+    return int(step) if isinstance(step, int) else int(trainer.global_step)
 
 
 def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int) -> list[str]:
@@ -65,6 +89,43 @@ def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int) -> li
         imsave(partial, image, format="png")
         os.replace(partial, path)  # atomic: a reader (or a crash) never sees half a PNG under the real name
         written.append(path)
+    return written
+
+
+TAG_PREFIX = "interp_"
+"""Every tag of ours starts with ``interp_<callback name>/``: TensorBoard groups its cards by the first path segment,
+so each callback gets a group of its own (all of ours adjacent, and apart from the user's own metrics)."""
+
+
+def scalar_layout(metrics: Mapping[str, set[str]]) -> dict[str, dict[str, list]]:
+    """A TensorBoard custom-scalars layout: per callback name a category, per metric one multi-line chart that
+    overlays every layer, method or class logging that metric (a tag ``interp_<name>/.../<metric>``).
+
+    Example:
+        >>> layout = scalar_layout({"gradcam": {"localization"}})
+        >>> layout["interp_gradcam"]["localization"]
+        ['Multiline', ['^interp_gradcam/(.+/)?localization$']]
+    """
+    return {
+        f"{TAG_PREFIX}{name}": {
+            metric: ["Multiline", [f"^{re.escape(TAG_PREFIX + name)}/(.+/)?{re.escape(metric)}$"]]
+            for metric in sorted(names)
+        }
+        for name, names in sorted(metrics.items())
+        if names
+    }
+
+
+def write_scalar_layout(trainer: pl.Trainer, metrics: Mapping[str, set[str]]) -> bool:
+    """Write :func:`scalar_layout` to every TensorBoard logger of the trainer; True if one was written to."""
+    layout = scalar_layout(metrics)
+    written = False
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and layout:
+            add = getattr(logger.experiment, "add_custom_scalars", None)
+            if callable(add):
+                add(layout)
+                written = True
     return written
 
 

@@ -46,6 +46,27 @@ def read_events(log_dir: str) -> Events:
     return Events(scalars, images)
 
 
+def read_scalar_layout(log_dir: str) -> dict[str, dict[str, list[str]]]:
+    """The custom-scalars layout under ``log_dir`` (TensorBoard's own proto): category -> chart title -> regexes."""
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    files = glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True)
+    for directory in sorted({os.path.dirname(f) for f in files}):
+        acc = EventAccumulator(directory, size_guidance={"tensors": 0})
+        acc.Reload()
+        if metadata.CONFIG_SUMMARY_TAG not in acc.Tags()["tensors"]:
+            continue
+        events = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
+        assert len(events) == 1, "one layout per run"
+        layout = layout_pb2.Layout()
+        layout.ParseFromString(events[0].tensor_proto.string_val[0])
+        return {
+            category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
+            for category in layout.category
+        }
+    return {}
+
+
 def read_image_bytes(log_dir: str) -> dict[str, list[tuple[int, bytes]]]:
     """Every image of every event file under ``log_dir``: tag -> [(step, encoded PNG bytes)]."""
     files = glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True)

@@ -16,7 +16,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_interp._logging import log_scalars, monitor_scalars, prepare_loggers
+from lightning_interp._logging import (
+    TAG_PREFIX,
+    log_scalars,
+    logging_step,
+    monitor_scalars,
+    prepare_loggers,
+    write_scalar_layout,
+)
 from lightning_interp.callbacks._context import active_context, end_run, join_run
 from lightning_interp.methods._core import ForwardWith
 from lightning_interp.methods.gradcam import find_target_layer
@@ -61,7 +68,7 @@ class InterpCallback(Callback):
     exception in training drain that thread.
 
     Args:
-        name: tag prefix (``interp/<name>/...``) and part of the checkpoint
+        name: tag prefix (``interp_<name>/...``) and part of the checkpoint
             ``state_key``; give two instances of one class different names.
         num_samples: probe samples to draw when ``probe`` is None.
         every_n_epochs: run at validation epochs whose number (1-based) is a
@@ -119,6 +126,9 @@ class InterpCallback(Callback):
         self._provisional = False  # checks running on a stream's first few samples, before its probe is drawn
         if probe is not None and self._needs_labels() and not probe.has_labels:
             raise ValueError(f"{self._labels_reason()}, but the given ProbeSet has none.")
+
+    later_metrics: tuple[str, ...] = ()
+    """Metric names this callback logs only from its second run on (they get their chart in the layout too)."""
 
     # ------------------------------------------------------------------ hooks to implement
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -231,15 +241,30 @@ class InterpCallback(Callback):
         scalars: dict[str, float] = {}
         if trainer.is_global_zero:  # the work, the images and the loggers: rank zero only
             scalars = self._run(trainer, self._explained(pl_module))
-            log_scalars(trainer, scalars, trainer.global_step)
+            log_scalars(trainer, scalars, logging_step(trainer))
             self._runs += 1
+            self._note_layout(trainer, scalars)
         if trainer.world_size > 1:  # every rank gets the values, so a monitor on any rank finds them
             scalars = trainer.strategy.broadcast(scalars, src=0)
         monitor_scalars(pl_module, scalars)
 
+    def _note_layout(self, trainer: pl.Trainer, scalars: dict[str, float]) -> None:
+        """Add this run's metric names (and those that come only from a later run) to the run's layout."""
+        context = active_context(trainer)
+        if context is None:
+            return
+        prefix = f"{TAG_PREFIX}{self.name}/"
+        names = context.layout.setdefault(self.name, set())
+        names.update(tag.rsplit("/", 1)[-1] for tag in scalars if tag.startswith(prefix))
+        names.update(self.later_metrics)
+
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         context = active_context(trainer)
+        if context is not None and not context.layout_written and any(context.layout.values()):
+            # after every callback's epoch-end work of the first validation with results: one layout for the run
+            write_scalar_layout(trainer, context.layout)
+            context.layout_written = True
         if context is not None and trainer.state.fn == "validate":  # in fit, drawing is drained at fit end
             context.worker.drain()
 
@@ -582,7 +607,7 @@ def _refuse_state_key_clash(callback: InterpCallback, key: str) -> None:
         kind = type(callback).__name__
         raise ValueError(
             f"Two {kind}s named {callback.name!r} are in one Trainer. Their TensorBoard tags "
-            f"(interp/{callback.name}/...) and checkpoint state would collide: give each its own name, e.g. "
+            f"(interp_{callback.name}/...) and checkpoint state would collide: give each its own name, e.g. "
             f"{kind}(..., name='{callback.name}_2')."
         )
 

@@ -46,6 +46,8 @@ class RunContext:
         pinned: probe-input tensor id -> its pinned host copy.
         timings: one-time cost name -> seconds spent (for the benchmark).
         notes: the one-time messages already given in this run.
+        layout: callback name -> the metric names its scalar tags end in (for TensorBoard's custom-scalars layout).
+        layout_written: whether the layout was written in this run (once: TensorBoard reads a run's first one).
     """
 
     worker: DrawingWorker = field(default_factory=DrawingWorker)
@@ -60,6 +62,8 @@ class RunContext:
     pinned: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: set[str] = field(default_factory=set)
+    layout: dict[str, set[str]] = field(default_factory=dict)
+    layout_written: bool = False
 
     def collect(self, key: tuple, batch: ParsedBatch, wanted: int) -> None:
         """Keep a validation batch of a stream (once per batch, whichever callback sees it first)."""

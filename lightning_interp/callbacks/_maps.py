@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_interp._logging import log_image
+from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, _check_callable
 from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
@@ -59,7 +59,7 @@ class MapCallback(InterpCallback):
     """Base class of callbacks that log per-sample maps of a fixed probe set.
 
     Args:
-        name: tag prefix (``interp/<name>/...``) and part of the checkpoint
+        name: tag prefix (``interp_<name>/...``) and part of the checkpoint
             ``state_key``; give two instances different names.
         num_samples: probe samples to draw when ``probe`` is None.
         every_n_epochs: run at validation epochs whose number (1-based) is a
@@ -90,6 +90,8 @@ class MapCallback(InterpCallback):
         forward_fn: how to call the model on a batch of probe inputs,
             ``forward_fn(model, inputs)`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
     """
+
+    later_metrics = ("stability",)
 
     def __init__(
         self,
@@ -244,10 +246,10 @@ class MapCallback(InterpCallback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self._history and self.evolution_samples > 0 and self.probe is not None:
-            history, step = list(self._history), trainer.global_step
+            history, step = list(self._history), logging_step(trainer)
             inputs = self.probe.inputs[self._evolution_indices()]
             for key in self._history[-1][1]:
-                tag = f"interp/{self.name}/{key}/evolution"
+                tag = f"interp_{self.name}/{key}/evolution"
 
                 def job(key: str = key, tag: str = tag) -> None:
                     image = self._evolution_image(key, history, inputs)
@@ -302,11 +304,11 @@ class MapCallback(InterpCallback):
                     f"{self._zero_map_reason(key)} Its concentration, stability and localization are logged as NaN "
                     "while this lasts (this warning is given once per run)."
                 )
-        step = trainer.global_step
+        step = logging_step(trainer)
         scalars = dict(zip(scores, numbers[2 * len(maps) :], strict=True))
         for key, (finite, nonzero) in zip(maps, checks, strict=True):
             warned = f"{key} (no positive part)"
-            value = scalars.get(f"interp/{self.name}/{key}/concentration", 0.0)
+            value = scalars.get(f"interp_{self.name}/{key}/concentration", 0.0)
             if finite and nonzero and key in result.signed and math.isnan(value) and warned not in self._warned_zero:
                 self._warned_zero.add(warned)
                 rank_zero_warn(
@@ -314,7 +316,7 @@ class MapCallback(InterpCallback):
                     f"sample at epoch {trainer.current_epoch}; concentration and localization read the positive part "
                     "(the evidence for the target), so they are logged as NaN while this lasts (warned once per run)."
                 )
-        scalars.update({f"interp/{self.name}/{k}": v for k, v in result.scalars.items()})
+        scalars.update({f"interp_{self.name}/{k}": v for k, v in result.scalars.items()})
         shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
         picture = _GridData(
             inputs=probe.inputs[:shown],
@@ -326,7 +328,7 @@ class MapCallback(InterpCallback):
             titles=dict(result.titles),
             task=self.output_task,
         )
-        self._submit(trainer, lambda: log_image(trainer, f"interp/{self.name}/maps", self._grid_image(picture), step))
+        self._submit(trainer, lambda: log_image(trainer, f"interp_{self.name}/maps", self._grid_image(picture), step))
         self._remember(trainer.current_epoch, maps)
         return scalars
 
@@ -335,7 +337,7 @@ class MapCallback(InterpCallback):
         values: dict[str, Tensor] = {}
         masks = None
         for key, value in maps.items():
-            prefix = f"interp/{self.name}/{key}"
+            prefix = f"interp_{self.name}/{key}"
             positive = value.clamp_min(0) if key in signed else value
             values[f"{prefix}/concentration"] = _nanmean(concentration(positive))
             previous = self._previous.get(key)

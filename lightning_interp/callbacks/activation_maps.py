@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_interp._logging import log_image
+from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
 from lightning_interp.methods._core import get_module, module_name, plain_name
 from lightning_interp.methods.activations import activation_maps, most_active_channels
@@ -62,7 +62,7 @@ class ActivationMapsCallback(InterpCallback):
     At each due validation epoch one no-grad forward pass of the probe set
     (eval mode, every module's flag restored, hooks removed afterwards)
     captures each layer's whole output on the model's device. Logged under
-    ``interp/<name>/``:
+    ``interp_<name>/``:
 
     - ``<layer>/maps``: an image grid per layer, one row per probe sample (up to
       16): the input, the mean over all channels, then the shown channels.
@@ -247,11 +247,11 @@ class ActivationMapsCallback(InterpCallback):
                     f"ActivationMapsCallback: layer {layer!r} output NaN or inf on the probe set at epoch "
                     f"{trainer.current_epoch}; its mean activation is NaN and its dead-unit count may be wrong."
                 )
-            prefix = f"interp/{self.name}/{layer}"
+            prefix = f"interp_{self.name}/{layer}"
             scalars[f"{prefix}/dead_fraction"] = dead_fraction
             scalars[f"{prefix}/mean_activation"] = mean
             scalars[f"{prefix}/sparsity"] = sparsity
-        step = trainer.global_step
+        step = logging_step(trainer)
         inputs_shown = probe.inputs[:shown_rows]
         labels = _row_labels(probe, shown_rows, self.class_names)
         for layer, stack, dead in pictures:
@@ -265,7 +265,7 @@ class ActivationMapsCallback(InterpCallback):
 
             def draw(picture: _LayerPicture = picture) -> None:
                 image = _layer_grid(picture, inputs_shown, labels, self.cmap)
-                log_image(trainer, f"interp/{self.name}/{picture.layer}/maps", image, step)
+                log_image(trainer, f"interp_{self.name}/{picture.layer}/maps", image, step)
 
             self._submit(trainer, draw)
         return scalars

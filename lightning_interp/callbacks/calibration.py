@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_interp._logging import log_image
+from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
 from lightning_interp.methods._core import OutputTransform
 from lightning_interp.methods.uncertainty import expected_calibration_error, fit_temperature, reliability_curve
@@ -32,7 +32,7 @@ class CalibrationCallback(ValidationOutputsCallback):
     ``"y_hat"``) is read from that instead. The labels come from the batch (see
     ``batch_parser``). At the epoch's end, from the first validation dataloader:
 
-    - ``interp/<name>/ece``: expected calibration error (top label,
+    - ``interp_<name>/ece``: expected calibration error (top label,
       ``n_bins`` equal-width bins, through torchmetrics; see
       :func:`~lightning_interp.methods.uncertainty.expected_calibration_error`);
     - ``mean_confidence`` and ``accuracy``, and ``overconfidence`` = their
@@ -98,19 +98,19 @@ class CalibrationCallback(ValidationOutputsCallback):
         numbers = torch.stack([ece.double(), confidence.double().mean(), accuracy, after.double()]).cpu().tolist()
         ece_value, mean_confidence, accuracy_value, after_value = numbers
         scalars = {
-            f"interp/{self.name}/ece": ece_value,
-            f"interp/{self.name}/mean_confidence": mean_confidence,
-            f"interp/{self.name}/accuracy": accuracy_value,
-            f"interp/{self.name}/overconfidence": mean_confidence - accuracy_value,
-            f"interp/{self.name}/temperature": float(temperature),
-            f"interp/{self.name}/ece_after_temperature": after_value,
+            f"interp_{self.name}/ece": ece_value,
+            f"interp_{self.name}/mean_confidence": mean_confidence,
+            f"interp_{self.name}/accuracy": accuracy_value,
+            f"interp_{self.name}/overconfidence": mean_confidence - accuracy_value,
+            f"interp_{self.name}/temperature": float(temperature),
+            f"interp_{self.name}/ece_after_temperature": after_value,
         }
         bins = tuple(part.cpu() for part in curve)
-        step, epoch, count = trainer.global_step, trainer.current_epoch, int(labels.numel())
+        step, epoch, count = logging_step(trainer), trainer.current_epoch, int(labels.numel())
 
         def draw() -> None:
             image = reliability_image(*bins, ece=ece_value, title=f"reliability (epoch {epoch}, {count} samples)")
-            log_image(trainer, f"interp/{self.name}/reliability", image, step)
+            log_image(trainer, f"interp_{self.name}/reliability", image, step)
 
         self._submit(trainer, draw)
         return scalars

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
-from lightning_interp._logging import log_image
+from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, parse_class_names, parse_layer_names
 from lightning_interp.methods._core import get_module, module_name, scores_from_output
 from lightning_interp.methods.concepts import (
@@ -92,7 +92,7 @@ class ConceptCallback(InterpCallback):
     directional derivative). The same is done for ``n_random`` random-vs-random
     CAVs, and a two-sided t-test (Student's, as in the paper; ``equal_var=False``
     for Welch's) says whether the concept's scores differ from the random ones.
-    Under ``interp/<name>/`` it logs:
+    Under ``interp_<name>/`` it logs:
 
     - ``<concept>/<layer>/<class>/tcav``: the TCAV score, mean over the
       ``n_random`` runs (0.5 = no preference; near 1 the concept pushes the
@@ -484,7 +484,7 @@ class ConceptCallback(InterpCallback):
             random_scores = None
             for concept in names:
                 scores, p_values, random_scores, accuracy = numbers[(layer, concept)]
-                base = f"interp/{self.name}/{concept}/{layer}"
+                base = f"interp_{self.name}/{concept}/{layer}"
                 scalars[f"{base}/cav_accuracy"] = accuracy
                 if accuracy < self.min_cav_accuracy:
                     self._warn_once(
@@ -504,13 +504,13 @@ class ConceptCallback(InterpCallback):
                     scalars[f"{base}/{k}/p_value"] = float(p_values[column])
             assert random_scores is not None
             panels.append((layer, bars, (random_scores.mean(dim=0).numpy(), random_scores.std(dim=0).numpy())))
-        step, classes, alpha, class_names = trainer.global_step, list(self._classes), self.alpha, self.class_names
+        step, classes, alpha, class_names = logging_step(trainer), list(self._classes), self.alpha, self.class_names
 
         def draw() -> None:
             image = tcav_bar_image(
                 panels, names, classes, alpha=alpha, title=f"TCAV scores (epoch {epoch})", class_names=class_names
             )
-            log_image(trainer, f"interp/{self.name}/scores", image, step)
+            log_image(trainer, f"interp_{self.name}/scores", image, step)
 
         self._submit(trainer, draw)
         return scalars

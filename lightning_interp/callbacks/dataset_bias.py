@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_interp._logging import log_image, log_scalars
+from lightning_interp._logging import log_image, log_scalars, logging_step
 from lightning_interp.callbacks._base import _first_loader, class_name, parse_class_names
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
 from lightning_interp.methods._core import (
@@ -49,7 +49,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
     restricted to the samples the loaders' samplers yield (a sampler-based
     split and ``limit_val_batches`` are honoured):
 
-    - ``interp/<name>/train/imbalance_ratio`` and ``val/imbalance_ratio``:
+    - ``interp_<name>/train/imbalance_ratio`` and ``val/imbalance_ratio``:
       the largest class count over the smallest;
     - ``class_counts``: a bar chart of both sets' class counts;
     - a warning when a set's ratio exceeds ``imbalance_warning`` (default 10),
@@ -190,7 +190,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         classes = max(balance.counts.numel() for balance in self.balances.values())
         self.balances = {split: class_balance(_labels_of(b), classes) for split, b in self.balances.items()}
         scalars = {
-            f"interp/{self.name}/{split}/imbalance_ratio": b.imbalance_ratio for split, b in self.balances.items()
+            f"interp_{self.name}/{split}/imbalance_ratio": b.imbalance_ratio for split, b in self.balances.items()
         }
         for split, balance in self.balances.items():
             if balance.imbalance_ratio > self.imbalance_warning:
@@ -201,13 +201,13 @@ class DatasetBiasCallback(ValidationOutputsCallback):
                     f"{balance.imbalance_ratio:.3g} > imbalance_warning={self.imbalance_warning:g}). Expect its "
                     "recall to lag; consider class weights or a balanced sampler."
                 )
-        log_scalars(trainer, scalars, trainer.global_step)
+        log_scalars(trainer, scalars, logging_step(trainer))
         counts = {split: b.counts.clone() for split, b in self.balances.items()}
         names = [self._class_name(k) for k in range(classes)]
-        step = trainer.global_step
+        step = logging_step(trainer)
 
         def draw() -> None:
-            log_image(trainer, f"interp/{self.name}/class_counts", class_counts_image(counts, names), step)
+            log_image(trainer, f"interp_{self.name}/class_counts", class_counts_image(counts, names), step)
 
         self._submit(trainer, draw)
 
@@ -280,24 +280,24 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         scalars: dict[str, float] = {}
         for k in range(classes):
             if found.counts[k] > 0:
-                scalars[f"interp/{self.name}/{self._class_name(k)}/{measure}"] = float(found.scores[k])
-                scalars[f"interp/{self.name}/{self._class_name(k)}/{lift_name}"] = float(lifts[k])
+                scalars[f"interp_{self.name}/{self._class_name(k)}/{measure}"] = float(found.scores[k])
+                scalars[f"interp_{self.name}/{self._class_name(k)}/{lift_name}"] = float(lifts[k])
         present = lifts[~lifts.isnan()]
         if present.numel():
             if measure == "localization":
-                scalars[f"interp/{self.name}/min_{lift_name}"] = float(present.min())
+                scalars[f"interp_{self.name}/min_{lift_name}"] = float(present.min())
             else:
-                scalars[f"interp/{self.name}/max_{lift_name}"] = float(present.max())
+                scalars[f"interp_{self.name}/max_{lift_name}"] = float(present.max())
         if measure == "localization":
             self._warn_background(trainer, lifts, recall)
         names = [self._class_name(k) for k in range(classes)]
-        step, epoch, method = trainer.global_step, trainer.current_epoch, self.attribution
+        step, epoch, method = logging_step(trainer), trainer.current_epoch, self.attribution
 
         def draw() -> None:
             image = class_lift_image(
                 lifts, names, measure, title=f"where the {method} maps of each true class lie (epoch {epoch})"
             )
-            log_image(trainer, f"interp/{self.name}/attribution_by_class", image, step)
+            log_image(trainer, f"interp_{self.name}/attribution_by_class", image, step)
 
         self._submit(trainer, draw)
         return scalars
@@ -349,17 +349,17 @@ class DatasetBiasCallback(ValidationOutputsCallback):
             for what, values in (("recall", metrics.recall), ("precision", metrics.precision)):
                 value = float(values[k])
                 if value == value:  # NaN: the class has no sample / no prediction, nothing to log
-                    scalars[f"interp/{self.name}/{self._class_name(k)}/{what}"] = value
+                    scalars[f"interp_{self.name}/{self._class_name(k)}/{what}"] = value
         recalls = metrics.recall[~metrics.recall.isnan()]
         if recalls.numel():
-            scalars[f"interp/{self.name}/recall_gap"] = float(recalls.max() - recalls.min())
-            scalars[f"interp/{self.name}/worst_recall"] = float(recalls.min())
+            scalars[f"interp_{self.name}/recall_gap"] = float(recalls.max() - recalls.min())
+            scalars[f"interp_{self.name}/worst_recall"] = float(recalls.min())
         confusion, names = metrics.confusion, [self._class_name(k) for k in range(classes)]
-        step, epoch = trainer.global_step, trainer.current_epoch
+        step, epoch = logging_step(trainer), trainer.current_epoch
 
         def draw() -> None:
             image = confusion_image(confusion, names, title=f"confusion (epoch {epoch}), rows: true class")
-            log_image(trainer, f"interp/{self.name}/confusion", image, step)
+            log_image(trainer, f"interp_{self.name}/confusion", image, step)
 
         self._submit(trainer, draw)
         return scalars, metrics.recall

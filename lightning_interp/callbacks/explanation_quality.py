@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_interp._logging import log_image
+from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks._maps import MANAGED_OPTIONS
 from lightning_interp.methods._core import (
@@ -71,7 +71,7 @@ class ExplanationQualityCallback(InterpCallback):
 
     For each method (any registered one; CAM methods at a layer), on
     ``num_samples`` validation images, each explained for ``target``, the
-    callback logs under ``interp/<name>/<method>/``:
+    callback logs under ``interp_<name>/<method>/``:
 
     - **faithfulness**: ``deletion_auc`` and ``insertion_auc``, the area under
       the target's probability as the pixels are removed (replaced by the
@@ -97,7 +97,7 @@ class ExplanationQualityCallback(InterpCallback):
 
     ``random_reference=True`` (default) scores uniform random maps (the
     callback's generator, the same every run) the same way, under
-    ``interp/<name>/random/``: the chance level of every metric (its sanity
+    ``interp_<name>/random/``: the chance level of every metric (its sanity
     score is not computed: random maps have nothing to learn). With two or
     more rows it also logs ``comparison``: a table of the methods (and the
     random reference), ranked by their mean rank over the metrics marked with
@@ -321,7 +321,7 @@ class ExplanationQualityCallback(InterpCallback):
         scalars: dict[str, float] = {}
         for (key, metric, _), number in zip(flat, numbers, strict=True):
             table[key][metric] = number
-            scalars[f"interp/{self.name}/{key}/{metric}"] = number
+            scalars[f"interp_{self.name}/{key}/{metric}"] = number
         for key, row in table.items():
             if any(math.isnan(v) for v in row.values()):
                 self._warn_once(
@@ -331,12 +331,12 @@ class ExplanationQualityCallback(InterpCallback):
                     "logged as NaN and left out of the ranking while this lasts (warned once per fit).",
                 )
         if len(table) >= 2:
-            step, epoch = trainer.global_step, trainer.current_epoch
+            step, epoch = logging_step(trainer), trainer.current_epoch
             snapshot = {key: dict(row) for key, row in table.items()}
 
             def draw() -> None:
                 image = comparison_image(snapshot, title=f"explanation quality (epoch {epoch}): {_described(snapshot)}")
-                log_image(trainer, f"interp/{self.name}/comparison", image, step)
+                log_image(trainer, f"interp_{self.name}/comparison", image, step)
 
             self._submit(trainer, draw)
         return scalars

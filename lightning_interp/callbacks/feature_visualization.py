@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_interp._logging import log_image
+from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, class_name, parse_class_names
 from lightning_interp.methods._core import OutputTransform, get_module, module_name, scores_from_output
 from lightning_interp.methods.feature_visualization import (
@@ -64,14 +64,14 @@ class FeatureVisualizationCallback(InterpCallback):
     gives them explicitly. The probe set is needed only for the input shape
     and these statistics (and DeepDream's starting images); no labels.
 
-    Logged under ``interp/<name>/`` at due validation epochs (every
+    Logged under ``interp_<name>/`` at due validation epochs (every
     ``every_n_epochs``-th, default 5):
 
     - ``features`` (``dream`` in DeepDream mode): one grid, rows = targets,
       columns = the ``num_images`` images (DeepDream adds a first row of the
       probe samples), each row titled with its target and objective;
     - ``<target>/objective``: the objective reached, averaged over the
-      ``num_images`` images (e.g. ``interp/featvis/class:2/objective``).
+      ``num_images`` images (e.g. ``interp_featvis/class:2/objective``).
 
     Cost per run: ``steps`` forward + backward passes of a batch of
     ``len(targets) * num_images`` images at the probe's size (DeepDream:
@@ -115,7 +115,7 @@ class FeatureVisualizationCallback(InterpCallback):
         num_samples: probe samples (for the value range; DeepDream uses the first ``num_images``).
         every_n_epochs: run at every n-th validation epoch (default 5).
         class_names: names shown for class targets instead of ``class:k`` (tags keep the index).
-        evolution_columns: at fit end, ``interp/<name>/evolution`` shows the first image of every target at up to
+        evolution_columns: at fit end, ``interp_<name>/evolution`` shows the first image of every target at up to
             this many runs spread over training (0: no strip).
         **kwargs: ``probe``, ``batch_parser``, ``background_drawing``,
             ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
@@ -385,11 +385,11 @@ class FeatureVisualizationCallback(InterpCallback):
             trainer, pl_module, self.probe, steps=self.steps, images=self.num_images, generator=generator
         )
         values = objectives.mean(dim=1).tolist()
-        scalars = {f"interp/{self.name}/{t.label}/objective": v for t, v in zip(self.targets, values, strict=True)}
+        scalars = {f"interp_{self.name}/{t.label}/objective": v for t, v in zip(self.targets, values, strict=True)}
         labels = [f"{self._row_name(t)}\nobj={v:.3g}" for t, v in zip(self.targets, values, strict=True)]
         self._remember(trainer.current_epoch, shown[:, 0])
-        step, epoch = trainer.global_step, trainer.current_epoch
-        tag = f"interp/{self.name}/{'features' if self.mode == 'optimize' else 'dream'}"
+        step, epoch = logging_step(trainer), trainer.current_epoch
+        tag = f"interp_{self.name}/{'features' if self.mode == 'optimize' else 'dream'}"
         kind = "feature visualisation" if self.mode == "optimize" else "DeepDream"
 
         def draw() -> None:
@@ -424,9 +424,9 @@ class FeatureVisualizationCallback(InterpCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log ``interp/<name>/evolution``: rows = targets, columns = up to ``evolution_columns`` runs."""
+        """Log ``interp_<name>/evolution``: rows = targets, columns = up to ``evolution_columns`` runs."""
         if trainer.is_global_zero and self._history and self.evolution_columns > 0:
-            history, step = list(self._history), trainer.global_step
+            history, step = list(self._history), logging_step(trainer)
             spaced = np.linspace(0, len(history) - 1, min(len(history), self.evolution_columns))
             chosen = [history[i] for i in sorted({round(i) for i in spaced})]
             rows = [[_tiles(images[t : t + 1])[0] for _, images in chosen] for t in range(chosen[-1][1].shape[0])]
@@ -436,7 +436,7 @@ class FeatureVisualizationCallback(InterpCallback):
 
             def job() -> None:
                 grid = render_grid(rows, column_titles=titles, row_labels=labels, title=f"{kind} across training")
-                log_image(trainer, f"interp/{self.name}/evolution", grid, step)
+                log_image(trainer, f"interp_{self.name}/evolution", grid, step)
 
             self._submit(trainer, job)
         super().on_fit_end(trainer, pl_module)  # drains the worker

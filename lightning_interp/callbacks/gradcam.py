@@ -33,7 +33,7 @@ class GradCAMCallback(MapCallback):
     Every gradient-based CAM method (Grad-CAM, Grad-CAM++, XGrad-CAM,
     Layer-CAM, HiRes-CAM, Eigen-CAM) on every layer comes from one forward and
     one backward pass; Score-CAM and CAM run on their own. At each due
-    validation epoch the callback logs, under ``interp/<name>/``:
+    validation epoch the callback logs, under ``interp_<name>/``:
 
     - ``maps``: an image grid, one row per probe sample, the input and then one
       overlay per method and layer (upsampled bilinearly to the input size);

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_interp._logging import log_image
+from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods.probes import (
     PROBE_SOLVERS,
@@ -33,7 +33,7 @@ class LinearProbeCallback(RepresentationCallback):
     model's device, the probes are fit there too), splits the probe samples once
     and for all into a stratified training and held-out half, standardises with
     the training half's statistics, fits one probe per layer and logs, under
-    ``interp/<name>/``:
+    ``interp_<name>/``:
 
     - ``<layer>/accuracy``: held-out accuracy, the meaningful number (also in
       ``trainer.callback_metrics``, so EarlyStopping / ModelCheckpoint can
@@ -187,11 +187,11 @@ class LinearProbeCallback(RepresentationCallback):
                     f"its probe {metric} is logged as NaN."
                 )
                 score = train_score = float("nan")
-            scalars[f"interp/{self.name}/{layer}/{metric}"] = score
-            scalars[f"interp/{self.name}/{layer}/train_{metric}"] = train_score
+            scalars[f"interp_{self.name}/{layer}/{metric}"] = score
+            scalars[f"interp_{self.name}/{layer}/train_{metric}"] = train_score
             held_out.append(score)
             fitted.append(train_score)
-        step, epoch, names = trainer.global_step, trainer.current_epoch, list(features)
+        step, epoch, names = logging_step(trainer), trainer.current_epoch, list(features)
         if task == "regression":
             reference, reference_label, ylim = 0.0, "R² of the mean", (min(-0.05, *held_out, *fitted), 1.02)
         elif task == "multilabel":
@@ -212,7 +212,7 @@ class LinearProbeCallback(RepresentationCallback):
                 reference=reference,
                 reference_label=reference_label,
             )
-            log_image(trainer, f"interp/{self.name}/{metric}_by_depth", figure, step)
+            log_image(trainer, f"interp_{self.name}/{metric}_by_depth", figure, step)
 
         self._submit(trainer, draw)
         return scalars

@@ -31,7 +31,7 @@ class SaliencyCallback(MapCallback):
 
     At each due validation epoch (never in the sanity check) the callback
     explains its probe samples with every method in ``methods`` and logs, under
-    ``interp/<name>/``:
+    ``interp_<name>/``:
 
     - ``maps``: an image grid, one row per probe sample (label, prediction and
       confidence on the left), the input and then one heatmap overlay per method;

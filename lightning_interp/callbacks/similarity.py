@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_interp._logging import log_image
+from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods._core import get_module
 from lightning_interp.methods.features import auto_layers, capture_features, forward_chunk_size
@@ -35,7 +35,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
     """Log how similar layers are to each other, to their own past, and to the labels.
 
     At each due validation epoch the callback captures the layers' outputs on
-    its probe set and logs, under ``interp/<name>/``:
+    its probe set and logs, under ``interp_<name>/``:
 
     with ``"cka"`` in ``metrics`` (linear CKA, Kornblith et al. 2019; the
     unbiased HSIC of Song et al. 2012 when ``debiased``):
@@ -88,6 +88,8 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         >>> RepresentationSimilarityCallback(metrics=("cka",)).metrics
         ('cka',)
     """
+
+    later_metrics = ("cka_vs_previous",)
 
     def __init__(
         self,
@@ -223,7 +225,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         features = self._features(trainer, pl_module)
-        step = trainer.global_step
+        step = logging_step(trainer)
         scalars: dict[str, float] = {}
         if "cka" in self.metrics:
             scalars.update(self._cka(trainer, pl_module, features, step))
@@ -241,13 +243,13 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         for key, reference in (("cka_vs_previous", self._previous_grams), ("cka_vs_start", self._start_grams)):
             if reference is not None and reference.shape == grams.shape:
                 similarity = (grams * reference.to(grams.device, torch.float64)).sum(dim=1)
-                values.update({f"interp/{self.name}/{n}/{key}": v for n, v in zip(names, similarity, strict=True)})
+                values.update({f"interp_{self.name}/{n}/{key}": v for n, v in zip(names, similarity, strict=True)})
         self._previous_grams = grams.float()
         matrix = (grams @ grams.T).cpu()
         title = f"{'debiased ' if self.debiased else ''}linear CKA between layers (epoch {epoch})"
         self._submit(
             trainer,
-            lambda: log_image(trainer, f"interp/{self.name}/cka", matrix_image(matrix, names, title=title), step),
+            lambda: log_image(trainer, f"interp_{self.name}/cka", matrix_image(matrix, names, title=title), step),
         )
         if self.reference_model is not None:
             assert self.probe is not None
@@ -258,12 +260,12 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             def draw_reference() -> None:
                 title = f"CKA: model (rows) vs reference (epoch {epoch})"
                 image = matrix_image(cross, names, column_labels=columns, title=title)
-                log_image(trainer, f"interp/{self.name}/cka_vs_reference", image, step)
+                log_image(trainer, f"interp_{self.name}/cka_vs_reference", image, step)
 
             self._submit(trainer, draw_reference)
             best = torch.nan_to_num(cross_here, nan=-float("inf")).amax(dim=1)
             for layer, value in zip(names, best, strict=True):
-                values[f"interp/{self.name}/{layer}/cka_vs_reference_max"] = value
+                values[f"interp_{self.name}/{layer}/cka_vs_reference_max"] = value
         if not values:
             return {}
         return dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist(), strict=True))
@@ -301,16 +303,16 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         values: dict[str, Tensor] = {}
         if labels is not None:
             for index, name in enumerate(names):
-                values[f"interp/{self.name}/{name}/rsa_vs_labels"] = compare(index, len(compared) - 1)
+                values[f"interp_{self.name}/{name}/rsa_vs_labels"] = compare(index, len(compared) - 1)
         for index, name in enumerate(names[:-1]):
-            values[f"interp/{self.name}/{name}/rsa_vs_next"] = compare(index, slot.get(index + 1, -1))
+            values[f"interp_{self.name}/{name}/rsa_vs_next"] = compare(index, slot.get(index + 1, -1))
         tiles = [self._rdm_tile(matrix).cpu() for matrix in rdms]  # pooled where they are, small on the host
         title = f"RDMs ({self.rdm_metric}), samples sorted by class, epoch {trainer.current_epoch}"
 
         def draw() -> None:
             pictures = [colorize(normalize_map(tile[None], percentile=99.0)[0], "viridis") for tile in tiles]
             log_image(
-                trainer, f"interp/{self.name}/rdm", render_grid([pictures], column_titles=names, title=title), step
+                trainer, f"interp_{self.name}/rdm", render_grid([pictures], column_titles=names, title=title), step
             )
 
         self._submit(trainer, draw)

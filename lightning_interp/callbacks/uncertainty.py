@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_interp._logging import log_image
+from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, class_name, parse_class_names, unwrapped
 from lightning_interp.methods._core import OutputTransform, eager_forward, modes_preserved, scores_from_output
 from lightning_interp.methods.registry import method_spec
@@ -55,7 +55,7 @@ class UncertaintyCallback(InterpCallback):
       (how much the sub-networks disagree), which shrinks as the model learns
       what its data can teach.
 
-    Logged under ``interp/<name>/`` (default ``uncertainty``):
+    Logged under ``interp_<name>/`` (default ``uncertainty``):
 
     - ``predictive_entropy``, ``expected_entropy``, ``mutual_information``: means
       over the probe set (nats; the most a K-class prediction can have is log K);
@@ -263,7 +263,7 @@ class UncertaintyCallback(InterpCallback):
         rows = torch.stack(list(quantities.values())).double().cpu()
         predicted_cpu = predicted.cpu()
         labels = _class_labels(probe.labels)
-        scalars = {f"interp/{self.name}/{name}": float(row.mean()) for name, row in zip(names, rows, strict=True)}
+        scalars = {f"interp_{self.name}/{name}": float(row.mean()) for name, row in zip(names, rows, strict=True)}
         if not bool(torch.isfinite(rows).all()):
             rank_zero_warn(
                 f"UncertaintyCallback: the model's outputs on the probe set are not finite at epoch "
@@ -274,12 +274,12 @@ class UncertaintyCallback(InterpCallback):
             right = predicted_cpu == labels
             for k in sorted(set(labels.tolist())):
                 members = labels == k
-                tag = f"interp/{self.name}/{self._class_name(k)}"
+                tag = f"interp_{self.name}/{self._class_name(k)}"
                 for name in dict.fromkeys((main, "predictive_entropy", second)):
                     scalars[f"{tag}/{name}"] = float(rows[names.index(name)][members].mean())
             for group, which in (("right", right), ("wrong", ~right)):
                 if bool(which.any()):
-                    scalars[f"interp/{self.name}/{main}_{group}"] = float(rows[0][which].mean())
+                    scalars[f"interp_{self.name}/{main}_{group}"] = float(rows[0][which].mean())
         if self.explain is not None:
             scalars.update(self._explanation_uncertainty(trainer, pl_module, probe, predicted))
         if probe.inputs.ndim == 4:
@@ -293,12 +293,12 @@ class UncertaintyCallback(InterpCallback):
                 )
                 for i in order
             ]
-            step, epoch = trainer.global_step, trainer.current_epoch
+            step, epoch = logging_step(trainer), trainer.current_epoch
 
             def draw() -> None:
                 tiles = [list(input_to_rgb(shown))]
                 grid = render_grid(tiles, column_titles=titles, title=f"most uncertain probe samples (epoch {epoch})")
-                log_image(trainer, f"interp/{self.name}/most_uncertain", grid, step)
+                log_image(trainer, f"interp_{self.name}/most_uncertain", grid, step)
 
             self._submit(trainer, draw)
         return scalars
@@ -321,10 +321,10 @@ class UncertaintyCallback(InterpCallback):
             )
         relative = spread.flatten(1).mean(dim=1) / mean.flatten(1).mean(dim=1).clamp_min(1e-12)
         numbers = torch.stack([agreement.double().nanmean(), relative.double().mean()]).cpu().tolist()
-        base = f"interp/{self.name}/{self.explain}"
+        base = f"interp_{self.name}/{self.explain}"
         scalars = {f"{base}/map_agreement": numbers[0], f"{base}/map_relative_std": numbers[1]}
         mean_cpu, spread_cpu, shown = mean.float().cpu(), spread.float().cpu(), rows.inputs
-        step, epoch, method = trainer.global_step, trainer.current_epoch, self.explain
+        step, epoch, method = logging_step(trainer), trainer.current_epoch, self.explain
 
         def draw() -> None:
             columns = [list(input_to_rgb(shown)), map_tiles(shown, mean_cpu), map_tiles(shown, spread_cpu)]

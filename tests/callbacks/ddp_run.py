@@ -24,7 +24,7 @@ if REPO not in sys.path:  # run as a script: make ``tests.conftest`` importable 
 
 CALLBACK_KEYS = ("saliency", "gradcam", "probe", "similarity")
 MAX_EPOCHS = 2
-MONITOR = "interp/probe/net.10/accuracy"
+MONITOR = "interp_probe/net.10/accuracy"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         "val_sampler_is_distributed": isinstance(val_loader.sampler, DistributedSampler),
         "val_indices": list(iter(val_loader.sampler)),
         "logger_version": trainer.logger.version,
-        "interp_metrics": sorted(k for k in trainer.callback_metrics if k.startswith("interp/")),
+        "interp_metrics": sorted(k for k in trainer.callback_metrics if k.startswith("interp_")),
         "runs": {key: cb._runs for key, cb in callbacks.items()},
         "num_samples": {key: cb.num_samples for key, cb in callbacks.items()},
         "late_probe": late.probe.state_dict(),

@@ -37,20 +37,20 @@ def test_logs_a_grid_per_layer_and_scalars_that_match_a_hook(tmp_path):
     events = read_events(logger.log_dir)
     steps = [trainer.global_step // 2, trainer.global_step]
     for layer in callback.layers:
-        assert events.image_steps(f"interp/activations/{layer}/maps") == steps
+        assert events.image_steps(f"interp_activations/{layer}/maps") == steps
         for metric in ("dead_fraction", "mean_activation", "sparsity"):
-            assert events.scalar_steps(f"interp/activations/{layer}/{metric}") == steps
-    sizes = {size for layer in callback.layers for _, size in events.images[f"interp/activations/{layer}/maps"]}
+            assert events.scalar_steps(f"interp_activations/{layer}/{metric}") == steps
+    sizes = {size for layer in callback.layers for _, size in events.images[f"interp_activations/{layer}/maps"]}
     assert all(h > 8 * 96 and w > 5 * 96 for h, w in sizes)  # 8 rows; input, mean and 3 channels, each >= 96 px
     # the last values against the trained model's own outputs, read by a plain hook
     assert callback.probe is not None
     output = _hooked_output(model, model.net[7], callback.probe.inputs)
     never_positive = (output.transpose(0, 1).reshape(output.shape[1], -1) <= 0).all(dim=1).float().mean()
-    logged = dict(events.scalars["interp/activations/net.7/dead_fraction"])[trainer.global_step]
+    logged = dict(events.scalars["interp_activations/net.7/dead_fraction"])[trainer.global_step]
     assert logged == pytest.approx(float(never_positive), abs=1e-6)
-    sparsity = dict(events.scalars["interp/activations/net.7/sparsity"])[trainer.global_step]
+    sparsity = dict(events.scalars["interp_activations/net.7/sparsity"])[trainer.global_step]
     assert sparsity == pytest.approx(float((output <= 0).float().mean()), abs=1e-6)
-    mean = dict(events.scalars["interp/activations/net.7/mean_activation"])[trainer.global_step]
+    mean = dict(events.scalars["interp_activations/net.7/mean_activation"])[trainer.global_step]
     assert mean == pytest.approx(float(output.mean()), rel=1e-4)
 
 
@@ -65,7 +65,7 @@ def test_dead_units_of_a_network_built_with_dead_channels(tmp_path):
     callback = ActivationMapsCallback(layers="net.1", channels=[0, 1], num_samples=8)
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
     trainer.fit(NetClassifier(net), datamodule=tiny_datamodule())
-    dead = trainer.callback_metrics["interp/activations/net.1/dead_fraction"].item()
+    dead = trainer.callback_metrics["interp_activations/net.1/dead_fraction"].item()
     assert dead == pytest.approx(2 / 6)
     assert callback._shown == {"net.1": [0, 1]}
 
@@ -115,7 +115,7 @@ def test_runs_under_validate_in_inference_mode(tmp_path):
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
     trainer.validate(tiny_classifier(), datamodule=tiny_datamodule(), verbose=False)
     assert callback._runs == 1
-    assert 0.0 <= trainer.callback_metrics["interp/activations/net.7/sparsity"].item() <= 1.0
+    assert 0.0 <= trainer.callback_metrics["interp_activations/net.7/sparsity"].item() <= 1.0
 
 
 def test_resnet_and_vision_transformer_layers(tmp_path):

@@ -48,19 +48,19 @@ def test_ece_accuracy_and_confidence_equal_torchmetrics_on_independently_compute
     metrics = trainer.callback_metrics
     probs = logits.softmax(dim=1)
     expected = multiclass_calibration_error(probs, labels, num_classes=4, n_bins=10)
-    assert float(metrics["interp/calibration/ece"]) == pytest.approx(float(expected), abs=1e-5)
-    assert float(metrics["interp/calibration/accuracy"]) == pytest.approx(float(metrics["val_acc"]), abs=1e-6)
+    assert float(metrics["interp_calibration/ece"]) == pytest.approx(float(expected), abs=1e-5)
+    assert float(metrics["interp_calibration/accuracy"]) == pytest.approx(float(metrics["val_acc"]), abs=1e-6)
     confidence = float(probs.max(dim=1).values.mean())
-    assert float(metrics["interp/calibration/mean_confidence"]) == pytest.approx(confidence, abs=1e-5)
+    assert float(metrics["interp_calibration/mean_confidence"]) == pytest.approx(confidence, abs=1e-5)
     # the temperature minimises the validation NLL: no other temperature does better
-    temperature = float(metrics["interp/calibration/temperature"])
+    temperature = float(metrics["interp_calibration/temperature"])
     best = F.cross_entropy(logits / temperature, labels)
     for other in (0.5 * temperature, 0.9 * temperature, 1.1 * temperature, 2 * temperature, 1.0):
         assert best <= F.cross_entropy(logits / other, labels) + 1e-6
     events = read_events(logger.log_dir)
     for tag in ("ece", "ece_after_temperature", "temperature", "overconfidence"):
-        assert events.scalar_steps(f"interp/calibration/{tag}") == [4, 8, 12]
-    assert events.image_steps("interp/calibration/reliability") == [4, 8, 12]
+        assert events.scalar_steps(f"interp_calibration/{tag}") == [4, 8, 12]
+    assert events.image_steps("interp_calibration/reliability") == [4, 8, 12]
     assert not model._forward_hooks, "the capturing hook is removed after each validation"
 
 
@@ -108,13 +108,13 @@ def test_validation_step_outputs_are_read_and_a_step_without_logits_is_warned_ab
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CalibrationCallback")
         trainer.fit(ReturnsLogits(BatchNormDropoutNet()), datamodule=tiny_datamodule())
-    assert "interp/calibration/ece" in trainer.callback_metrics
+    assert "interp_calibration/ece" in trainer.callback_metrics
 
     blind = CalibrationCallback()
     trainer = quiet_trainer(tmp_path, callbacks=[blind], logger=False, max_epochs=1)
     with pytest.warns(UserWarning, match=r"neither called the LightningModule \(self\(x\)\) nor returned"):
         trainer.fit(ReturnsNothing(BatchNormDropoutNet()), datamodule=tiny_datamodule())
-    assert "interp/calibration/ece" not in trainer.callback_metrics
+    assert "interp_calibration/ece" not in trainer.callback_metrics
 
 
 class OneLogit(nn.Module):
@@ -157,7 +157,7 @@ def test_a_binary_model_matches_torchmetrics_binary_ece(tmp_path):
     trainer.fit(model, datamodule=datamodule)
     logits, labels = _validation_logits(model, datamodule)
     expected = binary_calibration_error(torch.sigmoid(logits[:, 0]), (labels == 0).long(), n_bins=5)
-    assert float(trainer.callback_metrics["interp/calibration/ece"]) == pytest.approx(float(expected), abs=1e-5)
+    assert float(trainer.callback_metrics["interp_calibration/ece"]) == pytest.approx(float(expected), abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -176,7 +176,7 @@ def test_validate_under_inference_mode_logs_the_same_ece_as_torchmetrics(tmp_pat
     trainer.validate(model, datamodule=datamodule, verbose=False)  # validation under torch.inference_mode()
     logits, labels = _validation_logits(model, datamodule)
     expected = multiclass_calibration_error(logits.softmax(dim=1), labels, num_classes=4, n_bins=10)
-    assert float(trainer.callback_metrics["interp/calibration/ece"]) == pytest.approx(float(expected), abs=1e-5)
+    assert float(trainer.callback_metrics["interp_calibration/ece"]) == pytest.approx(float(expected), abs=1e-5)
     assert not model._forward_hooks
 
 
@@ -195,4 +195,4 @@ def test_nan_validation_outputs_are_warned_about_and_nothing_is_logged(tmp_path,
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
     with pytest.warns(UserWarning, match="validation outputs contain NaN or inf"):
         trainer.fit(NaNOutputs(BatchNormDropoutNet()), datamodule=tiny_datamodule())
-    assert not [key for key in trainer.callback_metrics if key.startswith(f"interp/{callback.name}/")]
+    assert not [key for key in trainer.callback_metrics if key.startswith(f"interp_{callback.name}/")]

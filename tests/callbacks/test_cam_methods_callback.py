@@ -43,7 +43,7 @@ def test_every_cam_method_on_two_layers_in_one_grid(tmp_path):
         cam_map / cam_map.abs().amax(), grad_cam_map / grad_cam_map.abs().amax(), atol=1e-5, rtol=0
     )
     scalars = read_events(logger.log_dir).scalars
-    tag = "interp/gradcam/net.7/score_cam/concentration"
+    tag = "interp_gradcam/net.7/score_cam/concentration"
     assert tag in scalars and all(math.isfinite(v) for _, v in scalars[tag])
 
 

@@ -78,21 +78,21 @@ def test_scalars_and_figure_logged_at_each_validation_with_tensor_dataset_and_lo
     classes = sorted({int(k) for k in callback.probe.labels.tolist()})
     assert classes == [0, 1, 2, 3]
     for concept in ("disc", "square", "cross"):
-        base = f"interp/tcav/{concept}/{LAYER}"
+        base = f"interp_tcav/{concept}/{LAYER}"
         assert events.scalar_steps(f"{base}/cav_accuracy") == expected_steps
         for k in classes:
             assert events.scalar_steps(f"{base}/{k}/tcav") == expected_steps
             assert events.scalar_steps(f"{base}/{k}/p_value") == expected_steps
             assert all(0.0 <= value <= 1.0 for _, value in events.scalars[f"{base}/{k}/tcav"])
             assert all(0.0 <= value <= 1.0 for _, value in events.scalars[f"{base}/{k}/p_value"])
-    assert events.image_steps("interp/tcav/scores") == expected_steps
-    (height, width) = {size for _, size in events.images["interp/tcav/scores"]}.pop()
+    assert events.image_steps("interp_tcav/scores") == expected_steps
+    (height, width) = {size for _, size in events.images["interp_tcav/scores"]}.pop()
     assert height >= 200 and width >= 300
     assert not any(math.isnan(value) for values in events.scalars.values() for _, value in values)
 
     # trainer.validate() runs under inference_mode: the gradients are still there
     trainer.validate(trainer.lightning_module, datamodule=tiny_datamodule(), verbose=False)
-    assert f"interp/tcav/disc/{LAYER}/0/tcav" in trainer.callback_metrics
+    assert f"interp_tcav/disc/{LAYER}/0/tcav" in trainer.callback_metrics
 
 
 def test_a_concept_no_better_than_chance_logs_only_its_accuracy_and_warns(tmp_path):
@@ -102,9 +102,9 @@ def test_a_concept_no_better_than_chance_logs_only_its_accuracy_and_warns(tmp_pa
     with pytest.warns(UserWarning, match="no better than chance"):
         trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     events = read_events(trainer.logger.log_dir)
-    assert events.scalar_steps(f"interp/tcav/disc/{LAYER}/cav_accuracy") == [4, 8]
+    assert events.scalar_steps(f"interp_tcav/disc/{LAYER}/cav_accuracy") == [4, 8]
     assert not [tag for tag in events.scalars if tag.endswith(("/tcav", "/p_value"))]
-    assert events.image_steps("interp/tcav/scores") == [4, 8]
+    assert events.image_steps("interp_tcav/scores") == [4, 8]
 
 
 @pytest.mark.parametrize(("layer", "warns"), [("net.7", True), ("net.4", False)])

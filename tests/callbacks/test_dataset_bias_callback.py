@@ -31,10 +31,10 @@ def test_class_counts_equal_the_datasets_and_per_class_recall_equals_torchmetric
     assert torch.equal(callback.balances["train"].counts, train_counts)
     assert torch.equal(callback.balances["val"].counts, val_counts)
     events = read_events(logger.log_dir)
-    ratio = [v for _, v in events.scalars["interp/bias/train/imbalance_ratio"]]
+    ratio = [v for _, v in events.scalars["interp_bias/train/imbalance_ratio"]]
     assert ratio == [pytest.approx(float(train_counts.max() / train_counts.min()))]
-    assert events.image_steps("interp/bias/class_counts") == [0]
-    assert events.image_steps("interp/bias/confusion") == [4, 8]
+    assert events.image_steps("interp_bias/class_counts") == [0]
+    assert events.image_steps("interp_bias/confusion") == [4, 8]
 
     model.eval()
     with torch.no_grad():
@@ -44,13 +44,13 @@ def test_class_counts_equal_the_datasets_and_per_class_recall_equals_torchmetric
     recall = multiclass_recall(predictions, labels, num_classes=4, average=None)
     metrics = trainer.callback_metrics
     for k, name in enumerate(["disc", "square", "triangle", "cross"]):
-        assert float(metrics[f"interp/bias/{name}/recall"]) == pytest.approx(float(recall[k]), abs=1e-6)
+        assert float(metrics[f"interp_bias/{name}/recall"]) == pytest.approx(float(recall[k]), abs=1e-6)
     predicted = set(predictions.tolist())
     precision = multiclass_precision(predictions, labels, num_classes=4, average=None)
     for k in predicted:  # a class never predicted has no precision: not logged
         name = ["disc", "square", "triangle", "cross"][k]
-        assert float(metrics[f"interp/bias/{name}/precision"]) == pytest.approx(float(precision[k]), abs=1e-6)
-    assert float(metrics["interp/bias/recall_gap"]) == pytest.approx(float(recall.max() - recall.min()), abs=1e-6)
+        assert float(metrics[f"interp_bias/{name}/precision"]) == pytest.approx(float(precision[k]), abs=1e-6)
+    assert float(metrics["interp_bias/recall_gap"]) == pytest.approx(float(recall.max() - recall.min()), abs=1e-6)
 
 
 def test_a_rare_class_is_warned_about_and_a_sampler_split_is_counted_as_sampled(tmp_path):
@@ -91,7 +91,7 @@ def test_a_dataset_without_a_label_list_is_skipped_with_a_warning_and_the_metric
     with pytest.warns(UserWarning, match="the train data is not a map-style dataset that lists its labels"):
         trainer.fit(tiny_classifier(), loader, DataLoader(TensorDataset(shapes.images, shapes.labels), batch_size=16))
     assert "train" not in callback.balances and "val" in callback.balances
-    assert not math.isnan(float(trainer.callback_metrics["interp/bias/worst_recall"]))
+    assert not math.isnan(float(trainer.callback_metrics["interp_bias/worst_recall"]))
 
 
 def test_class_balance_by_hand():
@@ -177,12 +177,12 @@ def test_spurious_cue_scalars_in_a_trainer_equal_the_analytic_values(tmp_path):
     loader = DataLoader(TensorDataset(inputs, labels), batch_size=16)
     trainer.fit(FixedLinear(), loader, loader)
     metrics = trainer.callback_metrics
-    assert float(metrics["interp/bias/0/border_share"]) == pytest.approx(1.0)
-    assert float(metrics["interp/bias/1/border_share"]) == pytest.approx(0.0, abs=1e-7)
-    assert float(metrics["interp/bias/0/border_lift"]) == pytest.approx(1 / area)
-    assert float(metrics["interp/bias/max_border_lift"]) == pytest.approx(1 / area)
+    assert float(metrics["interp_bias/0/border_share"]) == pytest.approx(1.0)
+    assert float(metrics["interp_bias/1/border_share"]) == pytest.approx(0.0, abs=1e-7)
+    assert float(metrics["interp_bias/0/border_lift"]) == pytest.approx(1 / area)
+    assert float(metrics["interp_bias/max_border_lift"]) == pytest.approx(1 / area)
     events = read_events(logger.log_dir)
-    assert events.image_steps("interp/bias/attribution_by_class") == [3]
+    assert events.image_steps("interp_bias/attribution_by_class") == [3]
 
     # with masks: class 0's masks cover the band (its maps lie on them: localization 1), class 1's the band too
     # (its maps lie off them: 0); no 'recognised but not by the object' warning with fewer than three classes
@@ -192,9 +192,9 @@ def test_spurious_cue_scalars_in_a_trainer_equal_the_analytic_values(tmp_path):
     loader = DataLoader(TensorDataset(inputs, labels, masks), batch_size=16)
     trainer.fit(FixedLinear(), loader, loader)
     metrics = trainer.callback_metrics
-    assert float(metrics["interp/bias/0/localization"]) == pytest.approx(1.0)
-    assert float(metrics["interp/bias/1/localization"]) == pytest.approx(0.0, abs=1e-7)
-    assert float(metrics["interp/bias/0/localization_lift"]) == pytest.approx(1 / area)
+    assert float(metrics["interp_bias/0/localization"]) == pytest.approx(1.0)
+    assert float(metrics["interp_bias/1/localization"]) == pytest.approx(0.0, abs=1e-7)
+    assert float(metrics["interp_bias/0/localization_lift"]) == pytest.approx(1 / area)
     assert callback.class_attribution is not None and callback.class_attribution.measure == "localization"
 
 
@@ -251,4 +251,4 @@ def test_the_automatic_cam_layer_is_grad_cam_callbacks_and_is_chosen_once(tmp_pa
     assert bias._layer == gradcam.layers[0] and len(choices) == 1
     assert bias._runs == 3 and bias.class_attribution is not None
     metrics = trainer.callback_metrics
-    assert {f"interp/bias/{k}/localization_lift" for k in range(4) if bias.class_attribution.counts[k]} <= set(metrics)
+    assert {f"interp_bias/{k}/localization_lift" for k in range(4) if bias.class_attribution.counts[k]} <= set(metrics)

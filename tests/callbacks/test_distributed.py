@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 DEVICES = 2
 TIMEOUT_S = 300  # generous: the run takes ~30 s alone, more when the two cores are shared
-IMAGE_TAGS = ("interp/saliency/maps", "interp/gradcam/maps", "interp/probe/accuracy_by_depth", "interp/similarity/cka")
+IMAGE_TAGS = ("interp_saliency/maps", "interp_gradcam/maps", "interp_probe/accuracy_by_depth", "interp_similarity/cka")
 # Environment that would make the launched script think it is already one rank of a running job.
 DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -113,7 +113,7 @@ def test_callbacks_run_on_rank_zero_only(ddp_run):
     for key in CALLBACK_KEYS:
         assert ddp_run.reports[0]["runs"][key] == MAX_EPOCHS, key  # once per validation epoch, not in sanity check
         assert ddp_run.reports[1]["runs"][key] == 0, key
-    assert "interp/probe/net.10/accuracy" in ddp_run.reports[0]["interp_metrics"]
+    assert "interp_probe/net.10/accuracy" in ddp_run.reports[0]["interp_metrics"]
 
 
 def test_rank_zero_logs_each_image_once_per_validation_epoch(ddp_run):
@@ -129,11 +129,11 @@ def test_rank_zero_logs_each_image_once_per_validation_epoch(ddp_run):
     for tag in IMAGE_TAGS:
         assert events.image_steps(tag) == steps, tag
     for method in ("gradient", "smoothgrad", "integrated_gradients"):
-        assert events.scalar_steps(f"interp/saliency/{method}/concentration") == steps
-        assert events.image_steps(f"interp/saliency/{method}/evolution") == [steps[-1]]
-    assert events.scalar_steps("interp/gradcam/net.7/localization") == steps
-    assert events.scalar_steps("interp/probe/net.10/accuracy") == steps
-    assert events.scalar_steps("interp/similarity/net.10/cka_vs_start") == steps
+        assert events.scalar_steps(f"interp_saliency/{method}/concentration") == steps
+        assert events.image_steps(f"interp_saliency/{method}/evolution") == [steps[-1]]
+    assert events.scalar_steps("interp_gradcam/net.7/localization") == steps
+    assert events.scalar_steps("interp_probe/net.10/accuracy") == steps
+    assert events.scalar_steps("interp_similarity/net.10/cka_vs_start") == steps
 
 
 def assert_same_probe(actual: dict, expected: ProbeSet, what: str) -> None:

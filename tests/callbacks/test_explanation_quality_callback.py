@@ -28,12 +28,12 @@ def test_scores_are_those_of_the_final_model_and_every_metric_is_logged(tmp_path
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     for key in ("gradient", "grad_cam@net.4", "random"):
         for metric in METRICS:
-            value = metrics[f"interp/quality/{key}/{metric}"]
+            value = metrics[f"interp_quality/{key}/{metric}"]
             assert math.isfinite(value), (key, metric)
-        assert 0 <= metrics[f"interp/quality/{key}/deletion_auc"] <= 1
-        assert 0 <= metrics[f"interp/quality/{key}/sparseness"] <= 1
-    assert "interp/quality/random/sanity_rank_correlation" not in metrics  # random maps learn nothing
-    assert metrics["interp/quality/gradient/sanity_rank_correlation"] < 1.0
+        assert 0 <= metrics[f"interp_quality/{key}/deletion_auc"] <= 1
+        assert 0 <= metrics[f"interp_quality/{key}/sparseness"] <= 1
+    assert "interp_quality/random/sanity_rank_correlation" not in metrics  # random maps learn nothing
+    assert metrics["interp_quality/gradient/sanity_rank_correlation"] < 1.0
 
     # the last validation ran on the weights the fit ends with: the same numbers from the functions directly
     probe = callback.probe
@@ -42,10 +42,10 @@ def test_scores_are_those_of_the_final_model_and_every_metric_is_logged(tmp_path
         target = model(probe.inputs).argmax(dim=1)
     maps = attribution_to_map(attribute("gradient", model, probe.inputs, target))
     deletion = curve_auc(perturbation_curve(model, probe.inputs, maps, target, steps=8)).mean()
-    assert metrics["interp/quality/gradient/deletion_auc"] == pytest.approx(float(deletion), abs=1e-5)
-    assert metrics["interp/quality/gradient/sparseness"] == pytest.approx(float(sparseness(maps).mean()), abs=1e-6)
+    assert metrics["interp_quality/gradient/deletion_auc"] == pytest.approx(float(deletion), abs=1e-5)
+    assert metrics["interp_quality/gradient/sparseness"] == pytest.approx(float(sparseness(maps).mean()), abs=1e-6)
     events = read_events(logger.log_dir)
-    assert events.image_steps("interp/quality/comparison") == [4, 8]
+    assert events.image_steps("interp_quality/comparison") == [4, 8]
 
 
 def test_the_sanity_score_is_exactly_one_for_a_network_that_did_not_change(tmp_path):
@@ -56,7 +56,7 @@ def test_the_sanity_score_is_exactly_one_for_a_network_that_did_not_change(tmp_p
     trainer.fit(model, datamodule=tiny_datamodule())
     metrics = trainer.callback_metrics
     for key in ("gradient", "guided_backprop"):
-        assert float(metrics[f"interp/quality/{key}/sanity_rank_correlation"]) == pytest.approx(1.0, abs=1e-9)
+        assert float(metrics[f"interp_quality/{key}/sanity_rank_correlation"]) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_the_untrained_networks_maps_come_back_with_a_resumed_fit(tmp_path):
@@ -71,7 +71,7 @@ def test_the_untrained_networks_maps_come_back_with_a_resumed_fit(tmp_path):
                             enable_checkpointing=True)  # fmt: skip
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.allclose(resumed._start_maps["gradient"], saved, rtol=1e-3, atol=1e-6)  # kept as float16
-    assert "interp/quality/gradient/sanity_rank_correlation" in trainer.callback_metrics
+    assert "interp_quality/gradient/sanity_rank_correlation" in trainer.callback_metrics
 
 
 def test_bad_options_fail_before_training(tmp_path):

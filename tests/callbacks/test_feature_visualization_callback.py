@@ -19,7 +19,7 @@ from tests.conftest import (
     train_with,
 )
 
-TAG = "interp/featvis/features"
+TAG = "interp_featvis/features"
 
 
 def _callback(**options) -> FeatureVisualizationCallback:
@@ -36,8 +36,8 @@ def test_logs_the_grid_and_objectives_at_each_validation_epoch(tmp_path):
     sizes = {size for _, size in events.images[TAG]}
     assert len(sizes) == 1, "the grid keeps one size from epoch to epoch"
     for label in ("class:0", "net.3:1", "net.3:1:2:2", "net.4"):
-        assert events.scalar_steps(f"interp/featvis/{label}/objective") == [4, 8]
-    assert "interp/featvis/class:0/objective" in trainer.callback_metrics
+        assert events.scalar_steps(f"interp_featvis/{label}/objective") == [4, 8]
+    assert "interp_featvis/class:0/objective" in trainer.callback_metrics
 
 
 def test_classes_by_default_and_dream_mode_under_validate(tmp_path):
@@ -49,10 +49,10 @@ def test_classes_by_default_and_dream_mode_under_validate(tmp_path):
     trainer.validate(model, datamodule=tiny_datamodule(), verbose=False)  # runs under torch.inference_mode()
     assert [target.label for target in optimize.targets] == [f"class:{k}" for k in range(4)]
     events = read_events(str(tmp_path))
-    assert events.image_steps(TAG) == [0] and events.image_steps("interp/dream/dream") == [0]
+    assert events.image_steps(TAG) == [0] and events.image_steps("interp_dream/dream") == [0]
     for k in range(4):
-        assert events.scalar_steps(f"interp/featvis/class:{k}/objective") == [0]
-    assert events.scalar_steps("interp/dream/net.4/objective") == [0]
+        assert events.scalar_steps(f"interp_featvis/class:{k}/objective") == [0]
+    assert events.scalar_steps("interp_dream/net.4/objective") == [0]
 
 
 def test_the_same_images_every_run_of_an_unchanged_model(tmp_path):
@@ -61,9 +61,9 @@ def test_the_same_images_every_run_of_an_unchanged_model(tmp_path):
     trainer = quiet_trainer(tmp_path, logger=False, callbacks=[callback])
     datamodule = tiny_datamodule()
     trainer.validate(model, datamodule=datamodule, verbose=False)
-    first = float(trainer.callback_metrics["interp/featvis/class:1/objective"])
+    first = float(trainer.callback_metrics["interp_featvis/class:1/objective"])
     trainer.validate(model, datamodule=datamodule, verbose=False)
-    assert float(trainer.callback_metrics["interp/featvis/class:1/objective"]) == first
+    assert float(trainer.callback_metrics["interp_featvis/class:1/objective"]) == first
 
 
 @pytest.mark.parametrize(
@@ -128,7 +128,7 @@ def test_bf16_mixed_precision(tmp_path):
     callback = _callback(targets=[("class", 0), "net.3:1"])
     trainer = quiet_trainer(tmp_path, logger=False, callbacks=[callback], precision="bf16-mixed", max_epochs=1)
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
-    value = trainer.callback_metrics["interp/featvis/net.3:1/objective"]
+    value = trainer.callback_metrics["interp_featvis/net.3:1/objective"]
     assert torch.isfinite(value)
 
 
@@ -143,14 +143,14 @@ def test_evolution_strip_at_fit_end_shows_each_target_over_the_runs_and_is_bound
     _, wide_events = fit(columns=10, epochs=3, directory="wide")
     narrow, narrow_events = fit(columns=2, epochs=5, directory="narrow")
     # one strip, logged once, at the last step; 3 runs shown in the first, 2 (of 5) in the second
-    assert wide_events.image_steps("interp/featvis/evolution") == [12]
-    assert narrow_events.image_steps("interp/featvis/evolution") == [20]
-    ((_, (_, wide_w)),) = wide_events.images["interp/featvis/evolution"]
-    ((_, (_, narrow_w)),) = narrow_events.images["interp/featvis/evolution"]
+    assert wide_events.image_steps("interp_featvis/evolution") == [12]
+    assert narrow_events.image_steps("interp_featvis/evolution") == [20]
+    ((_, (_, wide_w)),) = wide_events.images["interp_featvis/evolution"]
+    ((_, (_, narrow_w)),) = narrow_events.images["interp_featvis/evolution"]
     assert wide_w > narrow_w  # fewer columns
     assert len(narrow._history) <= 4 and narrow._history[-1][0] == 4  # bounded, the last run kept
     assert [narrow._row_name(t) for t in narrow.targets] == ["a", "c"]  # class names in the rows, not class:k
-    assert narrow_events.scalar_steps("interp/featvis/class:2/objective")  # tags keep the index
+    assert narrow_events.scalar_steps("interp_featvis/class:2/objective")  # tags keep the index
 
     state = narrow.state_dict()
     resumed = _callback(targets=["class:0", "class:2"])

@@ -115,15 +115,15 @@ def test_a_model_built_in_configure_model_works_with_every_callback_and_resumes(
     assert callbacks[1].layers == ["net.7"]
     assert callbacks[3].layers == ["net.0", "net.3", "net.6", "net.10"]
     events = read_events(str(tmp_path / "late"))
-    assert events.image_steps("interp/gradcam_named/maps") == [4]
-    assert events.scalar_steps("interp/similarity/net.10/cka_vs_start") == [4]
+    assert events.image_steps("interp_gradcam_named/maps") == [4]
+    assert events.scalar_steps("interp_similarity/net.10/cka_vs_start") == [4]
 
     # resume: a fresh model object, built again in configure_model, restored from the checkpoint
     resumed = [GradCAMCallback(layer="auto", num_samples=4), RepresentationSimilarityCallback(num_samples=32)]
     trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=resumed, logger=False)
     trainer.fit(LateBuiltClassifier(), datamodule=tiny_datamodule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed[0].layers == ["net.7"] and resumed[0]._runs == 2
-    assert "interp/similarity/net.10/cka_vs_previous" in trainer.callback_metrics
+    assert "interp_similarity/net.10/cka_vs_previous" in trainer.callback_metrics
 
 
 @pytest.mark.parametrize(
@@ -150,16 +150,16 @@ def test_the_worker_is_drained_and_gone_after_fit_and_after_validate(tmp_path):
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     assert not _drawing_threads(), "no drawing thread may outlive fit()"
     images = read_events(str(tmp_path / "fit")).images
-    for tag in ("interp/saliency/maps", "interp/gradcam/maps", "interp/probe/accuracy_by_depth"):
+    for tag in ("interp_saliency/maps", "interp_gradcam/maps", "interp_probe/accuracy_by_depth"):
         assert [step for step, _ in images[tag]] == [4, 8], tag
-    assert [step for step, _ in images["interp/gradcam/net.7/evolution"]] == [8]
+    assert [step for step, _ in images["interp_gradcam/net.7/evolution"]] == [8]
 
     logger = TensorBoardLogger(str(tmp_path), name="validate")
     trainer = quiet_trainer(tmp_path, callbacks=_all_callbacks(), logger=logger)
     trainer.validate(tiny_classifier(), datamodule=tiny_datamodule())
     assert not _drawing_threads(), "no drawing thread may outlive validate()"
     images = read_events(str(tmp_path / "validate")).images
-    assert {"interp/saliency/maps", "interp/similarity/cka", "interp/similarity/rdm"} <= set(images)
+    assert {"interp_saliency/maps", "interp_similarity/cka", "interp_similarity/rdm"} <= set(images)
 
 
 def _slow(render):
@@ -190,8 +190,8 @@ def test_an_exception_in_training_step_drains_the_queued_images_and_leaves_no_th
         trainer.fit(FailsAtStep(step=5), datamodule=tiny_datamodule())  # after the first validation epoch
     assert not _drawing_threads()
     images = read_events(str(tmp_path / "broken")).images
-    assert [step for step, _ in images["interp/saliency/maps"]] == [4], "images queued before the error are kept"
-    assert [step for step, _ in images["interp/gradcam/maps"]] == [4]
+    assert [step for step, _ in images["interp_saliency/maps"]] == [4], "images queued before the error are kept"
+    assert [step for step, _ in images["interp_gradcam/maps"]] == [4]
 
 
 def broken_render_grid(*args, **kwargs):
@@ -232,20 +232,20 @@ def _deterministic_fit(tmp_path, name: str, background: bool):
 def test_images_and_scalars_are_identical_with_the_worker_on_and_off(tmp_path):
     background_scalars, background_images = _deterministic_fit(tmp_path, "background", True)
     inline_scalars, inline_images = _deterministic_fit(tmp_path, "inline", False)
-    interp = sorted(tag for tag in background_scalars if tag.startswith("interp/"))
-    assert interp and interp == sorted(tag for tag in inline_scalars if tag.startswith("interp/"))
+    interp = sorted(tag for tag in background_scalars if tag.startswith("interp_"))
+    assert interp and interp == sorted(tag for tag in inline_scalars if tag.startswith("interp_"))
     for tag in interp:
         assert background_scalars[tag] == inline_scalars[tag], tag
     expected = {
-        "interp/saliency/maps",
-        "interp/saliency/gradient/evolution",
-        "interp/saliency/smoothgrad/evolution",
-        "interp/saliency/integrated_gradients/evolution",
-        "interp/gradcam/maps",
-        "interp/gradcam/net.7/evolution",
-        "interp/probe/accuracy_by_depth",
-        "interp/similarity/cka",
-        "interp/similarity/rdm",
+        "interp_saliency/maps",
+        "interp_saliency/gradient/evolution",
+        "interp_saliency/smoothgrad/evolution",
+        "interp_saliency/integrated_gradients/evolution",
+        "interp_gradcam/maps",
+        "interp_gradcam/net.7/evolution",
+        "interp_probe/accuracy_by_depth",
+        "interp_similarity/cka",
+        "interp_similarity/rdm",
     }
     assert set(background_images) == set(inline_images) == expected
     for tag, entries in background_images.items():

@@ -31,7 +31,7 @@ def test_bf16_mixed_on_cpu_gives_finite_float32_maps(tmp_path):
         for name, maps in callback._previous.items():
             assert maps.dtype == torch.float32 and torch.isfinite(maps).all(), name
     for name, value in trainer.callback_metrics.items():
-        if name.startswith(("interp/probe/", "interp/similarity/")) and name.endswith(("accuracy", "cka_vs_start")):
+        if name.startswith(("interp_probe/", "interp_similarity/")) and name.endswith(("accuracy", "cka_vs_start")):
             assert torch.isfinite(value), name
     assert similarity._start_grams.dtype == torch.float32
 

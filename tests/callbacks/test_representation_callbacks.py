@@ -29,22 +29,22 @@ def test_probe_and_similarity_log_scalars_and_figures_at_each_validation(tmp_pat
     assert probe_cb.layers == LAYERS and similarity.layers == LAYERS
     events = read_events(str(tmp_path / "rep"))
     expected = [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(3)]
-    for tag in ("interp/probe/accuracy_by_depth", "interp/similarity/cka", "interp/similarity/rdm"):
+    for tag in ("interp_probe/accuracy_by_depth", "interp_similarity/cka", "interp_similarity/rdm"):
         assert events.image_steps(tag) == expected, tag
     for layer in LAYERS:
-        assert events.scalar_steps(f"interp/probe/{layer}/accuracy") == expected
-        assert events.scalar_steps(f"interp/probe/{layer}/train_accuracy") == expected
-        assert events.scalar_steps(f"interp/similarity/{layer}/cka_vs_start") == expected
-        assert events.scalar_steps(f"interp/similarity/{layer}/cka_vs_previous") == expected[1:]
-        assert events.scalar_steps(f"interp/similarity/{layer}/rsa_vs_labels") == expected
-    assert events.scalar_steps(f"interp/similarity/{LAYERS[-1]}/rsa_vs_next") == []  # the last layer has no next
+        assert events.scalar_steps(f"interp_probe/{layer}/accuracy") == expected
+        assert events.scalar_steps(f"interp_probe/{layer}/train_accuracy") == expected
+        assert events.scalar_steps(f"interp_similarity/{layer}/cka_vs_start") == expected
+        assert events.scalar_steps(f"interp_similarity/{layer}/cka_vs_previous") == expected[1:]
+        assert events.scalar_steps(f"interp_similarity/{layer}/rsa_vs_labels") == expected
+    assert events.scalar_steps(f"interp_similarity/{LAYERS[-1]}/rsa_vs_next") == []  # the last layer has no next
     for tag, values in events.scalars.items():
-        if tag.startswith("interp/probe/"):
+        if tag.startswith("interp_probe/"):
             assert all(0.0 <= v <= 1.0 for _, v in values), tag
         if "/cka_vs_" in tag:
             assert all(math.isnan(v) or -0.2 <= v <= 1.0 + 1e-6 for _, v in values), tag
     # The held-out accuracy is monitorable.
-    assert f"interp/probe/{LAYERS[-1]}/accuracy" in trainer.callback_metrics
+    assert f"interp_probe/{LAYERS[-1]}/accuracy" in trainer.callback_metrics
 
 
 def test_cka_vs_start_is_one_before_any_step_and_vs_previous_is_one_without_training(tmp_path):
@@ -54,8 +54,8 @@ def test_cka_vs_start_is_one_before_any_step_and_vs_previous_is_one_without_trai
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.0)  # weights never move
     trainer.fit(model, datamodule=tiny_datamodule())
     for layer in ("net.3", "net.10"):
-        assert trainer.callback_metrics[f"interp/similarity/{layer}/cka_vs_start"] == pytest.approx(1.0, abs=1e-5)
-        assert trainer.callback_metrics[f"interp/similarity/{layer}/cka_vs_previous"] == pytest.approx(1.0, abs=1e-5)
+        assert trainer.callback_metrics[f"interp_similarity/{layer}/cka_vs_start"] == pytest.approx(1.0, abs=1e-5)
+        assert trainer.callback_metrics[f"interp_similarity/{layer}/cka_vs_previous"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_a_copy_of_the_model_as_reference_matches_every_layer(tmp_path):
@@ -69,7 +69,7 @@ def test_a_copy_of_the_model_as_reference_matches_every_layer(tmp_path):
     trainer.fit(model, datamodule=tiny_datamodule())
     assert similarity.reference_layers == ["0", "3", "6", "10"]
     for layer in LAYERS:
-        assert trainer.callback_metrics[f"interp/similarity/{layer}/cka_vs_reference_max"] == pytest.approx(1.0)
+        assert trainer.callback_metrics[f"interp_similarity/{layer}/cka_vs_reference_max"] == pytest.approx(1.0)
 
 
 def _fit_with_a_checkpoint(tmp_path) -> RepresentationSimilarityCallback:
@@ -103,7 +103,7 @@ def test_state_survives_a_checkpoint_and_the_series_continue(tmp_path):
     assert torch.equal(resumed.probe.inputs, first.probe.inputs), "the same samples, re-read by index"
     events = read_events(str(tmp_path / "resumed"))
     # The first validation after resuming already has a previous run to compare with.
-    assert events.scalar_steps("interp/similarity/net.10/cka_vs_previous") == [2 * STEPS_PER_EPOCH]
+    assert events.scalar_steps("interp_similarity/net.10/cka_vs_previous") == [2 * STEPS_PER_EPOCH]
 
 
 def test_resuming_on_changed_validation_data_is_reported_and_comparisons_restart(tmp_path):
@@ -119,8 +119,8 @@ def test_resuming_on_changed_validation_data_is_reported_and_comparisons_restart
         )
     assert not torch.equal(resumed.probe.inputs, first.probe.inputs), "the new data's samples, not stale ones"
     events = read_events(str(tmp_path / "changed"))
-    assert events.scalar_steps("interp/similarity/net.10/cka_vs_previous") == [], "nothing to compare with yet"
-    assert events.scalar_steps("interp/similarity/net.10/cka_vs_start") == [2 * STEPS_PER_EPOCH]
+    assert events.scalar_steps("interp_similarity/net.10/cka_vs_previous") == [], "nothing to compare with yet"
+    assert events.scalar_steps("interp_similarity/net.10/cka_vs_start") == [2 * STEPS_PER_EPOCH]
 
 
 def test_probe_needs_labels(tmp_path):
@@ -169,10 +169,10 @@ def test_rsa_scalars_equal_rsa_of_the_layers_rdms_computed_here(tmp_path):
     labels = callback.probe.labels[order]
     label_rdm = (labels[:, None] != labels[None, :]).double()
     for index, name in enumerate(callback.layers):
-        logged = trainer.callback_metrics[f"interp/similarity/{name}/rsa_vs_labels"].item()
+        logged = trainer.callback_metrics[f"interp_similarity/{name}/rsa_vs_labels"].item()
         assert logged == pytest.approx(rsa(rdms[index], label_rdm).item(), abs=1e-6), name
         if index + 1 < len(rdms):
-            logged = trainer.callback_metrics[f"interp/similarity/{name}/rsa_vs_next"].item()
+            logged = trainer.callback_metrics[f"interp_similarity/{name}/rsa_vs_next"].item()
             assert logged == pytest.approx(rsa(rdms[index], rdms[index + 1]).item(), abs=1e-6), name
 
 
@@ -197,7 +197,7 @@ def _validate(tmp_path, callbacks, counter=None):
         hooks = [_CountForwards(counter, True), *callbacks, _CountForwards(counter, False)]
     trainer = quiet_trainer(tmp_path, callbacks=hooks or callbacks, logger=False)
     trainer.validate(model, datamodule=tiny_datamodule())
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("interp/")}
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("interp_")}
 
 
 def test_the_representation_callbacks_share_one_forward_and_get_the_numbers_they_get_alone(tmp_path):

@@ -41,11 +41,11 @@ def test_nan_activations_give_nan_scores_and_warnings_not_a_crash(tmp_path):
         trainer.fit(ImageClassifier(net), datamodule=tiny_datamodule())
     assert trainer.current_epoch == 1, "training must go on"
     metrics = trainer.callback_metrics
-    assert torch.isnan(metrics["interp/saliency/gradient/concentration"])
-    assert torch.isnan(metrics["interp/probe/net.11/accuracy"])  # the head sees NaN
-    assert not torch.isnan(metrics["interp/probe/net.0/accuracy"])  # the first conv does not
+    assert torch.isnan(metrics["interp_saliency/gradient/concentration"])
+    assert torch.isnan(metrics["interp_probe/net.11/accuracy"])  # the head sees NaN
+    assert not torch.isnan(metrics["interp_probe/net.0/accuracy"])  # the first conv does not
     events = read_events(str(tmp_path))
-    assert "interp/saliency/maps" in events.images and "interp/similarity/cka" in events.images
+    assert "interp_saliency/maps" in events.images and "interp_similarity/cka" in events.images
 
 
 class TupleOutput(ImageClassifier):
@@ -124,5 +124,5 @@ def test_maps_that_are_zero_everywhere_are_reported_once_with_the_reason(tmp_pat
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
     with pytest.warns(UserWarning, match=r"every map of 'net\.0' is zero.*positive evidence only") as record:
         trainer.validate(ImageClassifier(net), datamodule=tiny_datamodule())
-    assert torch.isnan(trainer.callback_metrics["interp/gradcam/net.0/concentration"])
+    assert torch.isnan(trainer.callback_metrics["interp_gradcam/net.0/concentration"])
     assert len([w for w in record if "every map of" in str(w.message)]) == 1

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from lightning_interp import GradCAMCallback, ProbeSet, SaliencyCallback
-from tests.conftest import quiet_trainer, read_events, tiny_classifier, tiny_datamodule
+from tests.conftest import quiet_trainer, read_events, read_scalar_layout, tiny_classifier, tiny_datamodule
 
 STEPS_PER_EPOCH = 4  # 64 training images / batch 16
 
@@ -25,20 +26,24 @@ def test_fit_logs_images_and_scalars_at_each_validation_step(tmp_path):
     )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     events = read_events(str(tmp_path / "run"))
-    expected = [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(3)]  # the sanity check (step 0) is skipped
+    # at the step of Lightning's own val_loss of the same validation (the batches that stepped so far, one behind
+    # global_step at an end-of-epoch validation); the sanity check is skipped
+    expected = [STEPS_PER_EPOCH * (epoch + 1) - 1 for epoch in range(3)]
+    assert events.scalar_steps("val_loss") == expected
+    fit_end = [STEPS_PER_EPOCH * 3]
 
-    assert events.image_steps("interp/saliency/maps") == expected
-    assert events.image_steps("interp/gradcam/maps") == expected
+    assert events.image_steps("interp_saliency/maps") == expected
+    assert events.image_steps("interp_gradcam/maps") == expected
     for method in ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"):
-        assert events.scalar_steps(f"interp/saliency/{method}/concentration") == expected
-        assert events.scalar_steps(f"interp/saliency/{method}/localization") == expected  # the data has masks
-        assert events.scalar_steps(f"interp/saliency/{method}/pointing_game") == expected
-        assert events.scalar_steps(f"interp/saliency/{method}/stability") == expected[1:]  # needs a previous map
-        assert events.image_steps(f"interp/saliency/{method}/evolution") == [expected[-1]]
+        assert events.scalar_steps(f"interp_saliency/{method}/concentration") == expected
+        assert events.scalar_steps(f"interp_saliency/{method}/localization") == expected  # the data has masks
+        assert events.scalar_steps(f"interp_saliency/{method}/pointing_game") == expected
+        assert events.scalar_steps(f"interp_saliency/{method}/stability") == expected[1:]  # needs a previous map
+        assert events.image_steps(f"interp_saliency/{method}/evolution") == fit_end
     for layer in ("net.4", "net.7"):
-        assert events.scalar_steps(f"interp/gradcam/{layer}/localization") == expected
-        assert events.image_steps(f"interp/gradcam/{layer}/evolution") == [expected[-1]]
-    assert events.scalar_steps("interp/saliency/integrated_gradients/completeness_error") == expected
+        assert events.scalar_steps(f"interp_gradcam/{layer}/localization") == expected
+        assert events.image_steps(f"interp_gradcam/{layer}/evolution") == fit_end
+    assert events.scalar_steps("interp_saliency/integrated_gradients/completeness_error") == expected
 
     # Scores lie in their mathematical ranges (NaN only where a map is all zero, e.g. a dead ReLU layer).
     for tag, values in events.scalars.items():
@@ -50,12 +55,30 @@ def test_fit_logs_images_and_scalars_at_each_validation_step(tmp_path):
             assert all(-1.0 <= v <= 1.0 for v in finite), (tag, values)
 
     # The grid has one row per probe sample and one column per map plus the input: it grows with both.
-    (_, (height, width)), *_ = events.images["interp/saliency/maps"]
-    (_, (cam_height, cam_width)), *_ = events.images["interp/gradcam/maps"]
+    (_, (height, width)), *_ = events.images["interp_saliency/maps"]
+    (_, (cam_height, cam_width)), *_ = events.images["interp_gradcam/maps"]
     assert height == cam_height and width > cam_width
 
     # The scalars are monitorable by EarlyStopping / ModelCheckpoint.
-    assert "interp/gradcam/net.7/localization" in trainer.callback_metrics
+    assert "interp_gradcam/net.7/localization" in trainer.callback_metrics
+
+    # TensorBoard groups cards by the first path segment: one group per callback
+    assert {tag.split("/")[0] for tag in events.scalars if tag.startswith("interp")} == {
+        "interp_saliency",
+        "interp_gradcam",
+    }
+    # one custom-scalars layout for the run: per callback, a multi-line chart per metric overlaying its methods or
+    # layers; every chart's regex matches tags that exist, stability included (it starts at the second run)
+    layout = read_scalar_layout(str(tmp_path / "run"))
+    assert set(layout) == {"interp_saliency", "interp_gradcam"}
+    charts = layout["interp_saliency"]
+    assert {"stability", "concentration", "localization", "pointing_game", "completeness_error"} <= set(charts)
+    for category, by_title in layout.items():
+        for title, patterns in by_title.items():
+            matched = [tag for tag in events.scalars if any(re.match(p, tag) for p in patterns)]
+            assert matched and all(tag.startswith(category + "/") and tag.endswith(title) for tag in matched)
+    overlaid = [tag for tag in events.scalars if any(re.match(p, tag) for p in charts["concentration"])]
+    assert len(overlaid) == 4  # the four saliency methods in one chart
 
 
 def test_validate_runs_under_inference_mode_and_logs(tmp_path):
@@ -73,9 +96,9 @@ def test_validate_runs_under_inference_mode_and_logs(tmp_path):
     trainer.validate(model, datamodule=tiny_datamodule())
     assert seen_inference_mode and all(seen_inference_mode)
     events = read_events(str(tmp_path / "val"))
-    assert events.image_steps("interp/saliency/maps") == [0]
-    assert events.image_steps("interp/gradcam/maps") == [0]
-    assert events.scalar_steps("interp/gradcam/net.7/concentration") == [0]
+    assert events.image_steps("interp_saliency/maps") == [0]
+    assert events.image_steps("interp_gradcam/maps") == [0]
+    assert events.scalar_steps("interp_gradcam/net.7/concentration") == [0]
 
 
 def test_every_n_epochs_and_shared_probe(tmp_path):
@@ -88,8 +111,8 @@ def test_every_n_epochs_and_shared_probe(tmp_path):
     )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     events = read_events(str(tmp_path / "n"))
-    assert events.image_steps("interp/saliency/maps") == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
-    assert events.image_steps("interp/gradcam/maps") == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
+    assert events.image_steps("interp_saliency/maps") == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
+    assert events.image_steps("interp_gradcam/maps") == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
     assert saliency.probe is probe and gradcam.probe is probe
     # No masks in this probe: no localization scores.
     assert not any(tag.endswith("/localization") for tag in events.scalars)
@@ -112,7 +135,7 @@ def test_logger_without_image_api_gets_pngs_and_scalars(tmp_path):
     pngs = list((tmp_path / "csv").rglob("*.png"))
     assert pngs, "expected PNG files next to the CSV logs"
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
-    assert "interp/saliency/gradient/concentration" in metrics
+    assert "interp_saliency/gradient/concentration" in metrics
 
 
 class RecordingLogger(Logger):
@@ -146,8 +169,8 @@ def test_logger_with_its_own_image_api_receives_the_images(tmp_path):
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[GradCAMCallback(num_samples=4)], logger=logger)
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     keys = [(key, step) for key, step, _ in logger.images]
-    assert ("interp/gradcam/maps", STEPS_PER_EPOCH) in keys
-    assert ("interp/gradcam/net.7/evolution", STEPS_PER_EPOCH) in keys
+    assert ("interp_gradcam/maps", STEPS_PER_EPOCH) in keys
+    assert ("interp_gradcam/net.7/evolution", STEPS_PER_EPOCH) in keys
     assert all(len(shape) == 3 and shape[2] == 3 for _, _, shape in logger.images)
     assert not list(tmp_path.rglob("*.png")), "a logger with an image API gets no PNG files"
-    assert any("interp/gradcam/net.7/concentration" in m for _, m in logger.metrics)
+    assert any("interp_gradcam/net.7/concentration" in m for _, m in logger.metrics)

@@ -45,13 +45,13 @@ def test_scalars_per_class_and_the_figure_are_logged_at_each_validation(tmp_path
     events = read_events(logger.log_dir)
     steps = [4, 8]  # 64 training samples in batches of 16
     for what in ("predictive_entropy", "expected_entropy", "mutual_information"):
-        assert events.scalar_steps(f"interp/uncertainty/{what}") == steps
+        assert events.scalar_steps(f"interp_uncertainty/{what}") == steps
     for name in ("disc", "square", "triangle", "cross"):
-        assert events.scalar_steps(f"interp/uncertainty/{name}/mutual_information") == steps
-    assert events.image_steps("interp/uncertainty/most_uncertain") == steps
-    total = [v for _, v in events.scalars["interp/uncertainty/predictive_entropy"]]
-    aleatoric = [v for _, v in events.scalars["interp/uncertainty/expected_entropy"]]
-    epistemic = [v for _, v in events.scalars["interp/uncertainty/mutual_information"]]
+        assert events.scalar_steps(f"interp_uncertainty/{name}/mutual_information") == steps
+    assert events.image_steps("interp_uncertainty/most_uncertain") == steps
+    total = [v for _, v in events.scalars["interp_uncertainty/predictive_entropy"]]
+    aleatoric = [v for _, v in events.scalars["interp_uncertainty/expected_entropy"]]
+    epistemic = [v for _, v in events.scalars["interp_uncertainty/mutual_information"]]
     for t, a, e in zip(total, aleatoric, epistemic, strict=True):
         assert 0 < t <= math.log(4) + 1e-6  # at most log K nats for four classes
         assert e > 1e-4, "dropout p=0.5 over 64 features: the passes must disagree"
@@ -70,9 +70,9 @@ def test_the_numbers_equal_a_hand_computation_from_the_same_dropout_masks(tmp_pa
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
     datamodule = tiny_datamodule()
     trainer.validate(model, datamodule=datamodule, verbose=False)
-    first = float(trainer.callback_metrics["interp/uncertainty/mutual_information"])
+    first = float(trainer.callback_metrics["interp_uncertainty/mutual_information"])
     trainer.validate(model, datamodule=datamodule, verbose=False)
-    assert float(trainer.callback_metrics["interp/uncertainty/mutual_information"]) == pytest.approx(first, abs=0)
+    assert float(trainer.callback_metrics["interp_uncertainty/mutual_information"]) == pytest.approx(first, abs=0)
 
     probs = mc_dropout_predictions(model, inputs, 8, generator=torch.Generator().manual_seed(5))
     mean = probs.mean(dim=0)
@@ -85,7 +85,7 @@ def test_dropout_with_p_zero_gives_zero_epistemic_uncertainty_and_says_why(tmp_p
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
     with pytest.warns(UserWarning, match="every dropout layer has p=0"):
         trainer.fit(ImageClassifier(WideDropoutNet(p=0.0)), datamodule=tiny_datamodule())
-    assert abs(float(trainer.callback_metrics["interp/uncertainty/mutual_information"])) < 1e-6  # float rounding
+    assert abs(float(trainer.callback_metrics["interp_uncertainty/mutual_information"])) < 1e-6  # float rounding
 
 
 def test_a_model_without_dropout_is_refused_before_training(tmp_path):
@@ -126,11 +126,11 @@ def test_explanation_uncertainty_of_a_method_under_mc_dropout(tmp_path, run):
         trainer.fit(model, datamodule=tiny_datamodule())
     else:
         trainer.validate(model, datamodule=tiny_datamodule(), verbose=False)
-    agreement = float(trainer.callback_metrics["interp/uncertainty/gradient/map_agreement"])
-    spread = float(trainer.callback_metrics["interp/uncertainty/gradient/map_relative_std"])
+    agreement = float(trainer.callback_metrics["interp_uncertainty/gradient/map_agreement"])
+    spread = float(trainer.callback_metrics["interp_uncertainty/gradient/map_relative_std"])
     assert -1.0 <= agreement < 0.99 and spread > 0.01
     events = read_events(logger.log_dir)
-    assert len(events.image_steps("interp/uncertainty/gradient/maps")) == 1
+    assert len(events.image_steps("interp_uncertainty/gradient/maps")) == 1
 
 
 def test_explanation_arguments_are_checked_at_construction():
@@ -169,11 +169,11 @@ def test_evidential_outputs_give_the_vacuity_of_a_hand_computation_without_dropo
     expected = alpha / alpha.sum(dim=1, keepdim=True)
     entropy = -(expected * expected.log()).sum(dim=1)
     metrics = trainer.callback_metrics
-    assert float(metrics["interp/uncertainty/vacuity"]) == pytest.approx(float(vacuity.mean()), rel=1e-5)
-    assert float(metrics["interp/uncertainty/predictive_entropy"]) == pytest.approx(float(entropy.mean()), rel=1e-5)
-    assert float(metrics["interp/uncertainty/1/vacuity"]) == pytest.approx(float(vacuity[labels == 1].mean()), rel=1e-5)
-    assert "interp/uncertainty/mutual_information" not in metrics  # no MC dropout in this mode
-    assert read_events(logger.log_dir).image_steps("interp/uncertainty/most_uncertain") == [4]
+    assert float(metrics["interp_uncertainty/vacuity"]) == pytest.approx(float(vacuity.mean()), rel=1e-5)
+    assert float(metrics["interp_uncertainty/predictive_entropy"]) == pytest.approx(float(entropy.mean()), rel=1e-5)
+    assert float(metrics["interp_uncertainty/1/vacuity"]) == pytest.approx(float(vacuity[labels == 1].mean()), rel=1e-5)
+    assert "interp_uncertainty/mutual_information" not in metrics  # no MC dropout in this mode
+    assert read_events(logger.log_dir).image_steps("interp_uncertainty/most_uncertain") == [4]
 
 
 def test_an_evidential_head_with_negative_outputs_is_refused_before_training(tmp_path):

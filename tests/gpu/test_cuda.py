@@ -79,18 +79,18 @@ def test_a_model_created_on_the_cpu_trains_on_the_gpu_with_every_callback(tmp_pa
     assert similarity._previous_grams.device.type == DEVICE
     events = read_events(str(tmp_path / "gpu"))
     for tag in (
-        "interp/saliency/maps",
-        "interp/gradcam/maps",
-        "interp/probe/accuracy_by_depth",
-        "interp/similarity/rdm",
+        "interp_saliency/maps",
+        "interp_gradcam/maps",
+        "interp_probe/accuracy_by_depth",
+        "interp_similarity/rdm",
     ):
         assert events.image_steps(tag) == [4, 8], tag
     for tag in (
-        "interp/saliency/gradient/concentration",
-        "interp/gradcam/net.7/localization",
-        "interp/probe/net.10/accuracy",
-        "interp/similarity/net.10/cka_vs_start",
-        "interp/similarity/net.10/rsa_vs_labels",
+        "interp_saliency/gradient/concentration",
+        "interp_gradcam/net.7/localization",
+        "interp_probe/net.10/accuracy",
+        "interp_similarity/net.10/cka_vs_start",
+        "interp_similarity/net.10/rsa_vs_labels",
     ):
         assert [step for step, _ in events.scalars[tag]] == [4, 8], tag
         assert all(math.isfinite(value) for _, value in events.scalars[tag]), tag
@@ -100,7 +100,7 @@ def _validate_metrics(tmp_path, model, accelerator: str, name: str):
     callbacks = _all_callbacks(smoothgrad=False)  # SmoothGrad noise comes from a generator on each device
     trainer = quiet_trainer(tmp_path / name, accelerator=accelerator, callbacks=callbacks, logger=False)
     trainer.validate(model, datamodule=tiny_datamodule())
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("interp/")}
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("interp_")}
     maps = {f"{cb.name}/{key}": value.cpu() for cb in callbacks[:2] for key, value in cb._previous.items()}
     return metrics, maps
 
