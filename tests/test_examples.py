@@ -136,10 +136,10 @@ def test_mnist_example_logs_maps_and_scores(tmp_path, capsys):
     metrics = load_example("mnist").main(tiny_run_args(tmp_path / "data", tmp_path / "logs"))
 
     events = read_events(str(tmp_path / "logs"))
-    assert events.image_steps("interp_saliency/maps") == [2]  # one validation epoch after two training steps
-    assert events.image_steps("interp_gradcam/maps") == [2]
+    assert events.image_steps("interp_saliency/maps") == [1]  # after two training steps, as val_loss
+    assert events.image_steps("interp_gradcam/maps") == [1]
     for tag in ("interp_probe/accuracy_by_depth", "interp_similarity/cka", "interp_similarity/rdm"):
-        assert events.image_steps(tag) == [2], tag
+        assert events.image_steps(tag) == [1], tag
     assert any(tag.startswith("interp_probe/") and tag.endswith("/accuracy") for tag in events.scalars)
     for method in ("gradient", "integrated_gradients"):
         assert f"interp_saliency/{method}/concentration" in events.scalars
@@ -153,13 +153,13 @@ def test_mnist_example_with_uncertainty_logs_mc_dropout_numbers(tmp_path, capsys
     write_fake_mnist(tmp_path / "data")
     metrics = load_example("mnist").main([*tiny_run_args(tmp_path / "data", tmp_path / "logs"), "--uncertainty"])
     events = read_events(str(tmp_path / "logs"))
-    assert events.image_steps("interp_uncertainty/most_uncertain") == [2]
+    assert events.image_steps("interp_uncertainty/most_uncertain") == [1]
     total = metrics["interp_uncertainty/predictive_entropy"]
     epistemic = metrics["interp_uncertainty/mutual_information"]
     assert 0.0 < total <= math.log(10) + 1e-6 and 0.0 < epistemic < total  # two dropout layers: the passes disagree
-    assert events.image_steps("interp_calibration/reliability") == [2]
-    assert events.image_steps("interp_uncertainty/gradient/maps") == [2]
-    assert events.image_steps("interp_bias/confusion") == [2] and events.image_steps("interp_bias/class_counts") == [0]
+    assert events.image_steps("interp_calibration/reliability") == [1]
+    assert events.image_steps("interp_uncertainty/gradient/maps") == [1]
+    assert events.image_steps("interp_bias/confusion") == [1] and events.image_steps("interp_bias/class_counts") == [0]
     assert metrics["interp_uncertainty/gradient/map_agreement"] < 1.0  # the two dropout layers change the maps
     assert 0.0 <= metrics["interp_calibration/ece"] <= 1.0
     printed = capsys.readouterr().out
@@ -170,10 +170,10 @@ def test_cifar10_example_logs_maps_and_scores(tmp_path, fake_cifar10):
     metrics = load_example("cifar10").main(tiny_run_args(fake_cifar10, tmp_path / "logs"))
 
     events = read_events(str(tmp_path / "logs"))
-    assert events.image_steps("interp_saliency/maps") == [2]
-    assert events.image_steps("interp_gradcam/maps") == [2]
+    assert events.image_steps("interp_saliency/maps") == [1]
+    assert events.image_steps("interp_gradcam/maps") == [1]
     for tag in ("interp_probe/accuracy_by_depth", "interp_similarity/cka", "interp_similarity/rdm"):
-        assert events.image_steps(tag) == [2], tag
+        assert events.image_steps(tag) == [1], tag
     assert any(tag.startswith("interp_probe/") and tag.endswith("/accuracy") for tag in events.scalars)
     for method in ("gradient", "integrated_gradients"):
         assert f"interp_saliency/{method}/concentration" in events.scalars
@@ -184,14 +184,14 @@ def test_cifar10_example_logs_maps_and_scores(tmp_path, fake_cifar10):
 def test_cifar10_example_with_calibration_logs_ece_and_class_balance(tmp_path, fake_cifar10):
     metrics = load_example("cifar10").main([*tiny_run_args(fake_cifar10, tmp_path / "logs"), "--calibration"])
     events = read_events(str(tmp_path / "logs"))
-    assert events.image_steps("interp_calibration/reliability") == [2]
+    assert events.image_steps("interp_calibration/reliability") == [1]
     assert events.image_steps("interp_bias/class_counts") == [0]
     assert 0.0 <= metrics["interp_calibration/ece"] <= 1.0
     assert "interp_bias/recall_gap" in metrics
     # CIFAR has no masks: the border-share proxy, a share of each class's map mass in [0, 1]
     shares = [value for key, value in metrics.items() if key.endswith("/border_share")]
     assert shares and all(0.0 <= value <= 1.0 for value in shares)
-    assert events.image_steps("interp_bias/attribution_by_class") == [2]
+    assert events.image_steps("interp_bias/attribution_by_class") == [1]
 
 
 # ---------------------------------------------------------------------- no data, no network: one clear message

@@ -120,6 +120,7 @@ class InterpCallback(Callback):
         self.probe: ProbeSet | None = probe
         self._given_probe = probe is not None  # a user's probe is kept across fits; a drawn one is redrawn
         self._runs = 0
+        self._last_step: int | None = None  # the logging step of the last run (fit-end summaries are shown there)
         self._prepared = False
         self._pending_probe: dict[str, Any] | None = None  # a checkpoint's probe, by dataset index, to re-read
         self._from_stream = False  # the validation data is a stream: take the probe from the batches it yields
@@ -192,6 +193,7 @@ class InterpCallback(Callback):
     def _reset_run_state(self) -> None:
         """Forget everything of an earlier fit (subclasses add their own state)."""
         self._runs = 0
+        self._last_step = None
         self._pending_probe = None
         self._from_stream = False
         if not self._given_probe:
@@ -241,12 +243,18 @@ class InterpCallback(Callback):
         scalars: dict[str, float] = {}
         if trainer.is_global_zero:  # the work, the images and the loggers: rank zero only
             scalars = self._run(trainer, self._explained(pl_module))
-            log_scalars(trainer, scalars, logging_step(trainer))
+            self._last_step = logging_step(trainer)
+            log_scalars(trainer, scalars, self._last_step)
             self._runs += 1
             self._note_layout(trainer, scalars)
         if trainer.world_size > 1:  # every rank gets the values, so a monitor on any rank finds them
             scalars = trainer.strategy.broadcast(scalars, src=0)
         monitor_scalars(pl_module, scalars)
+
+    def _summary_step(self, trainer: pl.Trainer) -> int:
+        """The step of a fit-end summary (an evolution strip): that of the last run, so TensorBoard shows it with the
+        last grid and the last scalars."""
+        return self._last_step if self._last_step is not None else logging_step(trainer)
 
     def _note_layout(self, trainer: pl.Trainer, scalars: dict[str, float]) -> None:
         """Add this run's metric names (and those that come only from a later run) to the run's layout."""

@@ -246,7 +246,7 @@ class MapCallback(InterpCallback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self._history and self.evolution_samples > 0 and self.probe is not None:
-            history, step = list(self._history), logging_step(trainer)
+            history, step = list(self._history), self._summary_step(trainer)
             inputs = self.probe.inputs[self._evolution_indices()]
             for key in self._history[-1][1]:
                 tag = f"interp_{self.name}/{key}/evolution"

@@ -32,8 +32,8 @@ class ValidationOutputsCallback(InterpCallback):
     ``"logits"`` (or ``"scores"``, ``"preds"``, ``"y_hat"``) is read from that
     instead. Labels come from the batch (``batch_parser``). A subclass's
     ``_run`` calls :meth:`_collected`. The base's probe set (two samples, or
-    ``num_samples`` for a subclass that also explains probe samples) marks the
-    run as ready.
+    ``num_samples`` set by a subclass that also explains probe samples) marks
+    the run as ready.
     """
 
     def __init__(
@@ -44,15 +44,14 @@ class ValidationOutputsCallback(InterpCallback):
         every_n_epochs: int = 1,
         batch_parser: BatchParser | None = None,
         background_drawing: bool = True,
-        num_samples: int = 2,
     ) -> None:
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
-        # no probe set or forward_fn: the base's probe (two samples unless a subclass explains some) marks the run
-        # as ready
+        # no probe set, num_samples or forward_fn: the base's probe (two samples, unless a subclass that explains
+        # probe samples sets ``num_samples`` after this) marks the run as ready
         super().__init__(
             name=name,
-            num_samples=num_samples,
+            num_samples=2,
             every_n_epochs=every_n_epochs,
             batch_parser=batch_parser,
             background_drawing=background_drawing,

@@ -140,8 +140,9 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         self.attribution_options = dict(attribution_options or {})
         self.attribution_samples = attribution_samples
         self.border_fraction = float(border_fraction)
-        samples = attribution_samples if attribution is not None else 2
-        super().__init__(name=name, output_transform=output_transform, num_samples=samples, **kwargs)
+        super().__init__(name=name, output_transform=output_transform, **kwargs)
+        if attribution is not None:
+            self.num_samples = attribution_samples  # the probe is drawn at setup, with this many samples
         self.imbalance_warning = float(imbalance_warning)
         self.class_names = parse_class_names(class_names)
         self.balances: dict[str, ClassBalance] = {}

@@ -426,7 +426,7 @@ class FeatureVisualizationCallback(InterpCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log ``interp_<name>/evolution``: rows = targets, columns = up to ``evolution_columns`` runs."""
         if trainer.is_global_zero and self._history and self.evolution_columns > 0:
-            history, step = list(self._history), logging_step(trainer)
+            history, step = list(self._history), self._summary_step(trainer)
             spaced = np.linspace(0, len(history) - 1, min(len(history), self.evolution_columns))
             chosen = [history[i] for i in sorted({round(i) for i in spaced})]
             rows = [[_tiles(images[t : t + 1])[0] for _, images in chosen] for t in range(chosen[-1][1].shape[0])]

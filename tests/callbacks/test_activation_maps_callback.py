@@ -35,7 +35,7 @@ def test_logs_a_grid_per_layer_and_scalars_that_match_a_hook(tmp_path):
     trainer.fit(model, datamodule=tiny_datamodule())
     assert callback.layers == ["net.1", "net.4", "net.7"]  # each convolution's ReLU output
     events = read_events(logger.log_dir)
-    steps = [trainer.global_step // 2, trainer.global_step]
+    steps = [trainer.global_step // 2 - 1, trainer.global_step - 1]  # Lightning's step of each validation
     for layer in callback.layers:
         assert events.image_steps(f"interp_activations/{layer}/maps") == steps
         for metric in ("dead_fraction", "mean_activation", "sparsity"):
@@ -46,11 +46,11 @@ def test_logs_a_grid_per_layer_and_scalars_that_match_a_hook(tmp_path):
     assert callback.probe is not None
     output = _hooked_output(model, model.net[7], callback.probe.inputs)
     never_positive = (output.transpose(0, 1).reshape(output.shape[1], -1) <= 0).all(dim=1).float().mean()
-    logged = dict(events.scalars["interp_activations/net.7/dead_fraction"])[trainer.global_step]
+    logged = dict(events.scalars["interp_activations/net.7/dead_fraction"])[trainer.global_step - 1]
     assert logged == pytest.approx(float(never_positive), abs=1e-6)
-    sparsity = dict(events.scalars["interp_activations/net.7/sparsity"])[trainer.global_step]
+    sparsity = dict(events.scalars["interp_activations/net.7/sparsity"])[trainer.global_step - 1]
     assert sparsity == pytest.approx(float((output <= 0).float().mean()), abs=1e-6)
-    mean = dict(events.scalars["interp_activations/net.7/mean_activation"])[trainer.global_step]
+    mean = dict(events.scalars["interp_activations/net.7/mean_activation"])[trainer.global_step - 1]
     assert mean == pytest.approx(float(output.mean()), rel=1e-4)
 
 

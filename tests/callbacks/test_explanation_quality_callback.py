@@ -45,7 +45,7 @@ def test_scores_are_those_of_the_final_model_and_every_metric_is_logged(tmp_path
     assert metrics["interp_quality/gradient/deletion_auc"] == pytest.approx(float(deletion), abs=1e-5)
     assert metrics["interp_quality/gradient/sparseness"] == pytest.approx(float(sparseness(maps).mean()), abs=1e-6)
     events = read_events(logger.log_dir)
-    assert events.image_steps("interp_quality/comparison") == [4, 8]
+    assert events.image_steps("interp_quality/comparison") == [3, 7]
 
 
 def test_the_sanity_score_is_exactly_one_for_a_network_that_did_not_change(tmp_path):

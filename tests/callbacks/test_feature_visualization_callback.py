@@ -32,11 +32,11 @@ def test_logs_the_grid_and_objectives_at_each_validation_epoch(tmp_path):
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=TensorBoardLogger(str(tmp_path), name="tb"))
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())  # 64 samples / 16 per batch: 4 steps an epoch
     events = read_events(str(tmp_path))
-    assert events.image_steps(TAG) == [4, 8]
+    assert events.image_steps(TAG) == [3, 7]
     sizes = {size for _, size in events.images[TAG]}
     assert len(sizes) == 1, "the grid keeps one size from epoch to epoch"
     for label in ("class:0", "net.3:1", "net.3:1:2:2", "net.4"):
-        assert events.scalar_steps(f"interp_featvis/{label}/objective") == [4, 8]
+        assert events.scalar_steps(f"interp_featvis/{label}/objective") == [3, 7]
     assert "interp_featvis/class:0/objective" in trainer.callback_metrics
 
 
@@ -142,9 +142,9 @@ def test_evolution_strip_at_fit_end_shows_each_target_over_the_runs_and_is_bound
 
     _, wide_events = fit(columns=10, epochs=3, directory="wide")
     narrow, narrow_events = fit(columns=2, epochs=5, directory="narrow")
-    # one strip, logged once, at the last step; 3 runs shown in the first, 2 (of 5) in the second
-    assert wide_events.image_steps("interp_featvis/evolution") == [12]
-    assert narrow_events.image_steps("interp_featvis/evolution") == [20]
+    # one strip, logged once, at the last run's step; 3 runs shown in the first, 2 (of 5) in the second
+    assert wide_events.image_steps("interp_featvis/evolution") == [11]
+    assert narrow_events.image_steps("interp_featvis/evolution") == [19]
     ((_, (_, wide_w)),) = wide_events.images["interp_featvis/evolution"]
     ((_, (_, narrow_w)),) = narrow_events.images["interp_featvis/evolution"]
     assert wide_w > narrow_w  # fewer columns

@@ -115,8 +115,8 @@ def test_a_model_built_in_configure_model_works_with_every_callback_and_resumes(
     assert callbacks[1].layers == ["net.7"]
     assert callbacks[3].layers == ["net.0", "net.3", "net.6", "net.10"]
     events = read_events(str(tmp_path / "late"))
-    assert events.image_steps("interp_gradcam_named/maps") == [4]
-    assert events.scalar_steps("interp_similarity/net.10/cka_vs_start") == [4]
+    assert events.image_steps("interp_gradcam_named/maps") == [3]
+    assert events.scalar_steps("interp_similarity/net.10/cka_vs_start") == [3]
 
     # resume: a fresh model object, built again in configure_model, restored from the checkpoint
     resumed = [GradCAMCallback(layer="auto", num_samples=4), RepresentationSimilarityCallback(num_samples=32)]
@@ -151,8 +151,8 @@ def test_the_worker_is_drained_and_gone_after_fit_and_after_validate(tmp_path):
     assert not _drawing_threads(), "no drawing thread may outlive fit()"
     images = read_events(str(tmp_path / "fit")).images
     for tag in ("interp_saliency/maps", "interp_gradcam/maps", "interp_probe/accuracy_by_depth"):
-        assert [step for step, _ in images[tag]] == [4, 8], tag
-    assert [step for step, _ in images["interp_gradcam/net.7/evolution"]] == [8]
+        assert [step for step, _ in images[tag]] == [3, 7], tag
+    assert [step for step, _ in images["interp_gradcam/net.7/evolution"]] == [7]
 
     logger = TensorBoardLogger(str(tmp_path), name="validate")
     trainer = quiet_trainer(tmp_path, callbacks=_all_callbacks(), logger=logger)
@@ -190,8 +190,8 @@ def test_an_exception_in_training_step_drains_the_queued_images_and_leaves_no_th
         trainer.fit(FailsAtStep(step=5), datamodule=tiny_datamodule())  # after the first validation epoch
     assert not _drawing_threads()
     images = read_events(str(tmp_path / "broken")).images
-    assert [step for step, _ in images["interp_saliency/maps"]] == [4], "images queued before the error are kept"
-    assert [step for step, _ in images["interp_gradcam/maps"]] == [4]
+    assert [step for step, _ in images["interp_saliency/maps"]] == [3], "images queued before the error are kept"
+    assert [step for step, _ in images["interp_gradcam/maps"]] == [3]
 
 
 def broken_render_grid(*args, **kwargs):

@@ -132,7 +132,7 @@ def test_binary_model_shows_the_predicted_side_and_its_sigmoid(tmp_path, monkeyp
     assert set(labels.tolist()) == {0, 1}
     assert rendered[0] == expected  # the saliency grid: no "pred 0 100%" from a softmax over one column
     assert rendered[1] == expected  # the Grad-CAM grid, on the same probe samples
-    _assert_all_finite(scalars, {"interp"})
+    _assert_all_finite(scalars, {"interp_saliency", "interp_gradcam", "interp_probe", "interp_similarity"})
     assert any(tag.endswith("/accuracy") for tag in scalars)  # the probe treats 0/1 labels as two classes
 
 
@@ -148,8 +148,8 @@ def test_multilabel_model_shows_the_label_set_and_the_top_label(tmp_path, monkey
         top = int(scores[i].argmax())
         confidence = 1 / (1 + math.exp(-float(scores[i, top])))  # a sigmoid per label, not a softmax
         assert text.splitlines() == [f"#{i}", f"labels {positive}", f"top   {top} {confidence:.0%}"]
-    _assert_all_finite(scalars, {"interp"})
-    probe_tags = [tag for tag in scalars if tag.endswith("/accuracy") and "/probe/" in tag]
+    _assert_all_finite(scalars, {"interp_saliency", "interp_gradcam", "interp_probe", "interp_similarity"})
+    probe_tags = [tag for tag in scalars if tag.endswith("/accuracy") and tag.startswith("interp_probe/")]
     assert probe_tags and all(0 <= scalars[tag][-1][1] <= 1 for tag in probe_tags)
     assert any(tag.endswith("rsa_vs_labels") for tag in scalars)
 
@@ -163,7 +163,7 @@ def test_regression_model_shows_the_target_value_and_the_output(tmp_path, monkey
     labels = saliency.probe.labels
     for i, text in enumerate(rendered[0]):
         assert text.splitlines() == [f"#{i}", f"label {float(labels[i]):.4g}", f"out   {float(outputs[i]):.4g}"]
-    _assert_all_finite(scalars, {"interp"})
+    _assert_all_finite(scalars, {"interp_saliency", "interp_gradcam", "interp_probe", "interp_similarity"})
     assert any(tag.endswith("/r2") for tag in scalars) and not any(tag.endswith("/accuracy") for tag in scalars)
     assert any(tag.endswith("rsa_vs_labels") for tag in scalars)
     # the probe draw spreads over the targets' range: values from the lowest and the highest quarter are drawn
@@ -180,7 +180,7 @@ def test_one_hot_labels_are_class_labels(tmp_path, monkeypatch):
     classes = saliency.probe.labels.argmax(dim=1)
     for i, text in enumerate(rendered[0]):
         assert text.splitlines()[1] == f"label {int(classes[i])}"
-    _assert_all_finite(scalars, {"interp"})
+    _assert_all_finite(scalars, {"interp_saliency", "interp_gradcam", "interp_probe", "interp_similarity"})
 
 
 @pytest.mark.parametrize(

@@ -193,9 +193,9 @@ def test_callbacks_reused_in_a_new_fit_start_clean(tmp_path):
     assert saliency._runs == 2 and gradcam._runs == 2
     events = read_events(str(tmp_path / "second"))
     # nothing of the first fit is compared with: stability and cka_vs_previous start at the second validation
-    assert events.scalar_steps("interp_saliency/gradient/stability") == [8]
-    assert events.scalar_steps("interp_gradcam/net.7/stability") == [8]
-    assert events.scalar_steps("interp_similarity/net.10/cka_vs_previous") == [8]
+    assert events.scalar_steps("interp_saliency/gradient/stability") == [7]
+    assert events.scalar_steps("interp_gradcam/net.7/stability") == [7]
+    assert events.scalar_steps("interp_similarity/net.10/cka_vs_previous") == [7]
     assert [epoch for epoch, _ in gradcam._history] == [0, 1], "the evolution strip shows this fit only"
     assert all(maps.shape[-1] == 24 for maps in gradcam._previous.values())
 

@@ -28,7 +28,7 @@ def test_probe_and_similarity_log_scalars_and_figures_at_each_validation(tmp_pat
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     assert probe_cb.layers == LAYERS and similarity.layers == LAYERS
     events = read_events(str(tmp_path / "rep"))
-    expected = [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(3)]
+    expected = [STEPS_PER_EPOCH * (epoch + 1) - 1 for epoch in range(3)]  # at Lightning's step of each validation
     for tag in ("interp_probe/accuracy_by_depth", "interp_similarity/cka", "interp_similarity/rdm"):
         assert events.image_steps(tag) == expected, tag
     for layer in LAYERS:
@@ -103,7 +103,7 @@ def test_state_survives_a_checkpoint_and_the_series_continue(tmp_path):
     assert torch.equal(resumed.probe.inputs, first.probe.inputs), "the same samples, re-read by index"
     events = read_events(str(tmp_path / "resumed"))
     # The first validation after resuming already has a previous run to compare with.
-    assert events.scalar_steps("interp_similarity/net.10/cka_vs_previous") == [2 * STEPS_PER_EPOCH]
+    assert events.scalar_steps("interp_similarity/net.10/cka_vs_previous") == [2 * STEPS_PER_EPOCH - 1]
 
 
 def test_resuming_on_changed_validation_data_is_reported_and_comparisons_restart(tmp_path):
@@ -120,7 +120,7 @@ def test_resuming_on_changed_validation_data_is_reported_and_comparisons_restart
     assert not torch.equal(resumed.probe.inputs, first.probe.inputs), "the new data's samples, not stale ones"
     events = read_events(str(tmp_path / "changed"))
     assert events.scalar_steps("interp_similarity/net.10/cka_vs_previous") == [], "nothing to compare with yet"
-    assert events.scalar_steps("interp_similarity/net.10/cka_vs_start") == [2 * STEPS_PER_EPOCH]
+    assert events.scalar_steps("interp_similarity/net.10/cka_vs_start") == [2 * STEPS_PER_EPOCH - 1]
 
 
 def test_probe_needs_labels(tmp_path):

@@ -30,7 +30,7 @@ def test_fit_logs_images_and_scalars_at_each_validation_step(tmp_path):
     # global_step at an end-of-epoch validation); the sanity check is skipped
     expected = [STEPS_PER_EPOCH * (epoch + 1) - 1 for epoch in range(3)]
     assert events.scalar_steps("val_loss") == expected
-    fit_end = [STEPS_PER_EPOCH * 3]
+    fit_end = [expected[-1]]  # the evolution strips, with the last grid
 
     assert events.image_steps("interp_saliency/maps") == expected
     assert events.image_steps("interp_gradcam/maps") == expected
@@ -111,8 +111,8 @@ def test_every_n_epochs_and_shared_probe(tmp_path):
     )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     events = read_events(str(tmp_path / "n"))
-    assert events.image_steps("interp_saliency/maps") == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
-    assert events.image_steps("interp_gradcam/maps") == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
+    assert events.image_steps("interp_saliency/maps") == [2 * STEPS_PER_EPOCH - 1, 4 * STEPS_PER_EPOCH - 1]
+    assert events.image_steps("interp_gradcam/maps") == [2 * STEPS_PER_EPOCH - 1, 4 * STEPS_PER_EPOCH - 1]
     assert saliency.probe is probe and gradcam.probe is probe
     # No masks in this probe: no localization scores.
     assert not any(tag.endswith("/localization") for tag in events.scalars)
@@ -124,7 +124,7 @@ def test_without_logger_pngs_are_written_under_the_run_directory(tmp_path):
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     folder = tmp_path / "interp_images"
     written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
-    assert f"interp__cam__maps{os.sep}step_0000004.png" in written
+    assert f"interp_cam__maps{os.sep}step_0000003.png" in written
     assert any("evolution" in name for name in written)
 
 
@@ -169,8 +169,8 @@ def test_logger_with_its_own_image_api_receives_the_images(tmp_path):
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[GradCAMCallback(num_samples=4)], logger=logger)
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     keys = [(key, step) for key, step, _ in logger.images]
-    assert ("interp_gradcam/maps", STEPS_PER_EPOCH) in keys
-    assert ("interp_gradcam/net.7/evolution", STEPS_PER_EPOCH) in keys
+    assert ("interp_gradcam/maps", STEPS_PER_EPOCH - 1) in keys  # Lightning's step of the validation
+    assert ("interp_gradcam/net.7/evolution", STEPS_PER_EPOCH - 1) in keys
     assert all(len(shape) == 3 and shape[2] == 3 for _, _, shape in logger.images)
     assert not list(tmp_path.rglob("*.png")), "a logger with an image API gets no PNG files"
     assert any("interp_gradcam/net.7/concentration" in m for _, m in logger.metrics)
