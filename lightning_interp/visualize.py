@@ -116,12 +116,16 @@ def render_grid(
     row_labels: Sequence[str] = (),
     title: str = "",
     gap: int = 4,
+    min_label_chars: int = 0,
 ) -> np.ndarray:
     """Lay out RGB tiles in a grid with column titles and row labels; return uint8 (H, W, 3).
 
     ``tiles[r][c]`` is an (h, w, 3) float image in [0, 1]; all tiles share one
     size. Small tiles are enlarged by an integer factor (nearest neighbour) to
-    at least 96 pixels so they stay readable in TensorBoard.
+    at least 96 pixels so they stay readable in TensorBoard. The label column
+    is as wide as the longest label line, at least ``min_label_chars``, rounded
+    up to a multiple of four characters, so grids of one series keep one width
+    while their labels change by a character or two ("97%" / "100%").
 
     Example:
         >>> grid = render_grid([[np.zeros((8, 8, 3))] * 2], column_titles=["input", "map"], row_labels=["y=1"])
@@ -141,6 +145,7 @@ def render_grid(
 
     dpi = 100
     longest = max((len(line) for text in row_labels for line in text.splitlines()), default=0)
+    longest = -(-max(longest, min_label_chars) // 4) * 4
     left = int(14 + 6.8 * longest) if row_labels else 6  # 8 pt monospace is about 6.7 px a character
     fig_w = mosaic.shape[1] + left + 6
     # a title wider than the picture is wrapped (10 pt bold is up to about 8 px a character), never cut off

@@ -171,3 +171,13 @@ def test_a_title_wider_than_the_grid_is_wrapped_not_cut_off():
     band = grid[:40].astype(int)  # the title lines
     assert (band[:, :3] > 200).all() and (band[:, -3:] > 200).all(), "no text touches the left or right edge"
     assert (band < 100).any(), "the title is drawn"
+
+
+def test_grids_keep_their_width_while_a_label_grows_by_a_character():
+    tiles = [[np.zeros((8, 8, 3))] * 2] * 2
+    short = render_grid(tiles, column_titles=["input", "map"], row_labels=["pred 3 97%", "pred 1 88%"])
+    longer = render_grid(tiles, column_titles=["input", "map"], row_labels=["pred 3 100%", "pred 1 88%"])
+    assert short.shape == longer.shape
+    # a label column asked to be wider is: the width follows min_label_chars
+    wide = render_grid(tiles, column_titles=["input", "map"], row_labels=["pred 3 97%", "x"], min_label_chars=30)
+    assert wide.shape[1] > short.shape[1] and wide.shape[0] == short.shape[0]

@@ -145,6 +145,7 @@ class MapCallback(InterpCallback):
         self._previous: dict[str, Tensor] = {}
         self._history: list[tuple[int, dict[str, Tensor]]] = []
         self._warned_zero: set[str] = set()
+        self._label_chars = 0  # the row-label width the grids of this fit use (drawn on the worker thread only)
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         raise NotImplementedError
@@ -229,6 +230,7 @@ class MapCallback(InterpCallback):
         self._previous, self._history = {}, []
         self._warned_zero = set()
         self._task = None
+        self._label_chars = 0
 
     def _zero_map_reason(self, key: str) -> str:
         """Why the maps of ``key`` can be zero everywhere (shown in the warning)."""
@@ -361,7 +363,12 @@ class MapCallback(InterpCallback):
         rows = [[column[i] for column in columns] for i in range(shown)]
         labels = row_texts(picture.task, picture.scores, picture.target, picture.labels, self.class_names)
         titles = [picture.titles.get(key, key) for key in picture.maps]
-        return render_grid(rows, column_titles=["input", *titles], row_labels=labels)
+        # the widest label so far, plus room for a longer confidence: the grid keeps its width from run to run
+        longest = max((len(line) for text in labels for line in text.splitlines()), default=0)
+        self._label_chars = max(self._label_chars, longest + 1)
+        return render_grid(
+            rows, column_titles=["input", *titles], row_labels=labels, min_label_chars=self._label_chars
+        )
 
     def _remember(self, epoch: int, maps: dict[str, Tensor]) -> None:
         """Keep a small CPU copy of a few samples' maps for the evolution strip, bounded in length."""

@@ -58,6 +58,8 @@ def test_fit_logs_images_and_scalars_at_each_validation_step(tmp_path):
     (_, (height, width)), *_ = events.images["interp_saliency/maps"]
     (_, (cam_height, cam_width)), *_ = events.images["interp_gradcam/maps"]
     assert height == cam_height and width > cam_width
+    # one size from epoch to epoch (the card does not jitter under TensorBoard's step slider)
+    assert len({size for _, size in events.images["interp_saliency/maps"]}) == 1
 
     # The scalars are monitorable by EarlyStopping / ModelCheckpoint.
     assert "interp_gradcam/net.7/localization" in trainer.callback_metrics
