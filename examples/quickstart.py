@@ -27,6 +27,7 @@ from lightning_interp import (
     FeatureVisualizationCallback,
     GradCAMCallback,
     LinearProbeCallback,
+    ReportCallback,
     RepresentationSimilarityCallback,
     SaliencyCallback,
 )
@@ -115,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             ConceptCallback(concept_examples(), layers=["net.4"], class_names=data.class_names),
         ]
     callbacks += inside
+    report = ReportCallback()  # a self-contained HTML report of the run at the end of fit
+    callbacks.append(report)
     quality = None
     if args.quality:
         quality = ExplanationQualityCallback(
@@ -197,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         )
         print(f"Grad-CAM mass on the object over a uniform map's, per true class: {lifts}")
     print(f"logs written to {os.path.abspath(logger.log_dir)}")
+    if report.path is not None:
+        print(f"report (open it in a browser): {os.path.abspath(report.path)}")
     print(f"view them with:  tensorboard --logdir {args.log_dir}")
     return metrics
 

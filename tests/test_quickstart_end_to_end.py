@@ -27,6 +27,14 @@ def test_quickstart_learns_and_gradcam_localizes_the_objects(tmp_path, capsys):
     metrics = _load_quickstart().main(["--log-dir", str(tmp_path), "--inside", "--quality"])
     printed = capsys.readouterr().out
     assert f"tensorboard --logdir {tmp_path}" in printed
+    # the HTML report of the run: every section, the quality comparison, nothing from the network
+    (report,) = list(tmp_path.rglob("report.html"))
+    assert str(report) in printed
+    text = report.read_text(encoding="utf-8")
+    for section in ("configuration", "summary", "curves", "pictures", "comparison"):
+        assert f'id="{section}"' in text, section
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert "interp_quality/comparison" in text and "Grad-CAM at net.7: localization rose" in text
 
     assert metrics["val_acc"] > 0.9
     # A uniform map puts on the object exactly the object's share of the image.

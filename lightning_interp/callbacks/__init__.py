@@ -10,6 +10,7 @@ from lightning_interp.callbacks.explanation_quality import ExplanationQualityCal
 from lightning_interp.callbacks.feature_visualization import FeatureVisualizationCallback
 from lightning_interp.callbacks.gradcam import GradCAMCallback
 from lightning_interp.callbacks.linear_probe import LinearProbeCallback
+from lightning_interp.callbacks.report import ReportCallback
 from lightning_interp.callbacks.saliency import SALIENCY_METHODS, SaliencyCallback
 from lightning_interp.callbacks.similarity import RepresentationSimilarityCallback
 from lightning_interp.callbacks.uncertainty import UncertaintyCallback
@@ -26,6 +27,7 @@ __all__ = [
     "InterpCallback",
     "LinearProbeCallback",
     "MapCallback",
+    "ReportCallback",
     "RepresentationSimilarityCallback",
     "SaliencyCallback",
     "UncertaintyCallback",
