@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from lightning_interp._logging import TAG_PREFIX
 
@@ -136,7 +137,11 @@ def summary_sentences(run: RunLog) -> list[str]:
             sentences.append(
                 f"{name} went from {series[0][1]:.3f} to {series[-1][1]:.3f} over {len(series)} validations."
             )
-    ours = {tag: series for tag, series in run.scalars.items() if tag.startswith(TAG_PREFIX) and series}
+    ours = {
+        tag: series
+        for tag, series in run.scalars.items()
+        if tag.startswith(TAG_PREFIX) and series and "/random/" not in tag  # the chance level needs no sentence
+    }
     for tag, series in sorted(ours.items()):
         metric, owner = _metric(tag), _owner(tag)
         first, last = series[0][1], series[-1][1]
@@ -148,8 +153,11 @@ def summary_sentences(run: RunLog) -> list[str]:
                 sentences.append(f"{owner}: {metric} stayed below {SETTLED} (last {last:.2f}): not settled yet.")
         elif metric in ("localization", "accuracy", "deletion_auc", "sanity_rank_correlation", "ece", "worst_recall"):
             if len(series) > 1 and not (math.isnan(first) or math.isnan(last)):
-                verb = "rose" if last > first else "fell" if last < first else "stayed"
-                sentences.append(f"{owner}: {metric} {verb} from {first:.2f} to {last:.2f}.")
+                if abs(last - first) < 0.005:
+                    sentences.append(f"{owner}: {metric} stayed at {last:.2f}.")
+                else:
+                    verb = "rose" if last > first else "fell"
+                    sentences.append(f"{owner}: {metric} {verb} from {first:.2f} to {last:.2f}.")
             if metric == "accuracy" and "interp_probe" in tag:
                 passed = next((step for step, value in series if value >= 0.9), None)
                 if passed is not None:
@@ -159,7 +167,17 @@ def summary_sentences(run: RunLog) -> list[str]:
 
 def _owner(tag: str) -> str:
     group = _group(tag)[len(TAG_PREFIX) :]
-    names = {"gradcam": "Grad-CAM", "saliency": "Saliency", "probe": "Linear probe", "similarity": "CKA / RSA"}
+    names = {
+        "gradcam": "Grad-CAM",
+        "saliency": "Saliency",
+        "probe": "Linear probe",
+        "similarity": "CKA / RSA",
+        "quality": "Explanation quality",
+        "bias": "Dataset bias",
+        "calibration": "Calibration",
+        "uncertainty": "Uncertainty",
+        "activations": "Activations",
+    }
     subject = _series_name(tag)
     who = names.get(group, group)
     return f"{who} at {subject}" if subject != _metric(tag) else who
@@ -176,11 +194,14 @@ def curve_png(run: RunLog, tags: Sequence[str], title: str) -> bytes:
     """One line chart of the given scalar series (x: step, with the epochs where known). Returns PNG bytes."""
     figure = Figure(figsize=(5.2, 2.8), dpi=100, facecolor="white")
     axes = figure.add_subplot(1, 1, 1)
+    by_epoch = all(step in run.epochs for tag in tags for step, _ in run.scalars[tag])
     for tag in tags:
         steps, values = zip(*run.scalars[tag], strict=True)
-        axes.plot(steps, values, marker="o", markersize=3, linewidth=1.2, label=_series_name(tag))
+        where = [run.epochs[step] for step in steps] if by_epoch else list(steps)
+        axes.plot(where, values, marker="o", markersize=3, linewidth=1.2, label=_series_name(tag))
     axes.set_title(title, fontsize=9)
-    axes.set_xlabel("step", fontsize=8)
+    axes.set_xlabel("epoch" if by_epoch else "step", fontsize=8)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.tick_params(labelsize=7)
     axes.grid(alpha=0.3)
     if len(tags) > 1:

@@ -117,6 +117,8 @@ def test_the_summary_names_when_things_settled_and_passed_their_thresholds():
             "interp_similarity/net.6/cka_vs_previous": [(3, 0.8), (7, 0.96), (11, 0.99)],
             "interp_saliency/gradient/stability": [(7, 0.5), (11, 0.6)],
             "interp_probe/net.6/accuracy": [(3, 0.5), (7, 0.92), (11, 0.95)],
+            "interp_probe/net.0/accuracy": [(3, 0.351), (11, 0.349)],
+            "interp_quality/random/deletion_auc": [(3, 0.7), (11, 0.6)],
         },
         epochs={3: 0, 7: 1, 11: 2},
     )
@@ -125,3 +127,5 @@ def test_the_summary_names_when_things_settled_and_passed_their_thresholds():
     assert "Saliency at gradient: stability stayed below 0.95 (last 0.60): not settled yet." in sentences
     assert "Linear probe at net.6: probe accuracy passed 0.9 at epoch 1." in sentences
     assert "Linear probe at net.6: accuracy rose from 0.50 to 0.95." in sentences
+    assert "Linear probe at net.0: accuracy stayed at 0.35." in sentences  # no 'fell from 0.35 to 0.35'
+    assert not any("random" in sentence for sentence in sentences)  # the chance level is no finding
