@@ -148,7 +148,8 @@ def summary_sentences(run: RunLog) -> list[str]:
         if metric in ("stability", "cka_vs_previous"):
             settled = next((step for step, value in series if value >= SETTLED), None)
             if settled is not None:
-                sentences.append(f"{owner}: {metric} reached {SETTLED} at {run.epoch_of(settled)} (last {last:.2f}).")
+                when = run.epoch_of(settled)
+                sentences.append(f"{owner}: {metric} first reached {SETTLED} at {when} (last {last:.2f}).")
             else:
                 sentences.append(f"{owner}: {metric} stayed below {SETTLED} (last {last:.2f}): not settled yet.")
         elif metric in ("localization", "accuracy", "deletion_auc", "sanity_rank_correlation", "ece", "worst_recall"):

@@ -123,7 +123,7 @@ def test_the_summary_names_when_things_settled_and_passed_their_thresholds():
         epochs={3: 0, 7: 1, 11: 2},
     )
     sentences = summary_sentences(run)
-    assert "CKA / RSA at net.6: cka_vs_previous reached 0.95 at epoch 1 (last 0.99)." in sentences
+    assert "CKA / RSA at net.6: cka_vs_previous first reached 0.95 at epoch 1 (last 0.99)." in sentences
     assert "Saliency at gradient: stability stayed below 0.95 (last 0.60): not settled yet." in sentences
     assert "Linear probe at net.6: probe accuracy passed 0.9 at epoch 1." in sentences
     assert "Linear probe at net.6: accuracy rose from 0.50 to 0.95." in sentences
