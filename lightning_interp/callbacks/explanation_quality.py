@@ -3,6 +3,7 @@ validation epoch, with a comparison of the methods."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,11 +25,13 @@ from lightning_interp.methods._core import (
     eager_forward,
     get_module,
     modes_preserved,
+    plain_name,
     scores_from_output,
 )
 from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, attribution_to_map, localization
 from lightning_interp.methods.quality import (
     REMOVAL_BASELINES,
+    cascading_randomization,
     curve_auc,
     max_sensitivity,
     perturbation_curve,
@@ -90,6 +93,13 @@ class ExplanationQualityCallback(InterpCallback):
       the architecture, not what the network learnt;
     - **complexity**: ``sparseness``, the Gini index of the map (0 uniform, near 1 one pixel);
     - ``localization`` (share of the map on the object) when the batches carry masks;
+    - **cascading randomisation** (``cascading=k``, off by default): on a
+      deep copy of the model, the last ``k`` parametrised layers are
+      re-initialised one after the other from the output down, and
+      ``cascade/<layer>`` is the rank correlation of the maps with the trained
+      network's after randomising down to that layer (Adebayo et al. 2018).
+      It costs a copy of the model and ``k`` more explanations per method and
+      run;
     - **robustness** (off by default): ``max_sensitivity``, the largest relative
       change of the map under uniform input noise of ``robustness_radius`` of
       the value range, over ``robustness_samples`` draws of the callback's own
@@ -125,6 +135,7 @@ class ExplanationQualityCallback(InterpCallback):
         robustness_radius: noise amplitude for ``max_sensitivity``, as a share of each image's value range.
         robustness_samples: noise draws for ``max_sensitivity``.
         random_reference: also score random maps, the chance level of each metric.
+        cascading: how many layers, from the output down, the cascading randomisation test re-initialises (0: off).
         seed: seed of the callback's generator (stochastic methods, random pixels, noise), used afresh each run.
         output_transform: picks the (B, C) logits out of the model's output.
         name: tag prefix; distinct names let two instances coexist.
@@ -151,6 +162,7 @@ class ExplanationQualityCallback(InterpCallback):
         robustness_radius: float = 0.02,
         robustness_samples: int = 4,
         random_reference: bool = True,
+        cascading: int = 0,
         seed: int = 0,
         output_transform: OutputTransform | None = None,
         name: str = "quality",
@@ -182,7 +194,10 @@ class ExplanationQualityCallback(InterpCallback):
         self.steps, self.baseline, self.fraction, self.target = steps, baseline, float(fraction), target
         self.channel_reduction = channel_reduction
         self.robustness_radius, self.robustness_samples = float(robustness_radius), robustness_samples
+        if not isinstance(cascading, int) or isinstance(cascading, bool) or cascading < 0:
+            raise ValueError(f"cascading must be an int >= 0 (layers to randomise; 0: off), got {cascading!r}.")
         self.random_reference = bool(random_reference)
+        self.cascading = cascading
         self.seed = seed
         self.output_transform = output_transform
         super().__init__(
@@ -379,6 +394,24 @@ class ExplanationQualityCallback(InterpCallback):
             scores["sparseness"] = _nanmean(sparseness(maps))
         if "localization" in self.metrics and masks is not None:
             scores["localization"] = _nanmean(localization(maps.clamp_min(0), masks.to(maps.device)))
+        if self.cascading and method is not None:
+            try:
+                cascade = cascading_randomization(
+                    model,
+                    lambda net: self._maps(trainer, net, method, inputs, target),
+                    depth=self.cascading,
+                    seed=self.seed + 4,
+                    reference=maps,
+                )
+            except (RuntimeError, TypeError, copy.Error) as error:  # e.g. a model that cannot be deep-copied
+                self._warn_once(
+                    "cascade",
+                    f"ExplanationQualityCallback: the cascading randomisation needs a deep copy of the model, which "
+                    f"failed ({error!r}); it is skipped in this fit.",
+                )
+                cascade = {}
+            for layer, correlation in cascade.items():
+                scores[f"cascade/{plain_name(layer)}"] = _nanmean(correlation)
         if "robustness" in self.metrics and method is not None:
             generator = torch.Generator(device=inputs.device).manual_seed(self.seed + 2)
             sensitivity = max_sensitivity(

@@ -110,6 +110,7 @@ from lightning_interp.methods.probes import (
 )
 from lightning_interp.methods.quality import (
     REMOVAL_BASELINES,
+    cascading_randomization,
     curve_auc,
     max_sensitivity,
     perturbation_curve,
@@ -201,6 +202,7 @@ __all__ = [
     "cam_from_activation",
     "capture_features",
     "capture_pooled_features",
+    "cascading_randomization",
     "center_gram",
     "cka_matrix",
     "class_attribution",

@@ -99,3 +99,15 @@ def test_methods_are_ranked_by_their_mean_rank_with_the_right_direction_per_metr
     # deletion: lower is better (mixed 1, good 2, bad 3); insertion: higher is better (good 1, bad 2, mixed 3);
     # sparseness is shown but not ranked; NaN is left out
     assert ranks == {"good": 1.5, "bad": 2.5, "mixed": 2.0}
+
+
+def test_the_cascading_randomisation_is_logged_per_randomised_layer(tmp_path):
+    callback = ExplanationQualityCallback(["gradient"], num_samples=8, steps=4, metrics=("deletion",), cascading=2)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
+    model = tiny_classifier()
+    trainer.fit(model, datamodule=tiny_datamodule())
+    metrics = trainer.callback_metrics
+    cascade = {key: float(value) for key, value in metrics.items() if "/cascade/" in key}
+    # the two last parametrised layers of the quickstart network, named as the user names them
+    assert set(cascade) == {"interp_quality/gradient/cascade/net.10", "interp_quality/gradient/cascade/net.6"}
+    assert all(-1.0 <= value <= 1.0 for value in cascade.values())

@@ -56,6 +56,7 @@ def _all_callbacks():
             num_samples=8,
             steps=4,
             metrics=("deletion", "insertion", "top_drop", "sanity", "sparseness", "robustness"),
+            cascading=2,  # re-initialises layers of a deep copy, under a forked and re-seeded RNG
         ),
         DatasetBiasCallback(  # and Grad-CAM per true class, through the Dropout / BatchNorm net in eval mode
             attribution="grad_cam", attribution_options={"layer": "net.features.5"}, name="bias_cues"

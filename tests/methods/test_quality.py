@@ -189,3 +189,29 @@ def test_deletion_curve_equals_quantus_pixel_flipping():
     ours = perturbation_curve(model, inputs, maps, labels, steps=16, baseline=black)
     # Quantus gives the probability after each step (16 of 4 pixels); ours also has the start point
     assert np.allclose(ours[:, 1:].numpy(), np.asarray(theirs), atol=1e-6)
+
+
+def test_cascading_randomization_separates_a_weight_blind_map_from_the_gradient_and_touches_nothing():
+    from lightning_interp.methods import cascading_randomization
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    inputs = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    state = torch.get_rng_state()
+
+    def gradient(net):
+        batch = inputs.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(net(batch)[:, 0].sum(), batch)
+        return grad.abs().sum(dim=1)
+
+    found = cascading_randomization(model, gradient, depth=2)
+    assert list(found) == ["3", "0"]  # from the output down
+    # the head re-initialised: the gradient map loses its learnt pattern (here: the random init's), far from 1
+    assert float(found["3"].mean()) < 0.8
+    # a "map" that never looks at the weights stays identical: it fails the test, as it should
+    blind = cascading_randomization(model, lambda net: inputs.sum(dim=1), depth=2)
+    assert all(torch.allclose(value, torch.ones(6, dtype=torch.float64)) for value in blind.values())
+    # the model and the global RNG are untouched
+    assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
+    assert torch.equal(state, torch.get_rng_state())
