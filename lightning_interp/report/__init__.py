@@ -33,7 +33,7 @@ from matplotlib.ticker import MaxNLocator
 
 from lightning_interp._logging import TAG_PREFIX
 
-__all__ = ["RunLog", "main", "read_run", "summary_sentences", "write_report"]
+__all__ = ["RunLog", "main", "read_run", "summary_by_callback", "summary_findings", "summary_sentences", "write_report"]
 
 CONFIGURATION_FILE = "interp_configuration.json"
 """Written next to the event files by :class:`~lightning_interp.callbacks.ReportCallback`: what the report's
@@ -121,8 +121,48 @@ def _series_name(tag: str) -> str:
     return "/".join(parts[1:-1]) or parts[-1]
 
 
+def summary_findings(run: RunLog) -> list[tuple[str, float, str]]:
+    """Every finding as ``(group, weight, sentence)``: the group is ``"training"`` or the callback's tag group; the
+    weight ranks findings within a group (a threshold crossed or not yet reached: 1; a change: its size)."""
+    findings: list[tuple[str, float, str]] = []
+    for name in ("val_acc", "val_loss"):
+        series = run.scalars.get(name)
+        if series and len(series) > 1:
+            text = f"{name} went from {series[0][1]:.3f} to {series[-1][1]:.3f} over {len(series)} validations."
+            findings.append(("training", 1.0, text))
+    ours = {
+        tag: series
+        for tag, series in run.scalars.items()
+        if tag.startswith(TAG_PREFIX) and series and "/random/" not in tag  # the chance level needs no sentence
+    }
+    for tag, series in sorted(ours.items()):
+        metric, owner, group = _metric(tag), _owner(tag), _group(tag)
+        first, last = series[0][1], series[-1][1]
+        if metric in ("stability", "cka_vs_previous"):
+            settled = next((step for step, value in series if value >= SETTLED), None)
+            if settled is not None:
+                when = run.epoch_of(settled)
+                findings.append((group, 1.0, f"{owner}: {metric} first reached {SETTLED} at {when} (last {last:.2f})."))
+            else:
+                text = f"{owner}: {metric} stayed below {SETTLED} (last {last:.2f}): not settled yet."
+                findings.append((group, 1.0, text))
+        elif metric in ("localization", "accuracy", "deletion_auc", "sanity_rank_correlation", "ece", "worst_recall"):
+            if len(series) > 1 and not (math.isnan(first) or math.isnan(last)):
+                change = abs(last - first)
+                if change < 0.005:
+                    findings.append((group, 0.0, f"{owner}: {metric} stayed at {last:.2f}."))
+                else:
+                    verb = "rose" if last > first else "fell"
+                    findings.append((group, change, f"{owner}: {metric} {verb} from {first:.2f} to {last:.2f}."))
+            if metric == "accuracy" and "interp_probe" in tag:
+                passed = next((step for step, value in series if value >= 0.9), None)
+                if passed is not None:
+                    findings.append((group, 1.0, f"{owner}: probe accuracy passed 0.9 at {run.epoch_of(passed)}."))
+    return findings
+
+
 def summary_sentences(run: RunLog) -> list[str]:
-    """What changed during training, in words, from the scalars alone.
+    """What changed during training, in words, from the scalars alone (every finding, in tag order).
 
     Example:
         >>> run = RunLog(scalars={"interp_gradcam/net.7/localization": [(3, 0.1), (7, 0.32)],
@@ -130,40 +170,28 @@ def summary_sentences(run: RunLog) -> list[str]:
         >>> summary_sentences(run)[0]
         'Grad-CAM at net.7: localization rose from 0.10 to 0.32.'
     """
-    sentences: list[str] = []
-    for name in ("val_acc", "val_loss"):
-        series = run.scalars.get(name)
-        if series and len(series) > 1:
-            sentences.append(
-                f"{name} went from {series[0][1]:.3f} to {series[-1][1]:.3f} over {len(series)} validations."
-            )
-    ours = {
-        tag: series
-        for tag, series in run.scalars.items()
-        if tag.startswith(TAG_PREFIX) and series and "/random/" not in tag  # the chance level needs no sentence
-    }
-    for tag, series in sorted(ours.items()):
-        metric, owner = _metric(tag), _owner(tag)
-        first, last = series[0][1], series[-1][1]
-        if metric in ("stability", "cka_vs_previous"):
-            settled = next((step for step, value in series if value >= SETTLED), None)
-            if settled is not None:
-                when = run.epoch_of(settled)
-                sentences.append(f"{owner}: {metric} first reached {SETTLED} at {when} (last {last:.2f}).")
-            else:
-                sentences.append(f"{owner}: {metric} stayed below {SETTLED} (last {last:.2f}): not settled yet.")
-        elif metric in ("localization", "accuracy", "deletion_auc", "sanity_rank_correlation", "ece", "worst_recall"):
-            if len(series) > 1 and not (math.isnan(first) or math.isnan(last)):
-                if abs(last - first) < 0.005:
-                    sentences.append(f"{owner}: {metric} stayed at {last:.2f}.")
-                else:
-                    verb = "rose" if last > first else "fell"
-                    sentences.append(f"{owner}: {metric} {verb} from {first:.2f} to {last:.2f}.")
-            if metric == "accuracy" and "interp_probe" in tag:
-                passed = next((step for step, value in series if value >= 0.9), None)
-                if passed is not None:
-                    sentences.append(f"{owner}: probe accuracy passed 0.9 at {run.epoch_of(passed)}.")
-    return sentences
+    return [sentence for _, _, sentence in summary_findings(run)]
+
+
+def summary_by_callback(run: RunLog, per_callback: int = 5) -> dict[str, tuple[list[str], int]]:
+    """Per group (``"training"`` first, then each callback): its ``per_callback`` weightiest findings in tag order,
+    and how many were left out.
+
+    Example:
+        >>> run = RunLog(scalars={f"interp_probe/net.{i}/accuracy": [(1, 0.1), (2, 0.1 * i)] for i in range(1, 9)})
+        >>> shown, left = summary_by_callback(run, per_callback=2)["interp_probe"]
+        >>> shown[-1], left  # the two largest changes, in tag order; six more in the curves
+        ('Linear probe at net.8: accuracy rose from 0.10 to 0.80.', 6)
+    """
+    grouped: dict[str, list[tuple[int, float, str]]] = {}
+    for order, (group, weight, sentence) in enumerate(summary_findings(run)):
+        grouped.setdefault(group, []).append((order, weight, sentence))
+    result: dict[str, tuple[list[str], int]] = {}
+    for group in sorted(grouped, key=lambda name: (name != "training", name)):
+        entries = grouped[group]
+        kept = sorted(sorted(entries, key=lambda entry: -entry[1])[:per_callback])
+        result[group] = ([sentence for _, _, sentence in kept], len(entries) - len(kept))
+    return result
 
 
 def _owner(tag: str) -> str:
@@ -271,9 +299,13 @@ def render_report(run: RunLog, *, title: str, source: str) -> str:
         f"<pre>{html.escape(run.hparams)}</pre>" if run.hparams else "<p>No hparams.yaml in the run directory.</p>",
         '<h2 id="summary">Summary</h2>',
     ]
-    sentences = summary_sentences(run)
-    parts.append("<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>" if sentences else
-                 "<p>No scalar series to summarise.</p>")  # fmt: skip
+    summary = summary_by_callback(run)
+    if not summary:
+        parts.append("<p>No scalar series to summarise.</p>")
+    for group, (sentences, left) in summary.items():
+        items = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in sentences)
+        more = f"<li><em>{left} more in the curves below</em></li>" if left else ""
+        parts.append(f"<h3>{html.escape(group)}</h3><ul>{items}{more}</ul>")
     parts.append('<h2 id="curves">Scalar curves</h2>')
     for group in groups:
         by_metric: dict[str, list[str]] = {}
@@ -351,6 +383,3 @@ def main(argv: Sequence[str] | None = None) -> str:
     print(f"report written to {path}")
     return path
 
-
-if __name__ == "__main__":
-    main()
