@@ -122,6 +122,8 @@ def test_the_summary_names_when_things_settled_and_passed_their_thresholds():
             "interp_probe/net.6/accuracy": [(3, 0.5), (7, 0.92), (11, 0.95)],
             "interp_probe/net.0/accuracy": [(3, 0.351), (11, 0.349)],
             "interp_quality/random/deletion_auc": [(3, 0.7), (11, 0.6)],
+            "interp_gradcam/net.7/localization": [(3, float("nan")), (7, 0.2), (11, float("nan"))],
+            "interp_gradcam/net.4/localization": [(3, float("nan"))],
         },
         epochs={3: 0, 7: 1, 11: 2},
     )
@@ -132,3 +134,5 @@ def test_the_summary_names_when_things_settled_and_passed_their_thresholds():
     assert "Linear probe at net.6: accuracy rose from 0.50 to 0.95." in sentences
     assert "Linear probe at net.0: accuracy stayed at 0.35." in sentences  # no 'fell from 0.35 to 0.35'
     assert not any("random" in sentence for sentence in sentences)  # the chance level is no finding
+    # NaN points (zero maps) are left out: one finite point is no change, an all-NaN series no sentence
+    assert not any("nan" in sentence or "Grad-CAM" in sentence for sentence in sentences)

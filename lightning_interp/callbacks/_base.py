@@ -121,6 +121,7 @@ class InterpCallback(Callback):
         self._given_probe = probe is not None  # a user's probe is kept across fits; a drawn one is redrawn
         self._runs = 0
         self._last_step: int | None = None  # the logging step of the last run (fit-end summaries are shown there)
+        self._warned: set[str] = set()  # the keys of the once-per-fit warnings already given
         self._prepared = False
         self._pending_probe: dict[str, Any] | None = None  # a checkpoint's probe, by dataset index, to re-read
         self._from_stream = False  # the validation data is a stream: take the probe from the batches it yields
@@ -194,6 +195,7 @@ class InterpCallback(Callback):
         """Forget everything of an earlier fit (subclasses add their own state)."""
         self._runs = 0
         self._last_step = None
+        self._warned = set()
         self._pending_probe = None
         self._from_stream = False
         if not self._given_probe:
@@ -250,6 +252,12 @@ class InterpCallback(Callback):
         if trainer.world_size > 1:  # every rank gets the values, so a monitor on any rank finds them
             scalars = trainer.strategy.broadcast(scalars, src=0)
         monitor_scalars(pl_module, scalars)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """Warn with ``message`` the first time ``key`` comes up in this fit."""
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
 
     def _summary_step(self, trainer: pl.Trainer) -> int:
         """The step of a fit-end summary (an evolution strip): that of the last run, so TensorBoard shows it with the

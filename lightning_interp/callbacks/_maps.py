@@ -23,7 +23,7 @@ from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, _check_callable
 from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
-from lightning_interp.methods.registry import METHODS
+from lightning_interp.methods.registry import METHODS, check_method_options
 from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
 from lightning_interp.probe import BatchParser, ProbeSet, labels_of_the_data
 from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
@@ -413,12 +413,18 @@ MANAGED_OPTIONS = ("generator", "output_transform", "task", "return_convergence_
 
 
 def parse_methods(
-    methods: str | Sequence[str | tuple[str, dict[str, Any]]], allowed: Sequence[str], owner: str, elsewhere: str
+    methods: str | Sequence[str | tuple[str, dict[str, Any]]],
+    allowed: Sequence[str],
+    owner: str,
+    elsewhere: str,
+    *,
+    layer_option: bool = False,
 ) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
     """Check a ``methods`` argument: names or ``(name, {option: value})`` pairs of registered methods in ``allowed``.
 
-    Returns the names in order and each method's options. Unknown names, methods that belong to the other map
-    callback, repeated names and options a method does not take are refused with what to write instead.
+    Returns the names in order and each method's options. Unknown names, methods that belong to another callback,
+    repeated names and options a method does not take are refused with what to write instead. ``layer_option``: a
+    CAM method may name its layer among its options (else the callback sets the layers).
     """
 
     entries = [methods] if isinstance(methods, str) else list(methods)
@@ -438,10 +444,7 @@ def parse_methods(
             raise ValueError(f"{owner} cannot use method {name!r}.{hint} Choose from: {', '.join(allowed)}.")
         if name in names:
             raise ValueError(f"{owner}(methods=...) lists {name!r} twice.")
-        takes = [option for option in METHODS[name].options if option not in MANAGED_OPTIONS]
-        unknown = sorted(set(chosen) - set(takes))
-        if unknown:
-            raise TypeError(f"{name} takes no option(s) {unknown} here; its options are: {', '.join(takes)}.")
+        check_method_options(name, chosen, managed=MANAGED_OPTIONS, layer=layer_option)
         names.append(name)
         if chosen:
             options[name] = chosen

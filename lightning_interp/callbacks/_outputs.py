@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -61,11 +60,9 @@ class ValidationOutputsCallback(InterpCallback):
         self._captured: list[Any] = []
         self._logits: list[Tensor] = []
         self._labels: list[Tensor] = []
-        self._warned: set[str] = set()
 
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
-        self._warned = set()
         self._release()
 
     def _collecting(self, trainer: pl.Trainer) -> bool:
@@ -154,11 +151,6 @@ class ValidationOutputsCallback(InterpCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
         super().teardown(trainer, pl_module, stage)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Nothing to check on the model: the logits are read at the first validation batch."""

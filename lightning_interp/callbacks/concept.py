@@ -257,7 +257,6 @@ class ConceptCallback(InterpCallback):
         self._random_sets: Tensor | None = None  # (2 * n_random, set size) indices into the random pool
         self._classes: list[int] = []
         self._task = "multiclass"
-        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ state
     def _needs_labels(self) -> bool:
@@ -269,7 +268,6 @@ class ConceptCallback(InterpCallback):
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
         self._random_sets = None
-        self._warned = set()
 
     def _restart_comparisons(self) -> None:
         super()._restart_comparisons()
@@ -420,9 +418,7 @@ class ConceptCallback(InterpCallback):
 
     # ------------------------------------------------------------------ the run
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(f"{message} (this warning is given once per run)")
+        super()._warn_once(key, f"{message} (this warning is given once per run)")
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         probe = self.probe

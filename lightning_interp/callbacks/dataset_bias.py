@@ -33,6 +33,7 @@ from lightning_interp.methods.bias import (
 )
 from lightning_interp.methods.map_metrics import attribution_to_map
 from lightning_interp.methods.registry import attribute, check_method_options, method_spec
+from lightning_interp.methods.tasks import class_labels, label_kind
 from lightning_interp.probe import ProbeSet, dataset_labels, sampled_indices, scannable
 from lightning_interp.visualize import _figure_to_array
 
@@ -227,10 +228,24 @@ class DatasetBiasCallback(ValidationOutputsCallback):
                 f"lie in images (N, C, H, W); the validation inputs are {tuple(probe.inputs.shape)}. Leave "
                 "attribution=None for this data."
             )
+        if probe.labels is None or label_kind(probe.labels) not in ("class", "one_hot"):
+            kind = "no" if probe.labels is None else label_kind(probe.labels)
+            raise ValueError(
+                f"DatasetBiasCallback(attribution=...) explains each sample for its class; the validation batches "
+                f"carry {kind} labels, not class indices or one-hot rows. Leave attribution=None for this data."
+            )
+        with torch.no_grad(), modes_preserved(pl_module), eager_forward(), self._model_context(trainer):
+            two = self._probe_inputs(trainer, pl_module, probe.subset(min(2, len(probe))))
+            width = scores_from_output(pl_module(two), self.output_transform).shape[1]
+        if width < 2:
+            raise ValueError(
+                "DatasetBiasCallback(attribution=...) explains each sample for its own class and needs one score per "
+                f"class; the model gives {width}. Leave attribution=None for a binary (one-logit) model."
+            )
         self._layer = None
         if method_spec(self.attribution).needs_layer and self.attribution_options.get("layer") is None:
             # the automatic CAM layer, chosen once per fit (on the run's shared dry forward), not at every call
-            labels = None if probe.labels is None else _class_indices(probe.labels)
+            labels = class_labels(probe.labels, "multiclass")
             self._layer = self._automatic_cam_layer(trainer, pl_module, probe, labels, self.output_transform)
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
@@ -249,16 +264,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         maps = []
         for start in range(0, len(probe), 64):
             inputs = self._device_inputs(trainer, pl_module, probe.inputs[start : start + 64])
-            if start == 0:
-                with torch.no_grad(), modes_preserved(model), eager_forward(), self._model_context(trainer):
-                    width = scores_from_output(model(inputs[:1]), self.output_transform).shape[1]
-                if width < 2:
-                    raise ValueError(
-                        "DatasetBiasCallback(attribution=...) explains each sample for its own class and needs one "
-                        f"score per class; the model gives {width}. Leave attribution=None for a binary (one-logit) "
-                        "model."
-                    )
-            target = _class_indices(probe.labels[start : start + 64]).to(inputs.device)
+            target = class_labels(probe.labels[start : start + 64], "multiclass").to(inputs.device)
             with self._model_context(trainer):
                 explained = attribute(self.attribution, model, inputs, target, **options)
             maps.append(attribution_to_map(explained) if explained.ndim == 4 else explained.detach().float())
@@ -268,7 +274,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         probe = self.probe
         assert probe is not None and probe.labels is not None
         maps = self._attribution_maps(trainer, pl_module, probe)
-        labels = _class_indices(probe.labels)
+        labels = class_labels(probe.labels, "multiclass")
         classes = int(labels.max()) + 1
         if self.balances:
             classes = max(classes, max(balance.counts.numel() for balance in self.balances.values()))
@@ -364,11 +370,6 @@ class DatasetBiasCallback(ValidationOutputsCallback):
 
         self._submit(trainer, draw)
         return scalars, metrics.recall
-
-
-def _class_indices(labels: Tensor) -> Tensor:
-    """(N,) class indices of class-index or one-hot labels."""
-    return (labels.argmax(dim=1) if labels.ndim == 2 else labels).long()
 
 
 def _loader_labels(loader: Any, limit: int | float | None) -> Tensor | None:

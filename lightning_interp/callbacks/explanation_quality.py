@@ -11,7 +11,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -19,7 +18,7 @@ from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback
-from lightning_interp.callbacks._maps import MANAGED_OPTIONS
+from lightning_interp.callbacks._maps import _nanmean, parse_methods
 from lightning_interp.methods._core import (
     OutputTransform,
     eager_forward,
@@ -39,8 +38,8 @@ from lightning_interp.methods.quality import (
     sparseness,
     top_fraction_drop,
 )
-from lightning_interp.methods.registry import attribute, check_method_options
-from lightning_interp.methods.tasks import class_labels
+from lightning_interp.methods.registry import METHODS, attribute, check_method_options
+from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
 from lightning_interp.probe import BatchParser, ProbeSet
 from lightning_interp.visualize import _figure_to_array
 
@@ -131,6 +130,8 @@ class ExplanationQualityCallback(InterpCallback):
             (:func:`~lightning_interp.methods.removal_baseline`).
         fraction: the share of pixels removed for ``top_drop`` / ``random_drop``.
         target: ``"pred"`` (the prediction; default) or ``"label"``.
+        task: the output kind (``"auto"``: inferred from the output's width and the labels, as the map callbacks do);
+            a multi-label model follows its top label, a regression model its first output.
         channel_reduction: how input attributions become one value per pixel.
         robustness_radius: noise amplitude for ``max_sensitivity``, as a share of each image's value range.
         robustness_samples: noise draws for ``max_sensitivity``.
@@ -158,6 +159,7 @@ class ExplanationQualityCallback(InterpCallback):
         baseline: str = "blur",
         fraction: float = 0.2,
         target: str = "pred",
+        task: TaskOption = "auto",
         channel_reduction: str = "abs_sum",
         robustness_radius: float = 0.02,
         robustness_samples: int = 4,
@@ -172,7 +174,9 @@ class ExplanationQualityCallback(InterpCallback):
         background_drawing: bool = True,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
-        self.methods, self.method_options = _parse_methods(methods)
+        self.methods, self.method_options = parse_methods(
+            methods, tuple(METHODS), "ExplanationQualityCallback", "", layer_option=True
+        )
         unknown = sorted(set(metrics) - set(QUALITY_METRICS))
         if unknown or not metrics:
             raise ValueError(f"metrics must be a non-empty selection of {QUALITY_METRICS}, got {list(metrics)}.")
@@ -180,6 +184,8 @@ class ExplanationQualityCallback(InterpCallback):
             raise ValueError(f"baseline must be one of {REMOVAL_BASELINES}, got {baseline!r}.")
         if target not in ("pred", "label"):
             raise ValueError(f"target must be 'pred' or 'label', got {target!r}.")
+        if task != "auto" and task not in TASKS:
+            raise ValueError(f"task must be 'auto' or one of {TASKS}, got {task!r}.")
         if channel_reduction not in CHANNEL_REDUCTIONS:
             raise ValueError(f"channel_reduction must be one of {CHANNEL_REDUCTIONS}, got {channel_reduction!r}.")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
@@ -192,6 +198,8 @@ class ExplanationQualityCallback(InterpCallback):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
         self.metrics = tuple(metrics)
         self.steps, self.baseline, self.fraction, self.target = steps, baseline, float(fraction), target
+        self.task = task
+        self._output_task = "multiclass"  # the kind in force this fit (``task``, or inferred at fit start)
         self.channel_reduction = channel_reduction
         self.robustness_radius, self.robustness_samples = float(robustness_radius), robustness_samples
         if not isinstance(cascading, int) or isinstance(cascading, bool) or cascading < 0:
@@ -211,7 +219,6 @@ class ExplanationQualityCallback(InterpCallback):
         )
         self._layers: dict[str, str] = {}  # per CAM method: its layer this fit (given, or the automatic one)
         self._start_maps: dict[str, Tensor] = {}  # per key: the maps of the network before training, on the CPU
-        self._warned: set[str] = set()
 
     @property
     def keys(self) -> list[str]:
@@ -228,7 +235,6 @@ class ExplanationQualityCallback(InterpCallback):
         super()._reset_run_state()
         self._layers = {}
         self._start_maps = {}
-        self._warned = set()
 
     # ------------------------------------------------------------------ checks and the untrained network's maps
     def _check_model(self, pl_module: pl.LightningModule) -> None:
@@ -242,6 +248,15 @@ class ExplanationQualityCallback(InterpCallback):
             raise ValueError(
                 "ExplanationQualityCallback removes and adds pixels of images (N, C, H, W); the validation inputs "
                 f"are {tuple(probe.inputs.shape)}."
+            )
+        with torch.no_grad(), modes_preserved(pl_module), eager_forward(), self._model_context(trainer):
+            two = self._probe_inputs(trainer, pl_module, probe.subset(min(2, len(probe))))
+            width = scores_from_output(pl_module(two), self.output_transform).shape[1]
+        self._output_task = infer_task(width, probe.labels, self.task)
+        if self.target == "label" and self._output_task not in ("multiclass", "binary"):
+            raise ValueError(
+                f"ExplanationQualityCallback(target='label') explains each sample for its class, but the model's "
+                f"output is {self._output_task}; use target='pred'."
             )
         self._layers = {}
         for method in self.methods:
@@ -283,18 +298,18 @@ class ExplanationQualityCallback(InterpCallback):
     def _labels(self, probe: ProbeSet) -> Tensor | None:
         return None if probe.labels is None else class_labels(probe.labels, "multiclass")
 
-    def _task(self, scores: Tensor) -> str:
-        return "binary" if scores.shape[1] == 1 else "multiclass"
-
     def _targets(self, trainer: pl.Trainer, model: nn.Module, inputs: Tensor, probe: ProbeSet) -> Tensor:
-        """(N,) the explained class per sample: the prediction, or the label."""
+        """(N,) the explained output per sample: the predicted class (the top label; for regression output 0), or the
+        label."""
+        task = self._output_task
         if self.target == "label":
-            labels = self._labels(probe)
-            assert labels is not None
-            return labels.to(inputs.device)
+            assert probe.labels is not None
+            return class_labels(probe.labels, task).long().to(inputs.device)
+        if task == "regression":
+            return torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
         with torch.no_grad(), modes_preserved(model), eager_forward(), self._model_context(trainer):
             scores = scores_from_output(model(inputs), self.output_transform)
-        return (scores[:, 0] > 0).long() if scores.shape[1] == 1 else scores.argmax(dim=1)
+        return prediction_and_confidence(scores, task)[0].long()
 
     def _maps(self, trainer: pl.Trainer, model: nn.Module, method: str, inputs: Tensor, target: Tensor) -> Tensor:
         """(N, H, W) float32 maps of ``method``, one value per pixel, as the map callbacks show them."""
@@ -306,6 +321,8 @@ class ExplanationQualityCallback(InterpCallback):
             options["generator"] = torch.Generator(device=inputs.device).manual_seed(self.seed)
         if self.output_transform is not None:
             options["output_transform"] = self.output_transform
+        if "task" in spec.options:
+            options["task"] = self._output_task
         with self._model_context(trainer):
             result = attribute(method, model, inputs, target, **options)
         if result.ndim == 4:
@@ -318,8 +335,7 @@ class ExplanationQualityCallback(InterpCallback):
         model = self._explained(pl_module)
         inputs = self._probe_inputs(trainer, pl_module)
         target = self._targets(trainer, model, inputs, probe)
-        with torch.no_grad(), modes_preserved(model), eager_forward(), self._model_context(trainer):
-            task = self._task(scores_from_output(model(inputs[:1]), self.output_transform))
+        task = self._output_task
         masks = probe.masks if probe.masks is not None and probe.masks.shape[-2:] == inputs.shape[-2:] else None
         values: dict[str, dict[str, Tensor]] = {}
         for method, key in zip(self.methods, self.keys, strict=True):
@@ -424,11 +440,6 @@ class ExplanationQualityCallback(InterpCallback):
             scores["max_sensitivity"] = _nanmean(sensitivity)
         return scores
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
-
     # ------------------------------------------------------------------ checkpoint: the untrained network's maps
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -445,38 +456,6 @@ class ExplanationQualityCallback(InterpCallback):
 def _key(method: str, options: dict[str, Any]) -> str:
     layer = options.get("layer")
     return f"{method}@{layer}" if isinstance(layer, str) else method
-
-
-def _parse_methods(
-    methods: str | Sequence[str | tuple[str, dict[str, Any]]],
-) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
-    entries = [methods] if isinstance(methods, str) else list(methods)
-    names: list[str] = []
-    options: dict[str, dict[str, Any]] = {}
-    for entry in entries:
-        if isinstance(entry, str):
-            name, chosen = entry, {}
-        elif isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str):
-            name, chosen = entry[0], dict(entry[1] or {})
-        else:
-            raise TypeError(
-                f"ExplanationQualityCallback(methods=...) takes method names or (name, {{option: value}}) pairs, got "
-                f"{entry!r}."
-            )
-        check_method_options(name, chosen, managed=MANAGED_OPTIONS)
-        if name in names:
-            raise ValueError(f"ExplanationQualityCallback(methods=...) lists {name!r} twice.")
-        names.append(name)
-        options[name] = chosen
-    if not names:
-        raise ValueError("ExplanationQualityCallback(methods=...) needs at least one method.")
-    return tuple(names), options
-
-
-def _nanmean(values: Tensor) -> Tensor:
-    finite = torch.isfinite(values)
-    total = torch.where(finite, values.double(), torch.zeros_like(values, dtype=torch.float64)).sum()
-    return torch.where(finite.any(), total / finite.sum().clamp_min(1), torch.full_like(total, float("nan")))
 
 
 def rank_methods(table: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -176,9 +176,12 @@ def method_spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def check_method_options(name: str, options: Mapping[str, object] | None, *, managed: Sequence[str] = ()) -> MethodSpec:
+def check_method_options(
+    name: str, options: Mapping[str, object] | None, *, managed: Sequence[str] = (), layer: bool = True
+) -> MethodSpec:
     """The :class:`MethodSpec` of ``name`` after checking that it takes every option in ``options`` (``layer`` for a
-    CAM method); ``managed`` options, set by the caller itself, are refused too. Raises with the accepted ones.
+    CAM method, unless ``layer=False``: the caller sets the layers itself); ``managed`` options, set by the caller
+    itself, are refused too. Raises with the accepted ones.
 
     Example:
         >>> check_method_options("grad_cam", {"layer": "net.4"}).needs_layer
@@ -186,11 +189,12 @@ def check_method_options(name: str, options: Mapping[str, object] | None, *, man
     """
     spec = method_spec(name)
     accepted = [option for option in spec.options if option not in managed]
-    if spec.needs_layer:
+    if spec.needs_layer and layer:
         accepted = ["layer", *accepted]
     unknown = sorted(set(options or {}) - set(accepted))
     if unknown:
-        raise TypeError(f"{name} takes no option(s) {unknown} here; its options are: {', '.join(accepted)}.")
+        takes = f"its options are: {', '.join(accepted)}" if accepted else "it takes none here"
+        raise TypeError(f"{name} takes no option(s) {unknown} here; {takes}.")
     return spec
 
 

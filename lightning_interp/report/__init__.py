@@ -130,12 +130,14 @@ def summary_findings(run: RunLog) -> list[tuple[str, float, str]]:
         if series and len(series) > 1:
             text = f"{name} went from {series[0][1]:.3f} to {series[-1][1]:.3f} over {len(series)} validations."
             findings.append(("training", 1.0, text))
-    ours = {
-        tag: series
+    ours = {  # NaN points (warned about during training: zero maps, ...) say nothing; the chance level is no finding
+        tag: [(step, value) for step, value in series if not math.isnan(value)]
         for tag, series in run.scalars.items()
-        if tag.startswith(TAG_PREFIX) and series and "/random/" not in tag  # the chance level needs no sentence
+        if tag.startswith(TAG_PREFIX) and "/random/" not in tag
     }
     for tag, series in sorted(ours.items()):
+        if not series:
+            continue
         metric, owner, group = _metric(tag), _owner(tag), _group(tag)
         first, last = series[0][1], series[-1][1]
         if metric in ("stability", "cka_vs_previous"):
@@ -147,7 +149,7 @@ def summary_findings(run: RunLog) -> list[tuple[str, float, str]]:
                 text = f"{owner}: {metric} stayed below {SETTLED} (last {last:.2f}): not settled yet."
                 findings.append((group, 1.0, text))
         elif metric in ("localization", "accuracy", "deletion_auc", "sanity_rank_correlation", "ece", "worst_recall"):
-            if len(series) > 1 and not (math.isnan(first) or math.isnan(last)):
+            if len(series) > 1:
                 change = abs(last - first)
                 if change < 0.005:
                     findings.append((group, 0.0, f"{owner}: {metric} stayed at {last:.2f}."))

@@ -268,3 +268,18 @@ def test_sparse_multilabel_data_is_read_from_all_its_labels_not_the_few_probe_ro
     trainer.fit(Net(3, "bce"), DataLoader(data, batch_size=16), DataLoader(data, batch_size=16))
     assert float(callback.probe.labels.sum(dim=1).max()) == 1.0  # the probe alone would look one-hot
     assert callback.output_task == "multilabel"
+
+
+@pytest.mark.parametrize("kind", ["binary", "multilabel", "regression", "one_hot"])
+def test_explanation_quality_follows_the_output_kind(tmp_path, monkeypatch, kind):
+    from lightning_interp import ExplanationQualityCallback
+
+    quality = ExplanationQualityCallback(["gradient", ("grad_cam", {"layer": "net.2"})], num_samples=8, steps=4)
+    _, _, scalars = _fit(tmp_path, kind, [quality], monkeypatch)
+    expected = {"binary": "binary", "multilabel": "multilabel", "regression": "regression"}.get(kind, "multiclass")
+    assert quality._output_task == expected  # a binary model: the sigmoid of its side, not a softmax of one logit
+    for key in ("gradient", "grad_cam@net.2"):
+        values = [v for _, v in scalars[f"interp_quality/{key}/deletion_auc"]]
+        assert values and all(math.isfinite(v) for v in values), (key, values)
+        if expected != "regression":  # a probability's mean over the curve
+            assert all(0.0 <= v <= 1.0 for v in values), (key, values)
