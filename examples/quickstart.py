@@ -61,6 +61,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-size", type=int, default=512, help="synthetic validation images")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-samples", type=int, default=8, help="probe samples shown by each callback")
+    parser.add_argument(
+        "--rows-per-image",
+        type=int,
+        default=None,
+        help="split the map grids into images of this many rows (2 reads well in TensorBoard's Time Series cards)",
+    )
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard log directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -103,8 +109,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             methods=("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"),
             num_samples=args.num_samples,
             class_names=data.class_names,
+            rows_per_image=args.rows_per_image,
         ),
-        GradCAMCallback(layer=["net.4", "net.7"], num_samples=args.num_samples, class_names=data.class_names),
+        GradCAMCallback(
+            layer=["net.4", "net.7"],
+            num_samples=args.num_samples,
+            class_names=data.class_names,
+            rows_per_image=args.rows_per_image,
+        ),
         LinearProbeCallback(layers="auto", num_samples=args.val_size),
         RepresentationSimilarityCallback(layers="auto", num_samples=min(256, args.val_size)),
     ]

@@ -28,6 +28,7 @@ __all__ = [
     "render_grid",
 ]
 
+COMPACT_TILE_PIXELS = 64  # tiles of the compact grids (a TensorBoard card's small display box)
 MIN_TILE_PIXELS = 96
 
 
@@ -105,6 +106,15 @@ def overlay(image: np.ndarray, heat: np.ndarray, values: np.ndarray, *, alpha: f
     return np.clip((1 - weight) * grey + weight * heat, 0.0, 1.0)
 
 
+def _title_lines(text: str, fits: int, wrap: bool) -> list[str]:
+    """A column title's lines, each at most ``fits`` characters: wrapped at spaces when ``wrap``, then cut from the
+    left (a layer name's end tells it apart)."""
+    lines = text.splitlines() or [""]
+    if wrap:
+        lines = [part for line in lines for part in (textwrap.wrap(line, width=fits) or [""])]
+    return [line if len(line) <= fits else "…" + line[-(fits - 1) :] for line in lines]
+
+
 def _upscale(tile: np.ndarray, factor: int) -> np.ndarray:
     return tile if factor == 1 else tile.repeat(factor, axis=0).repeat(factor, axis=1)
 
@@ -117,6 +127,7 @@ def render_grid(
     title: str = "",
     gap: int = 4,
     min_label_chars: int = 0,
+    compact: bool = False,
 ) -> np.ndarray:
     """Lay out RGB tiles in a grid with column titles and row labels; return uint8 (H, W, 3).
 
@@ -127,6 +138,12 @@ def render_grid(
     up to a multiple of four characters, so grids of one series keep one width
     while their labels change by a character or two ("97%" / "100%").
 
+    ``compact`` draws for a small display box (TensorBoard's Time Series card
+    shows images in about 370 x 215 pixels): tiles of at least 64 pixels, row
+    labels a quarter larger and column titles wrapped onto two lines, so a grid
+    of two rows is shown at two thirds of its size or more and its text stays
+    legible there.
+
     Example:
         >>> grid = render_grid([[np.zeros((8, 8, 3))] * 2], column_titles=["input", "map"], row_labels=["y=1"])
         >>> grid.dtype, grid.ndim
@@ -134,8 +151,10 @@ def render_grid(
     """
     rows, cols = len(tiles), len(tiles[0])
     height, width = tiles[0][0].shape[:2]
-    factor = max(1, -(-MIN_TILE_PIXELS // max(height, 1)))
-    if width * factor > 4 * MIN_TILE_PIXELS:  # long 1-D strips: enlarge by height only
+    minimum = COMPACT_TILE_PIXELS if compact else MIN_TILE_PIXELS
+    scale = 1.25 if compact else 1.0  # label font sizes and the character widths that go with them
+    factor = max(1, -(-minimum // max(height, 1)))
+    if width * factor > 4 * minimum:  # long 1-D strips: enlarge by height only
         factor = 1
     th, tw = height * factor, width * factor
     mosaic = np.ones((rows * (th + gap) - gap, cols * (tw + gap) - gap, 3))
@@ -146,30 +165,33 @@ def render_grid(
     dpi = 100
     longest = max((len(line) for text in row_labels for line in text.splitlines()), default=0)
     longest = -(-max(longest, min_label_chars) // 4) * 4
-    left = int(14 + 6.8 * longest) if row_labels else 6  # 8 pt monospace is about 6.7 px a character
+    left = int(14 + 6.8 * scale * longest) if row_labels else 6  # 8 pt monospace is about 6.7 px a character
     fig_w = mosaic.shape[1] + left + 6
     # a title wider than the picture is wrapped (10 pt bold is up to about 8 px a character), never cut off
-    title_lines = textwrap.wrap(title, width=max(12, int((fig_w - 8) / 8.2))) if title else []
-    title_rows = max((len(text.splitlines()) for text in column_titles), default=0)
+    title_lines = textwrap.wrap(title, width=max(12, int((fig_w - 8) / (8.2 * scale)))) if title else []
+    # 9 pt is up to about 7 px a character, 6.6 for the mostly lower-case method names, and titles need a gap
+    fits = max(4, int((tw + gap) / (6.6 if compact else 7.4)))
+    title_rows = max((len(_title_lines(text, fits, compact)) if text else 0 for text in column_titles), default=0)
     # 9 pt title lines are about 15 px apart
-    top = (8 + 15 * title_rows if column_titles else 4) + 16 * len(title_lines) + (6 if title_lines else 0)
+    top = (8 + 15 * title_rows if column_titles else 4) + int(16 * scale) * len(title_lines)
+    top += 6 if title_lines else 0
     fig_h = mosaic.shape[0] + top + 6
     figure = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_axes((left / fig_w, 6 / fig_h, mosaic.shape[1] / fig_w, mosaic.shape[0] / fig_h))
     axes.imshow(mosaic, interpolation="nearest", aspect="auto")
     axes.set_axis_off()
-    fits = max(4, int((tw + gap) / 7.4))  # 9 pt is up to about 7 px a character, and titles need a gap
     for c, text in enumerate(column_titles):
         x = (left + c * (tw + gap) + tw / 2) / fig_w
-        lines = [line if len(line) <= fits else "…" + line[-(fits - 1) :] for line in text.splitlines() or [""]]
-        shown = "\n".join(lines)  # a layer name's end tells it apart
+        shown = "\n".join(_title_lines(text, fits, compact))
         figure.text(x, 1 - (top - 4) / fig_h, shown, ha="center", va="bottom", fontsize=9)
     for r, text in enumerate(row_labels):
         y = 1 - (top + r * (th + gap) + th / 2) / fig_h
-        figure.text(4 / fig_w, y, text, ha="left", va="center", fontsize=8, family="monospace")
+        figure.text(4 / fig_w, y, text, ha="left", va="center", fontsize=8 * scale, family="monospace")
     if title_lines:
-        figure.text(0.5, 1 - 4 / fig_h, "\n".join(title_lines), ha="center", va="top", fontsize=10, weight="bold")
+        figure.text(
+            0.5, 1 - 4 / fig_h, "\n".join(title_lines), ha="center", va="top", fontsize=10 * scale, weight="bold"
+        )
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 

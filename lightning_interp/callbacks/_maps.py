@@ -85,6 +85,12 @@ class MapCallback(InterpCallback):
         cmap: matplotlib colormap of the heatmaps.
         evolution_samples: rows of the evolution strip logged at fit end (0 to skip).
         evolution_columns: about how many epochs the strip shows (evenly spaced).
+        rows_per_image: probe rows per grid image. None (the default) logs one
+            grid per run, ``interp_<name>/maps``, best read in TensorBoard's
+            Images tab or at actual size. An int splits the grid into images of
+            that many rows, ``interp_<name>/maps/rows_1-2``, ``.../rows_3-4``,
+            ...: 2 keeps the text legible at the size of a Time Series card
+            (these grids are drawn compact: smaller tiles, larger text).
         background_drawing: draw the grids on the run's background thread (see
             :class:`~lightning_interp.callbacks.InterpCallback`).
         forward_fn: how to call the model on a batch of probe inputs,
@@ -108,6 +114,7 @@ class MapCallback(InterpCallback):
         cmap: str = "inferno",
         evolution_samples: int = 4,
         evolution_columns: int = 10,
+        rows_per_image: int | None = None,
         background_drawing: bool = True,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
@@ -134,6 +141,10 @@ class MapCallback(InterpCallback):
             raise ValueError(f"evolution_columns must be a positive int, got {evolution_columns!r}.")
         if not isinstance(evolution_samples, int) or evolution_samples < 0:
             raise ValueError(f"evolution_samples must be an int >= 0, got {evolution_samples!r}.")
+        if rows_per_image is not None and (
+            not isinstance(rows_per_image, int) or isinstance(rows_per_image, bool) or rows_per_image < 1
+        ):
+            raise ValueError(f"rows_per_image must be None or a positive int, got {rows_per_image!r}.")
         _check_callable("output_transform", output_transform)
         if cmap not in matplotlib.colormaps:
             raise ValueError(f"Unknown matplotlib colormap {cmap!r}; try 'inferno', 'viridis', 'jet' or 'turbo'.")
@@ -142,6 +153,7 @@ class MapCallback(InterpCallback):
         self.cmap = cmap
         self.evolution_samples = evolution_samples
         self.evolution_columns = evolution_columns
+        self.rows_per_image = rows_per_image
         self._previous: dict[str, Tensor] = {}
         self._history: list[tuple[int, dict[str, Tensor]]] = []
         self._warned_zero: set[str] = set()
@@ -330,7 +342,7 @@ class MapCallback(InterpCallback):
             titles=dict(result.titles),
             task=self.output_task,
         )
-        self._submit(trainer, lambda: log_image(trainer, f"interp_{self.name}/maps", self._grid_image(picture), step))
+        self._submit(trainer, lambda: self._log_grids(trainer, picture, step))
         self._remember(trainer.current_epoch, maps)
         return scalars
 
@@ -352,22 +364,34 @@ class MapCallback(InterpCallback):
             self._previous[key] = value.detach().clone()
         return values
 
-    def _grid_image(self, picture: _GridData) -> np.ndarray:
-        """The per-run grid (drawn on the worker thread, from CPU tensors only)."""
+    def _log_grids(self, trainer: pl.Trainer, picture: _GridData, step: int) -> None:
+        """Draw and log the run's grid, or its parts of ``rows_per_image`` rows (on the worker thread)."""
         shown = picture.scores.shape[0]
-        inputs = picture.inputs
+        for tag, rows in grid_parts(f"interp_{self.name}/maps", shown, self.rows_per_image):
+            log_image(trainer, tag, self._grid_image(picture, rows), step)
+
+    def _grid_image(self, picture: _GridData, rows: range | None = None) -> np.ndarray:
+        """The per-run grid of the probe ``rows`` (all by default), drawn from CPU tensors only."""
+        rows = range(picture.scores.shape[0]) if rows is None else rows
+        part = slice(rows.start, rows.stop)
+        inputs = picture.inputs[part]
         columns = [list(input_to_rgb(inputs))]
         for key, maps in picture.maps.items():
             cmap = "RdBu_r" if key in picture.signed else self.cmap
-            columns.append(map_tiles(inputs, maps, cmap=cmap, signed=key in picture.signed))
-        rows = [[column[i] for column in columns] for i in range(shown)]
+            columns.append(map_tiles(inputs, maps[part], cmap=cmap, signed=key in picture.signed))
+        tiles = [list(row) for row in zip(*columns, strict=True)]
         labels = row_texts(picture.task, picture.scores, picture.target, picture.labels, self.class_names)
-        titles = [picture.titles.get(key, key) for key in picture.maps]
-        # the widest label so far, plus room for a longer confidence: the grid keeps its width from run to run
+        # the widest label of every row so far, plus room for a longer confidence: the grid (and each of its
+        # parts) keeps one width from run to run
         longest = max((len(line) for text in labels for line in text.splitlines()), default=0)
         self._label_chars = max(self._label_chars, longest + 1)
+        titles = [picture.titles.get(key, key) for key in picture.maps]
         return render_grid(
-            rows, column_titles=["input", *titles], row_labels=labels, min_label_chars=self._label_chars
+            tiles,
+            column_titles=["input", *titles],
+            row_labels=labels[part],
+            min_label_chars=self._label_chars,
+            compact=self.rows_per_image is not None,
         )
 
     def _remember(self, epoch: int, maps: dict[str, Tensor]) -> None:
@@ -489,6 +513,30 @@ class _GridData:
     signed: set[str]
     titles: dict[str, str]
     task: str = "multiclass"
+
+
+def grid_parts(tag: str, count: int, rows_per_image: int | None) -> list[tuple[str, range]]:
+    """The image tags and probe rows of a grid of ``count`` rows split into parts of ``rows_per_image`` rows.
+
+    One part under ``tag`` itself when the grid is not split (None, or no more
+    rows than a part holds); otherwise ``tag/rows_<first>-<last>`` (1-based,
+    zero-padded so the tags sort in row order).
+
+    Example:
+        >>> for tag, rows in grid_parts("interp_saliency/maps", 5, 2):
+        ...     print(tag, list(rows))
+        interp_saliency/maps/rows_1-2 [0, 1]
+        interp_saliency/maps/rows_3-4 [2, 3]
+        interp_saliency/maps/rows_5-5 [4]
+    """
+    if rows_per_image is None or count <= rows_per_image:
+        return [(tag, range(count))]
+    width = len(str(count))
+    parts = []
+    for start in range(0, count, rows_per_image):
+        stop = min(start + rows_per_image, count)
+        parts.append((f"{tag}/rows_{start + 1:0{width}d}-{stop:0{width}d}", range(start, stop)))
+    return parts
 
 
 def row_texts(
