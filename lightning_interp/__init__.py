@@ -8,6 +8,7 @@ explanations evolve while the model trains. The maths lives in
 
 from lightning_interp.callbacks import (
     ActivationMapsCallback,
+    AttentionCallback,
     CalibrationCallback,
     ConceptCallback,
     DatasetBiasCallback,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationMapsCallback",
+    "AttentionCallback",
     "CalibrationCallback",
     "ConceptCallback",
     "DatasetBiasCallback",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ImageClassifier", "cifar_resnet", "mnist_cnn", "shapes_cnn"]
+__all__ = ["ImageClassifier", "TextTransformer", "cifar_resnet", "mnist_cnn", "shapes_cnn"]
 
 
 def shapes_cnn(num_classes: int = 4, in_channels: int = 3, width: int = 16) -> nn.Sequential:
@@ -100,6 +100,53 @@ def cifar_resnet(num_classes: int = 10, width: int = 32) -> nn.Module:
         torch.Size([2, 10])
     """
     return _SmallResNet(num_classes, width)
+
+
+class TextTransformer(nn.Module):
+    """A small text classifier on token ids: embedding + positions, ``nn.TransformerEncoder``, mean over tokens.
+
+    Padding tokens (``pad_id``) are masked out of attention and of the mean.
+
+    Args:
+        vocab_size: number of token ids.
+        num_classes: output classes.
+        dim: embedding width.
+        heads: attention heads per layer.
+        layers: encoder layers.
+        max_length: longest sequence (learnt position embeddings).
+        pad_id: the padding id.
+
+    Example:
+        >>> net = TextTransformer(vocab_size=50, num_classes=2)
+        >>> net(torch.randint(1, 50, (3, 12))).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        *,
+        dim: int = 32,
+        heads: int = 2,
+        layers: int = 2,
+        max_length: int = 64,
+        pad_id: int = 0,
+    ) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        self.position = nn.Parameter(0.02 * torch.randn(1, max_length, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        padding = ids == self.pad_id
+        x = self.embedding(ids) + self.position[:, : ids.shape[1]]
+        x = self.encoder(x, src_key_padding_mask=padding)
+        keep = (~padding).unsqueeze(-1).to(x.dtype)
+        return self.head((x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0))
 
 
 class ImageClassifier(pl.LightningModule):

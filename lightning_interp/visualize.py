@@ -26,6 +26,7 @@ __all__ = [
     "normalize_map",
     "overlay",
     "render_grid",
+    "render_tokens",
 ]
 
 COMPACT_TILE_PIXELS = 64  # tiles of the compact grids (a TensorBoard card's small display box)
@@ -312,3 +313,120 @@ def line_image(
         axes.set_title(title, fontsize=10)
     figure.tight_layout()
     return _figure_to_array(figure, canvas)
+
+
+TOKEN_FONT_POINTS = 10  # the token text; at 100 dpi its capitals are about 10 pixels high
+_TOKEN_CHAR = TOKEN_FONT_POINTS * 100 / 72 * 0.6021  # DejaVu Sans Mono advances 0.6021 em a character
+_TOKEN_LINE = 24  # pixels from one line of tokens to the next
+_TOKEN_PAD = 3  # pixels of background on each side of a token
+_TOKEN_GAP = 5  # pixels between two tokens
+MAX_TOKEN_CHARS = 18  # longer tokens are shortened with an ellipsis
+
+
+def _shown_token(text: str) -> str:
+    text = text.replace("\n", "⏎").replace("\t", " ").replace("$", "\\$")  # no mathtext from a "$" token
+    return text if len(text) <= MAX_TOKEN_CHARS else text[: MAX_TOKEN_CHARS - 1] + "…"
+
+
+def _token_figure(
+    tokens: Sequence[Sequence[str | None]],
+    values: Sequence[Sequence[np.ndarray]],
+    *,
+    headers: Sequence[str],
+    line_titles: Sequence[str],
+    title: str = "",
+    signed: bool = False,
+    width: int = 900,
+) -> Figure:
+    """The figure of :func:`render_tokens` (its text artists are what a layout test measures)."""
+    cmap = matplotlib.colormaps["RdBu_r" if signed else "Oranges"]
+    title_chars = max((len(text) for text in line_titles), default=0)
+    left = 8 + (title_chars * _TOKEN_CHAR + 12 if title_chars else 0)
+    right_edge = width - 8
+    items: list[tuple[float, float, str, dict]] = []  # (x, y of the line's middle, text, style)
+    boxes: list[tuple[float, float, float, tuple]] = []  # (x, y, box width, colour)
+    y = 8.0
+    if title:
+        items.append((8, y + 9, title, {"weight": "bold", "fontsize": TOKEN_FONT_POINTS + 1}))
+        y += _TOKEN_LINE + 4
+    for sample, (row, header) in enumerate(zip(tokens, headers, strict=True)):
+        if sample:
+            y += 10  # a gap between samples
+        items.append((8, y + _TOKEN_LINE / 2, header, {"weight": "bold"}))
+        y += _TOKEN_LINE
+        for line, line_title in zip(values[sample], line_titles, strict=True):
+            visible = [i for i, text in enumerate(row) if text is not None]
+            shown = np.zeros(len(row))
+            if visible:
+                raw = torch.as_tensor(np.asarray(line, dtype=np.float64)[visible])[None]
+                shown[visible] = normalize_map(raw, signed=signed)[0]
+            if line_title:
+                items.append((8, y + _TOKEN_LINE / 2, line_title, {"color": "#555555"}))
+            x = left
+            for i in visible:
+                text = _shown_token(str(row[i]))
+                box = len(text) * _TOKEN_CHAR + 2 * _TOKEN_PAD
+                if x + box > right_edge and x > left:  # wrap
+                    x, y = left, y + _TOKEN_LINE
+                level = (shown[i] + 1) / 2 if signed else 0.08 + 0.92 * shown[i]
+                colour = cmap(float(level))
+                boxes.append((x, y + 2, box, colour))
+                luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+                items.append(
+                    (x + _TOKEN_PAD, y + _TOKEN_LINE / 2, text, {"color": "white" if luminance < 0.5 else "black"})
+                )
+                x += box + _TOKEN_GAP
+            y += _TOKEN_LINE
+    height = int(y + 8)
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
+    FigureCanvasAgg(figure)
+    axes = figure.add_axes((0, 0, 1, 1))
+    axes.set_xlim(0, width)
+    axes.set_ylim(height, 0)
+    axes.set_axis_off()
+    for x, top, box, colour in boxes:
+        axes.add_patch(matplotlib.patches.Rectangle((x, top), box, _TOKEN_LINE - 4, facecolor=colour, edgecolor="none"))
+    for x, middle, text, style in items:
+        style = {"fontsize": TOKEN_FONT_POINTS, **style}
+        axes.text(x, middle, text, ha="left", va="center_baseline", family="DejaVu Sans Mono", **style)
+    return figure
+
+
+def render_tokens(
+    tokens: Sequence[Sequence[str | None]],
+    values: Sequence[Sequence[np.ndarray]],
+    *,
+    headers: Sequence[str],
+    line_titles: Sequence[str] = ("",),
+    title: str = "",
+    signed: bool = False,
+    width: int = 900,
+) -> np.ndarray:
+    """Token sequences with a coloured background per token: one block per sample; returns uint8 (H, W, 3).
+
+    Each sample gets a bold header line (e.g. label, prediction, confidence)
+    and then one line of its tokens per map (``line_titles`` name them, e.g.
+    "rollout"), wrapped at ``width`` pixels. Each line's values are scaled by
+    their own robust maximum (as :func:`normalize_map` does): white is none,
+    dark orange the most (``signed``: blue negative, red positive). Tokens
+    given as None (padding) are left out; tokens longer than 18 characters are
+    shortened.
+
+    Args:
+        tokens: per sample, its token strings (None hides a token).
+        values: per sample, one array of per-token values for each line title.
+        headers: per sample, its header line.
+        line_titles: the name of each line of values (shown at the left).
+        title: a bold title above everything.
+        signed: values with meaningful sign (a diverging colormap).
+        width: image width in pixels.
+
+    Example:
+        >>> image = render_tokens([["the", "cat", None]], [[np.array([0.1, 0.9, 0.0])]], headers=["#0 pred 1 90%"])
+        >>> image.dtype, image.shape[1]
+        (dtype('uint8'), 900)
+    """
+    figure = _token_figure(
+        tokens, values, headers=headers, line_titles=line_titles, title=title, signed=signed, width=width
+    )
+    return _figure_to_array(figure, figure.canvas)

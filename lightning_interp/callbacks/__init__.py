@@ -3,6 +3,7 @@
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks._maps import MapCallback
 from lightning_interp.callbacks.activation_maps import ActivationMapsCallback
+from lightning_interp.callbacks.attention import AttentionCallback
 from lightning_interp.callbacks.calibration import CalibrationCallback
 from lightning_interp.callbacks.concept import ConceptCallback
 from lightning_interp.callbacks.dataset_bias import DatasetBiasCallback
@@ -18,6 +19,7 @@ from lightning_interp.callbacks.uncertainty import UncertaintyCallback
 __all__ = [
     "SALIENCY_METHODS",
     "ActivationMapsCallback",
+    "AttentionCallback",
     "CalibrationCallback",
     "ConceptCallback",
     "DatasetBiasCallback",

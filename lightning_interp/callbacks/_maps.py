@@ -26,7 +26,7 @@ from lightning_interp.methods.map_metrics import concentration, localization, po
 from lightning_interp.methods.registry import METHODS, check_method_options
 from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
 from lightning_interp.probe import BatchParser, ProbeSet, labels_of_the_data
-from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
+from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid, render_tokens
 
 TargetSpec = str | int
 
@@ -45,6 +45,7 @@ class Explanation:
         scalars: extra scalars by tag suffix (e.g. IG completeness error).
         signed: names of maps with meaningful sign (shown with a diverging colormap).
         titles: optional display titles of the maps (default: their names).
+        extra: further per-sample maps for a subclass's own pictures (not scored), e.g. one map per attention head.
     """
 
     maps: dict[str, Tensor]
@@ -53,6 +54,7 @@ class Explanation:
     scalars: dict[str, float] = field(default_factory=dict)
     signed: set[str] = field(default_factory=set)
     titles: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 class MapCallback(InterpCallback):
@@ -91,6 +93,13 @@ class MapCallback(InterpCallback):
             that many rows, ``interp_<name>/maps/rows_1-2``, ``.../rows_3-4``,
             ...: 2 keeps the text legible at the size of a Time Series card
             (these grids are drawn compact: smaller tiles, larger text).
+        vocabulary: for token inputs (integer ids, (N, T)): the string of each
+            id, ``vocabulary[id]``; the grids then show the text, one line per
+            sample with each token's background coloured by its map value.
+        decode: for token inputs, a function from one id to its string (instead
+            of ``vocabulary``). Without either, the ids themselves are shown.
+        pad_id: for token inputs, the padding id: its tokens are hidden in the
+            pictures and their map values set to zero.
         background_drawing: draw the grids on the run's background thread (see
             :class:`~lightning_interp.callbacks.InterpCallback`).
         forward_fn: how to call the model on a batch of probe inputs,
@@ -115,6 +124,9 @@ class MapCallback(InterpCallback):
         evolution_samples: int = 4,
         evolution_columns: int = 10,
         rows_per_image: int | None = None,
+        vocabulary: Sequence[str] | None = None,
+        decode: Callable[[int], str] | None = None,
+        pad_id: int | None = None,
         background_drawing: bool = True,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
@@ -146,6 +158,13 @@ class MapCallback(InterpCallback):
         ):
             raise ValueError(f"rows_per_image must be None or a positive int, got {rows_per_image!r}.")
         _check_callable("output_transform", output_transform)
+        _check_callable("decode", decode)
+        if vocabulary is not None and (isinstance(vocabulary, str) or not all(isinstance(w, str) for w in vocabulary)):
+            raise ValueError(f"vocabulary must be a list of strings (the string of each token id), got {vocabulary!r}.")
+        if vocabulary is not None and decode is not None:
+            raise ValueError("Give vocabulary=... or decode=..., not both: both turn token ids into strings.")
+        if pad_id is not None and (not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0):
+            raise ValueError(f"pad_id must be None or a token id (an int >= 0), got {pad_id!r}.")
         if cmap not in matplotlib.colormaps:
             raise ValueError(f"Unknown matplotlib colormap {cmap!r}; try 'inferno', 'viridis', 'jet' or 'turbo'.")
         self.output_transform = output_transform
@@ -154,6 +173,9 @@ class MapCallback(InterpCallback):
         self.evolution_samples = evolution_samples
         self.evolution_columns = evolution_columns
         self.rows_per_image = rows_per_image
+        self.vocabulary = list(vocabulary) if vocabulary is not None else None
+        self.decode = decode
+        self.pad_id = pad_id
         self._previous: dict[str, Tensor] = {}
         self._history: list[tuple[int, dict[str, Tensor]]] = []
         self._warned_zero: set[str] = set()
@@ -161,6 +183,14 @@ class MapCallback(InterpCallback):
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         raise NotImplementedError
+
+    @property
+    def last_maps(self) -> dict[str, Tensor]:
+        """The maps of every probe sample from the last run, by map name: (N, H, W) or (N, T) float32 on the CPU.
+
+        Empty before the first run. Rows follow the probe set (``callback.probe``).
+        """
+        return {key: value.float().cpu() for key, value in self._previous.items()}
 
     @property
     def output_task(self) -> str:
@@ -341,6 +371,7 @@ class MapCallback(InterpCallback):
             signed=set(result.signed),
             titles=dict(result.titles),
             task=self.output_task,
+            extra={key: value[:shown].float().cpu() for key, value in result.extra.items()},
         )
         self._submit(trainer, lambda: self._log_grids(trainer, picture, step))
         self._remember(trainer.current_epoch, maps)
@@ -375,12 +406,20 @@ class MapCallback(InterpCallback):
         rows = range(picture.scores.shape[0]) if rows is None else rows
         part = slice(rows.start, rows.stop)
         inputs = picture.inputs[part]
+        labels = row_texts(picture.task, picture.scores, picture.target, picture.labels, self.class_names)
+        if is_token_input(inputs):
+            return render_tokens(
+                self._token_strings(inputs),
+                [[maps[i].numpy() for maps in picture.maps.values()] for i in rows],
+                headers=["   ".join(text.splitlines()) for text in labels[part]],
+                line_titles=[picture.titles.get(key, key).replace("\n", " ") for key in picture.maps],
+                signed=bool(picture.signed),
+            )
         columns = [list(input_to_rgb(inputs))]
         for key, maps in picture.maps.items():
             cmap = "RdBu_r" if key in picture.signed else self.cmap
             columns.append(map_tiles(inputs, maps[part], cmap=cmap, signed=key in picture.signed))
         tiles = [list(row) for row in zip(*columns, strict=True)]
-        labels = row_texts(picture.task, picture.scores, picture.target, picture.labels, self.class_names)
         # the widest label of every row so far, plus room for a longer confidence: the grid (and each of its
         # parts) keeps one width from run to run
         longest = max((len(line) for text in labels for line in text.splitlines()), default=0)
@@ -393,6 +432,10 @@ class MapCallback(InterpCallback):
             min_label_chars=self._label_chars,
             compact=self.rows_per_image is not None,
         )
+
+    def _token_strings(self, ids: Tensor) -> list[list[str | None]]:
+        """Each token id of ``ids`` (N, T) as its string (``vocabulary``, ``decode`` or the id); padding as None."""
+        return token_strings(ids, vocabulary=self.vocabulary, decode=self.decode, pad_id=self.pad_id)
 
     def _remember(self, epoch: int, maps: dict[str, Tensor]) -> None:
         """Keep a small CPU copy of a few samples' maps for the evolution strip, bounded in length."""
@@ -423,6 +466,14 @@ class MapCallback(InterpCallback):
         spaced = np.linspace(0, len(entries) - 1, min(len(entries), self.evolution_columns))
         chosen = [entries[i] for i in sorted({round(i) for i in spaced})]
         count = inputs.shape[0]
+        if is_token_input(inputs):
+            return render_tokens(
+                self._token_strings(inputs),
+                [[maps[i].float().numpy() for _, maps in chosen] for i in range(count)],
+                headers=[f"sample {int(i)}" for i in self._evolution_indices()],
+                line_titles=[f"epoch {epoch}" for epoch, _ in chosen],
+                title=f"{self.name}: {key}",
+            )
         size = tuple(chosen[-1][1].shape[-2:])
         small_inputs = _resize_inputs(inputs, size)
         columns = [list(input_to_rgb(small_inputs))]
@@ -513,6 +564,38 @@ class _GridData:
     signed: set[str]
     titles: dict[str, str]
     task: str = "multiclass"
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+def is_token_input(inputs: Tensor) -> bool:
+    """Whether probe inputs are token ids: an integer (N, T) tensor (drawn as text, not as a strip of pixels)."""
+    return (
+        inputs.ndim == 2 and not inputs.is_floating_point() and not inputs.is_complex() and inputs.dtype != torch.bool
+    )
+
+
+def token_strings(
+    ids: Tensor,
+    *,
+    vocabulary: Sequence[str] | None = None,
+    decode: Callable[[int], str] | None = None,
+    pad_id: int | None = None,
+) -> list[list[str | None]]:
+    """The display string of each token id in ``ids`` (N, T); padding tokens become None (hidden).
+
+    Example:
+        >>> token_strings(torch.tensor([[2, 1, 0]]), vocabulary=["<pad>", "cat", "the"], pad_id=0)
+        [['the', 'cat', None]]
+    """
+
+    def text(token: int) -> str:
+        if decode is not None:
+            return str(decode(token))
+        if vocabulary is not None:
+            return vocabulary[token] if 0 <= token < len(vocabulary) else f"<{token}?>"
+        return str(token)
+
+    return [[None if token == pad_id else text(token) for token in row] for row in ids.tolist()]
 
 
 def grid_parts(tag: str, count: int, rows_per_image: int | None) -> list[tuple[str, range]]:

@@ -10,8 +10,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_interp.callbacks._maps import Explanation, MapCallback, parse_methods
-from lightning_interp.methods._core import attribution_pass
+from lightning_interp.callbacks._maps import Explanation, MapCallback, is_token_input, parse_methods
+from lightning_interp.methods._core import attribution_pass, get_module, plain_name
+from lightning_interp.methods.embedding import LayerInput, find_input_embedding, layer_output
 from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, attribution_to_map
 from lightning_interp.methods.registry import METHODS, attribute
 from lightning_interp.probe import ProbeSet
@@ -44,6 +45,14 @@ class SaliencyCallback(MapCallback):
       (f(x) - f(baseline))| relative to mean |f(x) - f(baseline)|;
     - at fit end, ``<method>/evolution``: the maps of a few samples across epochs.
 
+    Token inputs (integer ids into an ``nn.Embedding``): ``input_layer="auto"``
+    attributes at the output of the embedding layer the ids go into, one score
+    per token (the embedding dimension reduced by ``channel_reduction``:
+    ``"sum"`` is the signed score, whose sum over the tokens is integrated
+    gradients' ``f(x) - f(baseline)``), with the padding id's embedding as the
+    baseline of integrated gradients and DeepLIFT when ``pad_id`` is given
+    (zeros otherwise); the grid shows the text (``vocabulary=`` or ``decode=``).
+
     ``gradient`` and ``input_x_gradient`` share one forward and one backward.
     The stochastic methods (SmoothGrad, GradientSHAP, LIME, KernelSHAP) draw
     from the callback's own generator on the model's device, re-seeded each
@@ -62,6 +71,9 @@ class SaliencyCallback(MapCallback):
         noise_level: deprecated; ``("smoothgrad", {"noise_level": ...})``.
         ig_steps: deprecated; ``("integrated_gradients", {"n_steps": ...})``.
         internal_batch_size: most inputs per forward pass, for every method that batches copies of the inputs.
+        input_layer: attribute at the output of this layer instead of the input: ``"auto"`` (the first
+            ``nn.Embedding`` called on the input ids) or a dotted name; None (the default) attributes to the
+            input itself. For token-id inputs, with the gradient and modified-backward methods.
         seed: seed of the callback's generator for the stochastic methods.
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: shared options of :class:`~lightning_interp.callbacks._base.MapCallback`
@@ -82,6 +94,7 @@ class SaliencyCallback(MapCallback):
         noise_level: float | None = None,
         ig_steps: int | None = None,
         internal_batch_size: int = 512,
+        input_layer: str | None = None,
         seed: int = 0,
         name: str = "saliency",
         **kwargs: Any,
@@ -113,8 +126,20 @@ class SaliencyCallback(MapCallback):
                     raise ValueError(f"{method}'s {option} must be a positive int, got {value!r}.")
                 if option == "noise_level" and not (isinstance(value, (int, float)) and value >= 0):
                     raise ValueError(f"{method}'s noise_level must be >= 0, got {value!r}.")
+        if input_layer is not None and (not isinstance(input_layer, str) or not input_layer):
+            raise ValueError(f"input_layer must be None, 'auto' or a dotted module name, got {input_layer!r}.")
+        if input_layer is not None:
+            perturbing = [method for method in names if METHODS[method].family == "perturbation"]
+            if perturbing:
+                raise ValueError(
+                    f"SaliencyCallback(input_layer=...) attributes at an embedding with the gradient and "
+                    f"modified-backward methods; {perturbing} perturb input positions in batches that cannot be "
+                    "paired with the token ids. Leave them out."
+                )
         self.methods = names
         self.method_options = options
+        self.input_layer = input_layer
+        self._embedding: str | None = None  # the layer attributed at, resolved at fit start
         self.channel_reduction = channel_reduction
         self.internal_batch_size = internal_batch_size
         self.seed = seed
@@ -125,21 +150,62 @@ class SaliencyCallback(MapCallback):
             "ReLUs, or inputs the score does not depend on)."
         )
 
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        super()._prepare(trainer, pl_module, probe)
+        self._embedding = None
+        if self.input_layer is None:
+            return
+        if not is_token_input(probe.inputs):
+            raise ValueError(
+                f"SaliencyCallback(input_layer={self.input_layer!r}) is for token-id inputs (integer (N, T) "
+                f"tensors into an embedding); these probe inputs are {probe.inputs.dtype} of shape "
+                f"{tuple(probe.inputs.shape)}: attribute to them directly with input_layer=None."
+            )
+        two = self._device_inputs(trainer, pl_module, probe.inputs[:2])
+        if self.input_layer == "auto":
+            self._embedding = find_input_embedding(pl_module, two)
+        else:
+            get_module(pl_module, self.input_layer)
+            self._embedding = self.input_layer
+        embedded = layer_output(pl_module, self._embedding, two)
+        if embedded.ndim != 3 or tuple(embedded.shape[:2]) != tuple(two.shape) or not embedded.is_floating_point():
+            raise ValueError(
+                f"SaliencyCallback: the output of input_layer {plain_name(self._embedding)!r} has shape "
+                f"{tuple(embedded.shape)} ({embedded.dtype}) for ids of shape {tuple(two.shape)}; one score per "
+                "token needs a float (batch, tokens, dim) output, as an nn.Embedding gives."
+            )
+
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         try:
             super()._trial(trainer, pl_module, probe)
         except Exception as error:
             text = str(error)
-            if probe.inputs.is_floating_point() or not any(word in text for word in ("indices", "Long", "scalar type")):
+            if self._embedding is not None or probe.inputs.is_floating_point():
+                raise
+            if not any(word in text for word in ("indices", "Long", "scalar type")):
                 raise
             # integer pixels work (they are attributed as floats); integer token ids into an embedding do not
             raise ValueError(
                 f"SaliencyCallback attributes to the input, and the model failed on its {probe.inputs.dtype} probe "
-                "inputs made float (token ids into an nn.Embedding?). Attribution at an embedding output is not "
-                "supported yet; for such models use GradCAMCallback on a layer, or the representation callbacks."
+                "inputs made float (token ids into an nn.Embedding?). Pass input_layer='auto' to attribute at the "
+                "output of the embedding layer, one score per token."
             ) from error
 
+    def _attributed(self, pl_module: pl.LightningModule, inputs: Tensor) -> tuple[Any, Tensor, Tensor | None]:
+        """The model and inputs the methods explain: ``pl_module`` on ``inputs``, or with ``input_layer`` the model
+        as a function of its embedding output, on the embeddings; and the padding baseline there (or None)."""
+        if self._embedding is None:
+            return pl_module, inputs, None
+        embedded = layer_output(pl_module, self._embedding, inputs)
+        baseline = None
+        if self.pad_id is not None:
+            with torch.no_grad():
+                baseline = layer_output(pl_module, self._embedding, torch.full_like(inputs, self.pad_id))
+        return LayerInput(pl_module, self._embedding, inputs), embedded, baseline
+
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
+        ids = inputs
+        pl_module, inputs, pad_baseline = self._attributed(pl_module, inputs)
         transform = self.output_transform
         first = attribution_pass(pl_module, inputs, target, output_transform=transform, task=self.output_task)
         attributions: dict[str, Tensor] = {}
@@ -157,6 +223,10 @@ class SaliencyCallback(MapCallback):
                 managed["generator"] = torch.Generator(device=inputs.device).manual_seed(self.seed)
             if "completeness_error" in spec.scalars:
                 managed["return_convergence_delta"] = True
+            if pad_baseline is not None and "baseline" in spec.options:
+                options.setdefault("baseline", pad_baseline)
+            if pad_baseline is not None and "baselines" in spec.options:
+                options.setdefault("baselines", pad_baseline[:1])
             result = attribute(method, pl_module, inputs, first.target, **options, **managed)
             if isinstance(result, tuple):  # (attributions, per-sample completeness residual)
                 result, delta = result
@@ -165,7 +235,12 @@ class SaliencyCallback(MapCallback):
                     delta.abs().mean() / difference.abs().mean().clamp_min(1e-12)
                 )
             attributions[method] = result
+        if self._embedding is not None:  # (B, T, D) at the embedding: one score per token, padding at zero
+            attributions = {key: value.transpose(1, 2)[..., None] for key, value in attributions.items()}
         maps = {key: attribution_to_map(value, self.channel_reduction) for key, value in attributions.items()}
+        if self._embedding is not None:
+            keep = ids != self.pad_id if self.pad_id is not None else torch.ones_like(ids, dtype=torch.bool)
+            maps = {key: value[..., 0] * keep for key, value in maps.items()}
         signed = set(maps) if self.channel_reduction == "sum" else set()
         return Explanation(
             maps=maps,

@@ -36,6 +36,7 @@ __all__ = [
     "attention_layers",
     "attention_rollout",
     "capture_attention",
+    "fuse_heads",
     "layer_attention",
 ]
 
@@ -297,7 +298,7 @@ def attention_rollout(weights: Sequence[Tensor], *, head_fusion: str = "mean", r
         raise ValueError("attention_rollout needs the weights of at least one layer.")
     result: Tensor | None = None
     for layer in weights:
-        fused = _fuse_heads(layer.float(), head_fusion) if layer.ndim == 4 else layer.float()
+        fused = fuse_heads(layer.float(), head_fusion) if layer.ndim == 4 else layer.float()
         if fused.shape[-1] != fused.shape[-2] or (result is not None and fused.shape != result.shape):
             raise ValueError(
                 f"attention_rollout needs self-attention over one token sequence in every layer; got weights of "
@@ -311,7 +312,13 @@ def attention_rollout(weights: Sequence[Tensor], *, head_fusion: str = "mean", r
     return result
 
 
-def _fuse_heads(weights: Tensor, head_fusion: str) -> Tensor:
+def fuse_heads(weights: Tensor, head_fusion: str) -> Tensor:
+    """(B, heads, Q, K) weights combined over heads by ``"mean"``, ``"max"`` or ``"min"``: (B, Q, K).
+
+    Example:
+        >>> fuse_heads(torch.tensor([[[[0.2, 0.8]], [[0.6, 0.4]]]]), "max").tolist()
+        [[[0.6, 0.8]]]
+    """
     if head_fusion == "mean":
         return weights.mean(dim=1)
     return weights.amax(dim=1) if head_fusion == "max" else weights.amin(dim=1)

@@ -406,4 +406,3 @@ def cascading_randomization(
             maps = explain(randomized).detach()
             results[name] = rank_correlation(maps.reshape(maps.shape[0], -1), reference.reshape(maps.shape[0], -1))
     return results
-

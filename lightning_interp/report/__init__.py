@@ -384,4 +384,3 @@ def main(argv: Sequence[str] | None = None) -> str:
         parser.exit(2, f"error: {error}\n")
     print(f"report written to {path}")
     return path
-

@@ -1,0 +1,323 @@
+"""AttentionCallback: attention maps and attention rollout of a transformer's probe samples at validation epochs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_interp._logging import log_image
+from lightning_interp.callbacks._base import parse_layer_names
+from lightning_interp.callbacks._maps import Explanation, MapCallback, _GridData, is_token_input
+from lightning_interp.methods._core import get_module, module_name, plain_name, resolve_target, scores_from_output
+from lightning_interp.methods.attention import (
+    HEAD_FUSIONS,
+    attention_entropy,
+    attention_layers,
+    attention_rollout,
+    capture_attention,
+    fuse_heads,
+    is_attention_layer,
+)
+from lightning_interp.methods.gradcam import MAX_PREFIX_TOKENS, TokenGrid, token_grids
+from lightning_interp.probe import ProbeSet
+from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid, render_tokens
+
+MAX_HEADS_SHOWN = 16  # heads drawn in a layer's heads picture (all of them are in the layer's mean)
+
+
+_ATTENTION_NAMES = ("self_attention", "self_attn", "attention", "attn", "mha")
+
+
+def short_layer_name(name: str) -> str:
+    """A column title for an attention layer: its block's name, without the attention module's own name.
+
+    Example:
+        >>> short_layer_name("net.encoder.layers.encoder_layer_1.self_attention"), short_layer_name("net.blocks.3.attn")
+        ('encoder_layer_1', 'blocks.3')
+    """
+    parts = name.split(".")
+    if len(parts) > 1 and parts[-1] in _ATTENTION_NAMES:
+        parts = parts[:-1]
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+class AttentionCallback(MapCallback):
+    """Log what a transformer's attention looks at, per probe sample, and attention rollout to the input.
+
+    At each due validation epoch (never in the sanity check) the callback runs
+    the probe samples through the model once, recomputes the attention weights
+    of its attention layers inside forward hooks (from each layer's own input
+    and projections: also for layers called with ``need_weights=False`` or on
+    torch's fused path; the model is not changed, see
+    :mod:`lightning_interp.methods.attention`), and logs under ``interp_<name>/``:
+
+    - ``maps``: one row per probe sample (label, prediction and confidence at
+      the left): the input, the attention of each shown layer (mean over heads)
+      and the rollout, over the image like Grad-CAM maps (patch tokens laid on
+      their grid) or, for token ids, as the text with coloured tokens;
+    - ``<layer>/heads``: the first few samples' attention in each head of the layer;
+    - ``<layer>/entropy``: mean entropy of the layer's attention rows divided
+      by that of uniform attention (1 = uniform, 0 = all on one token): does
+      attention sharpen during training?
+    - ``rollout/concentration`` and ``<layer>/concentration``: share of the
+      map's mass in its top 10% of positions; ``.../stability`` from the second
+      run; ``.../localization`` and ``.../pointing_game`` with object masks;
+    - at fit end, ``<map>/evolution`` strips, as the other map callbacks.
+
+    Which token's attention is shown (``query``): ``"auto"`` takes the class
+    token where the model has leading tokens before its patches or input
+    tokens (ViT's class token), else the mean over all tokens (a model that
+    pools its output); an int names a token position; ``"mean"`` the mean.
+
+    Supported attention layers: ``torch.nn.MultiheadAttention`` (in
+    ``nn.TransformerEncoderLayer``, torchvision's ``VisionTransformer``, your
+    own blocks) and timm's ``Attention`` (timm ViT, DeiT, ...). Attention is not
+    explained per class, so there is no ``target`` option.
+
+    Args:
+        layers: attention layers to show: ``"auto"`` (the last one that runs)
+            or dotted names (``model.named_modules()``). Rollout always runs
+            through every attention layer in forward order.
+        heads: log each shown layer's per-head picture.
+        head_samples: probe samples in the per-head pictures.
+        rollout: compute attention rollout (Abnar & Zuidema 2020).
+        residual: rollout with the residual identity (``0.5 W + 0.5 I``), as in the paper.
+        head_fusion: how rollout combines a layer's heads: ``"mean"``, ``"max"`` or ``"min"``.
+        query: ``"auto"``, ``"mean"`` or a token position (see above).
+        name: tag prefix; distinct names let two instances coexist.
+        **kwargs: shared options of :class:`~lightning_interp.callbacks._maps.MapCallback`
+            (``num_samples``, ``every_n_epochs``, ``probe``, ``vocabulary``, ``pad_id``, ``rows_per_image``, ...).
+
+    Example:
+        >>> callback = AttentionCallback(head_fusion="max", num_samples=4)
+        >>> callback.layers, callback.head_fusion
+        ([], 'max')
+    """
+
+    def __init__(
+        self,
+        layers: str | Sequence[str] = "auto",
+        *,
+        heads: bool = True,
+        head_samples: int = 4,
+        rollout: bool = True,
+        residual: bool = True,
+        head_fusion: str = "mean",
+        query: str | int = "auto",
+        name: str = "attention",
+        **kwargs: Any,
+    ) -> None:
+        if "target" in kwargs:
+            raise TypeError(
+                "AttentionCallback has no target option: attention weights do not depend on the class explained. "
+                "For class-specific maps of a transformer use SaliencyCallback or GradCAMCallback."
+            )
+        super().__init__(name=name, **kwargs)
+        self.layers: list[str] = parse_layer_names(layers, "layers")
+        self.auto = not self.layers
+        if head_fusion not in HEAD_FUSIONS:
+            raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
+        if not (query in ("auto", "mean") or (isinstance(query, int) and not isinstance(query, bool) and query >= 0)):
+            raise ValueError(f"query must be 'auto', 'mean' or a token position (an int >= 0), got {query!r}.")
+        if not isinstance(head_samples, int) or isinstance(head_samples, bool) or head_samples < 1:
+            raise ValueError(f"head_samples must be a positive int, got {head_samples!r}.")
+        for option, value in (("heads", heads), ("rollout", rollout), ("residual", residual)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{option} must be True or False, got {value!r}.")
+        self.heads = heads
+        self.head_samples = head_samples
+        self.rollout = rollout
+        self.residual = residual
+        self.head_fusion = head_fusion
+        self.query = query
+        self._ran: list[str] = []  # every attention layer in forward order (the model's own names)
+        self._query: int | None = None  # the query token in force (None: the mean over tokens)
+        self._prefix = 0  # leading tokens (class, register) before the ones laid on the input
+        self._grid: TokenGrid | None = None  # for images: how the tokens lie on the input
+        self._count = 0  # tokens the attention layers see
+
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        if self.auto:  # chosen again on this fit's model
+            self.layers = []
+
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        for name in self.layers:
+            module = get_module(pl_module, name)
+            if not is_attention_layer(module):
+                raise ValueError(
+                    f"AttentionCallback: layer {name!r} is a {type(module).__name__}, not an attention layer "
+                    "(torch.nn.MultiheadAttention or timm's Attention). Attention layers of this model: "
+                    f"{[plain_name(n) for n in attention_layers(pl_module)] or 'none'}."
+                )
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        super()._prepare(trainer, pl_module, probe)
+        example = self._example_input(pl_module, probe)
+        trace = self._trace(trainer, pl_module, example)
+        found = attention_layers(pl_module)
+        self._ran = [name for name in trace.calls if name in found and trace.calls[name] == 1]
+        if not self._ran:
+            raise ValueError(
+                f"AttentionCallback found no attention layer that runs once per forward in {type(pl_module).__name__}"
+                f" (torch.nn.MultiheadAttention or timm's Attention; found: {found or 'none'}). Models without one "
+                "can use SaliencyCallback, GradCAMCallback or the representation callbacks."
+            )
+        if self.auto:
+            self.layers = [plain_name(self._ran[-1])]
+        for name in self.layers:
+            if (module_name(pl_module, name) or name) not in self._ran:
+                raise ValueError(
+                    f"AttentionCallback: layer {name!r} does not run exactly once in a forward pass of the probe "
+                    f"inputs; attention layers that do: {[plain_name(n) for n in self._ran]}."
+                )
+        two = self._device_inputs(trainer, pl_module, probe.inputs[:2])
+        with self._model_context(trainer):  # the recomputation must reproduce each layer's output (once per fit)
+            shapes, _ = capture_attention(pl_module, two, self._ran, reduce=lambda w: tuple(w.shape), verify=True)
+        tokens = {shape[-1] for shape in shapes.values()}
+        if len(tokens) > 1 or (self.rollout and any(shape[-1] != shape[-2] for shape in shapes.values())):
+            raise ValueError(
+                "AttentionCallback: attention rollout needs self-attention over one token sequence in every "
+                f"attention layer, but the layers' weights have shapes {shapes} (batch, heads, queries, keys). "
+                "Pass rollout=False, and layers=[...] with layers over one sequence."
+            )
+        self._layout(probe.inputs, tokens.pop(), token_grids(trace))
+
+    def _layout(self, inputs: Tensor, count: int, grids: dict[str, TokenGrid]) -> None:
+        """How ``count`` tokens lie on the inputs: a patch grid for images, one token per position otherwise."""
+        self._grid, self._count = None, count
+        if inputs.ndim == 4:
+            grid = next((g for g in grids.values() if g.prefix + g.height * g.width == count), None)
+            if grid is None:
+                raise ValueError(
+                    f"AttentionCallback: cannot lay the {count} tokens of the attention layers on the image inputs "
+                    f"{tuple(inputs.shape[1:])}: no patch grid of the model has that many tokens (plus at most "
+                    f"{MAX_PREFIX_TOKENS} class or register tokens)."
+                )
+            self._grid, self._prefix = grid, grid.prefix
+        else:
+            length = inputs.shape[-1]
+            self._prefix = count - length
+            if not 0 <= self._prefix <= MAX_PREFIX_TOKENS:
+                raise ValueError(
+                    f"AttentionCallback: the attention layers see {count} tokens, but the inputs have {length} "
+                    "positions; the callback lays one token on each input position (after up to "
+                    f"{MAX_PREFIX_TOKENS} leading class tokens). Models that merge positions into patches of a "
+                    "sequence are not supported yet."
+                )
+        if self.query == "auto":
+            self._query = 0 if self._prefix > 0 else None
+        elif self.query == "mean":
+            self._query = None
+        else:
+            if self.query >= count:
+                raise ValueError(f"AttentionCallback: query={self.query} but the layers see {count} tokens.")
+            self._query = int(self.query)
+
+    def _query_weights(self, inputs: Tensor) -> Tensor:
+        """(B, tokens) weight of each query token in the mean over queries: 0 for padding, else 1."""
+        weights = torch.ones(inputs.shape[0], self._count, device=inputs.device)
+        if self.pad_id is not None and is_token_input(inputs):
+            weights[:, self._prefix :] = (inputs != self.pad_id).float()
+        return weights
+
+    def _query_rows(self, weights: Tensor, queries: Tensor) -> Tensor:
+        """(B, heads, keys): the attention of the query token, or the mean over the (non-padding) queries."""
+        if self._query is not None:
+            return weights[:, :, self._query, :]
+        q = queries[:, None, :, None]
+        return (weights * q).sum(dim=2) / q.sum(dim=2).clamp_min(1e-12)
+
+    def _to_map(self, rows: Tensor, inputs: Tensor) -> Tensor:
+        """Attention over the tokens (B, ..., T) as maps over the inputs: (B, ..., H, W) for images, (B, ..., T)."""
+        patches = rows[..., self._prefix :]
+        if self._grid is None:
+            if self.pad_id is not None and is_token_input(inputs):
+                pad = (inputs == self.pad_id).reshape(inputs.shape[0], *([1] * (patches.ndim - 2)), -1)
+                patches = patches.masked_fill(pad, 0.0)
+            return patches
+        lead = patches.shape[:-1]
+        grid = patches.reshape(-1, 1, self._grid.height, self._grid.width)
+        size = tuple(inputs.shape[-2:])
+        grid = torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+        return grid.reshape(*lead, *size)
+
+    def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
+        shown = [module_name(pl_module, name) or name for name in self.layers]
+        queries = self._query_weights(inputs)
+
+        def reduce(weights: Tensor) -> dict[str, Tensor]:  # in each layer's hook: keep only what is shown
+            kept = {"rows": self._query_rows(weights, queries), "entropy": attention_entropy(weights)}
+            if self.rollout:
+                kept["fused"] = fuse_heads(weights, self.head_fusion)
+            return kept
+
+        records, output = capture_attention(pl_module, inputs, self._ran, reduce=reduce)
+        scores = scores_from_output(output, self.output_transform)
+        maps: dict[str, Tensor] = {}
+        titles: dict[str, str] = {}
+        extra: dict[str, Tensor] = {}
+        scalars: dict[str, float] = {}
+        for layer, real in zip(self.layers, shown, strict=True):
+            rows = records[real]["rows"]
+            maps[layer] = self._to_map(rows.mean(dim=1), inputs)
+            titles[layer] = f"{short_layer_name(layer)}\nmean of {rows.shape[1]} heads"
+            if self.heads:
+                extra[layer] = self._to_map(rows[:, :MAX_HEADS_SHOWN], inputs)
+        for real in self._ran:
+            scalars[f"{plain_name(real)}/entropy"] = float(records[real]["entropy"].mean())
+        if self.rollout:
+            rollout = attention_rollout([records[real]["fused"] for real in self._ran], residual=self.residual)
+            maps["rollout"] = self._to_map(self._query_rows(rollout[:, None], queries)[:, 0], inputs)
+            titles["rollout"] = "rollout" + (f"\n{self.head_fusion} of heads" if self.head_fusion != "mean" else "")
+        return Explanation(
+            maps=maps,
+            scores=scores,
+            target=resolve_target(None, scores.detach(), self.output_task),
+            scalars=scalars,
+            titles=titles,
+            extra=extra,
+        )
+
+    def _log_grids(self, trainer: pl.Trainer, picture: _GridData, step: int) -> None:
+        super()._log_grids(trainer, picture, step)
+        for layer, heads in picture.extra.items():
+            log_image(trainer, f"interp_{self.name}/{layer}/heads", self._heads_image(picture, layer, heads), step)
+
+    def _heads_image(self, picture: _GridData, layer: str, heads: Tensor) -> np.ndarray:
+        """The first samples' attention per head of ``layer``: (samples, heads) tiles, or lines of tokens."""
+        count = min(self.head_samples, heads.shape[0])
+        inputs = picture.inputs[:count]
+        titles = [f"head {h}" for h in range(heads.shape[1])]
+        if is_token_input(inputs):
+            return render_tokens(
+                self._token_strings(inputs),
+                [[heads[i, h].numpy() for h in range(heads.shape[1])] for i in range(count)],
+                headers=[f"#{i}" for i in range(count)],
+                line_titles=titles,
+                title=f"{layer}: attention per head",
+            )
+        columns = [list(input_to_rgb(inputs))]
+        columns += [map_tiles(inputs, heads[:count, h], cmap=self.cmap) for h in range(heads.shape[1])]
+        tiles = [list(row) for row in zip(*columns, strict=True)]
+        return render_grid(
+            tiles,
+            column_titles=["input", *titles],
+            row_labels=[f"#{i}" for i in range(count)],
+            title=f"{layer}: attention per head",
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["layers"] = list(self.layers)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.auto and state_dict.get("layers"):
+            self.layers = list(state_dict["layers"])
