@@ -75,7 +75,6 @@ def test_quickstart_learns_and_gradcam_localizes_the_objects(tmp_path, capsys):
     assert 0.0 < metrics["interp_activations/net.4/dead_fraction"] < 0.5
     assert "TCAV of 'stripes' at net.4" in printed
 
-
     # Explanation quality (--quality): Grad-CAM at the deeper layer removes the evidence far faster than random maps
     # do, and the randomisation sanity score separates the methods (gradient 0.23 ... Grad-CAM 0.55 when measured)
     random_deletion = metrics["interp_quality/random/deletion_auc"]

@@ -62,8 +62,9 @@ class AttentionCallback(MapCallback):
       their grid) or, for token ids, as the text with coloured tokens;
     - ``<layer>/heads``: the first few samples' attention in each head of the layer;
     - ``<layer>/entropy``: mean entropy of the layer's attention rows divided
-      by that of uniform attention (1 = uniform, 0 = all on one token): does
-      attention sharpen during training?
+      by that of uniform attention over the tokens each row can see (1 =
+      uniform, 0 = all on one token; padding does not count): does attention
+      sharpen during training?
     - ``rollout/concentration`` and ``<layer>/concentration``: share of the
       map's mass in its top 10% of positions; ``.../stability`` from the second
       run; ``.../localization`` and ``.../pointing_game`` with object masks;

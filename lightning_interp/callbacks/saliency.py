@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_interp.callbacks._maps import Explanation, MapCallback, is_token_input, parse_methods
 from lightning_interp.methods._core import attribution_pass, get_module, plain_name
-from lightning_interp.methods.embedding import LayerInput, find_input_embedding, layer_output
+from lightning_interp.methods.embedding import LayerInput, find_input_embedding, layer_output, token_scores
 from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, attribution_to_map
 from lightning_interp.methods.registry import METHODS, attribute
 from lightning_interp.probe import ProbeSet
@@ -47,11 +47,13 @@ class SaliencyCallback(MapCallback):
 
     Token inputs (integer ids into an ``nn.Embedding``): ``input_layer="auto"``
     attributes at the output of the embedding layer the ids go into, one score
-    per token (the embedding dimension reduced by ``channel_reduction``:
-    ``"sum"`` is the signed score, whose sum over the tokens is integrated
-    gradients' ``f(x) - f(baseline)``), with the padding id's embedding as the
-    baseline of integrated gradients and DeepLIFT when ``pad_id`` is given
-    (zeros otherwise); the grid shows the text (``vocabulary=`` or ``decode=``).
+    per token: the sum of its attributions over the embedding dimension (for
+    integrated gradients the scores of a sample then add up to ``f(x) -
+    f(baseline)``), shown as its magnitude, or signed with
+    ``channel_reduction="sum"``; padding tokens get zero. The baseline of
+    integrated gradients, DeepLIFT and GradientSHAP is the padding id's
+    embedding when ``pad_id`` is given (zeros otherwise); the grid shows the
+    text (``vocabulary=`` or ``decode=``).
 
     ``gradient`` and ``input_x_gradient`` share one forward and one backward.
     The stochastic methods (SmoothGrad, GradientSHAP, LIME, KernelSHAP) draw
@@ -67,6 +69,8 @@ class SaliencyCallback(MapCallback):
             ``- [smoothgrad, {n_samples: 8}]``).
         channel_reduction: how (B, C, H, W) attributions become one map:
             ``"abs_sum"``, ``"abs_max"`` or ``"sum"`` (signed, diverging colormap).
+            At an embedding (``input_layer``) a token's score is always the sum over the embedding dimension;
+            ``"sum"`` shows it signed, the others its magnitude.
         smoothgrad_samples: deprecated; ``("smoothgrad", {"n_samples": ...})``.
         noise_level: deprecated; ``("smoothgrad", {"noise_level": ...})``.
         ig_steps: deprecated; ``("integrated_gradients", {"n_steps": ...})``.
@@ -235,12 +239,14 @@ class SaliencyCallback(MapCallback):
                     delta.abs().mean() / difference.abs().mean().clamp_min(1e-12)
                 )
             attributions[method] = result
-        if self._embedding is not None:  # (B, T, D) at the embedding: one score per token, padding at zero
-            attributions = {key: value.transpose(1, 2)[..., None] for key, value in attributions.items()}
-        maps = {key: attribution_to_map(value, self.channel_reduction) for key, value in attributions.items()}
-        if self._embedding is not None:
+        if self._embedding is not None:  # (B, T, D) at the embedding: a token's score is the sum over D
             keep = ids != self.pad_id if self.pad_id is not None else torch.ones_like(ids, dtype=torch.bool)
-            maps = {key: value[..., 0] * keep for key, value in maps.items()}
+            maps = {
+                key: token_scores(value, keep, signed=self.channel_reduction == "sum")
+                for key, value in attributions.items()
+            }
+        else:
+            maps = {key: attribution_to_map(value, self.channel_reduction) for key, value in attributions.items()}
         signed = set(maps) if self.channel_reduction == "sum" else set()
         return Explanation(
             maps=maps,

@@ -316,8 +316,8 @@ def fuse_heads(weights: Tensor, head_fusion: str) -> Tensor:
     """(B, heads, Q, K) weights combined over heads by ``"mean"``, ``"max"`` or ``"min"``: (B, Q, K).
 
     Example:
-        >>> fuse_heads(torch.tensor([[[[0.2, 0.8]], [[0.6, 0.4]]]]), "max").tolist()
-        [[[0.6, 0.8]]]
+        >>> fuse_heads(torch.tensor([[[[0.25, 0.75]], [[0.5, 0.5]]]]), "max").tolist()
+        [[[0.5, 0.75]]]
     """
     if head_fusion == "mean":
         return weights.mean(dim=1)
@@ -325,7 +325,11 @@ def fuse_heads(weights: Tensor, head_fusion: str) -> Tensor:
 
 
 def attention_entropy(weights: Tensor) -> Tensor:
-    """Entropy of each query's attention, divided by that of a uniform row: 1 = uniform over the keys, 0 = on one.
+    """Entropy of each query's attention divided by that of uniform attention over the keys it can see.
+
+    1 is uniform over the visible keys, 0 all on one. Keys a mask hides (weight
+    exactly zero: padding, causal masks) do not count, so uniform attention over
+    a padded sequence's real tokens reads 1.
 
     Args:
         weights: (B, heads, queries, keys) attention weights.
@@ -336,12 +340,15 @@ def attention_entropy(weights: Tensor) -> Tensor:
     Example:
         >>> attention_entropy(torch.full((1, 1, 3, 4), 0.25)).tolist()
         [1.0]
+        >>> attention_entropy(torch.tensor([[[[0.5, 0.5, 0.0]]]])).tolist()  # two visible keys, uniform
+        [1.0]
         >>> attention_entropy(torch.eye(4)[None, None]).tolist()
         [0.0]
     """
-    keys = weights.shape[-1]
     p = weights.float().clamp_min(0)
-    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1) / max(torch.log(torch.tensor(float(keys))).item(), 1e-12)
+    visible = (p > 0).sum(dim=-1)
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
+    normalised = torch.where(visible > 1, entropy / torch.log(visible.clamp_min(2).float()), torch.zeros_like(entropy))
     valid = p.sum(dim=-1) > 0.5
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
-    return entropy.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
+    normalised = torch.where(valid, normalised, torch.zeros_like(normalised))
+    return normalised.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)

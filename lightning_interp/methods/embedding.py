@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_interp.methods._core import ForwardWith, get_module, modes_preserved
 
-__all__ = ["LayerInput", "find_input_embedding", "layer_output"]
+__all__ = ["LayerInput", "find_input_embedding", "layer_output", "token_scores"]
 
 
 def find_input_embedding(
@@ -151,3 +151,25 @@ def _replaced_forward(view: LayerInput, embeddings: Tensor) -> object:
         return model(ids)
     finally:
         handle.remove()
+
+
+def token_scores(attributions: Tensor, keep: Tensor | None = None, *, signed: bool = False) -> Tensor:
+    """One score per token from (B, T, D) attributions at an embedding: the sum over D, or its magnitude.
+
+    The sum (not the sum of magnitudes) is the token's share of the output
+    change for methods with completeness (integrated gradients: the scores of a
+    sample add up to ``f(x) - f(baseline)``); dimensions that push the score
+    both ways cancel, as they do in the model.
+
+    Args:
+        attributions: (B, T, D) attributions.
+        keep: (B, T) bool, False where the score is set to zero (padding).
+        signed: keep the sign (else the magnitude).
+
+    Example:
+        >>> token_scores(torch.tensor([[[1.0, -3.0], [2.0, 2.0]]])).tolist()
+        [[2.0, 4.0]]
+    """
+    scores = attributions.detach().float().sum(dim=-1)
+    scores = scores if signed else scores.abs()
+    return scores if keep is None else scores * keep.to(scores.dtype)

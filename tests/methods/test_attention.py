@@ -125,10 +125,12 @@ def test_rollout_refuses_cross_attention_and_unknown_fusions():
 def test_entropy_is_one_for_uniform_rows_and_zero_for_one_hot_rows():
     uniform = torch.full((2, 3, 5, 5), 0.2)
     peaked = torch.eye(5).expand(2, 3, 5, 5)
-    half = torch.tensor([0.5, 0.5, 0.0, 0.0]).expand(1, 1, 4, 4)  # two of four keys: log 2 / log 4
+    half = torch.tensor([0.5, 0.5, 0.0, 0.0]).expand(1, 1, 4, 4)  # two keys visible (two masked): uniform over them
+    skewed = torch.tensor([0.75, 0.25]).expand(1, 1, 2, 2)  # -(.75 ln .75 + .25 ln .25) / ln 2 = 0.8113
     torch.testing.assert_close(attention_entropy(uniform), torch.ones(2))
     torch.testing.assert_close(attention_entropy(peaked), torch.zeros(2))
-    torch.testing.assert_close(attention_entropy(half), torch.tensor([0.5]))
+    torch.testing.assert_close(attention_entropy(half), torch.tensor([1.0]))
+    torch.testing.assert_close(attention_entropy(skewed), torch.tensor([0.8113]), atol=1e-4, rtol=0)
 
 
 def test_errors_name_the_attention_layers_there_are():
