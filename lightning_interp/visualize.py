@@ -20,12 +20,15 @@ from torch import Tensor
 __all__ = [
     "colorize",
     "input_to_rgb",
+    "is_signal_input",
     "line_image",
     "map_tiles",
     "matrix_image",
     "normalize_map",
     "overlay",
+    "render_feature_rows",
     "render_grid",
+    "render_signals",
     "render_tokens",
 ]
 
@@ -430,3 +433,218 @@ def render_tokens(
         tokens, values, headers=headers, line_titles=line_titles, title=title, signed=signed, width=width
     )
     return _figure_to_array(figure, figure.canvas)
+
+
+FEATURE_CELL_PIXELS = 26  # width and height of one feature's cell in the tabular pictures
+MAX_FEATURES_SHOWN = 64  # features drawn per row (the scores use all of them)
+
+
+def _feature_figure(
+    inputs: np.ndarray,
+    values: Sequence[Sequence[np.ndarray]],
+    *,
+    headers: Sequence[str],
+    line_titles: Sequence[str],
+    feature_names: Sequence[str] | None = None,
+    title: str = "",
+    signed: Sequence[bool] | bool = False,
+    cmap: str = "inferno",
+) -> Figure:
+    """The figure of :func:`render_feature_rows` (its text artists are what a layout test measures)."""
+    count, features = inputs.shape
+    shown = min(features, MAX_FEATURES_SHOWN)
+    names = [str(n) for n in (feature_names if feature_names is not None else range(features))][:shown]
+    names = [name if len(name) <= 14 else name[:13] + "…" for name in names]
+    signs = [signed] * len(line_titles) if isinstance(signed, bool) else list(signed)
+    cell, char = FEATURE_CELL_PIXELS, 8 * 100 / 72 * 0.6021  # 8 pt monospace
+    title_chars = max([len(text) for text in line_titles] + [len("input")])
+    left = 10 + title_chars * char + 10
+    name_height = max(len(name) for name in names) * char + 10  # the names stand upright above the columns
+    width = int(left + shown * cell + 12)
+    top = 8 + (24 if title else 0) + name_height
+    block = 22 + (1 + len(line_titles)) * cell + 10  # header, the input row and one row per map, a gap
+    height = int(top + count * block + 4)
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
+    FigureCanvasAgg(figure)
+    axes = figure.add_axes((0, 0, 1, 1))
+    axes.set_xlim(0, width)
+    axes.set_ylim(height, 0)
+    axes.set_axis_off()
+    if title:
+        axes.text(10, 18, title, ha="left", va="center", fontsize=11, weight="bold")
+    for j, name in enumerate(names):
+        axes.text(left + j * cell + cell / 2, top - 6, name, rotation=90, ha="center", va="bottom", fontsize=8,
+                  family="DejaVu Sans Mono")  # fmt: skip
+    grey = matplotlib.colormaps["Greys"]
+    for i in range(count):
+        y = top + i * block
+        axes.text(10, y + 10, headers[i], ha="left", va="center", fontsize=9, weight="bold", family="DejaVu Sans Mono")
+        row = inputs[i, :shown].astype(np.float64)
+        spread = np.nanmax(np.abs(row - np.nanmean(row))) or 1.0
+        lines = [("input", 0.5 + 0.5 * (row - np.nanmean(row)) / spread, grey, False)]
+        for line_title, line, sign in zip(line_titles, values[i], signs, strict=True):
+            scaled = normalize_map(torch.as_tensor(np.asarray(line, dtype=np.float64)[:shown])[None], signed=sign)[0]
+            lines.append((line_title, scaled, matplotlib.colormaps["RdBu_r" if sign else cmap], sign))
+        for r, (line_title, scaled, colours, sign) in enumerate(lines):
+            top_of_row = y + 22 + r * cell
+            axes.text(10, top_of_row + cell / 2, line_title, ha="left", va="center", fontsize=8, color="#444444",
+                      family="DejaVu Sans Mono")  # fmt: skip
+            for j in range(shown):
+                level = (scaled[j] + 1) / 2 if sign else scaled[j]
+                axes.add_patch(
+                    matplotlib.patches.Rectangle(
+                        (left + j * cell + 1, top_of_row + 1), cell - 2, cell - 2, facecolor=colours(float(level))
+                    )
+                )
+    return figure
+
+
+def render_feature_rows(
+    inputs: Tensor | np.ndarray,
+    values: Sequence[Sequence[np.ndarray]],
+    *,
+    headers: Sequence[str],
+    line_titles: Sequence[str],
+    feature_names: Sequence[str] | None = None,
+    title: str = "",
+    signed: Sequence[bool] | bool = False,
+    cmap: str = "inferno",
+) -> np.ndarray:
+    """Feature vectors (N, F) and their maps as heat rows of labelled cells; returns uint8 (H, W, 3).
+
+    Each sample gets a bold header line, a grey row of its input values
+    (centred on the sample's mean: dark is high) and one row per map, each
+    cell 26 pixels wide, under the feature names (written upright once at the
+    top, at most 14 characters). Each map row is scaled by its own robust
+    maximum (``signed`` rows: blue negative, red positive). At most 64 features
+    are drawn.
+
+    Args:
+        inputs: (N, F) feature values.
+        values: per sample, one (F,) array per line title.
+        headers: per sample, its header line.
+        line_titles: the name of each map row.
+        feature_names: the F feature names (default: their indices).
+        title: a bold title above everything.
+        signed: per map row (or for all), whether its values have meaningful sign.
+        cmap: colormap of the unsigned rows.
+
+    Example:
+        >>> values = [[np.arange(5.0)]] * 2  # per sample, one map row
+        >>> image = render_feature_rows(np.ones((2, 5)), values, headers=["#0", "#1"], line_titles=["gradient"])
+        >>> image.dtype, image.shape[1] > 5 * 26
+        (dtype('uint8'), True)
+    """
+    values_in = inputs.detach().float().cpu().numpy() if isinstance(inputs, Tensor) else np.asarray(inputs, float)
+    figure = _feature_figure(
+        values_in,
+        values,
+        headers=headers,
+        line_titles=line_titles,
+        feature_names=feature_names,
+        title=title,
+        signed=signed,
+        cmap=cmap,
+    )
+    return _figure_to_array(figure, figure.canvas)
+
+
+def is_signal_input(inputs: Tensor) -> bool:
+    """Whether (N, C, T) inputs read as signals (a few channels over a long axis) rather than one-channel images.
+
+    Example:
+        >>> is_signal_input(torch.zeros(2, 3, 200)), is_signal_input(torch.zeros(2, 28, 28))
+        (True, False)
+    """
+    return inputs.ndim == 3 and inputs.shape[1] <= 16 and inputs.shape[2] >= 2 * inputs.shape[1]
+
+
+def render_signals(
+    inputs: Tensor,
+    maps: Sequence[Tensor],
+    *,
+    column_titles: Sequence[str],
+    row_labels: Sequence[str],
+    title: str = "",
+    signed: Sequence[bool] | bool = False,
+    cmap: str = "inferno",
+) -> np.ndarray:
+    """Signals (N, C, T) as line plots with each map as a coloured band under the lines; returns uint8 (H, W, 3).
+
+    One row per sample (its label at the left), one panel per map: the
+    signal's channels (at most three drawn, each min-max scaled) above a band
+    coloured by the map along the time axis (maps of another length are
+    resized; (N, C, T) maps are summed over channels). Panels are 300 x 110
+    pixels.
+
+    Example:
+        >>> image = render_signals(torch.randn(2, 2, 100), [torch.rand(2, 100)], column_titles=["gradient"],
+        ...                        row_labels=["#0", "#1"])
+        >>> image.dtype, image.shape[1] >= 300
+        (dtype('uint8'), True)
+    """
+    figure = _signal_figure(
+        inputs, maps, column_titles=column_titles, row_labels=row_labels, title=title, signed=signed, cmap=cmap
+    )
+    return _figure_to_array(figure, figure.canvas)
+
+
+def _signal_figure(
+    inputs: Tensor,
+    maps: Sequence[Tensor],
+    *,
+    column_titles: Sequence[str],
+    row_labels: Sequence[str],
+    title: str = "",
+    signed: Sequence[bool] | bool = False,
+    cmap: str = "inferno",
+) -> Figure:
+    """The figure of :func:`render_signals`."""
+    x = inputs.detach().float().cpu()
+    count, channels, length = x.shape
+    signs = [signed] * len(maps) if isinstance(signed, bool) else list(signed)
+    label_chars = max((len(line) for text in row_labels for line in text.splitlines()), default=0)
+    left = 12 + label_chars * 8 * 100 / 72 * 0.6021 + 8
+    panel_w, panel_h, gap = 300, 110, 10
+    top = (30 if title else 8) + 20
+    width = int(left + len(maps) * (panel_w + gap) + 6)
+    height = int(top + count * (panel_h + gap) + 4)
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
+    FigureCanvasAgg(figure)
+    low = x.amin(dim=2, keepdim=True)
+    scaled = (x - low) / (x.amax(dim=2, keepdim=True) - low).clamp_min(1e-12)
+    time = np.arange(length)
+    bands = []
+    for m, sign in zip(maps, signs, strict=True):
+        band = m.detach().float().cpu()
+        band = band.sum(dim=1) if band.ndim == 3 else band
+        if band.shape[-1] != length:
+            band = torch.nn.functional.interpolate(band[:, None], size=length, mode="linear", align_corners=False)[:, 0]
+        bands.append(normalize_map(band, signed=sign))
+    for c, text in enumerate(column_titles):
+        figure.text((left + c * (panel_w + gap) + panel_w / 2) / width, 1 - (top - 6) / height, text, ha="center",
+                    va="bottom", fontsize=9)  # fmt: skip
+    if title:
+        figure.text(0.5, 1 - 6 / height, title, ha="center", va="top", fontsize=11, weight="bold")
+    for i in range(count):
+        y = top + i * (panel_h + gap)
+        figure.text(12 / width, 1 - (y + panel_h / 2) / height, row_labels[i], ha="left", va="center", fontsize=8,
+                    family="DejaVu Sans Mono")  # fmt: skip
+        for c, (band, sign) in enumerate(zip(bands, signs, strict=True)):
+            x0 = left + c * (panel_w + gap)
+            lines = figure.add_axes(
+                (x0 / width, 1 - (y + panel_h * 0.72) / height, panel_w / width, panel_h * 0.72 / height)
+            )
+            for channel in range(min(channels, 3)):
+                lines.plot(time, scaled[i, channel].numpy(), linewidth=1.0, color=f"C{channel}")
+            lines.set_xlim(0, length - 1)
+            lines.set_ylim(-0.05, 1.05)
+            lines.set_xticks([])
+            lines.set_yticks([])
+            strip = figure.add_axes((x0 / width, 1 - (y + panel_h) / height, panel_w / width, panel_h * 0.24 / height))
+            colours = "RdBu_r" if sign else cmap
+            strip.imshow(band[i][None], aspect="auto", cmap=colours, vmin=-1 if sign else 0, vmax=1,
+                         interpolation="nearest")  # fmt: skip
+            strip.set_xticks([])
+            strip.set_yticks([])
+    return figure

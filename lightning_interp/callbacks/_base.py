@@ -694,13 +694,19 @@ def parse_layer_names(layers: str | Sequence[str], option: str) -> list[str]:
     return [] if names == ["auto"] else names
 
 
-def parse_class_names(class_names: Sequence[str] | None) -> list[str] | None:
-    """Check a ``class_names`` argument: None or a list of strings (a bare string would be read letter by letter)."""
-    if class_names is None:
+def parse_names(names: Sequence[str] | None, option: str) -> list[str] | None:
+    """Check a list-of-names argument (``class_names``, ``feature_names``, ``vocabulary``): None or a list of
+    strings (a bare string would be read letter by letter)."""
+    if names is None:
         return None
-    if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
-        raise ValueError(f"class_names must be a list of strings (one per class), got {class_names!r}.")
-    return list(class_names)
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{option} must be a list of strings, got {names!r}.")
+    return list(names)
+
+
+def parse_class_names(class_names: Sequence[str] | None) -> list[str] | None:
+    """Check a ``class_names`` argument: None or a list of strings (one per class)."""
+    return parse_names(class_names, "class_names")
 
 
 def class_name(class_names: Sequence[str] | None, k: int) -> str:

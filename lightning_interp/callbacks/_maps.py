@@ -20,13 +20,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
-from lightning_interp.callbacks._base import InterpCallback, _check_callable
+from lightning_interp.callbacks._base import InterpCallback, _check_callable, parse_names
 from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
 from lightning_interp.methods.registry import METHODS, check_method_options
 from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
 from lightning_interp.probe import BatchParser, ProbeSet, labels_of_the_data
-from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid, render_tokens
+from lightning_interp.visualize import (
+    input_to_rgb,
+    is_signal_input,
+    map_tiles,
+    render_feature_rows,
+    render_grid,
+    render_signals,
+    render_tokens,
+)
 
 TargetSpec = str | int
 
@@ -100,6 +108,9 @@ class MapCallback(InterpCallback):
             of ``vocabulary``). Without either, the ids themselves are shown.
         pad_id: for token inputs, the padding id: its tokens are hidden in the
             pictures and their map values set to zero.
+        feature_names: for feature-vector inputs (N, F), the name of each
+            feature, written above the columns of the heat rows (default: the
+            indices).
         background_drawing: draw the grids on the run's background thread (see
             :class:`~lightning_interp.callbacks.InterpCallback`).
         forward_fn: how to call the model on a batch of probe inputs,
@@ -127,6 +138,7 @@ class MapCallback(InterpCallback):
         vocabulary: Sequence[str] | None = None,
         decode: Callable[[int], str] | None = None,
         pad_id: int | None = None,
+        feature_names: Sequence[str] | None = None,
         background_drawing: bool = True,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
@@ -159,8 +171,6 @@ class MapCallback(InterpCallback):
             raise ValueError(f"rows_per_image must be None or a positive int, got {rows_per_image!r}.")
         _check_callable("output_transform", output_transform)
         _check_callable("decode", decode)
-        if vocabulary is not None and (isinstance(vocabulary, str) or not all(isinstance(w, str) for w in vocabulary)):
-            raise ValueError(f"vocabulary must be a list of strings (the string of each token id), got {vocabulary!r}.")
         if vocabulary is not None and decode is not None:
             raise ValueError("Give vocabulary=... or decode=..., not both: both turn token ids into strings.")
         if pad_id is not None and (not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0):
@@ -173,9 +183,10 @@ class MapCallback(InterpCallback):
         self.evolution_samples = evolution_samples
         self.evolution_columns = evolution_columns
         self.rows_per_image = rows_per_image
-        self.vocabulary = list(vocabulary) if vocabulary is not None else None
+        self.vocabulary = parse_names(vocabulary, "vocabulary")
         self.decode = decode
         self.pad_id = pad_id
+        self.feature_names = parse_names(feature_names, "feature_names")
         self._previous: dict[str, Tensor] = {}
         self._history: list[tuple[int, dict[str, Tensor]]] = []
         self._warned_zero: set[str] = set()
@@ -207,6 +218,13 @@ class MapCallback(InterpCallback):
                 "volumes, pass a batch_parser (or probe=ProbeSet(...)) that gives one of these forms, e.g. a frame."
             )
         name = type(self).__name__
+        if self.feature_names is not None and (
+            probe.inputs.ndim != 2 or len(self.feature_names) != probe.inputs.shape[1]
+        ):
+            raise ValueError(
+                f"{name}: feature_names has {len(self.feature_names)} names, but the probe inputs have shape "
+                f"{tuple(probe.inputs.shape)}; give one name per feature of (N, F) inputs."
+            )
         if probe.masks is not None and probe.inputs.ndim == 4 and probe.masks.shape[-2:] != probe.inputs.shape[-2:]:
             raise ValueError(
                 f"{name}: the probe masks are {tuple(probe.masks.shape[-2:])} but the inputs "
@@ -407,14 +425,14 @@ class MapCallback(InterpCallback):
         part = slice(rows.start, rows.stop)
         inputs = picture.inputs[part]
         labels = row_texts(picture.task, picture.scores, picture.target, picture.labels, self.class_names)
-        if is_token_input(inputs):
-            return render_tokens(
-                self._token_strings(inputs),
-                [[maps[i].numpy() for maps in picture.maps.values()] for i in rows],
-                headers=["   ".join(text.splitlines()) for text in labels[part]],
-                line_titles=[picture.titles.get(key, key).replace("\n", " ") for key in picture.maps],
-                signed=bool(picture.signed),
-            )
+        drawn = self._rows_image(
+            inputs,
+            {picture.titles.get(key, key): maps[part] for key, maps in picture.maps.items()},
+            labels[part],
+            signed=[key in picture.signed for key in picture.maps],
+        )
+        if drawn is not None:
+            return drawn
         columns = [list(input_to_rgb(inputs))]
         for key, maps in picture.maps.items():
             cmap = "RdBu_r" if key in picture.signed else self.cmap
@@ -432,6 +450,45 @@ class MapCallback(InterpCallback):
             min_label_chars=self._label_chars,
             compact=self.rows_per_image is not None,
         )
+
+    def _rows_image(
+        self,
+        inputs: Tensor,
+        columns: dict[str, Tensor],
+        labels: Sequence[str],
+        *,
+        signed: Sequence[bool] | None = None,
+        title: str = "",
+    ) -> np.ndarray | None:
+        """The picture of inputs that are not images: text for token ids, heat rows for feature vectors, lines
+        with bands for signals; one entry of ``columns`` (title -> (N, ...) maps) per line or panel. None for
+        images (drawn as tiles by the caller)."""
+        signs = [False] * len(columns) if signed is None else list(signed)
+        titles = [text.replace("\n", " ") for text in columns]
+        per_sample = [[maps[i].float().numpy() for maps in columns.values()] for i in range(inputs.shape[0])]
+        headers = ["   ".join(text.splitlines()) for text in labels]
+        if is_token_input(inputs):
+            strings = self._token_strings(inputs)
+            return render_tokens(
+                strings, per_sample, headers=headers, line_titles=titles, signed=any(signs), title=title
+            )
+        if inputs.ndim == 2:
+            return render_feature_rows(
+                inputs,
+                per_sample,
+                headers=headers,
+                line_titles=titles,
+                feature_names=self.feature_names,
+                title=title,
+                signed=signs,
+                cmap=self.cmap,
+            )
+        if is_signal_input(inputs):
+            return render_signals(
+                inputs, list(columns.values()), column_titles=list(columns), row_labels=list(labels), title=title,
+                signed=signs, cmap=self.cmap,
+            )  # fmt: skip
+        return None
 
     def _token_strings(self, ids: Tensor) -> list[list[str | None]]:
         """Each token id of ``ids`` (N, T) as its string (``vocabulary``, ``decode`` or the id); padding as None."""
@@ -466,14 +523,14 @@ class MapCallback(InterpCallback):
         spaced = np.linspace(0, len(entries) - 1, min(len(entries), self.evolution_columns))
         chosen = [entries[i] for i in sorted({round(i) for i in spaced})]
         count = inputs.shape[0]
-        if is_token_input(inputs):
-            return render_tokens(
-                self._token_strings(inputs),
-                [[maps[i].float().numpy() for _, maps in chosen] for i in range(count)],
-                headers=[f"sample {int(i)}" for i in self._evolution_indices()],
-                line_titles=[f"epoch {epoch}" for epoch, _ in chosen],
-                title=f"{self.name}: {key}",
-            )
+        drawn = self._rows_image(
+            inputs,
+            {f"epoch {epoch}": maps.float() for epoch, maps in chosen},
+            [f"sample {int(i)}" for i in self._evolution_indices()],
+            title=f"{self.name}: {key}",
+        )
+        if drawn is not None:
+            return drawn
         size = tuple(chosen[-1][1].shape[-2:])
         small_inputs = _resize_inputs(inputs, size)
         columns = [list(input_to_rgb(small_inputs))]

@@ -25,7 +25,7 @@ from lightning_interp.methods.attention import (
 )
 from lightning_interp.methods.gradcam import MAX_PREFIX_TOKENS, TokenGrid, token_grids
 from lightning_interp.probe import ProbeSet
-from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid, render_tokens
+from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
 
 MAX_HEADS_SHOWN = 16  # heads drawn in a layer's heads picture (all of them are in the layer's mean)
 
@@ -295,14 +295,14 @@ class AttentionCallback(MapCallback):
         count = min(self.head_samples, heads.shape[0])
         inputs = picture.inputs[:count]
         titles = [f"head {h}" for h in range(heads.shape[1])]
-        if is_token_input(inputs):
-            return render_tokens(
-                self._token_strings(inputs),
-                [[heads[i, h].numpy() for h in range(heads.shape[1])] for i in range(count)],
-                headers=[f"#{i}" for i in range(count)],
-                line_titles=titles,
-                title=f"{layer}: attention per head",
-            )
+        drawn = self._rows_image(
+            inputs,
+            {text: heads[:count, h] for h, text in enumerate(titles)},
+            [f"#{i}" for i in range(count)],
+            title=f"{layer}: attention per head",
+        )
+        if drawn is not None:
+            return drawn
         columns = [list(input_to_rgb(inputs))]
         columns += [map_tiles(inputs, heads[:count, h], cmap=self.cmap) for h in range(heads.shape[1])]
         tiles = [list(row) for row in zip(*columns, strict=True)]
