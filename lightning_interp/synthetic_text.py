@@ -3,11 +3,12 @@
 Each sample is a padded sequence of word ids: filler words that carry no class
 information and, at random positions, one to three keywords of its class
 ("great", "superb", ... for ``positive``; "awful", "boring", ... for
-``negative``). Filler words also include both classes' "near misses" (e.g.
-"not", "very") in both classes, so position and frequency alone do not give the
-label away. The keyword mask marks the evidence tokens, so a test can check that
-attention and attributions fall on them. Generated deterministically from a
-seed, in memory, in milliseconds.
+``negative``); ``neutral`` samples have filler words only. With a class
+without keywords, neither keyword class can be told by the absence of the
+other's keywords: a model must find the keywords of both. The keyword mask
+marks the evidence tokens, so a test can check that attention and attributions
+fall on them. Generated deterministically from a seed, in memory, in
+milliseconds.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from torch import Tensor
 
 __all__ = ["KEYWORDS", "TEXT_CLASSES", "VOCABULARY", "KeywordText", "make_keyword_text"]
 
-TEXT_CLASSES = ("negative", "positive")
+TEXT_CLASSES = ("negative", "positive", "neutral")
 KEYWORDS = (("awful", "boring", "dull", "terrible"), ("great", "superb", "lovely", "brilliant"))
-"""The evidence words of each class (class k's keywords appear only in samples of class k)."""
+"""The evidence words of the negative and positive classes (class k's keywords appear only in samples of class k;
+neutral samples have none)."""
 _FILLER = (
     "the", "a", "film", "movie", "plot", "actor", "scene", "was", "is", "and", "it", "this", "that", "very",
     "not", "quite", "story", "end", "music", "camera", "of", "to", "in", "with", "for", "on", "at", "my",
@@ -38,7 +40,7 @@ class KeywordText(NamedTuple):
     Attributes:
         ids: (N, T) int64 token ids, padded with :data:`PAD_ID` at the end.
         labels: (N,) int64 class indices (see :data:`TEXT_CLASSES`).
-        keyword_mask: (N, T) bool, True at the keyword tokens (the evidence).
+        keyword_mask: (N, T) bool, True at the keyword tokens (the evidence; none in neutral samples).
     """
 
     ids: Tensor
@@ -63,8 +65,8 @@ def make_keyword_text(
 
     Example:
         >>> data = make_keyword_text(4, length=12, seed=1)
-        >>> data.ids.shape, data.labels.tolist()
-        (torch.Size([4, 12]), [0, 1, 0, 1])
+        >>> data.ids.shape, data.labels.tolist(), data.keyword_mask.any(dim=1).tolist()
+        (torch.Size([4, 12]), [0, 1, 2, 0], [True, True, False, True])
         >>> keyword_ids = {VOCABULARY.index(w) for w in KEYWORDS[1]}
         >>> all(int(i) in keyword_ids for i in data.ids[1][data.keyword_mask[1]])
         True
@@ -82,6 +84,8 @@ def make_keyword_text(
     for i in range(count):
         real = int(torch.randint(min_length, length + 1, (1,), generator=generator))
         ids[i, :real] = filler[torch.randint(len(filler), (real,), generator=generator)]
+        if int(labels[i]) >= len(KEYWORDS):  # neutral: filler only
+            continue
         keywords = int(torch.randint(1, max_keywords + 1, (1,), generator=generator))
         positions = torch.randperm(real, generator=generator)[:keywords]
         choices = keyword_ids[int(labels[i])]

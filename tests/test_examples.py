@@ -166,6 +166,22 @@ def test_mnist_example_with_uncertainty_logs_mc_dropout_numbers(tmp_path, capsys
     assert "MC-dropout uncertainty of the probe set" in printed and "calibration: ECE" in printed
 
 
+def test_text_example_logs_attention_and_token_saliency_as_text(tmp_path, capsys):
+    arguments = ["--epochs", "1", "--train-size", "128", "--val-size", "48", "--num-samples", "4"]
+    metrics = load_example("text_classification").main([*arguments, "--log-dir", str(tmp_path / "logs")])
+    events = read_events(str(tmp_path / "logs"))
+    layer = "net.encoder.layers.1.self_attn"
+    for tag in ("interp_attention/maps", f"interp_attention/{layer}/heads", "interp_saliency/maps"):
+        assert events.image_steps(tag) == [1], tag
+        assert events.images[tag][-1][1][1] == 900  # the text pictures, not a strip of token ids
+    for tag in (f"interp_attention/{layer}/entropy", "interp_attention/rollout/concentration"):
+        assert 0.0 < metrics[tag] <= 1.0, tag
+    assert "interp_saliency/integrated_gradients/completeness_error" in metrics
+    assert any(tag.startswith("interp_probe/") for tag in metrics)
+    printed = capsys.readouterr().out
+    assert "attention rollout:" in printed and "of its mass on the keywords (a uniform map:" in printed
+
+
 def test_cifar10_example_logs_maps_and_scores(tmp_path, fake_cifar10):
     metrics = load_example("cifar10").main(tiny_run_args(fake_cifar10, tmp_path / "logs"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,12 +39,15 @@ def short_layer_name(name: str) -> str:
 
     Example:
         >>> short_layer_name("net.encoder.layers.encoder_layer_1.self_attention"), short_layer_name("net.blocks.3.attn")
-        ('encoder_layer_1', 'blocks.3')
+        ('layer_1', 'blocks.3')
     """
     parts = name.split(".")
     if len(parts) > 1 and parts[-1] in _ATTENTION_NAMES:
         parts = parts[:-1]
-    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+    if parts[-1].isdigit() and len(parts) > 1:
+        return ".".join(parts[-2:])
+    numbered = re.search(r"layer_?\d+$", parts[-1])  # torchvision's "encoder_layer_2": "layer_2"
+    return numbered.group(0) if numbered else parts[-1]
 
 
 class AttentionCallback(MapCallback):
@@ -267,7 +271,7 @@ class AttentionCallback(MapCallback):
         for layer, real in zip(self.layers, shown, strict=True):
             rows = records[real]["rows"]
             maps[layer] = self._to_map(rows.mean(dim=1), inputs)
-            titles[layer] = f"{short_layer_name(layer)}\nmean of {rows.shape[1]} heads"
+            titles[layer] = f"{short_layer_name(layer)}\nmean of heads"
             if self.heads:
                 extra[layer] = self._to_map(rows[:, :MAX_HEADS_SHOWN], inputs)
         for real in self._ran:

@@ -47,10 +47,12 @@ class SaliencyCallback(MapCallback):
 
     Token inputs (integer ids into an ``nn.Embedding``): ``input_layer="auto"``
     attributes at the output of the embedding layer the ids go into, one score
-    per token: the sum of its attributions over the embedding dimension (for
-    integrated gradients the scores of a sample then add up to ``f(x) -
-    f(baseline)``), shown as its magnitude, or signed with
-    ``channel_reduction="sum"``; padding tokens get zero. The baseline of
+    per token: for the methods whose attributions are contributions (input ×
+    gradient, integrated gradients, DeepLIFT, ...) their sum over the embedding
+    dimension (for integrated gradients the scores of a sample then add up to
+    ``f(x) - f(baseline)``), shown as its magnitude or signed with
+    ``channel_reduction="sum"``; for the gradient methods (sensitivities) the
+    norm of the token's gradient; padding tokens get zero. The baseline of
     integrated gradients, DeepLIFT and GradientSHAP is the padding id's
     embedding when ``pad_id`` is given (zeros otherwise); the grid shows the
     text (``vocabulary=`` or ``decode=``).
@@ -69,8 +71,9 @@ class SaliencyCallback(MapCallback):
             ``- [smoothgrad, {n_samples: 8}]``).
         channel_reduction: how (B, C, H, W) attributions become one map:
             ``"abs_sum"``, ``"abs_max"`` or ``"sum"`` (signed, diverging colormap).
-            At an embedding (``input_layer``) a token's score is always the sum over the embedding dimension;
-            ``"sum"`` shows it signed, the others its magnitude.
+            At an embedding (``input_layer``) a token's score is the sum of its contributions over the embedding
+            dimension (``"sum"`` shows it signed, the others its magnitude) or, for the gradient methods, the
+            norm of its gradient.
         smoothgrad_samples: deprecated; ``("smoothgrad", {"n_samples": ...})``.
         noise_level: deprecated; ``("smoothgrad", {"noise_level": ...})``.
         ig_steps: deprecated; ``("integrated_gradients", {"n_steps": ...})``.
@@ -242,12 +245,16 @@ class SaliencyCallback(MapCallback):
         if self._embedding is not None:  # (B, T, D) at the embedding: a token's score is the sum over D
             keep = ids != self.pad_id if self.pad_id is not None else torch.ones_like(ids, dtype=torch.bool)
             maps = {
-                key: token_scores(value, keep, signed=self.channel_reduction == "sum")
+                key: token_scores(
+                    value, keep, signed=self.channel_reduction == "sum", sensitivity=METHODS[key].sensitivity
+                )
                 for key, value in attributions.items()
             }
         else:
             maps = {key: attribution_to_map(value, self.channel_reduction) for key, value in attributions.items()}
         signed = set(maps) if self.channel_reduction == "sum" else set()
+        if self._embedding is not None:  # a gradient's norm per token has no sign
+            signed = {key for key in signed if not METHODS[key].sensitivity}
         return Explanation(
             maps=maps,
             scores=first.scores,

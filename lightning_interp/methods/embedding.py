@@ -153,23 +153,34 @@ def _replaced_forward(view: LayerInput, embeddings: Tensor) -> object:
         handle.remove()
 
 
-def token_scores(attributions: Tensor, keep: Tensor | None = None, *, signed: bool = False) -> Tensor:
-    """One score per token from (B, T, D) attributions at an embedding: the sum over D, or its magnitude.
+def token_scores(
+    attributions: Tensor, keep: Tensor | None = None, *, signed: bool = False, sensitivity: bool = False
+) -> Tensor:
+    """One score per token from (B, T, D) attributions at an embedding.
 
-    The sum (not the sum of magnitudes) is the token's share of the output
-    change for methods with completeness (integrated gradients: the scores of a
-    sample add up to ``f(x) - f(baseline)``); dimensions that push the score
-    both ways cancel, as they do in the model.
+    Contributions (input × gradient, integrated gradients, DeepLIFT, LRP) are
+    summed over D: the token's share of the output change (integrated
+    gradients: a sample's scores add up to ``f(x) - f(baseline)``), where
+    dimensions that push both ways cancel as they do in the model; shown as
+    the magnitude, or ``signed``. Sensitivities (a gradient: how fast the
+    score changes along each dimension) have no meaningful sum, so a token
+    gets the L2 norm of its vector (never signed).
 
     Args:
         attributions: (B, T, D) attributions.
         keep: (B, T) bool, False where the score is set to zero (padding).
-        signed: keep the sign (else the magnitude).
+        signed: keep the sign of a contribution's sum (else its magnitude).
+        sensitivity: the attributions are a gradient: take the norm.
 
     Example:
-        >>> token_scores(torch.tensor([[[1.0, -3.0], [2.0, 2.0]]])).tolist()
-        [[2.0, 4.0]]
+        >>> a = torch.tensor([[[1.0, -3.0], [3.0, 4.0]]])
+        >>> token_scores(a).tolist(), token_scores(a, signed=True).tolist(), token_scores(a, sensitivity=True).tolist()
+        ([[2.0, 7.0]], [[-2.0, 7.0]], [[3.1622776985168457, 5.0]])
     """
-    scores = attributions.detach().float().sum(dim=-1)
-    scores = scores if signed else scores.abs()
+    values = attributions.detach().float()
+    if sensitivity:
+        scores = values.norm(dim=-1)
+    else:
+        scores = values.sum(dim=-1)
+        scores = scores if signed else scores.abs()
     return scores if keep is None else scores * keep.to(scores.dtype)

@@ -50,6 +50,9 @@ class MethodSpec:
         shared_pass: can be served from the one forward and backward of ``attribution_pass`` that several
             methods share (the input gradient, or a layer's activation and gradient).
         scalars: extra scalars a callback logs for it (tag suffixes).
+        sensitivity: returns how sensitive the score is to each input value (a gradient, guided or not), not each
+            value's contribution to it (input × gradient, integrated gradients, LRP relevance, ...): at an
+            embedding, a token's score is then the norm of its vector rather than its sum.
         cost: forward and backward passes per probe sample at the default options (for the docs).
         reference: the implementation its tests compare it with.
     """
@@ -62,6 +65,7 @@ class MethodSpec:
     stochastic: bool = False
     shared_pass: bool = False
     scalars: tuple[str, ...] = ()
+    sensitivity: bool = False
     cost: str = ""
     reference: str = ""
 
@@ -76,7 +80,7 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec(
-            "gradient", "gradient", gradient, "gradient", shared_pass=True,
+            "gradient", "gradient", gradient, "gradient", shared_pass=True, sensitivity=True,
             cost="1 forward + 1 backward", reference="Captum Saliency (abs=False)",
         ),
         MethodSpec(
@@ -84,7 +88,7 @@ METHODS: dict[str, MethodSpec] = {
             cost="1 forward + 1 backward", reference="Captum InputXGradient",
         ),
         MethodSpec(
-            "smoothgrad", "gradient", smoothgrad, "SmoothGrad", stochastic=True,
+            "smoothgrad", "gradient", smoothgrad, "SmoothGrad", stochastic=True, sensitivity=True,
             cost="n_samples (16) forwards + backwards", reference="Captum NoiseTunnel(Saliency), same noise",
         ),
         MethodSpec(
@@ -97,11 +101,11 @@ METHODS: dict[str, MethodSpec] = {
             cost="n_samples (16) forwards + backwards", reference="Captum GradientShap, same draws",
         ),
         MethodSpec(
-            "guided_backprop", "modified backward", guided_backprop, "guided\nbackprop",
+            "guided_backprop", "modified backward", guided_backprop, "guided\nbackprop", sensitivity=True,
             cost="1 forward + 1 backward", reference="Captum GuidedBackprop",
         ),
         MethodSpec(
-            "deconvnet", "modified backward", deconvnet, "deconvnet",
+            "deconvnet", "modified backward", deconvnet, "deconvnet", sensitivity=True,
             cost="1 forward + 1 backward", reference="Captum Deconvolution",
         ),
         MethodSpec(

@@ -35,7 +35,7 @@ def _fit(tmp_path, model, callbacks, loader, **options):
 def _uniform_attention_model() -> ImageClassifier:
     """A text transformer whose queries and keys are zero: every token attends uniformly to the non-padding ones."""
     torch.manual_seed(0)
-    net = TextTransformer(len(VOCABULARY), 2, dim=16, heads=2, layers=2, max_length=12, pad_id=PAD_ID)
+    net = TextTransformer(len(VOCABULARY), 3, dim=16, heads=2, layers=2, max_length=12, pad_id=PAD_ID)
     for layer in net.encoder.layers:
         with torch.no_grad():
             layer.self_attn.in_proj_weight[:32].zero_()  # q and k rows of the packed projection
@@ -71,7 +71,7 @@ def test_a_trained_text_transformer_attends_and_attributes_to_the_keywords(tmp_p
     val = make_keyword_text(64, length=16, min_length=8, seed=1)
     val_loader = DataLoader(TensorDataset(val.ids, val.labels), batch_size=32)
     train_loader = DataLoader(TensorDataset(train.ids, train.labels), batch_size=32, shuffle=True)
-    net = TextTransformer(len(VOCABULARY), 2, dim=32, heads=2, layers=2, max_length=16, pad_id=PAD_ID)
+    net = TextTransformer(len(VOCABULARY), 3, dim=32, heads=2, layers=2, max_length=16, pad_id=PAD_ID)
     words = {"vocabulary": VOCABULARY, "pad_id": PAD_ID, "num_samples": 32, "background_drawing": False}
     attention = AttentionCallback(**words)
     saliency = SaliencyCallback(
@@ -83,15 +83,17 @@ def test_a_trained_text_transformer_attends_and_attributes_to_the_keywords(tmp_p
     assert float(trainer.callback_metrics["val_acc"]) > 0.9
     probe = attention.probe
     mask = val.keyword_mask[probe.indices]
-    real = probe.inputs != PAD_ID
+    has = mask.any(dim=1)  # positive and negative sentences; neutral ones have no keywords
+    mask, real = mask[has], (probe.inputs != PAD_ID)[has]
     uniform = float((mask.sum(1) / real.sum(1)).mean())  # a map spread evenly over the real tokens
-    maps = {**attention.last_maps, **saliency.last_maps}
-    shares = {name: float(((m.abs() * mask).sum(1) / m.abs().sum(1)).mean()) for name, m in maps.items()}
+    maps = {key: value[has].abs() for key, value in {**attention.last_maps, **saliency.last_maps}.items()}
+    shares = {name: float(((m * mask).sum(1) / m.sum(1)).mean()) for name, m in maps.items()}
     assert saliency._embedding == "net.embedding"
-    # measured: last layer 0.74, IG 0.63, rollout 0.37, gradient 0.35 of the mass on the keywords; uniform 0.17
+    # measured: last layer 0.88, IG 0.80, gradient 0.51, rollout 0.43 of the mass on the keywords; uniform 0.19
     assert shares["net.encoder.layers.1.self_attn"] > 3 * uniform, (shares, uniform)
     assert shares["integrated_gradients"] > 3 * uniform, (shares, uniform)
-    assert shares["rollout"] > 1.8 * uniform and shares["gradient"] > 1.8 * uniform, (shares, uniform)
+    assert shares["gradient"] > 2 * uniform, (shares, uniform)
+    assert shares["rollout"] > 1.8 * uniform, (shares, uniform)  # rollout keeps half of each token on itself
     scalars = read_events(logger.log_dir).scalars
     error = scalars["interp_saliency/integrated_gradients/completeness_error"][-1][1]
     assert error < 0.05  # 64 steps: sum of token attributions = f(x) - f(padding embedding) within 5%
@@ -169,7 +171,7 @@ def test_saliency_on_token_ids_points_to_input_layer_and_refuses_perturbation_me
 class _DropoutText(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.net = TextTransformer(len(VOCABULARY), 2, dim=16, heads=2, layers=1, max_length=12, pad_id=PAD_ID)
+        self.net = TextTransformer(len(VOCABULARY), 3, dim=16, heads=2, layers=1, max_length=12, pad_id=PAD_ID)
         self.net.encoder.layers[0].dropout.p = 0.3  # dropout inside the encoder layer: the RNG is used in training
         self.net.encoder.layers[0].self_attn.dropout = 0.3
 
