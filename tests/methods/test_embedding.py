@@ -98,3 +98,26 @@ def test_the_embedding_of_the_input_ids_is_found_not_the_position_embedding():
     assert find_input_embedding(WithPositions(), torch.randint(30, (2, 6))) == "words"
     with pytest.raises(ValueError, match="input_layer="):
         find_input_embedding(nn.Sequential(nn.Linear(3, 2)), torch.randn(2, 3))
+
+
+def test_every_gradient_and_modified_backward_method_runs_at_the_embedding_or_says_why_not():
+    from lightning_interp.methods.registry import METHODS
+
+    model, ids = _text_model_and_ids()
+    view = LayerInput(model, "embedding", ids)
+    embedded = layer_output(model, "embedding", ids)
+    refused = {}
+    for name, spec in METHODS.items():
+        if spec.needs_layer or spec.family == "perturbation":
+            continue
+        options = {"generator": torch.Generator().manual_seed(0)} if spec.stochastic else {}
+        try:
+            attributions = attribute(name, view, embedded, None, **options)
+        except ValueError as error:
+            refused[name] = str(error)
+            continue
+        assert attributions.shape == embedded.shape and bool(torch.isfinite(attributions).all()), name
+        assert float(attributions[1, :3].abs().sum()) > 0, name  # the real tokens of the shortest sample
+    # the rule-based methods have no rule for attention (or a bare parameter): refused with what to use instead
+    assert set(refused) == {"lrp", "deeplift"}
+    assert "attention" in refused["deeplift"] and "no rule" in refused["lrp"]
