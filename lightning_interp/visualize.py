@@ -63,12 +63,17 @@ def input_to_rgb(inputs: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def normalize_map(maps: Tensor, *, signed: bool = False, percentile: float = 99.5) -> np.ndarray:
+def normalize_map(
+    maps: Tensor, *, signed: bool = False, percentile: float = 99.5, floor: Tensor | Sequence[float] | None = None
+) -> np.ndarray:
     """Scale each map to [0, 1] (or [-1, 1] when ``signed``) by its own robust maximum.
 
     The scale is the ``percentile`` of the map's magnitude, so one extreme
-    pixel cannot wash out the rest; values beyond it are clipped. An all-zero
-    map stays zero. NaN and inf become 0.
+    pixel cannot wash out the rest; values beyond it are clipped. ``floor``
+    (one value, or one per map) is the smallest scale: a map whose values are
+    all below it is drawn faint instead of stretched to full colour (attention
+    spread evenly is not "maximal" attention). An all-zero map stays zero. NaN
+    and inf become 0.
 
     Example:
         >>> normalize_map(torch.tensor([[[0.0, 2.0], [1.0, 4.0]]]), percentile=100)[0].tolist()
@@ -77,6 +82,8 @@ def normalize_map(maps: Tensor, *, signed: bool = False, percentile: float = 99.
     m = torch.nan_to_num(maps.detach().float().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
     flat = m.reshape(m.shape[0], -1).abs()
     scale = torch.quantile(flat, percentile / 100.0, dim=1).clamp_min(1e-12)
+    if floor is not None:  # values that are small in absolute terms (a uniform attention map) stay faint
+        scale = torch.maximum(scale, torch.as_tensor(floor, dtype=scale.dtype).reshape(-1).expand_as(scale))
     scale = scale.reshape(-1, *([1] * (m.ndim - 1)))
     low = -1.0 if signed else 0.0
     return (m / scale).clamp(low, 1.0).numpy()
@@ -200,11 +207,19 @@ def render_grid(
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def map_tiles(inputs: Tensor, maps: Tensor, *, cmap: str = "inferno", signed: bool = False) -> list[np.ndarray]:
+def map_tiles(
+    inputs: Tensor,
+    maps: Tensor,
+    *,
+    cmap: str = "inferno",
+    signed: bool = False,
+    floor: Tensor | Sequence[float] | None = None,
+) -> list[np.ndarray]:
     """One overlay tile per sample: the map coloured and blended over its input.
 
     Maps of another spatial size than the inputs are resized bilinearly.
     Inputs that are not images ((B, D) features) give coloured strips.
+    ``floor``: the smallest normalisation scale per map (see :func:`normalize_map`).
 
     Example:
         >>> tiles = map_tiles(torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8))
@@ -219,7 +234,7 @@ def map_tiles(inputs: Tensor, maps: Tensor, *, cmap: str = "inferno", signed: bo
         m = torch.nn.functional.interpolate(m[:, None], size=images.shape[1:3], mode="bilinear", align_corners=False)[
             :, 0
         ]
-    values = normalize_map(m, signed=signed)
+    values = normalize_map(m, signed=signed, floor=floor)
     heat = colorize(values, cmap, signed=signed)
     return [overlay(images[i], heat[i], values[i]) for i in range(len(images))]
 
@@ -338,11 +353,12 @@ def _token_figure(
     headers: Sequence[str],
     line_titles: Sequence[str],
     title: str = "",
-    signed: bool = False,
+    signed: Sequence[bool] | bool = False,
+    floors: Sequence[float] | None = None,
     width: int = 900,
 ) -> Figure:
     """The figure of :func:`render_tokens` (its text artists are what a layout test measures)."""
-    cmap = matplotlib.colormaps["RdBu_r" if signed else "Oranges"]
+    signs = [signed] * len(line_titles) if isinstance(signed, bool) else list(signed)
     title_chars = max((len(text) for text in line_titles), default=0)
     left = 8 + (title_chars * _TOKEN_CHAR + 12 if title_chars else 0)
     right_edge = width - 8
@@ -357,12 +373,14 @@ def _token_figure(
             y += 10  # a gap between samples
         items.append((8, y + _TOKEN_LINE / 2, header, {"weight": "bold"}))
         y += _TOKEN_LINE
-        for line, line_title in zip(values[sample], line_titles, strict=True):
+        for line, line_title, sign in zip(values[sample], line_titles, signs, strict=True):
+            cmap = matplotlib.colormaps["RdBu_r" if sign else "Oranges"]
             visible = [i for i, text in enumerate(row) if text is not None]
             shown = np.zeros(len(row))
             if visible:
                 raw = torch.as_tensor(np.asarray(line, dtype=np.float64)[visible])[None]
-                shown[visible] = normalize_map(raw, signed=signed)[0]
+                floor = None if floors is None else [floors[sample]]
+                shown[visible] = normalize_map(raw, signed=sign, floor=floor)[0]
             if line_title:
                 items.append((8, y + _TOKEN_LINE / 2, line_title, {"color": "#555555"}))
             x = left
@@ -371,7 +389,7 @@ def _token_figure(
                 box = len(text) * _TOKEN_CHAR + 2 * _TOKEN_PAD
                 if x + box > right_edge and x > left:  # wrap
                     x, y = left, y + _TOKEN_LINE
-                level = (shown[i] + 1) / 2 if signed else 0.08 + 0.92 * shown[i]
+                level = (shown[i] + 1) / 2 if sign else 0.08 + 0.92 * shown[i]
                 colour = cmap(float(level))
                 boxes.append((x, y + 2, box, colour))
                 luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
@@ -402,7 +420,8 @@ def render_tokens(
     headers: Sequence[str],
     line_titles: Sequence[str] = ("",),
     title: str = "",
-    signed: bool = False,
+    signed: Sequence[bool] | bool = False,
+    floors: Sequence[float] | None = None,
     width: int = 900,
 ) -> np.ndarray:
     """Token sequences with a coloured background per token: one block per sample; returns uint8 (H, W, 3).
@@ -421,7 +440,8 @@ def render_tokens(
         headers: per sample, its header line.
         line_titles: the name of each line of values (shown at the left).
         title: a bold title above everything.
-        signed: values with meaningful sign (a diverging colormap).
+        signed: per line (or for all), values with meaningful sign (a diverging colormap).
+        floors: per sample, the smallest scale of its lines (see :func:`normalize_map`).
         width: image width in pixels.
 
     Example:
@@ -430,7 +450,14 @@ def render_tokens(
         (dtype('uint8'), 900)
     """
     figure = _token_figure(
-        tokens, values, headers=headers, line_titles=line_titles, title=title, signed=signed, width=width
+        tokens,
+        values,
+        headers=headers,
+        line_titles=line_titles,
+        title=title,
+        signed=signed,
+        floors=floors,
+        width=width,
     )
     return _figure_to_array(figure, figure.canvas)
 
@@ -449,6 +476,7 @@ def _feature_figure(
     title: str = "",
     signed: Sequence[bool] | bool = False,
     cmap: str = "inferno",
+    floors: Sequence[float] | None = None,
 ) -> Figure:
     """The figure of :func:`render_feature_rows` (its text artists are what a layout test measures)."""
     count, features = inputs.shape
@@ -483,7 +511,8 @@ def _feature_figure(
         spread = np.nanmax(np.abs(row - np.nanmean(row))) or 1.0
         lines = [("input", 0.5 + 0.5 * (row - np.nanmean(row)) / spread, grey, False)]
         for line_title, line, sign in zip(line_titles, values[i], signs, strict=True):
-            scaled = normalize_map(torch.as_tensor(np.asarray(line, dtype=np.float64)[:shown])[None], signed=sign)[0]
+            raw = torch.as_tensor(np.asarray(line, dtype=np.float64)[:shown])[None]
+            scaled = normalize_map(raw, signed=sign, floor=None if floors is None else [floors[i]])[0]
             lines.append((line_title, scaled, matplotlib.colormaps["RdBu_r" if sign else cmap], sign))
         for r, (line_title, scaled, colours, sign) in enumerate(lines):
             top_of_row = y + 22 + r * cell
@@ -509,6 +538,7 @@ def render_feature_rows(
     title: str = "",
     signed: Sequence[bool] | bool = False,
     cmap: str = "inferno",
+    floors: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Feature vectors (N, F) and their maps as heat rows of labelled cells; returns uint8 (H, W, 3).
 
@@ -528,6 +558,7 @@ def render_feature_rows(
         title: a bold title above everything.
         signed: per map row (or for all), whether its values have meaningful sign.
         cmap: colormap of the unsigned rows.
+        floors: per sample, the smallest scale of its map rows (see :func:`normalize_map`).
 
     Example:
         >>> values = [[np.arange(5.0)]] * 2  # per sample, one map row
@@ -545,6 +576,7 @@ def render_feature_rows(
         title=title,
         signed=signed,
         cmap=cmap,
+        floors=floors,
     )
     return _figure_to_array(figure, figure.canvas)
 
@@ -568,6 +600,7 @@ def render_signals(
     title: str = "",
     signed: Sequence[bool] | bool = False,
     cmap: str = "inferno",
+    floors: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Signals (N, C, T) as line plots with each map as a coloured band under the lines; returns uint8 (H, W, 3).
 
@@ -575,7 +608,8 @@ def render_signals(
     signal's channels (at most three drawn, each min-max scaled) above a band
     coloured by the map along the time axis (maps of another length are
     resized; (N, C, T) maps are summed over channels). Panels are 300 x 110
-    pixels.
+    pixels. ``floors``: per sample, the smallest scale of its bands (see
+    :func:`normalize_map`).
 
     Example:
         >>> image = render_signals(torch.randn(2, 2, 100), [torch.rand(2, 100)], column_titles=["gradient"],
@@ -584,7 +618,14 @@ def render_signals(
         (dtype('uint8'), True)
     """
     figure = _signal_figure(
-        inputs, maps, column_titles=column_titles, row_labels=row_labels, title=title, signed=signed, cmap=cmap
+        inputs,
+        maps,
+        column_titles=column_titles,
+        row_labels=row_labels,
+        title=title,
+        signed=signed,
+        cmap=cmap,
+        floors=floors,
     )
     return _figure_to_array(figure, figure.canvas)
 
@@ -598,6 +639,7 @@ def _signal_figure(
     title: str = "",
     signed: Sequence[bool] | bool = False,
     cmap: str = "inferno",
+    floors: Sequence[float] | None = None,
 ) -> Figure:
     """The figure of :func:`render_signals`."""
     x = inputs.detach().float().cpu()
@@ -620,7 +662,7 @@ def _signal_figure(
         band = band.sum(dim=1) if band.ndim == 3 else band
         if band.shape[-1] != length:
             band = torch.nn.functional.interpolate(band[:, None], size=length, mode="linear", align_corners=False)[:, 0]
-        bands.append(normalize_map(band, signed=sign))
+        bands.append(normalize_map(band, signed=sign, floor=floors))
     for c, text in enumerate(column_titles):
         figure.text((left + c * (panel_w + gap) + panel_w / 2) / width, 1 - (top - 6) / height, text, ha="center",
                     va="bottom", fontsize=9)  # fmt: skip

@@ -181,3 +181,11 @@ def test_grids_keep_their_width_while_a_label_grows_by_a_character():
     # a label column asked to be wider is: the width follows min_label_chars
     wide = render_grid(tiles, column_titles=["input", "map"], row_labels=["pred 3 97%", "x"], min_label_chars=30)
     assert wide.shape[1] > short.shape[1] and wide.shape[0] == short.shape[0]
+
+
+def test_a_floor_keeps_maps_that_are_small_in_absolute_terms_faint():
+    uniform = torch.full((1, 4), 0.25)  # attention spread evenly over four tokens
+    peaked = torch.tensor([[0.97, 0.01, 0.01, 0.01]])
+    assert normalize_map(uniform).tolist() == [[1.0] * 4]  # on its own maximum it would look maximal
+    assert np.allclose(normalize_map(uniform, floor=[0.5]), 0.5)  # twice the uniform share: half strength
+    assert float(normalize_map(peaked, floor=[0.5])[0, 0]) == 1.0  # a real peak still reaches full colour

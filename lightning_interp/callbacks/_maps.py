@@ -436,7 +436,8 @@ class MapCallback(InterpCallback):
         columns = [list(input_to_rgb(inputs))]
         for key, maps in picture.maps.items():
             cmap = "RdBu_r" if key in picture.signed else self.cmap
-            columns.append(map_tiles(inputs, maps[part], cmap=cmap, signed=key in picture.signed))
+            floor = self._display_floor(inputs)
+            columns.append(map_tiles(inputs, maps[part], cmap=cmap, signed=key in picture.signed, floor=floor))
         tiles = [list(row) for row in zip(*columns, strict=True)]
         # the widest label of every row so far, plus room for a longer confidence: the grid (and each of its
         # parts) keeps one width from run to run
@@ -467,10 +468,12 @@ class MapCallback(InterpCallback):
         titles = [text.replace("\n", " ") for text in columns]
         per_sample = [[maps[i].float().numpy() for maps in columns.values()] for i in range(inputs.shape[0])]
         headers = ["   ".join(text.splitlines()) for text in labels]
+        floor = self._display_floor(inputs)
+        floors = None if floor is None else floor.tolist()
         if is_token_input(inputs):
             strings = self._token_strings(inputs)
             return render_tokens(
-                strings, per_sample, headers=headers, line_titles=titles, signed=any(signs), title=title
+                strings, per_sample, headers=headers, line_titles=titles, signed=signs, floors=floors, title=title
             )
         if inputs.ndim == 2:
             return render_feature_rows(
@@ -482,12 +485,17 @@ class MapCallback(InterpCallback):
                 title=title,
                 signed=signs,
                 cmap=self.cmap,
+                floors=floors,
             )
         if is_signal_input(inputs):
             return render_signals(
                 inputs, list(columns.values()), column_titles=list(columns), row_labels=list(labels), title=title,
-                signed=signs, cmap=self.cmap,
+                signed=signs, cmap=self.cmap, floors=floors,
             )  # fmt: skip
+        return None
+
+    def _display_floor(self, inputs: Tensor) -> Tensor | None:
+        """Per sample of ``inputs``, the smallest scale its maps are drawn at (None: each map's own maximum)."""
         return None
 
     def _token_strings(self, ids: Tensor) -> list[list[str | None]]:
@@ -534,7 +542,8 @@ class MapCallback(InterpCallback):
         size = tuple(chosen[-1][1].shape[-2:])
         small_inputs = _resize_inputs(inputs, size)
         columns = [list(input_to_rgb(small_inputs))]
-        columns += [map_tiles(small_inputs, maps.float(), cmap=self.cmap) for _, maps in chosen]
+        floor = self._display_floor(inputs)
+        columns += [map_tiles(small_inputs, maps.float(), cmap=self.cmap, floor=floor) for _, maps in chosen]
         tiles = [[column[i] for column in columns] for i in range(count)]
         titles = ["input"] + [f"epoch {epoch}" for epoch, _ in chosen]
         return render_grid(tiles, column_titles=titles, title=f"{self.name}: {key}")

@@ -50,6 +50,13 @@ def short_layer_name(name: str) -> str:
     return numbered.group(0) if numbered else parts[-1]
 
 
+def _extra_keys(module: torch.nn.Module) -> int:
+    """Keys an attention layer adds after the tokens: ``nn.MultiheadAttention``'s ``bias_k`` and zero key."""
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return int(module.bias_k is not None) + int(module.add_zero_attn)
+    return 0
+
+
 class AttentionCallback(MapCallback):
     """Log what a transformer's attention looks at, per probe sample, and attention rollout to the input.
 
@@ -144,7 +151,7 @@ class AttentionCallback(MapCallback):
         self._query: int | None = None  # the query token in force (None: the mean over tokens)
         self._prefix = 0  # leading tokens (class, register) before the ones laid on the input
         self._grid: TokenGrid | None = None  # for images: how the tokens lie on the input
-        self._count = 0  # tokens the attention layers see
+        self._count = 0  # tokens the attention layers see (their queries)
 
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
@@ -184,12 +191,25 @@ class AttentionCallback(MapCallback):
         two = self._device_inputs(trainer, pl_module, probe.inputs[:2])
         with self._model_context(trainer):  # the recomputation must reproduce each layer's output (once per fit)
             shapes, _ = capture_attention(pl_module, two, self._ran, reduce=lambda w: tuple(w.shape), verify=True)
-        tokens = {shape[-1] for shape in shapes.values()}
-        if len(tokens) > 1 or (self.rollout and any(shape[-1] != shape[-2] for shape in shapes.values())):
+        # the queries are the tokens; keys may add a learnt bias key or a zero key at the end (bias_k, add_zero_attn)
+        shown = [module_name(pl_module, name) or name for name in self.layers]
+        used = {name: shape for name, shape in shapes.items() if self.rollout or name in shown}
+        tokens = {shape[-2] for shape in used.values()}
+        extra = [plain_name(name) for name, shape in used.items() if shape[-1] != shape[-2]]
+        modules = dict(pl_module.named_modules())
+        other = [name for name, shape in used.items() if shape[-1] != shape[-2] + _extra_keys(modules[name])]
+        if len(tokens) > 1 or other:
             raise ValueError(
-                "AttentionCallback: attention rollout needs self-attention over one token sequence in every "
-                f"attention layer, but the layers' weights have shapes {shapes} (batch, heads, queries, keys). "
-                "Pass rollout=False, and layers=[...] with layers over one sequence."
+                "AttentionCallback lays the attention of the layers on one token sequence, but their weights have "
+                f"shapes {used} (batch, heads, queries, keys): layers over other sequences (cross-attention, pooling "
+                "by attention) cannot be shown with them. Name layers over the input tokens in layers=[...] (and "
+                "pass rollout=False, which runs through every layer)."
+            )
+        if self.rollout and extra:
+            raise ValueError(
+                f"AttentionCallback: the attention layers {extra} attend to keys beyond the tokens (bias_k or "
+                "add_zero_attn), so rollout, which multiplies token-to-token attention through the layers, is not "
+                "defined for them. Pass rollout=False."
             )
         self._layout(probe.inputs, tokens.pop(), token_grids(trace))
 
@@ -239,8 +259,11 @@ class AttentionCallback(MapCallback):
         return (weights * q).sum(dim=2) / q.sum(dim=2).clamp_min(1e-12)
 
     def _to_map(self, rows: Tensor, inputs: Tensor) -> Tensor:
-        """Attention over the tokens (B, ..., T) as maps over the inputs: (B, ..., H, W) for images, (B, ..., T)."""
-        patches = rows[..., self._prefix :]
+        """Attention over the keys (B, ..., K) as maps over the inputs: (B, ..., H, W) for images, (B, ..., T).
+
+        The leading class or register tokens and any keys after the tokens (bias_k, add_zero_attn) are left out.
+        """
+        patches = rows[..., self._prefix : self._count]
         if self._grid is None:
             if self.pad_id is not None and is_token_input(inputs):
                 pad = (inputs == self.pad_id).reshape(inputs.shape[0], *([1] * (patches.ndim - 2)), -1)
@@ -257,7 +280,9 @@ class AttentionCallback(MapCallback):
         queries = self._query_weights(inputs)
 
         def reduce(weights: Tensor) -> dict[str, Tensor]:  # in each layer's hook: keep only what is shown
-            kept = {"rows": self._query_rows(weights, queries), "entropy": attention_entropy(weights)}
+            if weights.shape[-2] != self._count:  # a layer over another sequence (not shown): its entropy only
+                return {"entropy": attention_entropy(weights)}
+            kept = {"rows": self._query_rows(weights, queries), "entropy": attention_entropy(weights, queries)}
             if self.rollout:
                 kept["fused"] = fuse_heads(weights, self.head_fusion)
             return kept
@@ -289,6 +314,17 @@ class AttentionCallback(MapCallback):
             extra=extra,
         )
 
+    def _display_floor(self, inputs: Tensor) -> Tensor:
+        """Attention is a share of one: each sample's maps are drawn on a scale of at least twice the uniform share
+        (1 / positions), so attention spread evenly shows at half strength, not as full colour."""
+        if self._grid is not None:
+            positions = torch.full((inputs.shape[0],), float(self._grid.height * self._grid.width))
+        elif self.pad_id is not None and is_token_input(inputs):
+            positions = (inputs != self.pad_id).sum(dim=1).float().clamp_min(1)
+        else:
+            positions = torch.full((inputs.shape[0],), float(inputs.shape[-1]))
+        return 2.0 / positions
+
     def _log_grids(self, trainer: pl.Trainer, picture: _GridData, step: int) -> None:
         super()._log_grids(trainer, picture, step)
         for layer, heads in picture.extra.items():
@@ -308,7 +344,8 @@ class AttentionCallback(MapCallback):
         if drawn is not None:
             return drawn
         columns = [list(input_to_rgb(inputs))]
-        columns += [map_tiles(inputs, heads[:count, h], cmap=self.cmap) for h in range(heads.shape[1])]
+        floor = self._display_floor(inputs)
+        columns += [map_tiles(inputs, heads[:count, h], cmap=self.cmap, floor=floor) for h in range(heads.shape[1])]
         tiles = [list(row) for row in zip(*columns, strict=True)]
         return render_grid(
             tiles,

@@ -203,11 +203,18 @@ class SaliencyCallback(MapCallback):
         as a function of its embedding output, on the embeddings; and the padding baseline there (or None)."""
         if self._embedding is None:
             return pl_module, inputs, None
-        embedded = layer_output(pl_module, self._embedding, inputs)
+        module = get_module(pl_module, self._embedding)
         baseline = None
-        if self.pad_id is not None:
-            with torch.no_grad():
-                baseline = layer_output(pl_module, self._embedding, torch.full_like(inputs, self.pad_id))
+        with torch.no_grad():
+            if self.input_layer == "auto":  # found as the nn.Embedding called on the ids: call it on them directly
+                embedded = module(inputs).detach()
+                if self.pad_id is not None:
+                    baseline = module(torch.full_like(inputs[:1], self.pad_id)).detach().expand_as(embedded)
+            else:  # a named layer may see more than the ids: take its output from the model's own forward
+                embedded = layer_output(pl_module, self._embedding, inputs)
+                if self.pad_id is not None:
+                    baseline = layer_output(pl_module, self._embedding, torch.full_like(inputs[:1], self.pad_id))
+                    baseline = baseline.expand_as(embedded)
         return LayerInput(pl_module, self._embedding, inputs), embedded, baseline
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:

@@ -108,10 +108,37 @@ def eager_forward() -> Iterator[None]:
     """
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is None or torch.compiler.is_compiling():
+        with transformer_slow_path():
+            yield
+        return
+    with set_stance("force_eager"), transformer_slow_path():
+        yield
+
+
+@contextlib.contextmanager
+def transformer_slow_path() -> Iterator[None]:
+    """Keep ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` off torch's
+    fused "fast path" inside the block (part of :func:`eager_forward`).
+
+    In eval mode without gradients that path may run a whole encoder layer in
+    one kernel without calling its attention module (no hook sees the layer),
+    and ``nn.TransformerEncoder`` turns a padded batch into nested tensors,
+    whose layer outputs have no shape to capture. The step-by-step path is the
+    one every gradient pass takes anyway, so what the callbacks show comes
+    from one computation; it differs from the fast path only at padded
+    positions, which the nested path sets to zero (a model that pools over the
+    padding as well would see other numbers in its own validation).
+    """
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
         yield
         return
-    with set_stance("force_eager"):
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
         yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 @contextlib.contextmanager

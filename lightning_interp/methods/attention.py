@@ -5,12 +5,16 @@ and torchvision's ``VisionTransformer`` call their ``nn.MultiheadAttention``
 with ``need_weights=False`` (the fused scaled-dot-product path, which never
 forms the weights), and timm's ``Attention`` uses the fused path by default. A
 forward hook on each attention layer takes the inputs the layer was called
-with and computes ``softmax(q k^T / sqrt(d) + mask)`` from the layer's own
-projection weights, outside the model, so nothing about the model is patched
-or changed. The hook also rebuilds the layer's output from those weights and
-checks it against the real output once (:func:`capture_attention` with
-``verify=True``): a layer whose forward does more than this (rotary position
-embeddings, relative position bias) is refused instead of explained wrongly.
+with and recomputes the weights outside the model, so nothing about the model
+is patched or changed: for ``nn.MultiheadAttention`` by calling the module's
+own ``forward`` (no hooks) with ``need_weights=True`` on those inputs, for
+timm's ``Attention`` as ``softmax(q k^T / sqrt(d) + mask)`` from its ``qkv``
+projection and norms. For timm the hook also rebuilds the layer's output from
+those weights and checks it against the real output (:func:`capture_attention`
+with ``verify=True``): a layer whose forward does more than this (rotary
+position embeddings, a relative position bias) is refused instead of explained
+wrongly. The pass runs off torch's fused transformer fast path
+(:func:`~lightning_interp.methods._core.transformer_slow_path`).
 
 Supported layers: ``torch.nn.MultiheadAttention`` (any ``batch_first``,
 separate key/value sizes, ``bias_k``/``add_zero_attn``, padding and attention
@@ -20,9 +24,8 @@ ViT, DeiT, DINOv2-style blocks; ``qk_norm``, gates and head-dim options).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -75,23 +78,6 @@ def attention_layers(model: nn.Module) -> list[str]:
         ['layers.0.self_attn', 'layers.1.self_attn']
     """
     return [name for name, module in model.named_modules() if name and is_attention_layer(module)]
-
-
-@contextlib.contextmanager
-def _slow_path() -> Iterator[None]:
-    """Keep ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` off torch's fused "fast path" inside the
-    block: in eval mode without gradients, that path runs the whole layer in one kernel and never calls its
-    attention module, so no hook would see the layer's input (the result is the same, computed step by step)."""
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
-        yield
-        return
-    before = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(before)
 
 
 def _mha_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
@@ -206,7 +192,7 @@ def capture_attention(
         layers: dotted names of attention layers; None: every supported one (:func:`attention_layers`).
         reduce: applied to each layer's (B, heads, queries, keys) float32 weights inside its hook, so only what
             is needed is kept (the full weights of every layer of a large model can be large); None keeps them.
-        verify: check that the weights reproduce each layer's real output (see the module docs).
+        verify: check that the weights reproduce each timm layer's real output (see the module docs).
         eval_mode: run the model in eval mode (Dropout off).
         forward: how to call the model, ``forward(model, inputs)``; default ``model(inputs)``.
 
@@ -244,13 +230,13 @@ def capture_attention(
         name = modules[module]
         calls[name] += 1
         weights, rebuilt = layer_attention(module, args, kwargs)
-        if verify:
+        if verify and not isinstance(module, nn.MultiheadAttention):  # MHA's own forward made them: nothing to check
             _check_rebuilt(name, rebuilt, _output_tensor(output))
         records[name] = weights if reduce is None else reduce(weights)
 
     handles = [module.register_forward_hook(hook, with_kwargs=True) for module in modules]
     try:
-        with torch.no_grad(), modes_preserved(model, eval_mode=eval_mode), eager_forward(), _slow_path():
+        with torch.no_grad(), modes_preserved(model, eval_mode=eval_mode), eager_forward():
             output = forward(model, inputs) if forward is not None else model(inputs)
     finally:
         for handle in handles:
@@ -324,7 +310,7 @@ def fuse_heads(weights: Tensor, head_fusion: str) -> Tensor:
     return weights.amax(dim=1) if head_fusion == "max" else weights.amin(dim=1)
 
 
-def attention_entropy(weights: Tensor) -> Tensor:
+def attention_entropy(weights: Tensor, queries: Tensor | None = None) -> Tensor:
     """Entropy of each query's attention divided by that of uniform attention over the keys it can see.
 
     1 is uniform over the visible keys, 0 all on one. Keys a mask hides (weight
@@ -333,6 +319,7 @@ def attention_entropy(weights: Tensor) -> Tensor:
 
     Args:
         weights: (B, heads, queries, keys) attention weights.
+        queries: optional (B, queries) weights of the query rows in the mean (0 leaves a row out, e.g. padding).
 
     Returns:
         (B,) mean over heads and queries (rows with no mass left out).
@@ -349,6 +336,7 @@ def attention_entropy(weights: Tensor) -> Tensor:
     visible = (p > 0).sum(dim=-1)
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
     normalised = torch.where(visible > 1, entropy / torch.log(visible.clamp_min(2).float()), torch.zeros_like(entropy))
-    valid = p.sum(dim=-1) > 0.5
-    normalised = torch.where(valid, normalised, torch.zeros_like(normalised))
-    return normalised.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
+    valid = (p.sum(dim=-1) > 0.5).float()
+    if queries is not None:
+        valid = valid * queries.to(valid)[:, None, :]
+    return (normalised * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1e-12)

@@ -679,7 +679,9 @@ def gradient_shap(
     next_draw = 0
     total_rows = n_samples * batch  # flat rows: draw-major, then sample
     total = torch.zeros_like(x, dtype=_accumulation_dtype(x))
-    for start, end in _row_chunks(total_rows, _row_limit(internal_batch_size, total_rows)):
+    limit = _row_limit(internal_batch_size, total_rows)
+    limit -= limit % batch if limit >= batch else 0  # whole copies of the batch per pass (as the gradient methods)
+    for start, end in _row_chunks(total_rows, limit):
         flat = torch.arange(start, end, device=x.device)
         draw, sample = flat // batch, flat % batch
         if stdevs > 0:

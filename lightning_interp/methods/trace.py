@@ -71,7 +71,7 @@ def trace_model(model: nn.Module, example_input: Tensor) -> ModelTrace:
     def hook(module: nn.Module, _args: object, output: object) -> None:
         name = names[module]
         trace.calls[name] = trace.calls.get(name, 0) + 1
-        if isinstance(output, Tensor) and name not in trace.shapes:
+        if isinstance(output, Tensor) and not output.is_nested and name not in trace.shapes:
             trace.order.append(name)
             trace.shapes[name] = tuple(output.shape)
 

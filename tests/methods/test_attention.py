@@ -47,6 +47,21 @@ def test_weights_recomputed_in_the_hook_equal_multihead_attentions_own(batch_fir
     torch.testing.assert_close(records["layers.0.self_attn"].sum(-1), torch.ones(3, 4, 7))
 
 
+def test_weights_equal_a_softmax_computed_by_hand_from_the_packed_projection():
+    # an independent reference: q and k from in_proj by hand, softmax(q k^T / sqrt(d) + padding mask)
+    torch.manual_seed(2)
+    attention = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    weights, _ = layer_attention(attention, (x, x, x), {"key_padding_mask": padding, "need_weights": False})
+    w, b = attention.in_proj_weight, attention.in_proj_bias
+    q = (x @ w[:8].T + b[:8]).reshape(2, 5, 2, 4).transpose(1, 2)
+    k = (x @ w[8:16].T + b[8:16]).reshape(2, 5, 2, 4).transpose(1, 2)
+    logits = (q @ k.transpose(-2, -1)) / 2.0  # sqrt(head dim 4)
+    logits = logits.masked_fill(padding[:, None, None, :], float("-inf"))
+    torch.testing.assert_close(weights, logits.softmax(dim=-1), atol=1e-6, rtol=1e-5)
+
+
 def test_separate_key_value_sizes_masks_and_bias_k_match_the_modules_own_weights():
     torch.manual_seed(1)
     attention = nn.MultiheadAttention(8, 2, kdim=5, vdim=6, bias=True, add_bias_kv=True, add_zero_attn=True)

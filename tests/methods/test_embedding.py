@@ -121,3 +121,22 @@ def test_every_gradient_and_modified_backward_method_runs_at_the_embedding_or_sa
     # the rule-based methods have no rule for attention (or a bare parameter): refused with what to use instead
     assert set(refused) == {"lrp", "deeplift"}
     assert "attention" in refused["deeplift"] and "no rule" in refused["lrp"]
+
+
+def test_gradient_shap_batches_whole_copies_so_any_number_of_samples_pairs_with_its_ids():
+    # 40 samples x 16 draws = 640 rows: a pass of 512 rows would split a copy of the batch
+    torch.manual_seed(0)
+    model = TextTransformer(20, 2, dim=8, heads=2, layers=1, pad_id=0).eval()
+    ids = torch.randint(1, 20, (40, 6))
+    ids[::3, 4:] = 0
+    embedded = layer_output(model, "embedding", ids)
+    view = LayerInput(model, "embedding", ids)
+
+    def run(limit):
+        generator = torch.Generator().manual_seed(5)
+        return attribute(
+            "gradient_shap", view, embedded, 1, n_samples=16, generator=generator, internal_batch_size=limit
+        )
+
+    chunked, whole = run(512), run(100_000)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)  # the passes' size does not change the result
