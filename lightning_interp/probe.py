@@ -34,7 +34,7 @@ __all__ = [
     "scannable",
 ]
 
-INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values", "img")
+INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values", "img", "input_ids", "tokens")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class", "cls")
 MASK_KEYS = ("mask", "masks", "segmentation", "seg", "object_mask")
 

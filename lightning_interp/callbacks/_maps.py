@@ -218,6 +218,13 @@ class MapCallback(InterpCallback):
                 "volumes, pass a batch_parser (or probe=ProbeSet(...)) that gives one of these forms, e.g. a frame."
             )
         name = type(self).__name__
+        if self.vocabulary is not None and is_token_input(probe.inputs):
+            largest = int(probe.inputs.max())
+            if largest >= len(self.vocabulary):
+                raise ValueError(
+                    f"{name}: the probe inputs hold token id {largest}, but the vocabulary has {len(self.vocabulary)} "
+                    f"entries (ids 0 to {len(self.vocabulary) - 1}): pass the full vocabulary, or decode=... ."
+                )
         if self.feature_names is not None and (
             probe.inputs.ndim != 2 or len(self.feature_names) != probe.inputs.shape[1]
         ):
@@ -399,13 +406,29 @@ class MapCallback(InterpCallback):
         """Per-map scores as 0-dim tensors where the maps are (the caller brings them to the host at once)."""
         values: dict[str, Tensor] = {}
         masks = None
+        padded = self.pad_id is not None and is_token_input(probe.inputs)
+        real = (probe.inputs != self.pad_id) if padded else None  # token maps are scored over the real tokens
         for key, value in maps.items():
             prefix = f"interp_{self.name}/{key}"
             positive = value.clamp_min(0) if key in signed else value
-            values[f"{prefix}/concentration"] = _nanmean(concentration(positive))
             previous = self._previous.get(key)
-            if previous is not None and previous.shape == value.shape:
-                values[f"{prefix}/stability"] = _nanmean(rank_correlation(value, previous.to(value.device)))
+            if previous is not None and previous.shape != value.shape:
+                previous = None
+            if real is None:
+                values[f"{prefix}/concentration"] = _nanmean(concentration(positive))
+                if previous is not None:
+                    values[f"{prefix}/stability"] = _nanmean(rank_correlation(value, previous.to(value.device)))
+            else:
+                keep = real.to(value.device)
+                rows = range(value.shape[0])
+                nothing = torch.full((1,), float("nan"), dtype=torch.float64, device=value.device)
+                values[f"{prefix}/concentration"] = _nanmean(
+                    torch.cat([concentration(positive[i][keep[i]][None]) if keep[i].any() else nothing for i in rows])
+                )
+                if previous is not None:
+                    before = previous.to(value.device)
+                    correlations = [rank_correlation(value[i][keep[i]][None], before[i][keep[i]][None]) for i in rows]
+                    values[f"{prefix}/stability"] = _nanmean(torch.cat(correlations))
             if probe.masks is not None and tuple(probe.masks.shape[-2:]) == tuple(value.shape[-2:]):
                 masks = probe.masks.to(value.device) if masks is None else masks
                 values[f"{prefix}/localization"] = _nanmean(localization(positive, masks))

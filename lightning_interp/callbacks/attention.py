@@ -83,8 +83,12 @@ class AttentionCallback(MapCallback):
 
     Which token's attention is shown (``query``): ``"auto"`` takes the class
     token where the model has leading tokens before its patches or input
-    tokens (ViT's class token), else the mean over all tokens (a model that
-    pools its output); an int names a token position; ``"mean"`` the mean.
+    tokens (ViT's class token), else the mean over all (non-padding) tokens (a
+    model that pools its output); an int names a token position (``0`` for a
+    ``[CLS]`` id at the start of the ids); ``"last"`` the last non-padding
+    token (a causal model that reads its last token: under a causal mask the
+    mean over tokens favours the first ones, which every row sees); ``"mean"``
+    the mean.
 
     Supported attention layers: ``torch.nn.MultiheadAttention`` (in
     ``nn.TransformerEncoderLayer``, torchvision's ``VisionTransformer``, your
@@ -100,7 +104,7 @@ class AttentionCallback(MapCallback):
         rollout: compute attention rollout (Abnar & Zuidema 2020).
         residual: rollout with the residual identity (``0.5 W + 0.5 I``), as in the paper.
         head_fusion: how rollout combines a layer's heads: ``"mean"``, ``"max"`` or ``"min"``.
-        query: ``"auto"``, ``"mean"`` or a token position (see above).
+        query: ``"auto"``, ``"mean"``, ``"last"`` or a token position (see above).
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: shared options of :class:`~lightning_interp.callbacks._maps.MapCallback`
             (``num_samples``, ``every_n_epochs``, ``probe``, ``vocabulary``, ``pad_id``, ``rows_per_image``, ...).
@@ -134,8 +138,10 @@ class AttentionCallback(MapCallback):
         self.auto = not self.layers
         if head_fusion not in HEAD_FUSIONS:
             raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
-        if not (query in ("auto", "mean") or (isinstance(query, int) and not isinstance(query, bool) and query >= 0)):
-            raise ValueError(f"query must be 'auto', 'mean' or a token position (an int >= 0), got {query!r}.")
+        if not (
+            query in ("auto", "mean", "last") or (isinstance(query, int) and not isinstance(query, bool) and query >= 0)
+        ):
+            raise ValueError(f"query must be 'auto', 'mean', 'last' or a token position (an int >= 0), got {query!r}.")
         if not isinstance(head_samples, int) or isinstance(head_samples, bool) or head_samples < 1:
             raise ValueError(f"head_samples must be a positive int, got {head_samples!r}.")
         for option, value in (("heads", heads), ("rollout", rollout), ("residual", residual)):
@@ -148,7 +154,7 @@ class AttentionCallback(MapCallback):
         self.head_fusion = head_fusion
         self.query = query
         self._ran: list[str] = []  # every attention layer in forward order (the model's own names)
-        self._query: int | None = None  # the query token in force (None: the mean over tokens)
+        self._query: int | str = "mean"  # the query in force: a token position, "mean" or "last"
         self._prefix = 0  # leading tokens (class, register) before the ones laid on the input
         self._grid: TokenGrid | None = None  # for images: how the tokens lie on the input
         self._count = 0  # tokens the attention layers see (their queries)
@@ -174,11 +180,19 @@ class AttentionCallback(MapCallback):
         trace = self._trace(trainer, pl_module, example)
         found = attention_layers(pl_module)
         self._ran = [name for name in trace.calls if name in found and trace.calls[name] == 1]
+        if not self._ran and found:
+            runs = {plain_name(name): trace.calls.get(name, 0) for name in found}
+            raise ValueError(
+                f"AttentionCallback: the attention layers of {type(pl_module).__name__} do not run exactly once per "
+                f"forward pass (times each ran: {runs}): a layer shared across depths (ALBERT-style) or one that "
+                "does not run has no single attention map to show. Use SaliencyCallback, GradCAMCallback or the "
+                "representation callbacks for this model."
+            )
         if not self._ran:
             raise ValueError(
-                f"AttentionCallback found no attention layer that runs once per forward in {type(pl_module).__name__}"
-                f" (torch.nn.MultiheadAttention or timm's Attention; found: {found or 'none'}). Models without one "
-                "can use SaliencyCallback, GradCAMCallback or the representation callbacks."
+                f"AttentionCallback found no attention layer in {type(pl_module).__name__} (torch.nn.MultiheadAttention"
+                ", as in nn.TransformerEncoderLayer and torchvision's VisionTransformer, or timm's Attention). Models "
+                "without one can use SaliencyCallback, GradCAMCallback or the representation callbacks."
             )
         if self.auto:
             self.layers = [plain_name(self._ran[-1])]
@@ -236,25 +250,35 @@ class AttentionCallback(MapCallback):
                     "sequence are not supported yet."
                 )
         if self.query == "auto":
-            self._query = 0 if self._prefix > 0 else None
-        elif self.query == "mean":
-            self._query = None
+            self._query = 0 if self._prefix > 0 else "mean"
+        elif self.query in ("mean", "last"):
+            self._query = self.query
         else:
             if self.query >= count:
                 raise ValueError(f"AttentionCallback: query={self.query} but the layers see {count} tokens.")
             self._query = int(self.query)
 
-    def _query_weights(self, inputs: Tensor) -> Tensor:
-        """(B, tokens) weight of each query token in the mean over queries: 0 for padding, else 1."""
+    def _real_tokens(self, inputs: Tensor) -> Tensor:
+        """(B, tokens) 1 for each token the layers see that is not padding (leading tokens included), else 0."""
         weights = torch.ones(inputs.shape[0], self._count, device=inputs.device)
         if self.pad_id is not None and is_token_input(inputs):
             weights[:, self._prefix :] = (inputs != self.pad_id).float()
         return weights
 
+    def _query_weights(self, inputs: Tensor) -> Tensor:
+        """(B, tokens) weight of each query token in the attention shown: one-hot at the chosen token (the last
+        real one for ``"last"``), or the real tokens for the mean."""
+        real = self._real_tokens(inputs)
+        if self._query == "mean":
+            return real
+        if self._query == "last":  # the last token that is not padding (padding at the end)
+            index = (real.cumsum(dim=1) * real).argmax(dim=1)
+        else:
+            index = torch.full((inputs.shape[0],), int(self._query), device=inputs.device)
+        return torch.nn.functional.one_hot(index, self._count).float()
+
     def _query_rows(self, weights: Tensor, queries: Tensor) -> Tensor:
         """(B, heads, keys): the attention of the query token, or the mean over the (non-padding) queries."""
-        if self._query is not None:
-            return weights[:, :, self._query, :]
         q = queries[:, None, :, None]
         return (weights * q).sum(dim=2) / q.sum(dim=2).clamp_min(1e-12)
 
@@ -277,12 +301,12 @@ class AttentionCallback(MapCallback):
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         shown = [module_name(pl_module, name) or name for name in self.layers]
-        queries = self._query_weights(inputs)
+        queries, real = self._query_weights(inputs), self._real_tokens(inputs)
 
         def reduce(weights: Tensor) -> dict[str, Tensor]:  # in each layer's hook: keep only what is shown
             if weights.shape[-2] != self._count:  # a layer over another sequence (not shown): its entropy only
                 return {"entropy": attention_entropy(weights)}
-            kept = {"rows": self._query_rows(weights, queries), "entropy": attention_entropy(weights, queries)}
+            kept = {"rows": self._query_rows(weights, queries), "entropy": attention_entropy(weights, real)}
             if self.rollout:
                 kept["fused"] = fuse_heads(weights, self.head_fusion)
             return kept
@@ -339,7 +363,7 @@ class AttentionCallback(MapCallback):
             inputs,
             {text: heads[:count, h] for h, text in enumerate(titles)},
             [f"#{i}" for i in range(count)],
-            title=f"{layer}: attention per head",
+            title=f"{short_layer_name(layer)}: attention per head",
         )
         if drawn is not None:
             return drawn
@@ -351,7 +375,7 @@ class AttentionCallback(MapCallback):
             tiles,
             column_titles=["input", *titles],
             row_labels=[f"#{i}" for i in range(count)],
-            title=f"{layer}: attention per head",
+            title=f"{short_layer_name(layer)}: attention per head",
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -315,14 +315,15 @@ def attention_entropy(weights: Tensor, queries: Tensor | None = None) -> Tensor:
 
     1 is uniform over the visible keys, 0 all on one. Keys a mask hides (weight
     exactly zero: padding, causal masks) do not count, so uniform attention over
-    a padded sequence's real tokens reads 1.
+    a padded sequence's real tokens reads 1; rows that see a single key (the
+    first token under a causal mask) have no choice to make and are left out.
 
     Args:
         weights: (B, heads, queries, keys) attention weights.
         queries: optional (B, queries) weights of the query rows in the mean (0 leaves a row out, e.g. padding).
 
     Returns:
-        (B,) mean over heads and queries (rows with no mass left out).
+        (B,) mean over heads and queries (rows with no mass or a single visible key left out).
 
     Example:
         >>> attention_entropy(torch.full((1, 1, 3, 4), 0.25)).tolist()
@@ -336,7 +337,7 @@ def attention_entropy(weights: Tensor, queries: Tensor | None = None) -> Tensor:
     visible = (p > 0).sum(dim=-1)
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
     normalised = torch.where(visible > 1, entropy / torch.log(visible.clamp_min(2).float()), torch.zeros_like(entropy))
-    valid = (p.sum(dim=-1) > 0.5).float()
+    valid = ((p.sum(dim=-1) > 0.5) & (visible > 1)).float()  # a row that sees one key has no choice to make
     if queries is not None:
         valid = valid * queries.to(valid)[:, None, :]
     return (normalised * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1e-12)

@@ -223,7 +223,8 @@ def auto_layers(
     A dry forward (eval mode, no gradients, first sample only; see
     :func:`~lightning_interp.methods.trace_model`) records, in execution
     order, every module that owns parameters itself (convolutions, linear
-    layers, ...) and ran exactly once, leaving out normalisation layers. When
+    layers, ...), ran exactly once and gave one output row per sample (not a
+    position embedding of the sequence), leaving out normalisation layers. When
     the model's top-level children form a chain of blocks, their outputs are
     used instead (the usual "one point per stage" view). Up to ``max_layers``
     are chosen evenly spaced, always keeping the last.
@@ -246,7 +247,8 @@ def auto_layers(
             raise ValueError("auto_layers needs an example_input or a trace.")
         trace = trace_model(model, example_input)
     modules = dict(model.named_modules())
-    once = trace.ran_once()
+    # one output row per sample: a position embedding called on arange(T) gives (T, D), the same for every sample
+    once = [name for name in trace.ran_once() if trace.shapes.get(name, (0,))[:1] == (1,)]
     weighted = [
         name
         for name in once

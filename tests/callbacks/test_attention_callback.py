@@ -318,3 +318,100 @@ def test_torchvision_vit_rollout_after_training_on_the_quickstart_shapes_is_fini
         scalars[f"interp_attention/net.encoder.layers.encoder_layer_{i}.self_attention/entropy"] for i in range(3)
     ]
     assert all(0 < values[-1][1] < 1 for values in entropy)
+
+
+def test_the_probe_callbacks_leave_out_a_position_embedding_of_the_sequence(tmp_path):
+    from lightning_interp import LinearProbeCallback, RepresentationSimilarityCallback
+
+    class BertLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.word = nn.Embedding(len(VOCABULARY), 16, padding_idx=PAD_ID)
+            self.pos = nn.Embedding(12, 16)  # called on arange(T): (T, 16), the same for every sample
+            layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, ids):
+            x = self.word(ids) + self.pos(torch.arange(ids.shape[1]))
+            return self.head(self.encoder(x, src_key_padding_mask=ids == PAD_ID)[:, 0])
+
+    callbacks = [LinearProbeCallback(num_samples=32), RepresentationSimilarityCallback(num_samples=32)]
+    events, _ = _fit(tmp_path, ImageClassifier(BertLike()), callbacks, _text_loader(48))
+    for callback in callbacks:
+        assert "net.pos" not in callback.layers and "net.word" in callback.layers, callback.layers
+    assert any(tag.endswith("/accuracy") for tag in events.scalars)
+
+
+def test_token_map_scores_count_the_real_tokens_only():
+    from lightning_interp.probe import ProbeSet
+
+    ids = torch.zeros(16, 20, dtype=torch.long)
+    ids[:, :8] = 5  # 8 real tokens, 12 padding
+    callback = SaliencyCallback(pad_id=PAD_ID, probe=ProbeSet(ids, torch.zeros(16, dtype=torch.long)))
+    generator = torch.Generator().manual_seed(0)
+    real = (ids != PAD_ID).float()
+    first, second = torch.rand(16, 20, generator=generator) * real, torch.rand(16, 20, generator=generator) * real
+    callback._scores({"gradient": first}, set(), callback.probe)
+    scores = callback._scores({"gradient": second}, set(), callback.probe)
+    # independent maps: no rank correlation over the real tokens (the tied zeros of padding would add about 0.9)
+    assert abs(float(scores["interp_saliency/gradient/stability"])) < 0.3
+    uniform = callback._scores({"gradient": real}, set(), callback.probe)
+    assert float(uniform["interp_saliency/gradient/concentration"]) == pytest.approx(1 / 8)  # top 1 of 8 tokens
+
+
+def test_a_causal_model_shows_its_last_token_and_uniform_causal_attention_reads_entropy_one(tmp_path):
+    class Causal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _uniform_attention_model().net  # q = k = 0: each row uniform over the keys it may see
+
+        def forward(self, ids):
+            net, length = self.net, ids.shape[1]
+            padding = ids == PAD_ID
+            causal = nn.Transformer.generate_square_subsequent_mask(length)
+            x = net.embedding(ids) + net.position[:, :length]
+            x = net.encoder(x, mask=causal, src_key_padding_mask=padding, is_causal=True)
+            last = (~padding).sum(dim=1) - 1
+            return net.head(x[torch.arange(ids.shape[0]), last])
+
+    callback = AttentionCallback(num_samples=8, pad_id=PAD_ID, query="last", background_drawing=False)
+    events, _ = _fit(tmp_path, ImageClassifier(Causal()), [callback], _text_loader())
+    real = callback.probe.inputs != PAD_ID
+    # the last real token sees every real token before it, and nothing after: uniform over the real tokens
+    expected = real.float() / real.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(callback.last_maps["net.net.encoder.layers.1.self_attn"], expected, atol=1e-5, rtol=0)
+    entropy = events.scalars["interp_attention/net.net.encoder.layers.0.self_attn/entropy"][-1][1]
+    assert entropy == pytest.approx(1.0, abs=1e-4)  # the first row sees one key: left out, not counted as 0
+
+
+def test_hugging_face_style_dict_batches_and_a_short_vocabulary(tmp_path):
+    data = make_keyword_text(32, length=12, min_length=6, seed=0)
+
+    class Dicts(torch.utils.data.Dataset):  # {"input_ids": ..., "labels": ...}, as a tokenised HF dataset gives
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return {"input_ids": data.ids[i], "labels": data.labels[i]}
+
+    class DictClassifier(ImageClassifier):
+        def _batch(self, batch):
+            return batch["input_ids"], batch["labels"]
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(self._batch(batch), batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            return super().validation_step(self._batch(batch), batch_idx)
+
+    loader = DataLoader(Dicts(), batch_size=16)
+    callback = AttentionCallback(num_samples=4, vocabulary=VOCABULARY, pad_id=PAD_ID, background_drawing=False)
+    events, _ = _fit(tmp_path, DictClassifier(_uniform_attention_model().net), [callback], loader)
+    assert callback.probe.has_labels and callback.probe.inputs.dtype == torch.long
+    assert "interp_attention/maps" in events.images
+    short = AttentionCallback(num_samples=4, vocabulary=VOCABULARY[:10], pad_id=PAD_ID)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[short], logger=False)
+    with pytest.raises(ValueError, match="vocabulary has 10 entries"):
+        trainer.fit(_uniform_attention_model(), _text_loader(), _text_loader())
+    assert trainer.global_step == 0

@@ -146,6 +146,9 @@ def test_entropy_is_one_for_uniform_rows_and_zero_for_one_hot_rows():
     torch.testing.assert_close(attention_entropy(peaked), torch.zeros(2))
     torch.testing.assert_close(attention_entropy(half), torch.tensor([1.0]))
     torch.testing.assert_close(attention_entropy(skewed), torch.tensor([0.8113]), atol=1e-4, rtol=0)
+    causal = torch.tril(torch.ones(4, 4))
+    causal = (causal / causal.sum(dim=1, keepdim=True))[None, None]  # uniform over what each row may see
+    torch.testing.assert_close(attention_entropy(causal), torch.tensor([1.0]))  # the first row (one key) left out
 
 
 def test_errors_name_the_attention_layers_there_are():
