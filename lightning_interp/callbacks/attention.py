@@ -317,16 +317,16 @@ class AttentionCallback(MapCallback):
         titles: dict[str, str] = {}
         extra: dict[str, Tensor] = {}
         scalars: dict[str, float] = {}
-        for layer, real in zip(self.layers, shown, strict=True):
-            rows = records[real]["rows"]
+        for layer, name in zip(self.layers, shown, strict=True):
+            rows = records[name]["rows"]
             maps[layer] = self._to_map(rows.mean(dim=1), inputs)
             titles[layer] = f"{short_layer_name(layer)}\nmean of heads"
             if self.heads:
                 extra[layer] = self._to_map(rows[:, :MAX_HEADS_SHOWN], inputs)
-        for real in self._ran:
-            scalars[f"{plain_name(real)}/entropy"] = float(records[real]["entropy"].mean())
+        entropies = torch.stack([records[name]["entropy"].mean() for name in self._ran]).tolist()  # one transfer
+        scalars.update({f"{plain_name(name)}/entropy": value for name, value in zip(self._ran, entropies, strict=True)})
         if self.rollout:
-            rollout = attention_rollout([records[real]["fused"] for real in self._ran], residual=self.residual)
+            rollout = attention_rollout([records[name]["fused"] for name in self._ran], residual=self.residual)
             maps["rollout"] = self._to_map(self._query_rows(rollout[:, None], queries)[:, 0], inputs)
             titles["rollout"] = "rollout" + (f"\n{self.head_fusion} of heads" if self.head_fusion != "mean" else "")
         return Explanation(
