@@ -43,13 +43,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, torch.Tensor]:
-    """Training and validation loaders, and the validation keyword mask (True at the evidence tokens)."""
+def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders of (ids, label, keyword mask): the mask marks the evidence tokens, so the
+    callbacks log each map's localization on them (its share of the mass on the keywords)."""
     train = make_keyword_text(args.train_size, seed=args.seed)
     val = make_keyword_text(args.val_size, seed=args.seed + 1)
-    train_loader = DataLoader(TensorDataset(train.ids, train.labels), batch_size=args.batch_size, shuffle=True)
-    val_loader = DataLoader(TensorDataset(val.ids, val.labels), batch_size=args.batch_size)
-    return train_loader, val_loader, val.keyword_mask
+    train_loader = DataLoader(TensorDataset(*train), batch_size=args.batch_size, shuffle=True)
+    val_loader = DataLoader(TensorDataset(*val), batch_size=args.batch_size)
+    return train_loader, val_loader
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
-    train_loader, val_loader, keyword_mask = loaders(args)
+    train_loader, val_loader = loaders(args)
     model = ImageClassifier(TextTransformer(len(VOCABULARY), len(TEXT_CLASSES), pad_id=PAD_ID), lr=3e-3)
     words = {"vocabulary": VOCABULARY, "pad_id": PAD_ID, "class_names": TEXT_CLASSES}
     callbacks = [
@@ -85,24 +86,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(f"validation accuracy: {metrics.get('val_acc', float('nan')):.3f}")
     attention, saliency = callbacks[0], callbacks[1]
     probe = attention.probe
-    if probe is not None and probe.indices is not None:
-        mask = keyword_mask[probe.indices]
-        has = mask.any(dim=1)  # the positive and negative sentences (neutral ones have no keywords)
-        real = probe.inputs != PAD_ID
-        uniform = float((mask.sum(1) / real.sum(1))[has].mean())
-        shown = [(f"attention {key}", maps) for key, maps in attention.last_maps.items()]
-        shown += [(f"saliency {key}", maps) for key, maps in saliency.last_maps.items()]
-        for name, maps in shown:
-            share = keyword_share(maps.abs().cpu()[has], mask[has])
-            print(f"{name}: {share:.2f} of its mass on the keywords (a uniform map: {uniform:.2f})")
+    if probe is not None and probe.masks is not None:
+        has = probe.masks.any(dim=1)  # the positive and negative sentences (neutral ones have no keywords)
+        uniform = float((probe.masks.sum(1) / (probe.inputs != PAD_ID).sum(1))[has].mean())
+        for callback in (attention, saliency):
+            for key in callback.last_maps:
+                share = metrics.get(f"interp_{callback.name}/{key}/localization", float("nan"))
+                print(f"{callback.name} {key}: {share:.2f} of its mass on the keywords (a uniform map: {uniform:.2f})")
     print(f"TensorBoard logs: {logger.log_dir}  (tensorboard --logdir {args.log_dir})")
     return metrics
-
-
-def keyword_share(maps: torch.Tensor, keyword_mask: torch.Tensor) -> float:
-    """Mean share of each map's mass (N, T) that falls on the keyword tokens."""
-    total = maps.sum(dim=1).clamp_min(1e-12)
-    return float(((maps * keyword_mask).sum(dim=1) / total).mean())
 
 
 if __name__ == "__main__":

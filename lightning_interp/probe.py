@@ -79,8 +79,15 @@ def as_labels(value: Tensor) -> Tensor:
 
 
 def _as_mask(value: object, inputs: Tensor) -> Tensor | None:
-    """``value`` as (B, H, W) bool if it is a per-pixel mask matching the inputs' grid."""
-    if not isinstance(value, Tensor) or inputs.ndim != 4 or value.shape[0] != inputs.shape[0]:
+    """``value`` as (B, H, W) bool if it is a per-pixel mask matching the inputs' grid, or as (B, T) for token,
+    feature or signal inputs (B, T) / (B, C, T) when it is a boolean (B, T) tensor (an integer attention mask is not
+    an object mask)."""
+    if not isinstance(value, Tensor) or value.shape[:1] != inputs.shape[:1]:
+        return None
+    if inputs.ndim in (2, 3):
+        sequence = value.dtype == torch.bool and value.ndim == 2 and value.shape[1] == inputs.shape[-1]
+        return value if sequence else None
+    if inputs.ndim != 4:
         return None
     spatial = tuple(inputs.shape[-2:])
     if value.ndim == 4 and value.shape[1] == 1:
@@ -187,7 +194,8 @@ class ProbeSet:
         labels: optional labels: (N,) class indices, 0/1 or real values, or
             (N, K) one-hot, soft, multi-hot or real-valued rows (integers and
             booleans kept as int64, other numbers as float32; (N, 1) becomes (N,)).
-        masks: optional (N, H, W) ground-truth object masks: boolean, integer (non-zero is
+        masks: optional (N, H, W) ground-truth object masks (or (N, T) for token, feature and
+            signal inputs: which tokens, features or time steps hold the evidence): boolean, integer (non-zero is
             inside) or float (above 0.5 is inside).
         indices: optional (N,) dataset indices of the samples (set by the draws from a dataloader).
 
@@ -225,8 +233,13 @@ class ProbeSet:
         if self.masks is not None:
             if self.masks.ndim == 4 and self.masks.shape[1] == 1:
                 self.masks = self.masks[:, 0]
-            if self.masks.ndim != 3 or self.masks.shape[0] != count:
-                raise ValueError(f"masks must have shape ({count}, H, W), got {tuple(self.masks.shape)}.")
+            sequence = self.masks.ndim == 2 and self.inputs.ndim in (2, 3) and self.masks.shape[1] == inputs.shape[-1]
+            if not (self.masks.ndim == 3 or sequence) or self.masks.shape[0] != count:
+                raise ValueError(
+                    f"masks must have shape ({count}, H, W) for images, or ({count}, {inputs.shape[-1]}) (one flag "
+                    f"per token, feature or time step) for inputs of shape {tuple(inputs.shape)}; got "
+                    f"{tuple(self.masks.shape)}."
+                )
             self.masks = self.masks > 0.5 if self.masks.is_floating_point() else self.masks.bool()
 
     def __len__(self) -> int:

@@ -177,6 +177,7 @@ def test_text_example_logs_attention_and_token_saliency_as_text(tmp_path, capsys
     for tag in (f"interp_attention/{layer}/entropy", "interp_attention/rollout/concentration"):
         assert 0.0 < metrics[tag] <= 1.0, tag
     assert "interp_saliency/integrated_gradients/completeness_error" in metrics
+    assert 0.0 <= metrics["interp_attention/rollout/localization"] <= 1.0  # the keyword masks travel with the batches
     assert any(tag.startswith("interp_probe/") for tag in metrics)
     printed = capsys.readouterr().out
     assert "attention rollout:" in printed and "of its mass on the keywords (a uniform map:" in printed

@@ -426,3 +426,20 @@ def test_sampled_indices_under_lightnings_distributed_wrapper_and_a_shuffled_dis
     for rank in range(2):  # what each rank validates on within two batches
         expected |= set(list(DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3))[:8])
     assert set(found.tolist()) == expected and len(expected) == 16
+
+
+def test_sequence_masks_mark_tokens_and_an_integer_attention_mask_is_not_one():
+    from lightning_interp.probe import ProbeSet, parse_batch
+
+    ids = torch.randint(1, 9, (4, 6))
+    keywords = torch.zeros(4, 6, dtype=torch.bool)
+    keywords[:, 2] = True
+    attention_mask = torch.ones(4, 6, dtype=torch.long)
+    labels = torch.tensor([0, 1, 0, 1])
+    assert torch.equal(parse_batch((ids, labels, keywords)).masks, keywords)
+    assert parse_batch((ids, labels, attention_mask)).masks is None  # 1/0 integers: padding, not evidence
+    signals = torch.randn(4, 2, 6)
+    assert torch.equal(parse_batch((signals, labels, keywords)).masks, keywords)  # one flag per time step
+    assert ProbeSet(ids, labels, keywords).masks.shape == (4, 6)
+    with pytest.raises(ValueError, match=r"\(4, 6\) \(one flag per token"):
+        ProbeSet(ids, labels, keywords[:, :5])

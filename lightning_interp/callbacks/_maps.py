@@ -429,10 +429,14 @@ class MapCallback(InterpCallback):
                     before = previous.to(value.device)
                     correlations = [rank_correlation(value[i][keep[i]][None], before[i][keep[i]][None]) for i in rows]
                     values[f"{prefix}/stability"] = _nanmean(torch.cat(correlations))
-            if probe.masks is not None and tuple(probe.masks.shape[-2:]) == tuple(value.shape[-2:]):
+            where = _on_mask_grid(positive, probe.masks)
+            if where is not None:
                 masks = probe.masks.to(value.device) if masks is None else masks
-                values[f"{prefix}/localization"] = _nanmean(localization(positive, masks))
-                values[f"{prefix}/pointing_game"] = _nanmean(pointing_game(positive, masks))
+                empty = ~masks.reshape(masks.shape[0], -1).any(dim=1)  # nothing to point at (a neutral sentence)
+                for metric, score in (("localization", localization), ("pointing_game", pointing_game)):
+                    per_sample = score(where, masks).double()
+                    per_sample = torch.where(empty, torch.full_like(per_sample, float("nan")), per_sample)
+                    values[f"{prefix}/{metric}"] = _nanmean(per_sample)
             self._previous[key] = value.detach().clone()
         return values
 
@@ -631,6 +635,18 @@ def _shrink(maps: Tensor) -> Tensor:
         size = (max(1, round(maps.shape[-2] * scale)), max(1, round(maps.shape[-1] * scale)))
         maps = torch.nn.functional.interpolate(maps[:, None], size=size, mode="area")[:, 0]
     return maps.half().cpu().clone()
+
+
+def _on_mask_grid(maps: Tensor, masks: Tensor | None) -> Tensor | None:
+    """``maps`` laid on the masks' grid: image maps (N, H, W) on (N, H, W) masks, token / feature maps (N, T) or
+    signal maps (N, C, T), summed over channels, on (N, T) masks; None when they do not fit."""
+    if masks is None:
+        return None
+    if masks.ndim == 3:
+        return maps if maps.ndim == 3 and tuple(maps.shape[-2:]) == tuple(masks.shape[-2:]) else None
+    if maps.shape[-1] != masks.shape[-1]:
+        return None
+    return maps if maps.ndim == 2 else maps.sum(dim=1) if maps.ndim == 3 else None
 
 
 def _nanmean(values: Tensor) -> Tensor:

@@ -278,7 +278,8 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         classes = int(labels.max()) + 1
         if self.balances:
             classes = max(classes, max(balance.counts.numel() for balance in self.balances.values()))
-        masks = probe.masks if probe.masks is not None and probe.masks.shape[-2:] == maps.shape[-2:] else None
+        masks = probe.masks if probe.masks is not None and probe.masks.ndim == 3 else None  # image masks only
+        masks = masks if masks is not None and masks.shape[-2:] == maps.shape[-2:] else None
         found = class_attribution(maps, labels, classes, masks=masks, border_fraction=self.border_fraction)
         self.class_attribution = found
         measure = found.measure

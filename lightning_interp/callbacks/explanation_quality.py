@@ -336,7 +336,8 @@ class ExplanationQualityCallback(InterpCallback):
         inputs = self._probe_inputs(trainer, pl_module)
         target = self._targets(trainer, model, inputs, probe)
         task = self._output_task
-        masks = probe.masks if probe.masks is not None and probe.masks.shape[-2:] == inputs.shape[-2:] else None
+        masks = probe.masks if probe.masks is not None and probe.masks.ndim == 3 else None  # image masks only
+        masks = masks if masks is not None and masks.shape[-2:] == inputs.shape[-2:] else None
         values: dict[str, dict[str, Tensor]] = {}
         for method, key in zip(self.methods, self.keys, strict=True):
             maps = self._maps(trainer, model, method, inputs, target)

@@ -71,7 +71,7 @@ def test_a_trained_text_transformer_attends_and_attributes_to_the_keywords(tmp_p
     torch.manual_seed(0)
     train = make_keyword_text(768, length=16, min_length=8, seed=0)
     val = make_keyword_text(64, length=16, min_length=8, seed=1)
-    val_loader = DataLoader(TensorDataset(val.ids, val.labels), batch_size=32)
+    val_loader = DataLoader(TensorDataset(val.ids, val.labels, val.keyword_mask), batch_size=32)  # masks: keywords
     train_loader = DataLoader(TensorDataset(train.ids, train.labels), batch_size=32, shuffle=True)
     net = TextTransformer(len(VOCABULARY), 3, dim=32, heads=2, layers=2, max_length=16, pad_id=PAD_ID)
     words = {"vocabulary": VOCABULARY, "pad_id": PAD_ID, "num_samples": 32, "background_drawing": False}
@@ -97,6 +97,10 @@ def test_a_trained_text_transformer_attends_and_attributes_to_the_keywords(tmp_p
     assert shares["gradient"] > 2 * uniform, (shares, uniform)
     assert shares["rollout"] > 1.8 * uniform, (shares, uniform)  # rollout keeps half of each token on itself
     scalars = read_events(logger.log_dir).scalars
+    assert bool((attention.probe.masks == val.keyword_mask[probe.indices]).all())  # the bool (B, T) batch item
+    for name, share in shares.items():  # logged as localization, neutral sentences (no keyword) left out
+        callback = "attention" if name in attention.last_maps else "saliency"
+        assert scalars[f"interp_{callback}/{name}/localization"][-1][1] == pytest.approx(share, abs=1e-4), name
     error = scalars["interp_saliency/integrated_gradients/completeness_error"][-1][1]
     assert error < 0.05  # 64 steps: sum of token attributions = f(x) - f(padding embedding) within 5%
 

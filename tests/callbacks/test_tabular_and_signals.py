@@ -102,3 +102,16 @@ def test_the_band_follows_the_map_along_time():
     figure = _signal_figure(inputs, [hot], column_titles=["m"], row_labels=["#0"], cmap="gray")
     band = next(axes for axes in figure.axes if axes.images).images[0].get_array()
     assert float(band[0, 45]) == pytest.approx(1.0) and float(band[0, 5]) == pytest.approx(0.0)
+
+
+def test_signal_maps_meet_time_step_masks_summed_over_channels():
+    from lightning_interp.callbacks._maps import _on_mask_grid
+
+    maps = torch.zeros(3, 3, 10)  # as many samples as channels: the grid must not be confused with (N, T)
+    maps[:, 1, 7] = 2.0
+    masks = torch.zeros(3, 10, dtype=torch.bool)
+    masks[:, 7] = True
+    laid = _on_mask_grid(maps, masks)
+    assert laid.shape == (3, 10) and float(laid[0, 7]) == 2.0
+    assert _on_mask_grid(torch.zeros(3, 8, 8), masks) is None  # an image map does not meet a sequence mask
+    assert _on_mask_grid(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.bool)).shape == (3, 8, 8)
