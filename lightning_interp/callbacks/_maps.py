@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
-from lightning_interp.callbacks._base import InterpCallback, _check_callable, parse_names
+from lightning_interp.callbacks._base import InterpCallback, _check_callable, parse_layer_names, parse_names
 from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
 from lightning_interp.methods.registry import METHODS, check_method_options
@@ -418,16 +418,17 @@ class MapCallback(InterpCallback):
                 values[f"{prefix}/concentration"] = _nanmean(concentration(positive))
                 if previous is not None:
                     values[f"{prefix}/stability"] = _nanmean(rank_correlation(value, previous.to(value.device)))
-            else:
-                keep = real.to(value.device)
-                rows = range(value.shape[0])
+            else:  # per sample over its real tokens, indexed from the CPU probe (no device sync per sample)
+                kept = [row.nonzero().flatten().to(value.device) for row in real]
                 nothing = torch.full((1,), float("nan"), dtype=torch.float64, device=value.device)
-                values[f"{prefix}/concentration"] = _nanmean(
-                    torch.cat([concentration(positive[i][keep[i]][None]) if keep[i].any() else nothing for i in rows])
-                )
+                shares = [
+                    concentration(p[i][None]) if i.numel() else nothing for p, i in zip(positive, kept, strict=True)
+                ]
+                values[f"{prefix}/concentration"] = _nanmean(torch.cat(shares))
                 if previous is not None:
                     before = previous.to(value.device)
-                    correlations = [rank_correlation(value[i][keep[i]][None], before[i][keep[i]][None]) for i in rows]
+                    pairs = zip(value, before, kept, strict=True)
+                    correlations = [rank_correlation(now[i][None], then[i][None]) for now, then, i in pairs]
                     values[f"{prefix}/stability"] = _nanmean(torch.cat(correlations))
             where = _on_mask_grid(positive, probe.masks)
             if where is not None:
@@ -461,9 +462,9 @@ class MapCallback(InterpCallback):
         if drawn is not None:
             return drawn
         columns = [list(input_to_rgb(inputs))]
+        floor = self._display_floor(inputs)
         for key, maps in picture.maps.items():
             cmap = "RdBu_r" if key in picture.signed else self.cmap
-            floor = self._display_floor(inputs)
             columns.append(map_tiles(inputs, maps[part], cmap=cmap, signed=key in picture.signed, floor=floor))
         tiles = [list(row) for row in zip(*columns, strict=True)]
         # the widest label of every row so far, plus room for a longer confidence: the grid (and each of its
@@ -574,6 +575,33 @@ class MapCallback(InterpCallback):
         tiles = [[column[i] for column in columns] for i in range(count)]
         titles = ["input"] + [f"epoch {epoch}" for epoch, _ in chosen]
         return render_grid(tiles, column_titles=titles, title=f"{self.name}: {key}")
+
+
+class LayerMapCallback(MapCallback):
+    """A map callback of chosen layers (Grad-CAM, attention): ``layers`` names them, or is empty when they are
+    chosen automatically (``auto``) on each fit's model; the choice is kept in the checkpoint."""
+
+    layers: list[str]
+    auto: bool
+
+    def _choose_layers(self, layers: str | Sequence[str], option: str) -> None:
+        self.layers = parse_layer_names(layers, option)
+        self.auto = not self.layers
+
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        if self.auto:  # chosen again on this fit's model
+            self.layers = []
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["layers"] = list(self.layers)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.auto and state_dict.get("layers"):
+            self.layers = list(state_dict["layers"])
 
 
 MANAGED_OPTIONS = ("generator", "output_transform", "task", "return_convergence_delta", "relu", "upsample", "reshape")

@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_interp._logging import log_image
-from lightning_interp.callbacks._base import parse_layer_names
-from lightning_interp.callbacks._maps import Explanation, MapCallback, _GridData, is_token_input
+from lightning_interp.callbacks._maps import Explanation, LayerMapCallback, _GridData, is_token_input
 from lightning_interp.methods._core import get_module, module_name, plain_name, resolve_target, scores_from_output
 from lightning_interp.methods.attention import (
     HEAD_FUSIONS,
@@ -57,7 +56,7 @@ def _extra_keys(module: torch.nn.Module) -> int:
     return 0
 
 
-class AttentionCallback(MapCallback):
+class AttentionCallback(LayerMapCallback):
     """Log what a transformer's attention looks at, per probe sample, and attention rollout to the input.
 
     At each due validation epoch (never in the sanity check) the callback runs
@@ -134,8 +133,7 @@ class AttentionCallback(MapCallback):
                 "For class-specific maps of a transformer use SaliencyCallback or GradCAMCallback."
             )
         super().__init__(name=name, **kwargs)
-        self.layers: list[str] = parse_layer_names(layers, "layers")
-        self.auto = not self.layers
+        self._choose_layers(layers, "layers")
         if head_fusion not in HEAD_FUSIONS:
             raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
         if not (
@@ -158,11 +156,6 @@ class AttentionCallback(MapCallback):
         self._prefix = 0  # leading tokens (class, register) before the ones laid on the input
         self._grid: TokenGrid | None = None  # for images: how the tokens lie on the input
         self._count = 0  # tokens the attention layers see (their queries)
-
-    def _reset_run_state(self) -> None:
-        super()._reset_run_state()
-        if self.auto:  # chosen again on this fit's model
-            self.layers = []
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         for name in self.layers:
@@ -377,13 +370,3 @@ class AttentionCallback(MapCallback):
             row_labels=[f"#{i}" for i in range(count)],
             title=f"{short_layer_name(layer)}: attention per head",
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["layers"] = list(self.layers)
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if self.auto and state_dict.get("layers"):
-            self.layers = list(state_dict["layers"])

@@ -8,8 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
-from lightning_interp.callbacks._base import parse_layer_names
-from lightning_interp.callbacks._maps import Explanation, MapCallback, parse_methods
+from lightning_interp.callbacks._maps import Explanation, LayerMapCallback, parse_methods
 from lightning_interp.methods._core import attribution_pass, get_module, module_name, plain_name
 from lightning_interp.methods.gradcam import (
     GRADIENT_CAMS,
@@ -27,7 +26,7 @@ CAM_METHODS = tuple(name for name, spec in METHODS.items() if spec.needs_layer)
 """The CAM methods of the registry (input-attribution methods belong to SaliencyCallback)."""
 
 
-class GradCAMCallback(MapCallback):
+class GradCAMCallback(LayerMapCallback):
     """Log Grad-CAM heatmaps (Selvaraju et al. 2017), and any CAM method, of a fixed probe set for one or more layers.
 
     Every gradient-based CAM method (Grad-CAM, Grad-CAM++, XGrad-CAM,
@@ -79,8 +78,7 @@ class GradCAMCallback(MapCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        self.layers: list[str] = parse_layer_names(layer, "layer")
-        self.auto = not self.layers
+        self._choose_layers(layer, "layer")
         self.methods, self.method_options = parse_methods(
             methods, CAM_METHODS, "GradCAMCallback", "SaliencyCallback(methods=...)"
         )
@@ -88,11 +86,6 @@ class GradCAMCallback(MapCallback):
         self.reshape = reshape
         self._reshapes: dict[str, TokenReshape | None] = {}  # per layer: ``reshape``, or its known token layout
         self._tokens: dict[str, bool] = {}  # per layer: whether its output is tokens (B, N, C)
-
-    def _reset_run_state(self) -> None:
-        super()._reset_run_state()
-        if self.auto:  # chosen again on this fit's model
-            self.layers = []
 
     def _zero_map_reason(self, key: str) -> str:
         cause = (
@@ -219,13 +212,3 @@ class GradCAMCallback(MapCallback):
                 )
         signed = set() if self.relu else set(maps)
         return Explanation(maps=maps, scores=result.scores, target=result.target, signed=signed, titles=titles)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["layers"] = list(self.layers)
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if self.auto and state_dict.get("layers"):
-            self.layers = list(state_dict["layers"])
