@@ -21,11 +21,16 @@ from lightning_interp.methods._core import (
     resolve_target,
     scores_from_output,
 )
+from lightning_interp.methods.registry import register_method
 from lightning_interp.methods.tasks import target_scores
 
 __all__ = ["gradient", "input_x_gradient", "integrated_gradients", "integration_points", "smoothgrad"]
 
 
+@register_method(
+    "gradient", "gradient", shared_pass=True, sensitivity=True,
+    cost="1 forward + 1 backward", reference="Captum Saliency (abs=False)",
+)  # fmt: skip
 def gradient(
     model: nn.Module,
     inputs: Tensor,
@@ -57,6 +62,10 @@ def gradient(
     return grad.to(inputs.dtype) if inputs.is_floating_point() else grad
 
 
+@register_method(
+    "gradient", "input × grad", shared_pass=True,
+    cost="1 forward + 1 backward", reference="Captum InputXGradient",
+)  # fmt: skip
 def input_x_gradient(
     model: nn.Module,
     inputs: Tensor,
@@ -84,6 +93,10 @@ def _sample_noise(shape: torch.Size, std: Tensor, generator: torch.Generator | N
     return noise.to(device=like.device) * std.to(device=like.device, dtype=torch.float32)
 
 
+@register_method(
+    "gradient", "SmoothGrad", stochastic=True, sensitivity=True, run_defaults={"n_samples": 16},
+    cost="n_samples (16 in the callbacks) forwards + backwards", reference="Captum NoiseTunnel(Saliency), same noise",
+)  # fmt: skip
 def smoothgrad(
     model: nn.Module,
     inputs: Tensor,
@@ -189,6 +202,10 @@ def integration_points(n_steps: int, method: str = "gausslegendre") -> tuple[Ten
     return nodes, torch.full((n_steps,), 1.0 / n_steps, dtype=torch.float64)
 
 
+@register_method(
+    "gradient", "integ. grads", scalars=("completeness_error",),
+    cost="n_steps (32) forwards + backwards", reference="Captum IntegratedGradients",
+)  # fmt: skip
 def integrated_gradients(
     model: nn.Module,
     inputs: Tensor,

@@ -48,6 +48,7 @@ from lightning_interp.methods._rules import (
     where_running,
     write_back,
 )
+from lightning_interp.methods.registry import register_method
 from lightning_interp.methods.tasks import target_scores
 
 __all__ = ["deeplift"]
@@ -156,6 +157,10 @@ class _RescaleMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@register_method(
+    "modified backward", "DeepLIFT", scalars=("completeness_error",),
+    cost="1 forward + 1 backward of 2 samples (input and baseline)", reference="Captum DeepLift",
+)  # fmt: skip
 def deeplift(
     model: nn.Module,
     inputs: Tensor,

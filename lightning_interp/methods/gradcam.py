@@ -24,6 +24,7 @@ from lightning_interp.methods._core import (
     resolve_target,
     scores_from_output,
 )
+from lightning_interp.methods.registry import register_method
 from lightning_interp.methods.tasks import target_scores
 from lightning_interp.methods.trace import ModelTrace, trace_model
 
@@ -243,6 +244,10 @@ def _first_component(activation: Tensor) -> Tensor:
     return projection.reshape(batch, height, width).to(activation.dtype)
 
 
+@register_method(
+    "cam", "Grad-CAM", shared_pass=True,
+    cost="1 forward + 1 backward", reference="Captum LayerGradCam, pytorch-grad-cam GradCAM",
+)  # fmt: skip
 def grad_cam(
     model: nn.Module,
     inputs: Tensor,
@@ -366,17 +371,35 @@ def _cam_variant(method: str, summary: str) -> Callable[..., Tensor]:
     return variant
 
 
-grad_cam_plus_plus = _cam_variant("grad_cam_plus_plus", "Grad-CAM++ heatmap of ``layer`` (Chattopadhay et al. 2018).")
-xgrad_cam = _cam_variant("xgrad_cam", "XGrad-CAM heatmap of ``layer`` (Fu et al. 2020).")
-layer_cam = _cam_variant(
-    "layer_cam", "Layer-CAM heatmap of ``layer`` (Jiang et al. 2021): element-wise positive weights."
-)
-hires_cam = _cam_variant("hires_cam", "HiRes-CAM heatmap of ``layer`` (Draelos and Carin 2020): element-wise weights.")
-eigen_cam = _cam_variant(
-    "eigen_cam", "Eigen-CAM heatmap of ``layer`` (Muhammad and Yeasin 2020): the activations' first component."
+grad_cam_plus_plus = register_method(
+    "cam", "Grad-CAM++", reference="pytorch-grad-cam GradCAMPlusPlus", shared_pass=True, cost="1 forward + 1 backward"
+)(_cam_variant("grad_cam_plus_plus", "Grad-CAM++ heatmap of ``layer`` (Chattopadhay et al. 2018)."))
+xgrad_cam = register_method(
+    "cam", "XGrad-CAM", reference="pytorch-grad-cam XGradCAM", shared_pass=True, cost="1 forward + 1 backward"
+)(_cam_variant("xgrad_cam", "XGrad-CAM heatmap of ``layer`` (Fu et al. 2020)."))
+layer_cam = register_method(
+    "cam", "Layer-CAM", reference="pytorch-grad-cam LayerCAM", shared_pass=True, cost="1 forward + 1 backward"
+)(_cam_variant("layer_cam", "Layer-CAM heatmap of ``layer`` (Jiang et al. 2021): element-wise positive weights."))
+hires_cam = register_method(
+    "cam", "HiRes-CAM", reference="pytorch-grad-cam HiResCAM", shared_pass=True, cost="1 forward + 1 backward"
+)(_cam_variant("hires_cam", "HiRes-CAM heatmap of ``layer`` (Draelos and Carin 2020): element-wise weights."))
+eigen_cam = register_method(
+    "cam",
+    "Eigen-CAM",
+    reference="pytorch-grad-cam EigenCAM (sign fixed)",
+    shared_pass=True,
+    cost="1 forward (an SVD per sample)",
+)(
+    _cam_variant(
+        "eigen_cam", "Eigen-CAM heatmap of ``layer`` (Muhammad and Yeasin 2020): the activations' first component."
+    )
 )
 
 
+@register_method(
+    "cam", "Score-CAM",
+    cost="1 forward per channel of the layer (512 for a ResNet's layer4)", reference="pytorch-grad-cam ScoreCAM",
+)  # fmt: skip
 def score_cam(
     model: nn.Module,
     inputs: Tensor,
@@ -455,6 +478,10 @@ def score_cam(
     return cam
 
 
+@register_method(
+    "cam", "CAM",
+    cost="1 forward (needs a global-average-pooled linear head)", reference="torchcam CAM",
+)  # fmt: skip
 def cam(
     model: nn.Module,
     inputs: Tensor,

@@ -62,6 +62,7 @@ from lightning_interp.methods._rules import (
     running_modules,
     write_back,
 )
+from lightning_interp.methods.registry import register_method
 from lightning_interp.methods.tasks import target_scores
 
 __all__ = ["LRP_COMPOSITES", "LRP_RULES", "lrp", "lrp_rules"]
@@ -377,6 +378,11 @@ def lrp_rules(
             handle.remove()
 
 
+@register_method(
+    "modified backward", "LRP",
+    cost="1 forward + 1 backward (+ 1 to 5 layer recomputations per layer, by rule)",
+    reference="zennit rules and composites",
+)  # fmt: skip
 def lrp(
     model: nn.Module,
     inputs: Tensor,

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from lightning_interp.methods._core import OutputTransform, Target
 from lightning_interp.methods._rules import OTHER_ACTIVATIONS, RELUS, running_modules, where_running
 from lightning_interp.methods.attribution import gradient
+from lightning_interp.methods.registry import register_method
 
 __all__ = ["RELU_RULES", "deconvnet", "guided_backprop", "relu_rule"]
 
@@ -110,6 +111,10 @@ def _modified_gradient(
         return gradient(model, inputs, target, output_transform=output_transform, task=task)
 
 
+@register_method(
+    "modified backward", "guided\nbackprop", sensitivity=True,
+    cost="1 forward + 1 backward", reference="Captum GuidedBackprop",
+)  # fmt: skip
 def guided_backprop(
     model: nn.Module,
     inputs: Tensor,
@@ -139,6 +144,10 @@ def guided_backprop(
     return _modified_gradient("guided_backprop", model, inputs, target, output_transform, task)
 
 
+@register_method(
+    "modified backward", "deconvnet", sensitivity=True,
+    cost="1 forward + 1 backward", reference="Captum Deconvolution",
+)  # fmt: skip
 def deconvnet(
     model: nn.Module,
     inputs: Tensor,

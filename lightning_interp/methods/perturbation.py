@@ -36,6 +36,7 @@ from lightning_interp.methods._core import (
     resolve_target,
 )
 from lightning_interp.methods.attribution import _accumulation_dtype, _fixed_target, _sample_noise, _scores
+from lightning_interp.methods.registry import register_method
 from lightning_interp.methods.tasks import target_scores
 
 __all__ = ["gradient_shap", "kernel_shap", "lime", "occlusion", "patch_feature_mask"]
@@ -140,6 +141,10 @@ def _window_cover(size: int, window: int, stride: int, device: torch.device) -> 
     return (pixels >= starts) & (pixels < starts + window)
 
 
+@register_method(
+    "perturbation", "occlusion",
+    cost="1 + one forward per window (65 for the default 8 x 8 grid), no backward", reference="Captum Occlusion",
+)  # fmt: skip
 def occlusion(
     model: nn.Module,
     inputs: Tensor,
@@ -384,6 +389,10 @@ def _check_generator(generator: torch.Generator | None) -> None:
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}.")
 
 
+@register_method(
+    "perturbation", "LIME", stochastic=True,
+    cost="n_samples + 1 (129) forwards, no backward", reference="Captum Lime, same coalitions",
+)  # fmt: skip
 def lime(
     model: nn.Module,
     inputs: Tensor,
@@ -487,6 +496,10 @@ def _shapley_coalitions(
     return ranks < size[:, None]
 
 
+@register_method(
+    "perturbation", "KernelSHAP", stochastic=True,
+    cost="n_samples + 2 (130) forwards, no backward", reference="Captum KernelShap, same coalitions",
+)  # fmt: skip
 def kernel_shap(
     model: nn.Module,
     inputs: Tensor,
@@ -594,6 +607,10 @@ def _gradient_shap_draws(
     return choice.to(like.device), alphas.to(like.device)
 
 
+@register_method(
+    "gradient", "GradientSHAP", stochastic=True,
+    cost="n_samples (16) forwards + backwards", reference="Captum GradientShap, same draws",
+)  # fmt: skip
 def gradient_shap(
     model: nn.Module,
     inputs: Tensor,

@@ -1,38 +1,41 @@
-"""Every attribution method, declared once: what it is, what it needs, how to call it.
+"""Every attribution method, declared once, beside its function: what it is, what it needs, how to call it.
 
-The callbacks, the contract tests and the benchmarks read this registry;
-nothing else keeps a list of methods. ``attribute(name, model, inputs, target,
-**options)`` calls any of them; ``available_methods()`` lists them.
+A method module declares each of its methods with :func:`register_method`
+(``@register_method("gradient", "gradient", ...)`` above the function); a user
+declares their own the same way. The callbacks, the contract tests, the
+benchmarks and the README's method table read :data:`METHODS`; nothing else
+keeps a list of methods. ``attribute(name, model, inputs, target, **options)``
+calls any of them; ``available_methods()`` lists them.
+
+This module imports no method module (they import it, to declare themselves);
+importing :mod:`lightning_interp.methods` declares every built-in method.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import Target
-from lightning_interp.methods.attribution import gradient, input_x_gradient, integrated_gradients, smoothgrad
-from lightning_interp.methods.deeplift import deeplift
-from lightning_interp.methods.gradcam import (
-    cam,
-    eigen_cam,
-    grad_cam,
-    grad_cam_plus_plus,
-    hires_cam,
-    layer_cam,
-    score_cam,
-    xgrad_cam,
-)
-from lightning_interp.methods.lrp import lrp
-from lightning_interp.methods.modified import deconvnet, guided_backprop
-from lightning_interp.methods.perturbation import gradient_shap, kernel_shap, lime, occlusion
+__all__ = [
+    "FAMILIES",
+    "METHODS",
+    "Family",
+    "MethodSpec",
+    "attribute",
+    "available_methods",
+    "check_method_options",
+    "method_spec",
+    "register_method",
+]
 
-__all__ = ["FAMILIES", "METHODS", "MethodSpec", "attribute", "available_methods", "method_spec"]
+Family = Literal["gradient", "modified backward", "perturbation", "cam"]
+FAMILIES: tuple[Family, ...] = ("gradient", "modified backward", "perturbation", "cam")
 
-FAMILIES = ("gradient", "modified backward", "perturbation", "cam")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class MethodSpec:
     """What one attribution method is and needs.
 
     Attributes:
-        name: the canonical snake_case name (equal to the function's name).
+        name: the canonical snake_case name (the function's name unless declared otherwise).
         family: ``"gradient"``, ``"modified backward"``, ``"perturbation"`` or ``"cam"``.
         function: ``fn(model, inputs, target, **options)`` (CAM methods: ``fn(model, inputs, target, layer, ...)``).
         title: a short column title for pictures (a line break where one line would be too wide).
@@ -53,12 +56,14 @@ class MethodSpec:
         sensitivity: returns how sensitive the score is to each input value (a gradient, guided or not), not each
             value's contribution to it (input × gradient, integrated gradients, LRP relevance, ...): at an
             embedding, a token's score is then the norm of its vector rather than its sum.
+        run_defaults: options the callbacks use unless told otherwise, where the function's own default is too
+            dear to pay at every validation epoch (SmoothGrad's 25 noisy copies become 16).
         cost: forward and backward passes per probe sample at the default options (for the docs).
         reference: the implementation its tests compare it with.
     """
 
     name: str
-    family: str
+    family: Family
     function: Callable[..., Tensor]
     title: str
     needs_layer: bool = False
@@ -66,6 +71,7 @@ class MethodSpec:
     shared_pass: bool = False
     scalars: tuple[str, ...] = ()
     sensitivity: bool = False
+    run_defaults: Mapping[str, Any] = field(default_factory=dict)
     cost: str = ""
     reference: str = ""
 
@@ -76,96 +82,95 @@ class MethodSpec:
         return tuple(name for name in inspect.signature(self.function).parameters if name not in skip)
 
 
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec(
-            "gradient", "gradient", gradient, "gradient", shared_pass=True, sensitivity=True,
-            cost="1 forward + 1 backward", reference="Captum Saliency (abs=False)",
-        ),
-        MethodSpec(
-            "input_x_gradient", "gradient", input_x_gradient, "input × grad", shared_pass=True,
-            cost="1 forward + 1 backward", reference="Captum InputXGradient",
-        ),
-        MethodSpec(
-            "smoothgrad", "gradient", smoothgrad, "SmoothGrad", stochastic=True, sensitivity=True,
-            cost="n_samples (16) forwards + backwards", reference="Captum NoiseTunnel(Saliency), same noise",
-        ),
-        MethodSpec(
-            "integrated_gradients", "gradient", integrated_gradients, "integ. grads",
-            scalars=("completeness_error",), cost="n_steps (32) forwards + backwards",
-            reference="Captum IntegratedGradients",
-        ),
-        MethodSpec(
-            "gradient_shap", "gradient", gradient_shap, "GradientSHAP", stochastic=True,
-            cost="n_samples (16) forwards + backwards", reference="Captum GradientShap, same draws",
-        ),
-        MethodSpec(
-            "guided_backprop", "modified backward", guided_backprop, "guided\nbackprop", sensitivity=True,
-            cost="1 forward + 1 backward", reference="Captum GuidedBackprop",
-        ),
-        MethodSpec(
-            "deconvnet", "modified backward", deconvnet, "deconvnet", sensitivity=True,
-            cost="1 forward + 1 backward", reference="Captum Deconvolution",
-        ),
-        MethodSpec(
-            "lrp", "modified backward", lrp, "LRP",
-            cost="1 forward + 1 backward (+ 1 to 5 layer recomputations per layer, by rule)",
-            reference="zennit rules and composites",
-        ),
-        MethodSpec(
-            "deeplift", "modified backward", deeplift, "DeepLIFT", scalars=("completeness_error",),
-            cost="1 forward + 1 backward of 2 samples (input and baseline)", reference="Captum DeepLift",
-        ),
-        MethodSpec(
-            "occlusion", "perturbation", occlusion, "occlusion",
-            cost="1 + one forward per window (65 for the default 8 x 8 grid), no backward",
-            reference="Captum Occlusion",
-        ),
-        MethodSpec(
-            "lime", "perturbation", lime, "LIME", stochastic=True,
-            cost="n_samples + 1 (129) forwards, no backward", reference="Captum Lime, same coalitions",
-        ),
-        MethodSpec(
-            "kernel_shap", "perturbation", kernel_shap, "KernelSHAP", stochastic=True,
-            cost="n_samples + 2 (130) forwards, no backward", reference="Captum KernelShap, same coalitions",
-        ),
-        MethodSpec(
-            "grad_cam", "cam", grad_cam, "Grad-CAM", needs_layer=True, shared_pass=True,
-            cost="1 forward + 1 backward", reference="Captum LayerGradCam, pytorch-grad-cam GradCAM",
-        ),
-        MethodSpec(
-            "grad_cam_plus_plus", "cam", grad_cam_plus_plus, "Grad-CAM++", needs_layer=True, shared_pass=True,
-            cost="1 forward + 1 backward", reference="pytorch-grad-cam GradCAMPlusPlus",
-        ),
-        MethodSpec(
-            "xgrad_cam", "cam", xgrad_cam, "XGrad-CAM", needs_layer=True, shared_pass=True,
-            cost="1 forward + 1 backward", reference="pytorch-grad-cam XGradCAM",
-        ),
-        MethodSpec(
-            "layer_cam", "cam", layer_cam, "Layer-CAM", needs_layer=True, shared_pass=True,
-            cost="1 forward + 1 backward", reference="pytorch-grad-cam LayerCAM",
-        ),
-        MethodSpec(
-            "hires_cam", "cam", hires_cam, "HiRes-CAM", needs_layer=True, shared_pass=True,
-            cost="1 forward + 1 backward", reference="pytorch-grad-cam HiResCAM",
-        ),
-        MethodSpec(
-            "eigen_cam", "cam", eigen_cam, "Eigen-CAM", needs_layer=True, shared_pass=True,
-            cost="1 forward (an SVD per sample)", reference="pytorch-grad-cam EigenCAM (sign fixed)",
-        ),
-        MethodSpec(
-            "score_cam", "cam", score_cam, "Score-CAM", needs_layer=True,
-            cost="1 forward per channel of the layer (512 for a ResNet's layer4)",
-            reference="pytorch-grad-cam ScoreCAM",
-        ),
-        MethodSpec(
-            "cam", "cam", cam, "CAM", needs_layer=True,
-            cost="1 forward (needs a global-average-pooled linear head)", reference="torchcam CAM",
-        ),
-    )
-}  # fmt: skip
-"""Every registered method by name."""
+METHODS: dict[str, MethodSpec] = {}
+"""Every declared method by name, in the order of :data:`FAMILIES` (then in the order of declaration)."""
+
+
+def register_method(
+    family: Family,
+    title: str | None = None,
+    *,
+    name: str | None = None,
+    needs_layer: bool | None = None,
+    stochastic: bool = False,
+    shared_pass: bool = False,
+    scalars: Sequence[str] = (),
+    sensitivity: bool = False,
+    run_defaults: Mapping[str, Any] | None = None,
+    cost: str = "",
+    reference: str = "",
+    replace: bool = False,
+) -> Callable[[F], F]:
+    """Declare an attribution method: a decorator above its function, which it returns unchanged.
+
+    The function takes ``(model, inputs, target, **options)`` and returns
+    attributions shaped like ``inputs``; a CAM method (``family="cam"``) takes
+    ``(model, inputs, target, layer, **options)`` and returns (B, H, W) maps.
+    Once declared, every callback that takes ``methods=`` accepts its name, its
+    keyword options are checked against the function's signature, and the
+    contract tests run it. A stochastic method must take ``generator=`` and
+    draw every random number from it.
+
+    Args:
+        family: one of :data:`FAMILIES`.
+        title: column title in pictures (default: the name).
+        name: the registered name (default: the function's ``__name__``).
+        needs_layer: whether it takes ``layer=`` (default: ``family == "cam"``).
+        stochastic: it draws from a ``generator=`` option.
+        shared_pass: served by the shared forward and backward (built-in methods only).
+        scalars: the extra scalars its callbacks log.
+        sensitivity: it measures sensitivity (a gradient), not contribution.
+        run_defaults: the options callbacks use by default (cheaper than the function's).
+        cost: passes per sample, for the docs.
+        reference: the implementation it is tested against.
+        replace: allow replacing a method already declared under ``name``.
+
+    Raises:
+        ValueError: the name is taken (and ``replace`` is False), or ``family`` is unknown.
+        TypeError: a stochastic method without a ``generator`` parameter.
+
+    Example:
+        >>> import torch
+        >>> @register_method("gradient", "|gradient|", sensitivity=True, replace=True)
+        ... def absolute_gradient(model, inputs, target=None, *, task="multiclass", output_transform=None):
+        ...     from lightning_interp.methods import gradient
+        ...     return gradient(model, inputs, target, task=task, output_transform=output_transform).abs()
+        >>> net = torch.nn.Linear(3, 2)
+        >>> bool((attribute("absolute_gradient", net, torch.randn(1, 3), 0) >= 0).all())
+        True
+        >>> _ = METHODS.pop("absolute_gradient")  # (the docs' example leaves the registry as it was)
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}.")
+
+    def declare(function: F) -> F:
+        key = name or function.__name__
+        if key in METHODS and not replace:
+            raise ValueError(
+                f"An attribution method named {key!r} is already declared; pass replace=True or pick another name."
+            )
+        if stochastic and "generator" not in inspect.signature(function).parameters:
+            raise TypeError(f"{key} is declared stochastic, so it must take generator= and draw from it only.")
+        spec = MethodSpec(
+            name=key,
+            family=family,
+            function=function,
+            title=title or key,
+            needs_layer=family == "cam" if needs_layer is None else needs_layer,
+            stochastic=stochastic,
+            shared_pass=shared_pass,
+            scalars=tuple(scalars),
+            sensitivity=sensitivity,
+            run_defaults=dict(run_defaults or {}),
+            cost=cost,
+            reference=reference,
+        )
+        declared = {**METHODS, key: spec}
+        METHODS.clear()  # in place: modules that imported METHODS keep seeing every method
+        METHODS.update(sorted(declared.items(), key=lambda item: FAMILIES.index(item[1].family)))
+        return function
+
+    return declare
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -202,7 +207,7 @@ def check_method_options(
     return spec
 
 
-def available_methods(family: str | None = None) -> dict[str, str]:
+def available_methods(family: Family | None = None) -> dict[str, str]:
     """The registered methods, name -> family, optionally of one family only.
 
     Example:
@@ -215,24 +220,27 @@ def available_methods(family: str | None = None) -> dict[str, str]:
 
 
 def attribute(
-    method: str,
+    name: str,
     model: nn.Module,
     inputs: Tensor,
-    target: Target = None,
+    target: Any = None,
+    /,
     *,
     layer: nn.Module | str | None = None,
     **options: object,
 ) -> Tensor:
-    """Explain ``inputs`` with the registered method ``method``.
+    """Explain ``inputs`` with the registered method ``name``.
 
     Input-attribution methods return attributions shaped like ``inputs``;
     CAM methods take ``layer=`` (a module or dotted name; None picks the
     automatic layer) and return (B, H, W) maps, unnormalised, upsampled to the
     input size. Options are the method's own keyword arguments
-    (``METHODS[method].options``).
+    (``METHODS[name].options``), passed through whatever they are called
+    (``method=`` of integrated gradients included): the first four arguments
+    are positional only.
 
     Args:
-        method: a name from :func:`available_methods`.
+        name: a name from :func:`available_methods`.
         model: the network.
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the prediction.
@@ -250,13 +258,15 @@ def attribute(
         >>> x = torch.randn(2, 3, 8, 8)
         >>> attribute("gradient", net, x).shape, attribute("grad_cam", net, x, layer="1").shape
         (torch.Size([2, 3, 8, 8]), torch.Size([2, 8, 8]))
+        >>> attribute("integrated_gradients", net, x, 0, method="riemann_right").shape
+        torch.Size([2, 3, 8, 8])
     """
-    spec = method_spec(method)
+    spec = method_spec(name)
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        raise TypeError(f"{method} takes no option(s) {unknown}; its options are: {', '.join(spec.options)}.")
+        raise TypeError(f"{name} takes no option(s) {unknown}; its options are: {', '.join(spec.options)}.")
     if spec.needs_layer:
         return spec.function(model, inputs, target, layer, **options)
     if layer is not None:
-        raise ValueError(f"{method} attributes to the input and takes no layer; CAM methods take one.")
+        raise ValueError(f"{name} attributes to the input and takes no layer; CAM methods take one.")
     return spec.function(model, inputs, target, **options)
