@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,12 +25,15 @@ from lightning_interp.methods._core import (
     resolve_target,
     scores_from_output,
 )
-from lightning_interp.methods.registry import register_method
+from lightning_interp.methods.registry import METHODS, register_method
 from lightning_interp.methods.tasks import target_scores
 from lightning_interp.methods.trace import ModelTrace, trace_model
 
 __all__ = [
+    "CAM_VARIANTS",
     "GRADIENT_CAMS",
+    "CamVariant",
+    "CamWeights",
     "TokenGrid",
     "cam",
     "cam_from_activation",
@@ -40,6 +44,7 @@ __all__ = [
     "hires_cam",
     "layer_cam",
     "layers_with_patch_gradient",
+    "register_cam",
     "score_cam",
     "spatial_layers",
     "token_grids",
@@ -145,8 +150,66 @@ def _grid_for(tokens: int, patch_grid: tuple[int, int] | None, input_shape: tupl
     return None
 
 
-GRADIENT_CAMS = ("grad_cam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "hires_cam", "eigen_cam")
-"""CAM methods computed from one layer's activation and its gradient (all served by one forward and backward)."""
+CamWeights = Callable[[Tensor, Tensor], Tensor]
+"""A gradient CAM variant's weights: ``(activation, grad)``, both (B, C, h, w) float32, -> (B, C, 1, 1) channel
+weights (or (B, C, h, w) element-wise weights); the map is ``sum_k weights_k * activation_k``."""
+
+
+@dataclass(frozen=True)
+class CamVariant:
+    """One gradient CAM variant, as :func:`register_cam` records it in :data:`CAM_VARIANTS`.
+
+    Attributes:
+        name: the method's name (in :data:`~lightning_interp.methods.registry.METHODS` too).
+        weights: the declared function, ``(activation, grad) -> weights`` (see :data:`CamWeights`), or, with
+            ``gives_map``, ``(activation, grad) -> (B, h, w) map``.
+        function: the public method ``fn(model, inputs, target, layer, **options)`` built from it.
+        elementwise: ``weights`` gives (B, C, h, w) weights, one per activation value, not (B, C, 1, 1).
+        gives_map: ``weights`` gives the map itself (Eigen-CAM: a projection, not a weighting).
+    """
+
+    name: str
+    weights: Callable[[Tensor, Tensor], Tensor]
+    function: Callable[..., Tensor]
+    elementwise: bool = False
+    gives_map: bool = False
+
+
+CAM_VARIANTS: dict[str, CamVariant] = {}
+"""Every gradient CAM variant by name, in the order of declaration: the one table that
+:func:`cam_from_activation` reads and :func:`register_cam` fills."""
+
+
+class _VariantNames(Sequence[str]):
+    """A live, read-only tuple-like view of the names in :data:`CAM_VARIANTS`."""
+
+    def __getitem__(self, index):  # an int gives a name, a slice a tuple, as a tuple's would
+        return tuple(CAM_VARIANTS)[index]
+
+    def __len__(self) -> int:
+        return len(CAM_VARIANTS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in CAM_VARIANTS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(CAM_VARIANTS))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (tuple, _VariantNames)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # it changes as variants are declared
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+GRADIENT_CAMS: Sequence[str] = _VariantNames()
+"""CAM methods computed from one layer's activation and its gradient (all served by one forward and backward):
+a live view of the names in :data:`CAM_VARIANTS`, so it includes variants declared later with
+:func:`register_cam` (compare it with a tuple, or take ``tuple(GRADIENT_CAMS)`` for a snapshot)."""
 
 
 def cam_from_activation(
@@ -158,21 +221,18 @@ def cam_from_activation(
     reshape: TokenReshape | None = None,
     method: str = "grad_cam",
 ) -> Tensor:
-    """Grad-CAM map from a layer's activation and the gradient of the score with respect to it.
+    """Gradient CAM map from a layer's activation and the gradient of the score with respect to it.
 
     The map is ``ReLU(sum_k w_k A_k)`` (``relu``), optionally resized
-    bilinearly (``align_corners=False``) to ``output_size``, where ``method``
-    sets the weighting of the activation ``A`` by its gradient ``G``:
-
-    - ``grad_cam``: ``w_k`` = spatial mean of ``G_k`` (Selvaraju et al. 2017);
-    - ``grad_cam_plus_plus``: ``w_k = sum_ij relu(G_kij) a_kij`` with
-      ``a = G^2 / (2 G^2 + sum_ij(A_k) G^3)`` (Chattopadhay et al. 2018, eq. 19);
-    - ``xgrad_cam``: ``w_k = sum_ij G_kij A_kij / sum_ij A_kij`` (Fu et al. 2020);
-    - ``layer_cam``: element-wise ``sum_k relu(G_k) A_k`` (Jiang et al. 2021);
-    - ``hires_cam``: element-wise ``sum_k G_k A_k`` (Draelos and Carin 2020);
-    - ``eigen_cam``: the projection of the centred activations on their first
-      principal component (Muhammad and Yeasin 2020; no gradient), its sign
-      fixed so that it agrees with the mean activation (an SVD's sign is arbitrary).
+    bilinearly (``align_corners=False``) to ``output_size``, where the weights
+    ``w`` of the activation ``A`` by its gradient ``G`` are those of the variant
+    ``method`` of :data:`CAM_VARIANTS` (declared with :func:`register_cam`; each
+    method's documentation gives its weighting). The built-in ones:
+    ``grad_cam`` (Selvaraju et al. 2017), ``grad_cam_plus_plus`` (Chattopadhay
+    et al. 2018), ``xgrad_cam`` (Fu et al. 2020), ``layer_cam`` (Jiang et al.
+    2021), ``hires_cam`` (Draelos and Carin 2020) and ``eigen_cam`` (Muhammad
+    and Yeasin 2020: the centred activations' first principal component, no
+    gradient, its sign fixed to agree with the mean activation).
 
     Args:
         activation: (B, C, h, w) layer output (or tokens, with ``reshape``).
@@ -184,6 +244,9 @@ def cam_from_activation(
 
     Returns:
         (B, H, W) float32 map, not normalised.
+
+    Raises:
+        ValueError: an activation that is not (B, C, h, w), an unknown ``method``, or weights of the wrong shape.
 
     Example:
         >>> act = torch.ones(1, 2, 3, 3)
@@ -207,27 +270,23 @@ def cam_from_activation(
 
 
 def _combine(method: str, activation: Tensor, grad: Tensor) -> Tensor:
-    """The (B, h, w) map of one gradient-based CAM method, before the ReLU and resizing."""
-    if method == "grad_cam":
-        return (grad.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
-    if method == "grad_cam_plus_plus":
-        squared = grad.square()
-        total = activation.sum(dim=(2, 3), keepdim=True)
-        alpha = squared / (2 * squared + total * squared * grad + 1e-6)
-        alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
-        weights = (grad.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True)
-        return (weights * activation).sum(dim=1)
-    if method == "xgrad_cam":
-        total = activation.sum(dim=(2, 3), keepdim=True)
-        weights = (grad * activation / (total + 1e-7)).sum(dim=(2, 3), keepdim=True)
-        return (weights * activation).sum(dim=1)
-    if method == "layer_cam":
-        return (grad.clamp_min(0) * activation).sum(dim=1)
-    if method == "hires_cam":
-        return (grad * activation).sum(dim=1)
-    if method == "eigen_cam":
-        return _first_component(activation)
-    raise ValueError(f"Unknown CAM method {method!r}; use one of {GRADIENT_CAMS}.")
+    """The (B, h, w) map of one gradient CAM variant, before the ReLU and resizing."""
+    variant = CAM_VARIANTS.get(method)
+    if variant is None:
+        raise ValueError(f"Unknown CAM method {method!r}; use one of {GRADIENT_CAMS}.")
+    result = variant.weights(activation, grad)
+    batch, channels, height, width = activation.shape
+    if variant.gives_map:
+        expected: tuple[int, ...] = (batch, height, width)
+    else:
+        expected = (batch, channels, height, width) if variant.elementwise else (batch, channels, 1, 1)
+    if tuple(result.shape) != expected:
+        what = "map" if variant.gives_map else "element-wise weights" if variant.elementwise else "channel weights"
+        raise ValueError(
+            f"The {what} of CAM method {method!r} must have shape {expected} for an activation of shape "
+            f"{tuple(activation.shape)}, got {tuple(result.shape)}."
+        )
+    return result if variant.gives_map else (result * activation).sum(dim=1)
 
 
 def _first_component(activation: Tensor) -> Tensor:
@@ -242,49 +301,6 @@ def _first_component(activation: Tensor) -> Tensor:
     agreement = ((projection - projection.mean(dim=1, keepdim=True)) * mean_activation).sum(dim=1, keepdim=True)
     projection = torch.where(agreement < 0, -projection, projection)
     return projection.reshape(batch, height, width).to(activation.dtype)
-
-
-@register_method(
-    "cam", "Grad-CAM", shared_pass=True,
-    cost="1 forward + 1 backward", reference="Captum LayerGradCam, pytorch-grad-cam GradCAM",
-)  # fmt: skip
-def grad_cam(
-    model: nn.Module,
-    inputs: Tensor,
-    target: Target = None,
-    layer: nn.Module | str | None = None,
-    *,
-    relu: bool = True,
-    upsample: bool = True,
-    reshape: TokenReshape | None = None,
-    output_transform: OutputTransform | None = None,
-    task: str = "multiclass",
-) -> Tensor:
-    """Grad-CAM heatmap of ``layer`` for the target class.
-
-    Args:
-        model: the network.
-        inputs: (B, C, H, W) batch.
-        target: class index, LongTensor (B,), or None for the predicted class.
-        layer: module or dotted name; None picks :func:`find_target_layer`.
-        relu: keep only the positive evidence (the paper's definition).
-        upsample: resize to the input's (H, W) bilinearly (align_corners=False).
-        reshape: turns token outputs (B, N, C) into (B, C, h, w); by default the
-            layouts of torchvision's and timm's vision transformers are read
-            from the model (:func:`token_grids`).
-        output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
-
-    Returns:
-        (B, H, W) float32 map (or (B, h, w) without ``upsample``), not normalised.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
-        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-        >>> grad_cam(net, torch.randn(2, 3, 8, 8), None, "1").shape
-        torch.Size([2, 8, 8])
-    """
-    return _gradient_cam("grad_cam", model, inputs, target, layer, relu, upsample, reshape, output_transform, task)
 
 
 def _layer_and_reshape(
@@ -341,7 +357,99 @@ def _gradient_cam(
     )
 
 
-def _cam_variant(method: str, summary: str) -> Callable[..., Tensor]:
+def register_cam(
+    title: str | None = None,
+    *,
+    name: str | None = None,
+    reference: str = "",
+    cost: str = "1 forward + 1 backward",
+    elementwise: bool = False,
+    gives_map: bool = False,
+    replace: bool = False,
+) -> Callable[[CamWeights], Callable[..., Tensor]]:
+    """Declare a gradient CAM variant by its weights function: a decorator that returns the public method.
+
+    The decorated function takes the layer's activation ``A`` and the gradient
+    ``G`` of the target score with respect to it, both (B, C, h, w) float32,
+    and returns the weights ``w``: (B, C, 1, 1), one per channel, or with
+    ``elementwise`` (B, C, h, w), one per activation value. The map is
+    ``sum_k w_k A_k`` (then the ReLU and the resize of
+    :func:`cam_from_activation`). With ``gives_map`` it returns the (B, h, w)
+    map itself (Eigen-CAM, which weights nothing). The decorator
+
+    - records the function in :data:`CAM_VARIANTS`, the table that
+      :func:`cam_from_activation` reads (``method=name``), so the name joins
+      :data:`GRADIENT_CAMS` and the callbacks serve it from their one shared
+      forward and backward;
+    - builds the public method ``fn(model, inputs, target=None, layer=None, *,
+      relu, upsample, reshape, output_transform, task)``, with the arguments
+      and result of :func:`grad_cam` and a docstring whose first paragraph is
+      the weights function's, and declares it with
+      :func:`~lightning_interp.methods.registry.register_method` (family
+      ``"cam"``, ``shared_pass=True``), so ``attribute(name, ...)`` and every
+      callback's ``methods=`` accept it;
+    - returns that public method: name the weights function after the method
+      and the module gets the method under that name (the weights function
+      stays in ``CAM_VARIANTS[name].weights``).
+
+    To remove a variant again, pop its name from both ``CAM_VARIANTS`` and
+    ``METHODS``.
+
+    Args:
+        title: column title in pictures (default: the name).
+        name: the method's name (default: the function's ``__name__`` less a trailing ``_weights``).
+        reference: the implementation its tests compare it with.
+        cost: passes per sample, for the docs.
+        elementwise: the function gives (B, C, h, w) weights, not (B, C, 1, 1).
+        gives_map: the function gives the (B, h, w) map itself, not weights.
+        replace: allow replacing a method already declared under the name.
+
+    Returns:
+        A decorator that declares the weights function and returns the public method.
+
+    Raises:
+        ValueError: the name is taken (by any method) and ``replace`` is False, or both ``elementwise`` and
+            ``gives_map`` are set.
+
+    Example:
+        >>> from lightning_interp.methods.registry import METHODS
+        >>> @register_cam("|Grad|-CAM", reference="a hand formula")
+        ... def abs_grad_cam(activation, grad):
+        ...     '''Grad-CAM heatmap of ``layer`` with absolute gradients: ``w_k`` = spatial mean of ``|G_k|``.'''
+        ...     return grad.abs().mean(dim=(2, 3), keepdim=True)
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> abs_grad_cam(net, torch.randn(2, 3, 8, 8), None, "1").shape
+        torch.Size([2, 8, 8])
+        >>> "abs_grad_cam" in GRADIENT_CAMS, METHODS["abs_grad_cam"].family
+        (True, 'cam')
+        >>> _ = CAM_VARIANTS.pop("abs_grad_cam"), METHODS.pop("abs_grad_cam")  # (leaves both tables as they were)
+    """
+    if elementwise and gives_map:
+        raise ValueError("A CAM variant gives element-wise weights or the map itself, not both.")
+
+    def declare(weights: CamWeights) -> Callable[..., Tensor]:
+        key = name or weights.__name__.removesuffix("_weights")
+        if not replace and (key in CAM_VARIANTS or key in METHODS):
+            raise ValueError(
+                f"An attribution method named {key!r} is already declared; pass replace=True or pick another name."
+            )
+        summary = inspect.cleandoc(weights.__doc__ or "").split("\n\n")[0]
+        summary = summary or f"{(title or key).replace(chr(10), ' ')} heatmap of ``layer``."
+        function = _public_variant(key, summary, cost, elementwise=elementwise, gives_map=gives_map)
+        function.__module__ = weights.__module__
+        register_method("cam", title, name=key, shared_pass=True, cost=cost, reference=reference, replace=replace)(
+            function
+        )
+        CAM_VARIANTS[key] = CamVariant(key, weights, function, elementwise=elementwise, gives_map=gives_map)
+        return function
+
+    return declare
+
+
+def _public_variant(name: str, summary: str, cost: str, *, elementwise: bool, gives_map: bool) -> Callable[..., Tensor]:
+    """The public method of the gradient CAM variant ``name``, with the arguments and result of :func:`grad_cam`."""
+
     def variant(
         model: nn.Module,
         inputs: Tensor,
@@ -354,46 +462,96 @@ def _cam_variant(method: str, summary: str) -> Callable[..., Tensor]:
         output_transform: OutputTransform | None = None,
         task: str = "multiclass",
     ) -> Tensor:
-        return _gradient_cam(method, model, inputs, target, layer, relu, upsample, reshape, output_transform, task)
+        return _gradient_cam(name, model, inputs, target, layer, relu, upsample, reshape, output_transform, task)
 
-    variant.__name__ = variant.__qualname__ = method
+    if gives_map:
+        weighting = "The map is computed from the activation of ``layer`` alone (no weighting by its gradient)."
+    else:
+        kind = "element-wise weights ``w_kij``" if elementwise else "one weight ``w_k`` per channel"
+        weighting = (
+            f"The map is ``sum_k w_k A_k``, with {kind} computed from the activation ``A`` of ``layer`` and the "
+            "gradient ``G`` of the target score with respect to it (see :func:`cam_from_activation`)."
+        )
+    variant.__name__ = variant.__qualname__ = name
     variant.__doc__ = f"""{summary}
 
-    The same arguments and result as :func:`grad_cam`; the weighting is described in
-    :func:`cam_from_activation`. One forward and one backward.
+{weighting} Cost: {cost}.
 
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
-        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-        >>> {method}(net, torch.randn(2, 3, 8, 8), None, "1").shape
-        torch.Size([2, 8, 8])
-    """
+Args:
+    model: the network.
+    inputs: (B, C, H, W) batch.
+    target: class index, LongTensor (B,), or None for the predicted class.
+    layer: module or dotted name; None picks :func:`find_target_layer`.
+    relu: keep only the positive evidence (the paper's definition).
+    upsample: resize to the input's (H, W) bilinearly (align_corners=False).
+    reshape: turns token outputs (B, N, C) into (B, C, h, w); by default the
+        layouts of torchvision's and timm's vision transformers are read
+        from the model (:func:`token_grids`).
+    output_transform: maps the model's output to (B, C) scores.
+    task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+
+Returns:
+    (B, H, W) float32 map (or (B, h, w) without ``upsample``), not normalised.
+
+Example:
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+    ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    >>> {name}(net, torch.randn(2, 3, 8, 8), None, "1").shape
+    torch.Size([2, 8, 8])
+"""
     return variant
 
 
-grad_cam_plus_plus = register_method(
-    "cam", "Grad-CAM++", reference="pytorch-grad-cam GradCAMPlusPlus", shared_pass=True, cost="1 forward + 1 backward"
-)(_cam_variant("grad_cam_plus_plus", "Grad-CAM++ heatmap of ``layer`` (Chattopadhay et al. 2018)."))
-xgrad_cam = register_method(
-    "cam", "XGrad-CAM", reference="pytorch-grad-cam XGradCAM", shared_pass=True, cost="1 forward + 1 backward"
-)(_cam_variant("xgrad_cam", "XGrad-CAM heatmap of ``layer`` (Fu et al. 2020)."))
-layer_cam = register_method(
-    "cam", "Layer-CAM", reference="pytorch-grad-cam LayerCAM", shared_pass=True, cost="1 forward + 1 backward"
-)(_cam_variant("layer_cam", "Layer-CAM heatmap of ``layer`` (Jiang et al. 2021): element-wise positive weights."))
-hires_cam = register_method(
-    "cam", "HiRes-CAM", reference="pytorch-grad-cam HiResCAM", shared_pass=True, cost="1 forward + 1 backward"
-)(_cam_variant("hires_cam", "HiRes-CAM heatmap of ``layer`` (Draelos and Carin 2020): element-wise weights."))
-eigen_cam = register_method(
-    "cam",
+# The built-in variants: each is its weights function and one declaration (in the order of the registry's table).
+
+
+@register_cam("Grad-CAM", reference="Captum LayerGradCam, pytorch-grad-cam GradCAM")
+def grad_cam(activation: Tensor, grad: Tensor) -> Tensor:
+    """Grad-CAM heatmap of ``layer`` for the target class (Selvaraju et al. 2017): ``w_k`` = spatial mean of
+    ``G_k``."""
+    return grad.mean(dim=(2, 3), keepdim=True)
+
+
+@register_cam("Grad-CAM++", reference="pytorch-grad-cam GradCAMPlusPlus")
+def grad_cam_plus_plus(activation: Tensor, grad: Tensor) -> Tensor:
+    """Grad-CAM++ heatmap of ``layer`` (Chattopadhay et al. 2018): ``w_k = sum_ij relu(G_kij) a_kij`` with
+    ``a = G^2 / (2 G^2 + sum_ij(A_k) G^3)`` (eq. 19)."""
+    squared = grad.square()
+    total = activation.sum(dim=(2, 3), keepdim=True)
+    alpha = squared / (2 * squared + total * squared * grad + 1e-6)
+    alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+    return (grad.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True)
+
+
+@register_cam("XGrad-CAM", reference="pytorch-grad-cam XGradCAM")
+def xgrad_cam(activation: Tensor, grad: Tensor) -> Tensor:
+    """XGrad-CAM heatmap of ``layer`` (Fu et al. 2020): ``w_k = sum_ij G_kij A_kij / sum_ij A_kij``."""
+    total = activation.sum(dim=(2, 3), keepdim=True)
+    return (grad * activation / (total + 1e-7)).sum(dim=(2, 3), keepdim=True)
+
+
+@register_cam("Layer-CAM", reference="pytorch-grad-cam LayerCAM", elementwise=True)
+def layer_cam(activation: Tensor, grad: Tensor) -> Tensor:
+    """Layer-CAM heatmap of ``layer`` (Jiang et al. 2021): element-wise positive weights ``w_kij = relu(G_kij)``."""
+    return grad.clamp_min(0)
+
+
+@register_cam("HiRes-CAM", reference="pytorch-grad-cam HiResCAM", elementwise=True)
+def hires_cam(activation: Tensor, grad: Tensor) -> Tensor:
+    """HiRes-CAM heatmap of ``layer`` (Draelos and Carin 2020): element-wise weights ``w_kij = G_kij``."""
+    return grad
+
+
+@register_cam(
     "Eigen-CAM",
     reference="pytorch-grad-cam EigenCAM (sign fixed)",
-    shared_pass=True,
     cost="1 forward (an SVD per sample)",
-)(
-    _cam_variant(
-        "eigen_cam", "Eigen-CAM heatmap of ``layer`` (Muhammad and Yeasin 2020): the activations' first component."
-    )
+    gives_map=True,
 )
+def eigen_cam(activation: Tensor, grad: Tensor) -> Tensor:
+    """Eigen-CAM heatmap of ``layer`` (Muhammad and Yeasin 2020): the activations' first component, centred over
+    pixels, its sign fixed to agree with the mean activation (an SVD's sign is arbitrary)."""
+    return _first_component(activation)
 
 
 @register_method(
