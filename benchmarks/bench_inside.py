@@ -53,7 +53,7 @@ def _callbacks(layer: str | None, shape: tuple[int, ...]) -> dict[str, Callable[
     if layer is None:  # a model with dropout: MC dropout and calibration
         return {
             "UncertaintyCallback()": lambda: UncertaintyCallback(),
-            "UncertaintyCallback(explain='gradient')": lambda: UncertaintyCallback(explain="gradient"),
+            "UncertaintyCallback(methods='gradient')": lambda: UncertaintyCallback(methods="gradient"),
             "CalibrationCallback() (no forward; the rest of its work)": lambda: CalibrationCallback(),
         }
     generator = torch.Generator().manual_seed(1)

@@ -206,8 +206,8 @@ def _opt_in_callbacks(net: torch.nn.Module, quick: bool) -> dict[str, Callable[[
         made["UncertaintyCallback()"] = lambda: UncertaintyCallback(num_samples=32 if quick else 256)
     made["CalibrationCallback()"] = CalibrationCallback
     made["DatasetBiasCallback()"] = DatasetBiasCallback
-    made["DatasetBiasCallback(attribution='grad_cam')"] = lambda: DatasetBiasCallback(
-        attribution="grad_cam", attribution_samples=32 if quick else 256
+    made["DatasetBiasCallback(methods='grad_cam')"] = lambda: DatasetBiasCallback(
+        methods="grad_cam", num_samples=32 if quick else 256
     )
     made["ExplanationQualityCallback() (4 methods + random maps)"] = lambda: ExplanationQualityCallback(
         num_samples=8 if quick else 32, steps=4 if quick else 16

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = ImageClassifier(mnist_cnn(num_classes=len(CLASS_NAMES)), lr=args.lr)
     extra = (
         [
-            UncertaintyCallback(num_samples=256, class_names=CLASS_NAMES, explain="gradient"),
+            UncertaintyCallback(num_samples=256, class_names=CLASS_NAMES, methods="gradient"),
             CalibrationCallback(),
             DatasetBiasCallback(class_names=CLASS_NAMES),
         ]

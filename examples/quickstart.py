@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     bias_callback = None
     if args.biased:
         bias_callback = DatasetBiasCallback(
-            attribution="grad_cam", attribution_options={"layer": "net.7"}, class_names=data.class_names
+            methods={"grad_cam": {"layer": "net.7"}}, class_names=data.class_names
         )
         callbacks.append(bias_callback)
     logger = TensorBoardLogger(args.log_dir, name="quickstart")

@@ -92,7 +92,7 @@ def test_overhead_rows_cover_each_callback_and_all_four(report):
         expected = {
             "CalibrationCallback()",
             "DatasetBiasCallback()",
-            "DatasetBiasCallback(attribution='grad_cam')",
+            "DatasetBiasCallback(methods='grad_cam')",
             "ExplanationQualityCallback() (4 methods + random maps)",
         }
         assert set(extra) == expected | ({"UncertaintyCallback()"} if configuration == "MNIST-sized" else set())

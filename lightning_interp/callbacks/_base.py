@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -155,13 +154,12 @@ class InterpCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     @property
     def state_key(self) -> str:
-        key = self._generate_state_key(name=self.name)
-        _refuse_state_key_clash(self, key)
-        return key
+        return self._generate_state_key(name=self.name)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_sharded_strategies(self, trainer)
+        _refuse_name_clash(self, trainer)
         join_run(trainer, self)
         if stage in ("fit", "validate"):  # every run starts clean; a checkpoint's state, if any, is loaded next
             self._reset_run_state()
@@ -609,23 +607,18 @@ def _is_compiled(pl_module: nn.Module) -> bool:
     return any(type(module).__name__ == "OptimizedModule" for module in pl_module.modules())
 
 
-def _refuse_state_key_clash(callback: InterpCallback, key: str) -> None:
-    """Two callbacks of one class and name in one Trainer: say to pass ``name=``, instead of Lightning's
-    "Found more than one stateful callback". Lightning's check (``_validate_callbacks_list``, in
-    ``Trainer.__init__``) asks each callback's ``state_key`` in turn and collects them in ``seen_callbacks``;
-    when this property is asked from there and its key is already seen, the clear message is raised here. With
-    another caller (or a Lightning that checks differently) nothing happens and Lightning's own check applies."""
-    caller = sys._getframe(2)  # _refuse_state_key_clash <- state_key <- caller
-    if caller.f_code.co_name != "_validate_callbacks_list":
-        return
-    seen = caller.f_locals.get("seen_callbacks")
-    if isinstance(seen, set) and key in seen:
-        kind = type(callback).__name__
-        raise ValueError(
-            f"Two {kind}s named {callback.name!r} are in one Trainer. Their TensorBoard tags "
-            f"(interp_{callback.name}/...) and checkpoint state would collide: give each its own name, e.g. "
-            f"{kind}(..., name='{callback.name}_2')."
-        )
+def _refuse_name_clash(callback: InterpCallback, trainer: pl.Trainer) -> None:
+    """Two callbacks of one class and name in one Trainer: say to pass ``name=``. Lightning refuses them first, in
+    ``Trainer.__init__``, with its own message about ``state_key`` (a test checks that it still does); this check, at
+    ``setup``, covers callbacks added to ``trainer.callbacks`` afterwards, from the public list only."""
+    for other in trainer.callbacks:
+        if other is not callback and type(other) is type(callback) and getattr(other, "name", None) == callback.name:
+            kind = type(callback).__name__
+            raise ValueError(
+                f"Two {kind}s named {callback.name!r} are in one Trainer. Their TensorBoard tags "
+                f"(interp_{callback.name}/...) and checkpoint state would collide: give each its own name, e.g. "
+                f"{kind}(..., name='{callback.name}_2')."
+            )
 
 
 def _check_finite_inputs(callback: Callback, probe: ProbeSet) -> None:

@@ -8,7 +8,7 @@ live here, the schedule and probe handling in :class:`InterpCallback`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,8 @@ class Explanation:
         maps: name -> (N, H, W) float32 map on the model's device, in display order.
         scores: (N, C) class scores of the probe samples (any device).
         target: (N,) explained class per sample (any device).
-        scalars: extra scalars by tag suffix (e.g. IG completeness error).
+        scalars: extra scalars by tag suffix (e.g. IG completeness error): floats, or 0-d tensors on any device
+            (brought to the host with the run's other scalars, in one transfer).
         signed: names of maps with meaningful sign (shown with a diverging colormap).
         titles: optional display titles of the maps (default: their names).
         extra: further per-sample maps for a subclass's own pictures (not scored), e.g. one map per attention head.
@@ -59,7 +60,7 @@ class Explanation:
     maps: dict[str, Tensor]
     scores: Tensor
     target: Tensor
-    scalars: dict[str, float] = field(default_factory=dict)
+    scalars: Mapping[str, Tensor | float] = field(default_factory=dict)
     signed: set[str] = field(default_factory=set)
     titles: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Tensor] = field(default_factory=dict)
@@ -356,6 +357,9 @@ class MapCallback(InterpCallback):
             result = self._explain(pl_module, inputs, self._target_for(probe, inputs.device))
         maps = {key: value.float() for key, value in result.maps.items()}  # AMP: float32 before any scoring
         scores = self._scores(maps, result.signed, probe)
+        device = next(iter(maps.values())).device if maps else torch.device("cpu")
+        for key, value in result.scalars.items():  # the methods' own scalars join the one transfer below
+            scores[f"interp_{self.name}/{key}"] = torch.as_tensor(value, dtype=torch.float64, device=device)
         flags = [torch.stack([torch.isfinite(m).all(), (m != 0).any()]).double() for m in maps.values()]
         numbers = torch.cat([*flags, *(v.double().reshape(1) for v in scores.values())]).tolist() if maps else []
         checks = [(bool(numbers[2 * i]), bool(numbers[2 * i + 1])) for i in range(len(maps))]  # one transfer in all
@@ -385,7 +389,6 @@ class MapCallback(InterpCallback):
                     f"sample at epoch {trainer.current_epoch}; concentration and localization read the positive part "
                     "(the evidence for the target), so they are logged as NaN while this lasts (warned once per run)."
                 )
-        scalars.update({f"interp_{self.name}/{k}": v for k, v in result.scalars.items()})
         shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
         picture = _GridData(
             inputs=probe.inputs[:shown],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,8 +31,8 @@ from lightning_interp.methods.bias import (
     class_balance,
     per_class_metrics,
 )
-from lightning_interp.methods.map_metrics import attribution_to_map
-from lightning_interp.methods.registry import attribute, check_method_options, method_spec
+from lightning_interp.methods.explain import Explainer, MethodsArg, parse_methods
+from lightning_interp.methods.registry import METHODS
 from lightning_interp.methods.tasks import class_labels, label_kind
 from lightning_interp.probe import ProbeSet, dataset_labels, sampled_indices, scannable
 from lightning_interp.visualize import _figure_to_array
@@ -70,9 +70,9 @@ class DatasetBiasCallback(ValidationOutputsCallback):
     one-hot labels are supported. Under DDP the per-epoch numbers are those of
     rank zero's share of the validation set.
 
-    **Spurious correlations** (``attribution="grad_cam"`` or any registered
+    **Spurious correlations** (``methods="grad_cam"`` or any one registered
     method; off by default): at each due epoch the callback explains
-    ``attribution_samples`` validation images, each for its true class, and
+    ``num_samples`` validation images, each for its true class, and
     asks per class where the explanations' mass lies
     (:func:`~lightning_interp.methods.class_attribution`):
 
@@ -98,10 +98,13 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         imbalance_warning: the class-count ratio above which a set is warned about.
         class_names: names for the tags and figures instead of class indices.
         output_transform: picks the (B, C) logits out of the model's output.
-        attribution: a registered method (``available_methods()``) for the spurious-correlation check, or None.
-        attribution_options: the method's options, e.g. ``{"layer": "net.7"}`` for a CAM method (without it, the
-            automatic Grad-CAM layer, chosen once per fit as ``GradCAMCallback(layer="auto")`` does).
-        attribution_samples: validation images explained per due epoch (images (N, C, H, W) only).
+        methods: one registered method (``available_methods()``) for the spurious-correlation check, as a name or a
+            ``{name: {option: value}}`` mapping, e.g. ``{"grad_cam": {"layer": "net.7"}}`` (a CAM method without a
+            layer gets the automatic Grad-CAM layer, chosen once per fit as ``GradCAMCallback(layer="auto")`` does);
+            None (the default) for none. It runs through a :class:`~lightning_interp.methods.Explainer` with the
+            callback's own ``seed``, so stochastic methods leave the global RNG alone.
+        num_samples: validation images explained per due epoch (images (N, C, H, W) only), with ``methods``.
+        seed: seed of the stochastic methods' generator, afresh at every run.
         border_fraction: width of the border band, as a fraction of each side, for the measure without masks.
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: ``every_n_epochs``, ``batch_parser``, ``background_drawing``
@@ -110,7 +113,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
     Example:
         >>> DatasetBiasCallback(imbalance_warning=5.0).imbalance_warning
         5.0
-        >>> DatasetBiasCallback(attribution="grad_cam", attribution_options={"layer": "net.7"}).num_samples
+        >>> DatasetBiasCallback(methods={"grad_cam": {"layer": "net.7"}}).num_samples
         256
     """
 
@@ -120,30 +123,32 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         *,
         class_names: Sequence[str] | None = None,
         output_transform: OutputTransform | None = None,
-        attribution: str | None = None,
-        attribution_options: Mapping[str, Any] | None = None,
-        attribution_samples: int = 256,
+        methods: MethodsArg | None = None,
+        num_samples: int = 256,
+        seed: int = 0,
         border_fraction: float = 0.15,
         name: str = "bias",
         **kwargs: Any,
     ) -> None:
         if not imbalance_warning >= 1:
             raise ValueError(f"imbalance_warning must be a ratio >= 1, got {imbalance_warning!r}.")
-        if attribution is not None:
-            check_method_options(attribution, attribution_options, managed=("output_transform",))
-        elif attribution_options:
-            raise ValueError("attribution_options were given without attribution=...; name the method too.")
-        if not isinstance(attribution_samples, int) or isinstance(attribution_samples, bool) or attribution_samples < 2:
-            raise ValueError(f"attribution_samples must be an int >= 2, got {attribution_samples!r}.")
+        parsed = {} if methods is None else parse_methods(methods, owner="DatasetBiasCallback")
+        if len(parsed) > 1:
+            raise ValueError(
+                f"DatasetBiasCallback compares where one method's maps lie across classes; methods= names "
+                f"{list(parsed)}. Give one (a second DatasetBiasCallback(name=...) can watch another)."
+            )
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2:
+            raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}.")
         if not 0 < border_fraction < 0.5:
             raise ValueError(f"border_fraction must lie in (0, 0.5), got {border_fraction!r}.")
-        self.attribution = attribution
-        self.attribution_options = dict(attribution_options or {})
-        self.attribution_samples = attribution_samples
+        self.methods = tuple(parsed)
+        self.method_options = {method: options for method, options in parsed.items() if options}
+        self.seed = seed
         self.border_fraction = float(border_fraction)
         super().__init__(name=name, output_transform=output_transform, **kwargs)
-        if attribution is not None:
-            self.num_samples = attribution_samples  # the probe is drawn at setup, with this many samples
+        if self.methods:
+            self.num_samples = num_samples  # the probe is drawn at setup, with this many samples
         self.imbalance_warning = float(imbalance_warning)
         self.class_names = parse_class_names(class_names)
         self.balances: dict[str, ClassBalance] = {}
@@ -158,11 +163,16 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         self._warned_background = False
         self._layer = None
 
+    @property
+    def method(self) -> str | None:
+        """The method of the spurious-correlation check, or None."""
+        return self.methods[0] if self.methods else None
+
     def _needs_labels(self) -> bool:
-        return self.attribution is not None
+        return self.method is not None
 
     def _labels_reason(self) -> str:
-        return "DatasetBiasCallback(attribution=...) explains each sample for its true class, so it needs labels"
+        return "DatasetBiasCallback(methods=...) explains each sample for its true class, so it needs labels"
 
     def _class_name(self, k: int) -> str:
         return class_name(self.class_names, k)
@@ -215,60 +225,65 @@ class DatasetBiasCallback(ValidationOutputsCallback):
 
     # ------------------------------------------------------------------ where each class's explanations lie
     def _check_model(self, pl_module: pl.LightningModule) -> None:
-        layer = self.attribution_options.get("layer")
+        layer = self.method_options.get(self.method or "", {}).get("layer")
         if isinstance(layer, str):
             get_module(pl_module, layer)  # a wrong name fails now, with the closest names
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
-        if self.attribution is None:
+        if self.method is None:
             return
         if probe.inputs.ndim != 4:
             raise ValueError(
-                f"DatasetBiasCallback(attribution={self.attribution!r}) compares where each class's explanations "
+                f"DatasetBiasCallback(methods={self.method!r}) compares where each class's explanations "
                 f"lie in images (N, C, H, W); the validation inputs are {tuple(probe.inputs.shape)}. Leave "
-                "attribution=None for this data."
+                "methods=None for this data."
             )
         if probe.labels is None or label_kind(probe.labels) not in ("class", "one_hot"):
             kind = "no" if probe.labels is None else label_kind(probe.labels)
             raise ValueError(
-                f"DatasetBiasCallback(attribution=...) explains each sample for its class; the validation batches "
-                f"carry {kind} labels, not class indices or one-hot rows. Leave attribution=None for this data."
+                f"DatasetBiasCallback(methods=...) explains each sample for its class; the validation batches "
+                f"carry {kind} labels, not class indices or one-hot rows. Leave methods=None for this data."
             )
         with torch.no_grad(), modes_preserved(pl_module), eager_forward(), self._model_context(trainer):
             two = self._probe_inputs(trainer, pl_module, probe.subset(min(2, len(probe))))
             width = scores_from_output(pl_module(two), self.output_transform).shape[1]
         if width < 2:
             raise ValueError(
-                "DatasetBiasCallback(attribution=...) explains each sample for its own class and needs one score per "
-                f"class; the model gives {width}. Leave attribution=None for a binary (one-logit) model."
+                "DatasetBiasCallback(methods=...) explains each sample for its own class and needs one score per "
+                f"class; the model gives {width}. Leave methods=None for a binary (one-logit) model."
             )
         self._layer = None
-        if method_spec(self.attribution).needs_layer and self.attribution_options.get("layer") is None:
+        if METHODS[self.method].needs_layer and self.method_options.get(self.method, {}).get("layer") is None:
             # the automatic CAM layer, chosen once per fit (on the run's shared dry forward), not at every call
             labels = class_labels(probe.labels, "multiclass")
             self._layer = self._automatic_cam_layer(trainer, pl_module, probe, labels, self.output_transform)
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
-        if self.attribution is not None:
+        if self.method is not None:
             self._attribution_maps(trainer, pl_module, probe.subset(min(2, len(probe))))
 
     def _attribution_maps(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> Tensor:
         """(N, H, W) non-negative maps of ``probe``'s images, each explained for its true class."""
-        assert self.attribution is not None and probe.labels is not None
+        assert probe.labels is not None
         model = self._explained(pl_module)
-        options = dict(self.attribution_options)
-        if self._layer is not None:
-            options["layer"] = self._layer
-        if self.output_transform is not None:
-            options["output_transform"] = self.output_transform
+        explainer = self.explainer()
         maps = []
         for start in range(0, len(probe), 64):
             inputs = self._device_inputs(trainer, pl_module, probe.inputs[start : start + 64])
             target = class_labels(probe.labels[start : start + 64], "multiclass").to(inputs.device)
             with self._model_context(trainer):
-                explained = attribute(self.attribution, model, inputs, target, **options)
-            maps.append(attribution_to_map(explained) if explained.ndim == 4 else explained.detach().float())
+                explained = explainer(model, inputs, target)
+            maps.append(explained.maps()[explainer.keys[0]].detach())
         return torch.cat(maps)
+
+    def explainer(self) -> Explainer:
+        """The :class:`~lightning_interp.methods.Explainer` of the spurious-correlation check: the method, its options,
+        its layer (given, or the automatic one of this fit), ``output_transform`` and ``seed``."""
+        assert self.method is not None
+        options = dict(self.method_options.get(self.method, {}))
+        if self._layer is not None:
+            options["layer"] = self._layer
+        return Explainer({self.method: options}, output_transform=self.output_transform, seed=self.seed)
 
     def _spurious(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recall: Tensor | None) -> dict[str, float]:
         probe = self.probe
@@ -299,7 +314,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         if measure == "localization":
             self._warn_background(trainer, lifts, recall)
         names = [self._class_name(k) for k in range(classes)]
-        step, epoch, method = logging_step(trainer), trainer.current_epoch, self.attribution
+        step, epoch, method = logging_step(trainer), trainer.current_epoch, self.method
 
         def draw() -> None:
             image = class_lift_image(
@@ -327,7 +342,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
             self._warned_background = True
             got = "" if recall is None else f" although it recognises {float(recall[k]):.0%} of them"
             rank_zero_warn(
-                f"DatasetBiasCallback: at epoch {trainer.current_epoch} the {self.attribution} maps of class "
+                f"DatasetBiasCallback: at epoch {trainer.current_epoch} the {self.method} maps of class "
                 f"{self._class_name(k)!r} put no more of their mass on the object than a uniform map would"
                 f"{got} (localization lift {float(lifts[k]):.2f}; the other classes' median "
                 f"{float(others.median()):.2f}). The model may recognise this class by its background or context "
@@ -338,7 +353,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
     # ------------------------------------------------------------------ per-class quality, every validation
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         scalars, recall = self._per_class_quality(trainer)
-        if self.attribution is not None:
+        if self.method is not None:
             scalars.update(self._spurious(trainer, pl_module, recall))
         return scalars
 

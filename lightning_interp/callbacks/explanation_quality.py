@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback
-from lightning_interp.callbacks._maps import _nanmean, parse_methods
+from lightning_interp.callbacks._maps import _nanmean
 from lightning_interp.methods._core import (
     OutputTransform,
     eager_forward,
@@ -27,7 +27,8 @@ from lightning_interp.methods._core import (
     plain_name,
     scores_from_output,
 )
-from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, attribution_to_map, localization
+from lightning_interp.methods.explain import Explainer, MethodsArg, parse_methods
+from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, localization
 from lightning_interp.methods.quality import (
     REMOVAL_BASELINES,
     cascading_randomization,
@@ -38,7 +39,7 @@ from lightning_interp.methods.quality import (
     sparseness,
     top_fraction_drop,
 )
-from lightning_interp.methods.registry import METHODS, attribute, check_method_options
+from lightning_interp.methods.registry import METHODS
 from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
 from lightning_interp.probe import BatchParser, ProbeSet
 from lightning_interp.visualize import _figure_to_array
@@ -151,7 +152,7 @@ class ExplanationQualityCallback(InterpCallback):
 
     def __init__(
         self,
-        methods: Sequence[str | tuple[str, dict[str, Any]]] = DEFAULT_METHODS,
+        methods: MethodsArg = DEFAULT_METHODS,
         *,
         num_samples: int = 32,
         metrics: Sequence[str] = ("deletion", "insertion", "top_drop", "sanity", "sparseness", "localization"),
@@ -174,9 +175,9 @@ class ExplanationQualityCallback(InterpCallback):
         background_drawing: bool = True,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
-        self.methods, self.method_options = parse_methods(
-            methods, tuple(METHODS), "ExplanationQualityCallback", "", layer_option=True
-        )
+        parsed = parse_methods(methods, owner="ExplanationQualityCallback")
+        self.methods = tuple(parsed)
+        self.method_options = {method: options for method, options in parsed.items() if options}
         unknown = sorted(set(metrics) - set(QUALITY_METRICS))
         if unknown or not metrics:
             raise ValueError(f"metrics must be a non-empty selection of {QUALITY_METRICS}, got {list(metrics)}.")
@@ -261,7 +262,7 @@ class ExplanationQualityCallback(InterpCallback):
         self._layers = {}
         for method in self.methods:
             options = self.method_options.get(method, {})
-            if check_method_options(method, options).needs_layer:
+            if METHODS[method].needs_layer:
                 layer = options.get("layer")
                 if layer is None:
                     labels = self._labels(probe)
@@ -311,23 +312,23 @@ class ExplanationQualityCallback(InterpCallback):
             scores = scores_from_output(model(inputs), self.output_transform)
         return prediction_and_confidence(scores, task)[0].long()
 
+    def explainer(self, method: str) -> Explainer:
+        """The :class:`~lightning_interp.methods.Explainer` of one method as this fit runs it: its options, its layer
+        (given, or the automatic one chosen at fit start), the output kind in force, ``output_transform`` and
+        ``seed``."""
+        options = dict(self.method_options.get(method, {}))
+        if METHODS[method].needs_layer and method in self._layers:
+            options["layer"] = self._layers[method]
+        return Explainer(
+            {method: options}, task=self._output_task, output_transform=self.output_transform, seed=self.seed
+        )
+
     def _maps(self, trainer: pl.Trainer, model: nn.Module, method: str, inputs: Tensor, target: Tensor) -> Tensor:
         """(N, H, W) float32 maps of ``method``, one value per pixel, as the map callbacks show them."""
-        options = dict(self.method_options.get(method, {}))
-        spec = check_method_options(method, options)
-        if spec.needs_layer:
-            options["layer"] = self._layers[method]
-        if spec.stochastic:
-            options["generator"] = torch.Generator(device=inputs.device).manual_seed(self.seed)
-        if self.output_transform is not None:
-            options["output_transform"] = self.output_transform
-        if "task" in spec.options:
-            options["task"] = self._output_task
+        explainer = self.explainer(method)
         with self._model_context(trainer):
-            result = attribute(method, model, inputs, target, **options)
-        if result.ndim == 4:
-            result = attribution_to_map(result, self.channel_reduction)
-        return result.detach().float()
+            result = explainer(model, inputs, target)
+        return result.maps(self.channel_reduction)[explainer.keys[0]].detach()
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         probe = self.probe

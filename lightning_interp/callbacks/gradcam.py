@@ -8,18 +8,17 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
-from lightning_interp.callbacks._maps import Explanation, LayerMapCallback, parse_methods
-from lightning_interp.methods._core import attribution_pass, get_module, module_name, plain_name
+from lightning_interp.callbacks._maps import Explanation, LayerMapCallback
+from lightning_interp.methods._core import get_module, module_name, plain_name
+from lightning_interp.methods.explain import MANAGED_OPTIONS, Explainer, MethodsArg, parse_methods
 from lightning_interp.methods.gradcam import (
-    GRADIENT_CAMS,
     TokenReshape,
-    cam_from_activation,
     find_target_layer,
     layers_with_patch_gradient,
     spatial_layers,
     token_grids,
 )
-from lightning_interp.methods.registry import METHODS, attribute
+from lightning_interp.methods.registry import METHODS
 from lightning_interp.probe import ProbeSet
 
 CAM_METHODS = tuple(name for name, spec in METHODS.items() if spec.needs_layer)
@@ -51,8 +50,10 @@ class GradCAMCallback(LayerMapCallback):
             names.
         methods: CAM methods of the registry
             (:func:`~lightning_interp.methods.available_methods` ``("cam")``):
-            names, or ``(name, {option: value})`` pairs, e.g.
-            ``["grad_cam", ("score_cam", {"internal_batch_size": 128})]``.
+            a name, a list of names, or a ``{name: {option: value}}`` mapping,
+            e.g. ``{"grad_cam": None, "score_cam": {"internal_batch_size": 128}}``.
+            Every method runs at every layer, through one
+            :class:`~lightning_interp.methods.Explainer` built at fit start.
         relu: keep only positive evidence, as in the paper.
         reshape: turns token outputs (B, N, C) of a vision transformer into
             (B, C, h, w). Not needed for torchvision's and timm's layouts
@@ -71,7 +72,7 @@ class GradCAMCallback(LayerMapCallback):
         self,
         layer: str | Sequence[str] = "auto",
         *,
-        methods: str | Sequence[str | tuple[str, dict[str, Any]]] = ("grad_cam",),
+        methods: MethodsArg = ("grad_cam",),
         relu: bool = True,
         reshape: TokenReshape | None = None,
         name: str = "gradcam",
@@ -79,9 +80,16 @@ class GradCAMCallback(LayerMapCallback):
     ) -> None:
         super().__init__(name=name, **kwargs)
         self._choose_layers(layer, "layer")
-        self.methods, self.method_options = parse_methods(
-            methods, CAM_METHODS, "GradCAMCallback", "SaliencyCallback(methods=...)"
+        parsed = parse_methods(
+            methods,
+            allowed=CAM_METHODS,
+            owner="GradCAMCallback",
+            elsewhere="SaliencyCallback(methods=...)",
+            layer_option=False,
+            managed=(*MANAGED_OPTIONS, "relu", "reshape"),
         )
+        self.methods = tuple(parsed)
+        self.method_options = {method: options for method, options in parsed.items() if options}
         self.relu = relu
         self.reshape = reshape
         self._reshapes: dict[str, TokenReshape | None] = {}  # per layer: ``reshape``, or its known token layout
@@ -171,44 +179,31 @@ class GradCAMCallback(LayerMapCallback):
                     f"{plain_name(suggestion)!r} (what layer='auto' picks)."
                 )
 
-    def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
-        result = attribution_pass(
-            pl_module,
-            inputs,
-            target,
+    def explainer(self) -> Explainer:
+        """The :class:`~lightning_interp.methods.Explainer` a run calls: every method at every layer (the layers and
+        token layouts resolved at fit start), the output kind in force, ``relu`` and ``output_transform``. Its key
+        ``f"{method}@{layer}"`` is logged as ``layer`` (Grad-CAM) or ``layer/method``."""
+        return Explainer(
+            {method: self.method_options.get(method) for method in self.methods},
             layers=self.layers,
-            input_gradient=False,
-            output_transform=self.output_transform,
             task=self.output_task,
+            output_transform=self.output_transform,
+            relu=self.relu,
+            reshapes={layer: reshape for layer, reshape in self._reshapes.items() if reshape is not None},
         )
-        size = inputs.shape[-2:]
+
+    def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
+        result = self.explainer()(pl_module, inputs, target)
         maps: dict[str, Tensor] = {}
         titles: dict[str, str] = {}
         several = len(self.methods) > 1
-        for method in self.methods:
-            for index, layer in enumerate(self.layers):
-                key = layer if method == "grad_cam" else f"{layer}/{method}"
-                titles[key] = f"{METHODS[method].title}\n{layer}" if several else layer
-                reshape = self._reshapes.get(layer, self.reshape)
-                if method in GRADIENT_CAMS:  # from the one pass above
-                    activation, grad = result.activations[index], result.activation_grads[index]
-                    maps[key] = cam_from_activation(
-                        activation, grad, relu=self.relu, output_size=size, reshape=reshape, method=method
-                    )
-                    continue
-                options = dict(self.method_options.get(method, {}))
-                if "reshape" in METHODS[method].options:
-                    options["reshape"] = reshape
-                maps[key] = attribute(
-                    method,
-                    pl_module,
-                    inputs,
-                    result.target,
-                    layer=layer,
-                    relu=self.relu,
-                    output_transform=self.output_transform,
-                    task=self.output_task,
-                    **options,
-                )
+        for method, layer in self._entries():
+            key = layer if method == "grad_cam" else f"{layer}/{method}"
+            titles[key] = f"{METHODS[method].title}\n{layer}" if several else layer
+            maps[key] = result.attributions[f"{method}@{layer}"]
         signed = set() if self.relu else set(maps)
         return Explanation(maps=maps, scores=result.scores, target=result.target, signed=signed, titles=titles)
+
+    def _entries(self) -> list[tuple[str, str]]:
+        """(method, layer) of every map, in display order: per method, every layer."""
+        return [(method, layer) for method in self.methods for layer in self.layers]

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_interp.callbacks._maps import Explanation, MapCallback, is_token_input, parse_methods
-from lightning_interp.methods._core import attribution_pass, get_module, plain_name
+from lightning_interp.callbacks._maps import Explanation, MapCallback, is_token_input
+from lightning_interp.methods._core import get_module, plain_name
 from lightning_interp.methods.embedding import LayerInput, find_input_embedding, layer_output, token_scores
-from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, attribution_to_map
-from lightning_interp.methods.registry import METHODS, attribute
+from lightning_interp.methods.explain import Explainer, MethodsArg, parse_methods
+from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS
+from lightning_interp.methods.registry import METHODS
 from lightning_interp.probe import ProbeSet
 
 SALIENCY_METHODS = tuple(name for name, spec in METHODS.items() if not spec.needs_layer)
 """The input-attribution methods of the registry (CAM methods belong to GradCAMCallback)."""
-
-_DEFAULT_OPTIONS = {"smoothgrad": {"n_samples": 16}}  # cheaper than the function's 25 for every epoch
-_FROM_SHARED_PASS = {  # served from the one forward and backward every run makes anyway
-    "gradient": lambda result: result.input_grad,
-    "input_x_gradient": lambda result: result.inputs * result.input_grad,
-}
 
 
 class SaliencyCallback(MapCallback):
@@ -57,7 +50,10 @@ class SaliencyCallback(MapCallback):
     embedding when ``pad_id`` is given (zeros otherwise); the grid shows the
     text (``vocabulary=`` or ``decode=``).
 
-    ``gradient`` and ``input_x_gradient`` share one forward and one backward.
+    The methods run through one :class:`~lightning_interp.methods.Explainer`
+    (built at fit start), so ``Explainer(methods, task=..., seed=...)`` called
+    on the same model and probe gives exactly these maps. ``gradient`` and
+    ``input_x_gradient`` share one forward and one backward.
     The stochastic methods (SmoothGrad, GradientSHAP, LIME, KernelSHAP) draw
     from the callback's own generator on the model's device, re-seeded each
     run, so the global and CUDA RNGs (and thus training) are untouched and
@@ -65,18 +61,16 @@ class SaliencyCallback(MapCallback):
 
     Args:
         methods: input-attribution methods of the registry
-            (:func:`~lightning_interp.methods.available_methods`): names, or
-            ``(name, {option: value})`` pairs for a method's own options, e.g.
-            ``["gradient", ("smoothgrad", {"n_samples": 8})]`` (in YAML:
-            ``- [smoothgrad, {n_samples: 8}]``).
+            (:func:`~lightning_interp.methods.available_methods`): a name, a list
+            of names, or a ``{name: {option: value}}`` mapping for a method's own
+            options, e.g. ``{"gradient": None, "smoothgrad": {"n_samples": 8}}``
+            (in YAML: ``methods: {gradient: null, smoothgrad: {n_samples: 8}}``);
+            ``(name, options)`` pairs in a list work too.
         channel_reduction: how (B, C, H, W) attributions become one map:
             ``"abs_sum"``, ``"abs_max"`` or ``"sum"`` (signed, diverging colormap).
             At an embedding (``input_layer``) a token's score is the sum of its contributions over the embedding
             dimension (``"sum"`` shows it signed, the others its magnitude) or, for the gradient methods, the
             norm of its gradient.
-        smoothgrad_samples: deprecated; ``("smoothgrad", {"n_samples": ...})``.
-        noise_level: deprecated; ``("smoothgrad", {"noise_level": ...})``.
-        ig_steps: deprecated; ``("integrated_gradients", {"n_steps": ...})``.
         internal_batch_size: most inputs per forward pass, for every method that batches copies of the inputs.
         input_layer: attribute at the output of this layer instead of the input: ``"auto"`` (the first
             ``nn.Embedding`` called on the input ids) or a dotted name; None (the default) attributes to the
@@ -94,12 +88,9 @@ class SaliencyCallback(MapCallback):
 
     def __init__(
         self,
-        methods: str | Sequence[str | tuple[str, dict[str, Any]]] = ("gradient", "integrated_gradients"),
+        methods: MethodsArg = ("gradient", "integrated_gradients"),
         *,
-        channel_reduction: str = "abs_sum",
-        smoothgrad_samples: int | None = None,
-        noise_level: float | None = None,
-        ig_steps: int | None = None,
+        channel_reduction: Literal["abs_sum", "abs_max", "sum"] = "abs_sum",
         internal_batch_size: int = 512,
         input_layer: str | None = None,
         seed: int = 0,
@@ -107,32 +98,14 @@ class SaliencyCallback(MapCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        names, options = parse_methods(methods, SALIENCY_METHODS, "SaliencyCallback", "GradCAMCallback(methods=...)")
+        parsed = parse_methods(
+            methods, allowed=SALIENCY_METHODS, owner="SaliencyCallback", elsewhere="GradCAMCallback(methods=...)"
+        )
+        names = tuple(parsed)
         if channel_reduction not in CHANNEL_REDUCTIONS:
             raise ValueError(f"channel_reduction must be one of {CHANNEL_REDUCTIONS}, got {channel_reduction!r}.")
         if not isinstance(internal_batch_size, int) or internal_batch_size < 1:
             raise ValueError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}.")
-        legacy = {
-            ("smoothgrad", "n_samples", "smoothgrad_samples"): smoothgrad_samples,
-            ("smoothgrad", "noise_level", "noise_level"): noise_level,
-            ("integrated_gradients", "n_steps", "ig_steps"): ig_steps,
-        }
-        for (method, option, argument), value in legacy.items():
-            if value is None:
-                continue
-            warnings.warn(
-                f"SaliencyCallback({argument}=...) is deprecated: pass methods=[..., ({method!r}, {{{option!r}: "
-                f"{value!r}}})] instead.",
-                FutureWarning,
-                stacklevel=2,
-            )
-            options.setdefault(method, {}).setdefault(option, value)
-        for method, chosen in options.items():
-            for option, value in chosen.items():
-                if option in ("n_samples", "n_steps") and (not isinstance(value, int) or value < 1):
-                    raise ValueError(f"{method}'s {option} must be a positive int, got {value!r}.")
-                if option == "noise_level" and not (isinstance(value, (int, float)) and value >= 0):
-                    raise ValueError(f"{method}'s noise_level must be >= 0, got {value!r}.")
         if input_layer is not None and (not isinstance(input_layer, str) or not input_layer):
             raise ValueError(f"input_layer must be None, 'auto' or a dotted module name, got {input_layer!r}.")
         if input_layer is not None:
@@ -144,12 +117,31 @@ class SaliencyCallback(MapCallback):
                     "paired with the token ids. Leave them out."
                 )
         self.methods = names
-        self.method_options = options
+        self.method_options = {name: options for name, options in parsed.items() if options}
+        self._explainer: Explainer | None = None  # built at fit start, with the output kind in force
         self.input_layer = input_layer
         self._embedding: str | None = None  # the layer attributed at, resolved at fit start
         self.channel_reduction = channel_reduction
         self.internal_batch_size = internal_batch_size
         self.seed = seed
+
+    def explainer(self) -> Explainer:
+        """The :class:`~lightning_interp.methods.Explainer` a run calls: these methods and options, the output kind in
+        force (inferred at fit start; ``"multiclass"`` before), ``output_transform`` and ``seed``. Calling it on the
+        model and the probe inputs gives the attributions behind the logged maps."""
+        if self._explainer is not None:
+            return self._explainer
+        return Explainer(
+            {name: self.method_options.get(name) for name in self.methods},
+            task=self.output_task,
+            output_transform=self.output_transform,
+            seed=self.seed,
+            internal_batch_size=self.internal_batch_size,
+        )
+
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        self._explainer = None
 
     def _zero_map_reason(self, key: str) -> str:
         return (
@@ -159,6 +151,8 @@ class SaliencyCallback(MapCallback):
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         super()._prepare(trainer, pl_module, probe)
+        self._explainer = None
+        self._explainer = self.explainer()  # this fit's: with the output kind just inferred
         self._embedding = None
         if self.input_layer is None:
             return
@@ -219,36 +213,9 @@ class SaliencyCallback(MapCallback):
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         ids = inputs
-        pl_module, inputs, pad_baseline = self._attributed(pl_module, inputs)
-        transform = self.output_transform
-        first = attribution_pass(pl_module, inputs, target, output_transform=transform, task=self.output_task)
-        attributions: dict[str, Tensor] = {}
-        scalars: dict[str, float] = {}
-        for method in self.methods:
-            if method in _FROM_SHARED_PASS:
-                attributions[method] = _FROM_SHARED_PASS[method](first)
-                continue
-            spec = METHODS[method]
-            options = {**_DEFAULT_OPTIONS.get(method, {}), **self.method_options.get(method, {})}
-            managed = {"output_transform": transform, "task": self.output_task}
-            if "internal_batch_size" in spec.options:
-                managed["internal_batch_size"] = options.pop("internal_batch_size", self.internal_batch_size)
-            if spec.stochastic:  # drawn where the model is, by the callback's own generator, re-seeded each run
-                managed["generator"] = torch.Generator(device=inputs.device).manual_seed(self.seed)
-            if "completeness_error" in spec.scalars:
-                managed["return_convergence_delta"] = True
-            if pad_baseline is not None and "baseline" in spec.options:
-                options.setdefault("baseline", pad_baseline)
-            if pad_baseline is not None and "baselines" in spec.options:
-                options.setdefault("baselines", pad_baseline[:1])
-            result = attribute(method, pl_module, inputs, first.target, **options, **managed)
-            if isinstance(result, tuple):  # (attributions, per-sample completeness residual)
-                result, delta = result
-                difference = result.reshape(result.shape[0], -1).double().sum(dim=1) - delta
-                scalars[f"{method}/completeness_error"] = float(
-                    delta.abs().mean() / difference.abs().mean().clamp_min(1e-12)
-                )
-            attributions[method] = result
+        model, inputs, pad_baseline = self._attributed(pl_module, inputs)
+        result = self.explainer()(model, inputs, target, baseline=pad_baseline)
+        attributions = result.attributions
         if self._embedding is not None:  # (B, T, D) at the embedding: a token's score is the sum over D
             keep = ids != self.pad_id if self.pad_id is not None else torch.ones_like(ids, dtype=torch.bool)
             maps = {
@@ -258,15 +225,15 @@ class SaliencyCallback(MapCallback):
                 for key, value in attributions.items()
             }
         else:
-            maps = {key: attribution_to_map(value, self.channel_reduction) for key, value in attributions.items()}
+            maps = result.maps(self.channel_reduction)
         signed = set(maps) if self.channel_reduction == "sum" else set()
         if self._embedding is not None:  # a gradient's norm per token has no sign
             signed = {key for key in signed if not METHODS[key].sensitivity}
         return Explanation(
             maps=maps,
-            scores=first.scores,
-            target=first.target,
-            scalars=scalars,
+            scores=result.scores,
+            target=result.target,
+            scalars=dict(result.scalars),
             signed=signed,
             titles={key: METHODS[key].title for key in maps},
         )

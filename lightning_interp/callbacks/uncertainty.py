@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -14,7 +14,8 @@ from torch import Tensor
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, class_name, parse_class_names, unwrapped
 from lightning_interp.methods._core import OutputTransform, eager_forward, modes_preserved, scores_from_output
-from lightning_interp.methods.registry import method_spec
+from lightning_interp.methods.explain import Explainer, MethodsArg, parse_methods
+from lightning_interp.methods.registry import METHODS
 from lightning_interp.methods.tasks import class_labels, label_kind
 from lightning_interp.methods.uncertainty import (
     DROPOUT_TYPES,
@@ -38,7 +39,7 @@ OUTPUT_KINDS = ("logits", "evidential")
 class UncertaintyCallback(InterpCallback):
     """Log how uncertain the model is on a fixed probe set, by Monte Carlo dropout (Gal & Ghahramani 2016).
 
-    At each due validation epoch the probe set goes through ``n_samples``
+    At each due validation epoch the probe set goes through ``passes``
     stochastic forward passes with only the model's dropout layers active (every
     other module in eval mode, every flag restored; see
     :func:`~lightning_interp.methods.uncertainty.mc_dropout_predictions`). The
@@ -80,73 +81,72 @@ class UncertaintyCallback(InterpCallback):
     ``vacuity_wrong``, and the figure ranked by vacuity. No dropout needed; a
     head with negative outputs is refused before training.
 
-    Uncertainty of an explanation (``explain="gradient"`` or any registered
-    method; the study of "uncertain DeepLIFT / LRP" under MC dropout, for any
-    method): for the first ``explain_samples`` probe samples, the method's map
-    of the predicted class under each of the ``n_samples`` dropout
+    Uncertainty of an explanation (``methods="gradient"`` or any registered
+    methods; the study of "uncertain DeepLIFT / LRP" under MC dropout, for any
+    method): for ``explain_samples`` probe samples, each method's map
+    of the predicted class under each of the ``passes`` dropout
     sub-networks (:func:`~lightning_interp.methods.uncertainty.mc_dropout_maps`;
     the explained class is the MC-averaged prediction, the one the figures show),
     logged as ``<method>/maps`` (input, mean map, per-pixel standard deviation
     over the passes), ``<method>/map_agreement`` (mean Spearman correlation
     between the passes' maps: 1 = the explanation does not depend on which
     units dropped out) and ``<method>/map_relative_std`` (mean per-pixel std
-    over the mean map's mean). Cost: ``n_samples`` runs of the method on
-    ``explain_samples`` samples.
+    over the mean map's mean). Cost: ``passes`` runs of each method on
+    ``explain_samples`` samples. The methods run through an
+    :class:`~lightning_interp.methods.Explainer` whose stochastic methods draw
+    from a generator seeded afresh in every pass, so the passes differ by the
+    dropped units only (a CAM method without a layer gets the automatic
+    Grad-CAM layer, chosen once per fit).
 
     A model without a dropout module is refused before training (MC dropout
     needs one). A warning says when every stochastic pass gave the same output
     (the dropout layers have ``p=0``, or forward() does not call them): the
     epistemic part is then 0 by construction, not because the model is certain.
 
-    Cost per run: ``n_samples`` no-grad forward passes of the probe set.
+    Cost per run: ``passes`` no-grad forward passes of the probe set.
 
     Args:
-        n_samples: stochastic forward passes per run (>= 2).
+        passes: stochastic forward passes per run (>= 2).
         num_samples: probe samples drawn from the validation data.
         seed: seed of the callback's generator, used afresh at every run.
         output_transform: picks the (B, K) logits out of the model's output.
         class_names: names shown in the figure and the per-class tags instead of class indices.
-        explain: a registered attribution method to run under MC dropout, or None (default) for none.
-        explain_options: the method's options (e.g. ``{"n_steps": 16}``; ``{"layer": "net.4"}`` for CAM methods).
-        explain_samples: probe samples explained (rows of ``<method>/maps``).
+        methods: registered attribution methods to run under MC dropout (a name, a list, or a
+            ``{name: {option: value}}`` mapping, e.g. ``{"integrated_gradients": {"n_steps": 16}}``), or None (the
+            default) for none.
+        explain_samples: probe samples explained, spread evenly over the probe set (rows of ``<method>/maps``).
         output_kind: ``"logits"`` (MC dropout, the default) or ``"evidential"`` (the output is Dirichlet evidence).
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``, ``background_drawing``,
             ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Example:
-        >>> callback = UncertaintyCallback(n_samples=16, num_samples=128)
-        >>> callback.n_samples, callback.name
+        >>> callback = UncertaintyCallback(passes=16, num_samples=128)
+        >>> callback.passes, callback.name
         (16, 'uncertainty')
     """
 
     def __init__(
         self,
-        n_samples: int = 16,
+        passes: int = 16,
         *,
         num_samples: int = 256,
         seed: int = 0,
         output_transform: OutputTransform | None = None,
         class_names: Sequence[str] | None = None,
-        explain: str | None = None,
-        explain_options: Mapping[str, Any] | None = None,
+        methods: MethodsArg | None = None,
         explain_samples: int = 4,
-        output_kind: str = "logits",
+        output_kind: Literal["logits", "evidential"] = "logits",
         name: str = "uncertainty",
         **kwargs: Any,
     ) -> None:
-        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 2:
+        if not isinstance(passes, int) or isinstance(passes, bool) or passes < 2:
             raise ValueError(
-                f"n_samples must be an int >= 2 (the epistemic part compares stochastic passes), got {n_samples!r}."
+                f"passes must be an int >= 2 (the epistemic part compares stochastic passes), got {passes!r}."
             )
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
-        if explain is not None:
-            spec = method_spec(explain)
-            if spec.needs_layer and "layer" not in (explain_options or {}):
-                raise ValueError(
-                    f"explain={explain!r} is a CAM method: give its layer, explain_options={{'layer': 'net.4'}}."
-                )
+        parsed = {} if methods is None else parse_methods(methods, owner="UncertaintyCallback")
         if output_kind not in OUTPUT_KINDS:
             raise ValueError(
                 f"output_kind must be one of {OUTPUT_KINDS} ('logits': MC dropout; 'evidential': the output is "
@@ -155,11 +155,12 @@ class UncertaintyCallback(InterpCallback):
         if not isinstance(explain_samples, int) or isinstance(explain_samples, bool) or explain_samples < 1:
             raise ValueError(f"explain_samples must be a positive int, got {explain_samples!r}.")
         super().__init__(name=name, num_samples=num_samples, **kwargs)
-        self.explain = explain
+        self.methods = tuple(parsed)
+        self.method_options = {method: options for method, options in parsed.items() if options}
         self.output_kind = output_kind
-        self.explain_options = dict(explain_options or {})
         self.explain_samples = explain_samples
-        self.n_samples = n_samples
+        self.passes = passes
+        self._layers: dict[str, str] = {}  # per CAM method without a layer: the automatic one of this fit
         self.seed = seed
         self.output_transform = output_transform
         self.class_names = parse_class_names(class_names)
@@ -167,7 +168,7 @@ class UncertaintyCallback(InterpCallback):
     # ------------------------------------------------------------------ checks, before training
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         model = unwrapped(pl_module)
-        needs_dropout = self.output_kind == "logits" or self.explain is not None
+        needs_dropout = self.output_kind == "logits" or bool(self.methods)
         if needs_dropout and not any(isinstance(module, DROPOUT_TYPES) for module in model.modules()):
             why = "estimates uncertainty" if self.output_kind == "logits" else "explains"
             raise ValueError(
@@ -182,7 +183,7 @@ class UncertaintyCallback(InterpCallback):
             return mc_dropout_predictions(
                 self._explained(pl_module),
                 inputs,
-                self.n_samples,
+                self.passes,
                 generator=generator,
                 output_transform=self.output_transform,
             )
@@ -197,29 +198,45 @@ class UncertaintyCallback(InterpCallback):
                 mc_dropout_predictions(
                     self._explained(pl_module), inputs, 2, generator=generator, output_transform=self.output_transform
                 )
-        if self.explain is not None:
-            self._maps(trainer, pl_module, inputs, passes=2)
+        for method in self.methods:
+            self._maps(trainer, pl_module, method, inputs, passes=2)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        self._layers = {}
+        for method in self.methods:
+            if METHODS[method].needs_layer and "layer" not in self.method_options.get(method, {}):
+                labels = _class_labels(probe.labels)
+                self._layers[method] = self._automatic_cam_layer(
+                    trainer, pl_module, probe, labels, self.output_transform
+                )
+
+    def explainer(self, method: str) -> Explainer:
+        """The :class:`~lightning_interp.methods.Explainer` run in each dropout pass for ``method``: its options, its
+        layer (given, or this fit's automatic one), ``output_transform`` and ``seed``."""
+        options = dict(self.method_options.get(method, {}))
+        if method in self._layers:
+            options["layer"] = self._layers[method]
+        return Explainer({method: options}, output_transform=self.output_transform, seed=self.seed)
 
     def _maps(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
+        method: str,
         inputs: Tensor,
         passes: int,
         target: Tensor | None = None,
     ) -> Tensor:
-        assert self.explain is not None
         generator = torch.Generator().manual_seed(self.seed + 1)
         with self._model_context(trainer):
             return mc_dropout_maps(
                 self._explained(pl_module),
                 inputs,
-                self.explain,
+                self.explainer(method),
                 passes,
                 target=target,
                 generator=generator,
                 output_transform=self.output_transform,
-                **self.explain_options,
             )
 
     # ------------------------------------------------------------------ the run
@@ -280,8 +297,8 @@ class UncertaintyCallback(InterpCallback):
             for group, which in (("right", right), ("wrong", ~right)):
                 if bool(which.any()):
                     scalars[f"interp_{self.name}/{main}_{group}"] = float(rows[0][which].mean())
-        if self.explain is not None:
-            scalars.update(self._explanation_uncertainty(trainer, pl_module, probe, predicted))
+        for method in self.methods:
+            scalars.update(self._explanation_uncertainty(trainer, pl_module, method, probe, predicted))
         if probe.inputs.ndim == 4:
             order = torch.argsort(rows[0], descending=True, stable=True)[: min(SHOWN, len(probe))]
             shown = probe.inputs[order]
@@ -304,27 +321,27 @@ class UncertaintyCallback(InterpCallback):
         return scalars
 
     def _explanation_uncertainty(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet, predicted: Tensor
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, method: str, probe: ProbeSet, predicted: Tensor
     ) -> dict[str, float]:
         count = min(self.explain_samples, len(probe))
         picks = np.linspace(0, len(probe) - 1, count).round().astype(np.int64).tolist()  # spread: several classes
         rows = ProbeSet(probe.inputs[picks], None if probe.labels is None else probe.labels[picks])
         target = predicted[torch.as_tensor(picks, device=predicted.device)]  # the class the figure shows as pred
         inputs = self._probe_inputs(trainer, pl_module, rows)
-        maps = self._maps(trainer, pl_module, inputs, passes=self.n_samples, target=target)
+        maps = self._maps(trainer, pl_module, method, inputs, passes=self.passes, target=target)
         mean, spread = maps.mean(dim=0), maps.std(dim=0)
         agreement = map_agreement(maps)
         if bool(agreement.isnan().all()):
             rank_zero_warn(
-                f"UncertaintyCallback: the {self.explain} maps under MC dropout are constant (a zero gradient, e.g. "
+                f"UncertaintyCallback: the {method} maps under MC dropout are constant (a zero gradient, e.g. "
                 f"dead units) at epoch {trainer.current_epoch}, so their agreement is undefined and logged as NaN."
             )
         relative = spread.flatten(1).mean(dim=1) / mean.flatten(1).mean(dim=1).clamp_min(1e-12)
         numbers = torch.stack([agreement.double().nanmean(), relative.double().mean()]).cpu().tolist()
-        base = f"interp_{self.name}/{self.explain}"
+        base = f"interp_{self.name}/{method}"
         scalars = {f"{base}/map_agreement": numbers[0], f"{base}/map_relative_std": numbers[1]}
         mean_cpu, spread_cpu, shown = mean.float().cpu(), spread.float().cpu(), rows.inputs
-        step, epoch, method = logging_step(trainer), trainer.current_epoch, self.explain
+        step, epoch = logging_step(trainer), trainer.current_epoch
 
         def draw() -> None:
             columns = [list(input_to_rgb(shown)), map_tiles(shown, mean_cpu), map_tiles(shown, spread_cpu)]

@@ -63,6 +63,7 @@ from lightning_interp.methods.concepts import (
 )
 from lightning_interp.methods.deeplift import deeplift
 from lightning_interp.methods.embedding import LayerInput, find_input_embedding, layer_output, token_scores
+from lightning_interp.methods.explain import Attributions, Explainer, MethodsArg, parse_methods
 from lightning_interp.methods.feature_visualization import (
     DeepDreamResult,
     FeatureVisualizationResult,
@@ -84,7 +85,9 @@ from lightning_interp.methods.features import (
     pool_features,
 )
 from lightning_interp.methods.gradcam import (
+    CAM_VARIANTS,
     GRADIENT_CAMS,
+    CamVariant,
     TokenGrid,
     cam,
     cam_from_activation,
@@ -95,6 +98,7 @@ from lightning_interp.methods.gradcam import (
     hires_cam,
     layer_cam,
     layers_with_patch_gradient,
+    register_cam,
     score_cam,
     spatial_layers,
     token_grids,
@@ -137,7 +141,9 @@ from lightning_interp.methods.registry import (
     MethodSpec,
     attribute,
     available_methods,
+    check_method_options,
     method_spec,
+    register_method,
 )
 from lightning_interp.methods.similarity import (
     MinibatchCKA,
@@ -173,6 +179,7 @@ ATTRIBUTION_METHODS = {name: METHODS[name].function for name in available_method
 
 __all__ = [
     "ATTRIBUTION_METHODS",
+    "CAM_VARIANTS",
     "CAV",
     "DROPOUT_TYPES",
     "FAMILIES",
@@ -186,13 +193,17 @@ __all__ = [
     "REMOVAL_BASELINES",
     "TASKS",
     "ActivationStatistics",
+    "Attributions",
+    "CamVariant",
     "ClassAttribution",
     "ClassBalance",
     "DeepDreamResult",
+    "Explainer",
     "FeatureVisualizationResult",
     "ForwardWith",
     "LayerInput",
     "MethodSpec",
+    "MethodsArg",
     "MinibatchCKA",
     "ModelTrace",
     "PassResult",
@@ -221,6 +232,7 @@ __all__ = [
     "capture_pooled_features",
     "cascading_randomization",
     "center_gram",
+    "check_method_options",
     "cka_matrix",
     "class_attribution",
     "class_balance",
@@ -285,6 +297,7 @@ __all__ = [
     "mutual_information",
     "normalized_grams",
     "occlusion",
+    "parse_methods",
     "parse_visualization_target",
     "patch_feature_mask",
     "per_class_metrics",
@@ -298,6 +311,8 @@ __all__ = [
     "rank_correlation",
     "rbf_cka",
     "rdm",
+    "register_cam",
+    "register_method",
     "reliability_curve",
     "relu_rule",
     "removal_baseline",

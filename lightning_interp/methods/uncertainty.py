@@ -22,7 +22,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ from lightning_interp.methods._core import (
     scores_from_output,
 )
 from lightning_interp.methods.map_metrics import attribution_to_map, rank_correlation
+
+if TYPE_CHECKING:
+    from lightning_interp.methods.explain import Explainer
 
 __all__ = [
     "DROPOUT_TYPES",
@@ -576,7 +579,7 @@ def dirichlet_uncertainty(evidence: Tensor) -> tuple[Tensor, Tensor]:
 def mc_dropout_maps(
     model: nn.Module,
     inputs: Tensor,
-    method: str = "gradient",
+    method: str | Explainer = "gradient",
     n_samples: int = 8,
     *,
     target: Target = None,
@@ -587,7 +590,8 @@ def mc_dropout_maps(
 ) -> Tensor:
     """A registered method's maps under MC dropout: one map per stochastic sub-network, (n_samples, N, H, W).
 
-    Each pass runs :func:`~lightning_interp.methods.registry.attribute` with the
+    Each pass runs :func:`~lightning_interp.methods.registry.attribute` (or an
+    :class:`~lightning_interp.methods.Explainer` of one method) with the
     dropout modules in train mode (every other module in eval mode, see
     :func:`~lightning_interp.methods._core.dropout_active`) inside a fork of the
     CPU and model-CUDA RNG seeded from ``generator``, so the global random state
@@ -603,7 +607,9 @@ def mc_dropout_maps(
     Args:
         model: the network, with at least one dropout module.
         inputs: (N, ...) samples on the model's device.
-        method: a name from :func:`~lightning_interp.methods.registry.available_methods`.
+        method: a name from :func:`~lightning_interp.methods.registry.available_methods`, or an
+            :class:`~lightning_interp.methods.Explainer` of one method (its options, layer and seeded generator;
+            ``options`` must then be empty).
         n_samples: stochastic passes, >= 2.
         target: class index, (N,) LongTensor, or None for the eval-mode prediction.
         generator: source of the passes' seeds (a fixed-seed private one if None).
@@ -621,7 +627,8 @@ def mc_dropout_maps(
         >>> maps.shape, bool(map_agreement(maps).lt(1).all())  # sub-networks disagree
         (torch.Size([4, 2, 8, 8]), True)
     """
-    from lightning_interp.methods.registry import attribute  # the registry imports this package's methods
+    from lightning_interp.methods.explain import Explainer
+    from lightning_interp.methods.registry import attribute
 
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 2:
         raise ValueError(f"n_samples must be an int >= 2 (the maps are compared), got {n_samples!r}.")
@@ -637,10 +644,22 @@ def mc_dropout_maps(
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     seeds = torch.randint(0, 2**62, (n_samples,), generator=generator).tolist()
     device = _model_device(model, inputs)
+    if isinstance(method, Explainer):
+        if options or len(method.keys) != 1:
+            raise ValueError("mc_dropout_maps takes an Explainer of one method, whose options it holds.")
+        explainer = method
+
+        def explain() -> Tensor:
+            return explainer(model, inputs, target).maps(reduction)[explainer.keys[0]]  # type: ignore[arg-type]
+    else:
+
+        def explain() -> Tensor:
+            return attribution_to_map(attribute(method, model, inputs, target, **options), reduction)
+
     maps = []
     for seed in seeds:
         with _private_rng(model, device, int(seed)), dropout_active():
-            maps.append(attribution_to_map(attribute(method, model, inputs, target, **options), reduction))
+            maps.append(explain())
     return torch.stack(maps)
 
 

@@ -112,9 +112,8 @@ trainer:
   callbacks:
     - class_path: lightning_interp.UncertaintyCallback
       init_args:
-        n_samples: 8
-        explain: integrated_gradients
-        explain_options: {n_steps: 8}
+        passes: 8
+        methods: {integrated_gradients: {n_steps: 8}}
         output_kind: logits
         class_names: [disc, square, triangle, cross]
     - class_path: lightning_interp.CalibrationCallback
@@ -123,9 +122,8 @@ trainer:
     - class_path: lightning_interp.DatasetBiasCallback
       init_args:
         imbalance_warning: 4.0
-        attribution: grad_cam
-        attribution_options: {layer: net.4}
-        attribution_samples: 64
+        methods: {grad_cam: {layer: net.4}}
+        num_samples: 64
     - class_path: lightning_interp.ExplanationQualityCallback
       init_args:
         methods: [gradient, [grad_cam, {layer: net.4}]]
@@ -148,9 +146,13 @@ def test_a_yaml_config_builds_the_uncertainty_calibration_and_bias_callbacks(tmp
     )
     ours = [c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_interp")]
     uncertainty, calibration, bias, quality = ours[:4]
-    assert isinstance(uncertainty, UncertaintyCallback) and uncertainty.n_samples == 8
-    assert uncertainty.explain == "integrated_gradients" and uncertainty.explain_options == {"n_steps": 8}
+    assert isinstance(uncertainty, UncertaintyCallback) and uncertainty.passes == 8
+    assert uncertainty.methods == ("integrated_gradients",) and uncertainty.method_options == {
+        "integrated_gradients": {"n_steps": 8}
+    }
     assert isinstance(calibration, CalibrationCallback) and calibration.n_bins == 10
     assert isinstance(bias, DatasetBiasCallback) and bias.imbalance_warning == 4.0
-    assert bias.attribution == "grad_cam" and bias.attribution_options == {"layer": "net.4"} and bias.num_samples == 64
+    assert (
+        bias.method == "grad_cam" and bias.method_options == {"grad_cam": {"layer": "net.4"}} and bias.num_samples == 64
+    )
     assert quality.keys == ["gradient", "grad_cam@net.4"] and quality.baseline == "mean" and quality.steps == 4

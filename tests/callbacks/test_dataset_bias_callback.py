@@ -171,7 +171,7 @@ def test_spurious_cue_scalars_in_a_trainer_equal_the_analytic_values(tmp_path):
     labels = torch.arange(48) % 2
     band = border_band(16, 16, 0.25)
     area = float(band.double().mean())
-    callback = DatasetBiasCallback(attribution="gradient", attribution_samples=32, border_fraction=0.25)
+    callback = DatasetBiasCallback(methods="gradient", num_samples=32, border_fraction=0.25)
     logger = TensorBoardLogger(str(tmp_path), name="run")
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger, max_epochs=1)
     loader = DataLoader(TensorDataset(inputs, labels), batch_size=16)
@@ -187,7 +187,7 @@ def test_spurious_cue_scalars_in_a_trainer_equal_the_analytic_values(tmp_path):
     # with masks: class 0's masks cover the band (its maps lie on them: localization 1), class 1's the band too
     # (its maps lie off them: 0); no 'recognised but not by the object' warning with fewer than three classes
     masks = band.expand(48, 16, 16).clone()
-    callback = DatasetBiasCallback(attribution="gradient", attribution_samples=32)
+    callback = DatasetBiasCallback(methods="gradient", num_samples=32)
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
     loader = DataLoader(TensorDataset(inputs, labels, masks), batch_size=16)
     trainer.fit(FixedLinear(), loader, loader)
@@ -200,15 +200,15 @@ def test_spurious_cue_scalars_in_a_trainer_equal_the_analytic_values(tmp_path):
 
 def test_spurious_cue_options_are_checked_before_training(tmp_path):
     with pytest.raises(ValueError, match="Unknown attribution method"):
-        DatasetBiasCallback(attribution="no_such_method")
+        DatasetBiasCallback(methods="no_such_method")
     with pytest.raises(TypeError, match="takes no option"):
-        DatasetBiasCallback(attribution="gradient", attribution_options={"n_steps": 4})
-    with pytest.raises(ValueError, match="without attribution"):
-        DatasetBiasCallback(attribution_options={"layer": "net.4"})
+        DatasetBiasCallback(methods={"gradient": {"n_steps": 4}})
+    with pytest.raises(ValueError, match="one method's maps"):
+        DatasetBiasCallback(methods=["gradient", "grad_cam"])
     with pytest.raises(ValueError, match="border_fraction"):
-        DatasetBiasCallback(attribution="gradient", border_fraction=0.5)
+        DatasetBiasCallback(methods="gradient", border_fraction=0.5)
     # a layer that does not exist fails at fit start, before the first training step
-    callback = DatasetBiasCallback(attribution="grad_cam", attribution_options={"layer": "net.99"})
+    callback = DatasetBiasCallback(methods={"grad_cam": {"layer": "net.99"}})
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
     model = tiny_classifier()
     steps = []
@@ -245,7 +245,7 @@ def test_the_automatic_cam_layer_is_grad_cam_callbacks_and_is_chosen_once(tmp_pa
     choices = []
     original = _base.find_target_layer
     monkeypatch.setattr(_base, "find_target_layer", lambda *a, **k: choices.append(1) or original(*a, **k))
-    bias, gradcam = DatasetBiasCallback(attribution="grad_cam", attribution_samples=16), GradCAMCallback()
+    bias, gradcam = DatasetBiasCallback(methods="grad_cam", num_samples=16), GradCAMCallback()
     trainer = quiet_trainer(tmp_path, callbacks=[bias, gradcam], logger=False, max_epochs=3)
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     assert bias._layer == gradcam.layers[0] and len(choices) == 1

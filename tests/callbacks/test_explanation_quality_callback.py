@@ -75,7 +75,7 @@ def test_the_untrained_networks_maps_come_back_with_a_resumed_fit(tmp_path):
 
 
 def test_bad_options_fail_before_training(tmp_path):
-    with pytest.raises(ValueError, match="cannot use method 'no_such_method'"):
+    with pytest.raises(ValueError, match="Unknown attribution method 'no_such_method'"):
         ExplanationQualityCallback(["no_such_method"])
     with pytest.raises(TypeError, match="takes no option"):
         ExplanationQualityCallback([("gradient", {"layer": "net.4"})])

@@ -47,7 +47,7 @@ def _all_callbacks():
             min_cav_accuracy=0.0,
         ),
         UncertaintyCallback(  # MC dropout: the Dropout layer of the head in train mode, also inside IG's passes
-            n_samples=4, num_samples=16, explain="integrated_gradients", explain_options={"n_steps": 4}
+            passes=4, num_samples=16, methods={"integrated_gradients": {"n_steps": 4}}
         ),
         CalibrationCallback(),  # a forward hook during validation, a temperature fit at its end
         DatasetBiasCallback(),  # the samplers' indices read at train start (their generators restored)
@@ -59,7 +59,7 @@ def _all_callbacks():
             cascading=2,  # re-initialises layers of a deep copy, under a forked and re-seeded RNG
         ),
         DatasetBiasCallback(  # and Grad-CAM per true class, through the Dropout / BatchNorm net in eval mode
-            attribution="grad_cam", attribution_options={"layer": "net.features.5"}, name="bias_cues"
+            methods={"grad_cam": {"layer": "net.features.5"}}, name="bias_cues"
         ),
     ]
 

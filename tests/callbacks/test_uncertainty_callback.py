@@ -66,7 +66,7 @@ def test_the_numbers_equal_a_hand_computation_from_the_same_dropout_masks(tmp_pa
     model = ImageClassifier(WideDropoutNet(), lr=1e-2)
     inputs = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     probe = ProbeSet(inputs, torch.arange(12) % 4)
-    callback = UncertaintyCallback(n_samples=8, probe=probe, seed=5, background_drawing=False)
+    callback = UncertaintyCallback(passes=8, probe=probe, seed=5, background_drawing=False)
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
     datamodule = tiny_datamodule()
     trainer.validate(model, datamodule=datamodule, verbose=False)
@@ -100,7 +100,7 @@ def test_a_model_without_dropout_is_refused_before_training(tmp_path):
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"n_samples": 1}, "n_samples must be an int >= 2"), ({"class_names": "abcd"}, "list of strings")],
+    [({"passes": 1}, "passes must be an int >= 2"), ({"class_names": "abcd"}, "list of strings")],
 )
 def test_bad_arguments_are_refused_at_construction(options, message):
     with pytest.raises(ValueError, match=message):
@@ -118,7 +118,7 @@ def test_training_is_bit_identical_with_the_callback(tmp_path):
 @pytest.mark.parametrize("run", ["fit", "validate"])
 def test_explanation_uncertainty_of_a_method_under_mc_dropout(tmp_path, run):
     """Gradient maps under dropout p=0.5 disagree between passes; under validate() (inference mode) it works too."""
-    callback = UncertaintyCallback(n_samples=4, num_samples=16, explain="gradient", explain_samples=3)
+    callback = UncertaintyCallback(passes=4, num_samples=16, methods="gradient", explain_samples=3)
     logger = TensorBoardLogger(str(tmp_path), name="run")
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger, max_epochs=1)
     model = ImageClassifier(WideDropoutNet(), lr=1e-2)
@@ -135,9 +135,9 @@ def test_explanation_uncertainty_of_a_method_under_mc_dropout(tmp_path, run):
 
 def test_explanation_arguments_are_checked_at_construction():
     with pytest.raises(ValueError, match="Unknown attribution method 'gradinet'"):
-        UncertaintyCallback(explain="gradinet")
-    with pytest.raises(ValueError, match="is a CAM method: give its layer"):
-        UncertaintyCallback(explain="grad_cam")
+        UncertaintyCallback(methods="gradinet")
+    with pytest.raises(TypeError, match=r"gradient takes no option\(s\) \['n_steps'\]"):
+        UncertaintyCallback(methods={"gradient": {"n_steps": 3}})
 
 
 class EvidentialNet(nn.Module):
