@@ -12,12 +12,11 @@ from lightning_interp.callbacks.feature_visualization import FeatureVisualizatio
 from lightning_interp.callbacks.gradcam import GradCAMCallback
 from lightning_interp.callbacks.linear_probe import LinearProbeCallback
 from lightning_interp.callbacks.report import ReportCallback
-from lightning_interp.callbacks.saliency import SALIENCY_METHODS, SaliencyCallback
+from lightning_interp.callbacks.saliency import SaliencyCallback
 from lightning_interp.callbacks.similarity import RepresentationSimilarityCallback
 from lightning_interp.callbacks.uncertainty import UncertaintyCallback
 
 __all__ = [
-    "SALIENCY_METHODS",
     "ActivationMapsCallback",
     "AttentionCallback",
     "CalibrationCallback",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import matplotlib
@@ -36,7 +36,7 @@ from lightning_interp.visualize import (
     render_tokens,
 )
 
-TargetSpec = str | int
+TargetSpec = Literal["pred", "label"] | int
 
 HISTORY_SIZE = 64  # longest side of the maps kept for evolution strips
 MAX_GRID_ROWS = 32  # probe samples drawn in the per-epoch grid (scores cover all of them)

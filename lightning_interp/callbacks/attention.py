@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -122,12 +122,12 @@ class AttentionCallback(LayerMapCallback):
         head_samples: int = 4,
         rollout: bool = True,
         residual: bool = True,
-        head_fusion: str = "mean",
-        query: str | int = "auto",
+        head_fusion: Literal["mean", "max", "min"] = "mean",
+        query: Literal["auto", "mean", "last"] | int = "auto",
         name: str = "attention",
         **kwargs: Any,
     ) -> None:
-        if "target" in kwargs:
+        if kwargs.get("target", "pred") != "pred":  # LightningCLI passes the inherited default: that one is fine
             raise TypeError(
                 "AttentionCallback has no target option: attention weights do not depend on the class explained. "
                 "For class-specific maps of a transformer use SaliencyCallback or GradCAMCallback."

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -157,11 +157,11 @@ class ExplanationQualityCallback(InterpCallback):
         num_samples: int = 32,
         metrics: Sequence[str] = ("deletion", "insertion", "top_drop", "sanity", "sparseness", "localization"),
         steps: int = 16,
-        baseline: str = "blur",
+        baseline: Literal["blur", "mean", "zero"] = "blur",
         fraction: float = 0.2,
-        target: str = "pred",
+        target: Literal["pred", "label"] = "pred",
         task: TaskOption = "auto",
-        channel_reduction: str = "abs_sum",
+        channel_reduction: Literal["abs_sum", "abs_max", "sum"] = "abs_sum",
         robustness_radius: float = 0.02,
         robustness_samples: int = 4,
         random_reference: bool = True,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -30,7 +30,7 @@ MODES = ("optimize", "dream")
 VALUE_RANGES = ("probe", "probe_std")
 _LR = {"optimize": 0.05, "dream": 0.02}
 
-RangeOption = Union[str, tuple[Union[float, Sequence[float]], Union[float, Sequence[float]]]]  # noqa: UP007
+RangeOption = Union[Literal["probe", "probe_std"], tuple[Union[float, Sequence[float]], Union[float, Sequence[float]]]]  # noqa: UP007
 
 
 class FeatureVisualizationCallback(InterpCallback):
@@ -130,12 +130,12 @@ class FeatureVisualizationCallback(InterpCallback):
         self,
         targets: str | Sequence[TargetSpec] = "classes",
         *,
-        mode: str = "optimize",
+        mode: Literal["optimize", "dream"] = "optimize",
         steps: int = 128,
         lr: float | None = None,
         num_images: int = 1,
         value_range: RangeOption = "probe",
-        parameterization: str = "fourier",
+        parameterization: Literal["fourier", "pixel"] = "fourier",
         decorrelate: bool = True,
         transforms: bool = True,
         octaves: int = 3,

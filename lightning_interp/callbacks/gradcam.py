@@ -21,9 +21,6 @@ from lightning_interp.methods.gradcam import (
 from lightning_interp.methods.registry import METHODS
 from lightning_interp.probe import ProbeSet
 
-CAM_METHODS = tuple(name for name, spec in METHODS.items() if spec.needs_layer)
-"""The CAM methods of the registry (input-attribution methods belong to SaliencyCallback)."""
-
 
 class GradCAMCallback(LayerMapCallback):
     """Log Grad-CAM heatmaps (Selvaraju et al. 2017), and any CAM method, of a fixed probe set for one or more layers.
@@ -82,7 +79,7 @@ class GradCAMCallback(LayerMapCallback):
         self._choose_layers(layer, "layer")
         parsed = parse_methods(
             methods,
-            allowed=CAM_METHODS,
+            allowed=[name for name, spec in METHODS.items() if spec.needs_layer],  # as declared now
             owner="GradCAMCallback",
             elsewhere="SaliencyCallback(methods=...)",
             layer_option=False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -79,7 +79,7 @@ class LinearProbeCallback(RepresentationCallback):
         layers: str | Sequence[str] = "auto",
         *,
         num_samples: int = 1024,
-        solver: str = "logistic",
+        solver: Literal["logistic", "ridge"] = "logistic",
         l2: float = 1e-3,
         test_fraction: float = 0.5,
         task: TaskOption = "auto",

@@ -16,9 +16,6 @@ from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS
 from lightning_interp.methods.registry import METHODS
 from lightning_interp.probe import ProbeSet
 
-SALIENCY_METHODS = tuple(name for name, spec in METHODS.items() if not spec.needs_layer)
-"""The input-attribution methods of the registry (CAM methods belong to GradCAMCallback)."""
-
 
 class SaliencyCallback(MapCallback):
     """Log saliency maps of a fixed probe set, with scores that track how they change.
@@ -99,7 +96,10 @@ class SaliencyCallback(MapCallback):
     ) -> None:
         super().__init__(name=name, **kwargs)
         parsed = parse_methods(
-            methods, allowed=SALIENCY_METHODS, owner="SaliencyCallback", elsewhere="GradCAMCallback(methods=...)"
+            methods,
+            allowed=[name for name, spec in METHODS.items() if not spec.needs_layer],  # as declared now
+            owner="SaliencyCallback",
+            elsewhere="GradCAMCallback(methods=...)",
         )
         names = tuple(parsed)
         if channel_reduction not in CHANNEL_REDUCTIONS:

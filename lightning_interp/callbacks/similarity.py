@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -98,8 +98,8 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         num_samples: int = 512,
         metrics: Sequence[str] = SIMILARITY_METRICS,
         debiased: bool = True,
-        rdm_metric: str = "correlation",
-        rsa_method: str = "spearman",
+        rdm_metric: Literal["correlation", "euclidean"] = "correlation",
+        rsa_method: Literal["spearman", "pearson", "tau_a"] = "spearman",
         task: TaskOption = "auto",
         reference_model: nn.Module | None = None,
         reference_layers: str | Sequence[str] = "auto",

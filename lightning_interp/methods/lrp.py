@@ -2,18 +2,26 @@
 
 The target score is the relevance at the output; every layer passes relevance
 down so that (up to the stabiliser and the biases) it is conserved: the input
-relevance of a sample sums to its explained score. The rules, for a layer
-``z = W x + b`` with relevance ``R`` at its output (``x+``, ``W+``: positive
-parts; ``x-``, ``W-``: negative parts):
+relevance of a sample sums to its explained score. A rule is an
+:class:`LRPRule` object; for a layer ``z = W x + b`` with relevance ``R`` at
+its output (``x+``, ``W+``: positive parts; ``x-``, ``W-``: negative parts):
 
-- ``"epsilon"``: ``R_in = x * W^T (R / (z + eps sign z))`` (LRP-0 at ``epsilon=0``);
-- ``"zplus"``: only the positive contributions ``x+ W+ + x- W-`` (alpha=1, beta=0);
+- :class:`Epsilon` (``"epsilon"``): ``R_in = x * W^T (R / (z + eps sign z))`` (LRP-0 at ``epsilon=0``);
+- :class:`ZPlus` (``"zplus"``): only the positive contributions ``x+ W+ + x- W-`` (alpha=1, beta=0);
   deep Taylor decomposition of a ReLU network is LRP with this rule;
-- ``"alpha_beta"``: ``alpha`` times the positive minus ``beta`` times the negative
+- :class:`AlphaBeta` (``"alpha_beta"``): ``alpha`` times the positive minus ``beta`` times the negative
   contributions (``alpha - beta = 1``);
-- ``"gamma"``: the generalised gamma rule, positive contributions raised by ``gamma``;
-- composites for CNNs: ``"epsilon_plus"`` (z+ on convolutions, epsilon on linear
-  layers) and ``"epsilon_plus_flat"`` (the same with the flat rule on the first layer).
+- :class:`Gamma` (``"gamma"``): the generalised gamma rule, positive contributions raised by ``gamma``;
+- :class:`Flat`, :class:`WSquare`: relevance spread by ``1`` or ``W²`` regardless of the input (first layers);
+- :class:`ZBox`: the box rule for an input bounded by ``low <= x <= high`` (first layer, Montavon et al. 2017).
+
+An :class:`LRPComposite` gives different layers different rules: by dotted
+module name, by module type, and for the first layer; a plain mapping
+``{name or type: rule}`` is one too. The named composites for CNNs are
+``"epsilon_plus"`` (z+ on convolutions, epsilon on linear layers) and
+``"epsilon_plus_flat"`` (the same with the flat rule on the first layer).
+A rule of one's own subclasses :class:`LRPRule` and maps the relevance at an
+:class:`LRPLayer`'s output to its input.
 
 The other layers, as in zennit's composites: elementwise activations pass
 relevance unchanged; average pooling (``AvgPool``, ``AdaptiveAvgPool``,
@@ -34,9 +42,12 @@ before the forward pass, naming it.
 
 from __future__ import annotations
 
+import abc
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +59,7 @@ from lightning_interp.methods._core import (
     Target,
     as_leaf,
     eager_forward,
+    get_module,
     gradients_enabled,
     modes_preserved,
     resolve_target,
@@ -65,7 +77,23 @@ from lightning_interp.methods._rules import (
 from lightning_interp.methods.registry import register_method
 from lightning_interp.methods.tasks import target_scores
 
-__all__ = ["LRP_COMPOSITES", "LRP_RULES", "lrp", "lrp_rules"]
+__all__ = [
+    "LRP_COMPOSITES",
+    "LRP_RULES",
+    "AlphaBeta",
+    "Epsilon",
+    "Flat",
+    "Gamma",
+    "LRPComposite",
+    "LRPLayer",
+    "LRPRule",
+    "LRPRuleName",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
+    "lrp",
+    "lrp_rules",
+]
 
 LRP_RULES = ("epsilon", "gamma", "alpha_beta", "zplus")
 """Rules applied to every convolution and linear layer."""
@@ -73,7 +101,11 @@ LRP_RULES = ("epsilon", "gamma", "alpha_beta", "zplus")
 LRP_COMPOSITES = ("epsilon_plus", "epsilon_plus_flat")
 """Rules per layer type for CNNs: z+ on convolutions and epsilon on linear layers (flat on the first layer)."""
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LRPRuleName = Literal["epsilon", "gamma", "alpha_beta", "zplus", "epsilon_plus", "epsilon_plus_flat"]
+"""The names :func:`lrp` accepts for ``rule``: :data:`LRP_RULES` and :data:`LRP_COMPOSITES`."""
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_WEIGHTED = (nn.Linear, *_CONVOLUTIONS)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _AVERAGES = frozenset(
     {
@@ -101,14 +133,448 @@ def _share(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
     return torch.where(denominator == 0, torch.zeros_like(relevance), relevance / denominator)
 
 
-@dataclass
-class _Settings:
-    rule: str
-    epsilon: float
-    stabilizer: float
-    gamma: float
-    alpha: float
-    beta: float
+def _non_negative(rule: str, **values: float) -> None:
+    for key, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"{rule} needs {key} >= 0, got {value}.")
+
+
+@dataclass(frozen=True, eq=False)
+class LRPLayer:
+    """One call of a convolution or linear layer, as an :class:`LRPRule` sees it.
+
+    Attributes:
+        module: the ``nn.Linear`` or ``nn.Conv1d/2d/3d`` that ran (rules must not modify it).
+        weight: its weight, detached, with the BatchNorm that follows it (if one does) merged in.
+        bias: its bias likewise, zeros where the layer has none.
+
+    Example:
+        >>> layer = LRPLayer(nn.Linear(2, 1), torch.tensor([[1.0, -2.0]]), torch.tensor([0.5]))
+        >>> layer.forward(torch.tensor([[3.0, 1.0]]), layer.weight, layer.bias)
+        tensor([[1.5000]])
+        >>> layer.gradient(torch.zeros(1, 2), torch.tensor([[2.0]]), layer.weight.clamp(min=0))
+        tensor([[2., 0.]])
+    """
+
+    module: nn.Module
+    weight: Tensor
+    bias: Tensor
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The layer's operation (its stride, padding, groups, ...) on ``x`` with ``weight`` and ``bias``.
+
+        Args:
+            x: an input shaped like the layer's.
+            weight: shaped like :attr:`weight` (e.g. its positive part).
+            bias: shaped like :attr:`bias`, or None for no bias.
+        """
+        if isinstance(self.module, nn.Linear):
+            return F.linear(x, weight, bias)
+        return self.module._conv_forward(x, weight, bias)  # the layer's own padding mode, stride, groups
+
+    def gradient(self, x: Tensor, scale: Tensor, weight: Tensor) -> Tensor:
+        """The gradient of ``(scale * forward(x, weight)).sum()`` with respect to ``x``: the transposed layer with
+        ``weight`` applied to ``scale``, shaped like ``x`` (the layer is linear, so ``x`` only gives the shape).
+
+        Args:
+            x: an input shaped like the layer's.
+            scale: shaped like the layer's output (typically the relevance divided by a stabilised output).
+            weight: the weight to transpose.
+        """
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.forward(leaf, weight), leaf, scale)
+        return grad
+
+
+class LRPRule(abc.ABC):
+    """How relevance passes one convolution or linear layer; subclass it and define :meth:`propagate`.
+
+    A rule is a small stateless object: :func:`lrp` calls it on every layer it is given to, during the backward
+    pass of the one call. The built-in rules are :class:`Epsilon`, :class:`ZPlus`, :class:`AlphaBeta`,
+    :class:`Gamma`, :class:`Flat`, :class:`WSquare` and :class:`ZBox`.
+
+    Example:
+        >>> class Zero(LRPRule):  # LRP-0, written out
+        ...     def propagate(self, layer, x, relevance):
+        ...         z = layer.forward(x, layer.weight, layer.bias)
+        ...         return x * layer.gradient(x, relevance / z, layer.weight)
+        >>> net = nn.Sequential(nn.Linear(3, 1, bias=False))
+        >>> x = torch.rand(2, 3)
+        >>> torch.allclose(lrp(net, x, 0, rule=Zero()).sum(dim=1), net(x)[:, 0])
+        True
+    """
+
+    @abc.abstractmethod
+    def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        """The relevance at the layer's input.
+
+        Args:
+            layer: the layer call: its module and its (BatchNorm-merged) weight and bias.
+            x: the layer's input, detached.
+            relevance: the relevance at the layer's output, shaped like it.
+
+        Returns:
+            A tensor shaped like ``x``.
+        """
+
+
+@dataclass(frozen=True)
+class Epsilon(LRPRule):
+    """The epsilon rule: ``R_in = x * W^T (R / (z + epsilon * sign z))``, sign(0) = 1; LRP-0 at ``epsilon=0``.
+
+    Args:
+        epsilon: added to the denominator with the output's sign (also a parameter of the rule, not only a
+            stabiliser: a larger one absorbs the relevance of weak outputs). A 0 / 0 gives 0.
+
+    Example:
+        >>> lrp(nn.Linear(3, 2), torch.rand(4, 3), 0, rule=Epsilon(0.25)).shape
+        torch.Size([4, 3])
+    """
+
+    epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _non_negative("The epsilon rule", epsilon=self.epsilon)
+
+    def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        z = layer.forward(x, layer.weight, layer.bias)
+        return x * layer.gradient(x, _share(relevance, z, self.epsilon), layer.weight)
+
+
+def _positive_and_negative(layer: LRPLayer, x: Tensor, relevance: Tensor, stabilizer: float, up: bool) -> Tensor:
+    """The relevance of the contributions that raise (``up``) or lower the output: ``x+ W+ + x- W-`` with the
+    positive part of the bias, or ``x+ W- + x- W+`` with its negative part."""
+    w_plus, w_minus = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+    if not up:
+        w_plus, w_minus = w_minus, w_plus
+    x_plus, x_minus = x.clamp(min=0), x.clamp(max=0)
+    bias = layer.bias.clamp(min=0) if up else layer.bias.clamp(max=0)
+    z = layer.forward(x_plus, w_plus, bias) + layer.forward(x_minus, w_minus)
+    scale = _share(relevance, z, stabilizer)
+    return x_plus * layer.gradient(x, scale, w_plus) + x_minus * layer.gradient(x, scale, w_minus)
+
+
+@dataclass(frozen=True)
+class ZPlus(LRPRule):
+    """The z+ rule: only the positive contributions ``x+ W+ + x- W-`` (alpha=1, beta=0), as zennit's ``ZPlus``.
+
+    Args:
+        stabilizer: added to the denominator with its sign.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+        >>> bool((lrp(net, torch.rand(2, 3), 0, rule=ZPlus()) >= 0).all())  # positive input and score: positive
+        True
+    """
+
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _non_negative("The z+ rule", stabilizer=self.stabilizer)
+
+    def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        return _positive_and_negative(layer, x, relevance, self.stabilizer, up=True)
+
+
+@dataclass(frozen=True)
+class AlphaBeta(LRPRule):
+    """The alpha-beta rule: ``alpha`` times the relevance of the positive contributions minus ``beta`` times that
+    of the negative ones, each normalised on its own.
+
+    Args:
+        alpha: weight of the positive contributions, >= 0.
+        beta: weight of the negative contributions, >= 0, with ``alpha - beta = 1``.
+        stabilizer: added to the denominators with their sign.
+
+    Example:
+        >>> AlphaBeta(1.0, 0.0)
+        AlphaBeta(alpha=1.0, beta=0.0, stabilizer=1e-06)
+    """
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-9:
+            raise ValueError(
+                f"The alpha-beta rule needs alpha, beta >= 0 and alpha - beta = 1, got {self.alpha}, {self.beta}."
+            )
+        _non_negative("The alpha-beta rule", stabilizer=self.stabilizer)
+
+    def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        up = _positive_and_negative(layer, x, relevance, self.stabilizer, up=True)
+        down = _positive_and_negative(layer, x, relevance, self.stabilizer, up=False)
+        return self.alpha * up - self.beta * down
+
+
+@dataclass(frozen=True)
+class Gamma(LRPRule):
+    """The generalised gamma rule (inputs of both signs, as zennit's ``Gamma``): the contributions that agree with
+    the sign of the output are raised by ``gamma`` times their positive (or, for a negative output, negative) part.
+
+    Args:
+        gamma: how much to favour the contributions of the output's sign (0: LRP-0, large: towards z+).
+        stabilizer: added to the denominators with their sign.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(18, 2))
+        >>> lrp(net, torch.rand(4, 2, 8), 1, rule=Gamma(0.5)).shape
+        torch.Size([4, 2, 8])
+    """
+
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _non_negative("The gamma rule", gamma=self.gamma, stabilizer=self.stabilizer)
+
+    def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        gamma, weight, bias = self.gamma, layer.weight, layer.bias
+        z = layer.forward(x, weight, bias)
+        w_up, b_up = weight + gamma * weight.clamp(min=0), bias + gamma * bias.clamp(min=0)
+        w_down, b_down = weight + gamma * weight.clamp(max=0), bias + gamma * bias.clamp(max=0)
+        x_plus, x_minus = x.clamp(min=0), x.clamp(max=0)
+        z_up = layer.forward(x_plus, w_up, b_up) + layer.forward(x_minus, w_down)
+        z_down = layer.forward(x_plus, w_down, b_down) + layer.forward(x_minus, w_up)
+        scale_up = (z > 0).to(z.dtype) * _share(relevance, z_up, self.stabilizer)
+        scale_down = (z < 0).to(z.dtype) * _share(relevance, z_down, self.stabilizer)
+        return (x_plus * layer.gradient(x, scale_up, w_up) + x_minus * layer.gradient(x, scale_up, w_down)) + (
+            x_plus * layer.gradient(x, scale_down, w_down) + x_minus * layer.gradient(x, scale_down, w_up)
+        )
+
+
+def _spread(layer: LRPLayer, x: Tensor, relevance: Tensor, weight: Tensor, stabilizer: float) -> Tensor:
+    """Relevance spread over the receptive field in proportion to ``weight``, whatever the input (no bias)."""
+    ones = torch.ones_like(x)
+    z = layer.forward(ones, weight)
+    return layer.gradient(ones, _share(relevance, z, stabilizer), weight)
+
+
+@dataclass(frozen=True)
+class Flat(LRPRule):
+    """The flat rule: an output's relevance spread evenly over its receptive field (the input and the weights
+    ignored; the bias too), as zennit's ``Flat``. For a first layer.
+
+    Args:
+        stabilizer: added to the denominator.
+
+    Example:
+        >>> lrp(nn.Linear(4, 1), torch.rand(1, 4), 0, rule=Flat()).std().item() < 1e-6
+        True
+    """
+
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _non_negative("The flat rule", stabilizer=self.stabilizer)
+
+    def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        return _spread(layer, x, relevance, torch.ones_like(layer.weight), self.stabilizer)
+
+
+@dataclass(frozen=True)
+class WSquare(LRPRule):
+    """The w² rule (Montavon et al. 2017): ``R_in_i = sum_j W_ji² / (sum_k W_jk²) R_j``, for a first layer whose
+    input is unbounded. The bias is left out, as in the paper; zennit's ``WSquare`` adds the squared bias to the
+    denominator unless given ``zero_params=["bias"]``.
+
+    Args:
+        stabilizer: added to the denominator.
+
+    Example:
+        >>> layer = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[1.0, 3.0]]))
+        >>> lrp(layer, torch.tensor([[5.0, 1.0]]), 0, rule=WSquare(0.0))  # the score 8 split 1 : 9
+        tensor([[0.8000, 7.2000]])
+    """
+
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _non_negative("The w² rule", stabilizer=self.stabilizer)
+
+    def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        return _spread(layer, x, relevance, layer.weight**2, self.stabilizer)
+
+
+@dataclass(frozen=True, eq=False)
+class ZBox(LRPRule):
+    """The z^B (box) rule (Montavon et al. 2017) for a first layer whose input lies in ``[low, high]``:
+    ``R_in = x * W^T s - low * W+^T s - high * W-^T s`` with ``s = R / z_box`` and
+    ``z_box = W x - W+ low - W- high`` (the bias cancels). Conserves relevance, and is non-negative for ``x`` in
+    the box and a non-negative ``R``.
+
+    Args:
+        low: the lowest possible input value: a float, or a tensor that broadcasts to the input (per channel:
+            shape ``(C, 1, 1)`` or ``(1, C, 1, 1)`` for images).
+        high: the highest possible input value, likewise.
+        stabilizer: added to the denominator with its sign.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+        >>> low, high = torch.tensor([-2.0, -1.5, -1.8])[:, None, None], torch.tensor([2.2, 2.4, 2.6])[:, None, None]
+        >>> rule = LRPComposite(first_layer=ZBox(low, high), default=Epsilon())
+        >>> lrp(net, torch.rand(1, 3, 4, 4), 0, rule=rule).shape
+        torch.Size([1, 3, 4, 4])
+    """
+
+    low: float | Tensor
+    high: float | Tensor
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        low, high = torch.as_tensor(self.low), torch.as_tensor(self.high)
+        try:
+            ordered = bool((low <= high).all())
+        except RuntimeError as error:
+            raise ValueError(f"ZBox's low and high do not broadcast together: {error}") from None
+        if not ordered:
+            raise ValueError(f"ZBox needs low <= high, got {self.low} and {self.high}.")
+        _non_negative("The box rule", stabilizer=self.stabilizer)
+
+    def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        low, high = (torch.broadcast_to(torch.as_tensor(b).to(x), x.shape).contiguous() for b in (self.low, self.high))
+        weight = layer.weight
+        w_plus, w_minus = weight.clamp(min=0), weight.clamp(max=0)
+        z = layer.forward(x, weight) - layer.forward(low, w_plus) - layer.forward(high, w_minus)
+        scale = _share(relevance, z, self.stabilizer)
+        return (
+            x * layer.gradient(x, scale, weight)
+            - low * layer.gradient(x, scale, w_plus)
+            - high * layer.gradient(x, scale, w_minus)
+        )
+
+
+_RuleKey = Union[str, type, tuple]  # noqa: UP007 (runtime alias, Python 3.10)
+
+
+class LRPComposite:
+    """Rules for the layers of one model: by dotted module name, by module type, for the first layer, or a default.
+
+    The rule of a convolution or linear layer is, in order: the rule of its own name; ``first_layer`` if it is
+    the first such layer the forward pass calls; the rule of the deepest named module that contains it (a
+    name such as ``"features"`` covers every layer inside); the rule of its type (its own class first, then its
+    base classes, then virtual ones); else ``default``. Names win over types. Names are checked against the model
+    when :func:`lrp` runs: an unknown one is a ``ValueError`` that lists the closest names. A plain mapping
+    ``{name or type: rule}`` passed as :func:`lrp`'s ``rule`` is this composite with its string keys as
+    ``by_name`` and its types (or tuples of types) as ``by_type``.
+
+    Args:
+        by_type: rules by module class (or tuple of classes): ``nn.Linear``, ``nn.Conv2d``, a subclass, a base.
+        by_name: rules by dotted module name, as in ``model.named_modules()``.
+        first_layer: the rule for the first convolution or linear layer called (e.g. :class:`ZBox`,
+            :class:`Flat`), unless that layer's own name has a rule.
+        default: the rule of a layer nothing else matches.
+
+    Raises:
+        TypeError: a key that is neither a string nor a class, or a rule that is not an :class:`LRPRule`.
+        ValueError: a type that can be no convolution or linear layer (``nn.ReLU``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+        >>> composite = LRPComposite(first_layer=ZBox(0.0, 1.0), by_type={nn.Linear: Epsilon(0.25)})
+        >>> lrp(net, torch.rand(4, 1, 4, 4), 0, rule=composite).shape
+        torch.Size([4, 1, 4, 4])
+        >>> lrp(net, torch.rand(4, 1, 4, 4), 0, rule={"0": ZBox(0.0, 1.0), nn.Linear: Epsilon()}).shape
+        torch.Size([4, 1, 4, 4])
+    """
+
+    def __init__(
+        self,
+        *,
+        by_type: Mapping[type | tuple[type, ...], LRPRule] | None = None,
+        by_name: Mapping[str, LRPRule] | None = None,
+        first_layer: LRPRule | None = None,
+        default: LRPRule | None = None,
+    ) -> None:
+        types: dict[type, LRPRule] = {}
+        for key, rule in (by_type or {}).items():
+            for cls in key if isinstance(key, tuple) else (key,):
+                if not isinstance(cls, type):
+                    raise TypeError(f"by_type keys must be module classes or tuples of them, got {cls!r}.")
+                if not (issubclass(cls, _WEIGHTED) or any(issubclass(weighted, cls) for weighted in _WEIGHTED)):
+                    raise ValueError(
+                        f"LRP rules apply to Linear and Conv1d/2d/3d layers (and their subclasses); no such layer is "
+                        f"a {cls.__name__}. The other layers' propagation is fixed (see the lrp module docstring)."
+                    )
+                types[cls] = _checked_rule(rule, cls.__name__)
+        names: dict[str, LRPRule] = {}
+        for name, rule in (by_name or {}).items():
+            if not isinstance(name, str):
+                raise TypeError(f"by_name keys must be dotted module names, got {name!r}.")
+            names[name] = _checked_rule(rule, repr(name))
+        self.by_type: Mapping[type, LRPRule] = MappingProxyType(types)
+        self.by_name: Mapping[str, LRPRule] = MappingProxyType(names)
+        self.first_layer = None if first_layer is None else _checked_rule(first_layer, "first_layer")
+        self.default = Epsilon() if default is None else _checked_rule(default, "default")
+
+    @classmethod
+    def from_mapping(cls, rules: Mapping[_RuleKey, LRPRule]) -> LRPComposite:
+        """The composite of a ``{name or type: rule}`` mapping (string keys are names; the default is Epsilon()).
+
+        Example:
+            >>> LRPComposite.from_mapping({"features.0": Flat(), nn.Linear: Epsilon(0.1)}).by_name["features.0"]
+            Flat(stabilizer=1e-06)
+        """
+        by_name = {key: rule for key, rule in rules.items() if isinstance(key, str)}
+        by_type = {key: rule for key, rule in rules.items() if not isinstance(key, str)}
+        return cls(by_type=by_type, by_name=by_name)
+
+    def __repr__(self) -> str:
+        types = {cls.__name__: rule for cls, rule in self.by_type.items()}
+        return (
+            f"LRPComposite(by_type={types}, by_name={dict(self.by_name)}, first_layer={self.first_layer!r}, "
+            f"default={self.default!r})"
+        )
+
+    def _for_model(self, model: nn.Module) -> Callable[[nn.Module, bool], LRPRule]:
+        """The rule of each call of a layer of ``model`` (the layer, whether it is the first call); names checked."""
+        exact: dict[nn.Module, LRPRule] = {}
+        scoped: dict[nn.Module, LRPRule] = {}
+        for name in sorted(self.by_name, key=lambda name: name.count(".")):  # containers before their contents
+            module = get_module(model, name)
+            layers = [inner for inner in module.modules() if isinstance(inner, _WEIGHTED)]
+            if not layers:
+                raise ValueError(
+                    f"The LRP rule for {name!r} has no layer to act on: {name!r} ({type(module).__name__}) is no "
+                    "convolution or linear layer and holds none. Name a Linear or Conv1d/2d/3d layer or a module "
+                    "that contains some."
+                )
+            if isinstance(module, _WEIGHTED):
+                exact[module] = self.by_name[name]
+            for layer in layers:
+                scoped[layer] = self.by_name[name]
+
+        def rule_for(module: nn.Module, first: bool) -> LRPRule:
+            if module in exact:
+                return exact[module]
+            if first and self.first_layer is not None:
+                return self.first_layer
+            if module in scoped:
+                return scoped[module]
+            return self._type_rule(module) or self.default
+
+        return rule_for
+
+    def _type_rule(self, module: nn.Module) -> LRPRule | None:
+        for cls in type(module).__mro__:
+            if cls in self.by_type:
+                return self.by_type[cls]
+        return next((rule for cls, rule in self.by_type.items() if isinstance(module, cls)), None)  # virtual bases
+
+
+def _checked_rule(rule: object, where: str) -> LRPRule:
+    if not isinstance(rule, LRPRule):
+        hint = (
+            " (the names such as 'epsilon' are for lrp's rule alone; use Epsilon() here)"
+            if isinstance(rule, str)
+            else ""
+        )
+        raise TypeError(f"The LRP rule for {where} must be an LRPRule, got {rule!r}{hint}.")
+    return rule
 
 
 @dataclass
@@ -116,16 +582,15 @@ class _LayerCall:
     """One call of a convolution or linear layer, and the BatchNorm merged into it (if one follows)."""
 
     module: nn.Module
-    rule: str
-    batchnorm: nn.Module | None = None
+    batchnorm: nn.Module | None = field(default=None)
 
-    def parameters(self) -> tuple[Tensor, Tensor]:
+    def layer(self) -> LRPLayer:
         weight = self.module.weight.detach()
         bias = self.module.bias
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if bias is None else bias.detach()
         norm = self.batchnorm
         if norm is None:
-            return weight, bias
+            return LRPLayer(self.module, weight, bias)
         mean, var = norm.running_mean, norm.running_var
         scale = torch.rsqrt(var + norm.eps)
         if norm.weight is not None:
@@ -133,58 +598,7 @@ class _LayerCall:
         shift = -mean * scale
         if norm.bias is not None:
             shift = shift + norm.bias.detach()
-        return weight * scale.reshape(-1, *([1] * (weight.ndim - 1))), bias * scale + shift
-
-    def apply(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        if isinstance(self.module, nn.Linear):
-            return F.linear(x, weight, bias)
-        return self.module._conv_forward(x, weight, bias)  # the layer's own padding mode, stride, groups
-
-
-def _relevance_through(call: _LayerCall, x: Tensor, relevance: Tensor, settings: _Settings) -> Tensor:
-    """The rule of ``call`` applied to one layer: relevance at its output -> relevance at its input."""
-    weight, bias = call.parameters()
-    eps = settings.stabilizer  # the epsilon rule's own epsilon is settings.epsilon
-
-    def pulled(parts: list[tuple[Tensor, Tensor, Tensor]], scale: list[Tensor]) -> list[Tensor]:
-        """Each part's input times the gradient of its output pulled back with ``scale``."""
-        leaves = [part.detach().requires_grad_(True) for part, _, _ in parts]
-        outputs = [call.apply(leaf, w, b) for leaf, (_, w, b) in zip(leaves, parts, strict=True)]
-        grads = torch.autograd.grad(outputs, leaves, scale)
-        return [leaf.detach() * grad for leaf, grad in zip(leaves, grads, strict=True)]
-
-    if call.rule == "flat":
-        ones = torch.ones_like(x).requires_grad_(True)
-        z = call.apply(ones, torch.ones_like(weight), torch.zeros_like(bias))
-        return torch.autograd.grad(z, ones, _share(relevance, z.detach(), eps))[0]
-    if call.rule == "epsilon":
-        z = call.apply(x, weight, bias)
-        return pulled([(x, weight, bias)], [_share(relevance, z, settings.epsilon)])[0]
-    positive, negative = x.clamp(min=0), x.clamp(max=0)
-    w_plus, w_minus = weight.clamp(min=0), weight.clamp(max=0)
-    no_bias = torch.zeros_like(bias)
-    if call.rule == "zplus" or call.rule == "alpha_beta":
-        up = [(positive, w_plus, bias.clamp(min=0)), (negative, w_minus, no_bias)]
-        z_up = sum(call.apply(*part) for part in up)
-        r_up = sum(pulled(up, [_share(relevance, z_up, eps)] * 2))
-        if call.rule == "zplus":
-            return r_up
-        down = [(positive, w_minus, bias.clamp(max=0)), (negative, w_plus, no_bias)]
-        z_down = sum(call.apply(*part) for part in down)
-        r_down = sum(pulled(down, [_share(relevance, z_down, eps)] * 2))
-        return settings.alpha * r_up - settings.beta * r_down
-    # gamma (generalised to inputs of both signs): raise the contributions that agree with the output's sign
-    gamma = settings.gamma
-    z = call.apply(x, weight, bias)
-    raised_plus = (weight + gamma * w_plus, bias + gamma * bias.clamp(min=0))
-    raised_minus = (weight + gamma * w_minus, bias + gamma * bias.clamp(max=0))
-    up = [(positive, *raised_plus), (negative, raised_minus[0], no_bias)]
-    down = [(positive, *raised_minus), (negative, raised_plus[0], no_bias)]
-    z_up = sum(call.apply(*part) for part in up)
-    z_down = sum(call.apply(*part) for part in down)
-    scale_up = (z > 0).to(z.dtype) * _share(relevance, z_up, eps)
-    scale_down = (z < 0).to(z.dtype) * _share(relevance, z_down, eps)
-    return sum(pulled(up, [scale_up] * 2)) + sum(pulled(down, [scale_down] * 2))
+        return LRPLayer(self.module, weight * scale.reshape(-1, *([1] * (weight.ndim - 1))), bias * scale + shift)
 
 
 class _Rule(torch.autograd.Function):
@@ -287,18 +701,58 @@ def _check_layers(model: nn.Module) -> None:
             )
 
 
-def _layer_rule(rule: str, module: nn.Module, first: bool) -> str:
-    if rule in LRP_RULES:
+_DEFAULTS = {"epsilon": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0}
+
+
+def _resolve_rule(
+    rule: object, epsilon: float, gamma: float, alpha: float, beta: float, stabilizer: float
+) -> LRPComposite:
+    """The composite of ``rule``: a name (with the keyword parameters), a rule, a composite or a mapping."""
+    if isinstance(rule, str):
+        if rule not in LRP_RULES + LRP_COMPOSITES:
+            raise ValueError(
+                f"rule must be one of {LRP_RULES + LRP_COMPOSITES}, an LRPRule, an LRPComposite or a mapping "
+                f"{{module name or type: LRPRule}}, got {rule!r}."
+            )
+        if epsilon < 0 or gamma < 0 or stabilizer < 0:
+            raise ValueError(f"epsilon, gamma and stabilizer must be >= 0, got {epsilon}, {gamma}, {stabilizer}.")
+        if rule == "epsilon":
+            return LRPComposite(default=Epsilon(epsilon))
+        if rule == "zplus":
+            return LRPComposite(default=ZPlus(stabilizer))
+        if rule == "alpha_beta":
+            return LRPComposite(default=AlphaBeta(alpha, beta, stabilizer))
+        if rule == "gamma":
+            return LRPComposite(default=Gamma(gamma, stabilizer))
+        return LRPComposite(
+            by_type={_CONVOLUTIONS: ZPlus(stabilizer), nn.Linear: Epsilon(epsilon)},
+            first_layer=Flat(stabilizer) if rule == "epsilon_plus_flat" else None,
+            default=Epsilon(epsilon),
+        )
+    _non_negative("LRP", stabilizer=stabilizer)
+    given = {"epsilon": epsilon, "gamma": gamma, "alpha": alpha, "beta": beta}
+    changed = [key for key, value in given.items() if value != _DEFAULTS[key]]
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)} configure the named rules (rule='epsilon', ...); with rule={rule!r} give them to "
+            "the rule objects instead, e.g. Epsilon(0.25), Gamma(0.5), AlphaBeta(1.0, 0.0)."
+        )
+    if isinstance(rule, LRPComposite):
         return rule
-    if first and rule == "epsilon_plus_flat":
-        return "flat"
-    return "zplus" if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else "epsilon"
+    if isinstance(rule, LRPRule):
+        return LRPComposite(default=rule)
+    if isinstance(rule, Mapping):
+        return LRPComposite.from_mapping(rule)
+    raise TypeError(
+        f"rule must be one of {LRP_RULES + LRP_COMPOSITES}, an LRPRule, an LRPComposite or a mapping "
+        f"{{module name or type: LRPRule}}, got {type(rule).__name__}."
+    )
 
 
 @contextlib.contextmanager
 def lrp_rules(
     model: nn.Module,
-    rule: str = "epsilon",
+    rule: LRPRuleName | LRPRule | LRPComposite | Mapping[str | type | tuple[type, ...], LRPRule] = "epsilon",
     *,
     epsilon: float = 1e-6,
     gamma: float = 0.25,
@@ -316,16 +770,19 @@ def lrp_rules(
 
     Args:
         model: the network (see the module docstring for the layers it may have).
-        rule: one of :data:`LRP_RULES` or :data:`LRP_COMPOSITES`.
-        epsilon: the epsilon rule's epsilon.
-        gamma: the gamma rule's factor on positive contributions.
-        alpha: the alpha-beta rule's weight on positive contributions.
-        beta: the alpha-beta rule's weight on negative contributions (``alpha - beta = 1``).
-        stabilizer: added to the denominators of the other rules and of pooling and sums (zennit's ``stabilizer``).
+        rule: one of :data:`LRP_RULES` or :data:`LRP_COMPOSITES` (configured by the keywords below), an
+            :class:`LRPRule` for every layer, an :class:`LRPComposite`, or a mapping ``{name or type: rule}``.
+        epsilon: the epsilon rule's epsilon (named rules only).
+        gamma: the gamma rule's factor on positive contributions (named rules only).
+        alpha: the alpha-beta rule's weight on positive contributions (named rules only).
+        beta: the alpha-beta rule's weight on negative contributions, ``alpha - beta = 1`` (named rules only).
+        stabilizer: added to the denominators of pooling and sums, and of the named rules other than epsilon
+            (zennit's ``stabilizer``).
 
     Raises:
-        ValueError: an unknown rule, bad parameters, a layer without a rule, or a BatchNorm that does not follow
-            a convolution or linear layer.
+        ValueError: an unknown rule or layer name, bad parameters, a layer without a rule, or a BatchNorm that does
+            not follow a convolution or linear layer.
+        TypeError: a ``rule`` of another kind.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 1, bias=False))
@@ -336,20 +793,26 @@ def lrp_rules(
         >>> torch.allclose(relevance.sum(dim=1), out[:, 0])
         True
     """
-    if rule not in LRP_RULES + LRP_COMPOSITES:
-        raise ValueError(f"rule must be one of {LRP_RULES + LRP_COMPOSITES}, got {rule!r}.")
-    if epsilon < 0 or gamma < 0 or stabilizer < 0:
-        raise ValueError(f"epsilon, gamma and stabilizer must be >= 0, got {epsilon}, {gamma}, {stabilizer}.")
-    if rule == "alpha_beta" and (alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-9):
-        raise ValueError(f"The alpha-beta rule needs alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}.")
+    composite = _resolve_rule(rule, epsilon, gamma, alpha, beta, stabilizer)
     _check_layers(model)
-    settings = _Settings(rule, epsilon, stabilizer, gamma, alpha, beta)
+    rule_for = composite._for_model(model)
     produced: dict[int, tuple[Tensor, _LayerCall]] = {}
     handles = []
 
     def weighted_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        call = _LayerCall(module, _layer_rule(rule, module, first=not produced))
-        result = _Rule.apply(args[0], output, lambda x, relevance: _relevance_through(call, x, relevance, settings))
+        call, layer_rule = _LayerCall(module), rule_for(module, not produced)
+
+        def backward(x: Tensor, relevance: Tensor) -> Tensor:
+            result = layer_rule.propagate(call.layer(), x, relevance)
+            if not isinstance(result, Tensor) or result.shape != x.shape:
+                shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
+                raise ValueError(
+                    f"The LRP rule {layer_rule!r} of module {names[module]!r} returned {shape}, not a tensor shaped "
+                    f"like the layer's input {tuple(x.shape)}."
+                )
+            return result.detach()
+
+        result = _Rule.apply(args[0], output, backward)
         produced[id(result)] = (result, call)  # the tensor is kept, so its id is not reused during the call
         return result
 
@@ -388,7 +851,7 @@ def lrp(
     inputs: Tensor,
     target: Target = None,
     *,
-    rule: str = "epsilon",
+    rule: LRPRuleName | LRPRule | LRPComposite | Mapping[str | type | tuple[type, ...], LRPRule] = "epsilon",
     epsilon: float = 1e-6,
     gamma: float = 0.25,
     alpha: float = 2.0,
@@ -409,12 +872,15 @@ def lrp(
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the prediction.
         rule: ``"epsilon"``, ``"gamma"``, ``"alpha_beta"``, ``"zplus"`` on every layer, or the CNN composites
-            ``"epsilon_plus"`` / ``"epsilon_plus_flat"``.
-        epsilon: the epsilon rule's epsilon (LRP-0 at 0).
-        gamma: the gamma rule's factor.
-        alpha: the alpha-beta rule's positive weight.
-        beta: the alpha-beta rule's negative weight.
-        stabilizer: the other rules' (and pooling's and sums') denominator stabiliser, as zennit's.
+            ``"epsilon_plus"`` / ``"epsilon_plus_flat"`` (configured by the keywords below); or an
+            :class:`LRPRule` (e.g. ``Epsilon(0.25)``) for every layer; or an :class:`LRPComposite`; or a mapping
+            ``{dotted name or module type: LRPRule}`` (names win over types, other layers get ``Epsilon()``).
+        epsilon: the epsilon rule's epsilon, LRP-0 at 0 (named rules only: rule objects carry their own).
+        gamma: the gamma rule's factor (named rules only).
+        alpha: the alpha-beta rule's positive weight (named rules only).
+        beta: the alpha-beta rule's negative weight (named rules only).
+        stabilizer: the denominator stabiliser of pooling and sums, and of the named rules other than epsilon,
+            as zennit's.
         output_transform: selects or reshapes the model's output to (B, C) scores; it runs outside the rules with
             its plain gradient, so it should not rescale (a softmax would start from the probability's gradient).
         task: the output kind (see :mod:`lightning_interp.methods.tasks`).
@@ -422,10 +888,17 @@ def lrp(
     Returns:
         Relevance shaped like ``inputs``.
 
+    Raises:
+        ValueError: an unknown rule name or module name (with the closest names), ``epsilon`` ... ``beta`` given
+            with a rule object, or a layer LRP has no rule for.
+
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3, bias=False))
         >>> x = torch.rand(4, 1, 4, 4)
         >>> relevance = lrp(net, x, target=0, epsilon=0.0)
+        >>> torch.allclose(relevance.sum(dim=(1, 2, 3)), net(x)[:, 0], atol=1e-5)
+        True
+        >>> relevance = lrp(net, x, target=0, rule={"0": ZBox(0.0, 1.0), nn.Linear: Epsilon(0.0)})
         >>> torch.allclose(relevance.sum(dim=(1, 2, 3)), net(x)[:, 0], atol=1e-5)
         True
     """

@@ -156,3 +156,54 @@ def test_a_yaml_config_builds_the_uncertainty_calibration_and_bias_callbacks(tmp
         bias.method == "grad_cam" and bias.method_options == {"grad_cam": {"layer": "net.4"}} and bias.num_samples == 64
     )
     assert quality.keys == ["gradient", "grad_cam@net.4"] and quality.baseline == "mean" and quality.steps == 4
+
+
+FREE_TEXT = {"name", "cmap", "filename", "title", "input_layer", "layer", "layers", "reference_layers", "methods", "targets"}  # names, not enumerations
+
+
+def test_enumerated_string_options_are_literals_the_code_accepts():
+    """LightningCLI checks a Literal before training; a plain ``str`` would let a typo through to the callback."""
+    import inspect
+    import typing
+
+    from lightning.pytorch.callbacks import Callback
+
+    import lightning_interp
+    from lightning_interp.methods import HEAD_FUSIONS, PROBE_SOLVERS, REMOVAL_BASELINES, TASKS
+    from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS
+    from lightning_interp.methods.feature_visualization import PARAMETERIZATIONS
+    from lightning_interp.methods.similarity import RDM_METRICS, RSA_METHODS
+
+    accepted = {  # the tables the argument checks read: each Literal must list exactly these
+        "channel_reduction": CHANNEL_REDUCTIONS,
+        "head_fusion": HEAD_FUSIONS,
+        "solver": PROBE_SOLVERS,
+        "baseline": REMOVAL_BASELINES,
+        "rdm_metric": RDM_METRICS,
+        "rsa_method": RSA_METHODS,
+        "parameterization": PARAMETERIZATIONS,
+        "task": ("auto", *TASKS),
+    }
+    seen = set()
+    for name in lightning_interp.__all__:
+        kind = getattr(lightning_interp, name)
+        if not (inspect.isclass(kind) and issubclass(kind, Callback)):
+            continue
+        for klass in kind.__mro__:
+            if "__init__" not in vars(klass) or not klass.__module__.startswith("lightning_interp"):
+                continue
+            hints = typing.get_type_hints(klass.__init__)
+            for parameter in inspect.signature(klass.__init__).parameters.values():
+                if not isinstance(parameter.default, str) or parameter.name in FREE_TEXT:
+                    continue
+                values = [
+                    arg for part in typing.get_args(hints[parameter.name]) or (hints[parameter.name],)
+                    for arg in (typing.get_args(part) if typing.get_origin(part) is typing.Literal else ())
+                ] or list(typing.get_args(hints[parameter.name]) if typing.get_origin(hints[parameter.name])
+                          is typing.Literal else [])  # fmt: skip
+                assert values, f"{klass.__name__}({parameter.name}=...) is an enumeration typed {hints[parameter.name]}"
+                assert parameter.default in values
+                if parameter.name in accepted:
+                    assert tuple(values) == tuple(accepted[parameter.name]), (klass.__name__, parameter.name)
+                seen.add(parameter.name)
+    assert {"channel_reduction", "solver", "baseline", "task", "mode", "output_kind", "query"} <= seen

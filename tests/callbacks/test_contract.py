@@ -77,7 +77,7 @@ def _text_model() -> pl.LightningModule:
 
 
 def _text_data() -> dict[str, Any]:
-    data = make_keyword_text(48, length=12, min_length=6, seed=0)
+    data = make_keyword_text(96, length=12, min_length=6, seed=0)
     loader = DataLoader(TensorDataset(data.ids, data.labels), batch_size=16)
     return {"train_dataloaders": loader, "val_dataloaders": loader}
 
@@ -112,7 +112,7 @@ CASES: dict[type[Callback], Case] = {
         lambda methods: GradCAMCallback(
             layer=["net.features.2", "net.features.5"], methods=methods or ("grad_cam",), num_samples=4
         ),
-        "layer: [net.features.5]\nmethods: {grad_cam: null, layer_cam: null}",
+        "methods: {grad_cam: null, layer_cam: null}\nlayer: [net.features.5]",
         explains=True,
     ),
     LinearProbeCallback: Case(lambda methods: LinearProbeCallback(num_samples=16), "num_samples: 16"),
@@ -124,14 +124,17 @@ CASES: dict[type[Callback], Case] = {
         "layers: [net.features.1]\nnum_samples: 4",
     ),
     FeatureVisualizationCallback: Case(
-        lambda methods: FeatureVisualizationCallback(targets=["net.features.1:2", "class:1"], steps=2),
+        lambda methods: FeatureVisualizationCallback(
+            targets=["net.features.1:2", "class:1"], steps=2, every_n_epochs=1
+        ),
         "targets: ['class:1']\nsteps: 2",
     ),
     ConceptCallback: Case(
         lambda methods: ConceptCallback(
-            _concepts(), layers=["net.features.2"], n_random=2, num_samples=16, min_cav_accuracy=0.0
+            _concepts(), layers=["net.features.2"], n_random=2, num_samples=32, min_cav_accuracy=0.0
         ),
-        "concepts: {}\nlayers: [net.features.2]",
+        "layers: [net.features.2]\nconcepts:\n  noise:\n    class_path: torchvision.datasets.FakeData\n"
+        "    init_args: {size: 8, image_size: [3, 16, 16], transform: {class_path: torchvision.transforms.ToTensor}}",
     ),
     UncertaintyCallback: Case(
         lambda methods: UncertaintyCallback(passes=2, num_samples=8, methods=methods, explain_samples=2),
@@ -323,7 +326,7 @@ def test_a_lightning_cli_yaml_builds_it(tmp_path, kind, method):
     built = [callback for callback in cli.trainer.callbacks if isinstance(callback, kind)]
     assert len(built) == 1
     key = case.yaml.splitlines()[0].split(": ", 1)[0]  # the first option reached the callback
-    assert getattr(built[0], key, None) is not None or key == "concepts"
+    assert getattr(built[0], key, None) is not None
 
 
 # ------------------------------------------------------------------ the explain seam: logged = functional
