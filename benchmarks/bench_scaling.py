@@ -29,7 +29,13 @@ import torch
 from _timing import markdown_table, median_seconds
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
+from lightning_interp import (
+    Display,
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
 from lightning_interp.callbacks import InterpCallback
 from lightning_interp.demo import ImageClassifier, mnist_cnn
 
@@ -109,8 +115,10 @@ def run(quick: bool, device: str = "cpu") -> str:
     sizes = (16,) if quick else (16, 64, 256, 1024)
     repeats = 1 if quick else 3
     makers: dict[str, Callable[[int], InterpCallback]] = {
-        "SaliencyCallback() (gradient + IG)": lambda n: SaliencyCallback(num_samples=n, evolution_samples=0),
-        "GradCAMCallback()": lambda n: GradCAMCallback(num_samples=n, evolution_samples=0),
+        "SaliencyCallback() (gradient + IG)": lambda n: SaliencyCallback(
+            num_samples=n, display=Display(evolution_samples=0)
+        ),
+        "GradCAMCallback()": lambda n: GradCAMCallback(num_samples=n, display=Display(evolution_samples=0)),
         "LinearProbeCallback()": lambda n: LinearProbeCallback(num_samples=n),
         "RepresentationSimilarityCallback()": lambda n: RepresentationSimilarityCallback(num_samples=n),
     }
@@ -125,7 +133,7 @@ def run(quick: bool, device: str = "cpu") -> str:
                 seconds = seconds_per_run(run_once, repeats)
                 size_rows.append([label, n, seconds * 1000, peak_extra_mib(run_once)])
         for count in (1, 2) if quick else (1, 2, 3, 4):
-            callback = GradCAMCallback(layer=cam_layers[:count], num_samples=64, evolution_samples=0)
+            callback = GradCAMCallback(layer=cam_layers[:count], num_samples=64, display=Display(evolution_samples=0))
             run_once, _ = prepared(callback, 64, root)
             layer_rows.append(["GradCAMCallback", count, seconds_per_run(run_once, repeats) * 1000])
         for count in (2, 4) if quick else (2, 4, 6):

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import VisionDataset
 
 from lightning_interp import (
+    DataDescription,
     GradCAMCallback,
     LinearProbeCallback,
     RepresentationSimilarityCallback,
@@ -218,9 +219,11 @@ def fit_and_report(
     val_loader = DataLoader(test_set, shuffle=False, **loader_options)
 
     saliency = SaliencyCallback(
-        methods=("gradient", "integrated_gradients"), num_samples=args.num_samples, class_names=class_names
+        methods=("gradient", "integrated_gradients"),
+        num_samples=args.num_samples,
+        data=DataDescription(class_names=class_names),
     )
-    gradcam = GradCAMCallback(layer="auto", num_samples=args.num_samples, class_names=class_names)
+    gradcam = GradCAMCallback(layer="auto", num_samples=args.num_samples, data=DataDescription(class_names=class_names))
     probes = LinearProbeCallback(layers="auto", num_samples=args.representation_samples)
     similarity = RepresentationSimilarityCallback(layers="auto", num_samples=min(512, args.representation_samples))
     logger = TensorBoardLogger(args.log_dir, name=name)

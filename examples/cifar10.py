@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from torchvision import datasets, transforms
 
-from lightning_interp import CalibrationCallback, DatasetBiasCallback
+from lightning_interp import CalibrationCallback, DataDescription, DatasetBiasCallback
 from lightning_interp.demo import ImageClassifier, cifar_resnet
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -103,7 +103,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = ImageClassifier(cifar_resnet(num_classes=len(class_names), width=args.width), lr=args.lr)
     extra = []
     if args.calibration:  # CIFAR-10 photos are object-centred: the border share is a fair proxy of background cues
-        extra = [CalibrationCallback(), DatasetBiasCallback(methods="grad_cam", class_names=class_names)]
+        extra = [
+            CalibrationCallback(),
+            DatasetBiasCallback(methods="grad_cam", data=DataDescription(class_names=class_names)),
+        ]
     return fit_and_report(
         args, model, train_set, test_set, class_names=class_names, name="cifar10", extra_callbacks=extra
     )

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from lightning_interp import CalibrationCallback, DatasetBiasCallback, UncertaintyCallback
+from lightning_interp import CalibrationCallback, DataDescription, DatasetBiasCallback, UncertaintyCallback
 from lightning_interp.demo import ImageClassifier, mnist_cnn
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,9 +78,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = ImageClassifier(mnist_cnn(num_classes=len(CLASS_NAMES)), lr=args.lr)
     extra = (
         [
-            UncertaintyCallback(num_samples=256, class_names=CLASS_NAMES, methods="gradient"),
+            UncertaintyCallback(num_samples=256, methods="gradient", data=DataDescription(class_names=CLASS_NAMES)),
             CalibrationCallback(),
-            DatasetBiasCallback(class_names=CLASS_NAMES),
+            DatasetBiasCallback(data=DataDescription(class_names=CLASS_NAMES)),
         ]
         if args.uncertainty
         else []

@@ -22,7 +22,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_interp import (
     ActivationMapsCallback,
     ConceptCallback,
+    DataDescription,
     DatasetBiasCallback,
+    Display,
     ExplanationQualityCallback,
     FeatureVisualizationCallback,
     GradCAMCallback,
@@ -108,14 +110,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         SaliencyCallback(
             methods=("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"),
             num_samples=args.num_samples,
-            class_names=data.class_names,
-            rows_per_image=args.rows_per_image,
+            data=DataDescription(class_names=data.class_names),
+            display=Display(rows_per_image=args.rows_per_image),
         ),
         GradCAMCallback(
             layer=["net.4", "net.7"],
             num_samples=args.num_samples,
-            class_names=data.class_names,
-            rows_per_image=args.rows_per_image,
+            data=DataDescription(class_names=data.class_names),
+            display=Display(rows_per_image=args.rows_per_image),
         ),
         LinearProbeCallback(layers="auto", num_samples=args.val_size),
         RepresentationSimilarityCallback(layers="auto", num_samples=min(256, args.val_size)),
@@ -123,9 +125,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     inside = []
     if args.inside:
         inside = [
-            ActivationMapsCallback(num_samples=args.num_samples, class_names=data.class_names),
-            FeatureVisualizationCallback(targets="classes", every_n_epochs=2, class_names=data.class_names),
-            ConceptCallback(concept_examples(), layers=["net.4"], class_names=data.class_names),
+            ActivationMapsCallback(num_samples=args.num_samples, data=DataDescription(class_names=data.class_names)),
+            FeatureVisualizationCallback(
+                targets="classes", every_n_epochs=2, data=DataDescription(class_names=data.class_names)
+            ),
+            ConceptCallback(concept_examples(), layers=["net.4"], data=DataDescription(class_names=data.class_names)),
         ]
     callbacks += inside
     report = ReportCallback()  # a self-contained HTML report of the run at the end of fit
@@ -139,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     bias_callback = None
     if args.biased:
         bias_callback = DatasetBiasCallback(
-            methods={"grad_cam": {"layer": "net.7"}}, class_names=data.class_names
+            methods={"grad_cam": {"layer": "net.7"}},
+            data=DataDescription(class_names=data.class_names),
         )
         callbacks.append(bias_callback)
     logger = TensorBoardLogger(args.log_dir, name="quickstart")

@@ -10,35 +10,44 @@ from lightning_interp.callbacks import (
     ActivationMapsCallback,
     AttentionCallback,
     CalibrationCallback,
+    CAVOptions,
     ConceptCallback,
     DatasetBiasCallback,
     ExplanationQualityCallback,
     FeatureVisualizationCallback,
     GradCAMCallback,
+    ImageOptions,
     LinearProbeCallback,
     ReportCallback,
     RepresentationSimilarityCallback,
     SaliencyCallback,
+    TCAVTest,
     UncertaintyCallback,
 )
+from lightning_interp.options import DataDescription, Display
 from lightning_interp.probe import ProbeSet
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ActivationMapsCallback",
     "AttentionCallback",
+    "CAVOptions",
     "CalibrationCallback",
     "ConceptCallback",
+    "DataDescription",
     "DatasetBiasCallback",
+    "Display",
     "ExplanationQualityCallback",
     "FeatureVisualizationCallback",
     "GradCAMCallback",
+    "ImageOptions",
     "LinearProbeCallback",
     "ProbeSet",
     "ReportCallback",
     "RepresentationSimilarityCallback",
     "SaliencyCallback",
+    "TCAVTest",
     "UncertaintyCallback",
     "__version__",
 ]

@@ -240,7 +240,7 @@ class DrawingWorker:
             if note is not None:
                 note(
                     "(raised by a lightning-interp drawing job on its background thread; "
-                    "pass background_drawing=False to the callback to draw inline while debugging)"
+                    "pass display=Display(background_drawing=False) to the callback to draw inline while debugging)"
                 )
             raise error
 

@@ -173,7 +173,8 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
     raise TypeError(
         f"Cannot find the inputs in a batch of the form: {_describe(batch)}. Understood forms are a tensor, "
         f"(inputs, labels, ...) tuples and dicts with an input key {INPUT_KEYS}. "
-        "Pass batch_parser=fn where fn(batch) returns (inputs, labels_or_None, masks_or_None), "
+        "Pass data=DataDescription(batch_parser=fn) to the callback, where fn(batch) returns "
+        "(inputs, labels_or_None, masks_or_None), "
         "or build the probe yourself with ProbeSet(inputs, labels, masks)."
     )
 

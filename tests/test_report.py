@@ -67,7 +67,18 @@ def test_a_fit_writes_a_self_contained_report_and_the_cli_writes_the_same_from_t
         GradCAMCallback(layer="net.7", num_samples=4),
         LinearProbeCallback(num_samples=32),
         RepresentationSimilarityCallback(num_samples=32),
-        ExplanationQualityCallback(["gradient", ("grad_cam", {"layer": "net.7"})], num_samples=8, steps=4),
+        ExplanationQualityCallback(
+            ["gradient", ("grad_cam", {"layer": "net.7"})],
+            num_samples=8,
+            metrics=[
+                ("deletion", {"steps": 4}),
+                ("insertion", {"steps": 4}),
+                "top_drop",
+                "sanity",
+                "sparseness",
+                "localization",
+            ],
+        ),
         report,
     ]
     logger = TensorBoardLogger(str(tmp_path), name="run")
@@ -90,7 +101,10 @@ def test_a_fit_writes_a_self_contained_report_and_the_cli_writes_the_same_from_t
     assert "<h3>training</h3>" in text and text.index("<h3>training</h3>") < text.index('id="curves"')
     # the configuration: the trainer's settings and each callback's
     assert "<th>Trainer</th>" in text and "max_epochs=3" in text
-    assert "ExplanationQualityCallback (quality)" in text and "steps=4" in text
+    assert (
+        "ExplanationQualityCallback (quality)" in text
+        and "metrics=(&#x27;deletion&#x27;, &#x27;insertion&#x27;" in text
+    )
 
     # the command line, from the run directory alone
     output = tmp_path / "again.html"

@@ -5,10 +5,10 @@ from lightning_interp.callbacks._maps import MapCallback
 from lightning_interp.callbacks.activation_maps import ActivationMapsCallback
 from lightning_interp.callbacks.attention import AttentionCallback
 from lightning_interp.callbacks.calibration import CalibrationCallback
-from lightning_interp.callbacks.concept import ConceptCallback
+from lightning_interp.callbacks.concept import CAVOptions, ConceptCallback, TCAVTest
 from lightning_interp.callbacks.dataset_bias import DatasetBiasCallback
 from lightning_interp.callbacks.explanation_quality import ExplanationQualityCallback
-from lightning_interp.callbacks.feature_visualization import FeatureVisualizationCallback
+from lightning_interp.callbacks.feature_visualization import FeatureVisualizationCallback, ImageOptions
 from lightning_interp.callbacks.gradcam import GradCAMCallback
 from lightning_interp.callbacks.linear_probe import LinearProbeCallback
 from lightning_interp.callbacks.report import ReportCallback
@@ -19,17 +19,20 @@ from lightning_interp.callbacks.uncertainty import UncertaintyCallback
 __all__ = [
     "ActivationMapsCallback",
     "AttentionCallback",
+    "CAVOptions",
     "CalibrationCallback",
     "ConceptCallback",
     "DatasetBiasCallback",
     "ExplanationQualityCallback",
     "FeatureVisualizationCallback",
     "GradCAMCallback",
+    "ImageOptions",
     "InterpCallback",
     "LinearProbeCallback",
     "MapCallback",
     "ReportCallback",
     "RepresentationSimilarityCallback",
     "SaliencyCallback",
+    "TCAVTest",
     "UncertaintyCallback",
 ]

@@ -27,6 +27,7 @@ from lightning_interp.callbacks._context import active_context, end_run, join_ru
 from lightning_interp.methods._core import ForwardWith
 from lightning_interp.methods.gradcam import find_target_layer
 from lightning_interp.methods.trace import ModelTrace, trace_model
+from lightning_interp.options import DataDescription, Display
 from lightning_interp.probe import BatchParser, ProbeSet, ValidationScan, parse_batch, scannable
 
 T = TypeVar("T")
@@ -75,11 +76,14 @@ class InterpCallback(Callback):
         probe: a ready :class:`ProbeSet` (share one between callbacks so
             their results line up), or None to draw one from the first
             validation dataloader.
-        batch_parser: turns a batch of an unusual form into
-            ``(inputs, labels, masks)``; see :func:`~lightning_interp.probe.parse_batch`.
-        background_drawing: draw and log images on a background thread (the
-            default), so training waits only for the computation and the
-            scalars; False draws them inline (same images, for debugging).
+        data: what the data is (class names, vocabulary, padding, feature
+            names, how to read a batch): a
+            :class:`~lightning_interp.options.DataDescription`, given once: a
+            callback without one uses the one given to another lightning-interp
+            callback of the same ``Trainer``.
+        display: how the pictures look and are drawn (colormap, evolution
+            strips, rows per image, background drawing): a
+            :class:`~lightning_interp.options.Display`.
         forward_fn: how to call the model on a batch of probe inputs, as
             ``forward_fn(model, inputs)``, when its ``forward`` does not take the
             inputs tensor alone (e.g. ``lambda model, x: model.net(x)`` for a
@@ -95,25 +99,27 @@ class InterpCallback(Callback):
         num_samples: int,
         every_n_epochs: int = 1,
         probe: ProbeSet | None = None,
-        batch_parser: BatchParser | None = None,
-        background_drawing: bool = True,
+        data: DataDescription | None = None,
+        display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"name must be a non-empty string without '/', got {name!r}.")
         _check_positive_int("num_samples", num_samples)
         _check_positive_int("every_n_epochs", every_n_epochs)
-        _check_callable("batch_parser", batch_parser)
         _check_callable("forward_fn", forward_fn)
+        if data is not None and not isinstance(data, DataDescription):
+            raise TypeError(f"data must be a DataDescription or None, got {type(data).__name__}.")
+        if display is not None and not isinstance(display, Display):
+            raise TypeError(f"display must be a Display or None, got {type(display).__name__}.")
         if probe is not None and not isinstance(probe, ProbeSet):
             raise TypeError(f"probe must be a ProbeSet or None, got {type(probe).__name__}.")
-        if not isinstance(background_drawing, bool):
-            raise TypeError(f"background_drawing must be True or False, got {background_drawing!r}.")
         self.name = name
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
-        self.batch_parser = batch_parser
-        self.background_drawing = background_drawing
+        self._given_data = data
+        self._data: DataDescription | None = None  # in force this run: given, or shared by another callback
+        self.display = display if display is not None else Display()
         self.forward_fn = forward_fn
         self._wrapper: ForwardWith | None = None
         self.probe: ProbeSet | None = probe
@@ -127,6 +133,44 @@ class InterpCallback(Callback):
         self._provisional = False  # checks running on a stream's first few samples, before its probe is drawn
         if probe is not None and self._needs_labels() and not probe.has_labels:
             raise ValueError(f"{self._labels_reason()}, but the given ProbeSet has none.")
+
+    default_cmap = "inferno"
+    """The colormap of this callback's heatmaps when ``display.cmap`` is None."""
+
+    @property
+    def data(self) -> DataDescription:
+        """The data description in force: this callback's own, else one shared by another callback of the run."""
+        if self._given_data is not None:
+            return self._given_data
+        return self._data if self._data is not None else _NO_DESCRIPTION
+
+    @property
+    def batch_parser(self) -> BatchParser | None:
+        return self.data.batch_parser
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        return self.data.class_names  # type: ignore[return-value]
+
+    @property
+    def background_drawing(self) -> bool:
+        return self.display.background_drawing
+
+    @property
+    def cmap(self) -> str:
+        return self.display.cmap or self.default_cmap
+
+    @property
+    def evolution_samples(self) -> int:
+        return self.display.evolution_samples
+
+    @property
+    def evolution_columns(self) -> int:
+        return self.display.evolution_columns
+
+    @property
+    def rows_per_image(self) -> int | None:
+        return self.display.rows_per_image
 
     later_metrics: tuple[str, ...] = ()
     """Metric names this callback logs only from its second run on (they get their chart in the layout too)."""
@@ -160,6 +204,7 @@ class InterpCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_sharded_strategies(self, trainer)
         _refuse_name_clash(self, trainer)
+        self._data = _shared_description(self, trainer)
         join_run(trainer, self)
         if stage in ("fit", "validate"):  # every run starts clean; a checkpoint's state, if any, is loaded next
             self._reset_run_state()
@@ -426,7 +471,8 @@ class InterpCallback(Callback):
             raise ValueError(
                 f"{self._labels_reason()}, but the validation batches carry no labels: a (batch,) or (batch, K) "
                 "tensor after the inputs in a tuple, or under a key such as 'label', 'target' or 'y' in a dict. Pass "
-                "batch_parser=... that returns (inputs, labels, masks), or give probe=ProbeSet(inputs, labels)."
+                "data=DataDescription(batch_parser=...) that returns (inputs, labels, masks), or give "
+                "probe=ProbeSet(inputs, labels)."
             )
         self.probe = probe
 
@@ -511,7 +557,7 @@ class InterpCallback(Callback):
                     f"{tuple(example.shape)} and dtype {example.dtype}, and the call failed as above. If the model's "
                     "forward takes something else (the whole batch, keyword arguments), pass forward_fn=lambda "
                     "model, inputs: ... that calls it on an inputs tensor; if the inputs are not what the model "
-                    "expects, pass batch_parser=... or probe=ProbeSet(...).)"
+                    "expects, pass data=DataDescription(batch_parser=...) or probe=ProbeSet(...).)"
                     + (
                         " This callback's inputs come from the ProbeSet given to it as probe=...: check that they "
                         "have the form of a validation batch's inputs."
@@ -605,6 +651,28 @@ def _is_compiled(pl_module: nn.Module) -> bool:
     if getattr(pl_module, "_compiler_ctx", None):  # Lightning's unwrapped torch.compile(lightning_module)
         return True
     return any(type(module).__name__ == "OptimizedModule" for module in pl_module.modules())
+
+
+_NO_DESCRIPTION = DataDescription()
+
+
+def _shared_description(callback: InterpCallback, trainer: pl.Trainer) -> DataDescription | None:
+    """The data description given to the lightning-interp callbacks of ``trainer`` (for ``callback`` when it has
+    none): the one given, or None when none or several different ones are."""
+    given = [
+        other._given_data
+        for other in trainer.callbacks
+        if isinstance(other, InterpCallback) and other._given_data is not None
+    ]
+    distinct = {id(description): description for description in given}
+    if len(distinct) > 1 and any(description != given[0] for description in given):
+        if callback._given_data is None:
+            rank_zero_warn(
+                f"{type(callback).__name__} has no data=DataDescription(...) and the other lightning-interp callbacks "
+                "were given different ones, so it uses none (class indices, token ids): give it its own."
+            )
+        return None
+    return given[0] if given else None
 
 
 def _refuse_name_clash(callback: InterpCallback, trainer: pl.Trainer) -> None:

@@ -13,19 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import matplotlib
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
-from lightning_interp.callbacks._base import InterpCallback, _check_callable, parse_layer_names, parse_names
+from lightning_interp.callbacks._base import InterpCallback, _check_callable, parse_layer_names
 from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
 from lightning_interp.methods.registry import METHODS, check_method_options
 from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
-from lightning_interp.probe import BatchParser, ProbeSet, labels_of_the_data
+from lightning_interp.options import DataDescription, Display
+from lightning_interp.probe import ProbeSet, labels_of_the_data
 from lightning_interp.visualize import (
     input_to_rgb,
     is_signal_input,
@@ -88,32 +88,13 @@ class MapCallback(InterpCallback):
         probe: a ready :class:`ProbeSet` (share one between callbacks so
             their rows line up), or None to draw one from the first
             validation dataloader.
-        batch_parser: turns a batch of an unusual form into
-            ``(inputs, labels, masks)``; see :func:`~lightning_interp.probe.parse_batch`.
         output_transform: picks the (B, C) class scores out of the model's
             output when it is not a plain tensor.
-        class_names: names to show instead of class indices.
-        cmap: matplotlib colormap of the heatmaps.
-        evolution_samples: rows of the evolution strip logged at fit end (0 to skip).
-        evolution_columns: about how many epochs the strip shows (evenly spaced).
-        rows_per_image: probe rows per grid image. None (the default) logs one
-            grid per run, ``interp_<name>/maps``, best read in TensorBoard's
-            Images tab or at actual size. An int splits the grid into images of
-            that many rows, ``interp_<name>/maps/rows_1-2``, ``.../rows_3-4``,
-            ...: 2 keeps the text legible at the size of a Time Series card
-            (these grids are drawn compact: smaller tiles, larger text).
-        vocabulary: for token inputs (integer ids, (N, T)): the string of each
-            id, ``vocabulary[id]``; the grids then show the text, one line per
-            sample with each token's background coloured by its map value.
-        decode: for token inputs, a function from one id to its string (instead
-            of ``vocabulary``). Without either, the ids themselves are shown.
-        pad_id: for token inputs, the padding id: its tokens are hidden in the
-            pictures and their map values set to zero.
-        feature_names: for feature-vector inputs (N, F), the name of each
-            feature, written above the columns of the heat rows (default: the
-            indices).
-        background_drawing: draw the grids on the run's background thread (see
-            :class:`~lightning_interp.callbacks.InterpCallback`).
+        data: what the data is (:class:`~lightning_interp.options.DataDescription`: class names; for token
+            inputs the vocabulary or decode function and the padding id, whose tokens are hidden and get zero map
+            values; feature names of (N, F) inputs; a batch parser), given once for every callback of the run.
+        display: how the grids look (:class:`~lightning_interp.options.Display`: colormap, evolution strip,
+            rows per image, background drawing).
         forward_fn: how to call the model on a batch of probe inputs,
             ``forward_fn(model, inputs)`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
     """
@@ -129,18 +110,9 @@ class MapCallback(InterpCallback):
         target: TargetSpec = "pred",
         task: TaskOption = "auto",
         probe: ProbeSet | None = None,
-        batch_parser: BatchParser | None = None,
         output_transform: OutputTransform | None = None,
-        class_names: Sequence[str] | None = None,
-        cmap: str = "inferno",
-        evolution_samples: int = 4,
-        evolution_columns: int = 10,
-        rows_per_image: int | None = None,
-        vocabulary: Sequence[str] | None = None,
-        decode: Callable[[int], str] | None = None,
-        pad_id: int | None = None,
-        feature_names: Sequence[str] | None = None,
-        background_drawing: bool = True,
+        data: DataDescription | None = None,
+        display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
         if not (target in ("pred", "label") or (isinstance(target, int) and not isinstance(target, bool))):
@@ -158,36 +130,12 @@ class MapCallback(InterpCallback):
             num_samples=num_samples,
             every_n_epochs=every_n_epochs,
             probe=probe,
-            batch_parser=batch_parser,
-            background_drawing=background_drawing,
+            data=data,
+            display=display,
             forward_fn=forward_fn,
         )
-        if not isinstance(evolution_columns, int) or evolution_columns < 1:
-            raise ValueError(f"evolution_columns must be a positive int, got {evolution_columns!r}.")
-        if not isinstance(evolution_samples, int) or evolution_samples < 0:
-            raise ValueError(f"evolution_samples must be an int >= 0, got {evolution_samples!r}.")
-        if rows_per_image is not None and (
-            not isinstance(rows_per_image, int) or isinstance(rows_per_image, bool) or rows_per_image < 1
-        ):
-            raise ValueError(f"rows_per_image must be None or a positive int, got {rows_per_image!r}.")
         _check_callable("output_transform", output_transform)
-        _check_callable("decode", decode)
-        if vocabulary is not None and decode is not None:
-            raise ValueError("Give vocabulary=... or decode=..., not both: both turn token ids into strings.")
-        if pad_id is not None and (not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0):
-            raise ValueError(f"pad_id must be None or a token id (an int >= 0), got {pad_id!r}.")
-        if cmap not in matplotlib.colormaps:
-            raise ValueError(f"Unknown matplotlib colormap {cmap!r}; try 'inferno', 'viridis', 'jet' or 'turbo'.")
         self.output_transform = output_transform
-        self.class_names = list(class_names) if class_names is not None else None
-        self.cmap = cmap
-        self.evolution_samples = evolution_samples
-        self.evolution_columns = evolution_columns
-        self.rows_per_image = rows_per_image
-        self.vocabulary = parse_names(vocabulary, "vocabulary")
-        self.decode = decode
-        self.pad_id = pad_id
-        self.feature_names = parse_names(feature_names, "feature_names")
         self._previous: dict[str, Tensor] = {}
         self._history: list[tuple[int, dict[str, Tensor]]] = []
         self._warned_zero: set[str] = set()
@@ -195,6 +143,22 @@ class MapCallback(InterpCallback):
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         raise NotImplementedError
+
+    @property
+    def vocabulary(self) -> tuple[str, ...] | None:
+        return self.data.vocabulary  # type: ignore[return-value]
+
+    @property
+    def decode(self) -> Callable[[int], str] | None:
+        return self.data.decode
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.data.pad_id
+
+    @property
+    def feature_names(self) -> tuple[str, ...] | None:
+        return self.data.feature_names  # type: ignore[return-value]
 
     @property
     def last_maps(self) -> dict[str, Tensor]:
@@ -257,7 +221,7 @@ class MapCallback(InterpCallback):
                 rank_zero_warn(
                     f"{name}: {error} The maps explain the prediction (target={self.target!r}), which needs no labels, "
                     f"so the output is read as {task} from its width alone and the grid leaves the labels out; pass "
-                    "task=... to say what the output is, or batch_parser=... to give the labels."
+                    "task=... to say what the output is, or data=DataDescription(batch_parser=...) to give the labels."
                 )
         indices = 2 if task == "binary" else outputs  # a binary model's targets are its two sides, 0 and 1
         if isinstance(self.target, int) and self.target >= indices:
@@ -315,7 +279,13 @@ class MapCallback(InterpCallback):
         return f"{type(self).__name__}(target='label') needs labels (use target='pred' otherwise)"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self._history and self.evolution_samples > 0 and self.probe is not None:
+        if (
+            trainer.is_global_zero
+            and self._history
+            and self.evolution_samples > 0
+            and self.probe is not None
+            and (self.evolution_columns > 0)
+        ):
             history, step = list(self._history), self._summary_step(trainer)
             inputs = self.probe.inputs[self._evolution_indices()]
             for key in self._history[-1][1]:
@@ -535,7 +505,7 @@ class MapCallback(InterpCallback):
 
     def _remember(self, epoch: int, maps: dict[str, Tensor]) -> None:
         """Keep a small CPU copy of a few samples' maps for the evolution strip, bounded in length."""
-        if self.evolution_samples == 0:
+        if self.evolution_samples == 0 or self.evolution_columns == 0:
             return
         picks = self._evolution_indices()
         kept = {key: _shrink(m[picks.to(m.device)]) for key, m in maps.items()}

@@ -15,7 +15,8 @@ from typing_extensions import override
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.methods._core import OutputTransform, scores_from_output
 from lightning_interp.methods.tasks import class_labels, label_kind
-from lightning_interp.probe import BatchParser, ProbeSet, parse_batch
+from lightning_interp.options import DataDescription, Display
+from lightning_interp.probe import ProbeSet, parse_batch
 
 LOGIT_KEYS = ("logits", "scores", "preds", "y_hat")
 """Keys of a ``validation_step`` output dict read as the batch's logits, before the forward hook's capture."""
@@ -41,8 +42,8 @@ class ValidationOutputsCallback(InterpCallback):
         name: str,
         output_transform: OutputTransform | None = None,
         every_n_epochs: int = 1,
-        batch_parser: BatchParser | None = None,
-        background_drawing: bool = True,
+        data: DataDescription | None = None,
+        display: Display | None = None,
     ) -> None:
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
@@ -52,8 +53,8 @@ class ValidationOutputsCallback(InterpCallback):
             name=name,
             num_samples=2,
             every_n_epochs=every_n_epochs,
-            batch_parser=batch_parser,
-            background_drawing=background_drawing,
+            data=data,
+            display=display,
         )
         self.output_transform = output_transform
         self._handle: RemovableHandle | None = None

@@ -18,7 +18,8 @@ from lightning_interp.methods.features import (
     capture_pooled_features,
     forward_chunk_size,
 )
-from lightning_interp.probe import BatchParser, ProbeSet
+from lightning_interp.options import DataDescription, Display
+from lightning_interp.probe import ProbeSet
 
 
 class RepresentationCallback(InterpCallback):
@@ -33,7 +34,7 @@ class RepresentationCallback(InterpCallback):
         max_layers: how many layers ``"auto"`` picks at most.
         max_features: per-layer feature bound; larger conv maps are average-pooled
             to a coarser grid (see :func:`~lightning_interp.methods.pool_features`).
-        num_samples, every_n_epochs, probe, batch_parser, background_drawing, forward_fn: see
+        num_samples, every_n_epochs, probe, data, display, forward_fn: see
             :class:`InterpCallback`.
     """
 
@@ -47,8 +48,8 @@ class RepresentationCallback(InterpCallback):
         num_samples: int,
         every_n_epochs: int = 1,
         probe: ProbeSet | None = None,
-        batch_parser: BatchParser | None = None,
-        background_drawing: bool = True,
+        data: DataDescription | None = None,
+        display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
         names = parse_layer_names(layers, "layers")
@@ -60,8 +61,8 @@ class RepresentationCallback(InterpCallback):
             num_samples=num_samples,
             every_n_epochs=every_n_epochs,
             probe=probe,
-            batch_parser=batch_parser,
-            background_drawing=background_drawing,
+            data=data,
+            display=display,
             forward_fn=forward_fn,
         )
         self.layers: list[str] = names

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -90,17 +89,17 @@ class ActivationMapsCallback(InterpCallback):
             (``{"net.4": [0, 3]}``).
         num_samples: probe samples (the scalars use all of them).
         max_layers: most layers picked by ``"auto"``.
-        class_names: names to show beside the rows instead of class indices.
-        cmap: matplotlib colormap of non-negative maps.
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``,
-            ``background_drawing``, ``forward_fn`` (see
+        **kwargs: ``every_n_epochs``, ``probe``, ``data``,
+            ``display``, ``forward_fn`` (see
             :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Example:
         >>> ActivationMapsCallback(layers=["net.4", "net.7"], channels=6).channels
         6
     """
+
+    default_cmap = "viridis"  # activations are non-negative maps, not evidence
 
     def __init__(
         self,
@@ -109,8 +108,6 @@ class ActivationMapsCallback(InterpCallback):
         channels: ChannelsOption = 8,
         num_samples: int = 8,
         max_layers: int = 4,
-        class_names: Sequence[str] | None = None,
-        cmap: str = "viridis",
         name: str = "activations",
         **kwargs: Any,
     ) -> None:
@@ -118,15 +115,11 @@ class ActivationMapsCallback(InterpCallback):
         _check_channels(channels, names)
         if not isinstance(max_layers, int) or isinstance(max_layers, bool) or max_layers < 1:
             raise ValueError(f"max_layers must be a positive int, got {max_layers!r}.")
-        if cmap not in matplotlib.colormaps:
-            raise ValueError(f"Unknown matplotlib colormap {cmap!r}; try 'viridis', 'inferno' or 'magma'.")
         super().__init__(name=name, num_samples=num_samples, **kwargs)
         self.layers: list[str] = names
         self.auto = not names
         self.channels = channels
         self.max_layers = max_layers
-        self.class_names = list(class_names) if class_names is not None else None
-        self.cmap = cmap
         self._shown: dict[str, list[int]] = {}  # per layer: the channels in the grid, fixed at the first run
         self._reshapes: dict[str, TokenReshape] = {}  # token layers of a vision transformer: their grid
         self._spatial: dict[str, bool] = {}

@@ -58,7 +58,7 @@ class CalibrationCallback(ValidationOutputsCallback):
         n_bins: equal-width confidence bins.
         output_transform: picks the (B, C) logits out of the model's output.
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: ``every_n_epochs``, ``batch_parser``, ``background_drawing``
+        **kwargs: ``every_n_epochs``, ``data``, ``display``
             (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Example:

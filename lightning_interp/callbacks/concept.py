@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
 import lightning.pytorch as pl
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
-from lightning_interp.callbacks._base import InterpCallback, parse_class_names, parse_layer_names
+from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
 from lightning_interp.methods._core import get_module, module_name, scores_from_output
 from lightning_interp.methods.concepts import (
     TCAVResult,
@@ -28,6 +29,7 @@ from lightning_interp.methods.concepts import (
     layer_gradients,
     tcav_from_activations,
 )
+from lightning_interp.methods.features import forward_chunk_size
 from lightning_interp.methods.tasks import class_labels, label_kind
 from lightning_interp.probe import ProbeSet, parse_batch
 from lightning_interp.visualize import _figure_to_array
@@ -35,10 +37,104 @@ from lightning_interp.visualize import _figure_to_array
 Examples = Union[Tensor, Dataset, DataLoader]  # noqa: UP007 (runtime alias, Python 3.10)
 """Concept or random examples: an (N, ...) tensor of inputs, a Dataset (items ``x`` or ``(x, ...)``) or a DataLoader."""
 
-__all__ = ["ConceptCallback"]
+__all__ = ["CAVOptions", "ConceptCallback", "TCAVTest"]
 
 MIN_RANDOM_SET = 5
 """Fewest examples per random set: a CAV holds out ``test_fraction`` of each side to measure its accuracy."""
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class CAVOptions:
+    """How a concept activation vector (CAV) is trained, and when it is good enough to score with.
+
+    A CAV is the normal of a logistic-regression boundary between a concept's and
+    a random set's layer activations (see
+    :func:`~lightning_interp.methods.concepts.compute_cav`).
+
+    Args:
+        test_fraction: share of each side's examples held out to measure the CAV's accuracy.
+        l2: L2 penalty of the classifier on standardised activations (0: none).
+        min_accuracy: mean held-out accuracy below which a concept's CAVs are taken for chance at a layer: it then
+            gets no TCAV score or p-value there, only its ``cav_accuracy`` (0 scores every concept).
+
+    Example:
+        >>> CAVOptions(min_accuracy=0.7).min_accuracy
+        0.7
+    """
+
+    test_fraction: float = 1 / 3
+    l2: float = 1e-2
+    min_accuracy: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.test_fraction) or not 0 < self.test_fraction < 1:
+            raise ValueError(
+                f"CAVOptions(test_fraction=...) is the share of examples held out to test a CAV: a number strictly "
+                f"between 0 and 1 (default 1/3), got {self.test_fraction!r}."
+            )
+        if not _is_number(self.l2) or self.l2 < 0:
+            raise ValueError(
+                f"CAVOptions(l2=...) is the classifier's penalty: a finite number >= 0 (default 0.01), got {self.l2!r}."
+            )
+        if not _is_number(self.min_accuracy) or not 0 <= self.min_accuracy <= 1:
+            raise ValueError(
+                f"CAVOptions(min_accuracy=...) is a held-out accuracy: a number in [0, 1] (default 0.6; 0 scores every "
+                f"concept), got {self.min_accuracy!r}."
+            )
+
+
+@dataclass(frozen=True)
+class TCAVTest:
+    """The test of a concept's TCAV scores against those of random directions.
+
+    For each concept and layer, ``n_random`` CAVs are trained (each against
+    another random set) and ``n_random`` random-vs-random CAVs give the null
+    distribution; a two-sided t-test compares the two groups of scores per class.
+
+    Args:
+        n_random: CAVs per concept and layer, and random-vs-random CAVs (>= 2 for the t-test). ``2 * n_random``
+            disjoint random sets are drawn from the random pool.
+        random_set_size: examples per random set (>= 5); None: as many as the largest concept has, at most
+            ``pool // (2 * n_random)``.
+        alpha: significance level: p-values below it are marked ``*`` in the figure.
+        equal_var: Student's t-test (True, as in the paper) or Welch's (False).
+
+    Example:
+        >>> TCAVTest(n_random=20, alpha=0.01).n_random
+        20
+    """
+
+    n_random: int = 10
+    random_set_size: int | None = None
+    alpha: float = 0.05
+    equal_var: bool = True
+
+    def __post_init__(self) -> None:
+        n_random = self.n_random
+        if not isinstance(n_random, int) or isinstance(n_random, bool) or n_random < 2:
+            raise ValueError(
+                f"TCAVTest(n_random=...) must be an int >= 2 (the t-test needs two scores per group; default 10), "
+                f"got {n_random!r}."
+            )
+        size = self.random_set_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < MIN_RANDOM_SET):
+            raise ValueError(
+                f"TCAVTest(random_set_size=...) must be None (sized from the concepts) or an int >= {MIN_RANDOM_SET} "
+                f"(a CAV holds out part of each side to measure its accuracy), got {size!r}."
+            )
+        if not _is_number(self.alpha) or not 0 < self.alpha < 1:
+            raise ValueError(
+                f"TCAVTest(alpha=...) is a significance level: a number strictly between 0 and 1 (default 0.05), got "
+                f"{self.alpha!r}."
+            )
+        if not isinstance(self.equal_var, bool):
+            raise TypeError(
+                f"TCAVTest(equal_var=...) must be True (Student's t-test) or False (Welch's), got {self.equal_var!r}."
+            )
 
 
 def read_examples(value: Examples, what: str, max_examples: int) -> Tensor:
@@ -83,22 +179,23 @@ class ConceptCallback(InterpCallback):
 
     A concept is a set of example inputs (say, images of stripes). At each due
     validation epoch, for every concept and layer, the callback trains
-    ``n_random`` concept activation vectors (CAVs; see
+    ``test.n_random`` concept activation vectors (CAVs; see
     :func:`~lightning_interp.methods.concepts.compute_cav`: logistic regression on
     standardised, flattened layer activations of the concept examples against
     one random set each, the CAV being the boundary's normal in the raw
     activation space) and, for each target class, counts the share of the probe
     set's samples of that class whose class logit grows along the CAV (positive
-    directional derivative). The same is done for ``n_random`` random-vs-random
-    CAVs, and a two-sided t-test (Student's, as in the paper; ``equal_var=False``
-    for Welch's) says whether the concept's scores differ from the random ones.
+    directional derivative). The same is done for ``test.n_random`` random-vs-random
+    CAVs, and a two-sided t-test (Student's, as in the paper;
+    ``TCAVTest(equal_var=False)`` for Welch's) says whether the concept's scores
+    differ from the random ones.
     Under ``interp_<name>/`` it logs:
 
     - ``<concept>/<layer>/<class>/tcav``: the TCAV score, mean over the
       ``n_random`` runs (0.5 = no preference; near 1 the concept pushes the
       class up, near 0 down);
     - ``<concept>/<layer>/<class>/p_value``: the t-test's p-value (below
-      ``alpha`` = significant);
+      ``test.alpha`` = significant);
     - ``<concept>/<layer>/cav_accuracy``: the CAVs' mean held-out accuracy
       (how well the layer separates the concept from random examples);
     - ``scores``: a bar chart per layer, classes x concepts, with the random
@@ -106,7 +203,7 @@ class ConceptCallback(InterpCallback):
       the significant ones.
 
     A concept whose CAVs are no better than chance at a layer (mean held-out
-    accuracy below ``min_cav_accuracy``, default 0.6) gets no TCAV score or
+    accuracy below ``cav.min_accuracy``, default 0.6) gets no TCAV score or
     p-value there at that epoch: only its ``cav_accuracy`` is logged, the figure
     shows "n/a", and a warning says so once per run (its direction would be
     noise, and a TCAV score of noise looks like a result). Where both groups'
@@ -119,8 +216,8 @@ class ConceptCallback(InterpCallback):
     DataLoader, read once, at most ``max_random_examples``) or, by default, the
     callback's probe set itself (the samples that are scored; drawn from the
     first validation dataloader, stratified over classes, ``num_samples``).
-    ``2 * n_random`` disjoint random sets of ``random_set_size`` examples each
-    (default: as many as the largest concept has, at most ``pool // (2 *
+    ``2 * n_random`` disjoint random sets of ``test.random_set_size`` examples
+    each (default: as many as the largest concept has, at most ``pool // (2 *
     n_random)``; at least 5, else the fit stops before training saying what to
     change) are drawn once per fit from that pool with the callback's own
     ``torch.Generator`` (seed ``seed``): the concept CAVs are trained against
@@ -136,7 +233,10 @@ class ConceptCallback(InterpCallback):
     Cost per run: one forward + one ``torch.autograd.grad`` over the probe set
     (all layers at once), one no-grad forward over the concept (and given random)
     examples, and ``(len(concepts) + 1) * n_random`` small L-BFGS fits per layer on
-    the model's device. The probe set needs labels (class indices or one-hot rows);
+    the model's device. A forward pass takes as many samples as keep the largest
+    layer output near a budget (see :func:`~lightning_interp.methods.forward_chunk_size`;
+    a gradient pass, which keeps the graph for the backward, a quarter of that).
+    The probe set needs labels (class indices or one-hot rows);
     multi-class (C logits) and binary (one logit) models are supported. Choose
     layers with a non-linearity between them and the logits: after the last one
     (e.g. the ReLU before global pooling and a linear head) the logit's gradient is
@@ -147,28 +247,23 @@ class ConceptCallback(InterpCallback):
         layers: dotted module name(s) whose outputs the CAVs live in (flattened, unpooled).
         targets: class index or indices to score; None for every class among the probe labels.
         random_examples: a pool of random counter-examples; None draws them from the probe set.
-        n_random: CAVs per concept and layer (and random-vs-random CAVs), >= 2 for the t-test.
-        random_set_size: examples per random set; None as explained above.
-        min_cav_accuracy: mean held-out CAV accuracy below which a concept gets no TCAV score.
-        alpha: significance level of the t-test (marks in the figure).
+        cav: how the CAVs are trained and when they are good enough to score with (:class:`CAVOptions`:
+            ``test_fraction=1/3``, ``l2=0.01``, ``min_accuracy=0.6``); None for the defaults.
+        test: the test against random CAVs (:class:`TCAVTest`: ``n_random=10``, ``random_set_size=None``,
+            ``alpha=0.05``, ``equal_var=True``); None for the defaults.
         num_samples: probe samples drawn from the validation data (scored, and the default random pool).
         max_examples: examples read at most from each concept.
         max_random_examples: examples read at most from ``random_examples``.
-        test_fraction: share of each side of a CAV's examples held out to measure its accuracy.
-        l2: penalty of the CAV classifier on standardised activations.
-        equal_var: Student's t-test (True) or Welch's (False).
         seed: seed of the random sets and the CAV splits.
-        batch_size: samples per forward pass.
-        class_names: names on the figure's class axis instead of indices (tags keep the index).
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``, ``background_drawing``,
+        **kwargs: ``every_n_epochs``, ``probe``, ``data``, ``display``,
             ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Example:
         >>> stripes = torch.rand(20, 3, 16, 16)
-        >>> callback = ConceptCallback({"stripes": stripes}, layers=["net.4"], targets=[0, 1])
-        >>> sorted(callback.concepts), callback.layers, callback.n_random
-        (['stripes'], ['net.4'], 10)
+        >>> callback = ConceptCallback({"stripes": stripes}, layers=["net.4"], test=TCAVTest(n_random=20))
+        >>> sorted(callback.concepts), callback.layers, callback.test.n_random, callback.cav.min_accuracy
+        (['stripes'], ['net.4'], 20, 0.6)
     """
 
     def __init__(
@@ -178,19 +273,12 @@ class ConceptCallback(InterpCallback):
         *,
         targets: int | Sequence[int] | None = None,
         random_examples: Examples | None = None,
-        n_random: int = 10,
-        random_set_size: int | None = None,
-        min_cav_accuracy: float = 0.6,
-        alpha: float = 0.05,
+        cav: CAVOptions | None = None,
+        test: TCAVTest | None = None,
         num_samples: int = 256,
         max_examples: int = 100,
         max_random_examples: int = 1000,
-        test_fraction: float = 1 / 3,
-        l2: float = 1e-2,
-        equal_var: bool = True,
         seed: int = 0,
-        batch_size: int = 64,
-        class_names: Sequence[str] | None = None,
         name: str = "tcav",
         **kwargs: Any,
     ) -> None:
@@ -216,24 +304,17 @@ class ConceptCallback(InterpCallback):
             if len(set(listed)) != len(listed):
                 raise ValueError(f"targets lists a class twice: {listed}.")
             targets = listed
-        for option, value, low in (
-            ("n_random", n_random, 2),
-            ("max_examples", max_examples, 2),
-            ("max_random_examples", max_random_examples, 2),
-            ("batch_size", batch_size, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{option} must be an int >= {low}, got {value!r}.")
-        if random_set_size is not None and (not isinstance(random_set_size, int) or random_set_size < 2):
-            raise ValueError(f"random_set_size must be an int >= 2 or None, got {random_set_size!r}.")
-        if not 0 <= min_cav_accuracy <= 1:
-            raise ValueError(f"min_cav_accuracy must lie in [0, 1], got {min_cav_accuracy}.")
-        if not 0 < alpha < 1:
-            raise ValueError(f"alpha must lie in (0, 1), got {alpha}.")
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
-        if not l2 >= 0 or math.isinf(l2):
-            raise ValueError(f"l2 must be a finite number >= 0, got {l2}.")
+        for option, value in (("max_examples", max_examples), ("max_random_examples", max_random_examples)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+                raise ValueError(f"{option} must be an int >= 2, got {value!r}.")
+        if cav is not None and not isinstance(cav, CAVOptions):
+            raise TypeError(
+                f"cav must be a CAVOptions or None, got {type(cav).__name__}: write cav=CAVOptions(min_accuracy=0.7)."
+            )
+        if test is not None and not isinstance(test, TCAVTest):
+            raise TypeError(
+                f"test must be a TCAVTest or None, got {type(test).__name__}: write test=TCAVTest(n_random=20)."
+            )
         self.concepts: dict[str, Tensor] = {
             concept: read_examples(value, f"concept {concept!r}", max_examples) for concept, value in concepts.items()
         }
@@ -242,18 +323,12 @@ class ConceptCallback(InterpCallback):
         )
         self.layers: list[str] = names
         self.targets: list[int] | None = targets  # type: ignore[assignment]
-        self.n_random = n_random
-        self.random_set_size = random_set_size
-        self.min_cav_accuracy = min_cav_accuracy
-        self.alpha = alpha
+        self.cav = cav if cav is not None else CAVOptions()
+        self.test = test if test is not None else TCAVTest()
         self.max_examples = max_examples
         self.max_random_examples = max_random_examples
-        self.test_fraction = test_fraction
-        self.l2 = l2
-        self.equal_var = equal_var
         self.seed = seed
-        self.batch_size = batch_size
-        self.class_names = parse_class_names(class_names)
+        self._chunk = 256  # samples per forward pass (a quarter per gradient pass); chosen at fit start
         self._random_sets: Tensor | None = None  # (2 * n_random, set size) indices into the random pool
         self._classes: list[int] = []
         self._task = "multiclass"
@@ -308,6 +383,7 @@ class ConceptCallback(InterpCallback):
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
+        self._chunk = forward_chunk_size(trace, pl_module.device)
         for layer in self.layers:
             name = module_name(pl_module, layer) or layer
             if name not in trace.calls or name not in trace.shapes:
@@ -325,7 +401,7 @@ class ConceptCallback(InterpCallback):
             raise ValueError(
                 f"ConceptCallback scores the probe samples of each class, so it needs class labels: (N,) class indices "
                 f"or (N, K) one-hot rows; the probe labels have shape {tuple(probe.labels.shape)} ({kind}). Pass "
-                "batch_parser=... that returns class labels, or probe=ProbeSet(inputs, labels)."
+                "data=DataDescription(batch_parser=...) that returns class labels, or probe=ProbeSet(inputs, labels)."
             )
         labels = class_labels(probe.labels, "multiclass")
         if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
@@ -379,14 +455,15 @@ class ConceptCallback(InterpCallback):
         if self._provisional and self.random_examples is None:
             return  # the pool is the probe set, drawn later from more samples than the few seen so far
         source = "the probe set (num_samples)" if self.random_examples is None else "random_examples"
-        count = 2 * self.n_random
-        size = self.random_set_size or min(max(x.shape[0] for x in self.concepts.values()), pool // count)
+        given_size, count = self.test.random_set_size, 2 * self.test.n_random
+        size = given_size or min(max(x.shape[0] for x in self.concepts.values()), pool // count)
         if size < MIN_RANDOM_SET or size * count > pool:
             raise ValueError(
-                f"ConceptCallback draws {count} disjoint random sets (2 x n_random={self.n_random}) of "
-                f"{size if self.random_set_size else f'at least {MIN_RANDOM_SET}'} examples from {source}, which "
+                f"ConceptCallback draws {count} disjoint random sets (2 x n_random={self.test.n_random}) of "
+                f"{size if given_size else f'at least {MIN_RANDOM_SET}'} examples from {source}, which "
                 f"holds {pool}: it needs {count * max(size, MIN_RANDOM_SET)}. Draw more probe samples "
-                "(num_samples=...), give more random_examples=..., lower n_random or random_set_size."
+                "(num_samples=...), give more random_examples=..., or lower test=TCAVTest(n_random=..., "
+                "random_set_size=...)."
             )
         if self._provisional:
             return
@@ -403,12 +480,17 @@ class ConceptCallback(InterpCallback):
         first = next(iter(self.concepts.values()))[:2]
         bank = self._as_probe_dtype(torch.cat([first, self._pool(probe)[:2]]), probe)
         with self._model_context(trainer):
-            layer_gradients(pl_module, inputs, self.layers, labels, batch_size=self.batch_size, task=self._task)
+            layer_gradients(pl_module, inputs, self.layers, labels, batch_size=self._gradient_chunk, task=self._task)
             acts = concept_activations(
-                pl_module, self._device_inputs(trainer, pl_module, bank), self.layers, batch_size=self.batch_size
+                pl_module, self._device_inputs(trainer, pl_module, bank), self.layers, batch_size=self._chunk
             )
         for values in acts:
-            compute_cav(values[:2], values[2:], test_fraction=self.test_fraction, l2=self.l2, max_iter=5)
+            compute_cav(values[:2], values[2:], test_fraction=self.cav.test_fraction, l2=self.cav.l2, max_iter=5)
+
+    @property
+    def _gradient_chunk(self) -> int:
+        """Samples per gradient pass: a quarter of the forward chunk (the backward keeps every layer's output)."""
+        return max(1, self._chunk // 4)
 
     @staticmethod
     def _as_probe_dtype(examples: Tensor, probe: ProbeSet) -> Tensor:
@@ -431,9 +513,9 @@ class ConceptCallback(InterpCallback):
         bank = self._device_inputs(trainer, pl_module, self._as_probe_dtype(torch.cat(parts), probe))
         with self._model_context(trainer):
             probe_acts, grads = layer_gradients(
-                pl_module, inputs, self.layers, labels, batch_size=self.batch_size, task=self._task
+                pl_module, inputs, self.layers, labels, batch_size=self._gradient_chunk, task=self._task
             )
-            bank_acts = concept_activations(pl_module, bank, self.layers, batch_size=self.batch_size)
+            bank_acts = concept_activations(pl_module, bank, self.layers, batch_size=self._chunk)
         sets = self._random_sets.to(inputs.device)
         results: dict[str, dict[str, TCAVResult]] = {}
         for layer, acts, gradient, examples in zip(self.layers, probe_acts, grads, bank_acts, strict=True):
@@ -461,10 +543,10 @@ class ConceptCallback(InterpCallback):
                 gradient,
                 labels,
                 self._classes,
-                test_fraction=self.test_fraction,
-                l2=self.l2,
+                test_fraction=self.cav.test_fraction,
+                l2=self.cav.l2,
                 seed=self.seed,
-                equal_var=self.equal_var,
+                equal_var=self.test.equal_var,
             )
         # every number to the CPU at once
         numbers = {
@@ -482,12 +564,12 @@ class ConceptCallback(InterpCallback):
                 scores, p_values, random_scores, accuracy = numbers[(layer, concept)]
                 base = f"interp_{self.name}/{concept}/{layer}"
                 scalars[f"{base}/cav_accuracy"] = accuracy
-                if accuracy < self.min_cav_accuracy:
+                if accuracy < self.cav.min_accuracy:
                     self._warn_once(
                         f"chance {concept} {layer}",
                         f"ConceptCallback: the CAVs of concept {concept!r} at layer {layer!r} separate its examples "
                         f"from random ones no better than chance (mean held-out accuracy {accuracy:.2f} < "
-                        f"min_cav_accuracy={self.min_cav_accuracy}) at epoch {epoch}: the layer does not encode the "
+                        f"cav.min_accuracy={self.cav.min_accuracy}) at epoch {epoch}: the layer does not encode the "
                         "concept linearly (or the examples are too few), so its TCAV scores would be noise: "
                         "only its cav_accuracy is logged while this lasts",
                     )
@@ -500,7 +582,8 @@ class ConceptCallback(InterpCallback):
                     scalars[f"{base}/{k}/p_value"] = float(p_values[column])
             assert random_scores is not None
             panels.append((layer, bars, (random_scores.mean(dim=0).numpy(), random_scores.std(dim=0).numpy())))
-        step, classes, alpha, class_names = logging_step(trainer), list(self._classes), self.alpha, self.class_names
+        step, classes, class_names = logging_step(trainer), list(self._classes), self.class_names
+        alpha = self.test.alpha
 
         def draw() -> None:
             image = tcav_bar_image(

@@ -15,7 +15,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_interp._logging import log_image, log_scalars, logging_step
-from lightning_interp.callbacks._base import _first_loader, class_name, parse_class_names
+from lightning_interp.callbacks._base import _first_loader, class_name
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
 from lightning_interp.methods._core import (
     OutputTransform,
@@ -96,7 +96,6 @@ class DatasetBiasCallback(ValidationOutputsCallback):
 
     Args:
         imbalance_warning: the class-count ratio above which a set is warned about.
-        class_names: names for the tags and figures instead of class indices.
         output_transform: picks the (B, C) logits out of the model's output.
         methods: one registered method (``available_methods()``) for the spurious-correlation check, as a name or a
             ``{name: {option: value}}`` mapping, e.g. ``{"grad_cam": {"layer": "net.7"}}`` (a CAM method without a
@@ -107,7 +106,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         seed: seed of the stochastic methods' generator, afresh at every run.
         border_fraction: width of the border band, as a fraction of each side, for the measure without masks.
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: ``every_n_epochs``, ``batch_parser``, ``background_drawing``
+        **kwargs: ``every_n_epochs``, ``data``, ``display``
             (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Example:
@@ -121,7 +120,6 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         self,
         imbalance_warning: float = 10.0,
         *,
-        class_names: Sequence[str] | None = None,
         output_transform: OutputTransform | None = None,
         methods: MethodsArg | None = None,
         num_samples: int = 256,
@@ -150,7 +148,6 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         if self.methods:
             self.num_samples = num_samples  # the probe is drawn at setup, with this many samples
         self.imbalance_warning = float(imbalance_warning)
-        self.class_names = parse_class_names(class_names)
         self.balances: dict[str, ClassBalance] = {}
         self.class_attribution: ClassAttribution | None = None
         self._warned_background = False

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -41,14 +42,60 @@ from lightning_interp.methods.quality import (
 )
 from lightning_interp.methods.registry import METHODS
 from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
-from lightning_interp.probe import BatchParser, ProbeSet
+from lightning_interp.options import DataDescription, Display
+from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import _figure_to_array
 
-__all__ = ["QUALITY_METRICS", "ExplanationQualityCallback", "comparison_image", "rank_methods"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "QUALITY_METRICS",
+    "ExplanationQualityCallback",
+    "MetricsArg",
+    "comparison_image",
+    "rank_methods",
+]
 
-QUALITY_METRICS = ("deletion", "insertion", "top_drop", "sanity", "sparseness", "localization", "robustness")
-"""What the callback can compute per method; ``robustness`` is off by default (it explains every sample again per
-noise draw)."""
+QualityMetric = Literal[
+    "deletion", "insertion", "top_drop", "sanity", "sparseness", "localization", "robustness", "cascading"
+]
+
+QUALITY_METRICS: tuple[str, ...] = get_args(QualityMetric)
+"""What the callback can compute per method; ``robustness`` and ``cascading`` are off by default (the first explains
+every sample again per noise draw, the second a copy of the model once per randomised layer)."""
+
+DEFAULT_METRICS = ("deletion", "insertion", "top_drop", "sanity", "sparseness", "localization")
+"""The metrics computed when ``metrics=`` is not given, each at its default options."""
+
+MetricsArg = (
+    QualityMetric
+    | Sequence[QualityMetric | tuple[QualityMetric, Mapping[str, Any] | None]]
+    | Mapping[QualityMetric, Mapping[str, Any] | None]
+)
+"""How the callback takes its metrics, spelt as ``methods=`` is: a name, a list of names (or ``(name, {option:
+value})`` pairs), or a ``{name: {option: value}}`` mapping (``None`` for the defaults)."""
+
+
+@dataclass(frozen=True)
+class _Check:
+    """What a metric option accepts: ``wants`` says it in words for the messages."""
+
+    wants: str
+    accepts: Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_STEPS = _Check("an int >= 2", lambda value: _is_int(value) and value >= 2)
+_BASELINE = _Check(f"one of {REMOVAL_BASELINES}", lambda value: isinstance(value, str) and value in REMOVAL_BASELINES)
+_FRACTION = _Check("a number in (0, 1)", lambda value: _is_number(value) and 0 < value < 1)
+_RADIUS = _Check("a number > 0", lambda value: _is_number(value) and value > 0)
+_POSITIVE = _Check("an int >= 1", lambda value: _is_int(value) and value >= 1)
 
 RANDOM_KEY = "random"
 """The tag segment of the random reference maps."""
@@ -74,36 +121,42 @@ class ExplanationQualityCallback(InterpCallback):
 
     For each method (any registered one; CAM methods at a layer), on
     ``num_samples`` validation images, each explained for ``target``, the
-    callback logs under ``interp_<name>/<method>/``:
+    callback logs under ``interp_<name>/<method>/`` the scores of the chosen
+    ``metrics`` (each with its own options; see :attr:`METRIC_OPTIONS`):
 
-    - **faithfulness**: ``deletion_auc`` and ``insertion_auc``, the area under
-      the target's probability as the pixels are removed (replaced by the
-      ``baseline``) or added back, most relevant first, in ``steps`` equal
-      parts (:func:`~lightning_interp.methods.perturbation_curve`; every step
-      of every sample is one batched forward). A faithful map gives a low
-      deletion and a high insertion area. ``top_drop`` and ``random_drop``:
-      the probability's fall when the top ``fraction`` of pixels is removed,
-      and when as many random pixels are; ``top_drop_gain`` is the difference
-      (0 for a map no better than chance);
-    - **sanity** (the end point of the model-randomisation test of Adebayo
-      et al. 2018): ``sanity_rank_correlation``, the rank correlation of the
-      maps with the same method's maps of the same samples on the network as
-      it was before the first optimisation step (computed at train start and
-      kept in the checkpoint). A method that stays near 1 shows the input or
-      the architecture, not what the network learnt;
-    - **complexity**: ``sparseness``, the Gini index of the map (0 uniform, near 1 one pixel);
+    - **faithfulness**: ``deletion`` and ``insertion`` log ``deletion_auc``
+      and ``insertion_auc``, the area under the target's probability as the
+      pixels are removed (replaced by the metric's ``baseline``) or added
+      back, most relevant first, in ``steps`` equal parts
+      (:func:`~lightning_interp.methods.perturbation_curve`; every step of
+      every sample is one batched forward). A faithful map gives a low
+      deletion and a high insertion area. ``top_drop`` logs ``top_drop`` and
+      ``random_drop``: the probability's fall when the top ``fraction`` of
+      pixels is removed (to its ``baseline``), and when as many random pixels
+      are; ``top_drop_gain`` is the difference (0 for a map no better than
+      chance);
+    - ``sanity`` (the end point of the model-randomisation test of Adebayo et
+      al. 2018): ``sanity_rank_correlation``, the rank correlation of the maps
+      with the same method's maps of the same samples on the network as it was
+      before the first optimisation step (computed at train start and kept in
+      the checkpoint). A method that stays near 1 shows the input or the
+      architecture, not what the network learnt;
+    - ``sparseness`` (complexity): the Gini index of the map (0 uniform, near 1 one pixel);
     - ``localization`` (share of the map on the object) when the batches carry masks;
-    - **cascading randomisation** (``cascading=k``, off by default): on a
-      deep copy of the model, the last ``k`` parametrised layers are
-      re-initialised one after the other from the output down, and
-      ``cascade/<layer>`` is the rank correlation of the maps with the trained
-      network's after randomising down to that layer (Adebayo et al. 2018).
-      It costs a copy of the model and ``k`` more explanations per method and
-      run;
-    - **robustness** (off by default): ``max_sensitivity``, the largest relative
-      change of the map under uniform input noise of ``robustness_radius`` of
-      the value range, over ``robustness_samples`` draws of the callback's own
-      generator.
+    - ``cascading`` (cascading randomisation; off by default): on a deep copy
+      of the model, the last ``depth`` parametrised layers are re-initialised
+      one after the other from the output down, and ``cascade/<layer>`` is the
+      rank correlation of the maps with the trained network's after
+      randomising down to that layer (Adebayo et al. 2018). It costs a copy of
+      the model and ``depth`` more explanations per method and run;
+    - ``robustness`` (off by default): ``max_sensitivity``, the largest
+      relative change of the map under uniform input noise of ``radius`` of
+      the value range, over ``samples`` draws of the callback's own generator.
+
+    No option is shared between metrics: ``deletion``, ``insertion`` and
+    ``top_drop`` each take their own ``baseline`` (all ``"blur"`` by default)
+    and the two curves their own ``steps`` (both 16), so changing one leaves
+    the others as they are; give each the value you want.
 
     ``random_reference=True`` (default) scores uniform random maps (the
     callback's generator, the same every run) the same way, under
@@ -117,96 +170,111 @@ class ExplanationQualityCallback(InterpCallback):
     channels by ``channel_reduction`` (``"abs_sum"``, as ``SaliencyCallback``
     shows them; ``"sum"`` orders pixels by signed evidence), CAM maps as they
     are. Cost per run and method: the method's own passes, plus
-    ``2 * (steps + 1) + 3`` no-grad forward passes per sample for the
-    faithfulness scores (at the defaults 37 x 32 images; see BENCHMARKS.md).
+    ``(deletion steps + 1) + (insertion steps + 1) + 3`` no-grad forward
+    passes per sample for the faithfulness scores (at the defaults 37 x 32
+    images; see BENCHMARKS.md).
 
     Args:
         methods: registered method names, or ``(name, {option: value})`` pairs
             (``{"layer": "net.7"}`` for a CAM method; without a layer, the
             automatic Grad-CAM layer, chosen once per fit).
         num_samples: probe samples scored (drawn from the validation data, balanced over classes).
-        metrics: which of :data:`QUALITY_METRICS` to compute.
-        steps: parts of the deletion and insertion curves.
-        baseline: what removed pixels become: ``"blur"`` (default), ``"mean"`` or ``"zero"``
-            (:func:`~lightning_interp.methods.removal_baseline`).
-        fraction: the share of pixels removed for ``top_drop`` / ``random_drop``.
+        metrics: which of :data:`QUALITY_METRICS` to compute, and their
+            options, spelt as ``methods=`` is: a name, a list of names or
+            ``(name, {option: value})`` pairs, or a ``{name: {option: value}}``
+            mapping (``None``: the defaults). Default: :data:`DEFAULT_METRICS`.
+            The options (default), checked at construction:
+
+            - ``deletion``, ``insertion``: ``steps`` (16), parts of the curve;
+              ``baseline`` (``"blur"``), what removed pixels become:
+              ``"blur"``, ``"mean"`` or ``"zero"``
+              (:func:`~lightning_interp.methods.removal_baseline`);
+            - ``top_drop``: ``fraction`` (0.2), the share of pixels removed; ``baseline`` (``"blur"``);
+            - ``robustness``: ``radius`` (0.02), the noise amplitude as a share
+              of each image's value range; ``samples`` (4), noise draws;
+            - ``cascading``: ``depth`` (3), layers re-initialised from the output down;
+            - ``sanity``, ``sparseness``, ``localization``: none.
         target: ``"pred"`` (the prediction; default) or ``"label"``.
         task: the output kind (``"auto"``: inferred from the output's width and the labels, as the map callbacks do);
             a multi-label model follows its top label, a regression model its first output.
         channel_reduction: how input attributions become one value per pixel.
-        robustness_radius: noise amplitude for ``max_sensitivity``, as a share of each image's value range.
-        robustness_samples: noise draws for ``max_sensitivity``.
         random_reference: also score random maps, the chance level of each metric.
-        cascading: how many layers, from the output down, the cascading randomisation test re-initialises (0: off).
         seed: seed of the callback's generator (stochastic methods, random pixels, noise), used afresh each run.
         output_transform: picks the (B, C) logits out of the model's output.
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``, ``background_drawing``, ``forward_fn``
+        **kwargs: ``every_n_epochs``, ``probe``, ``data``, ``display``, ``forward_fn``
             (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
+    Raises:
+        ValueError: an unknown metric, one given twice, none at all, or an option value out of range.
+        TypeError: a metric entry of another form, or an option the metric does not take.
+
     Example:
-        >>> callback = ExplanationQualityCallback(["gradient", ("grad_cam", {"layer": "net.7"})])
+        >>> callback = ExplanationQualityCallback(
+        ...     ["gradient", ("grad_cam", {"layer": "net.7"})],
+        ...     metrics={"deletion": {"steps": 8}, "insertion": None, "robustness": {"radius": 0.05}},
+        ... )
         >>> callback.keys
         ['gradient', 'grad_cam@net.7']
+        >>> callback.metrics
+        ('deletion', 'insertion', 'robustness')
+        >>> callback.metric_options["deletion"], callback.metric_options["robustness"]
+        ({'steps': 8, 'baseline': 'blur'}, {'radius': 0.05, 'samples': 4})
+        >>> ExplanationQualityCallback(metrics={"deletion": {"fraction": 0.1}})
+        Traceback (most recent call last):
+        ...
+        TypeError: ...(metrics=...): deletion takes no option(s) ['fraction']; its options are: steps, baseline.
     """
+
+    METRIC_OPTIONS: ClassVar[dict[str, dict[str, tuple[Any, _Check]]]] = {
+        "deletion": {"steps": (16, _STEPS), "baseline": ("blur", _BASELINE)},
+        "insertion": {"steps": (16, _STEPS), "baseline": ("blur", _BASELINE)},
+        "top_drop": {"fraction": (0.2, _FRACTION), "baseline": ("blur", _BASELINE)},
+        "sanity": {},
+        "sparseness": {},
+        "localization": {},
+        "robustness": {"radius": (0.02, _RADIUS), "samples": (4, _POSITIVE)},
+        "cascading": {"depth": (3, _POSITIVE)},
+    }
+    """metric -> {option: (default, check)}: every metric of :data:`QUALITY_METRICS` and the options it takes."""
 
     def __init__(
         self,
         methods: MethodsArg = DEFAULT_METHODS,
         *,
         num_samples: int = 32,
-        metrics: Sequence[str] = ("deletion", "insertion", "top_drop", "sanity", "sparseness", "localization"),
-        steps: int = 16,
-        baseline: Literal["blur", "mean", "zero"] = "blur",
-        fraction: float = 0.2,
+        metrics: MetricsArg = DEFAULT_METRICS,
         target: Literal["pred", "label"] = "pred",
         task: TaskOption = "auto",
         channel_reduction: Literal["abs_sum", "abs_max", "sum"] = "abs_sum",
-        robustness_radius: float = 0.02,
-        robustness_samples: int = 4,
         random_reference: bool = True,
-        cascading: int = 0,
         seed: int = 0,
         output_transform: OutputTransform | None = None,
         name: str = "quality",
         every_n_epochs: int = 1,
         probe: ProbeSet | None = None,
-        batch_parser: BatchParser | None = None,
-        background_drawing: bool = True,
+        data: DataDescription | None = None,
+        display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
         parsed = parse_methods(methods, owner="ExplanationQualityCallback")
         self.methods = tuple(parsed)
         self.method_options = {method: options for method, options in parsed.items() if options}
-        unknown = sorted(set(metrics) - set(QUALITY_METRICS))
-        if unknown or not metrics:
-            raise ValueError(f"metrics must be a non-empty selection of {QUALITY_METRICS}, got {list(metrics)}.")
-        if baseline not in REMOVAL_BASELINES:
-            raise ValueError(f"baseline must be one of {REMOVAL_BASELINES}, got {baseline!r}.")
+        self.metric_options = self.parse_metrics(metrics)
+        self.metrics = tuple(self.metric_options)
         if target not in ("pred", "label"):
             raise ValueError(f"target must be 'pred' or 'label', got {target!r}.")
         if task != "auto" and task not in TASKS:
             raise ValueError(f"task must be 'auto' or one of {TASKS}, got {task!r}.")
         if channel_reduction not in CHANNEL_REDUCTIONS:
             raise ValueError(f"channel_reduction must be one of {CHANNEL_REDUCTIONS}, got {channel_reduction!r}.")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-            raise ValueError(f"steps must be an int >= 2, got {steps!r}.")
-        if not 0 < fraction < 1:
-            raise ValueError(f"fraction must lie in (0, 1), got {fraction!r}.")
-        if not isinstance(robustness_samples, int) or robustness_samples < 1:
-            raise ValueError(f"robustness_samples must be a positive int, got {robustness_samples!r}.")
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
-        self.metrics = tuple(metrics)
-        self.steps, self.baseline, self.fraction, self.target = steps, baseline, float(fraction), target
+        self.target = target
         self.task = task
         self._output_task = "multiclass"  # the kind in force this fit (``task``, or inferred at fit start)
         self.channel_reduction = channel_reduction
-        self.robustness_radius, self.robustness_samples = float(robustness_radius), robustness_samples
-        if not isinstance(cascading, int) or isinstance(cascading, bool) or cascading < 0:
-            raise ValueError(f"cascading must be an int >= 0 (layers to randomise; 0: off), got {cascading!r}.")
         self.random_reference = bool(random_reference)
-        self.cascading = cascading
         self.seed = seed
         self.output_transform = output_transform
         super().__init__(
@@ -214,12 +282,68 @@ class ExplanationQualityCallback(InterpCallback):
             num_samples=num_samples,
             every_n_epochs=every_n_epochs,
             probe=probe,
-            batch_parser=batch_parser,
-            background_drawing=background_drawing,
+            data=data,
+            display=display,
             forward_fn=forward_fn,
         )
         self._layers: dict[str, str] = {}  # per CAM method: its layer this fit (given, or the automatic one)
         self._start_maps: dict[str, Tensor] = {}  # per key: the maps of the network before training, on the CPU
+
+    @classmethod
+    def parse_metrics(cls, metrics: MetricsArg) -> dict[str, dict[str, Any]]:
+        """Check a ``metrics=`` argument against :attr:`METRIC_OPTIONS`; ``{metric: options}`` in the order given,
+        each metric's options complete (its defaults where not given).
+
+        Raises:
+            ValueError: an unknown metric, one given twice, none at all, or an option value out of range.
+            TypeError: an entry of another form, or an option the metric does not take.
+
+        Example:
+            >>> ExplanationQualityCallback.parse_metrics(["sparseness", ("top_drop", {"fraction": 0.1})])
+            {'sparseness': {}, 'top_drop': {'fraction': 0.1, 'baseline': 'blur'}}
+        """
+        owner = f"{cls.__name__}(metrics=...)"
+        if isinstance(metrics, str):
+            entries: list[Any] = [(metrics, None)]
+        elif isinstance(metrics, Mapping):
+            entries = list(metrics.items())
+        else:
+            entries = list(metrics)
+        parsed: dict[str, dict[str, Any]] = {}
+        for entry in entries:
+            if isinstance(entry, str):
+                metric, chosen = entry, None
+            elif isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str):
+                metric, chosen = entry
+            else:
+                raise TypeError(
+                    f"{owner} takes a metric name, a list of names or (name, {{option: value}}) pairs, or a "
+                    f"{{name: {{option: value}}}} mapping; got the entry {entry!r}."
+                )
+            if metric not in cls.METRIC_OPTIONS:
+                raise ValueError(
+                    f"Unknown quality metric {metric!r} in {owner}; choose from: {', '.join(cls.METRIC_OPTIONS)}."
+                )
+            if chosen is not None and not isinstance(chosen, Mapping):
+                raise TypeError(f"{owner}: the options of {metric!r} must be a mapping, got {chosen!r}.")
+            if metric in parsed:
+                raise ValueError(f"{owner} lists {metric!r} twice.")
+            table = cls.METRIC_OPTIONS[metric]
+            chosen = dict(chosen or {})
+            unknown = sorted(set(chosen) - set(table), key=str)
+            if unknown:
+                takes = f"its options are: {', '.join(table)}" if table else "it takes none"
+                raise TypeError(f"{owner}: {metric} takes no option(s) {unknown}; {takes}.")
+            options: dict[str, Any] = {}
+            for option, (default, check) in table.items():
+                value = chosen.get(option, default)
+                if not check.accepts(value):
+                    raise ValueError(f"{owner}: {metric}'s {option} must be {check.wants}, got {value!r}.")
+                options[option] = float(value) if isinstance(default, float) else value
+            parsed[metric] = options
+        if not parsed:
+            raise ValueError(f"{owner} names no metric; choose from: {', '.join(cls.METRIC_OPTIONS)}.")
+        return parsed
 
     @property
     def keys(self) -> list[str]:
@@ -388,19 +512,22 @@ class ExplanationQualityCallback(InterpCallback):
     ) -> dict[str, Tensor]:
         """The metrics of one method's maps (``method`` None: the random reference), as 0-dim tensors where the model
         is."""
-        common = {"baseline": self.baseline, "output_transform": self.output_transform, "task": task}
+        options = self.metric_options
+        common = {"output_transform": self.output_transform, "task": task}
         scores: dict[str, Tensor] = {}
         with self._model_context(trainer):
-            if "deletion" in self.metrics:
-                curve = perturbation_curve(model, inputs, maps, target, steps=self.steps, **common)
+            if "deletion" in options:
+                curve = perturbation_curve(model, inputs, maps, target, **options["deletion"], **common)
                 scores["deletion_auc"] = _nanmean(curve_auc(curve))
-            if "insertion" in self.metrics:
-                curve = perturbation_curve(model, inputs, maps, target, mode="insertion", steps=self.steps, **common)
+            if "insertion" in options:
+                curve = perturbation_curve(
+                    model, inputs, maps, target, mode="insertion", **options["insertion"], **common
+                )
                 scores["insertion_auc"] = _nanmean(curve_auc(curve))
-            if "top_drop" in self.metrics:
+            if "top_drop" in options:
                 generator = torch.Generator(device=inputs.device).manual_seed(self.seed + 1)
                 top, random = top_fraction_drop(
-                    model, inputs, maps, target, fraction=self.fraction, generator=generator, **common
+                    model, inputs, maps, target, **options["top_drop"], generator=generator, **common
                 )
                 scores["top_drop"], scores["random_drop"] = _nanmean(top), _nanmean(random)
                 scores["top_drop_gain"] = _nanmean(top - random)
@@ -412,12 +539,12 @@ class ExplanationQualityCallback(InterpCallback):
             scores["sparseness"] = _nanmean(sparseness(maps))
         if "localization" in self.metrics and masks is not None:
             scores["localization"] = _nanmean(localization(maps.clamp_min(0), masks.to(maps.device)))
-        if self.cascading and method is not None:
+        if "cascading" in options and method is not None:
             try:
                 cascade = cascading_randomization(
                     model,
                     lambda net: self._maps(trainer, net, method, inputs, target),
-                    depth=self.cascading,
+                    depth=options["cascading"]["depth"],
                     seed=self.seed + 4,
                     reference=maps,
                 )
@@ -430,13 +557,13 @@ class ExplanationQualityCallback(InterpCallback):
                 cascade = {}
             for layer, correlation in cascade.items():
                 scores[f"cascade/{plain_name(layer)}"] = _nanmean(correlation)
-        if "robustness" in self.metrics and method is not None:
+        if "robustness" in options and method is not None:
             generator = torch.Generator(device=inputs.device).manual_seed(self.seed + 2)
             sensitivity = max_sensitivity(
                 lambda batch: self._maps(trainer, model, method, batch, target),
                 inputs,
-                radius=self.robustness_radius,
-                n_samples=self.robustness_samples,
+                radius=options["robustness"]["radius"],
+                n_samples=options["robustness"]["samples"],
                 generator=generator,
             )
             scores["max_sensitivity"] = _nanmean(sensitivity)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
-from lightning_interp.callbacks._base import InterpCallback, class_name, parse_class_names
+from lightning_interp.callbacks._base import InterpCallback, class_name
 from lightning_interp.methods._core import OutputTransform, get_module, module_name, scores_from_output
 from lightning_interp.methods.feature_visualization import (
     PARAMETERIZATIONS,
@@ -33,6 +34,76 @@ _LR = {"optimize": 0.05, "dream": 0.02}
 RangeOption = Union[Literal["probe", "probe_std"], tuple[Union[float, Sequence[float]], Union[float, Sequence[float]]]]  # noqa: UP007
 
 
+@dataclass(frozen=True)
+class ImageOptions:
+    """How a feature visualisation's image is parameterised, mapped to the model's input range, transformed and
+    scaled.
+
+    Args:
+        parameterization: ``"fourier"`` (a 1/f-scaled spectrum, as lucent does it) or ``"pixel"`` (plain pixels);
+            optimisation from noise only.
+        decorrelate: ImageNet colour decorrelation (3-channel inputs only); optimisation from noise only.
+        value_range: how the optimised image in [0, 1] is mapped per channel to what the model sees: ``"probe"``
+            (the probe inputs' per-channel min..max), ``"probe_std"`` (mean -/+ sqrt(3) std) or ``(low, high)``,
+            each a number or one number per channel.
+        transforms: random pad / jitter / scale / rotation every step (DeepDream: random jitter).
+        octaves: DeepDream's number of image sizes (1 for models that take one input size only).
+        octave_scale: DeepDream's size ratio between successive octaves (>= 1).
+
+    Example:
+        >>> ImageOptions(parameterization="pixel", value_range=(0.0, [1.0, 1.0, 1.0])).value_range
+        (0.0, (1.0, 1.0, 1.0))
+    """
+
+    parameterization: Literal["fourier", "pixel"] = "fourier"
+    decorrelate: bool = True
+    value_range: RangeOption = "probe"
+    transforms: bool = True
+    octaves: int = 3
+    octave_scale: float = 1.4
+
+    def __post_init__(self) -> None:
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"ImageOptions(parameterization=...) must be one of {PARAMETERIZATIONS} ('fourier': a decorrelated "
+                f"spectrum, as lucent; 'pixel': plain pixels), got {self.parameterization!r}."
+            )
+        for option in ("decorrelate", "transforms"):
+            if not isinstance(getattr(self, option), bool):
+                raise TypeError(f"ImageOptions({option}=...) must be True or False, got {getattr(self, option)!r}.")
+        value_range = self.value_range
+        if isinstance(value_range, str):
+            if value_range not in VALUE_RANGES:
+                raise ValueError(
+                    f"ImageOptions(value_range=...) must be one of {VALUE_RANGES} or (low, high), got {value_range!r}: "
+                    "'probe' maps images to the probe inputs' per-channel min..max, 'probe_std' to mean -/+ sqrt(3) "
+                    "std."
+                )
+        elif not (isinstance(value_range, (tuple, list)) and len(value_range) == 2) or not all(
+            _numbers(bound) for bound in value_range
+        ):
+            raise ValueError(
+                "ImageOptions(value_range=...) must be 'probe', 'probe_std' or a (low, high) pair, each a number or "
+                f"one number per channel, e.g. (0.0, 1.0) or ([-2.1, -2.0, -1.8], [2.2, 2.4, 2.6]); got "
+                f"{value_range!r}."
+            )
+        else:  # lists (from YAML) as tuples: the options stay immutable and hashable
+            pair = tuple(bound if isinstance(bound, (int, float, Tensor)) else tuple(bound) for bound in value_range)
+            object.__setattr__(self, "value_range", pair)
+        octaves = self.octaves
+        if not isinstance(octaves, int) or isinstance(octaves, bool) or octaves < 1:
+            raise ValueError(
+                f"ImageOptions(octaves=...) must be a positive int (DeepDream's image sizes; 1 for models that take "
+                f"one input size only), got {octaves!r}."
+            )
+        scale = self.octave_scale
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1.0 <= scale < float("inf"):
+            raise ValueError(
+                f"ImageOptions(octave_scale=...) is DeepDream's size ratio between octaves: a finite number >= 1 "
+                f"(default 1.4), got {scale!r}."
+            )
+
+
 class FeatureVisualizationCallback(InterpCallback):
     """Log what chosen units, channels, layers or classes respond to, as images optimised for them.
 
@@ -43,7 +114,9 @@ class FeatureVisualizationCallback(InterpCallback):
     rotation every step, ``num_images`` images per target from different
     noise. ``mode="dream"``: DeepDream on the first ``num_images`` probe
     samples, by :func:`~lightning_interp.methods.feature_visualization.deep_dream`
-    (``octaves`` sizes; the model must accept smaller inputs, else pass ``octaves=1``).
+    (``image.octaves`` sizes; the model must accept smaller inputs, else pass
+    ``image=ImageOptions(octaves=1)``). How the image is parameterised, mapped,
+    transformed and scaled is set by ``image=ImageOptions(...)``.
 
     Every run starts from the callback's own ``torch.Generator`` seeded with
     ``seed``: successive epochs start from the same noise and use the same
@@ -55,7 +128,7 @@ class FeatureVisualizationCallback(InterpCallback):
 
     Value range: the optimised image lies in [0, 1] and is mapped per channel
     to ``low + (high - low) * image`` before the model sees it. By default
-    (``value_range="probe"``) ``low`` / ``high`` are the probe inputs'
+    (``ImageOptions(value_range="probe")``) ``low`` / ``high`` are the probe inputs'
     per-channel minimum and maximum: the identity for [0, 1] pixels, and for
     mean/std-normalised data exactly the normalised image of [0, 1] pixels
     (what lucent does with ImageNet's statistics), so the model sees inputs in
@@ -102,28 +175,26 @@ class FeatureVisualizationCallback(InterpCallback):
             the value range per normalised step for DeepDream).
         num_images: images per target (columns): different starting noise, or
             different probe samples for DeepDream.
-        value_range: ``"probe"``, ``"probe_std"`` or ``(low, high)`` (floats or per-channel sequences).
-        parameterization: ``"fourier"`` or ``"pixel"``.
-        decorrelate: decorrelate colours (3-channel inputs only).
-        transforms: random pad / jitter / scale / rotation each step.
-        octaves: DeepDream's number of sizes.
-        octave_scale: DeepDream's size ratio between octaves.
+        image: how the image is parameterised, mapped to the input range, transformed and scaled
+            (:class:`ImageOptions`: ``parameterization="fourier"``, ``decorrelate=True``, ``value_range="probe"``,
+            ``transforms=True``, ``octaves=3``, ``octave_scale=1.4``); None for the defaults.
         seed: seed of the callback's generator, used afresh at every run.
         max_classes: most classes ``"classes"`` takes (the first ones).
         output_transform: picks the (B, K) logits out of the model's output (class targets).
         name: tag prefix; distinct names let two instances coexist.
         num_samples: probe samples (for the value range; DeepDream uses the first ``num_images``).
         every_n_epochs: run at every n-th validation epoch (default 5).
-        class_names: names shown for class targets instead of ``class:k`` (tags keep the index).
-        evolution_columns: at fit end, ``interp_<name>/evolution`` shows the first image of every target at up to
-            this many runs spread over training (0: no strip).
-        **kwargs: ``probe``, ``batch_parser``, ``background_drawing``,
+        **kwargs: ``probe``, ``data`` (its ``class_names`` are shown for class targets instead of ``class:k``; tags
+            keep the index), ``display`` (at fit end, ``interp_<name>/evolution`` shows the first image of every
+            target at up to ``Display(evolution_columns=10)`` runs spread over training; 0: no strip),
             ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Example:
-        >>> callback = FeatureVisualizationCallback(targets=["net.3:5", ("class", 2)], steps=64)
-        >>> [target.label for target in callback.targets]
-        ['net.3:5', 'class:2']
+        >>> callback = FeatureVisualizationCallback(
+        ...     targets=["net.3:5", ("class", 2)], steps=64, image=ImageOptions(parameterization="pixel")
+        ... )
+        >>> [target.label for target in callback.targets], callback.image.parameterization
+        (['net.3:5', 'class:2'], 'pixel')
     """
 
     def __init__(
@@ -134,53 +205,30 @@ class FeatureVisualizationCallback(InterpCallback):
         steps: int = 128,
         lr: float | None = None,
         num_images: int = 1,
-        value_range: RangeOption = "probe",
-        parameterization: Literal["fourier", "pixel"] = "fourier",
-        decorrelate: bool = True,
-        transforms: bool = True,
-        octaves: int = 3,
-        octave_scale: float = 1.4,
+        image: ImageOptions | None = None,
         seed: int = 0,
         max_classes: int = 10,
         output_transform: OutputTransform | None = None,
         name: str = "featvis",
         num_samples: int = 32,
         every_n_epochs: int = 5,
-        class_names: Sequence[str] | None = None,
-        evolution_columns: int = 10,
         **kwargs: Any,
     ) -> None:
         if mode not in MODES:
             raise ValueError(
                 f"mode must be one of {MODES} ('optimize' from noise, 'dream' on probe images), got {mode!r}."
             )
-        for option, value in (("steps", steps), ("num_images", num_images), ("octaves", octaves)):
+        for option, value in (("steps", steps), ("num_images", num_images)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{option} must be a positive int, got {value!r}.")
-        if not isinstance(evolution_columns, int) or isinstance(evolution_columns, bool) or evolution_columns < 0:
-            raise ValueError(
-                f"evolution_columns must be an int >= 0 (0: no evolution strip), got {evolution_columns!r}."
-            )
         if not isinstance(max_classes, int) or isinstance(max_classes, bool) or max_classes < 1:
             raise ValueError(f"max_classes must be a positive int, got {max_classes!r}.")
         if lr is not None and not lr > 0:
             raise ValueError(f"lr must be > 0 (or None for the mode's default), got {lr!r}.")
-        if not octave_scale >= 1.0:
-            raise ValueError(f"octave_scale must be >= 1, got {octave_scale!r}.")
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}.")
-        if isinstance(value_range, str):
-            if value_range not in VALUE_RANGES:
-                raise ValueError(
-                    f"value_range must be one of {VALUE_RANGES} or (low, high), got {value_range!r}: 'probe' maps "
-                    "images to the probe inputs' per-channel min..max, 'probe_std' to mean -/+ sqrt(3) std."
-                )
-        elif not (isinstance(value_range, (tuple, list)) and len(value_range) == 2) or not all(
-            _numbers(bound) for bound in value_range
-        ):
-            raise ValueError(
-                "value_range must be 'probe', 'probe_std' or a (low, high) pair, each a number or one number per "
-                f"channel, got {value_range!r}."
+        if image is not None and not isinstance(image, ImageOptions):
+            raise TypeError(
+                f"image must be an ImageOptions or None, got {type(image).__name__}: write "
+                "image=ImageOptions(value_range=(0.0, 1.0))."
             )
         if output_transform is not None and not callable(output_transform):
             raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
@@ -202,17 +250,10 @@ class FeatureVisualizationCallback(InterpCallback):
         self.steps = steps
         self.lr = _LR[mode] if lr is None else float(lr)
         self.num_images = num_images
-        self.value_range = value_range
-        self.parameterization = parameterization
-        self.decorrelate = decorrelate
-        self.transforms = transforms
-        self.octaves = octaves
-        self.octave_scale = octave_scale
+        self.image = image if image is not None else ImageOptions()
         self.seed = seed
         self.max_classes = max_classes
         self.output_transform = output_transform
-        self.class_names = parse_class_names(class_names)
-        self.evolution_columns = evolution_columns
         self._range: tuple[Tensor, Tensor] | None = None
         self._history: list[tuple[int, Tensor]] = []  # (epoch, (T, C, H, W) first image per target), bounded
 
@@ -294,15 +335,15 @@ class FeatureVisualizationCallback(InterpCallback):
                 )
 
     def _value_range(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        channels, shape = inputs.shape[1], tuple(inputs.shape)
-        if not isinstance(self.value_range, str):
+        channels, shape, value_range = inputs.shape[1], tuple(inputs.shape), self.image.value_range
+        if not isinstance(value_range, str):
             try:
-                low, high = _range_tensors(self.value_range, channels, torch.device("cpu"))  # type: ignore[arg-type]
+                low, high = _range_tensors(value_range, channels, torch.device("cpu"))  # type: ignore[arg-type]
             except ValueError as error:
                 raise ValueError(f"FeatureVisualizationCallback: {error} (the probe inputs' shape: {shape}).") from None
             return low.reshape(-1), high.reshape(-1)
         x = inputs.detach().float()
-        if self.value_range == "probe":
+        if value_range == "probe":
             low, high = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))
         else:
             mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
@@ -311,15 +352,15 @@ class FeatureVisualizationCallback(InterpCallback):
         if flat:
             raise ValueError(
                 f"FeatureVisualizationCallback: the probe inputs are constant in channel(s) {flat}, so "
-                f"value_range={self.value_range!r} is empty there and those channels could not change. Pass "
-                "value_range=(low, high) with the range your model's inputs take."
+                f"value_range={value_range!r} is empty there and those channels could not change. Pass "
+                "image=ImageOptions(value_range=(low, high)) with the range your model's inputs take."
             )
         return low, high
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """A two-step computation (one step per octave for DeepDream) on every target, logging nothing."""
         generator = torch.Generator().manual_seed(self.seed)  # a throwaway: the runs' own draws stay the same
-        steps = 2 if self.mode == "optimize" else self.octaves
+        steps = 2 if self.mode == "optimize" else self.image.octaves
         self._compute(trainer, pl_module, probe, steps=steps, images=1, generator=generator)
 
     # ------------------------------------------------------------------ the run
@@ -347,9 +388,9 @@ class FeatureVisualizationCallback(InterpCallback):
                     generator=generator,
                     num_images=images,
                     value_range=(low, high),
-                    parameterization=self.parameterization,
-                    decorrelate=self.decorrelate,
-                    transforms=self.transforms,
+                    parameterization=self.image.parameterization,
+                    decorrelate=self.image.decorrelate,
+                    transforms=self.image.transforms,
                     output_transform=self.output_transform,
                 )
             return result.rgb, result.objectives, None
@@ -362,11 +403,11 @@ class FeatureVisualizationCallback(InterpCallback):
                     pl_module,
                     start,
                     target,
-                    octaves=self.octaves,
-                    octave_scale=self.octave_scale,
+                    octaves=self.image.octaves,
+                    octave_scale=self.image.octave_scale,
                     steps=steps,
                     lr=self.lr,
-                    jitter=self.transforms,
+                    jitter=self.image.transforms,
                     value_range=(low, high),
                     generator=generator,
                     output_transform=self.output_transform,
@@ -477,4 +518,4 @@ def _tiles(images: Tensor) -> list[np.ndarray]:
     return list(input_to_rgb(images))
 
 
-__all__ = ["FeatureVisualizationCallback"]
+__all__ = ["FeatureVisualizationCallback", "ImageOptions"]

@@ -66,7 +66,7 @@ class LinearProbeCallback(RepresentationCallback):
         max_layers: most layers picked by ``"auto"``.
         max_features: per-layer feature bound.
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser`` (see
+        **kwargs: ``every_n_epochs``, ``probe``, ``data``, ``display`` (see
             :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Example:
@@ -126,7 +126,8 @@ class LinearProbeCallback(RepresentationCallback):
             raise ValueError(
                 f"LinearProbeCallback(task={self.task!r}) cannot use labels of shape {tuple(labels.shape)} "
                 f"({kind.replace('_', '-')}): class probes need class indices or one-hot rows, multi-label probes "
-                "(N, K) rows of 0 and 1. Pass task='auto', or batch_parser=... that returns such labels."
+                "(N, K) rows of 0 and 1. Pass task='auto', or data=DataDescription(batch_parser=...) that returns "
+                "such labels."
             )
         return task
 

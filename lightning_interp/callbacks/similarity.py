@@ -82,7 +82,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         max_layers: most layers picked by ``"auto"``.
         max_features: per-layer feature bound.
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``.
+        **kwargs: ``every_n_epochs``, ``probe``, ``data``, ``display``.
 
     Example:
         >>> RepresentationSimilarityCallback(metrics=("cka",)).metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_interp._logging import log_image, logging_step
-from lightning_interp.callbacks._base import InterpCallback, class_name, parse_class_names, unwrapped
+from lightning_interp.callbacks._base import InterpCallback, class_name, unwrapped
 from lightning_interp.methods._core import OutputTransform, eager_forward, modes_preserved, scores_from_output
 from lightning_interp.methods.explain import Explainer, MethodsArg, parse_methods
 from lightning_interp.methods.registry import METHODS
@@ -110,14 +109,13 @@ class UncertaintyCallback(InterpCallback):
         num_samples: probe samples drawn from the validation data.
         seed: seed of the callback's generator, used afresh at every run.
         output_transform: picks the (B, K) logits out of the model's output.
-        class_names: names shown in the figure and the per-class tags instead of class indices.
         methods: registered attribution methods to run under MC dropout (a name, a list, or a
             ``{name: {option: value}}`` mapping, e.g. ``{"integrated_gradients": {"n_steps": 16}}``), or None (the
             default) for none.
         explain_samples: probe samples explained, spread evenly over the probe set (rows of ``<method>/maps``).
         output_kind: ``"logits"`` (MC dropout, the default) or ``"evidential"`` (the output is Dirichlet evidence).
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: ``every_n_epochs``, ``probe``, ``batch_parser``, ``background_drawing``,
+        **kwargs: ``every_n_epochs``, ``probe``, ``data``, ``display``,
             ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Example:
@@ -133,7 +131,6 @@ class UncertaintyCallback(InterpCallback):
         num_samples: int = 256,
         seed: int = 0,
         output_transform: OutputTransform | None = None,
-        class_names: Sequence[str] | None = None,
         methods: MethodsArg | None = None,
         explain_samples: int = 4,
         output_kind: Literal["logits", "evidential"] = "logits",
@@ -163,7 +160,6 @@ class UncertaintyCallback(InterpCallback):
         self._layers: dict[str, str] = {}  # per CAM method without a layer: the automatic one of this fit
         self.seed = seed
         self.output_transform = output_transform
-        self.class_names = parse_class_names(class_names)
 
     # ------------------------------------------------------------------ checks, before training
     def _check_model(self, pl_module: pl.LightningModule) -> None:

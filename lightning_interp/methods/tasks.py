@@ -123,7 +123,7 @@ def _guess(num_outputs: int, labels: Tensor | None, kind: str | None, found: str
         if labels.ndim == 2:
             raise ValueError(
                 f"{found.capitalize()}: {labels.shape[1]} label columns for one output. Pass task=... to say what "
-                "the output is, or batch_parser=... that returns matching labels."
+                "the output is, or data=DataDescription(batch_parser=...) that returns matching labels."
             )
         if _is_binary(labels):
             return "binary"
@@ -147,12 +147,13 @@ def _guess(num_outputs: int, labels: Tensor | None, kind: str | None, found: str
         raise ValueError(
             f"{found.capitalize()}: one fractional value per sample for {num_outputs} scores fits no output kind "
             "(per-sample weights, or a regression target?). Pass task=... to say what the output is, or "
-            "batch_parser=... that returns the labels."
+            "data=DataDescription(batch_parser=...) that returns the labels."
         )
     if labels.shape[1] != num_outputs:
         raise ValueError(
             f"{found.capitalize()}: {labels.shape[1]} label columns for {num_outputs} scores. Pass "
-            "output_transform=... that returns one score per label, or batch_parser=... giving matching labels."
+            "output_transform=... that returns one score per label, or data=DataDescription(batch_parser=...) "
+            "giving matching labels."
         )
     if kind == "multi_hot" and float(labels.sum(dim=1).max()) <= 1:
         raise ValueError(

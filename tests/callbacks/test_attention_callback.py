@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp import AttentionCallback, SaliencyCallback
+from lightning_interp import AttentionCallback, DataDescription, Display, SaliencyCallback
 from lightning_interp.demo import ImageClassifier, TextTransformer, shapes_cnn
 from lightning_interp.synthetic_text import PAD_ID, VOCABULARY, make_keyword_text
 from tests.conftest import quiet_trainer, read_events
@@ -48,7 +48,11 @@ def _uniform_attention_model(bias_key: bool = False) -> ImageClassifier:
 
 
 def test_uniform_attention_reads_as_uniform_entropy_one_and_padding_gets_nothing(tmp_path):
-    callback = AttentionCallback(num_samples=8, vocabulary=VOCABULARY, pad_id=PAD_ID, background_drawing=False)
+    callback = AttentionCallback(
+        num_samples=8,
+        data=DataDescription(vocabulary=VOCABULARY, pad_id=PAD_ID),
+        display=Display(background_drawing=False),
+    )
     events, _ = _fit(tmp_path, _uniform_attention_model(), [callback], _text_loader())
     for layer in ("net.encoder.layers.0.self_attn", "net.encoder.layers.1.self_attn"):
         entropy = events.scalars[f"interp_attention/{layer}/entropy"][-1][1]
@@ -74,7 +78,11 @@ def test_a_trained_text_transformer_attends_and_attributes_to_the_keywords(tmp_p
     val_loader = DataLoader(TensorDataset(val.ids, val.labels, val.keyword_mask), batch_size=32)  # masks: keywords
     train_loader = DataLoader(TensorDataset(train.ids, train.labels), batch_size=32, shuffle=True)
     net = TextTransformer(len(VOCABULARY), 3, dim=32, heads=2, layers=2, max_length=16, pad_id=PAD_ID)
-    words = {"vocabulary": VOCABULARY, "pad_id": PAD_ID, "num_samples": 32, "background_drawing": False}
+    words = {
+        "data": DataDescription(vocabulary=VOCABULARY, pad_id=PAD_ID),
+        "num_samples": 32,
+        "display": Display(background_drawing=False),
+    }
     attention = AttentionCallback(**words)
     saliency = SaliencyCallback(
         methods=("gradient", ("integrated_gradients", {"n_steps": 64})), input_layer="auto", **words
@@ -122,7 +130,7 @@ def test_vision_transformers_give_finite_maps_on_the_patch_grid_and_a_heads_pict
         layer = "net.blocks.1.attn"
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.rand(16, 3, 32, 32, generator=generator), torch.arange(16) % 4)
-    callback = AttentionCallback(num_samples=8, heads=True, background_drawing=False)
+    callback = AttentionCallback(num_samples=8, heads=True, display=Display(background_drawing=False))
     events, messages = _fit(tmp_path, ImageClassifier(net), [callback], DataLoader(data, batch_size=8))
     assert callback.layers == [layer]
     assert callback._query == 0  # the class token (timm: before its two register tokens)
@@ -142,7 +150,7 @@ def test_timm_attention_is_recomputed_and_checked_under_bf16_autocast(tmp_path):
     torch.manual_seed(0)
     net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=4, depth=2)
     data = TensorDataset(torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 4)
-    callback = AttentionCallback(num_samples=4, background_drawing=False)
+    callback = AttentionCallback(num_samples=4, display=Display(background_drawing=False))
     # the recomputed weights must rebuild each block's bf16 output (within 5%) before training, or it is refused
     events, _ = _fit(tmp_path, ImageClassifier(net), [callback], DataLoader(data, batch_size=8), precision="bf16-mixed")
     rollout = callback.last_maps["rollout"]
@@ -154,8 +162,14 @@ def test_a_bias_key_is_not_taken_for_a_class_token(tmp_path):
     # bias_k adds a learnt key after the tokens: the weights are (T, T + 1); the tokens must stay where they are
     model = _uniform_attention_model(bias_key=True)
     with pytest.raises(ValueError, match="rollout=False"):
-        _fit(tmp_path, model, [AttentionCallback(num_samples=4, pad_id=PAD_ID)], _text_loader())
-    callback = AttentionCallback(num_samples=8, pad_id=PAD_ID, rollout=False, query="mean", background_drawing=False)
+        _fit(tmp_path, model, [AttentionCallback(num_samples=4, data=DataDescription(pad_id=PAD_ID))], _text_loader())
+    callback = AttentionCallback(
+        num_samples=8,
+        rollout=False,
+        query="mean",
+        data=DataDescription(pad_id=PAD_ID),
+        display=Display(background_drawing=False),
+    )
     _fit(tmp_path, model, [callback], _text_loader())
     probe = callback.probe
     real = probe.inputs != PAD_ID
@@ -183,8 +197,15 @@ def test_a_stock_encoder_with_nested_tensors_and_padding_works(tmp_path):
     from lightning_interp import LinearProbeCallback
 
     callbacks = [
-        AttentionCallback(num_samples=8, pad_id=PAD_ID, background_drawing=False),
-        SaliencyCallback(input_layer="auto", pad_id=PAD_ID, num_samples=8, background_drawing=False),
+        AttentionCallback(
+            num_samples=8, data=DataDescription(pad_id=PAD_ID), display=Display(background_drawing=False)
+        ),
+        SaliencyCallback(
+            input_layer="auto",
+            num_samples=8,
+            data=DataDescription(pad_id=PAD_ID),
+            display=Display(background_drawing=False),
+        ),
         LinearProbeCallback(num_samples=32),
     ]
     events, _ = _fit(tmp_path, ImageClassifier(Stock()), callbacks, _text_loader())
@@ -260,12 +281,12 @@ def test_attention_and_token_saliency_leave_training_bit_identical(tmp_path):
     plain_weights, plain_rng = _train_text(tmp_path / "plain", [])
     fast_path = torch.backends.mha.get_fastpath_enabled()
     callbacks = [
-        AttentionCallback(num_samples=8, pad_id=PAD_ID),
+        AttentionCallback(num_samples=8, data=DataDescription(pad_id=PAD_ID)),
         SaliencyCallback(
             methods=("gradient", ("smoothgrad", {"n_samples": 3}), ("integrated_gradients", {"n_steps": 4})),
             input_layer="auto",
-            pad_id=PAD_ID,
             num_samples=8,
+            data=DataDescription(pad_id=PAD_ID),
         ),
     ]
     weights, rng = _train_text(tmp_path / "with", callbacks)
@@ -277,7 +298,9 @@ def test_attention_and_token_saliency_leave_training_bit_identical(tmp_path):
 
 
 def test_the_heads_picture_of_text_has_a_line_per_head(tmp_path):
-    callback = AttentionCallback(num_samples=4, vocabulary=VOCABULARY, pad_id=PAD_ID, head_samples=2)
+    callback = AttentionCallback(
+        num_samples=4, head_samples=2, data=DataDescription(vocabulary=VOCABULARY, pad_id=PAD_ID)
+    )
     drawn = []
     original = callback._heads_image
 
@@ -305,7 +328,7 @@ def test_torchvision_vit_rollout_after_training_on_the_quickstart_shapes_is_fini
     net = torchvision.models.VisionTransformer(
         image_size=32, patch_size=4, num_layers=3, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=4
     )
-    callback = AttentionCallback(num_samples=64, background_drawing=False)
+    callback = AttentionCallback(num_samples=64, display=Display(background_drawing=False))
     logger = TensorBoardLogger(str(tmp_path), name="vit")
     trainer = quiet_trainer(tmp_path, max_epochs=4, callbacks=[callback], logger=logger)
     trainer.fit(ImageClassifier(net, lr=5e-4), datamodule=data)
@@ -352,7 +375,9 @@ def test_token_map_scores_count_the_real_tokens_only():
 
     ids = torch.zeros(16, 20, dtype=torch.long)
     ids[:, :8] = 5  # 8 real tokens, 12 padding
-    callback = SaliencyCallback(pad_id=PAD_ID, probe=ProbeSet(ids, torch.zeros(16, dtype=torch.long)))
+    callback = SaliencyCallback(
+        probe=ProbeSet(ids, torch.zeros(16, dtype=torch.long)), data=DataDescription(pad_id=PAD_ID)
+    )
     generator = torch.Generator().manual_seed(0)
     real = (ids != PAD_ID).float()
     first, second = torch.rand(16, 20, generator=generator) * real, torch.rand(16, 20, generator=generator) * real
@@ -379,7 +404,9 @@ def test_a_causal_model_shows_its_last_token_and_uniform_causal_attention_reads_
             last = (~padding).sum(dim=1) - 1
             return net.head(x[torch.arange(ids.shape[0]), last])
 
-    callback = AttentionCallback(num_samples=8, pad_id=PAD_ID, query="last", background_drawing=False)
+    callback = AttentionCallback(
+        num_samples=8, query="last", data=DataDescription(pad_id=PAD_ID), display=Display(background_drawing=False)
+    )
     events, _ = _fit(tmp_path, ImageClassifier(Causal()), [callback], _text_loader())
     real = callback.probe.inputs != PAD_ID
     # the last real token sees every real token before it, and nothing after: uniform over the real tokens
@@ -410,11 +437,15 @@ def test_hugging_face_style_dict_batches_and_a_short_vocabulary(tmp_path):
             return super().validation_step(self._batch(batch), batch_idx)
 
     loader = DataLoader(Dicts(), batch_size=16)
-    callback = AttentionCallback(num_samples=4, vocabulary=VOCABULARY, pad_id=PAD_ID, background_drawing=False)
+    callback = AttentionCallback(
+        num_samples=4,
+        data=DataDescription(vocabulary=VOCABULARY, pad_id=PAD_ID),
+        display=Display(background_drawing=False),
+    )
     events, _ = _fit(tmp_path, DictClassifier(_uniform_attention_model().net), [callback], loader)
     assert callback.probe.has_labels and callback.probe.inputs.dtype == torch.long
     assert "interp_attention/maps" in events.images
-    short = AttentionCallback(num_samples=4, vocabulary=VOCABULARY[:10], pad_id=PAD_ID)
+    short = AttentionCallback(num_samples=4, data=DataDescription(vocabulary=VOCABULARY[:10], pad_id=PAD_ID))
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[short], logger=False)
     with pytest.raises(ValueError, match="vocabulary has 10 entries"):
         trainer.fit(_uniform_attention_model(), _text_loader(), _text_loader())

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
-from lightning_interp import CalibrationCallback, DatasetBiasCallback
+from lightning_interp import CalibrationCallback, DataDescription, DatasetBiasCallback
 from lightning_interp.demo import ImageClassifier
 from tests.conftest import (
     BatchNormDropoutNet,
@@ -150,7 +150,7 @@ def test_a_binary_model_matches_torchmetrics_binary_ece(tmp_path):
     def binary_labels(batch):
         return batch[0], (batch[1] == 0).long(), None
 
-    callback = CalibrationCallback(n_bins=5, batch_parser=binary_labels)
+    callback = CalibrationCallback(n_bins=5, data=DataDescription(batch_parser=binary_labels))
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
     model = BinaryClassifier()
     datamodule = tiny_datamodule()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_interp import GradCAMCallback, SaliencyCallback
+from lightning_interp import Display, GradCAMCallback, SaliencyCallback
 from lightning_interp.methods import attribute, available_methods
 from tests.conftest import quiet_trainer, read_events, tiny_classifier, tiny_datamodule
 
@@ -21,7 +21,7 @@ def test_every_cam_method_on_two_layers_in_one_grid(tmp_path):
         methods=[m if m != "score_cam" else ("score_cam", {"internal_batch_size": 16}) for m in methods],
         num_samples=4,
         relu=False,
-        evolution_samples=0,
+        display=Display(evolution_samples=0),
     )
     torch.manual_seed(0)
     model = tiny_classifier()

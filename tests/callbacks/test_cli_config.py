@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lightning_interp import (
@@ -62,9 +64,9 @@ trainer:
       init_args:
         targets: ["net.4:1", [class, 2]]
         steps: 4
-        value_range: [0.0, [1.0, 1.0, 1.0]]
+        image: {value_range: [0.0, [1.0, 1.0, 1.0]]}
         every_n_epochs: 1
-        class_names: [disc, square, triangle, cross]
+        data: {class_names: [disc, square, triangle, cross]}
 """
 
 
@@ -102,8 +104,84 @@ def test_a_yaml_config_builds_and_runs_every_callback(tmp_path):
     assert probe.layers == ["net.1", "net.4"] and similarity.num_samples == 16
     assert activations.layers == ["net.1", "net.4"] and dict(activations.channels) == {"net.1": [0, 2], "net.4": [1]}
     assert [t.label for t in featvis.targets] == ["net.4:1", "class:2"] and featvis.class_names[2] == "triangle"
+    assert featvis.image.value_range == (0.0, (1.0, 1.0, 1.0)) and featvis.image.parameterization == "fourier"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert all(callback._runs == 1 for callback in callbacks)
+
+
+CONCEPT_AND_FEATVIS_CONFIG = """
+trainer:
+  max_epochs: 1
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning_interp.ConceptCallback
+      init_args:
+        concepts:
+          noise:
+            class_path: torchvision.datasets.FakeData
+            init_args: {size: 8, image_size: [3, 16, 16], transform: {class_path: torchvision.transforms.ToTensor}}
+        layers: [net.4]
+        num_samples: 32
+        cav: {test_fraction: 0.25, l2: 0.1, min_accuracy: 0.0}
+        test: {n_random: 2, alpha: 0.01, equal_var: false}
+    - class_path: lightning_interp.FeatureVisualizationCallback
+      init_args:
+        targets: ["class:1"]
+        mode: dream
+        steps: 2
+        every_n_epochs: 1
+        image: {parameterization: pixel, decorrelate: false, value_range: probe_std, transforms: false, octaves: 1}
+"""
+
+
+def _concept_and_featvis_cli(tmp_path, config: str) -> LightningCLI:
+    path = tmp_path / "option_groups.yaml"
+    path.write_text(config)
+    data = ["--data.train_size", "32", "--data.val_size", "32", "--data.image_size", "16", "--data.batch_size", "16"]
+    return LightningCLI(
+        SmallClassifier,
+        SyntheticShapesDataModule,
+        run=False,
+        args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path), *data],
+    )
+
+
+def test_a_yaml_config_builds_the_option_groups_of_the_concept_and_feature_visualization_callbacks(tmp_path):
+    pytest.importorskip("torchvision")
+    from lightning_interp.callbacks.concept import CAVOptions, ConceptCallback, TCAVTest
+    from lightning_interp.callbacks.feature_visualization import ImageOptions
+
+    cli = _concept_and_featvis_cli(tmp_path, CONCEPT_AND_FEATVIS_CONFIG)
+    concept, featvis = [c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_interp")]
+    assert isinstance(concept, ConceptCallback) and isinstance(featvis, FeatureVisualizationCallback)
+    assert concept.cav == CAVOptions(test_fraction=0.25, l2=0.1, min_accuracy=0.0)
+    assert concept.test == TCAVTest(n_random=2, alpha=0.01, equal_var=False)
+    assert tuple(concept.concepts["noise"].shape) == (8, 3, 16, 16)
+    assert featvis.image == ImageOptions(
+        parameterization="pixel", decorrelate=False, value_range="probe_std", transforms=False, octaves=1
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert concept._runs == 1 and featvis._runs == 1
+
+
+@pytest.mark.parametrize(
+    ("right", "wrong", "message"),
+    [
+        ("parameterization: pixel", "parameterization: fft", "parameterization"),  # the Literal, checked by the parser
+        ("{n_random: 2,", "{n_random: 1,", r"n_random=...\) must be an int >= 2"),  # __post_init__
+    ],
+)
+def test_a_yaml_config_with_a_bad_option_group_value_is_refused_before_training(
+    tmp_path, capsys, right, wrong, message
+):
+    """A bad Literal is refused by the parser (exit 2), a bad number by the dataclass's check while instantiating."""
+    pytest.importorskip("torchvision")
+    with pytest.raises((SystemExit, ValueError)) as caught:
+        _concept_and_featvis_cli(tmp_path, CONCEPT_AND_FEATVIS_CONFIG.replace(right, wrong))
+    assert re.search(message, f"{caught.value}\n{capsys.readouterr().err}")
 
 
 UNCERTAINTY_CONFIG = """
@@ -115,7 +193,7 @@ trainer:
         passes: 8
         methods: {integrated_gradients: {n_steps: 8}}
         output_kind: logits
-        class_names: [disc, square, triangle, cross]
+        data: {class_names: [disc, square, triangle, cross]}
     - class_path: lightning_interp.CalibrationCallback
       init_args:
         n_bins: 10
@@ -128,8 +206,7 @@ trainer:
       init_args:
         methods: [gradient, [grad_cam, {layer: net.4}]]
         num_samples: 8
-        steps: 4
-        baseline: mean
+        metrics: {deletion: {steps: 4, baseline: mean}, robustness: {radius: 0.05}}
 """
 
 
@@ -155,10 +232,24 @@ def test_a_yaml_config_builds_the_uncertainty_calibration_and_bias_callbacks(tmp
     assert (
         bias.method == "grad_cam" and bias.method_options == {"grad_cam": {"layer": "net.4"}} and bias.num_samples == 64
     )
-    assert quality.keys == ["gradient", "grad_cam@net.4"] and quality.baseline == "mean" and quality.steps == 4
+    assert quality.keys == ["gradient", "grad_cam@net.4"] and quality.metric_options == {
+        "deletion": {"steps": 4, "baseline": "mean"},
+        "robustness": {"radius": 0.05, "samples": 4},
+    }
 
 
-FREE_TEXT = {"name", "cmap", "filename", "title", "input_layer", "layer", "layers", "reference_layers", "methods", "targets"}  # names, not enumerations
+FREE_TEXT = {
+    "name",
+    "cmap",
+    "filename",
+    "title",
+    "input_layer",
+    "layer",
+    "layers",
+    "reference_layers",
+    "methods",
+    "targets",
+}  # names, not enumerations
 
 
 def test_enumerated_string_options_are_literals_the_code_accepts():
@@ -170,8 +261,8 @@ def test_enumerated_string_options_are_literals_the_code_accepts():
 
     import lightning_interp
     from lightning_interp.methods import HEAD_FUSIONS, PROBE_SOLVERS, REMOVAL_BASELINES, TASKS
-    from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS
     from lightning_interp.methods.feature_visualization import PARAMETERIZATIONS
+    from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS
     from lightning_interp.methods.similarity import RDM_METRICS, RSA_METHODS
 
     accepted = {  # the tables the argument checks read: each Literal must list exactly these
@@ -206,4 +297,4 @@ def test_enumerated_string_options_are_literals_the_code_accepts():
                 if parameter.name in accepted:
                     assert tuple(values) == tuple(accepted[parameter.name]), (klass.__name__, parameter.name)
                 seen.add(parameter.name)
-    assert {"channel_reduction", "solver", "baseline", "task", "mode", "output_kind", "query"} <= seen
+    assert {"channel_reduction", "solver", "task", "mode", "output_kind", "query"} <= seen

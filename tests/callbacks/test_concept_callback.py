@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_interp.callbacks.concept import ConceptCallback
+from lightning_interp import Display
+from lightning_interp.callbacks.concept import CAVOptions, ConceptCallback, TCAVTest
 from lightning_interp.synthetic import make_shapes
 from tests.conftest import (
     assert_training_identical,
@@ -54,9 +55,9 @@ def _callback(**overrides) -> ConceptCallback:
         },
         "layers": [LAYER],
         "num_samples": 32,
-        "n_random": 3,
-        "min_cav_accuracy": 0.0,  # a barely trained network: score every concept, so every tag appears
-        "background_drawing": False,
+        "test": TCAVTest(n_random=3),
+        "cav": CAVOptions(min_accuracy=0.0),  # a barely trained network: score every concept, so every tag appears
+        "display": Display(background_drawing=False),
     }
     options.update(overrides)
     return ConceptCallback(**options)
@@ -97,7 +98,7 @@ def test_scalars_and_figure_logged_at_each_validation_with_tensor_dataset_and_lo
 
 def test_a_concept_no_better_than_chance_logs_only_its_accuracy_and_warns(tmp_path):
     mixed = make_shapes(12, image_size=16, seed=21)[0]  # like the random examples: the CAV cannot be perfect
-    callback = _callback(min_cav_accuracy=1.0, concepts={"disc": mixed})
+    callback = _callback(cav=CAVOptions(min_accuracy=1.0), concepts={"disc": mixed})
     trainer = quiet_trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path), name="run"), callbacks=[callback])
     with pytest.warns(UserWarning, match="no better than chance"):
         trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
@@ -163,8 +164,14 @@ def test_concept_examples_and_random_sets_survive_a_checkpoint_resume(tmp_path):
         pytest.param({"concepts": {"disc": torch.rand(12, 3, 8, 8)}}, r"shape \(3, 8, 8\)", id="concept-shape"),
         pytest.param({"random_examples": torch.rand(12, 1, 16, 16)}, "random_examples", id="random-shape"),
         pytest.param({"targets": [1, 9]}, r"target\(s\) \[9\] out of range", id="target-out-of-range"),
-        pytest.param({"n_random": 4}, r"8 disjoint random sets .* holds 32: it needs 40", id="pool-too-small"),
-        pytest.param({"random_set_size": 6}, r"of 6 examples .* holds 32: it needs 36", id="sets-too-large"),
+        pytest.param(
+            {"test": TCAVTest(n_random=4)}, r"8 disjoint random sets .* holds 32: it needs 40", id="pool-too-small"
+        ),
+        pytest.param(
+            {"test": TCAVTest(n_random=3, random_set_size=6)},
+            r"of 6 examples .* holds 32: it needs 36",
+            id="sets-too-large",
+        ),
         pytest.param(
             {"concepts": {"disc": (255 * _concept_images(0)).to(torch.uint8)}}, "are torch.uint8", id="uint8-concept"
         ),
@@ -189,13 +196,56 @@ def test_bad_inputs_are_refused_before_training(tmp_path, options, message):
         pytest.param({"concepts": {"a/b": torch.rand(4, 3, 16, 16)}}, "without '/'", id="bad-name"),
         pytest.param({"concepts": {"a": [1, 2]}}, "must be an", id="not-examples"),
         pytest.param({"layers": "auto"}, "explicit layer names", id="auto"),
-        pytest.param({"n_random": 1}, "n_random", id="n-random"),
         pytest.param({"targets": [-1]}, "targets", id="negative-target"),
+        pytest.param({"max_examples": 1}, "max_examples must be an int >= 2", id="max-examples"),
+        pytest.param({"test": {"n_random": 3}}, r"test must be a TCAVTest .* test=TCAVTest\(", id="test-a-dict"),
+        pytest.param({"cav": 0.6}, r"cav must be a CAVOptions .* cav=CAVOptions\(", id="cav-a-number"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(options, message):
     with pytest.raises((ValueError, TypeError), match=message):
         _callback(**options)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        pytest.param(lambda: TCAVTest(n_random=1), r"TCAVTest\(n_random=...\) must be an int >= 2", id="n-random"),
+        pytest.param(lambda: TCAVTest(n_random=True), r"n_random=...\) must be an int", id="n-random-bool"),
+        pytest.param(lambda: TCAVTest(random_set_size=4), r"random_set_size=...\) must be None .* int >= 5", id="size"),
+        pytest.param(lambda: TCAVTest(random_set_size=8.0), r"random_set_size", id="size-float"),
+        pytest.param(lambda: TCAVTest(alpha=0.0), r"TCAVTest\(alpha=...\) .* strictly between 0 and 1", id="alpha-0"),
+        pytest.param(lambda: TCAVTest(alpha=1.5), r"alpha", id="alpha-above-1"),
+        pytest.param(lambda: TCAVTest(alpha="0.05"), r"alpha", id="alpha-a-string"),
+        pytest.param(lambda: TCAVTest(equal_var="welch"), r"True \(Student's t-test\) or False", id="equal-var"),
+        pytest.param(lambda: CAVOptions(test_fraction=1.0), r"CAVOptions\(test_fraction=...\)", id="fraction-1"),
+        pytest.param(lambda: CAVOptions(test_fraction=0), r"strictly between 0 and 1", id="fraction-0"),
+        pytest.param(lambda: CAVOptions(l2=-1.0), r"CAVOptions\(l2=...\) .* finite number >= 0", id="l2-negative"),
+        pytest.param(lambda: CAVOptions(l2=float("inf")), r"l2", id="l2-inf"),
+        pytest.param(lambda: CAVOptions(min_accuracy=1.2), r"min_accuracy=...\) .* in \[0, 1\]", id="min-accuracy"),
+        pytest.param(lambda: CAVOptions(min_accuracy=float("nan")), r"min_accuracy", id="min-accuracy-nan"),
+    ],
+)
+def test_the_option_groups_refuse_bad_values_saying_what_to_give(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_the_option_groups_default_to_the_documented_values_and_are_frozen():
+    callback = ConceptCallback({"disc": _concept_images(0)}, layers=[LAYER])
+    assert callback.cav == CAVOptions(test_fraction=1 / 3, l2=1e-2, min_accuracy=0.6)
+    assert callback.test == TCAVTest(n_random=10, random_set_size=None, alpha=0.05, equal_var=True)
+    assert _callback().test.n_random == 3 and _callback().cav.min_accuracy == 0.0
+    with pytest.raises(AttributeError):
+        callback.test.n_random = 2  # type: ignore[misc]
+
+
+def test_the_forward_chunk_is_chosen_for_the_model_and_device(tmp_path):
+    """No batch_size option: the forward passes take forward_chunk_size samples, the gradient pass a quarter."""
+    callback = _callback(concepts={"disc": _concept_images(0)})
+    trainer = quiet_trainer(tmp_path, logger=False, callbacks=[callback], max_epochs=1)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    assert callback._chunk == 256 and callback._gradient_chunk == 64  # tiny_classifier, 16 x 16, on the CPU
 
 
 def test_bf16_autocast_run_logs_finite_scores(tmp_path):
@@ -217,8 +267,8 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
         {"disc": _concept_images(0), "cross": DataLoader(_ImagesOnly(_concept_images(3)), batch_size=4, shuffle=True)},
         layers=["net.features.2", "net.features.5"],  # an in-place ReLU after BatchNorm, and the last conv block
         num_samples=32,
-        n_random=2,
-        min_cav_accuracy=0.0,
+        test=TCAVTest(n_random=2),
+        cav=CAVOptions(min_accuracy=0.0),
     )
     other = train_with(tmp_path / "with", [callback])
     assert callback._runs == 2

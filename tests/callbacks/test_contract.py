@@ -29,7 +29,9 @@ from lightning_interp import (
     AttentionCallback,
     CalibrationCallback,
     ConceptCallback,
+    DataDescription,
     DatasetBiasCallback,
+    Display,
     ExplanationQualityCallback,
     FeatureVisualizationCallback,
     GradCAMCallback,
@@ -39,6 +41,7 @@ from lightning_interp import (
     SaliencyCallback,
     UncertaintyCallback,
 )
+from lightning_interp.callbacks.concept import CAVOptions, TCAVTest
 from lightning_interp.demo import ImageClassifier, TextTransformer
 from lightning_interp.methods import (
     METHODS,
@@ -103,7 +106,9 @@ def _concepts() -> dict[str, torch.Tensor]:
 
 CASES: dict[type[Callback], Case] = {
     SaliencyCallback: Case(
-        lambda methods: SaliencyCallback(methods=methods or {"gradient": None}, num_samples=4, evolution_samples=2),
+        lambda methods: SaliencyCallback(
+            methods=methods or {"gradient": None}, num_samples=4, display=Display(evolution_samples=2)
+        ),
         "methods: {gradient: null, smoothgrad: {n_samples: 2}}\nnum_samples: 4",
         stochastic=IMAGE_STOCHASTIC,
         explains=True,
@@ -127,14 +132,19 @@ CASES: dict[type[Callback], Case] = {
         lambda methods: FeatureVisualizationCallback(
             targets=["net.features.1:2", "class:1"], steps=2, every_n_epochs=1
         ),
-        "targets: ['class:1']\nsteps: 2",
+        "targets: ['class:1']\nsteps: 2\nimage: {parameterization: pixel, octaves: 1}",
     ),
     ConceptCallback: Case(
         lambda methods: ConceptCallback(
-            _concepts(), layers=["net.features.2"], n_random=2, num_samples=32, min_cav_accuracy=0.0
+            _concepts(),
+            layers=["net.features.2"],
+            test=TCAVTest(n_random=2),
+            num_samples=32,
+            cav=CAVOptions(min_accuracy=0.0),
         ),
         "layers: [net.features.2]\nconcepts:\n  noise:\n    class_path: torchvision.datasets.FakeData\n"
-        "    init_args: {size: 8, image_size: [3, 16, 16], transform: {class_path: torchvision.transforms.ToTensor}}",
+        "    init_args: {size: 8, image_size: [3, 16, 16], transform: {class_path: torchvision.transforms.ToTensor}}\n"
+        "test: {n_random: 2}\ncav: {min_accuracy: 0.0}",
     ),
     UncertaintyCallback: Case(
         lambda methods: UncertaintyCallback(passes=2, num_samples=8, methods=methods, explain_samples=2),
@@ -151,14 +161,14 @@ CASES: dict[type[Callback], Case] = {
     ),
     ExplanationQualityCallback: Case(
         lambda methods: ExplanationQualityCallback(
-            methods or {"gradient": None}, num_samples=4, steps=2, metrics=("deletion", "sparseness")
+            methods or {"gradient": None}, num_samples=4, metrics={"deletion": {"steps": 2}, "sparseness": None}
         ),
-        "methods: {gradient: null, grad_cam: {layer: net.features.5}}\nsteps: 4",
+        "methods: {gradient: null, grad_cam: {layer: net.features.5}}\nmetrics: {deletion: {steps: 4}}",
         stochastic=IMAGE_STOCHASTIC,
         explains=True,
     ),
     AttentionCallback: Case(
-        lambda methods: AttentionCallback(num_samples=4, pad_id=PAD_ID),
+        lambda methods: AttentionCallback(num_samples=4, data=DataDescription(pad_id=PAD_ID)),
         "num_samples: 4\npad_id: 0",
         model=_text_model,
         data=_text_data,
@@ -340,7 +350,7 @@ def _explaining_fit(tmp_path, callback: Callback) -> tuple[pl.Trainer, pl.Lightn
 
 def test_saliency_logs_what_the_functional_api_gives(tmp_path):
     methods = {"gradient": None, "smoothgrad": {"n_samples": 3}, "integrated_gradients": {"n_steps": 8}}
-    callback = SaliencyCallback(methods=methods, num_samples=4, seed=7, background_drawing=False)
+    callback = SaliencyCallback(methods=methods, num_samples=4, seed=7, display=Display(background_drawing=False))
     trainer, model = _explaining_fit(tmp_path, callback)
     ours = Explainer(methods, seed=7)(model, callback.probe.inputs)  # an independent explainer, same settings
     for key, maps in ours.maps().items():
@@ -360,8 +370,7 @@ def test_gradcam_logs_what_the_functional_api_gives(tmp_path):
 
 
 def test_quality_scores_the_functional_apis_maps(tmp_path):
-    callback = ExplanationQualityCallback({"smoothgrad": {"n_samples": 3}}, num_samples=4, steps=2,
-                                          metrics=("sparseness",), seed=3)  # fmt: skip
+    callback = ExplanationQualityCallback({"smoothgrad": {"n_samples": 3}}, num_samples=4, metrics="sparseness", seed=3)
     trainer, model = _explaining_fit(tmp_path, callback)
     maps = Explainer({"smoothgrad": {"n_samples": 3}}, seed=3)(model, callback.probe.inputs).maps()["smoothgrad"]
     logged = float(trainer.callback_metrics["interp_quality/smoothgrad/sparseness"])
@@ -381,8 +390,14 @@ def test_bias_measures_the_functional_apis_maps(tmp_path):
 
 
 def test_uncertainty_measures_the_functional_apis_maps(tmp_path):
-    callback = UncertaintyCallback(passes=3, num_samples=4, explain_samples=4, methods="gradient", seed=1,
-                                   background_drawing=False)  # fmt: skip
+    callback = UncertaintyCallback(
+                                   passes=3,
+                                   num_samples=4,
+                                   explain_samples=4,
+                                   methods="gradient",
+                                   seed=1,
+                                   display=Display(background_drawing=False),
+                               )  # fmt: skip
     trainer, model = _explaining_fit(tmp_path, callback)
     inputs = callback.probe.inputs
     maps = mc_dropout_maps(

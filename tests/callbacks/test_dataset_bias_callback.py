@@ -14,14 +14,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, TensorDataset
 from torchmetrics.functional.classification import multiclass_precision, multiclass_recall
 
-from lightning_interp import DatasetBiasCallback
+from lightning_interp import DataDescription, DatasetBiasCallback
 from lightning_interp.methods import border_band, class_balance
 from lightning_interp.synthetic import SyntheticShapes, make_shapes
 from tests.conftest import quiet_trainer, read_events, tiny_classifier, tiny_datamodule
 
 
 def test_class_counts_equal_the_datasets_and_per_class_recall_equals_torchmetrics(tmp_path):
-    callback = DatasetBiasCallback(class_names=["disc", "square", "triangle", "cross"])
+    callback = DatasetBiasCallback(data=DataDescription(class_names=["disc", "square", "triangle", "cross"]))
     logger = TensorBoardLogger(str(tmp_path), name="run")
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger, max_epochs=2)
     model, datamodule = tiny_classifier(), tiny_datamodule()

@@ -8,7 +8,8 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_interp.callbacks.feature_visualization import FeatureVisualizationCallback
+from lightning_interp import DataDescription, Display
+from lightning_interp.callbacks.feature_visualization import VALUE_RANGES, FeatureVisualizationCallback, ImageOptions
 from lightning_interp.methods.feature_visualization import feature_visualization
 from tests.conftest import (
     assert_training_identical,
@@ -57,7 +58,7 @@ def test_classes_by_default_and_dream_mode_under_validate(tmp_path):
 
 def test_the_same_images_every_run_of_an_unchanged_model(tmp_path):
     model = tiny_classifier()
-    callback = _callback(targets=[("class", 1)], background_drawing=False)
+    callback = _callback(targets=[("class", 1)], display=Display(background_drawing=False))
     trainer = quiet_trainer(tmp_path, logger=False, callbacks=[callback])
     datamodule = tiny_datamodule()
     trainer.validate(model, datamodule=datamodule, verbose=False)
@@ -92,14 +93,57 @@ def test_bad_targets_raise_before_training(tmp_path, target, message):
         ({"targets": []}, "targets is empty"),
         ({"targets": ["net.3:1", "net.3:1"]}, "twice"),
         ({"mode": "dreams"}, "mode must be one of"),
-        ({"value_range": "minmax"}, "value_range must be one of"),
         ({"steps": 0}, "steps must be a positive int"),
-        ({"parameterization": "fft"}, "parameterization must be one of"),
     ],
 )
 def test_arguments_checked_at_construction(options, message):
     with pytest.raises(ValueError, match=message):
         FeatureVisualizationCallback(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"value_range": "minmax"}, r"ImageOptions\(value_range=...\) must be one of \('probe', 'probe_std'\)"),
+        ({"parameterization": "fft"}, r"ImageOptions\(parameterization=...\) must be one of \('fourier', 'pixel'\)"),
+        ({"octaves": 0}, r"ImageOptions\(octaves=...\) must be a positive int .* 1 for models"),
+        ({"octaves": 2.0}, r"octaves=...\) must be a positive int"),
+        ({"octave_scale": 0.5}, r"ImageOptions\(octave_scale=...\) .* finite number >= 1"),
+        ({"octave_scale": float("inf")}, r"octave_scale"),
+        ({"decorrelate": "yes"}, r"ImageOptions\(decorrelate=...\) must be True or False"),
+        ({"transforms": 1}, r"ImageOptions\(transforms=...\) must be True or False"),
+        ({"value_range": (0.0, 1.0, 2.0)}, r"a \(low, high\) pair, each .* e\.g\. \(0\.0, 1\.0\)"),
+    ],
+)
+def test_image_options_checked_at_construction_saying_what_to_give(options, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        ImageOptions(**options)
+
+
+def test_image_options_defaults_and_yaml_lists_become_tuples():
+    callback = FeatureVisualizationCallback(targets="net.3:1")
+    assert callback.image == ImageOptions(
+        parameterization="fourier", decorrelate=True, value_range="probe", transforms=True, octaves=3, octave_scale=1.4
+    )
+    options = ImageOptions(value_range=[0.0, [1.0, 1.0, 1.0]])  # as jsonargparse gives a YAML list
+    assert options.value_range == (0.0, (1.0, 1.0, 1.0))
+    assert hash(options) == hash(ImageOptions(value_range=(0.0, (1.0, 1.0, 1.0))))
+    with pytest.raises(AttributeError):
+        options.octaves = 1  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"image must be an ImageOptions .* image=ImageOptions\("):
+        FeatureVisualizationCallback(image={"octaves": 1})
+
+
+def test_image_option_literals_list_what_the_checks_accept():
+    """LightningCLI checks a Literal before training: each must list exactly the values the code accepts."""
+    import typing
+
+    from lightning_interp.methods.feature_visualization import PARAMETERIZATIONS
+
+    hints = typing.get_type_hints(ImageOptions)
+    assert typing.get_args(hints["parameterization"]) == PARAMETERIZATIONS
+    (literal,) = [part for part in typing.get_args(hints["value_range"]) if typing.get_origin(part) is typing.Literal]
+    assert typing.get_args(literal) == VALUE_RANGES
 
 
 def test_defaults_and_state():
@@ -134,7 +178,11 @@ def test_bf16_mixed_precision(tmp_path):
 
 def test_evolution_strip_at_fit_end_shows_each_target_over_the_runs_and_is_bounded(tmp_path):
     def fit(columns: int, epochs: int, directory: str) -> tuple[FeatureVisualizationCallback, object]:
-        callback = _callback(targets=["class:0", "class:2"], evolution_columns=columns, class_names=list("abcd"))
+        callback = _callback(
+            targets=["class:0", "class:2"],
+            data=DataDescription(class_names=list("abcd")),
+            display=Display(evolution_columns=columns),
+        )
         logger = TensorBoardLogger(str(tmp_path), name=directory)
         trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger, max_epochs=epochs)
         trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
@@ -169,7 +217,7 @@ def test_evolution_strip_at_fit_end_shows_each_target_over_the_runs_and_is_bound
 )
 def test_explicit_value_ranges_are_checked_with_a_clear_message(tmp_path, value_range, message):
     def fit() -> None:
-        callback = _callback(targets=["class:0"], value_range=value_range)
+        callback = _callback(targets=["class:0"], image=ImageOptions(value_range=value_range))
         trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
         trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_interp import GradCAMCallback, ProbeSet, SaliencyCallback
+from lightning_interp import Display, GradCAMCallback, ProbeSet, SaliencyCallback
 from lightning_interp.callbacks._maps import grid_parts
 from tests.conftest import quiet_trainer, read_image_bytes, tiny_classifier, tiny_datamodule
 
@@ -40,7 +40,7 @@ def test_grid_parts_cover_every_row_once_in_order():
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True, "2"])
 def test_rows_per_image_is_checked_at_construction(bad):
     with pytest.raises(ValueError, match="rows_per_image"):
-        SaliencyCallback(rows_per_image=bad)
+        SaliencyCallback(display=Display(rows_per_image=bad))
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -68,9 +68,12 @@ def test_split_grids_in_a_real_fit_hold_each_row_once_in_order_and_fit_a_card(tm
     """Each part shows its own probe rows, in order, and is small enough for a Time Series card; widths are stable."""
     whole = SaliencyCallback(name="whole", methods=("gradient", "input_x_gradient"), probe=_colour_probe())
     split = SaliencyCallback(
-        name="split", methods=("gradient", "input_x_gradient"), probe=_colour_probe(), rows_per_image=2
+        name="split",
+        methods=("gradient", "input_x_gradient"),
+        probe=_colour_probe(),
+        display=Display(rows_per_image=2),
     )
-    cam = GradCAMCallback(num_samples=6, rows_per_image=4)
+    cam = GradCAMCallback(num_samples=6, display=Display(rows_per_image=4))
     trainer = quiet_trainer(tmp_path, callbacks=[whole, split, cam], max_epochs=2)
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule(seed=3))
     images = read_image_bytes(str(tmp_path))

@@ -10,7 +10,13 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
+from lightning_interp import (
+    Display,
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
 from tests.conftest import quiet_trainer, read_events, tiny_classifier, tiny_datamodule
 
 EPOCHS = 100
@@ -37,7 +43,7 @@ def test_hundred_validation_epochs_leave_no_hooks_and_bounded_memory(tmp_path):
     saliency = SaliencyCallback(
         methods=("gradient", ("smoothgrad", {"n_samples": 4}), ("integrated_gradients", {"n_steps": 4})),
         num_samples=4,
-        evolution_columns=10,
+        display=Display(evolution_columns=10),
     )
     gradcam = GradCAMCallback(layer=["net.4", "net.7"], num_samples=4)
     probe = LinearProbeCallback(num_samples=16)  # limit_val_batches=1: one batch of 16 is all it validates on

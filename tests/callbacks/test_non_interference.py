@@ -10,6 +10,7 @@ from lightning_interp import (
     CalibrationCallback,
     ConceptCallback,
     DatasetBiasCallback,
+    Display,
     ExplanationQualityCallback,
     FeatureVisualizationCallback,
     GradCAMCallback,
@@ -18,6 +19,7 @@ from lightning_interp import (
     SaliencyCallback,
     UncertaintyCallback,
 )
+from lightning_interp.callbacks.concept import CAVOptions, TCAVTest
 from lightning_interp.methods import METHODS
 from tests.conftest import BatchNormDropoutNet, assert_training_identical, train_with
 
@@ -42,9 +44,9 @@ def _all_callbacks():
         ConceptCallback(
             {"noise": torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))},
             layers=["net.features.2", "net.features.4"],
-            n_random=2,
+            test=TCAVTest(n_random=2),
             num_samples=32,
-            min_cav_accuracy=0.0,
+            cav=CAVOptions(min_accuracy=0.0),
         ),
         UncertaintyCallback(  # MC dropout: the Dropout layer of the head in train mode, also inside IG's passes
             passes=4, num_samples=16, methods={"integrated_gradients": {"n_steps": 4}}
@@ -54,9 +56,15 @@ def _all_callbacks():
         ExplanationQualityCallback(  # maps of the untrained net at train start; batched deletion / insertion passes
             ["gradient", "smoothgrad", ("grad_cam", {"layer": "net.features.5"})],
             num_samples=8,
-            steps=4,
-            metrics=("deletion", "insertion", "top_drop", "sanity", "sparseness", "robustness"),
-            cascading=2,  # re-initialises layers of a deep copy, under a forked and re-seeded RNG
+            metrics={
+                "deletion": {"steps": 4},
+                "insertion": {"steps": 4},
+                "top_drop": None,
+                "sanity": None,
+                "sparseness": None,
+                "robustness": None,
+                "cascading": {"depth": 2},  # re-initialises layers of a deep copy, under a forked and re-seeded RNG
+            },
         ),
         DatasetBiasCallback(  # and Grad-CAM per true class, through the Dropout / BatchNorm net in eval mode
             methods={"grad_cam": {"layer": "net.features.5"}}, name="bias_cues"
@@ -96,9 +104,11 @@ def test_every_registered_method_in_a_callback_leaves_training_bit_identical(tmp
     saliency = [(name, fast.get(name, {})) for name, spec in METHODS.items() if not spec.needs_layer]
     cams = [(name, fast.get(name, {})) for name, spec in METHODS.items() if spec.needs_layer and name != "cam"]
     callbacks = [
-        SaliencyCallback(methods=saliency, num_samples=2, evolution_samples=0),
-        GradCAMCallback(layer="net.features.5", methods=cams, num_samples=2, evolution_samples=0),
-        GradCAMCallback(layer="net.features.5", methods=["cam"], num_samples=2, name="cam", evolution_samples=0),
+        SaliencyCallback(methods=saliency, num_samples=2, display=Display(evolution_samples=0)),
+        GradCAMCallback(layer="net.features.5", methods=cams, num_samples=2, display=Display(evolution_samples=0)),
+        GradCAMCallback(
+            layer="net.features.5", methods=["cam"], num_samples=2, name="cam", display=Display(evolution_samples=0)
+        ),
     ]
     plain = train_with(tmp_path / "plain", [], max_epochs=1)
     other = train_with(tmp_path / "with", callbacks, max_epochs=1)

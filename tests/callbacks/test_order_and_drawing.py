@@ -18,7 +18,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
+from lightning_interp import (
+    Display,
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
 from lightning_interp._logging import WORKER_THREAD_NAME
 from lightning_interp.callbacks import _base, _context, _maps
 from lightning_interp.demo import ImageClassifier, shapes_cnn
@@ -221,7 +227,7 @@ def test_a_drawing_error_is_raised_on_the_training_thread_with_its_traceback(tmp
 
 def _deterministic_fit(tmp_path, name: str, background: bool):
     torch.manual_seed(0)
-    callbacks = _all_callbacks(background_drawing=background)
+    callbacks = _all_callbacks(display=Display(background_drawing=background))
     trainer = quiet_trainer(
         tmp_path, max_epochs=2, callbacks=callbacks, logger=TensorBoardLogger(str(tmp_path), name=name)
     )

@@ -274,7 +274,12 @@ def test_sparse_multilabel_data_is_read_from_all_its_labels_not_the_few_probe_ro
 def test_explanation_quality_follows_the_output_kind(tmp_path, monkeypatch, kind):
     from lightning_interp import ExplanationQualityCallback
 
-    quality = ExplanationQualityCallback(["gradient", ("grad_cam", {"layer": "net.2"})], num_samples=8, steps=4)
+    quality = ExplanationQualityCallback(
+        ["gradient", ("grad_cam", {"layer": "net.2"})],
+        num_samples=8,
+        metrics={"deletion": {"steps": 4}, "insertion": {"steps": 4}, "top_drop": None, "sanity": None,
+                 "sparseness": None, "localization": None},
+    )  # fmt: skip
     _, _, scalars = _fit(tmp_path, kind, [quality], monkeypatch)
     expected = {"binary": "binary", "multilabel": "multilabel", "regression": "regression"}.get(kind, "multiclass")
     assert quality._output_task == expected  # a binary model: the sigmoid of its side, not a softmax of one logit

@@ -275,10 +275,12 @@ def test_resuming_with_a_new_validation_split_of_the_same_files_is_reported(tmp_
 def test_concept_callback_on_a_stream_waits_for_the_full_probe_before_sizing_its_random_sets(tmp_path):
     """The sanity check sees 4 stream samples, too few for 2 x 2 disjoint random sets of 5; the probe drawn later
     holds 32, which is enough: the fit must not stop at the sanity check."""
-    from lightning_interp import ConceptCallback
+    from lightning_interp import CAVOptions, ConceptCallback, TCAVTest
 
     concept = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-    callback = ConceptCallback({"noise": concept}, layers=["net.4"], n_random=2, num_samples=32, min_cav_accuracy=0)
+    callback = ConceptCallback(
+        {"noise": concept}, layers=["net.4"], test=TCAVTest(n_random=2), cav=CAVOptions(min_accuracy=0), num_samples=32
+    )
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
     trainer.fit(tiny_classifier(), _train_loader(), DataLoader(LabelledStream(), batch_size=2))
     assert callback._runs == 1 and len(callback.probe) == 32

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp import GradCAMCallback, ProbeSet, SaliencyCallback
+from lightning_interp import DataDescription, Display, GradCAMCallback, ProbeSet, SaliencyCallback
 from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
 
 
@@ -24,7 +24,7 @@ from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
         (lambda: SaliencyCallback(methods=("gradient", "anchors")), "anchors"),
         (lambda: SaliencyCallback(methods=()), "method"),
         (lambda: SaliencyCallback(channel_reduction="mean"), "channel_reduction"),
-        (lambda: SaliencyCallback(cmap="no-such-map"), "colormap"),
+        (lambda: SaliencyCallback(display=Display(cmap="no-such-map")), "colormap"),
         (lambda: GradCAMCallback(layer=[]), "layer"),
         (lambda: GradCAMCallback(layer=["auto", "net.4"]), "auto"),
         (lambda: GradCAMCallback(name="a/b"), "name"),
@@ -121,7 +121,9 @@ def test_batch_parser_handles_an_unusual_form(tmp_path):
         def __getitem__(self, index):
             return {"picture": torch.rand(3, 16, 16), "kind": index % 4}
 
-    callback = SaliencyCallback(num_samples=4, batch_parser=lambda b: (b["picture"], b["kind"], None), target="label")
+    callback = SaliencyCallback(
+        num_samples=4, target="label", data=DataDescription(batch_parser=lambda b: (b["picture"], b["kind"], None))
+    )
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
     model = tiny_classifier()
     model.validation_step = lambda batch, batch_idx: None

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp import SaliencyCallback
+from lightning_interp import DataDescription, SaliencyCallback
 from lightning_interp.demo import ImageClassifier
 from lightning_interp.visualize import _feature_figure, _signal_figure
 from tests.conftest import quiet_trainer, read_events
@@ -48,7 +48,7 @@ def test_tabular_grids_are_heat_rows_of_readable_cells_with_the_feature_names(tm
     generator = torch.Generator().manual_seed(0)
     inputs, labels = torch.randn(16, 20, generator=generator), torch.arange(16) % 2
     net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 2))
-    images = _fit(tmp_path, net, inputs, labels, feature_names=FEATURES)
+    images = _fit(tmp_path, net, inputs, labels, data=DataDescription(feature_names=FEATURES))
     height, width = images["interp_saliency/maps"][-1][1]
     # before: 186 x 44 pixels. Now 20 cells of 26 px, and per sample a header, the input row and two map rows
     assert width >= 20 * 26 and height >= 4 * (22 + 3 * 26)
@@ -70,9 +70,15 @@ def test_tabular_grids_are_heat_rows_of_readable_cells_with_the_feature_names(tm
 def test_feature_names_that_do_not_fit_the_inputs_are_refused_before_training(tmp_path):
     net = nn.Sequential(nn.Linear(20, 2))
     with pytest.raises(ValueError, match="feature_names has 3 names"):
-        _fit(tmp_path, net, torch.randn(16, 20), torch.arange(16) % 2, feature_names=["a", "b", "c"])
+        _fit(
+            tmp_path,
+            net,
+            torch.randn(16, 20),
+            torch.arange(16) % 2,
+            data=DataDescription(feature_names=["a", "b", "c"]),
+        )
     with pytest.raises(ValueError, match="list of strings"):
-        SaliencyCallback(feature_names="abc")
+        SaliencyCallback(data=DataDescription(feature_names="abc"))
 
 
 def test_signals_are_drawn_as_lines_with_the_map_as_a_band(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_interp import UncertaintyCallback
+from lightning_interp import DataDescription, Display, UncertaintyCallback
 from lightning_interp.demo import ImageClassifier
 from lightning_interp.probe import ProbeSet
 from tests.conftest import (
@@ -37,7 +37,9 @@ class WideDropoutNet(nn.Module):
 
 
 def test_scalars_per_class_and_the_figure_are_logged_at_each_validation(tmp_path):
-    callback = UncertaintyCallback(num_samples=32, class_names=["disc", "square", "triangle", "cross"])
+    callback = UncertaintyCallback(
+        num_samples=32, data=DataDescription(class_names=["disc", "square", "triangle", "cross"])
+    )
     logger = TensorBoardLogger(str(tmp_path), name="run")
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger)
     pl.seed_everything(0, verbose=False)
@@ -66,7 +68,7 @@ def test_the_numbers_equal_a_hand_computation_from_the_same_dropout_masks(tmp_pa
     model = ImageClassifier(WideDropoutNet(), lr=1e-2)
     inputs = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     probe = ProbeSet(inputs, torch.arange(12) % 4)
-    callback = UncertaintyCallback(passes=8, probe=probe, seed=5, background_drawing=False)
+    callback = UncertaintyCallback(passes=8, probe=probe, seed=5, display=Display(background_drawing=False))
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
     datamodule = tiny_datamodule()
     trainer.validate(model, datamodule=datamodule, verbose=False)
@@ -81,7 +83,7 @@ def test_the_numbers_equal_a_hand_computation_from_the_same_dropout_masks(tmp_pa
 
 
 def test_dropout_with_p_zero_gives_zero_epistemic_uncertainty_and_says_why(tmp_path):
-    callback = UncertaintyCallback(num_samples=16, background_drawing=False)
+    callback = UncertaintyCallback(num_samples=16, display=Display(background_drawing=False))
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
     with pytest.warns(UserWarning, match="every dropout layer has p=0"):
         trainer.fit(ImageClassifier(WideDropoutNet(p=0.0)), datamodule=tiny_datamodule())
@@ -100,7 +102,7 @@ def test_a_model_without_dropout_is_refused_before_training(tmp_path):
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"passes": 1}, "passes must be an int >= 2"), ({"class_names": "abcd"}, "list of strings")],
+    [({"passes": 1}, "passes must be an int >= 2"), ({"explain_samples": 0}, "explain_samples must be a positive int")],
 )
 def test_bad_arguments_are_refused_at_construction(options, message):
     with pytest.raises(ValueError, match=message):
@@ -157,7 +159,9 @@ class EvidentialNet(nn.Module):
 def test_evidential_outputs_give_the_vacuity_of_a_hand_computation_without_dropout(tmp_path):
     inputs = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     labels = torch.arange(12) % 4
-    callback = UncertaintyCallback(output_kind="evidential", probe=ProbeSet(inputs, labels), background_drawing=False)
+    callback = UncertaintyCallback(
+        output_kind="evidential", probe=ProbeSet(inputs, labels), display=Display(background_drawing=False)
+    )
     logger = TensorBoardLogger(str(tmp_path), name="run")
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger, max_epochs=1)
     model = ImageClassifier(EvidentialNet(), lr=1e-2)
