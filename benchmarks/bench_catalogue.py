@@ -82,7 +82,7 @@ from bench_attribution import _images, _keeping, _minmax, _rel, _spread, _time, 
 from torch import Tensor, nn
 
 from lightning_interp.demo import _BasicBlock, cifar_resnet, mnist_cnn
-from lightning_interp.methods.perturbation import PERTURBED_PER_FORWARD
+from lightning_interp.methods.perturbation.ablation import PERTURBED_PER_FORWARD
 from lightning_interp.methods.registry import METHODS, MethodSpec
 
 MIN_REPEATS, MAX_REPEATS, ROUND_BUDGET_S = 5, 25, 2.0  # timed repeats per comparison (full runs)

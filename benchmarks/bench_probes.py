@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_interp.methods import linear_probe_accuracy
-from lightning_interp.methods.probes import stratified_split
+from lightning_interp.methods.representation.linear_probes import stratified_split
 
 L2 = 1e-3
 TEST_FRACTION = 0.5

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp import (
     AttentionCallback,
+    DataDescription,
     LinearProbeCallback,
     RepresentationSimilarityCallback,
     SaliencyCallback,
@@ -61,11 +62,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     pl.seed_everything(args.seed, verbose=False)
     train_loader, val_loader = loaders(args)
     model = ImageClassifier(TextTransformer(len(VOCABULARY), len(TEXT_CLASSES), pad_id=PAD_ID), lr=3e-3)
-    words = {"vocabulary": VOCABULARY, "pad_id": PAD_ID, "class_names": TEXT_CLASSES}
+    words = DataDescription(vocabulary=VOCABULARY, pad_id=PAD_ID, class_names=TEXT_CLASSES)
     callbacks = [
-        AttentionCallback(num_samples=args.num_samples, **words),
+        AttentionCallback(num_samples=args.num_samples, data=words),  # given once: the other callbacks use it too
         SaliencyCallback(
-            methods=("gradient", "integrated_gradients"), input_layer="auto", num_samples=args.num_samples, **words
+            methods=("gradient", "integrated_gradients"), input_layer="auto", num_samples=args.num_samples
         ),
         LinearProbeCallback(layers="auto", num_samples=args.val_size),
         RepresentationSimilarityCallback(layers="auto", num_samples=min(256, args.val_size)),

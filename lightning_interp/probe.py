@@ -20,7 +20,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from lightning_interp.methods.tasks import label_kind
+from lightning_interp.methods.model.tasks import label_kind
 
 __all__ = [
     "BatchParser",

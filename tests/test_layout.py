@@ -53,6 +53,6 @@ def test_drawing_lives_in_visualize():
 
 def test_the_methods_are_grouped_by_family():
     groups = {p.name for p in (PACKAGE / "methods").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    assert {"attribution", "cam", "perturbation", "representation", "evaluation", "model"} <= groups
+    assert {"attribution", "cams", "perturbation", "representation", "evaluation", "model"} <= groups
     loose = sorted(p.name for p in (PACKAGE / "methods").glob("*.py"))
     assert loose == ["__init__.py", "explain.py", "registry.py"], loose

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lightning_interp.methods.gradcam as gradcam_module
+import lightning_interp.methods.cams.gradcam as gradcam_module
 import lightning_interp.methods.registry as registry_module
 from lightning_interp.methods import METHODS
 
@@ -35,16 +35,17 @@ def _method_table(text: str) -> list[tuple[list[str], str]]:
     return rows
 
 
-def _extending_block(text: str) -> str:
-    """The first fenced python block after the ``## Extending`` heading (and before the next ``## `` section)."""
+def _extending_block(text: str, index: int = 0) -> str:
+    """The ``index``-th fenced python block after the ``## Extending`` heading (and before the next ``## ``
+    section)."""
     match = re.search(r"^## Extending\s*$", text, flags=re.MULTILINE)
     assert match is not None, "README.md has no '## Extending' section"
     section = text[match.end() :]
     following = re.search(r"^## ", section, flags=re.MULTILINE)
     section = section[: following.start()] if following else section
-    block = re.search(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
-    assert block is not None, "the '## Extending' section has no ```python block"
-    return block.group(1)
+    blocks = re.findall(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
+    assert len(blocks) > index, f"the '## Extending' section has no python block number {index + 1}"
+    return blocks[index]
 
 
 def test_method_table_is_the_registry():
@@ -117,3 +118,19 @@ def test_the_registry_is_restored_after_the_example():
     names = re.findall(r"^def (\w+)\(", source, flags=re.MULTILINE)
     for name in (names[0], names[1].removesuffix("_weights")):
         assert name not in METHODS and name not in gradcam_module.CAM_VARIANTS
+
+
+def test_the_lrp_example_runs_and_its_rules_do_what_it_says():
+    from lightning_interp.methods import Epsilon, lrp
+
+    namespace: dict[str, object] = {"__name__": "readme_lrp"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        exec(compile(_extending_block(_readme(), 1), f"{README}#lrp", "exec"), namespace)
+    net, x = namespace["net"], namespace["x"]
+    assert namespace["relevance"].shape == x.shape and namespace["halved"].shape == x.shape
+    # the user's rule on the last layer passes down exactly half of what the epsilon rule does (the same
+    # stabiliser), and the composite's z+ / box rules are used below it: the halving carries to the input
+    plain = lrp(net, x, 0, rule={"6": Epsilon(1e-6), torch.nn.Conv2d: namespace["ZPlus"]()})
+    torch.testing.assert_close(namespace["halved"], 0.5 * plain)
+    assert namespace["callback"].method_options["lrp"]["rule"] is namespace["composite"]

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from lightning_interp.callbacks._maps import token_strings
-from lightning_interp.visualize import _token_figure, render_tokens
+from lightning_interp.visualize import render_tokens
+from lightning_interp.visualize.maps import _token_figure
 
 
 def _text_boxes(figure):

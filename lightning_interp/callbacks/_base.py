@@ -24,9 +24,12 @@ from lightning_interp._logging import (
     write_scalar_layout,
 )
 from lightning_interp.callbacks._context import active_context, end_run, join_run
-from lightning_interp.methods._core import ForwardWith
-from lightning_interp.methods.gradcam import find_target_layer
-from lightning_interp.methods.trace import ModelTrace, trace_model
+from lightning_interp.methods import (
+    ForwardWith,
+    ModelTrace,
+    find_target_layer,
+    trace_model,
+)
 from lightning_interp.options import DataDescription, Display
 from lightning_interp.probe import BatchParser, ProbeSet, ValidationScan, parse_batch, scannable
 

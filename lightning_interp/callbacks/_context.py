@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 from lightning_interp._logging import DrawingWorker
-from lightning_interp.methods.trace import ModelTrace
+from lightning_interp.methods import (
+    ModelTrace,
+)
 from lightning_interp.probe import ParsedBatch, ProbeSet, ValidationScan
 
 

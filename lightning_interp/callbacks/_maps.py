@@ -20,10 +20,21 @@ from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, _check_callable, parse_layer_names
-from lightning_interp.methods._core import OutputTransform, scores_from_output
-from lightning_interp.methods.map_metrics import concentration, localization, pointing_game, rank_correlation
-from lightning_interp.methods.registry import METHODS, check_method_options
-from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
+from lightning_interp.methods import (
+    METHODS,
+    TASKS,
+    OutputTransform,
+    TaskOption,
+    check_method_options,
+    class_labels,
+    concentration,
+    infer_task,
+    localization,
+    pointing_game,
+    prediction_and_confidence,
+    rank_correlation,
+    scores_from_output,
+)
 from lightning_interp.options import DataDescription, Display
 from lightning_interp.probe import ProbeSet, labels_of_the_data
 from lightning_interp.visualize import (
@@ -733,7 +744,7 @@ def row_texts(
 ) -> list[str]:
     """The text beside each row of a map grid: sample number, label, prediction with confidence, explained target.
 
-    Per output kind (see :mod:`lightning_interp.methods.tasks`): ``pred`` with the softmax
+    Per output kind (see :mod:`lightning_interp.methods.model.tasks`): ``pred`` with the softmax
     (multiclass) or the sigmoid of the predicted side (binary); the label set and
     ``top`` label with its sigmoid (multi-label); the label value and ``out``, the
     explained output (regression). ``shows`` names the explained class when it is

@@ -13,8 +13,12 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_interp.callbacks._base import InterpCallback
-from lightning_interp.methods._core import OutputTransform, scores_from_output
-from lightning_interp.methods.tasks import class_labels, label_kind
+from lightning_interp.methods import (
+    OutputTransform,
+    class_labels,
+    label_kind,
+    scores_from_output,
+)
 from lightning_interp.options import DataDescription, Display
 from lightning_interp.probe import ProbeSet, parse_batch
 

@@ -11,12 +11,14 @@ from torch import Tensor, nn
 
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, unwrapped
 from lightning_interp.callbacks._context import active_context
-from lightning_interp.methods._core import get_module, module_name, plain_name
-from lightning_interp.methods.features import (
+from lightning_interp.methods import (
     auto_layers,
     capture_features,
     capture_pooled_features,
     forward_chunk_size,
+    get_module,
+    module_name,
+    plain_name,
 )
 from lightning_interp.options import DataDescription, Display
 from lightning_interp.probe import ProbeSet

@@ -15,10 +15,19 @@ from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
-from lightning_interp.methods._core import get_module, module_name, plain_name
-from lightning_interp.methods.activations import activation_maps, most_active_channels
-from lightning_interp.methods.features import auto_layers, evenly_spaced, forward_chunk_size
-from lightning_interp.methods.gradcam import TokenReshape, spatial_layers, token_grids
+from lightning_interp.methods import (
+    TokenReshape,
+    activation_maps,
+    auto_layers,
+    evenly_spaced,
+    forward_chunk_size,
+    get_module,
+    module_name,
+    most_active_channels,
+    plain_name,
+    spatial_layers,
+    token_grids,
+)
 from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import colorize, input_to_rgb, render_grid
 

@@ -13,17 +13,23 @@ from torch import Tensor
 
 from lightning_interp._logging import log_image
 from lightning_interp.callbacks._maps import Explanation, LayerMapCallback, _GridData, is_token_input
-from lightning_interp.methods._core import get_module, module_name, plain_name, resolve_target, scores_from_output
-from lightning_interp.methods.attention import (
+from lightning_interp.methods import (
     HEAD_FUSIONS,
+    MAX_PREFIX_TOKENS,
+    TokenGrid,
     attention_entropy,
     attention_layers,
     attention_rollout,
     capture_attention,
     fuse_heads,
+    get_module,
     is_attention_layer,
+    module_name,
+    plain_name,
+    resolve_target,
+    scores_from_output,
+    token_grids,
 )
-from lightning_interp.methods.gradcam import MAX_PREFIX_TOKENS, TokenGrid, token_grids
 from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
 
@@ -64,7 +70,7 @@ class AttentionCallback(LayerMapCallback):
     of its attention layers inside forward hooks (from each layer's own input
     and projections: also for layers called with ``need_weights=False`` or on
     torch's fused path; the model is not changed, see
-    :mod:`lightning_interp.methods.attention`), and logs under ``interp_<name>/``:
+    :mod:`lightning_interp.methods.representation.attention`), and logs under ``interp_<name>/``:
 
     - ``maps``: one row per probe sample (label, prediction and confidence at
       the left): the input, the attention of each shown layer (mean over heads)

@@ -6,17 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from torch import Tensor
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
-from lightning_interp.methods._core import OutputTransform
-from lightning_interp.methods.uncertainty import expected_calibration_error, fit_temperature, reliability_curve
-from lightning_interp.visualize import _figure_to_array
+from lightning_interp.methods import (
+    OutputTransform,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_curve,
+)
+from lightning_interp.visualize import reliability_image
 
 __all__ = ["CalibrationCallback"]
 
@@ -34,7 +34,7 @@ class CalibrationCallback(ValidationOutputsCallback):
 
     - ``interp_<name>/ece``: expected calibration error (top label,
       ``n_bins`` equal-width bins, through torchmetrics; see
-      :func:`~lightning_interp.methods.uncertainty.expected_calibration_error`);
+      :func:`~lightning_interp.methods.expected_calibration_error`);
     - ``mean_confidence`` and ``accuracy``, and ``overconfidence`` = their
       difference (positive: the model claims more than it achieves);
     - ``temperature``: the one temperature ``T`` that minimises the NLL of
@@ -114,51 +114,3 @@ class CalibrationCallback(ValidationOutputsCallback):
 
         self._submit(trainer, draw)
         return scalars
-
-
-def reliability_image(
-    confidence: Tensor, accuracy: Tensor, counts: Tensor, *, ece: float, title: str = ""
-) -> np.ndarray:
-    """A reliability diagram: accuracy per equal-width confidence bin against the diagonal, the gap to the bin's
-    mean confidence hatched (above a bar: over-confident there; inside it: under-confident), and the
-    share of samples per bin below it. Returns uint8 (H, W, 3).
-
-    Example:
-        >>> conf, acc, counts = torch.tensor([0.3, 0.8]), torch.tensor([0.5, 0.6]), torch.tensor([4, 6])
-        >>> reliability_image(conf, acc, counts, ece=0.2).dtype
-        dtype('uint8')
-    """
-    bins = confidence.numel()
-    edges = np.linspace(0, 1, bins + 1)
-    centres, width = (edges[:-1] + edges[1:]) / 2, 1 / bins
-    filled = counts.numpy() > 0
-    figure = Figure(figsize=(4.2, 4.8), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
-    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(centres[filled], accuracy.numpy()[filled], width, color="C0", edgecolor="white", label="accuracy")
-    gap = confidence.numpy()[filled] - accuracy.numpy()[filled]  # > 0: over-confident in that bin
-    top.bar(
-        centres[filled],
-        gap,
-        width,
-        bottom=accuracy.numpy()[filled],
-        fill=False,
-        hatch="///",
-        edgecolor="C3",
-        linewidth=0.8,
-        label="gap to mean confidence",
-    )
-    top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    top.set_xlim(0, 1)
-    top.set_ylim(0, 1)
-    top.set_ylabel("accuracy", fontsize=8)
-    top.legend(loc="upper left", fontsize=7, frameon=False)
-    top.set_title(f"{title}\nECE {ece:.3f}" if title else f"ECE {ece:.3f}", fontsize=9)
-    share = counts.numpy() / max(int(counts.sum()), 1)
-    bottom.bar(centres, share, width, color="grey", edgecolor="white")
-    bottom.set_xlabel("confidence", fontsize=8)
-    bottom.set_ylabel("share", fontsize=8)
-    for axes in (top, bottom):
-        axes.tick_params(labelsize=7)
-    figure.tight_layout()
-    return _figure_to_array(figure, canvas)

@@ -11,31 +11,32 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
-from lightning_interp.methods._core import get_module, module_name, scores_from_output
-from lightning_interp.methods.concepts import (
+from lightning_interp.methods import (
     TCAVResult,
+    class_labels,
     compute_cav,
     concept_activations,
     disjoint_random_sets,
+    forward_chunk_size,
+    get_module,
+    label_kind,
     layer_gradients,
+    module_name,
+    scores_from_output,
     tcav_from_activations,
 )
-from lightning_interp.methods.features import forward_chunk_size
-from lightning_interp.methods.tasks import class_labels, label_kind
 from lightning_interp.probe import ProbeSet, parse_batch
-from lightning_interp.visualize import _figure_to_array
+from lightning_interp.visualize import TCAVPanel, tcav_bar_image
 
 Examples = Union[Tensor, Dataset, DataLoader]  # noqa: UP007 (runtime alias, Python 3.10)
 """Concept or random examples: an (N, ...) tensor of inputs, a Dataset (items ``x`` or ``(x, ...)``) or a DataLoader."""
+
 
 __all__ = ["CAVOptions", "ConceptCallback", "TCAVTest"]
 
@@ -53,7 +54,7 @@ class CAVOptions:
 
     A CAV is the normal of a logistic-regression boundary between a concept's and
     a random set's layer activations (see
-    :func:`~lightning_interp.methods.concepts.compute_cav`).
+    :func:`~lightning_interp.methods.compute_cav`).
 
     Args:
         test_fraction: share of each side's examples held out to measure the CAV's accuracy.
@@ -180,7 +181,7 @@ class ConceptCallback(InterpCallback):
     A concept is a set of example inputs (say, images of stripes). At each due
     validation epoch, for every concept and layer, the callback trains
     ``test.n_random`` concept activation vectors (CAVs; see
-    :func:`~lightning_interp.methods.concepts.compute_cav`: logistic regression on
+    :func:`~lightning_interp.methods.compute_cav`: logistic regression on
     standardised, flattened layer activations of the concept examples against
     one random set each, the CAV being the boundary's normal in the raw
     activation space) and, for each target class, counts the share of the probe
@@ -224,7 +225,7 @@ class ConceptCallback(InterpCallback):
     the first half, the random-vs-random CAVs pair the second half with the
     first. On random "concepts" this flags about 5% of class tests at p < 0.05
     at the defaults; larger sets or overlapping ones flag more (see
-    :func:`~lightning_interp.methods.concepts.tcav_from_activations`). Concept
+    :func:`~lightning_interp.methods.tcav_from_activations`). Concept
     examples are read once, at construction (at most ``max_examples`` of each),
     kept on the CPU and stored with the random examples and sets in the
     callback's ``state_dict``, so a resumed run scores the same examples (mind
@@ -555,7 +556,7 @@ class ConceptCallback(InterpCallback):
             for concept, r in per_layer.items()
         }
         scalars: dict[str, float] = {}
-        panels: list[_Panel] = []
+        panels: list[TCAVPanel] = []
         epoch = trainer.current_epoch
         for layer in self.layers:
             bars: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None] = {}
@@ -604,86 +605,3 @@ def _same_gradient_within_classes(gradient: Tensor, labels: Tensor) -> bool:
             scale = rows.abs().amax().clamp_min(torch.finfo(rows.dtype).tiny)
             repeated.append((rows - rows[:1]).abs().amax() <= 1e-5 * scale)
     return bool(torch.stack(repeated).all()) if repeated else False
-
-
-_Panel = tuple[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None], tuple[np.ndarray, np.ndarray]]
-"""One layer of the figure: its name, per concept (TCAV means, stds, p-values) or None (no usable CAV), and the
-random CAVs' (means, stds)."""
-
-
-def tcav_bar_image(
-    panels: Sequence[_Panel],
-    concepts: Sequence[str],
-    classes: Sequence[int],
-    *,
-    alpha: float = 0.05,
-    title: str = "",
-    class_names: Sequence[str] | None = None,
-) -> np.ndarray:
-    """Grouped bars of TCAV scores, one panel per layer: classes on the x axis, one bar per concept and one grey
-    bar for the random CAVs; error bars are the std over the runs, ``*`` marks p < alpha, faded bars are not
-    significant, "n/a" a concept without a usable CAV; classes are named from ``class_names`` where it has an entry.
-    Returns uint8 (H, W, 3).
-
-    Example:
-        >>> random = (np.full(2, 0.5), np.full(2, 0.2))
-        >>> panel = ("net.4", {"stripes": (np.array([0.9, 0.2]), np.full(2, 0.05), np.array([0.001, 0.3]))}, random)
-        >>> tcav_bar_image([panel], ["stripes"], [0, 1]).dtype
-        dtype('uint8')
-    """
-    groups = len(classes)
-    bars = len(concepts) + 1
-    panel_width = max(3.2, 0.28 * groups * bars + 1.2)
-    figure = Figure(figsize=(panel_width * len(panels) + 0.4, 3.6), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
-    colours = [f"C{i % 10}" for i in range(len(concepts))]
-    width = 0.8 / bars
-    positions = np.arange(groups)
-
-    def clipped(means: np.ndarray, spread: np.ndarray) -> np.ndarray:  # error bars inside [0, 1]
-        return np.stack([np.minimum(spread, means), np.minimum(spread, 1 - means)])
-
-    for index, (layer, per_concept, (random_mean, random_std)) in enumerate(panels):
-        axes = figure.add_subplot(1, len(panels), index + 1)
-        for slot, concept in enumerate(concepts):
-            where = positions - 0.4 + width * (slot + 0.5)
-            entry = per_concept.get(concept)
-            if entry is None:  # no CAV better than chance at this layer
-                for x in where:
-                    axes.text(x, 0.03, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color=colours[slot])
-                continue
-            means, spread, p_values = entry
-            significant = p_values < alpha
-            errors = clipped(means, spread)
-            for column, (x, mean, star) in enumerate(zip(where, means, significant, strict=True)):
-                axes.bar(
-                    x,
-                    mean,
-                    width,
-                    yerr=errors[:, column : column + 1],
-                    color=colours[slot],
-                    alpha=1.0 if star else 0.35,
-                    capsize=2,
-                    error_kw={"lw": 0.8},
-                )
-                if star:
-                    axes.text(x, mean + errors[1, column] + 0.01, "*", ha="center", va="bottom", fontsize=11)
-        where = positions - 0.4 + width * (bars - 0.5)
-        axes.bar(where, random_mean, width, yerr=clipped(random_mean, random_std), color="#aaaaaa", capsize=2)
-        axes.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
-        ticks = [class_names[k] if class_names and k < len(class_names) else str(k) for k in classes]
-        axes.set_xticks(positions, ticks, fontsize=8)
-        axes.set_xlim(-0.5, groups - 0.5)
-        axes.set_xlabel("class", fontsize=8)
-        axes.set_ylim(0, 1.12)
-        axes.set_title(layer, fontsize=9)
-        axes.tick_params(axis="y", labelsize=7)
-        if index == 0:
-            axes.set_ylabel("TCAV score", fontsize=8)
-    handles = [Patch(color=colour, label=concept) for colour, concept in zip(colours, concepts, strict=True)]
-    handles.append(Patch(color="#aaaaaa", label="random vs random"))
-    figure.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), fontsize=7, frameon=False)
-    if title:
-        figure.suptitle(f"{title}   * p < {alpha:g}; faded: not significant; n/a: CAV at chance", fontsize=9)
-    figure.tight_layout(rect=(0, 0.07, 1, 1))
-    return _figure_to_array(figure, canvas)

@@ -2,40 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_interp._logging import log_image, log_scalars, logging_step
 from lightning_interp.callbacks._base import _first_loader, class_name
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
-from lightning_interp.methods._core import (
-    OutputTransform,
-    eager_forward,
-    get_module,
-    modes_preserved,
-    scores_from_output,
-)
-from lightning_interp.methods.bias import (
+from lightning_interp.methods import (
+    METHODS,
     ClassAttribution,
     ClassBalance,
+    Explainer,
+    MethodsArg,
+    OutputTransform,
     class_attribution,
     class_balance,
+    class_labels,
+    eager_forward,
+    get_module,
+    label_kind,
+    modes_preserved,
+    parse_methods,
     per_class_metrics,
+    scores_from_output,
 )
-from lightning_interp.methods.explain import Explainer, MethodsArg, parse_methods
-from lightning_interp.methods.registry import METHODS
-from lightning_interp.methods.tasks import class_labels, label_kind
 from lightning_interp.probe import ProbeSet, dataset_labels, sampled_indices, scannable
-from lightning_interp.visualize import _figure_to_array
+from lightning_interp.visualize import class_counts_image, class_lift_image, confusion_image
 
 __all__ = ["DatasetBiasCallback"]
 
@@ -398,93 +395,3 @@ def _loader_labels(loader: Any, limit: int | float | None) -> Tensor | None:
 def _labels_of(balance: ClassBalance) -> Tensor:
     """Labels with the same counts as ``balance`` (to recount them over more classes)."""
     return torch.repeat_interleave(torch.arange(balance.counts.numel()), balance.counts)
-
-
-def class_counts_image(counts: dict[str, Tensor], names: Sequence[str]) -> np.ndarray:
-    """Grouped bars of each split's class shares (so a small validation set reads as well as the training set),
-    the counts written on the bars. Returns uint8 (H, W, 3).
-
-    Example:
-        >>> class_counts_image({"train": torch.tensor([5, 1]), "val": torch.tensor([2, 2])}, ["a", "b"]).dtype
-        dtype('uint8')
-    """
-    classes = len(names)
-    figure = Figure(figsize=(max(4.0, 0.6 * classes + 2), 3.2), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    width = 0.8 / max(len(counts), 1)
-    highest = 0.0
-    for slot, (split, values) in enumerate(counts.items()):
-        shares = values.double() / max(int(values.sum()), 1)
-        highest = max(highest, float(shares.max()))
-        positions = np.arange(classes) - 0.4 + width * (slot + 0.5)
-        bars = axes.bar(positions, shares.numpy(), width, label=f"{split} ({int(values.sum())} samples)")
-        if classes <= 20:
-            axes.bar_label(bars, [str(int(v)) for v in values], fontsize=6, padding=1)
-    axes.set_ylim(0, highest * 1.25 + 1e-9)
-    axes.set_xticks(np.arange(classes), list(names), fontsize=7, rotation=45 if classes > 8 else 0)
-    axes.set_ylabel("share of the set", fontsize=8)
-    axes.set_title("class counts", fontsize=9)
-    axes.legend(fontsize=7, frameon=False, loc="upper left", ncols=len(counts))
-    axes.tick_params(axis="y", labelsize=7)
-    figure.tight_layout()
-    return _figure_to_array(figure, canvas)
-
-
-def confusion_image(confusion: Tensor, names: Sequence[str], *, title: str = "") -> np.ndarray:
-    """The confusion matrix with each row normalised to its true class (the diagonal is the recall), counts in the
-    cells. Returns uint8 (H, W, 3).
-
-    Example:
-        >>> confusion_image(torch.tensor([[3, 1], [0, 4]]), ["a", "b"]).dtype
-        dtype('uint8')
-    """
-    counts = confusion.double()
-    rows = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    classes = len(names)
-    side = max(3.2, 0.45 * classes + 1.6)
-    figure = Figure(figsize=(side + 0.6, side), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    shown = axes.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if classes <= 20:
-        for i in range(classes):
-            for j in range(classes):
-                colour = "white" if rows[i, j] > 0.6 else "black"
-                axes.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7, color=colour)
-    axes.set_xticks(range(classes), list(names), fontsize=7, rotation=45 if classes > 8 else 0)
-    axes.set_yticks(range(classes), list(names), fontsize=7)
-    axes.set_xlabel("predicted", fontsize=8)
-    axes.set_ylabel("true", fontsize=8)
-    if title:
-        axes.set_title(title, fontsize=9)
-    figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
-    figure.tight_layout()
-    return _figure_to_array(figure, canvas)
-
-
-def class_lift_image(lifts: Tensor, names: Sequence[str], measure: str, *, title: str = "") -> np.ndarray:
-    """Horizontal bars of each class's lift (its maps' share on the object, or on the border, over a uniform
-    map's), with the uniform map's 1 marked. Returns uint8 (H, W, 3).
-
-    Example:
-        >>> class_lift_image(torch.tensor([2.0, 1.0]), ["a", "b"], "localization").dtype
-        dtype('uint8')
-    """
-    classes = len(names)
-    figure = Figure(figsize=(5.0, max(2.4, 0.32 * classes + 1.4)), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    values = torch.nan_to_num(lifts.double(), nan=0.0).numpy()
-    positions = np.arange(classes)[::-1]
-    axes.barh(positions, values, color="tab:blue")
-    axes.axvline(1.0, color="black", linewidth=1, linestyle="--", label="uniform map")
-    axes.set_yticks(positions, list(names), fontsize=7)
-    what = "mass on the object" if measure == "localization" else "mass on the image border"
-    axes.set_xlabel(f"{what} / a uniform map's", fontsize=8)
-    axes.tick_params(axis="x", labelsize=7)
-    axes.legend(fontsize=7, frameon=False, loc="lower right")
-    if title:
-        axes.set_title(title, fontsize=9)
-    figure.tight_layout()
-    return _figure_to_array(figure, canvas)

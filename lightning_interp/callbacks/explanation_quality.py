@@ -10,49 +10,49 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback
 from lightning_interp.callbacks._maps import _nanmean
-from lightning_interp.methods._core import (
+from lightning_interp.methods import (
+    CHANNEL_REDUCTIONS,
+    METHODS,
+    REMOVAL_BASELINES,
+    TASKS,
+    Explainer,
+    MethodsArg,
     OutputTransform,
+    TaskOption,
+    cascading_randomization,
+    class_labels,
+    curve_auc,
     eager_forward,
     get_module,
-    modes_preserved,
-    plain_name,
-    scores_from_output,
-)
-from lightning_interp.methods.explain import Explainer, MethodsArg, parse_methods
-from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS, localization
-from lightning_interp.methods.quality import (
-    REMOVAL_BASELINES,
-    cascading_randomization,
-    curve_auc,
+    infer_task,
+    localization,
     max_sensitivity,
+    modes_preserved,
+    parse_methods,
     perturbation_curve,
+    plain_name,
+    prediction_and_confidence,
     sanity_similarity,
+    scores_from_output,
     sparseness,
     top_fraction_drop,
 )
-from lightning_interp.methods.registry import METHODS
-from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, infer_task, prediction_and_confidence
 from lightning_interp.options import DataDescription, Display
 from lightning_interp.probe import ProbeSet
-from lightning_interp.visualize import _figure_to_array
+from lightning_interp.visualize import comparison_image
 
 __all__ = [
     "DEFAULT_METRICS",
     "QUALITY_METRICS",
     "ExplanationQualityCallback",
     "MetricsArg",
-    "comparison_image",
-    "rank_methods",
 ]
 
 QualityMetric = Literal[
@@ -103,17 +103,6 @@ RANDOM_KEY = "random"
 DEFAULT_METHODS = ("gradient", "integrated_gradients", "guided_backprop", "grad_cam")
 """Two gradient methods, one modified-backward method (which Adebayo et al. found insensitive to the weights) and
 Grad-CAM at the automatic layer."""
-
-# metric tag -> (column title, whether higher is better, or None: shown, not ranked)
-_COLUMNS: dict[str, tuple[str, bool | None]] = {
-    "deletion_auc": ("deletion AUC ↓", False),
-    "insertion_auc": ("insertion AUC ↑", True),
-    "top_drop_gain": ("top vs random\ndrop ↑", True),
-    "localization": ("localization ↑", True),
-    "sanity_rank_correlation": ("similarity to the\nuntrained net's ↓", False),
-    "sparseness": ("sparseness", None),
-    "max_sensitivity": ("max-sensitivity ↓", False),
-}
 
 
 class ExplanationQualityCallback(InterpCallback):
@@ -587,84 +576,6 @@ def _key(method: str, options: dict[str, Any]) -> str:
     return f"{method}@{layer}" if isinstance(layer, str) else method
 
 
-def rank_methods(table: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Each method's mean rank (1 = best) over the ranked metrics it has a number for; NaN without any.
-
-    Example:
-        >>> rank_methods({"a": {"deletion_auc": 0.1, "insertion_auc": 0.9}, "b": {"deletion_auc": 0.3,
-        ...               "insertion_auc": 0.8}})
-        {'a': 1.0, 'b': 2.0}
-    """
-    ranks: dict[str, list[float]] = {key: [] for key in table}
-    for metric, (_, higher) in _COLUMNS.items():
-        if higher is None:
-            continue
-        present = {key: row[metric] for key, row in table.items() if metric in row and not math.isnan(row[metric])}
-        if len(present) < 2:
-            continue
-        ordered = sorted(present, key=lambda key: -present[key] if higher else present[key])
-        for position, key in enumerate(ordered, start=1):
-            ranks[key].append(float(position))
-    return {key: float(np.mean(values)) if values else float("nan") for key, values in ranks.items()}
-
-
-def comparison_image(table: dict[str, dict[str, float]], *, title: str = "") -> np.ndarray:
-    """A table of the methods (rows, best mean rank first) by metric (columns), each cell shaded by the method's rank
-    in that column (green best). Returns uint8 (H, W, 3).
-
-    Example:
-        >>> comparison_image({"a": {"deletion_auc": 0.1}, "b": {"deletion_auc": 0.3}}).dtype
-        dtype('uint8')
-    """
-    overall = rank_methods(table)
-    keys = sorted(table, key=lambda key: (math.isnan(overall[key]), overall[key]))
-    columns = [metric for metric in _COLUMNS if any(metric in row for row in table.values())]
-    cells = [[_format(table[key].get(metric)) for metric in columns] + [_format(overall[key])] for key in keys]
-    colours = []
-    for key in keys:
-        row_colours = []
-        for metric in columns:
-            higher = _COLUMNS[metric][1]
-            row_colours.append(_shade(table, key, metric, higher))
-        row_colours.append("#f2f2f2")
-        colours.append(row_colours)
-    figure = Figure(figsize=(1.25 * (len(columns) + 1) + 1.6, 0.3 * (len(keys) + 2) + 0.5), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_axes((0.13, 0.02, 0.86, 0.98 - 0.45 / figure.get_figheight()))
-    axes.axis("off")
-    shown = axes.table(
-        cellText=cells,
-        cellColours=colours,
-        rowLabels=keys,
-        colLabels=[_COLUMNS[metric][0] for metric in columns] + ["mean rank"],
-        cellLoc="center",
-        bbox=(0.0, 0.0, 1.0, 1.0),
-    )
-    shown.auto_set_font_size(False)
-    shown.set_fontsize(8)
-    if title:
-        figure.suptitle(title, fontsize=9, y=1 - 0.12 / figure.get_figheight())
-    return _figure_to_array(figure, canvas)
-
-
 def _described(table: dict[str, dict[str, float]]) -> str:
     methods = len([key for key in table if key != RANDOM_KEY])
     return f"{methods} method{'s' if methods != 1 else ''}" + (" and random maps" if RANDOM_KEY in table else "")
-
-
-def _format(value: float | None) -> str:
-    if value is None:
-        return "–"
-    return "nan" if math.isnan(value) else f"{value:.3f}"
-
-
-def _shade(table: dict[str, dict[str, float]], key: str, metric: str, higher: bool | None) -> str:
-    value = table[key].get(metric)
-    present = [row[metric] for row in table.values() if metric in row and not math.isnan(row[metric])]
-    if higher is None or value is None or math.isnan(value) or len(present) < 2:
-        return "white"
-    low, high = min(present), max(present)
-    goodness = 0.5 if high == low else (value - low) / (high - low)
-    goodness = goodness if higher else 1 - goodness
-    red, green = 1 - 0.45 * goodness, 0.55 + 0.45 * goodness
-    return f"#{round(255 * red):02x}{round(255 * green):02x}{round(255 * min(red, green)):02x}"

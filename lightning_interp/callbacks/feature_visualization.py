@@ -14,15 +14,18 @@ from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, class_name
-from lightning_interp.methods._core import OutputTransform, get_module, module_name, scores_from_output
-from lightning_interp.methods.feature_visualization import (
+from lightning_interp.methods import (
     PARAMETERIZATIONS,
-    TargetSpec,
+    OutputTransform,
     VisualizationTarget,
-    _range_tensors,
+    VisualizationTargetSpec,
     deep_dream,
     feature_visualization,
+    get_module,
+    module_name,
     parse_visualization_target,
+    range_tensors,
+    scores_from_output,
 )
 from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import input_to_rgb, render_grid
@@ -108,12 +111,12 @@ class FeatureVisualizationCallback(InterpCallback):
     """Log what chosen units, channels, layers or classes respond to, as images optimised for them.
 
     ``mode="optimize"`` (default): activation maximisation (Olah et al. 2017, as
-    lucent does it) from noise, by :func:`~lightning_interp.methods.feature_visualization.feature_visualization`:
+    lucent does it) from noise, by :func:`~lightning_interp.methods.feature_visualization`:
     Adam on a decorrelated Fourier image (1/f-scaled spectrum, ImageNet colour
     decorrelation for 3 channels, none for 1), random pad / jitter / scale /
     rotation every step, ``num_images`` images per target from different
     noise. ``mode="dream"``: DeepDream on the first ``num_images`` probe
-    samples, by :func:`~lightning_interp.methods.feature_visualization.deep_dream`
+    samples, by :func:`~lightning_interp.methods.deep_dream`
     (``image.octaves`` sizes; the model must accept smaller inputs, else pass
     ``image=ImageOptions(octaves=1)``). How the image is parameterised, mapped,
     transformed and scaled is set by ``image=ImageOptions(...)``.
@@ -199,7 +202,7 @@ class FeatureVisualizationCallback(InterpCallback):
 
     def __init__(
         self,
-        targets: str | Sequence[TargetSpec] = "classes",
+        targets: str | Sequence[VisualizationTargetSpec] = "classes",
         *,
         mode: Literal["optimize", "dream"] = "optimize",
         steps: int = 128,
@@ -338,7 +341,7 @@ class FeatureVisualizationCallback(InterpCallback):
         channels, shape, value_range = inputs.shape[1], tuple(inputs.shape), self.image.value_range
         if not isinstance(value_range, str):
             try:
-                low, high = _range_tensors(value_range, channels, torch.device("cpu"))  # type: ignore[arg-type]
+                low, high = range_tensors(value_range, channels, torch.device("cpu"))  # type: ignore[arg-type]
             except ValueError as error:
                 raise ValueError(f"FeatureVisualizationCallback: {error} (the probe inputs' shape: {shape}).") from None
             return low.reshape(-1), high.reshape(-1)

@@ -9,16 +9,21 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_interp.callbacks._maps import Explanation, LayerMapCallback
-from lightning_interp.methods._core import get_module, module_name, plain_name
-from lightning_interp.methods.explain import MANAGED_OPTIONS, Explainer, MethodsArg, parse_methods
-from lightning_interp.methods.gradcam import (
+from lightning_interp.methods import (
+    MANAGED_OPTIONS,
+    METHODS,
+    Explainer,
+    MethodsArg,
     TokenReshape,
     find_target_layer,
+    get_module,
     layers_with_patch_gradient,
+    module_name,
+    parse_methods,
+    plain_name,
     spatial_layers,
     token_grids,
 )
-from lightning_interp.methods.registry import METHODS
 from lightning_interp.probe import ProbeSet
 
 

@@ -13,13 +13,16 @@ from torch import Tensor
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._representation import RepresentationCallback
-from lightning_interp.methods.probes import (
+from lightning_interp.methods import (
     PROBE_SOLVERS,
+    TASKS,
+    TaskOption,
+    class_labels,
+    label_kind,
     linear_probe_accuracy,
     linear_probe_r2,
     multilabel_probe_accuracy,
 )
-from lightning_interp.methods.tasks import TASKS, TaskOption, class_labels, label_kind
 from lightning_interp.probe import ProbeSet, labels_of_the_data
 from lightning_interp.visualize import line_image
 

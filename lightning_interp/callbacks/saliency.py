@@ -9,11 +9,19 @@ import torch
 from torch import Tensor
 
 from lightning_interp.callbacks._maps import Explanation, MapCallback, is_token_input
-from lightning_interp.methods._core import get_module, plain_name
-from lightning_interp.methods.embedding import LayerInput, find_input_embedding, layer_output, token_scores
-from lightning_interp.methods.explain import Explainer, MethodsArg, parse_methods
-from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS
-from lightning_interp.methods.registry import METHODS
+from lightning_interp.methods import (
+    CHANNEL_REDUCTIONS,
+    METHODS,
+    Explainer,
+    LayerInput,
+    MethodsArg,
+    find_input_embedding,
+    get_module,
+    layer_output,
+    parse_methods,
+    plain_name,
+    token_scores,
+)
 from lightning_interp.probe import ProbeSet
 
 

@@ -13,17 +13,20 @@ from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._representation import RepresentationCallback
-from lightning_interp.methods._core import get_module
-from lightning_interp.methods.features import auto_layers, capture_features, forward_chunk_size
-from lightning_interp.methods.similarity import (
+from lightning_interp.methods import (
     RDM_METRICS,
     RSA_METHODS,
+    TASKS,
+    TaskOption,
+    auto_layers,
+    capture_features,
+    forward_chunk_size,
+    get_module,
     label_rdm,
     normalized_grams,
     rdm,
     rsa_matrix,
 )
-from lightning_interp.methods.tasks import TASKS, TaskOption
 from lightning_interp.probe import ProbeSet, strata
 from lightning_interp.visualize import colorize, matrix_image, normalize_map, render_grid
 

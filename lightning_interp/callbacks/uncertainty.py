@@ -12,19 +12,25 @@ from torch import Tensor
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, class_name, unwrapped
-from lightning_interp.methods._core import OutputTransform, eager_forward, modes_preserved, scores_from_output
-from lightning_interp.methods.explain import Explainer, MethodsArg, parse_methods
-from lightning_interp.methods.registry import METHODS
-from lightning_interp.methods.tasks import class_labels, label_kind
-from lightning_interp.methods.uncertainty import (
+from lightning_interp.methods import (
     DROPOUT_TYPES,
+    METHODS,
+    Explainer,
+    MethodsArg,
+    OutputTransform,
+    class_labels,
     dirichlet_uncertainty,
+    eager_forward,
     expected_entropy,
+    label_kind,
     map_agreement,
     mc_dropout_maps,
     mc_dropout_predictions,
+    modes_preserved,
     mutual_information,
+    parse_methods,
     predictive_entropy,
+    scores_from_output,
 )
 from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
@@ -41,7 +47,7 @@ class UncertaintyCallback(InterpCallback):
     At each due validation epoch the probe set goes through ``passes``
     stochastic forward passes with only the model's dropout layers active (every
     other module in eval mode, every flag restored; see
-    :func:`~lightning_interp.methods.uncertainty.mc_dropout_predictions`). The
+    :func:`~lightning_interp.methods.mc_dropout_predictions`). The
     dropout masks come from the callback's own generator, seeded with ``seed``
     afresh at every run, so epochs are compared on the same masks and the
     global CPU and CUDA random state is untouched (training stays
@@ -84,7 +90,7 @@ class UncertaintyCallback(InterpCallback):
     methods; the study of "uncertain DeepLIFT / LRP" under MC dropout, for any
     method): for ``explain_samples`` probe samples, each method's map
     of the predicted class under each of the ``passes`` dropout
-    sub-networks (:func:`~lightning_interp.methods.uncertainty.mc_dropout_maps`;
+    sub-networks (:func:`~lightning_interp.methods.mc_dropout_maps`;
     the explained class is the MC-averaged prediction, the one the figures show),
     logged as ``<method>/maps`` (input, mean map, per-pixel standard deviation
     over the passes), ``<method>/map_agreement`` (mean Spearman correlation

@@ -4,107 +4,32 @@ Attribution methods share one signature, ``fn(model, inputs, target, **options)`
 where ``target`` is a class index, a LongTensor of shape (B,) or None for the
 predicted class (CAM methods add ``layer``). Every one is declared once in
 :mod:`lightning_interp.methods.registry`: ``attribute(name, model, inputs,
-target, **options)`` calls any of them and ``available_methods()`` lists them.
+target, **options)`` calls any of them and ``available_methods()`` lists them;
+:class:`~lightning_interp.methods.explain.Explainer` runs several the way the callbacks do.
+
+The families live in subpackages; everything public is re-exported here, so
+``from lightning_interp.methods import ...`` is all a user (or a callback) needs:
+
+- ``attribution``: gradient (gradient, input × gradient, SmoothGrad, integrated gradients, GradientSHAP) and
+  modified-backward methods (guided backprop, deconvnet, LRP with its rules and composites, DeepLIFT);
+- ``perturbation``: occlusion, LIME, KernelSHAP;
+- ``cams``: Grad-CAM and its variants (one weights function each), Score-CAM, CAM;
+- ``representation``: features, CKA and RSA, linear probes, TCAV, activation maps, attention, feature visualisation;
+- ``evaluation``: map scores, explanation quality, dataset bias, uncertainty and calibration;
+- ``model``: module lookup and modes, the shared forward and backward, output kinds, tracing, token layouts, layer
+  lookup, embeddings.
 """
 
-from lightning_interp.methods._core import (
-    ForwardWith,
-    PassResult,
-    attribution_pass,
-    dropout_active,
-    get_module,
-    modes_preserved,
-    module_name,
-)
-from lightning_interp.methods.activations import (
-    ActivationStatistics,
-    activation_maps,
-    activation_statistics,
-    most_active_channels,
-)
-from lightning_interp.methods.attention import (
-    HEAD_FUSIONS,
-    attention_entropy,
-    attention_layers,
-    attention_rollout,
-    capture_attention,
-    fuse_heads,
-    is_attention_layer,
-    layer_attention,
-)
-from lightning_interp.methods.attribution import (
+from lightning_interp.methods.attribution.deeplift import deeplift
+from lightning_interp.methods.attribution.gradient import (
     gradient,
+    gradient_shap,
     input_x_gradient,
     integrated_gradients,
     integration_points,
     smoothgrad,
 )
-from lightning_interp.methods.bias import (
-    ClassAttribution,
-    ClassBalance,
-    PerClassMetrics,
-    border_band,
-    border_share,
-    class_attribution,
-    class_balance,
-    per_class_metrics,
-)
-from lightning_interp.methods.concepts import (
-    CAV,
-    TCAVResult,
-    compute_cav,
-    concept_activations,
-    directional_derivatives,
-    disjoint_random_sets,
-    layer_gradients,
-    tcav_from_activations,
-    tcav_scores,
-    ttest_pvalue,
-)
-from lightning_interp.methods.deeplift import deeplift
-from lightning_interp.methods.embedding import LayerInput, find_input_embedding, layer_output, token_scores
-from lightning_interp.methods.explain import Attributions, Explainer, MethodsArg, parse_methods
-from lightning_interp.methods.feature_visualization import (
-    DeepDreamResult,
-    FeatureVisualizationResult,
-    VisualizationTarget,
-    deep_dream,
-    feature_visualization,
-    fourier_image,
-    parse_visualization_target,
-    pixel_image,
-    random_transforms,
-    target_objective,
-    to_valid_rgb,
-)
-from lightning_interp.methods.features import (
-    auto_layers,
-    capture_features,
-    capture_pooled_features,
-    forward_chunk_size,
-    pool_features,
-)
-from lightning_interp.methods.gradcam import (
-    CAM_VARIANTS,
-    GRADIENT_CAMS,
-    CamVariant,
-    TokenGrid,
-    cam,
-    cam_from_activation,
-    eigen_cam,
-    find_target_layer,
-    grad_cam,
-    grad_cam_plus_plus,
-    hires_cam,
-    layer_cam,
-    layers_with_patch_gradient,
-    register_cam,
-    score_cam,
-    spatial_layers,
-    token_grids,
-    xgrad_cam,
-)
-from lightning_interp.methods.lrp import (
+from lightning_interp.methods.attribution.lrp import (
     LRP_COMPOSITES,
     LRP_RULES,
     AlphaBeta,
@@ -121,62 +46,55 @@ from lightning_interp.methods.lrp import (
     lrp,
     lrp_rules,
 )
-from lightning_interp.methods.map_metrics import (
+from lightning_interp.methods.attribution.modified import RELU_RULES, deconvnet, guided_backprop, relu_rule
+from lightning_interp.methods.cams.gradcam import (
+    CAM_VARIANTS,
+    GRADIENT_CAMS,
+    CamVariant,
+    cam,
+    cam_from_activation,
+    eigen_cam,
+    grad_cam,
+    grad_cam_plus_plus,
+    hires_cam,
+    layer_cam,
+    register_cam,
+    score_cam,
+    xgrad_cam,
+)
+from lightning_interp.methods.evaluation.bias import (
+    ClassAttribution,
+    ClassBalance,
+    PerClassMetrics,
+    border_band,
+    border_share,
+    class_attribution,
+    class_balance,
+    per_class_metrics,
+)
+from lightning_interp.methods.evaluation.map_metrics import (
+    CHANNEL_REDUCTIONS,
     attribution_to_map,
     concentration,
     localization,
     pointing_game,
     rank_correlation,
 )
-from lightning_interp.methods.modified import RELU_RULES, deconvnet, guided_backprop, relu_rule
-from lightning_interp.methods.perturbation import gradient_shap, kernel_shap, lime, occlusion, patch_feature_mask
-from lightning_interp.methods.probes import (
-    PROBE_SOLVERS,
-    ProbeResult,
-    RegressionProbeResult,
-    linear_probe_accuracy,
-    linear_probe_r2,
-    multilabel_probe_accuracy,
-    stratified_split,
-)
-from lightning_interp.methods.quality import (
+from lightning_interp.methods.evaluation.quality import (
+    QUALITY_COLUMNS,
     REMOVAL_BASELINES,
     cascading_randomization,
     curve_auc,
     max_sensitivity,
     perturbation_curve,
+    rank_methods,
     removal_baseline,
     sanity_similarity,
     sparseness,
     target_probability,
     top_fraction_drop,
 )
-from lightning_interp.methods.registry import (
-    FAMILIES,
-    METHODS,
-    MethodSpec,
-    attribute,
-    available_methods,
-    check_method_options,
-    method_spec,
-    register_method,
-)
-from lightning_interp.methods.similarity import (
-    MinibatchCKA,
-    center_gram,
-    cka_matrix,
-    gram_dtype_for,
-    label_rdm,
-    linear_cka,
-    normalized_grams,
-    rbf_cka,
-    rdm,
-    rsa,
-    rsa_matrix,
-)
-from lightning_interp.methods.tasks import TASKS, infer_task, label_kind, prediction_and_confidence, target_scores
-from lightning_interp.methods.trace import ModelTrace, trace_model
-from lightning_interp.methods.uncertainty import (
+from lightning_interp.methods.evaluation.uncertainty import (
     DROPOUT_TYPES,
     dirichlet_uncertainty,
     expected_calibration_error,
@@ -189,6 +107,132 @@ from lightning_interp.methods.uncertainty import (
     predictive_entropy,
     reliability_curve,
 )
+from lightning_interp.methods.explain import (
+    MANAGED_OPTIONS,
+    Attributions,
+    Explainer,
+    MethodsArg,
+    parse_methods,
+)
+from lightning_interp.methods.model.core import (
+    ForwardWith,
+    OutputTransform,
+    PassResult,
+    attribution_pass,
+    dropout_active,
+    eager_forward,
+    get_module,
+    modes_preserved,
+    module_name,
+    plain_name,
+    resolve_target,
+    scores_from_output,
+)
+from lightning_interp.methods.model.embedding import LayerInput, find_input_embedding, layer_output, token_scores
+from lightning_interp.methods.model.layers import find_target_layer, layers_with_patch_gradient, spatial_layers
+from lightning_interp.methods.model.tasks import (
+    TASKS,
+    TaskOption,
+    class_labels,
+    infer_task,
+    label_kind,
+    prediction_and_confidence,
+    target_scores,
+)
+from lightning_interp.methods.model.tokens import (
+    MAX_PREFIX_TOKENS,
+    TokenGrid,
+    TokenReshape,
+    token_grids,
+)
+from lightning_interp.methods.model.trace import ModelTrace, trace_model
+from lightning_interp.methods.perturbation.ablation import kernel_shap, lime, occlusion, patch_feature_mask
+from lightning_interp.methods.registry import (
+    FAMILIES,
+    METHODS,
+    MethodSpec,
+    attribute,
+    available_methods,
+    check_method_options,
+    method_spec,
+    register_method,
+)
+from lightning_interp.methods.representation.activations import (
+    ActivationStatistics,
+    activation_maps,
+    activation_statistics,
+    most_active_channels,
+)
+from lightning_interp.methods.representation.attention import (
+    HEAD_FUSIONS,
+    attention_entropy,
+    attention_layers,
+    attention_rollout,
+    capture_attention,
+    fuse_heads,
+    is_attention_layer,
+    layer_attention,
+)
+from lightning_interp.methods.representation.concepts import (
+    CAV,
+    TCAVResult,
+    compute_cav,
+    concept_activations,
+    directional_derivatives,
+    disjoint_random_sets,
+    layer_gradients,
+    tcav_from_activations,
+    tcav_scores,
+    ttest_pvalue,
+)
+from lightning_interp.methods.representation.feature_visualization import (
+    PARAMETERIZATIONS,
+    DeepDreamResult,
+    FeatureVisualizationResult,
+    VisualizationTarget,
+    VisualizationTargetSpec,
+    deep_dream,
+    feature_visualization,
+    fourier_image,
+    parse_visualization_target,
+    pixel_image,
+    random_transforms,
+    range_tensors,
+    target_objective,
+    to_valid_rgb,
+)
+from lightning_interp.methods.representation.features import (
+    auto_layers,
+    capture_features,
+    capture_pooled_features,
+    evenly_spaced,
+    forward_chunk_size,
+    pool_features,
+)
+from lightning_interp.methods.representation.linear_probes import (
+    PROBE_SOLVERS,
+    ProbeResult,
+    RegressionProbeResult,
+    linear_probe_accuracy,
+    linear_probe_r2,
+    multilabel_probe_accuracy,
+    stratified_split,
+)
+from lightning_interp.methods.representation.similarity import (
+    RDM_METRICS,
+    RSA_METHODS,
+    MinibatchCKA,
+    center_gram,
+    cka_matrix,
+    gram_dtype_for,
+    label_rdm,
+    linear_cka,
+    normalized_grams,
+    rbf_cka,
+    rdm,
+    rsa,
+    rsa_matrix,
+)
 
 ATTRIBUTION_METHODS = {name: METHODS[name].function for name in available_methods() if not METHODS[name].needs_layer}
 """The input-attribution methods by name (from the registry); all share ``fn(model, inputs, target, **options)``."""
@@ -197,16 +241,23 @@ __all__ = [
     "ATTRIBUTION_METHODS",
     "CAM_VARIANTS",
     "CAV",
+    "CHANNEL_REDUCTIONS",
     "DROPOUT_TYPES",
     "FAMILIES",
     "GRADIENT_CAMS",
     "HEAD_FUSIONS",
     "LRP_COMPOSITES",
     "LRP_RULES",
+    "MANAGED_OPTIONS",
+    "MAX_PREFIX_TOKENS",
     "METHODS",
+    "PARAMETERIZATIONS",
     "PROBE_SOLVERS",
+    "QUALITY_COLUMNS",
+    "RDM_METRICS",
     "RELU_RULES",
     "REMOVAL_BASELINES",
+    "RSA_METHODS",
     "TASKS",
     "ActivationStatistics",
     "AlphaBeta",
@@ -230,13 +281,17 @@ __all__ = [
     "MethodsArg",
     "MinibatchCKA",
     "ModelTrace",
+    "OutputTransform",
     "PassResult",
     "PerClassMetrics",
     "ProbeResult",
     "RegressionProbeResult",
     "TCAVResult",
+    "TaskOption",
     "TokenGrid",
+    "TokenReshape",
     "VisualizationTarget",
+    "VisualizationTargetSpec",
     "WSquare",
     "ZBox",
     "ZPlus",
@@ -263,6 +318,7 @@ __all__ = [
     "cka_matrix",
     "class_attribution",
     "class_balance",
+    "class_labels",
     "compute_cav",
     "concentration",
     "concept_activations",
@@ -274,7 +330,9 @@ __all__ = [
     "dirichlet_uncertainty",
     "disjoint_random_sets",
     "dropout_active",
+    "eager_forward",
     "eigen_cam",
+    "evenly_spaced",
     "expected_calibration_error",
     "expected_entropy",
     "feature_visualization",
@@ -330,12 +388,15 @@ __all__ = [
     "per_class_metrics",
     "perturbation_curve",
     "pixel_image",
+    "plain_name",
     "pointing_game",
     "pool_features",
     "prediction_and_confidence",
     "predictive_entropy",
     "random_transforms",
+    "range_tensors",
     "rank_correlation",
+    "rank_methods",
     "rbf_cka",
     "rdm",
     "register_cam",
@@ -343,10 +404,12 @@ __all__ = [
     "reliability_curve",
     "relu_rule",
     "removal_baseline",
+    "resolve_target",
     "rsa",
     "rsa_matrix",
     "sanity_similarity",
     "score_cam",
+    "scores_from_output",
     "smoothgrad",
     "sparseness",
     "spatial_layers",

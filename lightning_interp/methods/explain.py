@@ -26,7 +26,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import (
+from lightning_interp.methods.cams.gradcam import GRADIENT_CAMS, cam_from_activation
+from lightning_interp.methods.evaluation.map_metrics import attribution_to_map
+from lightning_interp.methods.model.core import (
     OutputTransform,
     Target,
     attribution_pass,
@@ -35,8 +37,7 @@ from lightning_interp.methods._core import (
     resolve_target,
     scores_from_output,
 )
-from lightning_interp.methods.gradcam import GRADIENT_CAMS, TokenReshape, cam_from_activation
-from lightning_interp.methods.map_metrics import attribution_to_map
+from lightning_interp.methods.model.tokens import TokenReshape
 from lightning_interp.methods.registry import METHODS, MethodSpec, attribute, check_method_options
 
 __all__ = ["MANAGED_OPTIONS", "Attributions", "Explainer", "MethodsArg", "parse_methods"]

@@ -216,7 +216,7 @@ def test_a_stock_encoder_with_nested_tensors_and_padding_works(tmp_path):
 
 
 def test_tokens_land_on_their_patches_and_attention_is_drawn_on_an_absolute_floor():
-    from lightning_interp.methods.gradcam import TokenGrid
+    from lightning_interp.methods.model.tokens import TokenGrid
 
     callback = AttentionCallback()
     images = torch.zeros(1, 3, 20, 30)

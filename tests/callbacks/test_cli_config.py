@@ -261,9 +261,9 @@ def test_enumerated_string_options_are_literals_the_code_accepts():
 
     import lightning_interp
     from lightning_interp.methods import HEAD_FUSIONS, PROBE_SOLVERS, REMOVAL_BASELINES, TASKS
-    from lightning_interp.methods.feature_visualization import PARAMETERIZATIONS
-    from lightning_interp.methods.map_metrics import CHANNEL_REDUCTIONS
-    from lightning_interp.methods.similarity import RDM_METRICS, RSA_METHODS
+    from lightning_interp.methods.evaluation.map_metrics import CHANNEL_REDUCTIONS
+    from lightning_interp.methods.representation.feature_visualization import PARAMETERIZATIONS
+    from lightning_interp.methods.representation.similarity import RDM_METRICS, RSA_METHODS
 
     accepted = {  # the tables the argument checks read: each Literal must list exactly these
         "channel_reduction": CHANNEL_REDUCTIONS,

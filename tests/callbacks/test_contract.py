@@ -169,7 +169,7 @@ CASES: dict[type[Callback], Case] = {
     ),
     AttentionCallback: Case(
         lambda methods: AttentionCallback(num_samples=4, data=DataDescription(pad_id=PAD_ID)),
-        "num_samples: 4\npad_id: 0",
+        "num_samples: 4\ndata: {pad_id: 0}",
         model=_text_model,
         data=_text_data,
     ),

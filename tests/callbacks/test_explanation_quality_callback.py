@@ -13,12 +13,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_interp import ExplanationQualityCallback
-from lightning_interp.callbacks.explanation_quality import DEFAULT_METRICS, QUALITY_METRICS, rank_methods
+from lightning_interp.callbacks.explanation_quality import DEFAULT_METRICS, QUALITY_METRICS
 from lightning_interp.methods import (
     attribute,
     attribution_to_map,
     curve_auc,
     perturbation_curve,
+    rank_methods,
     sparseness,
     top_fraction_drop,
 )

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_interp import DataDescription, Display
 from lightning_interp.callbacks.feature_visualization import VALUE_RANGES, FeatureVisualizationCallback, ImageOptions
-from lightning_interp.methods.feature_visualization import feature_visualization
+from lightning_interp.methods.representation.feature_visualization import feature_visualization
 from tests.conftest import (
     assert_training_identical,
     quiet_trainer,
@@ -138,7 +138,7 @@ def test_image_option_literals_list_what_the_checks_accept():
     """LightningCLI checks a Literal before training: each must list exactly the values the code accepts."""
     import typing
 
-    from lightning_interp.methods.feature_visualization import PARAMETERIZATIONS
+    from lightning_interp.methods.representation.feature_visualization import PARAMETERIZATIONS
 
     hints = typing.get_type_hints(ImageOptions)
     assert typing.get_args(hints["parameterization"]) == PARAMETERIZATIONS

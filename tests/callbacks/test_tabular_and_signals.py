@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp import DataDescription, SaliencyCallback
 from lightning_interp.demo import ImageClassifier
-from lightning_interp.visualize import _feature_figure, _signal_figure
+from lightning_interp.visualize.maps import _feature_figure, _signal_figure
 from tests.conftest import quiet_trainer, read_events
 
 FEATURES = [f"feature_{name}" for name in ("age", "income", "height", "weight", "score")] + [f"f{i}" for i in range(15)]

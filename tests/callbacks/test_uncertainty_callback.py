@@ -63,7 +63,7 @@ def test_scalars_per_class_and_the_figure_are_logged_at_each_validation(tmp_path
 def test_the_numbers_equal_a_hand_computation_from_the_same_dropout_masks(tmp_path):
     """Two validate() calls on an unchanged model agree (the callback's generator is seeded afresh each run) and the
     logged mean MI equals the one computed by hand from passes with the same seed."""
-    from lightning_interp.methods.uncertainty import mc_dropout_predictions
+    from lightning_interp.methods.evaluation.uncertainty import mc_dropout_predictions
 
     model = ImageClassifier(WideDropoutNet(), lr=1e-2)
     inputs = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(2))

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lightning_interp.methods import activation_maps, activation_statistics, most_active_channels
-from lightning_interp.methods.gradcam import token_grids
-from lightning_interp.methods.trace import trace_model
+from lightning_interp.methods.model.tokens import token_grids
+from lightning_interp.methods.model.trace import trace_model
 from tests.conftest import BatchNormDropoutNet
 
 

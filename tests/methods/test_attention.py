@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_interp.methods.attention import (
+from lightning_interp.methods.representation.attention import (
     attention_entropy,
     attention_layers,
     attention_rollout,

@@ -87,7 +87,7 @@ def test_eigen_cam_sign_follows_the_mean_activation():
     activation[0, :, 1, 1] = torch.tensor([5.0, 4.0, 6.0])  # one strongly active pixel
     model = nn.Sequential(nn.Identity())
     model.add_module("probe", nn.Identity())
-    from lightning_interp.methods.gradcam import cam_from_activation
+    from lightning_interp.methods.cams.gradcam import cam_from_activation
 
     result = cam_from_activation(activation, torch.zeros_like(activation), method="eigen_cam", relu=False)
     assert result[0, 1, 1] == result[0].max() > 0  # the active pixel is the peak, never a trough

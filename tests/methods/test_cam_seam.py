@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_interp.methods.gradcam import (
+from lightning_interp.methods.cams.gradcam import (
     CAM_VARIANTS,
     GRADIENT_CAMS,
-    TokenGrid,
     cam_from_activation,
     eigen_cam,
     grad_cam,
@@ -21,6 +20,7 @@ from lightning_interp.methods.gradcam import (
     register_cam,
     xgrad_cam,
 )
+from lightning_interp.methods.model.tokens import TokenGrid
 from lightning_interp.methods.registry import METHODS, attribute
 
 BUILT_IN = ("grad_cam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "hires_cam", "eigen_cam")

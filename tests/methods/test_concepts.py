@@ -8,7 +8,7 @@ import scipy.stats
 import torch
 from torch import nn
 
-from lightning_interp.methods.concepts import (
+from lightning_interp.methods.representation.concepts import (
     CAV,
     compute_cav,
     concept_activations,
@@ -279,7 +279,7 @@ def test_cav_direction_equals_scikit_learn_logistic_regression_on_the_same_split
     classes' weight columns = l2/4 ||normal||^2, so C = 2 / (l2 n)) must give the same direction."""
     from sklearn.linear_model import LogisticRegression
 
-    from lightning_interp.methods.probes import stratified_split
+    from lightning_interp.methods.representation.linear_probes import stratified_split
 
     g = _gen(4)
     scales = torch.linspace(0.5, 3.0, 12)  # unequal feature scales: the mapping back through sigma matters

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_interp.demo import TextTransformer
-from lightning_interp.methods.embedding import LayerInput, find_input_embedding, layer_output
+from lightning_interp.methods.model.embedding import LayerInput, find_input_embedding, layer_output
 from lightning_interp.methods.registry import attribute
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_interp.demo import ImageClassifier, shapes_cnn
-from lightning_interp.methods.feature_visualization import (
+from lightning_interp.methods.representation.feature_visualization import (
     VisualizationTarget,
     deep_dream,
     feature_visualization,
@@ -238,7 +238,7 @@ def _centroid(image: torch.Tensor) -> torch.Tensor:
 def test_random_transforms_rotate_in_pixels_and_keep_the_centre_on_any_aspect_ratio(shape):
     """Two dots on a horizontal line; after a centred draw with a 10 degree rotation and no zoom, the line between
     them is turned by 10 degrees (not sheared), its length kept, and its midpoint stays at the image centre."""
-    from lightning_interp.methods.feature_visualization import _ANGLES, _SCALES, _transform_sizes
+    from lightning_interp.methods.representation.feature_visualization import _ANGLES, _SCALES, _transform_sizes
 
     h, w = shape
     half = min(h, w) // 4

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-from lightning_interp.methods.features import auto_layers, capture_features, pool_features
-from lightning_interp.methods.similarity import normalized_grams
+from lightning_interp.methods.representation.features import auto_layers, capture_features, pool_features
+from lightning_interp.methods.representation.similarity import normalized_grams
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
@@ -736,7 +736,7 @@ def test_capture_features_refuses_a_layer_named_twice():
 
 def test_forward_chunk_size_keeps_the_largest_activation_near_the_device_budget():
     from lightning_interp.methods import trace_model
-    from lightning_interp.methods.features import forward_chunk_size
+    from lightning_interp.methods.representation.features import forward_chunk_size
 
     small = trace_model(nn.Sequential(nn.Linear(4, 4)), torch.randn(1, 4))
     assert forward_chunk_size(small, "cpu") == 256 and forward_chunk_size(small, "cuda") == 1024  # the caps

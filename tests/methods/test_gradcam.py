@@ -392,8 +392,8 @@ def test_torchvision_vit_grad_cam_matches_pytorch_grad_cam_with_its_reshape_tran
 )
 def test_timm_vit_token_layouts_and_auto_layer(options, prefix, layer):
     timm = pytest.importorskip("timm")
-    from lightning_interp.methods.gradcam import TokenGrid, token_grids
-    from lightning_interp.methods.trace import trace_model
+    from lightning_interp.methods.model.tokens import TokenGrid, token_grids
+    from lightning_interp.methods.model.trace import trace_model
 
     settings = {"pretrained": False, "img_size": 32, "patch_size": 8, "num_classes": 4, "depth": 2}
     settings.update(options)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_interp.methods.lrp import (
+from lightning_interp.methods.attribution.lrp import (
     LRP_COMPOSITES,
     LRP_RULES,
     AlphaBeta,

@@ -14,7 +14,7 @@ from lightning_interp.methods import (
     pointing_game,
     rank_correlation,
 )
-from lightning_interp.methods.map_metrics import ranks
+from lightning_interp.methods.evaluation.map_metrics import ranks
 
 stats = pytest.importorskip("scipy.stats")
 

@@ -12,11 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_interp.methods.attribution import _sample_noise
-from lightning_interp.methods.perturbation import (
-    _gradient_shap_draws,
+from lightning_interp.methods.attribution.gradient import _gradient_shap_draws, gradient_shap
+from lightning_interp.methods.model.batching import sample_noise
+from lightning_interp.methods.perturbation.ablation import (
     _shapley_coalitions,
-    gradient_shap,
     kernel_shap,
     lime,
     occlusion,
@@ -504,7 +503,7 @@ def _captum_gradient_shap_with_our_draws(monkeypatch, model, x, target, referenc
     batch = x.shape[0]
     generator = torch.Generator().manual_seed(seed)
     choice, alphas = _gradient_shap_draws(n_samples, batch, references.shape[0], generator, x)
-    noise = torch.stack([_sample_noise(x.shape, torch.tensor(stdevs), generator, x) for _ in range(n_samples)])
+    noise = torch.stack([sample_noise(x.shape, torch.tensor(stdevs), generator, x) for _ in range(n_samples)])
     # Captum's rows are sample-major (repeat_interleave), ours draw-major
     rows_choice = choice.T.reshape(-1).numpy()
     rows_alpha = alphas.T.reshape(-1).numpy()

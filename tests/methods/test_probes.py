@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_interp.methods.probes import ProbeResult, linear_probe_accuracy, stratified_split
+from lightning_interp.methods.representation.linear_probes import ProbeResult, linear_probe_accuracy, stratified_split
 
 SOLVERS = ("logistic", "ridge")
 

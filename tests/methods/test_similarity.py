@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_interp.methods import similarity
-from lightning_interp.methods.similarity import (
+from lightning_interp.methods.representation import similarity
+from lightning_interp.methods.representation.similarity import (
     MinibatchCKA,
     center_gram,
     cka_matrix,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from lightning_interp.methods.uncertainty import (
+from lightning_interp.methods.evaluation.uncertainty import (
     dirichlet_uncertainty,
     expected_calibration_error,
     expected_entropy,
@@ -294,7 +294,7 @@ def test_dirichlet_uncertainty_rejects_negative_evidence():
 def test_mc_dropout_gradient_maps_are_the_masked_weights_of_a_linear_model():
     """y = W dropout(x): the input gradient of class k is mask * W_k / (1 - p), so each map is 2 |W_k| where the
     mask kept the pixel and 0 where it dropped it; the passes draw different masks; the global RNG is untouched."""
-    from lightning_interp.methods.uncertainty import map_agreement, mc_dropout_maps
+    from lightning_interp.methods.evaluation.uncertainty import map_agreement, mc_dropout_maps
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Dropout(0.5), nn.Flatten(), nn.Linear(16, 2)).train()
@@ -316,8 +316,8 @@ def test_mc_dropout_gradient_maps_are_the_masked_weights_of_a_linear_model():
 
 
 def test_map_agreement_is_one_without_dropout_randomness_and_the_mean_of_pairwise_correlations():
-    from lightning_interp.methods.map_metrics import rank_correlation
-    from lightning_interp.methods.uncertainty import map_agreement, mc_dropout_maps
+    from lightning_interp.methods.evaluation.map_metrics import rank_correlation
+    from lightning_interp.methods.evaluation.uncertainty import map_agreement, mc_dropout_maps
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.0), nn.Flatten(), nn.Linear(64, 3))
     maps = mc_dropout_maps(net, torch.rand(2, 3, 4, 4), "input_x_gradient", 3)

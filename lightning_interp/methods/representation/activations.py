@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import captured_outputs, eager_forward, get_module, modes_preserved
+from lightning_interp.methods.model.core import captured_outputs, eager_forward, get_module, modes_preserved
 
 __all__ = ["ActivationStatistics", "activation_maps", "activation_statistics", "most_active_channels"]
 

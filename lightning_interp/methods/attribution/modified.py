@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_interp.methods._core import OutputTransform, Target
-from lightning_interp.methods._rules import OTHER_ACTIVATIONS, RELUS, running_modules, where_running
-from lightning_interp.methods.attribution import gradient
+from lightning_interp.methods.attribution._rules import OTHER_ACTIVATIONS, RELUS, running_modules, where_running
+from lightning_interp.methods.attribution.gradient import gradient
+from lightning_interp.methods.model.core import OutputTransform, Target
 from lightning_interp.methods.registry import register_method
 
 __all__ = ["RELU_RULES", "deconvnet", "guided_backprop", "relu_rule"]
@@ -131,7 +131,7 @@ def guided_backprop(
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the prediction.
         output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
         Attributions shaped like ``inputs``.
@@ -164,7 +164,7 @@ def deconvnet(
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the prediction.
         output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
         Attributions shaped like ``inputs``.

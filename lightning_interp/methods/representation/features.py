@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import eager_forward, get_module, modes_preserved
-from lightning_interp.methods.trace import ModelTrace, trace_model
+from lightning_interp.methods.model.core import eager_forward, get_module, modes_preserved
+from lightning_interp.methods.model.trace import ModelTrace, trace_model
 
 __all__ = ["auto_layers", "capture_features", "capture_pooled_features", "forward_chunk_size", "pool_features"]
 

@@ -17,7 +17,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods.tasks import target_scores
+from lightning_interp.methods.model.tasks import target_scores
 
 Target = Union[int, Tensor, None]  # noqa: UP007 (runtime alias, Python 3.10)
 """An attribution target: a class index, a LongTensor of shape (B,), or None
@@ -275,7 +275,7 @@ def resolve_target(target: Target, scores: Tensor, task: str = "multiclass") -> 
     ``None`` means the prediction: the argmax for multiclass and multi-label
     scores, the predicted side (1 if the logit > 0, else 0) for a binary model,
     and the only output of a one-output regression (a regression with several
-    outputs needs an explicit index). See :mod:`lightning_interp.methods.tasks`.
+    outputs needs an explicit index). See :mod:`lightning_interp.methods.model.tasks`.
     """
     batch, classes = scores.shape
     if task == "binary":
@@ -391,7 +391,7 @@ def attribution_pass(
         input_gradient: also return d score / d input.
         output_transform: maps the model output to (B, C) scores.
         eval_mode: run the model in eval mode (Dropout off, BatchNorm frozen).
-        task: the output kind (:data:`~lightning_interp.methods.tasks.TASKS`): which index ``target=None``
+        task: the output kind (:data:`~lightning_interp.methods.TASKS`): which index ``target=None``
             picks and, for a binary model, the sign of the explained logit.
 
     Returns:

@@ -27,8 +27,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_interp.methods.map_metrics import ranks
-from lightning_interp.methods.tasks import label_kind
+from lightning_interp.methods.evaluation.map_metrics import ranks
+from lightning_interp.methods.model.tasks import label_kind
 
 __all__ = [
     "MinibatchCKA",

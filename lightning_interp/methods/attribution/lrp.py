@@ -54,7 +54,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_interp.methods._core import (
+from lightning_interp.methods.attribution._rules import (
+    ADDITIONS,
+    IN_PLACE,
+    OTHER_ACTIVATIONS,
+    RELUS,
+    SQUASHES,
+    running_modules,
+    write_back,
+)
+from lightning_interp.methods.model.core import (
     OutputTransform,
     Target,
     as_leaf,
@@ -65,17 +74,8 @@ from lightning_interp.methods._core import (
     resolve_target,
     scores_from_output,
 )
-from lightning_interp.methods._rules import (
-    ADDITIONS,
-    IN_PLACE,
-    OTHER_ACTIVATIONS,
-    RELUS,
-    SQUASHES,
-    running_modules,
-    write_back,
-)
+from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
-from lightning_interp.methods.tasks import target_scores
 
 __all__ = [
     "LRP_COMPOSITES",
@@ -883,7 +883,7 @@ def lrp(
             as zennit's.
         output_transform: selects or reshapes the model's output to (B, C) scores; it runs outside the rules with
             its plain gradient, so it should not rescale (a softmax would start from the probability's gradient).
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
         Relevance shaped like ``inputs``.

@@ -30,7 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_interp.methods._core import (
+from lightning_interp.methods.attribution._rules import (
+    OTHER_ACTIVATIONS,
+    RELUS,
+    SQUASHES,
+    running_modules,
+    where_running,
+    write_back,
+)
+from lightning_interp.methods.model.core import (
     OutputTransform,
     Target,
     as_leaf,
@@ -40,16 +48,8 @@ from lightning_interp.methods._core import (
     resolve_target,
     scores_from_output,
 )
-from lightning_interp.methods._rules import (
-    OTHER_ACTIVATIONS,
-    RELUS,
-    SQUASHES,
-    running_modules,
-    where_running,
-    write_back,
-)
+from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
-from lightning_interp.methods.tasks import target_scores
 
 __all__ = ["deeplift"]
 
@@ -180,7 +180,7 @@ def deeplift(
         baseline: the reference input: a tensor broadcastable to ``inputs`` or a scalar; None = zeros.
         return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(baseline))``.
         output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
         Attributions shaped like ``inputs``; with ``return_convergence_delta`` a tuple ``(attributions, delta)``

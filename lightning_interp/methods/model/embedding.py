@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import ForwardWith, get_module, modes_preserved
+from lightning_interp.methods.model.core import ForwardWith, get_module, modes_preserved
 
 __all__ = ["LayerInput", "find_input_embedding", "layer_output", "token_scores"]
 

@@ -33,9 +33,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import OutputTransform, Target, attribution_pass, gradients_enabled
-from lightning_interp.methods.features import capture_features
-from lightning_interp.methods.probes import _fit_logistic, _standardised, stratified_split
+from lightning_interp.methods.model.core import OutputTransform, Target, attribution_pass, gradients_enabled
+from lightning_interp.methods.representation.features import capture_features
+from lightning_interp.methods.representation.linear_probes import _fit_logistic, _standardised, stratified_split
 
 __all__ = [
     "CAV",
@@ -253,7 +253,7 @@ def layer_gradients(
 
     One forward and one ``torch.autograd.grad`` per chunk of ``batch_size``
     samples, for all layers at once (see
-    :func:`~lightning_interp.methods._core.attribution_pass`: eval mode,
+    :func:`~lightning_interp.methods.attribution_pass`: eval mode,
     modes restored, hooks removed, ``param.grad`` untouched).
 
     Args:

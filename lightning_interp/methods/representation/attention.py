@@ -14,7 +14,7 @@ those weights and checks it against the real output (:func:`capture_attention`
 with ``verify=True``): a layer whose forward does more than this (rotary
 position embeddings, a relative position bias) is refused instead of explained
 wrongly. The pass runs off torch's fused transformer fast path
-(:func:`~lightning_interp.methods._core.transformer_slow_path`).
+(:func:`~lightning_interp.methods.model.core.transformer_slow_path`).
 
 Supported layers: ``torch.nn.MultiheadAttention`` (any ``batch_first``,
 separate key/value sizes, ``bias_k``/``add_zero_attn``, padding and attention
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import eager_forward, get_module, modes_preserved, module_name
+from lightning_interp.methods.model.core import eager_forward, get_module, modes_preserved, module_name
 
 __all__ = [
     "HEAD_FUSIONS",

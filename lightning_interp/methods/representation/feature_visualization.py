@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import (
+from lightning_interp.methods.model.core import (
     OutputTransform,
     eager_forward,
     get_module,
@@ -64,12 +64,14 @@ __all__ = [
     "FeatureVisualizationResult",
     "ImageParameterization",
     "VisualizationTarget",
+    "VisualizationTargetSpec",
     "deep_dream",
     "feature_visualization",
     "fourier_image",
     "parse_visualization_target",
     "pixel_image",
     "random_transforms",
+    "range_tensors",
     "target_objective",
     "to_valid_rgb",
 ]
@@ -92,7 +94,7 @@ _ANGLES = tuple(float(a) for a in list(range(-10, 11)) + 5 * [0])
 ValueRange = tuple[Union[float, Sequence[float], Tensor], Union[float, Sequence[float], Tensor]]  # noqa: UP007
 """``(low, high)``: the input value range, each a float or one value per channel."""
 
-TargetSpec = Union[str, tuple[str, int], "VisualizationTarget"]
+VisualizationTargetSpec = Union[str, tuple[str, int], "VisualizationTarget"]
 """A target as written by a user: ``"layer:channel"``, ``"layer:channel:y:x"``, ``"layer"``, ``("class", k)``."""
 
 
@@ -137,7 +139,7 @@ _FORMS = (
 _INT = re.compile(r"^\s*-?\d+\s*$")
 
 
-def parse_visualization_target(spec: TargetSpec) -> VisualizationTarget:
+def parse_visualization_target(spec: VisualizationTargetSpec) -> VisualizationTarget:
     """Read a target as written by a user into a :class:`VisualizationTarget`.
 
     Args:
@@ -426,7 +428,15 @@ def random_transforms(image: Tensor, draw: Sequence[int]) -> Tensor:
     return out[:, :, top : top + h, left : left + w]
 
 
-def _range_tensors(value_range: ValueRange, channels: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def range_tensors(value_range: ValueRange, channels: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A ``(low, high)`` value range as two (C,) tensors on ``device``, checked: one value or one per channel, and
+    ``low <= high`` everywhere (a flat channel is refused).
+
+    Example:
+        >>> low, high = range_tensors((0.0, [1.0, 2.0]), 2, torch.device("cpu"))
+        >>> low.flatten().tolist(), high.flatten().tolist()
+        ([0.0, 0.0], [1.0, 2.0])
+    """
     low, high = (torch.as_tensor(v, dtype=torch.float32).detach().to(device).reshape(-1) for v in value_range)
     for name, value in (("low", low), ("high", high)):
         if value.numel() not in (1, channels):
@@ -553,7 +563,7 @@ class FeatureVisualizationResult:
 
 def feature_visualization(
     model: nn.Module,
-    targets: Sequence[TargetSpec] | TargetSpec,
+    targets: Sequence[VisualizationTargetSpec] | VisualizationTargetSpec,
     *,
     image_shape: Sequence[int],
     steps: int = 128,
@@ -624,7 +634,7 @@ def feature_visualization(
         make = fourier_image if parameterization == "fourier" else pixel_image
         param = make((batch, c, h, w), decorrelate=decorrelate, generator=generator, device=device)
         draws = _transform_draws(steps, h, w, generator).tolist() if transforms else None
-        low, high = _range_tensors(value_range, c, device)
+        low, high = range_tensors(value_range, c, device)
         history: list[Tensor] = []
         m = torch.zeros_like(param.params)
         v = torch.zeros_like(param.params)
@@ -683,7 +693,7 @@ class DeepDreamResult:
 def deep_dream(
     model: nn.Module,
     image: Tensor,
-    layer: TargetSpec,
+    layer: VisualizationTargetSpec,
     *,
     octaves: int = 3,
     octave_scale: float = 1.4,
@@ -742,7 +752,7 @@ def deep_dream(
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     with gradients_enabled():  # every tensor made outside inference mode: they join autograd below
         base = image.detach().to(device=device, dtype=torch.float32).clone()
-        ranges = None if value_range is None else _range_tensors(value_range, base.shape[1], device)
+        ranges = None if value_range is None else range_tensors(value_range, base.shape[1], device)
         span = (base.amax(dim=(0, 2, 3), keepdim=True) - base.amin(dim=(0, 2, 3), keepdim=True)).clamp_min(1e-6)
     b, c, h, w = base.shape
     rows = [slice(0, b)]
@@ -820,7 +830,7 @@ def _warn_unreached(targets: Sequence[VisualizationTarget], reached: Tensor) -> 
         )
 
 
-def _as_list(targets: Sequence[TargetSpec] | TargetSpec) -> list[TargetSpec]:
+def _as_list(targets: Sequence[VisualizationTargetSpec] | VisualizationTargetSpec) -> list[VisualizationTargetSpec]:
     if isinstance(targets, (str, VisualizationTarget)):
         return [targets]
     if isinstance(targets, tuple) and len(targets) == 2 and targets[0] == "class":

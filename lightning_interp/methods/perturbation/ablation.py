@@ -1,11 +1,11 @@
-"""Perturbation attributions: occlusion, LIME and KernelSHAP, plus GradientSHAP, with one signature.
+"""Perturbation attributions: occlusion, LIME and KernelSHAP, with one signature.
 
 Every function here is ``fn(model, inputs, target, **options) -> Tensor`` and
 returns attributions with the shape of ``inputs`` (in its dtype; float32 for
 integer inputs), on its device. ``target`` is a class index, a LongTensor of
 shape (B,), or None for the predicted class; it is resolved once on the clean
 inputs, so every perturbed copy explains the same class, and the explained
-score of each copy is :func:`~lightning_interp.methods.tasks.target_scores`
+score of each copy is :func:`~lightning_interp.methods.target_scores`
 (binary, multi-label and regression models work too).
 
 Occlusion, LIME and KernelSHAP only run forward passes (under
@@ -23,56 +23,38 @@ touched and no hook is registered.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import (
+from lightning_interp.methods.model.batching import (
+    accumulation_dtype,
+    check_count,
+    check_generator,
+    clean_scores,
+    draw_device,
+    out_dtype,
+    row_chunks,
+    row_limit,
+)
+from lightning_interp.methods.model.core import (
     OutputTransform,
     Target,
-    attribution_pass,
     resolve_target,
 )
-from lightning_interp.methods.attribution import _accumulation_dtype, _fixed_target, _sample_noise, _scores
+from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
-from lightning_interp.methods.tasks import target_scores
 
-__all__ = ["gradient_shap", "kernel_shap", "lime", "occlusion", "patch_feature_mask"]
+__all__ = ["kernel_shap", "lime", "occlusion", "patch_feature_mask"]
 
 
 # --------------------------------------------------------------------------- shared helpers
 
 
-def _out_dtype(inputs: Tensor) -> torch.dtype:
-    """Attributions come in the inputs' dtype, float32 for integer inputs."""
-    return inputs.dtype if inputs.is_floating_point() else torch.float32
-
-
-def _check_count(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
 PERTURBED_PER_FORWARD = 64
 """Default most perturbed inputs per forward of occlusion, LIME and KernelSHAP: larger batches are no faster, and on
 the CPU their activations (tens of MB a layer) cost fresh, zero-filled memory on every call."""
-
-
-def _row_limit(internal_batch_size: int | None, total: int, default: int | None = None) -> int:
-    if internal_batch_size is None:
-        return max(default or total, 1)
-    if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1:
-        raise ValueError(f"internal_batch_size must be positive, got {internal_batch_size!r}.")
-    return internal_batch_size
-
-
-def _row_chunks(total: int, limit: int) -> Iterator[tuple[int, int]]:
-    """Half-open ranges of at most ``limit`` flat rows covering ``range(total)``."""
-    for start in range(0, total, limit):
-        yield start, min(start + limit, total)
 
 
 def _baseline_like(baseline: Tensor | float, x: Tensor, name: str = "baseline") -> Tensor:
@@ -95,7 +77,7 @@ def _clean_target(
     model: nn.Module, x: Tensor, target: Target, output_transform: OutputTransform | None, task: str
 ) -> tuple[Tensor, Tensor]:
     """One forward on the clean inputs: the explained index per sample (fixed for every copy) and its score."""
-    scores = _scores(model, x, output_transform)
+    scores = clean_scores(model, x, output_transform)
     index = resolve_target(target, scores, task)
     return index, target_scores(scores, index, task)
 
@@ -104,17 +86,13 @@ def _row_scores(
     model: nn.Module, rows: Tensor, index: Tensor, output_transform: OutputTransform | None, task: str
 ) -> Tensor:
     """The explained score of each perturbed row (index: the explained class of each row), float64."""
-    scores = _scores(model, rows, output_transform)
+    scores = clean_scores(model, rows, output_transform)
     if scores.shape[0] != rows.shape[0]:
         raise ValueError(
             f"The model returned {scores.shape[0]} score rows for {rows.shape[0]} inputs; perturbation methods need "
             "one row of scores per input."
         )
     return target_scores(scores, index, task).double()
-
-
-def _draw_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
-    return generator.device if generator is not None else like.device
 
 
 # --------------------------------------------------------------------------- occlusion
@@ -182,7 +160,7 @@ def occlusion(
         internal_batch_size: at most this many occluded inputs per forward pass
             (default :data:`PERTURBED_PER_FORWARD`, 64).
         output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
         Attributions shaped like ``inputs`` (equal across channels).
@@ -227,20 +205,20 @@ def occlusion(
     total = rows_cover.shape[0] * n_w * batch  # flat rows: window-major, then sample
     drops = torch.empty(total, dtype=torch.float64, device=x.device)
     with torch.no_grad():
-        for start, end in _row_chunks(total, _row_limit(internal_batch_size, total, PERTURBED_PER_FORWARD)):
+        for start, end in row_chunks(total, row_limit(internal_batch_size, total, PERTURBED_PER_FORWARD)):
             flat = torch.arange(start, end, device=x.device)
             window_id, sample = flat // batch, flat % batch
             covered = rows_cover[window_id // n_w][:, None, :, None] & cols_cover[window_id % n_w][:, None, None, :]
             occluded = torch.where(covered, base[sample], x[sample])
             drops[start:end] = _row_scores(model, occluded, index[sample], output_transform, task)
-        acc = _accumulation_dtype(x)
+        acc = accumulation_dtype(x)
         drops = clean.to(acc).repeat(total // batch) - drops.to(acc)  # score(x) - score(occluded), Captum's order
         drops = drops.reshape(rows_cover.shape[0], n_w, batch).permute(2, 0, 1)
         rows_f, cols_f = rows_cover.to(acc), cols_cover.to(acc)
         summed = torch.einsum("bij,ih,jw->bhw", drops, rows_f, cols_f)
         counts = rows_f.sum(dim=0)[:, None] * cols_f.sum(dim=0)[None, :]
         attributions = (summed / counts)[:, None].expand(x.shape)
-    return attributions.to(_out_dtype(inputs)).contiguous()
+    return attributions.to(out_dtype(inputs)).contiguous()
 
 
 # --------------------------------------------------------------------------- LIME and KernelSHAP
@@ -265,7 +243,7 @@ def patch_feature_mask(height: int, width: int, patch_size: int, device: torch.d
         >>> patch_feature_mask(3, 4, 2)[0, 0].tolist()
         [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3]]
     """
-    patch_size = _check_count("patch_size", patch_size)
+    patch_size = check_count("patch_size", patch_size)
     rows = torch.arange(height, device=device) // patch_size
     cols = torch.arange(width, device=device) // patch_size
     return (rows[:, None] * math.ceil(width / patch_size) + cols[None, :]).reshape(1, 1, height, width)
@@ -366,7 +344,7 @@ def _perturbed_scores(
     scores = torch.empty(total, dtype=torch.float64, device=x.device)
     weights = torch.empty(total, dtype=torch.float64, device=x.device) if similarity_width is not None else None
     with torch.no_grad():
-        for start, end in _row_chunks(total, _row_limit(internal_batch_size, total, PERTURBED_PER_FORWARD)):
+        for start, end in row_chunks(total, row_limit(internal_batch_size, total, PERTURBED_PER_FORWARD)):
             flat = torch.arange(start, end, device=x.device)
             coalition, sample = flat // batch, flat % batch
             rows = _coalition_inputs(x, base, mask, coalitions, sample, coalition)
@@ -382,11 +360,6 @@ def _perturbed_scores(
 def _least_squares(design: Tensor, response: Tensor) -> Tensor:
     """Minimum-norm least-squares solution of ``design @ coef = response``, batched: (B, n, F), (B, n) -> (B, F)."""
     return (torch.linalg.pinv(design) @ response.unsqueeze(-1)).squeeze(-1)
-
-
-def _check_generator(generator: torch.Generator | None) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}.")
 
 
 @register_method(
@@ -441,7 +414,7 @@ def lime(
         internal_batch_size: at most this many perturbed inputs per forward pass
             (default :data:`PERTURBED_PER_FORWARD`, 64).
         output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
         Attributions shaped like ``inputs``, one value per feature.
@@ -458,15 +431,15 @@ def lime(
         >>> torch.allclose(attr, linear.weight[1] * x, atol=1e-5)  # exact for a linear model
         True
     """
-    _check_count("n_samples", n_samples)
-    _check_generator(generator)
+    check_count("n_samples", n_samples)
+    check_generator(generator)
     if not kernel_width > 0:
         raise ValueError(f"kernel_width must be positive, got {kernel_width!r}.")
     x = inputs.detach()
     base = _baseline_like(baseline, x)
     mask, features, present = _feature_mask(x, feature_mask, patch_size)
     index, _ = _clean_target(model, x, target, output_transform, task)
-    device = _draw_device(generator, x)
+    device = draw_device(generator, x)
     coalitions = (torch.rand((n_samples, features), generator=generator, device=device) < 0.5).to(x.device)
     scores, weights = _perturbed_scores(
         model, x, base, mask, coalitions, index, internal_batch_size, output_transform, task, kernel_width
@@ -480,7 +453,7 @@ def lime(
     root = weights.sqrt()
     centred = (design - mean_design[:, :, None]) * root[:, None, :] * present[:, :, None]  # (B, F, n)
     coefficients = _least_squares(centred.transpose(1, 2), (scores - mean_score) * root)
-    return _spread(coefficients * present, mask, x, _out_dtype(inputs))
+    return _spread(coefficients * present, mask, x, out_dtype(inputs))
 
 
 def _shapley_coalitions(
@@ -544,7 +517,7 @@ def kernel_shap(
         internal_batch_size: at most this many perturbed inputs per forward pass
             (default :data:`PERTURBED_PER_FORWARD`, 64).
         output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
         Attributions shaped like ``inputs``, one value per feature; a sample's
@@ -563,8 +536,8 @@ def kernel_shap(
         >>> torch.allclose(attr.sum(dim=1), change, atol=1e-5)
         True
     """
-    _check_count("n_samples", n_samples)
-    _check_generator(generator)
+    check_count("n_samples", n_samples)
+    check_generator(generator)
     x = inputs.detach()
     batch = x.shape[0]
     base = _baseline_like(baseline, x)
@@ -574,8 +547,8 @@ def kernel_shap(
     null, _ = _perturbed_scores(model, x, base, mask, empty, index, internal_batch_size, output_transform, task)
     change = clean.double() - null[0]  # f(x) - f(baseline), (B,)
     if features == 1:
-        return _spread(change[:, None], mask, x, _out_dtype(inputs))
-    coalitions = _shapley_coalitions(n_samples, features, generator, _draw_device(generator, x)).to(x.device)
+        return _spread(change[:, None], mask, x, out_dtype(inputs))
+    coalitions = _shapley_coalitions(n_samples, features, generator, draw_device(generator, x)).to(x.device)
     scores, _ = _perturbed_scores(model, x, base, mask, coalitions, index, internal_batch_size, output_transform, task)
     # eliminate one present feature per sample (the last) with the constraint sum(phi) = change (shap's solve)
     last = (present * torch.arange(features, device=x.device)).argmax(dim=1)  # (B,)
@@ -587,137 +560,4 @@ def kernel_shap(
     response = scores.T - null[0][:, None] - last_column[..., 0] * change[:, None]  # (B, n)
     phi = _least_squares(reduced, response) * others
     phi[torch.arange(batch, device=x.device), last] = change - phi.sum(dim=1)
-    return _spread(phi, mask, x, _out_dtype(inputs))
-
-
-# --------------------------------------------------------------------------- GradientSHAP
-
-
-def _gradient_shap_draws(
-    n_samples: int, batch: int, references: int, generator: torch.Generator | None, like: Tensor
-) -> tuple[Tensor, Tensor]:
-    """The baseline index (n, B) and the path position alpha (n, B, float64) of every draw, on ``like``'s device.
-
-    Drawn before the noise, which comes one draw at a time, so the draws do not
-    depend on ``internal_batch_size``.
-    """
-    device = _draw_device(generator, like)
-    choice = torch.randint(references, (n_samples, batch), generator=generator, device=device)
-    alphas = torch.rand((n_samples, batch), generator=generator, device=device, dtype=torch.float64)
-    return choice.to(like.device), alphas.to(like.device)
-
-
-@register_method(
-    "gradient", "GradientSHAP", stochastic=True,
-    cost="n_samples (16) forwards + backwards", reference="Captum GradientShap, same draws",
-)  # fmt: skip
-def gradient_shap(
-    model: nn.Module,
-    inputs: Tensor,
-    target: Target = None,
-    *,
-    n_samples: int = 16,
-    stdevs: float = 0.0,
-    baselines: Tensor | float | None = None,
-    generator: torch.Generator | None = None,
-    internal_batch_size: int | None = None,
-    output_transform: OutputTransform | None = None,
-    task: str = "multiclass",
-) -> Tensor:
-    """GradientSHAP: expected gradients between random baselines and noisy inputs (Lundberg & Lee 2017).
-
-    For each of ``n_samples`` draws per sample: a baseline ``r`` picked
-    uniformly from ``baselines``, Gaussian noise of standard deviation
-    ``stdevs`` added to the input (``x'``), a point ``alpha`` uniform on [0, 1];
-    the attribution is the mean over draws of the gradient at
-    ``alpha x' + (1 - alpha) r`` times ``x' - r``. As Captum's ``GradientShap``
-    (which also multiplies by the noisy input). The target is fixed from the
-    clean input. For a linear model it is ``w (x - mean(baselines))`` in
-    expectation.
-
-    Args:
-        model: the network.
-        inputs: (B, ...) batch.
-        target: class index, LongTensor (B,), or None for the predicted class.
-        n_samples: draws per sample (forward and backward passes per sample).
-        stdevs: standard deviation of the Gaussian noise added to the inputs,
-            in input units (0: no noise).
-        baselines: reference inputs to draw from, a (K, ...) tensor whose
-            trailing dimensions broadcast to one input's; a scalar for one
-            constant baseline; None for zeros.
-        generator: source of every draw (baselines, points and noise); pass
-            your own for reproducibility and to leave the global RNG untouched
-            (the default draws from it).
-        internal_batch_size: at most this many inputs per forward/backward pass
-            (default: all draws at once).
-        output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
-
-    Returns:
-        Attributions shaped like ``inputs``.
-
-    Raises:
-        ValueError: ``n_samples`` is not positive, ``stdevs`` is negative, or
-            ``baselines`` has the wrong shape.
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> linear = nn.Linear(4, 2)
-        >>> x = torch.randn(3, 4)
-        >>> attr = gradient_shap(linear, x, 0, n_samples=8, generator=g)
-        >>> torch.allclose(attr, linear.weight[0] * x)  # zero baseline, no noise: exact for a linear model
-        True
-    """
-    _check_count("n_samples", n_samples)
-    _check_generator(generator)
-    if not stdevs >= 0:
-        raise ValueError(f"stdevs must be >= 0, got {stdevs!r}.")
-    x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()  # integers: interpolate in float
-    batch, shape = x.shape[0], x.shape[1:]
-    if baselines is None or not isinstance(baselines, Tensor):
-        references = torch.full((1, *shape), 0.0 if baselines is None else float(baselines), dtype=x.dtype)
-    else:
-        references = baselines
-        try:
-            ok = references.ndim == x.ndim and torch.broadcast_shapes(references.shape[1:], shape) == shape
-        except RuntimeError:
-            ok = False
-        if not ok or references.shape[0] < 1:
-            raise ValueError(
-                f"baselines of shape {tuple(references.shape)} do not fit inputs of shape {tuple(x.shape)}: pass K "
-                f"reference inputs as a (K, {', '.join(str(s) for s in shape)}) tensor, a scalar, or None for zeros."
-            )
-    references = references.detach().to(device=x.device, dtype=x.dtype).expand(-1, *shape)
-    index = _fixed_target(model, x, target, output_transform, task)
-    choice, alphas = _gradient_shap_draws(n_samples, batch, references.shape[0], generator, x)
-    std = torch.tensor(float(stdevs))
-    work = torch.promote_types(x.dtype, torch.float32)  # noise is added in float32 (float64 stays float64)
-    noise: dict[int, Tensor] = {}
-    next_draw = 0
-    total_rows = n_samples * batch  # flat rows: draw-major, then sample
-    total = torch.zeros_like(x, dtype=_accumulation_dtype(x))
-    limit = _row_limit(internal_batch_size, total_rows)
-    limit -= limit % batch if limit >= batch else 0  # whole copies of the batch per pass (as the gradient methods)
-    for start, end in _row_chunks(total_rows, limit):
-        flat = torch.arange(start, end, device=x.device)
-        draw, sample = flat // batch, flat % batch
-        if stdevs > 0:
-            first, last = start // batch, (end - 1) // batch
-            for old in [d for d in noise if d < first]:
-                del noise[old]
-            while next_draw <= last:  # one draw's noise at a time: the same numbers for any chunking
-                noise[next_draw] = _sample_noise(x.shape, std, generator, x)
-                next_draw += 1
-            drawn = torch.cat(
-                [noise[d][max(start - d * batch, 0) : min(end - d * batch, batch)] for d in range(first, last + 1)]
-            )
-            noisy = (x[sample].to(work) + drawn.to(work)).to(x.dtype)
-        else:
-            noisy = x[sample]
-        reference = references[choice[draw, sample]]
-        alpha = alphas[draw, sample].to(x.dtype).reshape(-1, *([1] * len(shape)))
-        points = alpha * noisy + (1.0 - alpha) * reference
-        grads = attribution_pass(model, points, index[sample], output_transform=output_transform, task=task).input_grad
-        assert grads is not None
-        total.index_add_(0, sample, (grads.to(x.dtype) * (noisy - reference)).to(total.dtype))
-    return (total / n_samples).to(_out_dtype(inputs))
+    return _spread(phi, mask, x, out_dtype(inputs))

@@ -16,16 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import OutputTransform, eager_forward, modes_preserved, scores_from_output
-from lightning_interp.methods.map_metrics import rank_correlation
-from lightning_interp.methods.tasks import target_scores
+from lightning_interp.methods.evaluation.map_metrics import rank_correlation
+from lightning_interp.methods.model.core import OutputTransform, eager_forward, modes_preserved, scores_from_output
+from lightning_interp.methods.model.tasks import target_scores
 
 __all__ = [
+    "QUALITY_COLUMNS",
     "REMOVAL_BASELINES",
     "cascading_randomization",
     "curve_auc",
     "max_sensitivity",
     "perturbation_curve",
+    "rank_methods",
     "removal_baseline",
     "sanity_similarity",
     "sparseness",
@@ -406,3 +408,38 @@ def cascading_randomization(
             maps = explain(randomized).detach()
             results[name] = rank_correlation(maps.reshape(maps.shape[0], -1), reference.reshape(maps.shape[0], -1))
     return results
+
+
+QUALITY_COLUMNS: dict[str, tuple[str, bool | None]] = {
+    "deletion_auc": ("deletion AUC ↓", False),
+    "insertion_auc": ("insertion AUC ↑", True),
+    "top_drop_gain": ("top vs random\ndrop ↑", True),
+    "localization": ("localization ↑", True),
+    "sanity_rank_correlation": ("similarity to the\nuntrained net's ↓", False),
+    "sparseness": ("sparseness", None),
+    "max_sensitivity": ("max-sensitivity ↓", False),
+}
+
+"""Per metric tag: its column title in the comparison table and whether higher is better (None: shown, not
+ranked)."""
+
+
+def rank_methods(table: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each method's mean rank (1 = best) over the ranked metrics it has a number for; NaN without any.
+
+    Example:
+        >>> rank_methods({"a": {"deletion_auc": 0.1, "insertion_auc": 0.9}, "b": {"deletion_auc": 0.3,
+        ...               "insertion_auc": 0.8}})
+        {'a': 1.0, 'b': 2.0}
+    """
+    ranks: dict[str, list[float]] = {key: [] for key in table}
+    for metric, (_, higher) in QUALITY_COLUMNS.items():
+        if higher is None:
+            continue
+        present = {key: row[metric] for key, row in table.items() if metric in row and not math.isnan(row[metric])}
+        if len(present) < 2:
+            continue
+        ordered = sorted(present, key=lambda key: -present[key] if higher else present[key])
+        for position, key in enumerate(ordered, start=1):
+            ranks[key].append(float(position))
+    return {key: sum(values) / len(values) if values else float("nan") for key, values in ranks.items()}

@@ -13,7 +13,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from lightning_interp.methods.map_metrics import localization
+from lightning_interp.methods.evaluation.map_metrics import localization
 
 __all__ = [
     "ClassAttribution",

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
-from lightning_interp.methods._core import (
+from lightning_interp.methods.evaluation.map_metrics import attribution_to_map, rank_correlation
+from lightning_interp.methods.model.core import (
     DROPOUT_TYPES,
     OutputTransform,
     Target,
@@ -37,7 +38,6 @@ from lightning_interp.methods._core import (
     modes_preserved,
     scores_from_output,
 )
-from lightning_interp.methods.map_metrics import attribution_to_map, rank_correlation
 
 if TYPE_CHECKING:
     from lightning_interp.methods.explain import Explainer
@@ -593,7 +593,7 @@ def mc_dropout_maps(
     Each pass runs :func:`~lightning_interp.methods.registry.attribute` (or an
     :class:`~lightning_interp.methods.Explainer` of one method) with the
     dropout modules in train mode (every other module in eval mode, see
-    :func:`~lightning_interp.methods._core.dropout_active`) inside a fork of the
+    :func:`~lightning_interp.methods.dropout_active`) inside a fork of the
     CPU and model-CUDA RNG seeded from ``generator``, so the global random state
     is untouched and the same generator state gives the same maps. A method
     with several forward passes (integrated gradients, SmoothGrad) draws new
@@ -601,7 +601,7 @@ def mc_dropout_maps(
     ``target``, or the deterministic (eval-mode) prediction when None, so the
     maps differ only by the dropped units. Input attributions are reduced over
     channels with ``reduction`` (see
-    :func:`~lightning_interp.methods.map_metrics.attribution_to_map`); CAM
+    :func:`~lightning_interp.methods.attribution_to_map`); CAM
     methods (``layer=`` in ``options``) give their maps as they are.
 
     Args:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "colorize",
+    "figure_to_array",
     "input_to_rgb",
     "is_signal_input",
     "line_image",
@@ -239,7 +240,14 @@ def map_tiles(
     return [overlay(images[i], heat[i], values[i]) for i in range(len(images))]
 
 
-def _figure_to_array(figure: Figure, canvas: FigureCanvasAgg) -> np.ndarray:
+def figure_to_array(figure: Figure, canvas: FigureCanvasAgg) -> np.ndarray:
+    """Draw ``figure`` on its Agg ``canvas`` and return the pixels as uint8 (H, W, 3).
+
+    Example:
+        >>> figure = Figure(figsize=(1, 1), dpi=10)
+        >>> figure_to_array(figure, FigureCanvasAgg(figure)).shape
+        (10, 10, 3)
+    """
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
@@ -292,7 +300,7 @@ def matrix_image(
     if title:
         axes.set_title(title, fontsize=10)
     figure.tight_layout()
-    return _figure_to_array(figure, canvas)
+    return figure_to_array(figure, canvas)
 
 
 def line_image(
@@ -330,7 +338,7 @@ def line_image(
     if title:
         axes.set_title(title, fontsize=10)
     figure.tight_layout()
-    return _figure_to_array(figure, canvas)
+    return figure_to_array(figure, canvas)
 
 
 TOKEN_FONT_POINTS = 10  # the token text; at 100 dpi its capitals are about 10 pixels high
@@ -459,7 +467,7 @@ def render_tokens(
         floors=floors,
         width=width,
     )
-    return _figure_to_array(figure, figure.canvas)
+    return figure_to_array(figure, figure.canvas)
 
 
 FEATURE_CELL_PIXELS = 26  # width and height of one feature's cell in the tabular pictures
@@ -578,7 +586,7 @@ def render_feature_rows(
         cmap=cmap,
         floors=floors,
     )
-    return _figure_to_array(figure, figure.canvas)
+    return figure_to_array(figure, figure.canvas)
 
 
 def is_signal_input(inputs: Tensor) -> bool:
@@ -627,7 +635,7 @@ def render_signals(
         cmap=cmap,
         floors=floors,
     )
-    return _figure_to_array(figure, figure.canvas)
+    return figure_to_array(figure, figure.canvas)
 
 
 def _signal_figure(

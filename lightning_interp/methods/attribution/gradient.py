@@ -12,19 +12,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import (
+from lightning_interp.methods.model.batching import (
+    accumulation_dtype,
+    check_count,
+    check_generator,
+    clean_scores,
+    draw_device,
+    fixed_target,
+    out_dtype,
+    row_chunks,
+    row_limit,
+    sample_noise,
+)
+from lightning_interp.methods.model.core import (
     OutputTransform,
     Target,
     attribution_pass,
-    eager_forward,
-    modes_preserved,
-    resolve_target,
-    scores_from_output,
 )
+from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
-from lightning_interp.methods.tasks import target_scores
 
-__all__ = ["gradient", "input_x_gradient", "integrated_gradients", "integration_points", "smoothgrad"]
+__all__ = ["gradient", "gradient_shap", "input_x_gradient", "integrated_gradients", "integration_points", "smoothgrad"]
 
 
 @register_method(
@@ -46,7 +54,7 @@ def gradient(
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the predicted class.
         output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
         d score / d input, same shape, dtype and device as ``inputs``.
@@ -86,13 +94,6 @@ def input_x_gradient(
     return inputs * grad
 
 
-def _sample_noise(shape: torch.Size, std: Tensor, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """float32 Gaussian noise with per-sample ``std`` on ``like``'s device (added in float32, then cast)."""
-    gen_device = generator.device if generator is not None else like.device
-    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
-    return noise.to(device=like.device) * std.to(device=like.device, dtype=torch.float32)
-
-
 @register_method(
     "gradient", "SmoothGrad", stochastic=True, sensitivity=True, run_defaults={"n_samples": 16},
     cost="n_samples (16 in the callbacks) forwards + backwards", reference="Captum NoiseTunnel(Saliency), same noise",
@@ -125,7 +126,7 @@ def smoothgrad(
             to leave the global RNG untouched (the default draws from it).
         internal_batch_size: at most this many noisy inputs per forward pass.
         output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
         Averaged gradients, same shape as ``inputs``.
@@ -143,16 +144,16 @@ def smoothgrad(
     if not inputs.is_floating_point():
         inputs = inputs.float()  # integer pixels: add the noise in float
     batch = inputs.shape[0]
-    index = _fixed_target(model, inputs, target, output_transform, task)
+    index = fixed_target(model, inputs, target, output_transform, task)
     flat = inputs.detach().reshape(batch, -1).float()
     value_range = (flat.max(dim=1).values - flat.min(dim=1).values).clamp_min(1e-12)
     std = (noise_level * value_range).reshape(batch, *([1] * (inputs.ndim - 1)))
     chunk = _chunk_copies(internal_batch_size, batch, n_samples)
-    total = torch.zeros_like(inputs, dtype=_accumulation_dtype(inputs))
+    total = torch.zeros_like(inputs, dtype=accumulation_dtype(inputs))
     done = 0
     while done < n_samples:
         copies = min(chunk, n_samples - done)
-        noise = _sample_noise(torch.Size((copies, *inputs.shape)), std.unsqueeze(0), generator, inputs)
+        noise = sample_noise(torch.Size((copies, *inputs.shape)), std.unsqueeze(0), generator, inputs)
         work = torch.promote_types(inputs.dtype, torch.float32)  # add in float32 (float64 stays float64) ...
         noisy = (inputs.detach().unsqueeze(0).to(work) + noise.to(work)).to(inputs.dtype)  # ... the model's dtype
         noisy = noisy.reshape(copies * batch, *inputs.shape[1:])
@@ -236,7 +237,7 @@ def integrated_gradients(
         return_convergence_delta: also return, per sample,
             ``sum(attributions) - (f(x) - f(baseline))``.
         output_transform: maps the model's output to (B, C) scores.
-        task: the output kind (see :mod:`lightning_interp.methods.tasks`).
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
         Attributions shaped like ``inputs``; with ``return_convergence_delta``
@@ -252,11 +253,11 @@ def integrated_gradients(
     x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()  # integers: interpolate in float
     base = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     base = base.expand_as(x)
-    index = _fixed_target(model, inputs, target, output_transform, task)
+    index = fixed_target(model, inputs, target, output_transform, task)
     nodes, weights = integration_points(n_steps, method)
     chunk = _chunk_copies(internal_batch_size, batch, n_steps)
     diff = x - base
-    total = torch.zeros_like(x, dtype=_accumulation_dtype(x))
+    total = torch.zeros_like(x, dtype=accumulation_dtype(x))
     for start in range(0, n_steps, chunk):
         alphas = nodes[start : start + chunk].to(device=x.device, dtype=x.dtype)
         steps = alphas.numel()
@@ -272,15 +273,10 @@ def integrated_gradients(
     if not return_convergence_delta:
         return attributions
     with torch.no_grad():
-        end_scores = _scores(model, torch.cat([x, base]), output_transform)
+        end_scores = clean_scores(model, torch.cat([x, base]), output_transform)
     chosen = target_scores(end_scores, torch.cat([index, index]), task).double()
     delta = attributions.reshape(batch, -1).double().sum(dim=1) - (chosen[:batch] - chosen[batch:])
     return attributions, delta
-
-
-def _accumulation_dtype(x: Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise (half-precision sums lose too much)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _chunk_copies(internal_batch_size: int | None, batch: int, copies: int) -> int:
@@ -292,18 +288,131 @@ def _chunk_copies(internal_batch_size: int | None, batch: int, copies: int) -> i
     return max(1, min(copies, internal_batch_size // max(batch, 1)))
 
 
-def _scores(model: nn.Module, inputs: Tensor, output_transform: OutputTransform | None) -> Tensor:
-    with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
-        return scores_from_output(model(inputs.detach().clone()), output_transform)
+def _gradient_shap_draws(
+    n_samples: int, batch: int, references: int, generator: torch.Generator | None, like: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The baseline index (n, B) and the path position alpha (n, B, float64) of every draw, on ``like``'s device.
+
+    Drawn before the noise, which comes one draw at a time, so the draws do not
+    depend on ``internal_batch_size``.
+    """
+    device = draw_device(generator, like)
+    choice = torch.randint(references, (n_samples, batch), generator=generator, device=device)
+    alphas = torch.rand((n_samples, batch), generator=generator, device=device, dtype=torch.float64)
+    return choice.to(like.device), alphas.to(like.device)
 
 
-def _fixed_target(
-    model: nn.Module, inputs: Tensor, target: Target, output_transform: OutputTransform | None, task: str
+@register_method(
+    "gradient", "GradientSHAP", stochastic=True,
+    cost="n_samples (16) forwards + backwards", reference="Captum GradientShap, same draws",
+)  # fmt: skip
+def gradient_shap(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    *,
+    n_samples: int = 16,
+    stdevs: float = 0.0,
+    baselines: Tensor | float | None = None,
+    generator: torch.Generator | None = None,
+    internal_batch_size: int | None = None,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
 ) -> Tensor:
-    """Resolve the target once on the clean inputs so every perturbed copy explains the same class."""
-    if target is None or isinstance(target, bool) or not isinstance(target, (int, Tensor)):
-        return resolve_target(target, _scores(model, inputs, output_transform), task)
-    if isinstance(target, int):
-        return torch.full((inputs.shape[0],), target, dtype=torch.long, device=inputs.device)
-    index = target.to(device=inputs.device, dtype=torch.long).reshape(-1)
-    return index.expand(inputs.shape[0]) if index.numel() == 1 else index
+    """GradientSHAP: expected gradients between random baselines and noisy inputs (Lundberg & Lee 2017).
+
+    For each of ``n_samples`` draws per sample: a baseline ``r`` picked
+    uniformly from ``baselines``, Gaussian noise of standard deviation
+    ``stdevs`` added to the input (``x'``), a point ``alpha`` uniform on [0, 1];
+    the attribution is the mean over draws of the gradient at
+    ``alpha x' + (1 - alpha) r`` times ``x' - r``. As Captum's ``GradientShap``
+    (which also multiplies by the noisy input). The target is fixed from the
+    clean input. For a linear model it is ``w (x - mean(baselines))`` in
+    expectation.
+
+    Args:
+        model: the network.
+        inputs: (B, ...) batch.
+        target: class index, LongTensor (B,), or None for the predicted class.
+        n_samples: draws per sample (forward and backward passes per sample).
+        stdevs: standard deviation of the Gaussian noise added to the inputs,
+            in input units (0: no noise).
+        baselines: reference inputs to draw from, a (K, ...) tensor whose
+            trailing dimensions broadcast to one input's; a scalar for one
+            constant baseline; None for zeros.
+        generator: source of every draw (baselines, points and noise); pass
+            your own for reproducibility and to leave the global RNG untouched
+            (the default draws from it).
+        internal_batch_size: at most this many inputs per forward/backward pass
+            (default: all draws at once).
+        output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
+
+    Returns:
+        Attributions shaped like ``inputs``.
+
+    Raises:
+        ValueError: ``n_samples`` is not positive, ``stdevs`` is negative, or
+            ``baselines`` has the wrong shape.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> linear = nn.Linear(4, 2)
+        >>> x = torch.randn(3, 4)
+        >>> attr = gradient_shap(linear, x, 0, n_samples=8, generator=g)
+        >>> torch.allclose(attr, linear.weight[0] * x)  # zero baseline, no noise: exact for a linear model
+        True
+    """
+    check_count("n_samples", n_samples)
+    check_generator(generator)
+    if not stdevs >= 0:
+        raise ValueError(f"stdevs must be >= 0, got {stdevs!r}.")
+    x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()  # integers: interpolate in float
+    batch, shape = x.shape[0], x.shape[1:]
+    if baselines is None or not isinstance(baselines, Tensor):
+        references = torch.full((1, *shape), 0.0 if baselines is None else float(baselines), dtype=x.dtype)
+    else:
+        references = baselines
+        try:
+            ok = references.ndim == x.ndim and torch.broadcast_shapes(references.shape[1:], shape) == shape
+        except RuntimeError:
+            ok = False
+        if not ok or references.shape[0] < 1:
+            raise ValueError(
+                f"baselines of shape {tuple(references.shape)} do not fit inputs of shape {tuple(x.shape)}: pass K "
+                f"reference inputs as a (K, {', '.join(str(s) for s in shape)}) tensor, a scalar, or None for zeros."
+            )
+    references = references.detach().to(device=x.device, dtype=x.dtype).expand(-1, *shape)
+    index = fixed_target(model, x, target, output_transform, task)
+    choice, alphas = _gradient_shap_draws(n_samples, batch, references.shape[0], generator, x)
+    std = torch.tensor(float(stdevs))
+    work = torch.promote_types(x.dtype, torch.float32)  # noise is added in float32 (float64 stays float64)
+    noise: dict[int, Tensor] = {}
+    next_draw = 0
+    total_rows = n_samples * batch  # flat rows: draw-major, then sample
+    total = torch.zeros_like(x, dtype=accumulation_dtype(x))
+    limit = row_limit(internal_batch_size, total_rows)
+    limit -= limit % batch if limit >= batch else 0  # whole copies of the batch per pass (as the gradient methods)
+    for start, end in row_chunks(total_rows, limit):
+        flat = torch.arange(start, end, device=x.device)
+        draw, sample = flat // batch, flat % batch
+        if stdevs > 0:
+            first, last = start // batch, (end - 1) // batch
+            for old in [d for d in noise if d < first]:
+                del noise[old]
+            while next_draw <= last:  # one draw's noise at a time: the same numbers for any chunking
+                noise[next_draw] = sample_noise(x.shape, std, generator, x)
+                next_draw += 1
+            drawn = torch.cat(
+                [noise[d][max(start - d * batch, 0) : min(end - d * batch, batch)] for d in range(first, last + 1)]
+            )
+            noisy = (x[sample].to(work) + drawn.to(work)).to(x.dtype)
+        else:
+            noisy = x[sample]
+        reference = references[choice[draw, sample]]
+        alpha = alphas[draw, sample].to(x.dtype).reshape(-1, *([1] * len(shape)))
+        points = alpha * noisy + (1.0 - alpha) * reference
+        grads = attribution_pass(model, points, index[sample], output_transform=output_transform, task=task).input_grad
+        assert grads is not None
+        total.index_add_(0, sample, (grads.to(x.dtype) * (noisy - reference)).to(total.dtype))
+    return (total / n_samples).to(out_dtype(inputs))

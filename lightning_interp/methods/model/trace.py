@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods._core import eager_forward, modes_preserved
+from lightning_interp.methods.model.core import eager_forward, modes_preserved
 
 __all__ = ["ModelTrace", "trace_model"]
 

@@ -1,0 +1,95 @@
+"""Helpers shared by the attribution functions that run many copies of a batch (the gradient family's noise and
+interpolation paths, the perturbation family's masked copies): dtypes, counts, chunks, targets fixed on the clean
+inputs, and random draws from the caller's generator only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lightning_interp.methods.model.core import (
+    OutputTransform,
+    Target,
+    eager_forward,
+    modes_preserved,
+    resolve_target,
+    scores_from_output,
+)
+
+__all__ = [
+    "accumulation_dtype",
+    "check_count",
+    "check_generator",
+    "clean_scores",
+    "draw_device",
+    "fixed_target",
+    "out_dtype",
+    "row_chunks",
+    "row_limit",
+    "sample_noise",
+]
+
+
+def sample_noise(shape: torch.Size, std: Tensor, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """float32 Gaussian noise with per-sample ``std`` on ``like``'s device (added in float32, then cast)."""
+    gen_device = generator.device if generator is not None else like.device
+    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return noise.to(device=like.device) * std.to(device=like.device, dtype=torch.float32)
+
+
+def accumulation_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise (half-precision sums lose too much)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def clean_scores(model: nn.Module, inputs: Tensor, output_transform: OutputTransform | None) -> Tensor:
+    with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
+        return scores_from_output(model(inputs.detach().clone()), output_transform)
+
+
+def fixed_target(
+    model: nn.Module, inputs: Tensor, target: Target, output_transform: OutputTransform | None, task: str
+) -> Tensor:
+    """Resolve the target once on the clean inputs so every perturbed copy explains the same class."""
+    if target is None or isinstance(target, bool) or not isinstance(target, (int, Tensor)):
+        return resolve_target(target, clean_scores(model, inputs, output_transform), task)
+    if isinstance(target, int):
+        return torch.full((inputs.shape[0],), target, dtype=torch.long, device=inputs.device)
+    index = target.to(device=inputs.device, dtype=torch.long).reshape(-1)
+    return index.expand(inputs.shape[0]) if index.numel() == 1 else index
+
+
+def out_dtype(inputs: Tensor) -> torch.dtype:
+    """Attributions come in the inputs' dtype, float32 for integer inputs."""
+    return inputs.dtype if inputs.is_floating_point() else torch.float32
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def row_limit(internal_batch_size: int | None, total: int, default: int | None = None) -> int:
+    if internal_batch_size is None:
+        return max(default or total, 1)
+    if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1:
+        raise ValueError(f"internal_batch_size must be positive, got {internal_batch_size!r}.")
+    return internal_batch_size
+
+
+def row_chunks(total: int, limit: int) -> Iterator[tuple[int, int]]:
+    """Half-open ranges of at most ``limit`` flat rows covering ``range(total)``."""
+    for start in range(0, total, limit):
+        yield start, min(start + limit, total)
+
+
+def draw_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    return generator.device if generator is not None else like.device
+
+
+def check_generator(generator: torch.Generator | None) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}.")

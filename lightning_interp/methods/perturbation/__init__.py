@@ -1,0 +1,3 @@
+"""Perturbation attribution: occlusion, LIME, KernelSHAP.
+
+Everything public is re-exported from :mod:`lightning_interp.methods`."""
