@@ -26,6 +26,8 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.image import imsave
 
+from lightning_interp._lightning import batches_that_stepped
+
 __all__ = [
     "DrawingWorker",
     "image_directory",
@@ -64,9 +66,8 @@ def logging_step(trainer: pl.Trainer) -> int:
         >>> logging_step(pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False))
         0
     """
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    step = getattr(loop, "_batches_that_stepped", None)
-    return int(step) if isinstance(step, int) else int(trainer.global_step)
+    step = batches_that_stepped(trainer)
+    return step if step is not None else int(trainer.global_step)
 
 
 def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int) -> list[str]:

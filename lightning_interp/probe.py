@@ -20,6 +20,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from lightning_interp._lightning import user_sampler
 from lightning_interp.methods.model.tasks import label_kind
 
 __all__ = [
@@ -485,7 +486,7 @@ def _batch_count(total: int, limit: int | float | None) -> int:
 def _sampler_generators(loader: DataLoader) -> list[torch.Generator]:
     """The torch generators a loader's samplers draw from (their state is restored after a scan)."""
     sampler = getattr(loader.batch_sampler, "sampler", None)
-    wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # inside Lightning's distributed wrapper
+    wrapped = user_sampler(sampler)  # inside Lightning's distributed wrapper
     owners = [loader, loader.sampler, loader.batch_sampler, sampler, wrapped]
     found: list[torch.Generator] = []
     for owner in owners:
@@ -543,7 +544,7 @@ def _distributed_indices(sampler: DistributedSampler, per_rank: int) -> list[int
     Lightning's ``DistributedSamplerWrapper`` shards the positions of a user's sampler (its ``dataset`` lists
     them); one realisation of that sampler's order maps the positions to dataset indices, as every rank sees it.
     """
-    wrapped = getattr(sampler.dataset, "_sampler", None)
+    wrapped = user_sampler(sampler)
     order = [int(index) for index in wrapped] if wrapped is not None else None
     chosen: list[int] = []
     for rank in range(sampler.num_replicas):

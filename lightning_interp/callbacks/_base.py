@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_interp._lightning import compiled_by_lightning, validation_source
 from lightning_interp._logging import (
     TAG_PREFIX,
     log_scalars,
@@ -35,12 +36,6 @@ from lightning_interp.probe import BatchParser, ProbeSet, ValidationScan, parse_
 
 T = TypeVar("T")
 POOL_FACTOR = 8  # a stream's probe is drawn from this many times num_samples of its first samples
-
-
-def _validation_source(trainer: pl.Trainer, stage: str | None) -> Any:
-    """Lightning's record of where validation data comes from for ``stage`` (None if unknown)."""
-    loop = trainer.validate_loop if stage == "validate" else trainer.fit_loop.epoch_loop.val_loop
-    return getattr(loop, "_data_source", None)
 
 
 def _first_loader(loaders: Any) -> Any:
@@ -222,7 +217,7 @@ class InterpCallback(Callback):
             self._check_model(pl_module)
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn; its value is "fit", ...
         if self.probe is None and stage in ("fit", "validate"):
-            source = _validation_source(trainer, stage)
+            source = validation_source(trainer, stage)
             if source is not None and not source.is_defined():
                 argument = "val_dataloaders" if stage == "fit" else "dataloaders"
                 raise ValueError(
@@ -426,7 +421,7 @@ class InterpCallback(Callback):
     def _current_loader(self, trainer: pl.Trainer) -> Any:
         loader = _first_loader(trainer.val_dataloaders)
         if loader is None:
-            source = _validation_source(trainer, "validate" if trainer.state.fn == "validate" else "fit")
+            source = validation_source(trainer, "validate" if trainer.state.fn == "validate" else "fit")
             with contextlib.suppress(Exception):
                 loader = _first_loader(source.dataloader()) if source is not None else None
         return loader
@@ -651,7 +646,7 @@ _COMPILED_NOTE = (
 
 def _is_compiled(pl_module: nn.Module) -> bool:
     """Whether the module, or one of its sub-modules, runs through torch.compile."""
-    if getattr(pl_module, "_compiler_ctx", None):  # Lightning's unwrapped torch.compile(lightning_module)
+    if compiled_by_lightning(pl_module):  # Lightning's unwrapped torch.compile(lightning_module)
         return True
     return any(type(module).__name__ == "OptimizedModule" for module in pl_module.modules())
 
