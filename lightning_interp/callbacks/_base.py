@@ -24,6 +24,7 @@ from lightning_interp._logging import (
     prepare_loggers,
     write_scalar_layout,
 )
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._context import active_context, end_run, join_run
 from lightning_interp.methods import (
     ForwardWith,
@@ -103,9 +104,7 @@ class InterpCallback(Callback):
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"name must be a non-empty string without '/', got {name!r}.")
-        _check_positive_int("num_samples", num_samples)
-        _check_positive_int("every_n_epochs", every_n_epochs)
-        _check_callable("forward_fn", forward_fn)
+        check_arguments(num_samples=num_samples, every_n_epochs=every_n_epochs, forward_fn=forward_fn)
         if data is not None and not isinstance(data, DataDescription):
             raise TypeError(f"data must be a DataDescription or None, got {type(data).__name__}.")
         if display is not None and not isinstance(display, Display):
@@ -711,16 +710,6 @@ def unwrapped(model: nn.Module) -> nn.Module:
 def _builds_in_configure_model(pl_module: pl.LightningModule) -> bool:
     """Whether the module builds layers in ``configure_model()`` (or its legacy name), after the callbacks' setup."""
     return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model"))
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-
-
-def _check_callable(name: str, value: Callable | None) -> None:
-    if value is not None and not callable(value):
-        raise TypeError(f"{name} must be callable or None, got {type(value).__name__}.")
 
 
 def _refuse_sharded_strategies(callback: Callback, trainer: pl.Trainer) -> None:

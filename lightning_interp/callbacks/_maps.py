@@ -19,10 +19,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
-from lightning_interp.callbacks._base import InterpCallback, _check_callable, parse_layer_names
+from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     METHODS,
-    TASKS,
     OutputTransform,
     TaskOption,
     check_method_options,
@@ -130,8 +130,6 @@ class MapCallback(InterpCallback):
             raise ValueError(f"target must be 'pred', 'label' or a class index (int), got {target!r}.")
         if isinstance(target, int) and target < 0:
             raise ValueError(f"A fixed target class must be >= 0, got {target}.")
-        if task != "auto" and task not in TASKS:
-            raise ValueError(f"task must be 'auto' or one of {TASKS}, got {task!r}.")
         self.target = target
         self.task = task
         self._task: str | None = None  # the kind in force for this run (``task``, or inferred at fit start)
@@ -145,7 +143,7 @@ class MapCallback(InterpCallback):
             display=display,
             forward_fn=forward_fn,
         )
-        _check_callable("output_transform", output_transform)
+        check_arguments(task=task, output_transform=output_transform)
         self.output_transform = output_transform
         self._previous: dict[str, Tensor] = {}
         self._history: list[tuple[int, dict[str, Tensor]]] = []

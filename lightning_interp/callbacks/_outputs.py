@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     OutputTransform,
     class_labels,
@@ -49,8 +50,7 @@ class ValidationOutputsCallback(InterpCallback):
         data: DataDescription | None = None,
         display: Display | None = None,
     ) -> None:
-        if output_transform is not None and not callable(output_transform):
-            raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
+        check_arguments(output_transform=output_transform)
         # no probe set, num_samples or forward_fn: the base's probe (two samples, unless a subclass that explains
         # probe samples sets ``num_samples`` after this) marks the run as ready
         super().__init__(

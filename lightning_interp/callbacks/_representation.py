@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, unwrapped
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._context import active_context
 from lightning_interp.methods import (
     auto_layers,
@@ -55,9 +56,7 @@ class RepresentationCallback(InterpCallback):
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
         names = parse_layer_names(layers, "layers")
-        for option, value in (("max_layers", max_layers), ("max_features", max_features)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{option} must be a positive int, got {value!r}.")
+        check_arguments(max_layers=max_layers, max_features=max_features)
         super().__init__(
             name=name,
             num_samples=num_samples,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     TokenReshape,
     activation_maps,
@@ -122,8 +123,7 @@ class ActivationMapsCallback(InterpCallback):
     ) -> None:
         names = parse_layer_names(layers, "layers")
         _check_channels(channels, names)
-        if not isinstance(max_layers, int) or isinstance(max_layers, bool) or max_layers < 1:
-            raise ValueError(f"max_layers must be a positive int, got {max_layers!r}.")
+        check_arguments(max_layers=max_layers)
         super().__init__(name=name, num_samples=num_samples, **kwargs)
         self.layers: list[str] = names
         self.auto = not names

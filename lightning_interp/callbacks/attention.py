@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from lightning_interp._logging import log_image
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._maps import Explanation, LayerMapCallback, _GridData, is_token_input
 from lightning_interp.methods import (
-    HEAD_FUSIONS,
     MAX_PREFIX_TOKENS,
     TokenGrid,
     attention_entropy,
@@ -140,14 +140,11 @@ class AttentionCallback(LayerMapCallback):
             )
         super().__init__(name=name, **kwargs)
         self._choose_layers(layers, "layers")
-        if head_fusion not in HEAD_FUSIONS:
-            raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
+        check_arguments(head_fusion=head_fusion, head_samples=head_samples)
         if not (
             query in ("auto", "mean", "last") or (isinstance(query, int) and not isinstance(query, bool) and query >= 0)
         ):
             raise ValueError(f"query must be 'auto', 'mean', 'last' or a token position (an int >= 0), got {query!r}.")
-        if not isinstance(head_samples, int) or isinstance(head_samples, bool) or head_samples < 1:
-            raise ValueError(f"head_samples must be a positive int, got {head_samples!r}.")
         for option, value in (("heads", heads), ("rollout", rollout), ("residual", residual)):
             if not isinstance(value, bool):
                 raise TypeError(f"{option} must be True or False, got {value!r}.")

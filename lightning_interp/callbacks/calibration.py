@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_interp._logging import log_image, logging_step
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
 from lightning_interp.methods import (
     OutputTransform,
@@ -74,8 +75,7 @@ class CalibrationCallback(ValidationOutputsCallback):
         name: str = "calibration",
         **kwargs: Any,
     ) -> None:
-        if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 2:
-            raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}.")
+        check_arguments(n_bins=n_bins)
         super().__init__(name=name, output_transform=output_transform, **kwargs)
         self.n_bins = n_bins
 

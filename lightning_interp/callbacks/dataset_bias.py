@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_interp._logging import log_image, log_scalars, logging_step
 from lightning_interp.callbacks._base import _first_loader, class_name
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
 from lightning_interp.methods import (
     METHODS,
@@ -135,8 +136,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
             )
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2:
             raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}.")
-        if not 0 < border_fraction < 0.5:
-            raise ValueError(f"border_fraction must lie in (0, 0.5), got {border_fraction!r}.")
+        check_arguments(border_fraction=border_fraction)
         self.methods = tuple(parsed)
         self.method_options = {method: options for method, options in parsed.items() if options}
         self.seed = seed

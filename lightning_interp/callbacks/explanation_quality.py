@@ -16,12 +16,11 @@ from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._maps import _nanmean
 from lightning_interp.methods import (
-    CHANNEL_REDUCTIONS,
     METHODS,
     REMOVAL_BASELINES,
-    TASKS,
     Explainer,
     MethodsArg,
     OutputTransform,
@@ -253,12 +252,7 @@ class ExplanationQualityCallback(InterpCallback):
         self.metrics = tuple(self.metric_options)
         if target not in ("pred", "label"):
             raise ValueError(f"target must be 'pred' or 'label', got {target!r}.")
-        if task != "auto" and task not in TASKS:
-            raise ValueError(f"task must be 'auto' or one of {TASKS}, got {task!r}.")
-        if channel_reduction not in CHANNEL_REDUCTIONS:
-            raise ValueError(f"channel_reduction must be one of {CHANNEL_REDUCTIONS}, got {channel_reduction!r}.")
-        if output_transform is not None and not callable(output_transform):
-            raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
+        check_arguments(task=task, channel_reduction=channel_reduction, output_transform=output_transform)
         self.target = target
         self.task = task
         self._output_task = "multiclass"  # the kind in force this fit (``task``, or inferred at fit start)

@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, class_name
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     PARAMETERIZATIONS,
     OutputTransform,
@@ -217,15 +218,7 @@ class FeatureVisualizationCallback(InterpCallback):
         every_n_epochs: int = 5,
         **kwargs: Any,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(
-                f"mode must be one of {MODES} ('optimize' from noise, 'dream' on probe images), got {mode!r}."
-            )
-        for option, value in (("steps", steps), ("num_images", num_images)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{option} must be a positive int, got {value!r}.")
-        if not isinstance(max_classes, int) or isinstance(max_classes, bool) or max_classes < 1:
-            raise ValueError(f"max_classes must be a positive int, got {max_classes!r}.")
+        check_arguments(mode=mode, steps=steps, num_images=num_images, max_classes=max_classes)
         if lr is not None and not lr > 0:
             raise ValueError(f"lr must be > 0 (or None for the mode's default), got {lr!r}.")
         if image is not None and not isinstance(image, ImageOptions):
@@ -233,8 +226,7 @@ class FeatureVisualizationCallback(InterpCallback):
                 f"image must be an ImageOptions or None, got {type(image).__name__}: write "
                 "image=ImageOptions(value_range=(0.0, 1.0))."
             )
-        if output_transform is not None and not callable(output_transform):
-            raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
+        check_arguments(output_transform=output_transform)
         self.auto = isinstance(targets, str) and targets == "classes"
         parsed: list[VisualizationTarget] = []
         if not self.auto:

@@ -12,10 +12,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_interp._logging import log_image, logging_step
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods import (
-    PROBE_SOLVERS,
-    TASKS,
     TaskOption,
     class_labels,
     label_kind,
@@ -92,14 +91,9 @@ class LinearProbeCallback(RepresentationCallback):
         name: str = "probe",
         **kwargs: Any,
     ) -> None:
-        if solver not in PROBE_SOLVERS:
-            raise ValueError(f"solver must be one of {PROBE_SOLVERS}, got {solver!r}.")
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
+        check_arguments(solver=solver, test_fraction=test_fraction, task=task)
         if l2 < 0:
             raise ValueError(f"l2 must be >= 0, got {l2}.")
-        if task != "auto" and task not in TASKS:
-            raise ValueError(f"task must be 'auto' or one of {TASKS}, got {task!r}.")
         super().__init__(
             name=name,
             layers=layers,

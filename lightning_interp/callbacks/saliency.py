@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._maps import Explanation, MapCallback, is_token_input
 from lightning_interp.methods import (
-    CHANNEL_REDUCTIONS,
     METHODS,
     Explainer,
     LayerInput,
@@ -110,10 +110,7 @@ class SaliencyCallback(MapCallback):
             elsewhere="GradCAMCallback(methods=...)",
         )
         names = tuple(parsed)
-        if channel_reduction not in CHANNEL_REDUCTIONS:
-            raise ValueError(f"channel_reduction must be one of {CHANNEL_REDUCTIONS}, got {channel_reduction!r}.")
-        if not isinstance(internal_batch_size, int) or internal_batch_size < 1:
-            raise ValueError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}.")
+        check_arguments(channel_reduction=channel_reduction, internal_batch_size=internal_batch_size)
         if input_layer is not None and (not isinstance(input_layer, str) or not input_layer):
             raise ValueError(f"input_layer must be None, 'auto' or a dotted module name, got {input_layer!r}.")
         if input_layer is not None:

@@ -12,11 +12,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods import (
-    RDM_METRICS,
-    RSA_METHODS,
-    TASKS,
     TaskOption,
     auto_layers,
     capture_features,
@@ -115,12 +113,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         unknown = [m for m in metrics if m not in SIMILARITY_METRICS]
         if unknown or not metrics:
             raise ValueError(f"metrics must be a non-empty subset of {SIMILARITY_METRICS}, got {list(metrics)}.")
-        if rdm_metric not in RDM_METRICS:
-            raise ValueError(f"rdm_metric must be one of {RDM_METRICS}, got {rdm_metric!r}.")
-        if rsa_method not in RSA_METHODS:
-            raise ValueError(f"rsa_method must be one of {RSA_METHODS}, got {rsa_method!r}.")
-        if task != "auto" and task not in TASKS:
-            raise ValueError(f"task must be 'auto' or one of {TASKS}, got {task!r}.")
+        check_arguments(rdm_metric=rdm_metric, rsa_method=rsa_method, task=task)
         if reference_model is not None and not isinstance(reference_model, nn.Module):
             raise TypeError(f"reference_model must be an nn.Module, got {type(reference_model).__name__}.")
         if reference_model is not None and "cka" not in metrics:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, class_name, unwrapped
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     DROPOUT_TYPES,
     METHODS,
@@ -143,20 +144,10 @@ class UncertaintyCallback(InterpCallback):
         name: str = "uncertainty",
         **kwargs: Any,
     ) -> None:
-        if not isinstance(passes, int) or isinstance(passes, bool) or passes < 2:
-            raise ValueError(
-                f"passes must be an int >= 2 (the epistemic part compares stochastic passes), got {passes!r}."
-            )
-        if output_transform is not None and not callable(output_transform):
-            raise TypeError(f"output_transform must be callable or None, got {type(output_transform).__name__}.")
+        check_arguments(
+            passes=passes, output_transform=output_transform, output_kind=output_kind, explain_samples=explain_samples
+        )
         parsed = {} if methods is None else parse_methods(methods, owner="UncertaintyCallback")
-        if output_kind not in OUTPUT_KINDS:
-            raise ValueError(
-                f"output_kind must be one of {OUTPUT_KINDS} ('logits': MC dropout; 'evidential': the output is "
-                f"Dirichlet evidence), got {output_kind!r}."
-            )
-        if not isinstance(explain_samples, int) or isinstance(explain_samples, bool) or explain_samples < 1:
-            raise ValueError(f"explain_samples must be a positive int, got {explain_samples!r}.")
         super().__init__(name=name, num_samples=num_samples, **kwargs)
         self.methods = tuple(parsed)
         self.method_options = {method: options for method, options in parsed.items() if options}
