@@ -69,3 +69,50 @@ def test_different_descriptions_are_kept_apart_and_one_without_is_told(tmp_path)
     assert first.class_names == tuple(NAMES) and second.class_names == tuple("abcd")
     assert bare.class_names is None
     assert any("were given different ones" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    ("make", "hint"),
+    [
+        (lambda: SaliencyCallback(class_names=NAMES), r"data=DataDescription\(class_names=\.\.\.\)"),
+        (lambda: GradCAMCallback(rows_per_image=2), r"display=Display\(rows_per_image=\.\.\.\)"),
+        (lambda: SaliencyCallback(ig_steps=8), r'methods=\{\.\.\., "integrated_gradients": \{"n_steps": \.\.\.\}\}'),
+        (lambda: DatasetBiasCallback(attribution="grad_cam"), r"methods=<the method's name>"),
+        (lambda: _callback("UncertaintyCallback", n_samples=8), r"passes=\.\.\."),
+        (lambda: _callback("ExplanationQualityCallback", steps=4), r'metrics=\{"deletion": \{"steps"'),
+        (lambda: _callback("ConceptCallback", {"c": None}, "net.4", n_random=2), r"test=TCAVTest\(n_random=\.\.\.\)"),
+        (lambda: _callback("FeatureVisualizationCallback", octaves=2), r"image=ImageOptions\(octaves=\.\.\.\)"),
+    ],
+)
+def test_an_argument_of_0_1_says_what_to_write_instead(make, hint):
+    with pytest.raises(TypeError, match=r"moved in lightning-interp 0\.2: write " + hint):
+        make()
+
+
+def _callback(name: str, *args, **kwargs):
+    import lightning_interp
+
+    return getattr(lightning_interp, name)(*args, **kwargs)
+
+
+def test_a_callback_still_taking_a_name_is_not_refused():
+    from lightning_interp import FeatureVisualizationCallback, LinearProbeCallback
+
+    assert FeatureVisualizationCallback(steps=4).steps == 4  # steps moved only for ExplanationQualityCallback
+    assert LinearProbeCallback(l2=0.5, test_fraction=0.25).l2 == 0.5  # l2 moved only for ConceptCallback
+
+
+def test_display_fields_a_callback_does_not_use_are_warned_about():
+    from lightning_interp import LinearProbeCallback
+
+    with pytest.warns(UserWarning, match=r"LinearProbeCallback does not use Display\(cmap=\.\.\., rows_per_image"):
+        LinearProbeCallback(display=Display(cmap="magma", rows_per_image=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SaliencyCallback(display=Display(cmap="magma", rows_per_image=2, evolution_samples=1))
+        LinearProbeCallback(display=Display(background_drawing=False))
+
+
+def test_seeds_are_checked_at_construction():
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        SaliencyCallback(seed=1.5)

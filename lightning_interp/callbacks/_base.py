@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -24,7 +26,7 @@ from lightning_interp._logging import (
     prepare_loggers,
     write_scalar_layout,
 )
-from lightning_interp.callbacks._checks import check_arguments
+from lightning_interp.callbacks._checks import check_arguments, refuse_moved_arguments
 from lightning_interp.callbacks._context import active_context, end_run, join_run
 from lightning_interp.methods import (
     ForwardWith,
@@ -117,6 +119,16 @@ class InterpCallback(Callback):
         self._given_data = data
         self._data: DataDescription | None = None  # in force this run: given, or shared by another callback
         self.display = display if display is not None else Display()
+        unused = [
+            field.name
+            for field in fields(Display)
+            if field.name not in self.display_fields and getattr(self.display, field.name) != field.default
+        ]
+        if unused:
+            rank_zero_warn(
+                f"{type(self).__name__} does not use Display({', '.join(f'{n}=...' for n in unused)}): it uses "
+                f"{', '.join(self.display_fields)} only."
+            )
         self.forward_fn = forward_fn
         self._wrapper: ForwardWith | None = None
         self.probe: ProbeSet | None = probe
@@ -130,6 +142,14 @@ class InterpCallback(Callback):
         self._provisional = False  # checks running on a stream's first few samples, before its probe is drawn
         if probe is not None and self._needs_labels() and not probe.has_labels:
             raise ValueError(f"{self._labels_reason()}, but the given ProbeSet has none.")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> InterpCallback:
+        refuse_moved_arguments(cls, kwargs, _accepted_arguments(cls))  # 0.1 names: say what to write instead
+        return super().__new__(cls)
+
+    display_fields: tuple[str, ...] = ("background_drawing",)
+    """The :class:`~lightning_interp.options.Display` fields this callback uses (a subclass that draws maps adds
+    its own); another field set to a non-default value is warned about at construction."""
 
     default_cmap = "inferno"
     """The colormap of this callback's heatmaps when ``display.cmap`` is None."""
@@ -672,6 +692,20 @@ def _shared_description(callback: InterpCallback, trainer: pl.Trainer) -> DataDe
     return given[0] if given else None
 
 
+def _accepted_arguments(kind: type) -> set[str]:
+    """The names ``kind``'s constructor takes, following its ``**kwargs`` down the classes it passes them to."""
+    names: set[str] = set()
+    for klass in kind.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names.update(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
 def _refuse_name_clash(callback: InterpCallback, trainer: pl.Trainer) -> None:
     """Two callbacks of one class and name in one Trainer: say to pass ``name=``. Lightning refuses them first, in
     ``Trainer.__init__``, with its own message about ``state_key`` (a test checks that it still does); this check, at
@@ -750,11 +784,6 @@ def parse_names(names: Sequence[str] | None, option: str) -> list[str] | None:
     if isinstance(names, str) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{option} must be a list of strings, got {names!r}.")
     return list(names)
-
-
-def parse_class_names(class_names: Sequence[str] | None) -> list[str] | None:
-    """Check a ``class_names`` argument: None or a list of strings (one per class)."""
-    return parse_names(class_names, "class_names")
 
 
 def class_name(class_names: Sequence[str] | None, k: int) -> str:

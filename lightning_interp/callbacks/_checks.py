@@ -7,7 +7,7 @@ every name it passes is in :data:`ARGUMENTS` (a name missing there is a programm
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from lightning_interp.methods import (
     TASKS,
 )
 
-__all__ = ["ARGUMENTS", "check_arguments"]
+__all__ = ["ARGUMENTS", "MOVED_IN_0_2", "check_arguments", "refuse_moved_arguments"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ ARGUMENTS: dict[str, Callable[[str, Any], None]] = {
     "num_images": IntAtLeast(1),
     "passes": IntAtLeast(2, "the epistemic part compares stochastic passes"),
     "n_bins": IntAtLeast(2),
+    "seed": IntAtLeast(0, "a generator seed"),
     # what the output is and what to explain
     "task": OneOf(("auto", *TASKS)),
     "channel_reduction": OneOf(CHANNEL_REDUCTIONS),
@@ -115,3 +116,58 @@ def check_arguments(**values: Any) -> None:
     """
     for name, value in values.items():
         ARGUMENTS[name](name, value)
+
+
+_DATA = "data=DataDescription({name}=...)"
+_DISPLAY = "display=Display({name}=...)"
+MOVED_IN_0_2: dict[str, str] = {
+    **{name: _DATA for name in ("class_names", "vocabulary", "decode", "pad_id", "feature_names", "batch_parser")},
+    **{
+        name: _DISPLAY
+        for name in ("cmap", "evolution_samples", "evolution_columns", "rows_per_image", "background_drawing")
+    },
+    "smoothgrad_samples": 'methods={{..., "smoothgrad": {{"n_samples": ...}}}}',
+    "noise_level": 'methods={{..., "smoothgrad": {{"noise_level": ...}}}}',
+    "ig_steps": 'methods={{..., "integrated_gradients": {{"n_steps": ...}}}}',
+    "attribution": "methods=<the method's name>",
+    "attribution_options": "methods={{<the method's name>: {{option: value}}}}",
+    "attribution_samples": "num_samples=...",
+    "explain": "methods=<the method's name>",
+    "explain_options": "methods={{<the method's name>: {{option: value}}}}",
+    "n_samples": "passes=... (the dropout passes)",
+    "steps": 'metrics={{"deletion": {{"steps": ...}}, "insertion": {{"steps": ...}}, ...}}',
+    "baseline": 'metrics={{"deletion": {{"baseline": ...}}, "insertion": {{"baseline": ...}}, ...}}',
+    "fraction": 'metrics={{..., "top_drop": {{"fraction": ...}}}}',
+    "robustness_radius": 'metrics={{..., "robustness": {{"radius": ...}}}}',
+    "robustness_samples": 'metrics={{..., "robustness": {{"samples": ...}}}}',
+    "cascading": 'metrics={{..., "cascading": {{"depth": ...}}}}',
+    **{name: "test=TCAVTest({name}=...)" for name in ("n_random", "random_set_size", "alpha", "equal_var")},
+    "min_cav_accuracy": "cav=CAVOptions(min_accuracy=...)",
+    "test_fraction": "cav=CAVOptions(test_fraction=...)",
+    "l2": "cav=CAVOptions(l2=...)",
+    "batch_size": "nothing: the callback chooses its forward chunk for the model and device",
+    **{
+        name: "image=ImageOptions({name}=...)"
+        for name in ("value_range", "parameterization", "decorrelate", "transforms", "octaves", "octave_scale")
+    },
+}
+"""Arguments of 0.1 that 0.2 moved, and what to write instead (a callback that still takes the name is not
+concerned)."""
+
+
+def refuse_moved_arguments(kind: type, given: Iterable[str], accepted: Iterable[str]) -> None:
+    """Raise a TypeError saying what to write instead for each 0.1 argument in ``given`` that ``kind`` no longer
+    takes (``accepted``: the names its constructor takes, through its ``**kwargs`` chain).
+
+    Example:
+        >>> refuse_moved_arguments(object, ["class_names"], [])
+        Traceback (most recent call last):
+        ...
+        TypeError: object(class_names=...) moved in lightning-interp 0.2: write data=DataDescription(class_names=...)...
+    """
+    accepted = set(accepted)
+    moved = [name for name in given if name in MOVED_IN_0_2 and name not in accepted]
+    if moved:
+        hints = "; ".join(f"{kind.__name__}({name}=...) moved in lightning-interp 0.2: write "
+                          f"{MOVED_IN_0_2[name].format(name=name)}" for name in moved)  # fmt: skip
+        raise TypeError(f"{hints} (see CHANGELOG.md).")

@@ -111,6 +111,7 @@ class MapCallback(InterpCallback):
     """
 
     later_metrics = ("stability",)
+    display_fields = ("background_drawing", "cmap", "evolution_samples", "evolution_columns", "rows_per_image")
 
     def __init__(
         self,
@@ -189,7 +190,8 @@ class MapCallback(InterpCallback):
             raise ValueError(
                 f"{type(self).__name__} draws a map per sample for images (N, C, H, W), signals (N, C, T) or "
                 f"feature vectors (N, D); the probe inputs have shape {tuple(probe.inputs.shape)}. For video or "
-                "volumes, pass a batch_parser (or probe=ProbeSet(...)) that gives one of these forms, e.g. a frame."
+                "volumes, pass data=DataDescription(batch_parser=...) (or probe=ProbeSet(...)) that gives one of "
+                "these forms, e.g. a frame."
             )
         name = type(self).__name__
         if self.vocabulary is not None and is_token_input(probe.inputs):
@@ -197,7 +199,8 @@ class MapCallback(InterpCallback):
             if largest >= len(self.vocabulary):
                 raise ValueError(
                     f"{name}: the probe inputs hold token id {largest}, but the vocabulary has {len(self.vocabulary)} "
-                    f"entries (ids 0 to {len(self.vocabulary) - 1}): pass the full vocabulary, or decode=... ."
+                    f"entries (ids 0 to {len(self.vocabulary) - 1}): pass the full vocabulary, or "
+                    "DataDescription(decode=...)."
                 )
         if self.feature_names is not None and (
             probe.inputs.ndim != 2 or len(self.feature_names) != probe.inputs.shape[1]

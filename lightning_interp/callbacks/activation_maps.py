@@ -110,6 +110,7 @@ class ActivationMapsCallback(InterpCallback):
     """
 
     default_cmap = "viridis"  # activations are non-negative maps, not evidence
+    display_fields = ("background_drawing", "cmap")
 
     def __init__(
         self,

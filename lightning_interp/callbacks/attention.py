@@ -112,7 +112,7 @@ class AttentionCallback(LayerMapCallback):
         query: ``"auto"``, ``"mean"``, ``"last"`` or a token position (see above).
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: shared options of :class:`~lightning_interp.callbacks._maps.MapCallback`
-            (``num_samples``, ``every_n_epochs``, ``probe``, ``vocabulary``, ``pad_id``, ``rows_per_image``, ...).
+            (``num_samples``, ``every_n_epochs``, ``probe``, ``data`` (vocabulary, padding), ``display``, ...).
 
     Example:
         >>> callback = AttentionCallback(head_fusion="max", num_samples=4)

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
+from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     TCAVResult,
     class_labels,
@@ -283,6 +284,7 @@ class ConceptCallback(InterpCallback):
         name: str = "tcav",
         **kwargs: Any,
     ) -> None:
+        check_arguments(seed=seed)
         super().__init__(name=name, num_samples=num_samples, **kwargs)
         if not isinstance(concepts, Mapping) or not concepts:
             raise ValueError(

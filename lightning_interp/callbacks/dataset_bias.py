@@ -136,7 +136,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
             )
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2:
             raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}.")
-        check_arguments(border_fraction=border_fraction)
+        check_arguments(border_fraction=border_fraction, seed=seed)
         self.methods = tuple(parsed)
         self.method_options = {method: options for method, options in parsed.items() if options}
         self.seed = seed

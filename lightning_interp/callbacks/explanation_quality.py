@@ -163,9 +163,9 @@ class ExplanationQualityCallback(InterpCallback):
     images; see BENCHMARKS.md).
 
     Args:
-        methods: registered method names, or ``(name, {option: value})`` pairs
-            (``{"layer": "net.7"}`` for a CAM method; without a layer, the
-            automatic Grad-CAM layer, chosen once per fit).
+        methods: registered methods: a name, a list of names, or a ``{name: {option: value}}`` mapping
+            (``(name, options)`` pairs in a list work too; ``{"layer": "net.7"}`` for a CAM method; without a
+            layer, the automatic Grad-CAM layer, chosen once per fit).
         num_samples: probe samples scored (drawn from the validation data, balanced over classes).
         metrics: which of :data:`QUALITY_METRICS` to compute, and their
             options, spelt as ``methods=`` is: a name, a list of names or
@@ -252,7 +252,7 @@ class ExplanationQualityCallback(InterpCallback):
         self.metrics = tuple(self.metric_options)
         if target not in ("pred", "label"):
             raise ValueError(f"target must be 'pred' or 'label', got {target!r}.")
-        check_arguments(task=task, channel_reduction=channel_reduction, output_transform=output_transform)
+        check_arguments(task=task, channel_reduction=channel_reduction, output_transform=output_transform, seed=seed)
         self.target = target
         self.task = task
         self._output_task = "multiclass"  # the kind in force this fit (``task``, or inferred at fit start)

@@ -201,6 +201,8 @@ class FeatureVisualizationCallback(InterpCallback):
         (['net.3:5', 'class:2'], 'pixel')
     """
 
+    display_fields = ("background_drawing", "evolution_columns")
+
     def __init__(
         self,
         targets: str | Sequence[VisualizationTargetSpec] = "classes",
@@ -226,7 +228,7 @@ class FeatureVisualizationCallback(InterpCallback):
                 f"image must be an ImageOptions or None, got {type(image).__name__}: write "
                 "image=ImageOptions(value_range=(0.0, 1.0))."
             )
-        check_arguments(output_transform=output_transform)
+        check_arguments(output_transform=output_transform, seed=seed)
         self.auto = isinstance(targets, str) and targets == "classes"
         parsed: list[VisualizationTarget] = []
         if not self.auto:

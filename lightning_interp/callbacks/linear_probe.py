@@ -91,7 +91,7 @@ class LinearProbeCallback(RepresentationCallback):
         name: str = "probe",
         **kwargs: Any,
     ) -> None:
-        check_arguments(solver=solver, test_fraction=test_fraction, task=task)
+        check_arguments(solver=solver, test_fraction=test_fraction, task=task, seed=seed)
         if l2 < 0:
             raise ValueError(f"l2 must be >= 0, got {l2}.")
         super().__init__(

@@ -52,12 +52,13 @@ class SaliencyCallback(MapCallback):
     ``channel_reduction="sum"``; for the gradient methods (sensitivities) the
     norm of the token's gradient; padding tokens get zero. The baseline of
     integrated gradients, DeepLIFT and GradientSHAP is the padding id's
-    embedding when ``pad_id`` is given (zeros otherwise); the grid shows the
-    text (``vocabulary=`` or ``decode=``).
+    embedding when the data description gives ``pad_id`` (zeros otherwise);
+    the grid shows the text (its ``vocabulary`` or ``decode``).
 
     The methods run through one :class:`~lightning_interp.methods.Explainer`
-    (built at fit start), so ``Explainer(methods, task=..., seed=...)`` called
-    on the same model and probe gives exactly these maps. ``gradient`` and
+    (built at fit start; ``callback.explainer()``), so an ``Explainer`` with the
+    same settings (``task``, ``seed``, ``internal_batch_size=512``) called on
+    the same model and probe gives exactly these maps. ``gradient`` and
     ``input_x_gradient`` share one forward and one backward.
     The stochastic methods (SmoothGrad, GradientSHAP, LIME, KernelSHAP) draw
     from the callback's own generator on the model's device, re-seeded each
@@ -110,7 +111,7 @@ class SaliencyCallback(MapCallback):
             elsewhere="GradCAMCallback(methods=...)",
         )
         names = tuple(parsed)
-        check_arguments(channel_reduction=channel_reduction, internal_batch_size=internal_batch_size)
+        check_arguments(channel_reduction=channel_reduction, internal_batch_size=internal_batch_size, seed=seed)
         if input_layer is not None and (not isinstance(input_layer, str) or not input_layer):
             raise ValueError(f"input_layer must be None, 'auto' or a dotted module name, got {input_layer!r}.")
         if input_layer is not None:

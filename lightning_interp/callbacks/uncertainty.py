@@ -131,6 +131,8 @@ class UncertaintyCallback(InterpCallback):
         (16, 'uncertainty')
     """
 
+    display_fields = ("background_drawing", "cmap")
+
     def __init__(
         self,
         passes: int = 16,
@@ -145,7 +147,11 @@ class UncertaintyCallback(InterpCallback):
         **kwargs: Any,
     ) -> None:
         check_arguments(
-            passes=passes, output_transform=output_transform, output_kind=output_kind, explain_samples=explain_samples
+            seed=seed,
+            passes=passes,
+            output_transform=output_transform,
+            output_kind=output_kind,
+            explain_samples=explain_samples,
         )
         parsed = {} if methods is None else parse_methods(methods, owner="UncertaintyCallback")
         super().__init__(name=name, num_samples=num_samples, **kwargs)
@@ -334,10 +340,14 @@ class UncertaintyCallback(InterpCallback):
         base = f"interp_{self.name}/{method}"
         scalars = {f"{base}/map_agreement": numbers[0], f"{base}/map_relative_std": numbers[1]}
         mean_cpu, spread_cpu, shown = mean.float().cpu(), spread.float().cpu(), rows.inputs
-        step, epoch = logging_step(trainer), trainer.current_epoch
+        step, epoch, cmap = logging_step(trainer), trainer.current_epoch, self.cmap
 
         def draw() -> None:
-            columns = [list(input_to_rgb(shown)), map_tiles(shown, mean_cpu), map_tiles(shown, spread_cpu)]
+            columns = [
+                list(input_to_rgb(shown)),
+                map_tiles(shown, mean_cpu, cmap=cmap),
+                map_tiles(shown, spread_cpu, cmap=cmap),
+            ]
             tiles = [[column[i] for column in columns] for i in range(len(shown))]
             grid = render_grid(
                 tiles,

@@ -26,7 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods.cams.gradcam import GRADIENT_CAMS, cam_from_activation
+from lightning_interp.methods.attribution.gradient import gradient, input_x_gradient
+from lightning_interp.methods.cams.gradcam import CAM_VARIANTS, cam_from_activation
 from lightning_interp.methods.evaluation.map_metrics import attribution_to_map
 from lightning_interp.methods.model.core import (
     OutputTransform,
@@ -255,7 +256,7 @@ class Explainer:
         Returns:
             An :class:`Attributions`.
         """
-        input_gradient = any(entry.method in _FROM_INPUT_GRADIENT for entry in self.entries)
+        input_gradient = any(_from_input_gradient(entry) for entry in self.entries)
         shared = [entry for entry in self.entries if _from_layer_pass(entry)]
         layers = list(dict.fromkeys(entry.layer for entry in shared if entry.layer is not None))
         result = None
@@ -276,7 +277,7 @@ class Explainer:
         scalars: dict[str, Tensor] = {}
         for entry in self.entries:
             spec = METHODS[entry.method]
-            if result is not None and entry.method in _FROM_INPUT_GRADIENT:
+            if result is not None and _from_input_gradient(entry):
                 assert result.input_grad is not None
                 attributions[entry.key] = _FROM_INPUT_GRADIENT[entry.method](result.inputs, result.input_grad)
             elif result is not None and _from_layer_pass(entry):
@@ -348,6 +349,14 @@ class Explainer:
         return result
 
 
+def _from_input_gradient(entry: _Entry) -> bool:
+    """Whether an entry is the built-in gradient or input × gradient, served by the shared pass's input gradient (a
+    method declared again under the same name, ``replace=True``, runs its own function)."""
+    built_in = {"gradient": gradient, "input_x_gradient": input_x_gradient}.get(entry.method)
+    return built_in is not None and METHODS[entry.method].function is built_in
+
+
 def _from_layer_pass(entry: _Entry) -> bool:
     """Whether a CAM entry is computed from the shared pass's activation and gradient at its layer."""
-    return entry.layer is not None and entry.method in GRADIENT_CAMS and METHODS[entry.method].shared_pass
+    variant = CAM_VARIANTS.get(entry.method)
+    return entry.layer is not None and variant is not None and METHODS[entry.method].function is variant.function

@@ -191,3 +191,43 @@ def test_an_evidential_head_with_negative_outputs_is_refused_before_training(tmp
     assert not steps
     with pytest.raises(ValueError, match="output_kind must be one of"):
         UncertaintyCallback(output_kind="dirichlet")
+
+
+class DictOutput(nn.Module):
+    """A network whose forward returns a dict, as Hugging Face models do: read through output_transform."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = WideDropoutNet()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.inner(x)}
+
+
+class DictClassifier(ImageClassifier):
+    """Trains on the dict's logits; the callbacks call the network through forward_fn."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        return torch.nn.functional.cross_entropy(self.net(x)["logits"], y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x)["logits"], y))
+
+
+def test_explanation_uncertainty_reads_the_output_through_output_transform(tmp_path):
+    callback = UncertaintyCallback(
+        passes=3,
+        num_samples=8,
+        methods={"smoothgrad": {"n_samples": 2}, "grad_cam": None},  # the automatic layer, chosen once per fit
+        output_transform=lambda output: output["logits"] if isinstance(output, dict) else output,
+        forward_fn=lambda model, x: model.net(x),
+        display=Display(background_drawing=False),
+    )
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
+    trainer.fit(DictClassifier(DictOutput(), lr=1e-2), datamodule=tiny_datamodule())
+    for method in ("smoothgrad", "grad_cam"):
+        agreement = float(trainer.callback_metrics[f"interp_uncertainty/{method}/map_agreement"])
+        assert -1.0 <= agreement <= 1.0
+    assert callback._layers["grad_cam"].startswith("net.inner")

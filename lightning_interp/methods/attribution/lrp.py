@@ -734,8 +734,9 @@ def _resolve_rule(
     changed = [key for key, value in given.items() if value != _DEFAULTS[key]]
     if changed:
         raise ValueError(
-            f"{', '.join(changed)} configure the named rules (rule='epsilon', ...); with rule={rule!r} give them to "
-            "the rule objects instead, e.g. Epsilon(0.25), Gamma(0.5), AlphaBeta(1.0, 0.0)."
+            f"{', '.join(changed)} only configure{'s' if len(changed) == 1 else ''} the named rules (rule='epsilon', "
+            f"...); with rule={rule!r} give them to the rule objects instead, e.g. Epsilon(0.25), Gamma(0.5), "
+            "AlphaBeta(1.0, 0.0)."
         )
     if isinstance(rule, LRPComposite):
         return rule

@@ -636,7 +636,16 @@ def mc_dropout_maps(
         raise ValueError(
             f"MC dropout needs dropout layers, but {type(model).__name__} has none: its maps would all be the same."
         )
-    if output_transform is not None:
+    if isinstance(method, Explainer):
+        if options or len(method.keys) != 1:
+            raise ValueError(
+                "mc_dropout_maps takes an Explainer of one method, which holds that method's options; pass none here."
+            )
+        given, held = output_transform, method.output_transform
+        if given is not None and held is not None and given is not held:
+            raise ValueError("mc_dropout_maps: output_transform differs from the Explainer's; give one.")
+        output_transform = output_transform or method.output_transform
+    elif output_transform is not None:
         options["output_transform"] = output_transform
     if target is None:
         with torch.no_grad(), modes_preserved(model), eager_forward():
@@ -645,8 +654,6 @@ def mc_dropout_maps(
     seeds = torch.randint(0, 2**62, (n_samples,), generator=generator).tolist()
     device = _model_device(model, inputs)
     if isinstance(method, Explainer):
-        if options or len(method.keys) != 1:
-            raise ValueError("mc_dropout_maps takes an Explainer of one method, whose options it holds.")
         explainer = method
 
         def explain() -> Tensor:
