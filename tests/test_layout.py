@@ -56,3 +56,23 @@ def test_the_methods_are_grouped_by_family():
     assert {"attribution", "cams", "perturbation", "representation", "evaluation", "model"} <= groups
     loose = sorted(p.name for p in (PACKAGE / "methods").glob("*.py"))
     assert loose == ["__init__.py", "explain.py", "registry.py"], loose
+
+
+def test_no_callback_takes_more_arguments_than_a_person_can_hold():
+    """SaliencyCallback at most 15 constructor arguments, every public callback at most 18 (counted through the
+    ``**kwargs`` each passes to its base); grouped options (DataDescription, Display, CAVOptions, ...) count once."""
+    import inspect
+
+    from lightning.pytorch.callbacks import Callback
+
+    import lightning_interp
+    from lightning_interp.callbacks._base import _accepted_arguments
+
+    counts = {
+        name: len(_accepted_arguments(kind))
+        for name in lightning_interp.__all__
+        if inspect.isclass(kind := getattr(lightning_interp, name)) and issubclass(kind, Callback)
+    }
+    assert counts["SaliencyCallback"] <= 15, counts
+    assert max(counts.values()) <= 18, counts
+    assert len(counts) == 13

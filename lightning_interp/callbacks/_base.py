@@ -700,7 +700,7 @@ def _accepted_arguments(kind: type) -> set[str]:
         if init is None:
             continue
         parameters = inspect.signature(init).parameters.values()
-        names.update(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        names.update(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self")
         if not any(p.kind == p.VAR_KEYWORD for p in parameters):
             break
     return names
