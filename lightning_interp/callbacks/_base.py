@@ -103,7 +103,9 @@ class InterpCallback(Callback):
         data: DataDescription | None = None,
         display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
+        **unknown: Any,
     ) -> None:
+        refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"name must be a non-empty string without '/', got {name!r}.")
         check_arguments(num_samples=num_samples, every_n_epochs=every_n_epochs, forward_fn=forward_fn)
@@ -142,10 +144,6 @@ class InterpCallback(Callback):
         self._provisional = False  # checks running on a stream's first few samples, before its probe is drawn
         if probe is not None and self._needs_labels() and not probe.has_labels:
             raise ValueError(f"{self._labels_reason()}, but the given ProbeSet has none.")
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> InterpCallback:
-        refuse_moved_arguments(cls, kwargs, _accepted_arguments(cls))  # 0.1 names: say what to write instead
-        return super().__new__(cls)
 
     display_fields: tuple[str, ...] = ("background_drawing",)
     """The :class:`~lightning_interp.options.Display` fields this callback uses (a subclass that draws maps adds
@@ -692,8 +690,18 @@ def _shared_description(callback: InterpCallback, trainer: pl.Trainer) -> DataDe
     return given[0] if given else None
 
 
+def refuse_unknown_arguments(callback: object, unknown: dict[str, Any]) -> None:
+    """Refuse the keyword arguments a callback's constructor caught in ``**unknown`` (it takes them only to answer
+    better than Python would): a 0.1 name with what to write instead, anything else as Python's own TypeError."""
+    if unknown:
+        kind = type(callback)
+        refuse_moved_arguments(kind, unknown, _accepted_arguments(kind))
+        raise TypeError(f"{kind.__name__}.__init__() got an unexpected keyword argument {next(iter(unknown))!r}")
+
+
 def _accepted_arguments(kind: type) -> set[str]:
-    """The names ``kind``'s constructor takes, following its ``**kwargs`` down the classes it passes them to."""
+    """The names ``kind``'s constructor takes, following its ``**kwargs`` down the classes it passes them to (a
+    ``**unknown`` catches names only to refuse them)."""
     names: set[str] = set()
     for klass in kind.__mro__:
         init = vars(klass).get("__init__")
@@ -701,7 +709,7 @@ def _accepted_arguments(kind: type) -> set[str]:
             continue
         parameters = inspect.signature(init).parameters.values()
         names.update(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self")
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+        if not any(p.kind == p.VAR_KEYWORD and p.name == "kwargs" for p in parameters):
             break
     return names
 

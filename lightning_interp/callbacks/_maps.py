@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
-from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
+from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, refuse_unknown_arguments
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     METHODS,
@@ -126,7 +126,9 @@ class MapCallback(InterpCallback):
         data: DataDescription | None = None,
         display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
+        **unknown: Any,
     ) -> None:
+        refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
         if not (target in ("pred", "label") or (isinstance(target, int) and not isinstance(target, bool))):
             raise ValueError(f"target must be 'pred', 'label' or a class index (int), got {target!r}.")
         if isinstance(target, int) and target < 0:

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks._base import InterpCallback, refuse_unknown_arguments
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     OutputTransform,
@@ -49,7 +49,9 @@ class ValidationOutputsCallback(InterpCallback):
         every_n_epochs: int = 1,
         data: DataDescription | None = None,
         display: Display | None = None,
+        **unknown: Any,
     ) -> None:
+        refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
         check_arguments(output_transform=output_transform)
         # no probe set, num_samples or forward_fn: the base's probe (two samples, unless a subclass that explains
         # probe samples sets ``num_samples`` after this) marks the run as ready

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, unwrapped
+from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, refuse_unknown_arguments, unwrapped
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._context import active_context
 from lightning_interp.methods import (
@@ -54,7 +54,9 @@ class RepresentationCallback(InterpCallback):
         data: DataDescription | None = None,
         display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
+        **unknown: Any,
     ) -> None:
+        refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
         names = parse_layer_names(layers, "layers")
         check_arguments(max_layers=max_layers, max_features=max_features)
         super().__init__(

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step
-from lightning_interp.callbacks._base import InterpCallback
+from lightning_interp.callbacks._base import InterpCallback, refuse_unknown_arguments
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._maps import _nanmean
 from lightning_interp.methods import (
@@ -244,7 +244,9 @@ class ExplanationQualityCallback(InterpCallback):
         data: DataDescription | None = None,
         display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
+        **unknown: Any,
     ) -> None:
+        refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
         parsed = parse_methods(methods, owner="ExplanationQualityCallback")
         self.methods = tuple(parsed)
         self.method_options = {method: options for method, options in parsed.items() if options}

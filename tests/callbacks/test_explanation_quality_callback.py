@@ -274,8 +274,13 @@ def test_metric_names_and_options_are_checked_at_construction(metrics, error, me
     ],
 )
 def test_the_metric_options_are_no_longer_arguments(removed):
-    with pytest.raises(TypeError, match="unexpected keyword argument"):
+    name = next(iter(removed))
+    with pytest.raises(
+        TypeError, match=rf"ExplanationQualityCallback\({name}=\.\.\.\) moved in lightning-interp 0\.2: write metrics="
+    ):
         ExplanationQualityCallback(**removed)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
+        ExplanationQualityCallback(stepz=4)
 
 
 QUALITY_YAML = """

@@ -312,7 +312,7 @@ def test_refusals_name_the_problem_and_leave_nothing_behind():
         lrp(net, x, rule={nn.Linear: "epsilon"})
     with pytest.raises(TypeError, match="by_type keys must be module classes"):
         lrp(net, x, rule={3: Epsilon()})
-    with pytest.raises(ValueError, match=r"epsilon, gamma configure the named rules.*Epsilon\(0\.25\)"):
+    with pytest.raises(ValueError, match=r"epsilon, gamma only configure the named rules.*Epsilon\(0\.25\)"):
         lrp(net, x, rule=ZPlus(), epsilon=0.25, gamma=1.0)
     with pytest.raises(ValueError, match="alpha - beta = 1"):
         AlphaBeta(1.0, 1.0)
