@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing
 import torch
 
-SECTIONS = ("overhead", "attribution", "catalogue", "inside", "cka", "probes", "scaling")
+SECTIONS = ("overhead", "cost", "attribution", "catalogue", "inside", "cka", "probes", "scaling")
 # scaling measures host memory: CPU only
-GPU_SECTIONS = ("overhead", "attribution", "catalogue", "inside", "cka", "probes")
+GPU_SECTIONS = ("overhead", "cost", "attribution", "catalogue", "inside", "cka", "probes")
 DEVICES = ("cpu", "cuda")
 HEADER = (
     "# Benchmarks\n\n"

@@ -13,10 +13,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SECTION_TITLES = (
     "## Overhead of leaving the callbacks on (CPU)",
+    "## Ops and host syncs per validation (CPU)",
     "## Attribution vs peers",
     "## Method catalogue vs reference peers",
     "## Inside the network: ms per run (CPU)",
@@ -70,8 +72,37 @@ def test_every_section_is_written_with_its_tables_and_verdicts(report):
     assert tuple(report) == SECTION_TITLES
     for title, body in report.items():
         assert _tables(body), f"{title} has no table"
-    for title in (*SECTION_TITLES[:3], *SECTION_TITLES[4:6]):  # the sections with targets state a verdict
+    for title in (*SECTION_TITLES[:4], *SECTION_TITLES[5:7]):  # the sections with targets state a verdict
         assert re.search(r"\b(MET|MISSED)\b", report[title]), title
+
+
+@pytest.mark.slow
+def test_cost_counts_each_default_callback_and_their_total(report):
+    (rows,) = _tables(report["## Ops and host syncs per validation (CPU)"])
+    counted = {row["callback (defaults)"]: row for row in rows}
+    four = ("SaliencyCallback()", "GradCAMCallback()", "LinearProbeCallback()", "RepresentationSimilarityCallback()")
+    for name in four:
+        assert int(counted[name]["aten ops"].replace(",", "")) > 0, name
+    total = counted["the four defaults together"]
+    ops = sum(int(counted[name]["aten ops"].replace(",", "")) for name in four)
+    assert int(total["aten ops"].replace(",", "")) == ops
+
+
+def test_the_census_counts_ops_and_syncs_exactly():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_cost import Census
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    x = torch.arange(6.0)
+    with Census() as census:
+        total = x.sum()  # 1 op
+        float(total)  # a sync: _local_scalar_dense
+        bool((x > 2).any())  # 2 ops and a sync
+        x[x > 2]  # gt, then index with a boolean mask: nonzero underneath
+    assert census.syncs["_local_scalar_dense"] == 2
+    assert census.syncs["boolean index"] == 1
+    assert census.ops >= 6
 
 
 @pytest.mark.slow

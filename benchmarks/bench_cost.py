@@ -1,0 +1,192 @@
+"""What a validation costs on a GPU, counted on any device: aten ops launched and host syncs, per callback.
+
+On a GPU the training thread pays for every op it launches (several microseconds each) and waits at every
+device-to-host sync; both can be counted on the CPU. A ``TorchDispatchMode`` entered around each of a callback's
+hooks, on the training thread only (the drawing thread is not counted: modes are thread-local), counts every aten op
+and, as syncs, ``_local_scalar_dense`` (``.item()``, ``float()``, ``bool()`` of a tensor), ``nonzero``, ``unique``,
+``masked_select``, indexing with a boolean mask, and copies from another device to the CPU (these last are only
+visible where a GPU is). The
+counts are those of the last validation of a short fit, the one-time work at fit start left out.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_interp import (
+    ActivationMapsCallback,
+    CalibrationCallback,
+    DatasetBiasCallback,
+    ExplanationQualityCallback,
+    FeatureVisualizationCallback,
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
+from lightning_interp.demo import ImageClassifier
+
+SYNC_OPS = (
+    "_local_scalar_dense",
+    "nonzero",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "masked_select",
+)
+HOOKS = (
+    "on_validation_start",
+    "on_validation_epoch_start",
+    "on_validation_batch_start",
+    "on_validation_batch_end",
+    "on_validation_epoch_end",
+    "on_validation_end",
+)
+DEFAULT_FOUR = (
+    "SaliencyCallback()",
+    "GradCAMCallback()",
+    "LinearProbeCallback()",
+    "RepresentationSimilarityCallback()",
+)
+
+
+class Census(TorchDispatchMode):
+    """Counts aten ops and host syncs dispatched while it is active (on this thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.syncs: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        self.ops += 1
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS:
+            self.syncs[name] += 1
+        elif name in ("index", "index_put", "index_put_") and _boolean_index(args):
+            self.syncs["boolean index"] += 1  # a mask's count of True values decides the output: a sync on a GPU
+        elif name in ("_to_copy", "copy_") and _copy_to_cpu(name, args, kwargs):
+            self.syncs["copy to cpu"] += 1
+        return func(*args, **kwargs)
+
+
+def _boolean_index(args: tuple) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices or ())
+
+
+def _copy_to_cpu(name: str, args: tuple, kwargs: dict) -> bool:
+    source = args[1] if name == "copy_" else args[0]
+    target = args[0].device if name == "copy_" else kwargs.get("device")
+    if not isinstance(source, torch.Tensor) or source.device.type == "cpu" or target is None:
+        return False
+    return torch.device(target).type == "cpu"
+
+
+class _Counted(pl.Callback):
+    """Wraps one callback's validation hooks in a :class:`Census`, reset at each validation's start."""
+
+    def __init__(self, callback: pl.Callback) -> None:
+        self.callback = callback
+        self.last: Census | None = None
+        self.current = Census()
+        for hook in HOOKS:
+            original = getattr(callback, hook)
+
+            def counted(*args: Any, _original: Callable = original, _hook: str = hook, **kwargs: Any) -> Any:
+                if _hook == "on_validation_start":
+                    self.current = Census()
+                with self.current:
+                    result = _original(*args, **kwargs)
+                if _hook == "on_validation_end":
+                    self.last = self.current
+                return result
+
+            setattr(callback, hook, counted)
+
+
+def _resnet18(classes: int = 10) -> torch.nn.Module:
+    from torchvision.models import resnet18
+
+    return resnet18(weights=None, num_classes=classes)
+
+
+def census(make: Callable[[], pl.Callback], *, val_size: int, quick: bool, device: str) -> Census | str:
+    """The census of the last validation of a two-epoch fit of resnet18 on random CIFAR-sized data."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(64 + val_size, 3, 32, 32, generator=generator)
+    labels = torch.arange(64 + val_size) % 10
+    train = DataLoader(TensorDataset(images[:64], labels[:64]), batch_size=32)
+    val = DataLoader(TensorDataset(images[64:], labels[64:]), batch_size=128)
+    try:
+        callback = make()
+    except Exception as error:  # a callback this model cannot have (e.g. no dropout for MC dropout)
+        return f"n/a ({type(error).__name__})"
+    counted = _Counted(callback)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(ImageClassifier(_resnet18(), lr=1e-3), train, val)
+    assert counted.last is not None, "no validation was counted"
+    return counted.last
+
+
+def run(quick: bool, device: str = "cpu") -> str:
+    val_size = 64 if quick else 1024
+    makers: dict[str, Callable[[], pl.Callback]] = {
+        "SaliencyCallback()": lambda: SaliencyCallback(),
+        "GradCAMCallback()": lambda: GradCAMCallback(),
+        "LinearProbeCallback()": lambda: LinearProbeCallback(),
+        "RepresentationSimilarityCallback()": lambda: RepresentationSimilarityCallback(),
+        "ActivationMapsCallback()": lambda: ActivationMapsCallback(),
+        "CalibrationCallback()": lambda: CalibrationCallback(),
+        "DatasetBiasCallback()": lambda: DatasetBiasCallback(),
+        "DatasetBiasCallback(methods='grad_cam')": lambda: DatasetBiasCallback(methods="grad_cam"),
+        "ExplanationQualityCallback()": lambda: ExplanationQualityCallback(),
+        "FeatureVisualizationCallback(every_n_epochs=1)": lambda: FeatureVisualizationCallback(every_n_epochs=1),
+    }
+    if quick:
+        makers = {name: makers[name] for name in (*DEFAULT_FOUR, "CalibrationCallback()")}
+    rows = []
+    totals = [0, 0]
+    for name, make in makers.items():
+        counted = census(make, val_size=val_size, quick=quick, device=device)
+        if isinstance(counted, str):
+            rows.append(f"| {name} | {counted} | | |")
+            continue
+        syncs = sum(counted.syncs.values())
+        detail = ", ".join(f"{count} {op}" for op, count in counted.syncs.most_common()) or "none"
+        rows.append(f"| {name} | {counted.ops:,} | {syncs:,} | {detail} |")
+        if name in DEFAULT_FOUR:
+            totals[0] += counted.ops
+            totals[1] += syncs
+    verdict = "MET" if totals[0] <= 4000 and totals[1] <= 40 else "MISSED"
+    lines = [
+        f"## Ops and host syncs per validation ({'GPU' if device == 'cuda' else 'CPU'})",
+        "",
+        "Counted on the training thread in the callbacks' hooks during the second validation of a two-epoch fit "
+        f"(the one-time work at fit start left out): torchvision resnet18 (random weights), 3x32x32 inputs, "
+        f"{val_size} validation samples. A sync is `.item()` / `float()` / `bool()` of a tensor "
+        "(`_local_scalar_dense`), `nonzero`, `unique`, `masked_select`, indexing with a boolean mask, or a copy to "
+        "the CPU from another device (on the CPU no copy is visible). Issue 26's budget for the four default "
+        "callbacks together: at most 40 syncs and 4,000 ops per validation.",
+        "",
+        "| callback (defaults) | aten ops | host syncs | of which |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        f"| the four defaults together | {totals[0]:,} | {totals[1]:,} | budget: 4,000 ops, 40 syncs: {verdict} |",
+    ]
+    return "\n".join(lines)
