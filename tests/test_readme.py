@@ -134,3 +134,17 @@ def test_the_lrp_example_runs_and_its_rules_do_what_it_says():
     plain = lrp(net, x, 0, rule={"6": Epsilon(1e-6), torch.nn.Conv2d: namespace["ZPlus"]()})
     torch.testing.assert_close(namespace["halved"], 0.5 * plain)
     assert namespace["callback"].method_options["lrp"]["rule"] is namespace["composite"]
+
+
+def test_a_composite_given_as_a_method_option_reaches_lrp_through_the_callbacks_explainer():
+    from lightning_interp.methods import lrp
+
+    namespace: dict[str, object] = {"__name__": "readme_lrp_callback"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        exec(compile(_extending_block(_readme(), 1), f"{README}#lrp", "exec"), namespace)
+    net, x, composite = namespace["net"], namespace["x"], namespace["composite"]
+    result = namespace["callback"].explainer()(net, x)
+    expected = lrp(net, x, result.target, rule=composite)
+    torch.testing.assert_close(result.attributions["lrp"], expected)
+    assert not torch.allclose(expected, lrp(net, x, result.target))  # the composite is not the default rule

@@ -31,7 +31,6 @@ from lightning_interp.methods import (
 from lightning_interp.probe import ProbeSet
 from lightning_interp.visualize import input_to_rgb, render_grid
 
-MODES = ("optimize", "dream")
 VALUE_RANGES = ("probe", "probe_std")
 _LR = {"optimize": 0.05, "dream": 0.02}
 

@@ -39,7 +39,6 @@ from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
 __all__ = ["UncertaintyCallback"]
 
 SHOWN = 8  # probe samples in the figure: the most uncertain ones
-OUTPUT_KINDS = ("logits", "evidential")
 
 
 class UncertaintyCallback(InterpCallback):

@@ -260,8 +260,8 @@ def test_enumerated_string_options_are_literals_the_code_accepts():
     from lightning.pytorch.callbacks import Callback
 
     import lightning_interp
-    from lightning_interp.methods import HEAD_FUSIONS, PROBE_SOLVERS, REMOVAL_BASELINES, TASKS
-    from lightning_interp.methods.evaluation.map_metrics import CHANNEL_REDUCTIONS
+    from lightning_interp.callbacks._checks import ARGUMENTS
+    from lightning_interp.methods import CHANNEL_REDUCTIONS, HEAD_FUSIONS, PROBE_SOLVERS, REMOVAL_BASELINES, TASKS
     from lightning_interp.methods.representation.feature_visualization import PARAMETERIZATIONS
     from lightning_interp.methods.representation.similarity import RDM_METRICS, RSA_METHODS
 
@@ -274,6 +274,8 @@ def test_enumerated_string_options_are_literals_the_code_accepts():
         "rsa_method": RSA_METHODS,
         "parameterization": PARAMETERIZATIONS,
         "task": ("auto", *TASKS),
+        "mode": ARGUMENTS["mode"].choices,  # the table the constructors check against
+        "output_kind": ARGUMENTS["output_kind"].choices,
     }
     seen = set()
     for name in lightning_interp.__all__:
