@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -15,12 +16,13 @@ from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods import (
+    GRADIENT_TOLERANCE,
+    PROBE_ITERATIONS,
+    ProbeSplit,
     TaskOption,
     class_labels,
+    fit_probes,
     label_kind,
-    linear_probe_accuracy,
-    linear_probe_r2,
-    multilabel_probe_accuracy,
 )
 from lightning_interp.probe import ProbeSet, labels_of_the_data
 from lightning_interp.visualize import line_image
@@ -107,6 +109,7 @@ class LinearProbeCallback(RepresentationCallback):
         self.test_fraction = test_fraction
         self.task = task
         self.seed = seed
+        self._targets: _Targets | None = None
 
     def _needs_labels(self) -> bool:
         return True
@@ -166,39 +169,64 @@ class LinearProbeCallback(RepresentationCallback):
     def _labels_reason(self) -> str:
         return "LinearProbeCallback fits classifiers to the probe set's labels, so it needs labels"
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        self._targets = None
+
+    def _prepared_targets(self) -> _Targets:
+        """The task, the split(s) and the chance level of this fit's probe set, made once (no per-run label work)."""
         assert self.probe is not None and self.probe.labels is not None
-        features = self._features(trainer, pl_module)
-        task = self._label_task(labels_of_the_data(self.probe))
-        labels = self.probe.labels if task != "multiclass" else class_labels(self.probe.labels, task)
-        metric = "r2" if task == "regression" else "accuracy"
-        held_out: list[float] = []
-        fitted: list[float] = []
-        scalars: dict[str, float] = {}
-        finite = torch.stack([torch.isfinite(values).all() for values in features.values()]).tolist()
-        for (layer, values), ok in zip(features.items(), finite, strict=True):
-            if ok:
-                score, train_score = self._fit(values, labels, task)
+        if self._targets is None or self._targets.probe is not self.probe:
+            task = self._label_task(labels_of_the_data(self.probe))
+            labels = self.probe.labels if task != "multiclass" else class_labels(self.probe.labels, task)
+            common = {"test_fraction": self.test_fraction, "seed": self.seed}
+            if task == "regression":
+                split: ProbeSplit | list[ProbeSplit] = ProbeSplit.regression(labels, **common)
+                reference = 0.0
+            elif task == "multilabel":
+                split = ProbeSplit.per_label(labels, **common)
+                positive = (labels != 0).sum(dim=0)
+                usable = (positive >= 2) & (positive <= labels.shape[0] - 2)  # the labels that got a probe
+                share = positive[usable].double() / labels.shape[0]
+                reference = float(torch.maximum(share, 1 - share).mean())
             else:
+                split = ProbeSplit.classes(labels, **common)
+                reference = float(split.targets.bincount().max()) / len(split)
+            self._targets = _Targets(self.probe, task, split, reference)
+        return self._targets
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        targets = self._prepared_targets()
+        features = self._features(trainer, pl_module)
+        task, metric = targets.task, "r2" if targets.task == "regression" else "accuracy"
+        scores = fit_probes(list(features.values()), targets.split, solver=self.solver, l2=self.l2)
+        values = torch.stack([scores.score, scores.train_score, scores.finite.double(), scores.converged.double()])
+        held_out, fitted, finite, converged = values.tolist()  # the one transfer of the run
+        scalars: dict[str, float] = {}
+        for layer, score, train_score in zip(features, held_out, fitted, strict=True):
+            scalars[f"interp_{self.name}/{layer}/{metric}"] = score
+            scalars[f"interp_{self.name}/{layer}/train_{metric}"] = train_score
+        for layer, ok in zip(features, finite, strict=True):
+            if not ok:
                 rank_zero_warn(
                     f"LinearProbeCallback: layer {layer!r} output NaN or inf at epoch {trainer.current_epoch}; "
                     f"its probe {metric} is logged as NaN."
                 )
-                score = train_score = float("nan")
-            scalars[f"interp_{self.name}/{layer}/{metric}"] = score
-            scalars[f"interp_{self.name}/{layer}/train_{metric}"] = train_score
-            held_out.append(score)
-            fitted.append(train_score)
+        slow = [layer for layer, ok, done in zip(features, finite, converged, strict=True) if ok and not done]
+        if slow:
+            self._warn_once(
+                "not converged",
+                f"LinearProbeCallback: the logistic probes of {slow} had not converged after their "
+                f"{PROBE_ITERATIONS} Newton steps at epoch {trainer.current_epoch}: their held-out predictions were "
+                f"still changing and their largest gradient entry was above {GRADIENT_TOLERANCE:g}, so their "
+                "accuracies may be a little off (a sample or two). A larger l2 makes the problem easier; "
+                "solver='ridge' has a closed form.",
+            )
         step, epoch, names = logging_step(trainer), trainer.current_epoch, list(features)
         if task == "regression":
             reference, reference_label, ylim = 0.0, "R² of the mean", (min(-0.05, *held_out, *fitted), 1.02)
-        elif task == "multilabel":
-            positive = (labels != 0).sum(dim=0)
-            usable = (positive >= 2) & (positive <= labels.shape[0] - 2)  # the labels that got a probe
-            share = positive[usable].float() / labels.shape[0]
-            reference, reference_label, ylim = float(torch.maximum(share, 1 - share).mean()), "chance", (0.0, 1.02)
         else:
-            reference, reference_label, ylim = float(labels.bincount().max()) / labels.numel(), "chance", (0.0, 1.02)
+            reference, reference_label, ylim = targets.reference, "chance", (0.0, 1.02)
 
         def draw() -> None:
             figure = line_image(
@@ -215,12 +243,12 @@ class LinearProbeCallback(RepresentationCallback):
         self._submit(trainer, draw)
         return scalars
 
-    def _fit(self, values: Tensor, labels: Tensor, task: str) -> tuple[float, float]:
-        """Held-out and training score of one layer's probe."""
-        common = {"test_fraction": self.test_fraction, "l2": self.l2, "seed": self.seed}
-        if task == "regression":
-            fit = linear_probe_r2(values, labels, **common)
-            return fit.r2, fit.train_r2
-        probe = multilabel_probe_accuracy if task == "multilabel" else linear_probe_accuracy
-        result = probe(values, labels, solver=self.solver, **common)
-        return result.accuracy, result.train_accuracy
+
+@dataclass(frozen=True)
+class _Targets:
+    """What the probe set's labels give, prepared once per probe set: the task, the split(s), the chance level."""
+
+    probe: ProbeSet
+    task: str
+    split: ProbeSplit | list[ProbeSplit]
+    reference: float

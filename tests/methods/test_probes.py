@@ -149,7 +149,7 @@ def test_labels_may_be_any_integers_and_features_any_shape():
         ({"test_fraction": 1.0}, None, "test_fraction"),
         ({"solver": "svm"}, None, "solver"),
         ({"l2": -1.0}, None, "l2"),
-        ({"max_iter": 0}, None, "max_iter"),
+        ({"iterations": 0}, None, "iterations"),
     ],
 )
 def test_bad_input_raises_clear_errors(kwargs, labels, message):
