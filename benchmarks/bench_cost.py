@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -59,25 +60,76 @@ DEFAULT_FOUR = (
 )
 
 
+HOST_READS = {
+    torch.Tensor.tolist: "tolist",
+    torch.Tensor.cpu: "cpu",
+    torch.Tensor.numpy: "numpy",
+    torch.Tensor.item: "item",
+    torch.Tensor.__float__: "float",
+    torch.Tensor.__int__: "int",
+    torch.Tensor.__bool__: "bool",
+    torch.Tensor.__index__: "index",
+}
+
+
 class Census(TorchDispatchMode):
-    """Counts aten ops and host syncs dispatched while it is active (on this thread)."""
+    """Counts aten ops and host syncs dispatched while it is active (on this thread).
+
+    Two kinds of sync are counted. Ops whose output size or value the host must wait for (``nonzero``, ``unique``,
+    ``masked_select``, boolean-mask indexing, ``_local_scalar_dense``) are seen at dispatch. Reads of a tensor's
+    values by Python (``tolist()``, ``cpu()``, ``numpy()``, ``item()``, ``float()``, ``int()``, ``bool()``, use as
+    an index) are seen one level up, by a ``TorchFunctionMode`` entered with the census (on a CPU a ``tolist()`` or
+    ``cpu()`` dispatches nothing, on a GPU it is a device-to-host copy); the scalar read inside one of them is not
+    counted twice. A read of a tensor that lives on the host anyway (a probe label) is counted too: the count is an
+    upper bound of what a GPU would wait for.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
         self.syncs: collections.Counter[str] = collections.Counter()
+        self._reads = _HostReads(self)
+        self._reading = 0
+
+    def __enter__(self) -> Census:
+        self._reads.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *args: Any) -> None:
+        super().__exit__(*args)
+        self._reads.__exit__(*args)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         self.ops += 1
         name = func.overloadpacket.__name__
         if name in SYNC_OPS:
-            self.syncs[name] += 1
+            if not (name == "_local_scalar_dense" and self._reading):
+                self.syncs[name] += 1
         elif name in ("index", "index_put", "index_put_") and _boolean_index(args):
             self.syncs["boolean index"] += 1  # a mask's count of True values decides the output: a sync on a GPU
-        elif name in ("_to_copy", "copy_") and _copy_to_cpu(name, args, kwargs):
+        elif name in ("_to_copy", "copy_") and _copy_to_cpu(name, args, kwargs) and not self._reading:
             self.syncs["copy to cpu"] += 1
         return func(*args, **kwargs)
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts Python's reads of tensor values (see :class:`Census`) into the census it belongs to."""
+
+    def __init__(self, census: Census) -> None:
+        super().__init__()
+        self.census = census
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kind = HOST_READS.get(func)
+        if kind is None:
+            return func(*args, **(kwargs or {}))
+        self.census.syncs[kind] += 1
+        self.census._reading += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.census._reading -= 1
 
 
 def _boolean_index(args: tuple) -> bool:

@@ -23,8 +23,10 @@ from collections.abc import Callable, Mapping
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.image import imsave
+from torch import Tensor
 
 from lightning_interp._lightning import batches_that_stepped
 
@@ -135,6 +137,53 @@ def prepare_loggers(trainer: pl.Trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             _ = logger.experiment
+
+
+def host_scalars(scalars: Mapping[str, float | Tensor]) -> dict[str, float]:
+    """The scalars as floats, the tensors among them brought to the host in one transfer per device.
+
+    A callback's ``_run`` may return 0-d tensors where the values are computed: converting each with ``float()``
+    would wait for the device once per scalar.
+
+    Example:
+        >>> host_scalars({"a": torch.tensor(0.5), "b": 2.0, "c": torch.tensor(1, dtype=torch.int64)})
+        {'a': 0.5, 'b': 2.0, 'c': 1.0}
+    """
+    by_device: dict[torch.device, list[str]] = {}
+    for name, value in scalars.items():
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"Scalar {name!r} must be one number, got a tensor of shape {tuple(value.shape)}.")
+            by_device.setdefault(value.device, []).append(name)
+    result = {name: float(value) for name, value in scalars.items() if not isinstance(value, Tensor)}
+    for device, names in by_device.items():
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        values = torch.stack([scalars[name].detach().reshape(()).to(dtype) for name in names]).tolist()
+        result.update(zip(names, values, strict=True))
+    return {name: result[name] for name in scalars}
+
+
+def to_host(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """CPU copies of the tensors, brought over in one copy per (device, dtype) instead of one per tensor.
+
+    The tensors are flattened into one buffer on their device, copied once, and split back into their shapes
+    (tensors already on the CPU are cloned there). Cast beforehand to bring mixed dtypes over in one copy.
+
+    Example:
+        >>> host = to_host({"a": torch.ones(2, 3), "b": torch.zeros(4)})
+        >>> {name: tuple(t.shape) for name, t in host.items()}
+        {'a': (2, 3), 'b': (4,)}
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for name, value in tensors.items():
+        groups.setdefault((value.device, value.dtype), []).append(name)
+    result: dict[str, Tensor] = {}
+    for names in groups.values():
+        parts = [tensors[name].detach() for name in names]
+        flat = torch.cat([part.reshape(-1) for part in parts]).cpu() if len(parts) > 1 else parts[0].cpu().clone()
+        pieces = flat.split([part.numel() for part in parts]) if len(parts) > 1 else [flat]
+        result.update({name: piece.view(part.shape) for name, piece, part in zip(names, pieces, parts, strict=True)})
+    return {name: result[name] for name in tensors}
 
 
 def log_scalars(trainer: pl.Trainer, scalars: Mapping[str, float], step: int) -> None:

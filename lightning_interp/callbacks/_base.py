@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_interp._lightning import compiled_by_lightning, validation_source
 from lightning_interp._logging import (
     TAG_PREFIX,
+    host_scalars,
     log_scalars,
     logging_step,
     monitor_scalars,
@@ -191,8 +192,9 @@ class InterpCallback(Callback):
     """Metric names this callback logs only from its second run on (they get their chart in the layout too)."""
 
     # ------------------------------------------------------------------ hooks to implement
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Compute on the probe set, submit the images; return the scalars (the base logs them)."""
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Mapping[str, float | Tensor]:
+        """Compute on the probe set, submit the images; return the scalars (the base logs them). Scalars computed
+        on the device may be returned as 0-d tensors: the base brings them all to the host in one transfer."""
         raise NotImplementedError
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
@@ -302,7 +304,7 @@ class InterpCallback(Callback):
             return
         scalars: dict[str, float] = {}
         if trainer.is_global_zero:  # the work, the images and the loggers: rank zero only
-            scalars = self._run(trainer, self._explained(pl_module))
+            scalars = host_scalars(self._run(trainer, self._explained(pl_module)))  # one transfer per device
             self._last_step = logging_step(trainer)
             log_scalars(trainer, scalars, self._last_step)
             self._runs += 1

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_interp._logging import log_image, logging_step
+from lightning_interp._logging import log_image, logging_step, to_host
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, refuse_unknown_arguments
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
@@ -374,19 +374,26 @@ class MapCallback(InterpCallback):
                     "(the evidence for the target), so they are logged as NaN while this lasts (warned once per run)."
                 )
         shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
+        evolution = self._evolution_maps(maps)
+        device_parts = {f"map {key}": value[:shown] for key, value in maps.items()}
+        device_parts |= {f"extra {key}": value[:shown].float() for key, value in result.extra.items()}
+        device_parts |= {f"evolution {key}": value for key, value in evolution.items()}
+        device_parts |= {"scores": result.scores[:shown].float(), "target": result.target[:shown].float()}
+        host = to_host(device_parts)  # one copy to the host for the whole picture and the evolution strip
         picture = _GridData(
             inputs=probe.inputs[:shown],
             labels=None if probe.labels is None or not self._labels_fit else probe.labels[:shown],
-            maps={key: value[:shown].cpu() for key, value in maps.items()},
-            scores=result.scores[:shown].float().cpu(),
-            target=result.target[:shown].cpu(),
+            maps={key: host[f"map {key}"] for key in maps},
+            scores=host["scores"],
+            target=host["target"].long(),
             signed=set(result.signed),
             titles=dict(result.titles),
             task=self.output_task,
-            extra={key: value[:shown].float().cpu() for key, value in result.extra.items()},
+            extra={key: host[f"extra {key}"] for key in result.extra},
         )
         self._submit(trainer, lambda: self._log_grids(trainer, picture, step))
-        self._remember(trainer.current_epoch, maps)
+        if evolution:
+            self._remember(trainer.current_epoch, {key: host[f"evolution {key}"].half() for key in evolution})
         return scalars
 
     def _scores(self, maps: dict[str, Tensor], signed: set[str], probe: ProbeSet) -> dict[str, Tensor]:
@@ -517,12 +524,15 @@ class MapCallback(InterpCallback):
         """Each token id of ``ids`` (N, T) as its string (``vocabulary``, ``decode`` or the id); padding as None."""
         return token_strings(ids, vocabulary=self.vocabulary, decode=self.decode, pad_id=self.pad_id)
 
-    def _remember(self, epoch: int, maps: dict[str, Tensor]) -> None:
-        """Keep a small CPU copy of a few samples' maps for the evolution strip, bounded in length."""
+    def _evolution_maps(self, maps: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The evolution strip's samples of each map, shrunk where the maps are (none when the strip is off)."""
         if self.evolution_samples == 0 or self.evolution_columns == 0:
-            return
+            return {}
         picks = self._evolution_indices()
-        kept = {key: _shrink(m[picks.to(m.device)]) for key, m in maps.items()}
+        return {key: _shrink(m[picks.to(m.device)]) for key, m in maps.items()}
+
+    def _remember(self, epoch: int, kept: dict[str, Tensor]) -> None:
+        """Keep a small CPU copy of a few samples' maps for the evolution strip, bounded in length."""
         self._history.append((epoch, kept))
         if len(self._history) > 2 * self.evolution_columns:
             thinned = self._history[::2]
@@ -643,13 +653,13 @@ def _resize_inputs(inputs: Tensor, size: tuple[int, ...]) -> Tensor:
 
 
 def _shrink(maps: Tensor) -> Tensor:
-    """A float16 CPU copy at most HISTORY_SIZE pixels on its longest side (shrunk where the maps are)."""
+    """The maps at most HISTORY_SIZE pixels on their longest side (shrunk where the maps are), float32."""
     maps = maps.detach().float()
     if maps.ndim == 3 and max(maps.shape[-2:]) > HISTORY_SIZE:
         scale = HISTORY_SIZE / max(maps.shape[-2:])
         size = (max(1, round(maps.shape[-2] * scale)), max(1, round(maps.shape[-1] * scale)))
         maps = torch.nn.functional.interpolate(maps[:, None], size=size, mode="area")[:, 0]
-    return maps.half().cpu().clone()
+    return maps
 
 
 def _on_mask_grid(maps: Tensor, masks: Tensor | None) -> Tensor | None:

@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_interp.methods.representation.linear_probes import ProbeResult, linear_probe_accuracy, stratified_split
+from lightning_interp.methods.representation.linear_probes import (
+    ProbeResult,
+    ProbeSplit,
+    fit_probes,
+    linear_probe_accuracy,
+    stratified_split,
+)
 
 SOLVERS = ("logistic", "ridge")
 
@@ -197,3 +203,111 @@ def test_standardisation_and_fit_use_the_training_part_only(solver):
     moved[test] = 1e3 * moved[test] + 50.0  # held-out rows only
     after = linear_probe_accuracy(moved, y, solver=solver)
     assert after.train_accuracy == before.train_accuracy
+
+
+# ---------------------------------------------------------------- fit_probes: every layer at once, no host sync
+def _benchmark_features(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits lifted to d random ReLU features with noise (as in benchmarks/bench_probes.py)."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    pixels, labels = datasets.load_digits(return_X_y=True)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(labels), generator=g)[:n]
+    x = torch.tensor(pixels, dtype=torch.float32)[keep]
+    x = (x - x.mean(dim=0)) / x.std(dim=0).clamp_min(1e-6)
+    projection = torch.randn(x.shape[1], d, generator=g) / x.shape[1] ** 0.5
+    return torch.relu(x @ projection) + 0.5 * torch.randn(n, d, generator=g), torch.tensor(labels)[keep]
+
+
+@pytest.mark.parametrize("shape", [(600, 96), (400, 1500)])  # primal (d < n_train) and dual (d > n_train) bases
+def test_logistic_reaches_the_optimum_scikit_learn_converges_to(shape):
+    """Against a tightly converged scikit-learn (tol 1e-8): the same objective value and the same held-out
+    accuracy within one sample; and within 0.5 points of scikit-learn at its default tolerance."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    features, labels = _benchmark_features(*shape)
+    l2 = 1e-3
+    result = linear_probe_accuracy(features, labels, l2=l2)
+    x_train, y_train, x_test, y_test = standardised_split(features.double().numpy(), labels.numpy())
+    c = 1 / (l2 * len(y_train))
+    exact = linear_model.LogisticRegression(C=c, tol=1e-8, max_iter=20_000).fit(x_train, y_train)
+    default = linear_model.LogisticRegression(C=c, max_iter=5000).fit(x_train, y_train)
+    assert result.converged
+    assert abs(result.accuracy - exact.score(x_test, y_test)) <= 1 / len(y_test) + 1e-12
+    assert abs(result.accuracy - default.score(x_test, y_test)) <= 0.005 + 1 / len(y_test)
+
+
+def test_several_layers_at_once_give_each_layer_its_own_probe():
+    g = torch.Generator().manual_seed(4)
+    labels = torch.arange(90) % 3
+    decodable = torch.nn.functional.one_hot(labels, 3).float() * 4 + torch.randn(90, 3, generator=g)
+    noise = torch.randn(90, 40, generator=g)
+    images = torch.randn(90, 2, 5, 5, generator=g) + labels[:, None, None, None]  # any shape, flattened
+    split = ProbeSplit.classes(labels)
+    scores = fit_probes([decodable, noise, images], split)
+    alone = [linear_probe_accuracy(x, labels) for x in (decodable, noise, images)]
+    assert scores.score.tolist() == pytest.approx([r.accuracy for r in alone], abs=1 / split.test.numel() + 1e-9)
+    assert scores.score[0] > 0.9 and scores.score[1] < 0.6 and scores.score[2] > 0.9
+    assert scores.finite.all() and scores.converged.all()
+
+
+def test_a_layer_with_nan_gets_nan_and_leaves_the_others_alone():
+    labels = torch.arange(40) % 2
+    good = labels[:, None].float() + 0.1 * torch.randn(40, 2)
+    bad = torch.randn(40, 6)
+    bad[3, 1] = float("nan")
+    scores = fit_probes([good, bad], ProbeSplit.classes(labels))
+    assert scores.finite.tolist() == [True, False]
+    assert scores.score[0] == 1.0 and scores.score[1].isnan() and scores.train_score[1].isnan()
+    assert not scores.converged[1]
+
+
+def test_fit_probes_never_waits_for_the_device():
+    """No ``.item()``, ``nonzero``, ``unique`` or boolean indexing inside a fit, whatever the number of layers or
+    steps (benchmarks/bench_cost.py's census of dispatched ops)."""
+    census_class = _census_class()
+    labels = torch.arange(64) % 4
+    split = ProbeSplit.classes(labels)
+    counts = []
+    for layers, iterations in ((2, 5), (5, 20)):
+        features = [torch.randn(64, 8 * (k + 1)) for k in range(layers)]
+        for solver in ("logistic", "ridge"):
+            with census_class() as census:
+                fit_probes(features, split, solver=solver, iterations=iterations)
+            counts.append(sum(census.syncs.values()))
+    regression = ProbeSplit.regression(torch.randn(64))
+    with census_class() as census:
+        fit_probes([torch.randn(64, 5), torch.randn(64, 70)], regression)
+    assert [*counts, sum(census.syncs.values())] == [0] * 5
+
+
+def test_fewer_steps_than_needed_are_reported_as_not_converged():
+    features, labels = _benchmark_features(300, 200)
+    assert not linear_probe_accuracy(features, labels, iterations=1).converged
+    assert linear_probe_accuracy(features, labels).converged
+
+
+def test_ridge_without_penalty_is_the_least_squares_fit():
+    """l2 = 0: the minimum-norm least-squares solution (the pseudo-inverse), with more and with fewer features than
+    training samples."""
+    g = torch.Generator().manual_seed(5)
+    for d in (6, 80):
+        x = torch.randn(60, d, generator=g, dtype=torch.float64)
+        labels = (x[:, 0] > 0).long()
+        result = linear_probe_accuracy(x, labels, solver="ridge", l2=0.0)
+        x_train, y_train, x_test, y_test = standardised_split(x.numpy(), labels.numpy())
+        targets = np.eye(2)[y_train]
+        weight = np.linalg.pinv(x_train) @ (targets - targets.mean(axis=0))
+        predicted = (x_test @ weight + targets.mean(axis=0)).argmax(axis=1)
+        assert result.accuracy == pytest.approx((predicted == y_test).mean(), abs=1e-12)
+
+
+def _census_class():
+    import pathlib
+    import sys
+
+    benchmarks = str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        from bench_cost import Census
+    finally:
+        sys.path.remove(benchmarks)
+    return Census

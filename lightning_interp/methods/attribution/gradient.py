@@ -28,6 +28,7 @@ from lightning_interp.methods.model.core import (
     OutputTransform,
     Target,
     attribution_pass,
+    repeat_target,
 )
 from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
@@ -158,7 +159,7 @@ def smoothgrad(
         noisy = (inputs.detach().unsqueeze(0).to(work) + noise.to(work)).to(inputs.dtype)  # ... the model's dtype
         noisy = noisy.reshape(copies * batch, *inputs.shape[1:])
         grads = attribution_pass(
-            model, noisy, index.repeat(copies), output_transform=output_transform, task=task
+            model, noisy, repeat_target(index, copies), output_transform=output_transform, task=task
         ).input_grad
         assert grads is not None
         total += grads.reshape(copies, *inputs.shape).to(total.dtype).sum(dim=0)
@@ -264,7 +265,7 @@ def integrated_gradients(
         shape = (steps, *([1] * x.ndim))
         path = (base.unsqueeze(0) + alphas.reshape(shape) * diff.unsqueeze(0)).reshape(steps * batch, *x.shape[1:])
         grads = attribution_pass(
-            model, path, index.repeat(steps), output_transform=output_transform, task=task
+            model, path, repeat_target(index, steps), output_transform=output_transform, task=task
         ).input_grad
         assert grads is not None
         w = weights[start : start + chunk].to(device=x.device, dtype=total.dtype).reshape(shape)

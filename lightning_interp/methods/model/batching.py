@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_interp.methods.model.core import (
     OutputTransform,
     Target,
+    checked_like,
     eager_forward,
     modes_preserved,
     resolve_target,
@@ -58,7 +59,7 @@ def fixed_target(
     if isinstance(target, int):
         return torch.full((inputs.shape[0],), target, dtype=torch.long, device=inputs.device)
     index = target.to(device=inputs.device, dtype=torch.long).reshape(-1)
-    return index.expand(inputs.shape[0]) if index.numel() == 1 else index
+    return checked_like(target, index.expand(inputs.shape[0]) if index.numel() == 1 else index)
 
 
 def out_dtype(inputs: Tensor) -> torch.dtype:

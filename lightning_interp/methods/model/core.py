@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -293,19 +294,44 @@ def resolve_target(target: Target, scores: Tensor, task: str = "multiclass") -> 
         else:
             index = scores.detach().argmax(dim=1)
     elif isinstance(target, int) and not isinstance(target, bool):
+        if not 0 <= target < classes:
+            raise ValueError(f"target indices must lie in [0, {classes - 1}], got {target}.")
         index = torch.full((batch,), target, dtype=torch.long, device=scores.device)
     elif isinstance(target, Tensor):
+        reusable = target.shape == (batch,) and target.device == scores.device and not target.is_inference()
+        if reusable and _RESOLVED.get(id(target)) is target:
+            return target  # resolved and checked by this function already (an attribution's steps reuse it)
+        if target.numel() not in (1, batch):
+            raise ValueError(f"target has {target.numel()} entries but the batch has {batch} samples.")
         # clone: the target may come from inference mode, and inference tensors cannot join autograd
         index = target.to(device=scores.device, dtype=torch.long).reshape(-1).clone()
         if index.numel() == 1 and batch != 1:
             index = index.expand(batch)
-        if index.numel() != batch:
-            raise ValueError(f"target has {index.numel()} entries but the batch has {batch} samples.")
+        if target.numel():  # where the target is (a label on the host: no wait for the device)
+            low, high = (int(value) for value in torch.aminmax(target.detach().reshape(-1)))
+            if low < 0 or high >= classes:
+                raise ValueError(f"target indices must lie in [0, {classes - 1}], got {target.reshape(-1).tolist()}.")
     else:
         raise TypeError(f"target must be an int, a LongTensor of shape (B,) or None, got {type(target).__name__}.")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= classes):
-        raise ValueError(f"target indices must lie in [0, {classes - 1}], got {index.tolist()}.")
+    _RESOLVED[id(index)] = index
     return index
+
+
+_RESOLVED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+"""The indices :func:`resolve_target` returned, while they live: given back to it, they need no second check."""
+
+
+def repeat_target(index: Tensor, times: int) -> Tensor:
+    """``index.repeat(times)`` for the copies of a batch (noisy samples, integration steps): an index that
+    :func:`resolve_target` checked stays checked, so the copies' passes do not read it back from the device."""
+    return checked_like(index, index.repeat(times))
+
+
+def checked_like(source: Tensor, derived: Tensor) -> Tensor:
+    """``derived`` (a copy, view or repeat of the index ``source``), marked as checked when ``source`` was."""
+    if _RESOLVED.get(id(source)) is source:
+        _RESOLVED[id(derived)] = derived
+    return derived
 
 
 @contextlib.contextmanager

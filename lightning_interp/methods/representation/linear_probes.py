@@ -316,7 +316,8 @@ def fit_probes(
             score = _r2(phi_test @ weight + bias[:, None], y[test])
             converged = torch.ones_like(finite)
         else:
-            onehot = F.one_hot(targets[train], split.n_classes).to(phi.dtype)
+            classes = torch.arange(split.n_classes, device=phi.device)
+            onehot = (targets[train, None] == classes).to(phi.dtype)  # F.one_hot reads the targets' range back
             if solver == "ridge":
                 weight, bias = _ridge(phi, eigenvalues, onehot, l2)
                 converged = torch.ones_like(finite)
