@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -146,12 +147,14 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         self._previous_grams: Tensor | None = None
         self._start_grams: Tensor | None = None
         self._noted_single = False  # warned this run that one-value layers use the Euclidean RDM
+        self._layout: tuple[ProbeSet, torch.device, Tensor, Tensor | None] | None = None  # see _probe_layout
 
     # ------------------------------------------------------------------ setup
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
         self._previous_grams = self._start_grams = None
         self._noted_single = False
+        self._layout = None
         if self._reference_auto:
             self.reference_layers = []
 
@@ -208,8 +211,8 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             self._start_grams = self._grams(self._features(trainer, self._explained(pl_module), shared=False)).float()
 
     # ------------------------------------------------------------------ the work
-    def _grams(self, features: dict[str, Tensor]) -> Tensor:
-        return normalized_grams(features, debiased=self.debiased)
+    def _grams(self, features: dict[str, Tensor], *, warn: bool = True) -> Tensor:
+        return normalized_grams(features, debiased=self.debiased, warn=warn)
 
     def _order(self) -> Tensor:
         """Probe samples sorted by class (stable; by first label or by value for other labels), so RDM class blocks
@@ -219,109 +222,169 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             return torch.arange(len(self.probe))
         return torch.argsort(strata(self.probe.labels), stable=True)
 
+    def _probe_layout(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """The class order of the probe samples and the label RDM in that order, on ``device``: made once per probe
+        set (its labels are fixed for a fit), so reading the labels' kind waits for no device at later runs."""
+        assert self.probe is not None
+        cached = self._layout
+        if cached is None or cached[0] is not self.probe or cached[1] != device:
+            order = self._order().to(device)
+            labels = self.probe.labels
+            target = (
+                None if labels is None else label_rdm(labels.to(device)[order], as_values=self.task == "regression")
+            )
+            cached = self._layout = (self.probe, device, order, target)
+        return cached[2], cached[3]
+
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         features = self._features(trainer, pl_module)
         step = logging_step(trainer)
-        scalars: dict[str, float] = {}
+        parts: list[_Pending] = []
         if "cka" in self.metrics:
-            scalars.update(self._cka(trainer, pl_module, features, step))
+            parts.append(self._cka(trainer, pl_module, features, step))
         if "rsa" in self.metrics:
-            scalars.update(self._rsa(trainer, features, step))
+            parts.append(self._rsa(trainer, features, step))
+        numbers, pictures = _to_host(
+            {k: v for part in parts for k, v in part.numbers.items()},
+            {k: v for part in parts for k, v in part.pictures.items()},
+        )  # the one transfer of the run: the scalars, the flags the warnings need and what the drawings show
+        scalars: dict[str, float] = {}
+        for part in parts:
+            scalars.update(part.finish(numbers, pictures))
         return scalars
 
     def _cka(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, features: dict[str, Tensor], step: int
-    ) -> dict[str, float]:
+    ) -> _Pending:
+        """CKA on the device; its :class:`_Pending` warns, submits the drawings and names the scalars once the
+        numbers are on the host."""
         names = list(features)
-        grams = self._grams(features)  # (L, n^2) on the model's device
+        grams = self._grams(features, warn=False)  # (L, n^2) on the model's device; a constant layer's row is NaN
         epoch = trainer.current_epoch
-        values: dict[str, Tensor] = {}
+        numbers: dict[str, Tensor] = {"cka.degenerate": grams.isnan().all(dim=1)}
+        keys: list[str] = []
         for key, reference in (("cka_vs_previous", self._previous_grams), ("cka_vs_start", self._start_grams)):
             if reference is not None and reference.shape == grams.shape:
-                similarity = (grams * reference.to(grams.device, torch.float64)).sum(dim=1)
-                values.update({f"interp_{self.name}/{n}/{key}": v for n, v in zip(names, similarity, strict=True)})
+                numbers[f"cka.{key}"] = (grams * reference.to(grams.device, torch.float64)).sum(dim=1)
+                keys.append(key)
         self._previous_grams = grams.float()
-        matrix = (grams @ grams.T).cpu()
-        title = f"{'debiased ' if self.debiased else ''}linear CKA between layers (epoch {epoch})"
-        self._submit(
-            trainer,
-            lambda: log_image(trainer, f"interp_{self.name}/cka", matrix_image(matrix, names, title=title), step),
-        )
+        pictures = {"cka.matrix": grams @ grams.T}
+        columns: list[str] = []
         if self.reference_model is not None:
             assert self.probe is not None
             reference = self._reference_features(trainer, pl_module, self.probe)
-            cross_here = grams @ self._grams(reference).T
-            cross, columns = cross_here.cpu(), list(reference)
+            reference_grams = self._grams(reference, warn=False)
+            columns = list(reference)
+            cross = grams @ reference_grams.T
+            pictures["cka.cross"] = cross
+            numbers["cka.reference_degenerate"] = reference_grams.isnan().all(dim=1)
+            numbers["cka.cka_vs_reference_max"] = torch.nan_to_num(cross, nan=-float("inf")).amax(dim=1)
+            keys.append("cka_vs_reference_max")
 
-            def draw_reference() -> None:
-                title = f"CKA: model (rows) vs reference (epoch {epoch})"
-                image = matrix_image(cross, names, column_labels=columns, title=title)
-                log_image(trainer, f"interp_{self.name}/cka_vs_reference", image, step)
+        def finish(host: dict[str, list[float]], drawn: dict[str, Tensor]) -> dict[str, float]:
+            _warn_degenerate(names, host["cka.degenerate"])
+            matrix = drawn["cka.matrix"]
+            title = f"{'debiased ' if self.debiased else ''}linear CKA between layers (epoch {epoch})"
+            self._submit(
+                trainer,
+                lambda: log_image(trainer, f"interp_{self.name}/cka", matrix_image(matrix, names, title=title), step),
+            )
+            if columns:
+                _warn_degenerate(columns, host["cka.reference_degenerate"])
+                cross = drawn["cka.cross"]
 
-            self._submit(trainer, draw_reference)
-            best = torch.nan_to_num(cross_here, nan=-float("inf")).amax(dim=1)
-            for layer, value in zip(names, best, strict=True):
-                values[f"interp_{self.name}/{layer}/cka_vs_reference_max"] = value
-        if not values:
-            return {}
-        return dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist(), strict=True))
+                def draw_reference() -> None:
+                    title = f"CKA: model (rows) vs reference (epoch {epoch})"
+                    image = matrix_image(cross, names, column_labels=columns, title=title)
+                    log_image(trainer, f"interp_{self.name}/cka_vs_reference", image, step)
 
-    def _rsa(self, trainer: pl.Trainer, features: dict[str, Tensor], step: int) -> dict[str, float]:
+                self._submit(trainer, draw_reference)
+            return {
+                f"interp_{self.name}/{layer}/{key}": value
+                for key in keys
+                for layer, value in zip(names, host[f"cka.{key}"], strict=True)
+            }
+
+        return _Pending(numbers, pictures, finish)
+
+    def _rsa(self, trainer: pl.Trainer, features: dict[str, Tensor], step: int) -> _Pending:
+        """RSA on the device; its :class:`_Pending` warns, submits the drawing and names the scalars once the
+        numbers are on the host."""
         assert self.probe is not None
         names = list(features)
         device = next(iter(features.values())).device
-        order = self._order().to(device)
+        order, target = self._probe_layout(device)
         single = [n for n in names if features[n].shape[1] < 2] if self.rdm_metric == "correlation" else []
-        if single and not self._noted_single:
-            self._noted_single = True
-            rank_zero_warn(
-                f"RepresentationSimilarityCallback: {single} give one value per sample, where the correlation "
-                "distance between two samples is undefined; their RDMs use the Euclidean distance (|a - b|) "
-                "instead (said once per run)."
-            )
-        rdms = [rdm(features[n][order], metric="euclidean" if n in single else self.rdm_metric) for n in names]
-        finite = torch.stack([torch.isfinite(matrix).all() for matrix in rdms]).tolist()
-        if not all(finite):
-            broken = [n for n, ok in zip(names, finite, strict=True) if not ok]
-            rank_zero_warn(f"RepresentationSimilarityCallback: non-finite RDMs for {broken}; their RSA is NaN.")
-        # every comparison from one RSA matrix: each RDM ranked once (RDMs with NaN were reported above)
-        labels = self.probe.labels
-        compared = [matrix for matrix, ok in zip(rdms, finite, strict=True) if ok]
-        if labels is not None:
-            compared.append(label_rdm(labels.to(device)[order], as_values=self.task == "regression"))
-        similarity = rsa_matrix(compared, method=self.rsa_method) if len(compared) >= 2 else None
-        slot = {index: position for position, index in enumerate(i for i, ok in enumerate(finite) if ok)}
-        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
-
-        def compare(a: int, b: int) -> Tensor:
-            return similarity[slot[a], b] if similarity is not None and a in slot and b >= 0 else nan
-
-        values: dict[str, Tensor] = {}
-        if labels is not None:
-            for index, name in enumerate(names):
-                values[f"interp_{self.name}/{name}/rsa_vs_labels"] = compare(index, len(compared) - 1)
-        for index, name in enumerate(names[:-1]):
-            values[f"interp_{self.name}/{name}/rsa_vs_next"] = compare(index, slot.get(index + 1, -1))
-        tiles = [self._rdm_tile(matrix).cpu() for matrix in rdms]  # pooled where they are, small on the host
+        rdms = torch.stack(
+            [rdm(features[n][order], metric="euclidean" if n in single else self.rdm_metric, warn=False) for n in names]
+        )  # (L, n, n); a constant pattern's diagonal entry is NaN
+        numbers: dict[str, Tensor] = {
+            "rsa.finite": torch.isfinite(rdms).flatten(1).all(dim=1),
+            "rsa.constant_patterns": rdms.diagonal(dim1=1, dim2=2).isnan().sum(dim=1),
+        }
+        # every comparison from one RSA matrix: each RDM ranked once; those of non-finite RDMs are set to NaN below,
+        # as are (by rsa_matrix) those of an RDM with a constant upper triangle
+        compared = [*rdms, *([] if target is None else [target])]
+        if len(compared) >= 2:
+            similarity = rsa_matrix(compared, method=self.rsa_method, warn=False)
+            finite = numbers["rsa.finite"]
+            nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
+            numbers["rsa.undefined"] = similarity.diagonal().isnan()  # a constant upper triangle or NaN in the RDM
+            if target is not None:
+                numbers["rsa.rsa_vs_labels"] = torch.where(finite, similarity[: len(names), len(names)], nan)
+                numbers["rsa.labels_nan"] = target.isnan().any()[None]
+            both = finite[:-1] & finite[1:]
+            numbers["rsa.rsa_vs_next"] = torch.where(both, similarity.diagonal(offset=1)[: len(names) - 1], nan)
+        tiles = self._rdm_tiles(rdms)  # pooled where they are, small on the host
         title = f"RDMs ({self.rdm_metric}), samples sorted by class, epoch {trainer.current_epoch}"
 
-        def draw() -> None:
-            pictures = [colorize(normalize_map(tile[None], percentile=99.0)[0], "viridis") for tile in tiles]
-            log_image(
-                trainer, f"interp_{self.name}/rdm", render_grid([pictures], column_titles=names, title=title), step
-            )
+        def finish(host: dict[str, list[float]], drawn: dict[str, Tensor]) -> dict[str, float]:
+            if single and not self._noted_single:
+                self._noted_single = True
+                rank_zero_warn(
+                    f"RepresentationSimilarityCallback: {single} give one value per sample, where the correlation "
+                    "distance between two samples is undefined; their RDMs use the Euclidean distance (|a - b|) "
+                    "instead (said once per run)."
+                )
+            for count in host["rsa.constant_patterns"]:
+                if count:
+                    warnings.warn(
+                        f"{int(count)} pattern(s) are constant across features; their correlation distance is NaN.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            finite = [bool(ok) for ok in host["rsa.finite"]]
+            if not all(finite):
+                broken = [n for n, ok in zip(names, finite, strict=True) if not ok]
+                rank_zero_warn(f"RepresentationSimilarityCallback: non-finite RDMs for {broken}; their RSA is NaN.")
+            if "rsa.undefined" in host:
+                _warn_undefined_rsa(finite, host["rsa.undefined"], host.get("rsa.labels_nan"))
+            pictures = drawn["rsa.tiles"]
 
-        self._submit(trainer, draw)
-        if not values:
-            return {}
-        return dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist(), strict=True))
+            def draw() -> None:
+                images = [colorize(normalize_map(tile[None], percentile=99.0)[0], "viridis") for tile in pictures]
+                log_image(
+                    trainer, f"interp_{self.name}/rdm", render_grid([images], column_titles=names, title=title), step
+                )
+
+            self._submit(trainer, draw)
+            values: dict[str, float] = {}
+            if target is not None:
+                nan = [float("nan")] * len(names)
+                labels = host.get("rsa.rsa_vs_labels", nan)
+                values.update({f"interp_{self.name}/{n}/rsa_vs_labels": v for n, v in zip(names, labels, strict=True)})
+            following = host.get("rsa.rsa_vs_next", [])
+            values.update({f"interp_{self.name}/{n}/rsa_vs_next": v for n, v in zip(names, following, strict=False)})
+            return values
+
+        return _Pending(numbers, {"rsa.tiles": tiles}, finish)
 
     @staticmethod
-    def _rdm_tile(matrix: Tensor) -> Tensor:
-        """The RDM as a float32 picture of at most RDM_TILE pixels a side (average-pooled)."""
-        small = matrix.float()
-        if small.shape[0] > RDM_TILE:
-            small = F.adaptive_avg_pool2d(small[None, None], RDM_TILE)[0, 0]
+    def _rdm_tiles(matrices: Tensor) -> Tensor:
+        """(L, n, n) RDMs as float32 pictures of at most RDM_TILE pixels a side (average-pooled)."""
+        small = matrices.float()
+        if small.shape[-1] > RDM_TILE:
+            small = F.adaptive_avg_pool2d(small[:, None], RDM_TILE)[:, 0]
         return small
 
     # ------------------------------------------------------------------ state
@@ -334,6 +397,88 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         super().load_state_dict(state_dict)
         self._previous_grams = state_dict.get("previous_grams")
         self._start_grams = state_dict.get("start_grams")
+
+
+class _Pending(NamedTuple):
+    """One metric's work, done on the device and waiting for the run's single transfer to the host.
+
+    Attributes:
+        numbers: named tensors read as Python floats (the scalars and the flags the warnings need).
+        pictures: named tensors the drawings show, brought over as tensors of their own shape and dtype.
+        finish: given both on the host, warns, submits the drawings and returns the scalars to log.
+    """
+
+    numbers: dict[str, Tensor]
+    pictures: dict[str, Tensor]
+    finish: Callable[[dict[str, list[float]], dict[str, Tensor]], dict[str, float]]
+
+
+def _to_host(
+    numbers: dict[str, Tensor], pictures: dict[str, Tensor]
+) -> tuple[dict[str, list[float]], dict[str, Tensor]]:
+    """Every tensor on the host in one transfer: all are packed (as float64) into one vector, copied once.
+
+    Returns each of ``numbers`` flattened to a list of floats and each of ``pictures`` as a host tensor of its own
+    shape and dtype (float64 holds every float32 and float64 value exactly).
+    """
+    tensors = [*numbers.values(), *pictures.values()]
+    if not tensors:
+        return {}, {}
+    device = tensors[0].device
+    packed = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]).cpu()
+    count = sum(t.numel() for t in numbers.values())
+    flat = packed[:count].tolist() if numbers else []
+    host: dict[str, list[float]] = {}
+    at = 0
+    for name, tensor in numbers.items():
+        host[name], at = flat[at : at + tensor.numel()], at + tensor.numel()
+    drawn: dict[str, Tensor] = {}
+    for name, tensor in pictures.items():
+        drawn[name], at = packed[at : at + tensor.numel()].view(tensor.shape).to(tensor.dtype), at + tensor.numel()
+    return host, drawn
+
+
+def _warn_degenerate(names: Sequence[str], flags: Sequence[float]) -> None:
+    """The RuntimeWarning :func:`~lightning_interp.methods.normalized_grams` gives for constant layers."""
+    degenerate = [name for name, flag in zip(names, flags, strict=True) if flag]
+    if degenerate:
+        warnings.warn(
+            f"Layer(s) {', '.join(degenerate)} has zero self-similarity (a constant layer, with zero variance across "
+            "samples); its CKA is undefined and returned as NaN.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_undefined_rsa(finite: Sequence[bool], undefined: Sequence[float], labels_nan: Sequence[float] | None) -> None:
+    """The RuntimeWarnings :func:`~lightning_interp.methods.rsa_matrix` gives for the compared RDMs (the finite
+    layers' and the labels', numbered in that order) that hold NaN or have a constant upper triangle.
+
+    Args:
+        finite: per layer, whether its RDM is finite (only those are compared).
+        undefined: per RDM of the RSA matrix (every layer's, then the labels'), whether its diagonal entry is NaN.
+        labels_nan: ``[flag]``, whether the label RDM holds NaN; None without labels.
+    """
+    slots = [index for index, ok in enumerate(finite) if ok]
+    flags = [bool(undefined[index]) for index in slots]
+    with_nan: list[int] = []
+    if labels_nan is not None:
+        slots.append(len(finite))
+        flags.append(bool(undefined[len(finite)]) and not labels_nan[0])
+        with_nan = [len(slots) - 1] if labels_nan[0] else []
+    if len(slots) < 2:  # nothing compared
+        return
+    if with_nan:
+        warnings.warn(
+            f"RDM(s) {with_nan[0]} hold NaN (constant patterns?); their RSA is NaN.", RuntimeWarning, stacklevel=3
+        )
+    constant = [str(position) for position, flag in enumerate(flags) if flag]
+    if constant:
+        warnings.warn(
+            f"The upper triangle of RDM(s) {', '.join(constant)} is constant; their correlation is NaN.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _on_cpu(tensor: Tensor | None) -> Tensor | None:

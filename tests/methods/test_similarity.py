@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import pathlib
+import sys
 import warnings
 
 import numpy as np
@@ -590,3 +592,98 @@ def test_rsa_matrix_marks_broken_rdms_nan_and_checks_shapes():
         rsa_matrix([good, good[:, :5]])
     with pytest.raises(ValueError, match="method"):
         rsa_matrix([good, good], method="kendall")
+
+
+# ---------------------------------------------------------------- host syncs
+
+
+def _census():
+    """benchmarks/bench_cost.py's Census: counts aten ops and host syncs (dispatch-level and Python reads)."""
+    root = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(root))
+    try:
+        from bench_cost import Census
+    finally:
+        sys.path.remove(str(root))
+    return Census()
+
+
+def _layers(count: int, n: int = 12) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(count)
+    layers = [torch.randn(n, 3 + i, generator=g) for i in range(count)]
+    layers[1] = torch.ones(n, 4)  # a constant layer: degenerate CKA, an all-NaN correlation RDM
+    return layers
+
+
+def _syncs_of(work) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with _census() as census:
+            work()
+    return sum(census.syncs.values())
+
+
+@pytest.mark.parametrize("warn", [True, False])
+@pytest.mark.parametrize("method", ["spearman", "pearson", "tau_a"])
+def test_the_similarity_functions_wait_for_the_device_as_often_for_2_as_for_5_layers(warn, method):
+    # one sync for all the warnings at most (none without them); a per-layer or per-pair sync would grow with L
+    def work(count: int) -> None:
+        layers = _layers(count)
+        similarity.normalized_grams(layers, debiased=True, warn=warn)
+        rdms = [rdm(layer, warn=warn) for layer in layers[:1]]  # rdm is per layer: one call, count-independent
+        rdms += [rdm(layer, metric="euclidean", warn=warn) for layer in layers[1:]]
+        rsa_matrix(rdms, method=method, warn=warn)
+
+    counts = [_syncs_of(lambda count=count: work(count)) for count in (2, 5)]
+    assert counts[0] == counts[1], counts
+    assert counts[0] == (3 if warn else 0), counts  # grams, the one rdm, rsa_matrix: one each when warning
+
+
+def test_cka_matrix_waits_for_the_device_once_whatever_the_number_of_layers():
+    assert _syncs_of(lambda: cka_matrix(_layers(2))) == _syncs_of(lambda: cka_matrix(_layers(5))) == 1
+
+
+def test_normalized_grams_without_warning_give_the_same_rows_a_constant_layer_nan_throughout():
+    layers = _layers(4)
+    with pytest.warns(RuntimeWarning, match=r"Layer\(s\) 1 has zero self-similarity"):
+        warned = similarity.normalized_grams(layers, debiased=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = similarity.normalized_grams(layers, debiased=True, warn=False)
+    assert torch.equal(quiet.nan_to_num(nan=7.0), warned.nan_to_num(nan=7.0))
+    assert quiet.isnan().all(dim=1).tolist() == [False, True, False, False]
+
+
+def test_rdm_without_warning_marks_constant_patterns_on_its_diagonal():
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(1))
+    x[[2, 5]] = 3.0
+    with pytest.warns(RuntimeWarning, match="2 pattern"):
+        warned = rdm(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = rdm(x, warn=False)
+    assert torch.equal(quiet.nan_to_num(nan=7.0), warned.nan_to_num(nan=7.0))
+    assert quiet.diagonal().isnan().nonzero().flatten().tolist() == [2, 5]
+    assert torch.isnan(quiet[2]).all() and torch.isnan(quiet[:, 5]).all() and not torch.isnan(quiet[0, 1])
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson", "tau_a"])
+def test_rsa_matrix_without_warning_gives_the_same_matrix_undefined_rdms_nan_on_the_diagonal(method):
+    good = rdm(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))
+    with_nan = good.clone()
+    with_nan[0, 1] = with_nan[1, 0] = float("nan")
+    constant = torch.ones(8, 8) - torch.eye(8)
+    rdms = {"good": good, "with_nan": with_nan, "constant": constant, "root": good.sqrt()}
+    with pytest.warns(RuntimeWarning) as record:
+        warned = rsa_matrix(rdms, method=method)
+    messages = [str(w.message) for w in record]
+    assert messages[0] == "RDM(s) with_nan hold NaN (constant patterns?); their RSA is NaN."
+    if method != "tau_a":  # tau-a needs no spread: a constant RDM has ties only, its tau-a with anything is 0
+        assert messages[1:] == ["The upper triangle of RDM(s) constant is constant; their correlation is NaN."]
+    assert [w.filename for w in record] == [__file__] * len(record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = rsa_matrix(rdms, method=method, warn=False)
+    assert torch.equal(quiet.nan_to_num(nan=7.0), warned.nan_to_num(nan=7.0))
+    expected = [False, True, method != "tau_a", False]
+    assert quiet.diagonal().isnan().tolist() == expected

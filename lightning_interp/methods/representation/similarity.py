@@ -418,17 +418,24 @@ def _u_centre_in_place(grams: Tensor, diagonals: Tensor) -> None:
     grams.diagonal(dim1=1, dim2=2).zero_()
 
 
+def _nan_rows_and_columns(matrix: Tensor, bad: Tensor) -> Tensor:
+    """``matrix`` with the rows and columns flagged in the 1-D boolean ``bad`` set to NaN, in place (no host sync)."""
+    return matrix.masked_fill_(bad[:, None] | bad[None, :], math.nan)
+
+
+def _flagged(names: Sequence[str], flags: Sequence[bool]) -> list[str]:
+    return [name for name, flag in zip(names, flags, strict=True) if flag]
+
+
 def _normalise_matrix(hsic: Tensor, names: list[str]) -> Tensor:
     diagonal = hsic.diagonal()
     bad = ~(diagonal > 0)
-    if bad.any():
-        which = ", ".join(names[i] for i in bad.nonzero().flatten().tolist())
-        _warn_degenerate(f"Layer(s) {which}")
+    degenerate = _flagged(names, bad.tolist())  # the one host sync, for the warning
+    if degenerate:
+        _warn_degenerate(f"Layer(s) {', '.join(degenerate)}")
     scale = diagonal.clamp_min(0).sqrt()
     cka = hsic / (scale[:, None] * scale[None, :])
-    cka[bad, :] = math.nan
-    cka[:, bad] = math.nan
-    return cka
+    return _nan_rows_and_columns(cka, bad)
 
 
 def cka_matrix(
@@ -466,7 +473,11 @@ def cka_matrix(
 
 
 def normalized_grams(
-    features: Sequence[Tensor] | Mapping[str, Tensor], *, debiased: bool = False, gram_dtype: torch.dtype | None = None
+    features: Sequence[Tensor] | Mapping[str, Tensor],
+    *,
+    debiased: bool = False,
+    gram_dtype: torch.dtype | None = None,
+    warn: bool = True,
 ) -> Tensor:
     """Each layer's centred linear Gram matrix, flattened and scaled to unit Frobenius norm: (L, n*n) float64.
 
@@ -479,6 +490,9 @@ def normalized_grams(
         features: per-layer tensors (n, ...) of the same n samples.
         debiased: U-centre for the unbiased HSIC (Song et al. 2012; needs ``n >= 4``).
         gram_dtype: dtype of the Gram products; None chooses by device (see :func:`gram_dtype_for`).
+        warn: look for constant layers and warn about them, which waits for the device once (one host sync
+            whatever the number of layers); ``False`` computes without waiting and leaves the check to the
+            caller: a constant layer's row is NaN throughout (``grams.isnan().all(dim=1)``).
 
     Example:
         >>> x, y = torch.randn(30, 5), torch.randn(30, 4)
@@ -493,11 +507,10 @@ def normalized_grams(
     grams = grams.reshape(len(tensors), -1)
     norms = grams.norm(dim=1)
     bad = ~(norms > 0)
-    if bad.any():
-        _warn_degenerate("Layer(s) " + ", ".join(names[i] for i in bad.nonzero().flatten().tolist()))
+    if warn and (degenerate := _flagged(names, bad.tolist())):  # the one host sync
+        _warn_degenerate(f"Layer(s) {', '.join(degenerate)}")
     grams /= norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
-    grams[bad] = math.nan
-    return grams
+    return grams.masked_fill_(bad[:, None], math.nan)
 
 
 class MinibatchCKA:
@@ -592,7 +605,7 @@ def label_rdm(labels: Tensor, *, as_values: bool = False) -> Tensor:
     return torch.cdist(values, values)
 
 
-def rdm(x: Tensor, *, metric: str = "correlation") -> Tensor:
+def rdm(x: Tensor, *, metric: str = "correlation", warn: bool = True) -> Tensor:
     """Representational dissimilarity matrix between the n sample patterns (rows) of x.
 
     ``"correlation"``: 1 - Pearson correlation between the rows (0 for identical
@@ -602,6 +615,9 @@ def rdm(x: Tensor, *, metric: str = "correlation") -> Tensor:
     Args:
         x: (n, ...) patterns, flattened to (n, d).
         metric: ``"correlation"`` or ``"euclidean"``.
+        warn: count the constant patterns and warn about them, which waits for the device once (one host sync,
+            ``"correlation"`` only); ``False`` leaves the check to the caller: a pattern is constant exactly
+            where the diagonal holds NaN (it is 0 elsewhere).
 
     Returns:
         Symmetric (n, n) float64 matrix with a zero diagonal.
@@ -620,9 +636,9 @@ def rdm(x: Tensor, *, metric: str = "correlation") -> Tensor:
     centred = patterns - patterns.mean(dim=1, keepdim=True)
     norms = centred.norm(dim=1)
     constant = ~(norms > 0)
-    if constant.any():
+    if warn and (count := int(constant.sum())):  # the one host sync
         warnings.warn(
-            f"{int(constant.sum())} pattern(s) are constant across features; their correlation distance is NaN.",
+            f"{count} pattern(s) are constant across features; their correlation distance is NaN.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -630,9 +646,7 @@ def rdm(x: Tensor, *, metric: str = "correlation") -> Tensor:
     distance = (1 - unit @ unit.T).clamp(0, 2)
     distance = (distance + distance.T) / 2
     distance.fill_diagonal_(0)
-    distance[constant, :] = math.nan
-    distance[:, constant] = math.nan
-    return distance
+    return _nan_rows_and_columns(distance, constant)
 
 
 def _pearson(a: Tensor, b: Tensor) -> Tensor:
@@ -703,7 +717,7 @@ def rsa(rdm_a: Tensor, rdm_b: Tensor, *, method: str = "spearman") -> Tensor:
     return _tau_a(a, b)
 
 
-def rsa_matrix(rdms: Sequence[Tensor] | Mapping[str, Tensor], *, method: str = "spearman") -> Tensor:
+def rsa_matrix(rdms: Sequence[Tensor] | Mapping[str, Tensor], *, method: str = "spearman", warn: bool = True) -> Tensor:
     """RSA between every pair of K RDMs of the same n conditions, as one (K, K) float64 matrix.
 
     Equals :func:`rsa` pair by pair, but each RDM's upper triangle is taken
@@ -713,6 +727,10 @@ def rsa_matrix(rdms: Sequence[Tensor] | Mapping[str, Tensor], *, method: str = "
     Args:
         rdms: K square (n, n) dissimilarity matrices, as a sequence or a dict.
         method: ``"spearman"``, ``"pearson"`` or ``"tau_a"``.
+        warn: look for RDMs holding NaN or with a constant upper triangle and warn about them, which waits for
+            the device once (one host sync whatever K); ``False`` computes without waiting (``"tau_a"`` then
+            also compares the RDMs holding NaN, to no use) and leaves the check to the caller: such an RDM's
+            diagonal entry is NaN (it is 1 elsewhere).
 
     Returns:
         (K, K) float64 tensor on the first RDM's device, 1 on the diagonal; rows and
@@ -737,14 +755,13 @@ def rsa_matrix(rdms: Sequence[Tensor] | Mapping[str, Tensor], *, method: str = "
     upper = torch.triu_indices(n, n, offset=1, device=device)
     values = torch.stack([m.detach().to(device=device, dtype=torch.float64)[upper[0], upper[1]] for m in matrices])
     broken = values.isnan().any(dim=1)
-    if broken.any():
-        which = ", ".join(names[i] for i in broken.nonzero().flatten().tolist())
-        warnings.warn(f"RDM(s) {which} hold NaN (constant patterns?); their RSA is NaN.", RuntimeWarning, stacklevel=2)
     if method == "tau_a":
+        flags = broken.tolist() if warn else [False] * len(matrices)  # the one host sync
+        _warn_rsa(_flagged(names, flags), [], stacklevel=3)
         out = torch.eye(len(matrices), dtype=torch.float64, device=device)
         for i in range(len(matrices)):
             for j in range(i + 1, len(matrices)):
-                if not (broken[i] or broken[j]):
+                if not (flags[i] or flags[j]):
                     out[i, j] = out[j, i] = _tau_a(values[i], values[j])
     else:
         if method == "spearman":
@@ -752,17 +769,27 @@ def rsa_matrix(rdms: Sequence[Tensor] | Mapping[str, Tensor], *, method: str = "
         centred = values - values.mean(dim=1, keepdim=True)
         norms = centred.norm(dim=1)
         constant = ~(norms > 0) & ~broken
-        if constant.any():
-            which = ", ".join(names[i] for i in constant.nonzero().flatten().tolist())
-            warnings.warn(
-                f"The upper triangle of RDM(s) {which} is constant; their correlation is NaN.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if warn:
+            with_nan, flat = torch.stack([broken, constant]).tolist()  # the one host sync
+            _warn_rsa(_flagged(names, with_nan), _flagged(names, flat), stacklevel=3)
         unit = centred / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
         out = unit @ unit.T
         out.diagonal().fill_(1.0)
         broken = broken | constant
-    out[broken, :] = math.nan
-    out[:, broken] = math.nan
-    return out
+    return _nan_rows_and_columns(out, broken)
+
+
+def _warn_rsa(with_nan: Sequence[str], constant: Sequence[str], stacklevel: int) -> None:
+    """The RuntimeWarnings of :func:`rsa_matrix` about RDMs holding NaN and RDMs with a constant upper triangle."""
+    if with_nan:
+        warnings.warn(
+            f"RDM(s) {', '.join(with_nan)} hold NaN (constant patterns?); their RSA is NaN.",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+    if constant:
+        warnings.warn(
+            f"The upper triangle of RDM(s) {', '.join(constant)} is constant; their correlation is NaN.",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
