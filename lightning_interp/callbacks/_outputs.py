@@ -169,27 +169,31 @@ class ValidationOutputsCallback(InterpCallback):
             return None
         logits = torch.cat([part.to(self._logits[0].device) for part in self._logits])
         raw = torch.cat([part.to(logits.device) for part in self._labels])
-        if not bool(torch.isfinite(logits).all()):
+        kind = label_kind(raw)
+        labels = class_labels(raw, "multiclass").to(logits.device) if kind in ("class", "one_hot") else None
+        checks = [torch.isfinite(logits).all()]
+        if labels is not None and labels.numel():
+            checks += [labels.min(), labels.max()]
+        finite, *bounds = torch.stack([check.double() for check in checks]).tolist()  # one read for every check
+        if not finite:
             self._warn_once(
                 "finite",
                 f"{type(self).__name__}: the model's validation outputs contain NaN or inf, so no number computed "
                 "from them would mean anything; nothing is logged while this lasts.",
             )
             return None
-        kind = label_kind(raw)
-        if kind not in ("class", "one_hot"):
+        if labels is None:
             self._warn_once(
                 "kind",
                 f"{type(self).__name__} needs class labels ((N,) indices or (N, C) one-hot rows); the validation "
                 f"labels look like {kind} targets, so nothing is logged.",
             )
             return None
-        labels = class_labels(raw, "multiclass").to(logits.device)
         classes = 2 if logits.shape[1] == 1 else logits.shape[1]
-        if int(labels.min()) < 0 or int(labels.max()) >= classes:
+        if bounds and (bounds[0] < 0 or bounds[1] >= classes):
             self._warn_once(
                 "range",
-                f"{type(self).__name__}: the labels range over {int(labels.min())}..{int(labels.max())} but the model "
+                f"{type(self).__name__}: the labels range over {int(bounds[0])}..{int(bounds[1])} but the model "
                 f"gives {logits.shape[1]} score(s) per sample; nothing is logged.",
             )
             return None

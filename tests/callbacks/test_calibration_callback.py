@@ -3,6 +3,8 @@ forward pass, the validation_step forms it reads, binary models, hooks removed, 
 
 from __future__ import annotations
 
+import pathlib
+import sys
 import warnings
 
 import lightning.pytorch as pl
@@ -13,8 +15,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
+import lightning_interp.callbacks.calibration as calibration_module
 from lightning_interp import CalibrationCallback, DataDescription, DatasetBiasCallback
 from lightning_interp.demo import ImageClassifier
+from lightning_interp.methods import expected_calibration_error, fit_temperature, reliability_curve
 from tests.conftest import (
     BatchNormDropoutNet,
     NetClassifier,
@@ -23,6 +27,8 @@ from tests.conftest import (
     tiny_classifier,
     tiny_datamodule,
 )
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _validation_logits(model: pl.LightningModule, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,3 +202,110 @@ def test_nan_validation_outputs_are_warned_about_and_nothing_is_logged(tmp_path,
     with pytest.warns(UserWarning, match="validation outputs contain NaN or inf"):
         trainer.fit(NaNOutputs(BatchNormDropoutNet()), datamodule=tiny_datamodule())
     assert not [key for key in trainer.callback_metrics if key.startswith(f"interp_{callback.name}/")]
+
+
+def _drawn_bins(monkeypatch) -> list[tuple[torch.Tensor, ...]]:
+    """The (confidence, accuracy, counts) each reliability diagram is drawn from, recorded as it is drawn."""
+    drawn: list[tuple[torch.Tensor, ...]] = []
+    original = calibration_module.reliability_image
+
+    def record(*bins, **options):
+        drawn.append(bins)
+        return original(*bins, **options)
+
+    monkeypatch.setattr(calibration_module, "reliability_image", record)
+    return drawn
+
+
+def test_temperature_ece_after_it_and_the_diagram_equal_the_public_functions(tmp_path, monkeypatch):
+    drawn = _drawn_bins(monkeypatch)
+    callback = CalibrationCallback(n_bins=10)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=3)
+    pl.seed_everything(0, verbose=False)
+    model, datamodule = tiny_classifier(), tiny_datamodule()
+    trainer.fit(model, datamodule=datamodule)
+    logits, labels = _validation_logits(model, datamodule)
+    metrics = trainer.callback_metrics
+    temperature = fit_temperature(logits, labels)
+    assert 1e-3 < temperature < 1e3, "an interior minimum, so the comparison is with the exact minimiser"
+    assert float(metrics["interp_calibration/temperature"]) == pytest.approx(temperature, rel=1e-5)
+    after = expected_calibration_error(logits / temperature, labels, n_bins=10, from_logits=True)
+    assert float(metrics["interp_calibration/ece_after_temperature"]) == pytest.approx(float(after), abs=1e-5)
+    confidence, accuracy, counts = drawn[-1]
+    expected = reliability_curve(logits.softmax(dim=1), labels, n_bins=10)
+    assert torch.equal(counts, expected[2]) and counts.dtype == torch.long
+    assert torch.allclose(confidence, expected[0], atol=1e-6) and torch.allclose(accuracy, expected[1], atol=1e-6)
+
+
+def test_a_binary_model_fits_the_sigmoid_temperature(tmp_path):
+    def binary_labels(batch):
+        return batch[0], (batch[1] == 0).long(), None
+
+    callback = CalibrationCallback(n_bins=5, data=DataDescription(batch_parser=binary_labels))
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=2)
+    pl.seed_everything(0, verbose=False)
+    model, datamodule = BinaryClassifier(), tiny_datamodule()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny model's temperature may have no interior minimum: not tested here
+        trainer.fit(model, datamodule=datamodule)
+        logits, labels = _validation_logits(model, datamodule)
+        temperature = fit_temperature(logits, (labels == 0).long(), max_iter=calibration_module.TEMPERATURE_STEPS)
+    metrics = trainer.callback_metrics
+    assert float(metrics["interp_calibration/temperature"]) == pytest.approx(temperature, rel=1e-5)
+    after = binary_calibration_error(torch.sigmoid(logits[:, 0] / temperature), (labels == 0).long(), n_bins=5)
+    assert float(metrics["interp_calibration/ece_after_temperature"]) == pytest.approx(float(after), abs=1e-5)
+    accuracy = float(((logits[:, 0] > 0).long() == (labels == 0).long()).double().mean())
+    assert float(metrics["interp_calibration/accuracy"]) == pytest.approx(accuracy, abs=1e-6)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_the_bin_sums_give_torchmetrics_ece_and_the_reliability_curve_with_confidences_of_one(binary):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 1 if binary else 4, generator=gen) * 4
+    logits[:20] = torch.tensor([40.0] if binary else [40.0, -40.0, -40.0, -40.0])  # probability exactly 1.0
+    labels = torch.randint(0, 2 if binary else 4, (300,), generator=gen)
+    probs = torch.sigmoid(logits[:, 0]) if binary else logits.softmax(dim=1)
+    assert bool((probs == 1).any())
+    sums = calibration_module._bin_sums(probs, labels, binary, 7)
+    assert sums.shape == (3, 8) and float(sums[0].sum()) == 300
+    ece = float((sums[2] - sums[1]).abs().sum() / 300)
+    assert ece == pytest.approx(float(expected_calibration_error(probs, labels, n_bins=7)), abs=1e-6)
+    confidence, accuracy, counts = reliability_curve(probs, labels, n_bins=7)
+    merged = torch.cat([sums[:, :-2], sums[:, -2:].sum(dim=1, keepdim=True)], dim=1)
+    assert torch.equal(merged[0].long(), counts)
+    assert torch.allclose(merged[1] / counts.clamp(min=1), confidence, atol=1e-6)
+    assert torch.allclose(merged[2] / counts.clamp(min=1), accuracy, atol=1e-6)
+
+
+def _census(tmp_path, val_size: int) -> dict[str, int]:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_cost import _Counted  # a Census (aten ops, host syncs) around each validation hook
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    callback = CalibrationCallback()
+    counted = _Counted(callback)
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(tiny_classifier(), datamodule=tiny_datamodule(val_size=val_size))
+    assert "interp_calibration/temperature" in trainer.callback_metrics and counted.last is not None
+    return {"ops": counted.last.ops, **counted.last.syncs}
+
+
+def test_a_validation_waits_for_the_device_as_often_with_2_as_with_6_batches_and_with_few_or_many_steps(
+    tmp_path, monkeypatch
+):
+    few = _census(tmp_path, val_size=32)  # two validation batches of 16
+    many = _census(tmp_path, val_size=96)  # six
+    ops = few.pop("ops")
+    assert many.pop("ops") - ops <= 4 * 4, "more than the capture's few ops per batch"
+    assert few == many, "a host sync per batch came back"
+    monkeypatch.setattr(calibration_module, "TEMPERATURE_STEPS", 4)
+    fewer_steps = _census(tmp_path, val_size=32)
+    assert fewer_steps.pop("ops") < ops and fewer_steps == few, "a host sync per Newton step came back"
+    # the labels' checks in _collected, and the one transfer of every number the run logs and draws
+    assert sum(few.values()) <= 4, few
+    assert not {"item", "_local_scalar_dense", "cpu", "nonzero", "boolean index"} & few.keys(), few
+    assert ops < 1500

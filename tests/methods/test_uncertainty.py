@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from lightning_interp.methods.evaluation.uncertainty import (
+    _temperature,
     dirichlet_uncertainty,
     expected_calibration_error,
     expected_entropy,
@@ -269,6 +275,140 @@ def test_fit_temperature_binary_and_the_separable_warning():
     assert fit_temperature(z * 2.0, labels) == pytest.approx(2.0, rel=0.05)
     with pytest.warns(UserWarning, match="no interior minimum"):
         fit_temperature(torch.tensor([[3.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1]))
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
+    """The float64 mean NLL of the tempered logits: the sigmoid likelihood for (N,) / (N, 1) logits."""
+    z = logits.double() / temperature
+    if z.ndim == 1 or z.shape[1] == 1:
+        return float(F.binary_cross_entropy_with_logits(z.reshape(-1), labels.double()))
+    return float(F.cross_entropy(z, labels))
+
+
+def _exact_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """scipy's 1-D minimiser of the float64 NLL over log T: the reference fit_temperature is held to."""
+    result = minimize_scalar(
+        lambda log_t: _nll(logits, labels, math.exp(log_t)), bracket=(-1.0, 1.0), method="brent", tol=1e-12
+    )
+    return math.exp(result.x)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("shape", ["(N, K)", "(N,)", "(N, 1)"])
+def test_fit_temperature_equals_an_exact_one_dimensional_minimiser(seed, shape):
+    """Random logits of random scale and classes, labels drawn at another temperature (an interior minimum)."""
+    gen = _gen(100 + seed)
+    n = int(torch.randint(200, 3000, (1,), generator=gen))
+    classes = int(torch.randint(2, 12, (1,), generator=gen)) if shape == "(N, K)" else 1
+    scale = float(10 ** (torch.rand(1, generator=gen) * 2 - 1))  # logits of size 0.1 to 10
+    truth = float(10 ** (torch.rand(1, generator=gen) - 0.5))  # the labels' temperature, 0.3 to 3
+    z = torch.randn(n, classes, generator=gen) * scale
+    if classes == 1:
+        labels = torch.bernoulli(torch.sigmoid(z[:, 0] / truth), generator=gen).long()
+        z = z[:, 0] if shape == "(N,)" else z
+    else:
+        labels = torch.multinomial(torch.softmax(z / truth, dim=1), 1, generator=gen)[:, 0]
+    expected = _exact_temperature(z, labels)
+    fitted = fit_temperature(z, labels)
+    assert fitted == pytest.approx(expected, rel=1e-6)
+    assert _nll(z, labels, fitted) <= _nll(z, labels, expected) + 1e-12
+    assert fit_temperature(z, labels, max_iter=20) == pytest.approx(fitted, rel=1e-9)  # converged long before 100
+
+
+def test_fit_temperature_finds_far_minima_and_warns_without_an_interior_one():
+    gen = _gen(7)
+    z = torch.randn(4000, 4, generator=gen)
+    labels = torch.multinomial(torch.softmax(z / 200, dim=1), 1, generator=gen)[:, 0]  # nearly uninformative
+    for factor in (1e-3, 1.0, 1e3):  # the same problem at three logit scales: T scales with the logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if factor == 1.0 else "ignore")
+            fitted = fit_temperature(z * factor, labels)
+        assert fitted == pytest.approx(_exact_temperature(z, labels) * factor, rel=1e-6)
+    with pytest.warns(UserWarning, match="no interior minimum .the logits carry"):
+        assert fit_temperature(z, torch.randint(0, 4, (4000,), generator=gen).flip(0)) > 1e3
+    with pytest.warns(UserWarning, match="every sample is classified correctly"):
+        assert fit_temperature(z, z.argmax(dim=1)) < 1e-3
+    with pytest.warns(UserWarning, match="every sample is classified correctly"):
+        assert fit_temperature(z[:, 0], (z[:, 0] > 0).long()) < 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fit_temperature(torch.zeros(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])) == 1.0  # flat NLL: T stays at 1
+
+
+def test_fit_temperature_checks_its_inputs():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fit_temperature(torch.tensor([[0.0, float("nan")]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        fit_temperature(torch.zeros(2, 3), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+        fit_temperature(torch.zeros(2), torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="2 entries"):
+        fit_temperature(torch.zeros(3, 2), torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="labels"):
+        fit_temperature(torch.zeros(2, 2), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="max_iter"):
+        fit_temperature(torch.zeros(2, 2), torch.tensor([0, 1]), max_iter=0)
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts Python's reads of tensor values (each a device-to-host wait on a GPU) and the aten ops that sync."""
+
+    READS = frozenset(
+        {
+            torch.Tensor.tolist,
+            torch.Tensor.item,
+            torch.Tensor.cpu,
+            torch.Tensor.numpy,
+            torch.Tensor.__bool__,
+            torch.Tensor.__float__,
+            torch.Tensor.__int__,
+            torch.Tensor.__index__,
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+class _SyncingOps(TorchDispatchMode):
+    """Counts the aten ops whose result the host waits for (``_local_scalar_dense`` is ``item()`` at dispatch)."""
+
+    SYNCING = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.syncs += func.overloadpacket.__name__ in self.SYNCING
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", [(500, 7), (500,)])
+def test_the_temperature_fit_reads_the_device_a_fixed_number_of_times(shape):
+    """The core reads nothing; fit_temperature reads twice (its checks, its result), whatever max_iter is."""
+    gen = _gen(3)
+    z = torch.randn(*shape, generator=gen)
+    labels = torch.randint(0, 7 if len(shape) == 2 else 2, (500,), generator=gen)
+    for iterations in (4, 40):
+        with _HostReads() as reads, _SyncingOps() as ops:
+            temperature, separable = _temperature(z, labels, iterations)
+        assert (reads.reads, ops.syncs) == (0, 0)
+        assert temperature.shape == separable.shape == () and separable.dtype == torch.bool
+    counts = []
+    for max_iter in (5, 100):
+        with warnings.catch_warnings(), _HostReads() as reads, _SyncingOps() as ops:
+            warnings.simplefilter("ignore")
+            fit_temperature(z, labels, max_iter=max_iter)
+        counts.append((reads.reads, ops.syncs))
+    assert counts == [(2, 0), (2, 0)]  # two tolist() calls (L-BFGS made an item() call per function evaluation)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -441,6 +441,88 @@ def reliability_curve(probs: Tensor, labels: Tensor, n_bins: int = 15) -> tuple[
     return conf_sum / safe, acc_sum / safe, counts
 
 
+_BETA_BRACKET = (1e-6, 1e6)  # the inverse temperatures searched: T from 1e-6 to 1e6
+_NO_MINIMUM_BELOW, _NO_MINIMUM_ABOVE = 1e-3, 1e3  # a temperature outside these is warned about
+
+
+def _temperature(logits: Tensor, labels: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """The temperature-scaling fit without a host read: ``(T, separable)`` as 0-d tensors on the logits' device.
+
+    The mean NLL of ``softmax(beta * z)`` is convex in the inverse temperature ``beta = 1 / T`` (a log-sum-exp minus
+    a linear term), with closed-form derivatives: the mean over samples of ``E_p[z] - z_y`` and of ``Var_p[z]``
+    (binary, with ``p = sigmoid(beta * z)``: ``(p - y) z`` and ``p (1 - p) z^2``). Its root is found by a safeguarded
+    Newton iteration on ``beta``, started at ``T = 1``, inside a bracket ``[1e-6, 1e6]`` that every evaluation
+    narrows by the sign of the derivative; a Newton step that leaves the bracket (or is not finite) is replaced by
+    the bracket's geometric mean. Exactly ``iterations`` steps run, whatever happens, so the host never has to read
+    a value to decide whether to go on; 20 reach the float64 minimiser to about 1e-12 on the interior minima tried in
+    the tests. Without an interior minimum the iteration runs into an end of the bracket (or stops where the
+    derivative underflows), and ``T`` is that end.
+
+    Args:
+        logits: (N, K) logits, or (N,) / (N, 1) for a binary model (sigmoid likelihood); not checked.
+        labels: (N,) class indices in range, on the logits' device; not checked.
+        iterations: Newton / bisection steps.
+
+    Returns:
+        ``(temperature, separable)``: a float64 0-d tensor, and a bool 0-d tensor that is True when every sample is
+        classified correctly (the NLL then falls all the way to ``T -> 0``).
+
+    Example:
+        >>> z = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
+        >>> t, separable = _temperature(z, torch.tensor([0, 1, 1, 0]), 20)
+        >>> round(float(t), 4), bool(separable)
+        (1.8205, False)
+    """
+    z = logits.detach().to(torch.float64)
+    y = labels.detach().reshape(-1).long()
+    if z.ndim == 1 or z.shape[1] == 1:
+        z = z.reshape(-1)
+        target, squared = y.to(torch.float64), z * z
+        separable = torch.where(y == 1, z > 0, z < 0).all()
+
+        def derivatives(beta: Tensor) -> tuple[Tensor, Tensor]:
+            p = torch.sigmoid(beta * z)
+            return ((p - target) * z).mean(), (p * (1 - p) * squared).mean()
+
+    else:
+        label_logit = z.gather(1, y.unsqueeze(1))
+        separable = ((z < label_logit) | (torch.arange(z.shape[1], device=z.device) == y.unsqueeze(1))).all()
+        label_mean = label_logit.mean()
+
+        def derivatives(beta: Tensor) -> tuple[Tensor, Tensor]:
+            p = torch.softmax(beta * z, dim=1)
+            expected = (p * z).sum(dim=1, keepdim=True)
+            return expected.mean() - label_mean, (p * (z - expected).square()).sum(dim=1).mean()
+
+    low, high = (torch.full((), end, dtype=torch.float64, device=z.device) for end in _BETA_BRACKET)  # no copy
+    beta = torch.ones((), dtype=torch.float64, device=z.device)
+    with torch.no_grad():
+        for _ in range(iterations):
+            slope, curvature = derivatives(beta)
+            low = torch.where(slope < 0, beta, low)  # the minimum lies above beta
+            high = torch.where(slope > 0, beta, high)  # ... or below it
+            newton = beta - slope / curvature  # NaN or inf where the curvature vanishes: never inside the bracket
+            beta = torch.where((newton >= low) & (newton <= high), newton, (low * high).sqrt())
+    return 1 / beta, separable
+
+
+def _no_minimum_warning(temperature: float, separable: bool) -> str | None:
+    """What to warn about a fitted temperature that is not an interior minimum of the NLL, or None."""
+    if not separable and _NO_MINIMUM_BELOW <= temperature <= _NO_MINIMUM_ABOVE:
+        return None
+    cause = (
+        "every sample is classified correctly, so the NLL keeps falling as T -> 0"
+        if separable
+        else "the logits carry (almost) no information about the labels"
+        if temperature > _NO_MINIMUM_ABOVE
+        else "almost every sample is classified correctly, by a wide margin, so the NLL falls until T is tiny"
+    )
+    return (
+        f"the NLL has no interior minimum ({cause}); T = {temperature:.3g} is where the optimiser stopped, not a "
+        "meaningful calibration. Fit on held-out data the model was not trained on."
+    )
+
+
 def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 100) -> float:
     """Temperature scaling: the ``T > 0`` that minimises the mean NLL of ``softmax(logits / T)`` on held-out data.
 
@@ -448,17 +530,17 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 100) -> f
 
         T^* = \\arg\\min_{T > 0} -\\frac{1}{N} \\sum_i \\log \\operatorname{softmax}(z_i / T)_{y_i}
 
-    Optimised by L-BFGS (strong Wolfe line search) over ``log T`` in float64,
-    starting at T = 1, on the logits' device; no randomness is involved. A
-    binary model's (N,) / (N, 1) logits use the sigmoid likelihood. When the
-    NLL has no interior minimum (every sample classified correctly drives T to
-    0; uninformative logits drive it to infinity) a warning says that the
-    returned value is only where the optimiser stopped.
+    The NLL is convex in ``1 / T``; its minimum is found in float64 on the logits' device by a safeguarded Newton
+    iteration on ``1 / T`` (exact first and second derivatives, a bracket narrowed at every step, started at T = 1,
+    searched over T in [1e-6, 1e6]), with no randomness and two reads of the device in all: one for the input checks,
+    one for the result. A binary model's (N,) / (N, 1) logits use the sigmoid likelihood. When the NLL has no
+    interior minimum (every sample classified correctly drives T to 0; uninformative logits drive it to infinity) a
+    warning says that the returned value is only where the optimiser stopped.
 
     Args:
         logits: (N, K) logits, or (N,) / (N, 1) for a binary model.
         labels: (N,) integer class indices.
-        max_iter: L-BFGS iterations.
+        max_iter: Newton steps, all of which run (20 reach the float64 minimum on typical logits).
 
     Returns:
         The temperature; divide the logits by it.
@@ -475,52 +557,24 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 100) -> f
     binary = logits.ndim == 1 or (logits.ndim == 2 and logits.shape[1] == 1)
     if logits.ndim not in (1, 2) or logits.shape[0] == 0:
         raise ValueError(f"logits must have shape (N, K) or (N,) with N >= 1, got {tuple(logits.shape)}.")
-    with torch.inference_mode(False), torch.enable_grad():
-        z = logits.detach().to(torch.float64).clone()
-        z = z.reshape(-1) if binary else z
-        if not bool(torch.isfinite(z).all()):
-            raise ValueError("logits contains NaN or inf; no temperature can be fitted.")
-        if not isinstance(labels, Tensor) or labels.is_floating_point():
-            raise TypeError("labels must be an integer (or bool) tensor of class indices, shape (N,).")
-        y = labels.detach().reshape(-1).to(device=z.device, dtype=torch.long).clone()
-        classes = 2 if binary else z.shape[1]
-        if y.numel() != z.shape[0]:
-            raise ValueError(f"labels has {y.numel()} entries but logits has {z.shape[0]} samples.")
-        if int(y.min()) < 0 or int(y.max()) >= classes:
-            raise ValueError(f"labels must lie in [0, {classes - 1}].")
-        if binary:
-            separable = bool(torch.where(y == 1, z > 0, z < 0).all())
-        else:
-            label_logit = z.gather(1, y.unsqueeze(1))
-            separable = bool(((z < label_logit) | (torch.arange(classes, device=z.device) == y.unsqueeze(1))).all())
-        log_t = torch.zeros((), dtype=torch.float64, device=z.device, requires_grad=True)
-        optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-        def nll() -> Tensor:
-            optimizer.zero_grad()
-            scaled = z / log_t.exp()
-            if binary:
-                loss = nn.functional.binary_cross_entropy_with_logits(scaled, y.to(torch.float64))
-            else:
-                loss = nn.functional.cross_entropy(scaled, y)
-            loss.backward()
-            return loss
-
-        optimizer.step(nll)
-        temperature = float(log_t.detach().exp())
+    if not isinstance(labels, Tensor) or labels.is_floating_point():
+        raise TypeError("labels must be an integer (or bool) tensor of class indices, shape (N,).")
+    y = labels.detach().reshape(-1).to(device=logits.device, dtype=torch.long)
+    if y.numel() != logits.shape[0]:
+        raise ValueError(f"labels has {y.numel()} entries but logits has {logits.shape[0]} samples.")
+    classes = 2 if binary else logits.shape[1]
+    finite, in_range = torch.stack([torch.isfinite(logits).all(), ((y >= 0) & (y < classes)).all()]).tolist()
+    if not finite:
+        raise ValueError("logits contains NaN or inf; no temperature can be fitted.")
+    if not in_range:
+        raise ValueError(f"labels must lie in [0, {classes - 1}].")
+    fitted, separable = _temperature(logits, y, max_iter)
+    temperature, flag = torch.stack([fitted, separable.to(fitted.dtype)]).tolist()
     if not math.isfinite(temperature):
         raise RuntimeError("fit_temperature diverged (T is not finite); check the logits and labels.")
-    if separable or temperature < 1e-3 or temperature > 1e3:
-        cause = (
-            "every sample is classified correctly, so the NLL keeps falling as T -> 0"
-            if separable
-            else "the logits carry (almost) no information about the labels"
-        )
-        warnings.warn(
-            f"fit_temperature: the NLL has no interior minimum ({cause}); T = {temperature:.3g} is where the "
-            "optimiser stopped, not a meaningful calibration. Fit on held-out data the model was not trained on.",
-            stacklevel=2,
-        )
+    message = _no_minimum_warning(temperature, bool(flag))
+    if message is not None:
+        warnings.warn(f"fit_temperature: {message}", stacklevel=2)
     return temperature
 
 
