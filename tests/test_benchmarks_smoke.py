@@ -97,12 +97,13 @@ def test_the_census_counts_ops_and_syncs_exactly():
     x = torch.arange(6.0)
     with Census() as census:
         total = x.sum()  # 1 op
-        float(total)  # a sync: _local_scalar_dense
-        bool((x > 2).any())  # 2 ops and a sync
+        float(total)  # a read by Python (its _local_scalar_dense underneath is not counted twice)
+        bool((x > 2).any())  # 2 ops and a read
         x[x > 2]  # gt, then index with a boolean mask: nonzero underneath
-    assert census.syncs["_local_scalar_dense"] == 2
-    assert census.syncs["boolean index"] == 1
-    assert census.ops >= 6
+        x.tolist(), x.cpu()  # reads: on a GPU, copies to the host
+        x.max().item()  # one read, not two
+    assert dict(census.syncs) == {"float": 1, "bool": 1, "boolean index": 1, "tolist": 1, "cpu": 1, "item": 1}
+    assert census.ops >= 7
 
 
 @pytest.mark.slow
@@ -200,8 +201,10 @@ def test_probes_match_scikit_learn(report):
         gap = abs(float(row["ours - sklearn (points)"]))
         if row["probe"].startswith("ridge"):
             assert gap == 0.0, row  # the same closed-form solution
-        else:
-            assert gap <= 2.0, row  # the same objective, solved to the same tolerance by two L-BFGS codes
+        else:  # the same objective; sklearn at its default tolerance stops early, at 1e-8 it is at the optimum
+            assert gap <= 2.0, row
+            exact = float(row["sklearn acc at tol 1e-8"])
+            assert abs(float(row["ours acc"]) - exact) <= 0.02, row  # quick sizes: 64 held-out samples
 
 
 @pytest.mark.slow
