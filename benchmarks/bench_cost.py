@@ -206,7 +206,7 @@ BUDGETS = {  # per validation at defaults on resnet18 3x32x32: (aten ops, host s
     "DatasetBiasCallback()": (1_000, 6),
     "DatasetBiasCallback(methods='grad_cam')": (2_500, 6),
     "ExplanationQualityCallback()": (None, 6),
-    "FeatureVisualizationCallback(every_n_epochs=1)": (None, 4),
+    "FeatureVisualizationCallback(every_n_epochs=1)": (None, 6),
 }
 """Each callback's budget; the four defaults together: 4,000 ops and 40 syncs (issue 26). The quality metrics'
 perturbation steps and the feature visualisation's optimisation steps are each a forward (and backward) pass, so

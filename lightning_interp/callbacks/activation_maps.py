@@ -241,8 +241,8 @@ class ActivationMapsCallback(InterpCallback):
                 chosen = torch.tensor(self._shown[layer], dtype=torch.long, device=values.device)
                 rows = values[:shown_rows]
                 stack = torch.cat([rows.mean(dim=1, keepdim=True), rows.index_select(1, chosen)], dim=1)
-                pictures.append((layer, stack, dead))
-        numbers = torch.stack(summaries).double().cpu().tolist() if summaries else []
+                pictures.append((layer, stack, dead.index_select(0, chosen), dead.numel()))
+        numbers, shown_dead, stacks = _to_host(summaries, [p[2] for p in pictures], [p[1] for p in pictures])
         scalars: dict[str, float] = {}
         for layer, (dead_fraction, mean, sparsity, finite) in zip(maps, numbers, strict=True):
             if not finite:
@@ -257,13 +257,9 @@ class ActivationMapsCallback(InterpCallback):
         step = logging_step(trainer)
         inputs_shown = probe.inputs[:shown_rows]
         labels = _row_labels(probe, shown_rows, self.class_names)
-        for layer, stack, dead in pictures:
+        for (layer, _, _, total), stack, dead in zip(pictures, stacks, shown_dead, strict=True):
             picture = _LayerPicture(
-                layer=layer,
-                maps=stack.float().cpu(),
-                channels=list(self._shown[layer]),
-                total=int(dead.numel()),
-                dead=dead.cpu()[self._shown[layer]].tolist(),
+                layer=layer, maps=stack, channels=list(self._shown[layer]), total=int(total), dead=dead
             )
 
             def draw(picture: _LayerPicture = picture) -> None:
@@ -346,13 +342,40 @@ def _automatic_layers(model: nn.Module, trace: Any, found: dict[str, tuple[int, 
     return evenly_spaced(list(dict.fromkeys(moved)), max_layers)
 
 
+def _to_host(
+    summaries: list[Tensor], dead: list[Tensor], stacks: list[Tensor]
+) -> tuple[list[list[float]], list[list[bool]], list[Tensor]]:
+    """Everything a run shows, in one transfer from the device: the (4,) summaries of each layer as numbers, the
+    (k,) dead flags of each layer's shown channels as bools, and the pictures' stacks as float32 host tensors."""
+    if not summaries:
+        return [], [], []
+    parts = [torch.stack(summaries).double().flatten(), *(flags.double() for flags in dead)]
+    parts += [stack.double().flatten() for stack in stacks]  # float32 (or lower) values: exact in float64
+    host = torch.cat(parts).cpu()
+    small = sum(part.numel() for part in parts[: 1 + len(dead)])
+    values = host[:small].tolist()  # the numbers, read once
+    numbers = [values[4 * i : 4 * i + 4] for i in range(len(summaries))]
+    start, flags = 4 * len(summaries), []
+    for part in dead:
+        flags.append([bool(flag) for flag in values[start : start + part.numel()]])
+        start += part.numel()
+    pictures = []
+    for stack in stacks:
+        pictures.append(host[start : start + stack.numel()].reshape(stack.shape).float())
+        start += stack.numel()
+    return numbers, flags, pictures
+
+
 def _row_labels(probe: ProbeSet, rows: int, class_names: Sequence[str] | None) -> list[str]:
     labels = probe.labels
+    values = (
+        labels[:rows].tolist() if labels is not None and labels.ndim == 1 and not labels.is_floating_point() else None
+    )  # read once, not per row
     texts = []
     for i in range(rows):
         text = f"#{i}"
-        if labels is not None and labels.ndim == 1 and not labels.is_floating_point():
-            value = int(labels[i])
+        if values is not None:
+            value = int(values[i])
             name = class_names[value] if class_names and 0 <= value < len(class_names) else str(value)
             text += f"\nlabel {name}"
         texts.append(text)

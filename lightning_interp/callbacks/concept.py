@@ -334,6 +334,8 @@ class ConceptCallback(InterpCallback):
         self._chunk = 256  # samples per forward pass (a quarter per gradient pass); chosen at fit start
         self._random_sets: Tensor | None = None  # (2 * n_random, set size) indices into the random pool
         self._classes: list[int] = []
+        # per probe set: the rows of each class with two or more samples (on the model's device), found once
+        self._class_rows: tuple[ProbeSet, list[Tensor]] | None = None
         self._task = "multiclass"
 
     # ------------------------------------------------------------------ state
@@ -346,6 +348,7 @@ class ConceptCallback(InterpCallback):
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
         self._random_sets = None
+        self._class_rows = None
 
     def _restart_comparisons(self) -> None:
         super()._restart_comparisons()
@@ -490,6 +493,18 @@ class ConceptCallback(InterpCallback):
         for values in acts:
             compute_cav(values[:2], values[2:], test_fraction=self.cav.test_fraction, l2=self.cav.l2, max_iter=5)
 
+    def _rows_of_classes(self, probe: ProbeSet, device: torch.device) -> list[Tensor]:
+        """The row indices, on ``device``, of each probe class with two or more samples (in class order), found from
+        the host labels once per probe set: the probe is fixed for a fit."""
+        cached = self._class_rows
+        if cached is None or cached[0] is not probe or (cached[1] and cached[1][0].device != device):
+            assert probe.labels is not None
+            labels = class_labels(probe.labels, "multiclass").cpu()
+            rows = [(labels == k).nonzero().flatten() for k in labels.unique()]
+            cached = (probe, [index.to(device) for index in rows if index.numel() >= 2])
+            self._class_rows = cached
+        return cached[1]
+
     @property
     def _gradient_chunk(self) -> int:
         """Samples per gradient pass: a quarter of the forward chunk (the backward keeps every layer's output)."""
@@ -520,24 +535,11 @@ class ConceptCallback(InterpCallback):
             )
             bank_acts = concept_activations(pl_module, bank, self.layers, batch_size=self._chunk)
         sets = self._random_sets.to(inputs.device)
+        class_rows = self._rows_of_classes(probe, inputs.device)
         results: dict[str, dict[str, TCAVResult]] = {}
+        flags = []  # per layer: (any gradient, same gradient within classes), read after the loop in one transfer
         for layer, acts, gradient, examples in zip(self.layers, probe_acts, grads, bank_acts, strict=True):
-            if not bool(gradient.any()):
-                self._warn_once(
-                    f"zero {layer}",
-                    f"ConceptCallback: the gradient of the class logits at layer {layer!r} is zero for every probe "
-                    "sample (the units are dead, or the output does not depend on this layer), so no CAV can raise "
-                    "a class: its TCAV scores are 0 by construction and mean nothing. Choose another layer",
-                )
-            elif _same_gradient_within_classes(gradient, labels):
-                self._warn_once(
-                    f"linear {layer}",
-                    f"ConceptCallback: at layer {layer!r} the gradient of each class's logit is the same for every "
-                    "probe sample of that class, so every CAV scores a class exactly 0 or 1 and the TCAV scores say "
-                    "only which way the CAV points: the layer is followed by linear operations alone (e.g. the ReLU "
-                    "before global pooling and a linear head). Choose a layer with a non-linearity between it and "
-                    "the logits",
-                )
+            flags.append(torch.stack([gradient.any(), _same_gradient_within_classes(gradient, class_rows)]))
             split = examples.split(sizes)
             pool = acts if self.random_examples is None else split[-1]
             results[layer] = tcav_from_activations(
@@ -551,6 +553,23 @@ class ConceptCallback(InterpCallback):
                 seed=self.seed,
                 equal_var=self.test.equal_var,
             )
+        for layer, (moving, linear) in zip(self.layers, torch.stack(flags).tolist(), strict=True):
+            if not moving:
+                self._warn_once(
+                    f"zero {layer}",
+                    f"ConceptCallback: the gradient of the class logits at layer {layer!r} is zero for every probe "
+                    "sample (the units are dead, or the output does not depend on this layer), so no CAV can raise "
+                    "a class: its TCAV scores are 0 by construction and mean nothing. Choose another layer",
+                )
+            elif linear:
+                self._warn_once(
+                    f"linear {layer}",
+                    f"ConceptCallback: at layer {layer!r} the gradient of each class's logit is the same for every "
+                    "probe sample of that class, so every CAV scores a class exactly 0 or 1 and the TCAV scores say "
+                    "only which way the CAV points: the layer is followed by linear operations alone (e.g. the ReLU "
+                    "before global pooling and a linear head). Choose a layer with a non-linearity between it and "
+                    "the logits",
+                )
         # every number to the CPU at once
         numbers = {
             (layer, concept): (r.scores.double().cpu(), r.p_values.cpu(), r.random_scores.double().cpu(), r.accuracy)
@@ -598,12 +617,14 @@ class ConceptCallback(InterpCallback):
         return scalars
 
 
-def _same_gradient_within_classes(gradient: Tensor, labels: Tensor) -> bool:
-    """Whether every class with two or more samples has one gradient row repeated (to float32 rounding)."""
+def _same_gradient_within_classes(gradient: Tensor, class_rows: list[Tensor]) -> Tensor:
+    """0-d bool on the gradient's device: whether every class with two or more samples (``class_rows``: each such
+    class's row indices) has one gradient row repeated (to float32 rounding); False when there is none."""
     repeated = []
-    for k in labels.unique():
-        rows = gradient[labels == k]
-        if rows.shape[0] >= 2:
-            scale = rows.abs().amax().clamp_min(torch.finfo(rows.dtype).tiny)
-            repeated.append((rows - rows[:1]).abs().amax() <= 1e-5 * scale)
-    return bool(torch.stack(repeated).all()) if repeated else False
+    for index in class_rows:
+        rows = gradient.index_select(0, index)
+        scale = rows.abs().amax().clamp_min(torch.finfo(rows.dtype).tiny)
+        repeated.append((rows - rows[:1]).abs().amax() <= 1e-5 * scale)
+    if not repeated:
+        return torch.zeros((), dtype=torch.bool, device=gradient.device)
+    return torch.stack(repeated).all()

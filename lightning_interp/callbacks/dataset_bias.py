@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -149,6 +151,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         self.class_attribution: ClassAttribution | None = None
         self._warned_background = False
         self._layer: str | None = None  # the automatic CAM layer of this fit
+        self._probe_classes: _ProbeClasses | None = None  # what the probe's labels give, read once per probe set
 
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
@@ -156,6 +159,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         self.class_attribution = None
         self._warned_background = False
         self._layer = None
+        self._probe_classes = None
 
     @property
     def method(self) -> str | None:
@@ -256,19 +260,46 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         if self.method is not None:
             self._attribution_maps(trainer, pl_module, probe.subset(min(2, len(probe))))
 
-    def _attribution_maps(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> Tensor:
-        """(N, H, W) non-negative maps of ``probe``'s images, each explained for its true class."""
+    def _attribution_maps(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        probe: ProbeSet,
+        targets: list[Tensor] | None = None,
+    ) -> Tensor:
+        """(N, H, W) non-negative maps of ``probe``'s images, each explained for its true class.
+
+        ``targets``: the explained class of each chunk of 64 samples, from the host labels where None or where an
+        entry is missing; the target each explanation resolved replaces its entry (on the model's device and checked
+        once: given back at the next run, it is not read again).
+        """
         assert probe.labels is not None
         model = self._explained(pl_module)
         explainer = self.explainer()
         maps = []
-        for start in range(0, len(probe), 64):
+        for chunk, start in enumerate(range(0, len(probe), 64)):
             inputs = self._device_inputs(trainer, pl_module, probe.inputs[start : start + 64])
-            target = class_labels(probe.labels[start : start + 64], "multiclass").to(inputs.device)
+            if targets is not None and chunk < len(targets):
+                target = targets[chunk]
+            else:  # the host labels: their check reads no value back from the device
+                target = class_labels(probe.labels[start : start + 64], "multiclass")
             with self._model_context(trainer):
                 explained = explainer(model, inputs, target)
+            if targets is not None:
+                targets[chunk : chunk + 1] = [explained.target]
             maps.append(explained.maps()[explainer.keys[0]].detach())
         return torch.cat(maps)
+
+    def _classes_of(self, probe: ProbeSet) -> _ProbeClasses:
+        """The (N,) class labels of ``probe`` and what follows from them, computed at its first run and kept while
+        the probe set is the same (it is fixed for a fit)."""
+        cached = self._probe_classes
+        if cached is None or cached.probe is not probe:
+            assert probe.labels is not None
+            labels = class_labels(probe.labels, "multiclass")
+            cached = _ProbeClasses(probe=probe, labels=labels, classes=int(labels.max()) + 1, targets=[])
+            self._probe_classes = cached
+        return cached
 
     def explainer(self) -> Explainer:
         """The :class:`~lightning_interp.methods.Explainer` of the spurious-correlation check: the method, its options,
@@ -279,12 +310,14 @@ class DatasetBiasCallback(ValidationOutputsCallback):
             options["layer"] = self._layer
         return Explainer({self.method: options}, output_transform=self.output_transform, seed=self.seed)
 
-    def _spurious(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recall: Tensor | None) -> dict[str, float]:
+    def _spurious(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, recall: list[float] | None
+    ) -> dict[str, float]:
         probe = self.probe
         assert probe is not None and probe.labels is not None
-        maps = self._attribution_maps(trainer, pl_module, probe)
-        labels = class_labels(probe.labels, "multiclass")
-        classes = int(labels.max()) + 1
+        known = self._classes_of(probe)
+        maps = self._attribution_maps(trainer, pl_module, probe, known.targets)
+        labels, classes = known.labels, known.classes
         if self.balances:
             classes = max(classes, max(balance.counts.numel() for balance in self.balances.values()))
         masks = probe.masks if probe.masks is not None and probe.masks.ndim == 3 else None  # image masks only
@@ -294,19 +327,21 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         measure = found.measure
         lift_name = "localization_lift" if measure == "localization" else "border_lift"
         lifts = found.lift
+        # one read of the (host) values; the scalars come from the lists
+        scores, lift_values, counts = torch.stack([found.scores, lifts, found.counts.double()]).tolist()
         scalars: dict[str, float] = {}
         for k in range(classes):
-            if found.counts[k] > 0:
-                scalars[f"interp_{self.name}/{self._class_name(k)}/{measure}"] = float(found.scores[k])
-                scalars[f"interp_{self.name}/{self._class_name(k)}/{lift_name}"] = float(lifts[k])
-        present = lifts[~lifts.isnan()]
-        if present.numel():
+            if counts[k] > 0:
+                scalars[f"interp_{self.name}/{self._class_name(k)}/{measure}"] = scores[k]
+                scalars[f"interp_{self.name}/{self._class_name(k)}/{lift_name}"] = lift_values[k]
+        present = [lift for lift in lift_values if not math.isnan(lift)]
+        if present:
             if measure == "localization":
-                scalars[f"interp_{self.name}/min_{lift_name}"] = float(present.min())
+                scalars[f"interp_{self.name}/min_{lift_name}"] = min(present)
             else:
-                scalars[f"interp_{self.name}/max_{lift_name}"] = float(present.max())
+                scalars[f"interp_{self.name}/max_{lift_name}"] = max(present)
         if measure == "localization":
-            self._warn_background(trainer, lifts, recall)
+            self._warn_background(trainer, lift_values, recall)
         names = [self._class_name(k) for k in range(classes)]
         step, epoch, method = logging_step(trainer), trainer.current_epoch, self.method
 
@@ -319,27 +354,29 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         self._submit(trainer, draw)
         return scalars
 
-    def _warn_background(self, trainer: pl.Trainer, lifts: Tensor, recall: Tensor | None) -> None:
+    def _warn_background(self, trainer: pl.Trainer, lifts: list[float], recall: list[float] | None) -> None:
         """Once per fit: a class the model gets right (recall >= 0.5) whose maps favour its objects no more than a
-        uniform map does, while the other classes' maps clearly favour theirs."""
+        uniform map does, while the other classes' maps clearly favour theirs (``lifts`` and ``recall`` per class, on
+        the host)."""
         if self._warned_background:
             return
-        learnt = ~lifts.isnan()
-        if recall is not None and recall.numel() == lifts.numel():
-            learnt &= torch.nan_to_num(recall, nan=0.0) >= 0.5  # a class not learnt at all: its low recall says so
-        if int(learnt.sum()) < 3:
+        learnt = [not math.isnan(lift) for lift in lifts]
+        if recall is not None and len(recall) == len(lifts):
+            # a class not learnt at all (NaN recall counts as 0): its low recall says so
+            learnt = [ok and (0.0 if math.isnan(r) else r) >= 0.5 for ok, r in zip(learnt, recall, strict=True)]
+        if sum(learnt) < 3:
             return
-        candidates = torch.where(learnt, lifts, torch.full_like(lifts, float("inf")))
-        k = int(candidates.argmin())
-        others = lifts[learnt & (torch.arange(lifts.numel()) != k)]
-        if float(lifts[k]) < 1.25 and float(others.median()) > 1.5:
+        k = min(range(len(lifts)), key=lambda i: lifts[i] if learnt[i] else math.inf)  # the first of ties
+        others = sorted(lift for i, lift in enumerate(lifts) if learnt[i] and i != k)
+        median = others[(len(others) - 1) // 2]  # the lower of the two middle values, as torch.median
+        if lifts[k] < 1.25 and median > 1.5:
             self._warned_background = True
-            got = "" if recall is None else f" although it recognises {float(recall[k]):.0%} of them"
+            got = "" if recall is None else f" although it recognises {recall[k]:.0%} of them"
             rank_zero_warn(
                 f"DatasetBiasCallback: at epoch {trainer.current_epoch} the {self.method} maps of class "
                 f"{self._class_name(k)!r} put no more of their mass on the object than a uniform map would"
-                f"{got} (localization lift {float(lifts[k]):.2f}; the other classes' median "
-                f"{float(others.median()):.2f}). The model may recognise this class by its background or context "
+                f"{got} (localization lift {lifts[k]:.2f}; the other classes' median "
+                f"{median:.2f}). The model may recognise this class by its background or context "
                 "rather than the object: a spurious correlation in the data (look at its maps, and at images of it "
                 "with other backgrounds)."
             )
@@ -351,8 +388,8 @@ class DatasetBiasCallback(ValidationOutputsCallback):
             scalars.update(self._spurious(trainer, pl_module, recall))
         return scalars
 
-    def _per_class_quality(self, trainer: pl.Trainer) -> tuple[dict[str, float], Tensor | None]:
-        """The per-class scalars of the validation pass, and the (K,) recalls (None without usable outputs)."""
+    def _per_class_quality(self, trainer: pl.Trainer) -> tuple[dict[str, float], list[float] | None]:
+        """The per-class scalars of the validation pass, and the K recalls (None without usable outputs)."""
         collected = self._collected()
         if collected is None:
             return {}, None
@@ -360,17 +397,19 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         binary = logits.shape[1] == 1
         predictions = (logits[:, 0] > 0).long() if binary else logits.argmax(dim=1)
         classes = 2 if binary else logits.shape[1]
-        metrics = per_class_metrics(predictions, labels, classes)
+        # the predictions and the labels (checked by _collected) lie in [0, classes): no unique() to check them
+        metrics = per_class_metrics(predictions, labels, classes, validate=False)
+        recall, precision = torch.stack([metrics.recall, metrics.precision]).tolist()  # host values, read once
         scalars: dict[str, float] = {}
         for k in range(classes):
-            for what, values in (("recall", metrics.recall), ("precision", metrics.precision)):
-                value = float(values[k])
+            for what, values in (("recall", recall), ("precision", precision)):
+                value = values[k]
                 if value == value:  # NaN: the class has no sample / no prediction, nothing to log
                     scalars[f"interp_{self.name}/{self._class_name(k)}/{what}"] = value
-        recalls = metrics.recall[~metrics.recall.isnan()]
-        if recalls.numel():
-            scalars[f"interp_{self.name}/recall_gap"] = float(recalls.max() - recalls.min())
-            scalars[f"interp_{self.name}/worst_recall"] = float(recalls.min())
+        recalls = [value for value in recall if value == value]
+        if recalls:
+            scalars[f"interp_{self.name}/recall_gap"] = max(recalls) - min(recalls)
+            scalars[f"interp_{self.name}/worst_recall"] = min(recalls)
         confusion, names = metrics.confusion, [self._class_name(k) for k in range(classes)]
         step, epoch = logging_step(trainer), trainer.current_epoch
 
@@ -379,7 +418,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
             log_image(trainer, f"interp_{self.name}/confusion", image, step)
 
         self._submit(trainer, draw)
-        return scalars, metrics.recall
+        return scalars, recall
 
 
 def _loader_labels(loader: Any, limit: int | float | None) -> Tensor | None:
@@ -395,3 +434,15 @@ def _loader_labels(loader: Any, limit: int | float | None) -> Tensor | None:
 def _labels_of(balance: ClassBalance) -> Tensor:
     """Labels with the same counts as ``balance`` (to recount them over more classes)."""
     return torch.repeat_interleave(torch.arange(balance.counts.numel()), balance.counts)
+
+
+@dataclass
+class _ProbeClasses:
+    """What a probe set's labels give, once per probe set: its (N,) class labels (on the host), the number of classes
+    they span, and the explained class of each chunk of samples as the explanations resolved it (on the model's
+    device, filled at the first run)."""
+
+    probe: ProbeSet
+    labels: Tensor
+    classes: int
+    targets: list[Tensor] = field(default_factory=list)

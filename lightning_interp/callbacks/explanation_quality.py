@@ -37,7 +37,7 @@ from lightning_interp.methods import (
     parse_methods,
     perturbation_curve,
     plain_name,
-    prediction_and_confidence,
+    resolve_target,
     sanity_similarity,
     scores_from_output,
     sparseness,
@@ -273,6 +273,9 @@ class ExplanationQualityCallback(InterpCallback):
         )
         self._layers: dict[str, str] = {}  # per CAM method: its layer this fit (given, or the automatic one)
         self._start_maps: dict[str, Tensor] = {}  # per key: the maps of the network before training, on the CPU
+        self._width = 1  # the model's scores per sample, read at fit start
+        # the fixed targets (labels, or output 0 of a regression) of one probe set, checked once: (probe, targets)
+        self._fixed_targets: tuple[ProbeSet, Tensor] | None = None
 
     @classmethod
     def parse_metrics(cls, metrics: MetricsArg) -> dict[str, dict[str, Any]]:
@@ -345,6 +348,7 @@ class ExplanationQualityCallback(InterpCallback):
         super()._reset_run_state()
         self._layers = {}
         self._start_maps = {}
+        self._fixed_targets = None
 
     # ------------------------------------------------------------------ checks and the untrained network's maps
     def _check_model(self, pl_module: pl.LightningModule) -> None:
@@ -363,6 +367,8 @@ class ExplanationQualityCallback(InterpCallback):
             two = self._probe_inputs(trainer, pl_module, probe.subset(min(2, len(probe))))
             width = scores_from_output(pl_module(two), self.output_transform).shape[1]
         self._output_task = infer_task(width, probe.labels, self.task)
+        self._width = width
+        self._fixed_targets = None
         if self.target == "label" and self._output_task not in ("multiclass", "binary"):
             raise ValueError(
                 f"ExplanationQualityCallback(target='label') explains each sample for its class, but the model's "
@@ -410,16 +416,30 @@ class ExplanationQualityCallback(InterpCallback):
 
     def _targets(self, trainer: pl.Trainer, model: nn.Module, inputs: Tensor, probe: ProbeSet) -> Tensor:
         """(N,) the explained output per sample: the predicted class (the top label; for regression output 0), or the
-        label."""
+        label.
+
+        The index comes out of :func:`~lightning_interp.methods.resolve_target`, so the explainers take it as checked
+        and do not read it back from the device: the prediction needs no check, and a fixed target (the labels, or
+        output 0 of a regression) is checked once per probe set, from the host.
+        """
         task = self._output_task
-        if self.target == "label":
-            assert probe.labels is not None
-            return class_labels(probe.labels, task).long().to(inputs.device)
-        if task == "regression":
-            return torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
+        if self.target == "label" or task == "regression":
+            cached = self._fixed_targets
+            if cached is not None and cached[0] is probe and cached[1].device == inputs.device:
+                return cached[1]
+            if self.target == "label":
+                assert probe.labels is not None
+                fixed = class_labels(probe.labels, task).long()
+            else:
+                fixed = torch.zeros(inputs.shape[0], dtype=torch.long)
+            # only the shape and the device of the scores matter to the check: a stand-in allocates nothing
+            shape = torch.empty((), device=inputs.device).expand(inputs.shape[0], self._width)
+            index = resolve_target(fixed, shape, task)
+            self._fixed_targets = (probe, index)
+            return index
         with torch.no_grad(), modes_preserved(model), eager_forward(), self._model_context(trainer):
             scores = scores_from_output(model(inputs), self.output_transform)
-        return prediction_and_confidence(scores, task)[0].long()
+            return resolve_target(None, scores, task)  # the prediction, as prediction_and_confidence gives it
 
     def explainer(self, method: str) -> Explainer:
         """The :class:`~lightning_interp.methods.Explainer` of one method as this fit runs it: its options, its layer
@@ -458,7 +478,7 @@ class ExplanationQualityCallback(InterpCallback):
             values[RANDOM_KEY] = self._scores(trainer, model, None, RANDOM_KEY, inputs, noise, target, task, masks)
         # one transfer for every number of the run
         flat = [(key, metric, value) for key, scores in values.items() for metric, value in scores.items()]
-        numbers = torch.stack([value.double().reshape(()) for _, _, value in flat]).cpu().tolist() if flat else []
+        numbers = torch.stack([value.double().reshape(()) for _, _, value in flat]).tolist() if flat else []
         table: dict[str, dict[str, float]] = {key: {} for key in values}
         scalars: dict[str, float] = {}
         for (key, metric, _), number in zip(flat, numbers, strict=True):

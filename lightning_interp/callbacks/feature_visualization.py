@@ -452,7 +452,8 @@ class FeatureVisualizationCallback(InterpCallback):
         """Keep the first image of every target (CPU, a few KB) for the strip, at most ``2 * evolution_columns``."""
         if self.evolution_columns == 0:
             return
-        self._history.append((epoch, images.detach().float().cpu().clone()))
+        # a float32 copy on the host (the images are there already: no transfer, and no read of their values)
+        self._history.append((epoch, images.detach().to(device="cpu", dtype=torch.float32, copy=True)))
         if len(self._history) > 2 * self.evolution_columns:
             thinned = self._history[::2]
             if thinned[-1] is not self._history[-1]:

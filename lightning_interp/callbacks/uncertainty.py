@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -154,6 +155,7 @@ class UncertaintyCallback(InterpCallback):
         )
         parsed = {} if methods is None else parse_methods(methods, owner="UncertaintyCallback")
         super().__init__(name=name, num_samples=num_samples, **kwargs)
+        self._members: tuple[ProbeSet, list[tuple[int, Tensor]]] | None = None  # per class of the probe: its samples
         self.methods = tuple(parsed)
         self.method_options = {method: options for method, options in parsed.items() if options}
         self.output_kind = output_kind
@@ -164,6 +166,10 @@ class UncertaintyCallback(InterpCallback):
         self.output_transform = output_transform
 
     # ------------------------------------------------------------------ checks, before training
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        self._members = None
+
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         model = unwrapped(pl_module)
         needs_dropout = self.output_kind == "logits" or bool(self.methods)
@@ -275,38 +281,50 @@ class UncertaintyCallback(InterpCallback):
         assert probe is not None
         quantities, predicted = self._quantities(trainer, pl_module)
         names = list(quantities)
-        rows = torch.stack(list(quantities.values())).double().cpu()
-        predicted_cpu = predicted.cpu()
+        # one transfer: the uncertainties and the predictions (class indices are exact in float64)
+        host = torch.cat([torch.stack(list(quantities.values())).double(), predicted.double()[None]]).cpu()
+        rows, predicted_cpu = host[:-1], host[-1].long()
         labels = _class_labels(probe.labels)
-        scalars = {f"interp_{self.name}/{name}": float(row.mean()) for name, row in zip(names, rows, strict=True)}
-        if not bool(torch.isfinite(rows).all()):
+        means = torch.stack([row.mean() for row in rows]).tolist()  # read once
+        scalars = {f"interp_{self.name}/{name}": value for name, value in zip(names, means, strict=True)}
+        if not all(math.isfinite(value) for value in means) and not bool(torch.isfinite(rows).all()):
             rank_zero_warn(
                 f"UncertaintyCallback: the model's outputs on the probe set are not finite at epoch "
                 f"{trainer.current_epoch}, so the uncertainties are NaN."
             )
         main, second = names[0], names[-1]  # the figure's ranking, and the other number in its titles
         if labels is not None:
+            # host tensors: the per-class and per-group means are gathered and read in one go
             right = predicted_cpu == labels
-            for k in sorted(set(labels.tolist())):
-                members = labels == k
+            found: dict[str, Tensor] = {}
+            for k, members in self._class_members(probe, labels):
                 tag = f"interp_{self.name}/{self._class_name(k)}"
                 for name in dict.fromkeys((main, "predictive_entropy", second)):
-                    scalars[f"{tag}/{name}"] = float(rows[names.index(name)][members].mean())
+                    found[f"{tag}/{name}"] = rows[names.index(name)].index_select(0, members).mean()
             for group, which in (("right", right), ("wrong", ~right)):
-                if bool(which.any()):
-                    scalars[f"interp_{self.name}/{main}_{group}"] = float(rows[0][which].mean())
+                chosen = which.nonzero().flatten()
+                if chosen.numel():
+                    found[f"interp_{self.name}/{main}_{group}"] = rows[0].index_select(0, chosen).mean()
+            if found:
+                scalars.update(zip(found, torch.stack(list(found.values())).tolist(), strict=True))
         for method in self.methods:
             scalars.update(self._explanation_uncertainty(trainer, pl_module, method, probe, predicted))
         if probe.inputs.ndim == 4:
             order = torch.argsort(rows[0], descending=True, stable=True)[: min(SHOWN, len(probe))]
             shown = probe.inputs[order]
-            other = rows[names.index(second)]
             short = {"predictive_entropy": "H", "mutual_information": "MI", "vacuity": "vac"}
+            # the shown samples' numbers, read once (host tensors)
+            firsts, others = rows[[0, names.index(second)]][:, order].tolist()
+            guesses = predicted_cpu[order].tolist()
+            truths = None if labels is None else labels[order].tolist()
             titles = [
                 self._title(
-                    int(i), labels, predicted_cpu, (short[main], float(rows[0][i])), (short[second], float(other[i]))
+                    guesses[j],
+                    None if truths is None else truths[j],
+                    (short[main], firsts[j]),
+                    (short[second], others[j]),
                 )
-                for i in order
+                for j in range(len(guesses))
             ]
             step, epoch = logging_step(trainer), trainer.current_epoch
 
@@ -329,16 +347,21 @@ class UncertaintyCallback(InterpCallback):
         maps = self._maps(trainer, pl_module, method, inputs, passes=self.passes, target=target)
         mean, spread = maps.mean(dim=0), maps.std(dim=0)
         agreement = map_agreement(maps)
-        if bool(agreement.isnan().all()):
+        relative = spread.flatten(1).mean(dim=1) / mean.flatten(1).mean(dim=1).clamp_min(1e-12)
+        # one transfer: the two numbers, the constant-maps flag and the pictures (float32 values: exact in float64)
+        small = torch.stack([agreement.double().nanmean(), relative.double().mean(), agreement.isnan().all().double()])
+        pictures = torch.stack([mean.float(), spread.float()])
+        host = torch.cat([small, pictures.double().flatten()]).cpu()
+        agreement_mean, relative_std, constant = host[:3].tolist()
+        if constant:
             rank_zero_warn(
                 f"UncertaintyCallback: the {method} maps under MC dropout are constant (a zero gradient, e.g. "
                 f"dead units) at epoch {trainer.current_epoch}, so their agreement is undefined and logged as NaN."
             )
-        relative = spread.flatten(1).mean(dim=1) / mean.flatten(1).mean(dim=1).clamp_min(1e-12)
-        numbers = torch.stack([agreement.double().nanmean(), relative.double().mean()]).cpu().tolist()
         base = f"interp_{self.name}/{method}"
-        scalars = {f"{base}/map_agreement": numbers[0], f"{base}/map_relative_std": numbers[1]}
-        mean_cpu, spread_cpu, shown = mean.float().cpu(), spread.float().cpu(), rows.inputs
+        scalars = {f"{base}/map_agreement": agreement_mean, f"{base}/map_relative_std": relative_std}
+        mean_cpu, spread_cpu = host[3:].reshape(pictures.shape).float().unbind(0)
+        shown = rows.inputs
         step, epoch, cmap = logging_step(trainer), trainer.current_epoch, self.cmap
 
         def draw() -> None:
@@ -359,14 +382,22 @@ class UncertaintyCallback(InterpCallback):
             self._submit(trainer, draw)
         return scalars
 
+    def _class_members(self, probe: ProbeSet, labels: Tensor) -> list[tuple[int, Tensor]]:
+        """Each class of the probe labels, in order, with the (host) indices of its samples: found once per probe set
+        (it is fixed for a fit), not at every run."""
+        cached = self._members
+        if cached is None or cached[0] is not probe:
+            classes = sorted(set(labels.tolist()))
+            cached = (probe, [(k, (labels == k).nonzero().flatten()) for k in classes])
+            self._members = cached
+        return cached[1]
+
     def _class_name(self, k: int) -> str:
         return class_name(self.class_names, k)
 
-    def _title(
-        self, index: int, labels: Tensor | None, predicted: Tensor, first: tuple[str, float], second: tuple[str, float]
-    ) -> str:
-        guess = self._class_name(int(predicted[index]))
-        head = f"y {self._class_name(int(labels[index]))}\n" if labels is not None else ""
+    def _title(self, predicted: int, label: int | None, first: tuple[str, float], second: tuple[str, float]) -> str:
+        guess = self._class_name(predicted)
+        head = f"y {self._class_name(label)}\n" if label is not None else ""
         return f"{head}pred {guess}\n{first[0]} {first[1]:.2f}\n{second[0]} {second[1]:.3f}"
 
 

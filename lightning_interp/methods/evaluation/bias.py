@@ -96,13 +96,17 @@ class PerClassMetrics:
     confusion: Tensor
 
 
-def per_class_metrics(predictions: Tensor, labels: Tensor, num_classes: int) -> PerClassMetrics:
-    """Recall, precision and the confusion matrix per class, by torchmetrics.
+def per_class_metrics(
+    predictions: Tensor, labels: Tensor, num_classes: int, *, validate: bool = True
+) -> PerClassMetrics:
+    """Recall, precision and the confusion matrix per class, by torchmetrics, brought to the host in one transfer.
 
     Args:
         predictions: (N,) predicted class indices.
         labels: (N,) true class indices.
         num_classes: number of classes K.
+        validate: let torchmetrics check that the indices lie in ``[0, num_classes)`` (a ``unique`` of each, which
+            waits for the device); False where the caller has checked them already.
 
     Returns:
         :class:`PerClassMetrics` on the CPU (float64 recall and precision).
@@ -117,11 +121,16 @@ def per_class_metrics(predictions: Tensor, labels: Tensor, num_classes: int) -> 
             f"predictions and labels must both be (N,), got {tuple(predictions.shape)} and {tuple(labels.shape)}."
         )
     predictions, labels = predictions.long(), labels.long().to(predictions.device)
-    confusion = multiclass_confusion_matrix(predictions, labels, num_classes=num_classes).long().cpu()
+    options = {"num_classes": num_classes, "validate_args": validate}
+    confusion = multiclass_confusion_matrix(predictions, labels, **options).long()
+    recall = multiclass_recall(predictions, labels, average=None, **options).double()
+    precision = multiclass_precision(predictions, labels, average=None, **options).double()
+    # one transfer: the counts are exact in float64 (below 2**53)
+    host = torch.cat([confusion.double().flatten(), recall, precision]).cpu()
+    confusion = host[: num_classes * num_classes].long().reshape(num_classes, num_classes)
+    recall, precision = host[num_classes * num_classes :].reshape(2, num_classes)
     present = confusion.sum(dim=1) > 0
     predicted = confusion.sum(dim=0) > 0
-    recall = multiclass_recall(predictions, labels, num_classes=num_classes, average=None).double().cpu()
-    precision = multiclass_precision(predictions, labels, num_classes=num_classes, average=None).double().cpu()
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     return PerClassMetrics(
         recall=torch.where(present, recall, nan),  # torchmetrics gives 0 where a class is absent: undefined, not 0
@@ -236,18 +245,17 @@ def class_attribution(
         measure, values = "border_share", border_share(maps, border_fraction)
         band = border_band(maps.shape[1], maps.shape[2], border_fraction, device=maps.device)
         uniform = band.double().mean().expand(maps.shape[0])
+    # the samples with a non-finite value add nothing (zero weight, to class 0) rather than being selected out, which
+    # would wait for the device to count them
     valid = values.isfinite()
-    index = labels[valid]
-    counts = torch.zeros(num_classes, dtype=torch.float64, device=maps.device).index_add_(
-        0, index, torch.ones_like(values[valid])
-    )
-    sums = torch.zeros_like(counts).index_add_(0, index, values[valid])
-    uniform_sums = torch.zeros_like(counts).index_add_(0, index, uniform[valid])
+    index = torch.where(valid, labels, torch.zeros_like(labels))
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=maps.device).index_add_(0, index, valid.double())
+    sums = torch.zeros_like(counts).index_add_(0, index, torch.where(valid, values, zero))
+    uniform_sums = torch.zeros_like(counts).index_add_(0, index, torch.where(valid, uniform, zero))
     nan = torch.full_like(counts, float("nan"))
     present = counts > 0
-    return ClassAttribution(
-        measure=measure,
-        scores=torch.where(present, sums / counts.clamp_min(1), nan).cpu(),
-        uniform=torch.where(present, uniform_sums / counts.clamp_min(1), nan).cpu(),
-        counts=counts.long().cpu(),
-    )
+    scores = torch.where(present, sums / counts.clamp_min(1), nan)
+    uniform_means = torch.where(present, uniform_sums / counts.clamp_min(1), nan)
+    host = torch.stack([scores, uniform_means, counts]).cpu()  # one transfer
+    return ClassAttribution(measure=measure, scores=host[0], uniform=host[1], counts=host[2].long())

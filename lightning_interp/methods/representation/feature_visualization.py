@@ -37,6 +37,7 @@ Targets (see :func:`parse_visualization_target`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 import re
@@ -340,6 +341,14 @@ def pixel_image(
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _color_matrix(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The colour decorrelation matrix on ``device`` in ``dtype`` (kept: do not modify it in place; never an
+    inference tensor, so a pass that records gradients can use it whichever mode made it)."""
+    with torch.inference_mode(False):
+        return _COLOR_MATRIX.to(device=device, dtype=dtype).clone()
+
+
 def to_valid_rgb(image: Tensor, *, decorrelate: bool = True) -> Tensor:
     """Decorrelated colours to RGB (3 channels, when ``decorrelate``), then a sigmoid to [0, 1].
 
@@ -348,7 +357,7 @@ def to_valid_rgb(image: Tensor, *, decorrelate: bool = True) -> Tensor:
         [0.5]
     """
     if decorrelate and image.shape[1] == 3:
-        matrix = _COLOR_MATRIX.to(device=image.device, dtype=image.dtype)
+        matrix = _color_matrix(image.device, image.dtype)  # copied to the device once, not at every step
         image = torch.einsum("bchw,dc->bdhw", image, matrix)
     return torch.sigmoid(image)
 
@@ -437,17 +446,20 @@ def range_tensors(value_range: ValueRange, channels: int, device: torch.device) 
         >>> low.flatten().tolist(), high.flatten().tolist()
         ([0.0, 0.0], [1.0, 2.0])
     """
-    low, high = (torch.as_tensor(v, dtype=torch.float32).detach().to(device).reshape(-1) for v in value_range)
+    low, high = (torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1) for v in value_range)
     for name, value in (("low", low), ("high", high)):
         if value.numel() not in (1, channels):
             raise ValueError(
                 f"value_range {name} has {value.numel()} values; give one float or one value per channel ({channels})."
             )
-    if bool((high < low).any()):
+    # checked from one read of both (a range on the device is read once, not once per check)
+    lows, highs = torch.stack([low.expand(channels), high.expand(channels)]).tolist()
+    if any(h < lo for lo, h in zip(lows, highs, strict=True)):
         raise ValueError(
             f"value_range needs low <= high in every channel, got low={low.tolist()}, high={high.tolist()}."
         )
-    flat = ((high - low).expand(channels) == 0).nonzero().flatten().tolist()
+    flat = [channel for channel, (lo, h) in enumerate(zip(lows, highs, strict=True)) if h - lo == 0]
+    low, high = low.to(device), high.to(device)
     if flat:
         warnings.warn(
             f"value_range is empty (low == high) in channel(s) {flat}: the image cannot change there, so those "
@@ -662,14 +674,17 @@ def feature_visualization(
                 rgb = param.image()
                 images = low + (high - low) * rgb
             final = torch.stack(_objectives(model, images.to(dtype), parsed, rows, output_transform))
-    _warn_unreached(parsed, reached.reshape(len(parsed), num_images).any(dim=1))
     shape = (len(parsed), num_images, c, h, w)
+    images, rgb, objectives, history_values, reached_any = _to_host(
+        images.detach().reshape(shape),
+        rgb.detach().reshape(shape),
+        final.float(),
+        torch.stack(history).float(),
+        reached.reshape(len(parsed), num_images).any(dim=1),
+    )
+    _warn_unreached(parsed, reached_any.tolist())
     return FeatureVisualizationResult(
-        images=images.detach().reshape(shape).cpu(),
-        rgb=rgb.detach().reshape(shape).cpu(),
-        objectives=final.float().cpu(),
-        history=torch.stack(history).float().cpu(),
-        targets=parsed,
+        images=images, rgb=rgb, objectives=objectives, history=history_values, targets=parsed
     )
 
 
@@ -803,13 +818,11 @@ def deep_dream(
             detail = (x - octave_base).detach()
         with torch.no_grad():
             final = objective(x)
-    _warn_unreached([target], reached.any().reshape(1))
-    return DeepDreamResult(
-        images=x.detach().float().cpu(),
-        initial_objective=initial.float().cpu(),
-        objective=final.float().cpu(),
-        target=target,
+    images, initial_objective, objective, reached_any = _to_host(
+        x.detach().float(), initial.float(), final.float(), reached.any().reshape(1)
     )
+    _warn_unreached([target], reached_any.tolist())
+    return DeepDreamResult(images=images, initial_objective=initial_objective, objective=objective, target=target)
 
 
 def _per_image_nonzero(grad: Tensor, batch: int) -> Tensor:
@@ -817,9 +830,24 @@ def _per_image_nonzero(grad: Tensor, batch: int) -> Tensor:
     return grad.reshape(batch, -1).abs().amax(dim=1) > 0
 
 
-def _warn_unreached(targets: Sequence[VisualizationTarget], reached: Tensor) -> None:
+def _to_host(*tensors: Tensor) -> list[Tensor]:
+    """The tensors on the CPU, in one transfer per dtype (a bool tensor travels as 0.0 / 1.0 with the floats)."""
+    moved: list[Tensor | None] = [None] * len(tensors)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        dtype = torch.float32 if tensor.dtype == torch.bool else tensor.dtype
+        groups.setdefault(dtype, []).append(i)
+    for dtype, members in groups.items():
+        host = torch.cat([tensors[i].to(dtype).flatten() for i in members]).cpu()
+        for i, part in zip(members, host.split([tensors[i].numel() for i in members]), strict=True):
+            part = part.reshape(tensors[i].shape)
+            moved[i] = part > 0 if tensors[i].dtype == torch.bool else part
+    return [tensor for tensor in moved if tensor is not None]
+
+
+def _warn_unreached(targets: Sequence[VisualizationTarget], reached: Sequence[bool]) -> None:
     """Warn about targets whose images never received a gradient: they show the starting image, not the target."""
-    dead = [target.label for target, ok in zip(targets, reached.tolist(), strict=True) if not ok]
+    dead = [target.label for target, ok in zip(targets, reached, strict=True) if not ok]
     if dead:
         warnings.warn(
             f"Visualisation target(s) {dead} got no gradient at any step: the unit is inactive (e.g. 0 after a ReLU) "
