@@ -186,6 +186,25 @@ def to_host(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {name: result[name] for name in tensors}
 
 
+def to_numpy(tensors: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """float64 numpy copies of the tensors (all on one device), brought to the host in one copy and read once.
+
+    Example:
+        >>> arrays = to_numpy({"a": torch.ones(2, 3), "b": torch.tensor(0.5)})
+        >>> arrays["a"].shape, float(arrays["b"])
+        ((2, 3), 0.5)
+    """
+    if not tensors:
+        return {}
+    parts = [value.detach().reshape(-1).to(torch.float64) for value in tensors.values()]
+    flat = torch.cat(parts).cpu().numpy()
+    result, at = {}, 0
+    for (name, value), part in zip(tensors.items(), parts, strict=True):
+        result[name] = flat[at : at + part.numel()].reshape(tuple(value.shape))
+        at += part.numel()
+    return result
+
+
 def log_scalars(trainer: pl.Trainer, scalars: Mapping[str, float], step: int) -> None:
     """Log scalars to every logger of the trainer at ``step`` (the step of the images, so sliders line up)."""
     if scalars:

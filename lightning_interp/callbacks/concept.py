@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
-from lightning_interp._logging import log_image, logging_step
+from lightning_interp._logging import log_image, logging_step, to_numpy
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
@@ -571,10 +571,25 @@ class ConceptCallback(InterpCallback):
                     "the logits",
                 )
         # every number to the CPU at once
+        packed = to_numpy(
+            {
+                f"{kind} {layer} {concept}": value
+                for layer, per_layer in results.items()
+                for concept, r in per_layer.items()
+                for kind, value in (
+                    ("scores", r.scores),
+                    ("p", r.p_values),
+                    ("random", r.random_scores),
+                    ("accuracy", r.accuracies.mean()),
+                )
+            }
+        )  # every number of every layer and concept to the host in one copy
         numbers = {
-            (layer, concept): (r.scores.double().cpu(), r.p_values.cpu(), r.random_scores.double().cpu(), r.accuracy)
+            (layer, concept): tuple(
+                packed[f"{kind} {layer} {concept}"] for kind in ("scores", "p", "random", "accuracy")
+            )
             for layer, per_layer in results.items()
-            for concept, r in per_layer.items()
+            for concept in per_layer
         }
         scalars: dict[str, float] = {}
         panels: list[TCAVPanel] = []
@@ -583,7 +598,8 @@ class ConceptCallback(InterpCallback):
             bars: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None] = {}
             random_scores = None
             for concept in names:
-                scores, p_values, random_scores, accuracy = numbers[(layer, concept)]
+                scores, p_values, random_scores, accuracy_array = numbers[(layer, concept)]
+                accuracy = float(accuracy_array)
                 base = f"interp_{self.name}/{concept}/{layer}"
                 scalars[f"{base}/cav_accuracy"] = accuracy
                 if accuracy < self.cav.min_accuracy:
@@ -597,13 +613,13 @@ class ConceptCallback(InterpCallback):
                     )
                     bars[concept] = None
                     continue
-                means, spread = scores.mean(dim=0).numpy(), scores.std(dim=0).numpy()
-                bars[concept] = (means, spread, p_values.numpy())
+                means, spread = scores.mean(axis=0), scores.std(axis=0, ddof=1)  # ddof=1: torch's std
+                bars[concept] = (means, spread, p_values)
                 for column, k in enumerate(self._classes):
                     scalars[f"{base}/{k}/tcav"] = float(means[column])
                     scalars[f"{base}/{k}/p_value"] = float(p_values[column])
             assert random_scores is not None
-            panels.append((layer, bars, (random_scores.mean(dim=0).numpy(), random_scores.std(dim=0).numpy())))
+            panels.append((layer, bars, (random_scores.mean(axis=0), random_scores.std(axis=0, ddof=1))))
         step, classes, class_names = logging_step(trainer), list(self._classes), self.class_names
         alpha = self.test.alpha
 

@@ -25,6 +25,7 @@ untouched), and the functions work under ``torch.no_grad()`` and
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from lightning_interp.methods.model.core import OutputTransform, Target, attribution_pass, gradients_enabled
 from lightning_interp.methods.representation.features import capture_features
-from lightning_interp.methods.representation.linear_probes import _fit_logistic, _standardised, stratified_split
+from lightning_interp.methods.representation.linear_probes import stratified_split
 
 __all__ = [
     "CAV",
@@ -44,6 +45,7 @@ __all__ = [
     "concept_activations",
     "directional_derivatives",
     "disjoint_random_sets",
+    "fit_cavs",
     "layer_gradients",
     "tcav_from_activations",
     "tcav_scores",
@@ -52,15 +54,17 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------- t-test
-def _betacf(a: Tensor, b: Tensor, x: Tensor, max_iter: int = 300, eps: float = 1e-15) -> Tensor:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+def _betacf(a: Tensor, b: Tensor, x: Tensor, terms: int) -> Tensor:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz; Numerical Recipes 6.4), its
+    first ``terms`` terms: the caller knows how many its ``a`` and ``b`` need, so nothing is read back to stop early
+    (the terms after convergence multiply by 1)."""
     tiny = 1e-300
     qab, qap, qam = a + b, a + 1, a - 1
     c = torch.ones_like(x)
     d = 1 - qab * x / qap
     d = torch.where(d.abs() < tiny, torch.full_like(d, tiny), d).reciprocal()
     h = d.clone()
-    for m in range(1, max_iter + 1):
+    for m in range(1, terms + 1):
         m2 = 2 * m
         for numerator in (
             m * (b - m) * x / ((qam + m2) * (a + m2)),
@@ -70,15 +74,14 @@ def _betacf(a: Tensor, b: Tensor, x: Tensor, max_iter: int = 300, eps: float = 1
             d = torch.where(d.abs() < tiny, torch.full_like(d, tiny), d).reciprocal()
             c = 1 + numerator / c
             c = torch.where(c.abs() < tiny, torch.full_like(c, tiny), c)
-            delta = d * c
-            h = h * delta
-        if m % 8 == 0 and bool(((delta - 1).abs() < eps).all()):
-            break
+            h = h * (d * c)
     return h
 
 
-def _betainc(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
-    """Regularised incomplete beta ``I_x(a, b)`` in float64: ``torch.special.betainc`` where torch has it."""
+def _betainc(a: Tensor, b: Tensor, x: Tensor, largest: float) -> Tensor:
+    """Regularised incomplete beta ``I_x(a, b)`` in float64 for ``a, b <= largest``: ``torch.special.betainc`` where
+    torch has it, else the continued fraction on the side where it converges, with enough terms for ``largest``
+    (it needs about ``sqrt(max(a, b))``)."""
     special = getattr(torch.special, "betainc", None)
     if special is not None:
         return special(a, b, x)
@@ -87,10 +90,11 @@ def _betainc(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
     log_front = torch.lgamma(a + b) - torch.lgamma(a) - torch.lgamma(b) + a * xs.log() + b * torch.log1p(-xs)
     front = log_front.exp()
     direct = xs < (a + 1) / (a + b + 2)  # the continued fraction converges fast on this side; else use symmetry
+    terms = 24 + 6 * math.ceil(math.sqrt(max(largest, 1.0)))
     value = torch.where(
         direct,
-        front * _betacf(a, b, xs) / a,
-        1 - front * _betacf(b, a, 1 - xs) / b,
+        front * _betacf(a, b, xs, terms) / a,
+        1 - front * _betacf(b, a, 1 - xs, terms) / b,
     )
     value = torch.where(x <= 0, torch.zeros_like(x), torch.where(x >= 1, torch.ones_like(x), value))
     return torch.where(torch.isnan(x), x, value)
@@ -142,7 +146,12 @@ def ttest_pvalue(a: Tensor, b: Tensor, *, equal_var: bool = True) -> Tensor:
     t = difference / variance.sqrt()
     # x = nu / (nu + t^2) in [0, 1]: 0 for an infinite t (p = 0), NaN for 0 / 0 (p = NaN)
     x = torch.where(torch.isinf(t), torch.zeros_like(t), dof / (dof + t.square()))
-    return _betainc(dof / 2, torch.full_like(dof, 0.5), x)
+    return _betainc(dof / 2, torch.full_like(dof, 0.5), x, largest=(n_a + n_b - 2) / 2)  # Welch's dof is at most
+
+
+CAV_STEPS = 30
+"""Newton steps of each CAV's logistic regression (all of them run: no step depends on a value read back)."""
+_LENGTHS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------- CAVs
@@ -167,15 +176,16 @@ def compute_cav(
     test_fraction: float = 1 / 3,
     l2: float = 1e-2,
     seed: int = 0,
-    max_iter: int = 100,
+    max_iter: int = CAV_STEPS,
 ) -> CAV:
     """The CAV separating a concept's layer activations from random ones, with its held-out accuracy.
 
     The examples are split once (stratified, a private generator seeded by
     ``seed``; the global RNG is untouched); the activations are standardised
     with the training part's mean and standard deviation and a logistic
-    regression (the linear probe's L-BFGS solver, ``mean cross-entropy + l2 / 2
-    ||W||^2``, bias unpenalised) separates concept (1) from random (0). The CAV
+    regression (two-class softmax, ``mean cross-entropy + l2 / 2 ||W||^2``, bias
+    unpenalised; Newton steps in kernel form, see :func:`fit_cavs`) separates
+    concept (1) from random (0). The CAV
     is the normal of that decision boundary expressed in the *raw* activation
     space: with standardised ``z = (a - mu) / sigma`` the boundary ``w . z + b``
     is ``(w / sigma) . a + const``, so the CAV is ``w / sigma``, scaled to unit
@@ -190,7 +200,7 @@ def compute_cav(
         test_fraction: share of each side held out, in (0, 1).
         l2: penalty strength on standardised activations, >= 0.
         seed: seed of the split.
-        max_iter: L-BFGS iterations.
+        max_iter: Newton steps of the logistic regression (all of them run).
 
     Returns:
         :class:`CAV`: the (D,) float32 unit vector on the activations' device (float64 for float64
@@ -216,26 +226,127 @@ def compute_cav(
     if not l2 >= 0 or math.isinf(l2):
         raise ValueError(f"l2 must be a finite number >= 0, got {l2}.")
     dtype = torch.float64 if concept_acts.dtype == torch.float64 else torch.float32
+    vectors, accuracies = fit_cavs([(concept_acts, random_acts)], [seed], test_fraction=test_fraction, l2=l2)
+    return CAV(vector=vectors[:, 0].to(dtype), accuracy=float(accuracies[0]))
+
+
+def fit_cavs(
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    seeds: Sequence[int],
+    *,
+    test_fraction: float = 1 / 3,
+    l2: float = 1e-2,
+    steps: int = CAV_STEPS,
+) -> tuple[Tensor, Tensor]:
+    """Several CAVs at once, without a device-to-host sync: the (D, M) unit vectors and the (M,) held-out accuracies.
+
+    Each pair ``(concept_acts, random_acts)`` is split with its seed (stratified, see :func:`compute_cav`, which is
+    this function for one pair), standardised with its training part's statistics, and separated by an L2 logistic
+    regression (mean cross-entropy + l2 / 4 ||normal||^2, the two-class softmax's penalty; bias unpenalised) solved
+    by ``steps`` Newton steps in the span of the training examples (kernel form: an (n + 1) x (n + 1) system per CAV,
+    n training examples), each step's length chosen on the
+    same sizes are fit in one batch.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> concept = torch.randn(20, 3, generator=g) + torch.tensor([6.0, 0.0, 0.0])
+        >>> vectors, accuracies = fit_cavs([(concept, torch.randn(20, 3, generator=g))] * 2, [0, 1])
+        >>> vectors.shape, accuracies.tolist()
+        (torch.Size([3, 2]), [1.0, 1.0])
+    """
+    if len(pairs) != len(seeds) or not pairs:
+        raise ValueError(f"fit_cavs needs one seed per pair and at least one pair, got {len(pairs)} and {len(seeds)}.")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, (concept, other) in enumerate(pairs):
+        groups.setdefault((concept.shape[0], other.shape[0]), []).append(index)
+    vectors: list[Tensor | None] = [None] * len(pairs)
+    accuracies: list[Tensor | None] = [None] * len(pairs)
     with torch.inference_mode(False), torch.no_grad():
-        device = concept_acts.device
-        flat = torch.cat(
-            [concept_acts.detach().reshape(n_c, -1), random_acts.detach().to(device).reshape(n_r, -1)]
-        ).clone()
-        labels = torch.cat([torch.ones(n_c, dtype=torch.long), torch.zeros(n_r, dtype=torch.long)])
-        train_idx, test_idx = stratified_split(labels, test_fraction, seed=seed)
-        train_idx, test_idx = train_idx.to(device), test_idx.to(device)
-        x_train, x_test = _standardised(flat, train_idx, test_idx, dtype)
-        y = labels.to(device)
-        weight, bias = _fit_logistic(x_train, y[train_idx], 2, l2, max_iter)
-        normal = weight[:, 1] - weight[:, 0]  # logit(concept) - logit(random) = normal . z + offset
-        offset = bias[1] - bias[0]
-        accuracy = ((x_test @ normal + offset > 0).long() == y[test_idx]).double().mean()
-        raw = flat[train_idx].to(dtype)
-        std = (raw - raw.mean(dim=0)).square().mean(dim=0).sqrt()
-        vector = torch.where(std > 0, normal / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(std))
-        norm = vector.norm()
-        vector = vector / norm if float(norm) > 0 else vector
-    return CAV(vector=vector, accuracy=float(accuracy))
+        for members in groups.values():
+            batch_vectors, batch_accuracies = _fit_cav_batch(
+                [pairs[i] for i in members], [seeds[i] for i in members], test_fraction, l2, steps
+            )
+            for position, index in enumerate(members):
+                vectors[index], accuracies[index] = batch_vectors[position], batch_accuracies[position]
+        return torch.stack(vectors, dim=1), torch.stack(accuracies)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=256)
+def _cav_split(n_concept: int, n_random: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """The stratified split of ``n_concept`` concept (1) and ``n_random`` random (0) examples, made once."""
+    labels = torch.cat([torch.ones(n_concept, dtype=torch.long), torch.zeros(n_random, dtype=torch.long)])
+    return stratified_split(labels, test_fraction, seed=seed)
+
+
+def _fit_cav_batch(
+    pairs: Sequence[tuple[Tensor, Tensor]], seeds: Sequence[int], test_fraction: float, l2: float, steps: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`fit_cavs` for pairs of the same sizes: (M, D) vectors and (M,) accuracies, float64."""
+    n_c, n_r = pairs[0][0].shape[0], pairs[0][1].shape[0]
+    if n_c < 2 or n_r < 2:
+        raise ValueError(
+            f"A CAV needs at least 2 concept and 2 random examples (to train and to hold out), got {n_c} and {n_r}."
+        )
+    device = pairs[0][0].device
+    flat = torch.stack(
+        [torch.cat([c.detach().reshape(n_c, -1), r.detach().to(device).reshape(n_r, -1)]) for c, r in pairs]
+    ).to(torch.float64)  # (M, n, D)
+    splits = [_cav_split(n_c, n_r, test_fraction, seed) for seed in seeds]
+    train = torch.stack([train for train, _ in splits]).to(device)  # (M, n_train)
+    test = torch.stack([test for _, test in splits]).to(device)
+    labels = torch.cat([torch.ones(n_c), torch.zeros(n_r)]).to(device, torch.float64)
+    rows = torch.arange(len(pairs), device=device)[:, None]
+    x_train, x_test = flat[rows, train], flat[rows, test]
+    y_train, y_test = labels[train], labels[test]
+    mean = x_train.mean(dim=1, keepdim=True)
+    std = (x_train - mean).square().mean(dim=1, keepdim=True).sqrt()
+    scale = torch.where(std > 0, std, 1).reciprocal()
+    x_train, x_test = (x_train - mean) * scale, (x_test - mean) * scale
+    kernel, cross = x_train @ x_train.mT, x_test @ x_train.mT
+    coefficients, bias = _kernel_logistic(kernel, y_train, l2 / 2, steps)  # l2/4 ||normal||^2 = (l2/2) / 2 ||.||^2
+    accuracy = (((cross @ coefficients[..., None])[..., 0] + bias[:, None] > 0).double() == y_test).double().mean(1)
+    normal = (x_train.mT @ coefficients[..., None])[..., 0]  # (M, D) in standardised units
+    vector = torch.where(std[:, 0] > 0, normal * scale[:, 0], 0)  # back to the raw activations: w / sigma
+    norm = vector.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, vector / torch.where(norm > 0, norm, 1), vector), accuracy
+
+
+def _kernel_logistic(kernel: Tensor, y: Tensor, penalty: float, steps: int) -> tuple[Tensor, Tensor]:
+    """Binary logistic regression ``mean CE(K a + b) + penalty / 2 a^T K a`` by Newton steps in the kernel form.
+
+    With ``w = X^T a`` the Newton system for ``(w, b)`` is solved by ``(D K / n + penalty I) da + D 1 db / n =
+    r / n + penalty a`` and ``1^T D K da / n + 1^T D 1 db / n = 1^T r / n`` (``r`` the residuals, ``D`` the
+    curvatures), an (n + 1) x (n + 1) system per CAV; each step's length is the best of ``_LENGTHS`` (losses of all
+    at once, chosen on the device). Returns ``a`` (M, n) and ``b`` (M,).
+    """
+    batch, n = y.shape
+    coefficients = kernel.new_zeros(batch, n)
+    bias = kernel.new_zeros(batch)
+    identity = torch.eye(n, dtype=kernel.dtype, device=kernel.device)
+    lengths = torch.tensor(_LENGTHS, dtype=kernel.dtype, device=kernel.device)
+    logits = kernel.new_zeros(batch, n)
+    for _ in range(steps):
+        probabilities = torch.sigmoid(logits)
+        residual = probabilities - y
+        curvature = (probabilities * (1 - probabilities)).clamp_min(1e-12)
+        top = torch.cat([curvature[..., None] * kernel / n + penalty * identity, curvature[..., None] / n], dim=2)
+        bottom = torch.cat([(curvature[:, None, :] @ kernel) / n, curvature.sum(1)[:, None, None] / n], dim=2)
+        system = torch.cat([top, bottom], dim=1)  # (M, n + 1, n + 1)
+        rhs = torch.cat([residual / n + penalty * coefficients, residual.mean(1, keepdim=True)], dim=1)
+        step = torch.linalg.solve_ex(system, rhs[..., None])[0][..., 0]
+        step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
+        step_coefficients, step_bias = step[:, :n], step[:, n]
+        step_logits = (kernel @ step_coefficients[..., None])[..., 0] + step_bias[:, None]
+        candidates = logits[:, None] - lengths[None, :, None] * step_logits[:, None]  # (M, T, n)
+        cross_entropy = (torch.nn.functional.softplus(candidates) - y[:, None] * candidates).mean(-1)
+        moved = coefficients[:, None] - lengths[None, :, None] * step_coefficients[:, None]  # (M, T, n)
+        quadratic = (moved * (moved @ kernel)).sum(-1)  # a^T K a of each candidate
+        loss = torch.nan_to_num(cross_entropy + 0.5 * penalty * quadratic, nan=float("inf"))
+        length = lengths[loss.argmin(dim=1)]
+        coefficients = coefficients - length[:, None] * step_coefficients
+        bias = bias - length * step_bias
+        logits = logits - length[:, None] * step_logits
+    return coefficients, bias
 
 
 # ---------------------------------------------------------------------------------------------------- gradients
@@ -441,7 +552,7 @@ def tcav_from_activations(
     test_fraction: float = 1 / 3,
     l2: float = 1e-2,
     seed: int = 0,
-    max_iter: int = 100,
+    max_iter: int = CAV_STEPS,
     equal_var: bool = True,
 ) -> dict[str, TCAVResult]:
     """TCAV of several concepts at one layer from activations and target-logit gradients already computed.
@@ -478,7 +589,7 @@ def tcav_from_activations(
         test_fraction: share of each side held out to score a CAV, see :func:`compute_cav`.
         l2: penalty of the CAV classifier, see :func:`compute_cav`.
         seed: base seed of the CAV splits.
-        max_iter: L-BFGS iterations per CAV.
+        max_iter: Newton steps per CAV (all of them run).
         equal_var: Student's (True) or Welch's (False) t-test.
 
     Returns:
@@ -504,7 +615,7 @@ def tcav_from_activations(
         )
     if not classes:
         raise ValueError("classes must name at least one class to score.")
-    common = {"test_fraction": test_fraction, "l2": l2, "max_iter": max_iter}
+    common = {"test_fraction": test_fraction, "l2": l2, "steps": max_iter}
     with torch.inference_mode(False):
         device = gradients.device
         labels = labels.to(device)
@@ -512,13 +623,10 @@ def tcav_from_activations(
         counterparts, null_concepts = list(random_acts[:half]), list(random_acts[half:])
 
         def runs(sides: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-            cavs = [
-                compute_cav(acts, other, seed=seed + i, **common)  # type: ignore[arg-type]
-                for i, (acts, other) in enumerate(zip(sides, counterparts, strict=True))
-            ]
-            vectors = torch.stack([cav.vector.to(device, gradients.dtype) for cav in cavs], dim=1)
-            accuracy = torch.tensor([cav.accuracy for cav in cavs], dtype=torch.float64)
-            return _sign_scores(gradients, vectors, labels, classes), accuracy
+            vectors, accuracy = fit_cavs(  # all of them at once, nothing read back
+                list(zip(sides, counterparts, strict=True)), [seed + i for i in range(len(sides))], **common
+            )
+            return _sign_scores(gradients, vectors.to(device, gradients.dtype), labels, classes), accuracy
 
         random_scores, random_accuracies = runs(null_concepts)
         results = {}
@@ -553,7 +661,7 @@ def tcav_scores(
     test_fraction: float = 1 / 3,
     l2: float = 1e-2,
     seed: int = 0,
-    max_iter: int = 100,
+    max_iter: int = CAV_STEPS,
     equal_var: bool = True,
     batch_size: int = 64,
     output_transform: OutputTransform | None = None,
@@ -579,7 +687,7 @@ def tcav_scores(
         classes: classes to score; None for every class among ``labels``.
         test_fraction: share of each side held out to score a CAV, see :func:`compute_cav`.
         l2: penalty of the CAV classifier, see :func:`compute_cav`.
-        max_iter: L-BFGS iterations per CAV.
+        max_iter: Newton steps per CAV (all of them run).
         seed: base seed of the CAV splits.
         equal_var: Student's (True) or Welch's (False) t-test.
         batch_size: samples per forward pass.
