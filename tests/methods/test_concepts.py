@@ -298,3 +298,28 @@ def test_cav_direction_equals_scikit_learn_logistic_regression_on_the_same_split
     reference = reference / reference.norm()
     cosine = float(ours.vector.double() @ reference)
     assert cosine > 0.9999, cosine
+
+
+def test_layer_gradients_check_a_label_target_once_not_per_chunk():
+    """The target's range is read back once for the whole probe set (after the first chunk gives the scores' width),
+    not once per chunk: benchmarks/bench_cost.py's census, 1 chunk vs 16."""
+    import pathlib
+    import sys
+
+    benchmarks = str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        from bench_cost import Census
+    finally:
+        sys.path.remove(benchmarks)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4))
+    x, y = torch.randn(64, 3, generator=_gen(1)), torch.arange(64) % 4
+    counts, grads = [], []
+    for batch_size in (32, 4):
+        with Census() as census:
+            grads.append(layer_gradients(net, x, ["1"], y, batch_size=batch_size)[1][0])
+        counts.append(sum(census.syncs.values()))
+    assert counts[0] == counts[1] <= 4, counts
+    assert torch.equal(grads[0], grads[1])
+    with pytest.raises(ValueError, match="target indices"):
+        layer_gradients(net, x, ["1"], torch.arange(64) % 5, batch_size=4)

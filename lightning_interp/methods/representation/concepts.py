@@ -34,7 +34,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods.model.core import OutputTransform, Target, attribution_pass, gradients_enabled
+from lightning_interp.methods.model.core import (
+    OutputTransform,
+    Target,
+    attribution_pass,
+    checked_like,
+    gradients_enabled,
+    resolve_target,
+)
 from lightning_interp.methods.representation.features import capture_features
 from lightning_interp.methods.representation.linear_probes import stratified_split
 
@@ -392,8 +399,11 @@ def layer_gradients(
         target = target.reshape(-1)
     acts: list[list[Tensor]] = [[] for _ in layers]
     grads: list[list[Tensor]] = [[] for _ in layers]
+    checked: Tensor | None = None  # the whole target, checked once after the first chunk gave the scores' width
     for start in range(0, count, batch_size):
         chunk_target = target[start : start + batch_size] if isinstance(target, Tensor) and target.ndim else target
+        if checked is not None:
+            chunk_target = checked_like(checked, checked[start : start + batch_size])
         result = attribution_pass(
             model,
             inputs[start : start + batch_size],
@@ -403,6 +413,9 @@ def layer_gradients(
             output_transform=output_transform,
             task=task,
         )
+        if checked is None and isinstance(target, Tensor) and target.numel() == count and count > batch_size:
+            stand_in = torch.empty((), device=result.scores.device).expand(count, result.scores.shape[1])
+            checked = resolve_target(target, stand_in, task)  # one check for every later chunk, not one each
         for slot, (act, grad) in enumerate(zip(result.activations, result.activation_grads, strict=True)):
             acts[slot].append(act.reshape(act.shape[0], -1).float())
             grads[slot].append(grad.reshape(grad.shape[0], -1).float())
