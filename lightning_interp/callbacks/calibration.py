@@ -12,8 +12,7 @@ from torch import Tensor
 from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._outputs import ValidationOutputsCallback
-from lightning_interp.methods import OutputTransform
-from lightning_interp.methods.evaluation.uncertainty import _no_minimum_warning, _temperature
+from lightning_interp.methods import OutputTransform, temperature_steps, temperature_warning
 from lightning_interp.visualize import reliability_image
 
 __all__ = ["CalibrationCallback"]
@@ -88,7 +87,7 @@ class CalibrationCallback(ValidationOutputsCallback):
             return {}
         logits, labels = collected
         binary = logits.shape[1] == 1
-        temperature, separable = _temperature(logits, labels, TEMPERATURE_STEPS)
+        temperature, separable = temperature_steps(logits, labels, TEMPERATURE_STEPS)
         # the ECE before and after temperature scaling in one pass: (2, N, C) logits, (2, 3, n_bins + 1) bin sums
         scaled = torch.stack([logits, logits / temperature.to(logits.dtype)])
         probs = torch.sigmoid(scaled[..., 0]) if binary else torch.softmax(scaled, dim=2)
@@ -107,7 +106,7 @@ class CalibrationCallback(ValidationOutputsCallback):
         values = numbers.tolist()  # the one read of the device: everything logged, warned about and drawn
         ece_value, mean_confidence, accuracy, after, fitted, flag = values[: len(summary)]
         counts, confidence_sums, accuracy_sums = torch.tensor(values[len(summary) :], dtype=torch.float64).view(3, -1)
-        message = _no_minimum_warning(fitted, bool(flag))
+        message = temperature_warning(fitted, bool(flag))
         if message is not None:
             self._warn_once("temperature", f"interp_{self.name}/temperature: {message}")  # once per fit
         scalars = {

@@ -106,6 +106,8 @@ from lightning_interp.methods.evaluation.uncertainty import (
     mutual_information,
     predictive_entropy,
     reliability_curve,
+    temperature_steps,
+    temperature_warning,
 )
 from lightning_interp.methods.explain import (
     MANAGED_OPTIONS,
@@ -431,6 +433,8 @@ __all__ = [
     "target_scores",
     "tcav_from_activations",
     "tcav_scores",
+    "temperature_steps",
+    "temperature_warning",
     "to_valid_rgb",
     "token_grids",
     "token_scores",

@@ -15,7 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from lightning_interp.methods.evaluation.uncertainty import (
-    _temperature,
     dirichlet_uncertainty,
     expected_calibration_error,
     expected_entropy,
@@ -24,6 +23,7 @@ from lightning_interp.methods.evaluation.uncertainty import (
     mutual_information,
     predictive_entropy,
     reliability_curve,
+    temperature_steps,
 )
 from tests.conftest import BatchNormDropoutNet
 
@@ -399,7 +399,7 @@ def test_the_temperature_fit_reads_the_device_a_fixed_number_of_times(shape):
     labels = torch.randint(0, 7 if len(shape) == 2 else 2, (500,), generator=gen)
     for iterations in (4, 40):
         with _HostReads() as reads, _SyncingOps() as ops:
-            temperature, separable = _temperature(z, labels, iterations)
+            temperature, separable = temperature_steps(z, labels, iterations)
         assert (reads.reads, ops.syncs) == (0, 0)
         assert temperature.shape == separable.shape == () and separable.dtype == torch.bool
     counts = []

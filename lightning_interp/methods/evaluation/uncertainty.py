@@ -54,6 +54,8 @@ __all__ = [
     "mutual_information",
     "predictive_entropy",
     "reliability_curve",
+    "temperature_steps",
+    "temperature_warning",
 ]
 
 _PROB_ATOL = 1e-3  # how far a row of probabilities may be from summing to 1 (float16 / bfloat16 softmax included)
@@ -445,7 +447,7 @@ _BETA_BRACKET = (1e-6, 1e6)  # the inverse temperatures searched: T from 1e-6 to
 _NO_MINIMUM_BELOW, _NO_MINIMUM_ABOVE = 1e-3, 1e3  # a temperature outside these is warned about
 
 
-def _temperature(logits: Tensor, labels: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+def temperature_steps(logits: Tensor, labels: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
     """The temperature-scaling fit without a host read: ``(T, separable)`` as 0-d tensors on the logits' device.
 
     The mean NLL of ``softmax(beta * z)`` is convex in the inverse temperature ``beta = 1 / T`` (a log-sum-exp minus
@@ -469,7 +471,7 @@ def _temperature(logits: Tensor, labels: Tensor, iterations: int) -> tuple[Tenso
 
     Example:
         >>> z = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
-        >>> t, separable = _temperature(z, torch.tensor([0, 1, 1, 0]), 20)
+        >>> t, separable = temperature_steps(z, torch.tensor([0, 1, 1, 0]), 20)
         >>> round(float(t), 4), bool(separable)
         (1.8205, False)
     """
@@ -506,8 +508,17 @@ def _temperature(logits: Tensor, labels: Tensor, iterations: int) -> tuple[Tenso
     return 1 / beta, separable
 
 
-def _no_minimum_warning(temperature: float, separable: bool) -> str | None:
-    """What to warn about a fitted temperature that is not an interior minimum of the NLL, or None."""
+def temperature_warning(temperature: float, separable: bool) -> str | None:
+    """What to warn about a fitted temperature that is not an interior minimum of the NLL, or None.
+
+    Args:
+        temperature: the fitted temperature (from :func:`temperature_steps`).
+        separable: whether every sample was classified correctly.
+
+    Example:
+        >>> temperature_warning(1.8, False) is None, temperature_warning(1e6, False)[:32]
+        (True, 'the NLL has no interior minimum ')
+    """
     if not separable and _NO_MINIMUM_BELOW <= temperature <= _NO_MINIMUM_ABOVE:
         return None
     cause = (
@@ -568,11 +579,11 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 100) -> f
         raise ValueError("logits contains NaN or inf; no temperature can be fitted.")
     if not in_range:
         raise ValueError(f"labels must lie in [0, {classes - 1}].")
-    fitted, separable = _temperature(logits, y, max_iter)
+    fitted, separable = temperature_steps(logits, y, max_iter)
     temperature, flag = torch.stack([fitted, separable.to(fitted.dtype)]).tolist()
     if not math.isfinite(temperature):
         raise RuntimeError("fit_temperature diverged (T is not finite); check the logits and labels.")
-    message = _no_minimum_warning(temperature, bool(flag))
+    message = temperature_warning(temperature, bool(flag))
     if message is not None:
         warnings.warn(f"fit_temperature: {message}", stacklevel=2)
     return temperature
