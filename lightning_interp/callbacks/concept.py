@@ -234,7 +234,8 @@ class ConceptCallback(InterpCallback):
 
     Cost per run: one forward + one ``torch.autograd.grad`` over the probe set
     (all layers at once), one no-grad forward over the concept (and given random)
-    examples, and ``(len(concepts) + 1) * n_random`` small L-BFGS fits per layer on
+    examples, and ``(len(concepts) + 1) * n_random`` small logistic fits per layer,
+    batched and without a host read (:func:`~lightning_interp.methods.fit_cavs`), on
     the model's device. A forward pass takes as many samples as keep the largest
     layer output near a budget (see :func:`~lightning_interp.methods.forward_chunk_size`;
     a gradient pass, which keeps the graph for the backward, a quarter of that).

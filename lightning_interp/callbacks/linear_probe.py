@@ -57,8 +57,9 @@ class LinearProbeCallback(RepresentationCallback):
         layers: ``"auto"`` or a list of dotted module names.
         num_samples: probe samples (half train the probes, half test them);
             needs labels.
-        solver: ``"logistic"`` (full-batch L-BFGS multinomial logistic
-            regression) or ``"ridge"`` (closed form).
+        solver: ``"logistic"`` (multinomial logistic regression, every layer at
+            once by a fixed number of Newton steps, see
+            :func:`~lightning_interp.methods.fit_probes`) or ``"ridge"`` (closed form).
         l2: penalty strength on standardised features.
         test_fraction: share of each class held out.
         task: what the labels are: ``"auto"`` (class indices and one-hot rows

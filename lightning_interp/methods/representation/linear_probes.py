@@ -445,51 +445,6 @@ def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
     return (logits.argmax(dim=-1) == targets).to(logits.dtype).mean(dim=-1)
 
 
-def _finite(x: Tensor) -> bool:
-    """Whether every entry is finite (one pass, no boolean copy: the extremes are NaN or infinite otherwise)."""
-    if x.numel() == 0:
-        return True
-    low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
-def _fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int) -> tuple[Tensor, Tensor]:
-    """Multinomial logistic regression, mean cross-entropy + l2 / 2 ||W||^2 (bias unpenalised), by L-BFGS.
-
-    The gradient is written out (``(softmax - onehot)^T X / n + l2 W``) rather than taken by autograd: half the
-    cost per iteration, and no autograd graph at all. The weight is kept as (classes, d) so that both products
-    read ``X`` in its own row-major layout (``X^T R`` through a transposed view is ~2.5x slower on CPU).
-    Returns the weight as (d, classes) and the bias.
-    """
-    n = x.shape[0]
-    weight = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device)
-    bias = torch.zeros(n_classes, dtype=x.dtype, device=x.device)
-    rows = torch.arange(n, device=x.device)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1,
-        max_iter=max_iter,
-        history_size=20,
-        tolerance_grad=1e-4,  # as scikit-learn's default tol: 6x fewer evaluations, accuracy within 0.4 points
-        tolerance_change=1e-10,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        log_p = torch.addmm(bias, x, weight.T).log_softmax(dim=1)
-        loss = -log_p[rows, y].mean() + 0.5 * l2 * weight.square().sum()
-        residual = log_p.exp()
-        residual[rows, y] -= 1
-        residual /= n
-        weight.grad = torch.addmm(weight, residual.T, x, beta=l2)
-        bias.grad = residual.sum(dim=0)
-        return loss
-
-    with torch.no_grad():
-        optimizer.step(closure)
-    return weight.T, bias
-
-
 def linear_probe_accuracy(
     features: Tensor,
     labels: Tensor,
@@ -592,21 +547,6 @@ class RegressionProbeResult:
     train_r2: float
     n_train: int
     n_test: int
-
-
-def _standardised(features: Tensor, train_idx: Tensor, test_idx: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The training and held-out rows, standardised with the training part's mean and population std (the column
-    reductions are written out: ``Tensor.std(dim=0)`` is ~10x slower on CPU than a centred sum of squares)."""
-    flat = features.detach().reshape(features.shape[0], -1)
-    x_train, x_test = flat[train_idx].to(dtype), flat[test_idx].to(dtype)  # new tensors: safe to edit in place
-    if not all(_finite(part) for part in (x_train, x_test)):
-        raise ValueError("features contain NaN or infinite values.")
-    mean = x_train.mean(dim=0)
-    x_train -= mean
-    x_test -= mean
-    std = x_train.square().mean(dim=0).sqrt_()
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    return x_train / std, x_test / std
 
 
 def linear_probe_r2(
