@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_interp._logging import log_image, logging_step
+from lightning_interp._logging import log_image, logging_step, to_numpy
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods import (
@@ -416,25 +416,12 @@ class _Pending(NamedTuple):
 def _to_host(
     numbers: dict[str, Tensor], pictures: dict[str, Tensor]
 ) -> tuple[dict[str, list[float]], dict[str, Tensor]]:
-    """Every tensor on the host in one transfer: all are packed (as float64) into one vector, copied once.
-
-    Returns each of ``numbers`` flattened to a list of floats and each of ``pictures`` as a host tensor of its own
-    shape and dtype (float64 holds every float32 and float64 value exactly).
-    """
-    tensors = [*numbers.values(), *pictures.values()]
-    if not tensors:
-        return {}, {}
-    device = tensors[0].device
-    packed = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]).cpu()
-    count = sum(t.numel() for t in numbers.values())
-    flat = packed[:count].tolist() if numbers else []
-    host: dict[str, list[float]] = {}
-    at = 0
-    for name, tensor in numbers.items():
-        host[name], at = flat[at : at + tensor.numel()], at + tensor.numel()
-    drawn: dict[str, Tensor] = {}
-    for name, tensor in pictures.items():
-        drawn[name], at = packed[at : at + tensor.numel()].view(tensor.shape).to(tensor.dtype), at + tensor.numel()
+    """Every tensor on the host in one copy (:func:`~lightning_interp._logging.to_numpy`): each of ``numbers``
+    flattened to a list of floats, each of ``pictures`` a host tensor of its own shape and dtype (float64 holds
+    every float32 and float64 value exactly)."""
+    arrays = to_numpy({**numbers, **pictures})
+    host = {name: arrays[name].reshape(-1).tolist() for name in numbers}
+    drawn = {name: torch.from_numpy(arrays[name]).to(tensor.dtype) for name, tensor in pictures.items()}
     return host, drawn
 
 
