@@ -603,6 +603,15 @@ class ConceptCallback(InterpCallback):
                 accuracy = float(accuracy_array)
                 base = f"interp_{self.name}/{concept}/{layer}"
                 scalars[f"{base}/cav_accuracy"] = accuracy
+                if math.isnan(accuracy):
+                    self._warn_once(
+                        f"nan {concept} {layer}",
+                        f"ConceptCallback: the activations of layer {layer!r} hold NaN or inf for concept {concept!r} "
+                        f"or its random examples at epoch {epoch}, so no CAV can be fitted: its cav_accuracy is "
+                        "logged as NaN and no TCAV score while this lasts",
+                    )
+                    bars[concept] = None
+                    continue
                 if accuracy < self.cav.min_accuracy:
                     self._warn_once(
                         f"chance {concept} {layer}",

@@ -14,6 +14,7 @@ from lightning_interp.methods.representation.concepts import (
     concept_activations,
     directional_derivatives,
     disjoint_random_sets,
+    fit_cavs,
     layer_gradients,
     tcav_from_activations,
     tcav_scores,
@@ -323,3 +324,19 @@ def test_layer_gradients_check_a_label_target_once_not_per_chunk():
     assert torch.equal(grads[0], grads[1])
     with pytest.raises(ValueError, match="target indices"):
         layer_gradients(net, x, ["1"], torch.arange(64) % 5, batch_size=4)
+
+
+def test_activations_with_nan_give_a_nan_cav_never_a_made_up_one():
+    """In a batch of CAVs, the pair whose activations hold NaN gets a NaN vector and accuracy; the others are the CAVs
+    they would be alone; compute_cav refuses such activations."""
+    g = _gen(8)
+    concept = torch.randn(12, 5, generator=g) + torch.tensor([4.0, 0, 0, 0, 0])
+    randoms = [torch.randn(12, 5, generator=g) for _ in range(2)]
+    broken = randoms[1].clone()
+    broken[3, 2] = float("nan")
+    vectors, accuracies = fit_cavs([(concept, randoms[0]), (concept, broken)], [0, 1])
+    alone = compute_cav(concept, randoms[0], seed=0)
+    assert torch.allclose(vectors[:, 0], alone.vector.double(), atol=1e-6) and accuracies[0] == alone.accuracy
+    assert vectors[:, 1].isnan().all() and accuracies[1].isnan()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        compute_cav(concept, broken)

@@ -234,7 +234,10 @@ def compute_cav(
         raise ValueError(f"l2 must be a finite number >= 0, got {l2}.")
     dtype = torch.float64 if concept_acts.dtype == torch.float64 else torch.float32
     vectors, accuracies = fit_cavs([(concept_acts, random_acts)], [seed], test_fraction=test_fraction, l2=l2)
-    return CAV(vector=vectors[:, 0].to(dtype), accuracy=float(accuracies[0]))
+    accuracy = float(accuracies[0])
+    if math.isnan(accuracy):
+        raise ValueError("The activations contain NaN or infinite values; no CAV can be fitted.")
+    return CAV(vector=vectors[:, 0].to(dtype), accuracy=accuracy)
 
 
 def fit_cavs(
@@ -252,7 +255,7 @@ def fit_cavs(
     regression (mean cross-entropy + l2 / 4 ||normal||^2, the two-class softmax's penalty; bias unpenalised) solved
     by ``steps`` Newton steps in the span of the training examples (kernel form: an (n + 1) x (n + 1) system per CAV,
     n training examples), each step's length chosen on the
-    same sizes are fit in one batch.
+    same sizes are fit in one batch. A pair whose activations hold NaN or inf gets a NaN vector and accuracy.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -315,7 +318,10 @@ def _fit_cav_batch(
     normal = (x_train.mT @ coefficients[..., None])[..., 0]  # (M, D) in standardised units
     vector = torch.where(std[:, 0] > 0, normal * scale[:, 0], 0)  # back to the raw activations: w / sigma
     norm = vector.norm(dim=1, keepdim=True)
-    return torch.where(norm > 0, vector / torch.where(norm > 0, norm, 1), vector), accuracy
+    vector = torch.where(norm > 0, vector / torch.where(norm > 0, norm, 1), vector)
+    finite = torch.isfinite(flat).flatten(1).all(dim=1)  # NaN or inf activations: NaN, never a made-up CAV
+    nan = torch.full((), float("nan"), dtype=vector.dtype, device=vector.device)
+    return torch.where(finite[:, None], vector, nan), torch.where(finite, accuracy, nan)
 
 
 def _kernel_logistic(kernel: Tensor, y: Tensor, penalty: float, steps: int) -> tuple[Tensor, Tensor]:
