@@ -42,11 +42,24 @@ MASK_KEYS = ("mask", "masks", "segmentation", "seg", "object_mask")
 
 @dataclass
 class ParsedBatch:
-    """A batch split into inputs, optional labels ((B,) or (B, K)) and optional (B, H, W) masks."""
+    """A batch split into inputs, optional labels ((B,) or (B, K)) and optional (B, H, W) masks; for a dict batch
+    also the key of the inputs and the batch's other per-sample tensors (``attention_mask``, ``token_type_ids``,
+    ...), the model's other inputs."""
 
     inputs: Tensor
     labels: Tensor | None = None
     masks: Tensor | None = None
+    extras: dict[str, Tensor] | None = None
+    input_key: str | None = None
+
+    def to_host(self) -> ParsedBatch:
+        """A copy with every tensor detached, on the CPU."""
+
+        def host(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value.detach().cpu().clone()
+
+        extras = None if self.extras is None else {name: host(value) for name, value in self.extras.items()}
+        return ParsedBatch(host(self.inputs), host(self.labels), host(self.masks), extras, self.input_key)  # type: ignore[arg-type]
 
 
 BatchParser = Callable[[Any], ParsedBatch | tuple]
@@ -163,14 +176,26 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
             _warn_about_mask_grid(batch[2:], inputs)
         return ParsedBatch(inputs, labels, masks)
     if isinstance(batch, Mapping):
-        inputs = next((batch[k] for k in INPUT_KEYS if isinstance(batch.get(k), Tensor)), None)
-        if inputs is not None:
+        key = next((k for k in INPUT_KEYS if isinstance(batch.get(k), Tensor)), None)
+        if key is not None:
+            inputs = batch[key]
             labels = next((batch[k] for k in LABEL_KEYS if _looks_like_labels(batch.get(k), inputs)), None)
             masks = next((m for m in (_as_mask(batch.get(k), inputs) for k in MASK_KEYS) if m is not None), None)
             given = next((k for k in MASK_KEYS if isinstance(batch.get(k), Tensor)), None)
             if masks is None and given is not None and inputs.ndim == 4:
                 _warn_about_mask_grid([batch[given]], inputs, f"batch[{given!r}]")
-            return ParsedBatch(inputs, labels, masks)
+            # the model's other inputs: every other per-sample tensor (the model's forward decides which it takes)
+            extras = {
+                str(k): v
+                for k, v in batch.items()
+                if k != key
+                and k not in LABEL_KEYS
+                and k not in MASK_KEYS
+                and isinstance(v, Tensor)
+                and v.ndim >= 1
+                and v.shape[0] == inputs.shape[0]
+            }
+            return ParsedBatch(inputs, labels, masks, extras or None, str(key))
     raise TypeError(
         f"Cannot find the inputs in a batch of the form: {_describe(batch)}. Understood forms are a tensor, "
         f"(inputs, labels, ...) tuples and dicts with an input key {INPUT_KEYS}. "
@@ -200,11 +225,20 @@ class ProbeSet:
             signal inputs: which tokens, features or time steps hold the evidence): boolean, integer (non-zero is
             inside) or float (above 0.5 is inside).
         indices: optional (N,) dataset indices of the samples (set by the draws from a dataloader).
+        extras: the model's other inputs, by keyword, each (N, ...): a dict batch's ``attention_mask``,
+            ``token_type_ids``, ... (set by the draws from dict batches). The callbacks pass the ones the model's
+            ``forward`` takes (see :func:`~lightning_interp.methods.keyword_inputs`) with every call.
+        input_key: the keyword of ``inputs`` in the model's ``forward`` (``"input_ids"``, ``"pixel_values"``):
+            the dict batch's key they came from.
 
     Example:
         >>> probe = ProbeSet(torch.zeros(4, 1, 8, 8), labels=torch.tensor([0, 1, 0, 1]))
         >>> len(probe), probe.has_labels, probe.has_masks
         (4, True, False)
+        >>> ids, mask = torch.tensor([[7, 8, 0], [9, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+        >>> text = ProbeSet(ids, extras={"attention_mask": mask}, input_key="input_ids")
+        >>> text.real_tokens().tolist()
+        [[True, True, False], [True, False, False]]
     """
 
     def __init__(
@@ -214,6 +248,8 @@ class ProbeSet:
         masks: Tensor | None = None,
         *,
         indices: Tensor | None = None,
+        extras: Mapping[str, Tensor] | None = None,
+        input_key: str | None = None,
     ) -> None:
         if not isinstance(inputs, Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
             shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
@@ -224,7 +260,16 @@ class ProbeSet:
             self.labels = None if labels is None else as_labels(torch.as_tensor(labels)).clone()
             self.masks = None if masks is None else torch.as_tensor(masks).detach().cpu().clone()
             self.indices = None if indices is None else torch.as_tensor(indices).detach().cpu().long().clone()
+            self.extras: dict[str, Tensor] = {
+                str(name): torch.as_tensor(value).detach().cpu().clone() for name, value in (extras or {}).items()
+            }
+        self.input_key = input_key
         self.source: object | None = None  # the ValidationScan that read the samples, if one did
+        wrong = {name: tuple(value.shape) for name, value in self.extras.items() if value.shape[:1] != (count,)}
+        if wrong:
+            raise ValueError(f"extras must hold one row per sample ({count}), got shapes {wrong}.")
+        if input_key is not None and not isinstance(input_key, str):
+            raise TypeError(f"input_key must be a string or None, got {type(input_key).__name__}.")
         if self.indices is not None and self.indices.shape != (count,):
             raise ValueError(f"indices must have shape ({count},), got {tuple(self.indices.shape)}.")
         if self.labels is not None and (self.labels.ndim not in (1, 2) or self.labels.shape[0] != count):
@@ -265,12 +310,37 @@ class ProbeSet:
 
     def subset(self, count: int) -> ProbeSet:
         """The first ``count`` samples as a new probe set."""
-        return ProbeSet(
-            self.inputs[:count],
-            None if self.labels is None else self.labels[:count],
-            None if self.masks is None else self.masks[:count],
-            indices=None if self.indices is None else self.indices[:count],
+        return self.take(slice(0, count))
+
+    def take(self, rows: slice | Tensor | list[int]) -> ProbeSet:
+        """The samples at ``rows`` (a slice or row indices), with their labels, masks and other inputs.
+
+        Example:
+            >>> ProbeSet(torch.arange(6.0).reshape(3, 2), torch.tensor([0, 1, 2])).take([2, 0]).labels.tolist()
+            [2, 0]
+        """
+        index = torch.as_tensor(rows, dtype=torch.long) if isinstance(rows, list) else rows
+        probe = ProbeSet(
+            self.inputs[index],
+            None if self.labels is None else self.labels[index],
+            None if self.masks is None else self.masks[index],
+            indices=None if self.indices is None else self.indices[index],
+            extras={name: value[index] for name, value in self.extras.items()},
+            input_key=self.input_key,
         )
+        probe.source = self.source
+        return probe
+
+    def real_tokens(self, pad_id: int | None = None) -> Tensor | None:
+        """(N, T) bool, True at the tokens that are not padding, for token-id inputs (integer (N, T)): the
+        ``attention_mask`` among the model's other inputs where there is one, else the ids that are not
+        ``pad_id``; None for other inputs, or when neither says (every token is real)."""
+        if self.inputs.ndim != 2 or self.inputs.is_floating_point():
+            return None
+        mask = self.extras.get("attention_mask")
+        if mask is not None and mask.shape == self.inputs.shape:
+            return mask != 0
+        return None if pad_id is None else self.inputs != pad_id
 
     def fingerprint(self) -> Tensor:
         """Per-sample (sum, sum of squares) of the inputs in float64: (N, 2), cheap to store and to compare.
@@ -299,7 +369,10 @@ class ProbeSet:
         """
         if by_index and self.indices is not None:
             return {"indices": self.indices, "fingerprint": self.fingerprint(), "labels": self.labels}
-        return {"inputs": self.inputs, "labels": self.labels, "masks": self.masks, "indices": self.indices}
+        state = {"inputs": self.inputs, "labels": self.labels, "masks": self.masks, "indices": self.indices}
+        if self.extras or self.input_key is not None:
+            state.update(extras=dict(self.extras), input_key=self.input_key)
+        return state
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> ProbeSet:
@@ -310,7 +383,14 @@ class ProbeSet:
                 "This probe state holds dataset indices, not samples: re-read them with "
                 "ValidationScan.load(state['indices']) and check them with ProbeSet.matches(state['fingerprint'])."
             )
-        return cls(inputs, state.get("labels"), state.get("masks"), indices=state.get("indices"))
+        return cls(
+            inputs,
+            state.get("labels"),
+            state.get("masks"),
+            indices=state.get("indices"),
+            extras=state.get("extras"),
+            input_key=state.get("input_key"),
+        )
 
     @classmethod
     def from_batches(
@@ -341,20 +421,20 @@ class ProbeSet:
         held = 0
         for batch in batches:
             parsed = parse_batch(batch, batch_parser)
-            parts.append(ParsedBatch(*(None if t is None else t.detach().cpu() for t in vars(parsed).values())))
+            parts.append(parsed.to_host())
             held += parsed.inputs.shape[0]
             if held >= pool_factor * num_samples or (held >= num_samples and not stratify):
                 break
         if not parts:
             raise ValueError("The dataloader yielded no batches, so there is nothing to draw probe samples from.")
-        inputs = torch.cat([p.inputs for p in parts])
-        labels = torch.cat([as_labels(p.labels) for p in parts]) if all(p.labels is not None for p in parts) else None
-        masks = torch.cat([p.masks for p in parts]) if all(p.masks is not None for p in parts) else None
+        rows = [_sample(p, row) for p in parts for row in range(p.inputs.shape[0])]
+        probe = _probe_of(rows, parts[0].input_key)
+        labels = probe.labels
         if labels is not None and stratify:
             chosen = _stratified_indices(labels, num_samples)
         else:
-            chosen = torch.arange(min(num_samples, inputs.shape[0]))
-        return cls(inputs[chosen], None if labels is None else labels[chosen], None if masks is None else masks[chosen])
+            chosen = torch.arange(min(num_samples, len(probe)))
+        return probe.take(chosen)
 
     @classmethod
     def from_dataloader(
@@ -597,7 +677,8 @@ class ValidationScan:
         self.num_workers = loader.num_workers
         self.batch_parser = batch_parser
         self.indices = sampled_indices(loader, limit_batches)
-        self._samples: dict[int, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+        self._samples: dict[int, _Sample] = {}
+        self._input_key: str | None = None
         listed = None if batch_parser is not None else dataset_labels(self.dataset)
         if listed is not None:
             self.labels: Tensor | None = listed[self.indices]
@@ -630,10 +711,7 @@ class ValidationScan:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             self._remember(chunk, self.collate_fn([self.dataset[i] for i in chunk]))
-        parts = [self._samples[i] for i in wanted]
-        labels = None if any(p[1] is None for p in parts) else torch.stack([p[1] for p in parts])  # type: ignore[misc]
-        masks = None if any(p[2] is None for p in parts) else torch.stack([p[2] for p in parts])  # type: ignore[misc]
-        probe = ProbeSet(torch.stack([p[0] for p in parts]), labels, masks, indices=torch.tensor(wanted))
+        probe = _probe_of([self._samples[i] for i in wanted], self._input_key, indices=torch.tensor(wanted))
         probe.source = self  # samples with the same index in probe sets of one scan are the same sample
         return probe
 
@@ -644,12 +722,9 @@ class ValidationScan:
                 f"A batch of {len(chunk)} samples parsed into {parsed.inputs.shape[0]} inputs; the batch_parser must "
                 "return one input per sample."
             )
+        self._input_key = parsed.input_key
         for row, index in enumerate(chunk):
-            self._samples[index] = (
-                parsed.inputs[row].detach().cpu().clone(),
-                None if parsed.labels is None else as_labels(parsed.labels[row : row + 1])[0].clone(),
-                None if parsed.masks is None else parsed.masks[row].detach().cpu().clone(),
-            )
+            self._samples[index] = _sample(parsed, row)
         return parsed
 
     def _label_pass(self) -> Tensor | None:
@@ -674,6 +749,60 @@ class ValidationScan:
                     return None
                 labels.append(as_labels(parsed.labels))
         return torch.cat(labels) if labels else None
+
+
+_Sample = tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor]]
+"""One sample of a parsed batch: inputs, label, mask and the model's other inputs, on the CPU."""
+
+
+def _sample(parsed: ParsedBatch, row: int) -> _Sample:
+    return (
+        parsed.inputs[row].detach().cpu().clone(),
+        None if parsed.labels is None else as_labels(parsed.labels[row : row + 1])[0].clone(),
+        None if parsed.masks is None else parsed.masks[row].detach().cpu().clone(),
+        {name: value[row].detach().cpu().clone() for name, value in (parsed.extras or {}).items()},
+    )
+
+
+def _probe_of(samples: list[_Sample], input_key: str | None, *, indices: Tensor | None = None) -> ProbeSet:
+    """A probe set of single samples. Token samples padded per batch to different lengths (a dynamic-padding
+    collate) are padded on the right to the longest, with the attention mask (and every other input of the
+    same length) set to zero there, so the model sees what it saw in its batch."""
+    names = set(samples[0][3])
+    if any(set(sample[3]) != names for sample in samples):
+        raise ValueError("The probe samples carry different model inputs (batch keys); every batch needs the same.")
+    lengths = {sample[0].shape for sample in samples}
+    if len(lengths) > 1:
+        _check_paddable(samples, lengths)
+    longest = max(sample[0].shape[-1] for sample in samples)
+    inputs = torch.stack([_padded(sample[0], longest) for sample in samples])
+    labels = None if any(s[1] is None for s in samples) else torch.stack([s[1] for s in samples])  # type: ignore[misc]
+    masks = None if any(s[2] is None for s in samples) else torch.stack([s[2] for s in samples])  # type: ignore[misc]
+    extras = {
+        name: torch.stack([_padded(s[3][name], longest, s[0].shape[-1]) for s in samples]) for name in sorted(names)
+    }
+    return ProbeSet(inputs, labels, masks, indices=indices, extras=extras, input_key=input_key)
+
+
+def _check_paddable(samples: list[_Sample], lengths: set[torch.Size]) -> None:
+    first = samples[0]
+    tokens = all(s[0].ndim == 1 and not s[0].is_floating_point() for s in samples)
+    if not tokens or "attention_mask" not in first[3] or any(s[2] is not None for s in samples):
+        raise ValueError(
+            f"The probe samples have different shapes ({sorted(tuple(shape) for shape in lengths)[:4]}), as batches "
+            "padded to their own longest sample give. Token ids are padded to one length only with an "
+            "'attention_mask' in the batches (so the model ignores the padding); otherwise pad every sample to one "
+            "length in the dataset or the collate function, or give probe=ProbeSet(...)."
+        )
+
+
+def _padded(value: Tensor, length: int, own: int | None = None) -> Tensor:
+    """``value`` padded with zeros on the right to ``length`` along its last dimension when that dimension is the
+    sample's token length ``own`` (or ``own`` is None: the ids themselves)."""
+    size = value.shape[-1] if value.ndim else None
+    if size is None or size == length or (own is not None and size != own):
+        return value
+    return torch.nn.functional.pad(value, (0, length - size))
 
 
 def labels_of_the_data(probe: ProbeSet) -> Tensor | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -30,9 +30,11 @@ from lightning_interp._logging import (
 from lightning_interp.callbacks._checks import check_arguments, refuse_moved_arguments
 from lightning_interp.callbacks._context import active_context, end_run, join_run
 from lightning_interp.methods import (
+    BoundInputs,
     ForwardWith,
     ModelTrace,
     find_target_layer,
+    keyword_inputs,
     trace_model,
 )
 from lightning_interp.options import DataDescription, Display
@@ -134,6 +136,9 @@ class InterpCallback(Callback):
             )
         self.forward_fn = forward_fn
         self._wrapper: ForwardWith | None = None
+        self._call: ModelCall | None = None  # how the model takes the probe's other inputs (dict batches)
+        self._model_pad_id: int | None = None  # the model's own padding id (a HuggingFace config's)
+        self._views: dict[int, tuple[ProbeSet, BoundInputs]] = {}
         self.probe: ProbeSet | None = probe
         self._given_probe = probe is not None  # a user's probe is kept across fits; a drawn one is redrawn
         self._runs = 0
@@ -159,6 +164,17 @@ class InterpCallback(Callback):
         if self._given_data is not None:
             return self._given_data
         return self._data if self._data is not None else _NO_DESCRIPTION
+
+    @property
+    def pad_id(self) -> int | None:
+        """The padding id of token inputs: the data description's, else the model's own (a HuggingFace config's
+        ``pad_token_id``), found at fit start."""
+        return self.data.pad_id if self.data.pad_id is not None else self._model_pad_id
+
+    def _shown_inputs(self, probe: ProbeSet) -> Tensor:
+        """The probe inputs as the pictures show them: token ids with -1 at the padding (hidden)."""
+        real = probe.real_tokens(self.pad_id)
+        return probe.inputs if real is None else probe.inputs.masked_fill(~real, -1)
 
     @property
     def batch_parser(self) -> BatchParser | None:
@@ -406,17 +422,75 @@ class InterpCallback(Callback):
             self._get_ready(trainer, pl_module, self.probe)
         return True
 
-    def _explained(self, pl_module: pl.LightningModule) -> pl.LightningModule:
-        """The module the methods call: ``pl_module``, or with ``forward_fn`` a view that calls it that way."""
+    def _explained(self, pl_module: nn.Module, rows: ProbeSet | None = None) -> pl.LightningModule:
+        """The module the methods call on the inputs of ``rows`` (default: the probe set): ``pl_module`` called as
+        the data loader feeds it, with the other model inputs of those samples (a dict batch's ``attention_mask``,
+        ...) where its ``forward`` takes them, or through ``forward_fn``. ``pl_module`` may be such a view already:
+        without ``rows`` it is returned as it is, with ``rows`` it is bound to those."""
+        if rows is None and isinstance(pl_module, ForwardWith):
+            return pl_module  # type: ignore[return-value]
+        model = unwrapped(pl_module)
+        rows = self.probe if rows is None else rows
+        call = self._call
+        if rows is not None and call is not None and call.keys:
+            cached = self._views.get(id(rows))
+            if cached is not None and cached[0] is rows and cached[1].model is model:
+                return cached[1]  # type: ignore[return-value]
+            missing = [key for key in call.keys if key not in rows.extras]
+            if missing:
+                raise ValueError(
+                    f"{type(self).__name__}: these samples lack the model inputs {missing} that the probe samples "
+                    "carry and the model takes; give every set of samples (probe, concepts) the same batch keys."
+                )
+            extras = {key: rows.extras[key].to(_device_of(model)) for key in call.keys}
+            view = BoundInputs(model, extras, input_key=call.input_key, forward_fn=self.forward_fn)
+            self._views = {id(rows): (rows, view)}  # the last rows' view: the probe's, reused every epoch
+            return view  # type: ignore[return-value]
+        if call is not None and call.input_key is not None:
+            return BoundInputs(model, {}, input_key=call.input_key)  # type: ignore[return-value]
         if self.forward_fn is None:
-            return pl_module
-        if self._wrapper is None or self._wrapper.model is not pl_module:
-            self._wrapper = ForwardWith(pl_module, self.forward_fn)
+            return model  # type: ignore[return-value]
+        if self._wrapper is None or self._wrapper.model is not model:
+            self._wrapper = ForwardWith(model, self.forward_fn)
         return self._wrapper  # type: ignore[return-value]
+
+    def _model_call(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> ModelCall | None:
+        """How the model is called on the probe samples, decided from the signature of its ``forward`` (or of
+        ``forward_fn``) and the batch's keys, as HuggingFace's ``Trainer`` does; a batch key the model never
+        receives that looks like a mask is said before training (once per run)."""
+        if not probe.extras and probe.input_key is None:
+            return None
+        offered = list(probe.extras)
+        if self.forward_fn is not None:
+            keys = keyword_inputs(self.forward_fn, offered, skip=2)
+            input_key = None
+        else:
+            keys = keyword_inputs(pl_module.forward, offered)
+            named = probe.input_key is not None and keyword_inputs(pl_module.forward, [probe.input_key])
+            input_key = probe.input_key if named else None
+        left = [key for key in offered if key not in keys]
+        masks = [key for key in left if "mask" in key or key in ("token_type_ids", "position_ids")]
+        context = active_context(trainer)
+        note = f"unreceived {sorted(masks)}"
+        if masks and (context is None or note not in context.notes):
+            if context is not None:
+                context.notes.add(note)
+            how = "forward_fn(model, inputs)" if self.forward_fn is not None else f"{type(pl_module).__name__}.forward"
+            rank_zero_warn(
+                f"lightning-interp: the validation batches carry {', '.join(repr(k) for k in masks)}, but "
+                f"{how} takes no argument of that name, so the callbacks call the model without it (padding would "
+                "be attended, and the maps would explain another computation than validation's). Name the "
+                "argument in forward (e.g. forward(self, input_ids, attention_mask=None)), or give forward_fn=lambda "
+                "model, inputs, attention_mask: ... a parameter of that name: it receives the samples' values."
+            )
+        return ModelCall(input_key, tuple(keys))
 
     def _get_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Check the model, prepare, and try the computation on two samples: every mistake surfaces now."""
-        pl_module = self._explained(pl_module)
+        self._call = self._model_call(trainer, pl_module, probe)
+        self._views = {}
+        self._model_pad_id = model_pad_id(pl_module)
+        pl_module = self._explained(pl_module, probe)
         _check_finite_inputs(self, probe)
         self._check_model(pl_module)  # again: a model built in configure_model() has its layers only now
         context = active_context(trainer)
@@ -558,8 +632,18 @@ class InterpCallback(Callback):
         self.probe = None
 
     def _trace(self, trainer: pl.Trainer, model: nn.Module, example: Tensor) -> ModelTrace:
-        """The run's one dry-forward trace of ``model`` for inputs like ``example`` (shared by the callbacks)."""
-        key = (id(unwrapped(model)), id(self.forward_fn), tuple(example.shape[1:]), example.dtype, example.device)
+        """The run's one dry-forward trace of ``model`` for inputs like ``example`` (shared by the callbacks): the
+        first probe sample, with its other model inputs."""
+        model = first_rows(model, example.shape[0])
+        extras = tuple(model.extras) if isinstance(model, BoundInputs) else ()
+        key = (
+            id(unwrapped(model)),
+            id(self.forward_fn),
+            extras,
+            tuple(example.shape[1:]),
+            example.dtype,
+            example.device,
+        )
         return self._shared(trainer, "traces", key, lambda: self._traced(model, example))
 
     def _traced(self, model: nn.Module, example: Tensor) -> ModelTrace:
@@ -614,7 +698,7 @@ class InterpCallback(Callback):
         two = self._device_inputs(trainer, pl_module, probe.inputs[:2]).to(example.dtype)
         with self._model_context(trainer):
             return find_target_layer(
-                pl_module,
+                first_rows(pl_module, two.shape[0]),
                 two,
                 trace=self._trace(trainer, pl_module, example),
                 target=None if target is None else target[:2].to(two.device),
@@ -749,6 +833,40 @@ def _check_finite_inputs(callback: Callback, probe: ProbeSet) -> None:
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model itself, also when seen through ``forward_fn`` (:class:`ForwardWith`)."""
     return model.model if isinstance(model, ForwardWith) else model
+
+
+def first_rows(model: nn.Module, count: int) -> nn.Module:
+    """``model`` (a view bound to some samples' other inputs, or not) for the first ``count`` of those samples."""
+    if isinstance(model, BoundInputs) and model.samples not in (None, count):
+        return model.rows(slice(0, count))
+    return model
+
+
+
+
+def model_pad_id(model: nn.Module) -> int | None:
+    """The padding token id a HuggingFace model's config names (``config.pad_token_id``), or None."""
+    for module in model.modules():
+        pad = getattr(getattr(module, "config", None), "pad_token_id", None)
+        if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0:
+            return pad
+    return None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    if parameter is not None:
+        return parameter.device
+    return getattr(model, "device", torch.device("cpu"))
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """How the callbacks call the model on probe inputs from dict batches: the keyword of the inputs (None:
+    positionally) and the batch keys passed along with them."""
+
+    input_key: str | None
+    keys: tuple[str, ...]
 
 
 def _builds_in_configure_model(pl_module: pl.LightningModule) -> bool:

@@ -72,9 +72,7 @@ class RunContext:
         if key in self.stream_seen or sum(part.inputs.shape[0] for part in self.stream) >= wanted:
             return
         self.stream_seen.add(key)
-        self.stream.append(
-            ParsedBatch(*(None if value is None else value.detach().cpu().clone() for value in vars(batch).values()))
-        )
+        self.stream.append(batch.to_host())
 
     def host_copy(self, inputs: Tensor, device: torch.device) -> Tensor:
         """``inputs`` in pinned host memory when they go to a CUDA device (fast, asynchronous copies), else as is."""

@@ -23,6 +23,7 @@ from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, 
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     METHODS,
+    BoundInputs,
     OutputTransform,
     TaskOption,
     check_method_options,
@@ -165,10 +166,6 @@ class MapCallback(InterpCallback):
         return self.data.decode
 
     @property
-    def pad_id(self) -> int | None:
-        return self.data.pad_id
-
-    @property
     def feature_names(self) -> tuple[str, ...] | None:
         return self.data.feature_names  # type: ignore[return-value]
 
@@ -266,7 +263,7 @@ class MapCallback(InterpCallback):
         sample = probe.subset(min(2, len(probe)))
         inputs = self._probe_inputs(trainer, pl_module, sample)
         with self._model_context(trainer):
-            result = self._explain(pl_module, inputs, self._target_for(sample, inputs.device))
+            result = self._explain(self._explained(pl_module, sample), inputs, self._target_for(sample, inputs.device))
         for key, maps in result.maps.items():
             if maps.shape[0] != len(sample) or maps.ndim not in (2, 3):
                 raise RuntimeError(f"{type(self).__name__}: the maps of {key!r} have shape {tuple(maps.shape)}.")
@@ -301,7 +298,7 @@ class MapCallback(InterpCallback):
             and (self.evolution_columns > 0)
         ):
             history, step = list(self._history), self._summary_step(trainer)
-            inputs = self.probe.inputs[self._evolution_indices()]
+            inputs = self._shown_inputs(self.probe)[self._evolution_indices()]
             for key in self._history[-1][1]:
                 tag = f"interp_{self.name}/{key}/evolution"
 
@@ -381,7 +378,7 @@ class MapCallback(InterpCallback):
         device_parts |= {"scores": result.scores[:shown].float(), "target": result.target[:shown].float()}
         host = to_host(device_parts)  # one copy to the host for the whole picture and the evolution strip
         picture = _GridData(
-            inputs=probe.inputs[:shown],
+            inputs=self._shown_inputs(probe)[:shown],
             labels=None if probe.labels is None or not self._labels_fit else probe.labels[:shown],
             maps={key: host[f"map {key}"] for key in maps},
             scores=host["scores"],
@@ -400,8 +397,7 @@ class MapCallback(InterpCallback):
         """Per-map scores as 0-dim tensors where the maps are (the caller brings them to the host at once)."""
         values: dict[str, Tensor] = {}
         masks = None
-        padded = self.pad_id is not None and is_token_input(probe.inputs)
-        real = (probe.inputs != self.pad_id) if padded else None  # token maps are scored over the real tokens
+        real = probe.real_tokens(self.pad_id)  # token maps are scored over the real tokens
         for key, value in maps.items():
             prefix = f"interp_{self.name}/{key}"
             positive = value.clamp_min(0) if key in signed else value
@@ -523,6 +519,16 @@ class MapCallback(InterpCallback):
     def _token_strings(self, ids: Tensor) -> list[list[str | None]]:
         """Each token id of ``ids`` (N, T) as its string (``vocabulary``, ``decode`` or the id); padding as None."""
         return token_strings(ids, vocabulary=self.vocabulary, decode=self.decode, pad_id=self.pad_id)
+
+    def _real_tokens(self, model: nn.Module, ids: Tensor) -> Tensor | None:
+        """(B, T) bool, True at the real tokens of token-id ``ids`` (on their device): the attention mask the model
+        receives with them, else the ids that are not the padding id; None for other inputs or when nothing says."""
+        if not is_token_input(ids):
+            return None
+        mask = model.extras.get("attention_mask") if isinstance(model, BoundInputs) else None
+        if mask is not None and mask.shape == ids.shape:
+            return mask != 0
+        return None if self.pad_id is None else ids != self.pad_id
 
     def _evolution_maps(self, maps: dict[str, Tensor]) -> dict[str, Tensor]:
         """The evolution strip's samples of each map, shrunk where the maps are (none when the strip is off)."""
@@ -725,7 +731,7 @@ def token_strings(
             return vocabulary[token] if 0 <= token < len(vocabulary) else f"<{token}?>"
         return str(token)
 
-    return [[None if token == pad_id else text(token) for token in row] for row in ids.tolist()]
+    return [[None if token == pad_id or token < 0 else text(token) for token in row] for row in ids.tolist()]
 
 
 def grid_parts(tag: str, count: int, rows_per_image: int | None) -> list[tuple[str, range]]:

@@ -106,9 +106,16 @@ class RepresentationCallback(InterpCallback):
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Capture the layers on a few probe samples, as a run would."""
-        inputs = self._probe_inputs(trainer, pl_module, probe.subset(min(4, len(probe))))
+        sample = probe.subset(min(4, len(probe)))
+        inputs = self._probe_inputs(trainer, pl_module, sample)
         with self._model_context(trainer):
-            capture_features(pl_module, inputs, self.layers, max_features=self.max_features, batch_size=self._chunk)
+            capture_features(
+                self._explained(pl_module, sample),
+                inputs,
+                self.layers,
+                max_features=self.max_features,
+                batch_size=self._chunk,
+            )
 
     def _features(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, shared: bool = True
@@ -130,6 +137,7 @@ class RepresentationCallback(InterpCallback):
                 for callback in trainer.callbacks
                 if isinstance(callback, RepresentationCallback)
                 and callback.forward_fn is self.forward_fn  # called the same way: one forward serves them all
+                and callback._call == self._call
                 and callback._prepared
                 and callback.probe is not None
                 and callback._is_due(trainer)
@@ -156,7 +164,7 @@ class RepresentationCallback(InterpCallback):
         """One pass over the union of the peers' probe samples; each peer's layers, bounds and rows."""
         probes = [peer.probe for peer in peers]
         assert all(probe is not None for probe in probes)
-        shapes = {(tuple(p.inputs.shape[1:]), p.inputs.dtype) for p in probes}  # type: ignore[union-attr]
+        shapes = {_form(p) for p in probes}  # type: ignore[arg-type]
         if len(peers) == 1 or len(shapes) != 1:  # nothing to share (or samples of different forms)
             return {id(peer): peer._own_features(trainer, pl_module) for peer in peers}
         context = active_context(trainer)
@@ -165,7 +173,8 @@ class RepresentationCallback(InterpCallback):
         if union_key not in context.unions:
             context.unions[union_key] = _union_of_probes(peers)
         union, rows = context.unions[union_key]
-        inputs = self._device_inputs(trainer, pl_module, union)
+        inputs = self._device_inputs(trainer, pl_module, union.inputs)
+        pl_module = self._explained(pl_module, union)
         requests: dict[str, list[int | None]] = {}
         for peer in peers:
             for layer in peer.layers:
@@ -191,11 +200,18 @@ class RepresentationCallback(InterpCallback):
             self.layers = list(state_dict["layers"])
 
 
-def _union_of_probes(peers: list[RepresentationCallback]) -> tuple[Tensor, dict[int, Tensor]]:
+def _form(probe: ProbeSet) -> tuple:
+    """What must agree for samples of several probe sets to share one forward: their inputs' and other model
+    inputs' shapes and dtypes."""
+    extras = tuple((name, tuple(value.shape[1:]), value.dtype) for name, value in sorted(probe.extras.items()))
+    return tuple(probe.inputs.shape[1:]), probe.inputs.dtype, probe.input_key, extras
+
+
+def _union_of_probes(peers: list[RepresentationCallback]) -> tuple[ProbeSet, dict[int, Tensor]]:
     """The distinct samples of the peers' probe sets (a sample drawn by one scan is the same at the same index)
-    stacked once, and each peer's rows in that stack."""
+    as one probe set, and each peer's rows in it."""
     position: dict[tuple[int, int], int] = {}
-    samples: list[Tensor] = []
+    samples: list[tuple[ProbeSet, int]] = []
     rows: dict[int, Tensor] = {}
     for peer in peers:
         probe = peer.probe
@@ -208,7 +224,13 @@ def _union_of_probes(peers: list[RepresentationCallback]) -> tuple[Tensor, dict[
         for row, key in enumerate(keys):
             if key not in position:
                 position[key] = len(samples)
-                samples.append(probe.inputs[row])
+                samples.append((probe, row))
             picked.append(position[key])
         rows[id(peer)] = torch.tensor(picked, dtype=torch.long)
-    return torch.stack(samples), rows
+    first = samples[0][0]
+    union = ProbeSet(
+        torch.stack([probe.inputs[row] for probe, row in samples]),
+        extras={name: torch.stack([probe.extras[name][row] for probe, row in samples]) for name in first.extras},
+        input_key=first.input_key,
+    )
+    return union, rows

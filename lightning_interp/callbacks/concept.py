@@ -389,6 +389,13 @@ class ConceptCallback(InterpCallback):
         return probe.inputs if self.random_examples is None else self.random_examples
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
+        if self._call is not None and self._call.keys:
+            raise ValueError(
+                f"ConceptCallback: the model takes {list(self._call.keys)} from the validation batches besides the "
+                "inputs, but concept examples are bare input tensors that carry none. Pass forward_fn=lambda model, "
+                "inputs: ... that makes them from the inputs (e.g. attention_mask=(ids != pad_id)), so probe "
+                "samples and concept examples are called the same way."
+            )
         trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
         self._chunk = forward_chunk_size(trace, pl_module.device)
         for layer in self.layers:
@@ -487,7 +494,14 @@ class ConceptCallback(InterpCallback):
         first = next(iter(self.concepts.values()))[:2]
         bank = self._as_probe_dtype(torch.cat([first, self._pool(probe)[:2]]), probe)
         with self._model_context(trainer):
-            layer_gradients(pl_module, inputs, self.layers, labels, batch_size=self._gradient_chunk, task=self._task)
+            layer_gradients(
+                self._explained(pl_module, small),
+                inputs,
+                self.layers,
+                labels,
+                batch_size=self._gradient_chunk,
+                task=self._task,
+            )
             acts = concept_activations(
                 pl_module, self._device_inputs(trainer, pl_module, bank), self.layers, batch_size=self._chunk
             )

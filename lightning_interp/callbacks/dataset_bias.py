@@ -27,6 +27,7 @@ from lightning_interp.methods import (
     class_balance,
     class_labels,
     eager_forward,
+    for_rows,
     get_module,
     label_kind,
     modes_preserved,
@@ -242,9 +243,10 @@ class DatasetBiasCallback(ValidationOutputsCallback):
                 f"DatasetBiasCallback(methods=...) explains each sample for its class; the validation batches "
                 f"carry {kind} labels, not class indices or one-hot rows. Leave methods=None for this data."
             )
+        sample = probe.subset(min(2, len(probe)))
         with torch.no_grad(), modes_preserved(pl_module), eager_forward(), self._model_context(trainer):
-            two = self._probe_inputs(trainer, pl_module, probe.subset(min(2, len(probe))))
-            width = scores_from_output(pl_module(two), self.output_transform).shape[1]
+            two = self._probe_inputs(trainer, pl_module, sample)
+            width = scores_from_output(self._explained(pl_module, sample)(two), self.output_transform).shape[1]
         if width < 2:
             raise ValueError(
                 "DatasetBiasCallback(methods=...) explains each sample for its own class and needs one score per "
@@ -274,17 +276,18 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         once: given back at the next run, it is not read again).
         """
         assert probe.labels is not None
-        model = self._explained(pl_module)
+        model = self._explained(pl_module, probe)
         explainer = self.explainer()
         maps = []
         for chunk, start in enumerate(range(0, len(probe), 64)):
             inputs = self._device_inputs(trainer, pl_module, probe.inputs[start : start + 64])
+            bound = for_rows(model, slice(start, start + 64))
             if targets is not None and chunk < len(targets):
                 target = targets[chunk]
             else:  # the host labels: their check reads no value back from the device
                 target = class_labels(probe.labels[start : start + 64], "multiclass")
             with self._model_context(trainer):
-                explained = explainer(model, inputs, target)
+                explained = explainer(bound, inputs, target)
             if targets is not None:
                 targets[chunk : chunk + 1] = [explained.target]
             maps.append(explained.maps()[explainer.keys[0]].detach())

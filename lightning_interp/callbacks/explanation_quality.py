@@ -363,9 +363,10 @@ class ExplanationQualityCallback(InterpCallback):
                 "ExplanationQualityCallback removes and adds pixels of images (N, C, H, W); the validation inputs "
                 f"are {tuple(probe.inputs.shape)}."
             )
+        sample = probe.subset(min(2, len(probe)))
         with torch.no_grad(), modes_preserved(pl_module), eager_forward(), self._model_context(trainer):
-            two = self._probe_inputs(trainer, pl_module, probe.subset(min(2, len(probe))))
-            width = scores_from_output(pl_module(two), self.output_transform).shape[1]
+            two = self._probe_inputs(trainer, pl_module, sample)
+            width = scores_from_output(self._explained(pl_module, sample)(two), self.output_transform).shape[1]
         self._output_task = infer_task(width, probe.labels, self.task)
         self._width = width
         self._fixed_targets = None
@@ -387,6 +388,7 @@ class ExplanationQualityCallback(InterpCallback):
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         two = probe.subset(min(2, len(probe)))
         inputs = self._probe_inputs(trainer, pl_module, two)
+        pl_module = self._explained(pl_module, two)
         target = self._targets(trainer, pl_module, inputs, two)
         for method in self.methods:
             self._maps(trainer, pl_module, method, inputs, target)

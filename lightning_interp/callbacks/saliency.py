@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_interp.callbacks._base import first_rows
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._maps import Explanation, MapCallback, is_token_input
 from lightning_interp.methods import (
@@ -169,12 +170,13 @@ class SaliencyCallback(MapCallback):
                 f"{tuple(probe.inputs.shape)}: attribute to them directly with input_layer=None."
             )
         two = self._device_inputs(trainer, pl_module, probe.inputs[:2])
+        model = first_rows(pl_module, two.shape[0])
         if self.input_layer == "auto":
-            self._embedding = find_input_embedding(pl_module, two)
+            self._embedding = find_input_embedding(model, two)
         else:
             get_module(pl_module, self.input_layer)
             self._embedding = self.input_layer
-        embedded = layer_output(pl_module, self._embedding, two)
+        embedded = layer_output(model, self._embedding, two)
         if embedded.ndim != 3 or tuple(embedded.shape[:2]) != tuple(two.shape) or not embedded.is_floating_point():
             raise ValueError(
                 f"SaliencyCallback: the output of input_layer {plain_name(self._embedding)!r} has shape "
@@ -198,9 +200,13 @@ class SaliencyCallback(MapCallback):
                 "output of the embedding layer, one score per token."
             ) from error
 
-    def _attributed(self, pl_module: pl.LightningModule, inputs: Tensor) -> tuple[Any, Tensor, Tensor | None]:
+    def _attributed(
+        self, pl_module: pl.LightningModule, inputs: Tensor, real: Tensor | None
+    ) -> tuple[Any, Tensor, Tensor | None]:
         """The model and inputs the methods explain: ``pl_module`` on ``inputs``, or with ``input_layer`` the model
-        as a function of its embedding output, on the embeddings; and the padding baseline there (or None)."""
+        as a function of its embedding output, on the embeddings; and the baseline there (or None): the padding
+        token's embedding at the real tokens (``real``, (B, T) bool, or every token), the sample's own embedding
+        at its padding, which the path then leaves as it is."""
         if self._embedding is None:
             return pl_module, inputs, None
         module = get_module(pl_module, self._embedding)
@@ -213,17 +219,22 @@ class SaliencyCallback(MapCallback):
             else:  # a named layer may see more than the ids: take its output from the model's own forward
                 embedded = layer_output(pl_module, self._embedding, inputs)
                 if self.pad_id is not None:
-                    baseline = layer_output(pl_module, self._embedding, torch.full_like(inputs[:1], self.pad_id))
+                    first = first_rows(pl_module, 1)
+                    baseline = layer_output(first, self._embedding, torch.full_like(inputs[:1], self.pad_id))
                     baseline = baseline.expand_as(embedded)
+        if real is not None:
+            baseline = torch.zeros_like(embedded) if baseline is None else baseline
+            baseline = torch.where(real[..., None], baseline, embedded)
         return LayerInput(pl_module, self._embedding, inputs), embedded, baseline
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         ids = inputs
-        model, inputs, pad_baseline = self._attributed(pl_module, inputs)
+        real = self._real_tokens(pl_module, ids) if self._embedding is not None else None
+        model, inputs, pad_baseline = self._attributed(pl_module, inputs, real)
         result = self.explainer()(model, inputs, target, baseline=pad_baseline)
         attributions = result.attributions
         if self._embedding is not None:  # (B, T, D) at the embedding: a token's score is the sum over D
-            keep = ids != self.pad_id if self.pad_id is not None else torch.ones_like(ids, dtype=torch.bool)
+            keep = real if real is not None else torch.ones_like(ids, dtype=torch.bool)
             maps = {
                 key: token_scores(
                     value, keep, signed=self.channel_reduction == "sum", sensitivity=METHODS[key].sensitivity

@@ -193,7 +193,9 @@ class UncertaintyCallback(InterpCallback):
             )
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
-        inputs = self._probe_inputs(trainer, pl_module, probe.subset(min(2, len(probe))))
+        two = probe.subset(min(2, len(probe)))
+        pl_module = self._explained(pl_module, two)
+        inputs = self._probe_inputs(trainer, pl_module, two)
         if self.output_kind == "evidential":
             self._evidence(trainer, pl_module, inputs)  # refuses negative "evidence" before training
         else:
@@ -341,9 +343,10 @@ class UncertaintyCallback(InterpCallback):
     ) -> dict[str, float]:
         count = min(self.explain_samples, len(probe))
         picks = np.linspace(0, len(probe) - 1, count).round().astype(np.int64).tolist()  # spread: several classes
-        rows = ProbeSet(probe.inputs[picks], None if probe.labels is None else probe.labels[picks])
+        rows = probe.take(picks)
         target = predicted[torch.as_tensor(picks, device=predicted.device)]  # the class the figure shows as pred
         inputs = self._probe_inputs(trainer, pl_module, rows)
+        pl_module = self._explained(pl_module, rows)
         maps = self._maps(trainer, pl_module, method, inputs, passes=self.passes, target=target)
         mean, spread = maps.mean(dim=0), maps.std(dim=0)
         agreement = map_agreement(maps)

@@ -131,6 +131,7 @@ from lightning_interp.methods.model.core import (
     scores_from_output,
 )
 from lightning_interp.methods.model.embedding import LayerInput, find_input_embedding, layer_output, token_scores
+from lightning_interp.methods.model.inputs import BoundInputs, for_rows, keyword_inputs, real_tokens
 from lightning_interp.methods.model.layers import find_target_layer, layers_with_patch_gradient, spatial_layers
 from lightning_interp.methods.model.tasks import (
     TASKS,
@@ -272,6 +273,7 @@ __all__ = [
     "ActivationStatistics",
     "AlphaBeta",
     "Attributions",
+    "BoundInputs",
     "CamVariant",
     "ClassAttribution",
     "ClassBalance",
@@ -353,6 +355,7 @@ __all__ = [
     "fit_cavs",
     "fit_probes",
     "fit_temperature",
+    "for_rows",
     "forward_chunk_size",
     "fourier_image",
     "fuse_heads",
@@ -369,6 +372,7 @@ __all__ = [
     "integrated_gradients",
     "integration_points",
     "is_attention_layer",
+    "keyword_inputs",
     "kernel_shap",
     "label_kind",
     "label_rdm",
@@ -413,6 +417,7 @@ __all__ = [
     "rank_methods",
     "rbf_cka",
     "rdm",
+    "real_tokens",
     "register_cam",
     "register_method",
     "reliability_curve",

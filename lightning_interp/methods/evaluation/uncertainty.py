@@ -38,6 +38,7 @@ from lightning_interp.methods.model.core import (
     modes_preserved,
     scores_from_output,
 )
+from lightning_interp.methods.model.inputs import for_rows
 
 if TYPE_CHECKING:
     from lightning_interp.methods.explain import Explainer
@@ -168,7 +169,8 @@ def mc_dropout_predictions(
             parts = []
             for start in range(0, inputs.shape[0], batch_size):
                 chunk = inputs[start : start + batch_size].to(device)
-                scores = scores_from_output(model(chunk), output_transform).float()
+                bound = for_rows(model, slice(start, start + batch_size)) if chunk.shape[0] < inputs.shape[0] else model
+                scores = scores_from_output(bound(chunk), output_transform).float()
                 if scores.shape[1] == 1:
                     positive = torch.sigmoid(scores)
                     parts.append(torch.cat([1 - positive, positive], dim=1))

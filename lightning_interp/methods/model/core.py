@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import difflib
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -218,8 +218,16 @@ def get_module(model: nn.Module, layer: nn.Module | str) -> nn.Module:
 
 
 def scores_from_output(output: object, output_transform: OutputTransform | None) -> Tensor:
-    """The (B, C) score tensor of a model output, with a clear error otherwise."""
-    scores = output_transform(output) if output_transform is not None else output
+    """The (B, C) score tensor of a model output, with a clear error otherwise.
+
+    Without ``output_transform``, an output with ``logits`` (a HuggingFace ``ModelOutput``, a dict with that key)
+    gives those.
+
+    Example:
+        >>> scores_from_output({"logits": torch.zeros(2, 3), "loss": None}, None).shape
+        torch.Size([2, 3])
+    """
+    scores = output_transform(output) if output_transform is not None else logits_of(output)
     if not isinstance(scores, Tensor):
         raise TypeError(
             f"The model returned {type(scores).__name__}, not a tensor of class scores. "
@@ -234,6 +242,15 @@ def scores_from_output(output: object, output_transform: OutputTransform | None)
             "Pass output_transform=... to reduce the model's output to that shape."
         )
     return scores
+
+
+def logits_of(output: object) -> object:
+    """``output.logits`` (or ``output["logits"]``) where the output carries a tensor under that name (HuggingFace's
+    ``ModelOutput``), else the output itself."""
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    return logits if isinstance(logits, Tensor) else output
 
 
 class ForwardWith(nn.Module):

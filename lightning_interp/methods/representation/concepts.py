@@ -42,6 +42,7 @@ from lightning_interp.methods.model.core import (
     gradients_enabled,
     resolve_target,
 )
+from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.representation.features import capture_features
 from lightning_interp.methods.representation.linear_probes import stratified_split
 
@@ -411,7 +412,7 @@ def layer_gradients(
         if checked is not None:
             chunk_target = checked_like(checked, checked[start : start + batch_size])
         result = attribution_pass(
-            model,
+            for_rows(model, slice(start, start + batch_size)) if count > batch_size else model,
             inputs[start : start + batch_size],
             chunk_target,
             layers=list(layers),

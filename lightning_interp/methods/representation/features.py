@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_interp.methods.model.core import eager_forward, get_module, modes_preserved
+from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.model.trace import ModelTrace, trace_model
 
 __all__ = ["auto_layers", "capture_features", "capture_pooled_features", "forward_chunk_size", "pool_features"]
@@ -173,7 +174,8 @@ def capture_pooled_features(
                 latest.clear()
                 chunk = inputs[start : start + batch_size]
                 moved = chunk.to(model_device, non_blocking=chunk.is_pinned())
-                model(moved.clone() if moved.device == chunk.device else moved)  # never an inference tensor
+                bound = for_rows(model, slice(start, start + batch_size)) if chunk.shape[0] < inputs.shape[0] else model
+                bound(moved.clone() if moved.device == chunk.device else moved)  # never an inference tensor
                 for name in names:
                     if name not in latest:
                         raise RuntimeError(f"Layer {name!r} produced no tensor output during the forward pass.")
