@@ -235,3 +235,28 @@ def test_failed_download_exits_with_the_network_error(tmp_path, monkeypatch, nam
     message = str(raised.value.code)
     assert "downloading it failed (<urlopen error no network>)" in message
     assert "python examples/quickstart.py" in message
+
+
+@pytest.mark.slow
+def test_huggingface_example_puts_attention_and_attributions_on_the_keywords(tmp_path, capsys):
+    """A small BERT from a config, trained with dict batches padded per batch: its maps fall on the keywords far
+    more than a uniform map would, and nothing of the padding is shown or scored."""
+    pytest.importorskip("transformers")
+    example = load_example("huggingface_text")
+    arguments = ["--epochs", "3", "--train-size", "768", "--val-size", "96", "--num-samples", "8"]
+    metrics = example.main([*arguments, "--log-dir", str(tmp_path / "logs"), "--threads", "2"])
+    assert metrics["val_acc"] > 0.9
+    val = example.Sentences(example.make_keyword_text(96, seed=1))
+    lengths = [len(sample["input_ids"]) for sample in val]
+    keywords = [int(sample["mask"].sum()) for sample in val]
+    uniform = sum(k / n for k, n in zip(keywords, lengths, strict=True) if k) / sum(1 for k in keywords if k)
+    for tag in ("interp_saliency/integrated_gradients/localization", "interp_attention/rollout/localization"):
+        assert metrics[tag] > 2 * uniform, (tag, metrics[tag], uniform)
+    layer = next(
+        tag for tag in metrics if tag.startswith("interp_attention/") and tag.endswith("attention.self/localization")
+    )
+    assert metrics[layer] > 2 * uniform
+    events = read_events(str(tmp_path / "logs"))
+    assert events.image_steps("interp_saliency/maps")[-1] == events.image_steps("interp_attention/maps")[-1]
+    assert any(tag.startswith("interp_probe/model.bert.encoder.layer.1") for tag in metrics)
+    assert "of its mass on the keywords" in capsys.readouterr().out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -35,6 +35,7 @@ from lightning_interp.methods import (
     ModelTrace,
     find_target_layer,
     keyword_inputs,
+    logits_of,
     trace_model,
 )
 from lightning_interp.options import DataDescription, Display
@@ -432,7 +433,7 @@ class InterpCallback(Callback):
         model = unwrapped(pl_module)
         rows = self.probe if rows is None else rows
         call = self._call
-        if rows is not None and call is not None and call.keys:
+        if rows is not None and call is not None and (call.keys or call.next_token):
             cached = self._views.get(id(rows))
             if cached is not None and cached[0] is rows and cached[1].model is model:
                 return cached[1]  # type: ignore[return-value]
@@ -443,7 +444,9 @@ class InterpCallback(Callback):
                     "carry and the model takes; give every set of samples (probe, concepts) the same batch keys."
                 )
             extras = {key: rows.extras[key].to(_device_of(model)) for key in call.keys}
-            view = BoundInputs(model, extras, input_key=call.input_key, forward_fn=self.forward_fn)
+            view = BoundInputs(
+                model, extras, input_key=call.input_key, forward_fn=self.forward_fn, next_token=call.next_token
+            )
             self._views = {id(rows): (rows, view)}  # the last rows' view: the probe's, reused every epoch
             return view  # type: ignore[return-value]
         if call is not None and call.input_key is not None:
@@ -485,11 +488,26 @@ class InterpCallback(Callback):
             )
         return ModelCall(input_key, tuple(keys))
 
+    def _next_token_call(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> ModelCall | None:
+        """The model call, marked as a causal language model's when the model gives (1, T, V) logits for (1, T)
+        token ids and no ``output_transform`` says how to read them: the callbacks then explain the score of
+        the token after each text (the prediction at its last real token)."""
+        call = self._call
+        if probe.inputs.ndim != 2 or probe.inputs.is_floating_point() or getattr(self, "output_transform", None):
+            return call
+        trace = self._trace(trainer, self._explained(pl_module, probe), self._example_input(pl_module, probe))
+        logits = logits_of(trace.output)
+        if not (isinstance(logits, Tensor) and logits.ndim == 3 and logits.shape[:2] == probe.inputs[:1].shape):
+            return call
+        return ModelCall(None, (), True) if call is None else replace(call, next_token=True)
+
     def _get_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Check the model, prepare, and try the computation on two samples: every mistake surfaces now."""
         self._call = self._model_call(trainer, pl_module, probe)
         self._views = {}
         self._model_pad_id = model_pad_id(pl_module)
+        self._call = self._next_token_call(trainer, pl_module, probe)
+        self._views = {}  # made with the call before it was known to be a language model's
         pl_module = self._explained(pl_module, probe)
         _check_finite_inputs(self, probe)
         self._check_model(pl_module)  # again: a model built in configure_model() has its layers only now
@@ -635,7 +653,7 @@ class InterpCallback(Callback):
         """The run's one dry-forward trace of ``model`` for inputs like ``example`` (shared by the callbacks): the
         first probe sample, with its other model inputs."""
         model = first_rows(model, example.shape[0])
-        extras = tuple(model.extras) if isinstance(model, BoundInputs) else ()
+        extras = (tuple(model.extras), model.next_token) if isinstance(model, BoundInputs) else ()
         key = (
             id(unwrapped(model)),
             id(self.forward_fn),
@@ -842,8 +860,6 @@ def first_rows(model: nn.Module, count: int) -> nn.Module:
     return model
 
 
-
-
 def model_pad_id(model: nn.Module) -> int | None:
     """The padding token id a HuggingFace model's config names (``config.pad_token_id``), or None."""
     for module in model.modules():
@@ -867,6 +883,8 @@ class ModelCall:
 
     input_key: str | None
     keys: tuple[str, ...]
+    next_token: bool = False
+    """The model is a causal language model: its (B, T, V) logits are read at each text's last real token."""
 
 
 def _builds_in_configure_model(pl_module: pl.LightningModule) -> bool:

@@ -442,7 +442,8 @@ class MapCallback(InterpCallback):
         rows = range(picture.scores.shape[0]) if rows is None else rows
         part = slice(rows.start, rows.stop)
         inputs = picture.inputs[part]
-        labels = row_texts(picture.task, picture.scores, picture.target, picture.labels, self.class_names)
+        names = self.class_names or self._next_token_names(picture.scores.shape[1])
+        labels = row_texts(picture.task, picture.scores, picture.target, picture.labels, names)
         drawn = self._rows_image(
             inputs,
             {picture.titles.get(key, key): maps[part] for key, maps in picture.maps.items()},
@@ -519,6 +520,13 @@ class MapCallback(InterpCallback):
     def _token_strings(self, ids: Tensor) -> list[list[str | None]]:
         """Each token id of ``ids`` (N, T) as its string (``vocabulary``, ``decode`` or the id); padding as None."""
         return token_strings(ids, vocabulary=self.vocabulary, decode=self.decode, pad_id=self.pad_id)
+
+    def _next_token_names(self, count: int) -> Sequence[str] | None:
+        """A causal language model's classes are its tokens: their strings (from the vocabulary or ``decode``), so
+        the grid says which next token is predicted and explained."""
+        if self._call is None or not self._call.next_token or (self.vocabulary is None and self.decode is None):
+            return None
+        return _TokenNames(count, self.vocabulary, self.decode)
 
     def _real_tokens(self, model: nn.Module, ids: Tensor) -> Tensor | None:
         """(B, T) bool, True at the real tokens of token-id ``ids`` (on their device): the attention mask the model
@@ -756,6 +764,22 @@ def grid_parts(tag: str, count: int, rows_per_image: int | None) -> list[tuple[s
         stop = min(start + rows_per_image, count)
         parts.append((f"{tag}/rows_{start + 1:0{width}d}-{stop:0{width}d}", range(start, stop)))
     return parts
+
+
+class _TokenNames(Sequence[str]):
+    """The strings of token ids 0 .. count - 1, made when asked (a vocabulary may be large)."""
+
+    def __init__(self, count: int, vocabulary: Sequence[str] | None, decode: Callable[[int], str] | None) -> None:
+        self.count, self.vocabulary, self.decode = count, vocabulary, decode
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        if self.vocabulary is not None:
+            return repr(self.vocabulary[index]) if index < len(self.vocabulary) else str(index)
+        assert self.decode is not None
+        return repr(self.decode(index))
 
 
 def row_texts(

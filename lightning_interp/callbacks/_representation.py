@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, refuse_unknown_arguments, unwrapped
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._context import active_context
 from lightning_interp.methods import (
+    TOKEN_POOLINGS,
+    ModelTrace,
+    attends_ahead,
     auto_layers,
     capture_features,
     capture_pooled_features,
@@ -37,6 +41,13 @@ class RepresentationCallback(InterpCallback):
         max_layers: how many layers ``"auto"`` picks at most.
         max_features: per-layer feature bound; larger conv maps are average-pooled
             to a coarser grid (see :func:`~lightning_interp.methods.pool_features`).
+        token_pooling: how a token layer's (batch, tokens, dim) output becomes one feature row per sample
+            (:func:`~lightning_interp.methods.pool_tokens`; padding never counts): ``"cls"`` (the first token),
+            ``"mean"`` (over the real tokens), ``"last"`` (the last real token), ``"flatten"`` (every token side
+            by side), or ``"auto"``: for token-id inputs ``"last"`` when the model is causal (its layers do not
+            look at later tokens, found on one probe sample at fit start) and ``"mean"`` otherwise, said in the
+            log; for other inputs (vision transformers' patch tokens) as
+            :func:`~lightning_interp.methods.pool_features` pools them.
         num_samples, every_n_epochs, probe, data, display, forward_fn: see
             :class:`InterpCallback`.
     """
@@ -48,6 +59,7 @@ class RepresentationCallback(InterpCallback):
         layers: str | Sequence[str] = "auto",
         max_layers: int = 6,
         max_features: int = 4096,
+        token_pooling: Literal["auto", "cls", "mean", "last", "flatten"] = "auto",
         num_samples: int,
         every_n_epochs: int = 1,
         probe: ProbeSet | None = None,
@@ -59,6 +71,8 @@ class RepresentationCallback(InterpCallback):
         refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
         names = parse_layer_names(layers, "layers")
         check_arguments(max_layers=max_layers, max_features=max_features)
+        if token_pooling != "auto" and token_pooling not in TOKEN_POOLINGS:
+            raise ValueError(f"token_pooling must be 'auto' or one of {TOKEN_POOLINGS}, got {token_pooling!r}.")
         super().__init__(
             name=name,
             num_samples=num_samples,
@@ -72,6 +86,8 @@ class RepresentationCallback(InterpCallback):
         self.auto = not names
         self.max_layers = max_layers
         self.max_features = max_features
+        self.token_pooling = token_pooling
+        self._pooling: str | None = None  # the token pooling in force this fit (None: pool_features' own)
         self._chunk = 256  # samples per forward pass; chosen for the model and device at fit start
 
     def _reset_run_state(self) -> None:
@@ -90,6 +106,7 @@ class RepresentationCallback(InterpCallback):
             chosen = auto_layers(pl_module, None, max_layers=self.max_layers, trace=trace)
             self.layers = [plain_name(name) for name in chosen]  # a compiled network's without '_orig_mod'
 
+        self._pooling = self._token_pooling(pl_module, probe, trace)
         for layer in self.layers:
             name = module_name(pl_module, layer) or layer  # a compiled sub-module's layers run under '_orig_mod'
             if name not in trace.calls:
@@ -104,6 +121,47 @@ class RepresentationCallback(InterpCallback):
                     "that returns a tensor: the block that contains it, or the layer after it (e.g. its norm)."
                 )
 
+    def _token_pooling(self, pl_module: nn.Module, probe: ProbeSet, trace: ModelTrace) -> str | None:
+        """The token pooling in force: the option, or for ``"auto"`` on token ids, ``"last"`` for a causal model
+        and ``"mean"`` otherwise (said in the log, once per fit)."""
+        if self.token_pooling != "auto":
+            return self.token_pooling
+        tokens = [
+            layer for layer in self.layers if len(trace.shapes.get(module_name(pl_module, layer) or layer, ())) == 3
+        ]
+        if probe.inputs.ndim != 2 or probe.inputs.is_floating_point() or not tokens:
+            return None
+        real = probe.real_tokens(self.pad_id)
+        counts = (real if real is not None else torch.ones_like(probe.inputs, dtype=torch.bool)).sum(dim=1)
+        row = int(counts.argmax())
+        if int(counts[row]) < 2:
+            return "mean"
+        one = probe.take([row])
+        device = pl_module.device
+        model = self._explained(pl_module, one)
+        ids = one.inputs.to(device)
+        causal = not attends_ahead(
+            model, ids, module_name(pl_module, tokens[-1]) or tokens[-1], None if real is None else real[row : row + 1]
+        )
+        pooling = "last" if causal else "mean"
+        context = (
+            "the model is causal: its layers do not look at later tokens, so the last real token has read the text"
+            if causal
+            else "the model looks at every token"
+        )
+        rank_zero_info(
+            f"{type(self).__name__}: token layers are pooled to one feature row per sample by "
+            f"{'the last real token' if causal else 'the mean over the real tokens'} ({context}); padding never "
+            "counts. Pass token_pooling='cls', 'mean', 'last' or 'flatten' to choose."
+        )
+        return pooling
+
+    def _pooling_options(self, probe: ProbeSet) -> dict[str, Any]:
+        """The token pooling arguments of the feature capture for ``probe``'s samples."""
+        if self._pooling is None:
+            return {}
+        return {"token_pooling": self._pooling, "real_tokens": probe.real_tokens(self.pad_id)}
+
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Capture the layers on a few probe samples, as a run would."""
         sample = probe.subset(min(4, len(probe)))
@@ -115,6 +173,7 @@ class RepresentationCallback(InterpCallback):
                 self.layers,
                 max_features=self.max_features,
                 batch_size=self._chunk,
+                **self._pooling_options(sample),
             )
 
     def _features(
@@ -138,6 +197,7 @@ class RepresentationCallback(InterpCallback):
                 if isinstance(callback, RepresentationCallback)
                 and callback.forward_fn is self.forward_fn  # called the same way: one forward serves them all
                 and callback._call == self._call
+                and callback._pooling == self._pooling
                 and callback._prepared
                 and callback.probe is not None
                 and callback._is_due(trainer)
@@ -153,9 +213,15 @@ class RepresentationCallback(InterpCallback):
 
     def _own_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         inputs = self._probe_inputs(trainer, pl_module)
+        assert self.probe is not None
         with self._model_context(trainer):
             return capture_features(
-                pl_module, inputs, self.layers, max_features=self.max_features, batch_size=self._chunk
+                pl_module,
+                inputs,
+                self.layers,
+                max_features=self.max_features,
+                batch_size=self._chunk,
+                **self._pooling_options(self.probe),
             )
 
     def _capture_for(
@@ -182,7 +248,13 @@ class RepresentationCallback(InterpCallback):
                 if peer.max_features not in requests[layer]:
                     requests[layer].append(peer.max_features)
         with self._model_context(trainer):
-            pooled = capture_pooled_features(pl_module, inputs, requests, batch_size=min(p._chunk for p in peers))
+            pooled = capture_pooled_features(
+                pl_module,
+                inputs,
+                requests,
+                batch_size=min(p._chunk for p in peers),
+                **self._pooling_options(union),
+            )
         result: dict[int, dict[str, Tensor]] = {}
         for peer in peers:
             index = rows[id(peer)].to(inputs.device)

@@ -14,15 +14,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
-from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
+from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, unwrapped
 from lightning_interp.callbacks._checks import check_arguments
+from lightning_interp.callbacks._layouts import check_layer_layout, declared_layout, grid_shape, layout_reshape
 from lightning_interp.methods import (
+    LayerLayout,
     TokenReshape,
     activation_maps,
     auto_layers,
     evenly_spaced,
     forward_chunk_size,
     get_module,
+    layer_layouts,
     module_name,
     most_active_channels,
     plain_name,
@@ -99,6 +102,16 @@ class ActivationMapsCallback(InterpCallback):
             (``{"net.4": [0, 3]}``).
         num_samples: probe samples (the scalars use all of them).
         max_layers: most layers picked by ``"auto"``.
+        layer_layout: how the 4-D outputs of the named layers are laid out:
+            ``"auto"`` (detected from the model, see
+            :func:`~lightning_interp.methods.model.tokens.layer_layouts`:
+            Swin's stages and norms, the norms and MLPs inside ConvNeXt blocks
+            are channels-last), ``"channels_first"`` (batch, channels, h, w),
+            ``"channels_last"`` (batch, h, w, channels: shown permuted, so the
+            columns are channels, not rows), or a ``{layer: layout}`` dict for
+            some of them. A named layer whose layout cannot be detected is
+            refused until it is named here; ``"auto"`` layers skip such layers,
+            and this must then stay ``"auto"``.
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: ``every_n_epochs``, ``probe``, ``data``,
             ``display``, ``forward_fn`` (see
@@ -119,19 +132,22 @@ class ActivationMapsCallback(InterpCallback):
         channels: ChannelsOption = 8,
         num_samples: int = 8,
         max_layers: int = 4,
+        layer_layout: LayerLayout | Mapping[str, LayerLayout] = "auto",
         name: str = "activations",
         **kwargs: Any,
     ) -> None:
         names = parse_layer_names(layers, "layers")
         _check_channels(channels, names)
+        check_layer_layout(layer_layout, names, "ActivationMapsCallback")
         check_arguments(max_layers=max_layers)
         super().__init__(name=name, num_samples=num_samples, **kwargs)
         self.layers: list[str] = names
         self.auto = not names
         self.channels = channels
         self.max_layers = max_layers
+        self.layer_layout = dict(layer_layout) if isinstance(layer_layout, Mapping) else layer_layout
         self._shown: dict[str, list[int]] = {}  # per layer: the channels in the grid, fixed at the first run
-        self._reshapes: dict[str, TokenReshape] = {}  # token layers of a vision transformer: their grid
+        self._reshapes: dict[str, TokenReshape] = {}  # token layers: their grid; channels-last layers: permuted
         self._spatial: dict[str, bool] = {}
         self._chunk = 256
 
@@ -152,14 +168,17 @@ class ActivationMapsCallback(InterpCallback):
         trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
         self._chunk = forward_chunk_size(trace, pl_module.device)
         grids = token_grids(trace)
-        found = dict(spatial_layers(pl_module, None, trace=trace))
+        found = dict(spatial_layers(pl_module, None, trace=trace, channels_last=True))  # shapes as (B, C, h, w)
+        layouts = layer_layouts(pl_module, trace)
+        self._reshapes = {}
         if self.auto and not self.layers:
             self.layers = [plain_name(name) for name in _automatic_layers(pl_module, trace, found, self.max_layers)]
+            model = type(unwrapped(pl_module)).__name__
             if not self.layers:
                 raise ValueError(
-                    f"ActivationMapsCallback(layers='auto') found no sub-module of {type(pl_module).__name__} whose "
-                    f"output has spatial extent for inputs of shape {tuple(probe.inputs.shape[1:])}. Name the layers "
-                    "to read with layers=[...] (a (batch, channels) layer gets the dead-unit scalars, no grid)."
+                    f"ActivationMapsCallback(layers='auto') found no sub-module of {model} whose output has spatial "
+                    f"extent for inputs of shape {tuple(probe.inputs.shape[1:])}. Name the layers to read with "
+                    "layers=[...] (a (batch, channels) layer gets the dead-unit scalars, no grid)."
                 )
         if isinstance(self.channels, Mapping):
             unread = sorted(set(self.channels) - set(self.layers))
@@ -186,9 +205,18 @@ class ActivationMapsCallback(InterpCallback):
                     "module that runs once, e.g. the block that contains it."
                 )
             shape = found.get(real, trace.shapes[real])
-            if real in grids and real in found:
+            declared = declared_layout(self.layer_layout, layer)
+            if real in grids and real in found and declared == "auto":
                 self._reshapes[layer] = grids[real]
             self._spatial[layer] = real in found
+            to_grid = layout_reshape(
+                real, trace, layouts, declared=declared, owner="ActivationMapsCallback", shown=layer
+            )
+            if to_grid is not None:  # channels-last: its channels are the last dimension
+                self._reshapes[layer] = to_grid
+            if declared != "auto":
+                shape = grid_shape(trace.shapes[real], to_grid)
+                self._spatial[layer] = max(shape[-2:]) > 1
             count = shape[1] if len(shape) >= 2 else 1
             wanted = self._wanted(layer)
             if wanted is not None:
@@ -214,9 +242,17 @@ class ActivationMapsCallback(InterpCallback):
         return {layer: maps[real[layer]] for layer in self.layers}
 
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
-        inputs = self._probe_inputs(trainer, pl_module, probe.subset(min(2, len(probe))))
+        sample = probe.subset(min(2, len(probe)))
+        inputs = self._probe_inputs(trainer, pl_module, sample)
         with self._model_context(trainer):
-            self._maps(pl_module, inputs)
+            maps = self._maps(self._explained(pl_module, sample), inputs)
+        shared = [layer for layer, values in maps.items() if values.shape[0] != inputs.shape[0]]
+        if shared:
+            raise ValueError(
+                f"ActivationMapsCallback: layers {shared} give one output for the whole batch of {inputs.shape[0]} "
+                "samples, not one per sample (a position bias or table shared by every input); name layers whose "
+                "output follows the samples."
+            )
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         probe = self.probe

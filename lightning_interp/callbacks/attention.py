@@ -12,18 +12,20 @@ import torch
 from torch import Tensor
 
 from lightning_interp._logging import log_image
+from lightning_interp.callbacks._base import unwrapped
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._maps import Explanation, LayerMapCallback, _GridData, is_token_input
 from lightning_interp.methods import (
     MAX_PREFIX_TOKENS,
+    AttentionLayer,
     TokenGrid,
     attention_entropy,
-    attention_layers,
     attention_rollout,
+    attention_stack,
     capture_attention,
+    find_attention_layers,
     fuse_heads,
     get_module,
-    is_attention_layer,
     module_name,
     plain_name,
     resolve_target,
@@ -36,7 +38,7 @@ from lightning_interp.visualize import input_to_rgb, map_tiles, render_grid
 MAX_HEADS_SHOWN = 16  # heads drawn in a layer's heads picture (all of them are in the layer's mean)
 
 
-_ATTENTION_NAMES = ("self_attention", "self_attn", "attention", "attn", "mha")
+_ATTENTION_NAMES = ("self_attention", "self_attn", "attention", "attn", "mha", "self")
 
 
 def short_layer_name(name: str) -> str:
@@ -45,9 +47,11 @@ def short_layer_name(name: str) -> str:
     Example:
         >>> short_layer_name("net.encoder.layers.encoder_layer_1.self_attention"), short_layer_name("net.blocks.3.attn")
         ('layer_1', 'blocks.3')
+        >>> short_layer_name("model.bert.encoder.layer.1.attention.self")  # HF: BertAttention.self
+        'layer.1'
     """
     parts = name.split(".")
-    if len(parts) > 1 and parts[-1] in _ATTENTION_NAMES:
+    while len(parts) > 1 and parts[-1] in _ATTENTION_NAMES:
         parts = parts[:-1]
     if parts[-1].isdigit() and len(parts) > 1:
         return ".".join(parts[-2:])
@@ -66,11 +70,13 @@ class AttentionCallback(LayerMapCallback):
     """Log what a transformer's attention looks at, per probe sample, and attention rollout to the input.
 
     At each due validation epoch (never in the sanity check) the callback runs
-    the probe samples through the model once, recomputes the attention weights
-    of its attention layers inside forward hooks (from each layer's own input
-    and projections: also for layers called with ``need_weights=False`` or on
-    torch's fused path; the model is not changed, see
-    :mod:`lightning_interp.methods.representation.attention`), and logs under ``interp_<name>/``:
+    the probe samples through the model once and captures the attention
+    probabilities wherever the model computes them: ``F.scaled_dot_product_attention``
+    calls (recomputed from their arguments), explicit softmax attention (HF
+    ``eager``), ``nn.MultiheadAttention`` and timm's ``Attention`` (recomputed
+    from each layer's input, also with ``need_weights=False`` or on torch's
+    fused path); the model is not changed, see
+    :mod:`lightning_interp.methods.representation.attention`. It logs under ``interp_<name>/``:
 
     - ``maps``: one row per probe sample (label, prediction and confidence at
       the left): the input, the attention of each shown layer (mean over heads)
@@ -95,15 +101,29 @@ class AttentionCallback(LayerMapCallback):
     mean over tokens favours the first ones, which every row sees); ``"mean"``
     the mean.
 
-    Supported attention layers: ``torch.nn.MultiheadAttention`` (in
-    ``nn.TransformerEncoderLayer``, torchvision's ``VisionTransformer``, your
-    own blocks) and timm's ``Attention`` (timm ViT, DeiT, ...). Attention is not
-    explained per class, so there is no ``target`` option.
+    Supported models: any whose attention goes through one of those paths:
+    ``nn.TransformerEncoderLayer`` and ``nn.Transformer``, torchvision's and
+    timm's vision transformers, HF BERT, RoBERTa, DistilBERT, GPT-2, ViT, DeiT
+    (``eager`` or ``sdpa`` attention), timm's and HF's Swin (window attention
+    laid back on the stage's token grid), your own modules. Attention is not
+    explained per class, so there is no ``target`` option. For HF models pass
+    ``forward_fn`` (e.g. ``lambda model, ids: model(input_ids=ids,
+    attention_mask=(ids != pad).long()).logits``) or ``output_transform``.
+
+    Which layers: the self-attention layers of the encoder (of the only stack
+    in encoder-only and decoder-only models; the encoder of an encoder-decoder
+    such as ``nn.Transformer``, whose decoder blocks hold cross-attention; see
+    :func:`~lightning_interp.methods.attention_stack`). Cross-attention is
+    shown only when named in ``layers``. Rollout multiplies the encoder's
+    self-attention in forward order; where that is not defined (Swin, whose
+    stages run over different token grids) the callback refuses it before
+    training and says why: pass ``rollout=False``.
 
     Args:
-        layers: attention layers to show: ``"auto"`` (the last one that runs)
-            or dotted names (``model.named_modules()``). Rollout always runs
-            through every attention layer in forward order.
+        layers: attention layers to show: ``"auto"`` (the encoder's last
+            self-attention layer) or dotted names (``model.named_modules()``) of
+            the modules that compute attention (cross-attention included).
+            Rollout always runs through the encoder's self-attention layers.
         heads: log each shown layer's per-head picture.
         head_samples: probe samples in the per-head pictures.
         rollout: compute attention rollout (Abnar & Zuidema 2020).
@@ -154,74 +174,103 @@ class AttentionCallback(LayerMapCallback):
         self.residual = residual
         self.head_fusion = head_fusion
         self.query = query
-        self._ran: list[str] = []  # every attention layer in forward order (the model's own names)
+        self._ran: list[str] = []  # the captured attention layers in forward order (the model's own names)
+        self._rollout_layers: list[str] = []  # the encoder's self-attention layers rollout multiplies
+        self._found: list[AttentionLayer] = []  # every attention layer of the model, in forward order
         self._query: int | str = "mean"  # the query in force: a token position, "mean" or "last"
         self._prefix = 0  # leading tokens (class, register) before the ones laid on the input
         self._grid: TokenGrid | None = None  # for images: how the tokens lie on the input
         self._count = 0  # tokens the attention layers see (their queries)
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
-        for name in self.layers:
-            module = get_module(pl_module, name)
-            if not is_attention_layer(module):
-                raise ValueError(
-                    f"AttentionCallback: layer {name!r} is a {type(module).__name__}, not an attention layer "
-                    "(torch.nn.MultiheadAttention or timm's Attention). Attention layers of this model: "
-                    f"{[plain_name(n) for n in attention_layers(pl_module)] or 'none'}."
-                )
+        for name in self.layers:  # that they compute attention is checked on a forward pass, in _prepare
+            get_module(pl_module, name)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         super()._prepare(trainer, pl_module, probe)
         example = self._example_input(pl_module, probe)
         trace = self._trace(trainer, pl_module, example)
-        found = attention_layers(pl_module)
-        self._ran = [name for name in trace.calls if name in found and trace.calls[name] == 1]
-        if not self._ran and found:
-            runs = {plain_name(name): trace.calls.get(name, 0) for name in found}
+        sample = probe.subset(min(2, len(probe)))
+        two = self._device_inputs(trainer, pl_module, sample.inputs)
+        with self._model_context(trainer):  # the recomputed weights must reproduce each call's output (once per fit)
+            found = find_attention_layers(self._explained(pl_module, sample), two, verify=True)
+        model = type(unwrapped(pl_module)).__name__
+        if not found:
             raise ValueError(
-                f"AttentionCallback: the attention layers of {type(pl_module).__name__} do not run exactly once per "
-                f"forward pass (times each ran: {runs}): a layer shared across depths (ALBERT-style) or one that "
-                "does not run has no single attention map to show. Use SaliencyCallback, GradCAMCallback or the "
-                "representation callbacks for this model."
+                f"AttentionCallback found no attention layer in {model}: no sub-module computes attention in a "
+                "forward pass of the probe inputs (a call of torch.nn.functional.scaled_dot_product_attention, a "
+                "softmax over (batch, heads, queries, keys) scores, torch.nn.MultiheadAttention or timm's Attention). "
+                "Models without one can use SaliencyCallback, GradCAMCallback or the representation callbacks."
             )
-        if not self._ran:
+        once = [layer for layer in found if layer.calls == 1]
+        if not once:
+            runs = {plain_name(layer.name): layer.calls for layer in found}
             raise ValueError(
-                f"AttentionCallback found no attention layer in {type(pl_module).__name__} (torch.nn.MultiheadAttention"
-                ", as in nn.TransformerEncoderLayer and torchvision's VisionTransformer, or timm's Attention). Models "
-                "without one can use SaliencyCallback, GradCAMCallback or the representation callbacks."
+                f"AttentionCallback: the attention layers of {model} do not compute attention exactly once per "
+                f"forward pass (times each did: {runs}): a layer shared across depths (ALBERT-style) has no single "
+                "attention map to show. Use SaliencyCallback, GradCAMCallback or the representation callbacks for "
+                "this model."
             )
+        self._found = found
+        by_name = {layer.name: layer for layer in once}
+        stack = attention_stack(once)
         if self.auto:
-            self.layers = [plain_name(self._ran[-1])]
-        for name in self.layers:
-            if (module_name(pl_module, name) or name) not in self._ran:
+            if not stack.layers:
+                crossing = [plain_name(layer.name) for layer in once]
                 raise ValueError(
-                    f"AttentionCallback: layer {name!r} does not run exactly once in a forward pass of the probe "
-                    f"inputs; attention layers that do: {[plain_name(n) for n in self._ran]}."
+                    f"AttentionCallback: {model} has cross-attention layers only ({crossing}); name the ones to show "
+                    "in layers=[...] and pass rollout=False."
                 )
-        two = self._device_inputs(trainer, pl_module, probe.inputs[:2])
-        with self._model_context(trainer):  # the recomputation must reproduce each layer's output (once per fit)
-            shapes, _ = capture_attention(pl_module, two, self._ran, reduce=lambda w: tuple(w.shape), verify=True)
+            self.layers = [plain_name(stack.layers[-1])]
+        shown = []
+        for name in self.layers:
+            real = module_name(pl_module, name) or name
+            if real not in by_name:
+                if any(layer.name == real for layer in found):
+                    raise ValueError(
+                        f"AttentionCallback: layer {name!r} computes attention more than once in a forward pass of "
+                        f"the probe inputs; attention layers that compute it once: {[plain_name(n) for n in by_name]}."
+                    )
+                raise ValueError(
+                    f"AttentionCallback: layer {name!r} is a {type(get_module(pl_module, name)).__name__}, not an "
+                    "attention layer: it computes no attention weights in a forward pass of the probe inputs (name "
+                    "the module that does, e.g. BERT's attention.self, not its block). Attention layers of this "
+                    f"model: {[plain_name(layer.name) for layer in found]}."
+                )
+            shown.append(real)
+        if self.rollout and stack.refusal is not None:
+            raise ValueError(
+                f"AttentionCallback: attention rollout is not defined for {model}: {stack.refusal} Pass rollout=False "
+                "(the attention maps of the layers are shown without it)."
+            )
+        self._rollout_layers = list(stack.layers) if self.rollout else []
+        wanted = {*stack.layers, *shown}  # the encoder's layers (rollout, entropy) and the shown ones
+        self._ran = [layer.name for layer in once if layer.name in wanted]
         # the queries are the tokens; keys may add a learnt bias key or a zero key at the end (bias_k, add_zero_attn)
-        shown = [module_name(pl_module, name) or name for name in self.layers]
-        used = {name: shape for name, shape in shapes.items() if self.rollout or name in shown}
-        tokens = {shape[-2] for shape in used.values()}
-        extra = [plain_name(name) for name, shape in used.items() if shape[-1] != shape[-2]]
+        used = {
+            layer.name: (layer.queries, layer.keys)
+            for layer in once
+            if layer.name in shown or layer.name in self._rollout_layers
+        }
+        tokens = {queries for queries, _ in used.values()}
+        extra = [plain_name(name) for name, (queries, keys) in used.items() if keys != queries]
         modules = dict(pl_module.named_modules())
-        other = [name for name, shape in used.items() if shape[-1] != shape[-2] + _extra_keys(modules[name])]
+        other = [name for name, (queries, keys) in used.items() if keys != queries + _extra_keys(modules[name])]
         if len(tokens) > 1 or other:
             raise ValueError(
                 "AttentionCallback lays the attention of the layers on one token sequence, but their weights have "
-                f"shapes {used} (batch, heads, queries, keys): layers over other sequences (cross-attention, pooling "
-                "by attention) cannot be shown with them. Name layers over the input tokens in layers=[...] (and "
-                "pass rollout=False, which runs through every layer)."
+                f"(queries, keys) {used}: layers over other sequences (cross-attention with another length, pooling "
+                "by attention, another stage) cannot be shown with them. Name layers over the input tokens in "
+                "layers=[...] (and pass rollout=False, which runs through the encoder's layers)."
             )
-        if self.rollout and extra:
+        if self.rollout and any(name in extra for name in map(plain_name, self._rollout_layers)):
             raise ValueError(
                 f"AttentionCallback: the attention layers {extra} attend to keys beyond the tokens (bias_k or "
                 "add_zero_attn), so rollout, which multiplies token-to-token attention through the layers, is not "
                 "defined for them. Pass rollout=False."
             )
-        self._layout(probe.inputs, tokens.pop(), token_grids(trace))
+        windows = {name: TokenGrid(0, *by_name[name].grid) for name in used if by_name[name].grid is not None}
+        self._layout(probe.inputs, tokens.pop(), {**windows, **token_grids(trace)})
 
     def _layout(self, inputs: Tensor, count: int, grids: dict[str, TokenGrid]) -> None:
         """How ``count`` tokens lie on the inputs: a patch grid for images, one token per position otherwise."""
@@ -245,8 +294,8 @@ class AttentionCallback(LayerMapCallback):
                     f"{MAX_PREFIX_TOKENS} leading class tokens). Models that merge positions into patches of a "
                     "sequence are not supported yet."
                 )
-        if self.query == "auto":
-            self._query = 0 if self._prefix > 0 else "mean"
+        if self.query == "auto":  # a causal language model reads its next token at its last one
+            self._query = 0 if self._prefix > 0 else "last" if self._call and self._call.next_token else "mean"
         elif self.query in ("mean", "last"):
             self._query = self.query
         else:
@@ -254,17 +303,17 @@ class AttentionCallback(LayerMapCallback):
                 raise ValueError(f"AttentionCallback: query={self.query} but the layers see {count} tokens.")
             self._query = int(self.query)
 
-    def _real_tokens(self, inputs: Tensor) -> Tensor:
-        """(B, tokens) 1 for each token the layers see that is not padding (leading tokens included), else 0."""
+    def _token_weights(self, real: Tensor | None, inputs: Tensor) -> Tensor:
+        """(B, tokens) 1 for each token the layers see that is not padding (leading tokens included), else 0;
+        ``real``: (B, T) bool at the input tokens, or None (no padding)."""
         weights = torch.ones(inputs.shape[0], self._count, device=inputs.device)
-        if self.pad_id is not None and is_token_input(inputs):
-            weights[:, self._prefix :] = (inputs != self.pad_id).float()
+        if real is not None:
+            weights[:, self._prefix :] = real.float()
         return weights
 
-    def _query_weights(self, inputs: Tensor) -> Tensor:
+    def _query_weights(self, real: Tensor, inputs: Tensor) -> Tensor:
         """(B, tokens) weight of each query token in the attention shown: one-hot at the chosen token (the last
-        real one for ``"last"``), or the real tokens for the mean."""
-        real = self._real_tokens(inputs)
+        real one for ``"last"``), or the real tokens (``real``, from :meth:`_token_weights`) for the mean."""
         if self._query == "mean":
             return real
         if self._query == "last":  # the last token that is not padding (padding at the end)
@@ -278,15 +327,16 @@ class AttentionCallback(LayerMapCallback):
         q = queries[:, None, :, None]
         return (weights * q).sum(dim=2) / q.sum(dim=2).clamp_min(1e-12)
 
-    def _to_map(self, rows: Tensor, inputs: Tensor) -> Tensor:
-        """Attention over the keys (B, ..., K) as maps over the inputs: (B, ..., H, W) for images, (B, ..., T).
+    def _to_map(self, rows: Tensor, inputs: Tensor, real: Tensor | None = None) -> Tensor:
+        """Attention over the keys (B, ..., K) as maps over the inputs: (B, ..., H, W) for images, (B, ..., T)
+        with zero at the padding (``real``: (B, T) bool, True at the real tokens).
 
         The leading class or register tokens and any keys after the tokens (bias_k, add_zero_attn) are left out.
         """
         patches = rows[..., self._prefix : self._count]
         if self._grid is None:
-            if self.pad_id is not None and is_token_input(inputs):
-                pad = (inputs == self.pad_id).reshape(inputs.shape[0], *([1] * (patches.ndim - 2)), -1)
+            if real is not None:
+                pad = ~real.reshape(inputs.shape[0], *([1] * (patches.ndim - 2)), -1)
                 patches = patches.masked_fill(pad, 0.0)
             return patches
         lead = patches.shape[:-1]
@@ -297,13 +347,15 @@ class AttentionCallback(LayerMapCallback):
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         shown = [module_name(pl_module, name) or name for name in self.layers]
-        queries, real = self._query_weights(inputs), self._real_tokens(inputs)
+        padding = self._real_tokens(pl_module, inputs)  # the attention mask the model receives, or the padding id
+        real = self._token_weights(padding, inputs)
+        queries = self._query_weights(real, inputs)
 
         def reduce(weights: Tensor) -> dict[str, Tensor]:  # in each layer's hook: keep only what is shown
             if weights.shape[-2] != self._count:  # a layer over another sequence (not shown): its entropy only
                 return {"entropy": attention_entropy(weights)}
             kept = {"rows": self._query_rows(weights, queries), "entropy": attention_entropy(weights, real)}
-            if self.rollout:
+            if self.rollout:  # only the rollout layers' are used
                 kept["fused"] = fuse_heads(weights, self.head_fusion)
             return kept
 
@@ -315,15 +367,16 @@ class AttentionCallback(LayerMapCallback):
         scalars: dict[str, float] = {}
         for layer, name in zip(self.layers, shown, strict=True):
             rows = records[name]["rows"]
-            maps[layer] = self._to_map(rows.mean(dim=1), inputs)
+            maps[layer] = self._to_map(rows.mean(dim=1), inputs, padding)
             titles[layer] = f"{short_layer_name(layer)}\nmean of heads"
             if self.heads:
-                extra[layer] = self._to_map(rows[:, :MAX_HEADS_SHOWN], inputs)
+                extra[layer] = self._to_map(rows[:, :MAX_HEADS_SHOWN], inputs, padding)
         entropies = torch.stack([records[name]["entropy"].mean() for name in self._ran]).tolist()  # one transfer
         scalars.update({f"{plain_name(name)}/entropy": value for name, value in zip(self._ran, entropies, strict=True)})
         if self.rollout:
-            rollout = attention_rollout([records[name]["fused"] for name in self._ran], residual=self.residual)
-            maps["rollout"] = self._to_map(self._query_rows(rollout[:, None], queries)[:, 0], inputs)
+            fused = [records[name]["fused"] for name in self._rollout_layers]
+            rollout = attention_rollout(fused, residual=self.residual)
+            maps["rollout"] = self._to_map(self._query_rows(rollout[:, None], queries)[:, 0], inputs, padding)
             titles["rollout"] = "rollout" + (f"\n{self.head_fusion} of heads" if self.head_fusion != "mean" else "")
         return Explanation(
             maps=maps,
@@ -339,8 +392,9 @@ class AttentionCallback(LayerMapCallback):
         (1 / positions), so attention spread evenly shows at half strength, not as full colour."""
         if self._grid is not None:
             positions = torch.full((inputs.shape[0],), float(self._grid.height * self._grid.width))
-        elif self.pad_id is not None and is_token_input(inputs):
-            positions = (inputs != self.pad_id).sum(dim=1).float().clamp_min(1)
+        elif is_token_input(inputs):  # the pictures' ids: -1 at the padding the attention mask marks
+            shown = (inputs >= 0) & (inputs != (-1 if self.pad_id is None else self.pad_id))
+            positions = shown.sum(dim=1).float().clamp_min(1)
         else:
             positions = torch.full((inputs.shape[0],), float(inputs.shape[-1]))
         return 2.0 / positions

@@ -392,6 +392,7 @@ class FeatureVisualizationCallback(InterpCallback):
             return result.rgb, result.objectives, None
         count = min(images, len(probe))
         start = self._probe_inputs(trainer, pl_module, probe.subset(count))
+        pl_module = self._explained(pl_module, probe.subset(count))
         dreams, objectives = [], []
         for target in self.targets:
             with self._model_context(trainer):

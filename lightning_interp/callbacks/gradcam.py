@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_interp.callbacks._base import unwrapped
+from lightning_interp.callbacks._layouts import check_layer_layout, declared_layout, grid_shape, layout_reshape
 from lightning_interp.callbacks._maps import Explanation, LayerMapCallback
 from lightning_interp.methods import (
     MANAGED_OPTIONS,
     METHODS,
     Explainer,
+    LayerLayout,
     MethodsArg,
     TokenReshape,
     find_target_layer,
     get_module,
+    layer_layouts,
     layers_with_patch_gradient,
     module_name,
     parse_methods,
@@ -60,7 +64,18 @@ class GradCAMCallback(LayerMapCallback):
         reshape: turns token outputs (B, N, C) of a vision transformer into
             (B, C, h, w). Not needed for torchvision's and timm's layouts
             (class, distillation and register tokens before a patch grid),
-            which are read from the model.
+            which are read from the model. It applies to token layers only;
+            a 4-D layer's layout is ``layer_layout``'s.
+        layer_layout: how the 4-D outputs of the named layers are laid out:
+            ``"auto"`` (detected from the model, see
+            :func:`~lightning_interp.methods.model.tokens.layer_layouts`:
+            Swin's stages and norms, the norms and MLPs inside ConvNeXt blocks
+            are channels-last), ``"channels_first"`` (batch, channels, h, w),
+            ``"channels_last"`` (batch, h, w, channels: read permuted), or a
+            ``{layer: layout}`` dict for some of them. A layer whose layout
+            cannot be detected is refused until it is named here; with
+            ``layer="auto"`` such layers are passed over, and this must stay
+            ``"auto"``.
         name: tag prefix; distinct names let two instances coexist.
         **kwargs: shared options of :class:`~lightning_interp.callbacks._base.MapCallback`
             (``num_samples``, ``every_n_epochs``, ``target``, ``probe``, ...).
@@ -77,11 +92,14 @@ class GradCAMCallback(LayerMapCallback):
         methods: MethodsArg = ("grad_cam",),
         relu: bool = True,
         reshape: TokenReshape | None = None,
+        layer_layout: LayerLayout | Mapping[str, LayerLayout] = "auto",
         name: str = "gradcam",
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
         self._choose_layers(layer, "layer")
+        check_layer_layout(layer_layout, self.layers, "GradCAMCallback")
+        self.layer_layout = dict(layer_layout) if isinstance(layer_layout, Mapping) else layer_layout
         parsed = parse_methods(
             methods,
             allowed=[name for name, spec in METHODS.items() if spec.needs_layer],  # as declared now
@@ -94,7 +112,7 @@ class GradCAMCallback(LayerMapCallback):
         self.method_options = {method: options for method, options in parsed.items() if options}
         self.relu = relu
         self.reshape = reshape
-        self._reshapes: dict[str, TokenReshape | None] = {}  # per layer: ``reshape``, or its known token layout
+        self._reshapes: dict[str, TokenReshape | None] = {}  # per layer: to (B, C, h, w) (tokens, channels-last)
         self._tokens: dict[str, bool] = {}  # per layer: whether its output is tokens (B, N, C)
 
     def _zero_map_reason(self, key: str) -> str:
@@ -121,33 +139,49 @@ class GradCAMCallback(LayerMapCallback):
         super()._prepare(trainer, pl_module, probe)
         example = self._example_input(pl_module, probe)
         trace = self._trace(trainer, pl_module, example)
-        found = dict(spatial_layers(pl_module, None, reshape=self.reshape, trace=trace))
+        found = dict(spatial_layers(pl_module, None, reshape=self.reshape, trace=trace, channels_last=True))
         grids = token_grids(trace)
+        layouts = layer_layouts(pl_module, trace)
         if self.auto:
             if not found:
                 raise ValueError(
-                    f"GradCAMCallback(layer='auto') found no sub-module of {type(pl_module).__name__} whose output "
-                    f"has spatial extent for inputs of shape {tuple(probe.inputs.shape[1:])}. Grad-CAM needs a "
-                    "(batch, channels, h, w) layer with h or w > 1: name one with layer='...', pass reshape=... for "
-                    "token outputs, or use SaliencyCallback instead."
+                    f"GradCAMCallback(layer='auto') found no sub-module of {type(unwrapped(pl_module)).__name__} "
+                    f"whose output has spatial extent for inputs of shape {tuple(probe.inputs.shape[1:])}. Grad-CAM "
+                    "needs a (batch, channels, h, w) layer with h or w > 1: name one with layer='...', pass "
+                    "reshape=... for token outputs, or use SaliencyCallback instead."
                 )
             two = self._device_inputs(trainer, pl_module, probe.inputs[:2]).to(example.dtype)
             self.layers = [  # named as the user would, also for a compiled network ('_orig_mod' left out)
                 plain_name(
                     find_target_layer(
-                        pl_module,
+                        self._explained(pl_module, probe.subset(two.shape[0])),
                         two,
                         reshape=self.reshape,
                         trace=trace,
                         target=self._target_for(probe.subset(min(2, len(probe))), two.device),
                         output_transform=self.output_transform,
                         task=self.output_task,
+                        channels_last=True,
                     )
                 )
             ]
         real = {name: module_name(pl_module, name) or name for name in self.layers}  # compiled: under '_orig_mod'
+        reshapes: dict[str, TokenReshape | None] = {}
         for name in self.layers:
-            if real[name] not in found:
+            shape = trace.shapes.get(real[name], ())
+            declared = declared_layout(self.layer_layout, name)
+            if len(shape) == 3 and declared == "auto":
+                reshapes[name] = self.reshape or grids.get(real[name])
+            elif trace.calls.get(real[name], 0) == 1:  # a 4-D layer: permuted when channels-last; refused if unknown
+                reshapes[name] = layout_reshape(
+                    real[name], trace, layouts, declared=declared, owner="GradCAMCallback", shown=name
+                )
+            spatial = (
+                real[name] in found
+                if declared == "auto"
+                else trace.calls.get(real[name], 0) == 1 and max(grid_shape(shape, reshapes.get(name))[-2:]) > 1
+            )
+            if not spatial:
                 raise ValueError(
                     f"GradCAMCallback cannot use layer {name!r}: its output is not a (batch, channels, h, w) map "
                     "with spatial extent (nor vision-transformer tokens of a known layout; pass reshape=... for "
@@ -155,24 +189,30 @@ class GradCAMCallback(LayerMapCallback):
                     f"last): {', '.join(list(found)[-6:]) or 'none'}."
                 )
         self._tokens = {name: len(trace.shapes[real[name]]) == 3 for name in self.layers}
-        self._reshapes = {name: self.reshape or grids.get(real[name]) for name in self.layers}
+        self._reshapes = reshapes
         tokens = {real[name]: self._reshapes[name] for name in self.layers if self._tokens[name]}
         if tokens and not self.auto:  # a named token layer whose patch tokens never reach the score: refuse now
             two = self._device_inputs(trainer, pl_module, probe.inputs[:2]).to(example.dtype)
             target = self._target_for(probe.subset(min(2, len(probe))), two.device)
             alive = layers_with_patch_gradient(
-                pl_module, two, tokens, target=target, output_transform=self.output_transform, task=self.output_task
+                self._explained(pl_module, probe.subset(two.shape[0])),
+                two,
+                tokens,
+                target=target,
+                output_transform=self.output_transform,
+                task=self.output_task,
             )
             dead = [name for name in self.layers if self._tokens[name] and real[name] not in alive]
             if dead:
                 suggestion = find_target_layer(
-                    pl_module,
+                    self._explained(pl_module, probe.subset(two.shape[0])),
                     two,
                     reshape=self.reshape,
                     trace=trace,
                     target=target,
                     output_transform=self.output_transform,
                     task=self.output_task,
+                    channels_last=True,
                 )
                 raise ValueError(
                     f"GradCAMCallback: the patch tokens of {dead} do not reach the model's score (in a vision "

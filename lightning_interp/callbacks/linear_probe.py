@@ -27,6 +27,13 @@ from lightning_interp.methods import (
 from lightning_interp.probe import ProbeSet, labels_of_the_data
 from lightning_interp.visualize import line_image
 
+POOLING_TITLES = {
+    "cls": "first token",
+    "mean": "mean over real tokens",
+    "last": "last real token",
+    "flatten": "every token",
+}
+
 
 class LinearProbeCallback(RepresentationCallback):
     """Fit a linear classifier (or regression) on each layer's outputs and log its held-out accuracy (or R²).
@@ -233,7 +240,8 @@ class LinearProbeCallback(RepresentationCallback):
             figure = line_image(
                 names,
                 {"held-out": held_out, "train": fitted},
-                title=f"linear probe {'R²' if task == 'regression' else 'accuracy'} by depth (epoch {epoch})",
+                title=f"linear probe {'R²' if task == 'regression' else 'accuracy'} by depth (epoch {epoch})"
+                + (f"\ntokens pooled: {POOLING_TITLES[self._pooling]}" if self._pooling else ""),
                 ylabel="R²" if task == "regression" else "accuracy",
                 ylim=ylim if all(map(math.isfinite, ylim)) else None,
                 reference=reference,

@@ -125,11 +125,16 @@ def test_output_transform_selects_logits_from_a_dict_output():
         def forward(self, x):
             return {"logits": self.inner(x), "aux": x.sum()}
 
+    class ScoresModel(DictModel):
+        def forward(self, x):
+            return {"scores": self.inner(x)}
+
     x = torch.randn(2, 5)
     with pytest.raises(TypeError, match="output_transform"):
-        gradient(DictModel(), x, 0)
+        gradient(ScoresModel(), x, 0)  # no "logits": which entry is meant is not guessed
     out = gradient(DictModel(), x, 1, output_transform=lambda out: out["logits"])
     torch.testing.assert_close(out, base.weight.detach()[1].expand(2, 5))
+    torch.testing.assert_close(gradient(DictModel(), x, 1), out)  # "logits" (a HuggingFace output) is read as is
 
 
 # --------------------------------------------------------------------------- integration points

@@ -15,12 +15,12 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch  # noqa: F401 (the examples use it)
+import torch
 from torch import Tensor, nn
 
-from lightning_interp.methods.model.core import ForwardWith
+from lightning_interp.methods.model.core import ForwardWith, logits_of
 
-__all__ = ["BoundInputs", "for_rows", "keyword_inputs", "real_tokens"]
+__all__ = ["BoundInputs", "for_rows", "keyword_inputs", "next_token_scores", "real_tokens"]
 
 
 def keyword_inputs(forward: Callable[..., Any], keys: Iterable[str], *, skip: int = 0) -> tuple[str, ...]:
@@ -67,6 +67,9 @@ class BoundInputs(ForwardWith):
         extras: the samples' other inputs, by keyword, each (B, ...) on the model's device.
         input_key: the keyword of the explained tensor; None passes it positionally.
         forward_fn: call ``forward_fn(model, x, **extras)`` instead (a user's own way to call the model).
+        next_token: the model is a causal language model whose output (its ``logits``) scores the next token at
+            every position, (M, T, V): return each row's scores at its last real token (the last 1 of its
+            ``attention_mask``, else position T - 1), (M, V): the prediction of the token after the text.
 
     Example:
         >>> class Masked(nn.Module):
@@ -85,6 +88,7 @@ class BoundInputs(ForwardWith):
         *,
         input_key: str | None = None,
         forward_fn: Callable[..., Any] | None = None,
+        next_token: bool = False,
     ) -> None:
         super().__init__(model, _bound_forward)
         counts = {name: value.shape[0] for name, value in extras.items()}
@@ -94,6 +98,7 @@ class BoundInputs(ForwardWith):
         object.__setattr__(self, "input_key", input_key)
         object.__setattr__(self, "call", forward_fn)
         object.__setattr__(self, "samples", next(iter(counts.values()), None))
+        object.__setattr__(self, "next_token", next_token)
 
     def forward(self, inputs: Tensor) -> object:
         return _bound_forward(self, inputs)
@@ -101,7 +106,9 @@ class BoundInputs(ForwardWith):
     def rows(self, index: slice | Tensor) -> BoundInputs:
         """The same call for a subset of the samples (``index`` into the B rows: a slice or indices)."""
         extras = {name: value[index] for name, value in self.extras.items()}
-        return BoundInputs(self.model, extras, input_key=self.input_key, forward_fn=self.call)
+        return BoundInputs(
+            self.model, extras, input_key=self.input_key, forward_fn=self.call, next_token=self.next_token
+        )
 
 
 def for_rows(model: nn.Module, rows: slice | Tensor) -> nn.Module:
@@ -131,10 +138,37 @@ def _bound_forward(view: BoundInputs, inputs: Tensor) -> object:
         times = inputs.shape[0] // samples
         extras = {name: value.repeat(times, *([1] * (value.ndim - 1))) for name, value in extras.items()}
     if view.call is not None:
-        return view.call(view.model, inputs, **extras)
-    if view.input_key is not None:
-        return view.model(**{view.input_key: inputs}, **extras)
-    return view.model(inputs, **extras)
+        output = view.call(view.model, inputs, **extras)
+    elif view.input_key is not None:
+        output = view.model(**{view.input_key: inputs}, **extras)
+    else:
+        output = view.model(inputs, **extras)
+    return next_token_scores(output, extras.get("attention_mask")) if view.next_token else output
+
+
+def next_token_scores(output: object, attention_mask: Tensor | None = None) -> Tensor:
+    """A causal language model's scores of the token after each text: its (B, T, V) logits (or ``output.logits``)
+    at each row's last real token, (B, V).
+
+    Args:
+        output: the model's output: (B, T, V) logits, or an object with them as ``logits``.
+        attention_mask: optional (B, T), 1 at the real tokens (padding on either side); None: the last position.
+
+    Example:
+        >>> logits = torch.arange(12.0).reshape(1, 3, 4)  # three positions, four tokens
+        >>> next_token_scores(logits, torch.tensor([[1, 1, 0]])).tolist()  # the last real token is the second
+        [[4.0, 5.0, 6.0, 7.0]]
+    """
+    logits = logits_of(output)
+    if not isinstance(logits, Tensor) or logits.ndim != 3:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"Next-token scores need (batch, tokens, vocabulary) logits, got {shape}.")
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    if attention_mask is None:
+        return logits[:, -1]
+    positions = torch.arange(logits.shape[1], device=logits.device)
+    last = torch.where(attention_mask.to(logits.device) != 0, positions, -1).amax(dim=1).clamp_min(0)
+    return logits[rows, last]
 
 
 def real_tokens(ids: Tensor, attention_mask: Tensor | None = None, pad_id: int | None = None) -> Tensor | None:

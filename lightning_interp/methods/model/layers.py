@@ -22,7 +22,11 @@ from lightning_interp.methods.model.core import (
     scores_from_output,
 )
 from lightning_interp.methods.model.tasks import target_scores
-from lightning_interp.methods.model.tokens import TokenReshape, _channels_last_outputs, token_grids
+from lightning_interp.methods.model.tokens import (
+    TokenReshape,
+    layer_layouts,
+    token_grids,
+)
 from lightning_interp.methods.model.trace import ModelTrace, trace_model
 
 __all__ = ["find_target_layer", "layers_with_patch_gradient", "spatial_layers"]
@@ -36,6 +40,7 @@ def spatial_layers(
     *,
     reshape: TokenReshape | None = None,
     trace: ModelTrace | None = None,
+    channels_last: bool = False,
 ) -> list[tuple[str, tuple[int, ...]]]:
     """Names and output shapes of the sub-modules with spatial output, in completion order.
 
@@ -45,13 +50,19 @@ def spatial_layers(
     tried on a zero tensor of the recorded shape, or without it through their
     :func:`token_grids` layout), it ran exactly once, so its
     output is unambiguous, and it is not Identity or Dropout (which only repeat
-    their input in eval mode).
+    their input in eval mode). A 4-D output counts only when its layout is
+    known (:func:`~lightning_interp.methods.model.tokens.layer_layouts`): a
+    channels-last (B, h, w, C) one only with ``channels_last`` (listed with
+    its shape as (B, C, h, w), to be read through
+    :func:`~lightning_interp.methods.model.tokens.channels_last_to_first`), one
+    whose layout cannot be told never.
 
     Args:
         model: the network.
         example_input: one or more inputs (only the first is run); may be None when ``trace`` is given.
         reshape: turns token outputs (B, N, C) into (B, C, h, w).
         trace: a :class:`ModelTrace` of ``model`` made earlier, to skip the dry forward.
+        channels_last: include the channels-last outputs (the caller permutes them to (B, C, h, w)).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
@@ -65,16 +76,20 @@ def spatial_layers(
     modules = dict(model.named_modules())
     grids = token_grids(trace)
     token_counts = {trace.shapes[name][1] for name in grids}
-    channels_last = _channels_last_outputs(trace)
+    layouts = layer_layouts(model, trace)
     found: list[tuple[str, tuple[int, ...]]] = []
     for name in trace.ran_once():
-        if name in channels_last and reshape is None:
-            continue  # (B, h, w, C): read as (B, C, h, w) its channels would become the map's width
         if isinstance(modules.get(name), _PASS_THROUGH):
             continue  # Identity and Dropout (in eval) repeat their input: the module before them is the layer
         shape = trace.shapes[name]
-        if len(shape) == 4 and shape[2] in token_counts:
-            continue  # attention internals (batch, heads, tokens, ...) of a transformer, not an image grid
+        if len(shape) == 4:
+            if shape[0] != 1 or shape[2] in token_counts or shape[2] in _enclosing_token_counts(name, trace):
+                continue  # not one map per sample (Swin's windows), or attention internals (batch, heads, tokens, ...)
+            layout = layouts.get(name)
+            if layout is None or (layout == "channels_last" and not channels_last):
+                continue  # (B, h, w, C) read as (B, C, h, w): its channels would become the map's width
+            if layout == "channels_last":
+                shape = (shape[0], shape[3], shape[1], shape[2])
         to_grid = reshape if reshape is not None else grids.get(name)
         if len(shape) == 3 and to_grid is not None:
             try:
@@ -84,6 +99,16 @@ def spatial_layers(
         if len(shape) == 4 and max(shape[-2:]) > 1:
             found.append((name, shape))
     return found
+
+
+def _enclosing_token_counts(name: str, trace: ModelTrace) -> set[int]:
+    """The token counts N of the (1, N, C) outputs and (B, N, C) inputs of the modules that contain module ``name``
+    (a window attention whose (1, heads, N, N) attention matrix or bias is no image grid)."""
+    parts = name.split(".")
+    outer = [".".join(parts[:end]) for end in range(1, len(parts))]
+    counts = {trace.shapes[parent][1] for parent in outer if len(trace.shapes.get(parent, ())) == 3}
+    # and of their (B * windows, N, C) inputs: HF Swin's attention returns a tuple, its input holds the windows
+    return counts | {trace.input_shapes[parent][1] for parent in outer if len(trace.input_shapes.get(parent, ())) == 3}
 
 
 def layers_with_patch_gradient(
@@ -126,7 +151,11 @@ def layers_with_patch_gradient(
             output = model(x)
         raw = output_transform(output) if output_transform is not None else output
         scores = scores_from_output(raw, None)
-        present = [(name, out) for name, out in zip(names, outputs, strict=True) if out is not None]
+        present = [  # one output per sample: not a relative position bias shared by the batch (HF Swin)
+            (name, out)
+            for name, out in zip(names, outputs, strict=True)
+            if out is not None and out.ndim > 0 and out.shape[0] == x.shape[0]
+        ]
         objectives = [target_scores(scores, resolve_target(target, scores, task), task).sum()]
         head_input = next((given for produced, given in heads if produced is raw), None)
         if head_input is not None:  # a zero-initialised head (torchvision's ViT) passes no gradient at all: then
@@ -184,6 +213,7 @@ def find_target_layer(
     target: Target = None,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
+    channels_last: bool = False,
 ) -> str:
     """The dotted name of the last module whose output has spatial extent (and, for tokens, gets a gradient).
 
@@ -204,6 +234,9 @@ def find_target_layer(
         target: the explained class for the gradient check of token layers, as in :func:`grad_cam`.
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
+        channels_last: also consider channels-last (B, h, w, C) outputs (Swin's stages and final norm), which
+            the caller must read through
+            :func:`~lightning_interp.methods.model.tokens.channels_last_to_first`; without it they are passed over.
 
     Raises:
         ValueError: no module has spatial output (or none whose patch tokens get a gradient); the message says
@@ -220,7 +253,7 @@ def find_target_layer(
         'encoder.layers.encoder_layer_1.ln_1'
     """
     trace = trace if trace is not None else trace_model(model, example_input)
-    found = [name for name, _ in spatial_layers(model, None, reshape=reshape, trace=trace)]
+    found = [name for name, _ in spatial_layers(model, None, reshape=reshape, trace=trace, channels_last=channels_last)]
     if not found:
         raise ValueError(
             f"{type(model).__name__} has no sub-module with spatial output (batch, channels, h, w) with h or w > 1 "

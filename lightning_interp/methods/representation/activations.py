@@ -9,11 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_interp.methods.model.core import captured_outputs, eager_forward, get_module, modes_preserved
+from lightning_interp.methods.model.inputs import for_rows
 
 __all__ = ["ActivationStatistics", "activation_maps", "activation_statistics", "most_active_channels"]
 
 TokenToGrid = Callable[[Tensor], Tensor]
-"""Turns a token layer's (B, N, C) output into a (B, C, h, w) grid (as ``methods.token_grids`` gives them)."""
+"""Turns a layer's output into a (B, C, h, w) grid: token outputs (B, N, C) (as ``methods.token_grids`` gives
+them), or channels-last (B, h, w, C) ones (``channels_last_to_first``)."""
 
 
 @torch.no_grad()
@@ -31,15 +33,21 @@ def activation_maps(
     One chunked no-grad forward pass (see :func:`~lightning_interp.methods.capture_features`,
     here without pooling), every module's mode saved and restored, hooks removed
     in ``finally``; each output is copied inside its hook, so a later in-place
-    ReLU cannot change it. Token outputs (N, T, C) with an entry in ``reshape``
-    become (N, C, h, w) grids; other outputs keep their shape with the channels
-    (units) on dimension 1. The maps stay on the model's device, in float32.
+    ReLU cannot change it. An output with an entry in ``reshape`` goes through
+    it: token outputs (N, T, C) become (N, C, h, w) grids, channels-last
+    (N, h, w, C) ones (Swin's stages, the norms inside ConvNeXt blocks; see
+    :func:`~lightning_interp.methods.model.tokens.layer_layouts`) become
+    (N, C, h, w) through
+    :func:`~lightning_interp.methods.model.tokens.channels_last_to_first`;
+    other outputs keep their shape, with the channels (units) on dimension 1.
+    The maps stay on the model's device, in float32.
 
     Args:
         model: the network, called as ``model(chunk)``.
         inputs: (N, ...) samples, on any device.
         layers: dotted module names.
-        reshape: layer name -> a function turning its (B, T, C) token output into (B, C, h, w).
+        reshape: layer name -> a function turning its output ((B, T, C) tokens, or (B, h, w, C) channels-last)
+            into (B, C, h, w).
         batch_size: samples per forward pass.
         eval_mode: run the model in eval mode.
 
@@ -50,6 +58,13 @@ def activation_maps(
         >>> net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU())
         >>> activation_maps(net, torch.randn(5, 1, 8, 8), ["1"])["1"].shape
         torch.Size([5, 3, 6, 6])
+        >>> from lightning_interp.methods.model.tokens import channels_last_to_first
+        >>> class ToChannelsLast(nn.Module):
+        ...     def forward(self, x):
+        ...         return x.permute(0, 2, 3, 1)
+        >>> net = nn.Sequential(nn.Conv2d(1, 3, 3), ToChannelsLast(), nn.Linear(3, 5))  # "2": (N, 6, 6, 5)
+        >>> activation_maps(net, torch.randn(2, 1, 8, 8), ["2"], reshape={"2": channels_last_to_first})["2"].shape
+        torch.Size([2, 5, 6, 6])
     """
     if inputs.shape[0] == 0:
         raise ValueError("activation_maps needs at least one input sample.")
@@ -66,7 +81,8 @@ def activation_maps(
             chunk = inputs[start : start + batch_size]
             moved = chunk.to(model_device, non_blocking=chunk.is_pinned())
             with captured_outputs(modules) as outputs:  # the recorded output is never overwritten in place
-                model(moved.clone() if moved.device == chunk.device else moved)  # never an inference tensor
+                bound = for_rows(model, slice(start, start + batch_size)) if chunk.shape[0] < inputs.shape[0] else model
+                bound(moved.clone() if moved.device == chunk.device else moved)  # never an inference tensor
             for name, output in zip(names, outputs, strict=True):
                 if output is None:
                     raise ValueError(
@@ -78,7 +94,7 @@ def activation_maps(
     for name in names:
         values = torch.cat(parts[name])
         to_grid = (reshape or {}).get(name)
-        maps[name] = to_grid(values) if to_grid is not None and values.ndim == 3 else values
+        maps[name] = to_grid(values) if to_grid is not None else values
     return maps
 
 

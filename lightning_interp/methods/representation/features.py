@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,97 @@ from lightning_interp.methods.model.core import eager_forward, get_module, modes
 from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.model.trace import ModelTrace, trace_model
 
-__all__ = ["auto_layers", "capture_features", "capture_pooled_features", "forward_chunk_size", "pool_features"]
+__all__ = [
+    "TOKEN_POOLINGS",
+    "TokenPooling",
+    "attends_ahead",
+    "auto_layers",
+    "capture_features",
+    "capture_pooled_features",
+    "forward_chunk_size",
+    "pool_features",
+    "pool_tokens",
+    "transformer_stack",
+]
+
+TokenPooling = Literal["cls", "mean", "last", "flatten"]
+"""How a token layer's (B, T, D) output becomes one (B, D) feature row per sample: its first token (``"cls"``), the
+mean over its real tokens (``"mean"``), its last real token (``"last"``, what a causal model has read the whole
+text at) or every token side by side (``"flatten"``, then bounded by ``max_features``)."""
+
+TOKEN_POOLINGS: tuple[str, ...] = ("cls", "mean", "last", "flatten")
+"""The values of :data:`TokenPooling`."""
+
+
+def pool_tokens(tokens: Tensor, how: str, real: Tensor | None = None) -> Tensor:
+    """One feature row per sample from token outputs (B, T, D), padding left out.
+
+    Args:
+        tokens: (B, T, D) outputs of a token layer.
+        how: ``"cls"``, ``"mean"``, ``"last"`` or ``"flatten"`` (see :data:`TokenPooling`).
+        real: optional (B, T) bool, True at the real tokens (not padding); None: every token is real.
+
+    Returns:
+        (B, D) for ``"cls"``, ``"mean"`` and ``"last"``; (B, T * D) for ``"flatten"`` (padding set to zero).
+
+    Example:
+        >>> tokens = torch.tensor([[[1.0], [3.0], [9.0]]])
+        >>> real = torch.tensor([[True, True, False]])
+        >>> [pool_tokens(tokens, how, real).tolist() for how in ("cls", "mean", "last")]
+        [[[1.0]], [[2.0]], [[3.0]]]
+    """
+    if how not in TOKEN_POOLINGS:
+        raise ValueError(f"token pooling must be one of {TOKEN_POOLINGS}, got {how!r}.")
+    if tokens.ndim != 3:
+        raise ValueError(f"pool_tokens takes (batch, tokens, dim) outputs, got {tuple(tokens.shape)}.")
+    values = tokens.float()
+    keep = None if real is None else real.to(device=values.device, dtype=torch.bool)
+    if how == "cls":
+        return values[:, 0]
+    if how == "flatten":
+        return (values if keep is None else values * keep[..., None]).reshape(values.shape[0], -1)
+    if how == "mean":
+        if keep is None:
+            return values.mean(dim=1)
+        weights = keep[..., None].to(values.dtype)
+        return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    positions = torch.arange(values.shape[1], device=values.device)
+    last = torch.full((values.shape[0],), values.shape[1] - 1, device=values.device, dtype=torch.long)
+    if keep is not None:  # the last real token, wherever the padding is (right or left)
+        last = torch.where(keep, positions, -1).amax(dim=1).clamp_min(0)
+    return values[torch.arange(values.shape[0], device=values.device), last]
+
+
+@torch.no_grad()
+def attends_ahead(model: nn.Module, ids: Tensor, layer: str, real: Tensor | None = None) -> bool:
+    """Whether the output of ``layer`` at a token depends on later tokens (a bidirectional encoder) or not (a causal
+    model): one sample's last real token is changed and the outputs at the tokens before it compared.
+
+    Args:
+        model: the network, called as ``model(ids)`` (a :class:`~lightning_interp.methods.BoundInputs` view for
+            models that take an attention mask).
+        ids: (1, T) token ids of one sample, with at least two real tokens.
+        layer: a layer with (1, T, D) outputs.
+        real: optional (1, T) bool, True at the real tokens.
+
+    Example:
+        >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+        >>> attends_ahead(net, torch.tensor([[1, 2, 3]]), "1")  # each token on its own
+        False
+    """
+    keep = torch.ones_like(ids, dtype=torch.bool) if real is None else real.reshape(ids.shape).bool()
+    positions = keep[0].nonzero().flatten()
+    if positions.numel() < 2:
+        raise ValueError("attends_ahead needs a sample with at least two real tokens.")
+    last = int(positions[-1])
+    changed = ids.clone()
+    changed[0, last] = ids[0, positions[0]] if ids[0, positions[0]] != ids[0, last] else ids[0, last] + 1
+    before = capture_features(model, ids, [layer], max_features=None)[layer]
+    after = capture_features(model, changed, [layer], max_features=None)[layer]
+    width = before.shape[1] // ids.shape[1]
+    earlier = slice(0, last * width)
+    return not torch.allclose(before[:, earlier], after[:, earlier], rtol=1e-4, atol=1e-5)
+
 
 _NORMALISATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
@@ -65,6 +156,8 @@ def capture_features(
     max_features: int | None = 4096,
     eval_mode: bool = True,
     device: torch.device | str | None = None,
+    token_pooling: TokenPooling | None = None,
+    real_tokens: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Run ``inputs`` through ``model`` in chunks and return each layer's pooled output.
 
@@ -84,6 +177,9 @@ def capture_features(
         max_features: per-layer bound on the feature size, see :func:`pool_features`.
         eval_mode: run the model in eval mode.
         device: where to return the features; None (the default) keeps them on the model's device.
+        token_pooling: how (batch, tokens, dim) outputs become one row per sample (:func:`pool_tokens`) before
+            ``max_features`` bounds them; None pools them as :func:`pool_features` does.
+        real_tokens: optional (N, T) bool, True at the real tokens (not padding), for ``token_pooling``.
 
     Returns:
         layer name (the dotted name for module objects) -> (N, D) float32 tensor.
@@ -105,6 +201,8 @@ def capture_features(
         batch_size=batch_size,
         eval_mode=eval_mode,
         modules=dict(zip(names, found, strict=True)),
+        token_pooling=token_pooling,
+        real_tokens=real_tokens,
     )
     features = {name: pooled[(name, max_features)] for name in names}
     if device is not None:
@@ -121,6 +219,8 @@ def capture_pooled_features(
     batch_size: int = 256,
     eval_mode: bool = True,
     modules: Mapping[str, nn.Module] | None = None,
+    token_pooling: TokenPooling | None = None,
+    real_tokens: Tensor | None = None,
 ) -> dict[tuple[str, int | None], Tensor]:
     """One chunked forward pass giving each named layer's output pooled to every requested bound.
 
@@ -134,6 +234,9 @@ def capture_pooled_features(
         batch_size: samples per forward pass.
         eval_mode: run the model in eval mode.
         modules: the modules of the names, when already looked up.
+        token_pooling: how (batch, tokens, dim) outputs become one row per sample (:func:`pool_tokens`); None
+            pools them as :func:`pool_features` does.
+        real_tokens: optional (N, T) bool, True at the real tokens (not padding), for ``token_pooling``.
 
     Returns:
         (layer name, bound) -> (N, D) float32 tensor on the model's device.
@@ -154,11 +257,24 @@ def capture_pooled_features(
     parts: dict[tuple[str, int | None], list[Tensor]] = {(n, b): [] for n in names for b in dict.fromkeys(requests[n])}
     latest: dict[str, dict[int | None, Tensor]] = {}
     handles = []
+    if token_pooling is not None and token_pooling not in TOKEN_POOLINGS:
+        raise ValueError(f"token_pooling must be None or one of {TOKEN_POOLINGS}, got {token_pooling!r}.")
+    chunk_real: list[Tensor | None] = [None]  # the real tokens of the chunk running
 
     def make_hook(name: str) -> Callable:
         def hook(_module: nn.Module, _args: object, output: object) -> None:
+            if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+                output = output[0]  # a block that returns (hidden states, ...)
             if isinstance(output, Tensor):  # pool (and copy) now: a later in-place op must not change it
                 kept = {}
+                if token_pooling is not None and output.ndim == 3:
+                    real = chunk_real[0]
+                    if real is not None and real.shape[1] != output.shape[1]:
+                        raise ValueError(
+                            f"Layer {name!r} gives {output.shape[1]} tokens per sample, but the inputs have "
+                            f"{real.shape[1]}: its outputs cannot be pooled over the real tokens."
+                        )
+                    output = pool_tokens(output, token_pooling, real)
                 for bound in dict.fromkeys(requests[name]):
                     pooled = pool_features(output, bound).float()
                     kept[bound] = pooled.clone() if _shares_memory(pooled, output) else pooled
@@ -173,6 +289,8 @@ def capture_pooled_features(
             for start in range(0, inputs.shape[0], batch_size):
                 latest.clear()
                 chunk = inputs[start : start + batch_size]
+                if real_tokens is not None:
+                    chunk_real[0] = real_tokens[start : start + batch_size].to(model_device)
                 moved = chunk.to(model_device, non_blocking=chunk.is_pinned())
                 bound = for_rows(model, slice(start, start + batch_size)) if chunk.shape[0] < inputs.shape[0] else model
                 bound(moved.clone() if moved.device == chunk.device else moved)  # never an inference tensor
@@ -228,8 +346,12 @@ def auto_layers(
     layers, ...), ran exactly once and gave one output row per sample (not a
     position embedding of the sequence), leaving out normalisation layers. When
     the model's top-level children form a chain of blocks, their outputs are
-    used instead (the usual "one point per stage" view). Up to ``max_layers``
-    are chosen evenly spaced, always keeping the last.
+    used instead (the usual "one point per stage" view). In a transformer (a
+    stack of two or more blocks of one class giving (1, tokens, dim)
+    outputs, see :func:`transformer_stack`) they are the embeddings' output
+    and each block's, not the query, key and value projections inside the
+    blocks. Up to ``max_layers`` are chosen evenly spaced, always keeping the
+    last.
 
     Args:
         model: the network.
@@ -256,6 +378,9 @@ def auto_layers(
         for name in once
         if any(True for _ in modules[name].parameters(recurse=False)) and not isinstance(modules[name], _NORMALISATION)
     ]
+    stack = transformer_stack(model, trace)
+    if stack:  # a transformer: the output of its embeddings and of each block, not the projections inside them
+        return evenly_spaced(stack, max_layers)
     blocks = _chained_blocks(model, once)
     candidates = blocks if len(blocks) >= min(3, len(weighted)) and blocks else weighted
     if not candidates:
@@ -264,6 +389,41 @@ def auto_layers(
             "name the layers explicitly (dotted names from model.named_modules())."
         )
     return evenly_spaced(candidates, max_layers)
+
+
+def transformer_stack(model: nn.Module, trace: ModelTrace) -> list[str]:
+    """The layers whose outputs a transformer's representations are read at: the output of its embeddings (the
+    last (1, T, D) output before the first block) and of each block of its longest stack of blocks (two or more
+    children of one container, of one class, each running once with a (1, T, D) output), in forward order;
+    ``[]`` for a model without such a stack.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+        >>> net = nn.Sequential(nn.Embedding(10, 8), nn.TransformerEncoder(layer, 3, enable_nested_tensor=False))
+        >>> transformer_stack(net, trace_model(net, torch.tensor([[1, 2, 3]])))
+        ['0', '1.layers.0', '1.layers.1', '1.layers.2']
+    """
+    best: list[str] = []
+    for prefix, container in model.named_modules():
+        children = list(container.named_children())
+        if len(children) < 2 or len({type(child) for _, child in children}) != 1:
+            continue
+        names = [f"{prefix}.{name}" if prefix else name for name, _ in children]
+        ran = all(trace.calls.get(n) == 1 and len(trace.shapes.get(n, ())) == 3 for n in names)
+        if ran and len(names) > len(best):
+            best = names
+    if not best:
+        return []
+    order = list(trace.order)
+    blocks = sorted(best, key=order.index)
+    inside = tuple(f"{name}." for name in best)
+    shape = trace.shapes[blocks[0]]
+    before = [
+        name
+        for name in order[: order.index(blocks[0])]
+        if trace.shapes.get(name) == shape and trace.calls.get(name) == 1 and not name.startswith(inside)
+    ]
+    return before[-1:] + blocks
 
 
 def evenly_spaced(names: list[str], count: int) -> list[str]:
