@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_interp import DataDescription, Display
 from lightning_interp.callbacks import (
+    AttentionCallback,
     GradCAMCallback,
     LinearProbeCallback,
     RepresentationSimilarityCallback,
@@ -254,8 +255,19 @@ def test_a_causal_language_model_is_explained_at_its_next_token(tmp_path):
                 batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"]
             ).loss
 
-    fit(CausalLM(model), [saliency, probe_callback], Sentences(), tmp_path)
+    attention = AttentionCallback(num_samples=4, display=INLINE, rollout=False)
+    fit(CausalLM(model), [saliency, probe_callback, attention], Sentences(), tmp_path)
     assert saliency._call.next_token and probe_callback._pooling == "last"  # found causal on one sample
+    assert attention._query == "last"  # the token the next one is read at
+    probe = attention.probe
+    mask = probe.extras["attention_mask"]
+    model.eval()
+    model.set_attn_implementation("eager")  # the model's own weights: its eager attention reports them
+    with torch.no_grad():
+        own = model(input_ids=probe.inputs, attention_mask=mask, output_attentions=True).attentions[-1]
+    last = mask.sum(dim=1) - 1
+    rows = own[torch.arange(len(last)), :, last].mean(dim=1) * mask
+    assert torch.allclose(next(iter(attention.last_maps.values())), rows, atol=1e-5)
     probe = saliency.probe
     mask = probe.extras["attention_mask"]
     reference, _ = masked_gradient_norms(model, model.get_input_embeddings(), probe.inputs, mask, next_token=True)
