@@ -42,6 +42,9 @@ from lightning_interp.options import DataDescription, Display
 from lightning_interp.probe import BatchParser, ProbeSet, ValidationScan, parse_batch, scannable
 
 T = TypeVar("T")
+MODEL_INPUT_KEYS = ("token_type_ids", "position_ids", "pixel_mask", "bool_masked_pos")
+"""Batch keys that change what a HuggingFace model computes (with ``*attention_mask``): one the model never
+receives is warned about before training."""
 POOL_FACTOR = 8  # a stream's probe is drawn from this many times num_samples of its first samples
 
 
@@ -472,7 +475,7 @@ class InterpCallback(Callback):
             named = probe.input_key is not None and keyword_inputs(pl_module.forward, [probe.input_key])
             input_key = probe.input_key if named else None
         left = [key for key in offered if key not in keys]
-        masks = [key for key in left if "mask" in key or key in ("token_type_ids", "position_ids")]
+        masks = [key for key in left if key.endswith("attention_mask") or key in MODEL_INPUT_KEYS]
         context = active_context(trainer)
         note = f"unreceived {sorted(masks)}"
         if masks and (context is None or note not in context.notes):
