@@ -241,6 +241,7 @@ class InterpCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_sharded_strategies(self, trainer)
         _refuse_name_clash(self, trainer)
+        _run_before_weight_averaging(trainer)
         self._data = _shared_description(self, trainer)
         join_run(trainer, self)
         if stage in ("fit", "validate"):  # every run starts clean; a checkpoint's state, if any, is loaded next
@@ -833,6 +834,42 @@ def _refuse_name_clash(callback: InterpCallback, trainer: pl.Trainer) -> None:
                 f"(interp_{callback.name}/...) and checkpoint state would collide: give each its own name, e.g. "
                 f"{kind}(..., name='{callback.name}_2')."
             )
+
+
+def _run_before_weight_averaging(trainer: pl.Trainer) -> None:
+    """Put every lightning-interp callback before the first ``WeightAveraging`` callback in ``trainer.callbacks``.
+
+    Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging` (``EMAWeightAveraging``, ...) swaps the
+    averaged weights into the model at ``on_validation_epoch_start`` and the trained ones back at
+    ``on_validation_epoch_end``, the hook where the lightning-interp callbacks work: one listed after it would explain
+    the trained weights while validation scored the averaged ones. Hooks are called in the order of
+    ``trainer.callbacks`` at the time of each call, and Lightning sorts that list (checkpoint callbacks last) before
+    the callbacks' ``setup`` only, so the order set here holds for the run. The other callbacks keep their relative
+    order; a new list is assigned (the ``setup`` loop in progress goes on over the old one, each callback once).
+    Idempotent: every lightning-interp callback's ``setup`` calls it, the first one reorders and says so in the log.
+    ``StochasticWeightAveraging`` swaps nothing at validation (it copies its average in when training ends), so it is
+    left alone.
+    """
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:  # Lightning before 2.5 has no WeightAveraging
+        return
+    callbacks = list(trainer.callbacks)
+    first = next((i for i, callback in enumerate(callbacks) if isinstance(callback, WeightAveraging)), None)
+    if first is None:
+        return
+    late = [callback for callback in callbacks[first + 1 :] if isinstance(callback, InterpCallback)]
+    if not late:
+        return
+    moved = {id(callback) for callback in late}
+    trainer.callbacks = [*callbacks[:first], *late, *(c for c in callbacks[first:] if id(c) not in moved)]
+    averaging = type(callbacks[first]).__name__
+    rank_zero_info(
+        f"lightning-interp: {', '.join(type(callback).__name__ for callback in late)} now run before {averaging} in "
+        f"trainer.callbacks, so that they explain the averaged weights validation uses ({averaging} swaps them in at "
+        "each validation epoch's start and back at its end, where these callbacks work); the other callbacks keep "
+        "their order."
+    )
 
 
 def _check_finite_inputs(callback: Callback, probe: ProbeSet) -> None:

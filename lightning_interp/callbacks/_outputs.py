@@ -33,12 +33,17 @@ class ValidationOutputsCallback(InterpCallback):
     A forward hook on the LightningModule, active only during a due
     validation epoch on global rank zero and removed at its end before any
     other work, keeps (detached, on its device) what each ``validation_step``
-    gets from ``self(x)``; a ``validation_step`` that returns a dict with
-    ``"logits"`` (or ``"scores"``, ``"preds"``, ``"y_hat"``) is read from that
-    instead. Labels come from the batch (``batch_parser``). A subclass's
-    ``_run`` calls :meth:`_collected`. The base's probe set (two samples, or
-    ``num_samples`` set by a subclass that also explains probe samples) marks
-    the run as ready.
+    gets from ``self(x)`` and counts those calls; a ``validation_step`` that
+    returns a dict with ``"logits"`` (or ``"scores"``, ``"preds"``, ``"y_hat"``)
+    is read from that instead, however often it called the model. A
+    ``validation_step`` that calls ``self(...)`` more than once on a batch
+    (test-time augmentation, an ensemble of passes) and returns no logits is
+    read from its last call, which is not what it reports: that is warned
+    about once per fit, with the fix (return ``{"logits": averaged}``).
+    Labels come from the batch (``batch_parser``). A subclass's ``_run`` calls
+    :meth:`_collected`. The base's probe set (two samples, or ``num_samples``
+    set by a subclass that also explains probe samples) marks the run as
+    ready.
     """
 
     def __init__(
@@ -64,7 +69,8 @@ class ValidationOutputsCallback(InterpCallback):
         )
         self.output_transform = output_transform
         self._handle: RemovableHandle | None = None
-        self._captured: list[Any] = []
+        self._captured: Any = None  # the output of the batch's last call of the LightningModule
+        self._calls = 0  # how often validation_step called the LightningModule on the batch
         self._logits: list[Tensor] = []
         self._labels: list[Tensor] = []
 
@@ -81,7 +87,8 @@ class ValidationOutputsCallback(InterpCallback):
         if self._collecting(trainer):
 
             def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
-                self._captured.append(output)
+                self._captured = output
+                self._calls += 1
 
             self._handle = pl_module.register_forward_hook(keep)
 
@@ -89,7 +96,7 @@ class ValidationOutputsCallback(InterpCallback):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._captured = []
+        self._captured, self._calls = None, 0
 
     @override
     def on_validation_batch_end(
@@ -102,12 +109,14 @@ class ValidationOutputsCallback(InterpCallback):
         dataloader_idx: int = 0,
     ) -> None:
         super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        captured, self._captured = self._captured, []
+        captured, calls = self._captured, self._calls
+        self._captured, self._calls = None, 0
         if self._handle is None or dataloader_idx != 0:
             return
         output = _logits_in(outputs)
+        last_of_several = output is None and calls > 1  # returned logits are what validation_step reports: read those
         if output is None:
-            if not captured:
+            if not calls:
                 self._warn_once(
                     "no output",
                     f"{type(self).__name__}: validation_step neither called the LightningModule (self(x)) nor "
@@ -115,7 +124,7 @@ class ValidationOutputsCallback(InterpCallback):
                     "logged.",
                 )
                 return
-            output = captured[-1]
+            output = captured
         labels = parse_batch(batch, self.batch_parser).labels
         if labels is None:
             self._warn_once("no labels", f"{type(self).__name__} needs labels in the validation batches; none found.")
@@ -130,6 +139,15 @@ class ValidationOutputsCallback(InterpCallback):
                 "or several times); pass output_transform=..., or return {'logits': ...} from validation_step.",
             )
             return
+        if last_of_several:
+            self._warn_once(
+                "several calls",
+                f"{type(self).__name__}: validation_step called the LightningModule {calls} times on one batch "
+                "(test-time augmentation, several passes?) and returned no logits, so this callback reads the output "
+                "of the last call only, not the prediction validation_step reports (e.g. the mean of the calls). To "
+                "analyse what it reports, return it: `return {'logits': averaged_logits}` from validation_step (or "
+                f"under one of the keys {LOGIT_KEYS}); it is read instead of the calls.",
+            )
         self._logits.append(logits)
         self._labels.append(labels.detach())
 
@@ -137,7 +155,8 @@ class ValidationOutputsCallback(InterpCallback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._captured, self._logits, self._labels = [], [], []
+        self._captured, self._calls = None, 0
+        self._logits, self._labels = [], []
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

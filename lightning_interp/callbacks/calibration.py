@@ -46,11 +46,20 @@ class CalibrationCallback(ValidationOutputsCallback):
     - ``reliability``: the reliability diagram (accuracy per confidence bin
       against the diagonal, the gap hatched, the share of samples per bin below).
 
+    What is calibrated is what ``validation_step`` reports: the logits it
+    returns in such a dict, whenever it returns them. A ``validation_step``
+    that calls ``self(...)`` several times on a batch (test-time
+    augmentation: ``(self(x) + self(x.flip(-1))) / 2``) and returns nothing
+    would be read from its last call alone; that is warned about once per
+    fit: return ``{"logits": averaged}`` to calibrate the averaged prediction.
+
     Multi-class (C logits) and binary (one logit) models with class-index or
     one-hot labels are supported. A ``validation_step`` that neither calls
     ``self(...)`` nor returns logits is warned about once (nothing to read);
     so is a captured output whose batch size differs from the labels'. Under
     DDP the numbers are those of rank zero's share of the validation set.
+    With a ``WeightAveraging`` callback (``EMAWeightAveraging``), the
+    validation pass, and so the calibration, is that of the averaged weights.
 
     Cost per run: the kept logits (N x C values on the model's device), a
     fixed number of Newton steps for the temperature (a few element-wise ops

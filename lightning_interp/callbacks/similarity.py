@@ -9,10 +9,11 @@ from typing import Any, Literal, NamedTuple
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step, to_numpy
+from lightning_interp.callbacks._base import unwrapped
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods import (
@@ -47,7 +48,15 @@ class RepresentationSimilarityCallback(RepresentationCallback):
     - ``<layer>/cka_vs_previous``: CKA between the layer now and at the
       previous logged run: near 1 once the layer has settled;
     - ``<layer>/cka_vs_start``: CKA to the layer before the first optimisation
-      step (captured at ``on_train_start``): how far training has moved it;
+      step (captured at ``on_train_start``): how far training has moved it.
+      With a stream (an ``IterableDataset``) as validation data whose probe
+      set is not drawn yet at ``on_train_start`` (the sanity check's batches
+      were too few), a CPU copy of the model's weights and buffers at that
+      moment is kept instead, said in the log with its size; once the probe is
+      drawn (at the end of the first validation epoch) the start features are
+      computed with those weights put into the model for one forward pass and
+      the current ones put back, bit for bit, and the copy is dropped. To avoid
+      the copy, give ``probe=ProbeSet(...)`` or more ``num_sanity_val_steps``;
     - with ``reference_model``: ``cka_vs_reference`` (a layers x reference
       layers heatmap) and ``<layer>/cka_vs_reference_max``.
 
@@ -146,6 +155,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         self._reference_chunk = 256
         self._previous_grams: Tensor | None = None
         self._start_grams: Tensor | None = None
+        self._start_weights: list[Tensor] | None = None  # a stream's start weights (CPU), until its probe is drawn
         self._noted_single = False  # warned this run that one-value layers use the Euclidean RDM
         self._layout: tuple[ProbeSet, torch.device, Tensor, Tensor | None] | None = None  # see _probe_layout
 
@@ -153,6 +163,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
     def _reset_run_state(self) -> None:
         super()._reset_run_state()
         self._previous_grams = self._start_grams = None
+        self._start_weights = None
         self._noted_single = False
         self._layout = None
         if self._reference_auto:
@@ -161,6 +172,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
     def _restart_comparisons(self) -> None:
         super()._restart_comparisons()
         self._previous_grams = self._start_grams = None
+        self._start_weights = None
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         super()._check_model(pl_module)
@@ -204,11 +216,58 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             self._reference_features(trainer, pl_module, probe.subset(min(4, len(probe))))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Keep the layers' Gram matrices before the first optimisation step, for ``cka_vs_start``."""
+        """Keep the layers' Gram matrices before the first optimisation step, for ``cka_vs_start``; for a stream whose
+        probe is not drawn yet, a CPU copy of the weights, to compute them once it is."""
         if "cka" not in self.metrics or self._start_grams is not None or not trainer.is_global_zero:
             return
         if self._ensure_ready(trainer, pl_module):
             self._start_grams = self._grams(self._features(trainer, self._explained(pl_module), shared=False)).float()
+        elif self._from_stream and self.probe is None:
+            self._start_weights = [tensor.detach().to("cpu", copy=True) for tensor in _weights(unwrapped(pl_module))]
+            size = sum(tensor.numel() * tensor.element_size() for tensor in self._start_weights) / 2**20
+            rank_zero_info(
+                f"{type(self).__name__}: the validation data is a stream and the probe samples come from its batches, "
+                "too few of which were seen before training to draw them; a CPU copy of the start weights "
+                f"({size:.1f} MiB) is kept until the probe is drawn at the end of the first validation, for "
+                "cka_vs_start. To avoid it, give probe=ProbeSet(...) or raise num_sanity_val_steps."
+            )
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        if self._start_weights is not None and self.probe is not None and self._prepared and trainer.is_global_zero:
+            self._take_start_grams(trainer, pl_module)  # a probe drawn at an epoch not due: the copy can go now
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._start_weights = None  # a stream that never gave a probe: the copy goes with the run
+        super().teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._start_weights = None
+        super().on_exception(trainer, pl_module, exception)
+
+    def _take_start_grams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The Gram matrices of the start weights kept for a stream (see :meth:`on_train_start`): put into the model
+        for one forward pass on the probe set, the model's own weights and buffers put back bit for bit."""
+        start, self._start_weights = self._start_weights, None
+        assert start is not None
+        current = _weights(unwrapped(pl_module))
+        if len(current) != len(start) or any(a.shape != b.shape for a, b in zip(current, start, strict=True)):
+            rank_zero_warn(
+                f"{type(self).__name__}: the model's parameters changed shape since training started; "
+                "cka_vs_start is not logged in this run."
+            )
+            return
+        saved = [tensor.detach().to("cpu", copy=True) for tensor in current]  # on the host: no device memory spent
+        try:
+            with torch.no_grad():
+                for tensor, value in zip(current, start, strict=True):
+                    tensor.data.copy_(value)
+            features = self._features(trainer, self._explained(pl_module), shared=False)
+            self._start_grams = self._grams(features).float()
+        finally:
+            with torch.no_grad():
+                for tensor, value in zip(current, saved, strict=True):
+                    tensor.data.copy_(value)
 
     # ------------------------------------------------------------------ the work
     def _grams(self, features: dict[str, Tensor], *, warn: bool = True) -> Tensor:
@@ -237,6 +296,8 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         return cached[2], cached[3]
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        if self._start_weights is not None:  # a stream's probe, just drawn: the start features first
+            self._take_start_grams(trainer, pl_module)
         features = self._features(trainer, pl_module)
         step = logging_step(trainer)
         parts: list[_Pending] = []
@@ -466,6 +527,11 @@ def _warn_undefined_rsa(finite: Sequence[bool], undefined: Sequence[float], labe
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _weights(model: nn.Module) -> list[Tensor]:
+    """The model's parameters and buffers, in a fixed order (what a forward pass depends on)."""
+    return [*model.parameters(), *model.buffers()]
 
 
 def _on_cpu(tensor: Tensor | None) -> Tensor | None:
