@@ -24,6 +24,7 @@ from lightning_interp.callbacks import (
     TCAVTest,
     UncertaintyCallback,
 )
+from lightning_interp.methods import DetectionTarget, SegmentationTarget
 from lightning_interp.options import DataDescription, Display
 from lightning_interp.probe import ProbeSet
 
@@ -37,6 +38,7 @@ __all__ = [
     "ConceptCallback",
     "DataDescription",
     "DatasetBiasCallback",
+    "DetectionTarget",
     "Display",
     "ExplanationQualityCallback",
     "FeatureVisualizationCallback",
@@ -47,6 +49,7 @@ __all__ = [
     "ReportCallback",
     "RepresentationSimilarityCallback",
     "SaliencyCallback",
+    "SegmentationTarget",
     "TCAVTest",
     "UncertaintyCallback",
     "__version__",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch.utils.data import (
 )
 
 from lightning_interp._lightning import user_sampler
+from lightning_interp.methods.model.detection import box_masks
 from lightning_interp.methods.model.tasks import label_kind
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
 INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values", "img", "input_ids", "tokens")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class", "cls")
 MASK_KEYS = ("mask", "masks", "segmentation", "seg", "object_mask")
+CLASS_MAP_KEYS = ("class_map", "class_maps", "label_map", "semantic", "semantic_mask")
+"""Dict keys read as segmentation class maps: (B, H, W) integer class indices (see :func:`parse_batch`)."""
 
 
 @dataclass
@@ -51,6 +54,7 @@ class ParsedBatch:
     masks: Tensor | None = None
     extras: dict[str, Tensor] | None = None
     input_key: str | None = None
+    class_maps: Tensor | None = None
 
     def to_host(self) -> ParsedBatch:
         """A copy with every tensor detached, on the CPU."""
@@ -59,12 +63,19 @@ class ParsedBatch:
             return None if value is None else value.detach().cpu().clone()
 
         extras = None if self.extras is None else {name: host(value) for name, value in self.extras.items()}
-        return ParsedBatch(host(self.inputs), host(self.labels), host(self.masks), extras, self.input_key)  # type: ignore[arg-type]
+        return ParsedBatch(
+            host(self.inputs),  # type: ignore[arg-type]
+            host(self.labels),
+            host(self.masks),
+            extras,
+            self.input_key,
+            host(self.class_maps),
+        )
 
 
 BatchParser = Callable[[Any], ParsedBatch | tuple]
-"""A user function turning one batch into ``ParsedBatch`` or ``(inputs, labels, masks)``
-(labels and masks may be None)."""
+"""A user function turning one batch into ``ParsedBatch``, ``(inputs, labels, masks)`` or ``(inputs, labels, masks,
+class_maps)`` (any but the inputs may be None; class maps: (B, H, W) integer class indices of a segmentation set)."""
 
 
 def _looks_like_labels(value: object, inputs: Tensor) -> bool:
@@ -111,6 +122,23 @@ def _as_mask(value: object, inputs: Tensor) -> Tensor | None:
     return None
 
 
+def _as_class_map(value: object, inputs: Tensor, *, binary: bool = True) -> Tensor | None:
+    """``value`` as (B, H, W) int64 if it is a segmentation class map on the inputs' grid: an integer (not boolean)
+    (B, H, W) or (B, 1, H, W) tensor; with ``binary=False`` only one holding a value above 1 (an integer tensor of 0
+    and 1 under a mask key stays an object mask)."""
+    if not isinstance(value, Tensor) or inputs.ndim != 4 or value.shape[:1] != inputs.shape[:1]:
+        return None
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        return None
+    if value.ndim == 4 and value.shape[1] == 1:
+        value = value[:, 0]
+    if value.ndim != 3 or tuple(value.shape[-2:]) != tuple(inputs.shape[-2:]):
+        return None
+    if not binary and (value.numel() == 0 or int(value.max()) <= 1):
+        return None
+    return value.long()
+
+
 def _warn_about_mask_grid(items: Iterable[object], inputs: Tensor, what: str = "a batch item") -> None:
     """Warn about the first item shaped like per-pixel masks (batch, h, w) / (batch, 1, h, w) on another grid."""
     for item in items:
@@ -125,6 +153,48 @@ def _warn_about_mask_grid(items: Iterable[object], inputs: Tensor, what: str = "
                 stacklevel=3,
             )
             return
+
+
+def _is_detection_targets(value: object) -> bool:
+    """Whether ``value`` is a detection set's targets: a list (or tuple) of dicts, one per image, with ``boxes``."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(item, Mapping) and isinstance(item.get("boxes"), Tensor) for item in value)
+    )
+
+
+def _detection_batch(batch: Sequence[Any]) -> ParsedBatch:
+    """A detection batch ``(images, targets)`` (torchvision's collate, ``tuple(zip(*samples))``): the images
+    stacked into (B, C, H, W) inputs, and each image's ground-truth boxes as its (B, H, W) mask (the union of its
+    boxes); no labels (an image holds several objects)."""
+    images, targets = batch[0], batch[1]
+    if isinstance(images, Tensor):
+        shapes = {tuple(images.shape[1:])}
+    elif isinstance(images, (list, tuple)) and all(isinstance(image, Tensor) for image in images):
+        shapes = {tuple(image.shape) for image in images}
+    else:
+        raise TypeError(f"A detection batch's images must be a list of (C, H, W) tensors, got {_describe(images)}.")
+    count = images.shape[0] if isinstance(images, Tensor) else len(images)
+    if count != len(targets) or any(len(shape) != 3 for shape in shapes):
+        raise ValueError(
+            f"A detection batch (images, targets) needs one (C, H, W) image per target dict; got {count} images of "
+            f"shapes {sorted(shapes)[:4]} and {len(targets)} target dicts."
+        )
+    if len(shapes) > 1:
+        raise ValueError(
+            f"The images of this detection batch have different sizes ({sorted(shapes)[:4]}); the callbacks explain "
+            "the probe images as one (N, C, H, W) batch. Resize the validation images to one size in the dataset, "
+            "or give the callbacks probe=ProbeSet(images_of_one_size, masks=box_masks) (box_masks from "
+            "lightning_interp.methods turns boxes into masks)."
+        )
+    inputs = images if isinstance(images, Tensor) else torch.stack(list(images))
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    masks = []
+    for target in targets:
+        boxes = target["boxes"].detach().reshape(-1, 4).cpu()
+        masks.append(box_masks(boxes, size).any(dim=0) if boxes.shape[0] else torch.zeros(size, dtype=torch.bool))
+    return ParsedBatch(inputs, None, torch.stack(masks))
 
 
 def _describe(batch: object) -> str:
@@ -147,6 +217,17 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
     with keys such as ``image``/``input``/``x``, ``label``/``target``/``y``
     and ``mask``. For anything else pass ``parser``.
 
+    Segmentation batches: an integer (B, H, W) (or (B, 1, H, W)) tensor on the
+    inputs' grid is a *class map* (one class index per pixel, kept as int64,
+    never binarised) when it is the second item of a tuple (``(image,
+    class_map)``), under a key of ``CLASS_MAP_KEYS`` or a label key, or under
+    a mask key with a value above 1. Boolean, float and 0/1 masks under the
+    mask keys (or after the labels in a tuple) stay object masks.
+
+    Detection batches: ``(images, targets)`` with a list of (C, H, W) images (or a (B, C, H, W) tensor) and a
+    list of target dicts with ``boxes`` (torchvision's form): the images of one size are stacked, and each image's
+    ground-truth boxes become its mask (their union); images of different sizes are refused.
+
     Raises:
         TypeError: the batch has another form; the message shows what was found.
 
@@ -163,25 +244,34 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
             return result
         if isinstance(result, Tensor):
             return ParsedBatch(result)
-        items = [*list(result), None, None]
-        return ParsedBatch(items[0], items[1], items[2])
+        items = [*list(result), None, None, None]
+        return ParsedBatch(items[0], items[1], items[2], class_maps=items[3])
     if isinstance(batch, Tensor):
         return ParsedBatch(batch)
+    if isinstance(batch, (list, tuple)) and len(batch) == 2 and _is_detection_targets(batch[1]):
+        return _detection_batch(batch)
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
         inputs = batch[0]
         # the first item after the inputs that can be labels: (x, y, ...), or (ids, attention_mask, y)
         labels = next((item for item in batch[1:] if _looks_like_labels(item, inputs)), None)
+        # a segmentation batch (image, class_map): an integer (B, H, W) map where the labels would be
+        class_maps = _as_class_map(batch[1], inputs) if len(batch) > 1 else None
         masks = next((m for m in (_as_mask(item, inputs) for item in batch[2:]) if m is not None), None)
-        if masks is None and inputs.ndim == 4:
+        if masks is None and class_maps is None and inputs.ndim == 4:
             _warn_about_mask_grid(batch[2:], inputs)
-        return ParsedBatch(inputs, labels, masks)
+        return ParsedBatch(inputs, labels, masks, class_maps=class_maps)
     if isinstance(batch, Mapping):
         key = next((k for k in INPUT_KEYS if isinstance(batch.get(k), Tensor)), None)
         if key is not None:
             inputs = batch[key]
             labels = next((batch[k] for k in LABEL_KEYS if _looks_like_labels(batch.get(k), inputs)), None)
-            masks = next((m for m in (_as_mask(batch.get(k), inputs) for k in MASK_KEYS) if m is not None), None)
-            given = next((k for k in MASK_KEYS if isinstance(batch.get(k), Tensor)), None)
+            found = [(k, _as_class_map(batch.get(k), inputs)) for k in (*CLASS_MAP_KEYS, *LABEL_KEYS)]
+            found += [(k, _as_class_map(batch.get(k), inputs, binary=False)) for k in MASK_KEYS]
+            map_key, class_maps = next(((k, m) for k, m in found if m is not None), (None, None))
+            masks = next(
+                (m for m in (_as_mask(batch.get(k), inputs) for k in MASK_KEYS if k != map_key) if m is not None), None
+            )
+            given = next((k for k in MASK_KEYS if isinstance(batch.get(k), Tensor) and k != map_key), None)
             if masks is None and given is not None and inputs.ndim == 4:
                 _warn_about_mask_grid([batch[given]], inputs, f"batch[{given!r}]")
             # the model's other inputs: every other per-sample tensor (the model's forward decides which it takes)
@@ -191,11 +281,12 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
                 if k != key
                 and k not in LABEL_KEYS
                 and k not in MASK_KEYS
+                and k not in CLASS_MAP_KEYS
                 and isinstance(v, Tensor)
                 and v.ndim >= 1
                 and v.shape[0] == inputs.shape[0]
             }
-            return ParsedBatch(inputs, labels, masks, extras or None, str(key))
+            return ParsedBatch(inputs, labels, masks, extras or None, str(key), class_maps)
     raise TypeError(
         f"Cannot find the inputs in a batch of the form: {_describe(batch)}. Understood forms are a tensor, "
         f"(inputs, labels, ...) tuples and dicts with an input key {INPUT_KEYS}. "
@@ -224,6 +315,9 @@ class ProbeSet:
         masks: optional (N, H, W) ground-truth object masks (or (N, T) for token, feature and
             signal inputs: which tokens, features or time steps hold the evidence): boolean, integer (non-zero is
             inside) or float (above 0.5 is inside).
+        class_maps: optional (N, H, W) integer class maps of a segmentation set (one class index per pixel, e.g.
+            255 for unlabelled pixels), kept as int64: the map callbacks score each map against the mask of the
+            class it explains, and the representation callbacks derive multi-hot image labels from them.
         indices: optional (N,) dataset indices of the samples (set by the draws from a dataloader).
         extras: the model's other inputs, by keyword, each (N, ...): a dict batch's ``attention_mask``,
             ``token_type_ids``, ... (set by the draws from dict batches). The callbacks pass the ones the model's
@@ -250,6 +344,7 @@ class ProbeSet:
         indices: Tensor | None = None,
         extras: Mapping[str, Tensor] | None = None,
         input_key: str | None = None,
+        class_maps: Tensor | None = None,
     ) -> None:
         if not isinstance(inputs, Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
             shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
@@ -260,6 +355,7 @@ class ProbeSet:
             self.labels = None if labels is None else as_labels(torch.as_tensor(labels)).clone()
             self.masks = None if masks is None else torch.as_tensor(masks).detach().cpu().clone()
             self.indices = None if indices is None else torch.as_tensor(indices).detach().cpu().long().clone()
+            self.class_maps = None if class_maps is None else torch.as_tensor(class_maps).detach().cpu().clone()
             self.extras: dict[str, Tensor] = {
                 str(name): torch.as_tensor(value).detach().cpu().clone() for name, value in (extras or {}).items()
             }
@@ -288,6 +384,16 @@ class ProbeSet:
                     f"{tuple(self.masks.shape)}."
                 )
             self.masks = self.masks > 0.5 if self.masks.is_floating_point() else self.masks.bool()
+        if self.class_maps is not None:
+            if self.class_maps.ndim == 4 and self.class_maps.shape[1] == 1:
+                self.class_maps = self.class_maps[:, 0]
+            maps = self.class_maps
+            if maps.ndim != 3 or maps.shape[0] != count or maps.is_floating_point() or maps.dtype == torch.bool:
+                raise ValueError(
+                    f"class_maps must be ({count}, H, W) integer class indices (one per pixel), got "
+                    f"{tuple(maps.shape)} {maps.dtype}; boolean object masks go in masks=..."
+                )
+            self.class_maps = maps.long()
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -295,7 +401,8 @@ class ProbeSet:
     def __repr__(self) -> str:
         return (
             f"ProbeSet(n={len(self)}, input_shape={tuple(self.inputs.shape[1:])}, "
-            f"labels={self.has_labels}, masks={self.has_masks})"
+            f"labels={self.has_labels}, masks={self.has_masks}"
+            + (", class_maps=True)" if self.class_maps is not None else ")")
         )
 
     @property
@@ -307,6 +414,11 @@ class ProbeSet:
     def has_masks(self) -> bool:
         """Whether the probe samples carry ground-truth object masks."""
         return self.masks is not None
+
+    @property
+    def has_class_maps(self) -> bool:
+        """Whether the probe samples carry segmentation class maps."""
+        return self.class_maps is not None
 
     def subset(self, count: int) -> ProbeSet:
         """The first ``count`` samples as a new probe set."""
@@ -327,6 +439,7 @@ class ProbeSet:
             indices=None if self.indices is None else self.indices[index],
             extras={name: value[index] for name, value in self.extras.items()},
             input_key=self.input_key,
+            class_maps=None if self.class_maps is None else self.class_maps[index],
         )
         probe.source = self.source
         return probe
@@ -372,6 +485,8 @@ class ProbeSet:
         state = {"inputs": self.inputs, "labels": self.labels, "masks": self.masks, "indices": self.indices}
         if self.extras or self.input_key is not None:
             state.update(extras=dict(self.extras), input_key=self.input_key)
+        if self.class_maps is not None:
+            state["class_maps"] = self.class_maps
         return state
 
     @classmethod
@@ -390,6 +505,7 @@ class ProbeSet:
             indices=state.get("indices"),
             extras=state.get("extras"),
             input_key=state.get("input_key"),
+            class_maps=state.get("class_maps"),
         )
 
     @classmethod
@@ -751,8 +867,8 @@ class ValidationScan:
         return torch.cat(labels) if labels else None
 
 
-_Sample = tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor]]
-"""One sample of a parsed batch: inputs, label, mask and the model's other inputs, on the CPU."""
+_Sample = tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor], Tensor | None]
+"""One sample of a parsed batch: inputs, label, mask, the model's other inputs and class map, on the CPU."""
 
 
 def _sample(parsed: ParsedBatch, row: int) -> _Sample:
@@ -761,6 +877,7 @@ def _sample(parsed: ParsedBatch, row: int) -> _Sample:
         None if parsed.labels is None else as_labels(parsed.labels[row : row + 1])[0].clone(),
         None if parsed.masks is None else parsed.masks[row].detach().cpu().clone(),
         {name: value[row].detach().cpu().clone() for name, value in (parsed.extras or {}).items()},
+        None if parsed.class_maps is None else parsed.class_maps[row].detach().cpu().clone(),
     )
 
 
@@ -781,7 +898,8 @@ def _probe_of(samples: list[_Sample], input_key: str | None, *, indices: Tensor 
     extras = {
         name: torch.stack([_padded(s[3][name], longest, s[0].shape[-1]) for s in samples]) for name in sorted(names)
     }
-    return ProbeSet(inputs, labels, masks, indices=indices, extras=extras, input_key=input_key)
+    class_maps = None if any(s[4] is None for s in samples) else torch.stack([s[4] for s in samples])  # type: ignore[misc]
+    return ProbeSet(inputs, labels, masks, indices=indices, extras=extras, input_key=input_key, class_maps=class_maps)
 
 
 def _check_paddable(samples: list[_Sample], lengths: set[torch.Size]) -> None:

@@ -8,6 +8,7 @@ live here, the schedule and probe handling in :class:`InterpCallback`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,14 +22,24 @@ from torch import Tensor, nn
 from lightning_interp._logging import log_image, logging_step, to_host
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, refuse_unknown_arguments
 from lightning_interp.callbacks._checks import check_arguments
+from lightning_interp.callbacks._detection import BoundDetections, detection_row_texts
+from lightning_interp.callbacks._segmentation import (
+    BoundRegions,
+    region_pixels,
+    segmentation_row_texts,
+)
 from lightning_interp.methods import (
     METHODS,
     BoundInputs,
+    DetectionTarget,
     OutputTransform,
+    SegmentationTarget,
     TaskOption,
     check_method_options,
     class_labels,
     concentration,
+    dense_output,
+    detection_outputs,
     infer_task,
     localization,
     pointing_game,
@@ -42,13 +53,14 @@ from lightning_interp.visualize import (
     input_to_rgb,
     is_signal_input,
     map_tiles,
+    outline_region,
     render_feature_rows,
     render_grid,
     render_signals,
     render_tokens,
 )
 
-TargetSpec = Literal["pred", "label"] | int
+TargetSpec = Literal["pred", "label"] | int | SegmentationTarget | DetectionTarget
 
 HISTORY_SIZE = 64  # longest side of the maps kept for evolution strips
 MAX_GRID_ROWS = 32  # probe samples drawn in the per-epoch grid (scores cover all of them)
@@ -91,6 +103,29 @@ class MapCallback(InterpCallback):
             fixed class index (output index for a regression). For a binary
             model (one logit), ``"pred"`` explains the predicted side: for a
             negative prediction, what makes the logit more negative.
+            For a segmentation model (dense (B, C, H, W) scores, or a dict's
+            ``"out"``) the maps explain class ``c``'s scores summed over a
+            region: a :class:`~lightning_interp.methods.SegmentationTarget`
+            says which class, which region (``"predicted"``, ``"label"``,
+            ``"all"``) and ``"sum"`` or ``"mean"``; ``"pred"`` is
+            ``SegmentationTarget()`` (per sample the non-background class with
+            the largest predicted area, over its predicted mask), an index
+            ``c`` that class over its predicted mask, and ``"label"`` the
+            largest labelled class over its ground-truth mask (the probe's
+            class maps). Localization and the pointing game then score each
+            map against the explained class's ground-truth mask, and the grid
+            outlines the region explained.
+            For an object detector (a torchvision-style model that returns
+            one dict of ``boxes``, ``labels`` and ``scores`` per image) the
+            maps explain one detection per image, its class score: a
+            :class:`~lightning_interp.methods.DetectionTarget` says which (by
+            rank, of a class, with or without its box); ``"pred"`` is
+            ``DetectionTarget()`` (the top detection) and an index ``c`` the
+            top detection of class ``c``. The detection is fixed on the clean
+            image and matched in every copy the methods run by label and IoU
+            (pytorch-grad-cam's ``FasterRCNNBoxScoreTarget``); the grid
+            outlines its box and localization scores the maps against the
+            ground-truth boxes of ``(images, targets)`` batches.
         task: the output kind: ``"multiclass"`` (softmax over C scores),
             ``"binary"`` (one logit, sigmoid), ``"multilabel"`` (C independent
             sigmoids, multi-hot labels; ``"pred"`` explains the top label) or
@@ -130,8 +165,15 @@ class MapCallback(InterpCallback):
         **unknown: Any,
     ) -> None:
         refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
-        if not (target in ("pred", "label") or (isinstance(target, int) and not isinstance(target, bool))):
-            raise ValueError(f"target must be 'pred', 'label' or a class index (int), got {target!r}.")
+        if not (
+            isinstance(target, (SegmentationTarget, DetectionTarget))
+            or target in ("pred", "label")
+            or (isinstance(target, int) and not isinstance(target, bool))
+        ):
+            raise ValueError(
+                f"target must be 'pred', 'label', a class index (int), a SegmentationTarget or a DetectionTarget, "
+                f"got {target!r}."
+            )
         if isinstance(target, int) and target < 0:
             raise ValueError(f"A fixed target class must be >= 0, got {target}.")
         self.target = target
@@ -153,6 +195,36 @@ class MapCallback(InterpCallback):
         self._history: list[tuple[int, dict[str, Tensor]]] = []
         self._warned_zero: set[str] = set()
         self._label_chars = 0  # the row-label width the grids of this fit use (drawn on the worker thread only)
+
+    _output_transform: OutputTransform | None = None
+    _segmentation: SegmentationTarget | None = None  # in force for this fit: the model's output is dense
+    _regions: BoundRegions | None = None
+    _segmentation_model: tuple[pl.Trainer, pl.LightningModule] | None = None
+    _detection: DetectionTarget | None = None  # in force for this fit: the model is a detector
+    _detections: BoundDetections | None = None
+    _detection_model: tuple[pl.Trainer, pl.LightningModule] | None = None
+
+    @property
+    def output_transform(self) -> OutputTransform | None:
+        """The ``output_transform`` the methods get: the one given, or for a segmentation model the region scores
+        of the samples being explained, for a detector their explained detections' scores (see ``target``)."""
+        if self._regions is not None:
+            return self._regions
+        return self._detections if self._detections is not None else self._output_transform
+
+    @output_transform.setter
+    def output_transform(self, value: OutputTransform | None) -> None:
+        self._output_transform = value
+
+    @property
+    def detection(self) -> DetectionTarget | None:
+        """The detection target in force for this fit (None: the model is not a detector)."""
+        return self._detection
+
+    @property
+    def segmentation(self) -> SegmentationTarget | None:
+        """The segmentation target in force for this fit (None: the model's output is not dense)."""
+        return self._segmentation
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
         raise NotImplementedError
@@ -216,6 +288,12 @@ class MapCallback(InterpCallback):
                 "ProbeSet without masks."
             )
         trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
+        self._segmentation, self._regions = None, None
+        self._detection, self._detections, self._detection_model = None, None, None
+        if self._prepare_detection(trainer, pl_module, probe, trace.output):
+            return
+        if self._prepare_segmentation(trainer, pl_module, probe, trace.output):
+            return
         outputs = scores_from_output(trace.output, self.output_transform).shape[1]
         self._labels_fit = True
         try:
@@ -258,6 +336,130 @@ class MapCallback(InterpCallback):
             )
         self._task = task
 
+    def _prepare_segmentation(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet, output: object
+    ) -> bool:
+        """Whether the model is a segmentation model explained over regions (then checked and set up): its output
+        (or ``output_transform``'s, with a ``SegmentationTarget``) is dense (B, C, H, W) scores of image inputs."""
+        name = type(self).__name__
+        given = self.target if isinstance(self.target, SegmentationTarget) else None
+        if given is not None:
+            dense = self._output_transform(output) if self._output_transform is not None else dense_output(output)
+            if not isinstance(dense, Tensor) or dense.ndim != 4:
+                found = tuple(dense.shape) if isinstance(dense, Tensor) else type(output).__name__
+                raise ValueError(
+                    f"{name}(target=SegmentationTarget(...)) explains a segmentation model, whose output is dense "
+                    f"class scores (batch, classes, H, W) (or a dict with them under 'out'); this model gives "
+                    f"{found}. Pass output_transform=... that returns the dense scores, or a plain target for a "
+                    "classifier."
+                )
+        else:
+            dense = dense_output(output) if self._output_transform is None and probe.inputs.ndim == 4 else None
+            if dense is None:
+                return False
+            assert not isinstance(self.target, SegmentationTarget)
+            given = SegmentationTarget(
+                class_index=self.target,  # type: ignore[arg-type]
+                region="label" if self.target == "label" else "predicted",
+            )
+        classes = dense.shape[1]
+        if isinstance(given.class_index, int) and given.class_index >= classes:
+            raise ValueError(
+                f"{name}: class {given.class_index} is not a class of this segmentation model ({classes} classes: 0 "
+                f"to {classes - 1})."
+            )
+        if given.needs_class_map and probe.class_maps is None:
+            raise ValueError(
+                f"{name}: {given} reads the ground-truth class maps, but the probe samples carry none. Give batches "
+                "(image, class_map) with a (batch, H, W) integer class map, a dict with it under 'class_map' (or "
+                "'mask', 'label'), or probe=ProbeSet(inputs, class_maps=...); or explain the predicted mask with "
+                "SegmentationTarget(class_index='pred', region='predicted')."
+            )
+        if probe.class_maps is not None and tuple(probe.class_maps.shape[-2:]) != tuple(probe.inputs.shape[-2:]):
+            raise ValueError(
+                f"{name}: the probe class maps are {tuple(probe.class_maps.shape[-2:])} but the inputs "
+                f"{tuple(probe.inputs.shape[-2:])}; resize the class maps to the inputs (nearest neighbour)."
+            )
+        self._segmentation, self._regions = given, BoundRegions()
+        self._segmentation_model = (trainer, pl_module)
+        self._task, self._labels_fit = "multiclass", False
+        return True
+
+    def _prepare_detection(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet, output: object
+    ) -> bool:
+        """Whether the model is an object detector explained one detection per image (then checked and set up):
+        its output (or ``output_transform``'s, with a ``DetectionTarget``) is one dict of boxes, labels and scores
+        per image of (N, C, H, W) image inputs."""
+        name = type(self).__name__
+        given = self.target if isinstance(self.target, DetectionTarget) else None
+        if given is not None:
+            picked = self._output_transform(output) if self._output_transform is not None else output
+            if detection_outputs(picked) is None:
+                raise ValueError(
+                    f"{name}(target=DetectionTarget(...)) explains an object detector, whose output is one dict per "
+                    "image with 'boxes' (K, 4), 'labels' (K,) and 'scores' (K,) (a torchvision detector in eval "
+                    f"mode); this model gives {type(picked).__name__}. Pass output_transform=... that returns that "
+                    "list, or a plain target for a classifier."
+                )
+        else:
+            if self._output_transform is not None or detection_outputs(output) is None:
+                return False
+            if self.target == "label":
+                raise ValueError(
+                    f"{name}(target='label'): the model is an object detector, and an image holds several labelled "
+                    "objects. Explain a detection instead: target='pred' (the top detection), a class index (the "
+                    "top detection of that class) or target=DetectionTarget(index=..., label=...)."
+                )
+            given = DetectionTarget(label=self.target if isinstance(self.target, int) else None)
+        if probe.inputs.ndim != 4:
+            raise ValueError(
+                f"{name}: a detector's probe inputs must be images (N, C, H, W), got {tuple(probe.inputs.shape)}. Give "
+                "validation batches (images, targets) with a list of (C, H, W) images of one size and a list of "
+                "target dicts, or probe=ProbeSet(images)."
+            )
+        self._detection, self._detections = given, BoundDetections()
+        self._detection_model = (trainer, pl_module)
+        self._task, self._labels_fit = "regression", False  # one output per sample: the explained detection's score
+        return True
+
+    def _bind_detections(self, probe: ProbeSet, device: torch.device) -> Tensor:
+        """Fix the explained detection of each sample of ``probe`` on its clean inputs, for the methods' detection
+        scores; returns the (B,) target column (zeros). Samples without one are warned about once per run."""
+        assert self._detection is not None and self._detections is not None and self._detection_model is not None
+        trainer, pl_module = self._detection_model
+        inputs = self._device_inputs(trainer, pl_module, probe.inputs).to(device)
+        model = self._explained(pl_module, probe)
+        with self._model_context(trainer), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # said below, once per run, with what to do
+            target, scores = self._detection.resolve(model, inputs, output_transform=self._output_transform)
+        self._detections.bind(scores)
+        missing = [int(i) for i in torch.nonzero(~scores.found.cpu()).flatten()]
+        if missing and "no detection" not in self._warned_zero:
+            self._warned_zero.add("no detection")
+            what = f"of class {self._detection.label} " if self._detection.label is not None else ""
+            rank_zero_warn(
+                f"{type(self).__name__}: probe sample(s) {missing[:8]} have no detection {what}at rank "
+                f"{self._detection.rank}, so their maps are zero. Lower the detector's score threshold (torchvision: "
+                "box_score_thresh=...), or explain another rank or class with target=DetectionTarget(...) (warned "
+                "once per run)."
+            )
+        return target
+
+    def _bind_regions(self, probe: ProbeSet, device: torch.device) -> Tensor:
+        """Fix the explained class and region of each sample of ``probe`` on its clean inputs, for the methods'
+        region scores; returns the (B,) explained classes."""
+        assert self._segmentation is not None and self._regions is not None and self._segmentation_model is not None
+        trainer, pl_module = self._segmentation_model
+        inputs = self._device_inputs(trainer, pl_module, probe.inputs).to(device)
+        model = self._explained(pl_module, probe)
+        with self._model_context(trainer):
+            target, scores = self._segmentation.resolve(
+                model, inputs, probe.class_maps, output_transform=self._output_transform
+            )
+        self._regions.bind(target, scores)
+        return target
+
     def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Explain two probe samples as a run would (in the trainer's precision), logging nothing."""
         sample = probe.subset(min(2, len(probe)))
@@ -274,6 +476,8 @@ class MapCallback(InterpCallback):
         self._warned_zero = set()
         self._task = None
         self._label_chars = 0
+        self._segmentation, self._regions, self._segmentation_model = None, None, None
+        self._detection, self._detections, self._detection_model = None, None, None
 
     def _zero_map_reason(self, key: str) -> str:
         """Why the maps of ``key`` can be zero everywhere (shown in the warning)."""
@@ -287,7 +491,11 @@ class MapCallback(InterpCallback):
         return self.target == "label"
 
     def _labels_reason(self) -> str:
-        return f"{type(self).__name__}(target='label') needs labels (use target='pred' otherwise)"
+        return (
+            f"{type(self).__name__}(target='label') needs labels (use target='pred' otherwise; for a segmentation "
+            "set of (image, class_map) batches, target=SegmentationTarget(class_index='label', region='label'); for "
+            "an object detector, target='pred' (the top detection) or target=DetectionTarget(...))"
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
@@ -322,6 +530,10 @@ class MapCallback(InterpCallback):
         self._history = list(state_dict.get("history", []))
 
     def _target_for(self, probe: ProbeSet, device: torch.device) -> Tensor | int | None:
+        if self._detection is not None:
+            return self._bind_detections(probe, device)
+        if self._segmentation is not None:
+            return self._bind_regions(probe, device)
         if self.target == "pred":
             return None
         if self.target == "label":
@@ -337,7 +549,8 @@ class MapCallback(InterpCallback):
         with self._model_context(trainer):
             result = self._explain(pl_module, inputs, self._target_for(probe, inputs.device))
         maps = {key: value.float() for key, value in result.maps.items()}  # AMP: float32 before any scoring
-        scores = self._scores(maps, result.signed, probe)
+        regions, class_masks = self._explained_regions(probe, result.target, tuple(probe.inputs.shape[-2:]))
+        scores = self._scores(maps, result.signed, probe, masks=class_masks)
         device = next(iter(maps.values())).device if maps else torch.device("cpu")
         for key, value in result.scalars.items():  # the methods' own scalars join the one transfer below
             scores[f"interp_{self.name}/{key}"] = torch.as_tensor(value, dtype=torch.float64, device=device)
@@ -376,6 +589,16 @@ class MapCallback(InterpCallback):
         device_parts |= {f"extra {key}": value[:shown].float() for key, value in result.extra.items()}
         device_parts |= {f"evolution {key}": value for key, value in evolution.items()}
         device_parts |= {"scores": result.scores[:shown].float(), "target": result.target[:shown].float()}
+        if regions is not None:
+            device_parts["regions"] = regions[:shown]
+        detected = self._detections.current if self._detection is not None and self._detections else None
+        if detected is not None:  # the explained detections, for the row texts
+            device_parts |= {
+                "detection labels": detected.labels[:shown],
+                "detection scores": detected.scores[:shown].float(),
+                "detection boxes": detected.boxes[:shown].float(),
+                "detection found": detected.found[:shown],
+            }
         host = to_host(device_parts)  # one copy to the host for the whole picture and the evolution strip
         picture = _GridData(
             inputs=self._shown_inputs(probe)[:shown],
@@ -387,15 +610,51 @@ class MapCallback(InterpCallback):
             titles=dict(result.titles),
             task=self.output_task,
             extra={key: host[f"extra {key}"] for key in result.extra},
+            regions=host.get("regions"),
+            segmentation=self._segmentation,
+            detections=None
+            if detected is None
+            else tuple(host[f"detection {part}"] for part in ("labels", "scores", "boxes", "found")),
         )
         self._submit(trainer, lambda: self._log_grids(trainer, picture, step))
         if evolution:
             self._remember(trainer.current_epoch, {key: host[f"evolution {key}"].half() for key in evolution})
         return scalars
 
-    def _scores(self, maps: dict[str, Tensor], signed: set[str], probe: ProbeSet) -> dict[str, Tensor]:
-        """Per-map scores as 0-dim tensors where the maps are (the caller brings them to the host at once)."""
+    def _explained_regions(
+        self, probe: ProbeSet, target: Tensor, size: tuple[int, ...]
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """For a segmentation model: each sample's explained region on the inputs' grid (N, H, W) bool, and its
+        ground-truth mask of the explained class (None without class maps); for a detector, each sample's explained
+        box as a mask, scored against the probe's masks (its ground-truth boxes); (None, None) otherwise. Warns once
+        when a region is empty (its maps are zero)."""
+        if self._detection is not None and self._detections is not None and self._detections.current is not None:
+            return self._detections.boxes((int(size[-2]), int(size[-1]))).to(target.device), None
+        if self._segmentation is None or self._regions is None or self._regions.current is None:
+            return None, None
+        region = self._regions.region()
+        if tuple(region.shape[-2:]) != tuple(size):
+            region = torch.nn.functional.interpolate(region[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+        empty = [int(i) for i in torch.nonzero(region_pixels(region) == 0).flatten().tolist()]
+        if empty and "empty regions" not in self._warned_zero:
+            self._warned_zero.add("empty regions")
+            rank_zero_warn(
+                f"{type(self).__name__}: the explained region of probe sample(s) {empty[:8]} is empty (the explained "
+                f"class has no pixel in the {self._segmentation.region} region), so their maps are zero. Use "
+                "class_index='pred' or region='all' (warned once per run)."
+            )
+        masks = None
+        if probe.class_maps is not None:
+            masks = probe.class_maps.to(target.device) == target[:, None, None]
+        return region, masks
+
+    def _scores(
+        self, maps: dict[str, Tensor], signed: set[str], probe: ProbeSet, *, masks: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Per-map scores as 0-dim tensors where the maps are (the caller brings them to the host at once);
+        ``masks``: the masks to score against instead of the probe's (a segmentation model's explained classes)."""
         values: dict[str, Tensor] = {}
+        given = masks
         masks = None
         real = probe.real_tokens(self.pad_id)  # token maps are scored over the real tokens
         for key, value in maps.items():
@@ -420,9 +679,11 @@ class MapCallback(InterpCallback):
                     pairs = zip(value, before, kept, strict=True)
                     correlations = [rank_correlation(now[i][None], then[i][None]) for now, then, i in pairs]
                     values[f"{prefix}/stability"] = _nanmean(torch.cat(correlations))
-            where = _on_mask_grid(positive, probe.masks)
+            reference = given if given is not None else probe.masks
+            where = _on_mask_grid(positive, reference)
             if where is not None:
-                masks = probe.masks.to(value.device) if masks is None else masks
+                assert reference is not None
+                masks = reference.to(value.device) if masks is None else masks
                 empty = ~masks.reshape(masks.shape[0], -1).any(dim=1)  # nothing to point at (a neutral sentence)
                 for metric, score in (("localization", localization), ("pointing_game", pointing_game)):
                     per_sample = score(where, masks).double()
@@ -443,7 +704,13 @@ class MapCallback(InterpCallback):
         part = slice(rows.start, rows.stop)
         inputs = picture.inputs[part]
         names = self.class_names or self._next_token_names(picture.scores.shape[1])
-        labels = row_texts(picture.task, picture.scores, picture.target, picture.labels, names)
+        if picture.detections is not None:
+            labels = detection_row_texts(*picture.detections, names)
+        elif picture.segmentation is not None and picture.regions is not None:
+            pixels = region_pixels(picture.regions)
+            labels = segmentation_row_texts(picture.target, picture.scores, pixels, picture.segmentation, names)
+        else:
+            labels = row_texts(picture.task, picture.scores, picture.target, picture.labels, names)
         drawn = self._rows_image(
             inputs,
             {picture.titles.get(key, key): maps[part] for key, maps in picture.maps.items()},
@@ -457,6 +724,12 @@ class MapCallback(InterpCallback):
         for key, maps in picture.maps.items():
             cmap = "RdBu_r" if key in picture.signed else self.cmap
             columns.append(map_tiles(inputs, maps[part], cmap=cmap, signed=key in picture.signed, floor=floor))
+        if picture.regions is not None:  # segmentation: the region explained, detection: its box, on every tile
+            regions = picture.regions[part].numpy()
+            columns = [
+                [outline_region(tile, region) for tile, region in zip(column, regions, strict=True)]
+                for column in columns
+            ]
         tiles = [list(row) for row in zip(*columns, strict=True)]
         # the widest label of every row so far, plus room for a longer confidence: the grid (and each of its
         # parts) keeps one width from run to run
@@ -709,6 +982,9 @@ class _GridData:
     titles: dict[str, str]
     task: str = "multiclass"
     extra: dict[str, Tensor] = field(default_factory=dict)
+    regions: Tensor | None = None  # a segmentation model's explained region per sample, (N, H, W) bool
+    segmentation: SegmentationTarget | None = None
+    detections: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # a detector: labels, scores, boxes, found
 
 
 def is_token_input(inputs: Tensor) -> bool:

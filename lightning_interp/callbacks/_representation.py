@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from lightning_interp.callbacks._base import InterpCallback, parse_layer_names, refuse_unknown_arguments, unwrapped
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._context import active_context
+from lightning_interp.callbacks._segmentation import derived_image_labels
 from lightning_interp.methods import (
     TOKEN_POOLINGS,
     ModelTrace,
@@ -120,6 +121,26 @@ class RepresentationCallback(InterpCallback):
                     "(output, weights) tuple, for instance), so there is no representation to read. Name a module "
                     "that returns a tensor: the block that contains it, or the layer after it (e.g. its norm)."
                 )
+
+    def _accept_probe(self, probe: ProbeSet) -> None:
+        """A segmentation set's probe (class maps, no image labels) is labelled with the classes present in each
+        image (multi-hot), said once in the log."""
+        derived = derived_image_labels(probe, type(self).__name__) if self._needs_labels() else None
+        if derived is not None:
+            labels, note = derived
+            rank_zero_info(note)
+            labelled = ProbeSet(
+                probe.inputs,
+                labels,
+                probe.masks,
+                indices=probe.indices,
+                extras=probe.extras,
+                input_key=probe.input_key,
+                class_maps=probe.class_maps,
+            )
+            labelled.source = probe.source
+            probe = labelled
+        super()._accept_probe(probe)
 
     def _token_pooling(self, pl_module: nn.Module, probe: ProbeSet, trace: ModelTrace) -> str | None:
         """The token pooling in force: the option, or for ``"auto"`` on token ids, ``"last"`` for a causal model

@@ -118,6 +118,30 @@ def overlay(image: np.ndarray, heat: np.ndarray, values: np.ndarray, *, alpha: f
     return np.clip((1 - weight) * grey + weight * heat, 0.0, 1.0)
 
 
+def outline_region(tile: np.ndarray, region: np.ndarray, color: Sequence[float] = (0.1, 1.0, 0.3)) -> np.ndarray:
+    """``tile`` (H, W, 3) floats in [0, 1] with the border pixels of ``region`` (a boolean mask, resized nearest
+    neighbour to the tile) painted ``color``: the region a segmentation explanation explains.
+
+    Example:
+        >>> region = np.zeros((5, 5), dtype=bool); region[1:4, 1:4] = True
+        >>> drawn = outline_region(np.zeros((5, 5, 3)), region)
+        >>> drawn[..., 1].astype(int).tolist()[2]  # the middle row: the border on both sides, the inside left alone
+        [0, 1, 0, 1, 0]
+    """
+    mask = np.asarray(region, dtype=bool)
+    height, width = tile.shape[:2]
+    if mask.shape != (height, width):
+        rows = (np.arange(height) * mask.shape[0] // max(height, 1)).clip(0, mask.shape[0] - 1)
+        cols = (np.arange(width) * mask.shape[1] // max(width, 1)).clip(0, mask.shape[1] - 1)
+        mask = mask[rows][:, cols]
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    border = mask & ~inner
+    drawn = np.array(tile, dtype=float, copy=True)
+    drawn[border] = np.asarray(color, dtype=float)
+    return drawn
+
+
 def _title_lines(text: str, fits: int, wrap: bool) -> list[str]:
     """A column title's lines, each at most ``fits`` characters: wrapped at spaces when ``wrap``, then cut from the
     left (a layer name's end tells it apart)."""

@@ -236,6 +236,14 @@ def scores_from_output(output: object, output_transform: OutputTransform | None)
         )
     if scores.ndim == 1:
         scores = scores.unsqueeze(1)
+    if scores.ndim == 4 and output_transform is None:
+        raise ValueError(
+            f"Expected class scores of shape (batch, classes), got {tuple(scores.shape)}: dense (batch, classes, H, "
+            "W) scores, a segmentation output. Explain a class over a region: target, transform = "
+            "segmentation_target(model, inputs, class_index, region='predicted') (lightning_interp.methods), then "
+            "pass target and output_transform=transform to the method; the map callbacks do this themselves "
+            "(target=SegmentationTarget(...))."
+        )
     if scores.ndim != 2:
         raise ValueError(
             f"Expected class scores of shape (batch, classes), got {tuple(scores.shape)}. "
@@ -246,10 +254,21 @@ def scores_from_output(output: object, output_transform: OutputTransform | None)
 
 def logits_of(output: object) -> object:
     """``output.logits`` (or ``output["logits"]``) where the output carries a tensor under that name (HuggingFace's
-    ``ModelOutput``), else the output itself."""
+    ``ModelOutput``), a mapping's ``"out"`` (torchvision's segmentation models: ``{"out": ..., "aux": ...}``),
+    else the output itself.
+
+    Example:
+        >>> logits_of({"out": torch.zeros(1, 3, 2, 2), "aux": torch.zeros(1, 3, 2, 2)}).shape
+        torch.Size([1, 3, 2, 2])
+    """
     if isinstance(output, Tensor):
         return output
-    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(output, Mapping):
+        logits = output.get("logits")
+        if not isinstance(logits, Tensor):
+            logits = output.get("out")
+    else:
+        logits = getattr(output, "logits", None)
     return logits if isinstance(logits, Tensor) else output
 
 
