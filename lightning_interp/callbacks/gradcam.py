@@ -18,6 +18,7 @@ from lightning_interp.methods import (
     LayerLayout,
     MethodsArg,
     TokenReshape,
+    dense_output,
     find_target_layer,
     get_module,
     layer_layouts,
@@ -135,6 +136,18 @@ class GradCAMCallback(LayerMapCallback):
         for name in self.layers:
             get_module(pl_module, name)
 
+    def _before_the_segmentation_head(self, chosen: str, found: dict[str, tuple[int, ...]], output: object) -> str:
+        """For a segmentation model, the automatic layer is the last spatial one; when that is the classifier head
+        (its channels are the classes: Grad-CAM of the logits themselves), the last spatial layer before the head's
+        class-score layers instead (the features the head reads)."""
+        dense = dense_output(output) if self.segmentation is not None else None
+        names = list(found)
+        real = next((name for name in names if plain_name(name) == chosen), None)
+        if dense is None or real is None or found[real][1] != dense.shape[1]:
+            return chosen
+        earlier = [name for name in names[: names.index(real)] if found[name][1] != dense.shape[1]]
+        return plain_name(earlier[-1]) if earlier else chosen
+
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         super()._prepare(trainer, pl_module, probe)
         example = self._example_input(pl_module, probe)
@@ -165,6 +178,7 @@ class GradCAMCallback(LayerMapCallback):
                     )
                 )
             ]
+            self.layers = [self._before_the_segmentation_head(self.layers[0], found, trace.output)]
         real = {name: module_name(pl_module, name) or name for name in self.layers}  # compiled: under '_orig_mod'
         reshapes: dict[str, TokenReshape | None] = {}
         for name in self.layers:

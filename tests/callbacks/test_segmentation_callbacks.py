@@ -162,3 +162,25 @@ def test_a_linear_probe_on_a_segmentation_set_reads_the_classes_present_in_each_
     assert torch.equal(probe_callback.probe.labels, expected)
     assert probe_callback._runs == 1
     assert any(tag.startswith("interp_probe/net.backbone.4/") for tag in events.scalars)
+
+
+def test_grad_cam_auto_layer_of_a_segmentation_model_is_before_its_class_score_head(tmp_path):
+    """The last spatial layer of a segmentation model is its classifier (its channels are the classes): Grad-CAM of
+    the logits themselves. layer='auto' takes the last spatial layer before the head's class-score layers."""
+    from lightning_interp.callbacks import GradCAMCallback
+
+    torch.manual_seed(0)
+    net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=3, aux_loss=False
+    )
+    gradcam = GradCAMCallback(num_samples=2)
+    _fit(tmp_path, net, [gradcam], count=2)
+    (layer,) = gradcam.layers
+    module = dict(Segmenter(net).named_modules())[layer]
+    seen = []
+    handle = module.register_forward_hook(lambda _m, _a, out: seen.append(out.shape))
+    with torch.no_grad():
+        net.eval()(torch.rand(1, 3, 32, 32))
+    handle.remove()
+    assert seen[0][1] != 3, layer  # not the 3-class scores (the head's last convolution, what 'auto' picked before)
+    assert layer != "net.classifier.4" and gradcam.last_maps[layer].shape == (2, 32, 32)
