@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def _run(self, trainer, pl_module):
             handle = None
-            if self._runs == 0 and self.fail_rank in (-1, trainer.global_rank):
+            if not self.errors and self.fail_rank in (-1, trainer.global_rank):  # the first run only
 
                 def explode(module, grad_input, grad_output):
                     raise InjectedError(f"injected failure on rank {trainer.global_rank}")
