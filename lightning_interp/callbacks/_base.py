@@ -735,7 +735,7 @@ class InterpCallback(Callback):
     def _submit(self, trainer: pl.Trainer, job: Callable[[], None]) -> None:
         """Hand a drawing-and-logging job to the run's worker; run it now when background drawing is off or
         outside a run (a method called by hand: no thread may start that nothing would stop)."""
-        if not trainer.is_global_zero:  # in lockstep every rank computes; rank zero alone draws and logs
+        if not getattr(trainer, "is_global_zero", True):  # in lockstep every rank computes; rank zero alone draws
             return
         context = active_context(trainer)
         if context is None:
