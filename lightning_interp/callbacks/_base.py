@@ -29,6 +29,14 @@ from lightning_interp._logging import (
 )
 from lightning_interp.callbacks._checks import check_arguments, refuse_moved_arguments
 from lightning_interp.callbacks._context import active_context, end_run, join_run
+from lightning_interp.callbacks._sharding import (
+    broadcast_from_zero,
+    check_strategy,
+    is_lockstep,
+    refuse_checkpoint_fragile,
+    refuse_weight_reading,
+    run_in_lockstep,
+)
 from lightning_interp.methods import (
     BoundInputs,
     ForwardWith,
@@ -155,6 +163,10 @@ class InterpCallback(Callback):
         if probe is not None and self._needs_labels() and not probe.has_labels:
             raise ValueError(f"{self._labels_reason()}, but the given ProbeSet has none.")
 
+    sharded_support: bool = False
+    """Whether this callback runs under sharded strategies (every rank in lockstep; see ``_sharding.py``); the others
+    refuse them before training."""
+
     display_fields: tuple[str, ...] = ("background_drawing",)
     """The :class:`~lightning_interp.options.Display` fields this callback uses (a subclass that draws maps adds
     its own); another field set to a non-default value is warned about at construction."""
@@ -239,7 +251,8 @@ class InterpCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _refuse_sharded_strategies(self, trainer)
+        check_strategy(self, trainer, supported=self.sharded_support)
+        refuse_weight_reading(self, trainer, getattr(self, "methods", ()))
         _refuse_name_clash(self, trainer)
         _run_before_weight_averaging(trainer)
         self._data = _shared_description(self, trainer)
@@ -324,15 +337,25 @@ class InterpCallback(Callback):
         if trainer.sanity_checking or not self._is_due(trainer):
             return
         scalars: dict[str, float] = {}
-        if trainer.is_global_zero:  # the work, the images and the loggers: rank zero only
-            scalars = host_scalars(self._run(trainer, self._explained(pl_module)))  # one transfer per device
+        lockstep = is_lockstep(trainer)  # sharded parameters: every rank joins each forward pass
+        if trainer.is_global_zero or lockstep:  # the work: rank zero only, or every rank in lockstep
+            scalars = self._run_in_step(trainer, pl_module, lockstep)
+            self._runs += 1
+        if trainer.is_global_zero:  # the images and the loggers: rank zero only
             self._last_step = logging_step(trainer)
             log_scalars(trainer, scalars, self._last_step)
-            self._runs += 1
             self._note_layout(trainer, scalars)
         if trainer.world_size > 1:  # every rank gets the values, so a monitor on any rank finds them
             scalars = trainer.strategy.broadcast(scalars, src=0)
         monitor_scalars(pl_module, scalars)
+
+    def _run_in_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, lockstep: bool) -> dict[str, float]:
+        """``_run``'s scalars; in lockstep, a failure on any rank is raised on every rank, after an FSDP2 backward
+        it interrupted is finished (so training's next step finds the parameters as it left them)."""
+        if not lockstep:
+            return host_scalars(self._run(trainer, self._explained(pl_module)))  # one transfer per device
+        work = lambda: host_scalars(self._run(trainer, self._explained(pl_module)))  # noqa: E731
+        return run_in_lockstep(pl_module, work, f"{type(self).__name__}'s work at this validation epoch")
 
     def _warn_once(self, key: str, message: str) -> None:
         """Warn with ``message`` the first time ``key`` comes up in this fit."""
@@ -515,6 +538,7 @@ class InterpCallback(Callback):
         pl_module = self._explained(pl_module, probe)
         _check_finite_inputs(self, probe)
         self._check_model(pl_module)  # again: a model built in configure_model() has its layers only now
+        refuse_checkpoint_fragile(self, unwrapped(pl_module), getattr(self, "methods", ()))
         context = active_context(trainer)
         if _is_compiled(pl_module) and (context is None or "compiled" not in context.notes):
             if context is not None:
@@ -560,6 +584,13 @@ class InterpCallback(Callback):
         if trainer.limit_val_batches == 0:  # validation is off (warned at setup): nothing to draw from
             return
         if not scannable(loader):
+            if is_lockstep(trainer):
+                raise ValueError(
+                    f"{type(self).__name__}: under {type(trainer.strategy).__name__} every rank explains the same "
+                    "probe samples in lockstep, and this run's validation data is a stream (no indexable dataset), "
+                    "whose batches differ from rank to rank. Give the callback probe=ProbeSet(inputs, labels), the "
+                    "same on every rank, or validate on a map-style Dataset."
+                )
             self._from_stream = True  # never iterate a stream ourselves: it may be one-shot
             return
         scan = self._scan(trainer, loader)
@@ -570,7 +601,10 @@ class InterpCallback(Callback):
             )
         with torch.inference_mode(False):
             probe = self._shared(
-                trainer, "probes", (id(scan), self.num_samples), lambda: scan.load(scan.select(self.num_samples))
+                trainer,
+                "probes",
+                (id(scan), self.num_samples),
+                lambda: broadcast_from_zero(trainer, lambda: scan.load(scan.select(self.num_samples))),
             )
         self._accept_probe(probe)
 
@@ -638,7 +672,8 @@ class InterpCallback(Callback):
         else:
             key = (id(scan), "indices", tuple(indices.tolist()))
             with torch.inference_mode(False):
-                probe = self._shared(trainer, "probes", key, lambda: scan.load(indices))
+                load = lambda: broadcast_from_zero(trainer, lambda: scan.load(indices))  # noqa: E731
+                probe = self._shared(trainer, "probes", key, load)
             if probe.matches(saved["fingerprint"]):
                 self._accept_probe(probe)
                 return
@@ -659,7 +694,8 @@ class InterpCallback(Callback):
         model = first_rows(model, example.shape[0])
         extras = (tuple(model.extras), model.next_token) if isinstance(model, BoundInputs) else ()
         key = (
-            id(unwrapped(model)),
+            id(model.model if isinstance(model, BoundInputs) else unwrapped(model)),  # a long-lived object: the
+            # views are made afresh, and an id reused on one rank only would change how many forwards run there
             id(self.forward_fn),
             extras,
             tuple(example.shape[1:]),
@@ -699,6 +735,8 @@ class InterpCallback(Callback):
     def _submit(self, trainer: pl.Trainer, job: Callable[[], None]) -> None:
         """Hand a drawing-and-logging job to the run's worker; run it now when background drawing is off or
         outside a run (a method called by hand: no thread may start that nothing would stop)."""
+        if not getattr(trainer, "is_global_zero", True):  # in lockstep every rank computes; rank zero alone draws
+            return
         context = active_context(trainer)
         if context is None:
             job()
@@ -930,17 +968,6 @@ class ModelCall:
 def _builds_in_configure_model(pl_module: pl.LightningModule) -> bool:
     """Whether the module builds layers in ``configure_model()`` (or its legacy name), after the callbacks' setup."""
     return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model"))
-
-
-def _refuse_sharded_strategies(callback: Callback, trainer: pl.Trainer) -> None:
-    """Strategies that shard parameters need every rank in each forward pass; rank-zero-only work would hang."""
-    strategy = type(getattr(trainer, "strategy", None)).__name__
-    if any(kind in strategy for kind in ("FSDP", "DeepSpeed", "ModelParallel")):
-        raise ValueError(
-            f"{type(callback).__name__} does not support {strategy}: it runs extra forward passes on global rank "
-            "zero only, and with sharded parameters every rank must join each forward pass. Use strategy='ddp' "
-            "(or a single device) while you watch explanations, or remove the callback for sharded runs."
-        )
 
 
 def parse_layer_names(layers: str | Sequence[str], option: str) -> list[str]:

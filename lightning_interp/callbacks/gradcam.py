@@ -86,6 +86,8 @@ class GradCAMCallback(LayerMapCallback):
         ['layer3', 'layer4']
     """
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         layer: str | Sequence[str] = "auto",

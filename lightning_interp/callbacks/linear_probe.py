@@ -86,6 +86,8 @@ class LinearProbeCallback(RepresentationCallback):
         ['net.3', 'net.6']
     """
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         layers: str | Sequence[str] = "auto",

@@ -93,6 +93,8 @@ class SaliencyCallback(MapCallback):
         ('gradient', 'smoothgrad')
     """
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         methods: MethodsArg = ("gradient", "integrated_gradients"),

@@ -16,6 +16,7 @@ from lightning_interp._logging import log_image, logging_step, to_numpy
 from lightning_interp.callbacks._base import unwrapped
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._representation import RepresentationCallback
+from lightning_interp.callbacks._sharding import is_lockstep
 from lightning_interp.methods import (
     TaskOption,
     auto_layers,
@@ -99,6 +100,8 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         >>> RepresentationSimilarityCallback(metrics=("cka",)).metrics
         ('cka',)
     """
+
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
 
     later_metrics = ("cka_vs_previous",)
 
@@ -218,7 +221,9 @@ class RepresentationSimilarityCallback(RepresentationCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the layers' Gram matrices before the first optimisation step, for ``cka_vs_start``; for a stream whose
         probe is not drawn yet, a CPU copy of the weights, to compute them once it is."""
-        if "cka" not in self.metrics or self._start_grams is not None or not trainer.is_global_zero:
+        if "cka" not in self.metrics or self._start_grams is not None:
+            return
+        if not (trainer.is_global_zero or is_lockstep(trainer)):  # sharded parameters: every rank joins the forward
             return
         if self._ensure_ready(trainer, pl_module):
             self._start_grams = self._grams(self._features(trainer, self._explained(pl_module), shared=False)).float()

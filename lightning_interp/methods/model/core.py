@@ -166,7 +166,10 @@ def module_name(model: nn.Module, layer: str) -> str | None:
     """The dotted name in ``model.named_modules()`` of the sub-module ``layer`` names, or None.
 
     The names of a ``torch.compile``d sub-module's layers run through its
-    ``_orig_mod``; the name without it (the one the user wrote) is accepted too.
+    ``_orig_mod`` (FSDP1's through ``_fsdp_wrapped_module``, activation
+    checkpointing's through ``_checkpoint_wrapped_module``); the name without
+    them (the one the user wrote) is accepted too, and names the innermost
+    module of that name (the layer itself, not its wrapper).
 
     Example:
         >>> net = nn.Sequential(torch.compile(nn.Sequential(nn.Linear(2, 2))))
@@ -179,14 +182,22 @@ def module_name(model: nn.Module, layer: str) -> str | None:
     return {plain_name(name): name for name in names}.get(layer)
 
 
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+"""Name segments that wrappers insert: ``torch.compile``, FSDP1 (``FullyShardedDataParallel``) and
+``checkpoint_wrapper`` (activation checkpointing)."""
+
+
 def plain_name(name: str) -> str:
-    """A module name without the ``_orig_mod`` segments ``torch.compile`` inserts (the name a user writes).
+    """A module name without the segments ``torch.compile``, FSDP and activation checkpointing insert (the name a
+    user writes).
 
     Example:
         >>> plain_name("net._orig_mod.layer4")
         'net.layer4'
+        >>> plain_name("_fsdp_wrapped_module.net.3._fsdp_wrapped_module._checkpoint_wrapped_module")
+        'net.3'
     """
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
 
 
 def get_module(model: nn.Module, layer: nn.Module | str) -> nn.Module:

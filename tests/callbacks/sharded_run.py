@@ -1,0 +1,165 @@
+"""Train the tiny CNN on 2 CPU processes under DDP or FSDP2, with or without the four core callbacks; launched by
+``test_sharded.py``.
+
+FSDP2 is ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with ``fully_shard`` applied in
+``configure_model()``; it runs on the CPU as is. Lightning re-launches this script for rank 1, as under DDP.
+
+Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [--no-callbacks] [--fail-rank R] [--tp2]``
+
+- ``--no-callbacks``: the reference run (training alone).
+- ``--fail-rank R``: the saliency pass raises inside its backward on rank R (-1: every rank) at the first validation
+  epoch; a wrapper catches what the callback re-raises, so training goes on and its weights can be compared.
+- ``--tp2``: ``tensor_parallel_size=2``, which the callbacks refuse before training.
+
+Every rank writes ``OUT_DIR/rank<global rank>.pt``: the final weights (whole tensors), the interp scalars after each
+validation epoch, the run counts, the probe inputs, and the errors the callbacks raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from typing import ClassVar
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:  # run as a script: make ``tests.conftest`` importable whatever the caller's PYTHONPATH
+    sys.path.insert(0, REPO)
+
+MAX_EPOCHS = 2
+PG_TIMEOUT_S = 90  # a collective that waits longer fails the run instead of stalling it
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("strategy", choices=("ddp", "fsdp2"))
+    parser.add_argument("out_dir")
+    parser.add_argument("--no-callbacks", action="store_true")
+    parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--tp2", action="store_true")
+    args = parser.parse_args(argv)
+
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from lightning_interp import (
+        GradCAMCallback,
+        LinearProbeCallback,
+        RepresentationSimilarityCallback,
+        SaliencyCallback,
+    )
+    from lightning_interp.demo import ImageClassifier, shapes_cnn
+    from tests.conftest import tiny_datamodule
+
+    class ShardedClassifier(ImageClassifier):
+        """The tiny classifier with every layer that has parameters, and the network, under ``fully_shard``."""
+
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+    class InjectedError(RuntimeError):
+        pass
+
+    class FailingSaliency(SaliencyCallback):
+        """Raises inside the backward pass of its first run on ``fail_rank``, and keeps what the callback re-raises."""
+
+        fail_rank: int = -1
+        errors: ClassVar[list[str]] = []
+
+        def _run(self, trainer, pl_module):
+            handle = None
+            if not self.errors and self.fail_rank in (-1, trainer.global_rank):  # the first run only
+
+                def explode(module, grad_input, grad_output):
+                    raise InjectedError(f"injected failure on rank {trainer.global_rank}")
+
+                handle = pl_module.net[0].register_full_backward_hook(explode)
+            try:
+                return super()._run(trainer, pl_module)
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            try:
+                super().on_validation_epoch_end(trainer, pl_module)
+            except RuntimeError as error:  # what the callback raised on this rank; training goes on
+                self.errors.append(f"{type(error).__name__}: {error}")
+
+    class Recorder(pl.Callback):
+        """The interp scalars of each validation epoch (after the callbacks logged them)."""
+
+        def __init__(self) -> None:
+            self.scalars: list[dict[str, float]] = []
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                metrics = trainer.callback_metrics
+                self.scalars.append({k: float(v) for k, v in sorted(metrics.items()) if k.startswith("interp_")})
+
+    pl.seed_everything(0, workers=True, verbose=False)
+    saliency_type = FailingSaliency if args.fail_rank is not None else SaliencyCallback
+    if args.fail_rank is not None:
+        FailingSaliency.fail_rank = args.fail_rank
+    callbacks = {
+        "saliency": saliency_type(methods=("gradient", "smoothgrad", "integrated_gradients")),
+        "gradcam": GradCAMCallback(),
+        "probe": LinearProbeCallback(num_samples=32),
+        "similarity": RepresentationSimilarityCallback(num_samples=32),
+    }
+    if args.no_callbacks:
+        callbacks = {}
+    recorder = Recorder()
+    timeout = timedelta(seconds=PG_TIMEOUT_S)
+    if args.strategy == "ddp":
+        strategy = DDPStrategy(timeout=timeout)
+        model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
+    else:
+        strategy = ModelParallelStrategy(
+            data_parallel_size=1 if args.tp2 else 2, tensor_parallel_size=2 if args.tp2 else 1, timeout=timeout
+        )
+        model = ShardedClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=MAX_EPOCHS,
+        callbacks=[*callbacks.values(), recorder],
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=args.out_dir,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    report: dict = {}
+    try:
+        trainer.fit(model, datamodule=tiny_datamodule())
+    except ValueError as error:  # a refusal before training
+        report["refused"] = str(error)
+    weights = {}
+    if "refused" not in report:
+        for name, tensor in trainer.lightning_module.state_dict().items():
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # every rank gathers
+            weights[name] = full.detach().cpu().clone()
+    report.update(
+        global_rank=trainer.global_rank,
+        weights=weights,
+        scalars=recorder.scalars,
+        runs={key: cb._runs for key, cb in callbacks.items()},
+        probes={key: None if cb.probe is None else cb.probe.inputs.clone() for key, cb in callbacks.items()},
+        errors=list(FailingSaliency.errors),
+    )
+    os.makedirs(args.out_dir, exist_ok=True)
+    torch.save(report, os.path.join(args.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()
