@@ -80,6 +80,15 @@ def read_image_bytes(log_dir: str) -> dict[str, list[tuple[int, bytes]]]:
     return images
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a test module (depthwise convolutions are slow on a busy CPU with several threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def events_reader():
     return read_events

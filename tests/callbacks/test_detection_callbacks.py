@@ -23,13 +23,7 @@ detection = pytest.importorskip("torchvision.models.detection")
 OUTLINE = np.array([25, 255, 76])  # outline_region's colour, (0.1, 1.0, 0.3), as drawn in a uint8 grid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Depthwise convolutions are slow on a busy CPU with several threads; these tests are small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 class Boxes(Dataset):

@@ -22,13 +22,7 @@ from lightning_interp.methods import (
 detection = pytest.importorskip("torchvision.models.detection")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Depthwise convolutions are slow on a busy CPU with several threads; these tests are small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def make_detector(seed: int = 0) -> nn.Module:

@@ -24,7 +24,13 @@ from lightning_interp.methods.model.core import (
 )
 from lightning_interp.methods.model.layers import find_target_layer
 from lightning_interp.methods.model.tasks import target_scores
-from lightning_interp.methods.model.tokens import TokenReshape, channels_last_to_first, layer_layouts, token_grids
+from lightning_interp.methods.model.tokens import (
+    TokenReshape,
+    _class_layout,
+    channels_last_to_first,
+    layer_layouts,
+    token_grids,
+)
 from lightning_interp.methods.model.trace import trace_model
 from lightning_interp.methods.registry import METHODS, register_method
 
@@ -236,23 +242,13 @@ def _grid_of(
     layout, read from a dry forward only when the captured output is tokens (a CNN layer costs nothing here). A
     named 4-D layer is read channels-first unless the module itself works over the last dimension (an
     ``nn.LayerNorm`` or ``nn.Linear`` on a (B, h, w, C) map): then channels-last."""
-    if reshape is None and activation.ndim == 4 and _works_over_last_dim(get_module(model, layer), activation):
+    laid_out = activation.ndim == 4 and _class_layout(get_module(model, layer), tuple(activation.shape))
+    if reshape is None and laid_out == "channels_last":
         return channels_last_to_first
     if reshape is not None or activation.ndim != 3 or not isinstance(layer, str):
         return reshape
     trace = trace_model(model, inputs)
     return token_grids(trace).get(module_name(model, layer) or layer)
-
-
-def _works_over_last_dim(module: nn.Module, output: Tensor) -> bool:
-    """Whether ``module`` (torch's own LayerNorm or Linear, not a ``*2d`` variant) acts on the last dimension of
-    its 4-D ``output``, which is then channels-last (B, h, w, C)."""
-    kind = type(module)
-    if any(klass.__name__.lower().endswith("2d") for klass in kind.__mro__):
-        return False
-    if kind in (nn.LayerNorm, nn.RMSNorm):
-        return tuple(module.normalized_shape) == (output.shape[-1],)
-    return kind is nn.Linear
 
 
 def _gradient_cam(
