@@ -49,7 +49,7 @@ class RepresentationCallback(InterpCallback):
             look at later tokens, found on one probe sample at fit start) and ``"mean"`` otherwise, said in the
             log; for other inputs (vision transformers' patch tokens) as
             :func:`~lightning_interp.methods.pool_features` pools them.
-        num_samples, every_n_epochs, probe, data, display, forward_fn: see
+        num_samples, every_n_epochs, probe, data, display, forward_fn, sharding: see
             :class:`InterpCallback`.
     """
 
@@ -67,6 +67,7 @@ class RepresentationCallback(InterpCallback):
         data: DataDescription | None = None,
         display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
+        sharding: Literal["lockstep", "window"] = "lockstep",
         **unknown: Any,
     ) -> None:
         refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
@@ -82,6 +83,7 @@ class RepresentationCallback(InterpCallback):
             data=data,
             display=display,
             forward_fn=forward_fn,
+            sharding=sharding,
         )
         self.layers: list[str] = names
         self.auto = not names
@@ -210,7 +212,7 @@ class RepresentationCallback(InterpCallback):
         if not shared or context is None:
             return self._own_features(trainer, pl_module)
         key = (id(unwrapped(pl_module)), id(self.forward_fn), trainer.state.fn, trainer.global_step)
-        key += (trainer.current_epoch, trainer.sanity_checking)
+        key += (trainer.current_epoch, trainer.sanity_checking, self._in_window(trainer))
         if key not in context.features:
             peers = [
                 callback
@@ -222,6 +224,8 @@ class RepresentationCallback(InterpCallback):
                 and callback._prepared
                 and callback.probe is not None
                 and callback._is_due(trainer)
+                # in the window rank zero alone computes; in lockstep every rank: one pass cannot serve both
+                and callback._in_window(trainer) == self._in_window(trainer)
             ]
             if self not in peers:
                 peers = [self]

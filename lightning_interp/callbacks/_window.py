@@ -10,13 +10,25 @@ model to fit on one device next to training's state, which is what sharding was 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
-from lightning_interp.callbacks._sharding import finish_fsdp_backward
+from lightning_interp.callbacks._sharding import (
+    PeerFailure,
+    all_ranks_ok,
+    finish_fsdp_backward,
+    is_lockstep,
+    root_fsdp_modules,
+    strategy_name,
+)
+
+T = TypeVar("T")
+
+SHARDING_MODES = ("lockstep", "window")
+"""How a callback's work runs where the strategy shards the parameters (its ``sharding=`` option)."""
 
 WINDOW_INTERNALS = (
     "post_forward_mesh_info",
@@ -52,8 +64,9 @@ def window_support_problem(model: nn.Module) -> str | None:
             missing = [name for name in WINDOW_INTERNALS if not hasattr(group, name)]
             if missing:
                 return f"this torch's FSDP2 parameter groups lack {missing}"
-        if not hasattr(state, "_auto_reshard_after_forward"):
-            return "this torch's FSDP2 state lacks _auto_reshard_after_forward"
+        for name in ("_auto_reshard_after_forward", "_lazy_init"):
+            if not hasattr(state, name):
+                return f"this torch's FSDP2 state lacks {name}"
     return None
 
 
@@ -141,3 +154,70 @@ def unsharded_window(model: nn.Module) -> Iterator[None]:
             entry.group._post_forward_indices[:] = entry.post_forward_indices
             if not entry.was_unsharded and entry.group.is_unsharded:
                 entry.group.reshard()
+
+
+def prepare_fsdp2_roots(model: nn.Module) -> None:
+    """Run FSDP2's lazy initialisation of ``model``'s roots now (a root runs it at its first forward pass, which may
+    not have come yet at fit start), so that the window's gathers find the parameter groups set up; idempotent."""
+    for root in root_fsdp_modules(model):
+        root._get_fsdp_state()._lazy_init()
+
+
+def run_in_window(model: nn.Module, is_zero: bool, work: Callable[[], T], what: str) -> T | None:
+    """``work()`` on rank zero alone, inside an :func:`unsharded_window` every rank opens; the other ranks wait.
+
+    A failure on rank zero (the window is closed first, an interrupted backward pass finished) is raised on every
+    rank: rank zero's own error there, :class:`~lightning_interp.callbacks._sharding.PeerFailure` elsewhere, after
+    one all-reduce of a flag that every rank makes.
+
+    Args:
+        model: the module with ``fully_shard`` applied.
+        is_zero: whether this is global rank zero.
+        work: what rank zero computes.
+        what: the work, as the error note names it.
+
+    Returns:
+        ``work()``'s result on rank zero, None on the other ranks.
+    """
+    result: T | None = None
+    error: BaseException | None = None
+    prepare_fsdp2_roots(model)
+    try:
+        with unsharded_window(model):
+            if is_zero:
+                result = work()
+    except Exception as caught:  # raised below, once every rank knows
+        error = caught
+    if not all_ranks_ok(error is None):
+        if error is None:
+            raise PeerFailure(f"{what} failed on rank zero (its error is raised there)")
+        note = getattr(error, "add_note", None)
+        if note is not None:
+            note(f"({what} failed on rank zero, inside the unsharded window; the other ranks stopped it too.)")
+        raise error
+    return result
+
+
+def check_window(callback: Any, trainer: Any) -> None:
+    """Refuse, before training, ``sharding="window"`` under a sharded strategy other than FSDP2 (it is ignored where
+    the parameters are whole)."""
+    if getattr(callback, "sharding", "lockstep") != "window" or not is_lockstep(trainer):
+        return
+    name = strategy_name(trainer)
+    if "ModelParallel" not in name:
+        raise ValueError(
+            f"{type(callback).__name__}(sharding='window') opens its unsharded window under FSDP2 only "
+            f"(ModelParallelStrategy with fully_shard in configure_model()), not under {name}. Use "
+            "sharding='lockstep' (the default) there."
+        )
+
+
+def check_window_model(callback: Any, model: nn.Module) -> None:
+    """Refuse, before training, ``sharding="window"`` on a model the window cannot open (no ``fully_shard`` module,
+    or a torch whose FSDP2 internals the window does not know)."""
+    problem = window_support_problem(model)
+    if problem is not None:
+        raise ValueError(
+            f"{type(callback).__name__}(sharding='window') cannot open its unsharded window: {problem}. Apply "
+            "fully_shard in configure_model(), or use sharding='lockstep' (the default)."
+        )

@@ -10,13 +10,16 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_interp.callbacks._window import unsharded_window, window_support_problem
+from lightning_interp import GradCAMCallback, ProbeSet, SaliencyCallback
+from lightning_interp.callbacks._window import check_window_model, unsharded_window, window_support_problem
+from tests.conftest import tiny_classifier
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("window_run.py")
@@ -86,3 +89,32 @@ def test_the_window_needs_fsdp2_modules_and_says_so():
     assert window_support_problem(nn.Linear(2, 2)) == "the model has no fully_shard (FSDP2) module"
     with pytest.raises(ValueError, match="no fully_shard"), unsharded_window(nn.Linear(2, 2)):
         pass
+
+
+class ModelParallelStrategy:  # named as Lightning's: the checks read the strategy's type name
+    _tensor_parallel_size = 1
+
+
+class FakeTrainer(types.SimpleNamespace):  # hashable, weakly referenced: the run context keys on the trainer
+    __hash__ = object.__hash__
+
+
+def fake_trainer() -> FakeTrainer:
+    return FakeTrainer(strategy=ModelParallelStrategy(), world_size=2, limit_val_batches=1.0, callbacks=[])
+
+
+def test_sharding_takes_lockstep_or_window_only():
+    with pytest.raises(ValueError, match=r"sharding must be one of \('lockstep', 'window'\), got 'rank0'"):
+        SaliencyCallback(sharding="rank0")
+
+
+def test_cam_reads_whole_weights_in_the_window_and_is_refused_in_lockstep():
+    probe = ProbeSet(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]))  # given: setup draws nothing
+    GradCAMCallback(methods=("cam",), sharding="window", probe=probe).setup(fake_trainer(), tiny_classifier(), "fit")
+    with pytest.raises(ValueError, match=r"\['cam'\] reads the classifier's weights"):
+        GradCAMCallback(methods=("cam",)).setup(fake_trainer(), tiny_classifier(), "fit")
+
+
+def test_the_window_on_a_model_without_fully_shard_is_refused_with_what_to_do():
+    with pytest.raises(ValueError, match=r"sharding='window'\) cannot open.*no fully_shard.*sharding='lockstep'"):
+        check_window_model(SaliencyCallback(sharding="window"), tiny_classifier())
