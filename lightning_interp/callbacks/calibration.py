@@ -78,6 +78,8 @@ class CalibrationCallback(ValidationOutputsCallback):
         10
     """
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         n_bins: int = 15,
