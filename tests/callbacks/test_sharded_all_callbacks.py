@@ -20,6 +20,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -191,3 +192,44 @@ def test_cascading_randomisation_is_refused_at_setup_under_sharded_strategies():
 def test_weight_reading_cam_in_methods_is_refused_at_setup_under_sharded_strategies(make):
     with pytest.raises(ValueError, match=r"\['cam'\] reads the classifier's weights.*grad_cam"):
         make().setup(fake_trainer(ModelParallelStrategy(1)), tiny_classifier(), "fit")
+
+
+def test_the_validation_outputs_callbacks_skip_ddps_redirected_call_of_validation_step():
+    """Under DDP, Lightning runs ``validation_step`` as a call of the LightningModule redirected through the wrapper's
+    ``forward``: that call's output (``validation_step``'s, here None) is no logits; the ``self(x)`` inside it is."""
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+    from torch import nn
+
+    from lightning_interp import CalibrationCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def validation_step(self, batch, batch_idx):
+            self(batch[0])  # returns nothing, as most validation steps
+
+    class Wrapper(nn.Module):  # calls the module it wraps, as DistributedDataParallel does
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return self.module(*args)
+
+    module, callback = Module(), CalibrationCallback()
+    trainer = types.SimpleNamespace(
+        sanity_checking=False, is_global_zero=True, state=types.SimpleNamespace(fn="validate")
+    )
+    batch = (torch.randn(5, 3), torch.arange(5) % 4)
+    callback.on_validation_epoch_start(trainer, module)
+    callback.on_validation_batch_start(trainer, module, batch, 0)
+    outputs = _ForwardRedirection()(Wrapper(module), module, "validation_step", batch, 0)
+    callback.on_validation_batch_end(trainer, module, outputs, batch, 0)
+    callback._remove_hooks()
+    assert len(callback._logits) == 1
+    assert torch.equal(callback._logits[0], module(batch[0]).detach())
