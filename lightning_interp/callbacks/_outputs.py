@@ -33,7 +33,10 @@ class ValidationOutputsCallback(InterpCallback):
     A forward hook on the LightningModule, active only during a due
     validation epoch on global rank zero and removed at its end before any
     other work, keeps (detached, on its device) what each ``validation_step``
-    gets from ``self(x)`` and counts those calls; a ``validation_step`` that
+    gets from ``self(x)`` and counts those calls (not a call that holds
+    others: under DDP, Lightning runs ``validation_step`` itself as a call of
+    the LightningModule, redirected through the wrapper's ``forward``); a
+    ``validation_step`` that
     returns a dict with ``"logits"`` (or ``"scores"``, ``"preds"``, ``"y_hat"``)
     is read from that instead, however often it called the model. A
     ``validation_step`` that calls ``self(...)`` more than once on a batch
@@ -69,6 +72,8 @@ class ValidationOutputsCallback(InterpCallback):
         )
         self.output_transform = output_transform
         self._handle: RemovableHandle | None = None
+        self._pre_handle: RemovableHandle | None = None
+        self._open: list[bool] = []  # per call of the LightningModule under way: whether it holds another call
         self._captured: Any = None  # the output of the batch's last call of the LightningModule
         self._calls = 0  # how often validation_step called the LightningModule on the batch
         self._logits: list[Tensor] = []
@@ -86,17 +91,26 @@ class ValidationOutputsCallback(InterpCallback):
         self._release()
         if self._collecting(trainer):
 
+            def enter(module: torch.nn.Module, args: Any) -> None:
+                if self._open:
+                    self._open[-1] = True  # the enclosing call holds this one
+                self._open.append(False)
+
             def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+                holds_calls = self._open.pop() if self._open else False
+                if holds_calls:  # a call around validation_step's own calls: DDP's redirection of validation_step
+                    return  # through the wrapper's forward (its output is validation_step's, not logits)
                 self._captured = output
                 self._calls += 1
 
+            self._pre_handle = pl_module.register_forward_pre_hook(enter)
             self._handle = pl_module.register_forward_hook(keep)
 
     @override
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._captured, self._calls = None, 0
+        self._captured, self._calls, self._open = None, 0, []
 
     @override
     def on_validation_batch_end(
@@ -151,18 +165,20 @@ class ValidationOutputsCallback(InterpCallback):
         self._logits.append(logits)
         self._labels.append(labels.detach())
 
+    def _remove_hooks(self) -> None:
+        for handle in (self._pre_handle, self._handle):
+            if handle is not None:
+                handle.remove()
+        self._pre_handle, self._handle, self._open = None, None, []
+
     def _release(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._remove_hooks()
         self._captured, self._calls = None, 0
         self._logits, self._labels = [], []
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._handle is not None:  # before any other work: our own computations must not be captured
-            self._handle.remove()
-            self._handle = None
+        self._remove_hooks()  # before any other work: our own computations must not be captured
         try:
             super().on_validation_epoch_end(trainer, pl_module)
         finally:

@@ -73,10 +73,10 @@ def check_strategy(callback: Callback, trainer: pl.Trainer, *, supported: bool) 
             )
         if not supported:
             raise ValueError(
-                f"{owner} does not support {name} yet: with sharded parameters every rank must join each forward "
-                f"pass, and this callback runs its passes on rank zero only. The callbacks that do: SaliencyCallback, "
-                f"GradCAMCallback, LinearProbeCallback and RepresentationSimilarityCallback. Use strategy='ddp' (or a "
-                "single device) for this one, or remove it from sharded runs."
+                f"{owner} does not support {name}: with sharded parameters every rank must join each forward pass, "
+                f"and {owner} declares sharded_support = False (its passes run on rank zero only). Every callback "
+                "that lightning-interp ships runs in lockstep; use strategy='ddp' (or a single device) for this one, "
+                "set sharded_support = True once it runs the same passes on every rank, or remove it from sharded runs."
             )
         return
     if any(kind in name for kind in ("FSDP", "DeepSpeed")):

@@ -125,6 +125,8 @@ class ActivationMapsCallback(InterpCallback):
     default_cmap = "viridis"  # activations are non-negative maps, not evidence
     display_fields = ("background_drawing", "cmap")
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         layers: str | Sequence[str] = "auto",

@@ -140,6 +140,8 @@ class AttentionCallback(LayerMapCallback):
         ([], 'max')
     """
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         layers: str | Sequence[str] = "auto",

@@ -57,7 +57,8 @@ class CalibrationCallback(ValidationOutputsCallback):
     one-hot labels are supported. A ``validation_step`` that neither calls
     ``self(...)`` nor returns logits is warned about once (nothing to read);
     so is a captured output whose batch size differs from the labels'. Under
-    DDP the numbers are those of rank zero's share of the validation set.
+    DDP and FSDP2 the numbers are those of rank zero's share of the validation
+    set.
     With a ``WeightAveraging`` callback (``EMAWeightAveraging``), the
     validation pass, and so the calibration, is that of the averaged weights.
 
@@ -77,6 +78,8 @@ class CalibrationCallback(ValidationOutputsCallback):
         >>> CalibrationCallback(n_bins=10).n_bins
         10
     """
+
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
 
     def __init__(
         self,

@@ -269,6 +269,8 @@ class ConceptCallback(InterpCallback):
         (['stripes'], ['net.4'], 20, 0.6)
     """
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         concepts: Mapping[str, Examples],

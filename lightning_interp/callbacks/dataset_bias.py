@@ -117,6 +117,8 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         256
     """
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         imbalance_warning: float = 10.0,

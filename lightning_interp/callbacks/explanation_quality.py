@@ -18,6 +18,7 @@ from lightning_interp._logging import log_image, logging_step
 from lightning_interp.callbacks._base import InterpCallback, refuse_unknown_arguments
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._maps import _nanmean
+from lightning_interp.callbacks._sharding import is_lockstep, run_in_lockstep, strategy_name
 from lightning_interp.methods import (
     METHODS,
     REMOVAL_BASELINES,
@@ -226,6 +227,8 @@ class ExplanationQualityCallback(InterpCallback):
     }
     """metric -> {option: (default, check)}: every metric of :data:`QUALITY_METRICS` and the options it takes."""
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         methods: MethodsArg = DEFAULT_METHODS,
@@ -396,10 +399,24 @@ class ExplanationQualityCallback(InterpCallback):
             self._maps(trainer, pl_module, method, inputs, target)
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if "cascading" in self.metric_options and is_lockstep(trainer):
+            raise ValueError(
+                "ExplanationQualityCallback: the 'cascading' metric re-initialises layers of a deep copy of the model, "
+                f"and under {strategy_name(trainer)} the model's parameters are shards spread over the ranks: a copy "
+                "of them is no model that can be explained on its own. Leave 'cascading' out of metrics= in sharded "
+                "runs (the other metrics work), or measure it with strategy='ddp' or on a single device."
+            )
+        super().setup(trainer, pl_module, stage)
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if "sanity" not in self.metrics or not trainer.is_global_zero or self._start_maps:
+        if "sanity" not in self.metrics or self._start_maps:
             return  # resumed: the maps of the untrained network came with the checkpoint
+        lockstep = is_lockstep(trainer)  # sharded parameters: every rank joins each forward pass
+        if not (trainer.is_global_zero or lockstep):
+            return
         if trainer.global_step > 0 or self.probe is None or not self._prepared:
             self._warn_once(
                 "no start",
@@ -408,11 +425,26 @@ class ExplanationQualityCallback(InterpCallback):
                 + "), so sanity_rank_correlation is not logged in this fit.",
             )
             return
+        if lockstep:
+            run_in_lockstep(
+                pl_module,
+                lambda: self._take_start_maps(trainer, pl_module),
+                "ExplanationQualityCallback's maps of the untrained network at train start",
+            )
+        else:
+            self._take_start_maps(trainer, pl_module)
+
+    def _take_start_maps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The maps of the untrained network, per method (for ``sanity_rank_correlation``)."""
+        assert self.probe is not None
         explained = self._explained(pl_module)
         inputs = self._probe_inputs(trainer, pl_module)
         target = self._targets(trainer, explained, inputs, self.probe)
-        for method, key in zip(self.methods, self.keys, strict=True):
-            self._start_maps[key] = self._maps(trainer, explained, method, inputs, target).float().cpu()
+        maps = {
+            key: self._maps(trainer, explained, method, inputs, target)
+            for method, key in zip(self.methods, self.keys, strict=True)
+        }
+        self._start_maps = {key: value.float().cpu() for key, value in maps.items()}  # all or none
 
     # ------------------------------------------------------------------ the run
     def _labels(self, probe: ProbeSet) -> Tensor | None:

@@ -202,6 +202,8 @@ class FeatureVisualizationCallback(InterpCallback):
 
     display_fields = ("background_drawing", "evolution_columns")
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         targets: str | Sequence[VisualizationTargetSpec] = "classes",

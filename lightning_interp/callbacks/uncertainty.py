@@ -133,6 +133,8 @@ class UncertaintyCallback(InterpCallback):
 
     display_fields = ("background_drawing", "cmap")
 
+    sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+
     def __init__(
         self,
         passes: int = 16,
