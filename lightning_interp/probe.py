@@ -122,6 +122,25 @@ def _as_mask(value: object, inputs: Tensor) -> Tensor | None:
     return None
 
 
+def _is_tuple_attention_mask(batch: Sequence[Any], inputs: Tensor, labels: Tensor | None) -> bool:
+    """Whether a tuple batch's second item is the attention mask of its token ids, as in ``(input_ids,
+    attention_mask, labels)`` (HuggingFace's order, e.g. a ``TensorDataset``): integer (not boolean: a boolean
+    (B, T) tensor is an object mask) 0/1 values shaped like integer (B, T) inputs, with labels after it."""
+    if len(batch) < 3 or labels is None or labels is batch[1]:
+        return False
+    mask = batch[1]
+    return (
+        isinstance(mask, Tensor)
+        and inputs.ndim == 2
+        and not inputs.is_floating_point()
+        and not inputs.is_complex()
+        and mask.shape == inputs.shape
+        and mask.dtype != torch.bool
+        and not mask.is_floating_point()
+        and bool(((mask == 0) | (mask == 1)).all())
+    )
+
+
 def _as_class_map(value: object, inputs: Tensor, *, binary: bool = True) -> Tensor | None:
     """``value`` as (B, H, W) int64 if it is a segmentation class map on the inputs' grid: an integer (not boolean)
     (B, H, W) or (B, 1, H, W) tensor; with ``binary=False`` only one holding a value above 1 (an integer tensor of 0
@@ -213,7 +232,9 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
     Understood without help: a bare tensor; ``(x, y)`` and ``(x, y, ...)``
     tuples or lists (the labels are the first later item of shape (B,) or
     (B, K), not shaped like (B, T) inputs, so ``(ids, attention_mask, y)``
-    works; an item shaped like the inputs' grid is taken as the mask); dicts
+    works, and its integer 0/1 second item is the model's ``attention_mask``
+    where its ``forward`` takes one; an item shaped like the inputs' grid is
+    taken as the mask); dicts
     with keys such as ``image``/``input``/``x``, ``label``/``target``/``y``
     and ``mask``. For anything else pass ``parser``.
 
@@ -259,7 +280,8 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
         masks = next((m for m in (_as_mask(item, inputs) for item in batch[2:]) if m is not None), None)
         if masks is None and class_maps is None and inputs.ndim == 4:
             _warn_about_mask_grid(batch[2:], inputs)
-        return ParsedBatch(inputs, labels, masks, class_maps=class_maps)
+        extras = {"attention_mask": batch[1]} if _is_tuple_attention_mask(batch, inputs, labels) else None
+        return ParsedBatch(inputs, labels, masks, extras, class_maps=class_maps)
     if isinstance(batch, Mapping):
         key = next((k for k in INPUT_KEYS if isinstance(batch.get(k), Tensor)), None)
         if key is not None:

@@ -443,3 +443,21 @@ def test_sequence_masks_mark_tokens_and_an_integer_attention_mask_is_not_one():
     assert ProbeSet(ids, labels, keywords).masks.shape == (4, 6)
     with pytest.raises(ValueError, match=r"\(4, 6\) \(one flag per token"):
         ProbeSet(ids, labels, keywords[:, :5])
+
+
+def test_a_tuple_batchs_integer_second_item_shaped_like_token_ids_is_their_attention_mask():
+    ids = torch.randint(1, 9, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    y = torch.tensor([0, 1, 0])
+    parsed = parse_batch((ids, mask, y))
+    assert parsed.extras is not None and parsed.extras["attention_mask"] is mask
+    assert parsed.labels.tolist() == [0, 1, 0] and parsed.masks is None
+    # not an attention mask: a boolean (B, T) item (an object mask), values other than 0/1, no labels after it,
+    # float inputs (a signal, not token ids)
+    for batch in (
+        (ids, mask.bool(), y),
+        (ids, mask * 2, y),
+        (ids, mask),
+        (ids.float(), mask, y),
+    ):
+        assert parse_batch(batch).extras is None, [tuple(item.shape) for item in batch]

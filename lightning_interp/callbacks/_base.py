@@ -543,8 +543,11 @@ class InterpCallback(Callback):
             if context is not None:
                 context.notes.add(note)
             how = "forward_fn(model, inputs)" if self.forward_fn is not None else f"{type(pl_module).__name__}.forward"
+            carried = ", ".join(repr(k) for k in masks)
+            if probe.input_key is None:  # a tuple batch: the name is ours
+                carried = "an attention mask (the integer 0/1 second item of their (ids, mask, labels) tuples)"
             rank_zero_warn(
-                f"lightning-interp: the validation batches carry {', '.join(repr(k) for k in masks)}, but "
+                f"lightning-interp: the validation batches carry {carried}, but "
                 f"{how} takes no argument of that name, so the callbacks call the model without it (padding would "
                 "be attended, and the maps would explain another computation than validation's). Name the "
                 "argument in forward (e.g. forward(self, input_ids, attention_mask=None)), or give forward_fn=lambda "

@@ -307,3 +307,48 @@ def test_a_vision_transformer_fed_pixel_values_is_explained_from_its_logits(tmp_
     (gradient,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), pixels)
     assert torch.allclose(saliency.last_maps["gradient"], gradient.abs().sum(dim=1), atol=1e-5)  # abs_sum
     assert gradcam.last_maps and all(m.shape == (4, 16, 16) for m in gradcam.last_maps.values())
+
+
+class TupleSentences(Sentences):
+    """The same samples as ``(input_ids, attention_mask, labels)`` tuples, as a ``TensorDataset`` gives them."""
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)
+        return sample["input_ids"], sample["attention_mask"], sample["labels"]
+
+
+class TupleClassifier(Classifier):
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    def training_step(self, batch, batch_idx):
+        ids, mask, labels = batch
+        return torch.nn.functional.cross_entropy(self(ids, mask).logits, labels)
+
+
+class TupleIdsOnlyClassifier(TupleClassifier):
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids)
+
+    def training_step(self, batch, batch_idx):
+        ids, _, labels = batch
+        return torch.nn.functional.cross_entropy(self(ids).logits, labels)
+
+
+def test_tuple_batches_pass_their_attention_mask_to_the_model(tmp_path):
+    model = bert()
+    callback = SaliencyCallback(methods=["gradient"], input_layer="auto", num_samples=6, display=INLINE)
+    fit(TupleClassifier(model), [callback], TupleSentences(), tmp_path)
+    probe = callback.probe
+    assert probe.input_key is None and set(probe.extras) == {"attention_mask"}
+    mask = probe.extras["attention_mask"]
+    assert (mask == 0).any()  # padded samples: the mask matters
+    reference, _ = masked_gradient_norms(model, model.get_input_embeddings(), probe.inputs, mask)
+    assert torch.allclose(callback.last_maps["gradient"], reference, atol=1e-5)
+
+
+def test_a_tuple_batchs_mask_the_model_never_receives_is_said_before_training(tmp_path):
+    callback = SaliencyCallback(methods=["gradient"], input_layer="auto", num_samples=4, display=INLINE)
+    with pytest.warns(UserWarning, match=r"carry an attention mask \(the integer 0/1 second item.*takes no argument"):
+        trainer = fit(TupleIdsOnlyClassifier(bert()), [callback], TupleSentences(), tmp_path)
+    assert trainer.state.finished
