@@ -470,3 +470,28 @@ def test_batchnorm_without_running_statistics_and_adaptive_max_pool_are_refused(
     root.register_parameter("offset", nn.Parameter(torch.zeros(2)))
     with pytest.raises(ValueError, match=r"the model \(Sequential\) has parameters \(offset\)"):
         lrp(root, torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("method", ["deeplift", "integrated_gradients"])
+def test_multiply_by_inputs_false_matches_captum(method):
+    """Captum's multiply_by_inputs=False: the multipliers (DeepLIFT) or the path-averaged gradient (IG) alone; the
+    convergence delta still belongs to the attributions (multiplied)."""
+    captum = pytest.importorskip("captum.attr")
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    x, baseline = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1, 2])
+    peer = captum.DeepLift if method == "deeplift" else captum.IntegratedGradients
+    options = {} if method == "deeplift" else {"n_steps": 16}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = peer(model, multiply_by_inputs=False).attribute(x, baselines=baseline, target=target, **options)
+    ours, delta = attribute(method, model, x, target, baseline=baseline, multiply_by_inputs=False,
+                            return_convergence_delta=True, **options)  # fmt: skip
+    torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-10)
+    multiplied, multiplied_delta = attribute(method, model, x, target, baseline=baseline,
+                                             return_convergence_delta=True, **options)  # fmt: skip
+    torch.testing.assert_close(multiplied, ours * (x - baseline), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(delta, multiplied_delta)
+    if method == "deeplift":
+        assert float(delta.abs().max()) < 1e-9

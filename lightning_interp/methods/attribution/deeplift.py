@@ -225,6 +225,7 @@ def deeplift(
     *,
     baseline: Tensor | float | None = None,
     return_convergence_delta: bool = False,
+    multiply_by_inputs: bool = True,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -236,7 +237,10 @@ def deeplift(
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the prediction.
         baseline: the reference input: a tensor broadcastable to ``inputs`` or a scalar; None = zeros.
-        return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(baseline))``.
+        return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(baseline))`` (of the
+            attributions multiplied by ``x - baseline``, whatever ``multiply_by_inputs``).
+        multiply_by_inputs: multiply the multipliers by ``x - baseline`` (the contributions); False returns the
+            multipliers alone (Captum's ``multiply_by_inputs=False``).
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
@@ -278,8 +282,10 @@ def deeplift(
         index = resolve_target(target, scores[:batch].detach(), task)  # the inputs' half of the one forward
         chosen = target_scores(scores, index.repeat(2), task)
         (grad,) = torch.autograd.grad(chosen.sum(), both)
-    attributions = ((x - base) * grad[:batch].to(x.dtype)).detach()
+    multipliers = grad[:batch].to(x.dtype).detach()
+    attributions = ((x - base) * multipliers).detach()
+    result = attributions if multiply_by_inputs else multipliers
     if not return_convergence_delta:
-        return attributions
+        return result
     change = (chosen[:batch] - chosen[batch:]).detach().double()
-    return attributions, attributions.reshape(batch, -1).double().sum(dim=1) - change
+    return result, attributions.reshape(batch, -1).double().sum(dim=1) - change
