@@ -41,6 +41,10 @@ row says otherwise; agreement is ``max|ours - peer| / max|peer|``.
   (64), pytorch-grad-cam at its default batch of 16 (its tqdm progress bar is disabled).
 - ``cam`` vs torchcam ``CAM`` (``normalized=False``; ours with ``relu=False, upsample=False``, the same map), only on
   ``cifar_resnet``: CAM needs a global-average-pooled linear head, and ``mnist_cnn`` has none.
+- ``noise_tunnel`` (around the gradient, SmoothGrad), ``smoothgrad_sq`` and ``vargrad`` vs Captum
+  ``NoiseTunnel(Saliency)`` with the same kind, 16 copies and noise of std 0.15 (input units), on the first few
+  images: timed on each side's own draws; the agreement comes from one more untimed call in which Captum's
+  ``torch.normal`` returns our noise.
 - When registered (they run from the registry like the others): ``occlusion`` vs Captum ``Occlusion`` with the same
   window, stride and zero baseline, once with Captum's default ``perturbations_per_eval=1`` and once with as many inputs
   per forward as ours (``PERTURBED_PER_FORWARD``, 64); ``lime`` and ``kernel_shap`` vs Captum ``Lime``
@@ -103,9 +107,13 @@ FEW_IMAGES = {
     "lime": (8, 2),
     "kernel_shap": (8, 2),
     "gradient_shap": (4, 2),
+    "noise_tunnel": (8, 2),
+    "smoothgrad_sq": (8, 2),
+    "vargrad": (8, 2),
 }
 PERTURBATION_SAMPLES = 64  # LIME and KernelSHAP coalitions per image
 GRADIENT_SHAP_SAMPLES = 16
+TUNNEL_SAMPLES, TUNNEL_STDEVS = 16, 0.15  # noise tunnels: copies per image and the noise in input units
 OCCLUSION_WINDOW = 4  # our default on 28 x 28 and 32 x 32 images: ceil(min(H, W) / 8)
 PATCH_GRID = 4  # LIME / KernelSHAP features: a 4 x 4 grid of square patches (our default)
 
@@ -631,6 +639,45 @@ def _gradient_shap(setup: Setup, method: str) -> list[Row]:
     return [_row(setup, label, "Captum GradientShap", measured, "peer", "n/a (different draws)", note)]
 
 
+def _noise_tunnel(setup: Setup, method: str) -> list[Row]:
+    """Our noise tunnels around the gradient vs Captum ``NoiseTunnel(Saliency)`` with the same kind, copies and
+    noise level; timed on each side's own draws, compared on the same noise (Captum's ``torch.normal`` replaced by
+    ours in one more untimed call)."""
+    from captum.attr import NoiseTunnel, Saliency
+
+    spec = METHODS[method]
+    model = setup.model
+    x, t = setup.few(method)
+    n, std = TUNNEL_SAMPLES, TUNNEL_STDEVS
+    kind = {"smoothgrad_sq": "smoothgrad_sq", "vargrad": "vargrad"}.get(method, "smoothgrad")
+
+    def ours(net: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+        generator = torch.Generator(device=inputs.device).manual_seed(0)
+        kind_option = {"kind": kind} if "kind" in spec.options else {}
+        return _ours(spec, net, inputs, target, None, n_samples=n, stdevs=std, generator=generator, **kind_option)
+
+    def captum(net: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+        explainer = NoiseTunnel(Saliency(net))
+        return explainer.attribute(inputs, nt_type=kind, nt_samples=n, stdevs=std, target=target, abs=False)
+
+    def our_noise(inputs: Tensor) -> Tensor:  # the tunnel's draws, laid out as Captum's (each image's copies together)
+        generator = torch.Generator(device=inputs.device).manual_seed(0)
+        noise = torch.stack([torch.randn(inputs.shape, generator=generator, device=inputs.device) * std
+                             for _ in range(n)])  # fmt: skip
+        return noise.transpose(0, 1).reshape(-1, *inputs.shape[1:])
+
+    with _captum_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measured = _measure({"ours": lambda: ours(model, x, t), "peer": lambda: captum(model, x, t)}, setup.quick)
+        noise = our_noise(x)
+        with mock.patch.object(torch, "normal", lambda mean, stdev: noise.to(stdev.dtype)):
+            same_noise = captum(model, x, t)
+    note = f"noise std {std} (input units); agreement on the same noise, from one more untimed call"
+    label = f"{method} (gradient, {kind}, n_samples={n}, {len(x)} images)"
+    peer = f"Captum NoiseTunnel(Saliency, {kind})"
+    return [_row(setup, label, peer, measured, "peer", _rel(ours(model, x, t), same_noise), note)]
+
+
 COMPARISONS: dict[str, Callable[[Setup, str], list[Row]]] = {
     "guided_backprop": _modified_backward,
     "deconvnet": _modified_backward,
@@ -642,6 +689,9 @@ COMPARISONS: dict[str, Callable[[Setup, str], list[Row]]] = {
     "lime": _surrogate,
     "kernel_shap": _surrogate,
     "gradient_shap": _gradient_shap,
+    "noise_tunnel": _noise_tunnel,
+    "smoothgrad_sq": _noise_tunnel,
+    "vargrad": _noise_tunnel,
 }
 """Method name -> its comparison; a registered method runs only if it is here (and not covered elsewhere)."""
 

@@ -10,7 +10,8 @@ target, **options)`` calls any of them and ``available_methods()`` lists them;
 The families live in subpackages; everything public is re-exported here, so
 ``from lightning_interp.methods import ...`` is all a user (or a callback) needs:
 
-- ``attribution``: gradient (gradient, input × gradient, SmoothGrad, integrated gradients, GradientSHAP) and
+- ``attribution``: gradient (gradient, input × gradient, SmoothGrad, integrated gradients, GradientSHAP), noise
+  tunnels around any of them (SmoothGrad, SmoothGrad-squared, VarGrad), and
   modified-backward methods (guided backprop, deconvnet, LRP with its rules and composites, DeepLIFT);
 - ``perturbation``: occlusion, LIME, KernelSHAP;
 - ``cams``: Grad-CAM and its variants (one weights function each), Score-CAM, CAM;
@@ -47,6 +48,13 @@ from lightning_interp.methods.attribution.lrp import (
     lrp_rules,
 )
 from lightning_interp.methods.attribution.modified import RELU_RULES, deconvnet, guided_backprop, relu_rule
+from lightning_interp.methods.attribution.noise_tunnel import (
+    NOISE_TUNNEL_KINDS,
+    NoiseTunnelKind,
+    noise_tunnel,
+    smoothgrad_sq,
+    vargrad,
+)
 from lightning_interp.methods.cams.gradcam import (
     CAM_VARIANTS,
     GRADIENT_CAMS,
@@ -310,6 +318,7 @@ __all__ = [
     "MANAGED_OPTIONS",
     "MAX_PREFIX_TOKENS",
     "METHODS",
+    "NOISE_TUNNEL_KINDS",
     "PARAMETERIZATIONS",
     "PROBE_ITERATIONS",
     "PROBE_SOLVERS",
@@ -352,6 +361,7 @@ __all__ = [
     "MethodsArg",
     "MinibatchCKA",
     "ModelTrace",
+    "NoiseTunnelKind",
     "OutputTransform",
     "PassResult",
     "PerClassMetrics",
@@ -477,6 +487,7 @@ __all__ = [
     "multilabel_probe_accuracy",
     "mutual_information",
     "next_token_scores",
+    "noise_tunnel",
     "normalized_grams",
     "occlusion",
     "parse_methods",
@@ -514,6 +525,7 @@ __all__ = [
     "scores_from_output",
     "segmentation_target",
     "smoothgrad",
+    "smoothgrad_sq",
     "sparseness",
     "spatial_layers",
     "stratified_split",
@@ -531,5 +543,6 @@ __all__ = [
     "trace_model",
     "transformer_stack",
     "ttest_pvalue",
+    "vargrad",
     "xgrad_cam",
 ]

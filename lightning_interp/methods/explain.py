@@ -336,6 +336,7 @@ class Explainer:
         if baseline is not None and "baselines" in accepted:
             options.setdefault("baselines", baseline[:1])
         delta = "completeness_error" in spec.scalars and "return_convergence_delta" in accepted
+        delta = delta and options.get("multiply_by_inputs", True) is not False  # multipliers alone: no completeness
         if delta:
             options["return_convergence_delta"] = True
         layer = {"layer": entry.layer} if spec.needs_layer else {}

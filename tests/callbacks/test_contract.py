@@ -59,6 +59,9 @@ from tests.conftest import BatchNormDropoutNet, assert_training_identical, quiet
 STOCHASTIC = tuple(name for name, spec in METHODS.items() if spec.stochastic)
 FAST = {  # each stochastic method at its cheapest, so the suite stays small
     "smoothgrad": {"n_samples": 2},
+    "noise_tunnel": {"n_samples": 2},
+    "smoothgrad_sq": {"n_samples": 2},
+    "vargrad": {"n_samples": 2},
     "gradient_shap": {"n_samples": 2},
     "lime": {"n_samples": 4},
     "kernel_shap": {"n_samples": 4},

@@ -96,6 +96,9 @@ def test_every_registered_method_in_a_callback_leaves_training_bit_identical(tmp
     """Each method of the registry, run by the callback that takes it, on the BatchNorm/Dropout/in-place-ReLU net."""
     fast = {
         "smoothgrad": {"n_samples": 2},
+        "noise_tunnel": {"n_samples": 2},
+        "smoothgrad_sq": {"n_samples": 2},
+        "vargrad": {"n_samples": 2},
         "integrated_gradients": {"n_steps": 2},
         "gradient_shap": {"n_samples": 2},
         "lime": {"n_samples": 4},

@@ -46,6 +46,9 @@ Method = Callable[[nn.Module, torch.Tensor, object], torch.Tensor]
 LAYER = "features.4"  # the last conv: what every CAM method explains here (CAM: the head pools it, then one Linear)
 FAST_OPTIONS: dict[str, dict[str, object]] = {  # the registry's methods at options that keep the suite quick
     "smoothgrad": {"n_samples": 3},
+    "noise_tunnel": {"n_samples": 3},
+    "smoothgrad_sq": {"n_samples": 3},
+    "vargrad": {"n_samples": 3},
     "integrated_gradients": {"n_steps": 4, "internal_batch_size": 6},
     "score_cam": {"internal_batch_size": 3},
     "gradient_shap": {"n_samples": 3},
@@ -74,9 +77,9 @@ MAP_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.needs_layer} 
     "grad_cam_module",
     "grad_cam_auto_layer",
 }
-# SmoothGrad's and GradientSHAP's draws depend on the batch they see; LIME's and KernelSHAP's coalitions are shared
-# by the whole batch, so a sample gets the same explanation alone or in a batch
-DETERMINISTIC = sorted(set(METHODS) - {"smoothgrad", "gradient_shap"})
+# SmoothGrad's, the noise tunnels' and GradientSHAP's draws depend on the batch they see; LIME's and KernelSHAP's
+# coalitions are shared by the whole batch, so a sample gets the same explanation alone or in a batch
+DETERMINISTIC = sorted(set(METHODS) - {"smoothgrad", "noise_tunnel", "smoothgrad_sq", "vargrad", "gradient_shap"})
 
 all_methods = pytest.mark.parametrize("name", sorted(METHODS))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]

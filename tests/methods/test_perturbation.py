@@ -4,6 +4,7 @@ on torchvision networks with random weights and a hand-built ReLU CNN, plus anal
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 
@@ -376,6 +377,99 @@ def test_kernel_shap_is_efficient_exactly(dtype):
         assert change.abs().min() > 1e-3
         tolerance = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(values.double().sum(dim=1), change, rtol=0, atol=tolerance)
+
+
+class _Interacting(nn.Module):
+    """Six inputs to two scores with products, a max and a tanh between the inputs: far from additive."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = x[:, 0] * x[:, 3] + torch.tanh(x[:, 1] - 2 * x[:, 4]) + torch.maximum(x[:, 2], x[:, 5]) ** 2
+        second = x[:, 0] * x[:, 1] * x[:, 2] - x[:, 5]
+        return torch.stack([first, second], dim=1)
+
+
+def _brute_force_shapley(model: nn.Module, x: torch.Tensor, baseline: torch.Tensor, groups: list[list[int]], target):
+    """Shapley values of the feature groups from the definition: sum over coalitions S without i of
+    |S|! (F - |S| - 1)! / F! (v(S + i) - v(S)), with v(S) the target score with the groups outside S at the baseline;
+    float64, one sample at a time (B, F)."""
+    features = len(groups)
+
+    def value(sample: int, members: tuple[int, ...]) -> float:
+        point = baseline[sample].clone()
+        for group in members:
+            point[groups[group]] = x[sample, groups[group]]
+        with torch.no_grad():
+            return float(model(point[None].double())[0, target])
+
+    values = torch.zeros(x.shape[0], features, dtype=torch.float64)
+    for sample in range(x.shape[0]):
+        for i in range(features):
+            others = [j for j in range(features) if j != i]
+            for size in range(features):
+                weight = math.factorial(size) * math.factorial(features - size - 1) / math.factorial(features)
+                for members in itertools.combinations(others, size):
+                    values[sample, i] += weight * (value(sample, (*members, i)) - value(sample, members))
+    return values
+
+
+@pytest.mark.parametrize("groups", [[[0, 1, 2], [3, 4, 5]], [[0, 3], [1], [2, 4, 5]], [[0], [1, 4], [2], [3, 5]]])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_kernel_shap_with_few_features_gives_the_shapley_values_at_any_seed(groups, seed):
+    torch.manual_seed(10)
+    model = _Interacting()
+    x, baseline = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    mask = torch.zeros(6, dtype=torch.long)
+    for feature, members in enumerate(groups):
+        mask[members] = feature
+    features = len(groups)
+    expected = _brute_force_shapley(model, x, baseline, groups, target=0)
+    # n_samples = 2**F - 2 (the smallest budget that enumerates) and far more: the same exact answer
+    for n_samples in (2**features - 2, 500):
+        attr = kernel_shap(model, x, 0, n_samples=n_samples, feature_mask=mask, baseline=baseline,
+                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        values = _feature_values(attr, mask[None], features)
+        torch.testing.assert_close(values, expected, rtol=0, atol=1e-12)
+
+
+def test_kernel_shap_enumerates_in_float32_and_with_per_sample_masks():
+    torch.manual_seed(10)
+    model = _Interacting()
+    x = torch.randn(2, 6)
+    masks = torch.tensor([[0, 0, 1, 1, 2, 2], [1, 0, 1, 0, 1, 0]])  # 3 groups, and 2 groups (id 2 missing)
+    attr = kernel_shap(model, x, 1, n_samples=6, feature_mask=masks)
+    for sample, groups in ((0, [[0, 1], [2, 3], [4, 5]]), (1, [[1, 3, 5], [0, 2, 4]])):
+        expected = _brute_force_shapley(model, x[sample : sample + 1].double(), torch.zeros(1, 6, dtype=torch.float64),
+                                        groups, target=1)  # fmt: skip
+        values = _feature_values(attr[sample : sample + 1], masks[sample : sample + 1], 3)[:, : len(groups)]
+        torch.testing.assert_close(values.double(), expected, rtol=0, atol=1e-5)
+    assert float(_feature_values(attr[1:], masks[1:], 3)[0, 2]) == 0.0
+
+
+_captum_models = pytest.importorskip("captum.testing.helpers.basic_models")
+
+
+@pytest.mark.parametrize(
+    ("inputs", "options", "expected"),
+    [  # Captum's own test_kernel_shap.py cases (their inputs, masks, baselines and expected values), 2 or 3 features
+        ([[20.0, 50.0, 30.0]], {"n_samples": 500}, [[76.66666, 196.66666, 116.66666]]),
+        ([[20.0, 50.0, 30.0]], {"feature_mask": [[0, 0, 1]]}, [[275.0, 275.0, 115.0]]),
+        ([[20.0, 50.0, 30.0]], {"feature_mask": [[0, 0, 1]], "baseline": 4.0}, [[248.0, 248.0, 104.0]]),
+        ([[2.0, 10.0, 3.0], [20.0, 50.0, 30.0]], {"n_samples": 2000},
+         [[7.0, 32.5, 10.5], [76.66666, 196.66666, 116.66666]]),
+        ([[2.0, 10.0, 3.0], [20.0, 50.0, 30.0]], {"feature_mask": [[0, 0, 1], [1, 1, 0]]},
+         [[39.5, 39.5, 10.5], [275.0, 275.0, 115.0]]),
+    ],
+)  # fmt: skip
+def test_kernel_shap_passes_captums_cases_at_every_seed(inputs, options, expected):
+    model = _captum_models.BasicModel_MultiLayer()
+    options = {"n_samples": 100, **options}  # Captum's helper's default n_samples
+    if "feature_mask" in options:
+        options["feature_mask"] = torch.tensor(options["feature_mask"])
+    x = torch.tensor(inputs)
+    for seed in range(20):
+        attr = kernel_shap(model, x, 0, generator=torch.Generator().manual_seed(seed), **options)
+        # Captum's tolerance is 1.0 (max abs); the exact answer meets their rounded expected values far closer
+        torch.testing.assert_close(attr, torch.tensor(expected), rtol=0, atol=1e-4)
 
 
 def test_kernel_shap_with_one_feature_gives_it_the_whole_change():

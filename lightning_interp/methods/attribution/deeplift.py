@@ -10,12 +10,27 @@ mode, average pooling, additions) keep their gradient. The attributions
 ``(x - x0) * multiplier`` of a sample then sum to ``f(x) - f(x0)``
 (summation-to-delta); ``return_convergence_delta`` reports the residual.
 
+Softmax and log-softmax, at the end of the model or inside it, take the
+DeepLIFT paper's softmax adjustment (Shrikumar et al. 2017, section 3.6: the
+logits' contributions less their mean over the classes, as softmax ignores a
+constant added to every logit) in the form of a rule that keeps
+summation-to-delta: ``softmax(z) = softmax(u)`` with the centred logits
+``u = z - mean(z)``; the centring is linear, and the Rescale multiplier
+``(y(x) - y(x0)) / (u(x) - u(x0))`` goes back per class, so the multiplier of
+``z`` is that of ``u`` less its mean over the classes. Captum's ``DeepLift``
+divides by the change of ``z`` instead of ``u`` (and takes the mean over the
+whole batch tensor): its map is ours times ``du_t / dz_t`` for one sample,
+equal where the logits' sum does not move, and its attributions do not sum to
+the probability's change. To explain the logits instead, as the paper
+prefers, explain a model without the final softmax.
+
 Rules reach every way an activation is called (``nn.ReLU``, ``F.relu``,
-``torch.sigmoid``, ``nn.GELU``, ``clamp`` as a ReLU, ...) through a
-:class:`torch.overrides.TorchFunctionMode` active only during the call; no
-module is touched. Nonlinearities that are not elementwise (softmax, layer
-or group normalisation, attention) have no Rescale rule: a model that calls
-one is refused, naming the module; so is adaptive max pooling. Other
+``torch.sigmoid``, ``nn.GELU``, ``clamp`` as a ReLU, ``F.softmax``, ...)
+through a :class:`torch.overrides.TorchFunctionMode` active only during the
+call; no module is touched. Other nonlinearities that are not elementwise
+(layer or group normalisation, attention) have no Rescale rule: a model that
+calls one is refused, naming the module; so are adaptive max pooling and a
+softmax over the batch dimension. Other
 elementwise operations between two activations (products, ``exp``) keep
 their gradient: the residual ``return_convergence_delta`` reports shows it. The model must keep the batch on the
 first dimension (the two halves of the batch are matched by position).
@@ -57,13 +72,10 @@ _EPS = 1e-10  # Captum's threshold below which a difference counts as none
 _CLAMPS = frozenset({torch.clamp, torch.Tensor.clamp, torch.clamp_min, torch.Tensor.clamp_min, torch.clip})
 _ELEMENTWISE = RELUS | frozenset(OTHER_ACTIVATIONS) | frozenset(SQUASHES) | _CLAMPS
 _MAX_POOLS = frozenset({F.max_pool1d, F.max_pool2d, F.max_pool3d})
+_SOFTMAXES = frozenset(
+    {F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+)
 _NOT_ELEMENTWISE = {
-    F.softmax: "softmax",
-    torch.softmax: "softmax",
-    torch.Tensor.softmax: "softmax",
-    F.log_softmax: "log-softmax",
-    torch.log_softmax: "log-softmax",
-    torch.Tensor.log_softmax: "log-softmax",
     F.layer_norm: "layer normalisation",
     F.group_norm: "group normalisation",
     F.instance_norm: "instance normalisation",
@@ -100,6 +112,42 @@ class _Rescale(torch.autograd.Function):
         delta_in, delta_out = _halves(x), _halves(y)
         # <=: in float16 the threshold rounds to 0, and exact zeros must still take the derivative
         return torch.where(delta_in.abs() <= _EPS, derivative, grad * delta_out / delta_in), None
+
+
+class _SoftmaxRescale(torch.autograd.Function):
+    """Softmax (or log-softmax) ``y = g(z)`` along ``dim``: as ``g`` ignores a constant added to ``z``, it is
+    ``g(u)`` of the centred logits ``u = z - mean(z)``; the centring is linear and keeps its gradient, and the Rescale
+    multiplier ``grad * (y(x) - y(x0)) / (u(x) - u(x0))`` goes back per element (the derivative where
+    ``|u(x) - u(x0)| <= 1e-10``). The multiplier of ``z`` is then that of ``u`` less its mean along ``dim``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, function: Callable[[Tensor], Tensor], dim: int) -> Tensor:  # type: ignore[override]
+        y = function(x.detach())
+        ctx.function, ctx.dim = function, dim
+        ctx.save_for_backward(x.detach(), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        x, y = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (derivative,) = torch.autograd.grad(ctx.function(leaf), leaf, grad)
+        work = torch.promote_types(y.dtype, x.dtype)
+        centred = x.to(work) - x.to(work).mean(dim=ctx.dim, keepdim=True)
+        delta_in, delta_out = _halves(centred), _halves(y.to(work))
+        grad, derivative = grad.to(work), derivative.to(work)
+        rescaled = torch.where(delta_in.abs() <= _EPS, derivative, grad * delta_out / delta_in)
+        return (rescaled - rescaled.mean(dim=ctx.dim, keepdim=True)).to(x.dtype), None, None
+
+
+def _softmax_dim(args: tuple, kwargs: dict) -> int:
+    """The dimension a softmax call normalises, as the call resolves it (``dim=None``: PyTorch's implicit rule)."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    ndim = args[0].ndim
+    if dim is None:
+        dim = 0 if ndim in (0, 1, 3) else 1  # torch.nn.functional._get_softmax_dim, without its warning
+    return dim % max(ndim, 1)
 
 
 def _spread(values: Tensor, indices: Tensor, like: Tensor) -> Tensor:
@@ -148,6 +196,15 @@ class _RescaleMode(TorchFunctionMode):
             if kwargs.get("return_indices") or (len(args) >= 7 and args[6]):
                 return values, func(args[0].detach(), *rest, **options)[1]
             return values
+        if func in _SOFTMAXES and isinstance(args[0], Tensor) and args[0].requires_grad:
+            dim = _softmax_dim(args, kwargs)
+            if dim == 0:
+                raise ValueError(
+                    f"The model calls a softmax over the batch dimension{where_running(self.names, self.stack)}; "
+                    "DeepLIFT runs the inputs and baselines as one batch and needs the batch left alone."
+                )
+            rest = args[1:]
+            return _SoftmaxRescale.apply(args[0], lambda t: func(t, *rest, **kwargs), dim)
         if func in _NOT_ELEMENTWISE:
             raise ValueError(
                 f"DeepLIFT's Rescale rule is for elementwise nonlinearities and max pooling; the model calls "
@@ -168,17 +225,22 @@ def deeplift(
     *,
     baseline: Tensor | float | None = None,
     return_convergence_delta: bool = False,
+    multiply_by_inputs: bool = True,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """DeepLIFT (Rescale rule) attributions against a baseline: one forward and one backward of 2B samples.
 
     Args:
-        model: the network (elementwise activations, max pooling and linear layers; see the module docstring).
+        model: the network (elementwise activations, softmax, max pooling and linear layers; see the module
+            docstring).
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the prediction.
         baseline: the reference input: a tensor broadcastable to ``inputs`` or a scalar; None = zeros.
-        return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(baseline))``.
+        return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(baseline))`` (of the
+            attributions multiplied by ``x - baseline``, whatever ``multiply_by_inputs``).
+        multiply_by_inputs: multiply the multipliers by ``x - baseline`` (the contributions); False returns the
+            multipliers alone (Captum's ``multiply_by_inputs=False``).
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
@@ -191,6 +253,10 @@ def deeplift(
         >>> x = torch.randn(4, 3)
         >>> attributions, delta = deeplift(net, x, target=1, return_convergence_delta=True)
         >>> bool(delta.abs().max() < 1e-5)
+        True
+        >>> classifier = nn.Sequential(net, nn.Softmax(dim=1))  # the probabilities' change, summed exactly
+        >>> _, delta = deeplift(classifier.double(), x.double(), target=1, return_convergence_delta=True)
+        >>> bool(delta.abs().max() < 1e-12)
         True
     """
     batch = inputs.shape[0]
@@ -216,8 +282,10 @@ def deeplift(
         index = resolve_target(target, scores[:batch].detach(), task)  # the inputs' half of the one forward
         chosen = target_scores(scores, index.repeat(2), task)
         (grad,) = torch.autograd.grad(chosen.sum(), both)
-    attributions = ((x - base) * grad[:batch].to(x.dtype)).detach()
+    multipliers = grad[:batch].to(x.dtype).detach()
+    attributions = ((x - base) * multipliers).detach()
+    result = attributions if multiply_by_inputs else multipliers
     if not return_convergence_delta:
-        return attributions
+        return result
     change = (chosen[:batch] - chosen[batch:]).detach().double()
-    return attributions, attributions.reshape(batch, -1).double().sum(dim=1) - change
+    return result, attributions.reshape(batch, -1).double().sum(dim=1) - change

@@ -218,6 +218,7 @@ def integrated_gradients(
     method: str = "gausslegendre",
     internal_batch_size: int | None = None,
     return_convergence_delta: bool = False,
+    multiply_by_inputs: bool = True,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -236,7 +237,12 @@ def integrated_gradients(
         method: integration rule, see :func:`integration_points`.
         internal_batch_size: at most this many interpolated inputs per pass.
         return_convergence_delta: also return, per sample,
-            ``sum(attributions) - (f(x) - f(baseline))``.
+            ``sum(attributions) - (f(x) - f(baseline))`` (of the attributions
+            multiplied by ``x - baseline``, whatever ``multiply_by_inputs``).
+        multiply_by_inputs: multiply the path-averaged gradient by
+            ``x - baseline`` (the attributions); False returns the averaged
+            gradient alone (Captum's ``multiply_by_inputs=False``: a local
+            rather than a global attribution).
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
@@ -245,6 +251,10 @@ def integrated_gradients(
         a tuple ``(attributions, delta)`` where ``delta`` has shape (B,).
 
     Example:
+        >>> linear = nn.Linear(4, 2)
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(integrated_gradients(linear, x, 1, multiply_by_inputs=False), linear.weight[1].expand(3, 4))
+        True
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
         >>> attr, delta = integrated_gradients(net, torch.randn(3, 4), 0, return_convergence_delta=True)
         >>> bool(delta.abs().max() < 1e-4)
@@ -271,13 +281,14 @@ def integrated_gradients(
         w = weights[start : start + chunk].to(device=x.device, dtype=total.dtype).reshape(shape)
         total += (grads.reshape(steps, *x.shape).to(total.dtype) * w).sum(dim=0)
     attributions = (diff.to(total.dtype) * total).to(x.dtype)
+    result = attributions if multiply_by_inputs else total.to(x.dtype)
     if not return_convergence_delta:
-        return attributions
+        return result
     with torch.no_grad():
         end_scores = clean_scores(model, torch.cat([x, base]), output_transform)
     chosen = target_scores(end_scores, torch.cat([index, index]), task).double()
     delta = attributions.reshape(batch, -1).double().sum(dim=1) - (chosen[:batch] - chosen[batch:])
-    return attributions, delta
+    return result, delta
 
 
 def _chunk_copies(internal_batch_size: int | None, batch: int, copies: int) -> int:

@@ -469,6 +469,25 @@ def _shapley_coalitions(
     return ranks < size[:, None]
 
 
+def _exact_coalitions(features: int, n_samples: int) -> bool:
+    """Whether :func:`kernel_shap` enumerates every coalition of ``features`` features rather than drawing
+    ``n_samples``: when the coalitions other than the empty and the full one number at most ``n_samples``
+    (``2**F - 2 <= n_samples``), so the exact answer costs no more forwards than the sampled one.
+    """
+    return features < 63 and 2**features - 2 <= n_samples
+
+
+def _all_coalitions(features: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Every coalition of ``features`` features but the empty and the full one, (2**F - 2, F) bool, and each one's
+    Shapley-kernel weight ``(F - 1) / (C(F, k) k (F - k))`` for its size ``k`` (float64)."""
+    codes = torch.arange(1, 2**features - 1, device=device)
+    coalitions = (codes[:, None] >> torch.arange(features, device=device)) & 1 == 1
+    size = coalitions.sum(dim=1)
+    counts = torch.tensor([math.comb(features, k) for k in range(features + 1)], dtype=torch.float64, device=device)
+    sizes = size.double()
+    return coalitions, (features - 1) / (counts[size] * sizes * (features - sizes))
+
+
 @register_method(
     "perturbation", "KernelSHAP", stochastic=True,
     cost="n_samples + 2 (130) forwards, no backward", reference="Captum KernelShap, same coalitions",
@@ -500,12 +519,21 @@ def kernel_shap(
     Captum's ``KernelShap`` approximates that constraint with weights of 1e6 on
     the full and the empty coalitions.
 
+    When the features are few, so that their ``2**F - 2`` coalitions other than
+    the empty and the full one number at most ``n_samples`` (F <= 7 at the
+    default 128), every one of them is evaluated once, weighted by the Shapley
+    kernel ``(F - 1) / (C(F, k) k (F - k))`` of its size ``k``, instead of
+    drawing: the regression then gives the Shapley values exactly (Lundberg &
+    Lee 2017, Theorem 2), whatever the generator, which is not drawn from, at
+    ``2**F`` forwards per sample in all.
+
     Args:
         model: the network.
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the predicted class.
         n_samples: number of random coalitions; each sample also gets one
-            forward with every feature at the baseline.
+            forward with every feature at the baseline. At least ``2**F - 2``:
+            every coalition, exactly (see above).
         feature_mask: integer tensor of feature ids 0 .. F-1, broadcastable to
             ``inputs`` (see :func:`lime`).
         patch_size: side of the square patches of the default mask for images;
@@ -548,7 +576,12 @@ def kernel_shap(
     change = clean.double() - null[0]  # f(x) - f(baseline), (B,)
     if features == 1:
         return _spread(change[:, None], mask, x, out_dtype(inputs))
-    coalitions = _shapley_coalitions(n_samples, features, generator, draw_device(generator, x)).to(x.device)
+    if _exact_coalitions(features, n_samples):  # every coalition once, with its kernel weight: exact Shapley values
+        coalitions, kernel = _all_coalitions(features, x.device)
+        root = kernel.sqrt()[None, :, None]  # (1, n, 1): weighted least squares as plain least squares
+    else:
+        coalitions = _shapley_coalitions(n_samples, features, generator, draw_device(generator, x)).to(x.device)
+        root = None  # drawn from the kernel: weight 1 each
     scores, _ = _perturbed_scores(model, x, base, mask, coalitions, index, internal_batch_size, output_transform, task)
     # eliminate one present feature per sample (the last) with the constraint sum(phi) = change (shap's solve)
     last = (present * torch.arange(features, device=x.device)).argmax(dim=1)  # (B,)
@@ -558,6 +591,8 @@ def kernel_shap(
     others[torch.arange(batch, device=x.device), last] = False
     reduced = (design - last_column) * others[:, None, :]
     response = scores.T - null[0][:, None] - last_column[..., 0] * change[:, None]  # (B, n)
+    if root is not None:
+        reduced, response = reduced * root, response * root[..., 0]
     phi = _least_squares(reduced, response) * others
     phi[torch.arange(batch, device=x.device), last] = change - phi.sum(dim=1)
     return _spread(phi, mask, x, out_dtype(inputs))
