@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_interp.methods import (
     DetectionScores,
@@ -117,6 +118,36 @@ def test_scores_follow_the_matching_rules():
         transform([first, second, first])
     empty = dicts([], [], [])
     assert transform([empty, empty]).tolist() == [[0.0], [0.0]]
+
+
+class HostReads(TorchFunctionMode):
+    """Counts Python's reads of tensor values: each is a wait for the device on a GPU."""
+
+    READS = frozenset({torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.__bool__})
+    READS |= frozenset({torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_scoring_copies_of_the_detections_reads_no_device_value():
+    transform = DetectionScores(
+        torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 2.0, 2.0]]),
+        torch.tensor([1, 2]),
+        torch.tensor([0.9, 0.8]),
+        torch.tensor([True, False]),
+    )
+    first = dicts([[0, 0, 4, 4], [0, 0, 4, 3]], [2, 1], [0.9, 0.6])
+    second = dicts([[0, 0, 2, 1]], [2], [0.4])
+    with HostReads() as counter:
+        scores = transform([first, second] * 16)  # 32 rows: a read per row would be 32 waits
+    assert counter.reads == 0
+    assert scores[::2].flatten().tolist() == [pytest.approx(0.6)] * 16 and not scores[1::2].any()
 
 
 def test_box_iou_and_masks_by_hand():

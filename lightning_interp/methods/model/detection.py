@@ -234,6 +234,7 @@ class DetectionScores:
         self.labels = labels.detach().long()
         self.scores = scores.detach()
         self.found = found.detach().bool()
+        self._found_on_host = self.found.tolist()  # read once here, not once per row of every batch
         self.iou_threshold = float(iou_threshold)
         self.include_box = bool(include_box)
         self.output_transform = output_transform
@@ -254,19 +255,18 @@ class DetectionScores:
         return torch.stack([self._row(detections[r], r % samples) for r in range(rows)])[:, None]
 
     def _row(self, detection: Mapping[str, Tensor], sample: int) -> Tensor:
+        """The score of row's match, without a read of a device value (the match is chosen by ``torch.where``)."""
         boxes, labels, scores = (detection[key] for key in DETECTION_KEYS)
         zero = scores.sum() * 0  # no match: 0, joined to the graph (a zero gradient, not a missing one)
-        if not bool(self.found[sample]) or boxes.shape[0] == 0:
+        if not self._found_on_host[sample] or boxes.shape[0] == 0:
             return zero
         reference = self.boxes[sample].to(device=boxes.device, dtype=boxes.dtype)[None]
         overlap = box_iou(reference, boxes)[0]
-        same = labels.to(self.labels.device) == self.labels[sample]
+        same = labels == self.labels[sample].to(labels.device)
         masked = torch.where(same.to(overlap.device), overlap.detach(), torch.full_like(overlap, -1.0))
-        best = int(masked.argmax())
-        if float(masked[best]) <= self.iou_threshold:
-            return zero
-        value = scores[best]
-        return value + overlap[best] if self.include_box else value
+        best = masked.argmax()
+        value = scores[best] + overlap[best] if self.include_box else scores[best]
+        return torch.where(masked[best] > self.iou_threshold, value, zero)
 
     def masks(self, size: tuple[int, int]) -> Tensor:
         """(B, H, W) bool: each sample's explained box as a mask on an (H, W) input (all False when not found)."""
