@@ -63,7 +63,9 @@ def ablation_cam(
     gradients, ``internal_batch_size`` ablated copies per forward), and the
     channel's weight is the relative drop of the target score,
     ``w_k = (y - y_k) / y``; the map is ``ReLU(sum_k w_k A_k)``. A score of
-    zero gives no weights (NaN), as the definition divides by it.
+    zero gives no weights (NaN), as the definition divides by it, and a
+    negative score (a logit below 0, common in an untrained network) turns
+    every weight's sign, as it does in pytorch-grad-cam.
     pytorch-grad-cam's ``AblationCAM`` zeroes a channel only when the
     activation's minimum is exactly 0 (after a ReLU) and otherwise sets it far
     below the minimum (``min - 1e7``, growing with each channel of a batch);
