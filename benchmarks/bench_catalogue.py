@@ -39,6 +39,11 @@ row says otherwise; agreement is ``max|ours - peer| / max|peer|``.
   as pytorch-grad-cam's numpy SVDs leave BLAS threads spinning on the cores. Score-CAM runs one forward per channel and
   sample, so it runs on the first few images only (the row says how many), ours at its default ``internal_batch_size``
   (64), pytorch-grad-cam at its default batch of 16 (its tqdm progress bar is disabled).
+- ``ablation_cam`` vs pytorch-grad-cam ``AblationCAM`` as the CAMs above, on the first few images (one forward per
+  channel), ours at ``internal_batch_size=64``, pytorch-grad-cam at its batch of 32 (tqdm disabled); ``full_grad`` vs
+  pytorch-grad-cam ``FullGrad`` (ours summed over the channels); ``guided_grad_cam`` vs Captum ``GuidedGradCam`` at the
+  CAM layer with ``interpolate_mode="bilinear"``. ``smooth_grad_cam_plus_plus`` has no row yet (torchcam's
+  ``SmoothGradCAMpp`` takes its last copy's gradient and activation, so the maps agree only on the test's special case).
 - ``cam`` vs torchcam ``CAM`` (``normalized=False``; ours with ``relu=False, upsample=False``, the same map), only on
   ``cifar_resnet``: CAM needs a global-average-pooled linear head, and ``mnist_cnn`` has none.
 - ``noise_tunnel`` (around the gradient, SmoothGrad), ``smoothgrad_sq`` and ``vargrad`` vs Captum
@@ -110,6 +115,7 @@ FEW_IMAGES = {
     "noise_tunnel": (8, 2),
     "smoothgrad_sq": (8, 2),
     "vargrad": (8, 2),
+    "ablation_cam": (4, 1),
 }
 PERTURBATION_SAMPLES = 64  # LIME and KernelSHAP coalitions per image
 GRADIENT_SHAP_SAMPLES = 16
@@ -132,6 +138,7 @@ PGC_CAMS = {
     "hires_cam": "HiResCAM",
     "eigen_cam": "EigenCAM",
     "score_cam": "ScoreCAM",
+    "ablation_cam": "AblationCAM",
 }
 
 
@@ -411,11 +418,12 @@ def _pool_after_activation(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def _quiet_tqdm() -> Iterator[None]:
     """pytorch-grad-cam's ScoreCAM prints a tqdm progress bar per image: disabled (it only makes the peer slower)."""
+    import pytorch_grad_cam.ablation_cam as ablation_cam_module
     import pytorch_grad_cam.score_cam as score_cam_module
     import tqdm
 
     quiet = types.SimpleNamespace(tqdm=functools.partial(tqdm.tqdm, disable=True))
-    with mock.patch.object(score_cam_module, "tqdm", quiet):
+    with mock.patch.object(score_cam_module, "tqdm", quiet), mock.patch.object(ablation_cam_module, "tqdm", quiet):
         yield
 
 
@@ -463,7 +471,8 @@ def _pytorch_grad_cam(setup: Setup, method: str) -> list[Row]:
     label = f"{method} {layer!r}"
     if method in FEW_IMAGES:
         label += f" ({len(x)} images)"
-        note += "; ours internal_batch_size=64, pytorch-grad-cam its batch of 16"
+        batch = 32 if method == "ablation_cam" else 16
+        note += f"; ours internal_batch_size=64, pytorch-grad-cam its batch of {batch}"
     return [_row(setup, label, f"pytorch-grad-cam {PGC_CAMS[method]}", measured, "peer", rel, note)]
 
 
@@ -678,6 +687,51 @@ def _noise_tunnel(setup: Setup, method: str) -> list[Row]:
     return [_row(setup, label, peer, measured, "peer", _rel(ours(model, x, t), same_noise), note)]
 
 
+def _full_grad(setup: Setup, method: str) -> list[Row]:
+    """Ours vs pytorch-grad-cam ``FullGrad`` (every convolution's and BatchNorm's bias; both return maps in [0, 1]:
+    ours summed over the input channels)."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    spec = METHODS[method]
+    model, x, t = setup.model, setup.x, setup.t
+    targets = [ClassifierOutputTarget(int(c)) for c in t]
+
+    def peer() -> Tensor:
+        with pytorch_grad_cam.FullGrad(model=model, target_layers=[]) as cam:
+            return torch.from_numpy(cam(input_tensor=x, targets=targets))
+
+    measured = _measure({"ours": lambda: _ours(spec, model, x, t, None), "peer": peer}, setup.quick)
+    model.zero_grad(set_to_none=True)  # pytorch-grad-cam's backward fills param.grad
+    _, out, _, _ = measured
+    ours = out["ours"]
+    assert isinstance(ours, Tensor)
+    rel = _rel(ours.sum(dim=1), out["peer"])  # type: ignore[arg-type]
+    return [_row(setup, method, "pytorch-grad-cam FullGrad", measured, "peer", rel, "ours summed over channels")]
+
+
+def _guided_grad_cam(setup: Setup, method: str) -> list[Row]:
+    """Ours vs Captum ``GuidedGradCam`` at the model's CAM layer, both with bilinear upsampling."""
+    from captum.attr import GuidedGradCam
+
+    spec = METHODS[method]
+    x, t, layer = setup.x, setup.t, setup.layer
+    variant = _relu_modules(setup.model)
+    model = setup.model if variant is None else variant
+    peer = GuidedGradCam(model, dict(model.named_modules())[layer])
+    measured = _measure(
+        {
+            "ours": lambda: _ours(spec, model, x, t, None, cam_layer=layer),
+            "peer": lambda: peer.attribute(x, target=t, interpolate_mode="bilinear"),
+        },
+        setup.quick,
+    )
+    _, out, _, _ = measured
+    rel = _rel(out["ours"], out["peer"])  # type: ignore[arg-type]
+    label = f"{method} {layer!r}"
+    return [_row(setup, label, "Captum GuidedGradCam", measured, "peer", rel, "interpolate_mode='bilinear'")]
+
+
 COMPARISONS: dict[str, Callable[[Setup, str], list[Row]]] = {
     "guided_backprop": _modified_backward,
     "deconvnet": _modified_backward,
@@ -692,6 +746,8 @@ COMPARISONS: dict[str, Callable[[Setup, str], list[Row]]] = {
     "noise_tunnel": _noise_tunnel,
     "smoothgrad_sq": _noise_tunnel,
     "vargrad": _noise_tunnel,
+    "full_grad": _full_grad,
+    "guided_grad_cam": _guided_grad_cam,
 }
 """Method name -> its comparison; a registered method runs only if it is here (and not covered elsewhere)."""
 

@@ -33,6 +33,7 @@ from lightning_interp.methods import (
     get_module,
     infer_task,
     localization,
+    masked_confidence,
     max_sensitivity,
     modes_preserved,
     parse_methods,
@@ -56,12 +57,13 @@ __all__ = [
 ]
 
 QualityMetric = Literal[
-    "deletion", "insertion", "top_drop", "sanity", "sparseness", "localization", "robustness", "cascading"
+    "deletion", "insertion", "top_drop", "sanity", "sparseness", "localization", "robustness", "cascading", "confidence"
 ]
 
 QUALITY_METRICS: tuple[str, ...] = get_args(QualityMetric)
-"""What the callback can compute per method; ``robustness`` and ``cascading`` are off by default (the first explains
-every sample again per noise draw, the second a copy of the model once per randomised layer)."""
+"""What the callback can compute per method; ``robustness``, ``cascading`` and ``confidence`` are off by default (the
+first explains every sample again per noise draw, the second a copy of the model once per randomised layer; the third
+is the Grad-CAM++ paper's pair, opt-in so the default scalars stay as they were)."""
 
 DEFAULT_METRICS = ("deletion", "insertion", "top_drop", "sanity", "sparseness", "localization")
 """The metrics computed when ``metrics=`` is not given, each at its default options."""
@@ -140,7 +142,14 @@ class ExplanationQualityCallback(InterpCallback):
       the model and ``depth`` more explanations per method and run;
     - ``robustness`` (off by default): ``max_sensitivity``, the largest
       relative change of the map under uniform input noise of ``radius`` of
-      the value range, over ``samples`` draws of the callback's own generator.
+      the value range, over ``samples`` draws of the callback's own generator;
+    - ``confidence`` (off by default; Chattopadhay et al. 2018): the image
+      multiplied by its map (rescaled to [0, 1]) against the image
+      (:func:`~lightning_interp.methods.masked_confidence`, 2 no-grad forwards
+      per sample): ``average_drop``, the mean relative fall of the target's
+      probability ``max(0, Y - O) / Y`` (lower is better), and
+      ``increase_in_confidence``, the share of samples whose probability rises
+      (higher is better); both as fractions, not percent.
 
     No option is shared between metrics: ``deletion``, ``insertion`` and
     ``top_drop`` each take their own ``baseline`` (all ``"blur"`` by default)
@@ -182,7 +191,7 @@ class ExplanationQualityCallback(InterpCallback):
             - ``robustness``: ``radius`` (0.02), the noise amplitude as a share
               of each image's value range; ``samples`` (4), noise draws;
             - ``cascading``: ``depth`` (3), layers re-initialised from the output down;
-            - ``sanity``, ``sparseness``, ``localization``: none.
+            - ``sanity``, ``sparseness``, ``localization``, ``confidence``: none.
         target: ``"pred"`` (the prediction; default) or ``"label"``.
         task: the output kind (``"auto"``: inferred from the output's width and the labels, as the map callbacks do);
             a multi-label model follows its top label, a regression model its first output.
@@ -224,6 +233,7 @@ class ExplanationQualityCallback(InterpCallback):
         "localization": {},
         "robustness": {"radius": (0.02, _RADIUS), "samples": (4, _POSITIVE)},
         "cascading": {"depth": (3, _POSITIVE)},
+        "confidence": {},
     }
     """metric -> {option: (default, check)}: every metric of :data:`QUALITY_METRICS` and the options it takes."""
 
@@ -572,6 +582,10 @@ class ExplanationQualityCallback(InterpCallback):
                 )
                 scores["top_drop"], scores["random_drop"] = _nanmean(top), _nanmean(random)
                 scores["top_drop_gain"] = _nanmean(top - random)
+            if "confidence" in options:
+                original, kept = masked_confidence(model, inputs, maps, target, **common)
+                scores["average_drop"] = _nanmean((original - kept).clamp_min(0) / original)
+                scores["increase_in_confidence"] = _nanmean((kept > original).float())
         if "sanity" in self.metrics and key in self._start_maps:
             start = self._start_maps[key]
             if start.shape == maps.shape:

@@ -14,7 +14,8 @@ The families live in subpackages; everything public is re-exported here, so
   tunnels around any of them (SmoothGrad, SmoothGrad-squared, VarGrad), and
   modified-backward methods (guided backprop, deconvnet, LRP with its rules and composites, DeepLIFT);
 - ``perturbation``: occlusion, LIME, KernelSHAP;
-- ``cams``: Grad-CAM and its variants (one weights function each), Score-CAM, CAM;
+- ``cams``: Grad-CAM and its variants (one weights function each), Score-CAM, CAM, Ablation-CAM, Smooth Grad-CAM++,
+  Guided Grad-CAM;
 - ``representation``: features, CKA and RSA, linear probes, TCAV, activation maps, attention, feature visualisation;
 - ``evaluation``: map scores, explanation quality, dataset bias, uncertainty and calibration;
 - ``model``: module lookup and modes, the shared forward and backward, output kinds, tracing, token layouts, layer
@@ -29,6 +30,12 @@ from lightning_interp.methods.attribution.gradient import (
     integrated_gradients,
     integration_points,
     smoothgrad,
+)
+from lightning_interp.methods.attribution.gradient_full import (
+    FULL_GRAD_SCALINGS,
+    FullGradScaling,
+    full_grad,
+    full_grad_biases,
 )
 from lightning_interp.methods.attribution.lrp import (
     LRP_COMPOSITES,
@@ -70,6 +77,12 @@ from lightning_interp.methods.cams.gradcam import (
     score_cam,
     xgrad_cam,
 )
+from lightning_interp.methods.cams.guided import (
+    GUIDED_GRAD_CAM_INTERPOLATIONS,
+    GuidedGradCamInterpolation,
+    guided_grad_cam,
+)
+from lightning_interp.methods.cams.perturbed import ablation_cam, plus_plus_weights, smooth_grad_cam_plus_plus
 from lightning_interp.methods.evaluation.bias import (
     ClassAttribution,
     ClassBalance,
@@ -91,8 +104,11 @@ from lightning_interp.methods.evaluation.map_metrics import (
 from lightning_interp.methods.evaluation.quality import (
     QUALITY_COLUMNS,
     REMOVAL_BASELINES,
+    average_drop,
     cascading_randomization,
     curve_auc,
+    increase_in_confidence,
+    masked_confidence,
     max_sensitivity,
     perturbation_curve,
     rank_methods,
@@ -309,8 +325,10 @@ __all__ = [
     "DETECTION_KEYS",
     "DROPOUT_TYPES",
     "FAMILIES",
+    "FULL_GRAD_SCALINGS",
     "GRADIENT_CAMS",
     "GRADIENT_TOLERANCE",
+    "GUIDED_GRAD_CAM_INTERPOLATIONS",
     "HEAD_FUSIONS",
     "LAYER_LAYOUTS",
     "LRP_COMPOSITES",
@@ -350,7 +368,9 @@ __all__ = [
     "FeatureVisualizationResult",
     "Flat",
     "ForwardWith",
+    "FullGradScaling",
     "Gamma",
+    "GuidedGradCamInterpolation",
     "LRPComposite",
     "LRPLayer",
     "LRPRule",
@@ -383,6 +403,7 @@ __all__ = [
     "WSquare",
     "ZBox",
     "ZPlus",
+    "ablation_cam",
     "activation_maps",
     "activation_statistics",
     "attends_ahead",
@@ -395,6 +416,7 @@ __all__ = [
     "attribution_to_map",
     "auto_layers",
     "available_methods",
+    "average_drop",
     "border_band",
     "border_share",
     "box_iou",
@@ -444,6 +466,8 @@ __all__ = [
     "for_rows",
     "forward_chunk_size",
     "fourier_image",
+    "full_grad",
+    "full_grad_biases",
     "fuse_heads",
     "get_module",
     "grad_cam",
@@ -452,7 +476,9 @@ __all__ = [
     "gradient_shap",
     "gram_dtype_for",
     "guided_backprop",
+    "guided_grad_cam",
     "hires_cam",
+    "increase_in_confidence",
     "infer_task",
     "input_x_gradient",
     "integrated_gradients",
@@ -477,6 +503,7 @@ __all__ = [
     "lrp",
     "lrp_rules",
     "map_agreement",
+    "masked_confidence",
     "max_sensitivity",
     "mc_dropout_maps",
     "mc_dropout_predictions",
@@ -497,6 +524,7 @@ __all__ = [
     "perturbation_curve",
     "pixel_image",
     "plain_name",
+    "plus_plus_weights",
     "pointing_game",
     "pool_features",
     "pool_tokens",
@@ -524,6 +552,7 @@ __all__ = [
     "score_cam",
     "scores_from_output",
     "segmentation_target",
+    "smooth_grad_cam_plus_plus",
     "smoothgrad",
     "smoothgrad_sq",
     "sparseness",

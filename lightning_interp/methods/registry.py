@@ -212,8 +212,8 @@ def available_methods(family: Family | None = None) -> dict[str, str]:
 
     Example:
         >>> list(available_methods("gradient"))
-        ['gradient', 'input_x_gradient', 'smoothgrad', 'integrated_gradients', 'gradient_shap', 'noise_tunnel',
-         'smoothgrad_sq', 'vargrad']
+        ['gradient', 'input_x_gradient', 'smoothgrad', 'integrated_gradients', 'gradient_shap', 'full_grad',
+         'noise_tunnel', 'smoothgrad_sq', 'vargrad']
     """
     if family is not None and family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}.")

@@ -65,8 +65,10 @@ FAST = {  # each stochastic method at its cheapest, so the suite stays small
     "gradient_shap": {"n_samples": 2},
     "lime": {"n_samples": 4},
     "kernel_shap": {"n_samples": 4},
+    "smooth_grad_cam_plus_plus": {"n_samples": 2},
 }
 IMAGE_STOCHASTIC = tuple(name for name in STOCHASTIC if not METHODS[name].needs_layer)
+CAM_STOCHASTIC = tuple(name for name in STOCHASTIC if METHODS[name].needs_layer)
 
 
 def _image_model() -> pl.LightningModule:
@@ -116,11 +118,12 @@ CASES: dict[type[Callback], Case] = {
         stochastic=IMAGE_STOCHASTIC,
         explains=True,
     ),
-    GradCAMCallback: Case(  # the CAM family has no stochastic method
+    GradCAMCallback: Case(
         lambda methods: GradCAMCallback(
             layer=["net.features.2", "net.features.5"], methods=methods or ("grad_cam",), num_samples=4
         ),
         "methods: {grad_cam: null, layer_cam: null}\nlayer: [net.features.5]",
+        stochastic=CAM_STOCHASTIC,
         explains=True,
     ),
     LinearProbeCallback: Case(lambda methods: LinearProbeCallback(num_samples=16), "num_samples: 16"),

@@ -17,7 +17,9 @@ from lightning_interp.callbacks.explanation_quality import DEFAULT_METRICS, QUAL
 from lightning_interp.methods import (
     attribute,
     attribution_to_map,
+    average_drop,
     curve_auc,
+    masked_confidence,
     perturbation_curve,
     rank_methods,
     sparseness,
@@ -147,6 +149,38 @@ def test_the_cascading_randomisation_is_logged_per_randomised_layer(tmp_path):
     # the two last parametrised layers of the quickstart network, named as the user names them
     assert set(cascade) == {"interp_quality/gradient/cascade/net.10", "interp_quality/gradient/cascade/net.6"}
     assert all(-1.0 <= value <= 1.0 for value in cascade.values())
+
+
+def test_the_confidence_metric_logs_average_drop_and_increase_in_confidence_of_the_new_methods(tmp_path):
+    # the issue-30 methods by name (an input attribution with its CAM layer, a stochastic CAM) and the paper's pair
+    methods = {
+        "full_grad": None,
+        "guided_grad_cam": {"cam_layer": "net.4"},
+        "ablation_cam": {"layer": "net.4"},
+        "smooth_grad_cam_plus_plus": {"layer": "net.4", "n_samples": 2},
+    }
+    callback = ExplanationQualityCallback(methods, num_samples=8, metrics=["confidence"], random_reference=False)
+    assert "confidence" in QUALITY_METRICS and "confidence" not in DEFAULT_METRICS
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
+    model = tiny_classifier()
+    trainer.fit(model, datamodule=tiny_datamodule())
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    for key in ("full_grad", "guided_grad_cam", "ablation_cam@net.4", "smooth_grad_cam_plus_plus@net.4"):
+        assert 0.0 <= metrics[f"interp_quality/{key}/average_drop"] <= 1.0, key
+        assert 0.0 <= metrics[f"interp_quality/{key}/increase_in_confidence"] <= 1.0, key
+    # the logged numbers are those of the functions on the final model
+    probe = callback.probe
+    model.eval()
+    with torch.no_grad():
+        target = model(probe.inputs).argmax(dim=1)
+    maps = attribute("ablation_cam", model, probe.inputs, target, layer="net.4")
+    before, after = masked_confidence(model, probe.inputs, maps, target)
+    assert metrics["interp_quality/ablation_cam@net.4/average_drop"] == pytest.approx(
+        float(average_drop(model, probe.inputs, maps, target).mean()), abs=1e-5
+    )
+    assert metrics["interp_quality/ablation_cam@net.4/increase_in_confidence"] == pytest.approx(
+        float((after > before).float().mean()), abs=1e-6
+    )
 
 
 # ------------------------------------------------------------------ metrics=: the spelling of methods=, options checked

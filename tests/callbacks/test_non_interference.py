@@ -103,6 +103,7 @@ def test_every_registered_method_in_a_callback_leaves_training_bit_identical(tmp
         "gradient_shap": {"n_samples": 2},
         "lime": {"n_samples": 4},
         "kernel_shap": {"n_samples": 4},
+        "smooth_grad_cam_plus_plus": {"n_samples": 2},
     }
     saliency = [(name, fast.get(name, {})) for name, spec in METHODS.items() if not spec.needs_layer]
     cams = [(name, fast.get(name, {})) for name, spec in METHODS.items() if spec.needs_layer and name != "cam"]

@@ -119,7 +119,9 @@ def test_every_gradient_and_modified_backward_method_runs_at_the_embedding_or_sa
         assert attributions.shape == embedded.shape and bool(torch.isfinite(attributions).all()), name
         assert float(attributions[1, :3].abs().sum()) > 0, name  # the real tokens of the shortest sample
     # the rule-based methods have no rule for attention (or a bare parameter): refused with what to use instead
-    assert set(refused) == {"lrp", "deeplift"}
+    # FullGrad and Guided Grad-CAM resize maps to an image's height and width: images only, said so
+    assert set(refused) == {"lrp", "deeplift", "full_grad", "guided_grad_cam"}
+    assert "images" in refused["full_grad"] and "images" in refused["guided_grad_cam"]
     assert "attention" in refused["deeplift"] and "no rule" in refused["lrp"]
 
 

@@ -23,8 +23,11 @@ from lightning_interp.methods.model.tasks import target_scores
 __all__ = [
     "QUALITY_COLUMNS",
     "REMOVAL_BASELINES",
+    "average_drop",
     "cascading_randomization",
     "curve_auc",
+    "increase_in_confidence",
+    "masked_confidence",
     "max_sensitivity",
     "perturbation_curve",
     "rank_methods",
@@ -268,6 +271,111 @@ def top_fraction_drop(
     return before - top, before - random
 
 
+def masked_confidence(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    target: Tensor | int,
+    *,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+    batch_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """The target's probability on each image and on the image multiplied by its explanation map (Chattopadhay et
+    al. 2018), the two numbers :func:`average_drop` and :func:`increase_in_confidence` compare.
+
+    Each map is rescaled to [0, 1] per sample as pytorch-grad-cam's
+    ``scale_cam_image`` does (``m - min``, then divided by ``1e-7 + max``: a
+    constant map becomes 0) and multiplies every channel of its image, so the
+    image keeps only what the map points at (0 elsewhere, in the model's input
+    units).
+
+    Args:
+        model: the network (eval mode, no gradients, ``batch_size`` images per forward).
+        inputs: images (B, C, H, W).
+        maps: (B, H, W) relevance per pixel.
+        target: the class followed, (B,) or one int.
+        output_transform: maps the model output to (B, C) scores.
+        task: the output kind (the probability is :func:`target_probability`'s).
+        batch_size: images per forward pass.
+
+    Returns:
+        ``(original, masked)``: (B,) float32 probabilities of the target.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2, bias=False))
+        >>> before, after = masked_confidence(net, torch.rand(2, 3, 4, 4), torch.ones(2, 4, 4), 0)
+        >>> after.tolist()  # a constant map keeps nothing: zero images, zero logits, probability 1/2
+        [0.5, 0.5]
+    """
+    _check(inputs, maps)
+    flat = maps.detach().reshape(maps.shape[0], -1).float()
+    shifted = flat - flat.amin(dim=1, keepdim=True)
+    scaled = (shifted / (1e-7 + shifted.amax(dim=1, keepdim=True))).reshape(maps.shape)
+    source = inputs.detach()
+    masked = source * scaled[:, None].to(device=source.device, dtype=source.dtype)
+    targets = _as_target(target, inputs.shape[0], inputs.device).repeat(2)
+    probabilities = _predict(model, torch.cat([source, masked]), targets, output_transform, task, batch_size)
+    original, kept = probabilities.reshape(2, inputs.shape[0])
+    return original, kept
+
+
+def average_drop(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    target: Tensor | int,
+    *,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+    batch_size: int = 256,
+) -> Tensor:
+    """(B,) the relative fall of the target's probability when the image is multiplied by its map,
+    ``max(0, Y - O) / Y`` (:func:`masked_confidence`); their mean is the Average Drop of Chattopadhay et al. 2018
+    (who report it in percent). Lower is better: the map keeps what the model needs.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = net[1].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+        >>> x, keep_first = torch.ones(1, 1, 1, 2), torch.tensor([[[1.0, 0.0]]])
+        >>> round(average_drop(net, x, keep_first, 0).item(), 6)  # logits (1, 0) stay (1, 0): no drop
+        0.0
+    """
+    original, kept = masked_confidence(
+        model, inputs, maps, target, output_transform=output_transform, task=task, batch_size=batch_size
+    )
+    return (original - kept).clamp_min(0) / original
+
+
+def increase_in_confidence(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    target: Tensor | int,
+    *,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+    batch_size: int = 256,
+) -> Tensor:
+    """(B,) 1.0 where the target's probability rises when the image is multiplied by its map (``O > Y``,
+    :func:`masked_confidence`), else 0.0; their mean is the Increase in Confidence of Chattopadhay et al. 2018
+    (in percent there). Higher is better.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = net[1].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        >>> x, keep_first = torch.ones(1, 1, 1, 2), torch.tensor([[[1.0, 0.0]]])
+        >>> increase_in_confidence(net, x, keep_first, 0).item()  # logits (1, 1) become (1, 0)
+        1.0
+    """
+    original, kept = masked_confidence(
+        model, inputs, maps, target, output_transform=output_transform, task=task, batch_size=batch_size
+    )
+    return (kept > original).float()
+
+
 def sparseness(maps: Tensor) -> Tensor:
     """(B,) Gini index of each map's magnitudes (Chalasani et al. 2020): 0 for a uniform map, (n - 1) / n for a map
     with all its mass on one of n pixels. NaN for an all-zero map.
@@ -418,6 +526,8 @@ QUALITY_COLUMNS: dict[str, tuple[str, bool | None]] = {
     "sanity_rank_correlation": ("similarity to the\nuntrained net's ↓", False),
     "sparseness": ("sparseness", None),
     "max_sensitivity": ("max-sensitivity ↓", False),
+    "average_drop": ("average drop ↓", False),
+    "increase_in_confidence": ("increase in\nconfidence ↑", True),
 }
 
 """Per metric tag: its column title in the comparison table and whether higher is better (None: shown, not

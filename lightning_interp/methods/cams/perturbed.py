@@ -1,0 +1,286 @@
+"""CAM methods that need more than one forward and backward: Ablation-CAM (one forward per ablated channel) and
+Smooth Grad-CAM++ (Grad-CAM++ from the gradients of noisy copies of the input)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_interp.methods.attribution.gradient import _chunk_copies
+from lightning_interp.methods.attribution.noise_tunnel import _noise_std
+from lightning_interp.methods.cams.gradcam import _grid_of, _layer_and_reshape
+from lightning_interp.methods.model.batching import check_count, check_generator, sample_noise
+from lightning_interp.methods.model.core import (
+    OutputTransform,
+    Target,
+    attribution_pass,
+    captured_outputs,
+    eager_forward,
+    get_module,
+    modes_preserved,
+    repeat_target,
+    resolve_target,
+    scores_from_output,
+)
+from lightning_interp.methods.model.tasks import target_scores
+from lightning_interp.methods.model.tokens import TokenReshape
+from lightning_interp.methods.registry import register_method
+
+__all__ = ["ablation_cam", "plus_plus_weights", "smooth_grad_cam_plus_plus"]
+
+
+def _finish(cam: Tensor, inputs: Tensor, relu: bool, upsample: bool) -> Tensor:
+    if relu:
+        cam = cam.clamp_min(0)
+    if upsample and tuple(cam.shape[-2:]) != tuple(inputs.shape[-2:]):
+        cam = F.interpolate(cam[:, None], size=tuple(inputs.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    return cam
+
+
+@register_method(
+    "cam", "Ablation-CAM",
+    cost="1 forward + 1 forward per channel of the layer (512 for a ResNet's layer4), no backward",
+    reference="pytorch-grad-cam AblationCAM",
+)  # fmt: skip
+def ablation_cam(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    layer: nn.Module | str | None = None,
+    *,
+    relu: bool = True,
+    upsample: bool = True,
+    reshape: TokenReshape | None = None,
+    internal_batch_size: int = 64,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+) -> Tensor:
+    """Ablation-CAM heatmap of ``layer`` (Desai and Ramaswamy 2020): channels weighted by the score lost without them.
+
+    For each channel ``k`` of the layer's activation ``A``, the model runs
+    again with ``A_k`` set to zero (the rest of ``A`` as it was; no
+    gradients, ``internal_batch_size`` ablated copies per forward), and the
+    channel's weight is the relative drop of the target score,
+    ``w_k = (y - y_k) / y``; the map is ``ReLU(sum_k w_k A_k)``. A score of
+    zero gives no weights (NaN), as the definition divides by it, and a
+    negative score (a logit below 0, common in an untrained network) turns
+    every weight's sign, as it does in pytorch-grad-cam.
+    pytorch-grad-cam's ``AblationCAM`` zeroes a channel only when the
+    activation's minimum is exactly 0 (after a ReLU) and otherwise sets it far
+    below the minimum (``min - 1e7``, growing with each channel of a batch);
+    here a channel is always zeroed, the paper's ablation. With a token or
+    channels-last layout (``reshape``), the channels are the last dimension of
+    the layer's output.
+
+    Args:
+        model: the network.
+        inputs: (B, C, H, W) batch.
+        target: class index, LongTensor (B,), or None for the prediction.
+        layer: module or dotted name; None picks :func:`~lightning_interp.methods.find_target_layer`.
+        relu: keep only the positive part of the map.
+        upsample: resize to the input's (H, W) bilinearly (align_corners=False).
+        reshape: turns token outputs (B, N, C) into (B, C, h, w) (default: the known layouts).
+        internal_batch_size: most ablated copies per forward pass.
+        output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
+
+    Returns:
+        (B, H, W) float32 map (or (B, h, w) without ``upsample``), not normalised.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> ablation_cam(net, torch.randn(2, 3, 8, 8), None, "1").shape
+        torch.Size([2, 8, 8])
+    """
+    check_count("internal_batch_size", internal_batch_size)
+    layer, reshape = _layer_and_reshape(model, inputs, target, layer, reshape, output_transform, task)
+    module = get_module(model, layer)
+    with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
+        x = inputs.detach().clone()
+        with captured_outputs([module]) as outputs:
+            scores = scores_from_output(model(x), output_transform)
+        index = resolve_target(target, scores, task)
+        activation = outputs[0]
+        if activation is None:
+            raise RuntimeError(f"Layer {layer!r} produced no tensor output during the forward pass.")
+        activation = activation.detach()
+        reshape = _grid_of(model, x, layer, activation, reshape)
+        if reshape is None and activation.ndim != 4:
+            raise ValueError(
+                f"Ablation-CAM needs a (batch, channels, h, w) output of layer {layer!r}, got shape "
+                f"{tuple(activation.shape)}; pass reshape=... for token outputs."
+            )
+        channel_dim = 1 if reshape is None else activation.ndim - 1
+        batch, channels = activation.shape[0], activation.shape[channel_dim]
+        base = target_scores(scores, index, task).float()
+        ablated = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
+        replacement: list[Tensor] = []
+
+        def replace(_module: nn.Module, _args: object, _output: object) -> Tensor:
+            return replacement[0]
+
+        handle = module.register_forward_hook(replace)
+        try:
+            for sample in range(batch):
+                for start in range(0, channels, internal_batch_size):
+                    count = min(internal_batch_size, channels - start)
+                    copies = activation[sample : sample + 1].repeat(count, *([1] * (activation.ndim - 1)))
+                    rows = torch.arange(count, device=x.device)
+                    copies.movedim(channel_dim, 1)[rows, rows + start] = 0  # copy i without channel start + i
+                    replacement[:] = [copies]
+                    repeated = x[sample : sample + 1].repeat(count, *([1] * (x.ndim - 1)))
+                    out = scores_from_output(model(repeated), output_transform)
+                    explained = repeat_target(index[sample : sample + 1], count)
+                    ablated[sample, start : start + count] = target_scores(out, explained, task).float()
+        finally:
+            handle.remove()
+        weights = (base[:, None] - ablated) / base[:, None]
+        grid = (reshape(activation) if reshape is not None else activation).float()
+        cam = (weights[:, :, None, None] * grid).sum(dim=1)
+    return _finish(cam, x, relu, upsample)
+
+
+def plus_plus_weights(activation: Tensor, grad: Tensor, grad_2: Tensor, grad_3: Tensor) -> Tensor:
+    """Grad-CAM++ channel weights (Chattopadhay et al. 2018, eq. 19) from the gradient's first three powers.
+
+    ``w_k = sum_ij relu(G_kij) a_kij`` with ``a = G2 / (2 G2 + sum_ab(A_kab) G3)``
+    (0 where ``G2`` is 0). With ``G2 = G**2`` and ``G3 = G**3`` these are
+    :func:`~lightning_interp.methods.grad_cam_plus_plus`'s weights; Smooth
+    Grad-CAM++ passes the powers averaged over noisy copies of the input.
+
+    Args:
+        activation: (B, C, h, w) activation ``A``.
+        grad: (B, C, h, w) gradient ``G`` of the score with respect to it (or its average).
+        grad_2: ``G**2`` (or its average).
+        grad_3: ``G**3`` (or its average).
+
+    Returns:
+        (B, C, 1, 1) weights.
+
+    Example:
+        >>> a, g = torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5)
+        >>> round(plus_plus_weights(a, g, g**2, g**3).item(), 4)  # 4 pixels of 0.5 * 0.25 / (0.5 + 4 * 0.125)
+        0.5
+    """
+    total = activation.sum(dim=(2, 3), keepdim=True)
+    alpha = grad_2 / (2 * grad_2 + total * grad_3 + 1e-6)
+    alpha = torch.where(grad_2 != 0, alpha, torch.zeros_like(alpha))
+    return (grad.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True)
+
+
+@register_method(
+    "cam", "Smooth\nGrad-CAM++", stochastic=True, run_defaults={"n_samples": 8},
+    cost="`n_samples` (16) forwards + backwards, + 1 forward", reference="torchcam SmoothGradCAMpp",
+)  # fmt: skip
+def smooth_grad_cam_plus_plus(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    layer: nn.Module | str | None = None,
+    *,
+    n_samples: int = 16,
+    stdevs: float | None = None,
+    noise_level: float | None = None,
+    generator: torch.Generator | None = None,
+    relu: bool = True,
+    upsample: bool = True,
+    reshape: TokenReshape | None = None,
+    internal_batch_size: int | None = None,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+) -> Tensor:
+    """Smooth Grad-CAM++ heatmap of ``layer`` (Omeiza et al. 2019): Grad-CAM++ with the gradient's powers averaged
+    over noisy copies of the input.
+
+    Each of ``n_samples`` copies adds Gaussian noise of standard deviation
+    ``stdevs`` (input units) or ``noise_level`` times each sample's value
+    range (default 0.15); the gradients ``G`` of the target score (fixed on
+    the clean input) at the layer give the averages of ``G``, ``G**2`` and
+    ``G**3``, and :func:`plus_plus_weights` of those weight the clean input's
+    activation: ``ReLU(sum_k w_k A_k)``. The numerator of ``a`` is the
+    averaged second power, as in Grad-CAM++ (the paper writes the first
+    power; torchcam corrects it the same way). torchcam's ``SmoothGradCAMpp``
+    differs in three places: it takes the positive part of the *last* noisy
+    copy's gradient rather than of the average, combines the last noisy
+    copy's activation rather than the clean one, and uses
+    ``sum_ab A_kab G3_kab`` in the denominator (pytorch-grad-cam's and our
+    Grad-CAM++ use ``sum_ab(A_kab) G3_kij``); all three agree when the
+    layer's gradient is constant over its positions and across the copies.
+    With no noise this is :func:`~lightning_interp.methods.grad_cam_plus_plus`.
+
+    Args:
+        model: the network.
+        inputs: (B, C, H, W) batch.
+        target: class index, LongTensor (B,), or None for the prediction.
+        layer: module or dotted name; None picks :func:`~lightning_interp.methods.find_target_layer`.
+        n_samples: noisy copies per input.
+        stdevs: the noise's standard deviation in input units; or
+        noise_level: as a fraction of each sample's value range (0.15 when neither is given).
+        generator: source of the noise (the callbacks pass their own; the default draws from the global RNG).
+        relu: keep only the positive part of the map.
+        upsample: resize to the input's (H, W) bilinearly (align_corners=False).
+        reshape: turns token outputs (B, N, C) into (B, C, h, w) (default: the known layouts).
+        internal_batch_size: at most this many noisy inputs per forward pass (whole copies of the batch).
+        output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
+
+    Returns:
+        (B, H, W) float32 map (or (B, h, w) without ``upsample``), not normalised.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> smooth_grad_cam_plus_plus(net, torch.randn(2, 3, 8, 8), None, "1", n_samples=4, generator=g).shape
+        torch.Size([2, 8, 8])
+    """
+    check_count("n_samples", n_samples)
+    check_generator(generator)
+    layer, reshape = _layer_and_reshape(model, inputs, target, layer, reshape, output_transform, task)
+    module = get_module(model, layer)
+    with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
+        x = inputs.detach().clone()
+        with captured_outputs([module]) as outputs:
+            scores = scores_from_output(model(x), output_transform)
+        index = resolve_target(target, scores, task)
+        clean = outputs[0]
+        if clean is None:
+            raise RuntimeError(f"Layer {layer!r} produced no tensor output during the forward pass.")
+        clean = clean.detach()
+    reshape = _grid_of(model, x, layer, clean, reshape)
+    activation = (reshape(clean) if reshape is not None else clean).float()
+    if activation.ndim != 4:
+        raise ValueError(
+            f"Smooth Grad-CAM++ needs a (batch, channels, h, w) output of layer {layer!r}, got shape "
+            f"{tuple(activation.shape)}; pass reshape=... for token outputs."
+        )
+    batch = x.shape[0]
+    std = _noise_std(x, stdevs, noise_level)
+    moments = [torch.zeros_like(activation, dtype=torch.float64) for _ in range(3)]
+    chunk = _chunk_copies(internal_batch_size, batch, n_samples)
+    done = 0
+    while done < n_samples:
+        copies = min(chunk, n_samples - done)
+        noise = sample_noise(torch.Size((copies, *x.shape)), std.unsqueeze(0), generator, x)
+        work = torch.promote_types(x.dtype, torch.float32)
+        noisy = (x.unsqueeze(0).to(work) + noise.to(work)).to(x.dtype).reshape(copies * batch, *x.shape[1:])
+        result = attribution_pass(
+            model,
+            noisy,
+            repeat_target(index, copies),
+            layers=[layer],
+            input_gradient=False,
+            output_transform=output_transform,
+            task=task,
+        )
+        grad = result.activation_grads[0]
+        grad = (reshape(grad) if reshape is not None else grad).double().reshape(copies, *activation.shape)
+        for power, total in enumerate(moments, start=1):
+            total += grad.pow(power).sum(dim=0)
+        done += copies
+    grad_1, grad_2, grad_3 = (total.div(n_samples).float() for total in moments)
+    weights = plus_plus_weights(activation, grad_1, grad_2, grad_3)
+    cam = (weights * activation).sum(dim=1)
+    return _finish(cam, x, relu, upsample)
