@@ -23,6 +23,7 @@ from lightning_interp.callbacks import (
     SaliencyCallback,
     TCAVTest,
     UncertaintyCallback,
+    UnshardedWindow,
 )
 from lightning_interp.methods import DetectionTarget, SegmentationTarget
 from lightning_interp.options import DataDescription, Display
@@ -52,5 +53,6 @@ __all__ = [
     "SegmentationTarget",
     "TCAVTest",
     "UncertaintyCallback",
+    "UnshardedWindow",
     "__version__",
 ]

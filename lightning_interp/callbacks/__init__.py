@@ -15,6 +15,7 @@ from lightning_interp.callbacks.report import ReportCallback
 from lightning_interp.callbacks.saliency import SaliencyCallback
 from lightning_interp.callbacks.similarity import RepresentationSimilarityCallback
 from lightning_interp.callbacks.uncertainty import UncertaintyCallback
+from lightning_interp.callbacks.unsharded_window import UnshardedWindow
 
 __all__ = [
     "ActivationMapsCallback",
@@ -35,4 +36,5 @@ __all__ = [
     "SaliencyCallback",
     "TCAVTest",
     "UncertaintyCallback",
+    "UnshardedWindow",
 ]

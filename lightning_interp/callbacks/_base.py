@@ -6,7 +6,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -37,14 +37,8 @@ from lightning_interp.callbacks._sharding import (
     refuse_weight_reading,
     run_in_lockstep,
 )
-from lightning_interp.callbacks._window import (
-    SHARDING_MODES,
-    check_window,
-    check_window_model,
-    prepare_fsdp2_roots,
-    run_in_window,
-    unsharded_window,
-)
+from lightning_interp.callbacks._window import check_window_model, prepare_fsdp2_roots, run_in_window, unsharded_window
+from lightning_interp.callbacks.unsharded_window import in_window
 from lightning_interp.methods import (
     BoundInputs,
     ForwardWith,
@@ -114,14 +108,6 @@ class InterpCallback(Callback):
             LightningModule whose ``forward`` takes the whole batch, or
             ``lambda model, ids: model(input_ids=ids).logits``). Layer names stay
             the model's own. Default: ``model(inputs)``.
-        sharding: how the work runs where a strategy shards the parameters
-            (FSDP2 ``fully_shard``): ``"lockstep"`` (default) runs it on every
-            rank, gathering the parameters for each forward and backward pass;
-            ``"window"`` gathers the whole model once per run on every rank and
-            rank zero works alone, with no collective in its passes: fewer
-            collectives, and CAM (which reads weights) works, but the whole
-            model must fit on one device beside training's state. Ignored where
-            the parameters are whole (one device, DDP).
     """
 
     def __init__(
@@ -134,12 +120,9 @@ class InterpCallback(Callback):
         data: DataDescription | None = None,
         display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
-        sharding: Literal["lockstep", "window"] = "lockstep",
         **unknown: Any,
     ) -> None:
         refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
-        if sharding not in SHARDING_MODES:
-            raise ValueError(f"sharding must be one of {SHARDING_MODES}, got {sharding!r}.")
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"name must be a non-empty string without '/', got {name!r}.")
         check_arguments(num_samples=num_samples, every_n_epochs=every_n_epochs, forward_fn=forward_fn)
@@ -166,7 +149,6 @@ class InterpCallback(Callback):
                 f"{', '.join(self.display_fields)} only."
             )
         self.forward_fn = forward_fn
-        self.sharding = sharding
         self._wrapper: ForwardWith | None = None
         self._call: ModelCall | None = None  # how the model takes the probe's other inputs (dict batches)
         self._model_pad_id: int | None = None  # the model's own padding id (a HuggingFace config's)
@@ -272,7 +254,6 @@ class InterpCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(self, trainer, supported=self.sharded_support)
-        check_window(self, trainer)
         if not self._in_window(trainer):  # the window gathers whole weights: CAM reads them there
             refuse_weight_reading(self, trainer, getattr(self, "methods", ()))
         _refuse_name_clash(self, trainer)
@@ -385,9 +366,9 @@ class InterpCallback(Callback):
         return run_in_lockstep(pl_module, work, f"{type(self).__name__}'s work at this validation epoch")
 
     def _in_window(self, trainer: pl.Trainer) -> bool:
-        """Whether this callback's work runs in the unsharded window (``sharding="window"`` where the strategy
-        shards the parameters)."""
-        return self.sharding == "window" and is_lockstep(trainer)
+        """Whether this callback's work runs in the unsharded window: the strategy shards the parameters, and the
+        trainer has an :class:`~lightning_interp.callbacks.UnshardedWindow` callback."""
+        return in_window(trainer)
 
     def _warn_once(self, key: str, message: str) -> None:
         """Warn with ``message`` the first time ``key`` comes up in this fit."""

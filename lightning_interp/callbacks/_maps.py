@@ -144,7 +144,6 @@ class MapCallback(InterpCallback):
             rows per image, background drawing).
         forward_fn: how to call the model on a batch of probe inputs,
             ``forward_fn(model, inputs)`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
-        sharding: ``"lockstep"`` or ``"window"`` under FSDP2 (see :class:`~lightning_interp.callbacks.InterpCallback`).
     """
 
     later_metrics = ("stability",)
@@ -163,7 +162,6 @@ class MapCallback(InterpCallback):
         data: DataDescription | None = None,
         display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
-        sharding: Literal["lockstep", "window"] = "lockstep",
         **unknown: Any,
     ) -> None:
         refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
@@ -190,7 +188,6 @@ class MapCallback(InterpCallback):
             data=data,
             display=display,
             forward_fn=forward_fn,
-            sharding=sharding,
         )
         check_arguments(task=task, output_transform=output_transform)
         self.output_transform = output_transform

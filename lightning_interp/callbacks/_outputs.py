@@ -4,7 +4,7 @@ without an extra forward."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -57,7 +57,6 @@ class ValidationOutputsCallback(InterpCallback):
         every_n_epochs: int = 1,
         data: DataDescription | None = None,
         display: Display | None = None,
-        sharding: Literal["lockstep", "window"] = "lockstep",
         **unknown: Any,
     ) -> None:
         refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
@@ -70,7 +69,6 @@ class ValidationOutputsCallback(InterpCallback):
             every_n_epochs=every_n_epochs,
             data=data,
             display=display,
-            sharding=sharding,
         )
         self.output_transform = output_transform
         self._handle: RemovableHandle | None = None

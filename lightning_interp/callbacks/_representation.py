@@ -49,7 +49,7 @@ class RepresentationCallback(InterpCallback):
             look at later tokens, found on one probe sample at fit start) and ``"mean"`` otherwise, said in the
             log; for other inputs (vision transformers' patch tokens) as
             :func:`~lightning_interp.methods.pool_features` pools them.
-        num_samples, every_n_epochs, probe, data, display, forward_fn, sharding: see
+        num_samples, every_n_epochs, probe, data, display, forward_fn: see
             :class:`InterpCallback`.
     """
 
@@ -67,7 +67,6 @@ class RepresentationCallback(InterpCallback):
         data: DataDescription | None = None,
         display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
-        sharding: Literal["lockstep", "window"] = "lockstep",
         **unknown: Any,
     ) -> None:
         refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
@@ -83,7 +82,6 @@ class RepresentationCallback(InterpCallback):
             data=data,
             display=display,
             forward_fn=forward_fn,
-            sharding=sharding,
         )
         self.layers: list[str] = names
         self.auto = not names

@@ -1,5 +1,6 @@
-"""The unsharded window: under FSDP2, every rank gathers the whole model once, rank zero explains it alone with no
-collective inside its passes, and every rank reshards it afterwards (see ``_sharding.py`` for lockstep, the default).
+"""The unsharded window's mechanics: under FSDP2, every rank gathers the whole model once, rank zero explains it alone
+with no collective inside its passes, and every rank reshards it afterwards (``UnshardedWindow`` turns it on; see
+``_sharding.py`` for lockstep, the default).
 
 Lockstep gathers the parameters for every forward pass of the callbacks' work (and again for its backward passes),
 on every rank. The window gathers each FSDP module's parameters once per run and keeps them whole until the run ends:
@@ -20,15 +21,11 @@ from lightning_interp.callbacks._sharding import (
     PeerFailure,
     all_ranks_ok,
     finish_fsdp_backward,
-    is_lockstep,
     root_fsdp_modules,
-    strategy_name,
 )
 
 T = TypeVar("T")
 
-SHARDING_MODES = ("lockstep", "window")
-"""How a callback's work runs where the strategy shards the parameters (its ``sharding=`` option)."""
 
 WINDOW_INTERNALS = (
     "post_forward_mesh_info",
@@ -198,26 +195,13 @@ def run_in_window(model: nn.Module, is_zero: bool, work: Callable[[], T], what: 
     return result
 
 
-def check_window(callback: Any, trainer: Any) -> None:
-    """Refuse, before training, ``sharding="window"`` under a sharded strategy other than FSDP2 (it is ignored where
-    the parameters are whole)."""
-    if getattr(callback, "sharding", "lockstep") != "window" or not is_lockstep(trainer):
-        return
-    name = strategy_name(trainer)
-    if "ModelParallel" not in name:
-        raise ValueError(
-            f"{type(callback).__name__}(sharding='window') opens its unsharded window under FSDP2 only "
-            f"(ModelParallelStrategy with fully_shard in configure_model()), not under {name}. Use "
-            "sharding='lockstep' (the default) there."
-        )
-
-
 def check_window_model(callback: Any, model: nn.Module) -> None:
-    """Refuse, before training, ``sharding="window"`` on a model the window cannot open (no ``fully_shard`` module,
-    or a torch whose FSDP2 internals the window does not know)."""
+    """Refuse, before training, the unsharded window on a model it cannot open (no ``fully_shard`` module, or a torch
+    whose FSDP2 internals the window does not know)."""
     problem = window_support_problem(model)
     if problem is not None:
         raise ValueError(
-            f"{type(callback).__name__}(sharding='window') cannot open its unsharded window: {problem}. Apply "
-            "fully_shard in configure_model(), or use sharding='lockstep' (the default)."
+            f"{type(callback).__name__} cannot open the unsharded window that UnshardedWindow() asks for: {problem}. "
+            "Apply fully_shard in configure_model(), or remove UnshardedWindow() from the callbacks (the work then "
+            "runs in lockstep on every rank)."
         )

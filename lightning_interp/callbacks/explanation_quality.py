@@ -200,7 +200,7 @@ class ExplanationQualityCallback(InterpCallback):
         seed: seed of the callback's generator (stochastic methods, random pixels, noise), used afresh each run.
         output_transform: picks the (B, C) logits out of the model's output.
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: ``every_n_epochs``, ``probe``, ``data``, ``display``, ``forward_fn``, ``sharding``
+        **kwargs: ``every_n_epochs``, ``probe``, ``data``, ``display``, ``forward_fn``
             (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Raises:
@@ -257,7 +257,6 @@ class ExplanationQualityCallback(InterpCallback):
         data: DataDescription | None = None,
         display: Display | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
-        sharding: Literal["lockstep", "window"] = "lockstep",
         **unknown: Any,
     ) -> None:
         refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
@@ -284,7 +283,6 @@ class ExplanationQualityCallback(InterpCallback):
             data=data,
             display=display,
             forward_fn=forward_fn,
-            sharding=sharding,
         )
         self._layers: dict[str, str] = {}  # per CAM method: its layer this fit (given, or the automatic one)
         self._start_maps: dict[str, Tensor] = {}  # per key: the maps of the network before training, on the CPU

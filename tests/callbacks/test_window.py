@@ -17,8 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_interp import GradCAMCallback, ProbeSet, SaliencyCallback
+from lightning_interp import GradCAMCallback, ProbeSet, SaliencyCallback, UnshardedWindow
+from lightning_interp.callbacks._sharding import is_lockstep
 from lightning_interp.callbacks._window import check_window_model, unsharded_window, window_support_problem
+from lightning_interp.callbacks.unsharded_window import in_window
 from tests.conftest import tiny_classifier
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,26 +97,38 @@ class ModelParallelStrategy:  # named as Lightning's: the checks read the strate
     _tensor_parallel_size = 1
 
 
+class FSDPStrategy:
+    pass
+
+
 class FakeTrainer(types.SimpleNamespace):  # hashable, weakly referenced: the run context keys on the trainer
     __hash__ = object.__hash__
 
 
-def fake_trainer() -> FakeTrainer:
-    return FakeTrainer(strategy=ModelParallelStrategy(), world_size=2, limit_val_batches=1.0, callbacks=[])
-
-
-def test_sharding_takes_lockstep_or_window_only():
-    with pytest.raises(ValueError, match=r"sharding must be one of \('lockstep', 'window'\), got 'rank0'"):
-        SaliencyCallback(sharding="rank0")
+def fake_trainer(*callbacks, strategy=None) -> FakeTrainer:
+    strategy = ModelParallelStrategy() if strategy is None else strategy
+    return FakeTrainer(strategy=strategy, world_size=2, limit_val_batches=1.0, callbacks=list(callbacks))
 
 
 def test_cam_reads_whole_weights_in_the_window_and_is_refused_in_lockstep():
     probe = ProbeSet(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]))  # given: setup draws nothing
-    GradCAMCallback(methods=("cam",), sharding="window", probe=probe).setup(fake_trainer(), tiny_classifier(), "fit")
+    window = UnshardedWindow()
+    cam = GradCAMCallback(methods=("cam",), probe=probe)
+    cam.setup(fake_trainer(cam, window), tiny_classifier(), "fit")
     with pytest.raises(ValueError, match=r"\['cam'\] reads the classifier's weights"):
         GradCAMCallback(methods=("cam",)).setup(fake_trainer(), tiny_classifier(), "fit")
 
 
+def test_the_window_is_refused_under_fsdp1_and_changes_nothing_where_parameters_are_whole():
+    trainer = fake_trainer(UnshardedWindow(), strategy=FSDPStrategy())
+    if is_lockstep(trainer):  # FSDP1 runs the callbacks in lockstep: the window is FSDP2's only
+        with pytest.raises(ValueError, match=r"FSDP2 only.*not under FSDPStrategy.*lockstep"):
+            UnshardedWindow().setup(trainer, tiny_classifier(), "fit")
+    ddp = fake_trainer(UnshardedWindow(), strategy=types.SimpleNamespace())
+    UnshardedWindow().setup(ddp, tiny_classifier(), "fit")
+    assert not in_window(ddp) and in_window(fake_trainer(UnshardedWindow()))
+
+
 def test_the_window_on_a_model_without_fully_shard_is_refused_with_what_to_do():
-    with pytest.raises(ValueError, match=r"sharding='window'\) cannot open.*no fully_shard.*sharding='lockstep'"):
-        check_window_model(SaliencyCallback(sharding="window"), tiny_classifier())
+    with pytest.raises(ValueError, match=r"cannot open the unsharded window.*no fully_shard.*remove UnshardedWindow"):
+        check_window_model(SaliencyCallback(), tiny_classifier())
