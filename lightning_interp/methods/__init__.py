@@ -30,6 +30,11 @@ from lightning_interp.methods.attribution.gradient import (
     integration_points,
     smoothgrad,
 )
+from lightning_interp.methods.attribution.layer import (
+    layer_conductance,
+    layer_gradient_x_activation,
+    layer_integrated_gradients,
+)
 from lightning_interp.methods.attribution.lrp import (
     LRP_COMPOSITES,
     LRP_RULES,
@@ -157,6 +162,13 @@ from lightning_interp.methods.model.inputs import (
     real_tokens,
 )
 from lightning_interp.methods.model.layers import find_target_layer, layers_with_patch_gradient, spatial_layers
+from lightning_interp.methods.model.neuron import (
+    NEURON_REDUCTIONS,
+    NeuronReduce,
+    NeuronScores,
+    NeuronTarget,
+    bind_neuron,
+)
 from lightning_interp.methods.model.segmentation import (
     REGION_REDUCTIONS,
     SEGMENTATION_REGIONS,
@@ -318,6 +330,7 @@ __all__ = [
     "MANAGED_OPTIONS",
     "MAX_PREFIX_TOKENS",
     "METHODS",
+    "NEURON_REDUCTIONS",
     "NOISE_TUNNEL_KINDS",
     "PARAMETERIZATIONS",
     "PROBE_ITERATIONS",
@@ -361,6 +374,9 @@ __all__ = [
     "MethodsArg",
     "MinibatchCKA",
     "ModelTrace",
+    "NeuronReduce",
+    "NeuronScores",
+    "NeuronTarget",
     "NoiseTunnelKind",
     "OutputTransform",
     "PassResult",
@@ -395,6 +411,7 @@ __all__ = [
     "attribution_to_map",
     "auto_layers",
     "available_methods",
+    "bind_neuron",
     "border_band",
     "border_share",
     "box_iou",
@@ -464,7 +481,10 @@ __all__ = [
     "label_rdm",
     "layer_attention",
     "layer_cam",
+    "layer_conductance",
+    "layer_gradient_x_activation",
     "layer_gradients",
+    "layer_integrated_gradients",
     "layer_layouts",
     "layer_output",
     "layers_with_patch_gradient",
