@@ -32,6 +32,7 @@ from lightning_interp.methods import (
     METHODS,
     BoundInputs,
     DetectionTarget,
+    NeuronTarget,
     OutputTransform,
     SegmentationTarget,
     TaskOption,
@@ -40,7 +41,9 @@ from lightning_interp.methods import (
     concentration,
     dense_output,
     detection_outputs,
+    get_module,
     infer_task,
+    layer_output,
     localization,
     pointing_game,
     prediction_and_confidence,
@@ -60,7 +63,7 @@ from lightning_interp.visualize import (
     render_tokens,
 )
 
-TargetSpec = Literal["pred", "label"] | int | SegmentationTarget | DetectionTarget
+TargetSpec = Literal["pred", "label"] | int | SegmentationTarget | DetectionTarget | NeuronTarget
 
 HISTORY_SIZE = 64  # longest side of the maps kept for evolution strips
 MAX_GRID_ROWS = 32  # probe samples drawn in the per-epoch grid (scores cover all of them)
@@ -126,6 +129,10 @@ class MapCallback(InterpCallback):
             (pytorch-grad-cam's ``FasterRCNNBoxScoreTarget``); the grid
             outlines its box and localization scores the maps against the
             ground-truth boxes of ``(images, targets)`` batches.
+            Callbacks that say so (``SaliencyCallback``) take a
+            :class:`~lightning_interp.methods.NeuronTarget` too: the maps then
+            explain a unit or channel of a layer instead of an output (the grid
+            shows its activation as ``out``).
         task: the output kind: ``"multiclass"`` (softmax over C scores),
             ``"binary"`` (one logit, sigmoid), ``"multilabel"`` (C independent
             sigmoids, multi-hot labels; ``"pred"`` explains the top label) or
@@ -147,6 +154,7 @@ class MapCallback(InterpCallback):
     """
 
     later_metrics = ("stability",)
+    neuron_targets = False  # whether target= may be a NeuronTarget (a unit of a layer instead of an output)
     display_fields = ("background_drawing", "cmap", "evolution_samples", "evolution_columns", "rows_per_image")
 
     def __init__(
@@ -165,13 +173,19 @@ class MapCallback(InterpCallback):
         **unknown: Any,
     ) -> None:
         refuse_unknown_arguments(self, unknown)  # a 0.1 name: what to write instead
+        if isinstance(target, NeuronTarget) and not self.neuron_targets:
+            raise ValueError(
+                f"{type(self).__name__} explains outputs and takes no NeuronTarget; SaliencyCallback(target="
+                "NeuronTarget(...)) shows what drives a unit of a layer."
+            )
         if not (
-            isinstance(target, (SegmentationTarget, DetectionTarget))
+            isinstance(target, (NeuronTarget, SegmentationTarget, DetectionTarget))
             or target in ("pred", "label")
             or (isinstance(target, int) and not isinstance(target, bool))
         ):
             raise ValueError(
-                f"target must be 'pred', 'label', a class index (int), a SegmentationTarget or a DetectionTarget, "
+                f"target must be 'pred', 'label', a class index (int), a SegmentationTarget, a DetectionTarget or "
+                f"(SaliencyCallback) a NeuronTarget, "
                 f"got {target!r}."
             )
         if isinstance(target, int) and target < 0:
@@ -287,9 +301,12 @@ class MapCallback(InterpCallback):
                 "by pixel on the inputs' grid. Resize the masks to the inputs (nearest neighbour), or build the "
                 "ProbeSet without masks."
             )
-        trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
         self._segmentation, self._regions = None, None
         self._detection, self._detections, self._detection_model = None, None, None
+        if isinstance(self.target, NeuronTarget):
+            self._prepare_neuron(trainer, pl_module, probe, self.target)
+            return
+        trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
         if self._prepare_detection(trainer, pl_module, probe, trace.output):
             return
         if self._prepare_segmentation(trainer, pl_module, probe, trace.output):
@@ -335,6 +352,21 @@ class MapCallback(InterpCallback):
                 f"(0 to {outputs - 1})."
             )
         self._task = task
+
+    def _prepare_neuron(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet, target: NeuronTarget
+    ) -> None:
+        """A neuron target: its layer exists (else the closest names) and its index fits the layer's output on two
+        probe samples; the explained score is then the unit's activation, one output (task ``"regression"``)."""
+        get_module(pl_module, target.layer)
+        inputs = self._device_inputs(trainer, pl_module, probe.inputs[:2])
+        with self._model_context(trainer):
+            output = layer_output(self._explained(pl_module, probe.subset(inputs.shape[0])), target.layer, inputs)
+        try:
+            target.check(tuple(output.shape))
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: {error}") from None
+        self._task, self._labels_fit = "regression", False
 
     def _prepare_segmentation(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet, output: object
@@ -530,6 +562,8 @@ class MapCallback(InterpCallback):
         self._history = list(state_dict.get("history", []))
 
     def _target_for(self, probe: ProbeSet, device: torch.device) -> Tensor | int | None:
+        if isinstance(self.target, NeuronTarget):
+            return 0  # the one output of the unit's activation (the methods run on NeuronScores)
         if self._detection is not None:
             return self._bind_detections(probe, device)
         if self._segmentation is not None:

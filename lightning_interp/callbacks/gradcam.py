@@ -105,7 +105,7 @@ class GradCAMCallback(LayerMapCallback):
         self.layer_layout = dict(layer_layout) if isinstance(layer_layout, Mapping) else layer_layout
         parsed = parse_methods(
             methods,
-            allowed=[name for name, spec in METHODS.items() if spec.needs_layer],  # as declared now
+            allowed=[name for name, spec in METHODS.items() if spec.family == "cam"],  # as declared now
             owner="GradCAMCallback",
             elsewhere="SaliencyCallback(methods=...)",
             layer_option=False,

@@ -16,6 +16,8 @@ from lightning_interp.methods import (
     Explainer,
     LayerInput,
     MethodsArg,
+    NeuronScores,
+    NeuronTarget,
     find_input_embedding,
     get_module,
     layer_output,
@@ -56,6 +58,15 @@ class SaliencyCallback(MapCallback):
     embedding when the data description gives ``pad_id`` (zeros otherwise);
     the grid shows the text (its ``vocabulary`` or ``decode``).
 
+    With ``target=NeuronTarget(layer="features.3", index=(c,))`` the maps
+    explain a unit (a full index) or a channel (summed, or averaged with
+    ``reduce="mean"``) of a layer instead of an output: the model runs up to
+    that layer and the unit's activation is the explained score (Captum's
+    ``NeuronGradient``, ``NeuronIntegratedGradients``), so its evolution over
+    training shows what the unit comes to respond to; the grid shows the
+    activation (``out``). The layer name is checked before training (with the
+    closest names when it is wrong), and the index against the layer's output.
+
     The methods run through one :class:`~lightning_interp.methods.Explainer`
     (built at fit start; ``callback.explainer()``), so an ``Explainer`` with the
     same settings (``task``, ``seed``, ``internal_batch_size=512``) called on
@@ -94,6 +105,7 @@ class SaliencyCallback(MapCallback):
     """
 
     sharded_support = True  # runs in lockstep under FSDP2 (see _sharding.py)
+    neuron_targets = True  # target=NeuronTarget(...): what drives a unit of a layer
 
     def __init__(
         self,
@@ -140,10 +152,11 @@ class SaliencyCallback(MapCallback):
         model and the probe inputs gives the attributions behind the logged maps."""
         if self._explainer is not None:
             return self._explainer
+        neuron = isinstance(self.target, NeuronTarget)  # the unit's activation is the score: no transform
         return Explainer(
             {name: self.method_options.get(name) for name in self.methods},
-            task=self.output_task,
-            output_transform=self.output_transform,
+            task="regression" if neuron else self.output_task,
+            output_transform=None if neuron else self.output_transform,
             seed=self.seed,
             internal_batch_size=self.internal_batch_size,
         )
@@ -157,6 +170,10 @@ class SaliencyCallback(MapCallback):
             "the gradient of the target score with respect to every input value is zero (saturated outputs, dead "
             "ReLUs, or inputs the score does not depend on)."
         )
+
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        if isinstance(self.target, NeuronTarget):
+            get_module(pl_module, self.target.layer)  # a wrong name fails now, with the closest names
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         super()._prepare(trainer, pl_module, probe)
@@ -233,6 +250,8 @@ class SaliencyCallback(MapCallback):
         ids = inputs
         real = self._real_tokens(pl_module, ids) if self._embedding is not None else None
         model, inputs, pad_baseline = self._attributed(pl_module, inputs, real)
+        if isinstance(self.target, NeuronTarget):
+            model = NeuronScores(model, self.target)  # (B, 1): the unit's activation, explained as target 0
         result = self.explainer()(model, inputs, target, baseline=pad_baseline)
         attributions = result.attributions
         if self._embedding is not None:  # (B, T, D) at the embedding: a token's score is the sum over D

@@ -37,6 +37,11 @@ from lightning_interp.methods.attribution.gradient_full import (
     full_grad,
     full_grad_biases,
 )
+from lightning_interp.methods.attribution.layer import (
+    layer_conductance,
+    layer_gradient_x_activation,
+    layer_integrated_gradients,
+)
 from lightning_interp.methods.attribution.lrp import (
     LRP_COMPOSITES,
     LRP_RULES,
@@ -173,6 +178,13 @@ from lightning_interp.methods.model.inputs import (
     real_tokens,
 )
 from lightning_interp.methods.model.layers import find_target_layer, layers_with_patch_gradient, spatial_layers
+from lightning_interp.methods.model.neuron import (
+    NEURON_REDUCTIONS,
+    NeuronReduce,
+    NeuronScores,
+    NeuronTarget,
+    bind_neuron,
+)
 from lightning_interp.methods.model.segmentation import (
     REGION_REDUCTIONS,
     SEGMENTATION_REGIONS,
@@ -336,6 +348,7 @@ __all__ = [
     "MANAGED_OPTIONS",
     "MAX_PREFIX_TOKENS",
     "METHODS",
+    "NEURON_REDUCTIONS",
     "NOISE_TUNNEL_KINDS",
     "PARAMETERIZATIONS",
     "PROBE_ITERATIONS",
@@ -381,6 +394,9 @@ __all__ = [
     "MethodsArg",
     "MinibatchCKA",
     "ModelTrace",
+    "NeuronReduce",
+    "NeuronScores",
+    "NeuronTarget",
     "NoiseTunnelKind",
     "OutputTransform",
     "PassResult",
@@ -417,6 +433,7 @@ __all__ = [
     "auto_layers",
     "available_methods",
     "average_drop",
+    "bind_neuron",
     "border_band",
     "border_share",
     "box_iou",
@@ -490,7 +507,10 @@ __all__ = [
     "label_rdm",
     "layer_attention",
     "layer_cam",
+    "layer_conductance",
+    "layer_gradient_x_activation",
     "layer_gradients",
+    "layer_integrated_gradients",
     "layer_layouts",
     "layer_output",
     "layers_with_patch_gradient",

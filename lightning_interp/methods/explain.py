@@ -87,7 +87,8 @@ def parse_methods(
         >>> parse_methods({"integrated_gradients": {"n_steps": 16}, "gradient": None})
         {'integrated_gradients': {'n_steps': 16}, 'gradient': {}}
     """
-    allowed = tuple(METHODS) if allowed is None else tuple(allowed)
+    # layer attributions are shaped like a layer's output, not maps: called directly, never by an explainer
+    allowed = tuple(n for n, spec in METHODS.items() if spec.family != "layer") if allowed is None else tuple(allowed)
     if isinstance(methods, str):
         entries: list[Any] = [(methods, None)]
     elif isinstance(methods, Mapping):
@@ -113,6 +114,8 @@ def parse_methods(
             )
         if name not in allowed:
             hint = f" {name!r} is for {elsewhere}." if elsewhere else ""
+            if METHODS[name].family == "layer":
+                hint = f" {name!r} attributes to a layer's output (shaped like it, not a map): call it directly."
             raise ValueError(f"{owner} cannot use method {name!r}.{hint} Choose from: {', '.join(allowed)}.")
         if name in parsed:
             raise ValueError(f"{owner}(methods=...) lists {name!r} twice.")

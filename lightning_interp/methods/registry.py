@@ -32,8 +32,8 @@ __all__ = [
     "register_method",
 ]
 
-Family = Literal["gradient", "modified backward", "perturbation", "cam"]
-FAMILIES: tuple[Family, ...] = ("gradient", "modified backward", "perturbation", "cam")
+Family = Literal["gradient", "modified backward", "perturbation", "cam", "layer"]
+FAMILIES: tuple[Family, ...] = ("gradient", "modified backward", "perturbation", "cam", "layer")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,7 +44,8 @@ class MethodSpec:
 
     Attributes:
         name: the canonical snake_case name (the function's name unless declared otherwise).
-        family: ``"gradient"``, ``"modified backward"``, ``"perturbation"`` or ``"cam"``.
+        family: ``"gradient"``, ``"modified backward"``, ``"perturbation"``, ``"cam"`` or ``"layer"`` (layer
+            attribution: attributions shaped like a layer's output, not maps).
         function: ``fn(model, inputs, target, **options)`` (CAM methods: ``fn(model, inputs, target, layer, ...)``).
         title: a short column title for pictures (a line break where one line would be too wide).
         needs_layer: takes ``layer=`` and returns (B, H, W) maps (else maps shaped like the inputs).
@@ -115,7 +116,7 @@ def register_method(
         family: one of :data:`FAMILIES`.
         title: column title in pictures (default: the name).
         name: the registered name (default: the function's ``__name__``).
-        needs_layer: whether it takes ``layer=`` (default: ``family == "cam"``).
+        needs_layer: whether it takes ``layer=`` (default: the ``"cam"`` and ``"layer"`` families).
         stochastic: it draws from a ``generator=`` option.
         shared_pass: served by the shared forward and backward (built-in methods only).
         scalars: the extra scalars its callbacks log.
@@ -156,7 +157,7 @@ def register_method(
             family=family,
             function=function,
             title=title or key,
-            needs_layer=family == "cam" if needs_layer is None else needs_layer,
+            needs_layer=family in ("cam", "layer") if needs_layer is None else needs_layer,
             stochastic=stochastic,
             shared_pass=shared_pass,
             scalars=tuple(scalars),

@@ -57,6 +57,8 @@ FAST_OPTIONS: dict[str, dict[str, object]] = {  # the registry's methods at opti
     "kernel_shap": {"n_samples": 6},
     "ablation_cam": {"internal_batch_size": 3},
     "smooth_grad_cam_plus_plus": {"n_samples": 3},
+    "layer_integrated_gradients": {"n_steps": 4, "internal_batch_size": 6},
+    "layer_conductance": {"n_steps": 4, "internal_batch_size": 6},
 }
 
 
@@ -75,7 +77,8 @@ def _registered(name: str) -> Method:
 METHODS: dict[str, Method] = {name: _registered(name) for name in available_methods()}
 METHODS["grad_cam_module"] = lambda model, x, target: grad_cam(model, x, target, model.features[5])
 METHODS["grad_cam_auto_layer"] = lambda model, x, target: grad_cam(model, x, target, None)
-MAP_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.needs_layer} | {
+LAYER_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.family == "layer"}  # shaped like LAYER's output
+MAP_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.needs_layer} - LAYER_METHODS | {
     "grad_cam_module",
     "grad_cam_auto_layer",
 }
@@ -128,6 +131,8 @@ def _inputs(batch: int = 3, seed: int = 1, **kwargs) -> torch.Tensor:
 
 
 def _expected_shape(name: str, x: torch.Tensor) -> tuple[int, ...]:
+    if name in LAYER_METHODS:  # LAYER's output: 8 channels after one 2x2 max-pool
+        return (x.shape[0], 8, x.shape[-2] // 2, x.shape[-1] // 2)
     return (x.shape[0], *x.shape[-2:]) if name in MAP_METHODS else tuple(x.shape)
 
 

@@ -30,6 +30,7 @@ from lightning_interp.methods.model.core import (
     attribution_pass,
     repeat_target,
 )
+from lightning_interp.methods.model.neuron import bind_neuron
 from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
 
@@ -53,7 +54,9 @@ def gradient(
     Args:
         model: the network, called as ``model(inputs)``.
         inputs: (B, ...) batch.
-        target: class index, LongTensor (B,), or None for the predicted class.
+        target: class index, LongTensor (B,), or None for the predicted class; or a
+            :class:`~lightning_interp.methods.NeuronTarget` (a unit of a layer, as Captum's ``NeuronGradient``;
+            every method of this module takes one).
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
@@ -66,6 +69,7 @@ def gradient(
         >>> torch.allclose(g, linear.weight[1].expand(5, 3))
         True
     """
+    model, target, output_transform, task = bind_neuron(model, target, output_transform, task)  # a NeuronTarget
     grad = attribution_pass(model, inputs, target, output_transform=output_transform, task=task).input_grad
     assert grad is not None
     return grad.to(inputs.dtype) if inputs.is_floating_point() else grad
@@ -138,6 +142,7 @@ def smoothgrad(
         >>> smoothgrad(net, torch.randn(2, 4), None, n_samples=8, generator=g).shape
         torch.Size([2, 4])
     """
+    model, target, output_transform, task = bind_neuron(model, target, output_transform, task)  # a NeuronTarget
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
     if noise_level < 0:
@@ -260,6 +265,7 @@ def integrated_gradients(
         >>> bool(delta.abs().max() < 1e-4)
         True
     """
+    model, target, output_transform, task = bind_neuron(model, target, output_transform, task)  # a NeuronTarget
     batch = inputs.shape[0]
     x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()  # integers: interpolate in float
     base = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
@@ -375,6 +381,7 @@ def gradient_shap(
         >>> torch.allclose(attr, linear.weight[0] * x)  # zero baseline, no noise: exact for a linear model
         True
     """
+    model, target, output_transform, task = bind_neuron(model, target, output_transform, task)  # a NeuronTarget
     check_count("n_samples", n_samples)
     check_generator(generator)
     if not stdevs >= 0:

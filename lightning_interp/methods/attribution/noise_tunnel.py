@@ -33,6 +33,7 @@ from lightning_interp.methods.model.batching import (
     sample_noise,
 )
 from lightning_interp.methods.model.core import OutputTransform, Target, repeat_target
+from lightning_interp.methods.model.neuron import bind_neuron
 from lightning_interp.methods.registry import attribute, method_spec, register_method
 
 __all__ = ["NOISE_TUNNEL_KINDS", "NoiseTunnelKind", "noise_tunnel", "smoothgrad_sq", "vargrad"]
@@ -181,6 +182,7 @@ def noise_tunnel(
             f"noise_tunnel wraps input-attribution methods; {method} is a CAM method (a layer's map), not supported "
             "yet."
         )
+    model, target, output_transform, task = bind_neuron(model, target, output_transform, task)  # a NeuronTarget
     x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()  # integers: noise in float
     batch = x.shape[0]
     std = _noise_std(x, stdevs, noise_level)
