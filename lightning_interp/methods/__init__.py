@@ -13,7 +13,7 @@ The families live in subpackages; everything public is re-exported here, so
 - ``attribution``: gradient (gradient, input × gradient, SmoothGrad, integrated gradients, GradientSHAP), noise
   tunnels around any of them (SmoothGrad, SmoothGrad-squared, VarGrad), and
   modified-backward methods (guided backprop, deconvnet, LRP with its rules and composites, DeepLIFT);
-- ``perturbation``: occlusion, LIME, KernelSHAP;
+- ``perturbation``: occlusion, LIME, KernelSHAP, feature ablation, feature permutation, Shapley value sampling;
 - ``cams``: Grad-CAM and its variants (one weights function each), Score-CAM, CAM;
 - ``representation``: features, CKA and RSA, linear probes, TCAV, activation maps, attention, feature visualisation;
 - ``evaluation``: map scores, explanation quality, dataset bias, uncertainty and calibration;
@@ -195,6 +195,7 @@ from lightning_interp.methods.model.tokens import (
 )
 from lightning_interp.methods.model.trace import ModelTrace, trace_model
 from lightning_interp.methods.perturbation.ablation import kernel_shap, lime, occlusion, patch_feature_mask
+from lightning_interp.methods.perturbation.features import feature_ablation, feature_permutation, shapley_value_sampling
 from lightning_interp.methods.registry import (
     FAMILIES,
     METHODS,
@@ -434,6 +435,8 @@ __all__ = [
     "evenly_spaced",
     "expected_calibration_error",
     "expected_entropy",
+    "feature_ablation",
+    "feature_permutation",
     "feature_visualization",
     "find_attention_layers",
     "find_input_embedding",
@@ -524,6 +527,7 @@ __all__ = [
     "score_cam",
     "scores_from_output",
     "segmentation_target",
+    "shapley_value_sampling",
     "smoothgrad",
     "smoothgrad_sq",
     "sparseness",
