@@ -65,6 +65,8 @@ FAST = {  # each stochastic method at its cheapest, so the suite stays small
     "gradient_shap": {"n_samples": 2},
     "lime": {"n_samples": 4},
     "kernel_shap": {"n_samples": 4},
+    "feature_permutation": {},
+    "shapley_value_sampling": {"n_samples": 2},
 }
 IMAGE_STOCHASTIC = tuple(name for name in STOCHASTIC if not METHODS[name].needs_layer)
 

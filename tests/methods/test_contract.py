@@ -55,6 +55,7 @@ FAST_OPTIONS: dict[str, dict[str, object]] = {  # the registry's methods at opti
     "occlusion": {"window": (4, 4), "stride": (4, 4), "internal_batch_size": 8},
     "lime": {"n_samples": 6},
     "kernel_shap": {"n_samples": 6},
+    "shapley_value_sampling": {"n_samples": 2},
 }
 
 
@@ -78,8 +79,11 @@ MAP_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.needs_layer} 
     "grad_cam_auto_layer",
 }
 # SmoothGrad's, the noise tunnels' and GradientSHAP's draws depend on the batch they see; LIME's and KernelSHAP's
-# coalitions are shared by the whole batch, so a sample gets the same explanation alone or in a batch
-DETERMINISTIC = sorted(set(METHODS) - {"smoothgrad", "noise_tunnel", "smoothgrad_sq", "vargrad", "gradient_shap"})
+# coalitions (and Shapley sampling's orderings) are shared by the whole batch, so a sample gets the same explanation
+# alone or in a batch; feature permutation takes each feature's values from the other samples of the batch
+DETERMINISTIC = sorted(
+    set(METHODS) - {"smoothgrad", "noise_tunnel", "smoothgrad_sq", "vargrad", "gradient_shap", "feature_permutation"}
+)
 
 all_methods = pytest.mark.parametrize("name", sorted(METHODS))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
