@@ -12,7 +12,7 @@ The families live in subpackages; everything public is re-exported here, so
 
 - ``attribution``: gradient (gradient, input × gradient, SmoothGrad, integrated gradients, GradientSHAP), noise
   tunnels around any of them (SmoothGrad, SmoothGrad-squared, VarGrad), and
-  modified-backward methods (guided backprop, deconvnet, LRP with its rules and composites, DeepLIFT);
+  modified-backward methods (guided backprop, deconvnet, LRP with its rules and composites, DeepLIFT, DeepLiftShap);
 - ``perturbation``: occlusion, LIME, KernelSHAP, feature ablation, feature permutation, Shapley value sampling;
 - ``cams``: Grad-CAM and its variants (one weights function each), Score-CAM, CAM;
 - ``representation``: features, CKA and RSA, linear probes, TCAV, activation maps, attention, feature visualisation;
@@ -21,7 +21,7 @@ The families live in subpackages; everything public is re-exported here, so
   lookup, embeddings.
 """
 
-from lightning_interp.methods.attribution.deeplift import deeplift
+from lightning_interp.methods.attribution.deeplift import deeplift, deeplift_shap
 from lightning_interp.methods.attribution.gradient import (
     gradient,
     gradient_shap,
@@ -422,6 +422,7 @@ __all__ = [
     "deconvnet",
     "deep_dream",
     "deeplift",
+    "deeplift_shap",
     "dense_output",
     "detection_outputs",
     "detection_target",
