@@ -57,6 +57,8 @@ row says otherwise; agreement is ``max|ours - peer| / max|peer|``.
   runs at most 64 perturbed inputs per forward by default: with every perturbed input of 8 images in one forward (512 on
   ``cifar_resnet``) each activation (67 MB) lay above glibc's largest mmap threshold (32 MB) and was mapped afresh and
   zero-filled page by page on every call, which made ours 0.56-0.6x Captum's speed.
+- ``deeplift_shap`` vs Captum ``DeepLiftShap`` with the same 8 seeded uniform reference images (the ResNet on the
+  ``nn.ReLU``-module copy, as for ``deeplift``), on the first few images.
 - ``feature_ablation``, ``feature_permutation`` and ``shapley_value_sampling`` (8 orderings) vs Captum
   ``FeatureAblation``, ``FeaturePermutation`` and ``ShapleyValueSampling`` on the same 4 x 4 grid of patches and zero
   baseline, Captum with ``perturbations_per_eval`` giving it as many inputs per forward as ours; Captum gets our batch
@@ -97,6 +99,7 @@ MIN_REPEATS, MAX_REPEATS, ROUND_BUDGET_S = 5, 25, 2.0  # timed repeats per compa
 # Untimed pause before each call where numpy's BLAS threads (SVDs, scikit-learn) could steal torch's cores.
 SETTLE_S = 0.1
 DEEPLIFT_BASELINE = 0.5
+DEEPLIFT_SHAP_BASELINES = 8  # DeepLiftShap: uniform reference images (seeded), each input explained against each
 
 # (name, constructor, input shape, CAM layer)
 MODELS: tuple[tuple[str, Callable[[], nn.Module], tuple[int, ...], str], ...] = (
@@ -117,6 +120,7 @@ FEW_IMAGES = {
     "feature_ablation": (8, 2),
     "feature_permutation": (8, 2),
     "shapley_value_sampling": (4, 2),
+    "deeplift_shap": (8, 2),
 }
 PERTURBATION_SAMPLES = 64  # LIME and KernelSHAP coalitions per image
 GRADIENT_SHAP_SAMPLES = 16
@@ -740,11 +744,41 @@ def _feature_groups(setup: Setup, method: str) -> list[Row]:
     return [_row(setup, label, peer, measured, "peer", agreement, note)]
 
 
+def _deeplift_shap(setup: Setup, method: str) -> list[Row]:
+    """DeepLiftShap vs Captum ``DeepLiftShap`` with the same DEEPLIFT_SHAP_BASELINES uniform reference images."""
+    from captum.attr import DeepLiftShap
+
+    spec = METHODS[method]
+    x, t = setup.few(method)
+    variant = _relu_modules(setup.model)
+    model = setup.model if variant is None else variant
+    references = torch.rand(
+        DEEPLIFT_SHAP_BASELINES, *x.shape[1:], generator=torch.Generator().manual_seed(1), device="cpu"
+    ).to(x.device)
+    peer = DeepLiftShap(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measured = _measure(
+            {
+                "ours": lambda: _ours(spec, model, x, t, None, baselines=references),
+                "peer": lambda: peer.attribute(x, baselines=references, target=t),
+            },
+            setup.quick,
+        )
+    _, out, _, _ = measured
+    note = "both on the nn.ReLU-module copy" if variant is not None else ""
+    if variant is None and _pool_after_activation(model):
+        note = "differences: Captum's rule for a max pool right after an activation (see deeplift)"
+    label = f"{method} ({DEEPLIFT_SHAP_BASELINES} baselines, {len(x)} images)"
+    return [_row(setup, label, "Captum DeepLiftShap", measured, "peer", _rel(out["ours"], out["peer"]), note)]
+
+
 COMPARISONS: dict[str, Callable[[Setup, str], list[Row]]] = {
     "guided_backprop": _modified_backward,
     "deconvnet": _modified_backward,
     "lrp": _lrp,
     "deeplift": _deeplift,
+    "deeplift_shap": _deeplift_shap,
     **{method: _pytorch_grad_cam for method in PGC_CAMS},
     "cam": _torchcam,
     "occlusion": _occlusion,
