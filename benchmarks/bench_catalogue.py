@@ -62,6 +62,12 @@ row says otherwise; agreement is ``max|ours - peer| / max|peer|``.
   runs at most 64 perturbed inputs per forward by default: with every perturbed input of 8 images in one forward (512 on
   ``cifar_resnet``) each activation (67 MB) lay above glibc's largest mmap threshold (32 MB) and was mapped afresh and
   zero-filled page by page on every call, which made ours 0.56-0.6x Captum's speed.
+- ``deeplift_shap`` vs Captum ``DeepLiftShap`` with the same 8 seeded uniform reference images (the ResNet on the
+  ``nn.ReLU``-module copy, as for ``deeplift``), on the first few images.
+- ``feature_ablation``, ``feature_permutation`` and ``shapley_value_sampling`` (8 orderings) vs Captum
+  ``FeatureAblation``, ``FeaturePermutation`` and ``ShapleyValueSampling`` on the same 4 x 4 grid of patches and zero
+  baseline, Captum with ``perturbations_per_eval`` giving it as many inputs per forward as ours; Captum gets our batch
+  permutations (``perm_func``) and feature orderings (``permutation_generator``), so agreement is on the same draws.
 
 Timing as in the attribution section: interleaved repeats, medians, one warm-up call of each side; full runs aim at
 about ``ROUND_BUDGET_S`` of timed rounds per comparison (predicted from one call of ours), with ``MIN_REPEATS`` to
@@ -98,6 +104,7 @@ MIN_REPEATS, MAX_REPEATS, ROUND_BUDGET_S = 5, 25, 2.0  # timed repeats per compa
 # Untimed pause before each call where numpy's BLAS threads (SVDs, scikit-learn) could steal torch's cores.
 SETTLE_S = 0.1
 DEEPLIFT_BASELINE = 0.5
+DEEPLIFT_SHAP_BASELINES = 8  # DeepLiftShap: uniform reference images (seeded), each input explained against each
 
 # (name, constructor, input shape, CAM layer)
 MODELS: tuple[tuple[str, Callable[[], nn.Module], tuple[int, ...], str], ...] = (
@@ -116,11 +123,16 @@ FEW_IMAGES = {
     "smoothgrad_sq": (8, 2),
     "vargrad": (8, 2),
     "ablation_cam": (4, 1),
+    "feature_ablation": (8, 2),
+    "feature_permutation": (8, 2),
+    "shapley_value_sampling": (4, 2),
+    "deeplift_shap": (8, 2),
 }
 PERTURBATION_SAMPLES = 64  # LIME and KernelSHAP coalitions per image
 GRADIENT_SHAP_SAMPLES = 16
 TUNNEL_SAMPLES, TUNNEL_STDEVS = 16, 0.15  # noise tunnels: copies per image and the noise in input units
 OCCLUSION_WINDOW = 4  # our default on 28 x 28 and 32 x 32 images: ceil(min(H, W) / 8)
+SHAPLEY_ORDERINGS = 8  # Shapley value sampling: orderings per image (the callbacks' default)
 PATCH_GRID = 4  # LIME / KernelSHAP features: a 4 x 4 grid of square patches (our default)
 
 COVERED = {
@@ -732,11 +744,95 @@ def _guided_grad_cam(setup: Setup, method: str) -> list[Row]:
     return [_row(setup, label, "Captum GuidedGradCam", measured, "peer", rel, "interpolate_mode='bilinear'")]
 
 
+def _feature_groups(setup: Setup, method: str) -> list[Row]:
+    """Feature ablation, feature permutation and Shapley value sampling vs Captum's on the same patch features; the
+    random ones with Captum given our draws (``perm_func``, ``permutation_generator``), so agreement is defined."""
+    from captum.attr import FeatureAblation, FeaturePermutation, ShapleyValueSampling
+
+    from lightning_interp.methods.perturbation.features import _batch_permutations, _orderings
+
+    spec = METHODS[method]
+    model = setup.model
+    x, t = setup.few(method)
+    if method == "feature_permutation" and len(x) < 2:
+        raise NotCompared("feature permutation needs 2 or more images")
+    mask = _patch_mask(x)
+    features = int(mask.max()) + 1
+    n = SHAPLEY_ORDERINGS
+
+    def generator(inputs: Tensor) -> torch.Generator:
+        return torch.Generator(device=inputs.device).manual_seed(0)
+
+    def ours(net: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+        options: dict[str, object] = {"feature_mask": mask}
+        if spec.stochastic:
+            options["generator"] = generator(inputs)
+        if method == "shapley_value_sampling":
+            options["n_samples"] = n
+        return _ours(spec, net, inputs, target, None, **options)
+
+    def captum(net: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+        per_eval = {"perturbations_per_eval": max(1, PERTURBED_PER_FORWARD // len(inputs))}  # ours: 64 per forward
+        if method == "feature_ablation":
+            return FeatureAblation(net).attribute(inputs, target=target, feature_mask=mask, baselines=0.0, **per_eval)
+        if method == "feature_permutation":
+            queue = iter(_batch_permutations(features, len(inputs), generator(inputs), inputs))
+            explainer = FeaturePermutation(net, perm_func=lambda v, m: torch.where(m, v[next(queue)], v))
+            return explainer.attribute(inputs, target=target, feature_mask=mask, **per_eval)
+        orders = _orderings(n, features, generator(inputs), inputs).tolist()
+        explainer = ShapleyValueSampling(net)
+        explainer.permutation_generator = lambda count, samples: iter(orders)
+        return explainer.attribute(inputs, target=target, feature_mask=mask, n_samples=n, baselines=0.0, **per_eval)
+
+    with _captum_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measured = _measure({"ours": lambda: ours(model, x, t), "peer": lambda: captum(model, x, t)}, setup.quick)
+        agreement = _rel(ours(model, x, t), captum(model, x, t))
+    peer = {
+        "feature_ablation": "Captum FeatureAblation",
+        "feature_permutation": "Captum FeaturePermutation (our permutations)",
+        "shapley_value_sampling": "Captum ShapleyValueSampling (our orderings)",
+    }[method]
+    note = f"{features} patch features; Captum with as many inputs per forward as ours (64)"
+    label = f"{method} ({f'n_samples={n}, ' if method == 'shapley_value_sampling' else ''}{len(x)} images)"
+    return [_row(setup, label, peer, measured, "peer", agreement, note)]
+
+
+def _deeplift_shap(setup: Setup, method: str) -> list[Row]:
+    """DeepLiftShap vs Captum ``DeepLiftShap`` with the same DEEPLIFT_SHAP_BASELINES uniform reference images."""
+    from captum.attr import DeepLiftShap
+
+    spec = METHODS[method]
+    x, t = setup.few(method)
+    variant = _relu_modules(setup.model)
+    model = setup.model if variant is None else variant
+    references = torch.rand(
+        DEEPLIFT_SHAP_BASELINES, *x.shape[1:], generator=torch.Generator().manual_seed(1), device="cpu"
+    ).to(x.device)
+    peer = DeepLiftShap(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measured = _measure(
+            {
+                "ours": lambda: _ours(spec, model, x, t, None, baselines=references),
+                "peer": lambda: peer.attribute(x, baselines=references, target=t),
+            },
+            setup.quick,
+        )
+    _, out, _, _ = measured
+    note = "both on the nn.ReLU-module copy" if variant is not None else ""
+    if variant is None and _pool_after_activation(model):
+        note = "differences: Captum's rule for a max pool right after an activation (see deeplift)"
+    label = f"{method} ({DEEPLIFT_SHAP_BASELINES} baselines, {len(x)} images)"
+    return [_row(setup, label, "Captum DeepLiftShap", measured, "peer", _rel(out["ours"], out["peer"]), note)]
+
+
 COMPARISONS: dict[str, Callable[[Setup, str], list[Row]]] = {
     "guided_backprop": _modified_backward,
     "deconvnet": _modified_backward,
     "lrp": _lrp,
     "deeplift": _deeplift,
+    "deeplift_shap": _deeplift_shap,
     **{method: _pytorch_grad_cam for method in PGC_CAMS},
     "cam": _torchcam,
     "occlusion": _occlusion,
@@ -748,6 +844,9 @@ COMPARISONS: dict[str, Callable[[Setup, str], list[Row]]] = {
     "vargrad": _noise_tunnel,
     "full_grad": _full_grad,
     "guided_grad_cam": _guided_grad_cam,
+    "feature_ablation": _feature_groups,
+    "feature_permutation": _feature_groups,
+    "shapley_value_sampling": _feature_groups,
 }
 """Method name -> its comparison; a registered method runs only if it is here (and not covered elsewhere)."""
 

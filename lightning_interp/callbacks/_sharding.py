@@ -21,7 +21,7 @@ SUPPORTED = (
 )
 """The strategies the callbacks run under, as the refusals name them."""
 
-CHECKPOINT_FRAGILE_METHODS = frozenset({"lrp", "deeplift", "deconvnet"})
+CHECKPOINT_FRAGILE_METHODS = frozenset({"lrp", "deeplift", "deeplift_shap", "deconvnet"})
 """Methods whose modified backward pass fails under activation checkpointing: the recomputed forward replaces the
 module outputs they rewrite (``CheckpointError ... Recomputed values ... have different metadata``)."""
 

@@ -12,8 +12,8 @@ The families live in subpackages; everything public is re-exported here, so
 
 - ``attribution``: gradient (gradient, input × gradient, SmoothGrad, integrated gradients, GradientSHAP), noise
   tunnels around any of them (SmoothGrad, SmoothGrad-squared, VarGrad), and
-  modified-backward methods (guided backprop, deconvnet, LRP with its rules and composites, DeepLIFT);
-- ``perturbation``: occlusion, LIME, KernelSHAP;
+  modified-backward methods (guided backprop, deconvnet, LRP with its rules and composites, DeepLIFT, DeepLiftShap);
+- ``perturbation``: occlusion, LIME, KernelSHAP, feature ablation, feature permutation, Shapley value sampling;
 - ``cams``: Grad-CAM and its variants (one weights function each), Score-CAM, CAM, Ablation-CAM, Smooth Grad-CAM++,
   Guided Grad-CAM;
 - ``representation``: features, CKA and RSA, linear probes, TCAV, activation maps, attention, feature visualisation;
@@ -22,7 +22,7 @@ The families live in subpackages; everything public is re-exported here, so
   lookup, embeddings.
 """
 
-from lightning_interp.methods.attribution.deeplift import deeplift
+from lightning_interp.methods.attribution.deeplift import deeplift, deeplift_shap
 from lightning_interp.methods.attribution.gradient import (
     gradient,
     gradient_shap,
@@ -223,6 +223,7 @@ from lightning_interp.methods.model.tokens import (
 )
 from lightning_interp.methods.model.trace import ModelTrace, trace_model
 from lightning_interp.methods.perturbation.ablation import kernel_shap, lime, occlusion, patch_feature_mask
+from lightning_interp.methods.perturbation.features import feature_ablation, feature_permutation, shapley_value_sampling
 from lightning_interp.methods.registry import (
     FAMILIES,
     METHODS,
@@ -460,6 +461,7 @@ __all__ = [
     "deconvnet",
     "deep_dream",
     "deeplift",
+    "deeplift_shap",
     "dense_output",
     "detection_outputs",
     "detection_target",
@@ -473,6 +475,8 @@ __all__ = [
     "evenly_spaced",
     "expected_calibration_error",
     "expected_entropy",
+    "feature_ablation",
+    "feature_permutation",
     "feature_visualization",
     "find_attention_layers",
     "find_input_embedding",
@@ -572,6 +576,7 @@ __all__ = [
     "score_cam",
     "scores_from_output",
     "segmentation_target",
+    "shapley_value_sampling",
     "smooth_grad_cam_plus_plus",
     "smoothgrad",
     "smoothgrad_sq",

@@ -66,6 +66,8 @@ FAST = {  # each stochastic method at its cheapest, so the suite stays small
     "lime": {"n_samples": 4},
     "kernel_shap": {"n_samples": 4},
     "smooth_grad_cam_plus_plus": {"n_samples": 2},
+    "feature_permutation": {},
+    "shapley_value_sampling": {"n_samples": 2},
 }
 IMAGE_STOCHASTIC = tuple(name for name in STOCHASTIC if not METHODS[name].needs_layer)
 CAM_STOCHASTIC = tuple(name for name in STOCHASTIC if METHODS[name].needs_layer)

@@ -59,6 +59,7 @@ FAST_OPTIONS: dict[str, dict[str, object]] = {  # the registry's methods at opti
     "smooth_grad_cam_plus_plus": {"n_samples": 3},
     "layer_integrated_gradients": {"n_steps": 4, "internal_batch_size": 6},
     "layer_conductance": {"n_steps": 4, "internal_batch_size": 6},
+    "shapley_value_sampling": {"n_samples": 2},
 }
 
 
@@ -83,10 +84,19 @@ MAP_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.needs_layer} 
     "grad_cam_auto_layer",
 }
 # SmoothGrad's, the noise tunnels', Smooth Grad-CAM++'s and GradientSHAP's draws depend on the batch they see; LIME's
-# and KernelSHAP's coalitions are shared by the whole batch, so a sample gets the same explanation alone or in a batch
+# and KernelSHAP's coalitions (and Shapley sampling's orderings) are shared by the whole batch, so a sample gets the
+# same explanation alone or in a batch; feature permutation takes each feature's values from the other samples
 DETERMINISTIC = sorted(
     set(METHODS)
-    - {"smoothgrad", "noise_tunnel", "smoothgrad_sq", "vargrad", "gradient_shap", "smooth_grad_cam_plus_plus"}
+    - {
+        "smoothgrad",
+        "noise_tunnel",
+        "smoothgrad_sq",
+        "vargrad",
+        "gradient_shap",
+        "smooth_grad_cam_plus_plus",
+        "feature_permutation",
+    }
 )
 
 all_methods = pytest.mark.parametrize("name", sorted(METHODS))

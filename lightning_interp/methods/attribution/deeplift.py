@@ -53,6 +53,14 @@ from lightning_interp.methods.attribution._rules import (
     where_running,
     write_back,
 )
+from lightning_interp.methods.model.batching import (
+    BaselineFn,
+    accumulation_dtype,
+    baseline_of,
+    fixed_target,
+    row_chunks,
+    row_limit,
+)
 from lightning_interp.methods.model.core import (
     OutputTransform,
     Target,
@@ -66,7 +74,7 @@ from lightning_interp.methods.model.core import (
 from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
 
-__all__ = ["deeplift"]
+__all__ = ["deeplift", "deeplift_shap"]
 
 _EPS = 1e-10  # Captum's threshold below which a difference counts as none
 _CLAMPS = frozenset({torch.clamp, torch.Tensor.clamp, torch.clamp_min, torch.Tensor.clamp_min, torch.clip})
@@ -223,7 +231,7 @@ def deeplift(
     inputs: Tensor,
     target: Target = None,
     *,
-    baseline: Tensor | float | None = None,
+    baseline: Tensor | float | BaselineFn | None = None,
     return_convergence_delta: bool = False,
     multiply_by_inputs: bool = True,
     output_transform: OutputTransform | None = None,
@@ -236,7 +244,8 @@ def deeplift(
             docstring).
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the prediction.
-        baseline: the reference input: a tensor broadcastable to ``inputs`` or a scalar; None = zeros.
+        baseline: the reference input: a tensor broadcastable to ``inputs`` or a scalar; None = zeros; or a function
+            of the inputs returning one (called once, on a detached copy of the inputs).
         return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(baseline))`` (of the
             attributions multiplied by ``x - baseline``, whatever ``multiply_by_inputs``).
         multiply_by_inputs: multiply the multipliers by ``x - baseline`` (the contributions); False returns the
@@ -261,6 +270,7 @@ def deeplift(
     """
     batch = inputs.shape[0]
     x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()
+    baseline = baseline_of(baseline, x)
     base = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     base = base.expand_as(x)
     for name, module in model.named_modules():
@@ -289,3 +299,88 @@ def deeplift(
         return result
     change = (chosen[:batch] - chosen[batch:]).detach().double()
     return result, attributions.reshape(batch, -1).double().sum(dim=1) - change
+
+
+@register_method(
+    "modified backward", "DeepLiftShap", scalars=("completeness_error",),
+    cost="1 forward + 1 backward of 2 K samples (the input against each of K baselines)",
+    reference="Captum DeepLiftShap",
+)  # fmt: skip
+def deeplift_shap(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target = None,
+    *,
+    baselines: Tensor | float | BaselineFn | None = None,
+    return_convergence_delta: bool = False,
+    multiply_by_inputs: bool = True,
+    internal_batch_size: int | None = None,
+    output_transform: OutputTransform | None = None,
+    task: str = "multiclass",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """DeepLiftShap: DeepLIFT averaged over a distribution of baselines (Lundberg & Lee 2017).
+
+    Each input is explained by :func:`deeplift` against every one of the K
+    reference inputs in ``baselines`` and the K attributions are averaged:
+    Captum's ``DeepLiftShap``. With ``multiply_by_inputs`` the average of
+    ``(x - r_k) * m_k``, so a sample's attributions sum to
+    ``f(x) - mean_k f(r_k)``; without, the average of the multipliers ``m_k``.
+    The target is fixed on the clean inputs.
+
+    Args:
+        model: the network (as for :func:`deeplift`).
+        inputs: (B, ...) batch.
+        target: class index, LongTensor (B,), or None for the prediction.
+        baselines: the reference inputs, a (K, ...) tensor whose trailing
+            dimensions broadcast to one input's (e.g. a sample of training
+            images); a scalar for one constant reference; None for zeros; or a
+            function of the inputs returning one of those (called once, on a
+            detached copy of the inputs).
+        return_convergence_delta: also return, per sample,
+            ``sum(attributions) - (f(x) - mean_k f(r_k))`` of the multiplied
+            attributions: the mean over the baselines of the B x K residuals
+            Captum returns.
+        multiply_by_inputs: average ``(x - r_k) * m_k`` (the contributions);
+            False averages the multipliers alone (Captum's ``multiply_by_inputs=False``).
+        internal_batch_size: at most this many (input, baseline) pairs per
+            pass, of ``2 *`` that many samples (default: all ``B * K`` at once).
+        output_transform: maps the model's output to (B, C) scores.
+        task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
+
+    Returns:
+        Attributions shaped like ``inputs``; with ``return_convergence_delta``
+        a tuple ``(attributions, delta)`` where ``delta`` has shape (B,).
+
+    Raises:
+        ValueError: ``baselines`` does not fit the inputs, or the model has no
+            DeepLIFT rule (see :func:`deeplift`).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+        >>> x, references = torch.randn(4, 3).double(), torch.randn(6, 3).double()
+        >>> attributions, delta = deeplift_shap(net, x, 1, baselines=references, return_convergence_delta=True)
+        >>> bool(delta.abs().max() < 1e-12)  # sums to f(x) - mean f(r)
+        True
+    """
+    from lightning_interp.methods.attribution.gradient import reference_inputs
+
+    x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()
+    batch = x.shape[0]
+    references = reference_inputs(baselines, x)  # (K, ...)
+    count = references.shape[0]
+    index = fixed_target(model, x, target, output_transform, task)
+    pairs = batch * count  # flat rows: sample-major, then baseline (Captum's order)
+    results, deltas = [], []
+    for start, end in row_chunks(pairs, row_limit(internal_batch_size, pairs)):
+        rows = torch.arange(start, end, device=x.device)
+        sample, reference = rows // count, rows % count
+        result, delta = deeplift(
+            model, x[sample], index[sample], baseline=references[reference], return_convergence_delta=True,
+            multiply_by_inputs=multiply_by_inputs, output_transform=output_transform, task=task,
+        )  # fmt: skip
+        results.append(result.to(accumulation_dtype(x)))
+        deltas.append(delta)
+    attributions = torch.cat(results).reshape(batch, count, *x.shape[1:]).mean(dim=1).to(x.dtype)
+    if not return_convergence_delta:
+        return attributions
+    return attributions, torch.cat(deltas).reshape(batch, count).mean(dim=1)

@@ -13,7 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_interp.methods.model.batching import (
+    BaselineFn,
     accumulation_dtype,
+    baseline_of,
     check_count,
     check_generator,
     clean_scores,
@@ -218,7 +220,7 @@ def integrated_gradients(
     inputs: Tensor,
     target: Target = None,
     *,
-    baseline: Tensor | float | None = None,
+    baseline: Tensor | float | BaselineFn | None = None,
     n_steps: int = 32,
     method: str = "gausslegendre",
     internal_batch_size: int | None = None,
@@ -237,7 +239,9 @@ def integrated_gradients(
         model: the network.
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the predicted class.
-        baseline: tensor broadcastable to ``inputs`` or a scalar; default zeros.
+        baseline: tensor broadcastable to ``inputs`` or a scalar; default zeros;
+            or a function of the inputs returning one (called once per call, on
+            a detached copy of the inputs), e.g. ``lambda x: x.mean(dim=(2, 3), keepdim=True)``.
         n_steps: number of integration points.
         method: integration rule, see :func:`integration_points`.
         internal_batch_size: at most this many interpolated inputs per pass.
@@ -268,6 +272,7 @@ def integrated_gradients(
     model, target, output_transform, task = bind_neuron(model, target, output_transform, task)  # a NeuronTarget
     batch = inputs.shape[0]
     x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()  # integers: interpolate in float
+    baseline = baseline_of(baseline, x)
     base = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     base = base.expand_as(x)
     index = fixed_target(model, inputs, target, output_transform, task)
@@ -320,6 +325,28 @@ def _gradient_shap_draws(
     return choice.to(like.device), alphas.to(like.device)
 
 
+def reference_inputs(baselines: Tensor | float | BaselineFn | None, x: Tensor) -> Tensor:
+    """The (K, ...) reference inputs of GradientSHAP and DeepLiftShap, on ``x``'s device and dtype: a (K, ...) tensor
+    whose trailing dimensions broadcast to one input's, a scalar (one constant reference), None (zeros), or a function
+    of the inputs returning one of those."""
+    shape = x.shape[1:]
+    baselines = baseline_of(baselines, x, "baselines")
+    if baselines is None or not isinstance(baselines, Tensor):
+        references = torch.full((1, *shape), 0.0 if baselines is None else float(baselines), dtype=x.dtype)
+    else:
+        references = baselines
+        try:
+            ok = references.ndim == x.ndim and torch.broadcast_shapes(references.shape[1:], shape) == shape
+        except RuntimeError:
+            ok = False
+        if not ok or references.shape[0] < 1:
+            raise ValueError(
+                f"baselines of shape {tuple(references.shape)} do not fit inputs of shape {tuple(x.shape)}: pass K "
+                f"reference inputs as a (K, {', '.join(str(s) for s in shape)}) tensor, a scalar, or None for zeros."
+            )
+    return references.detach().to(device=x.device, dtype=x.dtype).expand(-1, *shape)
+
+
 @register_method(
     "gradient", "GradientSHAP", stochastic=True,
     cost="n_samples (16) forwards + backwards", reference="Captum GradientShap, same draws",
@@ -331,7 +358,8 @@ def gradient_shap(
     *,
     n_samples: int = 16,
     stdevs: float = 0.0,
-    baselines: Tensor | float | None = None,
+    baselines: Tensor | float | BaselineFn | None = None,
+    multiply_by_inputs: bool = True,
     generator: torch.Generator | None = None,
     internal_batch_size: int | None = None,
     output_transform: OutputTransform | None = None,
@@ -357,7 +385,12 @@ def gradient_shap(
             in input units (0: no noise).
         baselines: reference inputs to draw from, a (K, ...) tensor whose
             trailing dimensions broadcast to one input's; a scalar for one
-            constant baseline; None for zeros.
+            constant baseline; None for zeros; or a function of the inputs
+            returning one of those (called once, on a detached copy of the
+            inputs), as Captum's callable baselines.
+        multiply_by_inputs: multiply each gradient by ``x' - r`` (the
+            attributions); False averages the gradients alone (Captum's
+            ``multiply_by_inputs=False``: a local rather than a global attribution).
         generator: source of every draw (baselines, points and noise); pass
             your own for reproducibility and to leave the global RNG untouched
             (the default draws from it).
@@ -380,6 +413,8 @@ def gradient_shap(
         >>> attr = gradient_shap(linear, x, 0, n_samples=8, generator=g)
         >>> torch.allclose(attr, linear.weight[0] * x)  # zero baseline, no noise: exact for a linear model
         True
+        >>> torch.allclose(gradient_shap(linear, x, 0, multiply_by_inputs=False), linear.weight[0].expand(3, 4))
+        True
     """
     model, target, output_transform, task = bind_neuron(model, target, output_transform, task)  # a NeuronTarget
     check_count("n_samples", n_samples)
@@ -388,20 +423,7 @@ def gradient_shap(
         raise ValueError(f"stdevs must be >= 0, got {stdevs!r}.")
     x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()  # integers: interpolate in float
     batch, shape = x.shape[0], x.shape[1:]
-    if baselines is None or not isinstance(baselines, Tensor):
-        references = torch.full((1, *shape), 0.0 if baselines is None else float(baselines), dtype=x.dtype)
-    else:
-        references = baselines
-        try:
-            ok = references.ndim == x.ndim and torch.broadcast_shapes(references.shape[1:], shape) == shape
-        except RuntimeError:
-            ok = False
-        if not ok or references.shape[0] < 1:
-            raise ValueError(
-                f"baselines of shape {tuple(references.shape)} do not fit inputs of shape {tuple(x.shape)}: pass K "
-                f"reference inputs as a (K, {', '.join(str(s) for s in shape)}) tensor, a scalar, or None for zeros."
-            )
-    references = references.detach().to(device=x.device, dtype=x.dtype).expand(-1, *shape)
+    references = reference_inputs(baselines, x)
     index = fixed_target(model, x, target, output_transform, task)
     choice, alphas = _gradient_shap_draws(n_samples, batch, references.shape[0], generator, x)
     std = torch.tensor(float(stdevs))
@@ -433,5 +455,6 @@ def gradient_shap(
         points = alpha * noisy + (1.0 - alpha) * reference
         grads = attribution_pass(model, points, index[sample], output_transform=output_transform, task=task).input_grad
         assert grads is not None
-        total.index_add_(0, sample, (grads.to(x.dtype) * (noisy - reference)).to(total.dtype))
+        gained = grads.to(x.dtype) * (noisy - reference) if multiply_by_inputs else grads.to(x.dtype)
+        total.index_add_(0, sample, gained.to(total.dtype))
     return (total / n_samples).to(out_dtype(inputs))

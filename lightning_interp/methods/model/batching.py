@@ -4,7 +4,7 @@ inputs, and random draws from the caller's generator only."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,9 @@ from lightning_interp.methods.model.core import (
 )
 
 __all__ = [
+    "BaselineFn",
     "accumulation_dtype",
+    "baseline_of",
     "check_count",
     "check_generator",
     "clean_scores",
@@ -94,3 +96,21 @@ def draw_device(generator: torch.Generator | None, like: Tensor) -> torch.device
 def check_generator(generator: torch.Generator | None) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}.")
+
+
+BaselineFn = Callable[[Tensor], "Tensor | float"]
+"""A baseline given as a function of the inputs: ``baselines(inputs) -> Tensor`` (Captum's callable baselines)."""
+
+
+def baseline_of(baseline: object, inputs: Tensor, name: str = "baseline") -> object:
+    """``baseline(inputs)`` when ``baseline`` is a function (called once, on a detached copy of the inputs, so it can
+    neither write to them nor reach the graph); anything else unchanged, for the method's own checks."""
+    if baseline is None or isinstance(baseline, (Tensor, int, float)) or not callable(baseline):
+        return baseline
+    made = baseline(inputs.detach().clone())
+    if isinstance(made, bool) or not isinstance(made, (Tensor, int, float)):
+        raise TypeError(
+            f"{name} given as a function must return a tensor (or a number) for the inputs of shape "
+            f"{tuple(inputs.shape)}; it returned {type(made).__name__}."
+        )
+    return made.detach() if isinstance(made, Tensor) else made
