@@ -78,6 +78,11 @@ def _registered(name: str) -> Method:
 METHODS: dict[str, Method] = {name: _registered(name) for name in available_methods()}
 METHODS["grad_cam_module"] = lambda model, x, target: grad_cam(model, x, target, model.features[5])
 METHODS["grad_cam_auto_layer"] = lambda model, x, target: grad_cam(model, x, target, None)
+METHODS["lrp_epsilon_gamma_box"] = lambda model, x, target: (
+    attribute(  # a box holding the randn inputs, bias-free rules
+        "lrp", model, x, target, rule="epsilon_gamma_box", low=-8.0, high=8.0, bias=False
+    )
+)
 LAYER_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.family == "layer"}  # shaped like LAYER's output
 MAP_METHODS = {name for name, spec in METHOD_SPECS.items() if spec.needs_layer} - LAYER_METHODS | {
     "grad_cam_module",

@@ -41,7 +41,7 @@ def _random_batchnorm_statistics(model: nn.Module) -> nn.Module:
 def _zennit_relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor, rule: str, resnet: bool) -> torch.Tensor:
     from zennit.attribution import Gradient
     from zennit.canonizers import SequentialMergeBatchNorm
-    from zennit.composites import EpsilonPlus, EpsilonPlusFlat, LayerMapComposite
+    from zennit.composites import COMPOSITES, LayerMapComposite
     from zennit.layer import Sum
     from zennit.rules import AlphaBeta, Epsilon, Gamma, Norm, Pass, ZPlus
     from zennit.torchvision import ResNetCanonizer
@@ -59,7 +59,8 @@ def _zennit_relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor, r
         ]
         composite = LayerMapComposite([*layer_map, (Linear, single[rule])], canonizers=canonizers)
     else:
-        composite = {"epsilon_plus": EpsilonPlus, "epsilon_plus_flat": EpsilonPlusFlat}[rule](canonizers=canonizers)
+        box = {"low": -5.0 * torch.ones(1, 3, 1, 1), "high": 5.0 * torch.ones(1, 3, 1, 1)} if "box" in rule else {}
+        composite = COMPOSITES[rule](canonizers=canonizers, **{key: value.to(x) for key, value in box.items()})
     with torch.no_grad():
         one_hot = F.one_hot(target, model(x).shape[1]).to(x.dtype)
     with Gradient(model=model, composite=composite) as attributor:
@@ -87,7 +88,7 @@ def test_lrp_matches_zennit_rules_and_composites(network, dtype):
         expected = _zennit_relevance(model, x, target, rule, resnet=network == "resnet18")
         for key, value in state.items():  # zennit's canonizers restore the model after each call
             model.state_dict()[key].copy_(value)
-        ours = lrp(model, x, target, rule=rule)
+        ours = lrp(model, x, target, rule=rule, **({"low": -5.0, "high": 5.0} if "box" in rule else {}))
         scale = expected.abs().max()
         tolerance = 5e-4 if dtype == torch.float32 else 1e-10  # epsilon=1e-6 amplifies rounding
         assert (ours - expected).abs().max() <= tolerance * scale, (rule, float((ours - expected).abs().max() / scale))

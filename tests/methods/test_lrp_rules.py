@@ -158,22 +158,35 @@ def test_first_layer_type_and_name_composite_matches_zennit():
 
 
 def test_named_rules_are_their_rule_objects():
-    """The names keep their numbers: each is its objects, to the bit."""
-    model, x = _network(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    convolutions = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    """The names keep their numbers: each is its objects, to the bit (transposed convolutions map as convolutions)."""
+    model, x = _network(), _inside_the_box()
+    convolutions = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    linear = Epsilon(0.1)
     objects = {
         "epsilon": Epsilon(0.1),
         "gamma": Gamma(0.5, stabilizer=1e-5),
         "alpha_beta": AlphaBeta(1.5, 0.5, stabilizer=1e-5),
         "zplus": ZPlus(1e-5),
-        "epsilon_plus": LRPComposite(by_type={convolutions: ZPlus(1e-5), nn.Linear: Epsilon(0.1)}),
+        "epsilon_plus": LRPComposite(by_type={convolutions: ZPlus(1e-5), nn.Linear: linear}),
         "epsilon_plus_flat": LRPComposite(
-            by_type={convolutions: ZPlus(1e-5), nn.Linear: Epsilon(0.1)}, first_layer=Flat(1e-5)
+            by_type={convolutions: ZPlus(1e-5), nn.Linear: linear}, first_layer=Flat(1e-5)
+        ),
+        "epsilon_gamma_box": LRPComposite(
+            by_type={convolutions: Gamma(0.5, 1e-5), nn.Linear: linear}, first_layer=ZBox(LOW, HIGH, 1e-5)
+        ),
+        "epsilon_alpha2_beta1": LRPComposite(by_type={convolutions: AlphaBeta(2.0, 1.0, 1e-5), nn.Linear: linear}),
+        "epsilon_alpha2_beta1_flat": LRPComposite(
+            by_type={convolutions: AlphaBeta(2.0, 1.0, 1e-5), nn.Linear: linear}, first_layer=Flat(1e-5)
         ),
     }
     assert set(typing.get_args(LRPRuleName)) == set(LRP_RULES + LRP_COMPOSITES) == set(objects)
     for name, rule in objects.items():
-        named = lrp(model, x, TARGET, rule=name, epsilon=0.1, gamma=0.5, alpha=1.5, beta=0.5, stabilizer=1e-5)
+        keywords = {"epsilon": 0.1, "gamma": 0.5, "stabilizer": 1e-5}
+        if name == "alpha_beta":
+            keywords.update(alpha=1.5, beta=0.5)
+        if name == "epsilon_gamma_box":
+            keywords.update(low=LOW, high=HIGH)
+        named = lrp(model, x, TARGET, rule=name, **keywords)
         assert torch.equal(named, lrp(model, x, TARGET, rule=rule, stabilizer=1e-5)), name
 
 

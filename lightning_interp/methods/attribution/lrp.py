@@ -15,13 +15,22 @@ its output (``x+``, ``W+``: positive parts; ``x-``, ``W-``: negative parts):
 - :class:`Flat`, :class:`WSquare`: relevance spread by ``1`` or ``W²`` regardless of the input (first layers);
 - :class:`ZBox`: the box rule for an input bounded by ``low <= x <= high`` (first layer, Montavon et al. 2017).
 
+The rules that use the bias take ``bias=False`` for their bias-free variant
+(zennit's ``zero_params="bias"``).
+
 An :class:`LRPComposite` gives different layers different rules: by dotted
 module name, by module type, and for the first layer; a plain mapping
 ``{name or type: rule}`` is one too. The named composites for CNNs are
-``"epsilon_plus"`` (z+ on convolutions, epsilon on linear layers) and
-``"epsilon_plus_flat"`` (the same with the flat rule on the first layer).
-A rule of one's own subclasses :class:`LRPRule` and maps the relevance at an
-:class:`LRPLayer`'s output to its input.
+zennit's, by its names (:data:`LRP_COMPOSITES`), each with epsilon on linear
+layers: ``"epsilon_plus"`` (z+ on convolutions), ``"epsilon_alpha2_beta1"``
+(alpha=2, beta=1 on convolutions), their ``"..._flat"`` variants (the flat
+rule on the first layer) and ``"epsilon_gamma_box"`` (gamma on convolutions,
+the box rule on the first layer, bounded by :func:`lrp`'s ``low`` and
+``high``: [0, 1] by default). zennit gives the box to the first layer only
+when it is a convolution; here it is the first layer whatever its kind.
+"Convolutions" includes transposed ones. A rule of one's own subclasses
+:class:`LRPRule` and maps the relevance at an :class:`LRPLayer`'s output to
+its input.
 
 The other layers, as in zennit's composites: elementwise activations pass
 relevance unchanged; average pooling (``AvgPool``, ``AdaptiveAvgPool``,
@@ -34,10 +43,11 @@ operations keep their gradient, as in zennit: a product or quotient by a
 constant (input normalisation inside ``forward``), a difference of two
 activations or a gating product breaks conservation there.
 
-Supported parameterised layers: ``Linear``, ``Conv1d/2d/3d`` and BatchNorm
-after one of them. A model with another layer that has parameters
-(LayerNorm, Embedding, attention, transposed convolutions, ...) is refused
-before the forward pass, naming it.
+Supported parameterised layers: ``Linear``, ``Conv1d/2d/3d``,
+``ConvTranspose1d/2d/3d`` (with the output padding of each call) and
+BatchNorm after one of them. A model with another layer that has parameters
+(LayerNorm, Embedding, attention, ...) is refused before the forward pass,
+naming it.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, Union
 
@@ -98,14 +108,35 @@ __all__ = [
 LRP_RULES = ("epsilon", "gamma", "alpha_beta", "zplus")
 """Rules applied to every convolution and linear layer."""
 
-LRP_COMPOSITES = ("epsilon_plus", "epsilon_plus_flat")
-"""Rules per layer type for CNNs: z+ on convolutions and epsilon on linear layers (flat on the first layer)."""
+LRP_COMPOSITES = (
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_gamma_box",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+)
+"""zennit's composites for CNNs, by zennit's names: epsilon on linear layers; on convolutions (transposed ones too) z+
+(``epsilon_plus``), gamma (``epsilon_gamma_box``) or alpha=2, beta=1 (``epsilon_alpha2_beta1``); on the first layer
+the flat rule (``..._flat``) or the box rule (``epsilon_gamma_box``, bounds ``low`` / ``high``)."""
 
-LRPRuleName = Literal["epsilon", "gamma", "alpha_beta", "zplus", "epsilon_plus", "epsilon_plus_flat"]
+LRPRuleName = Literal[
+    "epsilon",
+    "gamma",
+    "alpha_beta",
+    "zplus",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_gamma_box",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+]
 """The names :func:`lrp` accepts for ``rule``: :data:`LRP_RULES` and :data:`LRP_COMPOSITES`."""
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_WEIGHTED = (nn.Linear, *_CONVOLUTIONS)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_ALL_CONVOLUTIONS = (*_CONVOLUTIONS, *_TRANSPOSED)  # zennit's ``Convolution``, what the composites map
+_WEIGHTED = (nn.Linear, *_ALL_CONVOLUTIONS)
+_TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _AVERAGES = frozenset(
     {
@@ -139,14 +170,21 @@ def _non_negative(rule: str, **values: float) -> None:
             raise ValueError(f"{rule} needs {key} >= 0, got {value}.")
 
 
+def _with_bias(layer: LRPLayer, bias: bool) -> LRPLayer:
+    return layer if bias else layer.without_bias()
+
+
 @dataclass(frozen=True, eq=False)
 class LRPLayer:
     """One call of a convolution or linear layer, as an :class:`LRPRule` sees it.
 
     Attributes:
-        module: the ``nn.Linear`` or ``nn.Conv1d/2d/3d`` that ran (rules must not modify it).
+        module: the ``nn.Linear``, ``nn.Conv1d/2d/3d`` or ``nn.ConvTranspose1d/2d/3d`` that ran (rules must not
+            modify it).
         weight: its weight, detached, with the BatchNorm that follows it (if one does) merged in.
         bias: its bias likewise, zeros where the layer has none.
+        output_padding: for a transposed convolution, the output padding of this call (an ``output_size`` given to
+            its forward may choose one other than the module's); None for the other layers.
 
     Example:
         >>> layer = LRPLayer(nn.Linear(2, 1), torch.tensor([[1.0, -2.0]]), torch.tensor([0.5]))
@@ -159,6 +197,16 @@ class LRPLayer:
     module: nn.Module
     weight: Tensor
     bias: Tensor
+    output_padding: tuple[int, ...] | None = None
+
+    def without_bias(self) -> LRPLayer:
+        """The same layer call with a zero bias (zennit's ``zero_params="bias"``, after the BatchNorm merge).
+
+        Example:
+            >>> LRPLayer(nn.Linear(2, 1), torch.ones(1, 2), torch.tensor([0.5])).without_bias().bias
+            tensor([0.])
+        """
+        return replace(self, bias=torch.zeros_like(self.bias))
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """The layer's operation (its stride, padding, groups, ...) on ``x`` with ``weight`` and ``bias``.
@@ -168,9 +216,14 @@ class LRPLayer:
             weight: shaped like :attr:`weight` (e.g. its positive part).
             bias: shaped like :attr:`bias`, or None for no bias.
         """
-        if isinstance(self.module, nn.Linear):
+        module = self.module
+        if isinstance(module, nn.Linear):
             return F.linear(x, weight, bias)
-        return self.module._conv_forward(x, weight, bias)  # the layer's own padding mode, stride, groups
+        if isinstance(module, _TRANSPOSED):
+            padding = module.output_padding if self.output_padding is None else self.output_padding
+            transposed = _TRANSPOSED_FUNCTIONS[len(module.kernel_size)]
+            return transposed(x, weight, bias, module.stride, module.padding, padding, module.groups, module.dilation)
+        return module._conv_forward(x, weight, bias)  # the layer's own padding mode, stride, groups
 
     def gradient(self, x: Tensor, scale: Tensor, weight: Tensor) -> Tensor:
         """The gradient of ``(scale * forward(x, weight)).sum()`` with respect to ``x``: the transposed layer with
@@ -226,18 +279,27 @@ class Epsilon(LRPRule):
     Args:
         epsilon: added to the denominator with the output's sign (also a parameter of the rule, not only a
             stabiliser: a larger one absorbs the relevance of weak outputs). A 0 / 0 gives 0.
+        bias: whether the layer's bias (with a merged BatchNorm's shift) takes part; ``False`` is the bias-free
+            variant (zennit's ``zero_params="bias"``), which conserves relevance through the layer.
 
     Example:
         >>> lrp(nn.Linear(3, 2), torch.rand(4, 3), 0, rule=Epsilon(0.25)).shape
         torch.Size([4, 3])
+        >>> linear, x = nn.Linear(3, 1), torch.rand(2, 3)  # LRP-0 leaves the bias's share b out ...
+        >>> torch.allclose(lrp(linear, x, 0, rule=Epsilon(0.0)).sum(1), linear(x)[:, 0] - linear.bias, atol=1e-6)
+        True
+        >>> torch.allclose(lrp(linear, x, 0, rule=Epsilon(0.0, bias=False)).sum(1), linear(x)[:, 0])  # ... not here
+        True
     """
 
     epsilon: float = 1e-6
+    bias: bool = True
 
     def __post_init__(self) -> None:
         _non_negative("The epsilon rule", epsilon=self.epsilon)
 
     def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        layer = _with_bias(layer, self.bias)
         z = layer.forward(x, layer.weight, layer.bias)
         return x * layer.gradient(x, _share(relevance, z, self.epsilon), layer.weight)
 
@@ -261,6 +323,8 @@ class ZPlus(LRPRule):
 
     Args:
         stabilizer: added to the denominator with its sign.
+        bias: whether the layer's bias (with a merged BatchNorm's shift) takes part; ``False`` is the bias-free
+            variant (zennit's ``zero_params="bias"``), which conserves relevance through the layer.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
@@ -269,12 +333,13 @@ class ZPlus(LRPRule):
     """
 
     stabilizer: float = 1e-6
+    bias: bool = True
 
     def __post_init__(self) -> None:
         _non_negative("The z+ rule", stabilizer=self.stabilizer)
 
     def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
-        return _positive_and_negative(layer, x, relevance, self.stabilizer, up=True)
+        return _positive_and_negative(_with_bias(layer, self.bias), x, relevance, self.stabilizer, up=True)
 
 
 @dataclass(frozen=True)
@@ -286,15 +351,18 @@ class AlphaBeta(LRPRule):
         alpha: weight of the positive contributions, >= 0.
         beta: weight of the negative contributions, >= 0, with ``alpha - beta = 1``.
         stabilizer: added to the denominators with their sign.
+        bias: whether the layer's bias (with a merged BatchNorm's shift) takes part; ``False`` is the bias-free
+            variant (zennit's ``zero_params="bias"``), which conserves relevance through the layer.
 
     Example:
         >>> AlphaBeta(1.0, 0.0)
-        AlphaBeta(alpha=1.0, beta=0.0, stabilizer=1e-06)
+        AlphaBeta(alpha=1.0, beta=0.0, stabilizer=1e-06, bias=True)
     """
 
     alpha: float = 2.0
     beta: float = 1.0
     stabilizer: float = 1e-6
+    bias: bool = True
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-9:
@@ -304,6 +372,7 @@ class AlphaBeta(LRPRule):
         _non_negative("The alpha-beta rule", stabilizer=self.stabilizer)
 
     def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        layer = _with_bias(layer, self.bias)
         up = _positive_and_negative(layer, x, relevance, self.stabilizer, up=True)
         down = _positive_and_negative(layer, x, relevance, self.stabilizer, up=False)
         return self.alpha * up - self.beta * down
@@ -317,6 +386,8 @@ class Gamma(LRPRule):
     Args:
         gamma: how much to favour the contributions of the output's sign (0: LRP-0, large: towards z+).
         stabilizer: added to the denominators with their sign.
+        bias: whether the layer's bias (with a merged BatchNorm's shift) takes part; ``False`` is the bias-free
+            variant (zennit's ``zero_params="bias"``): the favoured sign is still that of the layer's real output.
 
     Example:
         >>> net = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(18, 2))
@@ -326,13 +397,15 @@ class Gamma(LRPRule):
 
     gamma: float = 0.25
     stabilizer: float = 1e-6
+    bias: bool = True
 
     def __post_init__(self) -> None:
         _non_negative("The gamma rule", gamma=self.gamma, stabilizer=self.stabilizer)
 
     def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        z = layer.forward(x, layer.weight, layer.bias)  # the output's sign, with its bias also when bias=False (zennit)
+        layer = _with_bias(layer, self.bias)
         gamma, weight, bias = self.gamma, layer.weight, layer.bias
-        z = layer.forward(x, weight, bias)
         w_up, b_up = weight + gamma * weight.clamp(min=0), bias + gamma * bias.clamp(min=0)
         w_down, b_down = weight + gamma * weight.clamp(max=0), bias + gamma * bias.clamp(max=0)
         x_plus, x_minus = x.clamp(min=0), x.clamp(max=0)
@@ -345,10 +418,13 @@ class Gamma(LRPRule):
         )
 
 
-def _spread(layer: LRPLayer, x: Tensor, relevance: Tensor, weight: Tensor, stabilizer: float) -> Tensor:
-    """Relevance spread over the receptive field in proportion to ``weight``, whatever the input (no bias)."""
+def _spread(
+    layer: LRPLayer, x: Tensor, relevance: Tensor, weight: Tensor, stabilizer: float, bias: Tensor | None = None
+) -> Tensor:
+    """Relevance spread over the receptive field in proportion to ``weight``, whatever the input; ``bias`` (if given)
+    only enlarges the denominator."""
     ones = torch.ones_like(x)
-    z = layer.forward(ones, weight)
+    z = layer.forward(ones, weight, bias)
     return layer.gradient(ones, _share(relevance, z, stabilizer), weight)
 
 
@@ -377,11 +453,12 @@ class Flat(LRPRule):
 @dataclass(frozen=True)
 class WSquare(LRPRule):
     """The w² rule (Montavon et al. 2017): ``R_in_i = sum_j W_ji² / (sum_k W_jk²) R_j``, for a first layer whose
-    input is unbounded. The bias is left out, as in the paper; zennit's ``WSquare`` adds the squared bias to the
-    denominator unless given ``zero_params=["bias"]``.
+    input is unbounded. The bias is left out, as in the paper (zennit's ``WSquare(zero_params=["bias"])``).
 
     Args:
         stabilizer: added to the denominator.
+        bias: add the squared bias to the denominator (``sum_k W_jk² + b_j²``, zennit's ``WSquare()``); the share
+            it takes is absorbed.
 
     Example:
         >>> layer = nn.Linear(2, 1, bias=False)
@@ -392,12 +469,14 @@ class WSquare(LRPRule):
     """
 
     stabilizer: float = 1e-6
+    bias: bool = False
 
     def __post_init__(self) -> None:
         _non_negative("The w² rule", stabilizer=self.stabilizer)
 
     def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
-        return _spread(layer, x, relevance, layer.weight**2, self.stabilizer)
+        bias = layer.bias**2 if self.bias else None
+        return _spread(layer, x, relevance, layer.weight**2, self.stabilizer, bias)
 
 
 @dataclass(frozen=True, eq=False)
@@ -446,6 +525,36 @@ class ZBox(LRPRule):
             - low * layer.gradient(x, scale, w_plus)
             - high * layer.gradient(x, scale, w_minus)
         )
+
+
+@dataclass(frozen=True, eq=False)
+class _InputBox(ZBox):
+    """The box rule of ``rule="epsilon_gamma_box"``: refuses a first-layer input outside the box, since the bounds
+    came from the keywords (or the [0, 1] default), not from a rule the user built."""
+
+    defaulted: bool = False
+
+    def propagate(self, layer: LRPLayer, x: Tensor, relevance: Tensor) -> Tensor:
+        low, high = (torch.as_tensor(b).to(x) for b in (self.low, self.high))
+        slack = 1e-5 * max(1.0, float(low.abs().max()), float(high.abs().max()))  # rounding of normalised bounds
+        outside = (x < low - slack) | (x > high + slack)
+        if bool(outside.any()):
+            spans = f"[{float(x.min()):.4g}, {float(x.max()):.4g}]"
+            found = f"its input spans {spans} ({int(outside.sum())} values outside)"
+            how = (
+                "pass low= and high=, the lowest and highest values the first layer can see: for images normalised "
+                "as (x - mean) / std, low = (0 - mean) / std and high = (1 - mean) / std, per channel shaped (C, 1, 1)"
+            )
+            if self.defaulted:
+                raise ValueError(
+                    f"rule='epsilon_gamma_box' applies the box rule to the first layer with the input range [0, 1] by "
+                    f"default, and {found}: {how}."
+                )
+            raise ValueError(
+                f"rule='epsilon_gamma_box' applies the box rule to the first layer with the low and high given, and "
+                f"{found}: the box must hold every input; {how}."
+            )
+        return super().propagate(layer, x, relevance)
 
 
 _RuleKey = Union[str, type, tuple]  # noqa: UP007 (runtime alias, Python 3.10)
@@ -582,15 +691,19 @@ class _LayerCall:
     """One call of a convolution or linear layer, and the BatchNorm merged into it (if one follows)."""
 
     module: nn.Module
+    output_padding: tuple[int, ...] | None = None
     batchnorm: nn.Module | None = field(default=None)
 
     def layer(self) -> LRPLayer:
-        weight = self.module.weight.detach()
-        bias = self.module.bias
-        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if bias is None else bias.detach()
+        module = self.module
+        weight = module.weight.detach()
+        transposed = isinstance(module, _TRANSPOSED)
+        channels = weight.shape[1] * module.groups if transposed else weight.shape[0]
+        bias = module.bias
+        bias = torch.zeros(channels, dtype=weight.dtype, device=weight.device) if bias is None else bias.detach()
         norm = self.batchnorm
         if norm is None:
-            return LRPLayer(self.module, weight, bias)
+            return LRPLayer(module, weight, bias, self.output_padding)
         mean, var = norm.running_mean, norm.running_var
         scale = torch.rsqrt(var + norm.eps)
         if norm.weight is not None:
@@ -598,7 +711,13 @@ class _LayerCall:
         shift = -mean * scale
         if norm.bias is not None:
             shift = shift + norm.bias.detach()
-        return LRPLayer(self.module, weight * scale.reshape(-1, *([1] * (weight.ndim - 1))), bias * scale + shift)
+        if transposed:  # weight (in, out / groups, ...): output channel g * out / groups + j is [g-th inputs, j]
+            groups, kernel = module.groups, weight.shape[2:]
+            grouped = weight.reshape(groups, -1, weight.shape[1], *kernel)
+            merged = grouped * scale.reshape(groups, 1, -1, *([1] * len(kernel)))
+            return LRPLayer(module, merged.reshape(weight.shape), bias * scale + shift, self.output_padding)
+        merged = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+        return LRPLayer(module, merged, bias * scale + shift, self.output_padding)
 
 
 class _Rule(torch.autograd.Function):
@@ -668,6 +787,26 @@ class _FunctionalRules(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _output_padding(module: nn.Module, x: Tensor, output: Tensor) -> tuple[int, ...] | None:
+    """The output padding a transposed convolution's call used (from its input and output sizes: an ``output_size``
+    given to its forward chooses it); None for the other layers."""
+    if not isinstance(module, _TRANSPOSED):
+        return None
+    dims = len(module.kernel_size)
+    return tuple(
+        size_out - ((size_in - 1) * stride - 2 * pad + dilation * (kernel - 1) + 1)
+        for size_in, size_out, stride, pad, dilation, kernel in zip(
+            x.shape[-dims:],
+            output.shape[-dims:],
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.kernel_size,
+            strict=True,
+        )
+    )
+
+
 def _two_activations(a: object, b: object) -> bool:
     """Two same-shaped computed tensors that carry relevance (a residual connection), not a parameter or a constant."""
     return (
@@ -695,19 +834,29 @@ def _check_layers(model: nn.Module) -> None:
         if own:
             where = f"module {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
             raise ValueError(
-                f"LRP has rules for Linear, Conv1d/2d/3d and BatchNorm after one of them; {where} has parameters "
-                f"({', '.join(own)}) and no rule. Use a gradient method (integrated_gradients, input_x_gradient) "
-                "or a CAM method for this model."
+                "LRP has rules for Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d and BatchNorm after one of them; "
+                f"{where} has parameters ({', '.join(own)}) and no rule. Use a gradient method (integrated_gradients, "
+                "input_x_gradient) or a CAM method for this model."
             )
 
 
-_DEFAULTS = {"epsilon": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0}
+_DEFAULTS = {"epsilon": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "bias": True}
+_ALPHA2_BETA1 = ("epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat")
 
 
 def _resolve_rule(
-    rule: object, epsilon: float, gamma: float, alpha: float, beta: float, stabilizer: float
+    rule: object,
+    epsilon: float,
+    gamma: float,
+    alpha: float,
+    beta: float,
+    stabilizer: float,
+    low: float | Tensor | None = None,
+    high: float | Tensor | None = None,
+    bias: bool = True,
 ) -> LRPComposite:
     """The composite of ``rule``: a name (with the keyword parameters), a rule, a composite or a mapping."""
+    boxed = low is not None or high is not None
     if isinstance(rule, str):
         if rule not in LRP_RULES + LRP_COMPOSITES:
             raise ValueError(
@@ -716,27 +865,52 @@ def _resolve_rule(
             )
         if epsilon < 0 or gamma < 0 or stabilizer < 0:
             raise ValueError(f"epsilon, gamma and stabilizer must be >= 0, got {epsilon}, {gamma}, {stabilizer}.")
+        if boxed and rule != "epsilon_gamma_box":
+            raise ValueError(
+                f"low and high are the input box of rule='epsilon_gamma_box'; rule={rule!r} has no box rule (for a box "
+                "on the first layer with other rules, give LRPComposite(first_layer=ZBox(low, high), ...))."
+            )
+        if rule in _ALPHA2_BETA1 and (alpha, beta) != (2.0, 1.0):
+            raise ValueError(
+                f"rule={rule!r} is alpha=2, beta=1 on convolutions (zennit's composite of that name), got alpha={alpha}"
+                f", beta={beta}; for others give LRPComposite(by_type={{nn.Conv2d: AlphaBeta({alpha}, {beta}), ...}})."
+            )
         if rule == "epsilon":
-            return LRPComposite(default=Epsilon(epsilon))
+            return LRPComposite(default=Epsilon(epsilon, bias))
         if rule == "zplus":
-            return LRPComposite(default=ZPlus(stabilizer))
+            return LRPComposite(default=ZPlus(stabilizer, bias))
         if rule == "alpha_beta":
-            return LRPComposite(default=AlphaBeta(alpha, beta, stabilizer))
+            return LRPComposite(default=AlphaBeta(alpha, beta, stabilizer, bias))
         if rule == "gamma":
-            return LRPComposite(default=Gamma(gamma, stabilizer))
+            return LRPComposite(default=Gamma(gamma, stabilizer, bias))
+        convolution = {
+            "epsilon_plus": ZPlus(stabilizer, bias),
+            "epsilon_plus_flat": ZPlus(stabilizer, bias),
+            "epsilon_gamma_box": Gamma(gamma, stabilizer, bias),
+            "epsilon_alpha2_beta1": AlphaBeta(2.0, 1.0, stabilizer, bias),
+            "epsilon_alpha2_beta1_flat": AlphaBeta(2.0, 1.0, stabilizer, bias),
+        }[rule]
+        first_layer: LRPRule | None = Flat(stabilizer) if rule.endswith("_flat") else None
+        if rule == "epsilon_gamma_box":
+            if (low is None) != (high is None):
+                raise ValueError(
+                    "rule='epsilon_gamma_box' needs both bounds of the first layer's input, low and high (or neither "
+                    f"for [0, 1]), got low={low!r}, high={high!r}."
+                )
+            first_layer = _InputBox(0.0 if low is None else low, 1.0 if high is None else high, stabilizer, not boxed)
         return LRPComposite(
-            by_type={_CONVOLUTIONS: ZPlus(stabilizer), nn.Linear: Epsilon(epsilon)},
-            first_layer=Flat(stabilizer) if rule == "epsilon_plus_flat" else None,
-            default=Epsilon(epsilon),
+            by_type={_ALL_CONVOLUTIONS: convolution, nn.Linear: Epsilon(epsilon, bias)},
+            first_layer=first_layer,
+            default=Epsilon(epsilon, bias),
         )
     _non_negative("LRP", stabilizer=stabilizer)
-    given = {"epsilon": epsilon, "gamma": gamma, "alpha": alpha, "beta": beta}
-    changed = [key for key, value in given.items() if value != _DEFAULTS[key]]
+    given = {"epsilon": epsilon, "gamma": gamma, "alpha": alpha, "beta": beta, "bias": bias}
+    changed = [key for key, value in given.items() if value != _DEFAULTS[key]] + (["low", "high"] if boxed else [])
     if changed:
         raise ValueError(
             f"{', '.join(changed)} only configure{'s' if len(changed) == 1 else ''} the named rules (rule='epsilon', "
             f"...); with rule={rule!r} give them to the rule objects instead, e.g. Epsilon(0.25), Gamma(0.5), "
-            "AlphaBeta(1.0, 0.0)."
+            "AlphaBeta(1.0, 0.0), Epsilon(bias=False), ZBox(low, high)."
         )
     if isinstance(rule, LRPComposite):
         return rule
@@ -760,6 +934,9 @@ def lrp_rules(
     alpha: float = 2.0,
     beta: float = 1.0,
     stabilizer: float = 1e-6,
+    low: float | Tensor | None = None,
+    high: float | Tensor | None = None,
+    bias: bool = True,
 ) -> Iterator[None]:
     """Inside the block, the backward pass of ``model`` propagates relevance by the LRP ``rule``.
 
@@ -779,6 +956,9 @@ def lrp_rules(
         beta: the alpha-beta rule's weight on negative contributions, ``alpha - beta = 1`` (named rules only).
         stabilizer: added to the denominators of pooling and sums, and of the named rules other than epsilon
             (zennit's ``stabilizer``).
+        low: the lowest value the first layer's input can take (``rule="epsilon_gamma_box"`` only; see :func:`lrp`).
+        high: the highest, likewise.
+        bias: False for the bias-free variants of the named rules (zennit's ``zero_params="bias"``).
 
     Raises:
         ValueError: an unknown rule or layer name, bad parameters, a layer without a rule, or a BatchNorm that does
@@ -794,14 +974,14 @@ def lrp_rules(
         >>> torch.allclose(relevance.sum(dim=1), out[:, 0])
         True
     """
-    composite = _resolve_rule(rule, epsilon, gamma, alpha, beta, stabilizer)
+    composite = _resolve_rule(rule, epsilon, gamma, alpha, beta, stabilizer, low, high, bias)
     _check_layers(model)
     rule_for = composite._for_model(model)
     produced: dict[int, tuple[Tensor, _LayerCall]] = {}
     handles = []
 
     def weighted_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        call, layer_rule = _LayerCall(module), rule_for(module, not produced)
+        call, layer_rule = _LayerCall(module, _output_padding(module, args[0], output)), rule_for(module, not produced)
 
         def backward(x: Tensor, relevance: Tensor) -> Tensor:
             result = layer_rule.propagate(call.layer(), x, relevance)
@@ -843,7 +1023,7 @@ def lrp_rules(
 
 
 @register_method(
-    "modified backward", "LRP",
+    "modified backward", "LRP", scalars=("completeness_error",),
     cost="1 forward + 1 backward (+ 1 to 5 layer recomputations per layer, by rule)",
     reference="zennit rules and composites",
 )  # fmt: skip
@@ -858,9 +1038,13 @@ def lrp(
     alpha: float = 2.0,
     beta: float = 1.0,
     stabilizer: float = 1e-6,
+    low: float | Tensor | None = None,
+    high: float | Tensor | None = None,
+    bias: bool = True,
+    return_convergence_delta: bool = False,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Layer-wise relevance propagation of the target score to the input (one forward, one backward).
 
     The relevance at the output is the explained score (the target logit;
@@ -872,26 +1056,39 @@ def lrp(
         model: the network: convolutions, linear layers, BatchNorm after them, activations, pooling, residual sums.
         inputs: (B, ...) batch.
         target: class index, LongTensor (B,), or None for the prediction.
-        rule: ``"epsilon"``, ``"gamma"``, ``"alpha_beta"``, ``"zplus"`` on every layer, or the CNN composites
-            ``"epsilon_plus"`` / ``"epsilon_plus_flat"`` (configured by the keywords below); or an
-            :class:`LRPRule` (e.g. ``Epsilon(0.25)``) for every layer; or an :class:`LRPComposite`; or a mapping
-            ``{dotted name or module type: LRPRule}`` (names win over types, other layers get ``Epsilon()``).
+        rule: ``"epsilon"``, ``"gamma"``, ``"alpha_beta"``, ``"zplus"`` on every layer, or one of zennit's CNN
+            composites :data:`LRP_COMPOSITES` (``"epsilon_plus"``, ``"epsilon_gamma_box"``, ...; configured by the
+            keywords below); or an :class:`LRPRule` (e.g. ``Epsilon(0.25)``) for every layer; or an
+            :class:`LRPComposite`; or a mapping ``{dotted name or module type: LRPRule}`` (names win over types,
+            other layers get ``Epsilon()``).
         epsilon: the epsilon rule's epsilon, LRP-0 at 0 (named rules only: rule objects carry their own).
         gamma: the gamma rule's factor (named rules only).
         alpha: the alpha-beta rule's positive weight (named rules only).
         beta: the alpha-beta rule's negative weight (named rules only).
         stabilizer: the denominator stabiliser of pooling and sums, and of the named rules other than epsilon,
             as zennit's.
+        low: for ``rule="epsilon_gamma_box"``: the lowest value the first layer's input can take, a float or a
+            tensor that broadcasts to it (per channel: shape ``(C, 1, 1)``). Without ``low`` and ``high`` the box is
+            [0, 1] (raw images). For normalised inputs ``(x - mean) / std`` give ``(0 - mean) / std`` and
+            ``(1 - mean) / std``. An input outside the box is refused: the bounds are wrong there.
+        high: the highest value, likewise.
+        bias: False for the bias-free variants of the named rules (zennit's ``zero_params="bias"``): the biases
+            (and merged BatchNorm shifts) take no share of the relevance. Rule objects take ``bias=`` themselves.
+        return_convergence_delta: also return, per sample, the conservation residual
+            ``sum(relevance) - explained score`` (float64): 0 for a bias-free ReLU network under LRP-0 or z+ on
+            non-negative inputs; the share the biases and epsilon absorb otherwise.
         output_transform: selects or reshapes the model's output to (B, C) scores; it runs outside the rules with
             its plain gradient, so it should not rescale (a softmax would start from the probability's gradient).
         task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
-        Relevance shaped like ``inputs``.
+        Relevance shaped like ``inputs``; with ``return_convergence_delta`` a tuple ``(relevance, delta)`` where
+        ``delta`` has shape (B,).
 
     Raises:
-        ValueError: an unknown rule name or module name (with the closest names), ``epsilon`` ... ``beta`` given
-            with a rule object, or a layer LRP has no rule for.
+        ValueError: an unknown rule name or module name (with the closest names), ``epsilon`` ... ``bias`` given
+            with a rule object, ``low`` / ``high`` with a rule other than ``"epsilon_gamma_box"`` or an input outside
+            them, or a layer LRP has no rule for.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3, bias=False))
@@ -902,14 +1099,28 @@ def lrp(
         >>> relevance = lrp(net, x, target=0, rule={"0": ZBox(0.0, 1.0), nn.Linear: Epsilon(0.0)})
         >>> torch.allclose(relevance.sum(dim=(1, 2, 3)), net(x)[:, 0], atol=1e-5)
         True
+        >>> mean, std = torch.tensor([0.5]), torch.tensor([0.25])  # normalised inputs: the box of (x - mean) / std
+        >>> low, high = ((0 - mean) / std)[:, None, None], ((1 - mean) / std)[:, None, None]
+        >>> relevance, delta = lrp(
+        ...     net, (x - 0.5) / 0.25, 0, rule="epsilon_gamma_box", low=low, high=high, return_convergence_delta=True
+        ... )
+        >>> delta.shape
+        torch.Size([4])
     """
     with modes_preserved(model), eager_forward(), gradients_enabled():
         x = as_leaf(inputs)
-        with lrp_rules(model, rule, epsilon=epsilon, gamma=gamma, alpha=alpha, beta=beta, stabilizer=stabilizer):
+        keywords = {"epsilon": epsilon, "gamma": gamma, "alpha": alpha, "beta": beta, "stabilizer": stabilizer}
+        with lrp_rules(model, rule, **keywords, low=low, high=high, bias=bias):
             output = model(x)
         scores = scores_from_output(output, output_transform)
         index = resolve_target(target, scores, task)
         picked = scores.detach().requires_grad_(True)
         (selection,) = torch.autograd.grad(target_scores(picked, index, task).sum(), picked)
-        (relevance,) = torch.autograd.grad(scores, x, selection * scores.detach())
-    return relevance.detach().to(inputs.dtype) if inputs.is_floating_point() else relevance.detach()
+        explained = selection * scores.detach()  # the relevance at the output: the explained score
+        (relevance,) = torch.autograd.grad(scores, x, explained)
+    result = relevance.detach().to(inputs.dtype) if inputs.is_floating_point() else relevance.detach()
+    if not return_convergence_delta:
+        return result
+    batch = relevance.shape[0]
+    total = relevance.detach().reshape(batch, -1).double().sum(dim=1)
+    return result, total - explained.reshape(batch, -1).double().sum(dim=1)
