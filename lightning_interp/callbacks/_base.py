@@ -358,8 +358,8 @@ class InterpCallback(Callback):
         if not lockstep:
             return host_scalars(self._run(trainer, self._explained(pl_module)))  # one transfer per device
         work = lambda: host_scalars(self._run(trainer, self._explained(pl_module)))  # noqa: E731
-        called = pl_module if self._root is None else self._root.root  # the module each pass enters
-        return run_in_lockstep(called, work, f"{type(self).__name__}'s work at this validation epoch")
+        what = f"{type(self).__name__}'s work at this validation epoch"
+        return run_in_lockstep(pl_module, work, what, trainer=trainer)
 
     def _warn_once(self, key: str, message: str) -> None:
         """Warn with ``message`` the first time ``key`` comes up in this fit."""

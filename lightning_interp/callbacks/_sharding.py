@@ -217,27 +217,68 @@ def failure_checks(model: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
-def run_in_lockstep(model: nn.Module, work: Callable[[], T], what: str) -> T:
+def run_in_lockstep(model: nn.Module, work: Callable[[], T], what: str, *, trainer: pl.Trainer | None = None) -> T:
     """``work()`` on every rank in lockstep; a failure on any rank is raised on every rank (its own error where it
-    failed, :class:`PeerFailure` elsewhere), after an FSDP2 backward it interrupted is finished, so that training's
-    next step finds the parameters and gradients as it left them. No rank is left waiting in a collective when the
-    failure comes between forward passes; inside one, the process group's timeout ends the wait."""
+    failed, :class:`PeerFailure` elsewhere), after the strategy's bookkeeping of a backward pass it interrupted is
+    put back in order (:func:`finish_backward`), so that training's next step finds the parameters and gradients as
+    it left them. No rank is left waiting in a collective when the failure comes between forward passes; inside one,
+    the process group's timeout ends the wait.
+
+    Args:
+        model: the LightningModule (or a view of it) whose passes ``work`` runs.
+        work: the computation, the same on every rank.
+        what: what it is, for the note added to the error.
+        trainer: the trainer running ``model`` (default: the LightningModule's own): under ``FSDPStrategy`` the
+            failure checks go on its FSDP1 root wrapper, through which the passes enter.
+    """
+    trainer = trainer if trainer is not None else getattr(_inner(model), "_trainer", None)
+    entered = fsdp1_root(trainer, _inner(model)) or model
     try:
-        with failure_checks(model):
+        with failure_checks(entered):
             result = work()
     except PeerFailure:
-        finish_fsdp_backward(model)
+        finish_backward(entered, trainer)
         raise
     except Exception as error:
-        finish_fsdp_backward(model)
+        finish_backward(entered, trainer)
         all_ranks_ok(False)
         note = getattr(error, "add_note", None)
         if note is not None:
             note(f"({what} failed on this rank; the other ranks stopped it too.)")
         raise
     if not all_ranks_ok(True):
+        finish_backward(entered, trainer)  # every rank alike: ZeRO-3 starts a new trace of its passes on each
         raise PeerFailure(f"{what} failed on another rank (its error is raised there)")
     return result
+
+
+def finish_backward(model: nn.Module, trainer: pl.Trainer | None) -> None:
+    """Put the strategy's bookkeeping back in order after the callbacks' work failed on some rank (every rank calls
+    this; it makes no collective call): FSDP2's and FSDP1's post-backward final callback (:func:`finish_fsdp_backward`);
+    under DeepSpeed ZeRO-3, the parameters a backward pass left gathered are released and the record of the order of
+    the passes, which prefetching follows and which now differs from rank to rank, is started afresh on every rank."""
+    finish_fsdp_backward(model)
+    if trainer is not None and strategy_kind(trainer) == "deepspeed" and deepspeed_stage(trainer) >= 3:
+        with contextlib.suppress(Exception):  # best effort: the original error is the one to raise
+            _reset_zero3(getattr(trainer.strategy, "model", None))
+
+
+def _reset_zero3(engine: Any) -> None:
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)  # training: the ZeRO-3 optimizer's; else its own
+    leftovers = getattr(offload, "release_backward_leftovers", None)
+    if leftovers is not None:  # the sub-modules whose post-backward hook never ran
+        leftovers()
+    engine.empty_partition_cache()  # every parameter back to its partition
+    coordinator = offload.get_param_coordinator()
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    while isinstance(model, ForwardWith):
+        model = model.model
+    return model
 
 
 def root_fsdp_modules(model: nn.Module) -> list[Any]:

@@ -234,7 +234,7 @@ def cpu_deepspeed_strategy() -> type:
     import argparse
 
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-    from lightning.pytorch.utilities.seed import reset_seed
+    from lightning.fabric.utilities.seed import reset_seed
 
     class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         def setup_environment(self) -> None:
