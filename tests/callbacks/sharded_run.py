@@ -170,8 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:  # a refusal before training
         report["refused"] = str(error)
     weights = {} if "refused" in report else whole_weights(trainer, args.strategy)
+    local = 0  # the parameter elements this rank holds: fewer than the model's when the parameters are sharded
+    for parameter in trainer.lightning_module.parameters():
+        if hasattr(parameter, "ds_tensor"):  # ZeRO-3: this rank's partition
+            local += parameter.ds_tensor.numel()
+        else:  # FSDP2: a DTensor's local shard; FSDP1 (use_orig_params): a view of this rank's part of the flat shard
+            local += (parameter.to_local() if hasattr(parameter, "to_local") else parameter).numel()
     report.update(
         global_rank=trainer.global_rank,
+        local_numel=local,
         weights=weights,
         scalars=recorder.scalars,
         runs={key: cb._runs for key, cb in callbacks.items()},
@@ -232,8 +239,13 @@ def cpu_deepspeed_strategy() -> type:
     """``DeepSpeedStrategy`` on a CPU: without its CUDA-only check of the accelerator and of device indices, and with
     the process's rank as the device rank ``deepspeed.initialize`` asks for (a CPU device has no index)."""
     import argparse
+    import importlib
 
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    # DeepSpeed's CPU inference all-reduce kernel, compiled at start-up when a C++ toolchain is found (a minute):
+    # training does not use it (the module, not ``deepspeed.comm.torch``: that name is PyTorch there)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     from lightning.fabric.utilities.seed import reset_seed
 
     class CPUDeepSpeedStrategy(DeepSpeedStrategy):
