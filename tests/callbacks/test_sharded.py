@@ -321,8 +321,71 @@ def test_wrapper_segments_leave_plain_names_that_find_the_innermost_layer():
     assert real == "_fsdp_wrapped_module.1._fsdp_wrapped_module._checkpoint_wrapped_module"
     assert isinstance(net.get_submodule(real), nn.Linear)  # the layer itself, not a wrapper
     assert module_name(net, "0") == "_fsdp_wrapped_module.0"
+    # a unit that takes its layer's name (FSDP1's auto-wrapping: ``net.0`` is the unit): the layer inside it
+    units = nn.Sequential(Wrapper(checkpoint_wrapper(nn.Linear(2, 2))), nn.ReLU())
+    assert module_name(units, "0") == "0._fsdp_wrapped_module._checkpoint_wrapped_module"
+    assert isinstance(units.get_submodule(module_name(units, "0")), nn.Linear)
+    assert module_name(units, "1") == "1"
 
 
 def test_linear_probe_and_similarity_are_lockstep_callbacks():
     for kind in (SaliencyCallback, GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback):
         assert kind.sharded_support, kind
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A one-process gloo group, for FSDP1 wrappers in this process (destroyed after the test)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp1_wrapped(model: nn.Module) -> nn.Module:
+    """``model`` under an FSDP1 root, its convolutions in units of their own (the linear layer stays with the root)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    policy = ModuleWrapPolicy({nn.Conv2d})
+    return FullyShardedDataParallel(model, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+
+
+def test_fsdp1_calls_go_through_the_root_wrapper_also_for_a_forward_fn(one_process_group):
+    from lightning_interp.callbacks._sharding import ThroughRoot
+
+    model = tiny_classifier()
+    inputs = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(inputs)
+    view = ThroughRoot(model, fsdp1_wrapped(model))  # a fresh root: its first call sets up every unit
+    with torch.no_grad():
+        assert torch.allclose(view(inputs), expected)
+        # a forward_fn calling a sub-module directly runs inside the root's forward (the root's own parameters, the
+        # linear layer's, are gathered there)
+        doubled = view.redirect(lambda module, x: module.net(x) * 2)
+        assert torch.allclose(doubled(view, inputs), 2 * expected)
+    assert "forward" not in vars(model)  # the model's own forward is back
+
+    def fails(module, x):
+        raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        view.redirect(fails)(view, inputs)
+    assert "forward" not in vars(model)
+    # the names are the model's own: the layers themselves, inside their units
+    assert isinstance(view.get_submodule(module_name(view, "net.0")), nn.Conv2d)
+    assert module_name(view, "net.0") == "net.0._fsdp_wrapped_module"
+
+    # what the view avoids: calling the model itself first makes an inner unit a root, and the real root then fails
+    other = tiny_classifier()
+    root = fsdp1_wrapped(other)
+    with torch.no_grad():
+        other(inputs)
+        with pytest.raises(AssertionError, match="_is_root"):
+            root(inputs)
