@@ -10,15 +10,12 @@ the four core callbacks; launched by ``test_sharded.py``. Lightning re-launches 
   CUDA-only environment checks; stage 3 with ``stage3_param_persistence_threshold=0`` (otherwise a model this small
   is not partitioned at all).
 
-Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [--no-callbacks] [--fail-rank R] [--tp2]
-[--flat-accumulate]``
+Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [--no-callbacks] [--fail-rank R] [--tp2]``
 
 - ``--no-callbacks``: the reference run (training alone).
 - ``--fail-rank R``: the saliency pass raises inside its backward on rank R (-1: every rank) at the first validation
   epoch; a wrapper catches what the callback re-raises, so training goes on and its weights can be compared.
 - ``--tp2``: ``tensor_parallel_size=2``, which the callbacks refuse before training.
-- ``--flat-accumulate``: FSDP1 with ``use_orig_params=False`` and ``accumulate_grad_batches=2``, which the callbacks
-  refuse before training.
 
 Every rank writes ``OUT_DIR/rank<global rank>.pt``: the final weights (whole tensors), the interp scalars after each
 validation epoch, the run counts, the probe inputs, and the errors the callbacks raised.
@@ -47,7 +44,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-callbacks", action="store_true")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--tp2", action="store_true")
-    parser.add_argument("--flat-accumulate", action="store_true")
     args = parser.parse_args(argv)
 
     import lightning.pytorch as pl
@@ -131,7 +127,6 @@ def main(argv: list[str] | None = None) -> None:
         callbacks = {}
     recorder = Recorder()
     timeout = timedelta(seconds=PG_TIMEOUT_S)
-    accumulate = 1
     if args.strategy == "ddp":
         strategy = DDPStrategy(timeout=timeout)
         model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
@@ -143,9 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.strategy == "fsdp1":
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        kwargs = {"use_orig_params": False} if args.flat_accumulate else {}
-        accumulate = 2 if args.flat_accumulate else 1
-        strategy = cpu_fsdp_strategy()(auto_wrap_policy=ModuleWrapPolicy({torch.nn.Conv2d}), timeout=timeout, **kwargs)
+        strategy = cpu_fsdp_strategy()(auto_wrap_policy=ModuleWrapPolicy({torch.nn.Conv2d}), timeout=timeout)
         model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
     else:
         strategy = cpu_deepspeed_strategy()(stage=int(args.strategy[-1]), timeout=timeout)
@@ -156,7 +149,6 @@ def main(argv: list[str] | None = None) -> None:
         devices=2,
         strategy=strategy,
         max_epochs=MAX_EPOCHS,
-        accumulate_grad_batches=accumulate,
         callbacks=[*callbacks.values(), recorder],
         logger=False,
         enable_checkpointing=False,

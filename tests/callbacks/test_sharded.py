@@ -262,9 +262,10 @@ def test_a_subclass_of_lightnings_strategies_takes_their_path():
         check_strategy(CalibrationCallback(), fake_trainer(MyFSDP()), supported=False)
 
 
-def test_fsdp1_flat_parameters_with_gradient_accumulation_are_refused_at_setup():
+def test_fsdp1_flat_parameters_with_gradient_accumulation_are_refused_at_setup(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy as LightningFSDP
 
+    assert quiet_trainer(tmp_path, accumulate_grad_batches=4).accumulate_grad_batches == 4  # what the check reads
     flat = LightningFSDP(use_orig_params=False)  # Lightning's own strategy object: its kwargs hold the setting
     with pytest.raises(
         ValueError, match=r"use_orig_params=False\) with accumulate_grad_batches=4.*use_orig_params=True"
