@@ -116,6 +116,7 @@ def check_strategy(callback: Callback, trainer: pl.Trainer, *, supported: bool) 
                 "FSDPStrategy, or strategy='ddp', while you watch explanations."
             )
     if kind == "fsdp1":
+        _refuse_fsdp1_no_shard(owner, trainer)
         _refuse_fsdp1_flat_accumulation(owner, trainer)
     if not supported and is_sharded(trainer):
         what = f"{name} (DeepSpeed ZeRO stage {deepspeed_stage(trainer)})" if kind == "deepspeed" else name
@@ -124,6 +125,23 @@ def check_strategy(callback: Callback, trainer: pl.Trainer, *, supported: bool) 
             f"and this callback runs its passes on rank zero only. The callbacks that do: {lockstep_callbacks()}. Use "
             "strategy='ddp' or DeepSpeed ZeRO stage 2 (whole parameters on every rank), or a single device, for this "
             "one, or remove it from sharded runs."
+        )
+
+
+def _refuse_fsdp1_no_shard(owner: str, trainer: pl.Trainer) -> None:
+    """Refuse FSDP1 without sharding (``NO_SHARD``, which FSDP1 also takes on a single device): after a backward pass
+    that computes no parameter gradient (the callbacks' ``autograd.grad`` with respect to inputs) it leaves the
+    model's original parameters as plain tensors, and the model's ``state_dict()`` (its checkpoints) then misses
+    them."""
+    sharding = getattr(trainer.strategy, "sharding_strategy", None)
+    no_shard = getattr(sharding, "name", sharding) == "NO_SHARD"
+    if no_shard or trainer.world_size == 1:
+        why = "sharding_strategy='NO_SHARD'" if no_shard else "a single device (where FSDP1 does not shard)"
+        raise ValueError(
+            f"{owner} does not support FSDPStrategy with {why}: FSDP1 then leaves the model's parameters "
+            "unregistered after the callbacks' backward pass, and the model's state_dict() (its checkpoints) would "
+            "miss them. Use strategy='ddp' (what NO_SHARD amounts to) or a single-device strategy, or shard the "
+            "parameters (FULL_SHARD, SHARD_GRAD_OP or HYBRID_SHARD) on several devices."
         )
 
 

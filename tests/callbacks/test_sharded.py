@@ -279,6 +279,20 @@ def test_fsdp1_flat_parameters_with_gradient_accumulation_are_refused_at_setup(t
         check_strategy(SaliencyCallback(), fake_trainer(FSDPStrategy(use_orig_params=False), 2), supported=True)
 
 
+def test_fsdp1_without_sharding_is_refused_at_setup():
+    from lightning.pytorch.strategies import FSDPStrategy as LightningFSDP
+
+    with pytest.raises(ValueError, match=r"sharding_strategy='NO_SHARD'.*state_dict.*strategy='ddp'"):
+        SaliencyCallback().setup(fake_trainer(LightningFSDP(sharding_strategy="NO_SHARD")), tiny_classifier(), "fit")
+    single = types.SimpleNamespace(strategy=LightningFSDP(), world_size=1, accumulate_grad_batches=1)
+    with pytest.raises(ValueError, match=r"a single device.*strategy='ddp'"):
+        check_strategy(SaliencyCallback(), single, supported=True)
+    policy = {nn.Conv2d}  # Lightning asks hybrid sharding for a wrapping policy
+    for sharding in ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"):
+        strategy = LightningFSDP(sharding_strategy=sharding, auto_wrap_policy=policy)
+        check_strategy(SaliencyCallback(), fake_trainer(strategy), supported=True)
+
+
 def test_lightnings_deepspeed_strategy_is_read_at_its_zero_stage():
     pytest.importorskip("deepspeed")
     from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeed
