@@ -30,8 +30,10 @@ from lightning_interp._logging import (
 from lightning_interp.callbacks._checks import check_arguments, refuse_moved_arguments
 from lightning_interp.callbacks._context import active_context, end_run, join_run
 from lightning_interp.callbacks._sharding import (
+    ThroughRoot,
     broadcast_from_zero,
     check_strategy,
+    fsdp1_root,
     is_lockstep,
     refuse_checkpoint_fragile,
     refuse_weight_reading,
@@ -150,6 +152,7 @@ class InterpCallback(Callback):
             )
         self.forward_fn = forward_fn
         self._wrapper: ForwardWith | None = None
+        self._root: ThroughRoot | None = None  # under FSDPStrategy: the model called through the FSDP1 root wrapper
         self._call: ModelCall | None = None  # how the model takes the probe's other inputs (dict batches)
         self._model_pad_id: int | None = None  # the model's own padding id (a HuggingFace config's)
         self._views: dict[int, tuple[ProbeSet, BoundInputs]] = {}
@@ -363,7 +366,8 @@ class InterpCallback(Callback):
         if not lockstep:
             return host_scalars(self._run(trainer, self._explained(pl_module)))  # one transfer per device
         work = lambda: host_scalars(self._run(trainer, self._explained(pl_module)))  # noqa: E731
-        return run_in_lockstep(pl_module, work, f"{type(self).__name__}'s work at this validation epoch")
+        what = f"{type(self).__name__}'s work at this validation epoch"
+        return run_in_lockstep(pl_module, work, what, trainer=trainer)
 
     def _in_window(self, trainer: pl.Trainer) -> bool:
         """Whether this callback's work runs in the unsharded window: the strategy shards the parameters, and the
@@ -476,6 +480,10 @@ class InterpCallback(Callback):
         if rows is None and isinstance(pl_module, ForwardWith):
             return pl_module  # type: ignore[return-value]
         model = unwrapped(pl_module)
+        forward_fn = self.forward_fn
+        if self._root is not None and self._root.model is model:  # FSDP1: every call goes through the root wrapper
+            model = self._root
+            forward_fn = None if forward_fn is None else self._root.redirect(forward_fn)
         rows = self.probe if rows is None else rows
         call = self._call
         if rows is not None and call is not None and (call.keys or call.next_token):
@@ -490,16 +498,16 @@ class InterpCallback(Callback):
                 )
             extras = {key: rows.extras[key].to(_device_of(model)) for key in call.keys}
             view = BoundInputs(
-                model, extras, input_key=call.input_key, forward_fn=self.forward_fn, next_token=call.next_token
+                model, extras, input_key=call.input_key, forward_fn=forward_fn, next_token=call.next_token
             )
             self._views = {id(rows): (rows, view)}  # the last rows' view: the probe's, reused every epoch
             return view  # type: ignore[return-value]
         if call is not None and call.input_key is not None:
             return BoundInputs(model, {}, input_key=call.input_key)  # type: ignore[return-value]
-        if self.forward_fn is None:
+        if forward_fn is None:
             return model  # type: ignore[return-value]
         if self._wrapper is None or self._wrapper.model is not model:
-            self._wrapper = ForwardWith(model, self.forward_fn)
+            self._wrapper = ForwardWith(model, forward_fn)
         return self._wrapper  # type: ignore[return-value]
 
     def _model_call(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> ModelCall | None:
@@ -551,6 +559,8 @@ class InterpCallback(Callback):
 
     def _get_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Check the model, prepare, and try the computation on two samples: every mistake surfaces now."""
+        root = fsdp1_root(trainer, unwrapped(pl_module))
+        self._root = None if root is None else ThroughRoot(unwrapped(pl_module), root)
         self._call = self._model_call(trainer, pl_module, probe)
         self._views = {}
         self._model_pad_id = model_pad_id(pl_module)
@@ -715,7 +725,7 @@ class InterpCallback(Callback):
         model = first_rows(model, example.shape[0])
         extras = (tuple(model.extras), model.next_token) if isinstance(model, BoundInputs) else ()
         key = (
-            id(model.model if isinstance(model, BoundInputs) else unwrapped(model)),  # a long-lived object: the
+            id(unwrapped(model)),  # the model itself (not a view, nor FSDP1's root view): a long-lived object: the
             # views are made afresh, and an id reused on one rank only would change how many forwards run there
             id(self.forward_fn),
             extras,
@@ -948,8 +958,11 @@ def _check_finite_inputs(callback: Callback, probe: ProbeSet) -> None:
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The model itself, also when seen through ``forward_fn`` (:class:`ForwardWith`)."""
-    return model.model if isinstance(model, ForwardWith) else model
+    """The model itself, also when seen through ``forward_fn`` (:class:`ForwardWith`), bound to other inputs, or
+    through FSDP1's root wrapper (:class:`ThroughRoot`)."""
+    while isinstance(model, ForwardWith):
+        model = model.model
+    return model
 
 
 def first_rows(model: nn.Module, count: int) -> nn.Module:

@@ -1,8 +1,14 @@
-"""Train the tiny CNN on 2 CPU processes under DDP or FSDP2, with or without the four core callbacks; launched by
-``test_sharded.py``.
+"""Train the tiny CNN on 2 CPU processes under DDP, FSDP2, FSDP1 or DeepSpeed (ZeRO stage 2 or 3), with or without
+the four core callbacks; launched by ``test_sharded.py``. Lightning re-launches this script for rank 1.
 
-FSDP2 is ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with ``fully_shard`` applied in
-``configure_model()``; it runs on the CPU as is. Lightning re-launches this script for rank 1, as under DDP.
+- ``fsdp2``: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with ``fully_shard`` applied in
+  ``configure_model()``; it runs on the CPU as is.
+- ``fsdp1``: ``FSDPStrategy`` with the convolutions wrapped as FSDP units of their own (the linear layer's parameters
+  stay with the root). Lightning refuses FSDP on a CPU and FSDP1 needs a device: a subclass (test scaffolding; the
+  library recognises it as the ``FSDPStrategy`` it is) wraps with ``device_id=torch.device("cpu")``.
+- ``deepspeed2`` / ``deepspeed3``: ``DeepSpeedStrategy`` at ZeRO stage 2 / 3, through a subclass that skips its
+  CUDA-only environment checks; stage 3 with ``stage3_param_persistence_threshold=0`` (otherwise a model this small
+  is not partitioned at all).
 
 Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [--no-callbacks] [--fail-rank R] [--tp2]``
 
@@ -33,7 +39,7 @@ PG_TIMEOUT_S = 90  # a collective that waits longer fails the run instead of sta
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("strategy", choices=("ddp", "fsdp2"))
+    parser.add_argument("strategy", choices=("ddp", "fsdp2", "fsdp1", "deepspeed2", "deepspeed3"))
     parser.add_argument("out_dir")
     parser.add_argument("--no-callbacks", action="store_true")
     parser.add_argument("--fail-rank", type=int, default=None)
@@ -81,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
                 def explode(module, grad_input, grad_output):
                     raise InjectedError(f"injected failure on rank {trainer.global_rank}")
 
-                handle = pl_module.net[0].register_full_backward_hook(explode)
+                layer = pl_module.net[0]
+                layer = getattr(layer, "_fsdp_wrapped_module", layer)  # the convolution, not its FSDP1 unit
+                handle = layer.register_full_backward_hook(explode)
             try:
                 return super()._run(trainer, pl_module)
             finally:
@@ -122,11 +130,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.strategy == "ddp":
         strategy = DDPStrategy(timeout=timeout)
         model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
-    else:
+    elif args.strategy == "fsdp2":
         strategy = ModelParallelStrategy(
             data_parallel_size=1 if args.tp2 else 2, tensor_parallel_size=2 if args.tp2 else 1, timeout=timeout
         )
         model = ShardedClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
+    elif args.strategy == "fsdp1":
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        strategy = cpu_fsdp_strategy()(auto_wrap_policy=ModuleWrapPolicy({torch.nn.Conv2d}), timeout=timeout)
+        model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
+    else:
+        strategy = cpu_deepspeed_strategy()(stage=int(args.strategy[-1]), timeout=timeout)
+        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -144,13 +161,16 @@ def main(argv: list[str] | None = None) -> None:
         trainer.fit(model, datamodule=tiny_datamodule())
     except ValueError as error:  # a refusal before training
         report["refused"] = str(error)
-    weights = {}
-    if "refused" not in report:
-        for name, tensor in trainer.lightning_module.state_dict().items():
-            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # every rank gathers
-            weights[name] = full.detach().cpu().clone()
+    weights = {} if "refused" in report else whole_weights(trainer, args.strategy)
+    local = 0  # the parameter elements this rank holds: fewer than the model's when the parameters are sharded
+    for parameter in trainer.lightning_module.parameters():
+        if hasattr(parameter, "ds_tensor"):  # ZeRO-3: this rank's partition
+            local += parameter.ds_tensor.numel()
+        else:  # FSDP2: a DTensor's local shard; FSDP1 (use_orig_params): a view of this rank's part of the flat shard
+            local += (parameter.to_local() if hasattr(parameter, "to_local") else parameter).numel()
     report.update(
         global_rank=trainer.global_rank,
+        local_numel=local,
         weights=weights,
         scalars=recorder.scalars,
         runs={key: cb._runs for key, cb in callbacks.items()},
@@ -159,6 +179,91 @@ def main(argv: list[str] | None = None) -> None:
     )
     os.makedirs(args.out_dir, exist_ok=True)
     torch.save(report, os.path.join(args.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+def whole_weights(trainer, strategy: str) -> dict:
+    """The trained weights as whole tensors under their plain names (every rank joins the gathers)."""
+
+    module = trainer.lightning_module
+    if strategy == "fsdp1":
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        whole = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+        with FSDP.state_dict_type(trainer.strategy.model, StateDictType.FULL_STATE_DICT, whole):
+            state = trainer.strategy.model.state_dict()
+    elif strategy == "deepspeed3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            state = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    else:
+        state = module.state_dict()
+    weights = {}
+    for name, tensor in state.items():
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP2: every rank gathers
+        weights[name] = full.detach().cpu().clone()
+    return weights
+
+
+def cpu_fsdp_strategy() -> type:
+    """``FSDPStrategy`` on a CPU: Lightning refuses a CPU accelerator for the class itself (not a subclass), and
+    passes ``device_id=None``, which FSDP1 refuses; this one wraps with ``device_id=torch.device("cpu")``."""
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+            return FullyShardedDataParallel(
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
+            )
+
+    return CPUFSDPStrategy
+
+
+def cpu_deepspeed_strategy() -> type:
+    """``DeepSpeedStrategy`` on a CPU: without its CUDA-only check of the accelerator and of device indices, and with
+    the process's rank as the device rank ``deepspeed.initialize`` asks for (a CPU device has no index)."""
+    import argparse
+    import importlib
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    # DeepSpeed's CPU inference all-reduce kernel, compiled at start-up when a C++ toolchain is found (a minute):
+    # training does not use it (the module, not ``deepspeed.comm.torch``: that name is PyTorch there)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    from lightning.fabric.utilities.seed import reset_seed
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        def setup_environment(self) -> None:
+            DDPStrategy.setup_environment(self)
+
+        def setup_distributed(self) -> None:
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+            import deepspeed
+
+            engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank),
+                config=self.config,
+                model=model,
+                model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                dist_init_required=False,
+            )
+            return engine, deepspeed_optimizer
+
+    return CPUDeepSpeedStrategy
 
 
 if __name__ == "__main__":

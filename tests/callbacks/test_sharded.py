@@ -1,6 +1,8 @@
-"""The callbacks under sharded strategies: FSDP2 (``ModelParallelStrategy(data_parallel_size=2,
-tensor_parallel_size=1)`` with ``fully_shard``) on 2 CPU processes (gloo), against DDP and against training alone;
-and the refusals, before training, of what cannot work.
+"""The callbacks under sharded strategies on 2 CPU processes (gloo), against DDP and against training alone: FSDP2
+(``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with ``fully_shard``), FSDP1
+(``FSDPStrategy``) and DeepSpeed ZeRO-3 in lockstep, DeepSpeed ZeRO-2 on rank zero alone (see ``sharded_run.py`` for
+the CPU subclasses); and the refusals, before training, of what cannot work. The DeepSpeed runs skip without
+DeepSpeed (``pip install lightning-interp[sharded]``).
 
 The multi-process runs are ``sharded_run.py`` subprocesses (Lightning re-launches the script for rank 1), each bounded
 by a timeout that kills its whole process group, and a process-group timeout inside, so a hang fails the test.
@@ -27,7 +29,12 @@ from lightning_interp import (
     RepresentationSimilarityCallback,
     SaliencyCallback,
 )
-from lightning_interp.callbacks._sharding import has_activation_checkpointing
+from lightning_interp.callbacks._sharding import (
+    check_strategy,
+    has_activation_checkpointing,
+    is_lockstep,
+    strategy_kind,
+)
 from lightning_interp.methods import module_name
 from lightning_interp.methods.model.core import plain_name
 from tests.callbacks.sharded_run import MAX_EPOCHS
@@ -74,19 +81,31 @@ def launch(root: Path, strategy: str, *extra_args: str) -> Run:
     return Run(process.returncode, output, reports)
 
 
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory) -> Run:
-    return launch(tmp_path_factory.mktemp("fsdp2"), "fsdp2")
+LOCKSTEP = ("fsdp2", "fsdp1", "deepspeed3")  # sharded parameters: every rank does the callbacks' work
+RANK_ZERO = ("deepspeed2",)  # whole parameters on every rank: rank zero works alone, as under DDP
+STRATEGIES = LOCKSTEP + RANK_ZERO
+
+
+def needs(strategy: str) -> None:
+    """Skip a DeepSpeed run where DeepSpeed is not installed (``pip install lightning-interp[sharded]``)."""
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
 
 
 @pytest.fixture(scope="module")
-def fsdp2_alone(tmp_path_factory) -> Run:
-    return launch(tmp_path_factory.mktemp("fsdp2_alone"), "fsdp2", "--no-callbacks")
+def runs(tmp_path_factory):
+    """``runs(strategy, *args)``: that run of ``sharded_run.py``, launched once per test module."""
+    done: dict[tuple[str, ...], Run] = {}
 
+    def get(strategy: str, *args: str) -> Run:
+        key = (strategy, *args)
+        if key not in done:
+            needs(strategy)
+            done[key] = launch(tmp_path_factory.mktemp("_".join(key).replace("-", "")), strategy, *args)
+        done[key].check()
+        return done[key]
 
-@pytest.fixture(scope="module")
-def ddp(tmp_path_factory) -> Run:
-    return launch(tmp_path_factory.mktemp("ddp"), "ddp")
+    return get
 
 
 def max_weight_difference(a: dict, b: dict) -> float:
@@ -94,62 +113,82 @@ def max_weight_difference(a: dict, b: dict) -> float:
     return max((a["weights"][k] - b["weights"][k]).abs().max().item() for k in a["weights"])
 
 
-@pytest.mark.slow
-def test_fsdp2_training_is_bitwise_that_of_training_alone(fsdp2, fsdp2_alone):
-    fsdp2.check()
-    fsdp2_alone.check()
+def assert_training_alone(run: Run, alone: Run) -> None:
     for rank in range(DEVICES):
-        for name, tensor in fsdp2_alone.reports[rank]["weights"].items():
-            assert torch.equal(fsdp2.reports[rank]["weights"][name], tensor), (rank, name)
+        assert run.reports[rank]["weights"].keys() == alone.reports[rank]["weights"].keys()
+        for name, tensor in alone.reports[rank]["weights"].items():
+            assert torch.equal(run.reports[rank]["weights"][name], tensor), (rank, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_training_is_bitwise_that_of_training_alone(runs, strategy):
+    run, alone = runs(strategy), runs(strategy, "--no-callbacks")
+    assert_training_alone(run, alone)
     # the check has teeth: the weights moved during training
-    assert max_weight_difference(fsdp2.reports[0], {"weights": tiny_classifier().state_dict()}) > 1e-3
+    assert max_weight_difference(run.reports[0], {"weights": tiny_classifier().state_dict()}) > 1e-3
 
 
 @pytest.mark.slow
-def test_fsdp2_every_rank_works_in_lockstep_and_gets_rank_zeros_scalars(fsdp2):
-    fsdp2.check()
-    for rank in range(DEVICES):
-        assert fsdp2.reports[rank]["runs"] == dict.fromkeys(CALLBACK_KEYS, MAX_EPOCHS), rank
-    zero, one = (fsdp2.reports[rank]["scalars"] for rank in range(DEVICES))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_parameters_are_sharded_or_whole_as_the_strategy_says(runs, strategy):
+    run = runs(strategy)
+    whole = sum(tensor.numel() for tensor in run.reports[0]["weights"].values())
+    held = [run.reports[rank]["local_numel"] for rank in range(DEVICES)]
+    if strategy in LOCKSTEP:  # what makes lockstep necessary: no rank holds the whole model between passes
+        assert all(count < whole for count in held), (held, whole)
+        assert sum(held) >= whole
+    else:
+        assert held == [whole] * DEVICES
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_work_runs_where_the_strategy_needs_it_and_every_rank_gets_rank_zeros_scalars(runs, strategy):
+    run = runs(strategy)
+    expected = dict.fromkeys(CALLBACK_KEYS, MAX_EPOCHS)
+    assert run.reports[0]["runs"] == expected
+    assert run.reports[1]["runs"] == (expected if strategy in LOCKSTEP else dict.fromkeys(CALLBACK_KEYS, 0))
+    zero, one = (run.reports[rank]["scalars"] for rank in range(DEVICES))
     assert len(zero) == MAX_EPOCHS
     assert zero == one  # bit for bit: broadcast from rank zero
     names = set(zero[-1])
-    for key in ("interp_probe/net.10/accuracy", "interp_gradcam/net.7/localization"):
-        assert key in names, sorted(names)  # plain layer names, no wrapper prefix
+    for key in ("interp_probe/net.10/accuracy", "interp_gradcam/net.7/localization", "interp_probe/net.0/accuracy"):
+        assert key in names, sorted(names)  # plain layer names, no wrapper prefix (FSDP1 wraps net.0 in a unit)
     assert any(name.startswith("interp_saliency/") for name in names)
     assert any(name.startswith("interp_similarity/") for name in names)
     for key in CALLBACK_KEYS:  # one probe set, rank zero's, everywhere
-        assert torch.equal(fsdp2.reports[0]["probes"][key], fsdp2.reports[1]["probes"][key]), key
+        assert torch.equal(run.reports[0]["probes"][key], run.reports[1]["probes"][key]), key
 
 
 @pytest.mark.slow
-def test_fsdp2_scalars_match_the_ddp_runs(fsdp2, ddp):
-    fsdp2.check()
-    ddp.check()
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_scalars_match_the_ddp_runs(runs, strategy):
+    run, ddp = runs(strategy), runs("ddp")
     assert ddp.reports[1]["runs"] == dict.fromkeys(CALLBACK_KEYS, 0)  # DDP: rank zero alone works
     for key in CALLBACK_KEYS:
-        assert torch.equal(fsdp2.reports[0]["probes"][key], ddp.reports[0]["probes"][key]), key
-    # The trained weights differ by reduction order alone (measured 6e-8: FSDP2 reduce-scatters, DDP all-reduces)
-    assert max_weight_difference(fsdp2.reports[0], ddp.reports[0]) < 1e-6
-    for sharded, plain in zip(fsdp2.reports[0]["scalars"], ddp.reports[0]["scalars"], strict=True):
+        assert torch.equal(run.reports[0]["probes"][key], ddp.reports[0]["probes"][key]), key
+    # The trained weights differ by reduction order at most (measured: FSDP2 and FSDP1 6e-8, ZeRO 2 and 3 none)
+    assert max_weight_difference(run.reports[0], ddp.reports[0]) < 1e-6
+    for sharded, plain in zip(run.reports[0]["scalars"], ddp.reports[0]["scalars"], strict=True):
         assert sharded.keys() == plain.keys()
         for name, value in plain.items():
             assert sharded[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
 
 
 @pytest.mark.slow
-def test_fsdp2_a_failure_on_one_rank_is_raised_on_both_and_leaves_training_as_it_was(tmp_path, fsdp2_alone):
-    run = launch(tmp_path, "fsdp2", "--fail-rank", "1")  # the backward of the first saliency pass raises on rank 1
-    run.check()
+@pytest.mark.parametrize("strategy", LOCKSTEP)
+def test_a_failure_on_one_rank_is_raised_on_both_and_leaves_training_as_it_was(runs, strategy):
+    run = runs(strategy, "--fail-rank", "1")  # the backward of the first saliency pass raises on rank 1
     assert run.reports[1]["errors"] == ["InjectedError: injected failure on rank 1"]
     assert run.reports[0]["errors"] == [
         "PeerFailure: the callbacks' work failed on another rank (its error is raised there)"
     ]
-    fsdp2_alone.check()
-    for rank in range(DEVICES):  # the run went on after the caught failure: its training is training alone's
-        for name, tensor in fsdp2_alone.reports[rank]["weights"].items():
-            assert torch.equal(run.reports[rank]["weights"][name], tensor), (rank, name)
-    assert run.reports[0]["runs"]["saliency"] == MAX_EPOCHS - 1
+    # the run went on after the caught failure (the other callbacks, the next epoch): its training is training alone's
+    assert_training_alone(run, runs(strategy, "--no-callbacks"))
+    for rank in range(DEVICES):
+        assert run.reports[rank]["runs"] == {**dict.fromkeys(CALLBACK_KEYS, MAX_EPOCHS), "saliency": MAX_EPOCHS - 1}
+    assert run.reports[0]["scalars"] == run.reports[1]["scalars"]
 
 
 # ---------------------------------------------------------------------------------------------- refusals, in process
@@ -160,8 +199,20 @@ class ModelParallelStrategy:  # named as Lightning's: the checks read the strate
         self._tensor_parallel_size = tensor_parallel_size
 
 
-def fake_trainer(strategy: object) -> types.SimpleNamespace:
-    return types.SimpleNamespace(strategy=strategy, world_size=2, limit_val_batches=1.0)
+def fake_trainer(strategy: object, accumulate_grad_batches: int = 1) -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        strategy=strategy, world_size=2, limit_val_batches=1.0, accumulate_grad_batches=accumulate_grad_batches
+    )
+
+
+class FSDPStrategy:  # named as Lightning's FSDP1 strategy, with its keyword arguments for FSDP
+    def __init__(self, **kwargs: object) -> None:
+        self.kwargs = {"use_orig_params": True, **kwargs}  # Lightning's default: use_orig_params=True
+
+
+class DeepSpeedStrategy:  # named as Lightning's, with its config
+    def __init__(self, stage: int) -> None:
+        self.config = {"zero_optimization": {"stage": stage}}
 
 
 def test_tensor_parallelism_is_refused_at_setup():
@@ -173,8 +224,86 @@ def test_a_callback_without_lockstep_refuses_sharded_strategies_and_says_what_to
     class RankZeroOnly(CalibrationCallback):  # every shipped callback runs in lockstep: a subclass that does not
         sharded_support = False
 
-    with pytest.raises(ValueError, match=r"RankZeroOnly does not support ModelParallelStrategy:.*strategy='ddp'"):
+    refusal = r"RankZeroOnly does not support ModelParallelStrategy:.*sharded_support = False.*strategy='ddp'"
+    with pytest.raises(ValueError, match=refusal):
         RankZeroOnly().setup(fake_trainer(ModelParallelStrategy(1)), tiny_classifier(), "fit")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "lockstep"),
+    [
+        (ModelParallelStrategy(1), True),
+        (FSDPStrategy(), True),
+        (DeepSpeedStrategy(3), True),
+        (DeepSpeedStrategy(2), False),
+        (DeepSpeedStrategy(1), False),
+    ],
+    ids=["fsdp2", "fsdp1", "zero3", "zero2", "zero1"],
+)
+def test_sharded_parameters_mean_lockstep_and_refusal_of_the_others(strategy, lockstep):
+    assert is_lockstep(fake_trainer(strategy)) is lockstep
+    for supported in (True, False):
+        if lockstep and not supported:
+            with pytest.raises(ValueError, match=rf"does not support {type(strategy).__name__}.*yet.*strategy='ddp'"):
+                check_strategy(CalibrationCallback(), fake_trainer(strategy), supported=False)
+        else:  # whole parameters on every rank (rank zero works alone), or a lockstep callback
+            check_strategy(CalibrationCallback(), fake_trainer(strategy), supported=supported)
+    single = types.SimpleNamespace(strategy=strategy, world_size=1)
+    assert not is_lockstep(single)  # one process: nothing to keep in step
+
+
+def test_a_subclass_of_lightnings_strategies_takes_their_path():
+    from lightning.pytorch.strategies import FSDPStrategy as LightningFSDP
+
+    class MyFSDP(LightningFSDP):  # a user's subclass, whatever its name
+        pass
+
+    assert strategy_kind(fake_trainer(MyFSDP())) == "fsdp1"
+    assert is_lockstep(fake_trainer(MyFSDP()))
+    with pytest.raises(ValueError, match="does not support MyFSDP yet"):
+        check_strategy(CalibrationCallback(), fake_trainer(MyFSDP()), supported=False)
+
+
+def test_fsdp1_flat_parameters_with_gradient_accumulation_are_refused_at_setup(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy as LightningFSDP
+
+    assert quiet_trainer(tmp_path, accumulate_grad_batches=4).accumulate_grad_batches == 4  # what the check reads
+    flat = LightningFSDP(use_orig_params=False)  # Lightning's own strategy object: its kwargs hold the setting
+    with pytest.raises(
+        ValueError, match=r"use_orig_params=False\) with accumulate_grad_batches=4.*use_orig_params=True"
+    ):
+        SaliencyCallback().setup(fake_trainer(flat, accumulate_grad_batches=4), tiny_classifier(), "fit")
+    # either alone is fine: Lightning's default use_orig_params=True, or no accumulation
+    check_strategy(SaliencyCallback(), fake_trainer(LightningFSDP(), accumulate_grad_batches=4), supported=True)
+    check_strategy(SaliencyCallback(), fake_trainer(flat, accumulate_grad_batches=1), supported=True)
+    check_strategy(SaliencyCallback(), fake_trainer(FSDPStrategy(), accumulate_grad_batches=4), supported=True)
+    with pytest.raises(ValueError, match="use_orig_params=False"):
+        check_strategy(SaliencyCallback(), fake_trainer(FSDPStrategy(use_orig_params=False), 2), supported=True)
+
+
+def test_fsdp1_without_sharding_is_refused_at_setup():
+    from lightning.pytorch.strategies import FSDPStrategy as LightningFSDP
+
+    with pytest.raises(ValueError, match=r"sharding_strategy='NO_SHARD'.*state_dict.*strategy='ddp'"):
+        SaliencyCallback().setup(fake_trainer(LightningFSDP(sharding_strategy="NO_SHARD")), tiny_classifier(), "fit")
+    single = types.SimpleNamespace(strategy=LightningFSDP(), world_size=1, accumulate_grad_batches=1)
+    with pytest.raises(ValueError, match=r"a single device.*strategy='ddp'"):
+        check_strategy(SaliencyCallback(), single, supported=True)
+    policy = {nn.Conv2d}  # Lightning asks hybrid sharding for a wrapping policy
+    for sharding in ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"):
+        strategy = LightningFSDP(sharding_strategy=sharding, auto_wrap_policy=policy)
+        check_strategy(SaliencyCallback(), fake_trainer(strategy), supported=True)
+
+
+def test_lightnings_deepspeed_strategy_is_read_at_its_zero_stage():
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeed
+
+    for stage, lockstep in ((1, False), (2, False), (3, True)):
+        trainer = fake_trainer(LightningDeepSpeed(stage=stage))
+        assert is_lockstep(trainer) is lockstep, stage
+    with pytest.raises(ValueError, match=r"DeepSpeed ZeRO stage 3.*DeepSpeed ZeRO stage 2"):
+        CalibrationCallback().setup(fake_trainer(LightningDeepSpeed(stage=3)), tiny_classifier(), "fit")
 
 
 def test_weight_reading_cam_is_refused_under_sharded_strategies():
@@ -209,8 +338,71 @@ def test_wrapper_segments_leave_plain_names_that_find_the_innermost_layer():
     assert real == "_fsdp_wrapped_module.1._fsdp_wrapped_module._checkpoint_wrapped_module"
     assert isinstance(net.get_submodule(real), nn.Linear)  # the layer itself, not a wrapper
     assert module_name(net, "0") == "_fsdp_wrapped_module.0"
+    # a unit that takes its layer's name (FSDP1's auto-wrapping: ``net.0`` is the unit): the layer inside it
+    units = nn.Sequential(Wrapper(checkpoint_wrapper(nn.Linear(2, 2))), nn.ReLU())
+    assert module_name(units, "0") == "0._fsdp_wrapped_module._checkpoint_wrapped_module"
+    assert isinstance(units.get_submodule(module_name(units, "0")), nn.Linear)
+    assert module_name(units, "1") == "1"
 
 
 def test_linear_probe_and_similarity_are_lockstep_callbacks():
     for kind in (SaliencyCallback, GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback):
         assert kind.sharded_support, kind
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A one-process gloo group, for FSDP1 wrappers in this process (destroyed after the test)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp1_wrapped(model: nn.Module) -> nn.Module:
+    """``model`` under an FSDP1 root, its convolutions in units of their own (the linear layer stays with the root)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    policy = ModuleWrapPolicy({nn.Conv2d})
+    return FullyShardedDataParallel(model, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+
+
+def test_fsdp1_calls_go_through_the_root_wrapper_also_for_a_forward_fn(one_process_group):
+    from lightning_interp.callbacks._sharding import ThroughRoot
+
+    model = tiny_classifier()
+    inputs = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(inputs)
+    view = ThroughRoot(model, fsdp1_wrapped(model))  # a fresh root: its first call sets up every unit
+    with torch.no_grad():
+        assert torch.allclose(view(inputs), expected)
+        # a forward_fn calling a sub-module directly runs inside the root's forward (the root's own parameters, the
+        # linear layer's, are gathered there)
+        doubled = view.redirect(lambda module, x: module.net(x) * 2)
+        assert torch.allclose(doubled(view, inputs), 2 * expected)
+    assert "forward" not in vars(model)  # the model's own forward is back
+
+    def fails(module, x):
+        raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        view.redirect(fails)(view, inputs)
+    assert "forward" not in vars(model)
+    # the names are the model's own: the layers themselves, inside their units
+    assert isinstance(view.get_submodule(module_name(view, "net.0")), nn.Conv2d)
+    assert module_name(view, "net.0") == "net.0._fsdp_wrapped_module"
+
+    # what the view avoids: calling the model itself first makes an inner unit a root, and the real root then fails
+    other = tiny_classifier()
+    root = fsdp1_wrapped(other)
+    with torch.no_grad():
+        other(inputs)
+        with pytest.raises(AssertionError, match="_is_root"):
+            root(inputs)

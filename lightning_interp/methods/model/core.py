@@ -177,7 +177,10 @@ def module_name(model: nn.Module, layer: str) -> str | None:
         '0._orig_mod.0'
     """
     names = [name for name, _ in model.named_modules() if name]
-    if layer in names:
+    if layer in names:  # an FSDP1 unit or a checkpoint wrapper of that name: the layer inside it
+        known = set(names)
+        while inner := next((f"{layer}.{s}" for s in LAYER_WRAPPER_SEGMENTS if f"{layer}.{s}" in known), None):
+            layer = inner
         return layer
     return {plain_name(name): name for name in names}.get(layer)
 
@@ -185,6 +188,10 @@ def module_name(model: nn.Module, layer: str) -> str | None:
 WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 """Name segments that wrappers insert: ``torch.compile``, FSDP1 (``FullyShardedDataParallel``) and
 ``checkpoint_wrapper`` (activation checkpointing)."""
+
+LAYER_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+"""The segments of wrappers that take their layer's own name: an FSDP1 unit ``net.0`` holds the layer
+``net.0._fsdp_wrapped_module`` (a compiled module's name still names the compiled module)."""
 
 
 def plain_name(name: str) -> str:
