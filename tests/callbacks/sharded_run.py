@@ -10,15 +10,18 @@ the four core callbacks; launched by ``test_sharded.py``. Lightning re-launches 
   CUDA-only environment checks; stage 3 with ``stage3_param_persistence_threshold=0`` (otherwise a model this small
   is not partitioned at all).
 
-Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [--no-callbacks] [--fail-rank R] [--tp2]``
+Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [--no-callbacks] [--fail-rank R] [--tp2] [--window]``
 
 - ``--no-callbacks``: the reference run (training alone).
 - ``--fail-rank R``: the saliency pass raises inside its backward on rank R (-1: every rank) at the first validation
   epoch; a wrapper catches what the callback re-raises, so training goes on and its weights can be compared.
 - ``--tp2``: ``tensor_parallel_size=2``, which the callbacks refuse before training.
+- ``--window``: ``UnshardedWindow()`` among the callbacks (FSDP2: rank zero explains the whole model alone at each
+  run), and Grad-CAM with ``cam`` too, which reads the classifier's weights.
 
 Every rank writes ``OUT_DIR/rank<global rank>.pt``: the final weights (whole tensors), the interp scalars after each
-validation epoch, the run counts, the probe inputs, and the errors the callbacks raised.
+validation epoch, the collectives the callbacks' epoch-end work called at each validation, the run counts, the probe
+inputs, and the errors the callbacks raised.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-callbacks", action="store_true")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--tp2", action="store_true")
+    parser.add_argument("--window", action="store_true")
     args = parser.parse_args(argv)
 
     import lightning.pytorch as pl
@@ -55,8 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         LinearProbeCallback,
         RepresentationSimilarityCallback,
         SaliencyCallback,
+        UnshardedWindow,
     )
     from lightning_interp.demo import ImageClassifier, shapes_cnn
+    from tests.callbacks.collectives import Counter
     from tests.conftest import tiny_datamodule
 
     class ShardedClassifier(ImageClassifier):
@@ -113,19 +119,48 @@ def main(argv: list[str] | None = None) -> None:
                 metrics = trainer.callback_metrics
                 self.scalars.append({k: float(v) for k, v in sorted(metrics.items()) if k.startswith("interp_")})
 
+    class Collectives(pl.Callback):
+        """The collectives called between its ``start`` (a callback before the interp callbacks) and its ``stop`` (one
+        after them) at each validation epoch's end: what the callbacks' work costs in communication."""
+
+        def __init__(self) -> None:
+            self.counter: Counter | None = None
+            self.per_validation: list[dict[str, int]] = []
+
+        def start(self, trainer) -> None:
+            if not trainer.sanity_checking:
+                self.counter = Counter().start()
+
+        def stop(self, trainer) -> None:
+            if self.counter is not None:
+                self.counter.stop()
+                self.per_validation.append(dict(self.counter.calls))
+                self.counter = None
+
+    collectives = Collectives()
+
+    class StartCounting(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            collectives.start(trainer)
+
+    class StopCounting(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            collectives.stop(trainer)
+
     pl.seed_everything(0, workers=True, verbose=False)
     saliency_type = FailingSaliency if args.fail_rank is not None else SaliencyCallback
     if args.fail_rank is not None:
         FailingSaliency.fail_rank = args.fail_rank
     callbacks = {
         "saliency": saliency_type(methods=("gradient", "smoothgrad", "integrated_gradients")),
-        "gradcam": GradCAMCallback(),
+        "gradcam": GradCAMCallback(methods=("grad_cam", "cam") if args.window else ("grad_cam",)),
         "probe": LinearProbeCallback(num_samples=32),
         "similarity": RepresentationSimilarityCallback(num_samples=32),
     }
     if args.no_callbacks:
         callbacks = {}
     recorder = Recorder()
+    window = [UnshardedWindow()] if args.window else []
     timeout = timedelta(seconds=PG_TIMEOUT_S)
     if args.strategy == "ddp":
         strategy = DDPStrategy(timeout=timeout)
@@ -149,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         devices=2,
         strategy=strategy,
         max_epochs=MAX_EPOCHS,
-        callbacks=[*callbacks.values(), recorder],
+        callbacks=[StartCounting(), *callbacks.values(), *window, StopCounting(), recorder],
         logger=False,
         enable_checkpointing=False,
         default_root_dir=args.out_dir,
@@ -173,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         local_numel=local,
         weights=weights,
         scalars=recorder.scalars,
+        collectives=collectives.per_validation,
         runs={key: cb._runs for key, cb in callbacks.items()},
         probes={key: None if cb.probe is None else cb.probe.inputs.clone() for key, cb in callbacks.items()},
         errors=list(FailingSaliency.errors),

@@ -37,6 +37,7 @@ from lightning_interp.callbacks._sharding import (
 )
 from lightning_interp.methods import module_name
 from lightning_interp.methods.model.core import plain_name
+from tests.callbacks.collectives import Counter
 from tests.callbacks.sharded_run import MAX_EPOCHS
 from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
 
@@ -189,6 +190,30 @@ def test_a_failure_on_one_rank_is_raised_on_both_and_leaves_training_as_it_was(r
     for rank in range(DEVICES):
         assert run.reports[rank]["runs"] == {**dict.fromkeys(CALLBACK_KEYS, MAX_EPOCHS), "saliency": MAX_EPOCHS - 1}
     assert run.reports[0]["scalars"] == run.reports[1]["scalars"]
+
+
+@pytest.mark.slow
+def test_the_unsharded_window_explains_on_rank_zero_alone_with_one_gather_per_group_and_run(runs):
+    window, lockstep, alone = runs("fsdp2", "--window"), runs("fsdp2"), runs("fsdp2", "--no-callbacks")
+    assert_training_alone(window, alone)
+    assert window.reports[0]["runs"] == dict.fromkeys(CALLBACK_KEYS, MAX_EPOCHS)
+    assert window.reports[1]["runs"] == dict.fromkeys(CALLBACK_KEYS, 0)  # rank one only opens the windows
+    zero, one = (window.reports[rank]["scalars"] for rank in range(DEVICES))
+    assert zero == one and len(zero) == MAX_EPOCHS
+    for in_window, in_lockstep in zip(zero, lockstep.reports[0]["scalars"], strict=True):
+        assert set(in_lockstep) < set(in_window)  # the same scalars, and CAM's, which lockstep refuses
+        assert "interp_gradcam/net.7/cam/localization" in in_window
+        for name, value in in_lockstep.items():  # the same computation on the same whole weights
+            assert in_window[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    groups = 4  # the three convolutions and the linear layer, each under fully_shard
+    for rank in range(DEVICES):
+        counts = zip(window.reports[rank]["collectives"], lockstep.reports[rank]["collectives"], strict=True)
+        assert len(window.reports[rank]["collectives"]) == MAX_EPOCHS
+        for opened, stepped in counts:
+            gathers = sum(opened.get(name, 0) for name in Counter.GATHERS)
+            assert gathers == groups * len(CALLBACK_KEYS), opened  # each callback's window gathers each group once
+            assert gathers < sum(stepped.get(name, 0) for name in Counter.GATHERS), (opened, stepped)
+            assert not any("reduce_scatter" in name for name in opened), opened  # no gradient is reduced
 
 
 # ---------------------------------------------------------------------------------------------- refusals, in process

@@ -21,12 +21,12 @@ from lightning_interp import GradCAMCallback, ProbeSet, SaliencyCallback, Unshar
 from lightning_interp.callbacks._sharding import is_lockstep
 from lightning_interp.callbacks._window import check_window_model, unsharded_window, window_support_problem
 from lightning_interp.callbacks.unsharded_window import in_window
+from tests.callbacks.collectives import Counter
 from tests.conftest import tiny_classifier
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("window_run.py")
 TIMEOUT_S = 240
-ALL_GATHERS = ("all_gather_single", "all_gather_into_tensor", "all_gather")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_opening_the_window_gathers_each_group_once_and_rank_zeros_work_makes_no
     for rank, report in reports.items():
         window = report["window"]
         assert window["parameter_groups"] == 4  # the three convolutions and the linear layer
-        gathers = sum(window["entering_calls"].get(name, 0) for name in ALL_GATHERS)
+        gathers = sum(window["entering_calls"].get(name, 0) for name in Counter.GATHERS)
         assert gathers == window["parameter_groups"], (rank, window["entering_calls"])
         assert sum(window["entering_calls"].values()) == gathers, (rank, window["entering_calls"])
         assert window["inside_calls"] == {}, (rank, window["inside_calls"])  # three maps, their backward passes

@@ -23,48 +23,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from tests.callbacks.collectives import Counter  # noqa: E402 (after the path set-up)
+
 WORLD_SIZE = 2
 PG_TIMEOUT_S = 60
-
-
-class Counter:
-    """Counts the calls of ``torch.distributed``'s collectives while it is active (FSDP2 calls them by module
-    attribute, so replacing the attributes sees every call)."""
-
-    NAMES = (
-        "all_gather_single",
-        "all_gather_into_tensor",
-        "all_gather",
-        "reduce_scatter_single",
-        "reduce_scatter_tensor",
-        "all_reduce",
-        "broadcast",
-        "barrier",
-    )
-
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = {}
-        self._saved: dict = {}
-
-    def start(self) -> Counter:
-        import torch.distributed as dist
-
-        self._saved = {name: getattr(dist, name) for name in self.NAMES if hasattr(dist, name)}
-        for name, original in self._saved.items():
-
-            def counted(*args, _name=name, _original=original, **kwargs):
-                self.calls[_name] = self.calls.get(_name, 0) + 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, counted)
-        return self
-
-    def stop(self) -> None:
-        import torch.distributed as dist
-
-        for name, original in self._saved.items():
-            setattr(dist, name, original)
-        self._saved = {}
 
 
 def work(rank: int, port: int, out_dir: str) -> None:
