@@ -4,6 +4,7 @@
     python benchmarks/run.py                 # full sizes, several minutes on 2 CPU cores
     python benchmarks/run.py --quick         # tiny sizes, a smoke run (what CI may do)
     python benchmarks/run.py --only cka      # one section (see SECTIONS below)
+    python benchmarks/run.py --only sharded  # opt-in: collectives per validation under DDP, FSDP2, FSDP1, ZeRO
     python benchmarks/run.py --device cuda   # on the GPU (the default when CUDA is available)
 
 Each section times our functions and the peers' side by side in this one
@@ -22,8 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing
 import torch
 
-SECTIONS = ("overhead", "cost", "attribution", "catalogue", "inside", "cka", "probes", "scaling")
-# scaling measures host memory: CPU only
+SECTIONS = ("overhead", "cost", "attribution", "catalogue", "inside", "cka", "probes", "scaling", "sharded")
+OPT_IN = ("sharded",)  # six 2-process training runs (minutes): only with --only sharded
+# scaling measures host memory, sharded runs gloo processes: CPU only
 GPU_SECTIONS = ("overhead", "cost", "attribution", "catalogue", "inside", "cka", "probes")
 DEVICES = ("cpu", "cuda")
 HEADER = (
@@ -76,7 +78,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
     available = GPU_SECTIONS if args.device == "cuda" else SECTIONS
-    chosen = [name for name in (args.only or SECTIONS) if name in available]
+    default = [name for name in SECTIONS if name not in OPT_IN]
+    chosen = [name for name in (args.only or default) if name in available]
     output = args.output or ("BENCHMARKS.quick.md" if args.quick else "BENCHMARKS.md")
     title = "GPU" if args.device == "cuda" else "CPU"
     parts = [

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from datetime import timedelta
 from typing import ClassVar
 
@@ -125,14 +126,18 @@ def main(argv: list[str] | None = None) -> None:
 
         def __init__(self) -> None:
             self.counter: Counter | None = None
+            self.started = 0.0
             self.per_validation: list[dict[str, int]] = []
+            self.seconds: list[float] = []  # the wall time of the callbacks' epoch-end work, per validation
 
         def start(self, trainer) -> None:
             if not trainer.sanity_checking:
                 self.counter = Counter().start()
+                self.started = time.perf_counter()
 
         def stop(self, trainer) -> None:
             if self.counter is not None:
+                self.seconds.append(time.perf_counter() - self.started)
                 self.counter.stop()
                 self.per_validation.append(dict(self.counter.calls))
                 self.counter = None
@@ -209,12 +214,16 @@ def main(argv: list[str] | None = None) -> None:
         weights=weights,
         scalars=recorder.scalars,
         collectives=collectives.per_validation,
+        work_seconds=collectives.seconds,
         runs={key: cb._runs for key, cb in callbacks.items()},
         probes={key: None if cb.probe is None else cb.probe.inputs.clone() for key, cb in callbacks.items()},
         errors=list(FailingSaliency.errors),
     )
     os.makedirs(args.out_dir, exist_ok=True)
     torch.save(report, os.path.join(args.out_dir, f"rank{trainer.global_rank}.pt"))
+    if torch.distributed.is_initialized():  # both ranks done: close the group before the interpreter exits (a gloo
+        torch.distributed.barrier()  # pair torn down mid-exit can abort with "terminate called without an active
+        torch.distributed.destroy_process_group()  # exception")
 
 
 def whole_weights(trainer, strategy: str) -> dict:
