@@ -16,6 +16,9 @@ Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [--no-callbacks]
 - ``--fail-rank R``: the saliency pass raises inside its backward on rank R (-1: every rank) at the first validation
   epoch; a wrapper catches what the callback re-raises, so training goes on and its weights can be compared.
 - ``--tp2``: ``tensor_parallel_size=2``, which the callbacks refuse before training.
+- ``--accumulate``: ``accumulate_grad_batches=2`` with a validation after every third batch: the callbacks' passes
+  come between two micro-batches of an accumulation.
+- ``--checkpointing``: the second convolution under activation checkpointing (``checkpoint_wrapper``).
 - ``--window``: ``UnshardedWindow()`` among the callbacks (FSDP2: rank zero explains the whole model alone at each
   run), and Grad-CAM with ``cam`` too, which reads the classifier's weights.
 
@@ -49,11 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--tp2", action="store_true")
     parser.add_argument("--window", action="store_true")
+    parser.add_argument("--accumulate", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args(argv)
 
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     from lightning_interp import (
         GradCAMCallback,
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         def configure_model(self) -> None:
             from torch.distributed.fsdp import fully_shard
 
+            if args.checkpointing:  # before sharding, as Lightning's activation_checkpointing_policy does
+                self.net[3] = checkpoint_wrapper(self.net[3])
             mesh = self.device_mesh["data_parallel"]
             for layer in self.net:
                 if any(True for _ in layer.parameters()):
@@ -180,11 +188,15 @@ def main(argv: list[str] | None = None) -> None:
 
         strategy = cpu_fsdp_strategy()(auto_wrap_policy=ModuleWrapPolicy({torch.nn.Conv2d}), timeout=timeout)
         model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
+        if args.checkpointing:
+            model.net[3] = checkpoint_wrapper(model.net[3])
     else:
         strategy = cpu_deepspeed_strategy()(stage=int(args.strategy[-1]), timeout=timeout)
         strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
+    schedule = {"accumulate_grad_batches": 2, "val_check_interval": 3} if args.accumulate else {}
     trainer = pl.Trainer(
+        **schedule,
         accelerator="cpu",
         devices=2,
         strategy=strategy,
@@ -214,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         weights=weights,
         scalars=recorder.scalars,
         collectives=collectives.per_validation,
+        maps={} if "saliency" not in callbacks else {k: v.clone() for k, v in callbacks["saliency"].last_maps.items()},
         work_seconds=collectives.seconds,
         runs={key: cb._runs for key, cb in callbacks.items()},
         probes={key: None if cb.probe is None else cb.probe.inputs.clone() for key, cb in callbacks.items()},

@@ -216,6 +216,39 @@ def test_the_unsharded_window_explains_on_rank_zero_alone_with_one_gather_per_gr
             assert not any("reduce_scatter" in name for name in opened), opened  # no gradient is reduced
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", LOCKSTEP)
+def test_maps_in_lockstep_are_an_unsharded_replicas(runs, strategy):
+    """The DDP run is the unsharded replica: whole parameters on every rank, the same data and probe; its weights
+    differ from the sharded runs' by reduction order alone (< 1e-6), so its maps may differ by as little."""
+    sharded, replica = runs(strategy), runs("ddp")
+    maps, reference = sharded.reports[0]["maps"], replica.reports[0]["maps"]
+    assert maps.keys() == reference.keys() and {"gradient", "smoothgrad", "integrated_gradients"} <= set(maps)
+    for name, expected in reference.items():
+        assert expected.abs().max() > 0, name
+        difference = (maps[name] - expected).abs().max() / expected.abs().max()
+        assert difference < 1e-4, (name, float(difference))
+        assert torch.equal(sharded.reports[1]["maps"][name], maps[name]), name  # every rank computed them alike
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
+def test_a_validation_between_micro_batches_leaves_accumulation_as_it_was(runs, strategy):
+    run, alone = runs(strategy, "--accumulate"), runs(strategy, "--accumulate", "--no-callbacks")
+    assert_training_alone(run, alone)
+    assert run.reports[0]["runs"]["saliency"] == MAX_EPOCHS  # one validation per epoch, after its third batch
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_under_fsdp2_leaves_training_as_it_was(runs):
+    run, alone = runs("fsdp2", "--checkpointing"), runs("fsdp2", "--checkpointing", "--no-callbacks")
+    assert_training_alone(run, alone)
+    assert run.reports[0]["runs"] == dict.fromkeys(CALLBACK_KEYS, MAX_EPOCHS)
+    plain = runs("fsdp2")  # checkpointing recomputes the forward pass: the same maps
+    for name, expected in plain.reports[0]["maps"].items():
+        torch.testing.assert_close(run.reports[0]["maps"][name], expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- refusals, in process
 
 
