@@ -1,15 +1,16 @@
-"""Train a tiny hybrid CNN-attention classifier on 2 CPU processes under DDP or FSDP2, with or without the callbacks
-that issue 29 brought to sharded strategies; launched by ``test_sharded_all_callbacks.py``.
+"""Train a tiny hybrid CNN-attention classifier on 2 CPU processes under DDP, FSDP2, FSDP1 or ZeRO-3, with or without
+the callbacks that issue 29 brought to sharded strategies; launched by ``test_sharded_all_callbacks.py``.
 
 FSDP2 is ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with ``fully_shard`` applied in
-``configure_model()``; it runs on the CPU as is. Lightning re-launches this script for rank 1, as under DDP.
+``configure_model()``; it runs on the CPU as is. FSDP1 and ZeRO-3 run through the CPU subclasses of
+``sharded_run.py``. Lightning re-launches this script for rank 1, as under DDP.
 
 One model serves every callback, so that one run covers them all (CI time): a convolutional stem (activation maps,
 feature visualisation, Grad-CAM layers, concept activations), one transformer encoder layer over the stem's 4 x 4 grid
 of positions (AttentionCallback lays its maps on that grid), and dropout before the head (UncertaintyCallback's Monte
 Carlo dropout).
 
-Usage: ``python tests/callbacks/sharded_all_run.py STRATEGY OUT_DIR [--no-callbacks]``
+Usage: ``python tests/callbacks/sharded_all_run.py {ddp,fsdp2,fsdp1,deepspeed3} OUT_DIR [--no-callbacks]``
 
 Every rank writes ``OUT_DIR/rank<global rank>.pt``: the final weights (whole tensors), the interp scalars after each
 validation epoch, the run counts, the probe inputs, whether the parameters were sharded, and the wall time of the fit.
@@ -122,7 +123,7 @@ def make_callbacks() -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("strategy", choices=("ddp", "fsdp2"))
+    parser.add_argument("strategy", choices=("ddp", "fsdp2", "fsdp1", "deepspeed3"))
     parser.add_argument("out_dir")
     parser.add_argument("--no-callbacks", action="store_true")
     args = parser.parse_args(argv)
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from lightning_interp.demo import ImageClassifier
+    from tests.callbacks.sharded_run import cpu_deepspeed_strategy, cpu_fsdp_strategy, whole_weights
     from tests.conftest import tiny_datamodule
 
     class ShardedClassifier(ImageClassifier):
@@ -163,9 +165,18 @@ def main(argv: list[str] | None = None) -> None:
     model_type = ImageClassifier
     if args.strategy == "ddp":
         strategy = DDPStrategy(timeout=timeout)
-    else:
+    elif args.strategy == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=timeout)
         model_type = ShardedClassifier
+    elif args.strategy == "fsdp1":  # the convolutions and the encoder layer as units (not its attention's out_proj,
+        # a Linear whose weight MultiheadAttention reads without calling it), the head with the root
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        units = ModuleWrapPolicy({torch.nn.Conv2d, torch.nn.TransformerEncoderLayer})
+        strategy = cpu_fsdp_strategy()(auto_wrap_policy=units, timeout=timeout)
+    else:  # ZeRO-3, every parameter partitioned however small
+        strategy = cpu_deepspeed_strategy()(stage=3, timeout=timeout)
+        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     model = model_type(hybrid_net(), lr=1e-2)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -182,14 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     trainer.fit(model, datamodule=tiny_datamodule())
     seconds = time.perf_counter() - start
-    sharded = any(hasattr(parameter, "full_tensor") for parameter in trainer.lightning_module.parameters())
-    weights = {}
-    for name, tensor in trainer.lightning_module.state_dict().items():
-        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # every rank gathers
-        weights[name] = full.detach().cpu().clone()
+    parameters = list(trainer.lightning_module.parameters())
+    sharded = any(hasattr(p, "full_tensor") or hasattr(p, "ds_tensor") for p in parameters)  # FSDP2, ZeRO-3
+    sharded = sharded or args.strategy == "fsdp1"  # (FSDP1's flat shards show as views: the strategy says it)
+    weights = whole_weights(trainer, args.strategy)
     report = {
         "global_rank": trainer.global_rank,
-        "sharded": sharded,  # the parameters are DTensor shards (FSDP2), not whole tensors
+        "sharded": sharded,  # the parameters are shards (FSDP2's DTensors, ZeRO-3's partitions, FSDP1), not whole
         "weights": weights,
         "scalars": recorder.scalars,
         "runs": {key: cb._runs for key, cb in callbacks.items()},
@@ -198,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     os.makedirs(args.out_dir, exist_ok=True)
     torch.save(report, os.path.join(args.out_dir, f"rank{trainer.global_rank}.pt"))
+    if torch.distributed.is_initialized():  # both ranks done: close the group before the interpreter exits
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

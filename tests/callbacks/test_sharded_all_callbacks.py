@@ -151,6 +151,52 @@ def test_fsdp2_scalars_match_the_ddp_runs(fsdp2, ddp):
             assert sharded[name] == pytest.approx(value, rel=1e-3, abs=1e-5, nan_ok=True), name
 
 
+@pytest.fixture(scope="module")
+def other_runs(tmp_path_factory):
+    """``other_runs(strategy, *args)``: that run of ``sharded_all_run.py`` under FSDP1 or ZeRO-3, launched once."""
+    done: dict[tuple[str, ...], Run] = {}
+
+    def get(strategy: str, *args: str) -> Run:
+        if strategy.startswith("deepspeed"):
+            pytest.importorskip("deepspeed")
+        key = (strategy, *args)
+        if key not in done:
+            done[key] = launch(tmp_path_factory.mktemp("_".join(key).replace("-", "")), strategy, *args)
+        done[key].check()
+        return done[key]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp1", "deepspeed3"])
+def test_every_callback_under_fsdp1_and_zero3_in_lockstep_leaves_training_bitwise(other_runs, strategy):
+    run, alone = other_runs(strategy), other_runs(strategy, "--no-callbacks")
+    for rank in range(DEVICES):
+        assert run.reports[rank]["sharded"]
+        assert run.reports[rank]["runs"] == dict.fromkeys(CALLBACK_KEYS, MAX_EPOCHS), rank  # every rank worked
+        for name, tensor in alone.reports[rank]["weights"].items():
+            assert torch.equal(run.reports[rank]["weights"][name], tensor), (rank, name)
+    zero, one = (run.reports[rank]["scalars"] for rank in range(DEVICES))
+    assert len(zero) == MAX_EPOCHS
+    for a, b in zip(zero, one, strict=True):  # broadcast from rank zero
+        assert a.keys() == b.keys()
+        assert all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a), a
+        assert prefixes(a) == set(CALLBACK_KEYS), sorted(prefixes(a))
+    assert "interp_attention/net.attn.self_attn/entropy" in zero[-1]  # self-attention, not cross (ZeRO-3's aliases)
+
+
+@pytest.mark.slow
+def test_zero3_scalars_match_the_ddp_runs(other_runs, ddp):
+    run = other_runs("deepspeed3")
+    ddp.check()
+    assert max_weight_difference(run.reports[0], ddp.reports[0]) < 1e-4  # reduction order alone
+    for sharded, plain in zip(run.reports[0]["scalars"], ddp.reports[0]["scalars"], strict=True):
+        assert sharded.keys() == plain.keys()
+        for name, value in plain.items():  # the tolerance of the FSDP2 comparison above, for the same reason
+            assert sharded[name] == pytest.approx(value, rel=1e-3, abs=1e-5, nan_ok=True), name
+
+
 # ---------------------------------------------------------------------------------------------- refusals, in process
 
 

@@ -354,3 +354,28 @@ def test_encoder_decoder_stack_and_cross_attention():
     mixed = attention_stack(found, ["encoder.layers.1.self_attn", "decoder.layers.0.self_attn"])
     assert "different stacks" in mixed.refusal
     assert "cross-attention" in attention_stack(found, ["decoder.layers.0.multihead_attn"]).refusal
+
+
+def test_self_attention_stays_self_attention_when_a_hook_passes_aliases_of_its_input():
+    """DeepSpeed ZeRO-3's pre-forward hook hands each module detached aliases of its inputs: query and key are then
+    two objects for one tensor, and must not be taken for cross-attention (keys from another sequence)."""
+
+    class Block(nn.Module):
+        def __init__(self, cross: bool) -> None:
+            super().__init__()
+            self.cross = cross
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            other = x.flip(1) if self.cross else x  # another sequence, or the same one
+            return self.attn(x, other, other, need_weights=False)[0]
+
+    def aliases(module, args, kwargs):
+        return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs
+
+    x = torch.randn(2, 5, 8)
+    for cross in (False, True):
+        block = Block(cross)
+        block.attn.register_forward_pre_hook(aliases, with_kwargs=True)
+        (layer,) = find_attention_layers(block, x)
+        assert layer.cross is cross

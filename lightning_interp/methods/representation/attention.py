@@ -385,6 +385,23 @@ class _Event:
     grid: tuple[int, int] | None
 
 
+def _same_tensor(a: object, b: object) -> bool:
+    """Whether ``a`` and ``b`` are one tensor: the same object, or views of the same memory alike in shape, strides
+    and dtype (a hook may pass a module a detached alias of its input: DeepSpeed ZeRO-3's does, query and key then
+    being two objects for one tensor)."""
+    if a is b:
+        return True
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        return False
+    return (
+        a.device == b.device
+        and a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
+
+
 def _is_cross(frame: _Frame, queries: int, keys: int) -> bool:
     """Whether the attention computed in ``frame``'s module takes its keys from another sequence."""
     module = frame.module
@@ -393,7 +410,7 @@ def _is_cross(frame: _Frame, queries: int, keys: int) -> bool:
             bound = _MHA_PARAMETERS.bind(module, *frame.args, **frame.kwargs)
         except TypeError:
             return False
-        return bound.arguments["key"] is not bound.arguments["query"]
+        return not _same_tensor(bound.arguments["key"], bound.arguments["query"])
     if _is_timm_attention(module):
         return False
     if queries != keys or getattr(module, "is_cross_attention", False) is True:
