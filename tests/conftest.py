@@ -94,6 +94,17 @@ def events_reader():
     return read_events
 
 
+@pytest.fixture(autouse=True)
+def _restore_deterministic_algorithms():
+    """``Trainer(deterministic=True)`` turns on torch's deterministic algorithms for the whole process and leaves them
+    on: a later test's peer library (Captum's DeepLIFT calls ``max_unpool2d``, which has no deterministic mode) would
+    then fail for a reason of test order. Every test starts from the setting the one before it found."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def tiny_datamodule(**overrides) -> SyntheticShapesDataModule:
     options = {"train_size": 64, "val_size": 32, "batch_size": 16, "image_size": 16, "seed": 0}
     options.update(overrides)

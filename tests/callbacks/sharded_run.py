@@ -16,8 +16,8 @@ Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [--no-callbacks]
 - ``--fail-rank R``: the saliency pass raises inside its backward on rank R (-1: every rank) at the first validation
   epoch; a wrapper catches what the callback re-raises, so training goes on and its weights can be compared.
 - ``--tp2``: ``tensor_parallel_size=2``, which the callbacks refuse before training.
-- ``--accumulate``: ``accumulate_grad_batches=2`` with a validation after every third batch: the callbacks' passes
-  come between two micro-batches of an accumulation.
+- ``--accumulate``: ``accumulate_grad_batches=2`` with a validation after every batch: the callbacks' passes come
+  between the two micro-batches of each accumulation, and after it.
 - ``--checkpointing``: the second convolution under activation checkpointing (``checkpoint_wrapper``).
 - ``--window``: ``UnshardedWindow()`` among the callbacks (FSDP2: rank zero explains the whole model alone at each
   run), and Grad-CAM with ``cam`` too, which reads the classifier's weights.
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         strategy = cpu_deepspeed_strategy()(stage=int(args.strategy[-1]), timeout=timeout)
         strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
-    schedule = {"accumulate_grad_batches": 2, "val_check_interval": 3} if args.accumulate else {}
+    # each rank's 2 batches per epoch: a validation after the first (mid-accumulation) and after the second
+    schedule = {"accumulate_grad_batches": 2, "val_check_interval": 1} if args.accumulate else {}
     trainer = pl.Trainer(
         **schedule,
         accelerator="cpu",

@@ -220,6 +220,7 @@ def test_metrics_take_the_three_spellings_of_methods_and_each_metric_gets_its_ow
             "localization": None,
             "robustness": {"radius": 0.02, "samples": 4},
             "cascading": {"depth": 2},
+            "confidence": None,
         }
     )
     assert every.metrics == QUALITY_METRICS

@@ -109,9 +109,13 @@ def test_every_n_epochs_beyond_the_run_warns_that_nothing_ran(tmp_path):
 
 
 @pytest.mark.parametrize("factory", [lambda: GradCAMCallback(), lambda: LinearProbeCallback()])
-def test_sharded_strategies_are_refused_at_setup(factory):
-    fake_trainer = types.SimpleNamespace(strategy=FSDPStrategy(), limit_val_batches=1.0)
-    with pytest.raises(ValueError, match=r"FSDPStrategy.*ddp"):
+def test_fsdp1_on_one_device_is_refused_at_setup(factory):
+    """FSDP1 does not shard on one device (NO_SHARD), and there the callbacks' backward pass would leave the model's
+    parameters unregistered (tests/callbacks/test_sharded.py has the sharded cases)."""
+    fake_trainer = types.SimpleNamespace(
+        strategy=FSDPStrategy(), limit_val_batches=1.0, world_size=1, accumulate_grad_batches=1
+    )
+    with pytest.raises(ValueError, match=r"FSDPStrategy with a single device.*strategy='ddp'"):
         factory().setup(fake_trainer, tiny_classifier(), "fit")
 
 

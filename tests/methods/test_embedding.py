@@ -120,9 +120,10 @@ def test_every_gradient_and_modified_backward_method_runs_at_the_embedding_or_sa
         assert float(attributions[1, :3].abs().sum()) > 0, name  # the real tokens of the shortest sample
     # the rule-based methods have no rule for attention (or a bare parameter): refused with what to use instead
     # FullGrad and Guided Grad-CAM resize maps to an image's height and width: images only, said so
-    assert set(refused) == {"lrp", "deeplift", "full_grad", "guided_grad_cam"}
+    assert set(refused) == {"lrp", "deeplift", "deeplift_shap", "full_grad", "guided_grad_cam"}
     assert "images" in refused["full_grad"] and "images" in refused["guided_grad_cam"]
-    assert "attention" in refused["deeplift"] and "no rule" in refused["lrp"]
+    assert "attention" in refused["deeplift"] and "attention" in refused["deeplift_shap"]
+    assert "no rule" in refused["lrp"]
 
 
 def test_gradient_shap_batches_whole_copies_so_any_number_of_samples_pairs_with_its_ids():
