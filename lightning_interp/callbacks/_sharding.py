@@ -137,21 +137,41 @@ def _refuse_fsdp1_no_shard(owner: str, trainer: pl.Trainer) -> None:
 
 
 def _refuse_fsdp1_flat_accumulation(owner: str, trainer: pl.Trainer) -> None:
-    """Refuse FSDP1 with ``use_orig_params=False`` and gradient accumulation: a forward and backward pass between two
-    micro-batches (a validation in the middle of an accumulation) breaks FSDP1's handling of the gradients
-    accumulated so far (measured: FSDP's post-backward asserts; with ``use_orig_params=True``, or without
-    accumulation, training stays bit for bit that of training alone)."""
+    """Refuse FSDP1 with gradient accumulation where the callbacks' passes could come between two micro-batches: with
+    ``use_orig_params=False`` always, and with any FSDP1 when validation is asked for in the middle of an epoch at
+    batches that are no multiple of ``accumulate_grad_batches``. FSDP1 holds the gradients accumulated so far
+    (Lightning accumulates under ``no_sync``), and a backward pass of the callbacks then breaks its bookkeeping
+    (measured on 2 processes: ``AssertionError: All sharded parameters that received a gradient in the post-backward
+    should use _saved_grad_shard``, for either setting of ``use_orig_params``). A validation at the end of an epoch
+    comes after the optimizer step, and training stays bit for bit that of training alone."""
     kwargs = getattr(trainer.strategy, "kwargs", None)
     flat = isinstance(kwargs, dict) and kwargs.get("use_orig_params", True) is False
     accumulation = getattr(trainer, "accumulate_grad_batches", 1)
-    if flat and isinstance(accumulation, int) and accumulation > 1:
+    if not isinstance(accumulation, int) or accumulation <= 1:
+        return
+    interval = getattr(trainer, "val_check_interval", 1.0)
+    if isinstance(interval, bool):
+        interval = 1.0
+    between = (isinstance(interval, int) and interval % accumulation != 0) or (
+        isinstance(interval, float) and interval < 1.0  # a fraction of an epoch: any batch
+    )
+    if flat:
         raise ValueError(
             f"{owner} does not support FSDPStrategy(use_orig_params=False) with accumulate_grad_batches="
             f"{accumulation}: FSDP1 then holds the gradients accumulated so far in its flat parameters, and a "
             "forward and backward pass of the callbacks at a validation between two micro-batches breaks its "
-            "gradient bookkeeping (an AssertionError in FSDP's post-backward, or the accumulated gradients dropped). "
-            "Use FSDPStrategy(use_orig_params=True) (Lightning's default), or accumulate_grad_batches=1, while you "
+            "gradient bookkeeping (an AssertionError in FSDP's post-backward). Use FSDPStrategy(use_orig_params=True) "
+            "(Lightning's default) with validation at the end of epochs, or accumulate_grad_batches=1, while you "
             "watch explanations."
+        )
+    if between:
+        raise ValueError(
+            f"{owner} does not support FSDPStrategy with accumulate_grad_batches={accumulation} and "
+            f"val_check_interval={interval!r}: a validation would come between two micro-batches of an accumulation, "
+            "and FSDP1 holds the gradients accumulated so far, which the callbacks' backward pass then breaks (an "
+            "AssertionError in FSDP's post-backward). Validate at the end of epochs (val_check_interval=1.0), or at "
+            f"a multiple of {accumulation} batches, or use ModelParallelStrategy with fully_shard (FSDP2), which "
+            "keeps them apart."
         )
 
 

@@ -232,11 +232,19 @@ def test_maps_in_lockstep_are_an_unsharded_replicas(runs, strategy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
-def test_a_validation_between_micro_batches_leaves_accumulation_as_it_was(runs, strategy):
-    run, alone = runs(strategy, "--accumulate"), runs(strategy, "--accumulate", "--no-callbacks")
+def test_a_validation_between_micro_batches_leaves_fsdp2_accumulation_as_it_was(runs):
+    run, alone = runs("fsdp2", "--accumulate"), runs("fsdp2", "--accumulate", "--no-callbacks")
     assert_training_alone(run, alone)
     assert run.reports[0]["runs"]["saliency"] == 2 * MAX_EPOCHS  # after each of the 2 batches of every epoch
+
+
+@pytest.mark.slow
+def test_fsdp1_refuses_a_validation_between_micro_batches_before_training(runs):
+    """Measured before the refusal: FSDP1 asserted in its post-backward ("should use _saved_grad_shard") at the
+    callbacks' backward pass after the first micro-batch, for use_orig_params True and False alike."""
+    run = runs("fsdp1", "--accumulate")
+    for rank in range(DEVICES):
+        assert "accumulate_grad_batches=2 and val_check_interval=1" in run.reports[rank]["refused"], rank
 
 
 @pytest.mark.slow
@@ -257,10 +265,27 @@ class ModelParallelStrategy:  # named as Lightning's: the checks read the strate
         self._tensor_parallel_size = tensor_parallel_size
 
 
-def fake_trainer(strategy: object, accumulate_grad_batches: int = 1) -> types.SimpleNamespace:
+def fake_trainer(
+    strategy: object, accumulate_grad_batches: int = 1, val_check_interval: int | float = 1.0
+) -> types.SimpleNamespace:
     return types.SimpleNamespace(
-        strategy=strategy, world_size=2, limit_val_batches=1.0, accumulate_grad_batches=accumulate_grad_batches
+        strategy=strategy,
+        world_size=2,
+        limit_val_batches=1.0,
+        accumulate_grad_batches=accumulate_grad_batches,
+        val_check_interval=val_check_interval,
     )
+
+
+def test_fsdp1_with_accumulation_is_refused_where_a_validation_can_fall_between_micro_batches():
+    from lightning.pytorch.strategies import FSDPStrategy as LightningFSDP
+
+    for interval in (1, 3, 0.5):  # every batch, every third (not a multiple of 2), half an epoch: between
+        with pytest.raises(ValueError, match=rf"accumulate_grad_batches=2 and val_check_interval={interval}"):
+            check_strategy(SaliencyCallback(), fake_trainer(LightningFSDP(), 2, interval), supported=True)
+    for interval in (1.0, 4):  # the end of every epoch (after its optimizer step), a multiple of 2 batches
+        check_strategy(SaliencyCallback(), fake_trainer(LightningFSDP(), 2, interval), supported=True)
+    check_strategy(SaliencyCallback(), fake_trainer(LightningFSDP(), 1, 1), supported=True)  # no accumulation
 
 
 class FSDPStrategy:  # named as Lightning's FSDP1 strategy, with its keyword arguments for FSDP
