@@ -10,12 +10,7 @@ by a timeout that kills its whole process group, and a process-group timeout ins
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,48 +33,18 @@ from lightning_interp.callbacks._sharding import (
 from lightning_interp.methods import module_name
 from lightning_interp.methods.model.core import plain_name
 from tests.callbacks.collectives import Counter
+from tests.callbacks.multiprocess import DEVICES, Run
+from tests.callbacks.multiprocess import launch as launch_script
 from tests.callbacks.sharded_run import MAX_EPOCHS
 from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-DEVICES = 2
-TIMEOUT_S = 300  # a run takes ~15-25 s alone, more when the two cores are shared
-DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 CALLBACK_KEYS = ("saliency", "gradcam", "probe", "similarity")
-
-
-@dataclass
-class Run:
-    returncode: int
-    output: str
-    reports: dict[int, dict]
-
-    def check(self) -> None:
-        assert self.returncode == 0, self.output[-6000:]
-        assert sorted(self.reports) == list(range(DEVICES)), self.output[-6000:]
 
 
 def launch(root: Path, strategy: str, *extra_args: str) -> Run:
     """Run ``sharded_run.py`` on ``DEVICES`` CPU processes, its reports under ``root``."""
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    command = [sys.executable, str(SCRIPT), strategy, str(root), *extra_args]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:  # kill the rank Lightning spawned too, not only the launcher
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"the {strategy} run did not finish within {TIMEOUT_S} s (hang?); its output:\n{output[-6000:]}")
-    reports = {}
-    for rank in range(DEVICES):
-        path = root / f"rank{rank}.pt"
-        if path.exists():
-            reports[rank] = torch.load(path, weights_only=False)
-    return Run(process.returncode, output, reports)
+    return launch_script(SCRIPT, root, strategy, *extra_args)
 
 
 LOCKSTEP = ("fsdp2", "fsdp1", "deepspeed3")  # sharded parameters: every rank does the callbacks' work

@@ -1,23 +1,18 @@
 """Every callback under FSDP2 (``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with
-``fully_shard``) on 2 CPU processes (gloo), against DDP and against training alone: the eight callbacks that issue 29
-brought to sharded strategies, on one tiny hybrid CNN-attention model (see ``sharded_all_run.py``); and the refusals,
-before training, of what cannot work in lockstep.
+``fully_shard``), FSDP1 and ZeRO-3 on 2 CPU processes (gloo), against DDP and against training alone: the eight
+callbacks that issue 29 brought to sharded strategies, on one tiny hybrid CNN-attention model (see
+``sharded_all_run.py``); and the refusals, before training, of what cannot work in lockstep.
 
 The multi-process runs are ``sharded_all_run.py`` subprocesses (Lightning re-launches the script for rank 1), each
 bounded by a timeout that kills its whole process group, and a process-group timeout inside, so a hang fails the test.
-Three runs in all, shared by the tests of this module: FSDP2 with every callback, FSDP2 without any, DDP with every
-callback.
+The runs are shared by the tests of this module: with every callback and without any under FSDP2, FSDP1 and ZeRO-3
+(skipped without DeepSpeed), and DDP with every callback.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
 import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -27,47 +22,17 @@ import torch
 import lightning_interp
 from lightning_interp import DatasetBiasCallback, ExplanationQualityCallback, UncertaintyCallback
 from lightning_interp.callbacks import InterpCallback
+from tests.callbacks.multiprocess import DEVICES, Run
+from tests.callbacks.multiprocess import launch as launch_script
 from tests.callbacks.sharded_all_run import CALLBACK_KEYS, MAX_EPOCHS, hybrid_net
 from tests.conftest import tiny_classifier
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("sharded_all_run.py")
-DEVICES = 2
-TIMEOUT_S = 300  # a run takes 15-30 s alone on two free cores, several times that when the cores are shared
-DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@dataclass
-class Run:
-    returncode: int
-    output: str
-    reports: dict[int, dict]
-
-    def check(self) -> None:
-        assert self.returncode == 0, self.output[-6000:]
-        assert sorted(self.reports) == list(range(DEVICES)), self.output[-6000:]
 
 
 def launch(root: Path, strategy: str, *extra_args: str) -> Run:
     """Run ``sharded_all_run.py`` on ``DEVICES`` CPU processes, its reports under ``root``."""
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    command = [sys.executable, str(SCRIPT), strategy, str(root), *extra_args]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:  # kill the rank Lightning spawned too, not only the launcher
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"the {strategy} run did not finish within {TIMEOUT_S} s (hang?); its output:\n{output[-6000:]}")
-    reports = {}
-    for rank in range(DEVICES):
-        path = root / f"rank{rank}.pt"
-        if path.exists():
-            reports[rank] = torch.load(path, weights_only=False)
-    return Run(process.returncode, output, reports)
+    return launch_script(SCRIPT, root, strategy, *extra_args)
 
 
 @pytest.fixture(scope="module")
