@@ -513,7 +513,8 @@ class ProbeSet:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> ProbeSet:
-        """Rebuild a probe set saved with :meth:`state_dict` (with its tensors; see :func:`probe_from_state`)."""
+        """Rebuild a probe set saved with :meth:`state_dict` (with its tensors; a state saved ``by_index`` is re-read
+        with :meth:`ValidationScan.load` instead)."""
         inputs = state.get("inputs")
         if inputs is None:
             raise ValueError(

@@ -200,7 +200,7 @@ class ExplanationQualityCallback(InterpCallback):
         seed: seed of the callback's generator (stochastic methods, random pixels, noise), used afresh each run.
         output_transform: picks the (B, C) logits out of the model's output.
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: ``every_n_epochs``, ``probe``, ``data``, ``display``, ``forward_fn``
+        every_n_epochs: as ``probe``, ``data``, ``display`` and ``forward_fn``, shared by every callback
             (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Raises:

@@ -78,7 +78,7 @@ class GradCAMCallback(LayerMapCallback):
             ``layer="auto"`` such layers are passed over, and this must stay
             ``"auto"``.
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: shared options of :class:`~lightning_interp.callbacks._base.MapCallback`
+        **kwargs: shared options of :class:`~lightning_interp.callbacks.MapCallback`
             (``num_samples``, ``every_n_epochs``, ``target``, ``probe``, ...).
 
     Example:

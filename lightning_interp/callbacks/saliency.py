@@ -95,7 +95,7 @@ class SaliencyCallback(MapCallback):
             input itself. For token-id inputs, with the gradient and modified-backward methods.
         seed: seed of the callback's generator for the stochastic methods.
         name: tag prefix; distinct names let two instances coexist.
-        **kwargs: shared options of :class:`~lightning_interp.callbacks._base.MapCallback`
+        **kwargs: shared options of :class:`~lightning_interp.callbacks.MapCallback`
             (``num_samples``, ``every_n_epochs``, ``target``, ``probe``, ...).
 
     Example:
