@@ -3,7 +3,7 @@
 A method module declares each of its methods with :func:`register_method`
 (``@register_method("gradient", "gradient", ...)`` above the function); a user
 declares their own the same way. The callbacks, the contract tests, the
-benchmarks and the README's method table read :data:`METHODS`; nothing else
+benchmarks and the docs' method catalogue read :data:`METHODS`; nothing else
 keeps a list of methods. ``attribute(name, model, inputs, target, **options)``
 calls any of them; ``available_methods()`` lists them.
 

@@ -6,7 +6,7 @@ set in the environment), so it has to run as a script of its own rather than ins
 Usage: ``python tests/callbacks/ddp_run.py LOG_DIR OUT_DIR [DEVICES] [--monitor]``
 
 ``--monitor`` adds ``EarlyStopping`` and ``ModelCheckpoint`` monitoring an interp scalar (``MONITOR``), as the
-README says one can.
+docs say one can (docs/concepts/logging.md).
 
 Every rank writes ``OUT_DIR/rank<global rank>.pt`` after ``fit`` with what the test checks: the run count and
 probe tensors of each callback, the samplers Lightning put on the loaders, and the trainer's step arithmetic.
