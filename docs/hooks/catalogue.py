@@ -2,20 +2,23 @@
 
 ``docs/methods.md`` holds the marker ``<!-- the registry's table -->``; :func:`method_table` writes one row per
 method of :data:`lightning_interp.methods.METHODS`, in the registry's order: name, family, what it is (the first
-line of its docstring), cost per probe sample at the callbacks' defaults, and the reference its tests compare it
+paragraph of its docstring), cost per probe sample at the callbacks' defaults, and the reference its tests compare it
 with. ``tests/test_docs.py`` checks the rows against the registry.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 MARKER = "<!-- the registry's table -->"
+ROLE = re.compile(r":(?:py:)?[a-z]+:`([^`]+)`")
 
 
 def _cell(text: str) -> str:
+    text = ROLE.sub(lambda match: f"`{match.group(1).lstrip('~').rsplit('.', 1)[-1]}`", text)  # :func:`~a.b` -> `b`
     return " ".join(text.split()).replace("|", "\\|")
 
 
