@@ -178,6 +178,7 @@ from lightning_interp.methods.model.inputs import (
     real_tokens,
 )
 from lightning_interp.methods.model.layers import find_target_layer, layers_with_patch_gradient, spatial_layers
+from lightning_interp.methods.model.multi_input import SEVERAL_INPUTS, InputLayout, SeveralInputs
 from lightning_interp.methods.model.neuron import (
     NEURON_REDUCTIONS,
     NeuronReduce,
@@ -361,6 +362,7 @@ __all__ = [
     "REMOVAL_BASELINES",
     "RSA_METHODS",
     "SEGMENTATION_REGIONS",
+    "SEVERAL_INPUTS",
     "TASKS",
     "TOKEN_POOLINGS",
     "ActivationStatistics",
@@ -385,6 +387,7 @@ __all__ = [
     "FullGradScaling",
     "Gamma",
     "GuidedGradCamInterpolation",
+    "InputLayout",
     "LRPComposite",
     "LRPLayer",
     "LRPRule",
@@ -410,6 +413,7 @@ __all__ = [
     "RegressionProbeResult",
     "SegmentationRegion",
     "SegmentationTarget",
+    "SeveralInputs",
     "TCAVResult",
     "TaskOption",
     "TokenGrid",
