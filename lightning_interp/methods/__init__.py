@@ -59,7 +59,15 @@ from lightning_interp.methods.attribution.lrp import (
     lrp,
     lrp_rules,
 )
-from lightning_interp.methods.attribution.modified import RELU_RULES, deconvnet, guided_backprop, relu_rule
+from lightning_interp.methods.attribution.modified import (
+    DECONV_KEEPS,
+    RELU_RULES,
+    DeconvKeep,
+    deconvnet,
+    deconvnet_signal,
+    guided_backprop,
+    relu_rule,
+)
 from lightning_interp.methods.attribution.noise_tunnel import (
     NOISE_TUNNEL_KINDS,
     NoiseTunnelKind,
@@ -335,6 +343,7 @@ __all__ = [
     "CAM_VARIANTS",
     "CAV",
     "CHANNEL_REDUCTIONS",
+    "DECONV_KEEPS",
     "DETECTION_KEYS",
     "DROPOUT_TYPES",
     "FAMILIES",
@@ -374,6 +383,7 @@ __all__ = [
     "ChannelsLayout",
     "ClassAttribution",
     "ClassBalance",
+    "DeconvKeep",
     "DeepDreamResult",
     "DetectionScores",
     "DetectionTarget",
@@ -459,6 +469,7 @@ __all__ = [
     "concept_activations",
     "curve_auc",
     "deconvnet",
+    "deconvnet_signal",
     "deep_dream",
     "deeplift",
     "deeplift_shap",

@@ -132,8 +132,25 @@ class NeuronScores(ForwardWith):
     def forward(self, inputs: Tensor) -> Tensor:
         return _neuron_forward(self.model, inputs, self)
 
+    def activation(self, inputs: Tensor) -> Tensor:
+        """The layer's whole output (B, ...) on ``inputs`` (the forward stops there), its index checked.
+
+        Example:
+            >>> import torch
+            >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten())
+            >>> NeuronScores(net, NeuronTarget("1", 2)).activation(torch.randn(4, 1, 5, 5)).shape
+            torch.Size([4, 3, 3, 3])
+        """
+        output = _layer_output(self.model, inputs, self)
+        self.neuron.check(tuple(output.shape))
+        return output
+
 
 def _neuron_forward(model: nn.Module, inputs: Tensor, view: NeuronScores) -> Tensor:
+    return view.neuron.select(_layer_output(model, inputs, view))
+
+
+def _layer_output(model: nn.Module, inputs: Tensor, view: NeuronScores) -> Tensor:
     captured: list[object] = []
 
     def hook(_module: nn.Module, _args: object, output: object) -> None:
@@ -156,7 +173,7 @@ def _neuron_forward(model: nn.Module, inputs: Tensor, view: NeuronScores) -> Ten
             f"NeuronTarget: layer {neuron.layer!r} returned {type(output).__name__}, not a tensor; choose a layer "
             "that returns one tensor."
         )
-    return neuron.select(output)
+    return output
 
 
 def bind_neuron(
