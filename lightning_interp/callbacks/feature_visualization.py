@@ -146,6 +146,14 @@ class FeatureVisualizationCallback(InterpCallback):
     gives them explicitly. The probe set is needed only for the input shape
     and these statistics (and DeepDream's starting images); no labels.
 
+    Code space (Nguyen et al. 2016): ``image=ImageOptions(parameterization=GeneratorCode(G, code_shape, l2=...,
+    clip=...))`` optimises a code ``z`` of your generator network ``G`` instead of an image, maximising the
+    objective minus ``l2 * |z|^2``: the model sees ``G(z)`` as it is (``G`` returns (B, C, H, W) images in the
+    model's input space), the value range only maps it back to [0, 1] for the picture, and no random transforms
+    are applied. ``G`` is not part of the LightningModule: the callback holds it, moves it to the model's device
+    at fit start (``G.to(pl_module.device)``, in place) and never changes it (eval mode inside, no gradient to
+    its parameters, every flag restored); it is not saved in checkpoints, so pass it again when resuming.
+
     Logged under ``interp_<name>/`` at due validation epochs (every
     ``every_n_epochs``-th, default 5):
 
