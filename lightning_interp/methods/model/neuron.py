@@ -4,7 +4,8 @@ Captum's Neuron* methods (``NeuronGradient``, ``NeuronIntegratedGradients``, ...
 that is not an output of the model but the activation of a *neuron*: an element of a layer's output, or a block of
 it (a channel) summed or averaged. Here that is a target kind: a :class:`NeuronTarget` given as ``target`` to the
 gradient family (``gradient``, ``input_x_gradient``, ``smoothgrad``, ``integrated_gradients``, ``gradient_shap``
-and the noise tunnels) or to ``SaliencyCallback``. The model then runs as :class:`NeuronScores`: its forward
+and the noise tunnels; ``deconvnet``, for which it is Zeiler and Fergus's reconstruction from that feature map) or
+to ``SaliencyCallback``. The model then runs as :class:`NeuronScores`: its forward
 stops where the layer returns, and the "score" (B, 1) is the selected unit's activation (explained as a
 one-output regression, target 0).
 
