@@ -59,7 +59,15 @@ from lightning_interp.methods.attribution.lrp import (
     lrp,
     lrp_rules,
 )
-from lightning_interp.methods.attribution.modified import RELU_RULES, deconvnet, guided_backprop, relu_rule
+from lightning_interp.methods.attribution.modified import (
+    DECONV_KEEPS,
+    RELU_RULES,
+    DeconvKeep,
+    deconvnet,
+    deconvnet_signal,
+    guided_backprop,
+    relu_rule,
+)
 from lightning_interp.methods.attribution.noise_tunnel import (
     NOISE_TUNNEL_KINDS,
     NoiseTunnelKind,
@@ -273,6 +281,7 @@ from lightning_interp.methods.representation.feature_visualization import (
     PARAMETERIZATIONS,
     DeepDreamResult,
     FeatureVisualizationResult,
+    GeneratorCode,
     VisualizationTarget,
     VisualizationTargetSpec,
     deep_dream,
@@ -336,6 +345,7 @@ __all__ = [
     "CAM_VARIANTS",
     "CAV",
     "CHANNEL_REDUCTIONS",
+    "DECONV_KEEPS",
     "DETECTION_KEYS",
     "DROPOUT_TYPES",
     "FAMILIES",
@@ -376,6 +386,7 @@ __all__ = [
     "ChannelsLayout",
     "ClassAttribution",
     "ClassBalance",
+    "DeconvKeep",
     "DeepDreamResult",
     "DetectionScores",
     "DetectionTarget",
@@ -386,6 +397,7 @@ __all__ = [
     "ForwardWith",
     "FullGradScaling",
     "Gamma",
+    "GeneratorCode",
     "GuidedGradCamInterpolation",
     "InputLayout",
     "LRPComposite",
@@ -463,6 +475,7 @@ __all__ = [
     "concept_activations",
     "curve_auc",
     "deconvnet",
+    "deconvnet_signal",
     "deep_dream",
     "deeplift",
     "deeplift_shap",
