@@ -335,8 +335,8 @@ HEADLINES = (
 the first of these the callback logged (else its first metric logged for several series)."""
 
 
-def _headline(run: RunLog, group: str) -> str | None:
-    """One line with a metric's last value for every series of ``group`` (in model order), or None."""
+def _headline(run: RunLog, group: str) -> tuple[str, str] | None:
+    """A metric of ``group`` and one line with its last value for every series (in model order), or None."""
     by_metric: dict[str, list[str]] = {}
     for tag in sorted(run.scalars, key=_tag_key(run)):
         if _group(tag) == group and _finite(run.scalars[tag]):
@@ -358,7 +358,7 @@ def _headline(run: RunLog, group: str) -> str | None:
     when = run.epoch_of(max(steps))
     lengths = {len(_finite(run.scalars[tag])) for tag in tags}
     once = " (one validation)" if lengths == {1} else ""
-    return f"{chosen} at {when}{once}: {values}" + (f" ({'; '.join(about)})." if about else ".")
+    return chosen, f"{chosen} at {when}{once}: {values}" + (f" ({'; '.join(about)})." if about else ".")
 
 
 def summary_by_callback(run: RunLog, per_callback: int = 5) -> dict[str, tuple[list[str], int]]:
@@ -382,11 +382,13 @@ def summary_by_callback(run: RunLog, per_callback: int = 5) -> dict[str, tuple[l
         result["training"] = ([sentence for _, _, sentence in grouped["training"]], 0)
     for group in _callback_groups(run):
         entries = grouped.get(group, [])
+        headline = _headline(run, group)
+        if headline is not None:  # "<metric> stayed at x" says no more than the headline's values
+            entries = [entry for entry in entries if f": {headline[0]} stayed at " not in entry[2]]
         kept = sorted(sorted(entries, key=lambda entry: -entry[1])[:per_callback])
         lines = [sentence for _, _, sentence in kept]
-        headline = _headline(run, group)
         if headline is not None:
-            lines.insert(0, headline)
+            lines.insert(0, headline[1])
         if not lines:
             pictures = sum(1 for tag in run.images if _group(tag) == group)
             lines = [f"Pictures only ({pictures} image series): see the pictures below."]
