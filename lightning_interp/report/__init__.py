@@ -371,8 +371,8 @@ def summary_by_callback(run: RunLog, per_callback: int = 5) -> dict[str, tuple[l
         >>> shown, left = summary_by_callback(run, per_callback=1)["interp_probe"]
         >>> shown[0]  # the headline: the last value of every layer
         'accuracy at step 2: net.1 0.10, net.2 0.20, net.3 0.30 (accuracy on held-out samples; higher is better).'
-        >>> shown[1], left  # the largest change; two more in the curves
-        ('Linear probe at net.3: accuracy rose from 0.10 to 0.30 (better: higher is better).', 2)
+        >>> shown[1], left  # the largest change; net.2's in the curves (net.1 stayed: its headline value says so)
+        ('Linear probe at net.3: accuracy rose from 0.10 to 0.30 (better: higher is better).', 1)
     """
     grouped: dict[str, list[tuple[int, float, str]]] = {}
     for order, (group, weight, sentence) in enumerate(summary_findings(run)):
