@@ -35,6 +35,7 @@ __all__ = [
     "image_directory",
     "log_image",
     "log_scalars",
+    "log_warnings",
     "logging_step",
     "monitor_scalars",
     "prepare_loggers",
@@ -211,6 +212,20 @@ def log_scalars(trainer: pl.Trainer, scalars: Mapping[str, float], step: int) ->
         values = {name: float(value) for name, value in scalars.items()}
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
+
+
+WARNINGS_TAG = "warnings"
+"""A callback's warnings of a run are logged as TensorBoard text under ``interp_<callback name>/warnings`` (the
+Text tab shows them, and the HTML report reads them back to put them at its top)."""
+
+
+def log_warnings(trainer: pl.Trainer, group: str, messages: list[str], step: int) -> None:
+    """Log warning ``messages`` (already shown on stderr) as text under ``<group>/warnings`` at ``step``, to every
+    TensorBoard logger of the trainer (others have no text API in common; the warnings stay on stderr for them)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            for message in messages:
+                logger.experiment.add_text(f"{group}/{WARNINGS_TAG}", message, global_step=step)
 
 
 def monitor_scalars(pl_module: pl.LightningModule, scalars: Mapping[str, float]) -> None:

@@ -22,6 +22,7 @@ from lightning_interp._logging import (
     TAG_PREFIX,
     host_scalars,
     log_scalars,
+    log_warnings,
     logging_step,
     monitor_scalars,
     prepare_loggers,
@@ -161,6 +162,7 @@ class InterpCallback(Callback):
         self._runs = 0
         self._last_step: int | None = None  # the logging step of the last run (fit-end summaries are shown there)
         self._warned: set[str] = set()  # the keys of the once-per-fit warnings already given
+        self._unlogged: list[str] = []  # warnings given since the last write to the loggers (see _warn)
         self._prepared = False
         self._pending_probe: dict[str, Any] | None = None  # a checkpoint's probe, by dataset index, to re-read
         self._from_stream = False  # the validation data is a stream: take the probe from the batches it yields
@@ -296,6 +298,7 @@ class InterpCallback(Callback):
         self._runs = 0
         self._last_step = None
         self._warned = set()
+        self._unlogged = []
         self._pending_probe = None
         self._from_stream = False
         if not self._given_probe:
@@ -355,6 +358,7 @@ class InterpCallback(Callback):
         if trainer.is_global_zero:  # the images and the loggers: rank zero only
             self._last_step = logging_step(trainer)
             log_scalars(trainer, scalars, self._last_step)
+            self._log_warnings(trainer, self._last_step)
             self._note_layout(trainer, scalars)
         if trainer.world_size > 1:  # every rank gets the values, so a monitor on any rank finds them
             scalars = trainer.strategy.broadcast(scalars, src=0)
@@ -376,9 +380,24 @@ class InterpCallback(Callback):
 
     def _warn_once(self, key: str, message: str) -> None:
         """Warn with ``message`` the first time ``key`` comes up in this fit."""
-        if key not in self._warned:
+        self._warn(message, key=key, stacklevel=2)
+
+    def _warn(self, message: str, *, key: str | None = None, stacklevel: int = 1) -> None:
+        """Warn with ``message`` (once per fit for a given ``key``) on stderr now, and in the run's logs at the next
+        logging step: TensorBoard text under ``interp_<name>/warnings``, which the HTML report puts at its top.
+        ``stacklevel``: the frame the warning names, 1 for the caller."""
+        if key is not None:
+            if key in self._warned:
+                return
             self._warned.add(key)
-            rank_zero_warn(message)
+        rank_zero_warn(message, stacklevel=4 + stacklevel)
+        self._unlogged.append(message)
+
+    def _log_warnings(self, trainer: pl.Trainer, step: int) -> None:
+        """Write the warnings given since the last call to the loggers, at ``step`` (global rank zero only)."""
+        if self._unlogged and trainer.is_global_zero:
+            log_warnings(trainer, f"{TAG_PREFIX}{self.name}", self._unlogged, step)
+        self._unlogged = []
 
     def _summary_step(self, trainer: pl.Trainer) -> int:
         """The step of a fit-end summary (an evolution strip): that of the last run, so TensorBoard shows it with the
@@ -415,10 +434,11 @@ class InterpCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._runs == 0 and trainer.is_global_zero:
-            rank_zero_warn(
+            self._warn(
                 f"{type(self).__name__} never ran in this fit: no validation epoch was due (check "
                 f"limit_val_batches, check_val_every_n_epoch and every_n_epochs={self.every_n_epochs})."
             )
+        self._log_warnings(trainer, self._summary_step(trainer))
         context = active_context(trainer)
         if context is not None:
             context.worker.drain()

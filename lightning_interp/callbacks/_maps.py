@@ -16,7 +16,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step, to_host
@@ -324,7 +323,7 @@ class MapCallback(InterpCallback):
                 raise ValueError(f"{name}: {error}") from None
             self._labels_fit = False
             if not self._provisional:
-                rank_zero_warn(
+                self._warn(
                     f"{name}: {error} The maps explain the prediction (target={self.target!r}), which needs no labels, "
                     f"so the output is read as {task} from its width alone and the grid leaves the labels out; pass "
                     "task=... to say what the output is, or data=DataDescription(batch_parser=...) to give the labels."
@@ -470,7 +469,7 @@ class MapCallback(InterpCallback):
         if missing and "no detection" not in self._warned_zero:
             self._warned_zero.add("no detection")
             what = f"of class {self._detection.label} " if self._detection.label is not None else ""
-            rank_zero_warn(
+            self._warn(
                 f"{type(self).__name__}: probe sample(s) {missing[:8]} have no detection {what}at rank "
                 f"{self._detection.rank}, so their maps are zero. Lower the detector's score threshold (torchvision: "
                 "box_score_thresh=...), or explain another rank or class with target=DetectionTarget(...) (warned "
@@ -593,14 +592,14 @@ class MapCallback(InterpCallback):
         checks = [(bool(numbers[2 * i]), bool(numbers[2 * i + 1])) for i in range(len(maps))]  # one transfer in all
         broken = [key for key, (finite, _) in zip(maps, checks, strict=True) if not finite]
         if broken:
-            rank_zero_warn(
+            self._warn(
                 f"{type(self).__name__}: the maps of {broken} hold NaN or inf at epoch {trainer.current_epoch} "
                 "(non-finite activations or gradients in the model); their scores are logged as NaN."
             )
         for key, (finite, nonzero) in zip(maps, checks, strict=True):
             if finite and not nonzero and key not in self._warned_zero:
                 self._warned_zero.add(key)
-                rank_zero_warn(
+                self._warn(
                     f"{type(self).__name__}: every map of {key!r} is zero at epoch {trainer.current_epoch}: "
                     f"{self._zero_map_reason(key)} Its concentration, stability and localization are logged as NaN "
                     "while this lasts (this warning is given once per run)."
@@ -612,7 +611,7 @@ class MapCallback(InterpCallback):
             value = scalars.get(f"interp_{self.name}/{key}/concentration", 0.0)
             if finite and nonzero and key in result.signed and math.isnan(value) and warned not in self._warned_zero:
                 self._warned_zero.add(warned)
-                rank_zero_warn(
+                self._warn(
                     f"{type(self).__name__}: the signed maps of {key!r} are negative or zero everywhere in every probe "
                     f"sample at epoch {trainer.current_epoch}; concentration and localization read the positive part "
                     "(the evidence for the target), so they are logged as NaN while this lasts (warned once per run)."
@@ -672,7 +671,7 @@ class MapCallback(InterpCallback):
         empty = [int(i) for i in torch.nonzero(region_pixels(region) == 0).flatten().tolist()]
         if empty and "empty regions" not in self._warned_zero:
             self._warned_zero.add("empty regions")
-            rank_zero_warn(
+            self._warn(
                 f"{type(self).__name__}: the explained region of probe sample(s) {empty[:8]} is empty (the explained "
                 f"class has no pixel in the {self._segmentation.region} region), so their maps are zero. Use "
                 "class_index='pred' or region='all' (warned once per run)."

@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step
@@ -284,7 +283,7 @@ class ActivationMapsCallback(InterpCallback):
         scalars: dict[str, float] = {}
         for layer, (dead_fraction, mean, sparsity, finite) in zip(maps, numbers, strict=True):
             if not finite:
-                rank_zero_warn(
+                self._warn(
                     f"ActivationMapsCallback: layer {layer!r} output NaN or inf on the probe set at epoch "
                     f"{trainer.current_epoch}; its mean activation is NaN and its dead-unit count may be wrong."
                 )

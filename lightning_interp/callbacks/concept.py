@@ -437,7 +437,7 @@ class ConceptCallback(InterpCallback):
                 )
             absent = [k for k in self.targets if k not in present]
             if absent and not self._provisional:
-                rank_zero_warn(
+                self._warn(
                     f"ConceptCallback: target class(es) {absent} have no probe samples, so they get no TCAV score. "
                     "Draw more probe samples (num_samples) or give probe=ProbeSet(...) with samples of those classes."
                 )

@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -191,7 +190,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         for split, (loader, limit) in loaders.items():
             labels = _loader_labels(loader, limit)
             if labels is None:
-                rank_zero_warn(
+                self._warn(
                     f"DatasetBiasCallback: the {split} data is not a map-style dataset that lists its labels (a "
                     "`targets` or `labels` attribute, or a TensorDataset), so its class counts are skipped: counting "
                     "them would load every sample (or consume a stream)."
@@ -207,7 +206,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         }
         for split, balance in self.balances.items():
             if balance.imbalance_ratio > self.imbalance_warning:
-                rank_zero_warn(
+                self._warn(
                     f"DatasetBiasCallback: the {split} set is imbalanced: class {self._class_name(balance.rarest)!r} "
                     f"has {int(balance.counts[balance.rarest])} samples, class "
                     f"{self._class_name(balance.commonest)!r} {int(balance.counts[balance.commonest])} (ratio "
@@ -215,6 +214,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
                     "recall to lag; consider class weights or a balanced sampler."
                 )
         log_scalars(trainer, scalars, logging_step(trainer))
+        self._log_warnings(trainer, logging_step(trainer))  # the report's top says the imbalance
         counts = {split: b.counts.clone() for split, b in self.balances.items()}
         names = [self._class_name(k) for k in range(classes)]
         step = logging_step(trainer)
@@ -377,7 +377,7 @@ class DatasetBiasCallback(ValidationOutputsCallback):
         if lifts[k] < 1.25 and median > 1.5:
             self._warned_background = True
             got = "" if recall is None else f" although it recognises {recall[k]:.0%} of them"
-            rank_zero_warn(
+            self._warn(
                 f"DatasetBiasCallback: at epoch {trainer.current_epoch} the {self.method} maps of class "
                 f"{self._class_name(k)!r} put no more of their mass on the object than a uniform map would"
                 f"{got} (localization lift {lifts[k]:.2f}; the other classes' median "

@@ -17,6 +17,7 @@ from lightning_interp.callbacks._base import InterpCallback, class_name
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     PARAMETERIZATIONS,
+    GeneratorCode,
     OutputTransform,
     VisualizationTarget,
     VisualizationTargetSpec,
@@ -44,12 +45,16 @@ class ImageOptions:
 
     Args:
         parameterization: ``"fourier"`` (a 1/f-scaled spectrum, as lucent does it) or ``"pixel"`` (plain pixels);
-            optimisation from noise only.
-        decorrelate: ImageNet colour decorrelation (3-channel inputs only); optimisation from noise only.
+            or a :class:`~lightning_interp.methods.GeneratorCode`: optimise the code of your generator network
+            (Nguyen et al. 2016), whose output the model sees as it is. Optimisation from noise only.
+        decorrelate: ImageNet colour decorrelation (3-channel inputs only); optimisation from noise with
+            ``"fourier"`` or ``"pixel"`` only.
         value_range: how the optimised image in [0, 1] is mapped per channel to what the model sees: ``"probe"``
             (the probe inputs' per-channel min..max), ``"probe_std"`` (mean -/+ sqrt(3) std) or ``(low, high)``,
-            each a number or one number per channel.
-        transforms: random pad / jitter / scale / rotation every step (DeepDream: random jitter).
+            each a number or one number per channel. With a ``GeneratorCode``, only how its output is shown (mapped
+            back to [0, 1] from this range).
+        transforms: random pad / jitter / scale / rotation every step (DeepDream: random jitter); not with a
+            ``GeneratorCode`` (its prior takes their place; the option is then not used).
         octaves: DeepDream's number of image sizes (1 for models that take one input size only).
         octave_scale: DeepDream's size ratio between successive octaves (>= 1).
 
@@ -58,7 +63,7 @@ class ImageOptions:
         (0.0, (1.0, 1.0, 1.0))
     """
 
-    parameterization: Literal["fourier", "pixel"] = "fourier"
+    parameterization: Literal["fourier", "pixel"] | GeneratorCode = "fourier"
     decorrelate: bool = True
     value_range: RangeOption = "probe"
     transforms: bool = True
@@ -66,10 +71,11 @@ class ImageOptions:
     octave_scale: float = 1.4
 
     def __post_init__(self) -> None:
-        if self.parameterization not in PARAMETERIZATIONS:
+        if not isinstance(self.parameterization, GeneratorCode) and self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(
                 f"ImageOptions(parameterization=...) must be one of {PARAMETERIZATIONS} ('fourier': a decorrelated "
-                f"spectrum, as lucent; 'pixel': plain pixels), got {self.parameterization!r}."
+                f"spectrum, as lucent; 'pixel': plain pixels) or a GeneratorCode (a generator network's code), got "
+                f"{self.parameterization!r}."
             )
         for option in ("decorrelate", "transforms"):
             if not isinstance(getattr(self, option), bool):
@@ -139,6 +145,14 @@ class FeatureVisualizationCallback(InterpCallback):
     (a uniform image then has the probe's mean and std), and ``(low, high)``
     gives them explicitly. The probe set is needed only for the input shape
     and these statistics (and DeepDream's starting images); no labels.
+
+    Code space (Nguyen et al. 2016): ``image=ImageOptions(parameterization=GeneratorCode(G, code_shape, l2=...,
+    clip=...))`` optimises a code ``z`` of your generator network ``G`` instead of an image, maximising the
+    objective minus ``l2 * |z|^2``: the model sees ``G(z)`` as it is (``G`` returns (B, C, H, W) images in the
+    model's input space), the value range only maps it back to [0, 1] for the picture, and no random transforms
+    are applied. ``G`` is not part of the LightningModule: the callback holds it, moves it to the model's device
+    at fit start (``G.to(pl_module.device)``, in place) and never changes it (eval mode inside, no gradient to
+    its parameters, every flag restored); it is not saved in checkpoints, so pass it again when resuming.
 
     Logged under ``interp_<name>/`` at due validation epochs (every
     ``every_n_epochs``-th, default 5):
@@ -229,6 +243,11 @@ class FeatureVisualizationCallback(InterpCallback):
                 f"image must be an ImageOptions or None, got {type(image).__name__}: write "
                 "image=ImageOptions(value_range=(0.0, 1.0))."
             )
+        if image is not None and isinstance(image.parameterization, GeneratorCode) and mode == "dream":
+            raise ValueError(
+                "FeatureVisualizationCallback(mode='dream') changes probe images, it has no code to optimise: use "
+                "mode='optimize' with image=ImageOptions(parameterization=GeneratorCode(...))."
+            )
         check_arguments(output_transform=output_transform, seed=seed)
         self.auto = isinstance(targets, str) and targets == "classes"
         parsed: list[VisualizationTarget] = []
@@ -291,6 +310,8 @@ class FeatureVisualizationCallback(InterpCallback):
         for target in self.targets:
             self._check_target(pl_module, target, trace.calls, trace.shapes, classes)
         self._range = self._value_range(inputs)
+        if self._code is not None:  # not part of the LightningModule: moved to its device here, at fit start
+            self._code.generator.to(pl_module.device)
 
     def _check_target(
         self,
@@ -388,7 +409,7 @@ class FeatureVisualizationCallback(InterpCallback):
                     value_range=(low, high),
                     parameterization=self.image.parameterization,
                     decorrelate=self.image.decorrelate,
-                    transforms=self.image.transforms,
+                    transforms=None if self._code is not None else self.image.transforms,
                     output_transform=self.output_transform,
                 )
             return result.rgb, result.objectives, None
@@ -442,6 +463,11 @@ class FeatureVisualizationCallback(InterpCallback):
 
         self._submit(trainer, draw)
         return scalars
+
+    @property
+    def _code(self) -> GeneratorCode | None:
+        code = self.image.parameterization
+        return code if isinstance(code, GeneratorCode) else None
 
     def _row_name(self, target: VisualizationTarget) -> str:
         """A class target by its name where ``class_names`` gives one, else the target's label."""

@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_interp._logging import log_image, logging_step
@@ -218,7 +217,7 @@ class LinearProbeCallback(RepresentationCallback):
             scalars[f"interp_{self.name}/{layer}/train_{metric}"] = train_score
         for layer, ok in zip(features, finite, strict=True):
             if not ok:
-                rank_zero_warn(
+                self._warn(
                     f"LinearProbeCallback: layer {layer!r} output NaN or inf at epoch {trainer.current_epoch}; "
                     f"its probe {metric} is logged as NaN."
                 )

@@ -9,10 +9,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 from typing_extensions import override
 
+from lightning_interp.callbacks._base import unwrapped
 from lightning_interp.callbacks._context import active_context
-from lightning_interp.report import CONFIGURATION_FILE, write_report
+from lightning_interp.report import CONFIGURATION_FILE, MODULES_FILE, write_report
 
 __all__ = ["ReportCallback"]
 
@@ -20,8 +22,9 @@ __all__ = ["ReportCallback"]
 class ReportCallback(Callback):
     """Write a self-contained HTML report of the run (:mod:`lightning_interp.report`) when ``fit`` ends.
 
-    It reads the run's TensorBoard event files, after every image still being
-    drawn is written, and saves ``filename`` in the logger's run directory (on
+    It reads the run's TensorBoard event files when the fit is torn down (after
+    every callback's end-of-fit work and every image still being drawn is
+    written), and saves ``filename`` in the logger's run directory (on
     global rank zero). It needs a :class:`~lightning.pytorch.loggers.TensorBoardLogger`;
     without one it warns and writes nothing. A run trained without it gets the
     same report from ``python -m lightning_interp.report LOGDIR``.
@@ -41,9 +44,21 @@ class ReportCallback(Callback):
         self.filename = filename
         self.title = title
         self.path: str | None = None
+        self._fit_ended = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_ended = False
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_ended = True  # written at teardown: after every callback's on_fit_end (evolution strips, warnings)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self._fit_ended:
+            return
+        self._fit_ended = False
         if not trainer.is_global_zero:
             return
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
@@ -61,9 +76,22 @@ class ReportCallback(Callback):
         os.makedirs(log_dir, exist_ok=True)
         with open(os.path.join(log_dir, CONFIGURATION_FILE), "w", encoding="utf-8") as handle:
             json.dump(run_configuration(trainer), handle, indent=1)
+        with open(os.path.join(log_dir, MODULES_FILE), "w", encoding="utf-8") as handle:
+            json.dump(module_order(pl_module), handle)
         target = self.filename if os.path.isabs(self.filename) else os.path.join(log_dir, self.filename)
         self.path = write_report(log_dir, target, title=self.title)
         rank_zero_info(f"lightning-interp: report written to {self.path}")
+
+
+def module_order(model: nn.Module) -> list[str]:
+    """The model's module names in ``named_modules`` order (the order the report lists layers in), as the
+    callbacks name them (without a compiled or wrapped model's own prefix).
+
+    Example:
+        >>> module_order(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        ['0', '1']
+    """
+    return [name for name, _ in unwrapped(model).named_modules() if name]
 
 
 _SIMPLE = (bool, int, float, str)

@@ -66,6 +66,9 @@ class SaliencyCallback(MapCallback):
     training shows what the unit comes to respond to; the grid shows the
     activation (``out``). The layer name is checked before training (with the
     closest names when it is wrong), and the index against the layer's output.
+    ``methods="deconvnet"`` then shows Zeiler and Fergus's reconstruction from
+    that feature map: its strongest activation passed down through the
+    deconvnet (``{"deconvnet": {"keep": "map"}}``: the whole map).
 
     The methods run through one :class:`~lightning_interp.methods.Explainer`
     (built at fit start; ``callback.explainer()``), so an ``Explainer`` with the

@@ -9,7 +9,7 @@ from typing import Any, Literal, NamedTuple
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_interp._logging import log_image, logging_step, to_numpy
@@ -257,7 +257,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         assert start is not None
         current = _weights(unwrapped(pl_module))
         if len(current) != len(start) or any(a.shape != b.shape for a, b in zip(current, start, strict=True)):
-            rank_zero_warn(
+            self._warn(
                 f"{type(self).__name__}: the model's parameters changed shape since training started; "
                 "cka_vs_start is not logged in this run."
             )
@@ -407,7 +407,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         def finish(host: dict[str, list[float]], drawn: dict[str, Tensor]) -> dict[str, float]:
             if single and not self._noted_single:
                 self._noted_single = True
-                rank_zero_warn(
+                self._warn(
                     f"RepresentationSimilarityCallback: {single} give one value per sample, where the correlation "
                     "distance between two samples is undefined; their RDMs use the Euclidean distance (|a - b|) "
                     "instead (said once per run)."
@@ -422,7 +422,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             finite = [bool(ok) for ok in host["rsa.finite"]]
             if not all(finite):
                 broken = [n for n, ok in zip(names, finite, strict=True) if not ok]
-                rank_zero_warn(f"RepresentationSimilarityCallback: non-finite RDMs for {broken}; their RSA is NaN.")
+                self._warn(f"RepresentationSimilarityCallback: non-finite RDMs for {broken}; their RSA is NaN.")
             if "rsa.undefined" in host:
                 _warn_undefined_rsa(finite, host["rsa.undefined"], host.get("rsa.labels_nan"))
             pictures = drawn["rsa.tiles"]

@@ -8,7 +8,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_interp._logging import log_image, logging_step
@@ -292,7 +291,7 @@ class UncertaintyCallback(InterpCallback):
         means = torch.stack([row.mean() for row in rows]).tolist()  # read once
         scalars = {f"interp_{self.name}/{name}": value for name, value in zip(names, means, strict=True)}
         if not all(math.isfinite(value) for value in means) and not bool(torch.isfinite(rows).all()):
-            rank_zero_warn(
+            self._warn(
                 f"UncertaintyCallback: the model's outputs on the probe set are not finite at epoch "
                 f"{trainer.current_epoch}, so the uncertainties are NaN."
             )
@@ -359,7 +358,7 @@ class UncertaintyCallback(InterpCallback):
         host = torch.cat([small, pictures.double().flatten()]).cpu()
         agreement_mean, relative_std, constant = host[:3].tolist()
         if constant:
-            rank_zero_warn(
+            self._warn(
                 f"UncertaintyCallback: the {method} maps under MC dropout are constant (a zero gradient, e.g. "
                 f"dead units) at epoch {trainer.current_epoch}, so their agreement is undefined and logged as NaN."
             )

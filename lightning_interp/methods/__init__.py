@@ -59,7 +59,15 @@ from lightning_interp.methods.attribution.lrp import (
     lrp,
     lrp_rules,
 )
-from lightning_interp.methods.attribution.modified import RELU_RULES, deconvnet, guided_backprop, relu_rule
+from lightning_interp.methods.attribution.modified import (
+    DECONV_KEEPS,
+    RELU_RULES,
+    DeconvKeep,
+    deconvnet,
+    deconvnet_signal,
+    guided_backprop,
+    relu_rule,
+)
 from lightning_interp.methods.attribution.noise_tunnel import (
     NOISE_TUNNEL_KINDS,
     NoiseTunnelKind,
@@ -178,6 +186,7 @@ from lightning_interp.methods.model.inputs import (
     real_tokens,
 )
 from lightning_interp.methods.model.layers import find_target_layer, layers_with_patch_gradient, spatial_layers
+from lightning_interp.methods.model.multi_input import SEVERAL_INPUTS, InputLayout, SeveralInputs
 from lightning_interp.methods.model.neuron import (
     NEURON_REDUCTIONS,
     NeuronReduce,
@@ -272,6 +281,7 @@ from lightning_interp.methods.representation.feature_visualization import (
     PARAMETERIZATIONS,
     DeepDreamResult,
     FeatureVisualizationResult,
+    GeneratorCode,
     VisualizationTarget,
     VisualizationTargetSpec,
     deep_dream,
@@ -335,6 +345,7 @@ __all__ = [
     "CAM_VARIANTS",
     "CAV",
     "CHANNEL_REDUCTIONS",
+    "DECONV_KEEPS",
     "DETECTION_KEYS",
     "DROPOUT_TYPES",
     "FAMILIES",
@@ -361,6 +372,7 @@ __all__ = [
     "REMOVAL_BASELINES",
     "RSA_METHODS",
     "SEGMENTATION_REGIONS",
+    "SEVERAL_INPUTS",
     "TASKS",
     "TOKEN_POOLINGS",
     "ActivationStatistics",
@@ -374,6 +386,7 @@ __all__ = [
     "ChannelsLayout",
     "ClassAttribution",
     "ClassBalance",
+    "DeconvKeep",
     "DeepDreamResult",
     "DetectionScores",
     "DetectionTarget",
@@ -384,7 +397,9 @@ __all__ = [
     "ForwardWith",
     "FullGradScaling",
     "Gamma",
+    "GeneratorCode",
     "GuidedGradCamInterpolation",
+    "InputLayout",
     "LRPComposite",
     "LRPLayer",
     "LRPRule",
@@ -410,6 +425,7 @@ __all__ = [
     "RegressionProbeResult",
     "SegmentationRegion",
     "SegmentationTarget",
+    "SeveralInputs",
     "TCAVResult",
     "TaskOption",
     "TokenGrid",
@@ -459,6 +475,7 @@ __all__ = [
     "concept_activations",
     "curve_auc",
     "deconvnet",
+    "deconvnet_signal",
     "deep_dream",
     "deeplift",
     "deeplift_shap",

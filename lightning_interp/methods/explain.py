@@ -139,8 +139,9 @@ class Attributions:
     """What one call of an :class:`Explainer` gives.
 
     Attributes:
-        attributions: key -> the method's raw result: attributions shaped like the inputs, or (B, H, W) CAM maps.
-            The key is the method's name, ``name@layer`` for a CAM method.
+        attributions: key -> the method's raw result: attributions shaped like the inputs (a tuple of them, one per
+            input, for a model of several inputs), or (B, H, W) CAM maps. The key is the method's name,
+            ``name@layer`` for a CAM method.
         target: (B,) the explained index per sample (the same for every method).
         scores: (B, C) the model's scores (from the shared pass, or one no-grad forward when no method needs it).
         scalars: ``<key>/<scalar>`` -> 0-d tensor on the inputs' device, e.g.
@@ -149,19 +150,23 @@ class Attributions:
         cam: the keys of CAM maps (one value per pixel already; the rest are reduced over channels by :meth:`maps`).
     """
 
-    attributions: dict[str, Tensor]
+    attributions: dict[str, Tensor | tuple[Tensor, ...]]
     target: Tensor
     scores: Tensor
     scalars: dict[str, Tensor] = field(default_factory=dict)
     cam: set[str] = field(default_factory=set)
 
-    def maps(self, channel_reduction: ChannelReduction = "abs_sum") -> dict[str, Tensor]:
+    def maps(self, channel_reduction: ChannelReduction = "abs_sum") -> dict[str, Tensor | tuple[Tensor, ...]]:
         """One float32 map per key: input attributions reduced over channels
-        (:func:`~lightning_interp.methods.attribution_to_map`), CAM maps as they are."""
-        return {
-            key: value.detach().float() if key in self.cam else attribution_to_map(value, channel_reduction)
-            for key, value in self.attributions.items()
-        }
+        (:func:`~lightning_interp.methods.attribution_to_map`; a tuple of maps, one per input, for a model of several
+        inputs), CAM maps as they are."""
+        maps: dict[str, Tensor | tuple[Tensor, ...]] = {}
+        for key, value in self.attributions.items():
+            if isinstance(value, tuple):
+                maps[key] = tuple(attribution_to_map(part, channel_reduction) for part in value)
+            else:
+                maps[key] = value.detach().float() if key in self.cam else attribution_to_map(value, channel_reduction)
+        return maps
 
 
 @dataclass(frozen=True)
@@ -245,20 +250,42 @@ class Explainer:
         return [entry.key for entry in self.entries]
 
     def __call__(
-        self, model: nn.Module, inputs: Tensor, target: Target = None, *, baseline: Tensor | None = None
+        self,
+        model: nn.Module,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: Target = None,
+        *,
+        baseline: Tensor | tuple[Tensor, ...] | None = None,
+        additional_forward_args: tuple[Any, ...] | None = None,
     ) -> Attributions:
         """Explain ``inputs`` with every method.
 
         Args:
-            model: the network (called as ``model(inputs)``).
-            inputs: (B, ...) batch on the model's device.
+            model: the network (called as ``model(inputs)``, or ``model(*inputs, *additional_forward_args)``).
+            inputs: (B, ...) batch on the model's device, or a tuple of them for a model of several inputs (see
+                :func:`~lightning_interp.methods.attribute`): each input-attribution method then gives a tuple of
+                attributions, one per input, and each CAM method the first input's map.
             target: class index, (B,) LongTensor, or None for the prediction (per ``task``).
             baseline: the reference of the methods that take ``baseline`` (integrated gradients, DeepLIFT) or
-                ``baselines`` (GradientSHAP: its first row), unless their options set one.
+                ``baselines`` (GradientSHAP: its first row), unless their options set one; a tuple, one per input,
+                for several inputs.
+            additional_forward_args: the model's further positional arguments, not explained (a tensor holds one
+                row per sample).
 
         Returns:
             An :class:`Attributions`.
+
+        Example:
+            >>> class TwoInputs(nn.Module):
+            ...     def forward(self, image, table):
+            ...         return image.mean(dim=(2, 3)) + table
+            >>> result = Explainer(["gradient", "integrated_gradients"])(TwoInputs(), (torch.rand(2, 3, 4, 4),
+            ...                                                          torch.rand(2, 3)))
+            >>> [tuple(part.shape) for part in result.maps()["integrated_gradients"]]
+            [(2, 4, 4), (2, 3)]
         """
+        if not isinstance(inputs, Tensor) or additional_forward_args:
+            return self._several(model, inputs, target, baseline, tuple(additional_forward_args or ()))
         input_gradient = any(_from_input_gradient(entry) for entry in self.entries)
         shared = [entry for entry in self.entries if _from_layer_pass(entry)]
         layers = list(dict.fromkeys(entry.layer for entry in shared if entry.layer is not None))
@@ -303,6 +330,37 @@ class Explainer:
             cam={entry.key for entry in self.entries if METHODS[entry.method].needs_layer},
         )
 
+    def _several(
+        self,
+        model: nn.Module,
+        inputs: Tensor | Sequence[Tensor],
+        target: Target,
+        baseline: Tensor | Sequence[Tensor] | None,
+        arguments: tuple[Any, ...],
+    ) -> Attributions:
+        """Every method through :func:`~lightning_interp.methods.attribute`, on a model of several inputs or of
+        further forward arguments (no shared pass: each method calls the model through its own view)."""
+        if not isinstance(inputs, (Tensor, tuple, list)):
+            raise TypeError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}.")
+        several = not isinstance(inputs, Tensor)
+        parts = tuple(inputs) if several else (inputs,)
+        with torch.no_grad(), modes_preserved(model), eager_forward():
+            scores = scores_from_output(model(*parts, *arguments), self.output_transform).detach()
+        index = resolve_target(target, scores, self.task)
+        attributions: dict[str, Tensor | tuple[Tensor, ...]] = {}
+        scalars: dict[str, Tensor] = {}
+        for entry in self.entries:
+            attributions[entry.key] = self._run(
+                METHODS[entry.method], entry, model, inputs, index, baseline, scalars, arguments
+            )
+        return Attributions(
+            attributions=attributions,
+            target=index,
+            scores=scores,
+            scalars=scalars,
+            cam={entry.key for entry in self.entries if METHODS[entry.method].needs_layer},
+        )
+
     def _target(self, model: nn.Module, inputs: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         """The scores from one no-grad forward, and the explained index per sample (``target``, or the prediction)."""
         with torch.no_grad(), modes_preserved(model), eager_forward():
@@ -314,12 +372,14 @@ class Explainer:
         spec: MethodSpec,
         entry: _Entry,
         model: nn.Module,
-        inputs: Tensor,
+        inputs: Tensor | Sequence[Tensor],
         target: Tensor,
-        baseline: Tensor | None,
+        baseline: Tensor | Sequence[Tensor] | None,
         scalars: dict[str, Tensor],
-    ) -> Tensor:
+        arguments: tuple[Any, ...] = (),
+    ) -> Tensor | tuple[Tensor, ...]:
         options = dict(entry.options)
+        device = (inputs if isinstance(inputs, Tensor) else inputs[0]).device
         accepted = spec.options
         if "output_transform" in accepted:
             options["output_transform"] = self.output_transform
@@ -328,7 +388,7 @@ class Explainer:
         if "internal_batch_size" in accepted and self.internal_batch_size is not None:
             options.setdefault("internal_batch_size", self.internal_batch_size)
         if spec.stochastic:  # its own generator, on the inputs' device, the same draws at every call
-            options["generator"] = torch.Generator(device=inputs.device).manual_seed(self.seed)
+            options["generator"] = torch.Generator(device=device).manual_seed(self.seed)
         if spec.needs_layer:
             if "relu" in accepted:
                 options.setdefault("relu", self.relu)
@@ -337,16 +397,20 @@ class Explainer:
         if baseline is not None and "baseline" in accepted:
             options.setdefault("baseline", baseline)
         if baseline is not None and "baselines" in accepted:
-            options.setdefault("baselines", baseline[:1])
+            first = baseline[:1] if isinstance(baseline, Tensor) else tuple(part[:1] for part in baseline)
+            options.setdefault("baselines", first)
         delta = "completeness_error" in spec.scalars and "return_convergence_delta" in accepted
         delta = delta and options.get("multiply_by_inputs", True) is not False  # multipliers alone: no completeness
         if delta:
             options["return_convergence_delta"] = True
         layer = {"layer": entry.layer} if spec.needs_layer else {}
-        result = attribute(entry.method, model, inputs, target, **layer, **options)
-        if isinstance(result, tuple):  # (attributions, per-sample completeness residual)
+        forward_args = {"additional_forward_args": arguments} if arguments else {}
+        result = attribute(entry.method, model, inputs, target, **layer, **forward_args, **options)
+        if delta:  # (attributions, per-sample completeness residual)
             result, residual = result
-            difference = result.reshape(result.shape[0], -1).double().sum(dim=1) - residual
+            parts = result if isinstance(result, tuple) else (result,)
+            total = sum(part.reshape(part.shape[0], -1).double().sum(dim=1) for part in parts)
+            difference = total - residual
             scalars[f"{entry.key}/completeness_error"] = residual.abs().mean() / difference.abs().mean().clamp_min(
                 1e-12
             )

@@ -33,9 +33,18 @@ __all__ = [
 ]
 
 Family = Literal["gradient", "modified backward", "perturbation", "cam", "layer"]
+SeveralInputs = Literal["joint", "each", "first"]
 FAMILIES: tuple[Family, ...] = ("gradient", "modified backward", "perturbation", "cam", "layer")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_SEVERAL_INPUTS_BY_FAMILY: dict[str, SeveralInputs] = {
+    "gradient": "joint",
+    "modified backward": "joint",
+    "perturbation": "each",
+    "cam": "first",
+    "layer": "joint",
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,11 @@ class MethodSpec:
             dear to pay at every validation epoch (SmoothGrad's 25 noisy copies become 16).
         cost: forward and backward passes per probe sample at the default options (for the docs).
         reference: the implementation its tests compare it with.
+        several_inputs: how it explains a model of several inputs (a tuple, see
+            :mod:`~lightning_interp.methods.model.multi_input`): ``"joint"`` (all inputs together, packed side by side:
+            paths, noise, coalitions and features span them; one result per input), ``"each"`` (one input at a
+            time, the others at their values; one result per input) or ``"first"`` (the first input's map, the
+            others at their values: the CAM family).
     """
 
     name: str
@@ -75,6 +89,7 @@ class MethodSpec:
     run_defaults: Mapping[str, Any] = field(default_factory=dict)
     cost: str = ""
     reference: str = ""
+    several_inputs: SeveralInputs = "each"
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -100,6 +115,7 @@ def register_method(
     run_defaults: Mapping[str, Any] | None = None,
     cost: str = "",
     reference: str = "",
+    several_inputs: SeveralInputs | None = None,
     replace: bool = False,
 ) -> Callable[[F], F]:
     """Declare an attribution method: a decorator above its function, which it returns unchanged.
@@ -124,6 +140,10 @@ def register_method(
         run_defaults: the options callbacks use by default (cheaper than the function's).
         cost: passes per sample, for the docs.
         reference: the implementation it is tested against.
+        several_inputs: how it explains a model of several inputs (:attr:`MethodSpec.several_inputs`); default
+            ``"joint"`` for the gradient, modified-backward and layer families (they treat every value alike,
+            whatever the input's shape), ``"each"`` for perturbation methods (the method then sees one input at a
+            time, shaped as it is: safe for any method) and ``"first"`` for the CAM family.
         replace: allow replacing a method already declared under ``name``.
 
     Raises:
@@ -143,6 +163,8 @@ def register_method(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}.")
+    if several_inputs not in (None, "joint", "each", "first"):
+        raise ValueError(f"several_inputs must be 'joint', 'each' or 'first', got {several_inputs!r}.")
 
     def declare(function: F) -> F:
         key = name or function.__name__
@@ -165,6 +187,7 @@ def register_method(
             run_defaults=dict(run_defaults or {}),
             cost=cost,
             reference=reference,
+            several_inputs=several_inputs or _SEVERAL_INPUTS_BY_FAMILY[family],
         )
         declared = {**METHODS, key: spec}
         METHODS.clear()  # in place: modules that imported METHODS keep seeing every method
@@ -224,13 +247,14 @@ def available_methods(family: Family | None = None) -> dict[str, str]:
 def attribute(
     name: str,
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Tensor | tuple[Tensor, ...],
     target: Any = None,
     /,
     *,
     layer: nn.Module | str | None = None,
+    additional_forward_args: tuple[Any, ...] | None = None,
     **options: object,
-) -> Tensor:
+) -> Any:
     """Explain ``inputs`` with the registered method ``name``.
 
     Input-attribution methods return attributions shaped like ``inputs``;
@@ -241,12 +265,22 @@ def attribute(
     (``method=`` of integrated gradients included): the first four arguments
     are positional only.
 
+    A model of several inputs, ``model(image, table)``, takes them as a tuple
+    (Captum's convention): the input-attribution methods return a tuple of
+    attributions, one per input, shaped like it, and the options that describe
+    the inputs (``baseline``, ``baselines``, ``feature_mask``, LRP's ``low`` and
+    ``high``) are given as tuples too; CAM methods return the first input's map.
+    How each method treats them is :attr:`MethodSpec.several_inputs`.
+
     Args:
         name: a name from :func:`available_methods`.
         model: the network.
-        inputs: (B, ...) batch.
+        inputs: (B, ...) batch, or a tuple of such batches (one per model input, floating point, the same B).
         target: class index, LongTensor (B,), or None for the prediction.
         layer: for CAM methods, the layer to explain.
+        additional_forward_args: further positional arguments of the model, after the inputs, not explained: a
+            tensor holds one row per sample (each copy a method makes gets its sample's row); other values are
+            passed as they are.
         **options: the method's options, e.g. ``n_samples=8`` for SmoothGrad.
 
     Raises:
@@ -262,13 +296,27 @@ def attribute(
         (torch.Size([2, 3, 8, 8]), torch.Size([2, 8, 8]))
         >>> attribute("integrated_gradients", net, x, 0, method="riemann_right").shape
         torch.Size([2, 3, 8, 8])
+        >>> class TwoInputs(nn.Module):
+        ...     def forward(self, image, table, scale):
+        ...         return image.mean(dim=(2, 3)) * scale + table
+        >>> image, table = torch.rand(2, 3, 4, 4), torch.rand(2, 3)
+        >>> maps = attribute("integrated_gradients", TwoInputs(), (image, table), 0,
+        ...                  additional_forward_args=(torch.tensor([[1.0], [2.0]]),))
+        >>> [tuple(part.shape) for part in maps]
+        [(2, 3, 4, 4), (2, 3)]
     """
     spec = method_spec(name)
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         raise TypeError(f"{name} takes no option(s) {unknown}; its options are: {', '.join(spec.options)}.")
+    if layer is not None and not spec.needs_layer:
+        raise ValueError(f"{name} attributes to the input and takes no layer; CAM methods take one.")
+    if not isinstance(inputs, Tensor) or additional_forward_args:
+        from lightning_interp.methods.model.multi_input import attribute_several  # not a method module
+
+        if not isinstance(inputs, (Tensor, tuple, list)):
+            raise TypeError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}.")
+        return attribute_several(spec, model, inputs, target, layer, additional_forward_args, options)
     if spec.needs_layer:
         return spec.function(model, inputs, target, layer, **options)
-    if layer is not None:
-        raise ValueError(f"{name} attributes to the input and takes no layer; CAM methods take one.")
     return spec.function(model, inputs, target, **options)

@@ -11,6 +11,7 @@ run's TensorBoard events.
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 
 import lightning.pytorch as pl
@@ -271,8 +272,9 @@ def test_feature_visualization_logs_the_functional_objectives(tmp_path):
 
 # ------------------------------------------------------------------ report
 def test_the_report_names_the_scalar_tags_another_callback_logged(tmp_path):
-    """The report's curves section shows each callback's tag group and one chart per metric, captioned with the
-    metric and how many series it has: every scalar tag the calibration callback wrote to the events is there."""
+    """The report's curves section shows each callback's tag group and one chart per metric that changed, captioned
+    with the metric and how many series it has, and names the others with their value: every scalar tag the
+    calibration callback wrote to the events is there."""
     report = ReportCallback()
     logger = TensorBoardLogger(str(tmp_path), name="run")
     _fit(tmp_path, _image_model(), [CalibrationCallback(), report], logger=logger)
@@ -281,8 +283,10 @@ def test_the_report_names_the_scalar_tags_another_callback_logged(tmp_path):
     assert report.path is not None
     with open(report.path, encoding="utf-8") as handle:
         text = handle.read()
-    curves = text[text.index('id="curves"') : text.index('id="pictures"')]
-    assert "<h3>interp_calibration</h3>" in curves
+    curves = text[text.index('id="curves"') : text.index('id="configuration"')]
+    assert 'id="curves-interp_calibration">Calibration (interp_calibration)</h3>' in curves
+    not_drawn = curves.split("Not drawn", 1)[1] if "Not drawn" in curves else ""
     for metric, count in Counter(tag.rsplit("/", 1)[-1] for tag in ours).items():
-        assert f"<figcaption>{metric} ({count} series)</figcaption>" in curves, metric
+        charted = re.search(rf"<figcaption>{metric}(: [^<(]*)? \({count} series\)</figcaption>", curves)
+        assert charted or f"{metric}: " in not_drawn, metric
     assert "Callbacks that logged: calibration." in text

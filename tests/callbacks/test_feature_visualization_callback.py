@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_interp import DataDescription, Display
 from lightning_interp.callbacks.feature_visualization import VALUE_RANGES, FeatureVisualizationCallback, ImageOptions
-from lightning_interp.methods.representation.feature_visualization import feature_visualization
+from lightning_interp.methods.representation.feature_visualization import GeneratorCode, feature_visualization
 from tests.conftest import (
     assert_training_identical,
     quiet_trainer,
@@ -141,7 +141,10 @@ def test_image_option_literals_list_what_the_checks_accept():
     from lightning_interp.methods.representation.feature_visualization import PARAMETERIZATIONS
 
     hints = typing.get_type_hints(ImageOptions)
-    assert typing.get_args(hints["parameterization"]) == PARAMETERIZATIONS
+    (literal,) = [
+        part for part in typing.get_args(hints["parameterization"]) if typing.get_origin(part) is typing.Literal
+    ]
+    assert typing.get_args(literal) == PARAMETERIZATIONS  # or a GeneratorCode
     (literal,) = [part for part in typing.get_args(hints["value_range"]) if typing.get_origin(part) is typing.Literal]
     assert typing.get_args(literal) == VALUE_RANGES
 
@@ -238,3 +241,56 @@ def test_a_dead_channel_is_warned_about_not_drawn_as_if_it_were_its_picture():
         warnings.simplefilter("error")  # a live channel: no warning
         live = feature_visualization(net, ["1:0"], image_shape=(3, 16, 16), steps=8)
     assert live.history[-1].mean() > live.history[0].mean()
+
+
+def _image_generator() -> torch.nn.Module:
+    """A small generator of the tiny data's (3, 16, 16) images in [0, 1], with a Dropout and a BatchNorm."""
+    torch.manual_seed(5)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Linear(32, 3 * 16 * 16), torch.nn.Sigmoid(), torch.nn.Unflatten(1, (3, 16, 16)),
+    ).train()  # fmt: skip
+
+
+def test_a_generators_code_space_leaves_training_and_the_generator_untouched(tmp_path):
+    generator = _image_generator()
+    before = {name: value.clone() for name, value in generator.state_dict().items()}
+    plain = train_with(tmp_path / "plain", [])
+    code = GeneratorCode(generator, code_shape=8, l2=0.01, clip=(-3.0, 3.0))
+    callback = _callback(
+        targets=["net.features.4:2", ("class", 1)], num_images=2, image=ImageOptions(parameterization=code)
+    )
+    other = train_with(tmp_path / "with", [callback])
+    assert callback._runs == 2, "the callback must actually have run"
+    assert_training_identical(plain, other)
+    for name, value in generator.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None and p.requires_grad for p in generator.parameters())
+    assert all(module.training for module in generator.modules())
+    assert callback._history and callback._history[-1][1].shape == (2, 3, 16, 16)
+
+
+def test_code_space_images_equal_the_functional_api_and_dream_mode_is_refused(tmp_path):
+    code = GeneratorCode(_image_generator(), code_shape=8)
+    callback = _callback(targets=["class:0"], num_images=2, image=ImageOptions(parameterization=code))
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=TensorBoardLogger(str(tmp_path), name="tb"))
+    model = tiny_classifier()
+    trainer.fit(model, datamodule=tiny_datamodule())
+    assert read_events(str(tmp_path)).image_steps(TAG) == [3, 7]
+    low, high = callback._range
+    expected = feature_visualization(
+        model, ["class:0"], image_shape=(3, 16, 16), steps=4, num_images=2, parameterization=code,
+        value_range=(low, high), generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    torch.testing.assert_close(callback._history[-1][1], expected.rgb[:, 0])
+    with pytest.raises(ValueError, match="mode='optimize' with image=ImageOptions"):
+        FeatureVisualizationCallback(mode="dream", image=ImageOptions(parameterization=code))
+
+
+def test_a_generator_of_the_wrong_image_shape_is_refused_before_training(tmp_path):
+    wrong = torch.nn.Sequential(torch.nn.Linear(4, 3 * 8 * 8), torch.nn.Unflatten(1, (3, 8, 8)))
+    callback = _callback(targets=["class:0"], image=ImageOptions(parameterization=GeneratorCode(wrong, 4)))
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False)
+    with pytest.raises(ValueError, match=r"returns \(1, 3, 8, 8\) .* input shape \(1, 3, 16, 16\)"):
+        trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    assert trainer.global_step == 0

@@ -8,7 +8,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_interp import GradCAMCallback, SaliencyCallback
 from lightning_interp.demo import ImageClassifier
-from lightning_interp.methods import NeuronTarget, attribution_to_map, gradient, integrated_gradients
+from lightning_interp.methods import NeuronTarget, attribution_to_map, deconvnet, gradient, integrated_gradients
 from tests.conftest import (
     BatchNormDropoutNet,
     assert_training_identical,
@@ -46,6 +46,25 @@ def test_maps_and_scalars_of_a_neuron_target_are_logged_and_equal_the_functional
     # the explained score is the unit, not a class: a different unit gives different maps
     other = attribution_to_map(gradient(model, inputs, NeuronTarget("net.features.4", (5,))))
     assert not torch.allclose(callback.last_maps["gradient"], other)
+
+
+def test_deconvnet_with_a_neuron_target_logs_the_reconstruction_of_the_feature_map(tmp_path):
+    """SaliencyCallback(target=NeuronTarget(...), methods="deconvnet"): Zeiler and Fergus's reconstruction from the
+    channel's strongest activation (the default) or from the whole map (keep="map"), as the functional API."""
+    torch.manual_seed(0)
+    model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)
+    channel = NeuronTarget("net.features.4", (2,))  # channel 2 of the second convolution
+    top = SaliencyCallback(methods="deconvnet", target=channel, num_samples=4, name="top")
+    whole = SaliencyCallback(methods={"deconvnet": {"keep": "map"}}, target=channel, num_samples=4, name="whole")
+    trainer = quiet_trainer(tmp_path, callbacks=[top, whole], logger=TensorBoardLogger(str(tmp_path)), max_epochs=1)
+    trainer.fit(model, datamodule=tiny_datamodule())
+    assert read_events(str(tmp_path)).image_steps("interp_top/maps")
+    inputs = top.probe.inputs
+    for callback, keep in ((top, "top"), (whole, "map")):
+        expected = attribution_to_map(deconvnet(model, inputs, channel, keep=keep))
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(callback.last_maps["deconvnet"], expected)
+    assert not torch.allclose(top.last_maps["deconvnet"], whole.last_maps["deconvnet"])
 
 
 def test_training_is_unchanged_by_a_neuron_target(tmp_path):

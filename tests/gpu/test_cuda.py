@@ -247,3 +247,35 @@ def test_a_vision_transformer_and_a_binary_model_on_the_gpu(tmp_path, precision)
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
     else:  # computed under bf16 autocast: the same map up to bf16 rounding
         assert float(rank_correlation(ours, expected).min()) > 0.9
+
+
+def test_a_generators_code_space_on_the_gpu_and_the_deconvnet_reconstruction(tmp_path):
+    """The generator, made on the CPU and not part of the LightningModule, is moved to the model's device at fit
+    start and comes out unchanged; the deconvnet reconstruction of a feature map on the GPU equals the CPU one."""
+    from lightning_interp import FeatureVisualizationCallback, ImageOptions
+    from lightning_interp.methods import GeneratorCode, NeuronTarget, deconvnet
+
+    torch.manual_seed(5)
+    generator = torch.nn.Sequential(
+        torch.nn.Linear(8, 3 * 16 * 16), torch.nn.Sigmoid(), torch.nn.Unflatten(1, (3, 16, 16))
+    )
+    before = {name: value.clone() for name, value in generator.state_dict().items()}
+    code = GeneratorCode(generator, code_shape=8, clip=(-3.0, 3.0))
+    callback = FeatureVisualizationCallback(
+        targets=["class:1"], steps=4, every_n_epochs=1, num_samples=8, image=ImageOptions(parameterization=code)
+    )
+    trainer = quiet_trainer(tmp_path, accelerator=ACCELERATOR, callbacks=[callback], logger=False)
+    model = tiny_classifier()
+    trainer.fit(model, datamodule=tiny_datamodule())
+    assert callback._runs == 2
+    assert next(generator.parameters()).device.type == DEVICE
+    for name, value in generator.state_dict().items():
+        assert torch.equal(value.cpu(), before[name]), name
+    assert all(p.grad is None for p in generator.parameters())
+    assert torch.isfinite(trainer.callback_metrics["interp_featvis/class:1/objective"])
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    unit = NeuronTarget("net.3", (1,))
+    on_device = deconvnet(model.to(DEVICE), x.to(DEVICE), unit).cpu()
+    on_cpu = deconvnet(model.cpu(), x, unit)
+    assert on_cpu.abs().max() > 0
+    torch.testing.assert_close(on_device, on_cpu, rtol=1e-4, atol=1e-5)

@@ -71,6 +71,7 @@ from lightning_interp.methods.model.core import (
     resolve_target,
     scores_from_output,
 )
+from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
 
@@ -375,8 +376,9 @@ def deeplift_shap(
         rows = torch.arange(start, end, device=x.device)
         sample, reference = rows // count, rows % count
         result, delta = deeplift(
-            model, x[sample], index[sample], baseline=references[reference], return_convergence_delta=True,
-            multiply_by_inputs=multiply_by_inputs, output_transform=output_transform, task=task,
+            for_rows(model, sample), x[sample], index[sample], baseline=references[reference],
+            return_convergence_delta=True, multiply_by_inputs=multiply_by_inputs,
+            output_transform=output_transform, task=task,
         )  # fmt: skip
         results.append(result.to(accumulation_dtype(x)))
         deltas.append(delta)

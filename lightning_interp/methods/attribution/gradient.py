@@ -25,6 +25,7 @@ from lightning_interp.methods.model.batching import (
     row_chunks,
     row_limit,
     sample_noise,
+    sample_ranges,
 )
 from lightning_interp.methods.model.core import (
     OutputTransform,
@@ -32,6 +33,7 @@ from lightning_interp.methods.model.core import (
     attribution_pass,
     repeat_target,
 )
+from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.model.neuron import bind_neuron
 from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
@@ -153,9 +155,7 @@ def smoothgrad(
         inputs = inputs.float()  # integer pixels: add the noise in float
     batch = inputs.shape[0]
     index = fixed_target(model, inputs, target, output_transform, task)
-    flat = inputs.detach().reshape(batch, -1).float()
-    value_range = (flat.max(dim=1).values - flat.min(dim=1).values).clamp_min(1e-12)
-    std = (noise_level * value_range).reshape(batch, *([1] * (inputs.ndim - 1)))
+    std = noise_level * sample_ranges(inputs)  # per input when several are packed side by side
     chunk = _chunk_copies(internal_batch_size, batch, n_samples)
     total = torch.zeros_like(inputs, dtype=accumulation_dtype(inputs))
     done = 0
@@ -453,7 +453,8 @@ def gradient_shap(
         reference = references[choice[draw, sample]]
         alpha = alphas[draw, sample].to(x.dtype).reshape(-1, *([1] * len(shape)))
         points = alpha * noisy + (1.0 - alpha) * reference
-        grads = attribution_pass(model, points, index[sample], output_transform=output_transform, task=task).input_grad
+        bound = for_rows(model, sample)  # each row with its own sample's other inputs
+        grads = attribution_pass(bound, points, index[sample], output_transform=output_transform, task=task).input_grad
         assert grads is not None
         gained = grads.to(x.dtype) * (noisy - reference) if multiply_by_inputs else grads.to(x.dtype)
         total.index_add_(0, sample, gained.to(total.dtype))

@@ -58,7 +58,9 @@ def _scaled(maps: Tensor, scaling: FullGradScaling) -> Tensor:
 
 @register_method(
     "gradient", "FullGrad",
-    cost="1 forward + 1 backward (gradients at every convolution and BatchNorm)", reference="pytorch-grad-cam FullGrad",
+    cost="1 forward + 1 backward (gradients at every convolution and BatchNorm)",
+    reference="pytorch-grad-cam FullGrad",
+    several_inputs="first",
 )  # fmt: skip
 def full_grad(
     model: nn.Module,

@@ -15,13 +15,21 @@ as in Captum.
 - ``guided_backprop`` (Springenberg et al. 2015): a ReLU passes back
   ``relu(grad_out) * (x > 0)``: only positive gradients, only where it was active.
 - ``deconvnet`` (Zeiler and Fergus 2014): a ReLU passes back ``relu(grad_out)``,
-  whatever its input was.
+  whatever its input was. With a :class:`~lightning_interp.methods.NeuronTarget` it is the paper's
+  reconstruction of one feature map (section 2.1): every other activation of the layer set to zero, the
+  chosen map's strongest activation (``keep="top"``, the default, as the paper's figures) or the whole map
+  (``keep="map"``) passed down through the attached deconvnet: unpooling with the max-pool switches,
+  rectification, transposed filters. The backward pass of the network under this rule *is* that deconvnet
+  (max-pool's backward puts a value back where the maximum came from, a convolution's backward is the
+  transposed convolution with the same filters, biases play no part), so the reconstruction is the backward
+  pass of the top signal: the layer's output masked to the kept activations.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,12 +37,16 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_interp.methods.attribution._rules import OTHER_ACTIVATIONS, RELUS, running_modules, where_running
 from lightning_interp.methods.attribution.gradient import gradient
-from lightning_interp.methods.model.core import OutputTransform, Target
+from lightning_interp.methods.model.core import ForwardWith, OutputTransform, Target
+from lightning_interp.methods.model.neuron import NeuronScores, NeuronTarget, bind_neuron
 from lightning_interp.methods.registry import register_method
 
-__all__ = ["RELU_RULES", "deconvnet", "guided_backprop", "relu_rule"]
+__all__ = ["DECONV_KEEPS", "RELU_RULES", "DeconvKeep", "deconvnet", "deconvnet_signal", "guided_backprop", "relu_rule"]
 
 RELU_RULES = ("guided_backprop", "deconvnet")
+
+DeconvKeep = Literal["top", "map", "gradient"]
+DECONV_KEEPS: tuple[str, ...] = ("top", "map", "gradient")
 
 
 class _GuidedReLU(torch.autograd.Function):
@@ -151,18 +163,38 @@ def guided_backprop(
 def deconvnet(
     model: nn.Module,
     inputs: Tensor,
-    target: Target = None,
+    target: Target | NeuronTarget = None,
     *,
+    keep: DeconvKeep | None = None,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
 ) -> Tensor:
     """Deconvnet (Zeiler and Fergus 2014): the gradient with every ReLU passing back ``relu(grad_out)`` whatever
     its input was. One forward and one backward.
 
+    With ``target=NeuronTarget(layer, channel)`` it is the paper's partial input reconstruction from one feature
+    map (section 2.1): the layer's other activations set to zero and the kept ones passed down through the
+    deconvnet (unpooling with the switches, rectification, transposed filters) to the input. The forward stops
+    at the layer.
+
+    .. math::
+
+        R(x) = D_x\bigl(a_\\ell(x) \\odot m\bigr), \\qquad
+        m = \\mathbb{1}[\text{the kept activations of the chosen map}]
+
+    where :math:`D_x` is the network's backward pass at ``x`` with the deconvnet rule on every ReLU.
+
     Args:
         model: the network (ReLU activations; see the module docstring for the others).
         inputs: (B, ...) batch.
-        target: class index, LongTensor (B,), or None for the prediction.
+        target: class index, LongTensor (B,), or None for the prediction; or a
+            :class:`~lightning_interp.methods.NeuronTarget`: the feature map (an index ``(c,)``), a single unit
+            (a full index) or the whole layer (``()``) to reconstruct from.
+        keep: with a NeuronTarget, which activations of the selected block are passed down: ``"top"`` (the
+            default: each sample's strongest activation, the paper's figures), ``"map"`` (the whole map, with its
+            activations) or ``"gradient"`` (not the paper's reconstruction: the deconvnet backward of the unit's
+            reduced activation, ones over the map for ``reduce="sum"``, as Captum's ``NeuronDeconvolution``).
+            None with a class target (given there, it is refused).
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
@@ -173,5 +205,54 @@ def deconvnet(
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> deconvnet(net, torch.randn(5, 3), 1).shape
         torch.Size([5, 3])
+        >>> conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2))
+        >>> deconvnet(conv, torch.randn(1, 1, 6, 6), NeuronTarget("2", 0)).shape  # channel 0's top activation
+        torch.Size([1, 1, 6, 6])
     """
-    return _modified_gradient("deconvnet", model, inputs, target, output_transform, task)
+    if keep is not None and keep not in DECONV_KEEPS:
+        raise ValueError(f"keep must be one of {DECONV_KEEPS} (or None: 'top' for a NeuronTarget), got {keep!r}.")
+    model, target, output_transform, task = bind_neuron(model, target, output_transform, task)  # a NeuronTarget
+    if not isinstance(model, NeuronScores):  # a class score: the plain deconvnet backward of it
+        if keep is not None:
+            raise ValueError(
+                f"deconvnet(keep={keep!r}) reconstructs from a feature map of a layer: give "
+                "target=NeuronTarget(layer, channel) (or SaliencyCallback(target=NeuronTarget(...))); with a class "
+                "target leave keep=None."
+            )
+        return _modified_gradient("deconvnet", model, inputs, target, output_transform, task)
+    kept = keep or "top"
+    if kept == "gradient":  # the deconvnet backward of the unit's reduced activation (Captum's NeuronDeconvolution)
+        return _modified_gradient("deconvnet", model, inputs, 0, None, "regression")
+    neuron = model
+    shown: Literal["top", "map"] = kept
+
+    def reconstruction_score(_inner: nn.Module, x: Tensor) -> Tensor:
+        activation = neuron.activation(x)  # the forward stops at the layer
+        signal = deconvnet_signal(activation.detach(), neuron.neuron.units, shown)
+        # d score / d activation = signal: the backward pass carries the top signal down
+        return (signal * activation).reshape(activation.shape[0], -1).sum(dim=1, keepdim=True)
+
+    with relu_rule(model, "deconvnet"):
+        return gradient(ForwardWith(model, reconstruction_score), inputs, 0, task="regression")
+
+
+def deconvnet_signal(activation: Tensor, index: tuple[int, ...], keep: Literal["top", "map"] = "top") -> Tensor:
+    """Zeiler and Fergus's top signal: ``activation`` (B, ...) with every value outside ``activation[:, *index]``
+    set to zero, and inside it only each sample's strongest value (``keep="top"``; the first of ties) or all
+    of them (``keep="map"``).
+
+    Example:
+        >>> a = torch.tensor([[[1.0, 3.0], [2.0, 0.5]]])  # (B=1, C=2, 2)
+        >>> deconvnet_signal(a, (0,)).tolist(), deconvnet_signal(a, (1,), "map").tolist()
+        ([[[0.0, 3.0], [0.0, 0.0]]], [[[0.0, 0.0], [2.0, 0.5]]])
+    """
+    where = (slice(None), *index)
+    block = activation[where]
+    signal = torch.zeros_like(activation)
+    if keep == "map":
+        signal[where] = block
+        return signal
+    flat = block.reshape(block.shape[0], -1)
+    strongest = flat.argmax(dim=1, keepdim=True)
+    signal[where] = torch.zeros_like(flat).scatter(1, strongest, flat.gather(1, strongest)).reshape(block.shape)
+    return signal

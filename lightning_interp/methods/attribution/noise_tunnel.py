@@ -31,6 +31,7 @@ from lightning_interp.methods.model.batching import (
     fixed_target,
     out_dtype,
     sample_noise,
+    sample_ranges,
 )
 from lightning_interp.methods.model.core import OutputTransform, Target, repeat_target
 from lightning_interp.methods.model.neuron import bind_neuron
@@ -57,9 +58,7 @@ def _noise_std(x: Tensor, stdevs: float | None, noise_level: float | None) -> Te
     level = 0.15 if noise_level is None else noise_level
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not level >= 0:
         raise ValueError(f"noise_level must be a number >= 0, got {level!r}.")
-    flat = x.reshape(x.shape[0], -1).float()
-    value_range = (flat.max(dim=1).values - flat.min(dim=1).values).clamp_min(1e-12)
-    return (level * value_range).reshape(x.shape[0], *([1] * (x.ndim - 1)))
+    return level * sample_ranges(x)  # per input when several are packed side by side
 
 
 def _inner_options(

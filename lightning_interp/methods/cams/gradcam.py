@@ -22,6 +22,7 @@ from lightning_interp.methods.model.core import (
     resolve_target,
     scores_from_output,
 )
+from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.model.layers import find_target_layer
 from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.model.tokens import (
@@ -541,7 +542,7 @@ def score_cam(
             for start in range(0, channels, internal_batch_size):
                 chunk = masks[sample, start : start + internal_batch_size, None].to(x.dtype)
                 masked = x[sample : sample + 1] * chunk  # (k, C_in, H, W)
-                out = scores_from_output(model(masked), output_transform)
+                out = scores_from_output(for_rows(model, slice(sample, sample + 1))(masked), output_transform)
                 explained = index[sample].expand(masked.shape[0])
                 weights[sample, start : start + masked.shape[0]] = target_scores(out, explained, task).float()
         weights = weights.softmax(dim=1)

@@ -23,7 +23,8 @@ GUIDED_GRAD_CAM_INTERPOLATIONS: tuple[GuidedGradCamInterpolation, ...] = ("bilin
 
 @register_method(
     "modified backward", "guided\nGrad-CAM", sensitivity=True,
-    cost="2 forwards + 2 backwards (Grad-CAM, guided backprop)", reference="Captum GuidedGradCam",
+    cost="2 forwards + 2 backwards (Grad-CAM, guided backprop)",
+    reference="Captum GuidedGradCam", several_inputs="first",
 )  # fmt: skip
 def guided_grad_cam(
     model: nn.Module,

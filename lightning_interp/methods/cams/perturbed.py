@@ -23,6 +23,7 @@ from lightning_interp.methods.model.core import (
     resolve_target,
     scores_from_output,
 )
+from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.model.tokens import TokenReshape
 from lightning_interp.methods.registry import register_method
@@ -131,7 +132,7 @@ def ablation_cam(
                     copies.movedim(channel_dim, 1)[rows, rows + start] = 0  # copy i without channel start + i
                     replacement[:] = [copies]
                     repeated = x[sample : sample + 1].repeat(count, *([1] * (x.ndim - 1)))
-                    out = scores_from_output(model(repeated), output_transform)
+                    out = scores_from_output(for_rows(model, slice(sample, sample + 1))(repeated), output_transform)
                     explained = repeat_target(index[sample : sample + 1], count)
                     ablated[sample, start : start + count] = target_scores(out, explained, task).float()
         finally:

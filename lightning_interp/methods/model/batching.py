@@ -4,7 +4,9 @@ inputs, and random draws from the caller's generator only."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +34,45 @@ __all__ = [
     "row_chunks",
     "row_limit",
     "sample_noise",
+    "sample_ranges",
+    "segmented_columns",
 ]
+
+_SEGMENTS: ContextVar[tuple[int, ...] | None] = ContextVar("lightning_interp_segments", default=None)
+
+
+@contextmanager
+def segmented_columns(sizes: Sequence[int]) -> Iterator[None]:
+    """Within it, a (B, sum(sizes)) batch is several inputs packed side by side (``sizes`` columns each): each
+    sample's value range, which scales SmoothGrad's noise, is taken per input (see :func:`sample_ranges`)."""
+    token = _SEGMENTS.set(tuple(int(size) for size in sizes))
+    try:
+        yield
+    finally:
+        _SEGMENTS.reset(token)
+
+
+def sample_ranges(x: Tensor) -> Tensor:
+    """Each sample's value range (max - min, at least 1e-12) in float32, broadcastable to ``x``: (B, 1, ..., 1);
+    for a batch of several packed inputs (inside :func:`segmented_columns`), each input's own range, (B, D).
+
+    Example:
+        >>> sample_ranges(torch.tensor([[0.0, 2.0, 1.0]])).tolist()
+        [[2.0]]
+        >>> with segmented_columns((2, 1)):
+        ...     sample_ranges(torch.tensor([[0.0, 2.0, 5.0]])).tolist()
+        [[2.0, 2.0, 1e-12]]
+    """
+    sizes = _SEGMENTS.get()
+    flat = x.detach().reshape(x.shape[0], -1).float()
+    if sizes is None or x.ndim != 2 or x.shape[1] != sum(sizes):
+        span = (flat.max(dim=1).values - flat.min(dim=1).values).clamp_min(1e-12)
+        return span.reshape(x.shape[0], *([1] * (x.ndim - 1)))
+    spans = [
+        (part.max(dim=1).values - part.min(dim=1).values).clamp_min(1e-12) for part in torch.split(flat, sizes, dim=1)
+    ]
+    counts = torch.tensor(sizes, device=x.device)
+    return torch.stack(spans, dim=1).repeat_interleave(counts, dim=1)
 
 
 def sample_noise(shape: torch.Size, std: Tensor, generator: torch.Generator | None, like: Tensor) -> Tensor:

@@ -4,7 +4,8 @@ Captum's Neuron* methods (``NeuronGradient``, ``NeuronIntegratedGradients``, ...
 that is not an output of the model but the activation of a *neuron*: an element of a layer's output, or a block of
 it (a channel) summed or averaged. Here that is a target kind: a :class:`NeuronTarget` given as ``target`` to the
 gradient family (``gradient``, ``input_x_gradient``, ``smoothgrad``, ``integrated_gradients``, ``gradient_shap``
-and the noise tunnels) or to ``SaliencyCallback``. The model then runs as :class:`NeuronScores`: its forward
+and the noise tunnels; ``deconvnet``, for which it is Zeiler and Fergus's reconstruction from that feature map) or
+to ``SaliencyCallback``. The model then runs as :class:`NeuronScores`: its forward
 stops where the layer returns, and the "score" (B, 1) is the selected unit's activation (explained as a
 one-output regression, target 0).
 
@@ -132,8 +133,25 @@ class NeuronScores(ForwardWith):
     def forward(self, inputs: Tensor) -> Tensor:
         return _neuron_forward(self.model, inputs, self)
 
+    def activation(self, inputs: Tensor) -> Tensor:
+        """The layer's whole output (B, ...) on ``inputs`` (the forward stops there), its index checked.
+
+        Example:
+            >>> import torch
+            >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten())
+            >>> NeuronScores(net, NeuronTarget("1", 2)).activation(torch.randn(4, 1, 5, 5)).shape
+            torch.Size([4, 3, 3, 3])
+        """
+        output = _layer_output(self.model, inputs, self)
+        self.neuron.check(tuple(output.shape))
+        return output
+
 
 def _neuron_forward(model: nn.Module, inputs: Tensor, view: NeuronScores) -> Tensor:
+    return view.neuron.select(_layer_output(model, inputs, view))
+
+
+def _layer_output(model: nn.Module, inputs: Tensor, view: NeuronScores) -> Tensor:
     captured: list[object] = []
 
     def hook(_module: nn.Module, _args: object, output: object) -> None:
@@ -156,7 +174,7 @@ def _neuron_forward(model: nn.Module, inputs: Tensor, view: NeuronScores) -> Ten
             f"NeuronTarget: layer {neuron.layer!r} returned {type(output).__name__}, not a tensor; choose a layer "
             "that returns one tensor."
         )
-    return neuron.select(output)
+    return output
 
 
 def bind_neuron(

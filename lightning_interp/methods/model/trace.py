@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_interp.methods.model.core import eager_forward, modes_preserved
+from lightning_interp.methods.model.inputs import for_rows
 
 __all__ = ["ModelTrace", "trace_model"]
 
@@ -109,7 +110,7 @@ def trace_model(model: nn.Module, example_input: Tensor) -> ModelTrace:
         with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
             example = example_input[:1].detach().clone()  # no_grad: nothing to detach
             producers[id(example)] = (weakref.ref(example), "")
-            trace.output = model(example)
+            trace.output = for_rows(model, slice(0, 1))(example)  # a bound view: the first sample's other inputs
     finally:
         for handle in handles:
             handle.remove()

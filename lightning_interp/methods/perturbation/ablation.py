@@ -43,6 +43,7 @@ from lightning_interp.methods.model.core import (
     Target,
     resolve_target,
 )
+from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
 
@@ -210,7 +211,7 @@ def occlusion(
             window_id, sample = flat // batch, flat % batch
             covered = rows_cover[window_id // n_w][:, None, :, None] & cols_cover[window_id % n_w][:, None, None, :]
             occluded = torch.where(covered, base[sample], x[sample])
-            drops[start:end] = _row_scores(model, occluded, index[sample], output_transform, task)
+            drops[start:end] = _row_scores(for_rows(model, sample), occluded, index[sample], output_transform, task)
         acc = accumulation_dtype(x)
         drops = clean.to(acc).repeat(total // batch) - drops.to(acc)  # score(x) - score(occluded), Captum's order
         drops = drops.reshape(rows_cover.shape[0], n_w, batch).permute(2, 0, 1)
@@ -348,7 +349,7 @@ def _perturbed_scores(
             flat = torch.arange(start, end, device=x.device)
             coalition, sample = flat // batch, flat % batch
             rows = _coalition_inputs(x, base, mask, coalitions, sample, coalition)
-            scores[start:end] = _row_scores(model, rows, index[sample], output_transform, task)
+            scores[start:end] = _row_scores(for_rows(model, sample), rows, index[sample], output_transform, task)
             if weights is not None and similarity_width is not None:
                 cosine = F.cosine_similarity(
                     rows.reshape(end - start, -1).double(), x[sample].reshape(end - start, -1).double(), dim=1
@@ -364,7 +365,9 @@ def _least_squares(design: Tensor, response: Tensor) -> Tensor:
 
 @register_method(
     "perturbation", "LIME", stochastic=True,
-    cost="n_samples + 1 (129) forwards, no backward", reference="Captum Lime, same coalitions",
+    cost="n_samples + 1 (129) forwards, no backward",
+    reference="Captum Lime, same coalitions",
+    several_inputs="joint",
 )  # fmt: skip
 def lime(
     model: nn.Module,
@@ -490,7 +493,9 @@ def _all_coalitions(features: int, device: torch.device) -> tuple[Tensor, Tensor
 
 @register_method(
     "perturbation", "KernelSHAP", stochastic=True,
-    cost="n_samples + 2 (130) forwards, no backward", reference="Captum KernelShap, same coalitions",
+    cost="n_samples + 2 (130) forwards, no backward",
+    reference="Captum KernelShap, same coalitions",
+    several_inputs="joint",
 )  # fmt: skip
 def kernel_shap(
     model: nn.Module,

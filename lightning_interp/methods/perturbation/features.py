@@ -29,6 +29,7 @@ from lightning_interp.methods.model.batching import (
     row_limit,
 )
 from lightning_interp.methods.model.core import OutputTransform, Target
+from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.perturbation.ablation import (
     PERTURBED_PER_FORWARD,
     _baseline_like,
@@ -48,7 +49,8 @@ __all__ = ["feature_ablation", "feature_permutation", "shapley_value_sampling"]
 
 @register_method(
     "perturbation", "feature\nablation",
-    cost="F + 1 forwards (17 for the default 4 x 4 patches), no backward", reference="Captum FeatureAblation",
+    cost="F + 1 forwards (17 for the default 4 x 4 patches), no backward",
+    reference="Captum FeatureAblation", several_inputs="joint",
 )  # fmt: skip
 def feature_ablation(
     model: nn.Module,
@@ -132,6 +134,7 @@ def _batch_permutations(features: int, batch: int, generator: torch.Generator | 
     "perturbation", "feature\npermutation", stochastic=True,
     cost="F + 1 forwards (17 for the default 4 x 4 patches), no backward; needs a batch of 2 or more",
     reference="Captum FeaturePermutation, same permutations",
+    several_inputs="joint",
 )  # fmt: skip
 def feature_permutation(
     model: nn.Module,
@@ -214,7 +217,7 @@ def feature_permutation(
             feature, sample = flat // batch, flat % batch
             chosen = (mask == feature.reshape(-1, *([1] * (x.ndim - 1)))).expand(-1, *x.shape[1:])
             rows = torch.where(chosen, x[perms[feature, sample]], x[sample])
-            scores[start:end] = _row_scores(model, rows, index[sample], output_transform, task)
+            scores[start:end] = _row_scores(for_rows(model, sample), rows, index[sample], output_transform, task)
     drops = clean.double()[:, None] - scores.reshape(features, batch).T  # (B, F)
     return _spread(drops, mask, x, out_dtype(inputs))
 
@@ -261,6 +264,7 @@ def _orderings(n_samples: int, features: int, generator: torch.Generator | None,
     cost="n_samples * (F - 1) + 2 forwards (377 at 25 orderings of 16 patches; callbacks: 8 orderings, 122), no "
     "backward; every coalition (2**F) when that is no dearer",
     reference="Captum ShapleyValueSampling, same orderings; Captum ShapleyValues when exact",
+    several_inputs="joint",
 )  # fmt: skip
 def shapley_value_sampling(
     model: nn.Module,

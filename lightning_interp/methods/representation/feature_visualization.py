@@ -24,6 +24,15 @@ gradients are taken with :func:`torch.autograd.grad` with respect to the image
 parameters only (no ``param.grad`` is written) and autocast, if active, applies
 to the model's forward only: the parameterisation stays in float32.
 
+A generator network's code space is a third parameterisation (Nguyen et al. 2016, "Synthesizing the preferred
+inputs for neurons in neural networks via deep generator networks"): with ``parameterization=GeneratorCode(G,
+code_shape)`` the image is ``G(z)`` and gradient ascent runs on the code ``z``, maximising the objective minus
+``l2 * |z|^2`` (the code optionally clipped to a range after every step). The model sees ``G(z)`` as it is (the
+generator makes images in the model's input space), so the result is always in the generator's range; no random
+transforms are applied (the generator's prior takes their place). The generator's parameters are never changed:
+they get no gradient (``requires_grad`` off for the call and restored), its modules run in eval mode with every
+``training`` flag restored.
+
 Targets (see :func:`parse_visualization_target`):
 
 * ``"layer:channel"``: the mean over positions of channel ``channel`` of the
@@ -44,7 +53,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +72,7 @@ __all__ = [
     "COLOR_CORRELATION_SVD_SQRT",
     "DeepDreamResult",
     "FeatureVisualizationResult",
+    "GeneratorCode",
     "ImageParameterization",
     "VisualizationTarget",
     "VisualizationTargetSpec",
@@ -470,6 +480,124 @@ def range_tensors(value_range: ValueRange, channels: int, device: torch.device) 
     return low.expand(channels).reshape(shape).clone(), high.expand(channels).reshape(shape).clone()
 
 
+@dataclass(frozen=True, eq=False)
+class GeneratorCode:
+    """A generator network's code space as the image parameterisation (Nguyen et al. 2016): the image is
+    ``generator(z)``, and gradient ascent maximises ``objective(model(generator(z))) - l2 * |z|^2`` over ``z``.
+
+    The generator is the user's network, not part of the explained model: it must return ``(B, C, H, W)`` images
+    in the model's input space for ``(B, *code_shape)`` codes, and live on the model's device
+    (:class:`~lightning_interp.callbacks.FeatureVisualizationCallback` moves it there at fit start; the functional
+    API refuses a generator elsewhere). Its parameters are never changed and get no ``.grad``.
+
+    Attributes:
+        generator: the network ``z -> image``.
+        code_shape: the shape of one code, without the batch dimension (an int for a vector).
+        l2: the weight of the L2 penalty ``l2 * |z|^2`` (>= 0; the default 0.01 keeps an unbounded objective,
+            e.g. a linear unit, from running away).
+        clip: ``(low, high)``: the code is clipped to this range after every step (Nguyen et al. clip their
+            fc6 codes to ``[0, 3 std]`` of the codes of real images); None clips nothing.
+        sd: the starting code is Gaussian noise of this standard deviation (drawn from the run's generator;
+            clipped to ``clip`` when given); 0 starts from the zero code.
+
+    Example:
+        >>> decoder = nn.Sequential(nn.Linear(4, 3 * 8 * 8), nn.Unflatten(1, (3, 8, 8)))
+        >>> net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        >>> code = GeneratorCode(decoder, code_shape=4, clip=(-3.0, 3.0))
+        >>> result = feature_visualization(net, "class:1", image_shape=(3, 8, 8), steps=4, parameterization=code)
+        >>> result.images.shape, result.codes.shape
+        (torch.Size([1, 1, 3, 8, 8]), torch.Size([1, 1, 4]))
+    """
+
+    generator: nn.Module
+    code_shape: tuple[int, ...]
+    l2: float = 0.01
+    clip: tuple[float, float] | None = None
+    sd: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.generator, nn.Module):
+            raise TypeError(
+                f"GeneratorCode(generator=...) must be an nn.Module (z -> image), got {type(self.generator).__name__}."
+            )
+        shape = self.code_shape
+        shape = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else shape
+        if (
+            not isinstance(shape, (tuple, list, torch.Size))
+            or not shape
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape)
+        ):
+            raise ValueError(
+                f"GeneratorCode(code_shape=...) is the shape of one code without the batch dimension: a positive int "
+                f"or a tuple of them, e.g. 128 or (128,); got {self.code_shape!r}."
+            )
+        object.__setattr__(self, "code_shape", tuple(int(n) for n in shape))
+        for name in ("l2", "sd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"GeneratorCode({name}=...) must be a finite number >= 0, got {value!r}.")
+        if self.clip is not None:
+            clip = self.clip
+            if (
+                not isinstance(clip, (tuple, list))
+                or len(clip) != 2
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in clip)
+                or not clip[0] < clip[1]
+            ):
+                raise ValueError(
+                    f"GeneratorCode(clip=...) must be None or (low, high) numbers with low < high, got {clip!r}."
+                )
+            object.__setattr__(self, "clip", (float(clip[0]), float(clip[1])))
+
+
+@contextlib.contextmanager
+def _generator_frozen(code: GeneratorCode | None) -> Iterator[None]:
+    """The generator in eval mode with no parameter requiring grad inside the block; flags and modes restored."""
+    if code is None:
+        yield
+        return
+    saved = [(parameter, parameter.requires_grad) for parameter in code.generator.parameters()]
+    with modes_preserved(code.generator):
+        try:
+            for parameter, flag in saved:
+                if flag:
+                    parameter.requires_grad_(False)
+            yield
+        finally:
+            for parameter, flag in saved:
+                if flag:
+                    parameter.requires_grad_(True)
+
+
+def _initial_code(code: GeneratorCode, batch: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """The starting codes (batch, *code_shape), float32 on ``device``, drawn on the CPU; the generator checked to
+    live on the model's device."""
+    where = next((p.device for p in code.generator.parameters()), None)
+    if where is not None and where != device:
+        raise ValueError(
+            f"GeneratorCode: the generator's parameters are on {where}, the model's on {device}; move it with "
+            f"generator.to({str(device)!r}) (FeatureVisualizationCallback does this at fit start)."
+        )
+    z = torch.randn((batch, *code.code_shape), generator=generator, dtype=torch.float32) * code.sd
+    if code.clip is not None:
+        z = z.clamp(*code.clip)
+    return z.to(device).requires_grad_(True)
+
+
+def _generated(code: GeneratorCode, z: Tensor, image_shape: tuple[int, int, int]) -> Tensor:
+    """``generator(z)``, checked to be (B, *image_shape) images."""
+    parameter = next((p for p in code.generator.parameters() if p.is_floating_point()), None)
+    out = code.generator(z if parameter is None else z.to(parameter.dtype))
+    expected = (z.shape[0], *image_shape)
+    if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+        found = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"GeneratorCode: the generator returns {found} for codes of shape {tuple(z.shape)}; it must return "
+            f"images of the model's input shape {expected} (batch, C, H, W) in the model's input space."
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- the computation
 @contextlib.contextmanager
 def _float32_region(device: torch.device) -> Iterator[None]:
@@ -564,6 +692,8 @@ class FeatureVisualizationResult:
         history: (steps, T, N) the objective at each step (on that step's
             transformed image, before the update).
         targets: the parsed targets, in order (rows of the tensors above).
+        codes: (T, N, *code_shape) the optimised codes with a :class:`GeneratorCode` (``images`` is the generator's
+            output on them); None otherwise.
     """
 
     images: Tensor
@@ -571,6 +701,7 @@ class FeatureVisualizationResult:
     objectives: Tensor
     history: Tensor
     targets: list[VisualizationTarget]
+    codes: Tensor | None = None
 
 
 def feature_visualization(
@@ -583,9 +714,9 @@ def feature_visualization(
     generator: torch.Generator | None = None,
     num_images: int = 1,
     value_range: ValueRange = (0.0, 1.0),
-    parameterization: str = "fourier",
+    parameterization: Literal["fourier", "pixel"] | GeneratorCode = "fourier",
     decorrelate: bool = True,
-    transforms: bool = True,
+    transforms: bool | None = None,
     output_transform: OutputTransform | None = None,
 ) -> FeatureVisualizationResult:
     """Activation maximisation: optimise an image for each target by gradient ascent (Adam) on its parameterisation.
@@ -609,12 +740,16 @@ def feature_visualization(
         num_images: images per target, from different starting noise.
         value_range: ``(low, high)``, floats or one value per channel: the
             image in [0, 1] is mapped to ``low + (high - low) * image`` before
-            the model sees it (the data's range; (0, 1) for plain pixels).
+            the model sees it (the data's range; (0, 1) for plain pixels). With a
+            :class:`GeneratorCode` the model sees the generator's output as it is, and the range maps it back
+            to [0, 1] for ``rgb`` only (clamped).
         parameterization: ``"fourier"`` (decorrelated 1/f spectrum, the
-            default) or ``"pixel"``.
-        decorrelate: decorrelate colours with ImageNet's colour correlation (3 channels only).
+            default), ``"pixel"``, or a :class:`GeneratorCode` (optimise a generator network's code).
+        decorrelate: decorrelate colours with ImageNet's colour correlation (3 channels only; not with a
+            :class:`GeneratorCode`).
         transforms: apply the random pad / jitter / scale / rotation at every
-            step (turn off for models without any spatial invariance).
+            step (turn off for models without any spatial invariance). None (the default): on for
+            ``"fourier"`` and ``"pixel"``, off for a :class:`GeneratorCode`, which refuses True.
         output_transform: picks the (B, K) logits out of what the model returns (class targets).
 
     Returns:
@@ -631,8 +766,17 @@ def feature_visualization(
         raise ValueError("feature_visualization needs at least one target.")
     _check_count("steps", steps)
     _check_count("num_images", num_images)
-    if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}.")
+    code = parameterization if isinstance(parameterization, GeneratorCode) else None
+    if code is None and parameterization not in PARAMETERIZATIONS:
+        raise ValueError(
+            f"parameterization must be one of {PARAMETERIZATIONS} or a GeneratorCode, got {parameterization!r}."
+        )
+    if code is not None and transforms:
+        raise ValueError(
+            "feature_visualization: a GeneratorCode optimises the generator's code, and the model sees its output as "
+            "it is; the random transforms are for image parameterisations. Leave transforms=None (or False)."
+        )
+    transforms = code is None if transforms is None else transforms
     if len(tuple(image_shape)) != 3:
         raise ValueError(
             f"feature_visualization makes images: image_shape must be (C, H, W), got {tuple(image_shape)}."
@@ -642,49 +786,76 @@ def feature_visualization(
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     batch = len(parsed) * num_images
     rows = [slice(i * num_images, (i + 1) * num_images) for i in range(len(parsed))]
-    with modes_preserved(model), eager_forward(), gradients_enabled():  # tensors made here: never inference ones
-        make = fourier_image if parameterization == "fourier" else pixel_image
-        param = make((batch, c, h, w), decorrelate=decorrelate, generator=generator, device=device)
+    with modes_preserved(model), eager_forward(), gradients_enabled(), _generator_frozen(code):
+        # tensors made here: never inference ones
+        if code is None:
+            make = fourier_image if parameterization == "fourier" else pixel_image
+            param = make((batch, c, h, w), decorrelate=decorrelate, generator=generator, device=device)
+            leaf = param.params
+        else:
+            leaf = _initial_code(code, batch, generator, device)
         draws = _transform_draws(steps, h, w, generator).tolist() if transforms else None
         low, high = range_tensors(value_range, c, device)
+
+        def render() -> tuple[Tensor, Tensor]:
+            """The image the model sees (float32) and the picture in [0, 1], from the current parameters."""
+            with _float32_region(device):
+                if code is not None:
+                    seen = _generated(code, leaf, (c, h, w)).float()
+                    return seen, ((seen - low) / (high - low).clamp_min(1e-12)).clamp(0, 1)
+                shown = param.image()
+                return low + (high - low) * shown, shown
+
         history: list[Tensor] = []
-        m = torch.zeros_like(param.params)
-        v = torch.zeros_like(param.params)
+        m = torch.zeros_like(leaf)
+        v = torch.zeros_like(leaf)
         beta1, beta2, eps = 0.9, 0.999, 1e-8
         reached = torch.zeros(batch, dtype=torch.bool, device=device)  # images whose gradient was ever non-zero
         for step in range(steps):
-            with _float32_region(device):
-                image = param.image()
-                if draws is not None:
-                    image = random_transforms(image, draws[step])
-                inputs = (low + (high - low) * image).to(dtype)
+            if code is not None:
+                inputs = render()[0].to(dtype)
+            else:
+                with _float32_region(device):
+                    image = param.image()
+                    if draws is not None:
+                        image = random_transforms(image, draws[step])
+                    inputs = (low + (high - low) * image).to(dtype)
             values = _objectives(model, inputs, parsed, rows, output_transform)
             total = torch.stack([value.sum() for value in values]).sum()
-            (grad,) = torch.autograd.grad(total, [param.params])
-            reached |= _per_image_nonzero(grad, batch)
+            (grad,) = torch.autograd.grad(total, [leaf])
+            reached |= _per_image_nonzero(grad, batch)  # the objective's own gradient (the penalty's is not a sign)
             with torch.no_grad():  # Adam ascent on our own parameters (no optimizer: nothing global is touched)
+                if code is not None and code.l2 > 0:
+                    grad = grad - 2 * code.l2 * leaf  # d/dz of -l2 |z|^2
                 m.mul_(beta1).add_(grad, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 m_hat = m / (1 - beta1 ** (step + 1))
                 v_hat = v / (1 - beta2 ** (step + 1))
-                param.params.add_(lr * m_hat / (v_hat.sqrt() + eps))
+                leaf.add_(lr * m_hat / (v_hat.sqrt() + eps))
+                if code is not None and code.clip is not None:
+                    leaf.clamp_(*code.clip)
             history.append(torch.stack([value.detach() for value in values]))
         with torch.no_grad():
-            with _float32_region(device):
-                rgb = param.image()
-                images = low + (high - low) * rgb
+            images, rgb = render()
             final = torch.stack(_objectives(model, images.to(dtype), parsed, rows, output_transform))
     shape = (len(parsed), num_images, c, h, w)
-    images, rgb, objectives, history_values, reached_any = _to_host(
+    moved = _to_host(
         images.detach().reshape(shape),
         rgb.detach().reshape(shape),
         final.float(),
         torch.stack(history).float(),
         reached.reshape(len(parsed), num_images).any(dim=1),
+        *([] if code is None else [leaf.detach().reshape(len(parsed), num_images, *code.code_shape)]),
     )
+    images, rgb, objectives, history_values, reached_any = moved[:5]
     _warn_unreached(parsed, reached_any.tolist())
     return FeatureVisualizationResult(
-        images=images, rgb=rgb, objectives=objectives, history=history_values, targets=parsed
+        images=images,
+        rgb=rgb,
+        objectives=objectives,
+        history=history_values,
+        targets=parsed,
+        codes=moved[5] if code is not None else None,
     )
 
 
