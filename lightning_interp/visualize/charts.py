@@ -170,7 +170,7 @@ def class_lift_image(lifts: Tensor, names: Sequence[str], measure: str, *, title
     return figure_to_array(figure, canvas)
 
 
-def tcav_bar_image(
+def _tcav_figure(
     panels: Sequence[TCAVPanel],
     concepts: Sequence[str],
     classes: Sequence[int],
@@ -178,23 +178,13 @@ def tcav_bar_image(
     alpha: float = 0.05,
     title: str = "",
     class_names: Sequence[str] | None = None,
-) -> np.ndarray:
-    """Grouped bars of TCAV scores, one panel per layer: classes on the x axis, one bar per concept and one grey
-    bar for the random CAVs; error bars are the std over the runs, ``*`` marks p < alpha, faded bars are not
-    significant, "n/a" a concept without a usable CAV; classes are named from ``class_names`` where it has an entry.
-    Returns uint8 (H, W, 3).
-
-    Example:
-        >>> random = (np.full(2, 0.5), np.full(2, 0.2))
-        >>> panel = ("net.4", {"stripes": (np.array([0.9, 0.2]), np.full(2, 0.05), np.array([0.001, 0.3]))}, random)
-        >>> tcav_bar_image([panel], ["stripes"], [0, 1]).dtype
-        dtype('uint8')
-    """
+) -> Figure:
+    """The figure of :func:`tcav_bar_image` (its tick labels and legend are what the tests read back)."""
     groups = len(classes)
     bars = len(concepts) + 1
     panel_width = max(3.2, 0.28 * groups * bars + 1.2)
     figure = Figure(figsize=(panel_width * len(panels) + 0.4, 3.6), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
+    FigureCanvasAgg(figure)
     colours = [f"C{i % 10}" for i in range(len(concepts))]
     width = 0.8 / bars
     positions = np.arange(groups)
@@ -245,7 +235,31 @@ def tcav_bar_image(
     if title:
         figure.suptitle(f"{title}   * p < {alpha:g}; faded: not significant; n/a: CAV at chance", fontsize=9)
     figure.tight_layout(rect=(0, 0.07, 1, 1))
-    return figure_to_array(figure, canvas)
+    return figure
+
+
+def tcav_bar_image(
+    panels: Sequence[TCAVPanel],
+    concepts: Sequence[str],
+    classes: Sequence[int],
+    *,
+    alpha: float = 0.05,
+    title: str = "",
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Grouped bars of TCAV scores, one panel per layer: classes on the x axis, one bar per concept and one grey
+    bar for the random CAVs; error bars are the std over the runs, ``*`` marks p < alpha, faded bars are not
+    significant, "n/a" a concept without a usable CAV; classes are named from ``class_names`` where it has an entry.
+    Returns uint8 (H, W, 3).
+
+    Example:
+        >>> random = (np.full(2, 0.5), np.full(2, 0.2))
+        >>> panel = ("net.4", {"stripes": (np.array([0.9, 0.2]), np.full(2, 0.05), np.array([0.001, 0.3]))}, random)
+        >>> tcav_bar_image([panel], ["stripes"], [0, 1]).dtype
+        dtype('uint8')
+    """
+    figure = _tcav_figure(panels, concepts, classes, alpha=alpha, title=title, class_names=class_names)
+    return figure_to_array(figure, figure.canvas)
 
 
 def comparison_image(table: dict[str, dict[str, float]], *, title: str = "") -> np.ndarray:
