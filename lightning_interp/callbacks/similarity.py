@@ -165,6 +165,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         self._start_weights: list[Tensor] | None = None  # a stream's start weights (CPU), until its probe is drawn
         self._noted_single = False  # warned this run that one-value layers use the Euclidean RDM
         self._layout: tuple[ProbeSet, torch.device, Tensor, Tensor | None] | None = None  # see _probe_layout
+        self._group_cache: tuple[ProbeSet, list[int] | None, list[str] | None] | None = None  # see _groups
 
     # ------------------------------------------------------------------ setup
     def _reset_run_state(self) -> None:
@@ -173,6 +174,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         self._start_weights = None
         self._noted_single = False
         self._layout = None
+        self._group_cache = None
         if self._reference_auto:
             self.reference_layers = []
 
@@ -452,13 +454,19 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         """Each probe sample's class in the RDMs' order (for the class boundaries of the RDM picture) and the names of
         the classes: None for real-valued targets (sorted by value, no classes) or without labels."""
         assert self.probe is not None
+        cached = self._group_cache
+        if cached is not None and cached[0] is self.probe:  # the labels' kind is read once per probe set
+            return cached[1], cached[2]
         labels = self.probe.labels
-        if labels is None or self.task == "regression" or label_kind(labels) == "continuous":
-            return None, None
-        groups = strata(labels)[self._order()].tolist()
-        names = list(self.class_names) if self.class_names else None
-        if names is not None and label_kind(labels) == "multi_hot":
-            names.append("no label")  # the group of rows without a positive label
+        kind = None if labels is None else label_kind(labels)
+        groups: list[int] | None = None
+        names: list[str] | None = None
+        if labels is not None and self.task != "regression" and kind != "continuous":
+            groups = strata(labels)[self._order()].tolist()
+            names = list(self.class_names) if self.class_names else None
+            if names is not None and kind == "multi_hot":
+                names.append("no label")  # the group of rows without a positive label
+        self._group_cache = (self.probe, groups, names)
         return groups, names
 
     @staticmethod

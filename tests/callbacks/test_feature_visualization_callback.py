@@ -200,7 +200,7 @@ def test_evolution_strip_at_fit_end_shows_each_target_over_the_runs_and_is_bound
     assert [narrow._row_name(t) for t in narrow.targets] == ["a", "c"]  # class names in the rows, not class:k
     objectives = sorted(tag for tag in wide_events.scalars if tag.endswith("/objective"))
     assert objectives == ["interp_featvis/class:a/objective", "interp_featvis/class:c/objective"]  # and in the tags
-    assert narrow_events.scalar_steps("interp_featvis/class:2/objective")  # tags keep the index
+    assert narrow_events.scalar_steps("interp_featvis/class:c/objective")  # the name, not class:2
 
     state = narrow.state_dict()
     resumed = _callback(targets=["class:0", "class:2"])
