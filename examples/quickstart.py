@@ -56,6 +56,15 @@ def concept_examples(count: int = 40, image_size: int = 32, seed: int = 1000) ->
     return {"disc": images[labels == 0][:count], "stripes": striped}
 
 
+def _rows_per_image(text: str) -> int | str | None:
+    """``--rows-per-image``: 'auto', 'none' or a positive number."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'none' or a positive number, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
@@ -65,9 +74,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=8, help="probe samples shown by each callback")
     parser.add_argument(
         "--rows-per-image",
-        type=int,
-        default=None,
-        help="split the map grids into images of this many rows (2 reads well in TensorBoard's Time Series cards)",
+        type=_rows_per_image,
+        default="auto",
+        help="probe rows per map grid image: 'auto' (the default: 2, legible in TensorBoard's Time Series cards), a "
+        "number, or 'none' for one tall grid per run (read it in the Images tab)",
     )
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard log directory")
     parser.add_argument("--seed", type=int, default=0)

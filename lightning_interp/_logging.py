@@ -101,34 +101,45 @@ TAG_PREFIX = "interp_"
 so each callback gets a group of its own (all of ours adjacent, and apart from the user's own metrics)."""
 
 
-def scalar_layout(metrics: Mapping[str, set[str]]) -> dict[str, dict[str, list]]:
-    """A TensorBoard custom-scalars layout: per callback name a category, per metric one multi-line chart that
-    overlays every layer, method or class logging that metric (a tag ``interp_<name>/.../<metric>``).
+def scalar_layout(tags: Mapping[str, set[str]]) -> dict[str, dict[str, list]]:
+    r"""A TensorBoard custom-scalars layout: per callback and metric a category ``interp_<name>/<metric>``, in it one
+    chart per layer, method or class that logs the metric (one tag ``interp_<name>/<what>/<metric>`` each).
+
+    TensorBoard's Custom Scalars tab draws every line of a run in that run's colour (tags of one run differ only by
+    marker shape), so lines overlaid in one chart cannot be told apart; one tag per chart names each line by its
+    chart's title, the charts of one metric side by side, and several runs in one chart keep their own colours.
 
     Example:
-        >>> layout = scalar_layout({"gradcam": {"localization"}})
-        >>> layout["interp_gradcam"]["localization"]
-        ['Multiline', ['^interp_gradcam/(.+/)?localization$']]
+        >>> tags = {"interp_gradcam/net.4/localization", "interp_gradcam/net.7/localization"}
+        >>> layout = scalar_layout({"gradcam": tags})
+        >>> {title: chart[1] for title, chart in layout["interp_gradcam/localization"].items()}
+        {'net.4': ['^interp_gradcam/net\\.4/localization$'], 'net.7': ['^interp_gradcam/net\\.7/localization$']}
     """
-    return {
-        f"{TAG_PREFIX}{name}": {
-            metric: ["Multiline", [f"^{re.escape(TAG_PREFIX + name)}/(.+/)?{re.escape(metric)}$"]]
-            for metric in sorted(names)
-        }
-        for name, names in sorted(metrics.items())
-        if names
-    }
+    layout: dict[str, dict[str, list]] = {}
+    for name, names in sorted(tags.items()):
+        prefix = f"{TAG_PREFIX}{name}/"
+        for tag in sorted(names):
+            if not tag.startswith(prefix):
+                continue
+            what, _, metric = tag[len(prefix) :].rpartition("/")
+            layout.setdefault(f"{prefix}{metric}", {})[what or metric] = ["Multiline", [f"^{re.escape(tag)}$"]]
+    return layout
 
 
-def write_scalar_layout(trainer: pl.Trainer, metrics: Mapping[str, set[str]]) -> bool:
-    """Write :func:`scalar_layout` to every TensorBoard logger of the trainer; True if one was written to."""
-    layout = scalar_layout(metrics)
+def write_scalar_layout(trainer: pl.Trainer, tags: Mapping[str, set[str]], step: int = 0) -> bool:
+    """Write :func:`scalar_layout` to every TensorBoard logger of the trainer at ``step``; True if one was written to.
+
+    TensorBoard shows a run's newest layout, so a layout written again when new tags appear replaces the first.
+    """
+    from torch.utils.tensorboard.summary import custom_scalars
+
+    layout = scalar_layout(tags)
     written = False
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger) and layout:
-            add = getattr(logger.experiment, "add_custom_scalars", None)
-            if callable(add):
-                add(layout)
+            writer = getattr(logger.experiment, "_get_file_writer", None)
+            if callable(writer):
+                writer().add_summary(custom_scalars(layout), global_step=step)
                 written = True
     return written
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
 
@@ -80,21 +80,24 @@ class Display:
         evolution_samples: rows of the evolution strip logged at fit end (0 to skip).
         evolution_columns: about how many epochs an evolution strip shows, evenly spaced (feature visualisation:
             0 skips its strip).
-        rows_per_image: probe rows per grid image. None logs one grid per run, ``interp_<name>/maps``; an int
-            splits it into images of that many rows, ``interp_<name>/maps/rows_1-2``, ..., drawn compact: 2 keeps
-            the text legible at the size of a TensorBoard Time Series card.
+        rows_per_image: probe rows per grid image. ``"auto"`` (the default): 2 for grids drawn row by row (images,
+            feature vectors, signals), so each image stays legible at the size of a TensorBoard Time Series card, and
+            one image for token text (900 px wide, shown at the card's width whatever its rows); an int splits
+            every grid into images of that many rows, ``interp_<name>/maps/rows_1-2``, ..., drawn compact (a grid
+            of no more rows keeps the plain tag ``interp_<name>/maps``); None logs one grid per run,
+            ``interp_<name>/maps`` (legible in the Images tab or at "actual image size").
         background_drawing: draw and log images on the run's background thread (the default), so training waits
             only for the computation and the scalars; False draws them inline (the same images, for debugging).
 
     Example:
-        >>> Display(rows_per_image=2).rows_per_image
-        2
+        >>> Display().rows_per_image, Display(rows_per_image=None).rows_per_image
+        ('auto', None)
     """
 
     cmap: str | None = None
     evolution_samples: int = 4
     evolution_columns: int = 10
-    rows_per_image: int | None = None
+    rows_per_image: int | Literal["auto"] | None = "auto"
     background_drawing: bool = True
 
     def __post_init__(self) -> None:
@@ -105,7 +108,7 @@ class Display:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{option} must be an int >= 0, got {value!r}.")
         rows = self.rows_per_image
-        if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
-            raise ValueError(f"rows_per_image must be None or a positive int, got {rows!r}.")
+        if rows is not None and rows != "auto" and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+            raise ValueError(f"rows_per_image must be 'auto', None or a positive int, got {rows!r}.")
         if not isinstance(self.background_drawing, bool):
             raise TypeError(f"background_drawing must be True or False, got {self.background_drawing!r}.")

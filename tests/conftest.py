@@ -47,7 +47,8 @@ def read_events(log_dir: str) -> Events:
 
 
 def read_scalar_layout(log_dir: str) -> dict[str, dict[str, list[str]]]:
-    """The custom-scalars layout under ``log_dir`` (TensorBoard's own proto): category -> chart title -> regexes."""
+    """The newest custom-scalars layout under ``log_dir`` (TensorBoard's own proto): category -> chart title ->
+    regexes."""
     from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
     files = glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True)
@@ -57,9 +58,10 @@ def read_scalar_layout(log_dir: str) -> dict[str, dict[str, list[str]]]:
         if metadata.CONFIG_SUMMARY_TAG not in acc.Tags()["tensors"]:
             continue
         events = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
-        assert len(events) == 1, "one layout per run"
-        layout = layout_pb2.Layout()
-        layout.ParseFromString(events[0].tensor_proto.string_val[0])
+        steps = [event.step for event in events]
+        assert steps == sorted(set(steps)), "a layout is written again only at a later step"
+        layout = layout_pb2.Layout()  # the newest: the one TensorBoard shows
+        layout.ParseFromString(events[-1].tensor_proto.string_val[0])
         return {
             category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
             for category in layout.category

@@ -136,8 +136,8 @@ def test_mnist_example_logs_maps_and_scores(tmp_path, capsys):
     metrics = load_example("mnist").main(tiny_run_args(tmp_path / "data", tmp_path / "logs"))
 
     events = read_events(str(tmp_path / "logs"))
-    assert events.image_steps("interp_saliency/maps") == [1]  # after two training steps, as val_loss
-    assert events.image_steps("interp_gradcam/maps") == [1]
+    assert events.image_steps("interp_saliency/maps/rows_1-2") == [1]  # after two training steps, as val_loss
+    assert events.image_steps("interp_gradcam/maps/rows_1-2") == [1]
     for tag in ("interp_probe/accuracy_by_depth", "interp_similarity/cka", "interp_similarity/rdm"):
         assert events.image_steps(tag) == [1], tag
     assert any(tag.startswith("interp_probe/") and tag.endswith("/accuracy") for tag in events.scalars)
@@ -187,8 +187,8 @@ def test_cifar10_example_logs_maps_and_scores(tmp_path, fake_cifar10):
     metrics = load_example("cifar10").main(tiny_run_args(fake_cifar10, tmp_path / "logs"))
 
     events = read_events(str(tmp_path / "logs"))
-    assert events.image_steps("interp_saliency/maps") == [1]
-    assert events.image_steps("interp_gradcam/maps") == [1]
+    assert events.image_steps("interp_saliency/maps/rows_1-2") == [1]
+    assert events.image_steps("interp_gradcam/maps/rows_1-2") == [1]
     for tag in ("interp_probe/accuracy_by_depth", "interp_similarity/cka", "interp_similarity/rdm"):
         assert events.image_steps(tag) == [1], tag
     assert any(tag.startswith("interp_probe/") and tag.endswith("/accuracy") for tag in events.scalars)

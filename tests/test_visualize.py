@@ -189,3 +189,83 @@ def test_a_floor_keeps_maps_that_are_small_in_absolute_terms_faint():
     assert normalize_map(uniform).tolist() == [[1.0] * 4]  # on its own maximum it would look maximal
     assert np.allclose(normalize_map(uniform, floor=[0.5]), 0.5)  # twice the uniform share: half strength
     assert float(normalize_map(peaked, floor=[0.5])[0, 0]) == 1.0  # a real peak still reaches full colour
+
+
+# ---------------------------------------------------------------- figures that explain themselves (issue 31)
+
+
+def test_rdm_figure_has_a_colour_bar_and_white_lines_at_each_class_change():
+    from matplotlib.image import AxesImage
+
+    from lightning_interp.visualize.maps import _rdm_figure
+
+    groups = [0, 0, 0, 1, 1, 2, 2, 2]  # class changes before samples 3 and 5
+    full = np.random.default_rng(0).random((8, 8))
+    pooled = np.random.default_rng(1).random((4, 4))  # an average-pooled picture: half the samples' resolution
+    figure = _rdm_figure([full, pooled], ["conv", "fc"], groups=groups, group_names=["cat", "dog", "owl"])
+    labels = [axes.get_label() for axes in figure.axes]
+    assert "colour bar" in labels
+    bar = figure.axes[labels.index("colour bar")]
+    assert bar.get_ylim() == pytest.approx((0.0, 1.0))
+    for name, expected in (("conv", [2.5, 4.5]), ("fc", [1.0, 2.0])):  # pixel edges: 3 * 4 / 8 - 0.5, 5 * 4 / 8 - 0.5
+        axes = figure.axes[labels.index(f"rdm {name}")]
+        lines = [line for line in axes.get_lines() if line.get_gid() == "class boundary"]
+        rows = sorted(line.get_ydata()[0] for line in lines if line.get_ydata()[0] == line.get_ydata()[1])
+        columns = sorted(line.get_xdata()[0] for line in lines if line.get_xdata()[0] == line.get_xdata()[1])
+        assert rows == pytest.approx(expected) and columns == pytest.approx(expected)
+        assert [image for image in axes.get_children() if isinstance(image, AxesImage)]
+    first = figure.axes[labels.index("rdm conv")]
+    assert [tick.get_text() for tick in first.get_yticklabels()] == ["cat", "dog", "owl"]
+    # each RDM over its own 99th percentile: the title says what 1 is
+    assert figure.axes[labels.index("rdm conv")].get_title().endswith(f"1 = {np.percentile(full, 99):.3g}")
+
+    # every picture pooled (the callback's RDMs of more than 128 samples): the lines scale, the picture fills its axes
+    only_pooled = _rdm_figure([pooled], ["fc"], groups=groups)
+    axes = only_pooled.axes[0]
+    lines = [line for line in axes.get_lines() if line.get_gid() == "class boundary"]
+    assert sorted({line.get_ydata()[0] for line in lines if line.get_ydata()[0] == line.get_ydata()[1]}) == [1.0, 2.0]
+    assert axes.get_xlim() == pytest.approx((-0.5, 3.5)) and axes.get_ylim() == pytest.approx((3.5, -0.5))
+
+    no_classes = _rdm_figure([full], ["conv"])
+    assert not [line for axes in no_classes.axes for line in axes.get_lines() if line.get_gid() == "class boundary"]
+
+
+def test_tabular_rows_have_a_colour_legend_for_each_colour_scale_in_use():
+    from lightning_interp.visualize.maps import _feature_figure
+
+    def legend_texts(signed):
+        values = [[np.arange(5.0), -np.arange(5.0)]]
+        figure = _feature_figure(np.ones((1, 5)), values, headers=["#0"], line_titles=["a", "b"], signed=signed)
+        return [text.get_text() for axes in figure.axes for text in axes.texts if text.get_gid() == "legend"]
+
+    both = legend_texts([True, False])
+    assert len(both) == 3 and both[0].startswith("input") and both[1].startswith("map") and "−" in both[2]
+    assert [text.split(":")[0] for text in legend_texts(False)] == ["input", "map"]
+    assert [text.split(":")[0] for text in legend_texts(True)] == ["input", "signed map"]
+
+
+def test_matrix_numbers_are_readable_at_card_size_or_left_out():
+    from lightning_interp.visualize.maps import MIN_CARD_TEXT_PIXELS, _matrix_figure, card_scale
+
+    small = np.arange(16.0).reshape(4, 4) / 16
+    figure = _matrix_figure(small, ["net.0", "net.3", "net.6", "net.10"])
+    numbers = [text for text in figure.axes[0].texts if text.get_gid() == "cell value"]
+    assert sorted(text.get_text() for text in numbers) == sorted(f"{v:.2f}" for v in small.ravel())
+    width, height = figure.get_size_inches() * figure.dpi
+    shown = numbers[0].get_fontsize() * figure.dpi / 72 * card_scale(width, height)  # px in a Time Series card
+    assert shown >= MIN_CARD_TEXT_PIXELS
+    large = _matrix_figure(np.zeros((12, 12)), [f"layer{i}" for i in range(12)])
+    assert not [text for text in large.axes[0].texts if text.get_gid() == "cell value"]
+
+
+def test_tcav_figure_names_classes_from_class_names():
+    from lightning_interp.visualize.charts import _tcav_figure
+
+    random = (np.full(2, 0.5), np.full(2, 0.1))
+    panel = ("net.4", {"stripes": (np.array([0.9, 0.2]), np.full(2, 0.05), np.array([0.001, 0.3]))}, random)
+    named = _tcav_figure([panel], ["stripes"], [0, 2], class_names=["disc", "square", "cross"])
+    assert [tick.get_text() for tick in named.axes[0].get_xticklabels()] == ["disc", "cross"]
+    legend = [text.get_text() for text in named.legends[0].get_texts()]
+    assert legend == ["stripes", "random vs random"]
+    plain = _tcav_figure([panel], ["stripes"], [0, 2])
+    assert [tick.get_text() for tick in plain.axes[0].get_xticklabels()] == ["0", "2"]

@@ -6,7 +6,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -224,7 +224,7 @@ class InterpCallback(Callback):
         return self.display.evolution_columns
 
     @property
-    def rows_per_image(self) -> int | None:
+    def rows_per_image(self) -> int | Literal["auto"] | None:
         return self.display.rows_per_image
 
     later_metrics: tuple[str, ...] = ()
@@ -405,22 +405,26 @@ class InterpCallback(Callback):
         return self._last_step if self._last_step is not None else logging_step(trainer)
 
     def _note_layout(self, trainer: pl.Trainer, scalars: dict[str, float]) -> None:
-        """Add this run's metric names (and those that come only from a later run) to the run's layout."""
+        """Add this run's scalar tags to the run's layout, and the tags of the metrics that come only from a later run
+        (``later_metrics``, for each layer or method that logs a metric now)."""
         context = active_context(trainer)
         if context is None:
             return
         prefix = f"{TAG_PREFIX}{self.name}/"
-        names = context.layout.setdefault(self.name, set())
-        names.update(tag.rsplit("/", 1)[-1] for tag in scalars if tag.startswith(prefix))
-        names.update(self.later_metrics)
+        tags = context.layout.setdefault(self.name, set())
+        ours = [tag for tag in scalars if tag.startswith(prefix)]
+        tags.update(ours)
+        owners = {tag.rpartition("/")[0] for tag in ours if tag.count("/") > 1}
+        tags.update(f"{owner}/{metric}" for owner in owners for metric in self.later_metrics)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         context = active_context(trainer)
-        if context is not None and not context.layout_written and any(context.layout.values()):
-            # after every callback's epoch-end work of the first validation with results: one layout for the run
-            write_scalar_layout(trainer, context.layout)
-            context.layout_written = True
+        count = 0 if context is None else sum(len(tags) for tags in context.layout.values())
+        if context is not None and count > context.layout_written:
+            # after every callback's epoch-end work of a validation that added tags: the run's layout, complete so far
+            write_scalar_layout(trainer, context.layout, logging_step(trainer))
+            context.layout_written = count
         if context is not None and trainer.state.fn == "validate":  # in fit, drawing is drained at fit end
             context.worker.drain()
 

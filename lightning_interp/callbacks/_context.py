@@ -48,8 +48,9 @@ class RunContext:
         pinned: probe-input tensor id -> its pinned host copy.
         timings: one-time cost name -> seconds spent (for the benchmark).
         notes: the one-time messages already given in this run.
-        layout: callback name -> the metric names its scalar tags end in (for TensorBoard's custom-scalars layout).
-        layout_written: whether the layout was written in this run (once: TensorBoard reads a run's first one).
+        layout: callback name -> its scalar tags (for TensorBoard's custom-scalars layout).
+        layout_written: how many tags the layout last written in this run held (0: none written); it is written
+            again when tags were added (TensorBoard shows a run's newest layout).
     """
 
     worker: DrawingWorker = field(default_factory=DrawingWorker)
@@ -65,7 +66,7 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=dict)
     notes: set[str] = field(default_factory=set)
     layout: dict[str, set[str]] = field(default_factory=dict)
-    layout_written: bool = False
+    layout_written: int = 0
 
     def collect(self, key: tuple, batch: ParsedBatch, wanted: int) -> None:
         """Keep a validation batch of a stream (once per batch, whichever callback sees it first)."""

@@ -728,11 +728,13 @@ class MapCallback(InterpCallback):
     def _log_grids(self, trainer: pl.Trainer, picture: _GridData, step: int) -> None:
         """Draw and log the run's grid, or its parts of ``rows_per_image`` rows (on the worker thread)."""
         shown = picture.scores.shape[0]
-        for tag, rows in grid_parts(f"interp_{self.name}/maps", shown, self.rows_per_image):
-            log_image(trainer, tag, self._grid_image(picture, rows), step)
+        per_image = rows_per_part(self.rows_per_image, picture.inputs)
+        for tag, rows in grid_parts(f"interp_{self.name}/maps", shown, per_image):
+            log_image(trainer, tag, self._grid_image(picture, rows, compact=per_image is not None), step)
 
-    def _grid_image(self, picture: _GridData, rows: range | None = None) -> np.ndarray:
-        """The per-run grid of the probe ``rows`` (all by default), drawn from CPU tensors only."""
+    def _grid_image(self, picture: _GridData, rows: range | None = None, *, compact: bool = False) -> np.ndarray:
+        """The per-run grid of the probe ``rows`` (all by default), drawn from CPU tensors only (``compact``: for a
+        part of a split grid, see :func:`~lightning_interp.visualize.render_grid`)."""
         rows = range(picture.scores.shape[0]) if rows is None else rows
         part = slice(rows.start, rows.stop)
         inputs = picture.inputs[part]
@@ -774,7 +776,7 @@ class MapCallback(InterpCallback):
             column_titles=["input", *titles],
             row_labels=labels[part],
             min_label_chars=self._label_chars,
-            compact=self.rows_per_image is not None,
+            compact=compact,
         )
 
     def _rows_image(
@@ -1049,6 +1051,29 @@ def token_strings(
         return str(token)
 
     return [[None if token == pad_id or token < 0 else text(token) for token in row] for row in ids.tolist()]
+
+
+AUTO_ROWS_PER_IMAGE = 2
+"""Probe rows per image with ``Display(rows_per_image="auto")``: TensorBoard 2.21's Time Series card shows an image in
+a box of about 370 x 215 px; the quickstart's 8-row saliency grid (652 x 825 px) is shown there at 0.26 of its size,
+its compact 2-row parts at 0.7 or more (measured in headless Chromium)."""
+
+
+def rows_per_part(option: int | str | None, inputs: Tensor) -> int | None:
+    """The rows per grid image for ``Display.rows_per_image`` and these probe ``inputs``: ``"auto"`` is
+    :data:`AUTO_ROWS_PER_IMAGE` for pictures drawn row by row (images, feature vectors, signals) and one image for
+    token text (900 px wide: a card shows it at its width, 0.4, whatever its rows); an int or None as given.
+
+    Example:
+        >>> rows_per_part("auto", torch.rand(8, 3, 32, 32)), rows_per_part("auto", torch.randint(9, (8, 12)))
+        (2, None)
+        >>> rows_per_part(3, torch.rand(8, 3, 32, 32)), rows_per_part(None, torch.rand(8, 3, 32, 32))
+        (3, None)
+    """
+    if option == "auto":
+        return None if is_token_input(inputs) else AUTO_ROWS_PER_IMAGE
+    assert option is None or isinstance(option, int)
+    return option
 
 
 def grid_parts(tag: str, count: int, rows_per_image: int | None) -> list[tuple[str, range]]:

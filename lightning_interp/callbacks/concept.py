@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
 from lightning_interp._logging import log_image, logging_step, to_numpy
-from lightning_interp.callbacks._base import InterpCallback, parse_layer_names
+from lightning_interp.callbacks._base import InterpCallback, class_name, parse_layer_names
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.methods import (
     TCAVResult,
@@ -193,7 +193,8 @@ class ConceptCallback(InterpCallback):
     differ from the random ones.
     Under ``interp_<name>/`` it logs:
 
-    - ``<concept>/<layer>/<class>/tcav``: the TCAV score, mean over the
+    - ``<concept>/<layer>/<class>/tcav`` (``<class>``: its name from
+      ``DataDescription(class_names=...)``, else its index): the TCAV score, mean over the
       ``n_random`` runs (0.5 = no preference; near 1 the concept pushes the
       class up, near 0 down);
     - ``<concept>/<layer>/<class>/p_value``: the t-test's p-value (below
@@ -438,14 +439,15 @@ class ConceptCallback(InterpCallback):
             absent = [k for k in self.targets if k not in present]
             if absent and not self._provisional:
                 self._warn(
-                    f"ConceptCallback: target class(es) {absent} have no probe samples, so they get no TCAV score. "
+                    f"ConceptCallback: target class(es) {self._named(absent)} have no probe samples, so they get no "
+                    "TCAV score. "
                     "Draw more probe samples (num_samples) or give probe=ProbeSet(...) with samples of those classes."
                 )
             self._classes = [k for k in self.targets if k in present]
             if not self._classes and not self._provisional:
                 raise ValueError(
-                    f"ConceptCallback: none of the target classes {self.targets} has probe samples (the probe's "
-                    f"classes are {present}): nothing to score. Change targets or the probe set."
+                    f"ConceptCallback: none of the target classes {self._named(self.targets)} has probe samples (the "
+                    f"probe's classes are {self._named(present)}): nothing to score. Change targets or the probe set."
                 )
         shape = tuple(probe.inputs.shape[1:])
         given = [(f"concept {c!r}", x) for c, x in self.concepts.items()]
@@ -642,8 +644,9 @@ class ConceptCallback(InterpCallback):
                 means, spread = scores.mean(axis=0), scores.std(axis=0, ddof=1)  # ddof=1: torch's std
                 bars[concept] = (means, spread, p_values)
                 for column, k in enumerate(self._classes):
-                    scalars[f"{base}/{k}/tcav"] = float(means[column])
-                    scalars[f"{base}/{k}/p_value"] = float(p_values[column])
+                    shown = class_name(self.class_names, k)
+                    scalars[f"{base}/{shown}/tcav"] = float(means[column])
+                    scalars[f"{base}/{shown}/p_value"] = float(p_values[column])
             assert random_scores is not None
             panels.append((layer, bars, (random_scores.mean(axis=0), random_scores.std(axis=0, ddof=1))))
         step, classes, class_names = logging_step(trainer), list(self._classes), self.class_names
@@ -657,6 +660,10 @@ class ConceptCallback(InterpCallback):
 
         self._submit(trainer, draw)
         return scalars
+
+    def _named(self, classes: Sequence[int]) -> list[str] | list[int]:
+        """Class indices as their names where ``class_names`` gives them (for messages), else the indices."""
+        return [class_name(self.class_names, k) for k in classes] if self.class_names else list(classes)
 
 
 def _same_gradient_within_classes(gradient: Tensor, class_rows: list[Tensor]) -> Tensor:

@@ -161,7 +161,8 @@ class FeatureVisualizationCallback(InterpCallback):
       columns = the ``num_images`` images (DeepDream adds a first row of the
       probe samples), each row titled with its target and objective;
     - ``<target>/objective``: the objective reached, averaged over the
-      ``num_images`` images (e.g. ``interp_featvis/class:2/objective``).
+      ``num_images`` images (e.g. ``interp_featvis/class:2/objective``, or
+      ``interp_featvis/class:disc/objective`` with ``class_names``).
 
     Cost per run: ``steps`` forward + backward passes of a batch of
     ``len(targets) * num_images`` images at the probe's size (DeepDream:
@@ -201,9 +202,10 @@ class FeatureVisualizationCallback(InterpCallback):
         name: tag prefix; distinct names let two instances coexist.
         num_samples: probe samples (for the value range; DeepDream uses the first ``num_images``).
         every_n_epochs: run at every n-th validation epoch (default 5).
-        **kwargs: ``probe``, ``data`` (its ``class_names`` are shown for class targets instead of ``class:k``; tags
-            keep the index), ``display`` (at fit end, ``interp_<name>/evolution`` shows the first image of every
-            target at up to ``Display(evolution_columns=10)`` runs spread over training; 0: no strip),
+        **kwargs: ``probe``, ``data`` (its ``class_names`` are shown for class targets instead of ``class:k``, and
+            name them in the tags: ``class:<name>/objective``), ``display`` (at fit end,
+            ``interp_<name>/evolution`` shows the first image of every target at up to
+            ``Display(evolution_columns=10)`` runs spread over training; 0: no strip),
             ``forward_fn`` (see :class:`~lightning_interp.callbacks.InterpCallback`).
 
     Example:
@@ -446,7 +448,9 @@ class FeatureVisualizationCallback(InterpCallback):
             trainer, pl_module, self.probe, steps=self.steps, images=self.num_images, generator=generator
         )
         values = objectives.mean(dim=1).tolist()
-        scalars = {f"interp_{self.name}/{t.label}/objective": v for t, v in zip(self.targets, values, strict=True)}
+        scalars = {
+            f"interp_{self.name}/{self._tag_name(t)}/objective": v for t, v in zip(self.targets, values, strict=True)
+        }
         labels = [f"{self._row_name(t)}\nobj={v:.3g}" for t, v in zip(self.targets, values, strict=True)]
         self._remember(trainer.current_epoch, shown[:, 0])
         step, epoch = logging_step(trainer), trainer.current_epoch
@@ -468,6 +472,14 @@ class FeatureVisualizationCallback(InterpCallback):
     def _code(self) -> GeneratorCode | None:
         code = self.image.parameterization
         return code if isinstance(code, GeneratorCode) else None
+
+    def _tag_name(self, target: VisualizationTarget) -> str:
+        """A target's part of its scalar tag: ``class:<name>`` for a class that ``class_names`` names (without a '/'),
+        else the target's label (``class:2``, ``net.3:5``)."""
+        if target.kind == "class" and target.index is not None:
+            shown = class_name(self.class_names, target.index)
+            return f"class:{shown}" if shown != str(target.index) else target.label
+        return target.label
 
     def _row_name(self, target: VisualizationTarget) -> str:
         """A class target by its name where ``class_names`` gives one, else the target's label."""

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_interp._logging import log_image, logging_step
+from lightning_interp.callbacks._base import class_name
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._representation import RepresentationCallback
 from lightning_interp.methods import (
@@ -166,7 +167,8 @@ class LinearProbeCallback(RepresentationCallback):
         if classes.numel() < 2:
             raise ValueError(
                 f"LinearProbeCallback needs at least two classes among its probe samples to fit a classifier; all "
-                f"{len(probe)} are of class {int(classes[0])}. Check the labels, or draw more samples (num_samples)."
+                f"{len(probe)} are of class {class_name(self.class_names, int(classes[0]))}. Check the labels, or draw "
+                "more samples (num_samples)."
             )
         if int(counts.max()) < 2:
             raise ValueError(

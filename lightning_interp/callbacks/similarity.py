@@ -23,13 +23,14 @@ from lightning_interp.methods import (
     capture_features,
     forward_chunk_size,
     get_module,
+    label_kind,
     label_rdm,
     normalized_grams,
     rdm,
     rsa_matrix,
 )
 from lightning_interp.probe import ProbeSet, strata
-from lightning_interp.visualize import colorize, matrix_image, normalize_map, render_grid
+from lightning_interp.visualize import matrix_image, rdm_image
 
 SIMILARITY_METRICS = ("cka", "rsa")
 RDM_TILE = 128  # RDM pictures are average-pooled to at most this many pixels a side
@@ -64,7 +65,10 @@ class RepresentationSimilarityCallback(RepresentationCallback):
     with ``"rsa"`` (representational similarity analysis, Kriegeskorte et al. 2008):
 
     - ``rdm``: each layer's representational dissimilarity matrix, samples
-      sorted by class, so class blocks show on the diagonal;
+      sorted by class, so class blocks show on the diagonal (white lines mark
+      the class boundaries, the blocks are named from ``class_names``; one
+      colour bar: each RDM over its own 99th percentile, whose value its title
+      gives);
     - ``<layer>/rsa_vs_labels``: rank correlation between the layer's RDM and
       the label RDM (0 within a class, 1 across; for multi-hot labels the
       Jaccard distance of the label sets, for real-valued targets their
@@ -161,6 +165,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         self._start_weights: list[Tensor] | None = None  # a stream's start weights (CPU), until its probe is drawn
         self._noted_single = False  # warned this run that one-value layers use the Euclidean RDM
         self._layout: tuple[ProbeSet, torch.device, Tensor, Tensor | None] | None = None  # see _probe_layout
+        self._group_cache: tuple[ProbeSet, list[int] | None, list[str] | None] | None = None  # see _groups
 
     # ------------------------------------------------------------------ setup
     def _reset_run_state(self) -> None:
@@ -169,6 +174,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
         self._start_weights = None
         self._noted_single = False
         self._layout = None
+        self._group_cache = None
         if self._reference_auto:
             self.reference_layers = []
 
@@ -403,6 +409,7 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             numbers["rsa.rsa_vs_next"] = torch.where(both, similarity.diagonal(offset=1)[: len(names) - 1], nan)
         tiles = self._rdm_tiles(rdms)  # pooled where they are, small on the host
         title = f"RDMs ({self.rdm_metric}), samples sorted by class, epoch {trainer.current_epoch}"
+        groups, group_names = self._groups()
 
         def finish(host: dict[str, list[float]], drawn: dict[str, Tensor]) -> dict[str, float]:
             if single and not self._noted_single:
@@ -428,10 +435,8 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             pictures = drawn["rsa.tiles"]
 
             def draw() -> None:
-                images = [colorize(normalize_map(tile[None], percentile=99.0)[0], "viridis") for tile in pictures]
-                log_image(
-                    trainer, f"interp_{self.name}/rdm", render_grid([images], column_titles=names, title=title), step
-                )
+                image = rdm_image(list(pictures), names, groups=groups, group_names=group_names, title=title)
+                log_image(trainer, f"interp_{self.name}/rdm", image, step)
 
             self._submit(trainer, draw)
             values: dict[str, float] = {}
@@ -444,6 +449,25 @@ class RepresentationSimilarityCallback(RepresentationCallback):
             return values
 
         return _Pending(numbers, {"rsa.tiles": tiles}, finish)
+
+    def _groups(self) -> tuple[list[int] | None, list[str] | None]:
+        """Each probe sample's class in the RDMs' order (for the class boundaries of the RDM picture) and the names of
+        the classes: None for real-valued targets (sorted by value, no classes) or without labels."""
+        assert self.probe is not None
+        cached = self._group_cache
+        if cached is not None and cached[0] is self.probe:  # the labels' kind is read once per probe set
+            return cached[1], cached[2]
+        labels = self.probe.labels
+        kind = None if labels is None else label_kind(labels)
+        groups: list[int] | None = None
+        names: list[str] | None = None
+        if labels is not None and self.task != "regression" and kind != "continuous":
+            groups = strata(labels)[self._order()].tolist()
+            names = list(self.class_names) if self.class_names else None
+            if names is not None and kind == "multi_hot":
+                names.append("no label")  # the group of rows without a positive label
+        self._group_cache = (self.probe, groups, names)
+        return groups, names
 
     @staticmethod
     def _rdm_tiles(matrices: Tensor) -> Tensor:

@@ -170,7 +170,7 @@ def class_lift_image(lifts: Tensor, names: Sequence[str], measure: str, *, title
     return figure_to_array(figure, canvas)
 
 
-def tcav_bar_image(
+def _tcav_figure(
     panels: Sequence[TCAVPanel],
     concepts: Sequence[str],
     classes: Sequence[int],
@@ -178,23 +178,13 @@ def tcav_bar_image(
     alpha: float = 0.05,
     title: str = "",
     class_names: Sequence[str] | None = None,
-) -> np.ndarray:
-    """Grouped bars of TCAV scores, one panel per layer: classes on the x axis, one bar per concept and one grey
-    bar for the random CAVs; error bars are the std over the runs, ``*`` marks p < alpha, faded bars are not
-    significant, "n/a" a concept without a usable CAV; classes are named from ``class_names`` where it has an entry.
-    Returns uint8 (H, W, 3).
-
-    Example:
-        >>> random = (np.full(2, 0.5), np.full(2, 0.2))
-        >>> panel = ("net.4", {"stripes": (np.array([0.9, 0.2]), np.full(2, 0.05), np.array([0.001, 0.3]))}, random)
-        >>> tcav_bar_image([panel], ["stripes"], [0, 1]).dtype
-        dtype('uint8')
-    """
+) -> Figure:
+    """The figure of :func:`tcav_bar_image` (its tick labels and legend are what the tests read back)."""
     groups = len(classes)
     bars = len(concepts) + 1
     panel_width = max(3.2, 0.28 * groups * bars + 1.2)
-    figure = Figure(figsize=(panel_width * len(panels) + 0.4, 3.6), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
+    figure = Figure(figsize=(panel_width * len(panels) + 0.4, 3.4), dpi=100, facecolor="white")
+    FigureCanvasAgg(figure)
     colours = [f"C{i % 10}" for i in range(len(concepts))]
     width = 0.8 / bars
     positions = np.arange(groups)
@@ -209,7 +199,7 @@ def tcav_bar_image(
             entry = per_concept.get(concept)
             if entry is None:  # no CAV better than chance at this layer
                 for x in where:
-                    axes.text(x, 0.03, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color=colours[slot])
+                    axes.text(x, 0.03, "n/a", ha="center", va="bottom", fontsize=8, rotation=90, color=colours[slot])
                 continue
             means, spread, p_values = entry
             significant = p_values < alpha
@@ -231,21 +221,45 @@ def tcav_bar_image(
         axes.bar(where, random_mean, width, yerr=clipped(random_mean, random_std), color="#aaaaaa", capsize=2)
         axes.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
         ticks = [class_names[k] if class_names and k < len(class_names) else str(k) for k in classes]
-        axes.set_xticks(positions, ticks, fontsize=8)
+        axes.set_xticks(positions, ticks, fontsize=10)
         axes.set_xlim(-0.5, groups - 0.5)
-        axes.set_xlabel("class", fontsize=8)
+        axes.set_xlabel("class", fontsize=9)
         axes.set_ylim(0, 1.12)
-        axes.set_title(layer, fontsize=9)
-        axes.tick_params(axis="y", labelsize=7)
+        axes.set_title(layer, fontsize=10)
+        axes.tick_params(axis="y", labelsize=9)
         if index == 0:
-            axes.set_ylabel("TCAV score", fontsize=8)
+            axes.set_ylabel("TCAV score", fontsize=9)
     handles = [Patch(color=colour, label=concept) for colour, concept in zip(colours, concepts, strict=True)]
     handles.append(Patch(color="#aaaaaa", label="random vs random"))
-    figure.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), fontsize=7, frameon=False)
+    figure.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), fontsize=9, frameon=False)
     if title:
-        figure.suptitle(f"{title}   * p < {alpha:g}; faded: not significant; n/a: CAV at chance", fontsize=9)
-    figure.tight_layout(rect=(0, 0.07, 1, 1))
-    return figure_to_array(figure, canvas)
+        figure.suptitle(f"{title}\n* p < {alpha:g}; faded: not significant; n/a: CAV at chance", fontsize=9)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    return figure
+
+
+def tcav_bar_image(
+    panels: Sequence[TCAVPanel],
+    concepts: Sequence[str],
+    classes: Sequence[int],
+    *,
+    alpha: float = 0.05,
+    title: str = "",
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Grouped bars of TCAV scores, one panel per layer: classes on the x axis, one bar per concept and one grey
+    bar for the random CAVs; error bars are the std over the runs, ``*`` marks p < alpha, faded bars are not
+    significant, "n/a" a concept without a usable CAV; classes are named from ``class_names`` where it has an entry.
+    Returns uint8 (H, W, 3).
+
+    Example:
+        >>> random = (np.full(2, 0.5), np.full(2, 0.2))
+        >>> panel = ("net.4", {"stripes": (np.array([0.9, 0.2]), np.full(2, 0.05), np.array([0.001, 0.3]))}, random)
+        >>> tcav_bar_image([panel], ["stripes"], [0, 1]).dtype
+        dtype('uint8')
+    """
+    figure = _tcav_figure(panels, concepts, classes, alpha=alpha, title=title, class_names=class_names)
+    return figure_to_array(figure, figure.canvas)
 
 
 def comparison_image(table: dict[str, dict[str, float]], *, title: str = "") -> np.ndarray:

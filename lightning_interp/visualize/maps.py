@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 __all__ = [
+    "card_scale",
     "colorize",
     "figure_to_array",
     "input_to_rgb",
@@ -27,6 +28,7 @@ __all__ = [
     "matrix_image",
     "normalize_map",
     "overlay",
+    "rdm_image",
     "render_feature_rows",
     "render_grid",
     "render_signals",
@@ -276,6 +278,75 @@ def figure_to_array(figure: Figure, canvas: FigureCanvasAgg) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+CARD_BOX = (370, 215)
+"""The box (width, height in px) in which TensorBoard 2.21's Time Series card shows an image, scaled to fit (measured
+in headless Chromium at 1400, 1600 and 1920 px wide windows)."""
+MIN_CARD_TEXT_PIXELS = 8.0  # the smallest font size (px) that reads in a Time Series card
+
+
+def card_scale(width: float, height: float) -> float:
+    """The scale at which a Time Series card shows an image of ``width`` x ``height`` px (at most 1).
+
+    Example:
+        >>> card_scale(740, 215), card_scale(100, 100)
+        (0.5, 1.0)
+    """
+    return min(1.0, CARD_BOX[0] / width, CARD_BOX[1] / height)
+
+
+MATRIX_CELL_INCHES = 0.5  # one cell of a matrix heatmap (50 px at 100 dpi)
+MATRIX_NUMBER_POINTS = 11  # the numbers in the cells
+
+
+def _matrix_figure(
+    values: np.ndarray,
+    labels: Sequence[str],
+    *,
+    column_labels: Sequence[str] | None = None,
+    title: str = "",
+    cmap: str = "magma",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    annotate: bool = True,
+) -> Figure:
+    """The figure of :func:`matrix_image` (its texts are what the tests read back)."""
+    rows, cols = values.shape
+    columns = list(labels if column_labels is None else column_labels)
+    longest = max((len(str(text)) for text in [*labels, *columns]), default=1)
+    label_inches = 0.15 + 0.075 * min(longest, 24)  # 9 pt names
+    width = label_inches + MATRIX_CELL_INCHES * cols + 0.85  # + the colour bar and its tick labels
+    height = (0.45 if title else 0.15) + MATRIX_CELL_INCHES * rows + label_inches * 0.75  # rotated column names
+    figure = Figure(figsize=(width, height), dpi=100, facecolor="white")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    colormap = matplotlib.colormaps[cmap].with_extremes(bad="#bbbbbb")
+    image = axes.imshow(np.ma.masked_invalid(values), cmap=colormap, vmin=vmin, vmax=vmax)
+    axes.set_xticks(range(cols), [str(c)[:24] for c in columns], rotation=45, ha="right", fontsize=9)
+    axes.set_yticks(range(rows), [str(r)[:24] for r in labels], fontsize=9)
+    # numbers only where a Time Series card shows them at a readable size (else the colours and the bar tell)
+    readable = MATRIX_NUMBER_POINTS * 100 / 72 * card_scale(width * 100, height * 100) >= MIN_CARD_TEXT_PIXELS
+    if annotate and readable:
+        for i in range(rows):
+            for j in range(cols):
+                value = values[i, j]
+                shade = (value - vmin) / (vmax - vmin) if np.isfinite(value) else 1.0
+                axes.text(
+                    j,
+                    i,
+                    "nan" if not np.isfinite(value) else f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=MATRIX_NUMBER_POINTS if cols <= 8 else MATRIX_NUMBER_POINTS - 2,
+                    color="black" if shade > 0.6 else "white",
+                    gid="cell value",
+                )
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04).ax.tick_params(labelsize=9)
+    if title:
+        axes.set_title(title, fontsize=10)
+    figure.tight_layout(pad=0.3)
+    return figure
+
+
 def matrix_image(
     matrix: Tensor | np.ndarray,
     labels: Sequence[str],
@@ -290,41 +361,129 @@ def matrix_image(
     """A matrix (e.g. layer x layer CKA) as an annotated heatmap; returns uint8 (H, W, 3).
 
     ``labels`` name the rows and, unless ``column_labels`` is given, the
-    columns too. NaN cells are shown grey and annotated "nan".
+    columns too. NaN cells are shown grey and annotated "nan". Cells are 50 px;
+    with ``annotate`` each holds its value (11 pt) where a TensorBoard Time
+    Series card shows them at 8 px or more (up to 6 x 6 cells, as many as
+    ``max_layers`` picks by default), and the colours and the colour bar alone
+    tell them in larger matrices.
 
     Example:
         >>> matrix_image(torch.eye(3), ["a", "b", "c"], title="CKA").dtype
         dtype('uint8')
     """
     values = matrix.detach().double().cpu().numpy() if isinstance(matrix, Tensor) else np.asarray(matrix, float)
-    rows, cols = values.shape
-    columns = list(labels if column_labels is None else column_labels)
-    figure = Figure(figsize=(3.0 + 0.55 * cols, 1.6 + 0.55 * rows), dpi=100, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
+    figure = _matrix_figure(
+        values,
+        labels,
+        column_labels=column_labels,
+        title=title,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        annotate=annotate,
+    )
+    return figure_to_array(figure, figure.canvas)
+
+
+RDM_PANEL_INCHES = 1.1  # one RDM's side (110 px at 100 dpi: the pooled 128 x 128 RDMs lose little)
+
+
+def _rdm_figure(
+    rdms: Sequence[np.ndarray],
+    names: Sequence[str],
+    *,
+    groups: Sequence[int] | None = None,
+    group_names: Sequence[str] | None = None,
+    title: str = "",
+    cmap: str = "viridis",
+    percentile: float = 99.0,
+) -> Figure:
+    """The figure of :func:`rdm_image` (its artists are what the tests read back)."""
+    count = len(rdms)
+    side, gap, left, bar = RDM_PANEL_INCHES, 0.12, 0.15, 0.62  # inches
+    boundaries: list[int] = []
+    blocks: list[tuple[float, str]] = []
+    n = len(groups) if groups is not None else 0  # samples: a pooled picture has fewer pixels a side
+    if groups is not None and len(groups) > 1:
+        labels = list(groups)
+        boundaries = [i for i in range(1, len(labels)) if labels[i] != labels[i - 1]]
+        starts = [0, *boundaries]
+        ends = [*boundaries, len(labels)]
+        if len(starts) <= 12:  # block names where they fit beside the first RDM
+            for start, end in zip(starts, ends, strict=True):
+                k = labels[start]
+                name = group_names[k] if group_names is not None and 0 <= k < len(group_names) else str(k)
+                blocks.append(((start + end) / 2, name if len(name) <= 10 else name[:9] + "…"))
+    if blocks:
+        left += 0.07 * max(len(name) for _, name in blocks) + 0.1
+    top = 0.3 + (0.22 if title else 0.0)
+    width, height = left + count * (side + gap) + bar, top + side + 0.1
+    figure = Figure(figsize=(width, height), dpi=100, facecolor="white")
+    FigureCanvasAgg(figure)
     colormap = matplotlib.colormaps[cmap].with_extremes(bad="#bbbbbb")
-    image = axes.imshow(np.ma.masked_invalid(values), cmap=colormap, vmin=vmin, vmax=vmax)
-    axes.set_xticks(range(cols), columns, rotation=45, ha="right", fontsize=8)
-    axes.set_yticks(range(rows), list(labels), fontsize=8)
-    if annotate and max(rows, cols) <= 16:
-        for i in range(rows):
-            for j in range(cols):
-                value = values[i, j]
-                shade = (value - vmin) / (vmax - vmin) if np.isfinite(value) else 1.0
-                axes.text(
-                    j,
-                    i,
-                    "nan" if not np.isfinite(value) else f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="black" if shade > 0.6 else "white",
-                )
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    image = None
+    for index, (matrix, name) in enumerate(zip(rdms, names, strict=True)):
+        values = np.asarray(matrix, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        scale = float(np.percentile(np.abs(finite), percentile)) if finite.size else 0.0
+        shown = values / scale if scale > 0 else np.zeros_like(values)
+        axes = figure.add_axes(
+            ((left + index * (side + gap)) / width, 0.1 / height, side / width, side / height), label=f"rdm {name}"
+        )
+        image = axes.imshow(np.ma.masked_invalid(shown), cmap=colormap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        pixels = values.shape[0]
+        for boundary in boundaries:  # between two classes, in the (possibly pooled) picture's pixels
+            at = boundary * pixels / n - 0.5
+            axes.axhline(at, color="white", linewidth=0.8, gid="class boundary")
+            axes.axvline(at, color="white", linewidth=0.8, gid="class boundary")
+        axes.set_xlim(-0.5, pixels - 0.5)
+        axes.set_ylim(pixels - 0.5, -0.5)
+        axes.set_xticks([])
+        if index == 0 and blocks:
+            axes.set_yticks(
+                [centre * pixels / n - 0.5 for centre, _ in blocks], [name for _, name in blocks], fontsize=8
+            )
+            axes.tick_params(axis="y", length=0, pad=2)
+        else:
+            axes.set_yticks([])
+        axes.set_title(f"{name}\n1 = {scale:.3g}", fontsize=8, pad=2)
+    if image is not None:
+        colour_axes = figure.add_axes(
+            ((left + count * (side + gap)) / width, 0.1 / height, 0.1 / width, side / height), label="colour bar"
+        )
+        colour_bar = figure.colorbar(image, cax=colour_axes, ticks=[0.0, 0.5, 1.0])
+        colour_bar.ax.tick_params(labelsize=8)
     if title:
-        axes.set_title(title, fontsize=10)
-    figure.tight_layout()
-    return figure_to_array(figure, canvas)
+        figure.text(0.5, 1 - 0.04 / height, title, ha="center", va="top", fontsize=9, weight="bold")
+    return figure
+
+
+def rdm_image(
+    rdms: Sequence[Tensor | np.ndarray],
+    names: Sequence[str],
+    *,
+    groups: Sequence[int] | None = None,
+    group_names: Sequence[str] | None = None,
+    title: str = "",
+    cmap: str = "viridis",
+) -> np.ndarray:
+    """Representational dissimilarity matrices side by side, with a colour bar and class boundaries; returns uint8
+    (H, W, 3).
+
+    Each RDM is divided by its own 99th percentile (so one far pair cannot wash out the rest; the panel's title
+    gives the value of 1, in the RDM's own units) and drawn on the one colour bar from 0 to 1; NaN entries are grey.
+    ``groups`` gives each sample's class in the RDMs' order (sorted by class): white lines mark where the class
+    changes, and the first RDM names the class blocks (from ``group_names``, else the indices) when there are at most
+    12. RDMs smaller than ``len(groups)`` (average-pooled pictures) get the boundaries at their scaled positions.
+
+    Example:
+        >>> rdm = torch.rand(6, 6)
+        >>> rdm_image([rdm, rdm], ["conv", "fc"], groups=[0, 0, 1, 1, 2, 2], group_names=["a", "b", "c"]).dtype
+        dtype('uint8')
+    """
+    arrays = [r.detach().double().cpu().numpy() if isinstance(r, Tensor) else np.asarray(r, float) for r in rdms]
+    figure = _rdm_figure(arrays, names, groups=groups, group_names=group_names, title=title, cmap=cmap)
+    return figure_to_array(figure, figure.canvas)
 
 
 def line_image(
@@ -520,8 +679,16 @@ def _feature_figure(
     title_chars = max([len(text) for text in line_titles] + [len("input")])
     left = 10 + title_chars * char + 10
     name_height = max(len(name) for name in names) * char + 10  # the names stand upright above the columns
-    width = int(left + shown * cell + 12)
-    top = 8 + (24 if title else 0) + name_height
+    # the colour legend: one line per colour scale in use, a gradient and what its ends mean
+    legend = [("Greys", "input: low → high (around the sample's mean)")]
+    if not all(signs):
+        legend.append((cmap, "map: 0 → the row's robust max"))
+    if any(signs):
+        legend.append(("RdBu_r", "signed map: − ← 0 → + (the row's robust max)"))
+    legend_width = 10 + 64 + 8 + max(len(text) for _, text in legend) * 7.2 + 10
+    width = int(max(left + shown * cell + 12, legend_width))
+    legend_top = 8 + (24 if title else 0)
+    top = legend_top + 18 * len(legend) + 6 + name_height
     block = 22 + (1 + len(line_titles)) * cell + 10  # header, the input row and one row per map, a gap
     height = int(top + count * block + 4)
     figure = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
@@ -532,6 +699,18 @@ def _feature_figure(
     axes.set_axis_off()
     if title:
         axes.text(10, 18, title, ha="left", va="center", fontsize=11, weight="bold")
+    ramp = np.linspace(0.0, 1.0, 64)[None]
+    for line, (colours, text) in enumerate(legend):
+        y = legend_top + 18 * line
+        axes.imshow(ramp, cmap=colours, vmin=0, vmax=1, extent=(10, 74, y + 14, y + 2), aspect="auto", gid="legend")
+        axes.add_patch(
+            matplotlib.patches.Rectangle(
+                (10, y + 2), 64, 12, fill=False, edgecolor="#888888", linewidth=0.6, gid="legend"
+            )
+        )
+        axes.text(82, y + 8, text, ha="left", va="center", fontsize=8, color="#333333", gid="legend")
+    axes.set_xlim(0, width)
+    axes.set_ylim(height, 0)
     for j, name in enumerate(names):
         axes.text(left + j * cell + cell / 2, top - 6, name, rotation=90, ha="center", va="bottom", fontsize=8,
                   family="DejaVu Sans Mono")  # fmt: skip

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_interp import Display
+from lightning_interp import DataDescription, Display
 from lightning_interp.callbacks.concept import CAVOptions, ConceptCallback, TCAVTest
 from lightning_interp.synthetic import make_shapes
 from tests.conftest import (
@@ -94,6 +94,16 @@ def test_scalars_and_figure_logged_at_each_validation_with_tensor_dataset_and_lo
     # trainer.validate() runs under inference_mode: the gradients are still there
     trainer.validate(trainer.lightning_module, datamodule=tiny_datamodule(), verbose=False)
     assert f"interp_tcav/disc/{LAYER}/0/tcav" in trainer.callback_metrics
+
+
+def test_class_names_replace_the_class_indices_in_the_tags(tmp_path):
+    names = ["disc", "square", "triangle", "cross"]
+    callback = _callback(concepts={"stripes": _concept_images(1)}, data=DataDescription(class_names=names))
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    trainer = quiet_trainer(tmp_path, logger=logger, callbacks=[callback], max_epochs=1)
+    trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
+    tags = {tag for tag in read_events(logger.log_dir).scalars if tag.endswith(("/tcav", "/p_value"))}
+    assert tags == {f"interp_tcav/stripes/{LAYER}/{name}/{kind}" for name in names for kind in ("tcav", "p_value")}
 
 
 def test_a_concept_no_better_than_chance_logs_only_its_accuracy_and_warns(tmp_path):

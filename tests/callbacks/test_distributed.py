@@ -36,7 +36,12 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 DEVICES = 2
 TIMEOUT_S = 300  # generous: the run takes ~30 s alone, more when the two cores are shared
-IMAGE_TAGS = ("interp_saliency/maps", "interp_gradcam/maps", "interp_probe/accuracy_by_depth", "interp_similarity/cka")
+IMAGE_TAGS = (
+    "interp_saliency/maps/rows_1-2",
+    "interp_gradcam/maps/rows_1-2",
+    "interp_probe/accuracy_by_depth",
+    "interp_similarity/cka",
+)
 # Environment that would make the launched script think it is already one rank of a running job.
 DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -37,7 +37,7 @@ def test_grid_parts_cover_every_row_once_in_order():
     ]
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "2"])
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "2", "Auto"])
 def test_rows_per_image_is_checked_at_construction(bad):
     with pytest.raises(ValueError, match="rows_per_image"):
         SaliencyCallback(display=Display(rows_per_image=bad))
@@ -66,7 +66,12 @@ def _rows_of(picture: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
 
 def test_split_grids_in_a_real_fit_hold_each_row_once_in_order_and_fit_a_card(tmp_path):
     """Each part shows its own probe rows, in order, and is small enough for a Time Series card; widths are stable."""
-    whole = SaliencyCallback(name="whole", methods=("gradient", "input_x_gradient"), probe=_colour_probe())
+    whole = SaliencyCallback(
+        name="whole",
+        methods=("gradient", "input_x_gradient"),
+        probe=_colour_probe(),
+        display=Display(rows_per_image=None),  # one grid per run (the default, "auto", splits it)
+    )
     split = SaliencyCallback(
         name="split",
         methods=("gradient", "input_x_gradient"),
@@ -74,7 +79,9 @@ def test_split_grids_in_a_real_fit_hold_each_row_once_in_order_and_fit_a_card(tm
         display=Display(rows_per_image=2),
     )
     cam = GradCAMCallback(num_samples=6, display=Display(rows_per_image=4))
-    trainer = quiet_trainer(tmp_path, callbacks=[whole, split, cam], max_epochs=2)
+    quickstart = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")  # the quickstart's columns
+    default = SaliencyCallback(name="default", methods=quickstart, probe=_colour_probe())  # rows_per_image="auto"
+    trainer = quiet_trainer(tmp_path, callbacks=[whole, split, cam, default], max_epochs=2)
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule(seed=3))
     images = read_image_bytes(str(tmp_path))
 
@@ -96,6 +103,12 @@ def test_split_grids_in_a_real_fit_hold_each_row_once_in_order_and_fit_a_card(tm
         # TensorBoard's card box is about 370 x 215 px: a part is shown at 0.7 of its size or more there
         height, width = picture.shape[:2]
         assert min(370 / width, 215 / height) >= 0.7, (width, height)
+    # by default a grid of images comes in parts of two rows, each shown at 0.7 of its size or more in a card
+    defaults = [tag for tag in images if tag.startswith("interp_default/maps")]
+    assert sorted(defaults) == [f"interp_default/maps/rows_{i}-{i + 1}" for i in (1, 3, 5)]
+    for tag in defaults:
+        height, width = _decode(images[tag][-1][1]).shape[:2]
+        assert min(370 / width, 215 / height) >= 0.7, (tag, width, height)
     full = _decode(images["interp_whole/maps"][-1][1])
     assert min(370 / full.shape[1], 215 / full.shape[0]) < 0.4, "the unsplit grid is the tall one"
     assert all(len(_rows_of(full, colour)) >= 16 * 32 for colour in COLOURS)

@@ -78,6 +78,6 @@ def test_hundred_validation_epochs_leave_no_hooks_and_bounded_memory(tmp_path):
     assert growth < 40, recorder.resident[19::10]
 
     events = read_events(str(tmp_path))
-    assert len(events.image_steps("interp_saliency/maps")) == EPOCHS
+    assert len(events.image_steps("interp_saliency/maps/rows_1-2")) == EPOCHS
     evolution = events.images["interp_gradcam/net.7/evolution"]
     assert len(evolution) == 1

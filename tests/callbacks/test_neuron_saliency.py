@@ -30,7 +30,7 @@ def test_maps_and_scalars_of_a_neuron_target_are_logged_and_equal_the_functional
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=TensorBoardLogger(str(tmp_path)), max_epochs=2)
     trainer.fit(model, datamodule=tiny_datamodule())
     events = read_events(str(tmp_path))
-    assert events.image_steps("interp_saliency/maps"), sorted(events.images)
+    assert events.image_steps("interp_saliency/maps/rows_1-2"), sorted(events.images)
     for key in ("gradient", "integrated_gradients"):
         values = [value for _, value in events.scalars[f"interp_saliency/{key}/concentration"]]
         assert len(values) == 2 and all(0 < v <= 1 for v in values)

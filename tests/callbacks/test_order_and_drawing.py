@@ -121,7 +121,7 @@ def test_a_model_built_in_configure_model_works_with_every_callback_and_resumes(
     assert callbacks[1].layers == ["net.7"]
     assert callbacks[3].layers == ["net.0", "net.3", "net.6", "net.10"]
     events = read_events(str(tmp_path / "late"))
-    assert events.image_steps("interp_gradcam_named/maps") == [3]
+    assert events.image_steps("interp_gradcam_named/maps/rows_1-2") == [3]
     assert events.scalar_steps("interp_similarity/net.10/cka_vs_start") == [3]
 
     # resume: a fresh model object, built again in configure_model, restored from the checkpoint
@@ -156,7 +156,7 @@ def test_the_worker_is_drained_and_gone_after_fit_and_after_validate(tmp_path):
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     assert not _drawing_threads(), "no drawing thread may outlive fit()"
     images = read_events(str(tmp_path / "fit")).images
-    for tag in ("interp_saliency/maps", "interp_gradcam/maps", "interp_probe/accuracy_by_depth"):
+    for tag in ("interp_saliency/maps/rows_1-2", "interp_gradcam/maps/rows_1-2", "interp_probe/accuracy_by_depth"):
         assert [step for step, _ in images[tag]] == [3, 7], tag
     assert [step for step, _ in images["interp_gradcam/net.7/evolution"]] == [7]
 
@@ -165,7 +165,7 @@ def test_the_worker_is_drained_and_gone_after_fit_and_after_validate(tmp_path):
     trainer.validate(tiny_classifier(), datamodule=tiny_datamodule())
     assert not _drawing_threads(), "no drawing thread may outlive validate()"
     images = read_events(str(tmp_path / "validate")).images
-    assert {"interp_saliency/maps", "interp_similarity/cka", "interp_similarity/rdm"} <= set(images)
+    assert {"interp_saliency/maps/rows_1-2", "interp_similarity/cka", "interp_similarity/rdm"} <= set(images)
 
 
 def _slow(render):
@@ -196,8 +196,10 @@ def test_an_exception_in_training_step_drains_the_queued_images_and_leaves_no_th
         trainer.fit(FailsAtStep(step=5), datamodule=tiny_datamodule())  # after the first validation epoch
     assert not _drawing_threads()
     images = read_events(str(tmp_path / "broken")).images
-    assert [step for step, _ in images["interp_saliency/maps"]] == [3], "images queued before the error are kept"
-    assert [step for step, _ in images["interp_gradcam/maps"]] == [3]
+    assert [step for step, _ in images["interp_saliency/maps/rows_1-2"]] == [3], (
+        "images queued before the error are kept"
+    )
+    assert [step for step, _ in images["interp_gradcam/maps/rows_1-2"]] == [3]
 
 
 def broken_render_grid(*args, **kwargs):
@@ -243,11 +245,13 @@ def test_images_and_scalars_are_identical_with_the_worker_on_and_off(tmp_path):
     for tag in interp:
         assert background_scalars[tag] == inline_scalars[tag], tag
     expected = {
-        "interp_saliency/maps",
+        "interp_saliency/maps/rows_1-2",
+        "interp_saliency/maps/rows_3-4",  # the default: parts of two rows
         "interp_saliency/gradient/evolution",
         "interp_saliency/smoothgrad/evolution",
         "interp_saliency/integrated_gradients/evolution",
-        "interp_gradcam/maps",
+        "interp_gradcam/maps/rows_1-2",
+        "interp_gradcam/maps/rows_3-4",
         "interp_gradcam/net.7/evolution",
         "interp_probe/accuracy_by_depth",
         "interp_similarity/cka",

@@ -45,7 +45,7 @@ def test_nan_activations_give_nan_scores_and_warnings_not_a_crash(tmp_path):
     assert torch.isnan(metrics["interp_probe/net.11/accuracy"])  # the head sees NaN
     assert not torch.isnan(metrics["interp_probe/net.0/accuracy"])  # the first conv does not
     events = read_events(str(tmp_path))
-    assert "interp_saliency/maps" in events.images and "interp_similarity/cka" in events.images
+    assert "interp_saliency/maps/rows_1-2" in events.images and "interp_similarity/cka" in events.images
 
 
 class TupleOutput(ImageClassifier):

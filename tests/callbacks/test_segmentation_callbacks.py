@@ -85,7 +85,7 @@ def test_saliency_on_a_segmentation_model_explains_the_label_region_as_the_funct
     maps = callback.last_maps["gradient"]
     share = ((maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1)).mean()
     assert events.scalars["interp_saliency/gradient/localization"][-1][1] == pytest.approx(float(share), rel=1e-4)
-    assert events.image_steps("interp_saliency/maps")
+    assert events.image_steps("interp_saliency/maps/rows_1-2")
 
 
 def test_default_target_explains_the_largest_predicted_class_over_its_predicted_mask(tmp_path):

@@ -139,10 +139,15 @@ def test_the_rdm_pictures_are_each_layers_rdm_pooled(tmp_path, monkeypatch):
     # pooled in one batch on the device and brought over with the scalars: each still the layer's own RDM, pooled
     monkeypatch.setattr(similarity_module, "RDM_TILE", 8)
     drawn: list[torch.Tensor] = []
-    normalize = similarity_module.normalize_map
-    monkeypatch.setattr(
-        similarity_module, "normalize_map", lambda t, **k: drawn.append(t[0].clone()) or normalize(t, **k)
-    )
+    grouped: list[list[int]] = []
+    draw = similarity_module.rdm_image
+
+    def spy(rdms, names, **options):
+        drawn.extend(r.clone() for r in rdms)
+        grouped.append(list(options["groups"]))
+        return draw(rdms, names, **options)
+
+    monkeypatch.setattr(similarity_module, "rdm_image", spy)
     callback = RepresentationSimilarityCallback(num_samples=20, metrics=("rsa",))
     model = tiny_classifier()
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=False)
@@ -155,5 +160,7 @@ def test_the_rdm_pictures_are_each_layers_rdm_pooled(tmp_path, monkeypatch):
         expected = F.adaptive_avg_pool2d(rdm(features[name][order]).float()[None, None], 8)[0, 0]
         assert picture.dtype == torch.float32 and picture.shape == (8, 8)
         torch.testing.assert_close(picture, expected, rtol=0, atol=1e-6)
+    # the class of each sample in the RDMs' order: the figure's class boundaries lie where the sorted labels change
+    assert grouped == [sorted(callback.probe.labels.tolist())]
     callback._reset_run_state()
     assert callback._layout is None

@@ -48,7 +48,7 @@ def test_two_instances_of_one_class_coexist_in_a_checkpoint(tmp_path):
     assert {coarse.state_key, fine.state_key} <= set(saved)
     assert saved[fine.state_key]["layers"] == ["net.4"]
     events = read_events(str(tmp_path / "two"))
-    assert "interp_cam_coarse/maps" in events.images and "interp_cam_fine/maps" in events.images
+    assert "interp_cam_coarse/maps/rows_1-2" in events.images and "interp_cam_fine/maps/rows_1-2" in events.images
 
 
 @pytest.mark.parametrize(
@@ -75,5 +75,5 @@ def test_torchvision_models_with_auto_layer(tmp_path, factory, expected_layer):
     cam = gradcam._previous[expected_layer]
     assert cam.shape == (4, 64, 64) and torch.isfinite(cam).all() and (cam >= 0).all()
     events = read_events(str(tmp_path / "tv"))
-    assert events.image_steps("interp_gradcam/maps") == [1]
+    assert events.image_steps("interp_gradcam/maps/rows_1-2") == [1]
     assert events.scalar_steps(f"interp_gradcam/{expected_layer}/localization") == [1]

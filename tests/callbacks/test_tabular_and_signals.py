@@ -49,9 +49,10 @@ def test_tabular_grids_are_heat_rows_of_readable_cells_with_the_feature_names(tm
     inputs, labels = torch.randn(16, 20, generator=generator), torch.arange(16) % 2
     net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 2))
     images = _fit(tmp_path, net, inputs, labels, data=DataDescription(feature_names=FEATURES))
-    height, width = images["interp_saliency/maps"][-1][1]
+    height, width = images["interp_saliency/maps/rows_1-2"][-1][1]  # the default: parts of two samples
     # before: 186 x 44 pixels. Now 20 cells of 26 px, and per sample a header, the input row and two map rows
-    assert width >= 20 * 26 and height >= 4 * (22 + 3 * 26)
+    assert width >= 20 * 26 and height >= 2 * (22 + 3 * 26)
+    assert "interp_saliency/maps/rows_3-4" in images
     figure = _feature_figure(
         inputs[:4].numpy(),
         [[np.random.rand(20), np.random.randn(20)] for _ in range(4)],
@@ -88,8 +89,8 @@ def test_signals_are_drawn_as_lines_with_the_map_as_a_band(tmp_path):
         nn.Conv1d(2, 4, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 2)
     )
     images = _fit(tmp_path, net, inputs, labels)
-    height, width = images["interp_saliency/maps"][-1][1]
-    assert width >= 2 * 300 and height >= 4 * 110  # before: 402 x 48 pixels with 1-2 px strips
+    height, width = images["interp_saliency/maps/rows_1-2"][-1][1]  # the default: parts of two samples
+    assert width >= 2 * 300 and height >= 2 * 110  # before: 402 x 48 pixels with 1-2 px strips
     figure = _signal_figure(
         inputs[:4],
         [torch.rand(4, 2, 100), torch.rand(4, 100)],

@@ -32,8 +32,10 @@ def test_fit_logs_images_and_scalars_at_each_validation_step(tmp_path):
     assert events.scalar_steps("val_loss") == expected
     fit_end = [expected[-1]]  # the evolution strips, with the last grid
 
-    assert events.image_steps("interp_saliency/maps") == expected
-    assert events.image_steps("interp_gradcam/maps") == expected
+    for part in ("rows_1-2", "rows_3-4"):  # the default, rows_per_image="auto": parts of two rows
+        assert events.image_steps(f"interp_saliency/maps/{part}") == expected
+        assert events.image_steps(f"interp_gradcam/maps/{part}") == expected
+    assert "interp_saliency/maps" not in events.images
     for method in ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"):
         assert events.scalar_steps(f"interp_saliency/{method}/concentration") == expected
         assert events.scalar_steps(f"interp_saliency/{method}/localization") == expected  # the data has masks
@@ -54,12 +56,15 @@ def test_fit_logs_images_and_scalars_at_each_validation_step(tmp_path):
         if tag.endswith("/stability"):
             assert all(-1.0 <= v <= 1.0 for v in finite), (tag, values)
 
-    # The grid has one row per probe sample and one column per map plus the input: it grows with both.
-    (_, (height, width)), *_ = events.images["interp_saliency/maps"]
-    (_, (cam_height, cam_width)), *_ = events.images["interp_gradcam/maps"]
-    assert height == cam_height and width > cam_width
-    # one size from epoch to epoch (the card does not jitter under TensorBoard's step slider)
-    assert len({size for _, size in events.images["interp_saliency/maps"]}) == 1
+    # A part has two rows and one column per map plus the input: it grows with the columns (the saliency grid's
+    # long method names take two title lines), and a Time Series card (about 370 x 215 px) shows it at 0.7 or more.
+    (_, (height, width)), *_ = events.images["interp_saliency/maps/rows_1-2"]
+    (_, (cam_height, cam_width)), *_ = events.images["interp_gradcam/maps/rows_1-2"]
+    assert width > cam_width and height >= cam_height
+    assert min(370 / width, 215 / height) >= 0.7 and min(370 / cam_width, 215 / cam_height) >= 0.7
+    # one size from epoch to epoch and part to part (the card does not jitter under TensorBoard's step slider)
+    sizes = {size for part in ("rows_1-2", "rows_3-4") for _, size in events.images[f"interp_saliency/maps/{part}"]}
+    assert len(sizes) == 1
 
     # The scalars are monitorable by EarlyStopping / ModelCheckpoint.
     assert "interp_gradcam/net.7/localization" in trainer.callback_metrics
@@ -69,18 +74,22 @@ def test_fit_logs_images_and_scalars_at_each_validation_step(tmp_path):
         "interp_saliency",
         "interp_gradcam",
     }
-    # one custom-scalars layout for the run: per callback, a multi-line chart per metric overlaying its methods or
-    # layers; every chart's regex matches tags that exist, stability included (it starts at the second run)
+    # the custom-scalars layout: per callback and metric a category, in it one chart per method or layer, each with
+    # exactly one tag (TensorBoard draws every line of a run in one colour: one line per chart tells them apart);
+    # every tag logged has its chart, stability included (it starts at the second run)
     layout = read_scalar_layout(str(tmp_path / "run"))
-    assert set(layout) == {"interp_saliency", "interp_gradcam"}
-    charts = layout["interp_saliency"]
-    assert {"stability", "concentration", "localization", "pointing_game", "completeness_error"} <= set(charts)
+    assert {category.split("/")[0] for category in layout} == {"interp_saliency", "interp_gradcam"}
+    assert {"stability", "concentration", "localization", "pointing_game", "completeness_error"} <= {
+        category.split("/")[1] for category in layout if category.startswith("interp_saliency/")
+    }
+    charted = []
     for category, by_title in layout.items():
         for title, patterns in by_title.items():
             matched = [tag for tag in events.scalars if any(re.match(p, tag) for p in patterns)]
-            assert matched and all(tag.startswith(category + "/") and tag.endswith(title) for tag in matched)
-    overlaid = [tag for tag in events.scalars if any(re.match(p, tag) for p in charts["concentration"])]
-    assert len(overlaid) == 4  # the four saliency methods in one chart
+            assert matched == [f"{category.split('/')[0]}/{title}/{category.split('/')[1]}"], (category, title)
+            charted += matched
+    assert sorted(charted) == sorted(tag for tag in events.scalars if tag.startswith("interp_"))
+    assert len(layout["interp_saliency/concentration"]) == 4  # the four saliency methods, side by side
 
 
 def test_validate_runs_under_inference_mode_and_logs(tmp_path):
@@ -98,8 +107,8 @@ def test_validate_runs_under_inference_mode_and_logs(tmp_path):
     trainer.validate(model, datamodule=tiny_datamodule())
     assert seen_inference_mode and all(seen_inference_mode)
     events = read_events(str(tmp_path / "val"))
-    assert events.image_steps("interp_saliency/maps") == [0]
-    assert events.image_steps("interp_gradcam/maps") == [0]
+    assert events.image_steps("interp_saliency/maps/rows_1-2") == [0]
+    assert events.image_steps("interp_gradcam/maps/rows_1-2") == [0]
     assert events.scalar_steps("interp_gradcam/net.7/concentration") == [0]
 
 
@@ -113,8 +122,8 @@ def test_every_n_epochs_and_shared_probe(tmp_path):
     )
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     events = read_events(str(tmp_path / "n"))
-    assert events.image_steps("interp_saliency/maps") == [2 * STEPS_PER_EPOCH - 1, 4 * STEPS_PER_EPOCH - 1]
-    assert events.image_steps("interp_gradcam/maps") == [2 * STEPS_PER_EPOCH - 1, 4 * STEPS_PER_EPOCH - 1]
+    assert events.image_steps("interp_saliency/maps/rows_1-2") == [2 * STEPS_PER_EPOCH - 1, 4 * STEPS_PER_EPOCH - 1]
+    assert events.image_steps("interp_gradcam/maps/rows_5-6") == [2 * STEPS_PER_EPOCH - 1, 4 * STEPS_PER_EPOCH - 1]
     assert saliency.probe is probe and gradcam.probe is probe
     # No masks in this probe: no localization scores.
     assert not any(tag.endswith("/localization") for tag in events.scalars)
@@ -126,7 +135,7 @@ def test_without_logger_pngs_are_written_under_the_run_directory(tmp_path):
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     folder = tmp_path / "interp_images"
     written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
-    assert f"interp_cam__maps{os.sep}step_0000003.png" in written
+    assert f"interp_cam__maps__rows_1-2{os.sep}step_0000003.png" in written  # the default: parts of two rows
     assert any("evolution" in name for name in written)
 
 
@@ -171,7 +180,7 @@ def test_logger_with_its_own_image_api_receives_the_images(tmp_path):
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[GradCAMCallback(num_samples=4)], logger=logger)
     trainer.fit(tiny_classifier(), datamodule=tiny_datamodule())
     keys = [(key, step) for key, step, _ in logger.images]
-    assert ("interp_gradcam/maps", STEPS_PER_EPOCH - 1) in keys  # Lightning's step of the validation
+    assert ("interp_gradcam/maps/rows_1-2", STEPS_PER_EPOCH - 1) in keys  # Lightning's step of the validation
     assert ("interp_gradcam/net.7/evolution", STEPS_PER_EPOCH - 1) in keys
     assert all(len(shape) == 3 and shape[2] == 3 for _, _, shape in logger.images)
     assert not list(tmp_path.rglob("*.png")), "a logger with an image API gets no PNG files"

@@ -81,8 +81,8 @@ def test_a_model_created_on_the_cpu_trains_on_the_gpu_with_every_callback(tmp_pa
     steps = [step for step, _ in events.scalars["val_loss"]]  # Lightning's own step for each validation
     assert len(steps) == 2
     for tag in (
-        "interp_saliency/maps",
-        "interp_gradcam/maps",
+        "interp_saliency/maps/rows_1-2",
+        "interp_gradcam/maps/rows_1-2",
         "interp_probe/accuracy_by_depth",
         "interp_similarity/rdm",
     ):

@@ -59,9 +59,9 @@ def sample_ranges(x: Tensor) -> Tensor:
     Example:
         >>> sample_ranges(torch.tensor([[0.0, 2.0, 1.0]])).tolist()
         [[2.0]]
-        >>> with segmented_columns((2, 1)):
-        ...     sample_ranges(torch.tensor([[0.0, 2.0, 5.0]])).tolist()
-        [[2.0, 2.0, 1e-12]]
+        >>> with segmented_columns((2, 2)):
+        ...     sample_ranges(torch.tensor([[0.0, 2.0, 5.0, 6.0]])).tolist()
+        [[2.0, 2.0, 1.0, 1.0]]
     """
     sizes = _SEGMENTS.get()
     flat = x.detach().reshape(x.shape[0], -1).float()
