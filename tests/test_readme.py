@@ -35,7 +35,9 @@ def _blocks(section: str, language: str) -> list[str]:
 
 
 def test_the_quickstart_commands_are_the_example_and_cis_test_command():
-    first, second = (block.strip() for block in _blocks(_section("Quickstart"), "bash"))
+    blocks = [block.strip() for block in _blocks(_section("Quickstart"), "bash")]
+    first = blocks[0]
+    (second,) = (block for block in blocks if ".[test]" in block)
     assert first == "pip install -e . && python examples/quickstart.py"
     assert (ROOT / "examples" / "quickstart.py").is_file()
     install, test = (part.strip() for part in second.split("&&"))
@@ -113,3 +115,14 @@ def test_every_relative_link_of_the_readme_exists():
     assert relative, "the README links to its docs"
     missing = [link for link in relative if not (ROOT / link).exists()]
     assert missing == [], f"README links to files that do not exist: {missing}"
+
+
+def test_the_quickstarts_cpu_install_takes_torch_and_torchvision_from_one_index_then_the_project():
+    """A CPU-only install: torch and torchvision from PyTorch's CPU index in one command (PyPI's torchvision is
+    built against the CUDA torch and fails to import beside the CPU one), then the Quickstart's own command, which
+    keeps them. Checked once the Quickstart shows it (issue 31, point 2)."""
+    cpu = [b for b in _blocks(_section("Quickstart"), "bash") if "download.pytorch.org/whl/cpu" in b]
+    for block in cpu:
+        lines = [line.strip() for line in block.strip().splitlines()]
+        assert lines[0] == "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+        assert lines[1] == "pip install -e . && python examples/quickstart.py"
