@@ -120,8 +120,9 @@ def test_every_relative_link_of_the_readme_exists():
 def test_the_quickstarts_cpu_install_takes_torch_and_torchvision_from_one_index_then_the_project():
     """A CPU-only install: torch and torchvision from PyTorch's CPU index in one command (PyPI's torchvision is
     built against the CUDA torch and fails to import beside the CPU one), then the Quickstart's own command, which
-    keeps them. Checked once the Quickstart shows it (issue 31, point 2)."""
+    keeps them (issue 31, point 2)."""
     cpu = [b for b in _blocks(_section("Quickstart"), "bash") if "download.pytorch.org/whl/cpu" in b]
+    assert len(cpu) == 1, "the Quickstart shows the CPU-only install once"
     for block in cpu:
         lines = [line.strip() for line in block.strip().splitlines()]
         assert lines[0] == "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
