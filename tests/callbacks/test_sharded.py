@@ -33,7 +33,7 @@ from lightning_interp.callbacks._sharding import (
 from lightning_interp.methods import module_name
 from lightning_interp.methods.model.core import plain_name
 from tests.callbacks.collectives import Counter
-from tests.callbacks.multiprocess import DEVICES, Run
+from tests.callbacks.multiprocess import DEVICES, Run, launch_plan
 from tests.callbacks.multiprocess import launch as launch_script
 from tests.callbacks.sharded_run import MAX_EPOCHS
 from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
@@ -58,16 +58,43 @@ def needs(strategy: str) -> None:
         pytest.importorskip("deepspeed")
 
 
+# Every run the tests read, by strategy, in the order of one launch per strategy (``sharded_run.py``'s ``--then``):
+# starting the two processes costs more than these tiny runs. Training alone first; the refusal last.
+PLANS: dict[str, list[tuple[str, ...]]] = {
+    "fsdp2": [
+        ("--no-callbacks",),
+        (),
+        ("--fail-rank", "1"),
+        ("--window",),
+        ("--accumulate", "--no-callbacks"),
+        ("--accumulate",),
+        ("--checkpointing",),
+    ],
+    "fsdp1": [("--no-callbacks",), (), ("--fail-rank", "1"), ("--accumulate",)],
+    "deepspeed3": [("--no-callbacks",), (), ("--fail-rank", "1")],
+    "deepspeed2": [("--no-callbacks",), ()],
+    "ddp": [()],
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``runs(strategy, *args)``: that run of ``sharded_run.py``, launched once per test module."""
+    """``runs(strategy, *args)``: that run of ``sharded_run.py``; the runs of ``PLANS[strategy]`` come from one launch
+    at the first request, any other run from a launch of its own; each once per test module."""
     done: dict[tuple[str, ...], Run] = {}
 
     def get(strategy: str, *args: str) -> Run:
         key = (strategy, *args)
         if key not in done:
             needs(strategy)
-            done[key] = launch(tmp_path_factory.mktemp("_".join(key).replace("-", "")), strategy, *args)
+            plan = PLANS.get(strategy, [])
+            if args in plan:
+                root = tmp_path_factory.mktemp(strategy)
+                done.update(
+                    {(strategy, *flags): run for flags, run in launch_plan(SCRIPT, root, strategy, plan).items()}
+                )
+            else:
+                done[key] = launch(tmp_path_factory.mktemp("_".join(key).replace("-", "")), strategy, *args)
         done[key].check()
         return done[key]
 
@@ -214,7 +241,9 @@ def test_fsdp1_refuses_a_validation_between_micro_batches_before_training(runs):
 
 @pytest.mark.slow
 def test_activation_checkpointing_under_fsdp2_leaves_training_as_it_was(runs):
-    run, alone = runs("fsdp2", "--checkpointing"), runs("fsdp2", "--checkpointing", "--no-callbacks")
+    # Checkpointing recomputes the same forward pass: training alone with it is bitwise training alone without it
+    # (measured), so the run without either is the reference; were that not so, this would fail, not pass.
+    run, alone = runs("fsdp2", "--checkpointing"), runs("fsdp2", "--no-callbacks")
     assert_training_alone(run, alone)
     assert run.reports[0]["runs"] == dict.fromkeys(CALLBACK_KEYS, MAX_EPOCHS)
     plain = runs("fsdp2")  # checkpointing recomputes the forward pass: the same maps

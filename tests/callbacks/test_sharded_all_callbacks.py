@@ -6,7 +6,7 @@ callbacks that issue 29 brought to sharded strategies, on one tiny hybrid CNN-at
 The multi-process runs are ``sharded_all_run.py`` subprocesses (Lightning re-launches the script for rank 1), each
 bounded by a timeout that kills its whole process group, and a process-group timeout inside, so a hang fails the test.
 The runs are shared by the tests of this module: with every callback and without any under FSDP2, FSDP1 and ZeRO-3
-(skipped without DeepSpeed), and DDP with every callback.
+(skipped without DeepSpeed; each pair from one launch), and DDP with every callback.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import lightning_interp
 from lightning_interp import DatasetBiasCallback, ExplanationQualityCallback, UncertaintyCallback
 from lightning_interp.callbacks import InterpCallback
-from tests.callbacks.multiprocess import DEVICES, Run
+from tests.callbacks.multiprocess import DEVICES, Run, launch_plan
 from tests.callbacks.multiprocess import launch as launch_script
 from tests.callbacks.sharded_all_run import CALLBACK_KEYS, MAX_EPOCHS, hybrid_net
 from tests.conftest import tiny_classifier
@@ -35,14 +35,29 @@ def launch(root: Path, strategy: str, *extra_args: str) -> Run:
     return launch_script(SCRIPT, root, strategy, *extra_args)
 
 
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory) -> Run:
-    return launch(tmp_path_factory.mktemp("fsdp2_all"), "fsdp2")
+ALONE_THEN_EVERY_CALLBACK = [("--no-callbacks",), ()]
+
+
+def launch_with_alone(root: Path, strategy: str) -> tuple[Run, Run]:
+    """The run with every callback and training alone, from one launch (training alone first, then ``--then`` the run
+    with the callbacks, in the same two processes: starting them costs more than these tiny runs)."""
+    runs = launch_plan(SCRIPT, root, strategy, ALONE_THEN_EVERY_CALLBACK)
+    return runs[()], runs[("--no-callbacks",)]
 
 
 @pytest.fixture(scope="module")
-def fsdp2_alone(tmp_path_factory) -> Run:
-    return launch(tmp_path_factory.mktemp("fsdp2_all_alone"), "fsdp2", "--no-callbacks")
+def fsdp2_pair(tmp_path_factory) -> tuple[Run, Run]:
+    return launch_with_alone(tmp_path_factory.mktemp("fsdp2_all"), "fsdp2")
+
+
+@pytest.fixture(scope="module")
+def fsdp2(fsdp2_pair) -> Run:
+    return fsdp2_pair[0]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_alone(fsdp2_pair) -> Run:
+    return fsdp2_pair[1]
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +140,10 @@ def other_runs(tmp_path_factory):
         if strategy.startswith("deepspeed"):
             pytest.importorskip("deepspeed")
         key = (strategy, *args)
+        if key not in done and args in ((), ("--no-callbacks",)):  # both from one launch
+            done[(strategy,)], done[(strategy, "--no-callbacks")] = launch_with_alone(
+                tmp_path_factory.mktemp(f"{strategy}_all"), strategy
+            )
         if key not in done:
             done[key] = launch(tmp_path_factory.mktemp("_".join(key).replace("-", "")), strategy, *args)
         done[key].check()
