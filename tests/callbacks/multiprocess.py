@@ -69,20 +69,20 @@ def reports_in(root: Path) -> dict[int, dict]:
     return {rank: torch.load(path, weights_only=False) for rank, path in paths.items() if path.exists()}
 
 
-def launch_plan(script: Path, root: Path, strategy: str, plan: list[tuple[str, ...]]) -> dict[tuple[str, ...], Run]:
-    """The runs of ``plan`` (each a tuple of the script's flags) under ``strategy``, one after the other in one launch
-    (the script's ``--then``), by their flags. Starting two processes that import torch and Lightning costs more than
-    these tiny runs, so a module launches each strategy once. A run whose ranks both wrote their reports finished,
-    whatever a later run of the launch did; the launch's exit status and output are every run's."""
-    first, *later = plan
+def launch_plan(script: Path, root: Path, plan: list[tuple[str, ...]]) -> dict[tuple[str, ...], Run]:
+    """The runs of ``plan`` (each a strategy and the script's flags) one after the other in one launch (the script's
+    ``--then``), by their tuples. Starting two processes that import torch and Lightning costs more than these tiny
+    runs, so a module launches once. A run whose ranks both wrote their reports finished, whatever a later run of the
+    launch did; the launch's exit status and output are every run's."""
+    (strategy, *first), *later = plan
     args = [*first]
-    for flags in later:
-        args += ["--then", *flags]
+    for run in later:
+        args += ["--then", *run]
     timeout = TIMEOUT_S + PER_EXTRA_RUN_S * len(later)
-    run = launch(script, root, strategy, *args, timeout=timeout)
+    launched = launch(script, root, strategy, *args, timeout=timeout)
     runs = {}
-    for index, flags in enumerate(plan):
+    for index, key in enumerate(plan):
         reports = reports_in(root / f"then{index}" if index else root)
         finished = index < len(plan) - 1 and sorted(reports) == list(range(DEVICES))
-        runs[flags] = Run(0 if finished else run.returncode, run.output, reports)
+        runs[key] = Run(0 if finished else launched.returncode, launched.output, reports)
     return runs

@@ -11,8 +11,8 @@ of positions (AttentionCallback lays its maps on that grid), and dropout before 
 Carlo dropout).
 
 Usage: ``python tests/callbacks/sharded_all_run.py {ddp,fsdp2,fsdp1,deepspeed3} OUT_DIR [--no-callbacks] [--then
-[--no-callbacks]]...`` (``--then``: one more run in the same two processes, its reports in ``OUT_DIR/then<i>``, as in
-``sharded_run.py``).
+[STRATEGY] [--no-callbacks]]...`` (``--then``: one more run in the same two processes, its reports in
+``OUT_DIR/then<i>``, as in ``sharded_run.py``).
 
 Every rank writes ``OUT_DIR/rank<global rank>.pt``: the final weights (whole tensors), the interp scalars after each
 validation epoch, the run counts, the probe inputs, whether the parameters were sharded, and the wall time of the fit.
@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if REPO not in sys.path:  # run as a script: make ``tests.conftest`` importable whatever the caller's PYTHONPATH
     sys.path.insert(0, REPO)
 
-from tests.callbacks.sharded_run import segments, then_dir  # noqa: E402 (after the path set-up)
+from tests.callbacks.sharded_run import run_plan  # noqa: E402 (after the path set-up)
 
 MAX_EPOCHS = 2
 PG_TIMEOUT_S = 90  # a collective that waits longer fails the run instead of stalling it
@@ -130,13 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("strategy", choices=("ddp", "fsdp2", "fsdp1", "deepspeed3"))
     parser.add_argument("out_dir")
     parser.add_argument("--no-callbacks", action="store_true")
-    first, *later = segments(sys.argv[1:] if argv is None else argv)
-    main_args = parser.parse_args(first)
-    plan = [(main_args, main_args.out_dir)]  # each run's flags and report directory, in order
-    for index, flags in enumerate(later, start=1):
-        plan.append(
-            (parser.parse_args([main_args.strategy, main_args.out_dir, *flags]), then_dir(main_args.out_dir, index))
-        )
+    plan = run_plan(parser, sys.argv[1:] if argv is None else argv)  # each run's flags and report directory
 
     import lightning.pytorch as pl
     import torch

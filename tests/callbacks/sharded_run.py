@@ -10,12 +10,13 @@ the four core callbacks; launched by ``test_sharded.py``. Lightning re-launches 
   CUDA-only environment checks; stage 3 with ``stage3_param_persistence_threshold=0`` (otherwise a model this small
   is not partitioned at all).
 
-Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [FLAGS] [--then FLAGS]...`` with FLAGS among
-``--no-callbacks``, ``--fail-rank R``, ``--tp2``, ``--window``, ``--accumulate``, ``--checkpointing``.
+Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [FLAGS] [--then [STRATEGY] [FLAGS]]...`` with FLAGS
+among ``--no-callbacks``, ``--fail-rank R``, ``--tp2``, ``--window``, ``--accumulate``, ``--checkpointing``.
 
-- ``--then``: one more run after the previous one, in the same two processes, each from seed 0, its reports in
-  ``OUT_DIR/then<i>`` (the i-th ``--then``). Starting the processes (two interpreters importing torch and
-  Lightning, the rendezvous) costs more than these tiny runs: a test module launches each strategy once.
+- ``--then``: one more run after the previous one, in the same two processes, each from seed 0, under its own
+  strategy or the one before, its reports in ``OUT_DIR/then<i>`` (the i-th ``--then``). Starting the processes
+  (two interpreters importing torch and Lightning, the rendezvous) costs more than these tiny runs: a test module
+  launches once.
 - ``--no-callbacks``: the reference run (training alone).
 - ``--fail-rank R``: the saliency pass raises inside its backward on rank R (-1: every rank) at the first validation
   epoch; a wrapper catches what the callback re-raises, so training goes on and its weights can be compared.
@@ -58,13 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", action="store_true")
     parser.add_argument("--accumulate", action="store_true")
     parser.add_argument("--checkpointing", action="store_true")
-    first, *later = segments(sys.argv[1:] if argv is None else argv)
-    main_args = parser.parse_args(first)
-    plan = [(main_args, main_args.out_dir)]  # each run's flags and report directory, in order
-    for index, flags in enumerate(later, start=1):
-        plan.append(
-            (parser.parse_args([main_args.strategy, main_args.out_dir, *flags]), then_dir(main_args.out_dir, index))
-        )
+    plan = run_plan(parser, sys.argv[1:] if argv is None else argv)  # each run's flags and report directory
 
     import lightning.pytorch as pl
     import torch
@@ -257,11 +252,23 @@ def main(argv: list[str] | None = None) -> None:
         torch.distributed.destroy_process_group()  # exception")
 
 
+def run_plan(parser: argparse.ArgumentParser, argv: list[str]) -> list[tuple[argparse.Namespace, str]]:
+    """Each run of ``argv`` (``STRATEGY OUT_DIR [FLAGS] [--then [STRATEGY] [FLAGS]]...``) with its report directory:
+    ``OUT_DIR``, then ``OUT_DIR/then<i>`` for the i-th ``--then``; a run without a strategy keeps the one before."""
+    first, *later = segments(argv)
+    args = parser.parse_args(first)
+    plan = [(args, args.out_dir)]
+    for index, flags in enumerate(later, start=1):
+        strategy = flags.pop(0) if flags and not flags[0].startswith("-") else plan[-1][0].strategy
+        plan.append((parser.parse_args([strategy, args.out_dir, *flags]), then_dir(args.out_dir, index)))
+    return plan
+
+
 def segments(argv: list[str]) -> list[list[str]]:
     """``argv`` split at each ``--then``.
 
-    >>> segments(["fsdp2", "out", "--no-callbacks", "--then", "--then", "--fail-rank", "1"])
-    [['fsdp2', 'out', '--no-callbacks'], [], ['--fail-rank', '1']]
+    >>> segments(["fsdp2", "out", "--no-callbacks", "--then", "--then", "ddp", "--fail-rank", "1"])
+    [['fsdp2', 'out', '--no-callbacks'], [], ['ddp', '--fail-rank', '1']]
     """
     parts: list[list[str]] = [[]]
     for arg in argv:

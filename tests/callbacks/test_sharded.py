@@ -4,12 +4,14 @@
 the CPU subclasses); and the refusals, before training, of what cannot work. The DeepSpeed runs skip without
 DeepSpeed (``pip install lightning-interp[sharded]``).
 
-The multi-process runs are ``sharded_run.py`` subprocesses (Lightning re-launches the script for rank 1), each bounded
-by a timeout that kills its whole process group, and a process-group timeout inside, so a hang fails the test.
+The multi-process runs are one ``sharded_run.py`` subprocess that trains them one after the other (Lightning re-launches
+the script for rank 1), bounded by a timeout that kills its whole process group, and a process-group timeout inside, so
+a hang fails the test.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import types
 from pathlib import Path
 
@@ -58,43 +60,47 @@ def needs(strategy: str) -> None:
         pytest.importorskip("deepspeed")
 
 
-# Every run the tests read, by strategy, in the order of one launch per strategy (``sharded_run.py``'s ``--then``):
-# starting the two processes costs more than these tiny runs. Training alone first; the refusal last.
-PLANS: dict[str, list[tuple[str, ...]]] = {
-    "fsdp2": [
-        ("--no-callbacks",),
-        (),
-        ("--fail-rank", "1"),
-        ("--window",),
-        ("--accumulate", "--no-callbacks"),
-        ("--accumulate",),
-        ("--checkpointing",),
-    ],
-    "fsdp1": [("--no-callbacks",), (), ("--fail-rank", "1"), ("--accumulate",)],
-    "deepspeed3": [("--no-callbacks",), (), ("--fail-rank", "1")],
-    "deepspeed2": [("--no-callbacks",), ()],
-    "ddp": [()],
-}
+# Every run the tests read, in the order of the module's one launch (``sharded_run.py``'s ``--then``): starting the
+# two processes costs more than these tiny runs. Training alone before the run with the callbacks; the refusal last.
+PLAN: list[tuple[str, ...]] = [
+    ("ddp",),
+    ("fsdp2", "--no-callbacks"),
+    ("fsdp2",),
+    ("fsdp2", "--fail-rank", "1"),
+    ("fsdp2", "--window"),
+    ("fsdp2", "--accumulate", "--no-callbacks"),
+    ("fsdp2", "--accumulate"),
+    ("fsdp2", "--checkpointing"),
+    ("fsdp1", "--no-callbacks"),
+    ("fsdp1",),
+    ("fsdp1", "--fail-rank", "1"),
+    ("deepspeed3", "--no-callbacks"),
+    ("deepspeed3",),
+    ("deepspeed3", "--fail-rank", "1"),
+    ("deepspeed2", "--no-callbacks"),
+    ("deepspeed2",),
+    ("fsdp1", "--accumulate"),
+]
+
+
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``runs(strategy, *args)``: that run of ``sharded_run.py``; the runs of ``PLANS[strategy]`` come from one launch
-    at the first request, any other run from a launch of its own; each once per test module."""
+    """``runs(strategy, *args)``: that run of ``sharded_run.py``; the runs of ``PLAN`` (without DeepSpeed's where it is
+    not installed) come from one launch at the first request, any other run from a launch of its own."""
     done: dict[tuple[str, ...], Run] = {}
 
     def get(strategy: str, *args: str) -> Run:
         key = (strategy, *args)
+        needs(strategy)
+        plan = [run for run in PLAN if deepspeed_installed() or not run[0].startswith("deepspeed")]
+        if key not in done and key in plan:
+            done.update(launch_plan(SCRIPT, tmp_path_factory.mktemp("plan"), plan))
         if key not in done:
-            needs(strategy)
-            plan = PLANS.get(strategy, [])
-            if args in plan:
-                root = tmp_path_factory.mktemp(strategy)
-                done.update(
-                    {(strategy, *flags): run for flags, run in launch_plan(SCRIPT, root, strategy, plan).items()}
-                )
-            else:
-                done[key] = launch(tmp_path_factory.mktemp("_".join(key).replace("-", "")), strategy, *args)
+            done[key] = launch(tmp_path_factory.mktemp("_".join(key).replace("-", "")), strategy, *args)
         done[key].check()
         return done[key]
 
