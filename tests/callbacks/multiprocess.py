@@ -17,7 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 DEVICES = 2
 TIMEOUT_S = 300  # a run takes 15-30 s alone on two free cores, several times that when the cores are shared
-PER_EXTRA_RUN_S = 120  # each further run in the same launch (``launch_plan``): no start-up, a few seconds on free cores
+PER_EXTRA_RUN_S = 60  # each further run in the same launch (``launch_plan``): no start-up, a few seconds on free cores
 DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

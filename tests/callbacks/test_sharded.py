@@ -92,12 +92,16 @@ def runs(tmp_path_factory):
     """``runs(strategy, *args)``: that run of ``sharded_run.py``; the runs of ``PLAN`` (without DeepSpeed's where it is
     not installed) come from one launch at the first request, any other run from a launch of its own."""
     done: dict[tuple[str, ...], Run] = {}
+    launched = []  # the plan's launch, once: a launch that timed out is not tried again by every later test
 
     def get(strategy: str, *args: str) -> Run:
         key = (strategy, *args)
         needs(strategy)
         plan = [run for run in PLAN if deepspeed_installed() or not run[0].startswith("deepspeed")]
         if key not in done and key in plan:
+            if launched:
+                pytest.fail("the launch of the planned runs failed (see the first test that needed it)")
+            launched.append(True)
             done.update(launch_plan(SCRIPT, tmp_path_factory.mktemp("plan"), plan))
         if key not in done:
             done[key] = launch(tmp_path_factory.mktemp("_".join(key).replace("-", "")), strategy, *args)
