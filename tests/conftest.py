@@ -107,6 +107,20 @@ def _restore_deterministic_algorithms():
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """``seed_everything`` leaves ``PL_GLOBAL_SEED`` and ``PL_SEED_WORKERS`` in ``os.environ``, and Lightning reads
+    them back (strategies re-seed from the first, data loaders seed their workers by the second); its launchers set
+    ``MASTER_PORT`` and the like. Every test starts from the environment the one before it found."""
+    before = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(before) - {"PYTEST_CURRENT_TEST"}:  # (pytest's own, set at each phase)
+        del os.environ[name]
+    for name, value in before.items():
+        if os.environ.get(name) != value and name != "PYTEST_CURRENT_TEST":
+            os.environ[name] = value
+
+
 def tiny_datamodule(**overrides) -> SyntheticShapesDataModule:
     options = {"train_size": 64, "val_size": 32, "batch_size": 16, "image_size": 16, "seed": 0}
     options.update(overrides)

@@ -10,7 +10,9 @@ feature visualisation, Grad-CAM layers, concept activations), one transformer en
 of positions (AttentionCallback lays its maps on that grid), and dropout before the head (UncertaintyCallback's Monte
 Carlo dropout).
 
-Usage: ``python tests/callbacks/sharded_all_run.py {ddp,fsdp2,fsdp1,deepspeed3} OUT_DIR [--no-callbacks]``
+Usage: ``python tests/callbacks/sharded_all_run.py {ddp,fsdp2,fsdp1,deepspeed3} OUT_DIR [--no-callbacks] [--then
+[STRATEGY] [--no-callbacks]]...`` (``--then``: one more run in the same two processes, its reports in
+``OUT_DIR/then<i>``, as in ``sharded_run.py``).
 
 Every rank writes ``OUT_DIR/rank<global rank>.pt``: the final weights (whole tensors), the interp scalars after each
 validation epoch, the run counts, the probe inputs, whether the parameters were sharded, and the wall time of the fit.
@@ -27,6 +29,8 @@ from datetime import timedelta
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:  # run as a script: make ``tests.conftest`` importable whatever the caller's PYTHONPATH
     sys.path.insert(0, REPO)
+
+from tests.callbacks.sharded_run import run_plan  # noqa: E402 (after the path set-up)
 
 MAX_EPOCHS = 2
 PG_TIMEOUT_S = 90  # a collective that waits longer fails the run instead of stalling it
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("strategy", choices=("ddp", "fsdp2", "fsdp1", "deepspeed3"))
     parser.add_argument("out_dir")
     parser.add_argument("--no-callbacks", action="store_true")
-    args = parser.parse_args(argv)
+    plan = run_plan(parser, sys.argv[1:] if argv is None else argv)  # each run's flags and report directory
 
     import lightning.pytorch as pl
     import torch
@@ -158,56 +162,61 @@ def main(argv: list[str] | None = None) -> None:
                 metrics = trainer.callback_metrics
                 self.scalars.append({k: float(v) for k, v in sorted(metrics.items()) if k.startswith("interp_")})
 
-    pl.seed_everything(0, workers=True, verbose=False)
-    callbacks = {} if args.no_callbacks else make_callbacks()
-    recorder = Recorder()
-    timeout = timedelta(seconds=PG_TIMEOUT_S)
-    model_type = ImageClassifier
-    if args.strategy == "ddp":
-        strategy = DDPStrategy(timeout=timeout)
-    elif args.strategy == "fsdp2":
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=timeout)
-        model_type = ShardedClassifier
-    elif args.strategy == "fsdp1":  # the convolutions and the encoder layer as units (not its attention's out_proj,
-        # a Linear whose weight MultiheadAttention reads without calling it), the head with the root
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    def fit(args: argparse.Namespace, out_dir: str) -> None:
+        """One training run from seed 0 with ``args``' flags; each rank writes ``out_dir/rank<r>.pt``."""
+        pl.seed_everything(0, workers=True, verbose=False)
+        callbacks = {} if args.no_callbacks else make_callbacks()
+        recorder = Recorder()
+        timeout = timedelta(seconds=PG_TIMEOUT_S)
+        model_type = ImageClassifier
+        if args.strategy == "ddp":
+            strategy = DDPStrategy(timeout=timeout)
+        elif args.strategy == "fsdp2":
+            strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=timeout)
+            model_type = ShardedClassifier
+        elif args.strategy == "fsdp1":  # the convolutions and the encoder layer as units (not its attention's out_proj,
+            # a Linear whose weight MultiheadAttention reads without calling it), the head with the root
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        units = ModuleWrapPolicy({torch.nn.Conv2d, torch.nn.TransformerEncoderLayer})
-        strategy = cpu_fsdp_strategy()(auto_wrap_policy=units, timeout=timeout)
-    else:  # ZeRO-3, every parameter partitioned however small
-        strategy = cpu_deepspeed_strategy()(stage=3, timeout=timeout)
-        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    model = model_type(hybrid_net(), lr=1e-2)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_epochs=MAX_EPOCHS,
-        callbacks=[*callbacks.values(), recorder],
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=args.out_dir,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=tiny_datamodule())
-    seconds = time.perf_counter() - start
-    parameters = list(trainer.lightning_module.parameters())
-    sharded = any(hasattr(p, "full_tensor") or hasattr(p, "ds_tensor") for p in parameters)  # FSDP2, ZeRO-3
-    sharded = sharded or args.strategy == "fsdp1"  # (FSDP1's flat shards show as views: the strategy says it)
-    weights = whole_weights(trainer, args.strategy)
-    report = {
-        "global_rank": trainer.global_rank,
-        "sharded": sharded,  # the parameters are shards (FSDP2's DTensors, ZeRO-3's partitions, FSDP1), not whole
-        "weights": weights,
-        "scalars": recorder.scalars,
-        "runs": {key: cb._runs for key, cb in callbacks.items()},
-        "probes": {key: None if cb.probe is None else cb.probe.inputs.clone() for key, cb in callbacks.items()},
-        "fit_seconds": seconds,
-    }
-    os.makedirs(args.out_dir, exist_ok=True)
-    torch.save(report, os.path.join(args.out_dir, f"rank{trainer.global_rank}.pt"))
+            units = ModuleWrapPolicy({torch.nn.Conv2d, torch.nn.TransformerEncoderLayer})
+            strategy = cpu_fsdp_strategy()(auto_wrap_policy=units, timeout=timeout)
+        else:  # ZeRO-3, every parameter partitioned however small
+            strategy = cpu_deepspeed_strategy()(stage=3, timeout=timeout)
+            strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        model = model_type(hybrid_net(), lr=1e-2)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy,
+            max_epochs=MAX_EPOCHS,
+            callbacks=[*callbacks.values(), recorder],
+            logger=False,
+            enable_checkpointing=False,
+            default_root_dir=out_dir,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=tiny_datamodule())
+        seconds = time.perf_counter() - start
+        parameters = list(trainer.lightning_module.parameters())
+        sharded = any(hasattr(p, "full_tensor") or hasattr(p, "ds_tensor") for p in parameters)  # FSDP2, ZeRO-3
+        sharded = sharded or args.strategy == "fsdp1"  # (FSDP1's flat shards show as views: the strategy says it)
+        weights = whole_weights(trainer, args.strategy)
+        report = {
+            "global_rank": trainer.global_rank,
+            "sharded": sharded,  # the parameters are shards (FSDP2's DTensors, ZeRO-3's partitions, FSDP1), not whole
+            "weights": weights,
+            "scalars": recorder.scalars,
+            "runs": {key: cb._runs for key, cb in callbacks.items()},
+            "probes": {key: None if cb.probe is None else cb.probe.inputs.clone() for key, cb in callbacks.items()},
+            "fit_seconds": seconds,
+        }
+        os.makedirs(out_dir, exist_ok=True)
+        torch.save(report, os.path.join(out_dir, f"rank{trainer.global_rank}.pt"))
+
+    for args, out_dir in plan:
+        fit(args, out_dir)
     if torch.distributed.is_initialized():  # both ranks done: close the group before the interpreter exits
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -10,8 +10,13 @@ the four core callbacks; launched by ``test_sharded.py``. Lightning re-launches 
   CUDA-only environment checks; stage 3 with ``stage3_param_persistence_threshold=0`` (otherwise a model this small
   is not partitioned at all).
 
-Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [--no-callbacks] [--fail-rank R] [--tp2] [--window]``
+Usage: ``python tests/callbacks/sharded_run.py STRATEGY OUT_DIR [FLAGS] [--then [STRATEGY] [FLAGS]]...`` with FLAGS
+among ``--no-callbacks``, ``--fail-rank R``, ``--tp2``, ``--window``, ``--accumulate``, ``--checkpointing``.
 
+- ``--then``: one more run after the previous one, in the same two processes, each from seed 0, under its own
+  strategy or the one before, its reports in ``OUT_DIR/then<i>`` (the i-th ``--then``). Starting the processes
+  (two interpreters importing torch and Lightning, the rendezvous) costs more than these tiny runs: a test module
+  launches once.
 - ``--no-callbacks``: the reference run (training alone).
 - ``--fail-rank R``: the saliency pass raises inside its backward on rank R (-1: every rank) at the first validation
   epoch; a wrapper catches what the callback re-raises, so training goes on and its weights can be compared.
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", action="store_true")
     parser.add_argument("--accumulate", action="store_true")
     parser.add_argument("--checkpointing", action="store_true")
-    args = parser.parse_args(argv)
+    plan = run_plan(parser, sys.argv[1:] if argv is None else argv)  # each run's flags and report directory
 
     import lightning.pytorch as pl
     import torch
@@ -71,20 +76,6 @@ def main(argv: list[str] | None = None) -> None:
     from lightning_interp.demo import ImageClassifier, shapes_cnn
     from tests.callbacks.collectives import Counter
     from tests.conftest import tiny_datamodule
-
-    class ShardedClassifier(ImageClassifier):
-        """The tiny classifier with every layer that has parameters, and the network, under ``fully_shard``."""
-
-        def configure_model(self) -> None:
-            from torch.distributed.fsdp import fully_shard
-
-            if args.checkpointing:  # before sharding, as Lightning's activation_checkpointing_policy does
-                self.net[3] = checkpoint_wrapper(self.net[3])
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.net:
-                if any(True for _ in layer.parameters()):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self.net, mesh=mesh)
 
     class InjectedError(RuntimeError):
         pass
@@ -150,94 +141,147 @@ def main(argv: list[str] | None = None) -> None:
                 self.per_validation.append(dict(self.counter.calls))
                 self.counter = None
 
-    collectives = Collectives()
+    def fit(args: argparse.Namespace, out_dir: str) -> None:
+        """One training run from seed 0 with ``args``' flags; each rank writes ``out_dir/rank<r>.pt``."""
 
-    class StartCounting(pl.Callback):
-        def on_validation_epoch_end(self, trainer, pl_module):
-            collectives.start(trainer)
+        class ShardedClassifier(ImageClassifier):
+            """The tiny classifier with every layer that has parameters, and the network, under ``fully_shard``."""
 
-    class StopCounting(pl.Callback):
-        def on_validation_epoch_end(self, trainer, pl_module):
-            collectives.stop(trainer)
+            def configure_model(self) -> None:
+                from torch.distributed.fsdp import fully_shard
 
-    pl.seed_everything(0, workers=True, verbose=False)
-    saliency_type = FailingSaliency if args.fail_rank is not None else SaliencyCallback
-    if args.fail_rank is not None:
-        FailingSaliency.fail_rank = args.fail_rank
-    callbacks = {
-        "saliency": saliency_type(methods=("gradient", "smoothgrad", "integrated_gradients")),
-        "gradcam": GradCAMCallback(methods=("grad_cam", "cam") if args.window else ("grad_cam",)),
-        "probe": LinearProbeCallback(num_samples=32),
-        "similarity": RepresentationSimilarityCallback(num_samples=32),
-    }
-    if args.no_callbacks:
-        callbacks = {}
-    recorder = Recorder()
-    window = [UnshardedWindow()] if args.window else []
-    timeout = timedelta(seconds=PG_TIMEOUT_S)
-    if args.strategy == "ddp":
-        strategy = DDPStrategy(timeout=timeout)
-        model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
-    elif args.strategy == "fsdp2":
-        strategy = ModelParallelStrategy(
-            data_parallel_size=1 if args.tp2 else 2, tensor_parallel_size=2 if args.tp2 else 1, timeout=timeout
+                if args.checkpointing:  # before sharding, as Lightning's activation_checkpointing_policy does
+                    self.net[3] = checkpoint_wrapper(self.net[3])
+                mesh = self.device_mesh["data_parallel"]
+                for layer in self.net:
+                    if any(True for _ in layer.parameters()):
+                        fully_shard(layer, mesh=mesh)
+                fully_shard(self.net, mesh=mesh)
+
+        FailingSaliency.errors.clear()  # an earlier run's
+        collectives = Collectives()
+
+        class StartCounting(pl.Callback):
+            def on_validation_epoch_end(self, trainer, pl_module):
+                collectives.start(trainer)
+
+        class StopCounting(pl.Callback):
+            def on_validation_epoch_end(self, trainer, pl_module):
+                collectives.stop(trainer)
+
+        pl.seed_everything(0, workers=True, verbose=False)
+        saliency_type = FailingSaliency if args.fail_rank is not None else SaliencyCallback
+        if args.fail_rank is not None:
+            FailingSaliency.fail_rank = args.fail_rank
+        callbacks = {
+            "saliency": saliency_type(methods=("gradient", "smoothgrad", "integrated_gradients")),
+            "gradcam": GradCAMCallback(methods=("grad_cam", "cam") if args.window else ("grad_cam",)),
+            "probe": LinearProbeCallback(num_samples=32),
+            "similarity": RepresentationSimilarityCallback(num_samples=32),
+        }
+        if args.no_callbacks:
+            callbacks = {}
+        recorder = Recorder()
+        window = [UnshardedWindow()] if args.window else []
+        timeout = timedelta(seconds=PG_TIMEOUT_S)
+        if args.strategy == "ddp":
+            strategy = DDPStrategy(timeout=timeout)
+            model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
+        elif args.strategy == "fsdp2":
+            strategy = ModelParallelStrategy(
+                data_parallel_size=1 if args.tp2 else 2, tensor_parallel_size=2 if args.tp2 else 1, timeout=timeout
+            )
+            model = ShardedClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
+        elif args.strategy == "fsdp1":
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            strategy = cpu_fsdp_strategy()(auto_wrap_policy=ModuleWrapPolicy({torch.nn.Conv2d}), timeout=timeout)
+            model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
+            if args.checkpointing:
+                model.net[3] = checkpoint_wrapper(model.net[3])
+        else:
+            strategy = cpu_deepspeed_strategy()(stage=int(args.strategy[-1]), timeout=timeout)
+            strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+            model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
+        # each rank's 2 batches per epoch: a validation after the first (mid-accumulation) and after the second
+        schedule = {"accumulate_grad_batches": 2, "val_check_interval": 1} if args.accumulate else {}
+        trainer = pl.Trainer(
+            **schedule,
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy,
+            max_epochs=MAX_EPOCHS,
+            callbacks=[StartCounting(), *callbacks.values(), *window, StopCounting(), recorder],
+            logger=False,
+            enable_checkpointing=False,
+            default_root_dir=out_dir,
+            enable_progress_bar=False,
+            enable_model_summary=False,
         )
-        model = ShardedClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
-    elif args.strategy == "fsdp1":
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        report: dict = {}
+        try:
+            trainer.fit(model, datamodule=tiny_datamodule())
+        except ValueError as error:  # a refusal before training
+            report["refused"] = str(error)
+        weights = {} if "refused" in report else whole_weights(trainer, args.strategy)
+        local = 0  # the parameter elements this rank holds: fewer than the model's when the parameters are sharded
+        for parameter in trainer.lightning_module.parameters():
+            if hasattr(parameter, "ds_tensor"):  # ZeRO-3: this rank's partition
+                local += parameter.ds_tensor.numel()
+            else:  # FSDP2: a DTensor's local shard; FSDP1 (use_orig_params): a view into this rank's flat shard
+                local += (parameter.to_local() if hasattr(parameter, "to_local") else parameter).numel()
+        report.update(
+            global_rank=trainer.global_rank,
+            local_numel=local,
+            weights=weights,
+            scalars=recorder.scalars,
+            collectives=collectives.per_validation,
+            maps={k: v.clone() for k, v in callbacks["saliency"].last_maps.items()} if "saliency" in callbacks else {},
+            work_seconds=collectives.seconds,
+            runs={key: cb._runs for key, cb in callbacks.items()},
+            probes={key: None if cb.probe is None else cb.probe.inputs.clone() for key, cb in callbacks.items()},
+            errors=list(FailingSaliency.errors),
+        )
+        os.makedirs(out_dir, exist_ok=True)
+        torch.save(report, os.path.join(out_dir, f"rank{trainer.global_rank}.pt"))
 
-        strategy = cpu_fsdp_strategy()(auto_wrap_policy=ModuleWrapPolicy({torch.nn.Conv2d}), timeout=timeout)
-        model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
-        if args.checkpointing:
-            model.net[3] = checkpoint_wrapper(model.net[3])
-    else:
-        strategy = cpu_deepspeed_strategy()(stage=int(args.strategy[-1]), timeout=timeout)
-        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        model = ImageClassifier(shapes_cnn(num_classes=4, width=4), lr=1e-2)
-    # each rank's 2 batches per epoch: a validation after the first (mid-accumulation) and after the second
-    schedule = {"accumulate_grad_batches": 2, "val_check_interval": 1} if args.accumulate else {}
-    trainer = pl.Trainer(
-        **schedule,
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_epochs=MAX_EPOCHS,
-        callbacks=[StartCounting(), *callbacks.values(), *window, StopCounting(), recorder],
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=args.out_dir,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    report: dict = {}
-    try:
-        trainer.fit(model, datamodule=tiny_datamodule())
-    except ValueError as error:  # a refusal before training
-        report["refused"] = str(error)
-    weights = {} if "refused" in report else whole_weights(trainer, args.strategy)
-    local = 0  # the parameter elements this rank holds: fewer than the model's when the parameters are sharded
-    for parameter in trainer.lightning_module.parameters():
-        if hasattr(parameter, "ds_tensor"):  # ZeRO-3: this rank's partition
-            local += parameter.ds_tensor.numel()
-        else:  # FSDP2: a DTensor's local shard; FSDP1 (use_orig_params): a view of this rank's part of the flat shard
-            local += (parameter.to_local() if hasattr(parameter, "to_local") else parameter).numel()
-    report.update(
-        global_rank=trainer.global_rank,
-        local_numel=local,
-        weights=weights,
-        scalars=recorder.scalars,
-        collectives=collectives.per_validation,
-        maps={} if "saliency" not in callbacks else {k: v.clone() for k, v in callbacks["saliency"].last_maps.items()},
-        work_seconds=collectives.seconds,
-        runs={key: cb._runs for key, cb in callbacks.items()},
-        probes={key: None if cb.probe is None else cb.probe.inputs.clone() for key, cb in callbacks.items()},
-        errors=list(FailingSaliency.errors),
-    )
-    os.makedirs(args.out_dir, exist_ok=True)
-    torch.save(report, os.path.join(args.out_dir, f"rank{trainer.global_rank}.pt"))
+    for args, out_dir in plan:
+        fit(args, out_dir)
     if torch.distributed.is_initialized():  # both ranks done: close the group before the interpreter exits (a gloo
         torch.distributed.barrier()  # pair torn down mid-exit can abort with "terminate called without an active
         torch.distributed.destroy_process_group()  # exception")
+
+
+def run_plan(parser: argparse.ArgumentParser, argv: list[str]) -> list[tuple[argparse.Namespace, str]]:
+    """Each run of ``argv`` (``STRATEGY OUT_DIR [FLAGS] [--then [STRATEGY] [FLAGS]]...``) with its report directory:
+    ``OUT_DIR``, then ``OUT_DIR/then<i>`` for the i-th ``--then``; a run without a strategy keeps the one before."""
+    first, *later = segments(argv)
+    args = parser.parse_args(first)
+    plan = [(args, args.out_dir)]
+    for index, flags in enumerate(later, start=1):
+        strategy = flags.pop(0) if flags and not flags[0].startswith("-") else plan[-1][0].strategy
+        plan.append((parser.parse_args([strategy, args.out_dir, *flags]), then_dir(args.out_dir, index)))
+    return plan
+
+
+def segments(argv: list[str]) -> list[list[str]]:
+    """``argv`` split at each ``--then``.
+
+    >>> segments(["fsdp2", "out", "--no-callbacks", "--then", "--then", "ddp", "--fail-rank", "1"])
+    [['fsdp2', 'out', '--no-callbacks'], [], ['ddp', '--fail-rank', '1']]
+    """
+    parts: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "--then":
+            parts.append([])
+        else:
+            parts[-1].append(arg)
+    return parts
+
+
+def then_dir(out_dir: str, index: int) -> str:
+    """Where the ``index``-th run after ``--then`` writes its reports."""
+    return os.path.join(out_dir, f"then{index}")
 
 
 def whole_weights(trainer, strategy: str) -> dict:

@@ -2,7 +2,8 @@
 
 Lightning's DDP strategy re-launches the running script for the other ranks, so the training runs in
 ``ddp_run.py`` as a subprocess of its own; it leaves each rank's callback state in ``rank<N>.pt``. One run (about
-half a minute on two cores) is shared by the tests below; the last test launches a second one with monitoring.
+half a minute on two cores) is shared by the tests below: with ``EarlyStopping`` and ``ModelCheckpoint`` monitoring an
+interp scalar, as users monitor them (a second launch for the monitors alone would cost as much again).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def launch(root: Path, *extra_args: str) -> DDPRun:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> DDPRun:
-    return launch(tmp_path_factory.mktemp("ddp"))
+    return launch(tmp_path_factory.mktemp("ddp"), "--monitor")
 
 
 def expected_steps() -> list[int]:
@@ -179,8 +180,7 @@ def test_probe_samples_are_those_of_a_single_process_run(ddp_run, tmp_path):
     assert not torch.equal(from_shard.inputs, ddp_run.reports[0]["probes"]["saliency"]["inputs"])
 
 
-def test_interp_scalars_are_monitorable_under_ddp(tmp_path):
-    run = launch(tmp_path, "--monitor")
-    assert run.returncode == 0, run.output[-6000:]
+def test_interp_scalars_are_monitorable_under_ddp(ddp_run):
+    assert ddp_run.returncode == 0, ddp_run.output[-6000:]  # EarlyStopping and ModelCheckpoint found it on each rank
     for rank in range(DEVICES):
-        assert MONITOR in run.reports[rank]["interp_metrics"], rank
+        assert MONITOR in ddp_run.reports[rank]["interp_metrics"], rank

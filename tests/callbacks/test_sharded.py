@@ -4,12 +4,14 @@
 the CPU subclasses); and the refusals, before training, of what cannot work. The DeepSpeed runs skip without
 DeepSpeed (``pip install lightning-interp[sharded]``).
 
-The multi-process runs are ``sharded_run.py`` subprocesses (Lightning re-launches the script for rank 1), each bounded
-by a timeout that kills its whole process group, and a process-group timeout inside, so a hang fails the test.
+The multi-process runs are one ``sharded_run.py`` subprocess that trains them one after the other (Lightning re-launches
+the script for rank 1), bounded by a timeout that kills its whole process group, and a process-group timeout inside, so
+a hang fails the test.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import types
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from lightning_interp.callbacks._sharding import (
 from lightning_interp.methods import module_name
 from lightning_interp.methods.model.core import plain_name
 from tests.callbacks.collectives import Counter
-from tests.callbacks.multiprocess import DEVICES, Run
+from tests.callbacks.multiprocess import DEVICES, Run, launch_plan
 from tests.callbacks.multiprocess import launch as launch_script
 from tests.callbacks.sharded_run import MAX_EPOCHS
 from tests.conftest import quiet_trainer, tiny_classifier, tiny_datamodule
@@ -58,15 +60,50 @@ def needs(strategy: str) -> None:
         pytest.importorskip("deepspeed")
 
 
+# Every run the tests read, in the order of the module's one launch (``sharded_run.py``'s ``--then``): starting the
+# two processes costs more than these tiny runs. Training alone before the run with the callbacks; the refusal last.
+PLAN: list[tuple[str, ...]] = [
+    ("ddp",),
+    ("fsdp2", "--no-callbacks"),
+    ("fsdp2",),
+    ("fsdp2", "--fail-rank", "1"),
+    ("fsdp2", "--window"),
+    ("fsdp2", "--accumulate", "--no-callbacks"),
+    ("fsdp2", "--accumulate"),
+    ("fsdp2", "--checkpointing"),
+    ("fsdp1", "--no-callbacks"),
+    ("fsdp1",),
+    ("fsdp1", "--fail-rank", "1"),
+    ("deepspeed3", "--no-callbacks"),
+    ("deepspeed3",),
+    ("deepspeed3", "--fail-rank", "1"),
+    ("deepspeed2", "--no-callbacks"),
+    ("deepspeed2",),
+    ("fsdp1", "--accumulate"),
+]
+
+
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``runs(strategy, *args)``: that run of ``sharded_run.py``, launched once per test module."""
+    """``runs(strategy, *args)``: that run of ``sharded_run.py``; the runs of ``PLAN`` (without DeepSpeed's where it is
+    not installed) come from one launch at the first request, any other run from a launch of its own."""
     done: dict[tuple[str, ...], Run] = {}
+    launched = []  # the plan's launch, once: a launch that timed out is not tried again by every later test
 
     def get(strategy: str, *args: str) -> Run:
         key = (strategy, *args)
+        needs(strategy)
+        plan = [run for run in PLAN if deepspeed_installed() or not run[0].startswith("deepspeed")]
+        if key not in done and key in plan:
+            if launched:
+                pytest.fail("the launch of the planned runs failed (see the first test that needed it)")
+            launched.append(True)
+            done.update(launch_plan(SCRIPT, tmp_path_factory.mktemp("plan"), plan))
         if key not in done:
-            needs(strategy)
             done[key] = launch(tmp_path_factory.mktemp("_".join(key).replace("-", "")), strategy, *args)
         done[key].check()
         return done[key]
@@ -214,7 +251,9 @@ def test_fsdp1_refuses_a_validation_between_micro_batches_before_training(runs):
 
 @pytest.mark.slow
 def test_activation_checkpointing_under_fsdp2_leaves_training_as_it_was(runs):
-    run, alone = runs("fsdp2", "--checkpointing"), runs("fsdp2", "--checkpointing", "--no-callbacks")
+    # Checkpointing recomputes the same forward pass: training alone with it is bitwise training alone without it
+    # (measured), so the run without either is the reference; were that not so, this would fail, not pass.
+    run, alone = runs("fsdp2", "--checkpointing"), runs("fsdp2", "--no-callbacks")
     assert_training_alone(run, alone)
     assert run.reports[0]["runs"] == dict.fromkeys(CALLBACK_KEYS, MAX_EPOCHS)
     plain = runs("fsdp2")  # checkpointing recomputes the forward pass: the same maps

@@ -3,14 +3,16 @@
 callbacks that issue 29 brought to sharded strategies, on one tiny hybrid CNN-attention model (see
 ``sharded_all_run.py``); and the refusals, before training, of what cannot work in lockstep.
 
-The multi-process runs are ``sharded_all_run.py`` subprocesses (Lightning re-launches the script for rank 1), each
-bounded by a timeout that kills its whole process group, and a process-group timeout inside, so a hang fails the test.
+The multi-process runs are one ``sharded_all_run.py`` subprocess that trains them one after the other (Lightning
+re-launches the script for rank 1), bounded by a timeout that kills its whole process group, and a process-group
+timeout inside, so a hang fails the test.
 The runs are shared by the tests of this module: with every callback and without any under FSDP2, FSDP1 and ZeRO-3
-(skipped without DeepSpeed), and DDP with every callback.
+(skipped without DeepSpeed), and DDP with every callback, all from one launch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import types
 from pathlib import Path
@@ -22,32 +24,47 @@ import torch
 import lightning_interp
 from lightning_interp import DatasetBiasCallback, ExplanationQualityCallback, UncertaintyCallback
 from lightning_interp.callbacks import InterpCallback
-from tests.callbacks.multiprocess import DEVICES, Run
-from tests.callbacks.multiprocess import launch as launch_script
+from tests.callbacks.multiprocess import DEVICES, Run, launch_plan
 from tests.callbacks.sharded_all_run import CALLBACK_KEYS, MAX_EPOCHS, hybrid_net
 from tests.conftest import tiny_classifier
 
 SCRIPT = Path(__file__).with_name("sharded_all_run.py")
 
 
-def launch(root: Path, strategy: str, *extra_args: str) -> Run:
-    """Run ``sharded_all_run.py`` on ``DEVICES`` CPU processes, its reports under ``root``."""
-    return launch_script(SCRIPT, root, strategy, *extra_args)
+# Every run the tests read, in the order of the module's one launch (``sharded_all_run.py``'s ``--then``): starting the
+# two processes costs more than these tiny runs. Training alone before the run with every callback.
+PLAN: list[tuple[str, ...]] = [
+    ("ddp",),
+    ("fsdp2", "--no-callbacks"),
+    ("fsdp2",),
+    ("fsdp1", "--no-callbacks"),
+    ("fsdp1",),
+    ("deepspeed3", "--no-callbacks"),
+    ("deepspeed3",),
+]
 
 
 @pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory) -> Run:
-    return launch(tmp_path_factory.mktemp("fsdp2_all"), "fsdp2")
+def all_runs(tmp_path_factory) -> dict[tuple[str, ...], Run]:
+    """Every run of ``PLAN`` (without ZeRO-3's where DeepSpeed is not installed), from one launch."""
+    deepspeed = importlib.util.find_spec("deepspeed") is not None
+    plan = [run for run in PLAN if deepspeed or not run[0].startswith("deepspeed")]
+    return launch_plan(SCRIPT, tmp_path_factory.mktemp("plan_all"), plan)
 
 
 @pytest.fixture(scope="module")
-def fsdp2_alone(tmp_path_factory) -> Run:
-    return launch(tmp_path_factory.mktemp("fsdp2_all_alone"), "fsdp2", "--no-callbacks")
+def fsdp2(all_runs) -> Run:
+    return all_runs[("fsdp2",)]
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory) -> Run:
-    return launch(tmp_path_factory.mktemp("ddp_all"), "ddp")
+def fsdp2_alone(all_runs) -> Run:
+    return all_runs[("fsdp2", "--no-callbacks")]
+
+
+@pytest.fixture(scope="module")
+def ddp(all_runs) -> Run:
+    return all_runs[("ddp",)]
 
 
 def max_weight_difference(a: dict, b: dict) -> float:
@@ -117,18 +134,15 @@ def test_fsdp2_scalars_match_the_ddp_runs(fsdp2, ddp):
 
 
 @pytest.fixture(scope="module")
-def other_runs(tmp_path_factory):
-    """``other_runs(strategy, *args)``: that run of ``sharded_all_run.py`` under FSDP1 or ZeRO-3, launched once."""
-    done: dict[tuple[str, ...], Run] = {}
+def other_runs(all_runs):
+    """``other_runs(strategy, *args)``: that run of ``PLAN`` under FSDP1 or ZeRO-3 (skipped without DeepSpeed)."""
 
     def get(strategy: str, *args: str) -> Run:
         if strategy.startswith("deepspeed"):
             pytest.importorskip("deepspeed")
-        key = (strategy, *args)
-        if key not in done:
-            done[key] = launch(tmp_path_factory.mktemp("_".join(key).replace("-", "")), strategy, *args)
-        done[key].check()
-        return done[key]
+        run = all_runs[(strategy, *args)]
+        run.check()
+        return run
 
     return get
 
