@@ -322,13 +322,17 @@ class Explainer:
                 )
             else:
                 attributions[entry.key] = self._run(spec, entry, model, inputs, index, baseline, scalars)
-        return Attributions(
-            attributions=attributions,
-            target=index,
-            scores=scores,
-            scalars=scalars,
-            cam={entry.key for entry in self.entries if METHODS[entry.method].needs_layer},
-        )
+        return self._result(attributions, index, scores, scalars)
+
+    def _result(
+        self,
+        attributions: dict[str, Tensor | tuple[Tensor, ...]],
+        index: Tensor,
+        scores: Tensor,
+        scalars: dict[str, Tensor],
+    ) -> Attributions:
+        cam = {entry.key for entry in self.entries if METHODS[entry.method].needs_layer}
+        return Attributions(attributions=attributions, target=index, scores=scores, scalars=scalars, cam=cam)
 
     def _several(
         self,
@@ -353,13 +357,7 @@ class Explainer:
             attributions[entry.key] = self._run(
                 METHODS[entry.method], entry, model, inputs, index, baseline, scalars, arguments
             )
-        return Attributions(
-            attributions=attributions,
-            target=index,
-            scores=scores,
-            scalars=scalars,
-            cam={entry.key for entry in self.entries if METHODS[entry.method].needs_layer},
-        )
+        return self._result(attributions, index, scores, scalars)
 
     def _target(self, model: nn.Module, inputs: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         """The scores from one no-grad forward, and the explained index per sample (``target``, or the prediction)."""
