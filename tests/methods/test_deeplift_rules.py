@@ -90,7 +90,9 @@ def _cnn(activation: str, seed: int) -> nn.Module:
             module.running_mean.normal_(0, 0.3)
             module.running_var.uniform_(0.5, 2.0)
             module.weight.data.normal_()
-    for module in model.modules():  # sigmoid (slope <= 1/4): mean weight 2 / sqrt(fan-in), ~4x default, or nothing moves
+    for (
+        module
+    ) in model.modules():  # sigmoid (slope <= 1/4): mean weight 2 / sqrt(fan-in), ~4x default, or nothing moves
         if isinstance(module, (nn.Conv2d, nn.Linear)) and activation == "sigmoid":
             module.weight.data.mul_(2 / module.weight[0].numel() ** 0.5 / module.weight.abs().mean())
     return model.eval()
@@ -231,12 +233,13 @@ def test_the_explainer_passes_the_rule_and_reports_its_completeness_error():
 # ------------------------------------------------------------------ GradientSHAP's convergence delta
 
 
-def test_gradient_shap_convergence_delta_is_captums_averaged_over_the_draws(monkeypatch):
+@pytest.mark.parametrize("stdevs", [0.3, 0.0])
+def test_gradient_shap_convergence_delta_is_captums_averaged_over_the_draws(monkeypatch, stdevs):
     captum = pytest.importorskip("captum.attr")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     x, references = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
-    target, n, stdevs, seed = torch.tensor([0, 2, 1]), 6, 0.3, 7
+    target, n, seed = torch.tensor([0, 2, 1]), 6, 7
     options = {"n_samples": n, "stdevs": stdevs, "baselines": references, "return_convergence_delta": True}
     ours, delta = gradient_shap(model, x, target, generator=torch.Generator().manual_seed(seed), **options)
     generator = torch.Generator().manual_seed(seed)  # replay our draws into Captum (sample-major rows)
@@ -279,3 +282,34 @@ def test_gradient_shap_delta_shrinks_with_the_draws_and_the_explainer_logs_it():
     torch.testing.assert_close(result.scalars["gradient_shap/completeness_error"].double(), expected)
     multipliers = Explainer({"gradient_shap": {"n_samples": 2, "multiply_by_inputs": False}})(model, x)
     assert "gradient_shap/completeness_error" not in multipliers.scalars
+
+
+def test_an_unknown_rule_is_refused_when_the_callback_is_made():
+    from lightning_interp import SaliencyCallback
+
+    with pytest.raises(ValueError, match=r"deeplift's rule must be one of 'rescale', 'reveal_cancel', got 'reveal'"):
+        SaliencyCallback(methods={"deeplift": {"rule": "reveal"}})
+
+
+def test_saliency_callback_logs_reveal_cancel_and_gradient_shap_completeness(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_interp import Display, SaliencyCallback
+    from lightning_interp.demo import ImageClassifier
+    from lightning_interp.synthetic import SyntheticShapesDataModule
+    from tests.conftest import BatchNormDropoutNet, quiet_trainer
+
+    pl.seed_everything(0, verbose=False)
+    methods = {"deeplift": {"rule": "reveal_cancel"}, "gradient_shap": {"n_samples": 2}}
+    callback = SaliencyCallback(methods=methods, num_samples=4, display=Display(background_drawing=False))
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2)
+    model = ImageClassifier(BatchNormDropoutNet(), lr=5e-3)  # conv -> BatchNorm -> in-place ReLU, conv -> ReLU
+    trainer.fit(model, datamodule=SyntheticShapesDataModule(train_size=32, val_size=16, batch_size=8, image_size=16))
+    metrics = trainer.callback_metrics
+    assert float(metrics["interp_saliency/deeplift/completeness_error"]) < 1e-5  # exact up to float32 rounding
+    shap = float(metrics["interp_saliency/gradient_shap/completeness_error"])  # 2 random points: far from exact
+    assert 0 < shap < float("inf")
+    reveal = Explainer({"deeplift": {"rule": "reveal_cancel"}})(model, callback.probe.inputs)
+    rescale = Explainer({"deeplift": {}})(model, callback.probe.inputs)
+    torch.testing.assert_close(callback.last_maps["deeplift"], reveal.maps()["deeplift"])
+    assert not torch.allclose(reveal.maps()["deeplift"], rescale.maps()["deeplift"])

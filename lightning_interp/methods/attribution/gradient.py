@@ -396,7 +396,8 @@ def gradient_shap(
             attributions, whatever ``multiply_by_inputs``. Completeness holds
             only in expectation over the points ``alpha``: the delta is the
             Monte-Carlo error of the draws (it shrinks as ``1 / sqrt(n_samples)``),
-            not a bias. Costs a no-grad forward of each draw's ``x'`` and ``r``.
+            not a bias. Costs a no-grad forward of each reference and each
+            input (of each draw's noisy input when ``stdevs > 0``).
         multiply_by_inputs: multiply each gradient by ``x' - r`` (the
             attributions); False averages the gradients alone (Captum's
             ``multiply_by_inputs=False``: a local rather than a global attribution).
@@ -447,6 +448,8 @@ def gradient_shap(
     total_rows = n_samples * batch  # flat rows: draw-major, then sample
     total = torch.zeros_like(x, dtype=accumulation_dtype(x))
     residual = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    reference_scores: Tensor | None = None
+    input_scores: Tensor | None = None
     limit = row_limit(internal_batch_size, total_rows)
     limit -= limit % batch if limit >= batch else 0  # whole copies of the batch per pass (as the gradient methods)
     for start, end in row_chunks(total_rows, limit):
@@ -475,11 +478,13 @@ def gradient_shap(
         gained = contributions if multiply_by_inputs else grads.to(x.dtype)
         total.index_add_(0, sample, gained.to(total.dtype))
         if return_convergence_delta:  # per draw: sum of contributions - (f(x') - f(r)), as Captum's
-            ends = target_scores(
-                clean_scores(model, torch.cat([noisy, reference]), output_transform), index[sample].repeat(2), task
-            ).double()
-            count = end - start
-            rows = contributions.reshape(count, -1).double().sum(dim=1) - (ends[:count] - ends[count:])
+            if reference_scores is None:  # each reference and (without noise) each input once
+                reference_scores = clean_scores(model, references, output_transform)
+                input_scores = None if stdevs > 0 else clean_scores(model, x, output_transform)
+            at_input = clean_scores(model, noisy, output_transform) if input_scores is None else input_scores[sample]
+            rows = contributions.reshape(end - start, -1).double().sum(dim=1)
+            rows -= target_scores(at_input, index[sample], task).double()
+            rows += target_scores(reference_scores[choice[draw, sample]], index[sample], task).double()
             residual.index_add_(0, sample, rows)
     result = (total / n_samples).to(out_dtype(inputs))
     return (result, residual / n_samples) if return_convergence_delta else result
