@@ -327,38 +327,39 @@ class _RevealCancel(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         z, y, *sources = ctx.saved_tensors
         function = ctx.function
-        changes = [_halves(source) for source in sources]  # each half gets the same multipliers
+        changes = [source.chunk(2)[0] - source.chunk(2)[1] for source in sources]  # the inputs' half: B rows
         positive = [change.clamp(min=0).requires_grad_(True) for change in changes]
         negative = [change.clamp(max=0).requires_grad_(True) for change in changes]
-        with torch.no_grad():
-            plus, minus = ctx.split(positive, negative)
-        reference = z.chunk(2)[1].repeat(2, *([1] * (z.ndim - 1)))
-        output = y.chunk(2)[0].repeat(2, *([1] * (y.ndim - 1)))
-        with torch.no_grad():
-            at_reference, at_plus, at_minus = (
-                function(reference.clone()),
-                function(reference + plus),
-                function(reference + minus),
-            )
-            dy_plus = 0.5 * (at_plus - at_reference) + 0.5 * (output - at_minus)
-            dy_minus = 0.5 * (at_minus - at_reference) + 0.5 * (output - at_plus)
-        plus, minus = plus.detach(), minus.detach()
+        with torch.enable_grad():
+            plus_graph, minus_graph = ctx.split(positive, negative)
+        plus, minus = plus_graph.detach(), minus_graph.detach()
+        reference, output = z.chunk(2)[1], y.chunk(2)[0]
         slope = _derivative(function, reference)
         with torch.no_grad():
+            at_reference, at_plus = function(reference.clone()), function(reference + plus)
+            at_minus = function(reference + minus)
+            dy_plus = 0.5 * (at_plus - at_reference) + 0.5 * (output - at_minus)
+            dy_minus = 0.5 * (at_minus - at_reference) + 0.5 * (output - at_plus)
             limit_plus = 0.5 * (slope + _derivative(function, reference + minus))
             limit_minus = 0.5 * (slope + _derivative(function, reference + plus))
             m_plus = torch.where(plus.abs() <= _EPS, limit_plus, dy_plus / plus)
             m_minus = torch.where(minus.abs() <= _EPS, limit_minus, dy_minus / minus)
-        with torch.enable_grad():
-            plus_graph, minus_graph = ctx.split(positive, negative)
+        halves = []
+        for index, part in enumerate(grad.chunk(2)):  # each half of the batch passes its own gradient back
             back = torch.autograd.grad(
-                (plus_graph, minus_graph), [*positive, *negative], (grad * m_plus, grad * m_minus), allow_unused=True
-            )
+                (plus_graph, minus_graph), [*positive, *negative], (part * m_plus, part * m_minus),
+                retain_graph=index == 0, allow_unused=True,
+            )  # fmt: skip
+            halves.append(back)
         grads = []
-        for change, up, down in zip(changes, back[: len(changes)], back[len(changes) :], strict=True):
-            up = torch.zeros_like(change) if up is None else up
-            down = torch.zeros_like(change) if down is None else down
-            grads.append(torch.where(change > 0, up, torch.where(change < 0, down, 0.5 * (up + down))))
+        for k, change in enumerate(changes):
+            both = []
+            for back in halves:
+                up, down = back[k], back[len(changes) + k]
+                up = torch.zeros_like(change) if up is None else up
+                down = torch.zeros_like(change) if down is None else down
+                both.append(torch.where(change > 0, up, torch.where(change < 0, down, 0.5 * (up + down))))
+            grads.append(torch.cat(both))
         return None, None, None, *grads
 
 
