@@ -313,3 +313,25 @@ def test_saliency_callback_logs_reveal_cancel_and_gradient_shap_completeness(tmp
     rescale = Explainer({"deeplift": {}})(model, callback.probe.inputs)
     torch.testing.assert_close(callback.last_maps["deeplift"], reveal.maps()["deeplift"])
     assert not torch.allclose(reveal.maps()["deeplift"], rescale.maps()["deeplift"])
+
+
+def test_gradient_shap_delta_scores_each_draw_with_its_own_samples_other_inputs():
+    """``f(x, s) = s * (w . x)`` is linear in ``x``: each draw is exact if ``f(r)`` takes its own row's ``s``."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) * scale
+
+    model = Scaled().double()
+    x, scale = torch.randn(3, 4, dtype=torch.float64), torch.tensor([[1.0], [5.0], [-2.0]], dtype=torch.float64)
+    references = torch.randn(4, 4, dtype=torch.float64)
+    for size in (None, 2):
+        _, delta = attribute(
+            "gradient_shap", model, x, 1, additional_forward_args=(scale,), baselines=references, n_samples=5,
+            generator=torch.Generator().manual_seed(0), internal_batch_size=size, return_convergence_delta=True,
+        )  # fmt: skip
+        assert delta.abs().max() < 1e-12

@@ -478,13 +478,20 @@ def gradient_shap(
         gained = contributions if multiply_by_inputs else grads.to(x.dtype)
         total.index_add_(0, sample, gained.to(total.dtype))
         if return_convergence_delta:  # per draw: sum of contributions - (f(x') - f(r)), as Captum's
-            if reference_scores is None:  # each reference and (without noise) each input once
-                reference_scores = clean_scores(model, references, output_transform)
-                input_scores = None if stdevs > 0 else clean_scores(model, x, output_transform)
-            at_input = clean_scores(model, noisy, output_transform) if input_scores is None else input_scores[sample]
+            if bound is not model:  # other inputs per sample: each row scored with its own sample's
+                at_input = clean_scores(bound, noisy, output_transform)
+                at_reference = clean_scores(bound, reference, output_transform)
+            else:
+                if reference_scores is None:  # each reference and (without noise) each input once
+                    reference_scores = clean_scores(model, references, output_transform)
+                    input_scores = None if stdevs > 0 else clean_scores(model, x, output_transform)
+                at_input = (
+                    clean_scores(model, noisy, output_transform) if input_scores is None else input_scores[sample]
+                )
+                at_reference = reference_scores[choice[draw, sample]]
             rows = contributions.reshape(end - start, -1).double().sum(dim=1)
             rows -= target_scores(at_input, index[sample], task).double()
-            rows += target_scores(reference_scores[choice[draw, sample]], index[sample], task).double()
+            rows += target_scores(at_reference, index[sample], task).double()
             residual.index_add_(0, sample, rows)
     result = (total / n_samples).to(out_dtype(inputs))
     return (result, residual / n_samples) if return_convergence_delta else result
