@@ -28,7 +28,8 @@ row says otherwise; agreement is ``max|ours - peer| / max|peer|``.
   (the ResNet runs on the module copy, as above) and treat a max pool that directly follows an activation differently
   from ours (``mnist_cnn``'s conv2 -> ReLU -> MaxPool; with a linear layer between the two they agree exactly); the note
   gives both convergence deltas, ``max|sum(attributions) - (f(x) - f(x0))| / max|f(x) - f(x0)|``, from one more untimed
-  call each.
+  call each. No peer has the RevealCancel rule: ``deeplift(rule="reveal_cancel")`` is timed in the same rounds and
+  given in the note as its time and its ratio to our Rescale (a row of its own would count as "slower than the peer").
 - ``grad_cam_plus_plus``, ``xgrad_cam``, ``layer_cam``, ``hires_cam``, ``eigen_cam``, ``score_cam`` vs
   pytorch-grad-cam's ``GradCAMPlusPlus``, ``XGradCAM``, ``LayerCAM``, ``HiResCAM``, ``EigenCAM``, ``ScoreCAM`` with
   ``ClassifierOutputTarget`` targets (hooks live only inside each call, as ours do). pytorch-grad-cam returns maps
@@ -380,14 +381,14 @@ def _deeplift(setup: Setup, method: str) -> list[Row]:
     variant = _relu_modules(setup.model)
     model = setup.model if variant is None else variant
     peer = DeepLift(model)
-    measured = _measure(
-        {
-            "ours": lambda: _ours(spec, model, x, t, None, baseline=base),
-            "peer": lambda: peer.attribute(x, baselines=base, target=t),
-        },
-        setup.quick,
-    )
-    _, out, _, _ = measured
+    timed = {
+        "ours": lambda: _ours(spec, model, x, t, None, baseline=base),
+        "peer": lambda: peer.attribute(x, baselines=base, target=t),
+    }
+    if method == "deeplift":  # our RevealCancel rule, timed in the same rounds (no peer has it: in the note)
+        timed["reveal_cancel"] = lambda: _ours(spec, model, x, t, None, baseline=base, rule="reveal_cancel")
+    measured = _measure(timed, setup.quick)
+    ms, out, _, _ = measured
     with torch.no_grad():
         change = (model(x) - model(torch.full_like(x, base))).gather(1, t[:, None])[:, 0].double()
     _, ours_delta = _ours(spec, model, x, t, None, baseline=base, return_convergence_delta=True)
@@ -397,6 +398,14 @@ def _deeplift(setup: Setup, method: str) -> list[Row]:
         f"convergence delta / max|f(x) - f(x0)|: ours {float(ours_delta.abs().max()) / scale:.1g}, "
         f"Captum {float(peer_delta.abs().max()) / scale:.1g}"
     )
+    if "reveal_cancel" in ms:
+        _, reveal_delta = _ours(
+            spec, model, x, t, None, baseline=base, rule="reveal_cancel", return_convergence_delta=True
+        )
+        note += (
+            f"; rule='reveal_cancel' {ms['reveal_cancel']:.1f} ms ({ms['reveal_cancel'] / ms['ours']:.2f}x our "
+            f"rescale), delta {float(reveal_delta.abs().max()) / scale:.1g}"
+        )
     if variant is not None:
         original = _rel(
             _ours(spec, setup.model, x, t, None, baseline=base),

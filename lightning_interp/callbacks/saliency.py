@@ -42,8 +42,12 @@ class SaliencyCallback(MapCallback):
       the previous run (from the second run on);
     - ``<method>/localization`` and ``<method>/pointing_game`` when the probe
       set has object masks;
-    - ``integrated_gradients/completeness_error``: mean |sum of attributions -
-      (f(x) - f(baseline))| relative to mean |f(x) - f(baseline)|;
+    - ``<method>/completeness_error`` (integrated gradients, DeepLIFT,
+      DeepLiftShap, LRP, GradientSHAP): mean |sum of attributions -
+      (f(x) - f(baseline))| relative to mean |f(x) - f(baseline)|; for
+      GradientSHAP, whose attributions sum to the change only in expectation,
+      the change is the mean over its draws of f(x') - f(r) and the error is
+      that of the draws (it shrinks as 1 / sqrt(n_samples));
     - at fit end, ``<method>/evolution``: the maps of a few samples across epochs.
 
     Token inputs (integer ids into an ``nn.Embedding``): ``input_layer="auto"``

@@ -146,7 +146,8 @@ class Attributions:
         scores: (B, C) the model's scores (from the shared pass, or one no-grad forward when no method needs it).
         scalars: ``<key>/<scalar>`` -> 0-d tensor on the inputs' device, e.g.
             ``integrated_gradients/completeness_error``: mean |sum of attributions - (f(x) - f(baseline))| over mean
-            |f(x) - f(baseline)|.
+            |f(x) - f(baseline)| (every method that declares it; for GradientSHAP the change is the mean over its draws
+            of ``f(x') - f(r)``, and the error that of the draws, as completeness holds in expectation only).
         cam: the keys of CAM maps (one value per pixel already; the rest are reduced over channels by :meth:`maps`).
     """
 

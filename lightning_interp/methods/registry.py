@@ -14,6 +14,7 @@ importing :mod:`lightning_interp.methods` declares every built-in method.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -219,6 +220,8 @@ def check_method_options(
     Example:
         >>> check_method_options("grad_cam", {"layer": "net.4"}).needs_layer
         True
+        >>> check_method_options("deeplift", {"rule": "reveal_cancel"}).name
+        'deeplift'
     """
     spec = method_spec(name)
     accepted = [option for option in spec.options if option not in managed]
@@ -228,7 +231,20 @@ def check_method_options(
     if unknown:
         takes = f"its options are: {', '.join(accepted)}" if accepted else "it takes none here"
         raise TypeError(f"{name} takes no option(s) {unknown} here; {takes}.")
+    for option, value in (options or {}).items():  # an enumerated string checked now, not at the first validation
+        choices = _literal_choices(spec.function, option)
+        if choices and isinstance(value, str) and value not in choices:
+            raise ValueError(f"{name}'s {option} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
     return spec
+
+
+def _literal_choices(function: Callable[..., Any], option: str) -> tuple[object, ...]:
+    """The values of ``option`` when the function types it as a ``Literal`` (else an empty tuple)."""
+    try:
+        hint = typing.get_type_hints(function).get(option)
+    except (NameError, TypeError):  # an annotation that does not resolve at run time: no check
+        return ()
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
 
 
 def available_methods(family: Family | None = None) -> dict[str, str]:

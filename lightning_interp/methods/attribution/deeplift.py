@@ -1,14 +1,41 @@
-"""DeepLIFT with the Rescale rule (Shrikumar et al. 2017), as rules on the nonlinearities for one call.
+"""DeepLIFT (Shrikumar et al. 2017) for one call: the Linear rule, and Rescale or RevealCancel on the nonlinearities.
 
-The inputs and the baseline run through the model in one batch ``[x; x0]``;
-every elementwise nonlinearity ``y = g(x)`` passes back the multiplier
-``(g(x) - g(x0)) / (x - x0)`` instead of its derivative (the derivative
-where ``|x - x0| < 1e-10``), and max pooling distributes its change of output
-to the maxima of the input and of the baseline (Captum's rule, accumulated
-where windows overlap). Linear layers (convolutions, linear, BatchNorm in eval
-mode, average pooling, additions) keep their gradient. The attributions
-``(x - x0) * multiplier`` of a sample then sum to ``f(x) - f(x0)``
-(summation-to-delta); ``return_convergence_delta`` reports the residual.
+The inputs and the baseline run through the model in one batch ``[x; x0]``.
+Linear layers (convolutions, linear, BatchNorm in eval mode, average pooling,
+additions) keep their gradient: that is the paper's Linear rule (section
+3.5.1), the multiplier of ``y = sum_i w_i x_i + b`` to ``x_i`` being ``w_i``
+(the bias is the same for the input and the baseline: it has no change).
+The elementwise nonlinearities ``y = g(x)`` take one of two rules (``rule=``):
+
+- ``"rescale"`` (section 3.5.2): the multiplier ``(g(x) - g(x0)) / (x - x0)``
+  instead of the derivative (the derivative where ``|x - x0| < 1e-10``);
+  Captum's ``DeepLift``.
+- ``"reveal_cancel"`` (section 3.5.3): the change of the nonlinearity's input
+  is split into the sums ``dx+`` and ``dx-`` of the positive and of the
+  negative terms ``w_i dx_i`` of the linear layer before it, and each part gets
+  its own multiplier ``m+ = dy+ / dx+``, ``m- = dy- / dx-``, with
+  ``dy+ = (g(x0 + dx+) - g(x0)) / 2 + (g(x0 + dx- + dx+) - g(x0 + dx-)) / 2``
+  and ``dy-`` likewise; the two multipliers go back through the linear layer by
+  the sign of each term (the Linear rule with separate positive and negative
+  parts; an input that did not change takes their mean). A positive and a
+  negative contribution that cancel (the paper's ``min(i1, i2)``, Figure 3)
+  each get credit, where Rescale and the gradient give one of them none. The
+  linear part found before a nonlinearity is a linear or convolutional layer,
+  optionally followed by an eval-mode BatchNorm (its scale, negative or not,
+  applied to each term), and sums of such parts and of other tensors (a
+  residual ``relu(bn(conv(x)) + x)``: the identity's change is one term per
+  element); a nonlinearity whose input is anything else (another nonlinearity,
+  a reshape, a product) is refused, naming the module: use ``"rescale"`` there.
+  Where all the terms into a nonlinearity have one sign, RevealCancel is
+  Rescale. The ``deeplift`` package (kundajelab) applies RevealCancel after
+  dense layers and Rescale after convolutions by default; here one rule holds
+  for every nonlinearity.
+
+Max pooling distributes its change of output to the maxima of the input and
+of the baseline (Captum's rule, accumulated where windows overlap), under
+either rule. The attributions ``(x - x0) * multiplier`` of a sample then sum
+to ``f(x) - f(x0)`` (summation-to-delta) under either rule;
+``return_convergence_delta`` reports the residual.
 
 Softmax and log-softmax, at the end of the model or inside it, take the
 DeepLIFT paper's softmax adjustment (Shrikumar et al. 2017, section 3.6: the
@@ -39,6 +66,7 @@ first dimension (the two halves of the batch are matched by position).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +74,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_interp.methods.attribution._rules import (
+    ADDITIONS,
+    IN_PLACE,
     OTHER_ACTIVATIONS,
     RELUS,
     SQUASHES,
@@ -75,7 +105,11 @@ from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.registry import register_method
 
-__all__ = ["deeplift", "deeplift_shap"]
+__all__ = ["DeepLiftRule", "deeplift", "deeplift_shap"]
+
+DeepLiftRule = Literal["rescale", "reveal_cancel"]
+"""DeepLIFT's rule for elementwise nonlinearities (Shrikumar et al. 2017, sections 3.5.2 and 3.5.3)."""
+RULES: tuple[DeepLiftRule, ...] = ("rescale", "reveal_cancel")
 
 _EPS = 1e-10  # Captum's threshold below which a difference counts as none
 _CLAMPS = frozenset({torch.clamp, torch.Tensor.clamp, torch.clamp_min, torch.Tensor.clamp_min, torch.clip})
@@ -95,6 +129,11 @@ _NOT_ELEMENTWISE = {
     F.scaled_dot_product_attention: "attention",
     F.multi_head_attention_forward: "attention",
 }
+
+
+def _check_rule(rule: object) -> None:
+    if rule not in RULES:
+        raise ValueError(f"DeepLIFT's rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}.")
 
 
 def _halves(t: Tensor) -> Tensor:
@@ -186,14 +225,205 @@ class _MaxPoolRescale(torch.autograd.Function):
         return torch.where(delta_in.abs() <= _EPS, derivative, moved / delta_in), None
 
 
+_LINEAR = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
+_BATCH_NORMS = frozenset({F.batch_norm})
+Split = Callable[[list[Tensor], list[Tensor]], tuple[Tensor, Tensor]]
+
+
+class _Terms(NamedTuple):
+    """How a tensor ``z`` is a linear function of earlier tensors (``sources``), as the positive and negative parts of
+    its change: ``split(p, n) = (dz+, dz-)``, the sums of the positive and of the negative terms ``w_i dx_i``, from the
+    positive and negative parts ``p``, ``n`` of each source's change ``dx`` (differentiable: the multipliers of
+    ``dz+`` and ``dz-`` go back to the sources through it)."""
+
+    sources: tuple[Tensor, ...]
+    split: Split
+
+
+def _linear_terms(func: Callable[..., Tensor], args: tuple, kwargs: dict) -> _Terms:
+    """The terms of ``F.linear`` / ``F.conv*d``: ``dz+ = W+ p + W- n``, ``dz- = W- p + W+ n`` (``W+``, ``W-``: the
+    positive and negative weights, same stride, padding and groups). The bias is the same for the input and the
+    baseline and has no change to split."""
+    rest, options = list(args[1:]), {key: value for key, value in kwargs.items() if key != "bias"}
+    weight = options.pop("weight") if "weight" in options else rest.pop(0)
+    if rest:
+        rest[0] = None  # the bias, by position
+    positive, negative = weight.detach().clamp(min=0), weight.detach().clamp(max=0)
+
+    def split(p: list[Tensor], n: list[Tensor]) -> tuple[Tensor, Tensor]:
+        def apply(u: Tensor, w: Tensor) -> Tensor:
+            return func(u, w, *rest, **options)
+
+        return apply(p[0], positive) + apply(n[0], negative), apply(p[0], negative) + apply(n[0], positive)
+
+    return _Terms((args[0],), split)
+
+
+def _batch_norm_terms(terms: _Terms, args: tuple, kwargs: dict) -> _Terms | None:
+    """A BatchNorm in eval mode after a linear layer: ``a z + b`` per channel, so its terms are the layer's scaled by
+    ``a`` (a negative ``a`` swaps the signs). None in training mode (the statistics of the batch)."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    bound = {**dict(zip(names, args, strict=False)), **kwargs}
+    mean, var = bound.get("running_mean"), bound.get("running_var")
+    if bound.get("training", False) or mean is None or var is None:
+        return None
+    scale = (var.detach() + bound.get("eps", 1e-5)).rsqrt()
+    if bound.get("weight") is not None:
+        scale = scale * bound["weight"].detach()
+    shape = [1, -1] + [1] * (args[0].ndim - 2)
+    up, down = scale.clamp(min=0).reshape(shape), scale.clamp(max=0).reshape(shape)
+
+    def split(p: list[Tensor], n: list[Tensor]) -> tuple[Tensor, Tensor]:
+        plus, minus = terms.split(p, n)
+        return up * plus + down * minus, down * plus + up * minus
+
+    return _Terms(terms.sources, split)
+
+
+def _identity_terms(t: Tensor) -> _Terms:
+    return _Terms((t,), lambda p, n: (p[0], n[0]))
+
+
+def _sum_terms(first: _Terms, second: _Terms) -> _Terms:
+    """Terms of ``a + b``: the terms of both."""
+    count = len(first.sources)
+
+    def split(p: list[Tensor], n: list[Tensor]) -> tuple[Tensor, Tensor]:
+        (plus_a, minus_a), (plus_b, minus_b) = first.split(p[:count], n[:count]), second.split(p[count:], n[count:])
+        return plus_a + plus_b, minus_a + minus_b
+
+    return _Terms(first.sources + second.sources, split)
+
+
+def _derivative(function: Callable[[Tensor], Tensor], at: Tensor) -> Tensor:
+    """The derivative of an elementwise ``function`` at each element of ``at``."""
+    with torch.enable_grad():
+        leaf = at.detach().requires_grad_(True)
+        (derivative,) = torch.autograd.grad(function(leaf.clone()), leaf, torch.ones_like(leaf))
+    return derivative
+
+
+class _RevealCancel(torch.autograd.Function):
+    """``y = g(z)`` for an elementwise ``g`` whose input ``z`` is a linear function of ``sources`` (``terms``): the
+    RevealCancel rule (Shrikumar et al. 2017, section 3.5.3) on the positive and negative parts ``dz+``, ``dz-`` of
+    ``z``'s change, and the Linear rule (3.5.1) back to the sources; no gradient goes to ``z`` itself.
+
+    ``dy+ = (g(z0 + dz+) - g(z0)) / 2 + (g(z0 + dz- + dz+) - g(z0 + dz-)) / 2``, ``dy-`` likewise, and the
+    multipliers ``m+ = dy+ / dz+``, ``m- = dy- / dz-`` (their limits ``(g'(z0) + g'(z0 + dz-)) / 2`` and
+    ``(g'(z0) + g'(z0 + dz+)) / 2`` where ``|dz+|`` or ``|dz-|`` is at most 1e-10). A source element whose change is
+    positive takes ``W+ m+ + W- m-``, a negative one ``W- m+ + W+ m-``, one that did not change
+    ``W (m+ + m-) / 2`` (the paper's choice, and the ``deeplift`` package's).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, function: Callable[[Tensor], Tensor], split: Split, *sources: Tensor) -> Tensor:  # type: ignore[override]
+        copy = z.detach().clone()
+        y = function(copy.clone())
+        ctx.function, ctx.split = function, split
+        ctx.save_for_backward(copy, y, *(source.detach() for source in sources))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        z, y, *sources = ctx.saved_tensors
+        function = ctx.function
+        changes = [source.chunk(2)[0] - source.chunk(2)[1] for source in sources]  # the inputs' half: B rows
+        positive = [change.clamp(min=0).requires_grad_(True) for change in changes]
+        negative = [change.clamp(max=0).requires_grad_(True) for change in changes]
+        with torch.enable_grad():
+            plus_graph, minus_graph = ctx.split(positive, negative)
+        plus, minus = plus_graph.detach(), minus_graph.detach()
+        reference, output = z.chunk(2)[1], y.chunk(2)[0]
+        slope = _derivative(function, reference)
+        with torch.no_grad():
+            at_reference, at_plus = function(reference.clone()), function(reference + plus)
+            at_minus = function(reference + minus)
+            dy_plus = 0.5 * (at_plus - at_reference) + 0.5 * (output - at_minus)
+            dy_minus = 0.5 * (at_minus - at_reference) + 0.5 * (output - at_plus)
+            limit_plus = 0.5 * (slope + _derivative(function, reference + minus))
+            limit_minus = 0.5 * (slope + _derivative(function, reference + plus))
+            m_plus = torch.where(plus.abs() <= _EPS, limit_plus, dy_plus / plus)
+            m_minus = torch.where(minus.abs() <= _EPS, limit_minus, dy_minus / minus)
+        halves = []
+        for index, part in enumerate(grad.chunk(2)):  # each half of the batch passes its own gradient back
+            back = torch.autograd.grad(
+                (plus_graph, minus_graph), [*positive, *negative], (part * m_plus, part * m_minus),
+                retain_graph=index == 0, allow_unused=True,
+            )  # fmt: skip
+            halves.append(back)
+        grads = []
+        for k, change in enumerate(changes):
+            both = []
+            for back in halves:
+                up, down = back[k], back[len(changes) + k]
+                up = torch.zeros_like(change) if up is None else up
+                down = torch.zeros_like(change) if down is None else down
+                both.append(torch.where(change > 0, up, torch.where(change < 0, down, 0.5 * (up + down))))
+            grads.append(torch.cat(both))
+        return None, None, None, *grads
+
+
 class _RescaleMode(TorchFunctionMode):
-    def __init__(self, names: dict[nn.Module, str], stack: list[nn.Module]) -> None:
+    def __init__(self, names: dict[nn.Module, str], stack: list[nn.Module], rule: DeepLiftRule = "rescale") -> None:
         super().__init__()
-        self.names, self.stack = names, stack
+        self.names, self.stack, self.rule = names, stack, rule
+        self.terms: dict[int, tuple[Tensor, _Terms]] = {}  # id -> (the tensor, kept alive so its id is not reused)
+
+    def _terms_of(self, t: object) -> _Terms | None:
+        if not isinstance(t, Tensor):
+            return None
+        entry = self.terms.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def _record(self, func, args: tuple, kwargs: dict, result: object) -> object:
+        """For RevealCancel: remember how ``result`` is a linear function of earlier tensors, where it is one."""
+        first = args[0] if args else None
+        terms = None
+        if isinstance(result, Tensor) and isinstance(first, Tensor) and first.requires_grad:
+            terms = self._linear_part(func, args, kwargs, first, result)
+        if isinstance(first, Tensor) and (func in IN_PLACE or getattr(func, "__name__", "").endswith("_")):
+            self.terms.pop(id(first), None)  # written in place: no longer what was recorded
+        if terms is not None:
+            self.terms[id(result)] = (result, terms)
+        return result
+
+    def _linear_part(self, func, args: tuple, kwargs: dict, first: Tensor, result: Tensor) -> _Terms | None:
+        terms = None
+        if func in _LINEAR:
+            terms = _linear_terms(func, args, kwargs)
+        elif func in _BATCH_NORMS and (recorded := self._terms_of(first)) is not None:
+            terms = _batch_norm_terms(recorded, args, kwargs)
+        elif func in ADDITIONS and len(args) == 2 and kwargs.get("alpha", 1) == 1:
+            other = args[1]
+            if isinstance(other, Tensor) and other.requires_grad and other.shape == first.shape == result.shape:
+                terms = _sum_terms(
+                    self._terms_of(first) or _identity_terms(first), self._terms_of(other) or _identity_terms(other)
+                )
+            elif isinstance(other, (int, float)) or (isinstance(other, Tensor) and other.numel() == 1):
+                terms = self._terms_of(first)  # a constant shift: no term of its own
+        return terms
+
+    def _reveal_cancel(self, func, args: tuple, kwargs: dict) -> Tensor:
+        terms = self._terms_of(args[0])
+        if terms is None:
+            raise ValueError(
+                f"DeepLIFT's RevealCancel rule splits the input of a nonlinearity into the positive and negative "
+                f"contributions of the linear layer before it, but the model calls {getattr(func, '__name__', func)} "
+                f"on a tensor that no linear or convolutional layer (optionally followed by an eval-mode BatchNorm or "
+                f"a sum) computed{where_running(self.names, self.stack)}. Use rule='rescale' for this model."
+            )
+        rest = args[1:]
+        result = _RevealCancel.apply(args[0], lambda t: func(t, *rest, **kwargs), terms.split, *terms.sources)
+        return write_back(func, args[0], result)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol
         kwargs = kwargs or {}
         if func in _ELEMENTWISE and isinstance(args[0], Tensor) and args[0].requires_grad:
+            if self.rule == "reveal_cancel":
+                result = self._reveal_cancel(func, args, kwargs)
+                if func in IN_PLACE:
+                    self.terms.pop(id(args[0]), None)
+                return result
             rest = args[1:]
             return write_back(func, args[0], _Rescale.apply(args[0], lambda t: func(t, *rest, **kwargs)))
         if func in _MAX_POOLS and isinstance(args[0], Tensor) and args[0].requires_grad:
@@ -220,7 +450,8 @@ class _RescaleMode(TorchFunctionMode):
                 f"{_NOT_ELEMENTWISE[func]}{where_running(self.names, self.stack)}, which has no rule. Use "
                 "integrated_gradients or gradient_shap for this model."
             )
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        return self._record(func, args, kwargs, result) if self.rule == "reveal_cancel" else result
 
 
 @register_method(
@@ -233,12 +464,15 @@ def deeplift(
     target: Target = None,
     *,
     baseline: Tensor | float | BaselineFn | None = None,
+    rule: DeepLiftRule = "rescale",
     return_convergence_delta: bool = False,
     multiply_by_inputs: bool = True,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """DeepLIFT (Rescale rule) attributions against a baseline: one forward and one backward of 2B samples.
+    """DeepLIFT attributions against a baseline: one forward and one backward of 2B samples.
+
+    The Linear rule on linear layers, and ``rule`` on the elementwise nonlinearities (see the module docstring).
 
     Args:
         model: the network (elementwise activations, softmax, max pooling and linear layers; see the module
@@ -247,6 +481,10 @@ def deeplift(
         target: class index, LongTensor (B,), or None for the prediction.
         baseline: the reference input: a tensor broadcastable to ``inputs`` or a scalar; None = zeros; or a function
             of the inputs returning one (called once, on a detached copy of the inputs).
+        rule: ``"rescale"`` (Captum's DeepLift) or ``"reveal_cancel"``: positive and negative contributions into
+            each nonlinearity get their own multipliers; every nonlinearity must then follow a linear or
+            convolutional layer (see the module docstring). Costs up to 3 more evaluations of each
+            nonlinearity and 2 of each linear layer before one, in the backward.
         return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(baseline))`` (of the
             attributions multiplied by ``x - baseline``, whatever ``multiply_by_inputs``).
         multiply_by_inputs: multiply the multipliers by ``x - baseline`` (the contributions); False returns the
@@ -268,7 +506,16 @@ def deeplift(
         >>> _, delta = deeplift(classifier.double(), x.double(), target=1, return_convergence_delta=True)
         >>> bool(delta.abs().max() < 1e-12)
         True
+        >>> minimum = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
+        >>> with torch.no_grad():  # min(a, b) = a - relu(a - b) for a, b >= 0 (the paper's Figure 3)
+        ...     _ = minimum[0].weight.copy_(torch.tensor([[1.0, 0.0], [1.0, -1.0]]))
+        ...     _ = minimum[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        >>> deeplift(minimum, torch.tensor([[3.0, 1.0]]), 0, rule="reveal_cancel")  # both inputs share the credit
+        tensor([[0.5000, 0.5000]])
+        >>> deeplift(minimum, torch.tensor([[3.0, 1.0]]), 0)  # Rescale: all to the smaller one
+        tensor([[0., 1.]])
     """
+    _check_rule(rule)
     batch = inputs.shape[0]
     x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()
     baseline = baseline_of(baseline, x)
@@ -282,7 +529,7 @@ def deeplift(
             )
     with modes_preserved(model), eager_forward(), gradients_enabled():
         both = as_leaf(torch.cat([x, base]))
-        with running_modules(model) as (names, stack), _RescaleMode(names, stack):
+        with running_modules(model) as (names, stack), _RescaleMode(names, stack, rule):
             output = model(both)
         scores = scores_from_output(output, output_transform)  # outside the rules: a softmax there is the user's
         if scores.shape[0] != 2 * batch:
@@ -313,6 +560,7 @@ def deeplift_shap(
     target: Target = None,
     *,
     baselines: Tensor | float | BaselineFn | None = None,
+    rule: DeepLiftRule = "rescale",
     return_convergence_delta: bool = False,
     multiply_by_inputs: bool = True,
     internal_batch_size: int | None = None,
@@ -337,6 +585,8 @@ def deeplift_shap(
             images); a scalar for one constant reference; None for zeros; or a
             function of the inputs returning one of those (called once, on a
             detached copy of the inputs).
+        rule: DeepLIFT's rule for the nonlinearities, ``"rescale"`` or
+            ``"reveal_cancel"`` (see :func:`deeplift`).
         return_convergence_delta: also return, per sample,
             ``sum(attributions) - (f(x) - mean_k f(r_k))`` of the multiplied
             attributions: the mean over the baselines of the B x K residuals
@@ -365,6 +615,7 @@ def deeplift_shap(
     """
     from lightning_interp.methods.attribution.gradient import reference_inputs
 
+    _check_rule(rule)
     x = inputs.detach() if inputs.is_floating_point() else inputs.detach().float()
     batch = x.shape[0]
     references = reference_inputs(baselines, x)  # (K, ...)
@@ -376,7 +627,7 @@ def deeplift_shap(
         rows = torch.arange(start, end, device=x.device)
         sample, reference = rows // count, rows % count
         result, delta = deeplift(
-            for_rows(model, sample), x[sample], index[sample], baseline=references[reference],
+            for_rows(model, sample), x[sample], index[sample], baseline=references[reference], rule=rule,
             return_convergence_delta=True, multiply_by_inputs=multiply_by_inputs,
             output_transform=output_transform, task=task,
         )  # fmt: skip

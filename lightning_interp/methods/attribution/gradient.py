@@ -348,7 +348,7 @@ def reference_inputs(baselines: Tensor | float | BaselineFn | None, x: Tensor) -
 
 
 @register_method(
-    "gradient", "GradientSHAP", stochastic=True,
+    "gradient", "GradientSHAP", stochastic=True, scalars=("completeness_error",),
     cost="n_samples (16) forwards + backwards", reference="Captum GradientShap, same draws",
 )  # fmt: skip
 def gradient_shap(
@@ -359,12 +359,13 @@ def gradient_shap(
     n_samples: int = 16,
     stdevs: float = 0.0,
     baselines: Tensor | float | BaselineFn | None = None,
+    return_convergence_delta: bool = False,
     multiply_by_inputs: bool = True,
     generator: torch.Generator | None = None,
     internal_batch_size: int | None = None,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """GradientSHAP: expected gradients between random baselines and noisy inputs (Lundberg & Lee 2017).
 
     For each of ``n_samples`` draws per sample: a baseline ``r`` picked
@@ -388,6 +389,15 @@ def gradient_shap(
             constant baseline; None for zeros; or a function of the inputs
             returning one of those (called once, on a detached copy of the
             inputs), as Captum's callable baselines.
+        return_convergence_delta: also return, per sample, the mean over the
+            draws of ``sum(g * (x' - r)) - (f(x') - f(r))`` (the residuals Captum
+            returns per sample and draw, averaged over the draws), i.e.
+            ``sum(attributions) - mean(f(x') - f(r))`` of the multiplied
+            attributions, whatever ``multiply_by_inputs``. Completeness holds
+            only in expectation over the points ``alpha``: the delta is the
+            Monte-Carlo error of the draws (it shrinks as ``1 / sqrt(n_samples)``),
+            not a bias. Costs a no-grad forward of each reference and each
+            input (of each draw's noisy input when ``stdevs > 0``).
         multiply_by_inputs: multiply each gradient by ``x' - r`` (the
             attributions); False averages the gradients alone (Captum's
             ``multiply_by_inputs=False``: a local rather than a global attribution).
@@ -400,7 +410,8 @@ def gradient_shap(
         task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
     Returns:
-        Attributions shaped like ``inputs``.
+        Attributions shaped like ``inputs``; with ``return_convergence_delta``
+        a tuple ``(attributions, delta)`` where ``delta`` has shape (B,).
 
     Raises:
         ValueError: ``n_samples`` is not positive, ``stdevs`` is negative, or
@@ -414,6 +425,10 @@ def gradient_shap(
         >>> torch.allclose(attr, linear.weight[0] * x)  # zero baseline, no noise: exact for a linear model
         True
         >>> torch.allclose(gradient_shap(linear, x, 0, multiply_by_inputs=False), linear.weight[0].expand(3, 4))
+        True
+        >>> references = torch.randn(5, 4)
+        >>> _, delta = gradient_shap(linear, x, 0, baselines=references, generator=g, return_convergence_delta=True)
+        >>> bool(delta.abs().max() < 1e-5)  # a linear model: every draw is exact
         True
     """
     model, target, output_transform, task = bind_neuron(model, target, output_transform, task)  # a NeuronTarget
@@ -432,6 +447,9 @@ def gradient_shap(
     next_draw = 0
     total_rows = n_samples * batch  # flat rows: draw-major, then sample
     total = torch.zeros_like(x, dtype=accumulation_dtype(x))
+    residual = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    reference_scores: Tensor | None = None
+    input_scores: Tensor | None = None
     limit = row_limit(internal_batch_size, total_rows)
     limit -= limit % batch if limit >= batch else 0  # whole copies of the batch per pass (as the gradient methods)
     for start, end in row_chunks(total_rows, limit):
@@ -456,6 +474,24 @@ def gradient_shap(
         bound = for_rows(model, sample)  # each row with its own sample's other inputs
         grads = attribution_pass(bound, points, index[sample], output_transform=output_transform, task=task).input_grad
         assert grads is not None
-        gained = grads.to(x.dtype) * (noisy - reference) if multiply_by_inputs else grads.to(x.dtype)
+        contributions = grads.to(x.dtype) * (noisy - reference)
+        gained = contributions if multiply_by_inputs else grads.to(x.dtype)
         total.index_add_(0, sample, gained.to(total.dtype))
-    return (total / n_samples).to(out_dtype(inputs))
+        if return_convergence_delta:  # per draw: sum of contributions - (f(x') - f(r)), as Captum's
+            if bound is not model:  # other inputs per sample: each row scored with its own sample's
+                at_input = clean_scores(bound, noisy, output_transform)
+                at_reference = clean_scores(bound, reference, output_transform)
+            else:
+                if reference_scores is None:  # each reference and (without noise) each input once
+                    reference_scores = clean_scores(model, references, output_transform)
+                    input_scores = None if stdevs > 0 else clean_scores(model, x, output_transform)
+                at_input = (
+                    clean_scores(model, noisy, output_transform) if input_scores is None else input_scores[sample]
+                )
+                at_reference = reference_scores[choice[draw, sample]]
+            rows = contributions.reshape(end - start, -1).double().sum(dim=1)
+            rows -= target_scores(at_input, index[sample], task).double()
+            rows += target_scores(at_reference, index[sample], task).double()
+            residual.index_add_(0, sample, rows)
+    result = (total / n_samples).to(out_dtype(inputs))
+    return (result, residual / n_samples) if return_convergence_delta else result
