@@ -234,6 +234,16 @@ class LRPLayer:
             scale: shaped like the layer's output (typically the relevance divided by a stabilised output).
             weight: the weight to transpose.
         """
+        module = self.module
+        if isinstance(module, nn.Linear):  # what autograd computes for F.linear, without running the layer first
+            return scale.matmul(weight)
+        if isinstance(module, _CONVOLUTIONS) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            # the input gradient of the convolution, directly: autograd's own op, without the forward it would need
+            grad, _, _ = torch.ops.aten.convolution_backward(
+                scale, x, weight, None, module.stride, module.padding, module.dilation, False,
+                [0] * len(module.kernel_size), module.groups, [True, False, False],
+            )  # fmt: skip
+            return grad
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.forward(leaf, weight), leaf, scale)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from lightning_interp.methods.attribution.gradient import _chunk_copies
 from lightning_interp.methods.attribution.noise_tunnel import _noise_std
 from lightning_interp.methods.cams.gradcam import _grid_of, _layer_and_reshape
-from lightning_interp.methods.model.batching import check_count, check_generator, sample_noise
+from lightning_interp.methods.model.batching import accumulation_dtype, check_count, check_generator, sample_noise
 from lightning_interp.methods.model.core import (
     OutputTransform,
     Target,
@@ -26,6 +26,7 @@ from lightning_interp.methods.model.core import (
 from lightning_interp.methods.model.inputs import for_rows
 from lightning_interp.methods.model.tasks import target_scores
 from lightning_interp.methods.model.tokens import TokenReshape
+from lightning_interp.methods.perturbation.ablation import PERTURBED_PER_FORWARD
 from lightning_interp.methods.registry import register_method
 
 __all__ = ["ablation_cam", "plus_plus_weights", "smooth_grad_cam_plus_plus"]
@@ -223,7 +224,8 @@ def smooth_grad_cam_plus_plus(
         relu: keep only the positive part of the map.
         upsample: resize to the input's (H, W) bilinearly (align_corners=False).
         reshape: turns token outputs (B, N, C) into (B, C, h, w) (default: the known layouts).
-        internal_batch_size: at most this many noisy inputs per forward pass (whole copies of the batch).
+        internal_batch_size: at most this many noisy inputs per forward pass (whole copies of the batch; default:
+            as many copies as fit in 64 inputs, at least one).
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
@@ -259,7 +261,9 @@ def smooth_grad_cam_plus_plus(
         )
     batch = x.shape[0]
     std = _noise_std(x, stdevs, noise_level)
-    moments = [torch.zeros_like(activation, dtype=torch.float64) for _ in range(3)]
+    # summed in the gradient's precision (float32, or float64 for a float64 model), as the other averaging methods
+    # (accumulation_dtype); the three sums of n_samples terms lose nothing that matters at float32 output
+    moments: list[Tensor | None] = [None, None, None]
     chunk = _chunk_copies(internal_batch_size, batch, n_samples)
     done = 0
     while done < n_samples:
@@ -267,21 +271,29 @@ def smooth_grad_cam_plus_plus(
         noise = sample_noise(torch.Size((copies, *x.shape)), std.unsqueeze(0), generator, x)
         work = torch.promote_types(x.dtype, torch.float32)
         noisy = (x.unsqueeze(0).to(work) + noise.to(work)).to(x.dtype).reshape(copies * batch, *x.shape[1:])
-        result = attribution_pass(
-            model,
-            noisy,
-            repeat_target(index, copies),
-            layers=[layer],
-            input_gradient=False,
-            output_transform=output_transform,
-            task=task,
-        )
-        grad = result.activation_grads[0]
-        grad = (reshape(grad) if reshape is not None else grad).double().reshape(copies, *activation.shape)
-        for power, total in enumerate(moments, start=1):
-            total += grad.pow(power).sum(dim=0)
+        # without internal_batch_size, at most PERTURBED_PER_FORWARD inputs per pass (the noise is still drawn at
+        # once): larger passes are no faster, and on the CPU their activations cost fresh zero-filled memory each time
+        per_pass = copies if internal_batch_size is not None else max(1, PERTURBED_PER_FORWARD // max(batch, 1))
+        for first in range(0, copies, per_pass):
+            part = min(per_pass, copies - first)
+            result = attribution_pass(
+                model,
+                noisy[first * batch : (first + part) * batch],
+                repeat_target(index, part),
+                layers=[layer],
+                input_gradient=False,
+                output_transform=output_transform,
+                task=task,
+            )
+            grad = result.activation_grads[0]
+            grad = reshape(grad) if reshape is not None else grad
+            grad = grad.to(accumulation_dtype(grad)).reshape(part, *activation.shape)
+            square = grad * grad
+            for power, term in enumerate((grad, square, square * grad)):
+                total = term.sum(dim=0)
+                moments[power] = total if moments[power] is None else moments[power] + total
         done += copies
-    grad_1, grad_2, grad_3 = (total.div(n_samples).float() for total in moments)
+    grad_1, grad_2, grad_3 = (total.div(n_samples).float() for total in moments if total is not None)
     weights = plus_plus_weights(activation, grad_1, grad_2, grad_3)
     cam = (weights * activation).sum(dim=1)
     return _finish(cam, x, relu, upsample)
