@@ -19,7 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_interp.callbacks._maps as maps_module
-from lightning_interp import GradCAMCallback, LinearProbeCallback, RepresentationSimilarityCallback, SaliencyCallback
+from lightning_interp import (
+    Display,
+    GradCAMCallback,
+    LinearProbeCallback,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+)
 from tests.conftest import quiet_trainer, read_events
 
 
@@ -98,6 +104,7 @@ def _fit(tmp_path, kind: str, callbacks, monkeypatch):
 
 
 def _callbacks(**map_options):
+    map_options.setdefault("display", Display(rows_per_image=None))  # one grid per run: its row texts read whole
     return [
         SaliencyCallback(methods=("gradient", ("integrated_gradients", {"n_steps": 4})), num_samples=6, **map_options),
         GradCAMCallback(layer="net.2", num_samples=6, **map_options),
