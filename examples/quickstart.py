@@ -192,9 +192,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         for concept in ("stripes", "disc"):
             base = f"interp_tcav/{concept}/net.4"
             scores = [
-                f"{name} {metrics[f'{base}/{k}/tcav']:.2f} (p={metrics.get(f'{base}/{k}/p_value', float('nan')):.2g})"
-                for k, name in enumerate(data.class_names)
-                if f"{base}/{k}/tcav" in metrics
+                f"{name} {metrics[f'{base}/{name}/tcav']:.2f} "
+                f"(p={metrics.get(f'{base}/{name}/p_value', float('nan')):.2g})"
+                for name in data.class_names  # the tags name the classes
+                if f"{base}/{name}/tcav" in metrics
             ]
             accuracy = metrics.get(f"{base}/cav_accuracy", float("nan"))
             found = ", ".join(scores) if scores else "no score (CAVs at chance)"

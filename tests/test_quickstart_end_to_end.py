@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from lightning_interp.synthetic import SyntheticShapes
+from lightning_interp.synthetic import SHAPE_CLASSES, SyntheticShapes
 from tests.conftest import read_events
 
 QUICKSTART = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
@@ -65,13 +65,13 @@ def test_quickstart_learns_and_gradcam_localizes_the_objects(tmp_path, capsys):
     # Inside the network (--inside): the feature visualisation of every class reaches a higher logit on the trained
     # model than on the first epoch's, the strip shows them all at fit end; stripes are a texture a layer separates
     # from the data almost perfectly, discs at random positions are not, and the callback says so by not scoring them
-    for k in range(4):
-        objective = [value for _, value in events.scalars[f"interp_featvis/class:{k}/objective"]]
-        assert len(objective) == 4 and objective[-1] > objective[0], (k, objective)
+    for name in SHAPE_CLASSES:  # tags name the classes (class_names)
+        objective = [value for _, value in events.scalars[f"interp_featvis/class:{name}/objective"]]
+        assert len(objective) == 4 and objective[-1] > objective[0], (name, objective)
     assert events.image_steps("interp_featvis/evolution") == [events.image_steps("interp_featvis/features")[-1]]
     assert metrics["interp_tcav/stripes/net.4/cav_accuracy"] > 0.9
     assert metrics["interp_tcav/disc/net.4/cav_accuracy"] < metrics["interp_tcav/stripes/net.4/cav_accuracy"]
-    assert all(0.0 <= metrics[f"interp_tcav/stripes/net.4/{k}/tcav"] <= 1.0 for k in range(4))
+    assert all(0.0 <= metrics[f"interp_tcav/stripes/net.4/{name}/tcav"] <= 1.0 for name in SHAPE_CLASSES)
     assert 0.0 < metrics["interp_activations/net.4/dead_fraction"] < 0.5
     assert "TCAV of 'stripes' at net.4" in printed
 
