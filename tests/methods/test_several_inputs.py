@@ -297,3 +297,50 @@ def test_a_perturbation_method_declared_by_a_user_sees_one_input_at_a_time(case)
         METHODS.pop("shape_probe")
     assert seen == [(2, 3, 6, 6), (2, 4)]
     assert [tuple(part.shape) for part in result] == [(2, 3, 6, 6), (2, 4)]
+
+
+class IgnoresItsTable(nn.Module):
+    """Two inputs, of which the model uses the image only: every method must give the table nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, image: Tensor, table: Tensor) -> Tensor:
+        return self.head(self.pool(self.relu(self.conv(image))).flatten(1)) + 0.0 * table.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("name", [name for name, spec in METHODS.items() if spec.family != "layer"])
+def test_every_method_takes_several_inputs_and_gives_an_ignored_input_nothing(name):
+    """Every registered method takes a tuple: the input methods give one result per input, shaped like it, and the
+    table the model ignores gets no attribution at all; the CAM family gives the image's map."""
+    torch.manual_seed(0)
+    model = IgnoresItsTable().double().eval()
+    inputs = (torch.rand(3, 3, 8, 8, dtype=torch.float64), torch.rand(3, 5, dtype=torch.float64))
+    spec = METHODS[name]
+    options: dict[str, object] = {"layer": "conv"} if spec.needs_layer else {}
+    if spec.stochastic:
+        options["generator"] = torch.Generator().manual_seed(0)
+    if name == "guided_grad_cam":
+        options["cam_layer"] = "conv"
+    if name in ("lime", "kernel_shap"):  # three features (the image's halves, the table): KernelSHAP is then exact
+        options["feature_mask"] = (torch.arange(64).reshape(1, 1, 8, 8) // 32, torch.full((1, 5), 2))
+    target = torch.tensor([0, 1, 2])
+    if name == "occlusion":  # slides over images only, and says what to use for the table instead
+        with pytest.raises(ValueError, match="feature_mask"):
+            attribute(name, model, inputs, target, **options)
+        return
+    result = attribute(name, model, inputs, target, **options)
+    if spec.several_inputs == "first":
+        assert isinstance(result, Tensor) and result.shape[0] == 3 and result.shape[-2:] == (8, 8)
+        return
+    image_part, table_part = result
+    assert image_part.shape == inputs[0].shape and table_part.shape == inputs[1].shape
+    # LIME's weighted regression on sampled coalitions leaks a little to a feature without effect (as Captum's): a
+    # bound, not zero; every other method gives it exactly nothing
+    bound = 0.05 * float(image_part.abs().sum(dim=(1, 2, 3)).max()) if name == "lime" else 1e-9
+    assert float(table_part.abs().max()) <= bound, f"{name} gives the ignored input {table_part}"
+    assert float(image_part.abs().max()) > 0
