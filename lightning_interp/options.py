@@ -42,6 +42,9 @@ class DataDescription:
         feature_names: feature-vector inputs (N, F): one name per feature, written above the heat rows.
         batch_parser: turns a batch of an unusual form into ``(inputs, labels, masks)``; see
             :func:`~lightning_interp.probe.parse_batch`.
+        input_names: a model of several inputs (``model(image, table)``): one name per input, in the model's order,
+            used in the tags of each input's maps and scores (``interp_<name>/maps_table``,
+            ``.../share_table``); default ``input0``, ``input1``, ...
 
     Example:
         >>> DataDescription(class_names=["cat", "dog"]).class_names
@@ -54,11 +57,18 @@ class DataDescription:
     pad_id: int | None = None
     feature_names: Sequence[str] | None = None
     batch_parser: BatchParser | None = None
+    input_names: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", _names(self.class_names, "class_names"))
         object.__setattr__(self, "vocabulary", _names(self.vocabulary, "vocabulary"))
         object.__setattr__(self, "feature_names", _names(self.feature_names, "feature_names"))
+        object.__setattr__(self, "input_names", _names(self.input_names, "input_names"))
+        names = self.input_names or ()
+        if any(not name or "/" in name for name in names) or len(set(names)) != len(names):
+            raise ValueError(
+                f"input_names must be distinct non-empty names without '/' (they go in tags), got {names}."
+            )
         for option in ("decode", "batch_parser"):
             value = getattr(self, option)
             if value is not None and not callable(value):

@@ -34,6 +34,7 @@ __all__ = [
     "parse_batch",
     "sampled_indices",
     "scannable",
+    "split_inputs",
 ]
 
 INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values", "img", "input_ids", "tokens")
@@ -47,7 +48,8 @@ CLASS_MAP_KEYS = ("class_map", "class_maps", "label_map", "semantic", "semantic_
 class ParsedBatch:
     """A batch split into inputs, optional labels ((B,) or (B, K)) and optional (B, H, W) masks; for a dict batch
     also the key of the inputs and the batch's other per-sample tensors (``attention_mask``, ``token_type_ids``,
-    ...), the model's other inputs."""
+    ...), the model's other inputs; for a model of several inputs (``model(image, table)``) the inputs after the
+    first, passed after it in that order."""
 
     inputs: Tensor
     labels: Tensor | None = None
@@ -55,6 +57,12 @@ class ParsedBatch:
     extras: dict[str, Tensor] | None = None
     input_key: str | None = None
     class_maps: Tensor | None = None
+    more_inputs: tuple[Tensor, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, (tuple, list)):  # a parser's (image, table): the first, and the others after it
+            first, *more = split_inputs(self.inputs)
+            self.inputs, self.more_inputs = first, (*more, *self.more_inputs)
 
     def to_host(self) -> ParsedBatch:
         """A copy with every tensor detached, on the CPU."""
@@ -70,12 +78,51 @@ class ParsedBatch:
             extras,
             self.input_key,
             host(self.class_maps),
+            tuple(host(value) for value in self.more_inputs),  # type: ignore[misc]
         )
 
 
 BatchParser = Callable[[Any], ParsedBatch | tuple]
 """A user function turning one batch into ``ParsedBatch``, ``(inputs, labels, masks)`` or ``(inputs, labels, masks,
-class_maps)`` (any but the inputs may be None; class maps: (B, H, W) integer class indices of a segmentation set)."""
+class_maps)`` (any but the inputs may be None; class maps: (B, H, W) integer class indices of a segmentation set;
+inputs: a tensor, or a tuple of tensors for a model of several inputs, ``model(*inputs)``)."""
+
+
+def split_inputs(value: Sequence[Any]) -> tuple[Tensor, ...]:
+    """The inputs of a model of several inputs, ``(image, table, ...)``: tensors of one row per sample each, the
+    same number of rows.
+
+    Raises:
+        ValueError: an item is not a tensor, or the inputs hold different numbers of rows.
+
+    Example:
+        >>> [tuple(part.shape) for part in split_inputs((torch.zeros(2, 1, 4, 4), torch.zeros(2, 5)))]
+        [(2, 1, 4, 4), (2, 5)]
+    """
+    parts = tuple(value)
+    if not parts or not all(isinstance(part, Tensor) and part.ndim >= 1 for part in parts):
+        found = [_describe(part) for part in parts]
+        raise ValueError(
+            f"The inputs of a model of several inputs are a tuple of (batch, ...) tensors, one per model argument; got "
+            f"{found}."
+        )
+    rows = [part.shape[0] for part in parts]
+    if len(set(rows)) != 1:
+        raise ValueError(
+            f"The several inputs of a batch hold different numbers of samples {rows} (shapes "
+            f"{[tuple(part.shape) for part in parts]}); each must hold one row per sample."
+        )
+    return parts
+
+
+def _is_several_inputs(value: object) -> bool:
+    """Whether a batch's first item holds a model's several inputs: a tuple or list of (B, ...) tensors."""
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) > 0
+        and all(isinstance(part, Tensor) and part.ndim >= 1 for part in value)
+        and len({part.shape[0] for part in value}) == 1
+    )
 
 
 def _looks_like_labels(value: object, inputs: Tensor) -> bool:
@@ -249,6 +296,11 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
     list of target dicts with ``boxes`` (torchvision's form): the images of one size are stacked, and each image's
     ground-truth boxes become its mask (their union); images of different sizes are refused.
 
+    Models of several inputs (``model(image, table)``): ``((image, table), labels, ...)``, the inputs as a tuple
+    or list first; the first is ``inputs`` (labels and masks are read against it), the others ``more_inputs``. A flat
+    ``(image, table, labels)`` cannot be told from ``(inputs, labels, masks)``: nest the inputs in the dataset, or
+    give a ``batch_parser`` that returns ``((image, table), labels, masks)``.
+
     Raises:
         TypeError: the batch has another form; the message shows what was found.
 
@@ -256,6 +308,9 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
         >>> parsed = parse_batch((torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])))
         >>> parsed.inputs.shape, parsed.labels.tolist(), parsed.masks
         (torch.Size([2, 1, 4, 4]), [0, 1], None)
+        >>> two = parse_batch(((torch.zeros(2, 1, 4, 4), torch.zeros(2, 5)), torch.tensor([0, 1])))
+        >>> two.inputs.shape, [tuple(more.shape) for more in two.more_inputs], two.labels.tolist()
+        (torch.Size([2, 1, 4, 4]), [(2, 5)], [0, 1])
     """
     if isinstance(batch, ParsedBatch):
         return batch
@@ -271,6 +326,12 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
         return ParsedBatch(batch)
     if isinstance(batch, (list, tuple)) and len(batch) == 2 and _is_detection_targets(batch[1]):
         return _detection_batch(batch)
+    if isinstance(batch, (list, tuple)) and len(batch) > 1 and _is_several_inputs(batch[0]):
+        # ((image, table), labels, ...): a model of several inputs; the rest is read against the first input
+        first, *more = batch[0]
+        parsed = parse_batch((first, *batch[1:]))
+        parsed.more_inputs = tuple(more)
+        return parsed
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
         inputs = batch[0]
         # the first item after the inputs that can be labels: (x, y, ...), or (ids, attention_mask, y)
@@ -312,8 +373,9 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
     raise TypeError(
         f"Cannot find the inputs in a batch of the form: {_describe(batch)}. Understood forms are a tensor, "
         f"(inputs, labels, ...) tuples and dicts with an input key {INPUT_KEYS}. "
+        "A model of several inputs takes ((image, table), labels, ...) batches. "
         "Pass data=DataDescription(batch_parser=fn) to the callback, where fn(batch) returns "
-        "(inputs, labels_or_None, masks_or_None), "
+        "(inputs, labels_or_None, masks_or_None) (inputs: a tensor, or a tuple of them for several inputs), "
         "or build the probe yourself with ProbeSet(inputs, labels, masks)."
     )
 
@@ -330,7 +392,9 @@ class ProbeSet:
     otherwise as the inputs themselves, in their own dtype.
 
     Args:
-        inputs: (N, ...) samples.
+        inputs: (N, ...) samples; for a model of several inputs (``model(image, table)``) a tuple of them, one per
+            model argument in order: the first is :attr:`inputs` (what labels, masks and pictures are read
+            against), the others :attr:`more_inputs`.
         labels: optional labels: (N,) class indices, 0/1 or real values, or
             (N, K) one-hot, soft, multi-hot or real-valued rows (integers and
             booleans kept as int64, other numbers as float32; (N, 1) becomes (N,)).
@@ -355,11 +419,14 @@ class ProbeSet:
         >>> text = ProbeSet(ids, extras={"attention_mask": mask}, input_key="input_ids")
         >>> text.real_tokens().tolist()
         [[True, True, False], [True, False, False]]
+        >>> two = ProbeSet((torch.zeros(4, 1, 8, 8), torch.zeros(4, 5)), labels=torch.tensor([0, 1, 0, 1]))
+        >>> two.inputs.shape, [tuple(more.shape) for more in two.more_inputs]
+        (torch.Size([4, 1, 8, 8]), [(4, 5)])
     """
 
     def __init__(
         self,
-        inputs: Tensor,
+        inputs: Tensor | Sequence[Tensor],
         labels: Tensor | None = None,
         masks: Tensor | None = None,
         *,
@@ -368,12 +435,18 @@ class ProbeSet:
         input_key: str | None = None,
         class_maps: Tensor | None = None,
     ) -> None:
+        more: tuple[Tensor, ...] = ()
+        if isinstance(inputs, (tuple, list)):
+            inputs, *others = split_inputs(inputs)
+            more = tuple(others)
         if not isinstance(inputs, Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
             shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
-            raise ValueError(f"ProbeSet inputs must be a non-empty (N, ...) tensor, got {shape}.")
+            raise ValueError(f"ProbeSet inputs must be a non-empty (N, ...) tensor (or a tuple of them), got {shape}.")
         count = inputs.shape[0]
         with torch.inference_mode(False):
             self.inputs = inputs.detach().cpu().clone()
+            self.more_inputs: tuple[Tensor, ...] = tuple(value.detach().cpu().clone() for value in more)
+            """The model's inputs after the first, for a model of several inputs (empty otherwise)."""
             self.labels = None if labels is None else as_labels(torch.as_tensor(labels)).clone()
             self.masks = None if masks is None else torch.as_tensor(masks).detach().cpu().clone()
             self.indices = None if indices is None else torch.as_tensor(indices).detach().cpu().long().clone()
@@ -420,9 +493,15 @@ class ProbeSet:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
+    @property
+    def all_inputs(self) -> tuple[Tensor, ...]:
+        """Every model input of the samples, in the model's order: ``(inputs, *more_inputs)``."""
+        return (self.inputs, *self.more_inputs)
+
     def __repr__(self) -> str:
+        shapes = [tuple(value.shape[1:]) for value in self.all_inputs]
         return (
-            f"ProbeSet(n={len(self)}, input_shape={tuple(self.inputs.shape[1:])}, "
+            f"ProbeSet(n={len(self)}, input_shape={shapes[0] if len(shapes) == 1 else shapes}, "
             f"labels={self.has_labels}, masks={self.has_masks}"
             + (", class_maps=True)" if self.class_maps is not None else ")")
         )
@@ -455,7 +534,7 @@ class ProbeSet:
         """
         index = torch.as_tensor(rows, dtype=torch.long) if isinstance(rows, list) else rows
         probe = ProbeSet(
-            self.inputs[index],
+            tuple(value[index] for value in self.all_inputs) if self.more_inputs else self.inputs[index],
             None if self.labels is None else self.labels[index],
             None if self.masks is None else self.masks[index],
             indices=None if self.indices is None else self.indices[index],
@@ -484,7 +563,7 @@ class ProbeSet:
             >>> ProbeSet(torch.ones(2, 3)).fingerprint().tolist()
             [[3.0, 3.0], [3.0, 3.0]]
         """
-        values = self.inputs.detach().reshape(len(self), -1).double()
+        values = torch.cat([value.detach().reshape(len(self), -1).double() for value in self.all_inputs], dim=1)
         return torch.stack([values.sum(dim=1), values.square().sum(dim=1)], dim=1)
 
     def matches(self, fingerprint: Tensor) -> bool:
@@ -505,6 +584,8 @@ class ProbeSet:
         if by_index and self.indices is not None:
             return {"indices": self.indices, "fingerprint": self.fingerprint(), "labels": self.labels}
         state = {"inputs": self.inputs, "labels": self.labels, "masks": self.masks, "indices": self.indices}
+        if self.more_inputs:
+            state["more_inputs"] = self.more_inputs
         if self.extras or self.input_key is not None:
             state.update(extras=dict(self.extras), input_key=self.input_key)
         if self.class_maps is not None:
@@ -521,8 +602,9 @@ class ProbeSet:
                 "This probe state holds dataset indices, not samples: re-read them with "
                 "ValidationScan.load(state['indices']) and check them with ProbeSet.matches(state['fingerprint'])."
             )
+        more = tuple(state.get("more_inputs") or ())
         return cls(
-            inputs,
+            (inputs, *more) if more else inputs,
             state.get("labels"),
             state.get("masks"),
             indices=state.get("indices"),
@@ -880,7 +962,7 @@ class ValidationScan:
                 parsed = self._remember(chunk, batch) if keep else parse_batch(batch, self.batch_parser)
                 position += len(chunk)
                 if keep:
-                    kept += parsed.inputs.element_size() * parsed.inputs.numel()
+                    kept += sum(value.element_size() * value.numel() for value in (parsed.inputs, *parsed.more_inputs))
                     if kept > PASS_CACHE_BYTES:
                         keep = False
                         self._samples.clear()
@@ -890,8 +972,9 @@ class ValidationScan:
         return torch.cat(labels) if labels else None
 
 
-_Sample = tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor], Tensor | None]
-"""One sample of a parsed batch: inputs, label, mask, the model's other inputs and class map, on the CPU."""
+_Sample = tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor], Tensor | None, tuple[Tensor, ...]]
+"""One sample of a parsed batch: inputs, label, mask, the model's other inputs by keyword, class map and the inputs
+after the first (a model of several inputs), on the CPU."""
 
 
 def _sample(parsed: ParsedBatch, row: int) -> _Sample:
@@ -901,6 +984,7 @@ def _sample(parsed: ParsedBatch, row: int) -> _Sample:
         None if parsed.masks is None else parsed.masks[row].detach().cpu().clone(),
         {name: value[row].detach().cpu().clone() for name, value in (parsed.extras or {}).items()},
         None if parsed.class_maps is None else parsed.class_maps[row].detach().cpu().clone(),
+        tuple(value[row].detach().cpu().clone() for value in parsed.more_inputs),
     )
 
 
@@ -911,6 +995,8 @@ def _probe_of(samples: list[_Sample], input_key: str | None, *, indices: Tensor 
     names = set(samples[0][3])
     if any(set(sample[3]) != names for sample in samples):
         raise ValueError("The probe samples carry different model inputs (batch keys); every batch needs the same.")
+    if len({len(sample[5]) for sample in samples}) > 1:
+        raise ValueError("The probe samples carry different numbers of model inputs; every batch needs the same.")
     lengths = {sample[0].shape for sample in samples}
     if len(lengths) > 1:
         _check_paddable(samples, lengths)
@@ -922,7 +1008,19 @@ def _probe_of(samples: list[_Sample], input_key: str | None, *, indices: Tensor 
         name: torch.stack([_padded(s[3][name], longest, s[0].shape[-1]) for s in samples]) for name in sorted(names)
     }
     class_maps = None if any(s[4] is None for s in samples) else torch.stack([s[4] for s in samples])  # type: ignore[misc]
-    return ProbeSet(inputs, labels, masks, indices=indices, extras=extras, input_key=input_key, class_maps=class_maps)
+    more = tuple(
+        torch.stack([_padded(s[5][position], longest, s[0].shape[-1]) for s in samples])
+        for position in range(len(samples[0][5]))
+    )
+    return ProbeSet(
+        (inputs, *more) if more else inputs,
+        labels,
+        masks,
+        indices=indices,
+        extras=extras,
+        input_key=input_key,
+        class_maps=class_maps,
+    )
 
 
 def _check_paddable(samples: list[_Sample], lengths: set[torch.Size]) -> None:

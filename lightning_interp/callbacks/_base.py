@@ -155,6 +155,7 @@ class InterpCallback(Callback):
         self._wrapper: ForwardWith | None = None
         self._root: ThroughRoot | None = None  # under FSDPStrategy: the model called through the FSDP1 root wrapper
         self._call: ModelCall | None = None  # how the model takes the probe's other inputs (dict batches)
+        self._convert_input: Callable[[Any], Any] | None = None  # the trainer's precision plugin's, for bound inputs
         self._model_pad_id: int | None = None  # the model's own padding id (a HuggingFace config's)
         self._views: dict[int, tuple[ProbeSet, BoundInputs]] = {}
         self.probe: ProbeSet | None = probe
@@ -510,19 +511,41 @@ class InterpCallback(Callback):
             forward_fn = None if forward_fn is None else self._root.redirect(forward_fn)
         rows = self.probe if rows is None else rows
         call = self._call
-        if rows is not None and call is not None and (call.keys or call.next_token):
+        keys = () if call is None else call.keys
+        next_token = call is not None and call.next_token
+        more = 0 if self.probe is None else len(self.probe.more_inputs)  # the model's inputs after the first
+        if rows is not None and (keys or next_token or more or rows.more_inputs):
             cached = self._views.get(id(rows))
             if cached is not None and cached[0] is rows and cached[1].model is model:
                 return cached[1]  # type: ignore[return-value]
-            missing = [key for key in call.keys if key not in rows.extras]
+            missing = [key for key in keys if key not in rows.extras]
             if missing:
                 raise ValueError(
                     f"{type(self).__name__}: these samples lack the model inputs {missing} that the probe samples "
                     "carry and the model takes; give every set of samples (probe, concepts) the same batch keys."
                 )
-            extras = {key: rows.extras[key].to(_device_of(model)) for key in call.keys}
+            if len(rows.more_inputs) != more:
+                raise ValueError(
+                    f"{type(self).__name__}: these samples hold {1 + len(rows.more_inputs)} model inputs, the probe "
+                    f"samples {1 + more}; give every set of samples (probe, concepts) every input of the model."
+                )
+            device = _device_of(model)
+            extras = {key: rows.extras[key].to(device) for key in keys}
+            if rows.more_inputs:  # model(x, *more): bound by position, each sample's own
+                extras = {
+                    **{f"{MORE_INPUT}{position}": self._converted(value.to(device)) for position, value in enumerate(
+                        rows.more_inputs, 1)},
+                    **extras,
+                }  # fmt: skip
+                forward_fn = _with_more_inputs(
+                    forward_fn, len(rows.more_inputs), None if call is None else call.input_key
+                )
             view = BoundInputs(
-                model, extras, input_key=call.input_key, forward_fn=forward_fn, next_token=call.next_token
+                model,
+                extras,
+                input_key=None if call is None else call.input_key,
+                forward_fn=forward_fn,
+                next_token=next_token,
             )
             self._views = {id(rows): (rows, view)}  # the last rows' view: the probe's, reused every epoch
             return view  # type: ignore[return-value]
@@ -533,6 +556,16 @@ class InterpCallback(Callback):
         if self._wrapper is None or self._wrapper.model is not model:
             self._wrapper = ForwardWith(model, forward_fn)
         return self._wrapper  # type: ignore[return-value]
+
+    def _converted(self, value: Tensor) -> Tensor:
+        """A bound input of the model, on its device, converted like the probe inputs (the trainer's precision)."""
+        return value if self._convert_input is None else self._convert_input(value)
+
+    def input_name(self, position: int) -> str:
+        """The name of the model's input at ``position`` in tags: ``DataDescription(input_names=...)``'s, else
+        ``input<position>``."""
+        names = self.data.input_names
+        return names[position] if names is not None and position < len(names) else f"input{position}"
 
     def _model_call(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> ModelCall | None:
         """How the model is called on the probe samples, decided from the signature of its ``forward`` (or of
@@ -583,6 +616,15 @@ class InterpCallback(Callback):
 
     def _get_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         """Check the model, prepare, and try the computation on two samples: every mistake surfaces now."""
+        plugin = getattr(trainer, "precision_plugin", None)
+        self._convert_input = None if plugin is None else plugin.convert_input
+        names = self.data.input_names
+        if names is not None and len(names) != len(probe.all_inputs):
+            raise ValueError(
+                f"{type(self).__name__}: DataDescription(input_names={list(names)}) names {len(names)} inputs, but "
+                f"the probe samples hold {len(probe.all_inputs)} (shapes "
+                f"{[tuple(value.shape[1:]) for value in probe.all_inputs]}); give one name per model input."
+            )
         root = fsdp1_root(trainer, unwrapped(pl_module))
         self._root = None if root is None else ThroughRoot(unwrapped(pl_module), root)
         self._call = self._model_call(trainer, pl_module, probe)
@@ -967,10 +1009,10 @@ def _run_before_weight_averaging(trainer: pl.Trainer) -> None:
 
 def _check_finite_inputs(callback: Callback, probe: ProbeSet) -> None:
     """Refuse probe samples holding NaN or inf: every map, feature and score of them would be NaN."""
-    inputs = probe.inputs
-    if not inputs.is_floating_point():
+    values = [value.reshape(len(probe), -1) for value in probe.all_inputs if value.is_floating_point()]
+    if not values:
         return
-    bad = (~torch.isfinite(inputs.reshape(len(probe), -1))).any(dim=1).nonzero().flatten()
+    bad = (~torch.isfinite(torch.cat(values, dim=1))).any(dim=1).nonzero().flatten()
     if bad.numel():
         where = f" (dataset indices {probe.indices[bad].tolist()[:8]})" if probe.indices is not None else ""
         raise ValueError(
@@ -979,6 +1021,81 @@ def _check_finite_inputs(callback: Callback, probe: ProbeSet) -> None:
             "accuracy over every sample). Clean or drop those samples in the validation data, or pass "
             "probe=ProbeSet(...) without them."
         )
+
+
+MORE_INPUT = "input "
+"""The key prefix of a view's bound inputs after the first (``"input 1"``, ...), passed by position."""
+
+
+def _with_more_inputs(forward_fn: Callable[..., Any] | None, count: int, input_key: str | None) -> Callable[..., Any]:
+    """How a :class:`BoundInputs` view calls a model of several inputs: the explained input first, then the bound
+    inputs ``"input 1"``, ... in order, then the keyword inputs; through ``forward_fn(model, x, *more, **keywords)``
+    when one is given."""
+
+    def call(network: nn.Module, x: Tensor, **bound: Any) -> Any:
+        more = [bound.pop(f"{MORE_INPUT}{position}") for position in range(1, count + 1)]
+        if forward_fn is not None:
+            return forward_fn(network, x, *more, **bound)
+        if input_key is not None:
+            return network(**{input_key: x}, **bound) if not more else network(x, *more, **bound)
+        return network(x, *more, **bound)
+
+    return call
+
+
+class AllInputs(ForwardWith):
+    """A model of several inputs called on its explained inputs first, then the others: ``AllInputs(view,
+    explained, others)(*explained_values, *other_values, *keyword_values)`` calls ``view``'s model with every input
+    in its own position (and its keyword inputs by name), as the view would. The methods explain the first group
+    together (:func:`~lightning_interp.methods.attribute` with a tuple) and pass the rest as
+    ``additional_forward_args``, each row following its sample."""
+
+    def __init__(self, view: BoundInputs, explained: Sequence[int], others: Sequence[int]) -> None:
+        super().__init__(view.model, view.call)  # type: ignore[arg-type]
+        object.__setattr__(self, "order", (*explained, *others))
+        object.__setattr__(self, "keys", tuple(key for key in view.extras if not key.startswith(MORE_INPUT)))
+
+    def forward(self, *values: Tensor) -> object:  # type: ignore[override]
+        placed: dict[int, Tensor] = dict(zip(self.order, values, strict=False))
+        keywords = dict(zip(self.keys, values[len(self.order) :], strict=True))
+        more = {f"{MORE_INPUT}{position}": placed[position] for position in range(1, len(self.order))}
+        return self.forward_fn(self.model, placed[0], **more, **keywords)
+
+
+@dataclass(frozen=True)
+class SeveralInputs:
+    """A model of several inputs, ready to explain its floating-point inputs together (see :func:`several_inputs`)."""
+
+    model: AllInputs
+    """Called on ``(*explained, *others)``."""
+    explained: tuple[Tensor, ...]
+    """The floating-point inputs, ``first`` first: (B, ...) each."""
+    positions: tuple[int, ...]
+    """The model's argument position of each explained input (0 for ``first``)."""
+    others: tuple[Tensor, ...]
+    """The integer inputs, then the keyword inputs: one row per sample each, passed as ``additional_forward_args``."""
+
+
+def several_inputs(view: nn.Module, first: Tensor) -> SeveralInputs | None:
+    """For a view bound to the inputs after the first of a model of several inputs (see ``_explained``): the model
+    taking every floating-point input (the explained ones, ``first`` among them) then the others, with those
+    inputs; None for a model of one input, or when ``first`` is not floating point (token ids: the first alone is
+    explained, at its embedding)."""
+    if not isinstance(view, BoundInputs) or view.call is None or view.next_token or not first.is_floating_point():
+        return None
+    count = sum(key.startswith(MORE_INPUT) for key in view.extras)
+    if count == 0:
+        return None
+    values = [first, *(view.extras[f"{MORE_INPUT}{position}"] for position in range(1, count + 1))]
+    explained = [position for position, value in enumerate(values) if value.is_floating_point()]
+    others = [position for position, value in enumerate(values) if not value.is_floating_point()]
+    keywords = tuple(value for key, value in view.extras.items() if not key.startswith(MORE_INPUT))
+    return SeveralInputs(
+        AllInputs(view, explained, others),
+        tuple(values[p] for p in explained),
+        tuple(explained),
+        (*(values[p] for p in others), *keywords),
+    )
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

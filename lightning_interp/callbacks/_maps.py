@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -81,6 +81,9 @@ class Explanation:
         signed: names of maps with meaningful sign (shown with a diverging colormap).
         titles: optional display titles of the maps (default: their names).
         extra: further per-sample maps for a subclass's own pictures (not scored), e.g. one map per attention head.
+        input_maps: a model of several inputs: the maps of each input after the first, by its position in the
+            model's arguments: name -> (N, ...) float32 map shaped like that input's samples (channels reduced);
+            scored, and drawn as one picture per input (``interp_<name>/maps_<input name>``).
     """
 
     maps: dict[str, Tensor]
@@ -90,6 +93,7 @@ class Explanation:
     signed: set[str] = field(default_factory=set)
     titles: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Tensor] = field(default_factory=dict)
+    input_maps: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
 
 class MapCallback(InterpCallback):
@@ -286,12 +290,13 @@ class MapCallback(InterpCallback):
                     f"entries (ids 0 to {len(self.vocabulary) - 1}): pass the full vocabulary, or "
                     "DataDescription(decode=...)."
                 )
-        if self.feature_names is not None and (
-            probe.inputs.ndim != 2 or len(self.feature_names) != probe.inputs.shape[1]
+        if self.feature_names is not None and not any(
+            value.ndim == 2 and len(self.feature_names) == value.shape[1] for value in probe.all_inputs
         ):
+            shapes = [tuple(value.shape) for value in probe.all_inputs]
             raise ValueError(
                 f"{name}: feature_names has {len(self.feature_names)} names, but the probe inputs have shape "
-                f"{tuple(probe.inputs.shape)}; give one name per feature of (N, F) inputs."
+                f"{shapes[0] if len(shapes) == 1 else shapes}; give one name per feature of (N, F) inputs."
             )
         if probe.masks is not None and probe.inputs.ndim == 4 and probe.masks.shape[-2:] != probe.inputs.shape[-2:]:
             raise ValueError(
@@ -584,19 +589,31 @@ class MapCallback(InterpCallback):
         maps = {key: value.float() for key, value in result.maps.items()}  # AMP: float32 before any scoring
         regions, class_masks = self._explained_regions(probe, result.target, tuple(probe.inputs.shape[-2:]))
         scores = self._scores(maps, result.signed, probe, masks=class_masks)
+        # the other inputs of a model of several inputs: scored as "<key>/<input name>", never against the masks,
+        # which are the first input's
+        named = {position: self.input_name(position) for position in result.input_maps}
+        more = {
+            f"{key}/{named[position]}": value.float()
+            for position, values in result.input_maps.items()
+            for key, value in values.items()
+        }
+        more_signed = {f"{key}/{named[p]}" for p, values in result.input_maps.items() for key in values}
+        more_signed = {key for key in more_signed if key.rpartition("/")[0] in result.signed}
+        scores |= self._scores(more, more_signed, probe, own_masks=False)
+        all_maps = maps | more
         device = next(iter(maps.values())).device if maps else torch.device("cpu")
         for key, value in result.scalars.items():  # the methods' own scalars join the one transfer below
             scores[f"interp_{self.name}/{key}"] = torch.as_tensor(value, dtype=torch.float64, device=device)
-        flags = [torch.stack([torch.isfinite(m).all(), (m != 0).any()]).double() for m in maps.values()]
+        flags = [torch.stack([torch.isfinite(m).all(), (m != 0).any()]).double() for m in all_maps.values()]
         numbers = torch.cat([*flags, *(v.double().reshape(1) for v in scores.values())]).tolist() if maps else []
-        checks = [(bool(numbers[2 * i]), bool(numbers[2 * i + 1])) for i in range(len(maps))]  # one transfer in all
-        broken = [key for key, (finite, _) in zip(maps, checks, strict=True) if not finite]
+        checks = [(bool(numbers[2 * i]), bool(numbers[2 * i + 1])) for i in range(len(all_maps))]  # one transfer
+        broken = [key for key, (finite, _) in zip(all_maps, checks, strict=True) if not finite]
         if broken:
             self._warn(
                 f"{type(self).__name__}: the maps of {broken} hold NaN or inf at epoch {trainer.current_epoch} "
                 "(non-finite activations or gradients in the model); their scores are logged as NaN."
             )
-        for key, (finite, nonzero) in zip(maps, checks, strict=True):
+        for key, (finite, nonzero) in zip(all_maps, checks, strict=True):
             if finite and not nonzero and key not in self._warned_zero:
                 self._warned_zero.add(key)
                 self._warn(
@@ -605,8 +622,8 @@ class MapCallback(InterpCallback):
                     "while this lasts (this warning is given once per run)."
                 )
         step = logging_step(trainer)
-        scalars = dict(zip(scores, numbers[2 * len(maps) :], strict=True))
-        for key, (finite, nonzero) in zip(maps, checks, strict=True):
+        scalars = dict(zip(scores, numbers[2 * len(all_maps) :], strict=True))
+        for key, (finite, nonzero) in zip(all_maps, checks, strict=True):
             warned = f"{key} (no positive part)"
             value = scalars.get(f"interp_{self.name}/{key}/concentration", 0.0)
             if finite and nonzero and key in result.signed and math.isnan(value) and warned not in self._warned_zero:
@@ -618,7 +635,7 @@ class MapCallback(InterpCallback):
                 )
         shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
         evolution = self._evolution_maps(maps)
-        device_parts = {f"map {key}": value[:shown] for key, value in maps.items()}
+        device_parts = {f"map {key}": value[:shown] for key, value in all_maps.items()}
         device_parts |= {f"extra {key}": value[:shown].float() for key, value in result.extra.items()}
         device_parts |= {f"evolution {key}": value for key, value in evolution.items()}
         device_parts |= {"scores": result.scores[:shown].float(), "target": result.target[:shown].float()}
@@ -643,6 +660,13 @@ class MapCallback(InterpCallback):
             titles=dict(result.titles),
             task=self.output_task,
             extra={key: host[f"extra {key}"] for key in result.extra},
+            input_maps={
+                named[position]: (
+                    probe.all_inputs[position][:shown],
+                    {key: host[f"map {key}/{named[position]}"] for key in values},
+                )
+                for position, values in result.input_maps.items()
+            },
             regions=host.get("regions"),
             segmentation=self._segmentation,
             detections=None
@@ -682,10 +706,17 @@ class MapCallback(InterpCallback):
         return region, masks
 
     def _scores(
-        self, maps: dict[str, Tensor], signed: set[str], probe: ProbeSet, *, masks: Tensor | None = None
+        self,
+        maps: dict[str, Tensor],
+        signed: set[str],
+        probe: ProbeSet,
+        *,
+        masks: Tensor | None = None,
+        own_masks: bool = True,
     ) -> dict[str, Tensor]:
         """Per-map scores as 0-dim tensors where the maps are (the caller brings them to the host at once);
-        ``masks``: the masks to score against instead of the probe's (a segmentation model's explained classes)."""
+        ``masks``: the masks to score against instead of the probe's (a segmentation model's explained classes);
+        ``own_masks=False``: maps of another input than the first, which the probe's masks do not describe."""
         values: dict[str, Tensor] = {}
         given = masks
         masks = None
@@ -712,7 +743,7 @@ class MapCallback(InterpCallback):
                     pairs = zip(value, before, kept, strict=True)
                     correlations = [rank_correlation(now[i][None], then[i][None]) for now, then, i in pairs]
                     values[f"{prefix}/stability"] = _nanmean(torch.cat(correlations))
-            reference = given if given is not None else probe.masks
+            reference = given if given is not None else probe.masks if own_masks else None
             where = _on_mask_grid(positive, reference)
             if where is not None:
                 assert reference is not None
@@ -731,6 +762,13 @@ class MapCallback(InterpCallback):
         per_image = rows_per_part(self.rows_per_image, picture.inputs)
         for tag, rows in grid_parts(f"interp_{self.name}/maps", shown, per_image):
             log_image(trainer, tag, self._grid_image(picture, rows, compact=per_image is not None), step)
+        for name, (inputs, maps) in picture.input_maps.items():  # a model's other inputs: a picture each
+            other = replace(
+                picture, inputs=inputs, maps=maps, input_maps={}, extra={}, regions=None, title=f"input {name}"
+            )
+            per_image = rows_per_part(self.rows_per_image, inputs)
+            for tag, rows in grid_parts(f"interp_{self.name}/maps_{name}", shown, per_image):
+                log_image(trainer, tag, self._grid_image(other, rows, compact=per_image is not None), step)
 
     def _grid_image(self, picture: _GridData, rows: range | None = None, *, compact: bool = False) -> np.ndarray:
         """The per-run grid of the probe ``rows`` (all by default), drawn from CPU tensors only (``compact``: for a
@@ -751,6 +789,7 @@ class MapCallback(InterpCallback):
             {picture.titles.get(key, key): maps[part] for key, maps in picture.maps.items()},
             labels[part],
             signed=[key in picture.signed for key in picture.maps],
+            title=picture.title,
         )
         if drawn is not None:
             return drawn
@@ -808,7 +847,9 @@ class MapCallback(InterpCallback):
                 per_sample,
                 headers=headers,
                 line_titles=titles,
-                feature_names=self.feature_names,
+                feature_names=self.feature_names
+                if self.feature_names is not None and len(self.feature_names) == inputs.shape[1]
+                else None,
                 title=title,
                 signed=signs,
                 cmap=self.cmap,
@@ -1017,6 +1058,8 @@ class _GridData:
     titles: dict[str, str]
     task: str = "multiclass"
     extra: dict[str, Tensor] = field(default_factory=dict)
+    input_maps: dict[str, tuple[Tensor, dict[str, Tensor]]] = field(default_factory=dict)  # name: (inputs, maps)
+    title: str = ""  # above a picture drawn row by row (the name of another input than the first)
     regions: Tensor | None = None  # a segmentation model's explained region per sample, (N, H, W) bool
     segmentation: SegmentationTarget | None = None
     detections: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # a detector: labels, scores, boxes, found

@@ -130,7 +130,7 @@ class RepresentationCallback(InterpCallback):
             labels, note = derived
             rank_zero_info(note)
             labelled = ProbeSet(
-                probe.inputs,
+                probe.all_inputs,
                 labels,
                 probe.masks,
                 indices=probe.indices,
@@ -299,7 +299,8 @@ def _form(probe: ProbeSet) -> tuple:
     """What must agree for samples of several probe sets to share one forward: their inputs' and other model
     inputs' shapes and dtypes."""
     extras = tuple((name, tuple(value.shape[1:]), value.dtype) for name, value in sorted(probe.extras.items()))
-    return tuple(probe.inputs.shape[1:]), probe.inputs.dtype, probe.input_key, extras
+    inputs = tuple((tuple(value.shape[1:]), value.dtype) for value in probe.all_inputs)
+    return inputs, probe.input_key, extras
 
 
 def _union_of_probes(peers: list[RepresentationCallback]) -> tuple[ProbeSet, dict[int, Tensor]]:
@@ -324,7 +325,10 @@ def _union_of_probes(peers: list[RepresentationCallback]) -> tuple[ProbeSet, dic
         rows[id(peer)] = torch.tensor(picked, dtype=torch.long)
     first = samples[0][0]
     union = ProbeSet(
-        torch.stack([probe.inputs[row] for probe, row in samples]),
+        tuple(
+            torch.stack([probe.all_inputs[position][row] for probe, row in samples])
+            for position in range(len(first.all_inputs))
+        ),
         extras={name: torch.stack([probe.extras[name][row] for probe, row in samples]) for name in first.extras},
         input_key=first.input_key,
     )

@@ -399,6 +399,14 @@ class ConceptCallback(InterpCallback):
                 "inputs: ... that makes them from the inputs (e.g. attention_mask=(ids != pad_id)), so probe "
                 "samples and concept examples are called the same way."
             )
+        if probe.more_inputs:  # concept examples would be paired with the probe samples' other inputs
+            raise ValueError(
+                f"ConceptCallback: the model takes {len(probe.all_inputs)} inputs, but concept and random examples are "
+                "bare tensors of one input, so the model cannot be called on them. Pass forward_fn=lambda model, "
+                "image: ... that calls the model on the first input alone (e.g. with a fixed second input), and give "
+                "the probe samples the first input only (data=DataDescription(batch_parser=...)); concept sets of "
+                "several inputs are not supported yet."
+            )
         trace = self._trace(trainer, pl_module, self._example_input(pl_module, probe))
         self._chunk = forward_chunk_size(trace, pl_module.device)
         for layer in self.layers:

@@ -399,9 +399,11 @@ class FeatureVisualizationCallback(InterpCallback):
         assert self._range is not None
         low, high = self._range
         if self.mode == "optimize":
+            # image j of every target with the other model inputs of probe sample j (a model of several inputs)
+            bound = self._explained(pl_module, probe.subset(min(images, len(probe))))
             with self._model_context(trainer):
                 result = feature_visualization(
-                    pl_module,
+                    bound,
                     self.targets,
                     image_shape=tuple(probe.inputs.shape[1:]),
                     steps=steps,

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_interp.callbacks._base import first_rows
+from lightning_interp.callbacks._base import SeveralInputs, first_rows, several_inputs
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._maps import Explanation, MapCallback, is_token_input
 from lightning_interp.methods import (
@@ -254,6 +254,11 @@ class SaliencyCallback(MapCallback):
         return LayerInput(pl_module, self._embedding, inputs), embedded, baseline
 
     def _explain(self, pl_module: pl.LightningModule, inputs: Tensor, target: Tensor | int | None) -> Explanation:
+        several = None
+        if self._embedding is None and not isinstance(self.target, NeuronTarget):
+            several = several_inputs(pl_module, inputs)
+        if several is not None:
+            return self._explain_several(several, target)
         ids = inputs
         real = self._real_tokens(pl_module, ids) if self._embedding is not None else None
         model, inputs, pad_baseline = self._attributed(pl_module, inputs, real)
@@ -281,4 +286,35 @@ class SaliencyCallback(MapCallback):
             scalars=dict(result.scalars),
             signed=signed,
             titles={key: METHODS[key].title for key in maps},
+        )
+
+    def _explain_several(self, several: SeveralInputs, target: Tensor | int | None) -> Explanation:
+        """A model of several inputs: its floating-point inputs explained together (one path, one noise, one set of
+        features across all of them, so completeness covers their sum), one map per input; the first input's maps
+        are the grid's, the others' go in ``input_maps``. Each contribution method also gives each input's share of
+        the attribution mass, ``<method>/share_<input name>``."""
+        result = self.explainer()(several.model, several.explained, target, additional_forward_args=several.others)
+        reduced = result.maps(self.channel_reduction)
+        maps = {key: value[0] for key, value in reduced.items()}  # type: ignore[index]
+        input_maps = {
+            position: {key: value[index] for key, value in reduced.items()}  # type: ignore[index]
+            for index, position in enumerate(several.positions)
+            if index > 0
+        }
+        scalars: dict[str, Tensor | float] = dict(result.scalars)
+        for key, parts in result.attributions.items():
+            if METHODS[key].sensitivity:  # a gradient's size depends on each input's units: no share
+                continue
+            mass = torch.stack([part.detach().abs().reshape(part.shape[0], -1).double().sum(dim=1) for part in parts])
+            shares = mass / mass.sum(dim=0).clamp_min(1e-30)
+            for index, position in enumerate(several.positions):
+                scalars[f"{key}/share_{self.input_name(position)}"] = shares[index].mean()
+        return Explanation(
+            maps=maps,
+            scores=result.scores,
+            target=result.target,
+            scalars=scalars,
+            signed=set(maps) if self.channel_reduction == "sum" else set(),
+            titles={key: METHODS[key].title for key in maps},
+            input_maps=input_maps,
         )

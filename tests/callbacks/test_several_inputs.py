@@ -1,0 +1,292 @@
+"""Models of several inputs (``model(image, table)``) in the callbacks: batches ``((image, table), label)`` are read
+into probe sets that keep every input of each sample together; every callback calls the model with all of them;
+``SaliencyCallback`` explains the floating-point inputs together and logs one map and score set per input, and what
+it logs equals Captum's tuple attributions on the same model and samples."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from captum.attr import IntegratedGradients
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_interp import (
+    ActivationMapsCallback,
+    CalibrationCallback,
+    ConceptCallback,
+    DataDescription,
+    DatasetBiasCallback,
+    Display,
+    ExplanationQualityCallback,
+    FeatureVisualizationCallback,
+    GradCAMCallback,
+    LinearProbeCallback,
+    ProbeSet,
+    RepresentationSimilarityCallback,
+    SaliencyCallback,
+    UncertaintyCallback,
+)
+from lightning_interp.probe import parse_batch
+from tests.callbacks.test_contract import CASES
+from tests.conftest import BatchNormDropoutNet, assert_training_identical, quiet_trainer
+
+CLASSES = 4
+FEATURES = 5
+
+
+class ImageAndTable(Dataset):
+    """``((image, table), label)`` samples: a (3, 16, 16) image and FEATURES table values whose first value carries
+    the label, and an integer site index (a third input the model embeds)."""
+
+    def __init__(self, count: int = 48, seed: int = 0, with_site: bool = False) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(count) % CLASSES
+        self.images = torch.rand(count, 3, 16, 16, generator=generator)
+        self.tables = torch.randn(count, FEATURES, generator=generator)
+        self.tables[:, 0] += self.labels.float()
+        self.sites = torch.randint(3, (count,), generator=generator)
+        self.with_site = with_site
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        inputs = (self.images[index], self.tables[index])
+        if self.with_site:
+            inputs = (*inputs, self.sites[index])
+        return inputs, self.labels[index]
+
+
+class TwoInputNet(pl.LightningModule):
+    """``forward(image, table[, site])``: a small CNN (``net``) on the image plus a linear head on the table (and a
+    site embedding); ``use_table=False`` ignores the table."""
+
+    def __init__(self, use_table: bool = True, with_site: bool = False) -> None:
+        super().__init__()
+        self.net = BatchNormDropoutNet(CLASSES)
+        self.table_head = nn.Linear(FEATURES, CLASSES)
+        self.site = nn.Embedding(3, CLASSES) if with_site else None
+        self.use_table = use_table
+
+    def forward(self, image, table, site=None):
+        scores = self.net(image)
+        if self.use_table:
+            scores = scores + self.table_head(table)
+        if self.site is not None:
+            scores = scores + self.site(site)
+        return scores
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        return nn.functional.cross_entropy(self(*inputs), labels)
+
+    def validation_step(self, batch, batch_idx):
+        inputs, labels = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(*inputs), labels))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _loaders(with_site: bool = False) -> dict[str, DataLoader]:
+    return {
+        "train_dataloaders": DataLoader(ImageAndTable(64, seed=1, with_site=with_site), batch_size=16),
+        "val_dataloaders": DataLoader(ImageAndTable(32, seed=2, with_site=with_site), batch_size=16),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- reading the batches
+def test_nested_inputs_are_read_as_several_inputs():
+    image, table, labels = torch.rand(4, 3, 8, 8), torch.randn(4, FEATURES), torch.tensor([0, 1, 2, 3])
+    masks = torch.rand(4, 8, 8) > 0.5
+    for batch in (((image, table), labels), [[image, table], labels, masks]):
+        parsed = parse_batch(batch)
+        assert parsed.inputs is image
+        assert len(parsed.more_inputs) == 1 and parsed.more_inputs[0] is table
+        assert torch.equal(parsed.labels, labels)
+    assert torch.equal(parse_batch([[image, table], labels, masks]).masks, masks)
+    flat = parse_batch((image, table, labels))  # (inputs, labels, ...): the flat form stays one input
+    assert flat.more_inputs == ()
+
+
+def test_a_batch_parser_may_return_several_inputs():
+    def parser(batch):
+        return (batch["image"], batch["table"]), batch["y"]
+
+    batch = {"image": torch.rand(2, 3, 8, 8), "table": torch.randn(2, FEATURES), "y": torch.tensor([1, 0])}
+    parsed = parse_batch(batch, parser)
+    assert parsed.inputs is batch["image"] and parsed.more_inputs[0] is batch["table"]
+
+
+def test_several_inputs_of_different_sample_counts_are_refused():
+    with pytest.raises(ValueError, match="different numbers of samples"):
+        ProbeSet((torch.rand(4, 3, 8, 8), torch.randn(3, FEATURES)))
+
+
+def test_a_probe_of_several_inputs_keeps_each_samples_inputs_together():
+    data = ImageAndTable(40, seed=3)
+    probe = ProbeSet.from_dataloader(DataLoader(data, batch_size=8, shuffle=False), 8)
+    assert len(probe.all_inputs) == 2
+    for row, index in enumerate(probe.indices.tolist()):  # every input of a row is that dataset sample's
+        assert torch.equal(probe.inputs[row], data.images[index])
+        assert torch.equal(probe.more_inputs[0][row], data.tables[index])
+        assert int(probe.labels[row]) == int(data.labels[index])
+    rows = probe.take([3, 0])
+    assert torch.equal(rows.more_inputs[0], probe.more_inputs[0][[3, 0]])
+    again = ProbeSet.from_state_dict(probe.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.all_inputs, probe.all_inputs, strict=True))
+    changed = ProbeSet((probe.inputs, probe.more_inputs[0] + 1), probe.labels)
+    assert not changed.matches(probe.fingerprint()), "a changed second input is a changed sample"
+
+
+def test_input_names_must_fit_the_inputs(tmp_path):
+    callback = SaliencyCallback(num_samples=4, data=DataDescription(input_names=["image", "table", "extra"]))
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
+    with pytest.raises(ValueError, match="names 3 inputs, but the probe samples hold 2"):
+        trainer.fit(TwoInputNet(), **_loaders())
+
+
+# ---------------------------------------------------------------------------------------------- every callback
+def _callbacks_on_two_inputs() -> dict[type, pl.Callback]:
+    """Every callback of the contract that runs on images, set up as the contract does (its layers are those of the
+    image branch, ``net``)."""
+    kinds = [
+        SaliencyCallback,
+        GradCAMCallback,
+        LinearProbeCallback,
+        RepresentationSimilarityCallback,
+        ActivationMapsCallback,
+        FeatureVisualizationCallback,
+        UncertaintyCallback,
+        CalibrationCallback,
+        DatasetBiasCallback,
+        ExplanationQualityCallback,
+    ]
+    return {kind: CASES[kind].make(None) for kind in kinds}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(_callbacks_on_two_inputs()), ids=lambda kind: kind.__name__)
+def test_every_callback_runs_on_a_model_of_several_inputs_and_leaves_training_alone(tmp_path, kind):
+    """Each callback calls the model with all its inputs (a wrong pairing or a missing input fails the call), logs
+    its results, and leaves training bit-identical."""
+    options = {"max_epochs": 1, "limit_train_batches": 2, "deterministic": True, "logger": False}
+
+    def fit(callbacks):
+        pl.seed_everything(7, verbose=False)
+        model = TwoInputNet(with_site=True)
+        trainer = quiet_trainer(tmp_path, callbacks=callbacks, **options)
+        trainer.fit(model, **_loaders(with_site=True))
+        return (model.state_dict(), trainer.optimizers[0].state_dict(), torch.get_rng_state()), trainer
+
+    plain, _ = fit([])
+    callback = _callbacks_on_two_inputs()[kind]
+    result, trainer = fit([callback])
+    assert callback._runs >= 1
+    assert any(key.startswith(f"interp_{callback.name}/") for key in trainer.callback_metrics)
+    assert_training_identical(plain, result)
+
+
+def test_concepts_on_a_model_of_several_inputs_are_refused_before_training(tmp_path):
+    callback = ConceptCallback({"noise": torch.rand(8, 3, 16, 16)}, layers=["net.features.2"], num_samples=8)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1)
+    with pytest.raises(ValueError, match="bare tensors of one input"):
+        trainer.fit(TwoInputNet(), **_loaders())
+
+
+# ---------------------------------------------------------------------------------------------- saliency per input
+def _saliency_run(tmp_path, model: TwoInputNet, **options) -> tuple[SaliencyCallback, pl.Trainer]:
+    callback = SaliencyCallback(
+        methods={"gradient": None, "integrated_gradients": {"n_steps": 16}},
+        num_samples=4,
+        data=DataDescription(input_names=["image", "table"], feature_names=[f"f{i}" for i in range(FEATURES)]),
+        display=Display(background_drawing=False),
+        **options,
+    )
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=logger, max_epochs=1, limit_train_batches=2)
+    trainer.fit(model, **_loaders())
+    return callback, trainer
+
+
+def test_saliency_explains_each_input_as_captum_does(tmp_path):
+    """The table's maps and each input's share of the attribution mass equal Captum's IntegratedGradients on the
+    tuple (image, table), with the zero baselines, on the trained model and the probe samples."""
+    model = TwoInputNet()
+    callback, trainer = _saliency_run(tmp_path, model)
+    probe = callback.probe
+    assert probe is not None and len(probe.more_inputs) == 1
+    metrics = trainer.callback_metrics
+    image, table = probe.inputs.clone(), probe.more_inputs[0].clone()
+    model.eval()
+    with torch.no_grad():
+        target = model(image, table).argmax(dim=1)
+    ig_image, ig_table = IntegratedGradients(model).attribute(
+        (image, table), target=target, n_steps=16, method="gausslegendre"
+    )
+    mass = torch.stack([ig_image.abs().flatten(1).sum(1), ig_table.abs().sum(1)])
+    shares = (mass / mass.sum(0)).mean(1)
+    logged = [float(metrics[f"interp_saliency/integrated_gradients/share_{name}"]) for name in ("image", "table")]
+    assert logged == pytest.approx(shares.tolist(), abs=1e-4)
+    assert sum(logged) == pytest.approx(1.0, abs=1e-6)
+    # completeness covers both inputs together: the sum over image and table is f(x) - f(0)
+    assert float(metrics["interp_saliency/integrated_gradients/completeness_error"]) < 0.02
+    # the table's concentration is computed on the table's own map, |IG| per feature (top 10% of 5 features: 1)
+    expected = (ig_table.abs().amax(1) / ig_table.abs().sum(1)).mean()
+    assert float(metrics["interp_saliency/integrated_gradients/table/concentration"]) == pytest.approx(
+        float(expected), abs=1e-4
+    )
+    assert "interp_saliency/gradient/share_table" not in metrics, "a gradient's size is in each input's units"
+
+
+def test_saliency_draws_one_picture_per_input(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, trainer = _saliency_run(tmp_path, TwoInputNet())
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert "interp_saliency/maps/rows_1-2" in tags
+    assert "interp_saliency/maps_table/rows_1-2" in tags and "interp_saliency/maps_table/rows_3-4" in tags
+    first = events.Images("interp_saliency/maps/rows_1-2")[-1]
+    table = events.Images("interp_saliency/maps_table/rows_1-2")[-1]
+    assert (first.width, first.height) != (table.width, table.height), "the table is drawn as feature rows"
+
+
+def test_an_input_the_model_ignores_gets_no_share_and_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match=r"every map of 'integrated_gradients/table' is zero"):
+        _, trainer = _saliency_run(tmp_path, TwoInputNet(use_table=False))
+    metrics = trainer.callback_metrics
+    assert float(metrics["interp_saliency/integrated_gradients/share_table"]) == 0.0
+    assert float(metrics["interp_saliency/integrated_gradients/share_image"]) == pytest.approx(1.0)
+
+
+def test_an_integer_input_is_passed_along_not_explained(tmp_path):
+    """``forward(image, table, site)`` with integer site indices: the floating inputs are explained, the site of
+    each sample follows it into every copy the methods make (a wrong pairing would change the scores)."""
+    callback = SaliencyCallback(
+        methods={"integrated_gradients": {"n_steps": 8}},
+        num_samples=4,
+        display=Display(background_drawing=False),
+    )
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2)
+    model = TwoInputNet(with_site=True)
+    trainer.fit(model, **_loaders(with_site=True))
+    probe = callback.probe
+    assert len(probe.more_inputs) == 2 and not probe.more_inputs[1].is_floating_point()
+    metrics = trainer.callback_metrics
+    assert "interp_saliency/integrated_gradients/input1/concentration" in metrics
+    assert not any("input2" in key for key in metrics), "the integer site is not explained"
+    image, table, site = probe.inputs, probe.more_inputs[0], probe.more_inputs[1]
+    model.eval()
+    with torch.no_grad():
+        target = model(image, table, site).argmax(dim=1)
+    ig = IntegratedGradients(model).attribute(
+        (image, table), target=target, n_steps=8, method="gausslegendre", additional_forward_args=(site,)
+    )
+    mass = torch.stack([part.abs().flatten(1).sum(1) for part in ig])
+    assert float(metrics["interp_saliency/integrated_gradients/share_input1"]) == pytest.approx(
+        float((mass[1] / mass.sum(0)).mean()), abs=1e-4
+    )
