@@ -40,6 +40,7 @@ METRICS: dict[str, MetricInfo] = {
     "concentration": MetricInfo("neither", "share of the map's mass in its top 10% of pixels"),
     "stability": MetricInfo("neither", "rank correlation with the previous epoch's maps"),
     "completeness_error": MetricInfo("lower", "how far the attributions' sum is from the score difference"),
+    "share": MetricInfo("neither", "this input's share of the attribution mass (a model of several inputs)"),
     # ExplanationQualityCallback
     "deletion_auc": MetricInfo("lower", "probability left as the most relevant pixels are removed"),
     "insertion_auc": MetricInfo("higher", "probability regained as the most relevant pixels are added back"),
@@ -97,7 +98,11 @@ def metric_info(metric: str) -> MetricInfo | None:
     Example:
         >>> metric_info("deletion_auc").direction, metric_info("made_up_score")
         ('lower', None)
+        >>> metric_info("share_table").meaning  # one input's share: share_<input name>
+        "this input's share of the attribution mass (a model of several inputs)"
     """
+    if metric not in METRICS and metric.startswith("share_"):
+        return METRICS["share"]
     return METRICS.get(metric)
 
 
