@@ -1044,22 +1044,26 @@ def _with_more_inputs(forward_fn: Callable[..., Any] | None, count: int, input_k
 
 
 class AllInputs(ForwardWith):
-    """A model of several inputs called on its explained inputs first, then the others: ``AllInputs(view,
-    explained, others)(*explained_values, *other_values, *keyword_values)`` calls ``view``'s model with every input
-    in its own position (and its keyword inputs by name), as the view would. The methods explain the first group
-    together (:func:`~lightning_interp.methods.attribute` with a tuple) and pass the rest as
+    """A model of several inputs called on its explained inputs first, then the others: ``AllInputs(view, order)(
+    *values)`` calls ``view``'s model with each value where ``order`` puts it (an int: the model's positional
+    argument at that position; a str: the keyword input of that name), as the view would. The methods explain the
+    first values together (:func:`~lightning_interp.methods.attribute` with a tuple) and pass the rest as
     ``additional_forward_args``, each row following its sample."""
 
-    def __init__(self, view: BoundInputs, explained: Sequence[int], others: Sequence[int]) -> None:
+    def __init__(self, view: BoundInputs, order: Sequence[int | str]) -> None:
         super().__init__(view.model, view.call)  # type: ignore[arg-type]
-        object.__setattr__(self, "order", (*explained, *others))
-        object.__setattr__(self, "keys", tuple(key for key in view.extras if not key.startswith(MORE_INPUT)))
+        object.__setattr__(self, "order", tuple(order))
+        object.__setattr__(self, "input_key", view.input_key)
 
     def forward(self, *values: Tensor) -> object:  # type: ignore[override]
-        placed: dict[int, Tensor] = dict(zip(self.order, values, strict=False))
-        keywords = dict(zip(self.keys, values[len(self.order) :], strict=True))
-        more = {f"{MORE_INPUT}{position}": placed[position] for position in range(1, len(self.order))}
-        return self.forward_fn(self.model, placed[0], **more, **keywords)
+        placed = dict(zip(self.order, values, strict=True))
+        first = placed.pop(0)
+        bound = {f"{MORE_INPUT}{key}" if isinstance(key, int) else key: value for key, value in placed.items()}
+        if self.forward_fn is not None:
+            return self.forward_fn(self.model, first, **bound)
+        if self.input_key is not None:
+            return self.model(**{self.input_key: first}, **bound)
+        return self.model(first, **bound)
 
 
 @dataclass(frozen=True)
@@ -1070,31 +1074,37 @@ class SeveralInputs:
     """Called on ``(*explained, *others)``."""
     explained: tuple[Tensor, ...]
     """The floating-point inputs, ``first`` first: (B, ...) each."""
-    positions: tuple[int, ...]
-    """The model's argument position of each explained input (0 for ``first``)."""
+    inputs: tuple[int | str, ...]
+    """Which input each explained one is: its position among the model's positional arguments (0 for ``first``),
+    or its keyword (a dict batch's key)."""
     others: tuple[Tensor, ...]
-    """The integer inputs, then the keyword inputs: one row per sample each, passed as ``additional_forward_args``."""
+    """The other inputs (integer ids, masks): one row per sample each, passed as ``additional_forward_args``."""
 
 
 def several_inputs(view: nn.Module, first: Tensor) -> SeveralInputs | None:
-    """For a view bound to the inputs after the first of a model of several inputs (see ``_explained``): the model
-    taking every floating-point input (the explained ones, ``first`` among them) then the others, with those
-    inputs; None for a model of one input, or when ``first`` is not floating point (token ids: the first alone is
-    explained, at its embedding)."""
-    if not isinstance(view, BoundInputs) or view.call is None or view.next_token or not first.is_floating_point():
+    """For a view bound to the other inputs of a model of several inputs (see ``_explained``): the model taking
+    every floating-point input (the explained ones, ``first`` first; a keyword input whose name ends in ``mask`` is
+    never explained) then the others, with those inputs; None when ``first`` is the only floating-point input or is
+    not floating point (token ids: the first alone is explained, at its embedding)."""
+    if not isinstance(view, BoundInputs) or view.next_token or not first.is_floating_point():
         return None
     count = sum(key.startswith(MORE_INPUT) for key in view.extras)
-    if count == 0:
+    values: dict[int | str, Tensor] = {0: first}
+    values |= {position: view.extras[f"{MORE_INPUT}{position}"] for position in range(1, count + 1)}
+    values |= {key: value for key, value in view.extras.items() if not key.startswith(MORE_INPUT)}
+
+    def explained_input(key: int | str, value: Tensor) -> bool:
+        return value.is_floating_point() and not (isinstance(key, str) and key.lower().endswith("mask"))
+
+    explained = [key for key, value in values.items() if explained_input(key, value)]
+    if len(explained) < 2:
         return None
-    values = [first, *(view.extras[f"{MORE_INPUT}{position}"] for position in range(1, count + 1))]
-    explained = [position for position, value in enumerate(values) if value.is_floating_point()]
-    others = [position for position, value in enumerate(values) if not value.is_floating_point()]
-    keywords = tuple(value for key, value in view.extras.items() if not key.startswith(MORE_INPUT))
+    others = [key for key in values if key not in explained]
     return SeveralInputs(
-        AllInputs(view, explained, others),
-        tuple(values[p] for p in explained),
+        AllInputs(view, [*explained, *others]),
+        tuple(values[key] for key in explained),
         tuple(explained),
-        (*(values[p] for p in others), *keywords),
+        tuple(values[key] for key in others),
     )
 
 

@@ -81,9 +81,10 @@ class Explanation:
         signed: names of maps with meaningful sign (shown with a diverging colormap).
         titles: optional display titles of the maps (default: their names).
         extra: further per-sample maps for a subclass's own pictures (not scored), e.g. one map per attention head.
-        input_maps: a model of several inputs: the maps of each input after the first, by its position in the
-            model's arguments: name -> (N, ...) float32 map shaped like that input's samples (channels reduced);
-            scored, and drawn as one picture per input (``interp_<name>/maps_<input name>``).
+        input_maps: a model of several inputs: the maps of each explained input after the first, by the input's
+            name: method -> (N, ...) float32 map shaped like that input's samples (channels reduced); scored, and
+            drawn as one picture per input (``interp_<name>/maps_<input name>``).
+        input_values: the (N, ...) samples of each input of ``input_maps``, as the pictures show them.
     """
 
     maps: dict[str, Tensor]
@@ -93,7 +94,8 @@ class Explanation:
     signed: set[str] = field(default_factory=set)
     titles: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Tensor] = field(default_factory=dict)
-    input_maps: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    input_maps: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    input_values: dict[str, Tensor] = field(default_factory=dict)
 
 
 class MapCallback(InterpCallback):
@@ -591,13 +593,12 @@ class MapCallback(InterpCallback):
         scores = self._scores(maps, result.signed, probe, masks=class_masks)
         # the other inputs of a model of several inputs: scored as "<key>/<input name>", never against the masks,
         # which are the first input's
-        named = {position: self.input_name(position) for position in result.input_maps}
         more = {
-            f"{key}/{named[position]}": value.float()
-            for position, values in result.input_maps.items()
+            f"{key}/{name}": value.float()
+            for name, values in result.input_maps.items()
             for key, value in values.items()
         }
-        more_signed = {f"{key}/{named[p]}" for p, values in result.input_maps.items() for key in values}
+        more_signed = {f"{key}/{name}" for name, values in result.input_maps.items() for key in values}
         more_signed = {key for key in more_signed if key.rpartition("/")[0] in result.signed}
         scores |= self._scores(more, more_signed, probe, own_masks=False)
         all_maps = maps | more
@@ -661,11 +662,11 @@ class MapCallback(InterpCallback):
             task=self.output_task,
             extra={key: host[f"extra {key}"] for key in result.extra},
             input_maps={
-                named[position]: (
-                    probe.all_inputs[position][:shown],
-                    {key: host[f"map {key}/{named[position]}"] for key in values},
+                name: (
+                    result.input_values[name][:shown],
+                    {key: host[f"map {key}/{name}"] for key in values},
                 )
-                for position, values in result.input_maps.items()
+                for name, values in result.input_maps.items()
             },
             regions=host.get("regions"),
             segmentation=self._segmentation,

@@ -288,6 +288,12 @@ class SaliencyCallback(MapCallback):
             titles={key: METHODS[key].title for key in maps},
         )
 
+    def _input_values(self, which: int | str) -> Tensor:
+        """The probe samples' values of one model input (a position among the positional inputs, or a keyword), on
+        the host, for the pictures."""
+        assert self.probe is not None
+        return self.probe.all_inputs[which] if isinstance(which, int) else self.probe.extras[which]
+
     def _explain_several(self, several: SeveralInputs, target: Tensor | int | None) -> Explanation:
         """A model of several inputs: its floating-point inputs explained together (one path, one noise, one set of
         features across all of them, so completeness covers their sum), one map per input; the first input's maps
@@ -296,9 +302,10 @@ class SaliencyCallback(MapCallback):
         result = self.explainer()(several.model, several.explained, target, additional_forward_args=several.others)
         reduced = result.maps(self.channel_reduction)
         maps = {key: value[0] for key, value in reduced.items()}  # type: ignore[index]
+        names = [self.input_name(which) if isinstance(which, int) else which for which in several.inputs]
         input_maps = {
-            position: {key: value[index] for key, value in reduced.items()}  # type: ignore[index]
-            for index, position in enumerate(several.positions)
+            name: {key: value[index] for key, value in reduced.items()}  # type: ignore[index]
+            for index, name in enumerate(names)
             if index > 0
         }
         scalars: dict[str, Tensor | float] = dict(result.scalars)
@@ -307,8 +314,8 @@ class SaliencyCallback(MapCallback):
                 continue
             mass = torch.stack([part.detach().abs().reshape(part.shape[0], -1).double().sum(dim=1) for part in parts])
             shares = mass / mass.sum(dim=0).clamp_min(1e-30)
-            for index, position in enumerate(several.positions):
-                scalars[f"{key}/share_{self.input_name(position)}"] = shares[index].mean()
+            for index, name in enumerate(names):
+                scalars[f"{key}/share_{name}"] = shares[index].mean()
         return Explanation(
             maps=maps,
             scores=result.scores,
@@ -317,4 +324,5 @@ class SaliencyCallback(MapCallback):
             signed=set(maps) if self.channel_reduction == "sum" else set(),
             titles={key: METHODS[key].title for key in maps},
             input_maps=input_maps,
+            input_values={name: self._input_values(which) for name, which in zip(names, several.inputs, strict=True)},
         )

@@ -290,3 +290,55 @@ def test_an_integer_input_is_passed_along_not_explained(tmp_path):
     assert float(metrics["interp_saliency/integrated_gradients/share_input1"]) == pytest.approx(
         float((mass[1] / mass.sum(0)).mean()), abs=1e-4
     )
+
+
+class _DictBatches(Dataset):
+    """``{"image", "table", "weight_mask", "label"}`` samples: a dict batch whose other keys the model takes by name."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.pairs = ImageAndTable(count, seed)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        (image, table), label = self.pairs[index]
+        return {"image": image, "table": table, "weight_mask": torch.ones(FEATURES), "label": label}
+
+
+class _KeywordNet(TwoInputNet):
+    def forward(self, image, table, weight_mask=None):
+        return super().forward(image, table * weight_mask)
+
+    def training_step(self, batch, batch_idx):
+        scores = self(batch["image"], table=batch["table"], weight_mask=batch["weight_mask"])
+        return nn.functional.cross_entropy(scores, batch["label"])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_a_dict_batchs_floating_inputs_are_explained_by_their_keys(tmp_path):
+    """A dict batch's other floating-point keys the model takes by name are explained with the first input and named
+    by their key; one whose name ends in "mask" is passed along, not explained."""
+    callback = SaliencyCallback(
+        methods={"integrated_gradients": {"n_steps": 8}}, num_samples=4, display=Display(background_drawing=False)
+    )
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2)
+    model = _KeywordNet()
+    loaders = [DataLoader(_DictBatches(32, seed), batch_size=16) for seed in (1, 2)]
+    trainer.fit(model, *loaders)
+    metrics = trainer.callback_metrics
+    probe = callback.probe
+    model.eval()
+    image, table, weights = probe.inputs, probe.extras["table"], probe.extras["weight_mask"]
+    with torch.no_grad():
+        target = model(image, table, weights).argmax(dim=1)
+    ig = IntegratedGradients(model).attribute(
+        (image, table), target=target, n_steps=8, method="gausslegendre", additional_forward_args=(weights,)
+    )
+    mass = torch.stack([part.abs().flatten(1).sum(1) for part in ig])
+    assert float(metrics["interp_saliency/integrated_gradients/share_table"]) == pytest.approx(
+        float((mass[1] / mass.sum(0)).mean()), abs=1e-4
+    )
+    assert not any("weight_mask" in key for key in metrics)
