@@ -159,9 +159,13 @@ class SaliencyCallback(MapCallback):
         model and the probe inputs gives the attributions behind the logged maps."""
         if self._explainer is not None:
             return self._explainer
+        return self._explainer_of(self.methods)
+
+    def _explainer_of(self, methods: tuple[str, ...] | list[str]) -> Explainer:
+        """An :class:`Explainer` of some of the methods, with the callback's settings."""
         neuron = isinstance(self.target, NeuronTarget)  # the unit's activation is the score: no transform
         return Explainer(
-            {name: self.method_options.get(name) for name in self.methods},
+            {name: self.method_options.get(name) for name in methods},
             task="regression" if neuron else self.output_task,
             output_transform=None if neuron else self.output_transform,
             seed=self.seed,
@@ -258,7 +262,7 @@ class SaliencyCallback(MapCallback):
         if self._embedding is None and not isinstance(self.target, NeuronTarget):
             several = several_inputs(pl_module, inputs)
         if several is not None:
-            return self._explain_several(several, target)
+            return self._explain_several(several, pl_module, inputs, target)
         ids = inputs
         real = self._real_tokens(pl_module, ids) if self._embedding is not None else None
         model, inputs, pad_baseline = self._attributed(pl_module, inputs, real)
@@ -294,28 +298,51 @@ class SaliencyCallback(MapCallback):
         assert self.probe is not None
         return self.probe.all_inputs[which] if isinstance(which, int) else self.probe.extras[which]
 
-    def _explain_several(self, several: SeveralInputs, target: Tensor | int | None) -> Explanation:
+    def _explain_several(
+        self, several: SeveralInputs, view: pl.LightningModule, inputs: Tensor, target: Tensor | int | None
+    ) -> Explanation:
         """A model of several inputs: its floating-point inputs explained together (one path, one noise, one set of
         features across all of them, so completeness covers their sum), one map per input; the first input's maps
         are the grid's, the others' go in ``input_maps``. Each contribution method also gives each input's share of
-        the attribution mass, ``<method>/share_<input name>``."""
-        result = self.explainer()(several.model, several.explained, target, additional_forward_args=several.others)
-        reduced = result.maps(self.channel_reduction)
-        maps = {key: value[0] for key, value in reduced.items()}  # type: ignore[index]
+        the attribution mass, ``<method>/share_<input name>``. A method that explains the first input only (the
+        ``"first"`` ones of the registry, and a ``"each"`` one such as occlusion when the other inputs are not of the
+        first one's kind: occlusion's window slides over images) runs on the first input, the others bound."""
+        kind = several.explained[0].ndim
+        every = [
+            key
+            for key in self.methods
+            if METHODS[key].several_inputs == "joint"
+            or (METHODS[key].several_inputs == "each" and all(value.ndim == kind for value in several.explained))
+        ]
         names = [self.input_name(which) if isinstance(which, int) else which for which in several.inputs]
-        input_maps = {
-            name: {key: value[index] for key, value in reduced.items()}  # type: ignore[index]
-            for index, name in enumerate(names)
-            if index > 0
-        }
-        scalars: dict[str, Tensor | float] = dict(result.scalars)
-        for key, parts in result.attributions.items():
-            if METHODS[key].sensitivity:  # a gradient's size depends on each input's units: no share
-                continue
-            mass = torch.stack([part.detach().abs().reshape(part.shape[0], -1).double().sum(dim=1) for part in parts])
-            shares = mass / mass.sum(dim=0).clamp_min(1e-30)
-            for index, name in enumerate(names):
-                scalars[f"{key}/share_{name}"] = shares[index].mean()
+        maps: dict[str, Tensor] = {}
+        input_maps: dict[str, dict[str, Tensor]] = {name: {} for name in names[1:]}
+        scalars: dict[str, Tensor | float] = {}
+        result = None
+        if every:
+            result = self._explainer_of(every)(
+                several.model, several.explained, target, additional_forward_args=several.others
+            )
+            scalars |= result.scalars
+            for key, parts in result.maps(self.channel_reduction).items():
+                maps[key] = parts[0]  # type: ignore[index]
+                for index, name in enumerate(names[1:], 1):
+                    input_maps[name][key] = parts[index]  # type: ignore[index]
+            for key, parts in result.attributions.items():
+                if METHODS[key].sensitivity:  # a gradient's size depends on each input's units: no share
+                    continue
+                mass = torch.stack([p.detach().abs().reshape(p.shape[0], -1).double().sum(dim=1) for p in parts])
+                shares = mass / mass.sum(dim=0).clamp_min(1e-30)
+                for index, name in enumerate(names):
+                    scalars[f"{key}/share_{name}"] = shares[index].mean()
+        alone = [key for key in self.methods if key not in every]
+        if alone:  # the first input's maps only, the other inputs bound at their values
+            first = self._explainer_of(alone)(view, inputs, target if result is None else result.target)
+            scalars |= first.scalars
+            maps |= first.maps(self.channel_reduction)  # type: ignore[arg-type]
+            result = result or first
+        assert result is not None
+        maps = {key: maps[key] for key in self.methods}
         return Explanation(
             maps=maps,
             scores=result.scores,
@@ -323,6 +350,6 @@ class SaliencyCallback(MapCallback):
             scalars=scalars,
             signed=set(maps) if self.channel_reduction == "sum" else set(),
             titles={key: METHODS[key].title for key in maps},
-            input_maps=input_maps,
+            input_maps={name: values for name, values in input_maps.items() if values},
             input_values={name: self._input_values(which) for name, which in zip(names, several.inputs, strict=True)},
         )

@@ -342,3 +342,31 @@ def test_a_dict_batchs_floating_inputs_are_explained_by_their_keys(tmp_path):
         float((mass[1] / mass.sum(0)).mean()), abs=1e-4
     )
     assert not any("weight_mask" in key for key in metrics)
+
+
+def test_methods_of_the_first_input_alone_run_beside_the_joint_ones(tmp_path):
+    """Occlusion (its window slides over images) and FullGrad explain the image with the table bound; their image
+    maps equal the functional API's on the model called with the table; integrated gradients still covers both."""
+    from lightning_interp.methods import attribute, attribution_to_map
+
+    callback = SaliencyCallback(
+        methods={"integrated_gradients": {"n_steps": 8}, "occlusion": {"window": 4}, "full_grad": None},
+        num_samples=4,
+        display=Display(background_drawing=False),
+    )
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2)
+    model = TwoInputNet()
+    trainer.fit(model, **_loaders())
+    metrics = trainer.callback_metrics
+    assert "interp_saliency/integrated_gradients/input1/concentration" in metrics
+    assert "interp_saliency/occlusion/concentration" in metrics
+    assert not any(
+        key.startswith(("interp_saliency/occlusion/input1", "interp_saliency/full_grad/input1")) for key in metrics
+    )
+    probe = callback.probe
+    model.eval()
+    image, table = probe.inputs, probe.more_inputs[0]
+    with torch.no_grad():
+        target = model(image, table).argmax(dim=1)
+    occluded = attribute("occlusion", model, (image,), target, window=4, additional_forward_args=(table,))[0]
+    assert torch.allclose(callback.last_maps["occlusion"], attribution_to_map(occluded), atol=1e-6)
