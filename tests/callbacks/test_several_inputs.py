@@ -197,6 +197,19 @@ def test_concepts_on_a_model_of_several_inputs_are_refused_before_training(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- saliency per input
+def _captum_ig(model: nn.Module, explained: tuple, others: tuple = (), n_steps: int = 16) -> tuple:
+    """Captum's IntegratedGradients on the explained tuple (zero baselines) for the model's predicted classes, and
+    each input's mean share of the attribution mass."""
+    model.eval()
+    with torch.no_grad():
+        target = model(*explained, *others).argmax(dim=1)
+    attributions = IntegratedGradients(model).attribute(
+        explained, target=target, n_steps=n_steps, method="gausslegendre", additional_forward_args=others or None
+    )
+    mass = torch.stack([part.abs().flatten(1).sum(1) for part in attributions])
+    return attributions, (mass / mass.sum(0)).mean(1).tolist()
+
+
 def _saliency_run(tmp_path, model: TwoInputNet, **options) -> tuple[SaliencyCallback, pl.Trainer]:
     callback = SaliencyCallback(
         methods={"gradient": None, "integrated_gradients": {"n_steps": 16}},
@@ -219,17 +232,9 @@ def test_saliency_explains_each_input_as_captum_does(tmp_path):
     probe = callback.probe
     assert probe is not None and len(probe.more_inputs) == 1
     metrics = trainer.callback_metrics
-    image, table = probe.inputs.clone(), probe.more_inputs[0].clone()
-    model.eval()
-    with torch.no_grad():
-        target = model(image, table).argmax(dim=1)
-    ig_image, ig_table = IntegratedGradients(model).attribute(
-        (image, table), target=target, n_steps=16, method="gausslegendre"
-    )
-    mass = torch.stack([ig_image.abs().flatten(1).sum(1), ig_table.abs().sum(1)])
-    shares = (mass / mass.sum(0)).mean(1)
+    (_, ig_table), shares = _captum_ig(model, (probe.inputs, probe.more_inputs[0]))
     logged = [float(metrics[f"interp_saliency/integrated_gradients/share_{name}"]) for name in ("image", "table")]
-    assert logged == pytest.approx(shares.tolist(), abs=1e-4)
+    assert logged == pytest.approx(shares, abs=1e-4)
     assert sum(logged) == pytest.approx(1.0, abs=1e-6)
     # completeness covers both inputs together: the sum over image and table is f(x) - f(0)
     assert float(metrics["interp_saliency/integrated_gradients/completeness_error"]) < 0.02
@@ -279,17 +284,8 @@ def test_an_integer_input_is_passed_along_not_explained(tmp_path):
     metrics = trainer.callback_metrics
     assert "interp_saliency/integrated_gradients/input1/concentration" in metrics
     assert not any("input2" in key for key in metrics), "the integer site is not explained"
-    image, table, site = probe.inputs, probe.more_inputs[0], probe.more_inputs[1]
-    model.eval()
-    with torch.no_grad():
-        target = model(image, table, site).argmax(dim=1)
-    ig = IntegratedGradients(model).attribute(
-        (image, table), target=target, n_steps=8, method="gausslegendre", additional_forward_args=(site,)
-    )
-    mass = torch.stack([part.abs().flatten(1).sum(1) for part in ig])
-    assert float(metrics["interp_saliency/integrated_gradients/share_input1"]) == pytest.approx(
-        float((mass[1] / mass.sum(0)).mean()), abs=1e-4
-    )
+    _, shares = _captum_ig(model, (probe.inputs, probe.more_inputs[0]), (probe.more_inputs[1],), n_steps=8)
+    assert float(metrics["interp_saliency/integrated_gradients/share_input1"]) == pytest.approx(shares[1], abs=1e-4)
 
 
 class _DictBatches(Dataset):
@@ -330,17 +326,9 @@ def test_a_dict_batchs_floating_inputs_are_explained_by_their_keys(tmp_path):
     trainer.fit(model, *loaders)
     metrics = trainer.callback_metrics
     probe = callback.probe
-    model.eval()
-    image, table, weights = probe.inputs, probe.extras["table"], probe.extras["weight_mask"]
-    with torch.no_grad():
-        target = model(image, table, weights).argmax(dim=1)
-    ig = IntegratedGradients(model).attribute(
-        (image, table), target=target, n_steps=8, method="gausslegendre", additional_forward_args=(weights,)
-    )
-    mass = torch.stack([part.abs().flatten(1).sum(1) for part in ig])
-    assert float(metrics["interp_saliency/integrated_gradients/share_table"]) == pytest.approx(
-        float((mass[1] / mass.sum(0)).mean()), abs=1e-4
-    )
+    explained, others = (probe.inputs, probe.extras["table"]), (probe.extras["weight_mask"],)
+    _, shares = _captum_ig(model, explained, others, n_steps=8)
+    assert float(metrics["interp_saliency/integrated_gradients/share_table"]) == pytest.approx(shares[1], abs=1e-4)
     assert not any("weight_mask" in key for key in metrics)
 
 
