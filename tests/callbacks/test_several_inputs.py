@@ -358,3 +358,18 @@ def test_methods_of_the_first_input_alone_run_beside_the_joint_ones(tmp_path):
         target = model(image, table).argmax(dim=1)
     occluded = attribute("occlusion", model, (image,), target, window=4, additional_forward_args=(table,))[0]
     assert torch.allclose(callback.last_maps["occlusion"], attribution_to_map(occluded), atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_the_other_inputs_take_the_trainers_precision(tmp_path, precision):
+    """Under a true-precision trainer the bound inputs are converted like the first (a float32 table into a bfloat16
+    layer would fail)."""
+    callback = SaliencyCallback(
+        methods={"integrated_gradients": {"n_steps": 4}}, num_samples=4, display=Display(background_drawing=False)
+    )
+    trainer = quiet_trainer(
+        tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2, precision=precision
+    )
+    trainer.fit(TwoInputNet(), **_loaders())
+    shares = [float(trainer.callback_metrics[f"interp_saliency/integrated_gradients/share_input{i}"]) for i in (0, 1)]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-3) and min(shares) > 0
