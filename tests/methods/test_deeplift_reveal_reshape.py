@@ -72,8 +72,32 @@ def _model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
             (5,),
         ),
         "linear_chunk": (Gated(), (5,)),
+        "linear_expand_relu": (  # the batch size written in the call: the inputs' half is read by position
+            Between(nn.Linear(5, 12), lambda z: z[:, None].expand(z.shape[0], 2, 12), nn.ReLU(), nn.Linear(24, 3)),
+            (5,),
+        ),
+        "linear_unflatten_batchnorm_relu": (  # a generator's head: Linear -> channels -> BatchNorm -> ReLU
+            nn.Sequential(
+                nn.Linear(5, 32),
+                nn.Unflatten(1, (2, 4, 4)),
+                nn.BatchNorm2d(2),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(32, 3),
+            ),
+            (5,),
+        ),
+        "conv_flatten_batchnorm_tanh": (
+            nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.BatchNorm1d(48), nn.Tanh(), nn.Linear(48, 3)),
+            (2, 6, 6),
+        ),
     }
     model, shape = models[name]
+    for module in model.modules():  # running statistics, and negative scales that swap the signs of the terms
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_(0, 0.3)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
     return model.double().eval(), shape
 
 
@@ -86,6 +110,9 @@ def _model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         "conv_channels_last_tanh",
         "linear_reshape_transpose_slice_sigmoid",
         "linear_chunk",
+        "linear_expand_relu",
+        "linear_unflatten_batchnorm_relu",
+        "conv_flatten_batchnorm_tanh",
     ],
 )
 def test_reveal_cancel_through_a_shape_op_sums_to_the_change_of_the_score(name):
@@ -129,6 +156,12 @@ def _pair(name: str) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
             reordered.weight.copy_(model.layer.weight[order])
             reordered.bias.copy_(model.layer.bias[order])
         return model, nn.Sequential(reordered, nn.Sigmoid(), model.head).eval(), shape
+    if name == "linear_expand_relu":  # each output twice: a layer with every row twice
+        doubled = nn.Linear(5, 24).double()
+        with torch.no_grad():
+            doubled.weight.copy_(model.layer.weight.repeat(2, 1))
+            doubled.bias.copy_(model.layer.bias.repeat(2))
+        return model, nn.Sequential(doubled, nn.ReLU(), model.head).eval(), shape
     assert name == "linear_chunk"
     halves = [nn.Linear(5, 6).double() for _ in range(2)]
     with torch.no_grad():
@@ -148,7 +181,14 @@ def _pair(name: str) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
 
 
 @pytest.mark.parametrize(
-    "name", ["conv_flatten_relu", "linear_view_relu", "linear_reshape_transpose_slice_sigmoid", "linear_chunk"]
+    "name",
+    [
+        "conv_flatten_relu",
+        "linear_view_relu",
+        "linear_reshape_transpose_slice_sigmoid",
+        "linear_chunk",
+        "linear_expand_relu",
+    ],
 )
 def test_reveal_cancel_does_not_depend_on_the_layout_between_the_layer_and_its_nonlinearity(name):
     reshaped, plain, shape = _pair(name)
