@@ -24,19 +24,22 @@ The elementwise nonlinearities ``y = g(x)`` take one of two rules (``rule=``):
   optionally followed by an eval-mode BatchNorm (its scale, negative or not,
   applied to each term), and sums of such parts and of other tensors (a
   residual ``relu(bn(conv(x)) + x)``: the identity's change is one term per
-  element), and shape-only ops on them that keep the batch first
-  (``nn.Flatten``, ``nn.Unflatten``, ``view``, ``reshape``, ``flatten``,
-  ``squeeze``, ``permute``, ``transpose``, ``mT``, indexing and slicing,
-  ``narrow``, ``select``, ``index_select``, ``chunk``, ``split``, ``unbind``,
-  ``expand``, ``repeat``, ``tile``, ``flip``, ``roll``, ``unfold``): each
-  element of their output is an element of their input, so its terms are that
-  element's (a reshape of ``dx+`` and ``dx-`` is the split of the reshaped
-  change); which element is read by running the op on a tensor of positions.
-  A nonlinearity whose input is anything else (another nonlinearity, a product,
-  ``torch.cat``, a dtype cast, a reshape that moves or mixes the batch rows, a
-  tensor written in place after the linear layer, or the layer's input written
-  in place before the nonlinearity) is refused, naming the nonlinearity's
-  module and the op that broke the chain: use ``"rescale"`` there.
+  element), and shape-only ops on them (``nn.Flatten``, ``nn.Unflatten``,
+  ``view``, ``reshape``, ``flatten``, ``squeeze``, ``permute``, ``transpose``,
+  ``mT``, indexing and slicing, ``narrow``, ``select``, ``index_select``,
+  ``chunk``, ``split``, ``unbind``, ``expand``, ``repeat``, ``tile``, ``flip``,
+  ``roll``, ``unfold``): each element of their output is an element of their
+  input, so its terms are that element's (a reshape of ``dx+`` and ``dx-`` is
+  the split of the reshaped change). Which element is read by running the op
+  on a tensor of positions, and the op must keep the inputs' and the
+  baselines' halves of the batch apart and aligned: the batch first, or merged
+  with the next dimension (a layer applied to ``x.reshape(-1, d)``, reshaped
+  back), not reordered by values. A nonlinearity whose input is anything else
+  (another nonlinearity, a product, ``torch.cat``, a dtype cast, an op that
+  mixes inputs with baselines, a tensor written in place after the linear
+  layer, or the layer's input written in place before the nonlinearity) is
+  refused, naming the nonlinearity's module and the op that broke the chain:
+  use ``"rescale"`` there.
   Where all the terms into a nonlinearity have one sign, RevealCancel is
   Rescale. The ``deeplift`` package (kundajelab) applies RevealCancel after
   dense layers and Rescale after convolutions by default; here one rule holds
@@ -341,39 +344,47 @@ def _name(func: object) -> str:
     name = getattr(func, "__name__", repr(func))
     if name == "__get__":
         return getattr(getattr(func, "__self__", None), "__name__", name)
-    return name[3:-2] if name.startswith("__i") and name.endswith("__") else name.strip("_")  # __iadd__: add
+    name = name[3:-2] if name.startswith("__i") and name.endswith("__") else name.strip("_")  # __iadd__: add
+    return {"getitem": "indexing", "setitem": "an indexed assignment"}.get(name, name)
 
 
 def _reindexing(func: Callable[..., object], args: tuple, kwargs: dict, outputs: tuple[Tensor, ...]) -> list | str:
-    """For a shape-only ``func`` on ``args[0]`` (2B rows: inputs and baselines) with these ``outputs``: per output, the
-    same re-indexing of a B-row tensor shaped like ``args[0]``'s rows (the inputs' half), or why there is none."""
+    """For a shape-only ``func`` on ``args[0]``, a ``[x; x0]`` batch, with these ``outputs``: per output, the same
+    re-indexing of the inputs' half of ``args[0]`` into the inputs' half of the output, or why there is none.
+
+    The split is made on the inputs' half (the change ``x - x0`` of each element), so the op must keep the two
+    halves apart and aligned: the first half of each output (along its first dimension) made only of elements of the
+    inputs' half, and the second half of the same elements of the baselines' half. A reshape that keeps the batch
+    first does; so does one that merges the batch with the next dimension, as the halves stay contiguous."""
     first, rest = args[0], args[1:]
-    rows = first.shape[0] if first.ndim else 0
     if any(output.dtype != first.dtype for output in outputs):
         return "reinterprets the values as another dtype"
-    if rows == 0 or any(output.ndim == 0 or output.shape[0] != rows for output in outputs):
+    if first.ndim == 0 or any(output.ndim == 0 or output.shape[0] % 2 for output in outputs):
         return (
-            f"moves the batch off the first dimension (shape {tuple(first.shape)} to {tuple(outputs[0].shape)}, the "
-            "inputs and the baselines as one batch)"
+            f"leaves no inputs' and baselines' halves on the first dimension (shape {tuple(first.shape)} to "
+            f"{tuple(outputs[0].shape)}, the inputs and the baselines as one batch)"
         )
-    if func in _RESHAPES:  # row-major: rows of equal size stay rows; any batch size written in the call is ignored
-        shape = outputs[0].shape[1:]
-        return [lambda t: t.reshape(t.shape[0], *shape)]
+    if func in _RESHAPES:  # row-major: flat position k stays k, so halves stay halves when the first size is even
+        shape = outputs[0].shape
+        return [lambda t: t.reshape(shape[0] // 2, *shape[1:])]
     positions = torch.arange(first.numel(), device=first.device).reshape(first.shape)
     try:
         mapped = func(positions, *rest, **kwargs)
     except (RuntimeError, IndexError, ValueError, TypeError) as error:  # an op that refuses integer tensors
         return f"could not be traced on the positions of its input ({error})"
     mapped = tuple(mapped) if isinstance(mapped, (tuple, list)) else (mapped,)
-    width, half = first.numel() // rows, rows // 2
+    total = first.numel() // 2  # positions below it: the inputs' half
     for each, output in zip(mapped, outputs, strict=True):
-        row = torch.arange(rows, device=each.device).reshape(-1, *[1] * (each.ndim - 1))
-        if each.shape != output.shape or not bool((torch.div(each, width, rounding_mode="floor") == row).all()):
-            return "mixes the rows of the batch (each sample's values must stay in its row)"
+        inputs, baselines = each.chunk(2)
+        if each.shape != output.shape or not (bool((inputs < total).all()) and torch.equal(baselines, inputs + total)):
+            return (
+                "does not keep the inputs' and the baselines' halves of the batch apart and aligned (each output "
+                "element of an input must sit where the same element of its baseline does, one half further)"
+            )
     try:  # the same call on the inputs' half, where it picks the same elements (sizes in the call can differ)
-        direct = func(positions[:half], *rest, **kwargs)
+        direct = func(positions[: first.shape[0] // 2], *rest, **kwargs)
         direct = tuple(direct) if isinstance(direct, (tuple, list)) else (direct,)
-        same = all(torch.equal(d, each[:half]) for d, each in zip(direct, mapped, strict=True))
+        same = all(torch.equal(d, each.chunk(2)[0]) for d, each in zip(direct, mapped, strict=True))
     except (RuntimeError, IndexError, ValueError, TypeError):
         same = False
     if same:
@@ -387,7 +398,8 @@ def _reindexing(func: Callable[..., object], args: tuple, kwargs: dict, outputs:
             return apply
 
         return [call(k) for k in range(len(mapped))]
-    return [lambda t, index=each[:half]: torch.take(t, index) for each in mapped]  # the positions themselves
+    indices = [each.chunk(2)[0] for each in mapped]  # the positions themselves
+    return [lambda t, index=index: torch.take(t, index) for index in indices]
 
 
 def _reindexed_terms(terms: _Terms, reindex: Reindex) -> _Terms:
@@ -589,7 +601,7 @@ class _RescaleMode(TorchFunctionMode):
                     "convolutional layers, eval-mode BatchNorm, sums, and shape-only ops that keep the batch first "
                     "(view, reshape, flatten, unflatten, squeeze, permute, transpose, indexing, narrow, chunk, split, "
                     "expand, repeat, flip, roll), with no in-place write in between. Move that op after the "
-                    "nonlinearity, or use rule='rescale' for this model."
+                    "nonlinearity, keep the batch on the first dimension, or use rule='rescale' for this model."
                 )
             raise ValueError(
                 f"{lead}, but the model calls {name} on a tensor that no linear or convolutional layer (optionally "
