@@ -321,7 +321,8 @@ _RESHAPES = frozenset(
         torch.Tensor.contiguous, torch.clone, torch.Tensor.clone,
     }
 )  # fmt: skip
-"""Row-major reshapes (and copies): with the batch size still first, they keep each row of the batch in its row."""
+"""Row-major reshapes (and copies): flat position k stays k, so the inputs' and the baselines' halves stay halves
+wherever the result's first size is even (the batch first, or merged with the next dimension)."""
 _REINDEXES = frozenset(
     {
         torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose, torch.swapaxes,
@@ -348,7 +349,9 @@ def _name(func: object) -> str:
     return {"getitem": "indexing", "setitem": "an indexed assignment"}.get(name, name)
 
 
-def _reindexing(func: Callable[..., object], args: tuple, kwargs: dict, outputs: tuple[Tensor, ...]) -> list | str:
+def _reindexing(
+    func: Callable[..., object], args: tuple, kwargs: dict, outputs: tuple[Tensor, ...]
+) -> list[Reindex] | str:
     """For a shape-only ``func`` on ``args[0]``, a ``[x; x0]`` batch, with these ``outputs``: per output, the same
     re-indexing of the inputs' half of ``args[0]`` into the inputs' half of the output, or why there is none.
 
