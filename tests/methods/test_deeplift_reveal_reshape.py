@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_interp.methods import deeplift
+from lightning_interp.methods import deeplift, deeplift_shap
 
 
 class Between(nn.Module):
@@ -344,3 +344,12 @@ def test_reveal_cancel_refuses_terms_an_in_place_write_made_stale(case, message)
     model = WrittenInPlace(case).double()
     with pytest.raises(ValueError, match=rf"calls relu in module 'WrittenInPlace' on a tensor .*{message}"):
         deeplift(model, torch.randn(3, 5, dtype=torch.float64), 0, rule="reveal_cancel")
+
+
+def test_deeplift_shap_takes_reveal_cancel_through_a_flatten():
+    model, shape = _model("conv_flatten_relu")
+    x, references = torch.randn(3, *shape, dtype=torch.float64), torch.randn(4, *shape, dtype=torch.float64)
+    shap, delta = deeplift_shap(model, x, 2, baselines=references, rule="reveal_cancel", return_convergence_delta=True)
+    each = [deeplift(model, x, 2, baseline=r.expand_as(x), rule="reveal_cancel") for r in references]
+    torch.testing.assert_close(shap, torch.stack(each).mean(dim=0), rtol=1e-12, atol=1e-12)
+    assert delta.abs().max() < 1e-10
