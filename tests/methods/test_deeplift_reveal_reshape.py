@@ -100,6 +100,15 @@ def _model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
             Between(nn.Linear(5, 12), lambda z: z[:, None].expand(z.shape[0], 2, 12), nn.ReLU(), nn.Linear(24, 3)),
             (5,),
         ),
+        "linear_gather_relu": (  # the same index for every sample: followed
+            Between(
+                nn.Linear(5, 12),
+                lambda z: z.gather(1, torch.tensor([[11, 0, 5, 5, 2, 7]]).expand(z.shape[0], -1)),
+                nn.ReLU(),
+                nn.Linear(6, 3),
+            ),
+            (5,),
+        ),
         "tokens_merged_into_the_batch": (TokensInTheBatch(), (4, 5)),
         "linear_rows_split": (RowsSplit(), (5,)),
         "linear_unflatten_batchnorm_relu": (  # a generator's head: Linear -> channels -> BatchNorm -> ReLU
@@ -137,6 +146,7 @@ def _model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         "linear_reshape_transpose_slice_sigmoid",
         "linear_chunk",
         "linear_expand_relu",
+        "linear_gather_relu",
         "tokens_merged_into_the_batch",
         "linear_rows_split",
         "linear_unflatten_batchnorm_relu",
@@ -181,13 +191,15 @@ def _pair(name: str) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
         plain = TokensInTheBatch(merged=False).double()
         plain.load_state_dict(model.state_dict())
         return model, plain.eval(), shape
-    if name == "linear_reshape_transpose_slice_sigmoid":  # row k of the layout is the layer's output order[k]
+    if name in ("linear_reshape_transpose_slice_sigmoid", "linear_gather_relu"):  # output k is layer output order[k]
         order = torch.arange(12).reshape(3, 4).transpose(0, 1)[1:].flatten()
+        if name == "linear_gather_relu":
+            order = torch.tensor([11, 0, 5, 5, 2, 7])
         reordered = nn.Linear(5, len(order)).double()
         with torch.no_grad():
             reordered.weight.copy_(model.layer.weight[order])
             reordered.bias.copy_(model.layer.bias[order])
-        return model, nn.Sequential(reordered, nn.Sigmoid(), model.head).eval(), shape
+        return model, nn.Sequential(reordered, model.activation, model.head).eval(), shape
     if name == "linear_expand_relu":  # each output twice: a layer with every row twice
         doubled = nn.Linear(5, 24).double()
         with torch.no_grad():
@@ -220,6 +232,7 @@ def _pair(name: str) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
         "linear_reshape_transpose_slice_sigmoid",
         "linear_chunk",
         "linear_expand_relu",
+        "linear_gather_relu",
         "tokens_merged_into_the_batch",
         "linear_rows_split",
     ],

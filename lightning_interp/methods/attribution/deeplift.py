@@ -28,7 +28,7 @@ The elementwise nonlinearities ``y = g(x)`` take one of two rules (``rule=``):
   ``view``, ``reshape``, ``flatten``, ``squeeze``, ``permute``, ``transpose``,
   ``mT``, indexing and slicing, ``narrow``, ``select``, ``index_select``,
   ``chunk``, ``split``, ``unbind``, ``expand``, ``repeat``, ``tile``, ``flip``,
-  ``roll``, ``unfold``): each element of their output is an element of their
+  ``roll``, ``unfold``, ``gather``): each element of their output is an element of their
   input, so its terms are that element's (a reshape of ``dx+`` and ``dx-`` is
   the split of the reshaped change). Which element is read by running the op
   on a tensor of positions, and the op must keep the inputs' and the
@@ -332,7 +332,8 @@ _REINDEXES = frozenset(
         torch.index_select, torch.Tensor.index_select, torch.flip, torch.Tensor.flip, torch.roll, torch.Tensor.roll,
         torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.repeat, torch.tile, torch.Tensor.tile,
         torch.Tensor.unfold, torch.chunk, torch.Tensor.chunk, torch.split, torch.Tensor.split, torch.tensor_split,
-        torch.Tensor.tensor_split, torch.unbind, torch.Tensor.unbind,
+        torch.Tensor.tensor_split, torch.unbind, torch.Tensor.unbind, torch.gather, torch.Tensor.gather,
+        torch.take_along_dim, torch.Tensor.take_along_dim,
     }
 )  # fmt: skip
 """Other ops that only move, select or repeat elements: which input element each output element is, is read by
@@ -603,7 +604,7 @@ class _RescaleMode(TorchFunctionMode):
                     f"{lead}, but the model calls {name}{where} on a tensor {why}: RevealCancel follows linear and "
                     "convolutional layers, eval-mode BatchNorm, sums, and shape-only ops that keep the batch first "
                     "(view, reshape, flatten, unflatten, squeeze, permute, transpose, indexing, narrow, chunk, split, "
-                    "expand, repeat, flip, roll), with no in-place write in between. Move that op after the "
+                    "expand, repeat, flip, roll, gather), with no in-place write in between. Move that op after the "
                     "nonlinearity, keep the batch on the first dimension, or use rule='rescale' for this model."
                 )
             raise ValueError(
