@@ -33,13 +33,13 @@ The elementwise nonlinearities ``y = g(x)`` take one of two rules (``rule=``):
   ``dx+`` and ``dx-`` is the split of the reshaped change). Which element is
   read by running the op on a tensor of positions, and the op must keep the
   inputs' and the baselines' halves of the batch apart and aligned: the batch
-  first, or merged with the next dimension (a layer applied to ``x.flatten(0,
-  1)``, reshaped back), not reordered by values. A nonlinearity whose input is
-  anything else (another nonlinearity, a product, ``torch.cat``, a dtype cast,
-  an op that mixes inputs with baselines, a tensor written in place after the
-  linear layer, or the layer's input written in place before the nonlinearity)
-  is refused, naming the nonlinearity's module and the op that broke the
-  chain: use ``"rescale"`` there.
+  first, or merged with the next dimension (a layer applied to
+  ``x.flatten(0,1)``, reshaped back), not reordered by values. A nonlinearity
+  whose input is anything else (another nonlinearity, a product,
+  ``torch.cat``, a dtype cast, an op that mixes inputs with baselines, a
+  tensor written in place after the linear layer, or the layer's input written
+  in place before the nonlinearity) is refused, naming the nonlinearity's
+  module and the op that broke the chain: use ``"rescale"`` there.
   Where all the terms into a nonlinearity have one sign, RevealCancel is
   Rescale. The ``deeplift`` package (kundajelab) applies RevealCancel after
   dense layers and Rescale after convolutions by default; here one rule holds
