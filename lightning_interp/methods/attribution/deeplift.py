@@ -24,8 +24,22 @@ The elementwise nonlinearities ``y = g(x)`` take one of two rules (``rule=``):
   optionally followed by an eval-mode BatchNorm (its scale, negative or not,
   applied to each term), and sums of such parts and of other tensors (a
   residual ``relu(bn(conv(x)) + x)``: the identity's change is one term per
-  element); a nonlinearity whose input is anything else (another nonlinearity,
-  a reshape, a product) is refused, naming the module: use ``"rescale"`` there.
+  element), and shape-only ops on them (``nn.Flatten``, ``nn.Unflatten``,
+  ``view``, ``reshape``, ``flatten``, ``squeeze``, ``permute``, ``transpose``,
+  ``mT``, indexing and slicing, ``narrow``, ``select``, ``index_select``,
+  ``chunk``, ``split``, ``unbind``, ``expand``, ``repeat``, ``tile``,
+  ``flip``, ``roll``, ``unfold``, ``gather``): each element of their output is
+  an element of their input, so its terms are that element's (a reshape of
+  ``dx+`` and ``dx-`` is the split of the reshaped change). Which element is
+  read by running the op on a tensor of positions, and the op must keep the
+  inputs' and the baselines' halves of the batch apart and aligned: the batch
+  first, or merged with the next dimension (a layer applied to
+  ``x.flatten(0,1)``, reshaped back), not reordered by values. A nonlinearity
+  whose input is anything else (another nonlinearity, a product,
+  ``torch.cat``, a dtype cast, an op that mixes inputs with baselines, a
+  tensor written in place after the linear layer, or the layer's input written
+  in place before the nonlinearity) is refused, naming the nonlinearity's
+  module and the op that broke the chain: use ``"rescale"`` there.
   Where all the terms into a nonlinearity have one sign, RevealCancel is
   Rescale. The ``deeplift`` package (kundajelab) applies RevealCancel after
   dense layers and Rescale after convolutions by default; here one rule holds
@@ -234,10 +248,12 @@ class _Terms(NamedTuple):
     """How a tensor ``z`` is a linear function of earlier tensors (``sources``), as the positive and negative parts of
     its change: ``split(p, n) = (dz+, dz-)``, the sums of the positive and of the negative terms ``w_i dx_i``, from the
     positive and negative parts ``p``, ``n`` of each source's change ``dx`` (differentiable: the multipliers of
-    ``dz+`` and ``dz-`` go back to the sources through it)."""
+    ``dz+`` and ``dz-`` go back to the sources through it). ``versions``: the sources' version counters when they
+    were read, so a source written in place before the nonlinearity is noticed."""
 
     sources: tuple[Tensor, ...]
     split: Split
+    versions: tuple[int, ...]
 
 
 def _linear_terms(func: Callable[..., Tensor], args: tuple, kwargs: dict) -> _Terms:
@@ -256,7 +272,7 @@ def _linear_terms(func: Callable[..., Tensor], args: tuple, kwargs: dict) -> _Te
 
         return apply(p[0], positive) + apply(n[0], negative), apply(p[0], negative) + apply(n[0], positive)
 
-    return _Terms((args[0],), split)
+    return _Terms((args[0],), split, (args[0]._version,))
 
 
 def _batch_norm_terms(terms: _Terms, args: tuple, kwargs: dict) -> _Terms | None:
@@ -277,11 +293,11 @@ def _batch_norm_terms(terms: _Terms, args: tuple, kwargs: dict) -> _Terms | None
         plus, minus = terms.split(p, n)
         return up * plus + down * minus, down * plus + up * minus
 
-    return _Terms(terms.sources, split)
+    return _Terms(terms.sources, split, terms.versions)
 
 
 def _identity_terms(t: Tensor) -> _Terms:
-    return _Terms((t,), lambda p, n: (p[0], n[0]))
+    return _Terms((t,), lambda p, n: (p[0], n[0]), (t._version,))
 
 
 def _sum_terms(first: _Terms, second: _Terms) -> _Terms:
@@ -292,7 +308,112 @@ def _sum_terms(first: _Terms, second: _Terms) -> _Terms:
         (plus_a, minus_a), (plus_b, minus_b) = first.split(p[:count], n[:count]), second.split(p[count:], n[count:])
         return plus_a + plus_b, minus_a + minus_b
 
-    return _Terms(first.sources + second.sources, split)
+    return _Terms(first.sources + second.sources, split, first.versions + second.versions)
+
+
+# Shape-only ops: each element of the result is an element of the input, so the positive and negative parts of the
+# result's change are those of the input, re-indexed the same way (the split commutes with them).
+_RESHAPES = frozenset(
+    {
+        torch.flatten, torch.Tensor.flatten, torch.unflatten, torch.Tensor.unflatten, torch.reshape,
+        torch.Tensor.reshape, torch.Tensor.view, torch.Tensor.view_as, torch.Tensor.reshape_as, torch.squeeze,
+        torch.Tensor.squeeze, torch.unsqueeze, torch.Tensor.unsqueeze, torch.ravel, torch.Tensor.ravel,
+        torch.Tensor.contiguous, torch.clone, torch.Tensor.clone,
+    }
+)  # fmt: skip
+"""Row-major reshapes (and copies): flat position k stays k, so the inputs' and the baselines' halves stay halves
+wherever the result's first size is even (the batch first, or merged with the next dimension)."""
+_REINDEXES = frozenset(
+    {
+        torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose, torch.swapaxes,
+        torch.Tensor.swapaxes, torch.swapdims, torch.Tensor.swapdims, torch.movedim, torch.Tensor.movedim,
+        torch.moveaxis, torch.Tensor.moveaxis, torch.t, torch.Tensor.t, torch.Tensor.mT.__get__,
+        torch.Tensor.__getitem__, torch.narrow, torch.Tensor.narrow, torch.select, torch.Tensor.select,
+        torch.index_select, torch.Tensor.index_select, torch.flip, torch.Tensor.flip, torch.roll, torch.Tensor.roll,
+        torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.repeat, torch.tile, torch.Tensor.tile,
+        torch.Tensor.unfold, torch.chunk, torch.Tensor.chunk, torch.split, torch.Tensor.split, torch.tensor_split,
+        torch.Tensor.tensor_split, torch.unbind, torch.Tensor.unbind, torch.gather, torch.Tensor.gather,
+        torch.take_along_dim, torch.Tensor.take_along_dim,
+    }
+)  # fmt: skip
+"""Other ops that only move, select or repeat elements: which input element each output element is, is read by
+running the op on a tensor of positions."""
+Reindex = Callable[[Tensor], Tensor]
+
+
+def _name(func: object) -> str:
+    """The op's name as the user wrote it (``mT`` for the property, not its ``__get__``)."""
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    name = name[3:-2] if name.startswith("__i") and name.endswith("__") else name.strip("_")  # __iadd__: add
+    return {"getitem": "indexing", "setitem": "an indexed assignment"}.get(name, name)
+
+
+def _reindexing(
+    func: Callable[..., object], args: tuple, kwargs: dict, outputs: tuple[Tensor, ...]
+) -> list[Reindex] | str:
+    """For a shape-only ``func`` on ``args[0]``, a ``[x; x0]`` batch, with these ``outputs``: per output, the same
+    re-indexing of the inputs' half of ``args[0]`` into the inputs' half of the output, or why there is none.
+
+    The split is made on the inputs' half (the change ``x - x0`` of each element), so the op must keep the two
+    halves apart and aligned: the first half of each output (along its first dimension) made only of elements of the
+    inputs' half, and the second half of the same elements of the baselines' half. A reshape that keeps the batch
+    first does; so does one that merges the batch with the next dimension, as the halves stay contiguous."""
+    first, rest = args[0], args[1:]
+    if any(output.dtype != first.dtype for output in outputs):
+        return "reinterprets the values as another dtype"
+    if first.ndim == 0 or any(output.ndim == 0 or output.shape[0] % 2 for output in outputs):
+        return (
+            f"leaves no inputs' and baselines' halves on the first dimension (shape {tuple(first.shape)} to "
+            f"{tuple(outputs[0].shape)}, the inputs and the baselines as one batch)"
+        )
+    if func in _RESHAPES:  # row-major: flat position k stays k, so halves stay halves when the first size is even
+        shape = outputs[0].shape
+        return [lambda t: t.reshape(shape[0] // 2, *shape[1:])]
+    positions = torch.arange(first.numel(), device=first.device).reshape(first.shape)
+    try:
+        mapped = func(positions, *rest, **kwargs)
+    except (RuntimeError, IndexError, ValueError, TypeError) as error:  # an op that refuses integer tensors
+        return f"could not be traced on the positions of its input ({error})"
+    mapped = tuple(mapped) if isinstance(mapped, (tuple, list)) else (mapped,)
+    total = first.numel() // 2  # positions below it: the inputs' half
+    for each, output in zip(mapped, outputs, strict=True):
+        inputs, baselines = each.chunk(2)
+        if each.shape != output.shape or not (bool((inputs < total).all()) and torch.equal(baselines, inputs + total)):
+            return (
+                "does not keep the inputs' and the baselines' halves of the batch apart and aligned (each output "
+                "element of an input must sit where the same element of its baseline does, one half further)"
+            )
+    try:  # the same call on the inputs' half, where it picks the same elements (sizes in the call can differ)
+        direct = func(positions[: first.shape[0] // 2], *rest, **kwargs)
+        direct = tuple(direct) if isinstance(direct, (tuple, list)) else (direct,)
+        same = all(torch.equal(d, each.chunk(2)[0]) for d, each in zip(direct, mapped, strict=True))
+    except (RuntimeError, IndexError, ValueError, TypeError):
+        same = False
+    if same:
+        single = len(mapped) == 1
+
+        def call(k: int) -> Reindex:
+            def apply(t: Tensor) -> Tensor:
+                result = func(t, *rest, **kwargs)
+                return result if single else result[k]
+
+            return apply
+
+        return [call(k) for k in range(len(mapped))]
+    indices = [each.chunk(2)[0] for each in mapped]  # the positions themselves
+    return [lambda t, index=index: torch.take(t, index) for index in indices]
+
+
+def _reindexed_terms(terms: _Terms, reindex: Reindex) -> _Terms:
+    """Terms of a shape-only op's output: the input's, re-indexed (``reshape(dz+)`` is the ``dz+`` of the reshape)."""
+
+    def split(p: list[Tensor], n: list[Tensor]) -> tuple[Tensor, Tensor]:
+        plus, minus = terms.split(p, n)
+        return reindex(plus), reindex(minus)
+
+    return _Terms(terms.sources, split, terms.versions)
 
 
 def _derivative(function: Callable[[Tensor], Tensor], at: Tensor) -> Tensor:
@@ -367,50 +488,129 @@ class _RescaleMode(TorchFunctionMode):
     def __init__(self, names: dict[nn.Module, str], stack: list[nn.Module], rule: DeepLiftRule = "rescale") -> None:
         super().__init__()
         self.names, self.stack, self.rule = names, stack, rule
-        self.terms: dict[int, tuple[Tensor, _Terms]] = {}  # id -> (the tensor, kept alive so its id is not reused)
+        # id -> (the tensor, kept alive so its id is not reused; its version counter then; its terms)
+        self.terms: dict[int, tuple[Tensor, int, _Terms]] = {}
+        self.lost: dict[int, tuple[Tensor, str]] = {}  # id -> (the tensor, the op that made it no linear function)
 
     def _terms_of(self, t: object) -> _Terms | None:
         if not isinstance(t, Tensor):
             return None
         entry = self.terms.get(id(t))
+        if entry is None or entry[0] is not t or entry[1] != t._version:
+            return None  # not recorded, or written in place since (itself, or a view sharing its memory)
+        return entry[2]
+
+    def _remember(self, t: Tensor, terms: _Terms) -> None:
+        self.terms[id(t)] = (t, t._version, terms)
+
+    def _lost(self, t: object) -> str | None:
+        if not isinstance(t, Tensor):
+            return None
+        entry = self.lost.get(id(t))
         return entry[1] if entry is not None and entry[0] is t else None
 
-    def _record(self, func, args: tuple, kwargs: dict, result: object) -> object:
-        """For RevealCancel: remember how ``result`` is a linear function of earlier tensors, where it is one."""
+    def _lose(self, t: object, why: str) -> None:
+        if isinstance(t, Tensor) and t.requires_grad:
+            self.lost[id(t)] = (t, why)
+
+    def _known(self, args: tuple) -> dict[int, _Terms]:
+        """The terms of the call's tensor arguments (and of those in a list argument), read before the call runs (an
+        in-place call changes the version they were recorded at)."""
+        known = {}
+        for arg in args:
+            for t in arg if isinstance(arg, (tuple, list)) else (arg,):
+                if (terms := self._terms_of(t)) is not None:
+                    known[id(t)] = terms
+        return known
+
+    def _record(self, func, args: tuple, kwargs: dict, result: object, known: dict[int, _Terms]) -> object:
+        """For RevealCancel: remember how ``result`` is a linear function of earlier tensors, where it is one, and
+        what made it stop being one where a tensor that was is changed by an op this rule does not follow. ``known``:
+        the arguments' terms before the call."""
         first = args[0] if args else None
+        if isinstance(first, (tuple, list)) and isinstance(result, Tensor):  # torch.cat, torch.stack: not followed
+            if known:
+                self._lose(result, f"{_name(func)}{where_running(self.names, self.stack)}")
+            return result
+        if not isinstance(first, Tensor):
+            return result
+        recorded = known.get(id(first))
+        if func in _RESHAPES or func in _REINDEXES:
+            outputs = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+            if not all(isinstance(output, Tensor) for output in outputs):
+                return result
+            if recorded is not None:
+                reindexes = _reindexing(func, args, kwargs, outputs)
+                if isinstance(reindexes, str):
+                    why = f"{_name(func)}{where_running(self.names, self.stack)}, which {reindexes}"
+                    for output in outputs:
+                        self._lose(output, why)
+                else:
+                    for output, reindex in zip(outputs, reindexes, strict=True):
+                        self._remember(output, _reindexed_terms(recorded, reindex))
+            elif (why := self._lost(first)) is not None:
+                for output in outputs:
+                    self._lose(output, why)
+            return result
         terms = None
-        if isinstance(result, Tensor) and isinstance(first, Tensor) and first.requires_grad:
-            terms = self._linear_part(func, args, kwargs, first, result)
-        if isinstance(first, Tensor) and (func in IN_PLACE or getattr(func, "__name__", "").endswith("_")):
+        if isinstance(result, Tensor) and first.requires_grad:
+            terms = self._linear_part(func, args, kwargs, first, result, known)
+        name = getattr(func, "__name__", "")
+        in_place = func in IN_PLACE or name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+        in_place = in_place or (name.startswith("__i") and name.endswith("__"))  # x *= 2
+        if in_place:
             self.terms.pop(id(first), None)  # written in place: no longer what was recorded
         if terms is not None:
-            self.terms[id(result)] = (result, terms)
+            self._remember(result, terms)
+        elif known and (in_place or (isinstance(result, Tensor) and result is not first)):
+            where = where_running(self.names, self.stack)
+            self._lose(first if in_place else result, f"{'in-place ' if in_place else ''}{_name(func)}{where}")
         return result
 
-    def _linear_part(self, func, args: tuple, kwargs: dict, first: Tensor, result: Tensor) -> _Terms | None:
+    def _linear_part(
+        self, func, args: tuple, kwargs: dict, first: Tensor, result: Tensor, known: dict[int, _Terms]
+    ) -> _Terms | None:
         terms = None
         if func in _LINEAR:
             terms = _linear_terms(func, args, kwargs)
-        elif func in _BATCH_NORMS and (recorded := self._terms_of(first)) is not None:
+        elif func in _BATCH_NORMS and (recorded := known.get(id(first))) is not None:
             terms = _batch_norm_terms(recorded, args, kwargs)
         elif func in ADDITIONS and len(args) == 2 and kwargs.get("alpha", 1) == 1:
-            other = args[1]
+            other, own = args[1], known.get(id(first))
+            if result is first and own is None:
+                return None  # first += other onto a tensor with no terms: first's own change is overwritten
             if isinstance(other, Tensor) and other.requires_grad and other.shape == first.shape == result.shape:
-                terms = _sum_terms(
-                    self._terms_of(first) or _identity_terms(first), self._terms_of(other) or _identity_terms(other)
-                )
+                terms = _sum_terms(own or _identity_terms(first), known.get(id(other)) or _identity_terms(other))
             elif isinstance(other, (int, float)) or (isinstance(other, Tensor) and other.numel() == 1):
-                terms = self._terms_of(first)  # a constant shift: no term of its own
+                terms = own  # a constant shift: no term of its own
         return terms
 
     def _reveal_cancel(self, func, args: tuple, kwargs: dict) -> Tensor:
-        terms = self._terms_of(args[0])
+        terms, why = self._terms_of(args[0]), self._lost(args[0])
+        if why is not None:
+            why = f"computed from such a layer's output by {why}"
+        elif terms is None and (entry := self.terms.get(id(args[0]))) is not None and entry[0] is args[0]:
+            why = "computed by such a layer, then written in place (itself or a tensor sharing its memory)"
+        elif terms is not None and any(s._version != v for s, v in zip(terms.sources, terms.versions, strict=True)):
+            terms, why = None, "computed by such a layer whose input was written in place before this nonlinearity"
         if terms is None:
+            lead = (
+                "DeepLIFT's RevealCancel rule splits the input of a nonlinearity into the positive and negative "
+                "contributions of the linear layer before it"
+            )
+            name, where = getattr(func, "__name__", func), where_running(self.names, self.stack)
+            if why is not None:
+                raise ValueError(
+                    f"{lead}, but the model calls {name}{where} on a tensor {why}: RevealCancel follows linear and "
+                    "convolutional layers, eval-mode BatchNorm, sums, and shape-only ops that keep the batch first "
+                    "(view, reshape, flatten, unflatten, squeeze, permute, transpose, indexing, narrow, chunk, split, "
+                    "expand, repeat, flip, roll, gather), with no in-place write in between. Move that op after the "
+                    "nonlinearity, keep the batch on the first dimension, or use rule='rescale' for this model."
+                )
             raise ValueError(
-                f"DeepLIFT's RevealCancel rule splits the input of a nonlinearity into the positive and negative "
-                f"contributions of the linear layer before it, but the model calls {getattr(func, '__name__', func)} "
-                f"on a tensor that no linear or convolutional layer (optionally followed by an eval-mode BatchNorm or "
-                f"a sum) computed{where_running(self.names, self.stack)}. Use rule='rescale' for this model."
+                f"{lead}, but the model calls {name} on a tensor that no linear or convolutional layer (optionally "
+                f"followed by an eval-mode BatchNorm, sums and shape-only ops such as a reshape, flatten or permute) "
+                f"computed{where}. Use rule='rescale' for this model."
             )
         rest = args[1:]
         result = _RevealCancel.apply(args[0], lambda t: func(t, *rest, **kwargs), terms.split, *terms.sources)
@@ -450,8 +650,10 @@ class _RescaleMode(TorchFunctionMode):
                 f"{_NOT_ELEMENTWISE[func]}{where_running(self.names, self.stack)}, which has no rule. Use "
                 "integrated_gradients or gradient_shap for this model."
             )
-        result = func(*args, **kwargs)
-        return self._record(func, args, kwargs, result) if self.rule == "reveal_cancel" else result
+        if self.rule != "reveal_cancel":
+            return func(*args, **kwargs)
+        known = self._known(args)
+        return self._record(func, args, kwargs, func(*args, **kwargs), known)
 
 
 @register_method(
@@ -483,7 +685,8 @@ def deeplift(
             of the inputs returning one (called once, on a detached copy of the inputs).
         rule: ``"rescale"`` (Captum's DeepLift) or ``"reveal_cancel"``: positive and negative contributions into
             each nonlinearity get their own multipliers; every nonlinearity must then follow a linear or
-            convolutional layer (see the module docstring). Costs up to 3 more evaluations of each
+            convolutional layer, directly or through an eval-mode BatchNorm, sums and shape-only ops such as
+            ``nn.Flatten``, ``view`` or ``permute`` (see the module docstring). Costs up to 3 more evaluations of each
             nonlinearity and 2 of each linear layer before one, in the backward.
         return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(baseline))`` (of the
             attributions multiplied by ``x - baseline``, whatever ``multiply_by_inputs``).
@@ -514,6 +717,11 @@ def deeplift(
         tensor([[0.5000, 0.5000]])
         >>> deeplift(minimum, torch.tensor([[3.0, 1.0]]), 0)  # Rescale: all to the smaller one
         tensor([[0., 1.]])
+        >>> head = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.ReLU(), nn.Linear(8, 1)).double()
+        >>> x = torch.randn(2, 1, 4, 4, dtype=torch.float64)  # RevealCancel through the flatten
+        >>> _, delta = deeplift(head, x, 0, rule="reveal_cancel", return_convergence_delta=True)
+        >>> bool(delta.abs().max() < 1e-12)
+        True
     """
     _check_rule(rule)
     batch = inputs.shape[0]
