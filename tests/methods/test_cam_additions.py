@@ -33,6 +33,7 @@ from lightning_interp.methods import (
     smooth_grad_cam_plus_plus,
 )
 from lightning_interp.methods.cams.perturbed import _plus_plus_weights
+from lightning_interp.methods.model.core import attribution_pass, captured_outputs
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -323,6 +324,56 @@ def test_smooth_grad_cam_plus_plus_is_grad_cam_plus_plus_of_the_averaged_gradien
     )
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(plus_plus_weights(activation, g1, g2, g3), weights)
+
+
+def _in_place_after_the_layer() -> nn.Module:
+    torch.manual_seed(7)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1), head)
+
+
+@pytest.mark.parametrize("layer", ["0", "1"], ids=["written-in-place-after", "not-written"])
+def test_attribution_pass_without_copies_is_the_pass_with_copies(layer):
+    # the layer's output handed on uncopied: where the in-place ReLU after it writes into it, the pass runs again
+    # with copies; either way the gradient is the one with respect to the layer's own output
+    model = _in_place_after_the_layer().eval()
+    x, target = torch.randn(3, 3, 6, 6), torch.tensor([0, 1, 2])
+    module = model.get_submodule(layer)
+    with torch.no_grad(), captured_outputs([module], copy=False) as outputs:
+        model(x)
+    assert outputs.overwritten() == (layer == "0")
+    copied = attribution_pass(model, x, target, layers=[layer])
+    uncopied = attribution_pass(model, x, target, layers=[layer], copy_outputs=False)
+    assert torch.equal(copied.activations[0], uncopied.activations[0])
+    assert torch.equal(copied.activation_grads[0], uncopied.activation_grads[0])
+    assert torch.equal(copied.input_grad, uncopied.input_grad)
+    if layer == "0":  # the gradient at the convolution's output, before the ReLU: zero where the ReLU cut
+        assert bool((copied.activation_grads[0][copied.activations[0] < 0] == 0).all())
+        assert bool((copied.activation_grads[0][copied.activations[0] > 0] != 0).any())
+
+
+def test_smooth_grad_cam_plus_plus_of_a_layer_written_in_place_after_it_by_hand():
+    # the convolution's output is overwritten by the in-place ReLU after it: the map weights the convolution's own
+    # output by the gradients with respect to it (by hand: the ReLU applied out of place)
+    model = _in_place_after_the_layer().eval()
+    x, target = torch.randn(2, 3, 6, 6), torch.tensor([1, 2])
+    n, std = 3, 0.2
+    noise = _our_noise(x.shape, n, std, seed=13)
+    with torch.no_grad():
+        activation = model[0](x)
+    grads = []
+    for copy in range(n):
+        hidden = model[0](x + noise[copy]).detach().requires_grad_(True)
+        score = model[3](model[2](torch.relu(hidden))).gather(1, target[:, None]).sum()
+        grads.append(torch.autograd.grad(score, hidden)[0])
+    stack = torch.stack(grads)
+    g1, g2, g3 = stack.mean(0), stack.pow(2).mean(0), stack.pow(3).mean(0)
+    alpha = torch.where(g2 != 0, g2 / (2 * g2 + activation.sum(dim=(2, 3), keepdim=True) * g3 + 1e-6), 0)
+    expected = ((g1.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True) * activation).sum(dim=1).clamp_min(0)
+    assert float(expected.amax()) > 0 and bool((activation < 0).any())
+    generator = torch.Generator().manual_seed(13)
+    ours = smooth_grad_cam_plus_plus(model, x, target, "0", n_samples=n, stdevs=std, generator=generator)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_plus_plus_weights_in_place_are_the_formula_bitwise_with_zero_gradients_and_non_finite_sums():

@@ -325,8 +325,15 @@ def smooth_grad_cam_plus_plus(
     module = get_module(model, layer)
     with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
         x = inputs.detach().clone()
-        with captured_outputs([module]) as outputs:
+        # the layer's output handed on uncopied (a (B, C, h, w) copy per pass is the largest cost after the network
+        # on a small one); when the network writes into it in place, the clean forward runs again with a copy, and
+        # so do the noisy passes
+        with captured_outputs([module], copy=False) as outputs:
             scores = scores_from_output(model(x), output_transform)
+        copy_outputs = outputs.overwritten()
+        if copy_outputs:
+            with captured_outputs([module]) as outputs:
+                scores = scores_from_output(model(x), output_transform)
         index = resolve_target(target, scores, task)
         clean = outputs[0]
         if clean is None:
@@ -365,6 +372,7 @@ def smooth_grad_cam_plus_plus(
                 input_gradient=False,
                 output_transform=output_transform,
                 task=task,
+                copy_outputs=copy_outputs,
             )
             grad = result.activation_grads[0]
             grad = reshape(grad) if reshape is not None else grad
