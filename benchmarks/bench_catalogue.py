@@ -50,9 +50,9 @@ row says otherwise; agreement is ``max|ours - peer| / max|peer|``.
   sample, so it runs on the first few images only (the row says how many), ours at its default ``internal_batch_size``
   (64), pytorch-grad-cam at its default batch of 16 (its tqdm progress bar is disabled).
 - ``ablation_cam`` vs pytorch-grad-cam ``AblationCAM`` as the CAMs above, on the first few images (one forward per
-  channel), ours at ``internal_batch_size=64``, pytorch-grad-cam at its batch of 32 (tqdm disabled); ``full_grad`` vs
-  pytorch-grad-cam ``FullGrad`` (ours summed over the channels); ``guided_grad_cam`` vs Captum ``GuidedGradCam`` at the
-  CAM layer with ``interpolate_mode="bilinear"``.
+  channel), both at their default of 32 copies per forward (ours ``internal_batch_size``; tqdm disabled);
+  ``full_grad`` vs pytorch-grad-cam ``FullGrad`` (ours summed over the channels); ``guided_grad_cam`` vs Captum
+  ``GuidedGradCam`` at the CAM layer with ``interpolate_mode="bilinear"``.
 - ``smooth_grad_cam_plus_plus`` vs torchcam ``SmoothGradCAMpp`` with the same copies (SMOOTH_CAM_SAMPLES) and noise std,
   on the whole batch, timed on each side's own draws. torchcam takes its last copy's gradient and activation and
   ``sum(A * G3)`` (so the maps agree only on the tests' special case): the agreement is measured without noise, where
@@ -582,8 +582,8 @@ def _pytorch_grad_cam(setup: Setup, method: str) -> list[Row]:
     label = f"{method} {layer!r}"
     if method in FEW_IMAGES:
         label += f" ({len(x)} images)"
-        batch = 32 if method == "ablation_cam" else 16
-        note += f"; ours internal_batch_size=64, pytorch-grad-cam its batch of {batch}"
+        ours_batch, batch = (32, 32) if method == "ablation_cam" else (64, 16)  # each side's default
+        note += f"; ours internal_batch_size={ours_batch}, pytorch-grad-cam its batch of {batch}"
     return [_row(setup, label, f"pytorch-grad-cam {PGC_CAMS[method]}", measured, "peer", rel, note)]
 
 

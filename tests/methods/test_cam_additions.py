@@ -32,6 +32,8 @@ from lightning_interp.methods import (
     plus_plus_weights,
     smooth_grad_cam_plus_plus,
 )
+from lightning_interp.methods.cams.perturbed import _plus_plus_weights
+from lightning_interp.methods.model.core import attribution_pass, captured_outputs
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -98,6 +100,55 @@ def test_ablation_cam_weights_are_the_relative_score_drop_by_hand():
         expected = (weights[:, :, None, None] * activation).sum(dim=1)
     ours = ablation_cam(model, x, target, "0", relu=False, internal_batch_size=2)  # 3 forwards per sample
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+class _RowsSeen(nn.Module):
+    """A convolution that records the rows of every input it gets and, with ``refuse_one``, refuses one row alone
+    (as a layer built for a fixed batch size would)."""
+
+    def __init__(self, refuse_one: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.refuse_one = refuse_one
+        self.rows: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.shape[0])
+        if self.refuse_one and x.shape[0] == 1:
+            raise RuntimeError("this layer needs the whole batch")
+        return self.conv(x)
+
+
+@pytest.mark.parametrize(
+    ("refuse_one", "internal_batch_size", "rows"),
+    [
+        # the clean forward (2 samples), then per sample passes of 2, 2 and 1 copies, the layer on one row of each
+        pytest.param(False, 2, [2, 1, 1, 1, 1, 1, 1], id="layer-on-one-row"),
+        # one pass of 5 copies per sample: the layer refuses one row in the first, then runs on every copy
+        pytest.param(True, 5, [2, 1, 5, 5], id="layer-on-every-copy"),
+    ],
+)
+def test_ablation_cam_runs_the_layer_once_per_pass_on_one_row_and_touches_no_module(
+    refuse_one, internal_batch_size, rows
+):
+    # the copies of a pass differ only at the layer's output: the layer runs on one row of them (or, when it
+    # refuses, on all), the weights are the hand-computed relative score drops either way, and no hook is left
+    torch.manual_seed(2)
+    layer = _RowsSeen(refuse_one)
+    model = nn.Sequential(layer, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    target = torch.tensor([0, 2])
+    with torch.no_grad():
+        activation = layer.conv(x)
+        score = model(x).gather(1, target[:, None])[:, 0]
+        weights = model[3].weight[target] * activation.mean(dim=(2, 3)) / score[:, None]
+        expected = (weights[:, :, None, None] * activation).sum(dim=1)
+    layer.rows.clear()
+    ours = ablation_cam(model, x, target, "0", relu=False, internal_batch_size=internal_batch_size)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    assert layer.rows == rows
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
 
 
 # --------------------------------------------------------------------------------------------- FullGrad
@@ -236,14 +287,23 @@ def test_smooth_grad_cam_plus_plus_matches_torchcam_on_the_same_noise():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * float(theirs.amax()))
 
 
-def test_smooth_grad_cam_plus_plus_is_grad_cam_plus_plus_of_the_averaged_gradient_powers():
-    # the paper's definition, by hand: gradients of each noisy copy from autograd, their powers averaged
+@pytest.mark.parametrize(
+    ("batch", "internal_batch_size"),
+    [
+        pytest.param(2, None, id="one-pass-of-4-copies"),
+        pytest.param(40, None, id="4-passes-of-one-copy"),  # 64 // 40: one copy of the batch per pass
+        pytest.param(2, 4, id="2-passes-of-2-copies"),
+    ],
+)
+def test_smooth_grad_cam_plus_plus_is_grad_cam_plus_plus_of_the_averaged_gradient_powers(batch, internal_batch_size):
+    # the paper's definition, by hand: gradients of each noisy copy from autograd, their powers averaged; however
+    # the copies are split into passes (the sums are accumulated in place across passes)
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
     model.append(nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3)))
     model.eval()
-    x = torch.randn(2, 3, 6, 6)
-    target = torch.tensor([1, 2])
+    x = torch.randn(batch, 3, 6, 6)
+    target = torch.arange(batch) % 3
     n, std = 4, 0.2
     noise = _our_noise(x.shape, n, std, seed=11)
     with torch.no_grad():
@@ -259,9 +319,83 @@ def test_smooth_grad_cam_plus_plus_is_grad_cam_plus_plus_of_the_averaged_gradien
     weights = (g1.clamp_min(0) * torch.where(g2 != 0, alpha, 0)).sum(dim=(2, 3), keepdim=True)
     expected = (weights * activation).sum(dim=1).clamp_min(0)
     generator = torch.Generator().manual_seed(11)
-    ours = smooth_grad_cam_plus_plus(model, x, target, "1", n_samples=n, stdevs=std, generator=generator)
+    ours = smooth_grad_cam_plus_plus(
+        model, x, target, "1", n_samples=n, stdevs=std, generator=generator, internal_batch_size=internal_batch_size
+    )
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(plus_plus_weights(activation, g1, g2, g3), weights)
+
+
+def _in_place_after_the_layer() -> nn.Module:
+    torch.manual_seed(7)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1), head)
+
+
+@pytest.mark.parametrize("layer", ["0", "1"], ids=["written-in-place-after", "not-written"])
+def test_attribution_pass_without_copies_is_the_pass_with_copies(layer):
+    # the layer's output handed on uncopied: where the in-place ReLU after it writes into it, the pass runs again
+    # with copies; either way the gradient is the one with respect to the layer's own output
+    model = _in_place_after_the_layer().eval()
+    x, target = torch.randn(3, 3, 6, 6), torch.tensor([0, 1, 2])
+    module = model.get_submodule(layer)
+    with torch.no_grad(), captured_outputs([module], copy=False) as outputs:
+        model(x)
+    assert outputs.overwritten() == (layer == "0")
+    copied = attribution_pass(model, x, target, layers=[layer])
+    uncopied = attribution_pass(model, x, target, layers=[layer], copy_outputs=False)
+    assert torch.equal(copied.activations[0], uncopied.activations[0])
+    assert torch.equal(copied.activation_grads[0], uncopied.activation_grads[0])
+    assert torch.equal(copied.input_grad, uncopied.input_grad)
+    if layer == "0":  # the gradient at the convolution's output, before the ReLU: zero where the ReLU cut
+        assert bool((copied.activation_grads[0][copied.activations[0] < 0] == 0).all())
+        assert bool((copied.activation_grads[0][copied.activations[0] > 0] != 0).any())
+
+
+def test_smooth_grad_cam_plus_plus_of_a_layer_written_in_place_after_it_by_hand():
+    # the convolution's output is overwritten by the in-place ReLU after it: the map weights the convolution's own
+    # output by the gradients with respect to it (by hand: the ReLU applied out of place)
+    model = _in_place_after_the_layer().eval()
+    x, target = torch.randn(2, 3, 6, 6), torch.tensor([1, 2])
+    n, std = 3, 0.2
+    noise = _our_noise(x.shape, n, std, seed=13)
+    with torch.no_grad():
+        activation = model[0](x)
+    grads = []
+    for copy in range(n):
+        hidden = model[0](x + noise[copy]).detach().requires_grad_(True)
+        score = model[3](model[2](torch.relu(hidden))).gather(1, target[:, None]).sum()
+        grads.append(torch.autograd.grad(score, hidden)[0])
+    stack = torch.stack(grads)
+    g1, g2, g3 = stack.mean(0), stack.pow(2).mean(0), stack.pow(3).mean(0)
+    alpha = torch.where(g2 != 0, g2 / (2 * g2 + activation.sum(dim=(2, 3), keepdim=True) * g3 + 1e-6), 0)
+    expected = ((g1.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True) * activation).sum(dim=1).clamp_min(0)
+    assert float(expected.amax()) > 0 and bool((activation < 0).any())
+    generator = torch.Generator().manual_seed(13)
+    ours = smooth_grad_cam_plus_plus(model, x, target, "0", n_samples=n, stdevs=std, generator=generator)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_plus_plus_weights_in_place_are_the_formula_bitwise_with_zero_gradients_and_non_finite_sums():
+    # the weights of Smooth Grad-CAM++'s own buffers (computed in place, the mask skipped where it cannot matter)
+    # against the formula written out; zero gradients give a = 0 by definition, an inf or NaN activation sum is
+    # where the mask matters
+    torch.manual_seed(6)
+    activation = torch.rand(2, 3, 4, 4)
+    activation[1, 2, 0, 0] = float("inf")
+    grads = torch.randn(3, 2, 3, 4, 4)
+    grads[:, 0, 1] = 0  # a channel with no gradient in any copy
+    grads[:, 1, :, 2:] = 0  # and half of every channel of the second sample
+    g1, g2, g3 = grads.mean(0), grads.pow(2).mean(0), grads.pow(3).mean(0)
+    for finite in (True, False):
+        act = activation if not finite else activation.nan_to_num(posinf=5.0)
+        total = act.sum(dim=(2, 3), keepdim=True)
+        alpha = torch.where(g2 != 0, g2 / (2 * g2 + total * g3 + 1e-6), 0)
+        expected = (g1.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True)
+        assert expected.isfinite().all()  # the inf sum's zero-gradient positions are masked, not NaN
+        own = _plus_plus_weights(act, g1.clone(), g2.clone(), g3.clone(), own=True)
+        torch.testing.assert_close(own, expected, rtol=0, atol=0)
+        torch.testing.assert_close(plus_plus_weights(act, g1, g2, g3), expected, rtol=0, atol=0)
 
 
 def test_smooth_grad_cam_plus_plus_without_noise_is_grad_cam_plus_plus():

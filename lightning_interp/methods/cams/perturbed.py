@@ -54,7 +54,7 @@ def ablation_cam(
     relu: bool = True,
     upsample: bool = True,
     reshape: TokenReshape | None = None,
-    internal_batch_size: int = 64,
+    internal_batch_size: int = 32,
     output_transform: OutputTransform | None = None,
     task: str = "multiclass",
 ) -> Tensor:
@@ -73,7 +73,12 @@ def ablation_cam(
     below the minimum (``min - 1e7``, growing with each channel of a batch);
     here a channel is always zeroed, the paper's ablation. With a token or
     channels-last layout (``reshape``), the channels are the last dimension of
-    the layer's output.
+    the layer's output. The copies of a pass share the layer's input (they
+    differ only at its output), so the layer runs on one copy's row and its
+    output is replaced by the ablated copies, through hooks that live only
+    inside the call: pytorch-grad-cam swaps the module for an
+    ``AblationLayer`` instead; here no module or attribute of the model is
+    touched. A layer that refuses one row runs on every copy.
 
     Args:
         model: the network.
@@ -83,7 +88,9 @@ def ablation_cam(
         relu: keep only the positive part of the map.
         upsample: resize to the input's (H, W) bilinearly (align_corners=False).
         reshape: turns token outputs (B, N, C) into (B, C, h, w) (default: the known layouts).
-        internal_batch_size: most ablated copies per forward pass.
+        internal_batch_size: most ablated copies per forward pass (default 32, pytorch-grad-cam's batch: on the
+            CPU, passes of 64 copies do the same work and their larger activations' memory is often returned to the
+            system and faulted in again, zero-filled, on the next pass).
         output_transform: maps the model's output to (B, C) scores.
         task: the output kind (see :mod:`lightning_interp.methods.model.tasks`).
 
@@ -119,11 +126,24 @@ def ablation_cam(
         base = target_scores(scores, index, task).float()
         ablated = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
         replacement: list[Tensor] = []
+        one_row = [True]  # whether the layer runs on one copy's row (False once it refused to)
 
         def replace(_module: nn.Module, _args: object, _output: object) -> Tensor:
             return replacement[0]
 
-        handle = module.register_forward_hook(replace)
+        def first_row(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            # The copies of a pass are one sample's, ablated at the layer's output: the layer's input is that sample's
+            # in every row, and its output is replaced above; so it runs on the first row alone (of each tensor
+            # argument with a row per copy), not once per copy. What it returns is never read.
+            if not one_row[0]:
+                return None
+            rows = replacement[0].shape[0]
+            return _first_rows(args, rows), {key: _first_rows((value,), rows)[0] for key, value in kwargs.items()}
+
+        handles = [
+            module.register_forward_pre_hook(first_row, with_kwargs=True),
+            module.register_forward_hook(replace),
+        ]
         try:
             for sample in range(batch):
                 for start in range(0, channels, internal_batch_size):
@@ -133,15 +153,32 @@ def ablation_cam(
                     copies.movedim(channel_dim, 1)[rows, rows + start] = 0  # copy i without channel start + i
                     replacement[:] = [copies]
                     repeated = x[sample : sample + 1].repeat(count, *([1] * (x.ndim - 1)))
-                    out = scores_from_output(for_rows(model, slice(sample, sample + 1))(repeated), output_transform)
+                    forward = for_rows(model, slice(sample, sample + 1))
+                    try:
+                        output = forward(repeated)
+                    except Exception:
+                        if not one_row[0] or count == 1:
+                            raise
+                        one_row[0] = False  # a layer that needs every row (a fixed batch size): run it on all
+                        output = forward(repeated)
+                    out = scores_from_output(output, output_transform)
                     explained = repeat_target(index[sample : sample + 1], count)
                     ablated[sample, start : start + count] = target_scores(out, explained, task).float()
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         weights = (base[:, None] - ablated) / base[:, None]
         grid = (reshape(activation) if reshape is not None else activation).float()
         cam = (weights[:, :, None, None] * grid).sum(dim=1)
     return _finish(cam, x, relu, upsample)
+
+
+def _first_rows(values: tuple, rows: int) -> tuple:
+    """``values`` with each tensor of ``rows`` > 1 rows cut to its first row (anything else as it is)."""
+    return tuple(
+        value[:1] if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == rows > 1 else value
+        for value in values
+    )
 
 
 def plus_plus_weights(activation: Tensor, grad: Tensor, grad_2: Tensor, grad_3: Tensor) -> Tensor:
@@ -166,10 +203,53 @@ def plus_plus_weights(activation: Tensor, grad: Tensor, grad_2: Tensor, grad_3: 
         >>> round(plus_plus_weights(a, g, g**2, g**3).item(), 4)  # 4 pixels of 0.5 * 0.25 / (0.5 + 4 * 0.125)
         0.5
     """
+    return _plus_plus_weights(activation, grad, grad_2, grad_3, own=False)
+
+
+def _plus_plus_weights(activation: Tensor, grad: Tensor, grad_2: Tensor, grad_3: Tensor, *, own: bool) -> Tensor:
+    """:func:`plus_plus_weights`; with ``own`` (the gradients are the caller's scratch buffers) in place in them:
+    the same operations on the same operands (products and sums swapped only where exact), so the same values, with
+    two new (B, C, h, w) buffers instead of nine (on the CPU each fresh one costs its pages' zero-filling)."""
     total = activation.sum(dim=(2, 3), keepdim=True)
-    alpha = grad_2 / (2 * grad_2 + total * grad_3 + 1e-6)
-    alpha = torch.where(grad_2 != 0, alpha, torch.zeros_like(alpha))
-    return (grad.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True)
+    if not own:
+        alpha = grad_2 / (2 * grad_2 + total * grad_3 + 1e-6)
+        alpha = torch.where(grad_2 != 0, alpha, torch.zeros_like(alpha))
+        return (grad.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True)
+    # Where the averaged G2 is 0, every copy's G**2 was 0, so was its G**3 (|G| < 1 there), and a = 0 / (0 + total * 0
+    # + 1e-6) is already +0 unless total is inf or NaN: the mask (a slow kernel on the CPU) only matters then.
+    undefined = None if bool(total.isfinite().all()) else grad_2 == 0
+    doubled = grad_2 * 2
+    denominator = grad_3.mul_(total).add_(doubled).add_(1e-6)  # total * G3 + 2 * G2 + 1e-6
+    alpha = torch.div(grad_2, denominator, out=doubled)
+    if undefined is not None:
+        alpha.masked_fill_(undefined, 0)
+    return alpha.mul_(grad.clamp_min_(0)).sum(dim=(2, 3), keepdim=True)
+
+
+def _add_powers(moments: list[Tensor | None], grad: Tensor, scratch: Tensor | None) -> Tensor | None:
+    """Add the sums over the copies (``grad``'s first dimension) of ``G``, ``G**2`` and ``G**3`` to ``moments``.
+
+    The same operations as ``moments[p] + (G**p).sum(dim=0)`` (``G * G``, then ``* G``), so the same values, but in
+    place after the first pass, the powers written into ``scratch`` (the previous pass's buffer, returned for the
+    next): a pass allocates no (copies, B, C, h, w) buffer of its own, where fresh ones cost the CPU their pages'
+    zero-filling (on a layer of 64 x 24 x 24 more than the elementwise work itself).
+    """
+    single = grad.shape[0] == 1  # the sum over one copy is that copy
+
+    def summed(term: Tensor) -> Tensor:
+        return term[0] if single else term.sum(dim=0)
+
+    if scratch is None or scratch.shape != grad.shape or scratch.dtype != grad.dtype:
+        square = grad * grad
+    else:
+        square = torch.mul(grad, grad, out=scratch)
+    if moments[0] is None or moments[1] is None or moments[2] is None:
+        moments[0], moments[1], moments[2] = summed(grad), summed(square), summed(square * grad)
+        return None if single else square  # with one copy, moments[1] is the square itself
+    moments[0].add_(summed(grad))
+    moments[1].add_(summed(square))
+    moments[2].add_(summed(square.mul_(grad)))
+    return square
 
 
 @register_method(
@@ -245,8 +325,15 @@ def smooth_grad_cam_plus_plus(
     module = get_module(model, layer)
     with modes_preserved(model), eager_forward(), torch.inference_mode(False), torch.no_grad():
         x = inputs.detach().clone()
-        with captured_outputs([module]) as outputs:
+        # the layer's output handed on uncopied (a (B, C, h, w) copy per pass is the largest cost after the network
+        # on a small one); when the network writes into it in place, the clean forward runs again with a copy, and
+        # so do the noisy passes
+        with captured_outputs([module], copy=False) as outputs:
             scores = scores_from_output(model(x), output_transform)
+        copy_outputs = outputs.overwritten()
+        if copy_outputs:
+            with captured_outputs([module]) as outputs:
+                scores = scores_from_output(model(x), output_transform)
         index = resolve_target(target, scores, task)
         clean = outputs[0]
         if clean is None:
@@ -264,6 +351,7 @@ def smooth_grad_cam_plus_plus(
     # summed in the gradient's precision (float32, or float64 for a float64 model), as the other averaging methods
     # (accumulation_dtype); the three sums of n_samples terms lose nothing that matters at float32 output
     moments: list[Tensor | None] = [None, None, None]
+    scratch: Tensor | None = None
     chunk = _chunk_copies(internal_batch_size, batch, n_samples)
     done = 0
     while done < n_samples:
@@ -284,16 +372,14 @@ def smooth_grad_cam_plus_plus(
                 input_gradient=False,
                 output_transform=output_transform,
                 task=task,
+                copy_outputs=copy_outputs,
             )
             grad = result.activation_grads[0]
             grad = reshape(grad) if reshape is not None else grad
             grad = grad.to(accumulation_dtype(grad)).reshape(part, *activation.shape)
-            square = grad * grad
-            for power, term in enumerate((grad, square, square * grad)):
-                total = term.sum(dim=0)
-                moments[power] = total if moments[power] is None else moments[power] + total
+            scratch = _add_powers(moments, grad, scratch)
         done += copies
-    grad_1, grad_2, grad_3 = (total.div(n_samples).float() for total in moments if total is not None)
-    weights = plus_plus_weights(activation, grad_1, grad_2, grad_3)
+    grad_1, grad_2, grad_3 = (total.div_(n_samples).float() for total in moments if total is not None)
+    weights = _plus_plus_weights(activation, grad_1, grad_2, grad_3, own=True)
     cam = (weights * activation).sum(dim=1)
     return _finish(cam, x, relu, upsample)

@@ -388,16 +388,34 @@ def checked_like(source: Tensor, derived: Tensor) -> Tensor:
     return derived
 
 
+class _CapturedOutputs(list):
+    """The recorded outputs of :func:`captured_outputs` (a list, one per module), and whether any was written."""
+
+    versions: list[int | None]
+
+    def overwritten(self) -> bool:
+        """Whether an output handed on uncopied (``copy=False``) was written in place after it was recorded."""
+        return any(
+            version is not None and out is not None and out._version != version
+            for out, version in zip(self, self.versions, strict=True)
+        )
+
+
 @contextlib.contextmanager
-def captured_outputs(modules: Sequence[nn.Module]) -> Iterator[list[Tensor | None]]:
+def captured_outputs(modules: Sequence[nn.Module], *, copy: bool = True) -> Iterator[_CapturedOutputs]:
     """Record the (last) output of each module during the block; hooks removed in ``finally``.
 
     The rest of the network receives a copy of each recorded output, so an
     in-place operation after the layer (``nn.ReLU(inplace=True)``) changes the
     copy and the recorded tensor stays the layer's own output, as do the
-    gradients taken with respect to it.
+    gradients taken with respect to it. With ``copy=False`` it receives the
+    output itself (no copy's memory and time), and ``overwritten()`` of the
+    yielded list says, after the block, whether anything wrote into a recorded
+    output (its version counter moved): then the recording is not the layer's
+    output, and the block must run again with copies.
     """
-    outputs: list[Tensor | None] = [None] * len(modules)
+    outputs = _CapturedOutputs([None] * len(modules))
+    outputs.versions = [None] * len(modules)
     handles = []
 
     def make_hook(slot: int) -> Callable:
@@ -405,6 +423,9 @@ def captured_outputs(modules: Sequence[nn.Module]) -> Iterator[list[Tensor | Non
             if not isinstance(output, Tensor):
                 return None
             outputs[slot] = output
+            if not copy:
+                outputs.versions[slot] = output._version
+                return None
             return output.clone()  # what the next module sees (and may overwrite in place)
 
         return hook
@@ -454,6 +475,7 @@ def attribution_pass(
     output_transform: OutputTransform | None = None,
     eval_mode: bool = True,
     task: str = "multiclass",
+    copy_outputs: bool = True,
 ) -> PassResult:
     """One forward and one backward that serve several methods at once.
 
@@ -473,6 +495,9 @@ def attribution_pass(
         eval_mode: run the model in eval mode (Dropout off, BatchNorm frozen).
         task: the output kind (:data:`~lightning_interp.methods.TASKS`): which index ``target=None``
             picks and, for a binary model, the sign of the explained logit.
+        copy_outputs: hand the rest of the network a copy of each layer's output (see
+            :func:`captured_outputs`); False hands on the output itself, and runs the pass again with copies when
+            something after a layer wrote into its output in place (worth it only where that is known not to happen).
 
     Returns:
         A :class:`PassResult`.
@@ -488,8 +513,11 @@ def attribution_pass(
         # The input is a leaf that requires grad even when only layer gradients are wanted, so that
         # layers after frozen parts of the network (or a fully frozen network) still get gradients.
         x = as_leaf(inputs) if input_gradient or inputs.is_floating_point() else inputs.detach().clone()
-        with captured_outputs(modules) as outputs:
+        with captured_outputs(modules, copy=copy_outputs) as outputs:
             scores = scores_from_output(model(x), output_transform)
+        if outputs.overwritten():  # written in place after the layer: its recording is not the layer's output
+            with captured_outputs(modules) as outputs:
+                scores = scores_from_output(model(x), output_transform)
         missing = [str(layers[i]) for i, out in enumerate(outputs) if out is None]
         if missing:
             raise RuntimeError(
