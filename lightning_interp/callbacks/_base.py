@@ -530,7 +530,7 @@ class InterpCallback(Callback):
                     f"samples {1 + more}; give every set of samples (probe, concepts) every input of the model."
                 )
             device = _device_of(model)
-            extras = {key: rows.extras[key].to(device) for key in keys}
+            extras = {key: self._converted(rows.extras[key].to(device)) for key in keys}
             if rows.more_inputs:  # model(x, *more): bound by position, each sample's own
                 extras = {
                     **{f"{MORE_INPUT}{position}": self._converted(value.to(device)) for position, value in enumerate(
@@ -558,7 +558,8 @@ class InterpCallback(Callback):
         return self._wrapper  # type: ignore[return-value]
 
     def _converted(self, value: Tensor) -> Tensor:
-        """A bound input of the model, on its device, converted like the probe inputs (the trainer's precision)."""
+        """A bound input of the model, on its device, converted like the probe inputs (the trainer's precision, which
+        converts floating-point tensors only, as it does every batch in training)."""
         return value if self._convert_input is None else self._convert_input(value)
 
     def input_name(self, position: int) -> str:

@@ -373,3 +373,15 @@ def test_the_other_inputs_take_the_trainers_precision(tmp_path, precision):
     trainer.fit(TwoInputNet(), **_loaders())
     shares = [float(trainer.callback_metrics[f"interp_saliency/integrated_gradients/share_input{i}"]) for i in (0, 1)]
     assert sum(shares) == pytest.approx(1.0, abs=1e-3) and min(shares) > 0
+
+
+def test_a_dict_batchs_other_inputs_take_the_trainers_precision(tmp_path):
+    callback = SaliencyCallback(
+        methods={"integrated_gradients": {"n_steps": 4}}, num_samples=4, display=Display(background_drawing=False)
+    )
+    trainer = quiet_trainer(
+        tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2, precision="bf16-true"
+    )
+    trainer.fit(_KeywordNet(), *[DataLoader(_DictBatches(32, seed), batch_size=16) for seed in (1, 2)])
+    share = float(trainer.callback_metrics["interp_saliency/integrated_gradients/share_table"])
+    assert 0 < share < 1
