@@ -221,6 +221,27 @@ def _warn_about_mask_grid(items: Iterable[object], inputs: Tensor, what: str = "
             return
 
 
+def _warn_about_flat_inputs(batch: Sequence[Any], inputs: Tensor, labels: Tensor | None) -> None:
+    """Warn when a flat ``(image, table, label)`` batch looks like a model's several inputs: the item read as labels
+    is a float (B, F) tensor and a later item is integer (B,) class indices, which would then be left out."""
+    if labels is None or labels is not batch[1] or not labels.is_floating_point() or labels.ndim != 2:
+        return
+    later = [
+        item
+        for item in batch[2:]
+        if isinstance(item, Tensor) and item.ndim == 1 and item.shape[0] == inputs.shape[0]
+        and not item.is_floating_point() and item.dtype != torch.bool
+    ]  # fmt: skip
+    if later:
+        warnings.warn(
+            f"A batch of the form {_describe(batch)}: its second item, a float {tuple(labels.shape)} tensor, is read "
+            "as the labels (one-hot, soft or several values per sample), and the integer (batch,) item after it is "
+            "left out. If the model takes several inputs, nest them in the batch, ((image, table), label): the flat "
+            "form reads as (inputs, labels, masks).",
+            stacklevel=3,
+        )
+
+
 def _is_detection_targets(value: object) -> bool:
     """Whether ``value`` is a detection set's targets: a list (or tuple) of dicts, one per image, with ``boxes``."""
     return (
@@ -342,6 +363,7 @@ def parse_batch(batch: Any, parser: BatchParser | None = None) -> ParsedBatch:
         if masks is None and class_maps is None and inputs.ndim == 4:
             _warn_about_mask_grid(batch[2:], inputs)
         extras = {"attention_mask": batch[1]} if _is_tuple_attention_mask(batch, inputs, labels) else None
+        _warn_about_flat_inputs(batch, inputs, labels)
         return ParsedBatch(inputs, labels, masks, extras, class_maps=class_maps)
     if isinstance(batch, Mapping):
         key = next((k for k in INPUT_KEYS if isinstance(batch.get(k), Tensor)), None)

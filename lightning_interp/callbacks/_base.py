@@ -48,6 +48,7 @@ from lightning_interp.methods import (
     ModelTrace,
     find_target_layer,
     keyword_inputs,
+    layer_output,
     logits_of,
     trace_model,
 )
@@ -564,9 +565,13 @@ class InterpCallback(Callback):
 
     def input_name(self, position: int) -> str:
         """The name of the model's input at ``position`` in tags: ``DataDescription(input_names=...)``'s, else
-        ``input<position>``."""
+        ``input<position>`` (a dict batch's first input: its key)."""
         names = self.data.input_names
-        return names[position] if names is not None and position < len(names) else f"input{position}"
+        if names is not None and position < len(names):
+            return names[position]
+        if position == 0 and self.probe is not None and self.probe.input_key is not None:
+            return self.probe.input_key  # a dict batch: its inputs are named by their keys
+        return f"input{position}"
 
     def _model_call(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> ModelCall | None:
         """How the model is called on the probe samples, decided from the signature of its ``forward`` (or of
@@ -620,6 +625,12 @@ class InterpCallback(Callback):
         plugin = getattr(trainer, "precision_plugin", None)
         self._convert_input = None if plugin is None else plugin.convert_input
         names = self.data.input_names
+        if names is not None and probe.input_key is not None:
+            raise ValueError(
+                f"{type(self).__name__}: DataDescription(input_names=...) names the inputs of tuple batches "
+                f"((image, table), label); a dict batch's inputs are named by their keys ({probe.input_key!r}, "
+                f"{', '.join(repr(key) for key in probe.extras)}). Leave input_names out."
+            )
         if names is not None and len(names) != len(probe.all_inputs):
             raise ValueError(
                 f"{type(self).__name__}: DataDescription(input_names={list(names)}) names {len(names)} inputs, but "
@@ -806,15 +817,20 @@ class InterpCallback(Callback):
         try:
             return trace_model(model, example)
         except Exception as error:
-            how = "forward_fn(model, inputs)" if self.forward_fn is not None else "model(inputs)"
+            several = self.probe is not None and bool(self.probe.more_inputs)
+            arguments = "inputs" if not several else ", ".join(f"input{i}" for i in range(len(self.probe.all_inputs)))
+            how = f"forward_fn(model, {arguments})" if self.forward_fn is not None else f"model({arguments})"
             note = getattr(error, "add_note", None)
             if note is not None:
                 note(
-                    f"({type(self).__name__} called the model as {how} with probe inputs of shape "
+                    f"({type(self).__name__} called the model as {how} with "
+                    f"{'a first input' if several else 'probe inputs'} of shape "
                     f"{tuple(example.shape)} and dtype {example.dtype}, and the call failed as above. If the model's "
                     "forward takes something else (the whole batch, keyword arguments), pass forward_fn=lambda "
-                    "model, inputs: ... that calls it on an inputs tensor; if the inputs are not what the model "
-                    "expects, pass data=DataDescription(batch_parser=...) or probe=ProbeSet(...).)"
+                    f"model, {arguments}: ... that calls it on {'them' if several else 'an inputs tensor'}; if the "
+                    "inputs are not what the model expects, pass data=DataDescription(batch_parser=...) or "
+                    "probe=ProbeSet(...). A model of several inputs, model(image, table), takes batches with the "
+                    "inputs nested, ((image, table), label).)"
                     + (
                         " This callback's inputs come from the ProbeSet given to it as probe=...: check that they "
                         "have the form of a validation batch's inputs."
@@ -855,12 +871,46 @@ class InterpCallback(Callback):
         example = self._example_input(pl_module, probe)
         two = self._device_inputs(trainer, pl_module, probe.inputs[:2]).to(example.dtype)
         with self._model_context(trainer):
-            return find_target_layer(
+            layer = find_target_layer(
                 first_rows(pl_module, two.shape[0]),
                 two,
                 trace=self._trace(trainer, pl_module, example),
                 target=None if target is None else target[:2].to(two.device),
                 output_transform=output_transform,
+            )
+        self._refuse_layers_blind_to_the_first_input(trainer, pl_module, probe, [layer], automatic=True)
+        return layer
+
+    def _refuse_layers_blind_to_the_first_input(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        probe: ProbeSet,
+        layers: Sequence[str],
+        *,
+        automatic: bool,
+    ) -> None:
+        """A model of several inputs: refuse a CAM layer whose output does not change with the first input (the one
+        its maps are drawn over, and sized to), e.g. a layer of a second image's branch."""
+        if not probe.more_inputs or not probe.inputs.is_floating_point():
+            return
+        rows = probe.subset(min(2, len(probe)))
+        view = self._explained(pl_module, rows)
+        inputs = self._device_inputs(trainer, pl_module, rows.inputs)
+        blind = []
+        with self._model_context(trainer):
+            for layer in layers:
+                before = layer_output(view, layer, inputs)
+                after = layer_output(view, layer, inputs + 1)
+                if isinstance(before, Tensor) and isinstance(after, Tensor) and torch.equal(before, after):
+                    blind.append(layer)
+        if blind:
+            how = f"layer='auto' chose {blind[0]!r}, which does" if automatic else f"the layer(s) {blind} do"
+            raise ValueError(
+                f"{type(self).__name__}: {how} not see the model's first input (of shape "
+                f"{tuple(probe.inputs.shape[1:])}), the one the maps are drawn over: in this model of "
+                f"{len(probe.all_inputs)} inputs it belongs to another input's branch. Name a layer of the first "
+                "input's branch (layer='...'), or put the input to explain first in the batches."
             )
 
     @contextlib.contextmanager

@@ -292,10 +292,11 @@ class MapCallback(InterpCallback):
                     f"entries (ids 0 to {len(self.vocabulary) - 1}): pass the full vocabulary, or "
                     "DataDescription(decode=...)."
                 )
+        candidates = [*probe.all_inputs, *(value for value in probe.extras.values() if value.is_floating_point())]
         if self.feature_names is not None and not any(
-            value.ndim == 2 and len(self.feature_names) == value.shape[1] for value in probe.all_inputs
+            value.ndim == 2 and len(self.feature_names) == value.shape[1] for value in candidates
         ):
-            shapes = [tuple(value.shape) for value in probe.all_inputs]
+            shapes = [tuple(value.shape) for value in candidates]
             raise ValueError(
                 f"{name}: feature_names has {len(self.feature_names)} names, but the probe inputs have shape "
                 f"{shapes[0] if len(shapes) == 1 else shapes}; give one name per feature of (N, F) inputs."
@@ -507,6 +508,19 @@ class MapCallback(InterpCallback):
         for key, maps in result.maps.items():
             if maps.shape[0] != len(sample) or maps.ndim not in (2, 3):
                 raise RuntimeError(f"{type(self).__name__}: the maps of {key!r} have shape {tuple(maps.shape)}.")
+            if maps.ndim == 3 and sample.inputs.ndim == 2:  # an image's (h, w) map cannot be drawn on a vector
+                first = "the model's first input" if sample.more_inputs else "the inputs"
+                raise ValueError(
+                    f"{type(self).__name__}: the maps of {key!r} are (h, w) maps of an image, but {first} "
+                    f"{tuple(sample.inputs.shape[1:])} is a vector (a table, token ids), which they cannot be drawn "
+                    "over."
+                    + (
+                        " Put the image first in the batches, ((image, table), label): the maps are drawn over the "
+                        "first input."
+                        if sample.more_inputs
+                        else ""
+                    )
+                )
 
     def _reset_run_state(self) -> None:
         super()._reset_run_state()

@@ -204,6 +204,7 @@ class GradCAMCallback(LayerMapCallback):
                     "others), or the module runs more than once per forward pass. Layers that qualify (deepest "
                     f"last): {', '.join(list(found)[-6:]) or 'none'}."
                 )
+        self._refuse_layers_blind_to_the_first_input(trainer, pl_module, probe, self.layers, automatic=self.auto)
         self._tokens = {name: len(trace.shapes[real[name]]) == 3 for name in self.layers}
         self._reshapes = reshapes
         tokens = {real[name]: self._reshapes[name] for name in self.layers if self._tokens[name]}

@@ -188,6 +188,15 @@ class SaliencyCallback(MapCallback):
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: ProbeSet) -> None:
         super()._prepare(trainer, pl_module, probe)
+        floating = [i for i, value in enumerate(probe.more_inputs, 1) if value.is_floating_point()]
+        alone = not probe.inputs.is_floating_point() or isinstance(self.target, NeuronTarget)
+        if floating and alone:
+            why = "a NeuronTarget is explained" if probe.inputs.is_floating_point() else "the first input is integer"
+            self._warn(
+                f"SaliencyCallback explains the first input only here ({why}), so the model's floating-point "
+                f"input(s) {[self.input_name(i) for i in floating]} get no map and no share. To explain them all, "
+                "put a floating-point input first in the batches (integer ids after it are passed along)."
+            )
         self._explainer = None
         self._explainer = self.explainer()  # this fit's: with the output kind just inferred
         self._embedding = None
@@ -304,7 +313,8 @@ class SaliencyCallback(MapCallback):
         """A model of several inputs: its floating-point inputs explained together (one path, one noise, one set of
         features across all of them, so completeness covers their sum), one map per input; the first input's maps
         are the grid's, the others' go in ``input_maps``. Each contribution method also gives each input's share of
-        the attribution mass, ``<method>/share_<input name>``. A method that explains the first input only (the
+        the attribution mass, ``<method>/share_<input name>`` (the gradient and modified-backward families, whose
+        attributions are per-element contributions). A method that explains the first input only (the
         ``"first"`` ones of the registry, and a ``"each"`` one such as occlusion when the other inputs are not of the
         first one's kind: occlusion's window slides over images) runs on the first input, the others bound."""
         kind = several.explained[0].ndim
@@ -329,7 +339,10 @@ class SaliencyCallback(MapCallback):
                 for index, name in enumerate(names[1:], 1):
                     input_maps[name][key] = parts[index]  # type: ignore[index]
             for key, parts in result.attributions.items():
-                if METHODS[key].sensitivity:  # a gradient's size depends on each input's units: no share
+                # a share adds each input's per-element contributions: not for a gradient (its size is in each
+                # input's units), nor for a perturbation method (one feature's value is copied onto each of its
+                # elements, so a 4 x 4 x 3 image patch would count 48 times against a table's feature once)
+                if METHODS[key].sensitivity or METHODS[key].family == "perturbation":
                     continue
                 mass = torch.stack([p.detach().abs().reshape(p.shape[0], -1).double().sum(dim=1) for p in parts])
                 shares = mass / mass.sum(dim=0).clamp_min(1e-30)

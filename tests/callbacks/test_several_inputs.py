@@ -107,7 +107,8 @@ def test_nested_inputs_are_read_as_several_inputs():
         assert len(parsed.more_inputs) == 1 and parsed.more_inputs[0] is table
         assert torch.equal(parsed.labels, labels)
     assert torch.equal(parse_batch([[image, table], labels, masks]).masks, masks)
-    flat = parse_batch((image, table, labels))  # (inputs, labels, ...): the flat form stays one input
+    with pytest.warns(UserWarning, match="nest them"):
+        flat = parse_batch((image, table, labels))  # (inputs, labels, ...): the flat form stays one input
     assert flat.more_inputs == ()
 
 
@@ -385,3 +386,133 @@ def test_a_dict_batchs_other_inputs_take_the_trainers_precision(tmp_path):
     trainer.fit(_KeywordNet(), *[DataLoader(_DictBatches(32, seed), batch_size=16) for seed in (1, 2)])
     share = float(trainer.callback_metrics["interp_saliency/integrated_gradients/share_table"])
     assert 0 < share < 1
+
+
+# ---------------------------------------------------------------------------------------------- mistakes, said early
+def test_a_flat_batch_that_looks_like_several_inputs_is_warned_about():
+    image, table, labels = torch.rand(4, 3, 8, 8), torch.randn(4, FEATURES), torch.tensor([0, 1, 2, 3])
+    with pytest.warns(UserWarning, match=r"nest them in the batch, \(\(image, table\), label\)"):
+        parsed = parse_batch((image, table, labels))
+    assert parsed.labels is table  # the flat form still reads as (inputs, labels, ...)
+
+
+def test_perturbation_methods_log_no_share(tmp_path):
+    """A perturbation method copies one feature's value onto each of its elements: adding them per element would count
+    an image patch once per pixel and channel against a table feature once, so no share is logged for them."""
+    callback = SaliencyCallback(methods={"kernel_shap": {"n_samples": 8}, "integrated_gradients": {"n_steps": 4}})
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2)
+    trainer.fit(TwoInputNet(), **_loaders())
+    metrics = trainer.callback_metrics
+    assert "interp_saliency/kernel_shap/input1/concentration" in metrics, "kernel_shap still explains the table"
+    assert not any(key.startswith("interp_saliency/kernel_shap/share") for key in metrics)
+    assert "interp_saliency/integrated_gradients/share_input1" in metrics
+
+
+class _TwoImages(TwoInputNet):
+    """``forward(left, right)``: a branch per image; ``right``'s branch (``right_branch``) is the deepest conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.right_branch = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.right_head = nn.Linear(4, CLASSES)
+
+    def forward(self, left, right):
+        return self.net(left) + self.right_head(self.right_branch(right).mean(dim=(2, 3)))
+
+
+class _ImagePairs(ImageAndTable):
+    def __getitem__(self, index: int):
+        (image, _), label = super().__getitem__(index)
+        return (image, image.flip(-1)), label
+
+
+@pytest.mark.parametrize("layer", ["auto", "right_branch"])
+def test_a_cam_layer_that_does_not_see_the_first_input_is_refused(tmp_path, layer):
+    """Grad-CAM's maps are drawn over the first input: a layer of the second image's branch (chosen automatically as
+    the deepest, or named) is refused before training, not drawn over the wrong image."""
+    callback = GradCAMCallback(layer=layer, num_samples=4)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2)
+    loaders = [DataLoader(_ImagePairs(32, seed), batch_size=16) for seed in (1, 2)]
+    with pytest.raises(ValueError, match="not see the model's first input"):
+        trainer.fit(_TwoImages(), *loaders)
+    assert trainer.global_step == 0
+    named = GradCAMCallback(layer="net.features.4", num_samples=4)  # the left image's branch: fine
+    trainer = quiet_trainer(tmp_path, callbacks=[named], logger=False, max_epochs=1, limit_train_batches=2)
+    trainer.fit(_TwoImages(), *loaders)
+    assert named._runs == 1
+
+
+class _TableFirst(Dataset):
+    def __init__(self, count: int, seed: int) -> None:
+        self.pairs = ImageAndTable(count, seed)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        (image, table), label = self.pairs[index]
+        return (table, image), label
+
+
+class _TableFirstNet(TwoInputNet):
+    def forward(self, table, image):  # the image branch sees the table too (its layers depend on the first input)
+        return super().forward(image + table.mean(dim=1)[:, None, None, None], table)
+
+
+def test_image_maps_over_a_table_first_are_refused_before_training(tmp_path):
+    callback = GradCAMCallback(layer="net.features.4", num_samples=4)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2)
+    loaders = [DataLoader(_TableFirst(32, seed), batch_size=16) for seed in (1, 2)]
+    with pytest.raises(ValueError, match="Put the image first"):
+        trainer.fit(_TableFirstNet(), *loaders)
+    assert trainer.global_step == 0
+
+
+class _CategoriesFirst(Dataset):
+    def __init__(self, count: int, seed: int) -> None:
+        self.pairs = ImageAndTable(count, seed, with_site=True)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        (_, table, site), label = self.pairs[index]
+        return (site.reshape(1), table), label
+
+
+class _CategoriesFirstNet(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(3, 4)
+        self.head = nn.Linear(4 + FEATURES, CLASSES)
+
+    def forward(self, site, table):
+        return self.head(torch.cat([self.embedding(site).mean(dim=1), table], dim=1))
+
+    training_step = TwoInputNet.training_step
+    validation_step = TwoInputNet.validation_step
+    configure_optimizers = TwoInputNet.configure_optimizers
+
+
+def test_integer_ids_first_explain_the_first_input_alone_and_say_so(tmp_path):
+    callback = SaliencyCallback(methods="integrated_gradients", input_layer="auto", num_samples=4)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2)
+    loaders = [DataLoader(_CategoriesFirst(32, seed), batch_size=16) for seed in (1, 2)]
+    with pytest.warns(UserWarning, match=r"floating-point input\(s\) \['input1'\] get no map"):
+        trainer.fit(_CategoriesFirstNet(), *loaders)
+
+
+def test_a_dict_batch_names_its_first_input_by_its_key_and_refuses_input_names(tmp_path):
+    loaders = [DataLoader(_DictBatches(32, seed), batch_size=16) for seed in (1, 2)]
+    names = DataDescription(feature_names=[f"f{i}" for i in range(FEATURES)])  # the table's, a keyword input
+    callback = SaliencyCallback(methods={"integrated_gradients": {"n_steps": 4}}, num_samples=4, data=names)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2)
+    trainer.fit(_KeywordNet(), *loaders)
+    assert {
+        "interp_saliency/integrated_gradients/share_image",
+        "interp_saliency/integrated_gradients/share_table",
+    } <= set(trainer.callback_metrics)
+    named = SaliencyCallback(num_samples=4, data=DataDescription(input_names=["img", "meta"]))
+    trainer = quiet_trainer(tmp_path, callbacks=[named], logger=False, max_epochs=1, limit_train_batches=2)
+    with pytest.raises(ValueError, match="named by their keys"):
+        trainer.fit(_KeywordNet(), *loaders)
