@@ -197,6 +197,12 @@ class GradCAMCallback(LayerMapCallback):
                 if declared == "auto"
                 else trace.calls.get(real[name], 0) == 1 and max(grid_shape(shape, reshapes.get(name))[-2:]) > 1
             )
+            if not spatial and trace.calls.get(real[name], 0) == 0:
+                raise ValueError(
+                    f"GradCAMCallback cannot use layer {name!r}: it does not run in a forward pass of the model on "
+                    "its probe inputs (a branch the model does not use, or one of an input the probe does not hold). "
+                    f"Layers that qualify (deepest last): {', '.join(list(found)[-6:]) or 'none'}."
+                )
             if not spatial:
                 raise ValueError(
                     f"GradCAMCallback cannot use layer {name!r}: its output is not a (batch, channels, h, w) map "

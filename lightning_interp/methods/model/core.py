@@ -543,7 +543,8 @@ def attribution_pass(
             raise RuntimeError(
                 f"The target scores do not depend on {', '.join(unconnected)} through a differentiable path: part of "
                 "the model runs under torch.no_grad() or a reentrant checkpoint, or detaches its input (.detach(), "
-                "a frozen feature extractor). Its gradient, and every map built on it, would be zero everywhere. "
+                "a frozen feature extractor), or does not use that input at all (a model of several inputs that "
+                "ignores one). Its gradient, and every map built on it, would be zero everywhere. "
                 "Explain a layer after that part instead (e.g. GradCAMCallback on the first layer that has a gradient)."
             )
     input_grad = grads[0].detach() if input_gradient else None
