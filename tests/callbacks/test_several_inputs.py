@@ -289,18 +289,33 @@ def test_an_integer_input_is_passed_along_not_explained(tmp_path):
     assert float(metrics["interp_saliency/integrated_gradients/share_input1"]) == pytest.approx(shares[1], abs=1e-4)
 
 
-class _DictBatches(Dataset):
-    """``{"image", "table", "weight_mask", "label"}`` samples: a dict batch whose other keys the model takes by name."""
+class _Rearranged(Dataset):
+    """The samples of :class:`ImageAndTable` (with the site) in another form: ``arrange((image, table, site),
+    label)``."""
 
-    def __init__(self, count: int, seed: int) -> None:
-        self.pairs = ImageAndTable(count, seed)
+    def __init__(self, count: int, seed: int, arrange) -> None:
+        self.samples = ImageAndTable(count, seed, with_site=True)
+        self.arrange = arrange
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.samples)
 
     def __getitem__(self, index: int):
-        (image, table), label = self.pairs[index]
-        return {"image": image, "table": table, "weight_mask": torch.ones(FEATURES), "label": label}
+        return self.arrange(*self.samples[index])
+
+
+def _DictBatches(count: int, seed: int) -> Dataset:
+    """``{"image", "table", "weight_mask", "label"}`` samples: a dict batch whose other keys the model takes by name."""
+    return _Rearranged(
+        count,
+        seed,
+        lambda inputs, label: {
+            "image": inputs[0],
+            "table": inputs[1],
+            "weight_mask": torch.ones(FEATURES),
+            "label": label,
+        },
+    )
 
 
 class _KeywordNet(TwoInputNet):
@@ -442,16 +457,8 @@ def test_a_cam_layer_that_does_not_see_the_first_input_is_refused(tmp_path, laye
     assert named._runs == 1
 
 
-class _TableFirst(Dataset):
-    def __init__(self, count: int, seed: int) -> None:
-        self.pairs = ImageAndTable(count, seed)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int):
-        (image, table), label = self.pairs[index]
-        return (table, image), label
+def _TableFirst(count: int, seed: int) -> Dataset:
+    return _Rearranged(count, seed, lambda inputs, label: ((inputs[1], inputs[0]), label))
 
 
 class _TableFirstNet(TwoInputNet):
@@ -468,16 +475,8 @@ def test_image_maps_over_a_table_first_are_refused_before_training(tmp_path):
     assert trainer.global_step == 0
 
 
-class _CategoriesFirst(Dataset):
-    def __init__(self, count: int, seed: int) -> None:
-        self.pairs = ImageAndTable(count, seed, with_site=True)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int):
-        (_, table, site), label = self.pairs[index]
-        return (site.reshape(1), table), label
+def _CategoriesFirst(count: int, seed: int) -> Dataset:
+    return _Rearranged(count, seed, lambda inputs, label: ((inputs[2].reshape(1), inputs[1]), label))
 
 
 class _CategoriesFirstNet(pl.LightningModule):
