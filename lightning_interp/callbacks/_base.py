@@ -1118,7 +1118,7 @@ class AllInputs(ForwardWith):
 
 
 @dataclass(frozen=True)
-class SeveralInputs:
+class JointInputs:
     """A model of several inputs, ready to explain its floating-point inputs together (see :func:`several_inputs`)."""
 
     model: AllInputs
@@ -1132,7 +1132,7 @@ class SeveralInputs:
     """The other inputs (integer ids, masks): one row per sample each, passed as ``additional_forward_args``."""
 
 
-def several_inputs(view: nn.Module, first: Tensor) -> SeveralInputs | None:
+def several_inputs(view: nn.Module, first: Tensor) -> JointInputs | None:
     """For a view bound to the other inputs of a model of several inputs (see ``_explained``): the model taking
     every floating-point input (the explained ones, ``first`` first; a keyword input whose name ends in ``mask`` is
     never explained) then the others, with those inputs; None when ``first`` is the only floating-point input or is
@@ -1151,7 +1151,7 @@ def several_inputs(view: nn.Module, first: Tensor) -> SeveralInputs | None:
     if len(explained) < 2:
         return None
     others = [key for key in values if key not in explained]
-    return SeveralInputs(
+    return JointInputs(
         AllInputs(view, [*explained, *others]),
         tuple(values[key] for key in explained),
         tuple(explained),

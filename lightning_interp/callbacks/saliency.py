@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_interp.callbacks._base import SeveralInputs, first_rows, several_inputs
+from lightning_interp.callbacks._base import JointInputs, first_rows, several_inputs
 from lightning_interp.callbacks._checks import check_arguments
 from lightning_interp.callbacks._maps import Explanation, MapCallback, is_token_input
 from lightning_interp.methods import (
@@ -20,6 +20,8 @@ from lightning_interp.methods import (
     NeuronTarget,
     find_input_embedding,
     get_module,
+    input_feature_masks,
+    input_shares,
     layer_output,
     parse_methods,
     plain_name,
@@ -301,6 +303,19 @@ class SaliencyCallback(MapCallback):
             titles={key: METHODS[key].title for key in maps},
         )
 
+    def _shares(self, key: str, parts: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> Tensor | None:
+        """(inputs, N): each input's share of method ``key``'s attribution mass per sample; None for a gradient (its
+        size is in each input's units) and for a perturbation method without features (occlusion's windows
+        overlap). A method of features (LIME, KernelSHAP, feature ablation, ...) counts each feature once."""
+        spec = METHODS[key]
+        if spec.sensitivity or (spec.family == "perturbation" and "feature_mask" not in spec.options):
+            return None
+        if "feature_mask" not in spec.options:
+            return input_shares(parts)
+        options = self.method_options.get(key) or {}
+        masks = input_feature_masks(inputs, options.get("feature_mask"), options.get("patch_size"))
+        return input_shares(parts, masks)
+
     def _input_values(self, which: int | str) -> Tensor:
         """The probe samples' values of one model input (a position among the positional inputs, or a keyword), on
         the host, for the pictures."""
@@ -308,15 +323,15 @@ class SaliencyCallback(MapCallback):
         return self.probe.all_inputs[which] if isinstance(which, int) else self.probe.extras[which]
 
     def _explain_several(
-        self, several: SeveralInputs, view: pl.LightningModule, inputs: Tensor, target: Tensor | int | None
+        self, several: JointInputs, view: pl.LightningModule, inputs: Tensor, target: Tensor | int | None
     ) -> Explanation:
         """A model of several inputs: its floating-point inputs explained together (one path, one noise, one set of
         features across all of them, so completeness covers their sum), one map per input; the first input's maps
         are the grid's, the others' go in ``input_maps``. Each contribution method also gives each input's share of
-        the attribution mass, ``<method>/share_<input name>`` (the gradient and modified-backward families, whose
-        attributions are per-element contributions). A method that explains the first input only (the
-        ``"first"`` ones of the registry, and a ``"each"`` one such as occlusion when the other inputs are not of the
-        first one's kind: occlusion's window slides over images) runs on the first input, the others bound."""
+        the attribution mass, ``<method>/share_<input name>`` (see :meth:`_shares`). A method that explains the
+        first input only (the ``"first"`` ones of the registry, and a ``"each"`` one such as occlusion when the
+        other inputs are not of the first one's kind: occlusion's window slides over images) runs on the first
+        input, the others bound."""
         kind = several.explained[0].ndim
         every = [
             key
@@ -339,15 +354,9 @@ class SaliencyCallback(MapCallback):
                 for index, name in enumerate(names[1:], 1):
                     input_maps[name][key] = parts[index]  # type: ignore[index]
             for key, parts in result.attributions.items():
-                # a share adds each input's per-element contributions: not for a gradient (its size is in each
-                # input's units), nor for a perturbation method (one feature's value is copied onto each of its
-                # elements, so a 4 x 4 x 3 image patch would count 48 times against a table's feature once)
-                if METHODS[key].sensitivity or METHODS[key].family == "perturbation":
-                    continue
-                mass = torch.stack([p.detach().abs().reshape(p.shape[0], -1).double().sum(dim=1) for p in parts])
-                shares = mass / mass.sum(dim=0).clamp_min(1e-30)
-                for index, name in enumerate(names):
-                    scalars[f"{key}/share_{name}"] = shares[index].mean()
+                shares = self._shares(key, parts, several.explained)  # type: ignore[arg-type]
+                for index, name in enumerate([] if shares is None else names):
+                    scalars[f"{key}/share_{name}"] = shares[index].mean()  # type: ignore[index]
         alone = [key for key in self.methods if key not in every]
         if alone:  # the first input's maps only, the other inputs bound at their values
             first = self._explainer_of(alone)(view, inputs, target if result is None else result.target)

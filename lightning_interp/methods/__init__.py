@@ -186,7 +186,13 @@ from lightning_interp.methods.model.inputs import (
     real_tokens,
 )
 from lightning_interp.methods.model.layers import find_target_layer, layers_with_patch_gradient, spatial_layers
-from lightning_interp.methods.model.multi_input import SEVERAL_INPUTS, InputLayout, SeveralInputs
+from lightning_interp.methods.model.multi_input import (
+    SEVERAL_INPUTS,
+    InputLayout,
+    SeveralInputs,
+    input_feature_masks,
+    input_shares,
+)
 from lightning_interp.methods.model.neuron import (
     NEURON_REDUCTIONS,
     NeuronReduce,
@@ -518,6 +524,8 @@ __all__ = [
     "hires_cam",
     "increase_in_confidence",
     "infer_task",
+    "input_feature_masks",
+    "input_shares",
     "input_x_gradient",
     "integrated_gradients",
     "integration_points",

@@ -411,16 +411,36 @@ def test_a_flat_batch_that_looks_like_several_inputs_is_warned_about():
     assert parsed.labels is table  # the flat form still reads as (inputs, labels, ...)
 
 
-def test_perturbation_methods_log_no_share(tmp_path):
-    """A perturbation method copies one feature's value onto each of its elements: adding them per element would count
-    an image patch once per pixel and channel against a table feature once, so no share is logged for them."""
-    callback = SaliencyCallback(methods={"kernel_shap": {"n_samples": 8}, "integrated_gradients": {"n_steps": 4}})
+@pytest.mark.parametrize("use_table", [True, False])
+def test_a_feature_methods_shares_count_each_feature_once_as_captum_gives_them(tmp_path, use_table):
+    """Feature ablation copies one feature's value onto each of its elements (a 4 x 4 patch of the image over its 3
+    channels, a table value alone): the shares count each feature once. Equal to Captum's FeatureAblation on the
+    tuple with the same features, read one element per feature; a table the model ignores gets exactly 0."""
+    from captum.attr import FeatureAblation
+
+    callback = SaliencyCallback(methods={"feature_ablation": None, "occlusion": {"window": 4}}, num_samples=4)
     trainer = quiet_trainer(tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=2)
-    trainer.fit(TwoInputNet(), **_loaders())
+    model = TwoInputNet(use_table=use_table)
+    trainer.fit(model, **_loaders())
     metrics = trainer.callback_metrics
-    assert "interp_saliency/kernel_shap/input1/concentration" in metrics, "kernel_shap still explains the table"
-    assert not any(key.startswith("interp_saliency/kernel_shap/share") for key in metrics)
-    assert "interp_saliency/integrated_gradients/share_input1" in metrics
+    probe = callback.probe
+    image, table = probe.inputs, probe.more_inputs[0]
+    model.eval()
+    with torch.no_grad():
+        target = model(image, table).argmax(dim=1)
+    rows, cols = torch.arange(16) // 4, torch.arange(16) // 4
+    patches = (rows[:, None] * 4 + cols[None, :]).reshape(1, 1, 16, 16)  # 16 patches of 4 x 4, every channel
+    features = (torch.arange(FEATURES) + 16).reshape(1, FEATURES)
+    ablated = FeatureAblation(model).attribute((image, table), target=target, feature_mask=(patches, features))
+    per_patch = ablated[0][:, 0, ::4, ::4].abs().flatten(1).sum(1)  # one element of each patch
+    per_feature = ablated[1].abs().sum(1)
+    expected = (per_feature / (per_patch + per_feature)).mean()
+    logged = float(metrics["interp_saliency/feature_ablation/share_input1"])
+    assert logged == pytest.approx(float(expected), abs=1e-5)
+    if not use_table:
+        assert logged == 0.0
+    assert float(metrics["interp_saliency/feature_ablation/share_input0"]) == pytest.approx(1 - logged, abs=1e-6)
+    assert not any(key.startswith("interp_saliency/occlusion/share") for key in metrics), "windows overlap"
 
 
 class _TwoImages(TwoInputNet):

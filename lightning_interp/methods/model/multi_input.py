@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lightning_interp.methods.model.batching import segmented_columns
 from lightning_interp.methods.model.inputs import BoundInputs
 
-__all__ = ["SEVERAL_INPUTS", "InputLayout", "SeveralInputs", "attribute_several"]
+__all__ = ["SEVERAL_INPUTS", "InputLayout", "SeveralInputs", "attribute_several", "input_feature_masks", "input_shares"]
 
 SeveralInputs = Literal["joint", "each", "first"]
 SEVERAL_INPUTS: tuple[SeveralInputs, ...] = ("joint", "each", "first")
@@ -201,6 +201,69 @@ def _default_feature_mask(value: Tensor, patch_size: int | None) -> Tensor:
         side = max(1, math.ceil(min(height, width) / 4)) if patch_size is None else patch_size
         return patch_feature_mask(height, width, side, value.device)
     return torch.arange(value[0].numel(), device=value.device).reshape(1, *value.shape[1:])
+
+
+def input_feature_masks(
+    inputs: Sequence[Tensor], feature_mask: Sequence[Tensor] | None = None, patch_size: int | None = None
+) -> tuple[Tensor, ...]:
+    """The features a joint perturbation method (LIME, KernelSHAP, feature ablation, ...) takes on each of several
+    inputs: ``feature_mask`` (one mask per input) when given, else each image's square patches (``patch_size``, by
+    default a quarter of its shorter side, shared by its channels) and each other input's elements, as
+    :func:`attribute_several` numbers them (here per input, from 0), on the CPU.
+
+    Example:
+        >>> masks = input_feature_masks((torch.zeros(2, 3, 8, 8), torch.zeros(2, 5)))
+        >>> [tuple(mask.shape) for mask in masks], int(masks[0].max()) + 1, masks[1].tolist()
+        ([(1, 1, 8, 8), (1, 5)], 16, [[0, 1, 2, 3, 4]])
+    """
+    if feature_mask is not None:
+        masks = _per_input("feature_mask", feature_mask, len(inputs))
+        if masks is None:
+            raise ValueError("feature_mask must be one mask per input.")
+        return tuple(torch.as_tensor(mask).detach().cpu() for mask in masks)
+    return tuple(_default_feature_mask(_shape_only(value), patch_size) for value in inputs)
+
+
+def _shape_only(value: Tensor) -> Tensor:
+    """A CPU tensor of ``value``'s shape that holds no data of its own (an expanded scalar), for shape-only helpers."""
+    return torch.zeros((), dtype=value.dtype).expand(value.shape)
+
+
+def input_shares(attributions: Sequence[Tensor], feature_masks: Sequence[Tensor | None] | None = None) -> Tensor:
+    """Each input's share of the attribution mass, per sample: (inputs, B), the columns adding up to 1 (0 where a
+    sample's attributions are all zero).
+
+    An input's mass is the sum of its attributions' magnitudes. With ``feature_masks`` (one per input, broadcasting
+    to its samples; see :func:`input_feature_masks`) each feature is counted once: a perturbation method gives every
+    element of a feature the feature's value, so summing elements would count an image patch of 3 x 4 x 4 values 48
+    times against a table's feature once.
+
+    Example:
+        >>> image = torch.full((1, 3, 2, 2), 0.5)  # one feature: every element carries its value, 0.5
+        >>> table = torch.tensor([[0.5]])
+        >>> input_shares((image, table)).flatten().tolist()  # per element: 12 values of 0.5 against 1
+        [0.9230769230769231, 0.07692307692307693]
+        >>> input_shares((image, table), (torch.zeros(1, 1, 2, 2, dtype=torch.long), None)).flatten().tolist()
+        [0.5, 0.5]
+    """
+    masses = []
+    for index, part in enumerate(attributions):
+        values = part.detach().abs().double().reshape(part.shape[0], -1)
+        mask = None if feature_masks is None else feature_masks[index]
+        if mask is not None:  # weight each element by one over the size of its feature (within its sample)
+            ids = torch.as_tensor(mask).detach().cpu().long()
+            ids = ids.expand(ids.shape[0], *part.shape[1:]).reshape(ids.shape[0], -1)
+            weights = torch.stack([_one_over_feature_size(row) for row in ids])
+            values = values * weights.to(values.device)
+        masses.append(values.sum(dim=1))
+    mass = torch.stack(masses)
+    return mass / mass.sum(dim=0).clamp_min(1e-300)
+
+
+def _one_over_feature_size(ids: Tensor) -> Tensor:
+    """For each element of a 1-D tensor of feature ids, one over the number of elements of its feature (float64)."""
+    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    return 1.0 / counts.double()[inverse]
 
 
 def _joint_options(
