@@ -328,7 +328,7 @@ class SaliencyCallback(MapCallback):
         """A model of several inputs: its floating-point inputs explained together (one path, one noise, one set of
         features across all of them, so completeness covers their sum), one map per input; the first input's maps
         are the grid's, the others' go in ``input_maps``. Each contribution method also gives each input's share of
-        the attribution mass, ``<method>/share_<input name>`` (see :meth:`_shares`). A method that explains the
+        the attribution mass, ``<method>/share_<input name>`` (see ``_shares``). A method that explains the
         first input only (the ``"first"`` ones of the registry, and a ``"each"`` one such as occlusion when the
         other inputs are not of the first one's kind: occlusion's window slides over images) runs on the first
         input, the others bound."""
