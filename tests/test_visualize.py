@@ -269,3 +269,27 @@ def test_tcav_figure_names_classes_from_class_names():
     assert legend == ["stripes", "random vs random"]
     plain = _tcav_figure([panel], ["stripes"], [0, 2])
     assert [tick.get_text() for tick in plain.axes[0].get_xticklabels()] == ["0", "2"]
+
+
+def test_the_quality_table_shades_no_ranking_for_values_equal_as_shown():
+    """Deletion AUCs of 0.3700000 and 0.3700002 print alike: colouring them best and worst would rank rounding
+    noise; a real difference is still coloured."""
+    from lightning_interp.visualize.charts import _shade
+
+    table = {"a": {"deletion_auc": 0.37}, "b": {"deletion_auc": 0.3700002}, "c": {"insertion_auc": 0.5}}
+    assert _shade(table, "a", "deletion_auc", False) == _shade(table, "b", "deletion_auc", False) == "#f2f2f2"
+    table["b"]["deletion_auc"] = 0.2
+    assert _shade(table, "a", "deletion_auc", False) != _shade(table, "b", "deletion_auc", False)
+
+
+def test_column_titles_fit_their_tiles():
+    """Capitals are wider than lower-case letters: "KernelSHAP" and "SmoothGrad" are split where their case changes
+    rather than drawn over their neighbours; a long layer name keeps its end."""
+    from lightning_interp.visualize.maps import _title_lines, _title_width
+
+    for title in ("KernelSHAP", "SmoothGrad", "Smooth Grad-CAM++", "DeepLIFT", "encoder.layers.encoder_layer_11.ln_1"):
+        lines = _title_lines(title, 10, True)
+        assert all(_title_width(line) <= 10 for line in lines), lines
+        assert len(lines) <= 3
+    assert _title_lines("KernelSHAP", 10, True) == ["Kernel", "SHAP"]
+    assert _title_lines("encoder.layers.encoder_layer_11.ln_1", 10, True)[-1] == "ln_1"

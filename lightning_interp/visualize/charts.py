@@ -282,9 +282,11 @@ def comparison_image(table: dict[str, dict[str, float]], *, title: str = "") -> 
             row_colours.append(_shade(table, key, metric, higher))
         row_colours.append("#f2f2f2")
         colours.append(row_colours)
-    figure = Figure(figsize=(1.25 * (len(columns) + 1) + 1.6, 0.3 * (len(keys) + 2) + 0.5), dpi=100, facecolor="white")
+    label = 0.2 + 0.068 * max((len(key) for key in keys), default=4)  # inches for the row labels (8 pt, ~6.5 px a char)
+    width = 1.25 * (len(columns) + 1) + label + 0.15
+    figure = Figure(figsize=(width, 0.3 * (len(keys) + 2) + 0.5), dpi=100, facecolor="white")
     canvas = FigureCanvasAgg(figure)
-    axes = figure.add_axes((0.13, 0.02, 0.86, 0.98 - 0.45 / figure.get_figheight()))
+    axes = figure.add_axes((label / width, 0.02, 1 - (label + 0.1) / width, 0.98 - 0.45 / figure.get_figheight()))
     axes.axis("off")
     shown = axes.table(
         cellText=cells,
@@ -313,7 +315,9 @@ def _shade(table: dict[str, dict[str, float]], key: str, metric: str, higher: bo
     if higher is None or value is None or math.isnan(value) or len(present) < 2:
         return "white"
     low, high = min(present), max(present)
-    goodness = 0.5 if high == low else (value - low) / (high - low)
+    if _format(low) == _format(high):  # the same as shown (three decimals): no ranking colours for rounding noise
+        return "#f2f2f2"
+    goodness = (value - low) / (high - low)
     goodness = goodness if higher else 1 - goodness
     red, green = 1 - 0.45 * goodness, 0.55 + 0.45 * goodness
     return f"#{round(255 * red):02x}{round(255 * green):02x}{round(255 * min(red, green)):02x}"
