@@ -558,11 +558,15 @@ class MapCallback(InterpCallback):
             and (self.evolution_columns > 0)
         ):
             history, step = list(self._history), self._summary_step(trainer)
-            inputs = self._shown_inputs(self.probe)[self._evolution_indices()]
+            rows = self._evolution_indices()
+            first = self._shown_inputs(self.probe)[rows]
+            others = {name: values[rows] for name, values in self._other_inputs(self.probe).items()}
             for key in self._history[-1][1]:
                 tag = f"interp_{self.name}/{key}/evolution"
+                owner, _, name = key.rpartition("/")  # "<method>/<input name>": another input's maps
+                inputs = others[name] if owner and name in others else first
 
-                def job(key: str = key, tag: str = tag) -> None:
+                def job(key: str = key, tag: str = tag, inputs: Tensor = inputs) -> None:
                     image = self._evolution_image(key, history, inputs)
                     if image is not None:
                         log_image(trainer, tag, image, step)
@@ -649,7 +653,7 @@ class MapCallback(InterpCallback):
                     "(the evidence for the target), so they are logged as NaN while this lasts (warned once per run)."
                 )
         shown = min(len(probe), MAX_GRID_ROWS)  # scores use every sample; the picture stays readable and small
-        evolution = self._evolution_maps(maps)
+        evolution = self._evolution_maps(all_maps)
         device_parts = {f"map {key}": value[:shown] for key, value in all_maps.items()}
         device_parts |= {f"extra {key}": value[:shown].float() for key, value in result.extra.items()}
         device_parts |= {f"evolution {key}": value for key, value in evolution.items()}
@@ -901,6 +905,12 @@ class MapCallback(InterpCallback):
         if mask is not None and mask.shape == ids.shape:
             return mask != 0
         return None if self.pad_id is None else ids != self.pad_id
+
+    def _other_inputs(self, probe: ProbeSet) -> dict[str, Tensor]:
+        """A model of several inputs: the probe's inputs after the first, by the names their maps are logged under
+        (positional ones by :meth:`input_name`, a dict batch's by their keys), on the host."""
+        named = {self.input_name(position): value for position, value in enumerate(probe.all_inputs) if position}
+        return named | {key: value for key, value in probe.extras.items() if value.is_floating_point()}
 
     def _evolution_maps(self, maps: dict[str, Tensor]) -> dict[str, Tensor]:
         """The evolution strip's samples of each map, shrunk where the maps are (none when the strip is off)."""

@@ -259,6 +259,14 @@ def test_saliency_draws_one_picture_per_input(tmp_path):
     first = events.Images("interp_saliency/maps/rows_1-2")[-1]
     table = events.Images("interp_saliency/maps_table/rows_1-2")[-1]
     assert (first.width, first.height) != (table.width, table.height), "the table is drawn as feature rows"
+    # the evolution strip at fit end: one per input, the table's drawn over the table's rows
+    assert {
+        "interp_saliency/integrated_gradients/evolution",
+        "interp_saliency/integrated_gradients/table/evolution",
+    } <= set(tags)
+    image_strip = events.Images("interp_saliency/integrated_gradients/evolution")[-1]
+    table_strip = events.Images("interp_saliency/integrated_gradients/table/evolution")[-1]
+    assert (image_strip.width, image_strip.height) != (table_strip.width, table_strip.height)
 
 
 def test_an_input_the_model_ignores_gets_no_share_and_a_warning(tmp_path):
