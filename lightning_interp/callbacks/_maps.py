@@ -908,7 +908,7 @@ class MapCallback(InterpCallback):
 
     def _other_inputs(self, probe: ProbeSet) -> dict[str, Tensor]:
         """A model of several inputs: the probe's inputs after the first, by the names their maps are logged under
-        (positional ones by :meth:`input_name`, a dict batch's by their keys), on the host."""
+        (positional ones by ``input_name``, a dict batch's by their keys), on the host."""
         named = {self.input_name(position): value for position, value in enumerate(probe.all_inputs) if position}
         return named | {key: value for key, value in probe.extras.items() if value.is_floating_point()}
 
