@@ -538,9 +538,7 @@ class InterpCallback(Callback):
                         rows.more_inputs, 1)},
                     **extras,
                 }  # fmt: skip
-                forward_fn = _with_more_inputs(
-                    forward_fn, len(rows.more_inputs), None if call is None else call.input_key
-                )
+                forward_fn = _with_more_inputs(forward_fn, len(rows.more_inputs))
             view = BoundInputs(
                 model,
                 extras,
@@ -1078,17 +1076,15 @@ MORE_INPUT = "input "
 """The key prefix of a view's bound inputs after the first (``"input 1"``, ...), passed by position."""
 
 
-def _with_more_inputs(forward_fn: Callable[..., Any] | None, count: int, input_key: str | None) -> Callable[..., Any]:
+def _with_more_inputs(forward_fn: Callable[..., Any] | None, count: int) -> Callable[..., Any]:
     """How a :class:`BoundInputs` view calls a model of several inputs: the explained input first, then the bound
-    inputs ``"input 1"``, ... in order, then the keyword inputs; through ``forward_fn(model, x, *more, **keywords)``
-    when one is given."""
+    inputs ``"input 1"``, ... in order (positionally), then the keyword inputs; through ``forward_fn(model, x,
+    *more, **keywords)`` when one is given."""
 
     def call(network: nn.Module, x: Tensor, **bound: Any) -> Any:
         more = [bound.pop(f"{MORE_INPUT}{position}") for position in range(1, count + 1)]
         if forward_fn is not None:
             return forward_fn(network, x, *more, **bound)
-        if input_key is not None:
-            return network(**{input_key: x}, **bound) if not more else network(x, *more, **bound)
         return network(x, *more, **bound)
 
     return call

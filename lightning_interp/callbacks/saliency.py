@@ -303,16 +303,18 @@ class SaliencyCallback(MapCallback):
             titles={key: METHODS[key].title for key in maps},
         )
 
-    def _shares(self, key: str, parts: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> Tensor | None:
+    def _shares(
+        self, key: str, parts: tuple[Tensor, ...], inputs: tuple[Tensor, ...], options: dict[str, Any]
+    ) -> Tensor | None:
         """(inputs, N): each input's share of method ``key``'s attribution mass per sample; None for a gradient (its
         size is in each input's units) and for a perturbation method without features (occlusion's windows
-        overlap). A method of features (LIME, KernelSHAP, feature ablation, ...) counts each feature once."""
+        overlap). A method of features (LIME, KernelSHAP, feature ablation, ...) counts each feature once, the
+        features of the ``options`` it ran with."""
         spec = METHODS[key]
         if spec.sensitivity or (spec.family == "perturbation" and "feature_mask" not in spec.options):
             return None
         if "feature_mask" not in spec.options:
             return input_shares(parts)
-        options = self.method_options.get(key) or {}
         masks = input_feature_masks(inputs, options.get("feature_mask"), options.get("patch_size"))
         return input_shares(parts, masks)
 
@@ -345,16 +347,16 @@ class SaliencyCallback(MapCallback):
         scalars: dict[str, Tensor | float] = {}
         result = None
         if every:
-            result = self._explainer_of(every)(
-                several.model, several.explained, target, additional_forward_args=several.others
-            )
+            explainer = self._explainer_of(every)
+            result = explainer(several.model, several.explained, target, additional_forward_args=several.others)
+            options = {entry.key: entry.options for entry in explainer.entries}  # with the registry's run defaults
             scalars |= result.scalars
             for key, parts in result.maps(self.channel_reduction).items():
                 maps[key] = parts[0]  # type: ignore[index]
                 for index, name in enumerate(names[1:], 1):
                     input_maps[name][key] = parts[index]  # type: ignore[index]
             for key, parts in result.attributions.items():
-                shares = self._shares(key, parts, several.explained)  # type: ignore[arg-type]
+                shares = self._shares(key, parts, several.explained, options[key])  # type: ignore[arg-type]
                 for index, name in enumerate([] if shares is None else names):
                     scalars[f"{key}/share_{name}"] = shares[index].mean()  # type: ignore[index]
         alone = [key for key in self.methods if key not in every]
